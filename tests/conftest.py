@@ -1,0 +1,58 @@
+"""Shared test setup: 8 simulated CPU devices, data locations, tiny configs."""
+
+import os
+
+# Must precede the first jax import: gives the process 8 CPU devices so that
+# multi-device steps can be compared with single-device ones.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def monuseg_root() -> pathlib.Path | None:
+    """The real MoNuSeg data: $AMVLM_MONUSEG_ROOT, else ../shared/datasets/MoNuSeg beside the repo."""
+    candidates = [os.environ.get("AMVLM_MONUSEG_ROOT", ""), str(REPO_ROOT.parent / "shared" / "datasets" / "MoNuSeg")]
+    for candidate in candidates:
+        if candidate and (pathlib.Path(candidate) / "Train_Folder").is_dir():
+            return pathlib.Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def monuseg():
+    root = monuseg_root()
+    if root is None:
+        pytest.skip("real MoNuSeg data not found: set AMVLM_MONUSEG_ROOT or place it at ../shared/datasets/MoNuSeg")
+    return root
+
+
+def tiny_synthetic_config(**overrides):
+    """The synthetic experiment shrunk to seconds per epoch on 2 cores."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("synthetic_experiment", REPO_ROOT / "experiments" / "synthetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.data.image_size = 64
+    config.data.synthetic.num_train = 16
+    config.data.synthetic.num_val = 8
+    config.data.synthetic.num_test = 8
+    config.unet.base_width = 4
+    config.train.batch_size = 8
+    config.train.eval_batch_size = 8
+    config.train.epochs = 2
+    config.train.log_every_steps = 1
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config

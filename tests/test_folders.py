@@ -1,0 +1,173 @@
+"""The LViT folder reader on untidy and broken data."""
+
+import csv
+import pathlib
+
+import numpy as np
+import openpyxl
+import pytest
+from PIL import Image
+
+from amvlm_jax.data import folders
+from amvlm_jax.data.folders import DataError
+
+
+def _write_image(path, size=(40, 30), mode="RGB", value=None, fmt=None):
+    rng = np.random.default_rng(len(str(path)))
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    array = rng.integers(0, 256, size=shape, dtype=np.uint8) if value is None else np.full(shape, value, np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=None).save(path, format=fmt)
+    return array
+
+
+def _write_mask(path, size=(40, 30), values=(0, 255)):
+    array = np.full((size[1], size[0]), values[0], np.uint8)
+    array[5:15, 10:20] = values[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return array
+
+
+def _write_xlsx(path, rows):
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.append(["Image", "Description"])
+    for row in rows:
+        sheet.append(list(row))
+    book.save(path)
+
+
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Image", "Description"])
+        writer.writerows(rows)
+
+
+@pytest.fixture
+def untidy_root(tmp_path):
+    """A train split with every untidy case the reader must accept."""
+    train = tmp_path / "Train_Folder"
+    _write_image(train / "img" / "a.png")
+    _write_mask(train / "labelcol" / "mask_a.png")  # mask_ prefix (QaTa-COV19).
+    _write_image(train / "img" / "b.tif", fmt="TIFF")  # Sheet says b.png, file is .tif.
+    _write_mask(train / "labelcol" / "b.png", values=(0, 1))  # 0/1 mask.
+    _write_image(train / "img" / "c.png", mode="L")  # Grayscale image.
+    _write_mask(train / "labelcol" / "c.tif")
+    (train / "img" / ".DS_Store").write_text("junk")  # Hidden clutter is ignored.
+    _write_xlsx(train / "Train_text.xlsx", [("b.png", "Two areas, upper left."), ("a.png", "One area, middle."),
+                                           ("c", "None."), (None, None)])
+    val = tmp_path / "Val_Folder"
+    _write_image(val / "img" / "v.png")
+    _write_mask(val / "labelcol" / "v.png")
+    _write_csv(val / "Val_text.csv", [("v.png", "A report, with a comma.")])
+    return tmp_path
+
+
+def test_untidy_layout_is_read_by_stem(untidy_root):
+    examples = folders.list_split(untidy_root, "train")
+    by_name = {e.name: e for e in examples}
+    assert set(by_name) == {"a", "b", "c"}
+    assert by_name["a"].mask_path.name == "mask_a.png"
+    assert by_name["b"].image_path.name == "b.tif"
+    assert by_name["b"].report == "Two areas, upper left."
+    assert folders.list_split(untidy_root, "val")[0].report == "A report, with a comma."
+    assert not folders.has_split(untidy_root, "test")
+
+
+def test_load_split_resizes_and_binarises(untidy_root):
+    split = folders.load_split(untidy_root, "train", image_size=16, progress=False)
+    assert split.images.shape == (3, 16, 16, 3) and split.images.dtype == np.uint8
+    assert split.masks.shape == (3, 16, 16)
+    assert set(np.unique(split.masks)) == {0, 1}
+    # Nearest resize of the 10x10 block at rows 5:15, cols 10:20 of a 30x40 mask.
+    b = split.names.index("b")
+    expected = np.asarray(Image.fromarray(_write_mask(untidy_root / "x.png", values=(0, 1))).resize((16, 16), Image.NEAREST))
+    np.testing.assert_array_equal(split.masks[b], expected)
+    # Grayscale becomes three equal channels.
+    c = split.images[split.names.index("c")]
+    np.testing.assert_array_equal(c[..., 0], c[..., 1])
+
+
+def test_only_requested_masks_are_opened(untidy_root):
+    (untidy_root / "Train_Folder" / "labelcol" / "c.tif").write_bytes(b"broken")  # Never opened.
+    examples = folders.list_split(untidy_root, "train")
+    keep = [i for i, e in enumerate(examples) if e.name != "c"]
+    split = folders.load_split(untidy_root, "train", image_size=16, mask_indices=keep, progress=False)
+    assert split.masks[[i for i, e in enumerate(examples) if e.name == "c"][0]].sum() == 0
+
+
+def _error(callable_, *args, **kwargs) -> str:
+    with pytest.raises(DataError) as info:
+        callable_(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_report_row(untidy_root):
+    _write_image(untidy_root / "Train_Folder" / "img" / "d.png")
+    message = _error(folders.list_split, untidy_root, "train")
+    assert "d.png" in message and "no report row" in message
+
+
+def test_sheet_row_without_image(untidy_root):
+    _write_csv(untidy_root / "Val_Folder" / "Val_text.csv", [("v.png", "x"), ("ghost.png", "y")])
+    message = _error(folders.list_split, untidy_root, "val")
+    assert "ghost.png" in message and "row 3" in message
+
+
+def test_missing_mask(untidy_root):
+    (untidy_root / "Val_Folder" / "labelcol" / "v.png").unlink()
+    assert "no mask" in _error(folders.list_split, untidy_root, "val")
+
+
+def test_unreadable_image(untidy_root):
+    (untidy_root / "Train_Folder" / "img" / "a.png").write_bytes(b"\x89PNG not really")
+    message = _error(folders.load_split, untidy_root, "train", image_size=16, progress=False)
+    assert "a.png" in message and "unreadable" in message
+
+
+def test_mask_image_size_mismatch(untidy_root):
+    _write_mask(untidy_root / "Val_Folder" / "labelcol" / "v.png", size=(20, 20))
+    message = _error(folders.load_split, untidy_root, "val", image_size=16, progress=False)
+    assert "v.png" in message and "20x20" in message and "40x30" in message
+
+
+def test_non_binary_mask_in_binary_task(untidy_root):
+    _write_mask(untidy_root / "Val_Folder" / "labelcol" / "v.png", values=(0, 128))
+    message = _error(folders.load_split, untidy_root, "val", image_size=16, progress=False)
+    assert "v.png" in message and "128" in message
+
+
+def test_multiclass_mask_ids_and_out_of_range(untidy_root):
+    _write_mask(untidy_root / "Val_Folder" / "labelcol" / "v.png", values=(0, 3))
+    split = folders.load_split(untidy_root, "val", image_size=16, num_classes=4, progress=False)
+    assert set(np.unique(split.masks)) == {0, 3}
+    message = _error(folders.load_split, untidy_root, "val", image_size=16, num_classes=3, progress=False)
+    assert "class id 3" in message
+
+
+def test_missing_data_root(tmp_path):
+    assert "not set" in _error(folders.check_root, "")
+    message = _error(folders.check_root, str(tmp_path / "nowhere"))
+    assert "does not exist" in message and "Train_Folder" in message
+    message = _error(folders.check_root, str(tmp_path))
+    assert "no Train_Folder" in message
+
+
+def test_missing_sheet(untidy_root):
+    (untidy_root / "Val_Folder" / "Val_text.csv").unlink()
+    assert "no report sheet" in _error(folders.list_split, untidy_root, "val")
+
+
+def test_real_monuseg(monuseg):
+    train = folders.list_split(monuseg, "train")
+    val = folders.list_split(monuseg, "val")
+    assert len(train) == 24 and len(val) == 6
+    assert all(len(e.report) > 10 for e in train + val)
+    split = folders.load_split(monuseg, "val", image_size=224, progress=False)
+    assert split.images.shape == (6, 224, 224, 3)
+    fraction = split.masks.mean()
+    assert 0.05 < fraction < 0.6  # Nuclei cover a real share of each tile.

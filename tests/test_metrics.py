@@ -1,0 +1,66 @@
+"""Dice / IoU against hand-computed masks and scikit-learn."""
+
+import numpy as np
+import pytest
+
+from amvlm_jax import metrics
+
+
+def test_hand_computed_binary():
+    truth = np.zeros((1, 4, 4), np.int32)
+    truth[0, :2, :2] = 1  # 4 pixels
+    predicted = np.zeros((1, 4, 4), np.int32)
+    predicted[0, :2, :3] = 1  # 6 pixels, 4 overlap
+    dice, iou = metrics.dice_iou_per_image(predicted, truth, num_classes=1)
+    assert float(dice[0]) == pytest.approx(2 * 4 / (4 + 6))
+    assert float(iou[0]) == pytest.approx(4 / 6)
+
+
+def test_empty_prediction_and_truth_score_one_and_miss_scores_zero():
+    empty = np.zeros((2, 4, 4), np.int32)
+    miss = empty.copy()
+    miss[1, 0, 0] = 1
+    dice, iou = metrics.dice_iou_per_image(empty, miss, num_classes=1)
+    np.testing.assert_allclose(np.asarray(dice), [1.0, 0.0])
+    np.testing.assert_allclose(np.asarray(iou), [1.0, 0.0])
+
+
+def test_multiclass_averages_foreground_classes():
+    truth = np.array([[[1, 1, 2, 0]]])
+    predicted = np.array([[[1, 2, 2, 0]]])
+    dice, iou = metrics.dice_iou_per_image(predicted, truth, num_classes=4)
+    # class 1: |P|=1 |Y|=2 inter 1 -> 2/3, IoU 1/2; class 2: |P|=2 |Y|=1 -> 2/3, 1/2; class 3 absent in both -> 1, 1.
+    assert float(dice[0]) == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    assert float(iou[0]) == pytest.approx((0.5 + 0.5 + 1) / 3)
+
+
+def test_predict_labels_thresholds_and_argmax():
+    logits = np.array([[[[-0.1], [0.2]]]], np.float32)
+    np.testing.assert_array_equal(np.asarray(metrics.predict_labels(logits)), [[[0, 1]]])
+    logits = np.array([[[[0.1, 2.0, 0.3], [3.0, 0.0, 0.0]]]], np.float32)
+    np.testing.assert_array_equal(np.asarray(metrics.predict_labels(logits)), [[[1, 0]]])
+
+
+@pytest.mark.parametrize("num_classes", [1, 4])
+def test_against_sklearn_on_random_masks(num_classes):
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    labels = max(num_classes, 2)
+    truth = rng.integers(0, labels, size=(6, 16, 16))
+    predicted = np.where(rng.random((6, 16, 16)) < 0.7, truth, rng.integers(0, labels, size=(6, 16, 16)))
+    predicted[0] = 0  # One image with an empty prediction.
+    dice, iou = metrics.dice_iou_per_image(predicted, truth, num_classes)
+    foreground = list(range(1, labels))
+    for b in range(6):
+        kwargs = dict(labels=foreground, average="macro", zero_division=1.0)
+        if num_classes == 1:
+            kwargs = dict(zero_division=1.0)
+        expected_dice = sklearn_metrics.f1_score(truth[b].ravel(), predicted[b].ravel(), **kwargs)
+        expected_iou = sklearn_metrics.jaccard_score(truth[b].ravel(), predicted[b].ravel(), **kwargs)
+        assert float(dice[b]) == pytest.approx(expected_dice, abs=1e-6)
+        assert float(iou[b]) == pytest.approx(expected_iou, abs=1e-6)
+
+
+def test_summarize_reports_percent():
+    summary = metrics.summarize(np.array([0.5, 1.0]), np.array([0.25, 0.75]))
+    assert summary == {"dice": 75.0, "miou": 50.0, "images": 2}

@@ -1,0 +1,98 @@
+"""Augmentation, splits and the grain training stream."""
+
+import numpy as np
+import pytest
+
+from amvlm_jax.data import pipeline, splits
+from amvlm_jax.data.folders import SplitArrays
+
+
+def _split(n=10, size=8):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    masks = (images[..., 0] > 128).astype(np.uint8)  # Mask tied to the image so transforms can be checked.
+    return SplitArrays([f"x{i}" for i in range(n)], images, masks, [f"report {i}" for i in range(n)])
+
+
+def test_augment_applies_one_transform_to_image_and_mask():
+    split = _split()
+    seen = set()
+    for seed in range(60):
+        image, mask = pipeline.augment([split.images[0], split.masks[0]], np.random.default_rng(seed))
+        assert image.shape == split.images[0].shape and mask.shape == split.masks[0].shape
+        # Nearest-neighbour transforms move pixels without mixing them: the mask still follows the image.
+        np.testing.assert_array_equal(mask.astype(bool), image[..., 0] > 128)
+        seen.add(image.tobytes())
+    assert len(seen) > 8  # rot90/flip combinations, rotations and the identity all occur.
+
+
+def test_augment_rot_flip_is_a_dihedral_transform():
+    square = np.arange(16).reshape(4, 4)
+    dihedral = {np.ascontiguousarray(np.flip(np.rot90(square, k), axis=a)).tobytes() for k in range(4) for a in range(2)}
+    outputs = [pipeline.augment([square], np.random.default_rng(s))[0] for s in range(200)]
+    kinds = {o.tobytes() for o in outputs}
+    assert dihedral <= kinds  # All 8 rot90+flip results appear.
+    assert square.tobytes() in kinds
+
+
+def test_labeled_indices_are_seeded_and_sized():
+    picked = splits.labeled_indices(24, 0.25, seed=3)
+    assert len(picked) == 6 and np.all(np.diff(picked) > 0)
+    np.testing.assert_array_equal(picked, splits.labeled_indices(24, 0.25, seed=3))
+    assert not np.array_equal(picked, splits.labeled_indices(24, 0.25, seed=4))
+    assert len(splits.labeled_indices(30, 0.1, seed=0)) == 3
+    assert len(splits.labeled_indices(30, 0.01, seed=0)) == 1  # ceil(0.3)
+    assert set(splits.unlabeled_indices(24, 0.25, 3)) == set(range(24)) - set(picked)
+    with pytest.raises(ValueError):
+        splits.labeled_indices(10, 0.0, 0)
+
+
+def _take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def test_training_stream_covers_each_epoch_once_and_resumes():
+    split = _split(n=10)
+    batches = _take(pipeline.training_batches(split, 5, seed=1, do_augment=False), 6)
+    epoch0 = np.concatenate([b["index"] for b in batches[:2]])
+    epoch1 = np.concatenate([b["index"] for b in batches[2:4]])
+    assert sorted(epoch0) == list(range(10)) and sorted(epoch1) == list(range(10))
+    assert not np.array_equal(epoch0, epoch1)  # Reshuffled every epoch.
+    for b in batches:
+        np.testing.assert_array_equal(b["image"], split.images[b["index"]])
+    resumed = _take(pipeline.training_batches(split, 5, seed=1, start_step=3, do_augment=False), 3)
+    for a, b in zip(batches[3:], resumed):
+        np.testing.assert_array_equal(a["index"], b["index"])
+
+
+def test_augmented_stream_is_deterministic():
+    split = _split()
+    a = _take(pipeline.training_batches(split, 4, seed=7), 3)
+    b = _take(pipeline.training_batches(split, 4, seed=7, start_step=0), 3)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["mask"], y["mask"])
+
+
+def test_process_shards_partition_each_global_batch():
+    split = _split(n=12)
+    single = _take(pipeline.training_batches(split, 6, seed=2, process_index=0, process_count=1), 4)
+    shards = [_take(pipeline.training_batches(split, 6, seed=2, process_index=p, process_count=3), 4) for p in range(3)]
+    for step in range(4):
+        local = [shards[p][step] for p in range(3)]
+        assert all(len(b["index"]) == 2 for b in local)
+        merged = np.concatenate([b["index"] for b in local])
+        assert sorted(merged) == sorted(single[step]["index"])
+        # Same examples get the same augmentation whichever process reads them.
+        for b in local:
+            for row, index in enumerate(b["index"]):
+                match = np.flatnonzero(single[step]["index"] == index)[0]
+                np.testing.assert_array_equal(b["image"][row], single[step]["image"][match])
+
+
+def test_evaluation_batches_pad_and_count():
+    split = _split(n=7)
+    batches = list(pipeline.evaluation_batches(split, 3))
+    assert [real for _, real in batches] == [3, 3, 1]
+    assert all(b["image"].shape[0] == 3 for b, _ in batches)
+    np.testing.assert_array_equal(batches[-1][0]["index"], [6, 6, 6])

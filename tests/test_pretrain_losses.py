@@ -1,0 +1,597 @@
+"""Pre-training losses, projection heads and the PDT head.
+
+Each loss is checked against a straightforward NumPy re-derivation with
+explicit Python loops (float64), plus invariance and gradient checks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amvlm_jax.losses.alignment import local_alignment_loss, variance_token_weights
+from amvlm_jax.losses.contrastive import (
+    PDTOutputs,
+    clipped_token_weights,
+    cross_modal_contexts,
+    css_loss,
+    cta_loss,
+    ita_loss,
+    pdt_constraint,
+    token_alignment_loss,
+    token_contexts,
+)
+from amvlm_jax.losses.intra import ema_update, icl_loss
+from amvlm_jax.losses.prototypes import cpa_loss, normalize_prototypes, sinkhorn_knopp
+from amvlm_jax.models.heads import GlobalHead, LocalHead
+from amvlm_jax.models.pdt import PDTHead
+
+B, P, W, D = 3, 4, 5, 8
+RTOL, ATOL = 2e-4, 2e-5
+
+
+# ---------------------------------------------------------------------------
+# Fixtures and NumPy helpers
+# ---------------------------------------------------------------------------
+
+
+def unit(x, axis=-1):
+    return x / np.linalg.norm(x, axis=axis, keepdims=True)
+
+
+def np_log_softmax(row):
+    row = np.asarray(row, np.float64)
+    top = row.max()
+    return row - top - math.log(np.exp(row - top).sum())
+
+
+@pytest.fixture
+def batch():
+    rng = np.random.default_rng(0)
+    word_mask = np.array(
+        [
+            [1, 1, 1, 1, 1],
+            [1, 1, 1, 0, 0],
+            [1, 0, 0, 0, 0],  # a single real word
+        ],
+        np.float32,
+    )
+    data = dict(
+        v=unit(rng.normal(size=(B, D))).astype(np.float32),
+        t=unit(rng.normal(size=(B, D))).astype(np.float32),
+        V=unit(rng.normal(size=(B, P, D))).astype(np.float32),
+        T=unit(rng.normal(size=(B, W, D))).astype(np.float32),
+        word_mask=word_mask,
+        word_attention=(rng.uniform(0.01, 1.0, size=(B, W)) * word_mask).astype(np.float32),
+        patch_attention=rng.uniform(0.01, 1.0, size=(B, P)).astype(np.float32),
+        pdt_word=[rng.normal(size=(B, W, D)).astype(np.float32) for _ in range(4)],
+        pdt_patch=[rng.normal(size=(B, P, D)).astype(np.float32) for _ in range(4)],
+    )
+    return data
+
+
+def np_contexts(queries, keys, key_mask, tau):
+    """O[b, n] = normalise(sum_m softmax_m(q . k / tau) k[m]) over real keys."""
+    nb, nq, _ = queries.shape
+    out = np.zeros(queries.shape, np.float64)
+    for b in range(nb):
+        for n in range(nq):
+            real = [m for m in range(keys.shape[1]) if key_mask is None or key_mask[b, m] > 0]
+            logits = np.array([queries[b, n] @ keys[b, m] / tau for m in real], np.float64)
+            attn = np.exp(np_log_softmax(logits))
+            ctx = sum(a * keys[b, m].astype(np.float64) for a, m in zip(attn, real))
+            out[b, n] = ctx / np.linalg.norm(ctx)
+    return out
+
+
+def np_clipped_weights(attention, mask, lo=0.1, hi=0.9):
+    out = np.zeros(attention.shape, np.float64)
+    for b in range(attention.shape[0]):
+        real = [n for n in range(attention.shape[1]) if mask[b, n] > 0]
+        values = attention[b, real].astype(np.float64)
+        low, high = np.quantile(values, lo), np.quantile(values, hi)
+        for n in real:
+            out[b, n] = min(max(attention[b, n], low), high)
+        out[b] /= out[b].sum()
+    return out
+
+
+def np_side_loss(tokens, contexts, weights, mask, tau, pdt=None):
+    """One side of the token alignment, element by element."""
+    nb, n, _ = tokens.shape
+    real = np.ones((nb, n)) if mask is None else mask
+    total = 0.0
+    for b in range(nb):
+        S = np.zeros((n, n))
+        for i in range(n):
+            for j in range(n):
+                S[i, j] = tokens[b, i] @ contexts[b, j] / tau
+                if pdt is not None:
+                    mu_t, s_t, mu_c, s_c = (np.asarray(x[b], np.float64) for x in pdt)
+                    sem = np.sum((mu_t[i] - mu_c[j]) ** 2)
+                    w2 = sem + np.sum((s_t[i] - s_c[j]) ** 2)
+                    c = 1.0 / (1.0 + math.exp(-w2 / (sem + 1e-6)))
+                    S[i, j] = 1.0 - (1.0 - S[i, j]) * c
+        cols = [j for j in range(n) if real[b, j] > 0]
+        for matrix in (S, S.T):
+            for i in cols:
+                log_probs = np_log_softmax(matrix[i, cols])
+                total += 0.5 * weights[b, i] * -log_probs[cols.index(i)]
+    return total / nb
+
+
+def as_jnp(*arrays):
+    return [jnp.asarray(a) for a in arrays]
+
+
+# ---------------------------------------------------------------------------
+# ITA
+# ---------------------------------------------------------------------------
+
+
+def np_ita(v, t, tau, reduce):
+    S = v.astype(np.float64) @ t.T.astype(np.float64) / tau
+    rows = -np.mean([np_log_softmax(S[i])[i] for i in range(len(S))])
+    cols = -np.mean([np_log_softmax(S[:, j])[j] for j in range(len(S))])
+    return (rows + cols) / 2 if reduce == "mean" else rows + cols
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_ita_matches_reference(batch, reduce):
+    got = ita_loss(jnp.asarray(batch["v"]), jnp.asarray(batch["t"]), 0.07, reduce)
+    np.testing.assert_allclose(got, np_ita(batch["v"], batch["t"], 0.07, reduce), rtol=RTOL, atol=ATOL)
+
+
+def test_ita_hand_computed():
+    v = jnp.eye(2)
+    t = jnp.eye(2)
+    # logits = I / 1: each CE = log(1 + e^-1)... = -log(e / (e + 1))
+    expected = math.log(1 + math.exp(-1.0))
+    np.testing.assert_allclose(ita_loss(v, t, 1.0), expected, rtol=1e-6)
+    np.testing.assert_allclose(ita_loss(v, t, 1.0, "sum"), 2 * expected, rtol=1e-6)
+
+
+def test_ita_aligned_lower_than_shuffled():
+    rng = np.random.default_rng(1)
+    v = unit(rng.normal(size=(8, D))).astype(np.float32)
+    aligned = ita_loss(jnp.asarray(v), jnp.asarray(v))
+    shuffled = ita_loss(jnp.asarray(v), jnp.asarray(v[np.roll(np.arange(8), 1)]))
+    assert float(aligned) < float(shuffled)
+
+
+# ---------------------------------------------------------------------------
+# Token weights
+# ---------------------------------------------------------------------------
+
+
+def test_clipped_weights_match_numpy_quantile():
+    rng = np.random.default_rng(2)
+    attention = rng.uniform(size=(4, 11)).astype(np.float32)
+    mask = np.ones((4, 11), np.float32)
+    mask[1, 6:] = 0
+    mask[2, 2:] = 0
+    mask[3, 1:] = 0
+    attention = attention * mask
+    got = np.asarray(clipped_token_weights(jnp.asarray(attention), jnp.asarray(mask)))
+    np.testing.assert_allclose(got, np_clipped_weights(attention, mask), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-6)
+    assert np.all(got[mask == 0] == 0)
+
+
+def test_clipped_weights_other_levels_and_empty_sample():
+    rng = np.random.default_rng(3)
+    attention = rng.uniform(size=(2, 7)).astype(np.float32)
+    mask = np.ones((2, 7), np.float32)
+    mask[1] = 0  # no real token at all
+    got = np.asarray(clipped_token_weights(jnp.asarray(attention), jnp.asarray(mask), 0.25, 0.6))
+    np.testing.assert_allclose(got[0], np_clipped_weights(attention[:1], mask[:1], 0.25, 0.6)[0], rtol=1e-5)
+    assert np.all(got[1] == 0) and np.all(np.isfinite(got))
+
+
+# ---------------------------------------------------------------------------
+# CSS / CTA
+# ---------------------------------------------------------------------------
+
+
+def test_contexts_match_reference(batch):
+    word_ctx, patch_ctx = cross_modal_contexts(*as_jnp(batch["T"], batch["V"], batch["word_mask"]), 0.07)
+    np.testing.assert_allclose(word_ctx, np_contexts(batch["T"], batch["V"], None, 0.07), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(
+        patch_ctx, np_contexts(batch["V"], batch["T"], batch["word_mask"], 0.07), rtol=RTOL, atol=ATOL
+    )
+
+
+def test_pdt_constraint_matches_reference(batch):
+    pdt = PDTOutputs(*as_jnp(*batch["pdt_word"]))
+    got = np.asarray(pdt_constraint(pdt))
+    mu_t, s_t, mu_c, s_c = (x.astype(np.float64) for x in batch["pdt_word"])
+    for b in range(B):
+        for i in range(W):
+            for j in range(W):
+                sem = np.sum((mu_t[b, i] - mu_c[b, j]) ** 2)
+                w2 = sem + np.sum((s_t[b, i] - s_c[b, j]) ** 2)
+                np.testing.assert_allclose(got[b, i, j], 1 / (1 + math.exp(-w2 / (sem + 1e-6))), rtol=1e-4)
+
+
+@pytest.mark.parametrize("use_pdt", [False, True])
+def test_css_matches_reference(batch, use_pdt):
+    tau = 0.07
+    T, V, mask = batch["T"], batch["V"], batch["word_mask"]
+    word_w = np_clipped_weights(batch["word_attention"], mask)
+    patch_w = np_clipped_weights(batch["patch_attention"], np.ones((B, P)))
+    word_ctx_np = np_contexts(T, V, None, tau)
+    patch_ctx_np = np_contexts(V, T, mask, tau)
+    word_pdt_np = batch["pdt_word"] if use_pdt else None
+    patch_pdt_np = batch["pdt_patch"] if use_pdt else None
+    expected = 0.5 * (
+        np_side_loss(T, word_ctx_np, word_w, mask, tau, word_pdt_np)
+        + np_side_loss(V, patch_ctx_np, patch_w, None, tau, patch_pdt_np)
+    )
+
+    word_ctx, patch_ctx = cross_modal_contexts(*as_jnp(T, V, mask), tau)
+    got = css_loss(
+        jnp.asarray(T),
+        word_ctx,
+        jnp.asarray(V),
+        patch_ctx,
+        clipped_token_weights(*as_jnp(batch["word_attention"], mask)),
+        clipped_token_weights(jnp.asarray(batch["patch_attention"]), jnp.ones((B, P))),
+        jnp.asarray(mask),
+        tau,
+        PDTOutputs(*as_jnp(*batch["pdt_word"])) if use_pdt else None,
+        PDTOutputs(*as_jnp(*batch["pdt_patch"])) if use_pdt else None,
+    )
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_css_without_pdt_equals_mgca_token_loss(batch):
+    """With PDT off and no padding, CSS is MGCA's token-wise loss (halved:
+    CSS averages the two sides, CTA sums them)."""
+    tau = 0.1
+    full = jnp.ones((B, W))
+    T, V = as_jnp(batch["T"], batch["V"])
+    word_w = clipped_token_weights(jnp.asarray(batch["word_attention"]) + 0.05, full)
+    patch_w = clipped_token_weights(jnp.asarray(batch["patch_attention"]), jnp.ones((B, P)))
+    word_ctx, patch_ctx = cross_modal_contexts(T, V, full, tau)
+    css = css_loss(T, word_ctx, V, patch_ctx, word_w, patch_w, full, tau)
+    cta = cta_loss(T, V, word_w, patch_w, full, tau)
+    np.testing.assert_allclose(2 * css, cta, rtol=1e-6)
+
+
+def test_cta_matches_mgca_reference(batch):
+    """MGCA: padding words stay candidates on the word side (weight-0 rows),
+    patches attend over real words only."""
+    tau = 0.1
+    T, V, mask = batch["T"], batch["V"], batch["word_mask"]
+    word_w = np_clipped_weights(batch["word_attention"], mask)
+    patch_w = np_clipped_weights(batch["patch_attention"], np.ones((B, P)))
+    expected = np_side_loss(T, np_contexts(T, V, None, tau), word_w, None, tau) + np_side_loss(
+        V, np_contexts(V, T, mask, tau), patch_w, None, tau
+    )
+    got = cta_loss(*as_jnp(T, V, word_w, patch_w, mask), tau)
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_pdt_constraint_changes_loss(batch):
+    T, V, mask = as_jnp(batch["T"], batch["V"], batch["word_mask"])
+    weights = clipped_token_weights(jnp.asarray(batch["word_attention"]), mask)
+    word_ctx = token_contexts(T, V, None, 0.07)
+    plain = token_alignment_loss(T, word_ctx, weights, mask, 0.07)
+    constrained = token_alignment_loss(T, word_ctx, weights, mask, 0.07, PDTOutputs(*as_jnp(*batch["pdt_word"])))
+    assert abs(float(plain) - float(constrained)) > 1e-3
+
+
+# ---------------------------------------------------------------------------
+# Local alignment
+# ---------------------------------------------------------------------------
+
+
+def np_local_side(tokens, globals_, mask, tau):
+    nb, n, _ = tokens.shape
+    real = np.ones((nb, n)) if mask is None else mask
+    total, count = 0.0, 0
+    for b in range(nb):
+        idx = [k for k in range(n) if real[b, k] > 0]
+        var = {}
+        ce = {}
+        for k in idx:
+            sims = np.array([tokens[b, k].astype(np.float64) @ globals_[j] for j in range(nb)])
+            var[k] = np.var(sims, ddof=1)
+            ce[k] = -np_log_softmax(sims / tau)[b]
+        norm = math.sqrt(sum(x * x for x in var.values()))
+        inv = {k: 1.0 / (var[k] / norm) for k in idx}
+        lo, hi = min(inv.values()), max(inv.values())
+        for k in idx:
+            weight = (inv[k] - lo) / (hi - lo) if hi > lo else 0.0
+            total += weight * ce[k]
+            count += 1
+    return total, count
+
+
+def test_local_alignment_matches_reference(batch):
+    tau = 0.07
+    p_sum, _ = np_local_side(batch["V"], batch["t"], None, tau)
+    w_sum, w_count = np_local_side(batch["T"], batch["v"], batch["word_mask"], tau)
+    expected = p_sum / (P * B) + w_sum / w_count
+    got = local_alignment_loss(*as_jnp(batch["V"], batch["t"], batch["T"], batch["v"], batch["word_mask"]), tau)
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_variance_weights_range(batch):
+    sims = jnp.einsum("bnd,jd->bnj", jnp.asarray(batch["T"]), jnp.asarray(batch["v"]))
+    w = np.asarray(variance_token_weights(sims, jnp.asarray(batch["word_mask"])))
+    assert w.min() >= 0 and w.max() <= 1 + 1e-6
+    assert np.all(w[batch["word_mask"] == 0] == 0)
+    np.testing.assert_allclose(w[0].max(), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(w[0][batch["word_mask"][0] > 0].min(), 0.0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# ICL and EMA
+# ---------------------------------------------------------------------------
+
+
+def np_icl(c, c_m, z_m, mask, tau):
+    nb, ns, _ = z_m.shape
+    real = np.ones((nb, ns)) if mask is None else mask
+    coarse = -np.mean([np_log_softmax([c[i] @ c_m[j] / tau for j in range(nb)])[i] for i in range(nb)])
+    terms = []
+    for i in range(nb):
+        for p in range(ns):
+            if real[i, p] == 0:
+                continue
+            cands = [j for j in range(nb) if real[j, p] > 0]
+            logits = [c[i].astype(np.float64) @ z_m[j, p] / tau for j in cands]
+            terms.append(-np_log_softmax(logits)[cands.index(i)])
+    return 0.5 * (coarse + np.mean(terms))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_icl_matches_reference(batch, masked):
+    rng = np.random.default_rng(4)
+    c_m = unit(rng.normal(size=(B, D))).astype(np.float32)
+    mask = batch["word_mask"] if masked else None
+    got = icl_loss(
+        jnp.asarray(batch["t"]), jnp.asarray(c_m), jnp.asarray(batch["T"]),
+        None if mask is None else jnp.asarray(mask), 0.07,
+    )
+    np.testing.assert_allclose(got, np_icl(batch["t"], c_m, batch["T"], mask, 0.07), rtol=RTOL, atol=ATOL)
+
+
+def test_ema_update():
+    online = {"a": jnp.ones((2,)), "b": {"c": jnp.full((3,), 2.0, jnp.bfloat16)}}
+    momentum = {"a": jnp.zeros((2,)), "b": {"c": jnp.zeros((3,), jnp.bfloat16)}}
+    out = ema_update(online, momentum, 0.9)
+    np.testing.assert_allclose(out["a"], 0.1, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["b"]["c"], np.float32), 0.2, rtol=1e-2)
+    assert out["b"]["c"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(ema_update(online, momentum)["a"], 0.005, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Prototypes (CPA)
+# ---------------------------------------------------------------------------
+
+
+def np_mgca_sinkhorn(scores, epsilon, iterations):
+    """SwAV/MGCA multiplicative Sinkhorn on Q = exp(scores / eps)^T (K, B)."""
+    Q = np.exp(scores.astype(np.float64) / epsilon).T
+    Q /= Q.sum()
+    K, nb = Q.shape
+    r = np.ones(K) / K
+    c = np.ones(nb) / nb
+    for _ in range(iterations):
+        Q *= (r / Q.sum(axis=1))[:, None]
+        Q *= (c / Q.sum(axis=0))[None, :]
+    return (Q / Q.sum(axis=0, keepdims=True)).T
+
+
+def random_scores(seed, nb=6, K=10):
+    rng = np.random.default_rng(seed)
+    x = unit(rng.normal(size=(nb, D)))
+    protos = unit(rng.normal(size=(K, D)))
+    return (x @ protos.T).astype(np.float32)
+
+
+def test_sinkhorn_matches_multiplicative_reference():
+    scores = random_scores(5)
+    for iterations in (1, 3, 7):
+        got = sinkhorn_knopp(jnp.asarray(scores), 0.05, iterations)
+        np.testing.assert_allclose(got, np_mgca_sinkhorn(scores, 0.05, iterations), rtol=1e-4, atol=1e-6)
+
+
+def test_sinkhorn_marginals():
+    scores = jnp.asarray(random_scores(6))
+    nb, K = scores.shape
+
+    def column_deviation(codes):
+        return float(np.max(np.abs(np.asarray(codes).sum(0) * K / nb - 1.0)))
+
+    converged = np.asarray(sinkhorn_knopp(scores, 0.05, 300))
+    np.testing.assert_allclose(converged.sum(1), 1.0, rtol=1e-5)  # each sample's code sums to 1
+    np.testing.assert_allclose(converged.sum(0), nb / K, rtol=1e-3)  # equal prototype mass
+    three = sinkhorn_knopp(scores, 0.05, 3)
+    np.testing.assert_allclose(np.asarray(three).sum(1), 1.0, rtol=1e-5)
+    # Three iterations move the prototype marginal well towards uniform ...
+    assert column_deviation(three) < 0.5 * column_deviation(jax.nn.softmax(scores / 0.05, axis=-1))
+    # ... and are already close when the problem is well conditioned.
+    assert column_deviation(sinkhorn_knopp(scores, 0.5, 3)) < 0.02
+    # Large scores / epsilon do not overflow.
+    assert np.all(np.isfinite(np.asarray(sinkhorn_knopp(scores * 100.0, 0.05, 3))))
+
+
+def test_cpa_matches_reference():
+    img, txt = random_scores(7), random_scores(8)
+    q_img, q_txt = np_mgca_sinkhorn(img, 0.05, 3), np_mgca_sinkhorn(txt, 0.05, 3)
+    total_t2i = total_i2t = 0.0
+    for b in range(img.shape[0]):
+        log_p_img = np_log_softmax(img[b] / 0.2)
+        log_p_txt = np_log_softmax(txt[b] / 0.2)
+        total_t2i -= np.sum(q_txt[b] * log_p_img)
+        total_i2t -= np.sum(q_img[b] * log_p_txt)
+    expected = 0.5 * (total_t2i + total_i2t) / img.shape[0]
+    got = cpa_loss(jnp.asarray(img), jnp.asarray(txt), 0.05, 3, 0.2)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_normalize_prototypes():
+    kernel = jnp.asarray(np.random.default_rng(9).normal(size=(D, 12)), jnp.float32)
+    normed = normalize_prototypes({"kernel": kernel})
+    np.testing.assert_allclose(jnp.linalg.norm(normed["kernel"], axis=0), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(normalize_prototypes(kernel), normed["kernel"])
+
+
+# ---------------------------------------------------------------------------
+# Padding invariance and gradients
+# ---------------------------------------------------------------------------
+
+
+def _all_amvlm_losses(T, V, v, t, pdt_w, pdt_p, batch):
+    mask = jnp.asarray(batch["word_mask"])
+    word_w = clipped_token_weights(jnp.asarray(batch["word_attention"]), mask)
+    patch_w = clipped_token_weights(jnp.asarray(batch["patch_attention"]), jnp.ones((B, P)))
+    word_ctx, patch_ctx = cross_modal_contexts(T, V, mask, 0.07)
+    return dict(
+        css=css_loss(T, word_ctx, V, patch_ctx, word_w, patch_w, mask, 0.07, PDTOutputs(*pdt_w), PDTOutputs(*pdt_p)),
+        local=local_alignment_loss(V, t, T, v, mask, 0.07),
+        icl_text=icl_loss(t, v, T, mask, 0.07),
+    )
+
+
+def test_padding_words_never_change_losses(batch):
+    rng = np.random.default_rng(10)
+    pad = batch["word_mask"] == 0
+    args = as_jnp(batch["T"], batch["V"], batch["v"], batch["t"])
+    pdt_p = as_jnp(*batch["pdt_patch"])
+    reference = _all_amvlm_losses(*args, as_jnp(*batch["pdt_word"]), pdt_p, batch)
+
+    T_junk = batch["T"].copy()
+    T_junk[pad] = rng.normal(size=(pad.sum(), D)) * 5.0
+    pdt_w_junk = []
+    for x in batch["pdt_word"]:
+        x = x.copy()
+        x[pad] = rng.normal(size=(pad.sum(), D)) * 5.0
+        pdt_w_junk.append(jnp.asarray(x))
+    changed = _all_amvlm_losses(jnp.asarray(T_junk), *args[1:], pdt_w_junk, pdt_p, batch)
+    for name in reference:
+        np.testing.assert_allclose(changed[name], reference[name], rtol=1e-6, err_msg=name)
+
+
+def test_gradients_finite(batch):
+    mask = batch["word_mask"].copy()
+    mask[1] = 0  # a sample with no real word at all, next to a single-word one
+    batch = dict(batch, word_mask=mask, word_attention=batch["word_attention"] * mask)
+
+    def total(T, V, v, t, pdt_w, pdt_p):
+        losses = _all_amvlm_losses(T, V, v, t, pdt_w, pdt_p, batch)
+        m = jnp.asarray(mask)
+        word_w = clipped_token_weights(jnp.asarray(batch["word_attention"]), m)
+        patch_w = clipped_token_weights(jnp.asarray(batch["patch_attention"]), jnp.ones((B, P)))
+        extra = (
+            ita_loss(v, t)
+            + ita_loss(v, t, reduce="sum")
+            + icl_loss(v, t, V, None)
+            + cta_loss(T, V, word_w, patch_w, m)
+            + cpa_loss(v @ jnp.ones((D, 4)), t @ jnp.ones((D, 4)))
+        )
+        return sum(losses.values()) + extra
+
+    args = as_jnp(batch["T"], batch["V"], batch["v"], batch["t"])
+    grads = jax.jit(jax.grad(total, argnums=(0, 1, 2, 3, 4, 5)))(
+        *args, as_jnp(*batch["pdt_word"]), as_jnp(*batch["pdt_patch"])
+    )
+    for leaf in jax.tree_util.tree_leaves(grads):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    assert float(jnp.abs(grads[0]).sum()) > 0
+
+
+def test_bfloat16_inputs_compute_in_float32(batch):
+    v16, t16 = jnp.asarray(batch["v"], jnp.bfloat16), jnp.asarray(batch["t"], jnp.bfloat16)
+    out = ita_loss(v16, t16)
+    assert out.dtype == jnp.float32
+    ref = ita_loss(v16.astype(jnp.float32), t16.astype(jnp.float32))
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Heads
+# ---------------------------------------------------------------------------
+
+
+def test_projection_heads_unit_norm():
+    rng = np.random.default_rng(11)
+    cls = jnp.asarray(rng.normal(size=(B, 16)), jnp.float32)
+    tokens = jnp.asarray(rng.normal(size=(B, 6, 16)), jnp.float32)
+    global_head = GlobalHead(hidden=32, out=D)
+    local_head = LocalHead(hidden=32, out=D)
+    g_vars = global_head.init(jax.random.PRNGKey(0), cls, train=False)
+    l_vars = local_head.init(jax.random.PRNGKey(1), tokens, train=False)
+    assert "norm_out" not in l_vars["params"]["projection"]  # no scale / shift
+    g_out, g_state = global_head.apply(g_vars, cls, train=True, mutable=["batch_stats"])
+    l_out, l_state = local_head.apply(l_vars, tokens, train=True, mutable=["batch_stats"])
+    assert g_out.shape == (B, D) and l_out.shape == (B, 6, D)
+    np.testing.assert_allclose(jnp.linalg.norm(g_out, axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(l_out, axis=-1), 1.0, rtol=1e-5)
+    # BatchNorm statistics over batch and tokens: the pre-norm output has zero mean there.
+    mean = l_state["batch_stats"]["projection"]["norm_out"]["mean"]
+    assert mean.shape == (D,)
+    eval_out = local_head.apply({**l_vars, **l_state}, tokens, train=False)
+    np.testing.assert_allclose(jnp.linalg.norm(eval_out, axis=-1), 1.0, rtol=1e-5)
+    masked_out, _ = local_head.apply(
+        l_vars, tokens, train=True, mask=jnp.asarray(np.array([[1] * 6, [1] * 3 + [0] * 3, [1] + [0] * 5])),
+        mutable=["batch_stats"],
+    )
+    np.testing.assert_allclose(jnp.linalg.norm(masked_out, axis=-1), 1.0, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# PDT head
+# ---------------------------------------------------------------------------
+
+
+def test_pdt_head_shapes_init_and_jit(batch):
+    head = PDTHead(dim=D, num_heads=2, dropout=0.1)
+    x = jnp.asarray(batch["T"])
+    mask = jnp.asarray(batch["word_mask"])
+    variables = jax.jit(lambda key: head.init(key, x, mask, deterministic=True))(jax.random.PRNGKey(0))
+    params = variables["params"]
+    assert "bias" not in params["attention"]["qkv"]  # no qkv bias
+
+    # Initialisation of the full-size head: weights N(0, 0.02), biases 0, LayerNorm (1, 0).
+    full = PDTHead()
+    full_params = jax.jit(lambda key: full.init(key, jnp.zeros((1, 2, 128)), jnp.ones((1, 2)), deterministic=True))(
+        jax.random.PRNGKey(1)
+    )["params"]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(full_params):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['kernel']"):
+            assert 0.018 < float(jnp.std(leaf)) < 0.022 and abs(float(jnp.mean(leaf))) < 0.002, name
+        elif name.endswith("['bias']"):
+            assert float(jnp.abs(leaf).max()) == 0.0, name
+        else:
+            assert name.endswith("['scale']") and np.all(np.asarray(leaf) == 1.0), name
+
+    apply = jax.jit(lambda p, x, m: head.apply({"params": p}, x, m, deterministic=True))
+    mu, logsigma = apply(params, x, mask)
+    assert mu.shape == (B, W, D) and logsigma.shape == (B, W, D)
+    assert np.all(np.isfinite(np.asarray(mu))) and np.all(np.isfinite(np.asarray(logsigma)))
+
+    # Padding tokens are not attended to: junk there leaves real outputs unchanged.
+    junk = np.asarray(x).copy()
+    junk[batch["word_mask"] == 0] = 7.0
+    mu2, logsigma2 = apply(params, jnp.asarray(junk), mask)
+    real = batch["word_mask"] > 0
+    np.testing.assert_allclose(np.asarray(mu2)[real], np.asarray(mu)[real], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(logsigma2)[real], np.asarray(logsigma)[real], rtol=1e-5, atol=1e-6)
+
+    # Training mode uses dropout.
+    apply_train = jax.jit(
+        lambda p, key: head.apply({"params": p}, x, mask, deterministic=False, rngs={"dropout": key})
+    )
+    mu_train, _ = apply_train(params, jax.random.PRNGKey(3))
+    assert not np.allclose(np.asarray(mu_train), np.asarray(mu))
+    assert mu_train.shape == (B, W, D)

@@ -1,0 +1,74 @@
+"""Segmentation losses on small hand cases (SPEC section 6)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amvlm_jax.losses import segmentation as seg
+
+
+def test_dice_loss_hand_case():
+    probs = jnp.array([[[0.5, 1.0], [0.0, 0.0]]])
+    targets = jnp.array([[[1.0, 1.0], [0.0, 0.0]]])
+    # inter = 1.5, sum p^2 = 1.25, sum y^2 = 2.
+    expected = 1 - (2 * 1.5 + 1e-5) / (1.25 + 2 + 1e-5)
+    assert float(seg.dice_loss(probs, targets)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_dice_loss_is_mean_over_images():
+    probs = jnp.array([[[1.0, 0.0]], [[0.0, 0.0]]])
+    targets = jnp.array([[[1.0, 0.0]], [[1.0, 0.0]]])
+    first = 1 - (2 + 1e-5) / (2 + 1e-5)
+    second = 1 - 1e-5 / (1 + 1e-5)
+    assert float(seg.dice_loss(probs, targets)) == pytest.approx((first + second) / 2, rel=1e-6)
+
+
+def test_weighted_bce_averages_positives_and_negatives_separately():
+    logits = jnp.array([2.0, -1.0, 0.5, -3.0, 1.0])
+    targets = jnp.array([1.0, 1.0, 0.0, 0.0, 0.0])
+
+    def bce(x, y):
+        p = 1 / (1 + math.exp(-x))
+        return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+    pos = (bce(2.0, 1) + bce(-1.0, 1)) / 2
+    neg = (bce(0.5, 0) + bce(-3.0, 0) + bce(1.0, 0)) / 3
+    assert float(seg.weighted_bce(logits, targets)) == pytest.approx(0.5 * pos + 0.5 * neg, rel=1e-6)
+
+
+def test_weighted_bce_with_soft_targets_and_no_positives():
+    logits = jnp.array([0.3, -0.2])
+    targets = jnp.array([0.2, 0.0])  # Both count as negatives; the positive term is 0.
+    per_pixel = [-(0.2 * math.log(1 / (1 + math.exp(-0.3)))) - 0.8 * math.log(1 - 1 / (1 + math.exp(-0.3))),
+                 -math.log(1 - 1 / (1 + math.exp(0.2)))]
+    assert float(seg.weighted_bce(logits, targets)) == pytest.approx(0.5 * sum(per_pixel) / 2, rel=1e-5)
+
+
+def test_dice_bce_combines_halves():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 1))
+    targets = (jax.random.uniform(jax.random.PRNGKey(1), (2, 4, 4)) > 0.5).astype(jnp.float32)
+    expected = 0.5 * seg.dice_loss(jax.nn.sigmoid(logits[..., 0]), targets) + 0.5 * seg.weighted_bce(logits[..., 0], targets)
+    assert float(seg.segmentation_loss(logits, targets)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_dice_ce_hand_case():
+    # One image, two pixels, three classes.
+    logits = jnp.log(jnp.array([[[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]]]))
+    masks = jnp.array([[[0, 2]]])
+    targets = seg.mask_targets(masks, 3)
+    ce = -(math.log(0.7) + math.log(0.8)) / 2
+    # Foreground classes 1 and 2, per-class dice terms.
+    d1 = 1 - (0 + 1e-5) / (0.2**2 + 0.1**2 + 0 + 1e-5)
+    d2 = 1 - (2 * 0.8 + 1e-5) / (0.1**2 + 0.8**2 + 1 + 1e-5)
+    expected = 0.5 * (d1 + d2) / 2 + 0.5 * ce
+    assert float(seg.segmentation_loss(logits, targets)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_losses_have_finite_gradients_at_extremes():
+    logits = jnp.array([[[[40.0], [-40.0]]]])
+    targets = jnp.array([[[0.0, 1.0]]])
+    grads = jax.grad(seg.segmentation_loss)(logits, targets)
+    assert np.all(np.isfinite(np.asarray(grads)))

@@ -1,0 +1,127 @@
+"""Supervised U-Net training: multi-device equivalence, resume, evaluation round trip."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from amvlm_jax.data import pipeline
+from amvlm_jax.train import checkpoint, supervised
+from amvlm_jax.train.parallel import make_mesh, replicate
+from amvlm_jax.train.state import TrainState
+
+from conftest import REPO_ROOT, tiny_synthetic_config
+
+
+def _batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    size = config.data.image_size
+    images = rng.integers(0, 256, size=(config.train.batch_size, size, size, 3), dtype=np.uint8)
+    masks = (images[..., 1] > 140).astype(np.uint8)
+    return {"image": images, "mask": masks}
+
+
+def test_eight_device_step_equals_one_device_step():
+    assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
+    config = tiny_synthetic_config()
+    model = supervised.build_unet(config)
+    step = supervised.make_train_step(model, config.data.num_classes)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = make_mesh(config, devices)
+        initial = supervised.create_state(config, model, steps_per_epoch=2)
+        # Plain SGD: Adam's first steps are lr * sign(gradient), which turns
+        # rounding noise in near-zero gradients into full-size steps.
+        state = replicate(mesh, TrainState.create(initial.params, initial.batch_stats, optax.sgd(0.1)))
+        for seed in range(2):
+            state, step_metrics = step(state, pipeline.to_global(mesh, _batch(config, seed)))
+        assert len(state.params["Conv_0"]["kernel"].sharding.device_set) == len(devices)
+        results.append((jax.device_get(state.params), jax.device_get(state.batch_stats), float(step_metrics["loss"])))
+    (params1, stats1, loss1), (params8, stats8, loss8) = results
+    assert loss1 == pytest.approx(loss8, rel=1e-5)
+    for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # BatchNorm statistics come from the global batch, not per-device shards.
+    for a, b in zip(jax.tree.leaves(stats1), jax.tree.leaves(stats8)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_training_learns_and_evaluation_round_trips(tmp_path):
+    config = tiny_synthetic_config(**{"train.epochs": 3, "unet.base_width": 8, "train.lr": 3e-3})
+    results = supervised.train(config, tmp_path)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written == results
+    assert set(results) == {"val", "test"} and results["val"]["images"] == 8
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epoch_losses = [line["train/epoch_loss"] for line in lines if "train/epoch_loss" in line]
+    assert len(epoch_losses) == 3 and epoch_losses[-1] < epoch_losses[0]
+    assert any(name.startswith("events") for name in os.listdir(tmp_path / "tensorboard"))
+    csv_rows = (tmp_path / "per_image_test.csv").read_text().splitlines()
+    assert csv_rows[0] == "file,dice,iou" and len(csv_rows) == 9
+    per_image = np.array([float(row.split(",")[1]) for row in csv_rows[1:]])
+    assert per_image.mean() == pytest.approx(results["test"]["dice"], abs=1e-3)
+
+    # Evaluating the saved best checkpoint from another workdir gives the same numbers.
+    config.mode = "evaluate"
+    again = supervised.evaluate_checkpoint(config, tmp_path / "eval", str(tmp_path / "checkpoints" / "best"))
+    assert again == results
+
+
+def test_evaluate_rejects_a_path_without_checkpoint(tmp_path):
+    config = tiny_synthetic_config()
+    with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint"):
+        supervised.evaluate_checkpoint(config, tmp_path, str(tmp_path / "missing"))
+
+
+def _cli(workdir, epochs):
+    return [
+        sys.executable, "-m", "amvlm_jax.main", f"--workdir={workdir}",
+        "--config.data.image_size=64", "--config.data.synthetic.num_train=16",
+        "--config.data.synthetic.num_val=8", "--config.data.synthetic.num_test=8",
+        "--config.unet.base_width=4", "--config.train.batch_size=8", f"--config.train.epochs={epochs}",
+        "--config.train.eval_batch_size=8", "--config.eval.splits=('val',)",
+    ]
+
+
+def _final_params(workdir):
+    config = tiny_synthetic_config()
+    model = supervised.build_unet(config)
+    mesh = make_mesh(config, jax.devices()[:1])
+    state = replicate(mesh, supervised.create_state(config, model, steps_per_epoch=2))
+    manager = checkpoint.RunCheckpoints(workdir)
+    state, meta = manager.restore_latest(state)
+    manager.close()
+    return jax.device_get(state), meta
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    epochs = 6
+    subprocess.run(_cli(tmp_path / "whole", epochs), cwd=REPO_ROOT, env=env, check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_cli(killed, epochs), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir())):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    steps = [int(p.name) for p in latest.iterdir() if p.name.isdigit()]
+    assert steps and max(steps) < epochs * 2, "the run was killed before it finished"
+
+    resumed = subprocess.run(_cli(killed, epochs), cwd=REPO_ROOT, env=env, check=True, capture_output=True, text=True)
+    assert "resuming from" in resumed.stdout
+    whole_state, whole_meta = _final_params(tmp_path / "whole")
+    resumed_state, resumed_meta = _final_params(killed)
+    assert whole_meta == resumed_meta and whole_meta["epoch"] == epochs
+    for a, b in zip(jax.tree.leaves(whole_state), jax.tree.leaves(resumed_state)):
+        np.testing.assert_array_equal(a, b)

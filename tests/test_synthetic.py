@@ -1,0 +1,260 @@
+"""Tests for the synthetic image-report-mask dataset."""
+
+import csv
+import filecmp
+import itertools
+import json
+import pathlib
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from amvlm_jax.data import synthetic
+from amvlm_jax.data.synthetic import (
+    GRID_NAMES,
+    describe,
+    location_phrase,
+    main,
+    render_sample,
+    write_synthetic_dataset,
+)
+
+SMALL = dict(num_train=12, num_val=6, num_test=6, image_size=64, seed=3)
+SPLIT_FOLDERS = {"Train_Folder": "Train", "Val_Folder": "Val", "Test_Folder": "Test"}
+COUNT_WORDS = {"one": 1, "two": 2, "three": 3}
+# "middle left" must match before the bare centre name "middle".
+LOCATION_PATTERN = re.compile(r"\b(?:(upper|middle|lower) (left|center|right)|middle)\b")
+ROWS = ("upper", "middle", "lower")
+COLUMNS = ("left", "center", "right")
+
+
+def parse_report(report):
+    """(count, cells in order of mention) read independently of the generator's templates."""
+    text = report.lower()
+    counts = [COUNT_WORDS[w] for w in re.findall(r"\b(one|two|three)\b", text)]
+    cells = []
+    for match in LOCATION_PATTERN.finditer(text):
+        if match.group(1) is None:
+            cells.append((1, 1))
+        else:
+            cells.append((ROWS.index(match.group(1)), COLUMNS.index(match.group(2))))
+    return counts, cells
+
+
+def cell_edges(size):
+    return np.round(np.linspace(0, size, 4)).astype(int)
+
+
+def cells_touched(component, size):
+    edges = cell_edges(size)
+    return {
+        (row, col)
+        for row in range(3)
+        for col in range(3)
+        if component[edges[row] : edges[row + 1], edges[col] : edges[col + 1]].any()
+    }
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.reader(handle))
+
+
+def tree_files(root):
+    return sorted(p.relative_to(root) for p in pathlib.Path(root).rglob("*") if p.is_file())
+
+
+def assert_same_tree(first, second):
+    first_files, second_files = tree_files(first), tree_files(second)
+    assert first_files == second_files
+    for relative in first_files:
+        assert (first / relative).read_bytes() == (second / relative).read_bytes(), relative
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), **SMALL)
+
+
+def test_grid_names():
+    assert location_phrase(0, 0) == "upper left"
+    assert location_phrase(0, 1) == "upper center"
+    assert location_phrase(1, 0) == "middle left"
+    assert location_phrase(1, 1) == "middle"
+    assert location_phrase(1, 2) == "middle right"
+    assert location_phrase(2, 1) == "lower center"
+    assert location_phrase(2, 2) == "lower right"
+    assert len({name for row in GRID_NAMES for name in row}) == 9
+    with pytest.raises(ValueError):
+        location_phrase(3, 0)
+
+
+def test_describe_states_count_and_all_locations_in_reading_order():
+    rng = np.random.default_rng(0)
+    all_cells = [(r, c) for r in range(3) for c in range(3)]
+    seen_reports = set()
+    for count in (1, 2, 3):
+        for cells in itertools.combinations(all_cells, count):
+            shuffled = list(cells)[::-1]
+            for _ in range(3):
+                report = describe(shuffled, rng)
+                seen_reports.add(report.split(" ")[0])
+                counts, mentioned = parse_report(report)
+                assert counts == [count], report
+                assert mentioned == sorted(cells), report
+                assert report.endswith(".")
+    assert len(seen_reports) > 1, "phrasing should vary"
+    with pytest.raises(ValueError):
+        describe([(0, 0), (0, 0)], rng)
+
+
+def test_layout_and_csv(dataset):
+    marker = json.loads((dataset / "synthetic.json").read_text())
+    assert marker["seed"] == SMALL["seed"] and marker["image_size"] == SMALL["image_size"]
+    assert "format_version" in marker
+    expected_counts = {"Train_Folder": 12, "Val_Folder": 6, "Test_Folder": 6}
+    for folder, stem in SPLIT_FOLDERS.items():
+        split_dir = dataset / folder
+        rows = read_csv(split_dir / f"{stem}_text.csv")
+        assert rows[0] == ["Image", "Description"]
+        assert all(len(row) == 2 for row in rows)
+        names = [row[0] for row in rows[1:]]
+        images = sorted(p.name for p in (split_dir / "img").iterdir())
+        masks = sorted(p.name for p in (split_dir / "labelcol").iterdir())
+        assert len(images) == expected_counts[folder]
+        assert sorted(names) == images == masks
+        assert len(set(names)) == len(names)
+        assert all(re.fullmatch(r"syn_\d{5}\.png", name) for name in names)
+        for name in images[:3]:
+            with Image.open(split_dir / "img" / name) as image:
+                assert image.mode == "RGB" and image.size == (64, 64)
+            with Image.open(split_dir / "labelcol" / name) as mask:
+                assert mask.mode == "L" and mask.size == (64, 64)
+
+
+def test_masks_binary_and_reports_match_components(dataset):
+    for folder, stem in SPLIT_FOLDERS.items():
+        split_dir = dataset / folder
+        for name, report in read_csv(split_dir / f"{stem}_text.csv")[1:]:
+            mask = np.asarray(Image.open(split_dir / "labelcol" / name))
+            assert set(np.unique(mask)) == {0, 255}, name
+            labels, num_components = ndimage.label(mask > 0)
+            component_cells = [cells_touched(labels == k, mask.shape[0]) for k in range(1, num_components + 1)]
+            # One component per lesion, each inside a single grid cell, one lesion per cell.
+            assert all(len(cells) == 1 for cells in component_cells), name
+            lesion_cells = sorted(next(iter(cells)) for cells in component_cells)
+            assert len(set(lesion_cells)) == num_components
+            counts, mentioned = parse_report(report)
+            assert counts == [num_components], report
+            assert mentioned == lesion_cells, report
+
+
+def test_files_match_render_sample(dataset):
+    sample = render_sample(SMALL["seed"], "val", 2, SMALL["image_size"])
+    image = np.asarray(Image.open(dataset / "Val_Folder" / "img" / "syn_00002.png"))
+    mask = np.asarray(Image.open(dataset / "Val_Folder" / "labelcol" / "syn_00002.png"))
+    np.testing.assert_array_equal(image, sample.image)
+    np.testing.assert_array_equal(mask, sample.mask)
+    assert read_csv(dataset / "Val_Folder" / "Val_text.csv")[3] == ["syn_00002.png", sample.report]
+
+
+def test_distractors_present_and_lesion_like():
+    size = 96
+    edges = cell_edges(size)
+    lesion_peaks, distractor_peaks = [], []
+    for index in range(30):
+        sample = render_sample(0, "train", index, size)
+        assert 1 <= len(sample.lesion_cells) <= 3
+        assert 1 <= len(sample.distractor_cells) <= 2
+        assert not set(sample.lesion_cells) & set(sample.distractor_cells)
+        deviation = np.abs(sample.image.astype(int) - sample.background.astype(int)).max(axis=-1)
+        for row in range(3):
+            for col in range(3):
+                cell = deviation[edges[row] : edges[row + 1], edges[col] : edges[col + 1]]
+                if (row, col) in sample.distractor_cells:
+                    distractor_peaks.append(cell.max())
+                elif (row, col) in sample.lesion_cells:
+                    lesion_peaks.append(cell.max())
+                else:
+                    assert cell.max() == 0, (index, row, col)
+        # Distractors alter the image outside the mask.
+        assert deviation[sample.mask == 0].max() >= 8
+    assert min(distractor_peaks) >= 8
+    # Similar brightness change: vision cannot separate them by contrast alone.
+    ratio = np.median(distractor_peaks) / np.median(lesion_peaks)
+    assert 0.6 < ratio < 1.6, ratio
+
+
+def test_deterministic_and_seed_dependent(dataset, tmp_path):
+    again = write_synthetic_dataset(tmp_path / "again", **SMALL)
+    assert_same_tree(dataset, again)
+    other_seed = write_synthetic_dataset(tmp_path / "other", **{**SMALL, "seed": SMALL["seed"] + 1})
+    name = "Train_Folder/img/syn_00000.png"
+    assert (dataset / name).read_bytes() != (other_seed / name).read_bytes()
+
+
+def test_val_and_test_independent_of_num_train(dataset, tmp_path):
+    fewer_train = write_synthetic_dataset(tmp_path / "fewer", **{**SMALL, "num_train": 4})
+    for folder in ("Val_Folder", "Test_Folder"):
+        assert_same_tree(dataset / folder, fewer_train / folder)
+    # Shared train indices are unchanged too.
+    match, mismatch, errors = filecmp.cmpfiles(
+        dataset / "Train_Folder" / "img",
+        fewer_train / "Train_Folder" / "img",
+        [f"syn_{i:05d}.png" for i in range(4)],
+        shallow=False,
+    )
+    assert len(match) == 4 and not mismatch and not errors
+
+
+def test_marker_skip_and_regeneration(tmp_path):
+    params = dict(num_train=3, num_val=2, num_test=2, image_size=64, seed=1)
+    root = write_synthetic_dataset(tmp_path, **params)
+    image = root / "Train_Folder" / "img" / "syn_00000.png"
+    original = image.read_bytes()
+
+    # Same parameters: nothing is rewritten, so a tampered file stays tampered.
+    image.write_bytes(b"tampered")
+    write_synthetic_dataset(tmp_path, **params)
+    assert image.read_bytes() == b"tampered"
+
+    # No marker (as after a killed run): regenerated.
+    (root / "synthetic.json").unlink()
+    write_synthetic_dataset(tmp_path, **params)
+    assert image.read_bytes() == original
+    assert (root / "synthetic.json").is_file()
+
+    # Marker present but a file missing: regenerated.
+    (root / "Val_Folder" / "labelcol" / "syn_00001.png").unlink()
+    write_synthetic_dataset(tmp_path, **params)
+    assert (root / "Val_Folder" / "labelcol" / "syn_00001.png").is_file()
+
+    # Different parameters: regenerated without stale files.
+    write_synthetic_dataset(tmp_path, **{**params, "num_train": 2})
+    assert sorted(p.name for p in (root / "Train_Folder" / "img").iterdir()) == ["syn_00000.png", "syn_00001.png"]
+    assert len(read_csv(root / "Train_Folder" / "Train_text.csv")) == 3
+    assert json.loads((root / "synthetic.json").read_text())["num_train"] == 2
+
+
+def test_refuses_to_overwrite_foreign_files(tmp_path):
+    foreign = tmp_path / "Train_Folder" / "img" / "patient_001.png"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"real data")
+    with pytest.raises(FileExistsError):
+        write_synthetic_dataset(tmp_path, num_train=1, num_val=1, num_test=1, image_size=64)
+    assert foreign.read_bytes() == b"real data"
+
+
+def test_main_writes_dataset(tmp_path, capsys):
+    main(["--root", str(tmp_path), "--num_train", "2", "--num_val", "1", "--num_test", "1", "--image_size", "64"])
+    assert len(list((tmp_path / "Train_Folder" / "img").iterdir())) == 2
+    assert json.loads((tmp_path / "synthetic.json").read_text())["num_val"] == 1
+    assert str(tmp_path) in capsys.readouterr().out
+
+
+def test_rejects_too_small_images(tmp_path):
+    with pytest.raises(ValueError):
+        write_synthetic_dataset(tmp_path, image_size=synthetic.MIN_IMAGE_SIZE - 1)
