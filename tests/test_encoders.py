@@ -573,7 +573,7 @@ def test_aggregate_words_against_hand_computation():
 
 def _convert_main():
     spec = importlib.util.spec_from_file_location(
-        "convert_weights", os.path.join(REPO_ROOT, "tools", "convert_weights.py"))
+        "convert_weights", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "convert_weights.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main

@@ -31,7 +31,7 @@ def _batch(config, seed=0):
 
 def test_eight_device_step_equals_one_device_step():
     assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
-    config = tiny_synthetic_config()
+    config = tiny_synthetic_config(**{"mesh.data": -1})
     model = supervised.build_unet(config)
     step = supervised.make_train_step(model, config.data.num_classes)
     results = []
@@ -104,7 +104,7 @@ def _final_params(workdir):
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    epochs = 6
+    epochs = 4
     subprocess.run(_cli(tmp_path / "whole", epochs), cwd=REPO_ROOT, env=env, check=True, capture_output=True)
 
     killed = tmp_path / "killed"

@@ -1,0 +1,65 @@
+"""The command line: one-line errors, default workdir, config overrides."""
+
+import subprocess
+import sys
+
+import pytest
+
+from amvlm_jax import main
+from amvlm_jax.config import ConfigError, validate
+
+from conftest import REPO_ROOT, tiny_synthetic_config
+
+
+def _run(*args):
+    result = subprocess.run([sys.executable, "-m", "amvlm_jax.main", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+    return result.returncode, result.stderr.strip()
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--config.train.nope=1"], "unknown config key '--config.train.nope'"),
+        (["--config=experiments/monuseg.py:gpu"], "unknown experiment variant 'gpu'"),
+        (["--config=experiments/nothere.py"], "no such experiment file"),
+        (["--config=experiments/monuseg.py"], "data.root is not set"),
+        (["--config=experiments/monuseg.py", "--config.data.root=/no/such/dir"], "/no/such/dir: data root does not exist"),
+        (["--config.mode=train"], "config.mode 'train' is not one of"),
+    ],
+)
+def test_bad_command_lines_give_one_line_errors(args, expected, tmp_path):
+    code, stderr = _run(*args, f"--workdir={tmp_path}")
+    assert code != 0
+    assert "Traceback" not in stderr
+    last = stderr.splitlines()[-1]
+    assert last.startswith("error: ") and expected in last
+
+
+def test_check_command_line_accepts_valid_overrides():
+    argv = ["main", "--config=experiments/monuseg.py:cpu,labeled25", "--config.train.epochs=3", "--config.data.root=x"]
+    assert main.check_command_line(argv) is None
+
+
+def test_default_workdir_names_experiment_and_variant():
+    assert str(main.default_workdir("experiments/monuseg.py:cpu,labeled25")) == "runs/monuseg_cpu_labeled25"
+    assert str(main.default_workdir(str(main.DEFAULT_CONFIG))) == "runs/synthetic"
+
+
+def test_validate_rejects_unusable_values():
+    config = tiny_synthetic_config()
+    config.data.image_size = 100
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        validate(config)
+
+
+def test_experiments_load_with_all_variants():
+    import importlib.util
+
+    for path in sorted((REPO_ROOT / "experiments").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.__doc__ and "python -m amvlm_jax.main" in module.__doc__, path
+        for variant in [None, *module.VARIANTS]:
+            config = module.get_config(variant)
+            validate(config)
