@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-MODES = ("supervised", "evaluate", "pretrain")
+MODES = ("supervised", "evaluate", "pretrain", "ssl", "all")
 
 
 class ConfigError(ValueError):
@@ -78,6 +78,25 @@ def base_config() -> ml_collections.ConfigDict:
              sinkhorn_iterations=3, prototype_temperature=0.2, freeze_prototypes_epochs=1)
     )
     config.pretrain.log_every_steps = 10
+    # Smaller encoders and heads (CPU runs, tests); 0 keeps the named variant's / checkpoint's value.
+    config.pretrain.vit_width = 0
+    config.pretrain.vit_depth = 0
+    config.pretrain.vit_heads = 0
+    config.pretrain.text_weights_init = "pretrained"  # 'pretrained' or 'random' (config.json of the text encoder folder).
+    config.pretrain.text_hidden = 0  # With 'random': BERT width (0 = the folder's); heads from text_heads.
+    config.pretrain.text_heads = 0
+    config.pretrain.head_hidden = 2048  # Hidden width of the projection heads.
+    config.pretrain.pdt_heads = 8
+    config.pretrain.pdt_dropout = 0.1
+    config.pretrain.remat = False  # Rematerialise the text encoder's layers.
+
+    # Text-guided mean-teacher SSMIS (mode 'ssl', SPEC sections 5-6). Uses
+    # config.train for the student and config.data.labeled_fraction.
+    config.ssl = ml_collections.ConfigDict()
+    config.ssl.w_text = 1.0  # Text mask weight in the logit-space fusion; 0 = vision only (plain MT).
+    config.ssl.train_decoder = True  # Train the text-mask decoder on L_tg (its own Adam).
+    config.ssl.decoder_lr = 1e-4
+    config.ssl.pretrained = ""  # Pre-training workdir or checkpoint; '' = <workdir>/pretrain.
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # Devices on the data axis; -1 = all.

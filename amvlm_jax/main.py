@@ -84,6 +84,15 @@ def run(config, workdir: str | pathlib.Path) -> dict:
         from amvlm_jax.train import pretrain
 
         return pretrain.train(config, workdir)
+    if config.mode == "ssl":
+        from amvlm_jax.train import ssl
+
+        return ssl.train(config, workdir)
+    if config.mode == "all":
+        from amvlm_jax.train import pretrain, ssl
+
+        pretrain.train(config, workdir)
+        return ssl.train(config, workdir)
     raise AssertionError(config.mode)  # validate() admits only known modes.
 
 

@@ -33,7 +33,7 @@ def get_config(variant=None):
     config.unet.base_width = 16
     config.train.batch_size = 8
     config.train.eval_batch_size = 25
-    config.train.epochs = 30
+    config.train.epochs = 20
     config.train.lr = 1e-3
     config.train.restart_epochs = 10
     return apply_variants(config, variant, VARIANTS)

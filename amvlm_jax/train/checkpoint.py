@@ -26,7 +26,9 @@ def _manager(directory: pathlib.Path, read_only: bool = False) -> ocp.Checkpoint
 
 def abstract_like(state: Any) -> Any:
     """Shape/dtype/sharding description of `state`, the target for a restore onto its mesh."""
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    return jax.tree.map(
+        lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else ocp.utils.to_shape_dtype_struct(x), state
+    )
 
 
 class RunCheckpoints:
@@ -65,28 +67,40 @@ def _restore(manager: ocp.CheckpointManager, step: int, state: Any) -> tuple[Any
     return restored.state, restored.meta
 
 
-def restore_path(path: str | pathlib.Path, state: Any) -> tuple[Any, dict, pathlib.Path]:
-    """Restores from a step folder, a manager folder (its newest step) or a workdir (its best).
+def restore_variables(path: str | pathlib.Path, variables: dict) -> tuple[dict, dict, pathlib.Path]:
+    """Restores a model's variables from any job's checkpoint.
 
-    Returns (state, meta, the step folder used). `state` gives the structure,
-    shapes and target shardings.
+    path: a step folder, a manager folder (its newest step) or a workdir (its
+    best, or its latest when it has no best yet). variables: {'params': ..., 'batch_stats': ...} giving structure,
+    shapes and target shardings; only these entries of the saved train
+    state are read (a mean-teacher checkpoint also holds the teacher and
+    optimiser state). Returns (variables, meta, the step folder used).
     """
     path = pathlib.Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
-    if (path / "checkpoints" / "best").is_dir():
-        path = path / "checkpoints" / "best"
+    if (path / "checkpoints").is_dir():  # A workdir: its best checkpoint, else its latest.
+        best = path / "checkpoints" / "best"
+        path = best if best.is_dir() and any(p.name.isdigit() for p in best.iterdir()) else path / "checkpoints" / "latest"
     if (path / "state").is_dir() and path.name.isdigit():
         manager, step = _manager(path.parent, read_only=True), int(path.name)
     else:
         manager = _manager(path, read_only=True)
         step = manager.latest_step()
         if step is None:
+            manager.close()
             raise CheckpointError(f"{path}: holds no checkpoint step")
+    target = abstract_like(variables)
+    args = ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        ),
+        meta=ocp.args.JsonRestore(),
+    )
     try:
-        restored_state, meta = _restore(manager, step, state)
+        restored = manager.restore(step, args=args)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: checkpoint does not fit this model ({str(e).splitlines()[0][:200]})") from None
     finally:
         manager.close()
-    return restored_state, meta, path if path.name.isdigit() else path / str(step)
+    return restored.state, restored.meta, path if path.name.isdigit() else path / str(step)

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import math
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from tqdm import tqdm
 
 from amvlm_jax import metrics
 from amvlm_jax.data import datasets, pipeline
 from amvlm_jax.losses.segmentation import mask_targets, segmentation_loss
 from amvlm_jax.models.unet import UNet
-from amvlm_jax.train import checkpoint, evaluate
-from amvlm_jax.train.logging import MetricWriter
+from amvlm_jax.train import checkpoint, evaluate, loop
 from amvlm_jax.train.parallel import make_mesh, replicate
 from amvlm_jax.train.state import TrainState, cosine_restarts
 
@@ -26,12 +22,17 @@ def build_unet(config) -> UNet:
     return UNet(num_classes=config.data.num_classes, base_width=config.unet.base_width, dtype=jnp.dtype(config.dtype))
 
 
-def create_state(config, model: UNet, steps_per_epoch: int) -> TrainState:
-    """Initial U-Net state; the schedule needs steps_per_epoch."""
+def init_variables(config, model: UNet) -> dict:
+    """{'params', 'batch_stats'} of a fresh U-Net (seeded by config.seed)."""
     size = config.data.image_size
-    variables = jax.jit(model.init, static_argnames="train")(
+    return jax.jit(model.init, static_argnames="train")(
         jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3), jnp.float32), train=False
     )
+
+
+def create_state(config, model: UNet, steps_per_epoch: int) -> TrainState:
+    """Initial U-Net state; the schedule needs steps_per_epoch."""
+    variables = init_variables(config, model)
     schedule = cosine_restarts(config.train.lr, config.train.min_lr, config.train.restart_epochs, steps_per_epoch)
     return TrainState.create(variables["params"], variables["batch_stats"], optax.adam(schedule))
 
@@ -76,55 +77,17 @@ def train(config, workdir: str | pathlib.Path) -> dict:
 
     model = build_unet(config)
     state = replicate(mesh, create_state(config, model, steps_per_epoch))
-    checkpoints = checkpoint.RunCheckpoints(workdir)
-    state, meta = checkpoints.restore_latest(state)
-    meta = meta or {"epoch": 0, "best_val_dice": -1.0, "best_epoch": 0}
-    if meta["epoch"]:
-        print(f"resuming from {workdir}/checkpoints/latest after epoch {meta['epoch']}")
 
-    train_step = make_train_step(model, config.data.num_classes)
-    eval_step = evaluate.make_eval_step(model, config.data.num_classes)
-    writer = MetricWriter(workdir)
-    batches = pipeline.training_batches(
-        train_split,
-        batch_size,
-        seed=config.seed,
-        start_step=meta["epoch"] * steps_per_epoch,
-        worker_count=config.data.worker_count,
-    )
+    def make_batches(start_step):
+        return pipeline.training_batches(
+            train_split, batch_size, seed=config.seed, start_step=start_step, worker_count=config.data.worker_count
+        )
+
     schedule = cosine_restarts(config.train.lr, config.train.min_lr, config.train.restart_epochs, steps_per_epoch)
-    for epoch in range(meta["epoch"], config.train.epochs):
-        started = time.time()
-        progress = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.train.epochs}", leave=False)
-        losses = []
-        for _ in progress:
-            state, step_metrics = train_step(state, pipeline.to_global(mesh, next(batches)))
-            losses.append(step_metrics["loss"])
-            step = int(state.step)
-            if step % config.train.log_every_steps == 0:
-                step_metrics = jax.device_get(step_metrics)
-                progress.set_postfix(loss=f"{float(step_metrics['loss']):.4f}")
-                writer.write(step, {f"train/{k}": v for k, v in step_metrics.items()} | {"train/lr": schedule(step - 1)})
-        epoch_metrics = {"epoch": epoch + 1, "train/epoch_loss": float(np.mean(jax.device_get(losses)))}
-        is_best = False
-        if val_split is not None and ((epoch + 1) % config.train.eval_every_epochs == 0 or epoch + 1 == config.train.epochs):
-            dice, iou = evaluate.evaluate_split(eval_step, state.params, state.batch_stats, val_split, mesh, config.train.eval_batch_size)
-            summary = metrics.summarize(dice, iou)
-            epoch_metrics |= {"val/dice": summary["dice"], "val/miou": summary["miou"]}
-            is_best = summary["dice"] > meta["best_val_dice"]
-            if is_best:
-                meta |= {"best_val_dice": summary["dice"], "best_epoch": epoch + 1}
-        elif val_split is None:
-            is_best = True  # Without a validation split the newest model is the one to keep.
-        meta["epoch"] = epoch + 1
-        epoch_metrics["epoch_seconds"] = time.time() - started
-        writer.write(int(state.step), epoch_metrics)
-        checkpoints.save(int(state.step), state, dict(meta), is_best)
-        val_text = f" val Dice {epoch_metrics['val/dice']:.2f} (best {meta['best_val_dice']:.2f} @ {meta['best_epoch']})" if "val/dice" in epoch_metrics else ""
-        tqdm.write(f"epoch {epoch + 1}: loss {epoch_metrics['train/epoch_loss']:.4f}{val_text} [{epoch_metrics['epoch_seconds']:.1f}s]")
-    checkpoints.wait()
-    checkpoints.close()
-    writer.close()
+    loop.fit(
+        config, workdir, mesh, state, make_train_step(model, config.data.num_classes), make_batches,
+        steps_per_epoch, val_split, evaluate.make_eval_step(model, config.data.num_classes), lr_schedule=schedule,
+    )
     return evaluate_checkpoint(config, workdir, str(workdir / "checkpoints" / "best"), mesh=mesh, root=root)
 
 
@@ -135,8 +98,8 @@ def evaluate_checkpoint(config, workdir, checkpoint_path: str = "", mesh=None, r
     mesh = mesh or make_mesh(config)
     root = root or datasets.data_root(config, workdir)
     model = build_unet(config)
-    state = replicate(mesh, create_state(config, model, steps_per_epoch=1))
-    state, meta, used = checkpoint.restore_path(checkpoint_path or workdir, state)
+    variables = replicate(mesh, init_variables(config, model))
+    variables, meta, used = checkpoint.restore_variables(checkpoint_path or workdir, variables)
     print(f"evaluating {used} (epoch {meta.get('epoch')})")
     eval_step = evaluate.make_eval_step(model, config.data.num_classes)
     per_split, names = {}, {}
@@ -145,7 +108,9 @@ def evaluate_checkpoint(config, workdir, checkpoint_path: str = "", mesh=None, r
         if data is None:
             per_split[split] = None
             continue
-        per_split[split] = evaluate.evaluate_split(eval_step, state.params, state.batch_stats, data, mesh, config.train.eval_batch_size)
+        per_split[split] = evaluate.evaluate_split(
+            eval_step, variables["params"], variables["batch_stats"], data, mesh, config.train.eval_batch_size
+        )
         names[split] = data.names
     results = evaluate.write_results(workdir, per_split, names)
     print(evaluate.format_table(results))

@@ -1,0 +1,93 @@
+"""The epoch loop shared by the segmentation jobs: steps, validation, checkpoints, logs."""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from amvlm_jax import metrics
+from amvlm_jax.data import pipeline
+from amvlm_jax.data.folders import SplitArrays
+from amvlm_jax.train import checkpoint, evaluate
+from amvlm_jax.train.logging import MetricWriter
+
+
+def fit(
+    config,
+    workdir: pathlib.Path,
+    mesh,
+    state: Any,
+    train_step: Callable,
+    make_batches: Callable[[int], Iterator[dict]],
+    steps_per_epoch: int,
+    val_split: Optional[SplitArrays],
+    eval_step: Callable,
+    extra_step_args: tuple = (),
+    lr_schedule: Optional[Callable] = None,
+) -> Any:
+    """Runs config.train.epochs epochs from the workdir's latest checkpoint on.
+
+    `make_batches(start_step)` returns an iterator over this process's numpy
+    share of each step's batch from `start_step` on; training starts after
+    the latest checkpoint's epoch. After every
+    epoch the student is validated (every train.eval_every_epochs epochs),
+    metrics go to JSONL/TensorBoard, and the latest (and, when validation
+    Dice improved, the best) checkpoint is written. Returns the final state.
+    """
+    checkpoints = checkpoint.RunCheckpoints(workdir)
+    state, meta = resume_point(checkpoints, state, workdir)
+    writer = MetricWriter(workdir)
+    batches = make_batches(meta["epoch"] * steps_per_epoch)
+    for epoch in range(meta["epoch"], config.train.epochs):
+        started = time.time()
+        progress = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.train.epochs}", leave=False)
+        losses = []
+        for _ in progress:
+            state, step_metrics = train_step(state, *extra_step_args, pipeline.to_global(mesh, next(batches)))
+            losses.append(step_metrics["loss"])
+            step = int(state.step)
+            if step % config.train.log_every_steps == 0:
+                step_metrics = {f"train/{k}": v for k, v in jax.device_get(step_metrics).items()}
+                if lr_schedule is not None:
+                    step_metrics["train/lr"] = lr_schedule(step - 1)
+                progress.set_postfix(loss=f"{float(step_metrics['train/loss']):.4f}")
+                writer.write(step, step_metrics)
+        epoch_metrics = {"epoch": epoch + 1, "train/epoch_loss": float(np.mean(jax.device_get(losses)))}
+        last = epoch + 1 == config.train.epochs
+        is_best = val_split is None  # Without validation data the newest model is the one to keep.
+        if val_split is not None and ((epoch + 1) % config.train.eval_every_epochs == 0 or last):
+            dice, iou = evaluate.evaluate_split(
+                eval_step, state.params, state.batch_stats, val_split, mesh, config.train.eval_batch_size
+            )
+            summary = metrics.summarize(dice, iou)
+            epoch_metrics |= {"val/dice": summary["dice"], "val/miou": summary["miou"]}
+            is_best = summary["dice"] > meta["best_val_dice"]
+            if is_best:
+                meta |= {"best_val_dice": summary["dice"], "best_epoch": epoch + 1}
+        meta["epoch"] = epoch + 1
+        epoch_metrics["epoch_seconds"] = time.time() - started
+        writer.write(int(state.step), epoch_metrics)
+        checkpoints.save(int(state.step), state, dict(meta), is_best)
+        val_text = ""
+        if "val/dice" in epoch_metrics:
+            val_text = f" val Dice {epoch_metrics['val/dice']:.2f} (best {meta['best_val_dice']:.2f} @ {meta['best_epoch']})"
+        tqdm.write(f"epoch {epoch + 1}: loss {epoch_metrics['train/epoch_loss']:.4f}{val_text} [{epoch_metrics['epoch_seconds']:.1f}s]")
+    checkpoints.wait()
+    checkpoints.close()
+    writer.close()
+    return state
+
+
+def resume_point(checkpoints: checkpoint.RunCheckpoints, state: Any, workdir: pathlib.Path) -> tuple[Any, dict]:
+    """(state, meta) of the latest checkpoint, or the fresh state with meta of epoch 0."""
+    state, meta = checkpoints.restore_latest(state)
+    if meta is None:
+        return state, {"epoch": 0, "best_val_dice": -1.0, "best_epoch": 0}
+    print(f"resuming from {workdir}/checkpoints/latest after epoch {meta['epoch']}")
+    return state, meta
+
