@@ -1,0 +1,538 @@
+"""Vision-language pre-training (mode 'pretrain'): AMVLM (SPEC 3) or MGCA (SPEC 4).
+
+Reads every training image-report pair (no masks), tokenises the reports
+once on the host, and trains the ``AMVLM`` model with Adam. For AMVLM's ICL
+term the momentum encoders (an EMA of the online encoders and their heads,
+kept in ``TrainState.ema``) see an augmented view of each image (SPEC
+section 1 augmentation, made on the host) and the report. Image-to-report
+and report-to-image retrieval on the training and validation pairs is
+evaluated before training (logged as epoch 0) and after every epoch.
+
+Outputs under <workdir>/pretrain/: checkpoints/{latest,best}/ (Orbax; a
+rerun resumes from latest), metrics.jsonl, tensorboard/, summary.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+import time
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from amvlm_jax import weights
+from amvlm_jax.config import ConfigError
+from amvlm_jax.data import datasets, folders, pipeline
+from amvlm_jax.data.tokenize import ReportTokenizer
+from amvlm_jax.losses.alignment import local_alignment_loss
+from amvlm_jax.losses.contrastive import clipped_token_weights, css_loss, cta_loss, ita_loss
+from amvlm_jax.losses.intra import ema_update, icl_loss
+from amvlm_jax.losses.prototypes import cpa_loss, normalize_prototypes
+from amvlm_jax.models.amvlm import AMVLM, ENCODER_MODULES, TOKEN_KEYS
+from amvlm_jax.models.bert import BertConfig
+from amvlm_jax.models.vit import vit_from_name
+from amvlm_jax.train import checkpoint
+from amvlm_jax.train.logging import MetricWriter
+from amvlm_jax.train.parallel import replicate
+from amvlm_jax.train.state import TrainState
+
+RETRIEVAL_KS = (1, 5)
+
+
+# ---------------------------------------------------------------------------
+# Model construction
+# ---------------------------------------------------------------------------
+
+
+def pretrain_image_size(config) -> int:
+    return int(config.pretrain.image_size or config.data.image_size)
+
+
+def text_encoder_dir(config) -> str:
+    return config.pretrain.text_encoder or weights.default_text_encoder_dir()
+
+
+def text_encoder_config(config) -> BertConfig:
+    """The text encoder's BertConfig from its folder's config.json (no weights read).
+
+    'pretrained' keeps the first ``text_layers`` layers; 'random' may also
+    shrink the width with text_hidden/text_heads.
+    """
+    pre = config.pretrain
+    if pre.text_weights_init not in ("pretrained", "random"):
+        raise ConfigError(f"config.pretrain.text_weights_init must be 'pretrained' or 'random', got '{pre.text_weights_init}'")
+    config_path = os.path.join(text_encoder_dir(config), "config.json")
+    if pre.text_weights_init == "pretrained":
+        return BertConfig.from_json(config_path, pre.text_layers)
+    changes = dict(num_hidden_layers=int(pre.text_layers))
+    if pre.text_hidden:
+        heads = pre.text_heads or max(1, pre.text_hidden // 64)
+        changes |= dict(hidden_size=pre.text_hidden, num_attention_heads=heads, intermediate_size=4 * pre.text_hidden)
+    return dataclasses.replace(BertConfig.from_json(config_path), **changes)
+
+
+def build_text_encoder(config) -> tuple[BertConfig, dict | None]:
+    """(BertConfig, loaded params, or None for a random init) of the text encoder."""
+    if config.pretrain.text_weights_init == "pretrained":
+        return weights.load_bert(text_encoder_dir(config), num_layers=config.pretrain.text_layers)
+    return text_encoder_config(config), None
+
+
+def build_model(config, text_config: BertConfig) -> AMVLM:
+    pre = config.pretrain
+    dtype = jnp.dtype(config.dtype)
+    overrides = {k: v for k, v in dict(width=pre.vit_width, depth=pre.vit_depth, num_heads=pre.vit_heads).items() if v}
+    vit = vit_from_name(pre.vit, dtype=dtype, remat=pre.remat, **overrides)
+    return AMVLM(
+        image_encoder=vit,
+        text_config=text_config,
+        embed_dim=pre.embed_dim,
+        head_hidden=pre.head_hidden,
+        objective=pre.objective,
+        num_prototypes=pre.mgca.num_prototypes,
+        pdt_heads=pre.pdt_heads,
+        pdt_dropout=pre.pdt_dropout,
+        temperature=pre.temperature,
+        dtype=dtype,
+        remat=pre.remat,
+    )
+
+
+def uses_momentum(config) -> bool:
+    """Whether the run keeps momentum encoders (AMVLM with a non-zero ICL weight)."""
+    return config.pretrain.objective == "amvlm" and bool(config.pretrain.weights.icl)
+
+
+def uses_pdt(config) -> bool:
+    pre = config.pretrain
+    return pre.objective == "amvlm" and pre.use_pdt and bool(pre.weights.css)
+
+
+def encoder_subset(tree: dict) -> dict:
+    """The entries of a params / batch_stats dict that belong to the momentum encoders."""
+    return {name: tree[name] for name in ENCODER_MODULES if name in tree}
+
+
+def dummy_tokens(batch: int, max_length: int) -> dict:
+    tokens = {k: np.zeros((batch, max_length), np.int32) for k in TOKEN_KEYS if k != "word_mask"}
+    tokens["word_mask"] = np.zeros((batch, max_length - 1), np.float32)
+    return tokens
+
+
+def create_state(config, model: AMVLM, image_size: int, text_params=None, vit_params=None, tx=None) -> TrainState:
+    """Initial state: random init, then the loaded encoder weights; Adam(pretrain.lr) unless ``tx``.
+
+    ``ema`` holds {'params', 'batch_stats'} of the momentum encoders when
+    ICL is on, else None.
+    """
+    images = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+    rngs = {"params": jax.random.PRNGKey(config.seed), "dropout": jax.random.PRNGKey(config.seed + 1)}
+    init = jax.jit(model.init, static_argnames=("train", "with_pdt"))
+    variables = init(rngs, images, dummy_tokens(2, config.pretrain.max_length), train=False, with_pdt=True)
+    params = dict(variables["params"])
+    batch_stats = dict(variables.get("batch_stats", {}))
+    if text_params is not None:
+        params["text_encoder"] = jax.tree.map(jnp.asarray, text_params)
+    if vit_params is not None:
+        params["image_encoder"] = jax.tree.map(jnp.asarray, vit_params)
+    if config.pretrain.objective == "mgca":
+        params["prototypes"] = normalize_prototypes(params["prototypes"])
+    ema = None
+    if uses_momentum(config):
+        # The momentum encoders start as copies of the online ones.
+        ema = {"params": encoder_subset(params), "batch_stats": encoder_subset(batch_stats)}
+        ema = jax.tree.map(jnp.array, ema)
+    tx = tx or optax.adam(config.pretrain.lr)
+    return TrainState.create(params, batch_stats, tx, ema=ema)
+
+
+# ---------------------------------------------------------------------------
+# Objectives (pure functions of the model outputs)
+# ---------------------------------------------------------------------------
+
+
+def token_weights(outputs: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Clipped, normalised word (B, W) and patch (B, P) weights from the CLS attentions."""
+    word_weights = clipped_token_weights(outputs["word_attention"], outputs["word_mask"])
+    patch_weights = clipped_token_weights(outputs["patch_attention"], jnp.ones_like(outputs["patch_attention"]))
+    return word_weights, patch_weights
+
+
+def _weighted_total(terms: dict, weights: dict) -> jnp.ndarray:
+    return sum((weights[name] * value for name, value in terms.items()), jnp.zeros((), jnp.float32))
+
+
+def amvlm_objective(outputs: dict, momentum_outputs: dict | None, config) -> tuple[jnp.ndarray, dict]:
+    """L = w_ita L_ita + w_css L_css + w_local L_local + w_icl L_icl (SPEC 3.5).
+
+    Args:
+      outputs: ``AMVLM.__call__`` outputs of the online model (with word_pdt /
+        patch_pdt when pretrain.use_pdt).
+      momentum_outputs: ``encode_image`` (augmented view) | ``encode_text``
+        outputs of the momentum encoders; needed only when the ICL weight is
+        non-zero.
+      config: reads pretrain.weights, temperature, use_pdt.
+
+    Returns:
+      (scalar loss, {term name: unweighted scalar}); a term whose weight is 0
+      is neither computed nor returned.
+    """
+    pre = config.pretrain
+    weights_ = dict(pre.weights)
+    tau = pre.temperature
+    terms = {}
+    if weights_["ita"]:
+        terms["ita"] = ita_loss(outputs["v"], outputs["t"], tau)
+    if weights_["css"]:
+        word_weights, patch_weights = token_weights(outputs)
+        word_pdt = patch_pdt = None
+        if pre.use_pdt:
+            if "word_pdt" not in outputs:
+                raise ValueError("pretrain.use_pdt is on but the outputs carry no PDT heads (call with with_pdt=True)")
+            word_pdt, patch_pdt = outputs["word_pdt"], outputs["patch_pdt"]
+        terms["css"] = css_loss(
+            outputs["T"], outputs["word_context"], outputs["V"], outputs["patch_context"],
+            word_weights, patch_weights, outputs["word_mask"], tau, word_pdt, patch_pdt,
+        )
+    if weights_["local"]:
+        terms["local"] = local_alignment_loss(outputs["V"], outputs["t"], outputs["T"], outputs["v"], outputs["word_mask"], tau)
+    if weights_["icl"]:
+        if momentum_outputs is None:
+            raise ValueError("the ICL term needs the momentum encoders' outputs")
+        image_term = icl_loss(outputs["v"], momentum_outputs["v"], momentum_outputs["V"], None, tau)
+        text_term = icl_loss(outputs["t"], momentum_outputs["t"], momentum_outputs["T"], momentum_outputs["word_mask"], tau)
+        terms["icl"] = 0.5 * (image_term + text_term)
+    return _weighted_total(terms, weights_), terms
+
+
+def mgca_objective(outputs: dict, momentum_outputs: dict | None, config) -> tuple[jnp.ndarray, dict]:
+    """L = w_ita L_ita' + w_cta L_cta + w_cpa L_cpa (SPEC 4); momentum_outputs is unused.
+
+    outputs: ``AMVLM(objective='mgca')`` outputs (with the prototype scores).
+    Returns (scalar loss, {term: unweighted scalar}); zero-weight terms are skipped.
+    """
+    mgca = config.pretrain.mgca
+    weights_ = {"ita": mgca.ita, "cta": mgca.cta, "cpa": mgca.cpa}
+    terms = {}
+    if weights_["ita"]:
+        terms["ita"] = ita_loss(outputs["v"], outputs["t"], config.pretrain.temperature, reduce="sum")
+    if weights_["cta"]:
+        word_weights, patch_weights = token_weights(outputs)
+        terms["cta"] = cta_loss(outputs["T"], outputs["V"], word_weights, patch_weights, outputs["word_mask"], mgca.cta_temperature)
+    if weights_["cpa"]:
+        terms["cpa"] = cpa_loss(
+            outputs["image_prototype_scores"], outputs["text_prototype_scores"],
+            mgca.sinkhorn_epsilon, mgca.sinkhorn_iterations, mgca.prototype_temperature,
+        )
+    return _weighted_total(terms, weights_), terms
+
+
+def objective_fn(config):
+    return amvlm_objective if config.pretrain.objective == "amvlm" else mgca_objective
+
+
+# ---------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------
+
+
+def _images(batch_images: jnp.ndarray) -> jnp.ndarray:
+    return batch_images.astype(jnp.float32) / 255.0
+
+
+def make_train_step(model: AMVLM, config, steps_per_epoch: int):
+    """jitted (state, batch) -> (state, metrics {'loss', *terms}).
+
+    batch: image (B, S, S, 3) uint8, the ``ReportTokenizer`` arrays of the
+    reports and, with ICL, image_aug (B, S, S, 3) uint8 (momentum view).
+    The dropout key is fold_in(PRNGKey(seed), step), so a resumed run draws
+    the same keys. After the optimiser step: MGCA prototypes are
+    re-normalised (their gradient is zero during the first
+    freeze_prototypes_epochs epochs); momentum encoders take an EMA step.
+    """
+    pre = config.pretrain
+    objective = objective_fn(config)
+    with_pdt = uses_pdt(config)
+    with_momentum = uses_momentum(config)
+    is_mgca = pre.objective == "mgca"
+    freeze_steps = int(pre.mgca.freeze_prototypes_epochs * steps_per_epoch) if is_mgca else 0
+    seed_key = jax.random.PRNGKey(config.seed)
+    momentum = pre.momentum
+
+    def train_step(state: TrainState, batch: dict):
+        images = _images(batch["image"])
+        tokens = {k: batch[k] for k in TOKEN_KEYS}
+        online_key, momentum_key = jax.random.split(jax.random.fold_in(seed_key, state.step))
+        momentum_outputs = None
+        if with_momentum:
+            # Train mode (batch statistics, dropout) as the online encoders; the
+            # statistics they would update are discarded: the EMA sets them.
+            image_key, text_key = jax.random.split(momentum_key)
+            image_view, _ = model.apply(
+                state.ema, _images(batch["image_aug"]), train=True, method=AMVLM.encode_image,
+                rngs={"dropout": image_key}, mutable=["batch_stats"],
+            )
+            report_view, _ = model.apply(
+                state.ema, tokens, train=True, method=AMVLM.encode_text, rngs={"dropout": text_key}, mutable=["batch_stats"]
+            )
+            momentum_outputs = jax.lax.stop_gradient(image_view | report_view)
+
+        def loss_fn(params):
+            outputs, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, images, tokens, train=True, with_pdt=with_pdt,
+                rngs={"dropout": online_key}, mutable=["batch_stats"],
+            )
+            loss, terms = objective(outputs, momentum_outputs, config)
+            return loss, (terms, updates["batch_stats"])
+
+        (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if freeze_steps:
+            frozen = state.step < freeze_steps
+            grads = dict(grads)
+            grads["prototypes"] = jax.tree.map(lambda g: jnp.where(frozen, jnp.zeros_like(g), g), grads["prototypes"])
+        new_state = state.apply_gradients(grads, batch_stats=batch_stats)
+        if is_mgca:
+            params = dict(new_state.params)
+            params["prototypes"] = normalize_prototypes(params["prototypes"])
+            new_state = new_state.replace(params=params)
+        if with_momentum:
+            ema = {
+                "params": ema_update(encoder_subset(new_state.params), state.ema["params"], momentum),
+                "batch_stats": ema_update(encoder_subset(new_state.batch_stats), state.ema["batch_stats"], momentum),
+            }
+            new_state = new_state.replace(ema=ema)
+        return new_state, {"loss": loss, **terms}
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_encode_step(model: AMVLM):
+    """jitted (variables, images uint8 (B,S,S,3), tokens) -> (v (B, D), t (B, D)) in eval mode."""
+
+    def encode(variables, images, tokens):
+        image = model.apply(variables, _images(images), train=False, method=AMVLM.encode_image)
+        text = model.apply(variables, tokens, train=False, method=AMVLM.encode_text)
+        return image["v"], text["t"]
+
+    return jax.jit(encode)
+
+
+# ---------------------------------------------------------------------------
+# Retrieval
+# ---------------------------------------------------------------------------
+
+
+def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, ks=RETRIEVAL_KS) -> dict:
+    """Top-k accuracy of matching pairs (row i of both is one pair), in [0, 1].
+
+    i2t: for each image, is its own report among the k highest-scoring
+    reports; t2i the converse. Rank = number of candidates scoring strictly
+    higher, so ties go in the true pair's favour: a duplicate of the true
+    report (identical text, identical embedding) counts as a match.
+    """
+    scores = np.asarray(image_embeddings, np.float64) @ np.asarray(text_embeddings, np.float64).T
+    true = np.diag(scores)
+    image_to_text_rank = np.sum(scores > true[:, None], axis=1)
+    text_to_image_rank = np.sum(scores > true[None, :], axis=0)
+    metrics = {}
+    for k in ks:
+        metrics[f"i2t_top{k}"] = float(np.mean(image_to_text_rank < k))
+        metrics[f"t2i_top{k}"] = float(np.mean(text_to_image_rank < k))
+    return metrics
+
+
+def embed_pairs(encode, state: TrainState, images: np.ndarray, tokens: dict, mesh: Mesh, batch_size: int):
+    """(v (N, D), t (N, D)) numpy embeddings of all pairs, in batches padded to ``batch_size``."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    image_parts, text_parts = [], []
+    count = len(images)
+    for start in range(0, count, batch_size):
+        rows = np.arange(start, min(start + batch_size, count))
+        padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
+        batch = {"image": images[padded]} | {k: tokens[k][padded] for k in TOKEN_KEYS}
+        v, t = encode(variables, *_split_batch(pipeline.replicated_to_global(mesh, batch)))
+        image_parts.append(np.asarray(jax.device_get(v))[: len(rows)])
+        text_parts.append(np.asarray(jax.device_get(t))[: len(rows)])
+    return np.concatenate(image_parts), np.concatenate(text_parts)
+
+
+def _split_batch(batch: dict):
+    return batch["image"], {k: batch[k] for k in TOKEN_KEYS}
+
+
+def evaluate_retrieval(encode, state, pair_sets: dict, mesh: Mesh, batch_size: int) -> dict:
+    """{'<set>/<metric>': value} for every (images, tokens) pair set."""
+    results = {}
+    for name, (images, tokens) in pair_sets.items():
+        v, t = embed_pairs(encode, state, images, tokens, mesh, batch_size)
+        results |= {f"{name}/{k}": value for k, value in retrieval_metrics(v, t).items()}
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Host data
+# ---------------------------------------------------------------------------
+
+
+def host_batch(raw: dict, tokens: dict, step: int, seed: int, with_augmented_view: bool) -> dict:
+    """A training batch from the pipeline's (image, index) and the token table.
+
+    The momentum view is augmented with a generator seeded by (seed, step,
+    process), so a resumed run sees the same views.
+    """
+    rows = raw["index"]
+    batch = {"image": raw["image"]} | {k: tokens[k][rows] for k in TOKEN_KEYS}
+    if with_augmented_view:
+        rng = np.random.default_rng([seed, step, jax.process_index()])
+        batch["image_aug"] = np.stack([pipeline.augment([image], rng)[0] for image in raw["image"]])
+    return batch
+
+
+def capped_batch_size(requested: int, num_pairs: int, num_devices: int) -> int:
+    """The requested batch, or the largest size <= num_pairs divisible by the devices when the split is smaller."""
+    if num_pairs >= requested:
+        return requested
+    capped = (num_pairs // num_devices) * num_devices
+    if capped < 2:
+        raise ConfigError(f"{num_pairs} training pairs cannot fill a batch of at least 2 over {num_devices} device(s)")
+    return capped
+
+
+def make_pretrain_mesh(config, batch_size: int, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    count = len(devices) if config.mesh.data == -1 else config.mesh.data
+    if count < 1 or count > len(devices):
+        raise ConfigError(f"config.mesh.data={config.mesh.data} but {len(devices)} devices are available")
+    if batch_size % count:
+        raise ConfigError(f"pre-training batch size {batch_size} is not divisible by the {count} data devices")
+    return Mesh(np.asarray(devices[:count]), ("data",))
+
+
+def _device_count(config) -> int:
+    return jax.device_count() if config.mesh.data == -1 else int(config.mesh.data)
+
+
+# ---------------------------------------------------------------------------
+# Training job
+# ---------------------------------------------------------------------------
+
+
+def train(config, workdir: str | pathlib.Path) -> dict:
+    """Pre-trains on all training pairs; resumes from <workdir>/pretrain.
+
+    Returns the summary also written to <workdir>/pretrain/summary.json:
+    initial_retrieval, final_retrieval, first_epoch_terms, final_terms
+    (epoch means of the weighted total 'loss' and of every term), epochs,
+    batch_size, seconds (training time summed over resumed runs).
+    """
+    pre = config.pretrain
+    if pre.objective not in ("amvlm", "mgca"):
+        raise ConfigError(f"config.pretrain.objective must be 'amvlm' or 'mgca', got '{pre.objective}'")
+    workdir = pathlib.Path(workdir)
+    run_dir = workdir / "pretrain"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    root = datasets.data_root(config, workdir)
+    size = pretrain_image_size(config)
+    if size % 16:
+        raise ConfigError(f"pre-training image size must be a multiple of 16, got {size}")
+    read = dict(image_size=size, num_classes=config.data.num_classes, with_masks=False, threads=config.data.read_threads)
+    train_pairs = folders.load_split(root, "train", **read)
+    val_pairs = folders.load_split(root, "val", **read) if folders.has_split(root, "val") else None
+    tokenizer = ReportTokenizer(text_encoder_dir(config), pre.max_length)
+    train_tokens = tokenizer(train_pairs.reports)
+    pair_sets = {"train": (train_pairs.images, train_tokens)}
+    if val_pairs is not None:
+        pair_sets["val"] = (val_pairs.images, tokenizer(val_pairs.reports))
+
+    batch_size = capped_batch_size(pre.batch_size, len(train_pairs), _device_count(config))
+    if batch_size != pre.batch_size:
+        print(f"only {len(train_pairs)} training pairs: batch size capped from {pre.batch_size} to {batch_size}")
+    mesh = make_pretrain_mesh(config, batch_size)
+    steps_per_epoch = max(1, math.ceil(len(train_pairs) / batch_size))
+    print(f"pre-training ({pre.objective}) on {len(train_pairs)} pairs, batch {batch_size}, "
+          f"{steps_per_epoch} steps per epoch, {mesh.size} device(s)")
+
+    model = build_model(config, text_encoder_config(config))
+    checkpoints = checkpoint.RunCheckpoints(run_dir)
+    if checkpoints.latest.latest_step() is not None:
+        # Resuming: restore onto the state's shapes; no initialisation or weight loading.
+        replicated = NamedSharding(mesh, PartitionSpec())
+        abstract = jax.eval_shape(lambda: create_state(config, model, size))
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+        state, meta = checkpoints.restore_latest(target)
+    else:
+        _, text_params = build_text_encoder(config)
+        vit_params = weights.load_vit(pre.vit_weights, model.image_encoder, image_size=size) if pre.vit_weights else None
+        state, meta = replicate(mesh, create_state(config, model, size, text_params, vit_params)), None
+    encode = make_encode_step(model)
+    writer = MetricWriter(run_dir)
+    if meta is None:
+        initial = evaluate_retrieval(encode, state, pair_sets, mesh, batch_size)
+        writer.write(0, {"epoch": 0, **initial})
+        meta = {"epoch": 0, "seconds": 0.0, "initial_retrieval": initial, "final_retrieval": initial,
+                "first_epoch_terms": {}, "final_terms": {}}
+        tqdm.write("before training: " + _format(initial))
+    else:
+        print(f"resuming from {run_dir}/checkpoints/latest after epoch {meta['epoch']}")
+
+    train_step = make_train_step(model, config, steps_per_epoch)
+    batches = pipeline.training_batches(
+        train_pairs, batch_size, seed=config.seed, start_step=meta["epoch"] * steps_per_epoch,
+        with_mask=False, do_augment=False, worker_count=config.data.worker_count,
+    )
+    with_view = uses_momentum(config)
+    for epoch in range(meta["epoch"], pre.epochs):
+        started = time.time()
+        progress = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{pre.epochs}", leave=False)
+        step_metrics = []
+        for index in progress:
+            step = epoch * steps_per_epoch + index
+            batch = host_batch(next(batches), train_tokens, step, config.seed, with_view)
+            state, metrics_now = train_step(state, pipeline.to_global(mesh, batch))
+            step_metrics.append(metrics_now)
+            if (step + 1) % pre.log_every_steps == 0:
+                metrics_now = jax.device_get(metrics_now)
+                progress.set_postfix(loss=f"{float(metrics_now['loss']):.4f}")
+                writer.write(step + 1, {f"train/{k}": v for k, v in metrics_now.items()})
+        step_metrics = jax.device_get(step_metrics)
+        terms = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+        retrieval = evaluate_retrieval(encode, state, pair_sets, mesh, batch_size)
+        seconds = time.time() - started
+        meta |= {"epoch": epoch + 1, "seconds": meta["seconds"] + seconds, "final_retrieval": retrieval, "final_terms": terms}
+        if epoch == 0:
+            meta["first_epoch_terms"] = terms
+        writer.write((epoch + 1) * steps_per_epoch,
+                     {"epoch": epoch + 1, **{f"train/epoch_{k}": v for k, v in terms.items()}, **retrieval,
+                      "epoch_seconds": seconds})
+        # 'best' is simply the newest model: there is no selection criterion here.
+        checkpoints.save((epoch + 1) * steps_per_epoch, state, dict(meta), is_best=epoch + 1 == pre.epochs)
+        tqdm.write(f"epoch {epoch + 1}: loss {terms['loss']:.4f} " + _format(retrieval) + f" [{seconds:.1f}s]")
+    checkpoints.wait()
+    checkpoints.close()
+    writer.close()
+    summary = {
+        "objective": pre.objective,
+        "epochs": meta["epoch"],
+        "batch_size": batch_size,
+        "num_train_pairs": len(train_pairs),
+        "num_val_pairs": 0 if val_pairs is None else len(val_pairs),
+        "seconds": meta["seconds"],
+        "initial_retrieval": meta["initial_retrieval"],
+        "final_retrieval": meta["final_retrieval"],
+        "first_epoch_terms": meta["first_epoch_terms"],
+        "final_terms": meta["final_terms"],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _format(retrieval: dict) -> str:
+    return " ".join(f"{k} {v:.2f}" for k, v in retrieval.items())

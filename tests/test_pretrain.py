@@ -1,0 +1,291 @@
+"""Vision-language pre-training: model outputs, objective wiring, step equivalence, EMA, train/resume."""
+
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from amvlm_jax.data import pipeline
+from amvlm_jax.data.tokenize import ReportTokenizer
+from amvlm_jax.losses.alignment import local_alignment_loss
+from amvlm_jax.losses.contrastive import clipped_token_weights, css_loss, cta_loss, ita_loss
+from amvlm_jax.losses.intra import icl_loss
+from amvlm_jax.losses.prototypes import cpa_loss
+from amvlm_jax.models.amvlm import AMVLM
+from amvlm_jax.train import pretrain
+from amvlm_jax.train.parallel import replicate
+from amvlm_jax.train.state import TrainState
+
+from conftest import tiny_synthetic_config
+
+BATCH = 8
+IMAGE_SIZE = 32
+REPORTS = [
+    "The nuclei density in the lower left is high.",
+    "Bilateral pulmonary infection, two infected areas, upper left and upper right.",
+    "one lesion",
+    "Unremarkable.",
+    "Two lesions in the upper right and lower left cells.",
+    "Dense nuclei everywhere",
+    "no lesion",
+    "A faint lesion, centre.",
+]
+
+
+def tiny_pretrain_config(**overrides):
+    settings = {
+        "mode": "pretrain",
+        "pretrain.vit": "Ti/16",
+        "pretrain.vit_width": 32,
+        "pretrain.vit_depth": 1,
+        "pretrain.vit_heads": 2,
+        "pretrain.text_weights_init": "random",
+        "pretrain.text_layers": 1,
+        "pretrain.text_hidden": 32,
+        "pretrain.text_heads": 2,
+        "pretrain.embed_dim": 16,
+        "pretrain.head_hidden": 32,
+        "pretrain.pdt_heads": 4,
+        "pretrain.pdt_dropout": 0.0,  # Dropout's random bits double the step's compile time.
+        "pretrain.max_length": 12,
+        "pretrain.image_size": IMAGE_SIZE,
+        "pretrain.batch_size": BATCH,
+        "pretrain.epochs": 3,
+        "pretrain.lr": 1e-3,
+        "pretrain.log_every_steps": 1,
+        "pretrain.mgca.num_prototypes": 10,
+    }
+    settings.update(overrides)
+    return tiny_synthetic_config(**settings)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    config = tiny_pretrain_config()
+    return ReportTokenizer(pretrain.text_encoder_dir(config), config.pretrain.max_length)(REPORTS)
+
+
+def _images(seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+
+
+def _batch(tokens, seed=0):
+    images = _images(seed)
+    rng = np.random.default_rng(seed + 100)
+    augmented = np.stack([pipeline.augment([image], rng)[0] for image in images])
+    return {"image": images, "image_aug": augmented, **tokens}
+
+
+def _setup(config):
+    text_config, _ = pretrain.build_text_encoder(config)
+    model = pretrain.build_model(config, text_config)
+    return model, pretrain.create_state(config, model, IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def amvlm_setup():
+    config = tiny_pretrain_config()
+    return (config, *_setup(config))
+
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "word_index", "word_mask")
+
+
+def _forward(model, state, batch, train=True):
+    """Jitted online forward pass -> (outputs, token arrays)."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    images = batch["image"].astype(np.float32) / 255.0
+    token_arrays = {k: batch[k] for k in TOKEN_KEYS}
+
+    @jax.jit
+    def forward(variables, images, token_arrays):
+        return model.apply(variables, images, token_arrays, train=train, rngs={"dropout": jax.random.PRNGKey(3)},
+                           mutable=["batch_stats"])[0]
+
+    return forward(variables, images, token_arrays), token_arrays
+
+
+@pytest.fixture(scope="module")
+def amvlm_outputs(amvlm_setup, tokens):
+    """Online outputs (train mode) and momentum-encoder outputs of one batch, in one compiled call."""
+    config, model, state = amvlm_setup
+    batch = _batch(tokens)
+    token_arrays = {k: batch[k] for k in TOKEN_KEYS}
+
+    @jax.jit
+    def forward(variables, momentum_variables, images, augmented, token_arrays):
+        outputs, _ = model.apply(variables, images, token_arrays, train=True, rngs={"dropout": jax.random.PRNGKey(3)},
+                                 mutable=["batch_stats"])
+        image_view, _ = model.apply(momentum_variables, augmented, train=True, method=AMVLM.encode_image,
+                                    mutable=["batch_stats"])
+        report_view, _ = model.apply(momentum_variables, token_arrays, train=True, method=AMVLM.encode_text,
+                                     rngs={"dropout": jax.random.PRNGKey(4)}, mutable=["batch_stats"])
+        return outputs, image_view | report_view
+
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return forward(variables, state.ema, batch["image"] / 255.0, batch["image_aug"] / 255.0, token_arrays)
+
+
+def test_model_outputs_shapes_and_padding_words_are_zero(amvlm_setup, amvlm_outputs, tokens):
+    config, model, state = amvlm_setup
+    outputs, _ = amvlm_outputs
+    D, P, W = 16, (IMAGE_SIZE // 16) ** 2, config.pretrain.max_length - 1
+    assert outputs["v"].shape == (BATCH, D) and outputs["t"].shape == (BATCH, D)
+    assert outputs["V"].shape == (BATCH, P, D) and outputs["T"].shape == (BATCH, W, D)
+    assert outputs["patch_attention"].shape == (BATCH, P) and outputs["word_attention"].shape == (BATCH, W)
+    assert outputs["word_context"].shape == (BATCH, W, D) and outputs["patch_context"].shape == (BATCH, P, D)
+    assert outputs["word_pdt"].token_mu.shape == (BATCH, W, D) and outputs["patch_pdt"].context_logsigma.shape == (BATCH, P, D)
+    mask = np.asarray(tokens["word_mask"]).astype(bool)
+    assert mask.sum(1).min() < W, "some report must have padding words"
+    norms = np.linalg.norm(np.asarray(outputs["T"]), axis=-1)
+    np.testing.assert_array_equal(norms[~mask], 0.0)
+    np.testing.assert_allclose(norms[mask], 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(outputs["word_attention"])[~mask], 0.0)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(outputs["v"]), axis=-1), 1.0, rtol=1e-5)
+    assert set(state.params) >= {"pdt_word", "pdt_word_ctx", "pdt_patch", "pdt_patch_ctx"}
+    assert "prototypes" not in state.params
+
+
+def test_amvlm_objective_equals_the_loss_functions(amvlm_setup, amvlm_outputs):
+    config, model, state = amvlm_setup
+    outputs, momentum = amvlm_outputs
+    loss, terms = pretrain.amvlm_objective(outputs, momentum, config)
+
+    o, tau = outputs, 0.07
+    word_weights = clipped_token_weights(o["word_attention"], o["word_mask"])
+    patch_weights = clipped_token_weights(o["patch_attention"], np.ones(o["patch_attention"].shape))
+    expected = {
+        "ita": ita_loss(o["v"], o["t"], tau),
+        "css": css_loss(o["T"], o["word_context"], o["V"], o["patch_context"], word_weights, patch_weights,
+                        o["word_mask"], tau, o["word_pdt"], o["patch_pdt"]),
+        "local": local_alignment_loss(o["V"], o["t"], o["T"], o["v"], o["word_mask"], tau),
+        "icl": 0.5 * (icl_loss(o["v"], momentum["v"], momentum["V"], None, tau)
+                      + icl_loss(o["t"], momentum["t"], momentum["T"], momentum["word_mask"], tau)),
+    }
+    assert set(terms) == set(expected)
+    for name, value in expected.items():
+        assert float(terms[name]) == pytest.approx(float(value), rel=1e-6), name
+        assert np.isfinite(float(value)) and float(value) > 0
+    weights = {"ita": 1.0, "css": 0.5, "local": 0.1, "icl": 0.1}
+    assert float(loss) == pytest.approx(sum(weights[k] * float(v) for k, v in expected.items()), rel=1e-6)
+
+    # A zero weight removes its term; use_pdt=False is CSS without the constraint.
+    off = tiny_pretrain_config(**{"pretrain.weights.css": 0.0, "pretrain.weights.icl": 0.0})
+    loss_off, terms_off = pretrain.amvlm_objective(outputs, None, off)
+    assert set(terms_off) == {"ita", "local"}
+    assert float(loss_off) == pytest.approx(float(expected["ita"]) + 0.1 * float(expected["local"]), rel=1e-6)
+    no_pdt = tiny_pretrain_config(**{"pretrain.use_pdt": False})
+    _, terms_no_pdt = pretrain.amvlm_objective(outputs, momentum, no_pdt)
+    plain = css_loss(o["T"], o["word_context"], o["V"], o["patch_context"], word_weights, patch_weights, o["word_mask"], tau)
+    assert float(terms_no_pdt["css"]) == pytest.approx(float(plain), rel=1e-6)
+    assert float(plain) != pytest.approx(float(expected["css"]), rel=1e-4)
+
+
+def test_eight_device_step_equals_one_device_step_and_momentum_follows_ema(amvlm_setup, tokens):
+    assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
+    config, model, initial = amvlm_setup
+    initial = jax.device_get(initial)  # Host copies: the step donates its input state.
+    step = pretrain.make_train_step(model, config, steps_per_epoch=2)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = pretrain.make_pretrain_mesh(config, BATCH, devices)
+        # Plain SGD: Adam's first steps are lr * sign(gradient), which turns
+        # rounding noise in near-zero gradients into full-size steps.
+        state = replicate(mesh, TrainState.create(initial.params, initial.batch_stats, optax.sgd(0.1), ema=initial.ema))
+        losses = []
+        for seed in range(2):
+            previous_ema = jax.device_get(state.ema)
+            state, metrics = step(state, pipeline.to_global(mesh, _batch(tokens, seed)))
+            losses.append(float(metrics["loss"]))
+        assert all(np.isfinite(float(v)) for v in jax.device_get(metrics).values())
+        results.append((jax.device_get(state), losses, previous_ema))
+    (state1, losses1, _), (state8, losses8, previous_ema8) = results
+    np.testing.assert_allclose(losses1, losses8, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state8.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+    # Gradients are finite and reach every module (SGD: params moved by -lr * grad).
+    for name, before in initial.params.items():
+        moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), before, state8.params[name])
+        assert all(np.isfinite(x) for x in jax.tree.leaves(moved)), name
+        assert max(jax.tree.leaves(moved)) > 0, f"{name} received no gradient"
+
+    # Momentum encoders: m <- 0.995 m + 0.005 online, on params and BatchNorm statistics.
+    assert set(state8.ema["params"]) == set(pretrain.encoder_subset(state8.params))
+    for part in ("params", "batch_stats"):
+        online = pretrain.encoder_subset(getattr(state8, part))
+        expected = jax.tree.map(lambda m, o: 0.995 * m + 0.005 * o, previous_ema8[part], online)
+        for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(state8.ema[part])):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert int(state8.step) == 2
+
+
+def test_mgca_objective_and_prototype_freezing(tokens):
+    config = tiny_pretrain_config(**{"pretrain.objective": "mgca"})
+    model, state = _setup(config)
+    assert "prototypes" in state.params and "pdt_word" not in state.params
+    assert state.ema is None
+    batch = _batch(tokens)
+    outputs, _ = _forward(model, state, batch)
+    assert outputs["image_prototype_scores"].shape == (BATCH, 10)
+    loss, terms = pretrain.mgca_objective(outputs, None, config)
+    o = outputs
+    word_weights = clipped_token_weights(o["word_attention"], o["word_mask"])
+    patch_weights = clipped_token_weights(o["patch_attention"], np.ones(o["patch_attention"].shape))
+    expected = {
+        "ita": ita_loss(o["v"], o["t"], 0.07, reduce="sum"),
+        "cta": cta_loss(o["T"], o["V"], word_weights, patch_weights, o["word_mask"], 0.1),
+        "cpa": cpa_loss(o["image_prototype_scores"], o["text_prototype_scores"], 0.05, 3, 0.2),
+    }
+    for name, value in expected.items():
+        assert float(terms[name]) == pytest.approx(float(value), rel=1e-6), name
+    assert float(loss) == pytest.approx(float(expected["ita"] + 0.7 * expected["cta"] + 0.5 * expected["cpa"]), rel=1e-6)
+
+    # One step per epoch: the prototypes stay put during epoch 1, then move and stay unit-norm.
+    mesh = pretrain.make_pretrain_mesh(config, BATCH)
+    step = pretrain.make_train_step(model, config, steps_per_epoch=1)
+    state = replicate(mesh, state)
+    kernels = [np.asarray(jax.device_get(state.params["prototypes"]["kernel"]))]
+    for seed in range(2):
+        state, metrics = step(state, pipeline.to_global(mesh, _batch(tokens, seed)))
+        assert np.isfinite(float(metrics["cpa"]))
+        kernels.append(np.asarray(jax.device_get(state.params["prototypes"]["kernel"])))
+    np.testing.assert_allclose(kernels[1], kernels[0], atol=1e-7)
+    assert np.abs(kernels[2] - kernels[1]).max() > 1e-6
+    np.testing.assert_allclose(np.linalg.norm(kernels[2], axis=0), 1.0, rtol=1e-5)
+
+
+def test_retrieval_metrics():
+    v = np.eye(4)
+    t = np.eye(4)[[0, 1, 3, 2]]
+    metrics = pretrain.retrieval_metrics(v, t, ks=(1, 2))
+    assert metrics["i2t_top1"] == 0.5 and metrics["t2i_top1"] == 0.5
+    assert pretrain.capped_batch_size(32, 24, 8) == 24 and pretrain.capped_batch_size(32, 30, 8) == 24
+    assert pretrain.capped_batch_size(8, 16, 8) == 8
+
+
+def test_train_learns_logs_retrieval_and_resumes(tmp_path):
+    config = tiny_pretrain_config()
+    summary = pretrain.train(config, tmp_path)
+    run_dir = tmp_path / "pretrain"
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert summary["epochs"] == 3 and summary["batch_size"] == BATCH
+    assert summary["final_terms"]["loss"] < summary["first_epoch_terms"]["loss"]
+    assert set(summary["final_terms"]) == {"loss", "ita", "css", "local", "icl"}
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [line for line in lines if "epoch" in line]
+    assert [line["epoch"] for line in epochs] == [0, 1, 2, 3]
+    for line in epochs:
+        for split in ("train", "val"):
+            for key in ("i2t_top1", "i2t_top5", "t2i_top1", "t2i_top5"):
+                assert 0.0 <= line[f"{split}/{key}"] <= 1.0
+    assert all(f"train/{k}" in lines[1] for k in ("loss", "ita", "css", "local", "icl"))
+    assert summary["initial_retrieval"] == {k: v for k, v in epochs[0].items() if "/" in k}
+
+    # A second call restores the finished run and trains no further epoch.
+    again = pretrain.train(config, tmp_path)
+    lines_after = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines_after) == len(lines)
+    assert again["final_terms"] == summary["final_terms"] and again["seconds"] == summary["seconds"]
