@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
              sinkhorn_iterations=3, prototype_temperature=0.2, freeze_prototypes_epochs=1)
     )
     config.pretrain.log_every_steps = 10
+    config.pretrain.checkpoint_every_epochs = 1  # Resume restarts after the last saved epoch.
     # Smaller encoders and heads (CPU runs, tests); 0 keeps the named variant's / checkpoint's value.
     config.pretrain.vit_width = 0
     config.pretrain.vit_depth = 0

@@ -5,15 +5,18 @@
 
 The paper's settings: 224x224, U-Net width 64, Adam 1e-3 with cosine warm
 restarts every 10 epochs down to 1e-4, batch 16.
-Variants: cpu (width 16, batch 4: fits 2 CPU cores in minutes),
-labeled25 / labeled50.
+Pre-training (--config.mode=pretrain): ViT-B/16 + 6-layer BERT, Adam 3e-5,
+batch 32, the SPEC's loss weights.
+Variants: cpu (U-Net width 16, batch 4, 150 epochs; a 4-block ViT-Ti/16 at
+96x96 from scratch, 40 pre-training epochs: fits 2 CPU cores in minutes),
+labeled25 / labeled50, mgca (MGCA's pre-training objective).
 """
 
 from amvlm_jax.config import base_config
-from amvlm_jax.experiment import LABELED_VARIANTS, apply_variants, small_unet
+from amvlm_jax.experiment import COMMON_VARIANTS, apply_variants, combine, small_pretrain, small_unet
 
 
-VARIANTS = {"cpu": small_unet(batch_size=4, epochs=150, eval_batch_size=6), **LABELED_VARIANTS}
+VARIANTS = {"cpu": combine(small_unet(batch_size=4, epochs=150, eval_batch_size=6), small_pretrain(epochs=40)), **COMMON_VARIANTS}
 
 
 def get_config(variant=None):

@@ -8,12 +8,14 @@ cells) is generated deterministically into <workdir>/data on first use.
     python -m amvlm_jax.main --config=experiments/synthetic.py:labeled25
     python -m amvlm_jax.main --config=experiments/synthetic.py --config.mode=evaluate
 
-Variants: labeled25 / labeled50 (fraction of training masks), full (paper-size
-U-Net at 224x224, for accelerators).
+Pre-training (--config.mode=pretrain) uses a 4-block ViT-Ti/16 at 96x96 from
+scratch and the pretrained MiniLM text encoder for 20 epochs.
+Variants: labeled25 / labeled50 (fraction of training masks), mgca (MGCA's
+pre-training objective), full (paper-size U-Net at 224x224, for accelerators).
 """
 
 from amvlm_jax.config import base_config
-from amvlm_jax.experiment import LABELED_VARIANTS, apply_variants
+from amvlm_jax.experiment import COMMON_VARIANTS, apply_variants, small_pretrain
 
 
 def _full(config):
@@ -23,7 +25,7 @@ def _full(config):
     config.train.epochs = 100
 
 
-VARIANTS = {"full": _full, **LABELED_VARIANTS}
+VARIANTS = {"full": _full, **COMMON_VARIANTS}
 
 
 def get_config(variant=None):
@@ -36,4 +38,5 @@ def get_config(variant=None):
     config.train.epochs = 20
     config.train.lr = 1e-3
     config.train.restart_epochs = 10
+    small_pretrain(epochs=20)(config)
     return apply_variants(config, variant, VARIANTS)

@@ -15,6 +15,10 @@ import pytest  # noqa: E402
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+PRETRAIN_IMAGE_SIZE = 32
+PRETRAIN_BATCH = 8
+
+
 def monuseg_root() -> pathlib.Path | None:
     """The real MoNuSeg data: $AMVLM_MONUSEG_ROOT, else ../shared/datasets/MoNuSeg beside the repo."""
     candidates = [os.environ.get("AMVLM_MONUSEG_ROOT", ""), str(REPO_ROOT.parent / "shared" / "datasets" / "MoNuSeg")]
@@ -57,3 +61,30 @@ def tiny_synthetic_config(**overrides):
             target = target[parent]
         target[leaf] = value
     return config
+
+
+def tiny_pretrain_config(**overrides):
+    settings = {
+        "mode": "pretrain",
+        "pretrain.vit": "Ti/16",
+        "pretrain.vit_width": 32,
+        "pretrain.vit_depth": 1,
+        "pretrain.vit_heads": 2,
+        "pretrain.text_weights_init": "random",
+        "pretrain.text_layers": 1,
+        "pretrain.text_hidden": 32,
+        "pretrain.text_heads": 2,
+        "pretrain.embed_dim": 16,
+        "pretrain.head_hidden": 32,
+        "pretrain.pdt_heads": 4,
+        "pretrain.pdt_dropout": 0.0,  # Dropout's random bits double the step's compile time.
+        "pretrain.max_length": 12,
+        "pretrain.image_size": PRETRAIN_IMAGE_SIZE,
+        "pretrain.batch_size": PRETRAIN_BATCH,
+        "pretrain.epochs": 3,
+        "pretrain.lr": 1e-3,
+        "pretrain.log_every_steps": 1,
+        "pretrain.mgca.num_prototypes": 10,
+    }
+    settings.update(overrides)
+    return tiny_synthetic_config(**settings)

@@ -18,10 +18,8 @@ from amvlm_jax.train import pretrain
 from amvlm_jax.train.parallel import replicate
 from amvlm_jax.train.state import TrainState
 
-from conftest import tiny_synthetic_config
+from conftest import PRETRAIN_BATCH as BATCH, PRETRAIN_IMAGE_SIZE as IMAGE_SIZE, tiny_pretrain_config
 
-BATCH = 8
-IMAGE_SIZE = 32
 REPORTS = [
     "The nuclei density in the lower left is high.",
     "Bilateral pulmonary infection, two infected areas, upper left and upper right.",
@@ -32,33 +30,6 @@ REPORTS = [
     "no lesion",
     "A faint lesion, centre.",
 ]
-
-
-def tiny_pretrain_config(**overrides):
-    settings = {
-        "mode": "pretrain",
-        "pretrain.vit": "Ti/16",
-        "pretrain.vit_width": 32,
-        "pretrain.vit_depth": 1,
-        "pretrain.vit_heads": 2,
-        "pretrain.text_weights_init": "random",
-        "pretrain.text_layers": 1,
-        "pretrain.text_hidden": 32,
-        "pretrain.text_heads": 2,
-        "pretrain.embed_dim": 16,
-        "pretrain.head_hidden": 32,
-        "pretrain.pdt_heads": 4,
-        "pretrain.pdt_dropout": 0.0,  # Dropout's random bits double the step's compile time.
-        "pretrain.max_length": 12,
-        "pretrain.image_size": IMAGE_SIZE,
-        "pretrain.batch_size": BATCH,
-        "pretrain.epochs": 3,
-        "pretrain.lr": 1e-3,
-        "pretrain.log_every_steps": 1,
-        "pretrain.mgca.num_prototypes": 10,
-    }
-    settings.update(overrides)
-    return tiny_synthetic_config(**settings)
 
 
 @pytest.fixture(scope="module")

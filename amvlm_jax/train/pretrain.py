@@ -513,7 +513,9 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                      {"epoch": epoch + 1, **{f"train/epoch_{k}": v for k, v in terms.items()}, **retrieval,
                       "epoch_seconds": seconds})
         # 'best' is simply the newest model: there is no selection criterion here.
-        checkpoints.save((epoch + 1) * steps_per_epoch, state, dict(meta), is_best=epoch + 1 == pre.epochs)
+        last = epoch + 1 == pre.epochs
+        if last or (epoch + 1) % pre.checkpoint_every_epochs == 0:
+            checkpoints.save((epoch + 1) * steps_per_epoch, state, dict(meta), is_best=last)
         tqdm.write(f"epoch {epoch + 1}: loss {terms['loss']:.4f} " + _format(retrieval) + f" [{seconds:.1f}s]")
     checkpoints.wait()
     checkpoints.close()
