@@ -10,7 +10,7 @@ from typing import Callable, Mapping
 
 import ml_collections
 
-from amvlm_jax.config import ConfigError
+from amvlm_jax.config import ConfigError, base_config
 
 Variant = Callable[[ml_collections.ConfigDict], None]
 
@@ -76,4 +76,48 @@ def _mgca(config):
     config.pretrain.objective = "mgca"
 
 
-COMMON_VARIANTS = {"labeled25": labeled(0.25), "labeled50": labeled(0.5), "mgca": _mgca}
+def ablation(css: bool, icl: bool, text: bool, tg: bool) -> Variant:
+    """An ablation row: which pre-training terms, and whether text guides SSMIS (and L_tg trains the decoder)."""
+
+    def apply(config):
+        config.pretrain.weights.css = 0.5 if css else 0.0
+        config.pretrain.weights.icl = 0.1 if icl else 0.0
+        config.ssl.w_text = 1.0 if text else 0.0
+        config.ssl.train_decoder = tg
+
+    return apply
+
+
+COMMON_VARIANTS = {
+    "labeled25": labeled(0.25),
+    "labeled50": labeled(0.5),
+    "fewshot1": labeled(0.01),
+    "fewshot10": labeled(0.10),
+    "mgca": _mgca,
+    # Vision-only mean teacher ("Vision" of Vision vs Vision+Text; the "MT" ablation row).
+    "vision": ablation(css=True, icl=True, text=False, tg=False),
+    # The ablation rows on top of MT: pre-training terms, then L_tg.
+    "ab_css": ablation(css=True, icl=False, text=True, tg=False),
+    "ab_icl": ablation(css=False, icl=True, text=True, tg=False),
+    "ab_css_icl": ablation(css=True, icl=True, text=True, tg=False),
+    "ab_css_icl_tg": ablation(css=True, icl=True, text=True, tg=True),
+}
+
+
+def dataset_config(name: str, num_classes: int, lr: float, epochs: int) -> ml_collections.ConfigDict:
+    """The paper's settings for a real dataset: 224x224, U-Net width 64, batch 16, Adam `lr`."""
+    config = base_config()
+    config.data.name = name
+    config.data.image_size = 224
+    config.data.num_classes = num_classes
+    config.train.lr = lr
+    config.train.batch_size = 16
+    config.train.epochs = epochs
+    return config
+
+
+def dataset_variants(cpu_epochs: int, cpu_pretrain_epochs: int, cpu_eval_batch: int) -> dict:
+    """`cpu` (2-core settings) and the COMMON_VARIANTS."""
+    cpu = combine(small_unet(batch_size=4, epochs=cpu_epochs, eval_batch_size=cpu_eval_batch),
+                  small_pretrain(epochs=cpu_pretrain_epochs))
+    return {"cpu": cpu, **COMMON_VARIANTS}

@@ -9,21 +9,18 @@ Pre-training (--config.mode=pretrain): ViT-B/16 + 6-layer BERT, Adam 3e-5,
 batch 32, the SPEC's loss weights.
 Variants: cpu (U-Net width 16, batch 4, 150 epochs; a 4-block ViT-Ti/16 at
 96x96 from scratch, 40 pre-training epochs: fits 2 CPU cores in minutes),
-labeled25 / labeled50, mgca (MGCA's pre-training objective).
+labeled25 / labeled50 /
+fewshot1 / fewshot10 (labeled fraction), mgca (MGCA's pre-training
+objective), vision (no text guidance: w_text=0), ab_css / ab_icl /
+ab_css_icl / ab_css_icl_tg (the paper's ablation rows; see
+amvlm_jax/experiment.py).
 """
 
-from amvlm_jax.config import base_config
-from amvlm_jax.experiment import COMMON_VARIANTS, apply_variants, combine, small_pretrain, small_unet
+from amvlm_jax.experiment import apply_variants, dataset_config, dataset_variants
 
-
-VARIANTS = {"cpu": combine(small_unet(batch_size=4, epochs=150, eval_batch_size=6), small_pretrain(epochs=40)), **COMMON_VARIANTS}
+VARIANTS = dataset_variants(cpu_epochs=150, cpu_pretrain_epochs=40, cpu_eval_batch=6)
 
 
 def get_config(variant=None):
-    config = base_config()
-    config.data.name = "monuseg"
-    config.data.image_size = 224
-    config.train.lr = 1e-3
-    config.train.batch_size = 16
-    config.train.epochs = 200
+    config = dataset_config("monuseg", num_classes=1, lr=1e-3, epochs=200)
     return apply_variants(config, variant, VARIANTS)

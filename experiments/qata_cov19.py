@@ -7,23 +7,18 @@ every 10 epochs down to 1e-4, batch 16.
 Pre-training (--config.mode=pretrain): ViT-B/16 + 6-layer BERT, Adam 3e-5,
 batch 32, the SPEC's loss weights.
 Variants: cpu (U-Net width 16, batch 4, 20 epochs; a 4-block ViT-Ti/16 at
-96x96 for pre-training: a 2-core smoke run), labeled25 / labeled50, mgca
-(MGCA's pre-training objective).
+96x96 for pre-training: a 2-core smoke run), labeled25 / labeled50 /
+fewshot1 / fewshot10 (labeled fraction), mgca (MGCA's pre-training
+objective), vision (no text guidance: w_text=0), ab_css / ab_icl /
+ab_css_icl / ab_css_icl_tg (the paper's ablation rows; see
+amvlm_jax/experiment.py).
 """
 
-from amvlm_jax.config import base_config
-from amvlm_jax.experiment import COMMON_VARIANTS, apply_variants, combine, small_pretrain, small_unet
+from amvlm_jax.experiment import apply_variants, dataset_config, dataset_variants
 
-
-VARIANTS = {"cpu": combine(small_unet(batch_size=4, epochs=20, eval_batch_size=8), small_pretrain(epochs=10)), **COMMON_VARIANTS}
+VARIANTS = dataset_variants(cpu_epochs=20, cpu_pretrain_epochs=10, cpu_eval_batch=8)
 
 
 def get_config(variant=None):
-    config = base_config()
-    config.data.name = "qata_cov19"
-    config.data.image_size = 224
-    config.data.num_classes = 1
-    config.train.lr = 3e-4
-    config.train.batch_size = 16
-    config.train.epochs = 100
+    config = dataset_config("qata_cov19", num_classes=1, lr=3e-4, epochs=100)
     return apply_variants(config, variant, VARIANTS)

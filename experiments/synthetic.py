@@ -10,8 +10,10 @@ cells) is generated deterministically into <workdir>/data on first use.
 
 Pre-training (--config.mode=pretrain) uses a 4-block ViT-Ti/16 at 96x96 from
 scratch and the pretrained MiniLM text encoder for 20 epochs.
-Variants: labeled25 / labeled50 (fraction of training masks), mgca (MGCA's
-pre-training objective), full (paper-size U-Net at 224x224, for accelerators).
+Variants: labeled25 / labeled50 / fewshot1 / fewshot10 (fraction of training
+masks), mgca (MGCA's pre-training objective), vision (no text guidance),
+ab_css / ab_icl / ab_css_icl / ab_css_icl_tg (the paper's ablation rows),
+full (paper-size U-Net at 224x224, for accelerators).
 """
 
 from amvlm_jax.config import base_config
