@@ -99,8 +99,22 @@ def base_config() -> ml_collections.ConfigDict:
     config.ssl.decoder_lr = 1e-4
     config.ssl.pretrained = ""  # Pre-training workdir or checkpoint; '' = <workdir>/pretrain.
 
+    # Devices form a (data, fsdp) mesh; every batch is split over both axes.
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = -1  # Devices on the data axis; -1 = all.
+    config.mesh.data = -1  # Devices on the data axis; -1 = all that the fsdp axis leaves.
+    config.mesh.fsdp = 1  # Devices over which large parameters are split (FSDP); -1 = all that data leaves.
+    config.mesh.fsdp_min_size = 1 << 18  # Parameters with fewer elements stay replicated.
+
+    # Multi-process runs (train/parallel.py initialize_distributed). With
+    # num_processes <= 1 the launcher is detected from the environment:
+    # JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, SLURM
+    # (srun, SLURM_NTASKS > 1), Open MPI (mpirun) or a multi-host TPU pod.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.mode = "auto"  # 'auto' (detect), 'on' (always initialise), 'off' (single process).
+    config.distributed.coordinator_address = ""  # 'host:port' of process 0.
+    config.distributed.num_processes = 0  # > 1: use the explicit coordinator_address / process_id.
+    config.distributed.process_id = -1  # -1 = $JAX_PROCESS_ID.
+    config.distributed.cpu_collectives = "gloo"  # Cross-process collectives of CPU devices ('' = jax default: none).
 
     config.dtype = "float32"  # Compute dtype ('float32' or 'bfloat16'); parameters stay float32.
     return config

@@ -102,6 +102,7 @@ def main(argv):
     from amvlm_jax.config import ConfigError
     from amvlm_jax.data.folders import DataError
     from amvlm_jax.train.checkpoint import CheckpointError
+    from amvlm_jax.train.loop import TrainingError
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
@@ -109,9 +110,14 @@ def main(argv):
     workdir = flags.FLAGS.workdir or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     logging.info("workdir %s\n%s", workdir, config)
     try:
+        from amvlm_jax.train.parallel import initialize_distributed
+
+        initialize_distributed(config)  # Before anything touches the devices.
         run(config, workdir)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        sys.exit(f"{e}" if str(e) else "interrupted")
 
 
 if __name__ == "__main__":

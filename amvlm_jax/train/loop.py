@@ -17,6 +17,10 @@ from amvlm_jax.train import checkpoint, evaluate
 from amvlm_jax.train.logging import MetricWriter
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss), described in one line."""
+
+
 def fit(
     config,
     workdir: pathlib.Path,
@@ -30,57 +34,91 @@ def fit(
     extra_step_args: tuple = (),
     lr_schedule: Optional[Callable] = None,
 ) -> Any:
-    """Runs config.train.epochs epochs from the workdir's latest checkpoint on.
+    """Runs config.train.epochs epochs, continuing from the workdir's latest checkpoint.
 
     `make_batches(start_step)` returns an iterator over this process's numpy
-    share of each step's batch from `start_step` on; training starts after
-    the latest checkpoint's epoch. After every
-    epoch the student is validated (every train.eval_every_epochs epochs),
-    metrics go to JSONL/TensorBoard, and the latest (and, when validation
-    Dice improved, the best) checkpoint is written. Returns the final state.
+    share of each step's batch from `start_step` on. Because the stream is
+    indexed by step, a run continues exactly where its checkpoint was taken,
+    mid-epoch included. After every epoch the student is validated (every
+    train.eval_every_epochs epochs), metrics go to JSONL/TensorBoard, and the
+    latest (and, when validation Dice improved, the best) checkpoint is
+    written. A non-finite loss raises TrainingError before anything is saved,
+    leaving the last good checkpoint; Ctrl-C saves the current state first.
+    Returns the final state.
     """
     checkpoints = checkpoint.RunCheckpoints(workdir)
     state, meta = resume_point(checkpoints, state, workdir)
     writer = MetricWriter(workdir)
-    batches = make_batches(meta["epoch"] * steps_per_epoch)
-    for epoch in range(meta["epoch"], config.train.epochs):
-        started = time.time()
-        progress = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.train.epochs}", leave=False)
-        losses = []
-        for _ in progress:
-            state, step_metrics = train_step(state, *extra_step_args, pipeline.to_global(mesh, next(batches)))
-            losses.append(step_metrics["loss"])
-            step = int(state.step)
-            if step % config.train.log_every_steps == 0:
-                step_metrics = {f"train/{k}": v for k, v in jax.device_get(step_metrics).items()}
-                if lr_schedule is not None:
-                    step_metrics["train/lr"] = lr_schedule(step - 1)
-                progress.set_postfix(loss=f"{float(step_metrics['train/loss']):.4f}")
-                writer.write(step, step_metrics)
-        epoch_metrics = {"epoch": epoch + 1, "train/epoch_loss": float(np.mean(jax.device_get(losses)))}
-        last = epoch + 1 == config.train.epochs
-        is_best = val_split is None  # Without validation data the newest model is the one to keep.
-        if val_split is not None and ((epoch + 1) % config.train.eval_every_epochs == 0 or last):
-            dice, iou = evaluate.evaluate_split(
-                eval_step, state.params, state.batch_stats, val_split, mesh, config.train.eval_batch_size
-            )
-            summary = metrics.summarize(dice, iou)
-            epoch_metrics |= {"val/dice": summary["dice"], "val/miou": summary["miou"]}
-            is_best = summary["dice"] > meta["best_val_dice"]
-            if is_best:
-                meta |= {"best_val_dice": summary["dice"], "best_epoch": epoch + 1}
-        meta["epoch"] = epoch + 1
-        epoch_metrics["epoch_seconds"] = time.time() - started
-        writer.write(int(state.step), epoch_metrics)
-        checkpoints.save(int(state.step), state, dict(meta), is_best)
-        val_text = ""
-        if "val/dice" in epoch_metrics:
-            val_text = f" val Dice {epoch_metrics['val/dice']:.2f} (best {meta['best_val_dice']:.2f} @ {meta['best_epoch']})"
-        tqdm.write(f"epoch {epoch + 1}: loss {epoch_metrics['train/epoch_loss']:.4f}{val_text} [{epoch_metrics['epoch_seconds']:.1f}s]")
-    checkpoints.wait()
-    checkpoints.close()
-    writer.close()
-    return state
+    start_step = int(state.step)
+    batches = make_batches(start_step)
+    current = {"state": state}  # The newest state, also when an epoch is cut short.
+    try:
+        for epoch in range(start_step // steps_per_epoch, config.train.epochs):
+            _run_epoch(config, workdir, mesh, current, train_step, batches, steps_per_epoch, val_split,
+                       eval_step, extra_step_args, lr_schedule, epoch, meta, checkpoints, writer)
+    except KeyboardInterrupt:
+        state = current["state"]
+        step = int(state.step)
+        if checkpoints.latest.latest_step() != step:
+            checkpoints.save(step, state, dict(meta), is_best=False)
+        checkpoints.wait()
+        raise KeyboardInterrupt(f"interrupted: saved {workdir}/checkpoints/latest/{step}; run the same command to resume")
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+        writer.close()
+    return current["state"]
+
+
+def _run_epoch(config, workdir, mesh, current, train_step, batches, steps_per_epoch, val_split, eval_step,
+               extra_step_args, lr_schedule, epoch, meta, checkpoints, writer):
+    started = time.time()
+    state = current["state"]
+    first = int(state.step) - epoch * steps_per_epoch  # > 0 when resuming mid-epoch.
+    progress = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.train.epochs}", leave=False)
+    losses = []
+    for _ in progress:
+        state, step_metrics = train_step(state, *extra_step_args, pipeline.to_global(mesh, next(batches)))
+        current["state"] = state
+        losses.append(step_metrics["loss"])
+        step = int(state.step)
+        if step % config.train.log_every_steps == 0:
+            step_metrics = {f"train/{k}": v for k, v in jax.device_get(step_metrics).items()}
+            _check_finite(step_metrics["train/loss"], step, workdir)
+            if lr_schedule is not None:
+                step_metrics["train/lr"] = lr_schedule(step - 1)
+            progress.set_postfix(loss=f"{float(step_metrics['train/loss']):.4f}")
+            writer.write(step, step_metrics)
+    epoch_loss = float(np.mean(jax.device_get(losses)))
+    _check_finite(epoch_loss, int(state.step), workdir)
+    epoch_metrics = {"epoch": epoch + 1, "train/epoch_loss": epoch_loss}
+    last = epoch + 1 == config.train.epochs
+    is_best = val_split is None  # Without validation data the newest model is the one to keep.
+    if val_split is not None and ((epoch + 1) % config.train.eval_every_epochs == 0 or last):
+        dice, iou = evaluate.evaluate_split(
+            eval_step, state.params, state.batch_stats, val_split, mesh, config.train.eval_batch_size
+        )
+        summary = metrics.summarize(dice, iou)
+        epoch_metrics |= {"val/dice": summary["dice"], "val/miou": summary["miou"]}
+        is_best = summary["dice"] > meta["best_val_dice"]
+        if is_best:
+            meta |= {"best_val_dice": summary["dice"], "best_epoch": epoch + 1}
+    meta["epoch"] = epoch + 1
+    epoch_metrics["epoch_seconds"] = time.time() - started
+    writer.write(int(state.step), epoch_metrics)
+    checkpoints.save(int(state.step), state, dict(meta), is_best)
+    val_text = ""
+    if "val/dice" in epoch_metrics:
+        val_text = f" val Dice {epoch_metrics['val/dice']:.2f} (best {meta['best_val_dice']:.2f} @ {meta['best_epoch']})"
+    tqdm.write(f"epoch {epoch + 1}: loss {epoch_loss:.4f}{val_text} [{epoch_metrics['epoch_seconds']:.1f}s]")
+
+
+def _check_finite(loss: float, step: int, workdir: pathlib.Path) -> None:
+    if not np.isfinite(loss):
+        raise TrainingError(
+            f"loss is {loss} at step {step}; stopped without saving, {workdir}/checkpoints/latest keeps the last good state "
+            "(lower the learning rate or check the data)"
+        )
 
 
 def resume_point(checkpoints: checkpoint.RunCheckpoints, state: Any, workdir: pathlib.Path) -> tuple[Any, dict]:
@@ -88,6 +126,6 @@ def resume_point(checkpoints: checkpoint.RunCheckpoints, state: Any, workdir: pa
     state, meta = checkpoints.restore_latest(state)
     if meta is None:
         return state, {"epoch": 0, "best_val_dice": -1.0, "best_epoch": 0}
-    print(f"resuming from {workdir}/checkpoints/latest after epoch {meta['epoch']}")
+    print(f"resuming from {workdir}/checkpoints/latest at step {int(state.step)} (epoch {meta['epoch']} complete)")
     return state, meta
 

@@ -1,6 +1,24 @@
-"""Device mesh and shardings."""
+"""Multi-process start-up, the device mesh, and the shardings of batches and parameters.
+
+Mesh: two axes ('data', 'fsdp') of sizes config.mesh.data x config.mesh.fsdp
+(-1 = all devices the other axis leaves). Every global batch is split over
+both axes, so each device holds batch / (data * fsdp) rows; parameters are
+replicated, except that leaves with at least config.mesh.fsdp_min_size
+elements are split over 'fsdp' along their largest dimension divisible by
+the fsdp size (fully sharded data parallelism: XLA all-gathers a weight
+where it is used and reduce-scatters its gradient). Optimiser moments and
+momentum-encoder copies have their parameters' shapes, so the same
+shape-based rule shards them alike.
+
+Multi-process runs (several hosts, or several processes on one host):
+``initialize_distributed(config)`` must run before anything touches the
+devices; see its docstring for how the processes are found.
+"""
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -8,18 +26,185 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from amvlm_jax.config import ConfigError
 
+MESH_AXES = ("data", "fsdp")
 
-def make_mesh(config, devices=None) -> Mesh:
-    """A 1-D mesh with axis 'data' over `config.mesh.data` devices (-1 = all)."""
-    devices = jax.devices() if devices is None else devices
-    count = len(devices) if config.mesh.data == -1 else config.mesh.data
-    if count < 1 or count > len(devices):
-        raise ConfigError(f"config.mesh.data={config.mesh.data} but {len(devices)} devices are available")
-    if config.train.batch_size % count:
-        raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by the {count} data devices")
-    return Mesh(np.asarray(devices[:count]), ("data",))
+
+# ---------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------
+
+
+def _int_env(name: str, default: int = 0) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip().lstrip("-").isdigit() else default
+
+
+def detected_cluster() -> str | None:
+    """The multi-process launcher seen in the environment, or None for a single process.
+
+    'jax-env': JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES > 1, JAX_PROCESS_ID.
+    'slurm': SLURM_NTASKS > 1 inside a job step (srun).
+    'openmpi': OMPI_COMM_WORLD_SIZE > 1 (mpirun).
+    'tpu-pod': TPU_WORKER_HOSTNAMES naming more than one host.
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") and _int_env("JAX_NUM_PROCESSES") > 1:
+        return "jax-env"
+    if _int_env("SLURM_NTASKS") > 1 and "SLURM_STEP_NODELIST" in os.environ:
+        return "slurm"
+    if _int_env("OMPI_COMM_WORLD_SIZE") > 1:
+        return "openmpi"
+    if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1:
+        return "tpu-pod"
+    return None
+
+
+def initialize_distributed(config) -> int:
+    """Connects this process to the others of a multi-process run; returns the process count.
+
+    Call before the first use of jax devices. In order of precedence:
+      1. config.distributed.num_processes > 1: explicit
+         coordinator_address ('host:port' of process 0), num_processes and
+         process_id (-1 = JAX_PROCESS_ID from the environment).
+      2. config.distributed.mode == 'off': single process, environment ignored.
+      3. mode 'on', or mode 'auto' and ``detected_cluster()`` finds a launcher:
+         the JAX_* variables are passed explicitly; for SLURM, Open MPI and
+         TPU pods ``jax.distributed.initialize()`` detects everything itself.
+    CPU processes exchange collectives through gloo
+    (config.distributed.cpu_collectives), without which a cross-process
+    computation on CPU fails. A second call, or a call after an earlier
+    initialisation, does nothing.
+    """
+    dist = config.distributed
+    if dist.mode not in ("auto", "on", "off"):
+        raise ConfigError(f"config.distributed.mode must be 'auto', 'on' or 'off', got '{dist.mode}'")
+    if jax.distributed.is_initialized():
+        return jax.process_count()
+    kwargs: dict[str, Any] = {}
+    if dist.num_processes > 1:
+        process_id = dist.process_id if dist.process_id >= 0 else _int_env("JAX_PROCESS_ID", -1)
+        if not dist.coordinator_address or not 0 <= process_id < dist.num_processes:
+            raise ConfigError(
+                "config.distributed.num_processes > 1 needs coordinator_address ('host:port') and a "
+                f"process_id in [0, {dist.num_processes}) (got '{dist.coordinator_address}', {process_id})"
+            )
+        kwargs = dict(coordinator_address=dist.coordinator_address, num_processes=int(dist.num_processes),
+                      process_id=int(process_id))
+    elif dist.mode == "off":
+        return 1
+    else:
+        cluster = detected_cluster()
+        if cluster is None and dist.mode == "auto":
+            return 1
+        if cluster == "jax-env":
+            kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                          num_processes=_int_env("JAX_NUM_PROCESSES"), process_id=_int_env("JAX_PROCESS_ID"))
+    if dist.cpu_collectives:
+        # Only read by the CPU backend; must be set before that backend starts.
+        jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
+    jax.distributed.initialize(**kwargs)
+    return jax.process_count()
+
+
+# ---------------------------------------------------------------------------
+# Mesh
+# ---------------------------------------------------------------------------
+
+
+def mesh_shape(config, device_count: int) -> tuple[int, int]:
+    """(data, fsdp) sizes from config.mesh for `device_count` available devices."""
+    data, fsdp = int(config.mesh.data), int(config.mesh.get("fsdp", 1))
+    if data == -1 and fsdp == -1:
+        raise ConfigError("config.mesh.data and config.mesh.fsdp cannot both be -1")
+    if data == -1:
+        data = device_count // fsdp if fsdp > 0 else 0
+    if fsdp == -1:
+        fsdp = device_count // data if data > 0 else 0
+    if data < 1 or fsdp < 1 or data * fsdp > device_count:
+        raise ConfigError(
+            f"config.mesh.data={config.mesh.data} x config.mesh.fsdp={config.mesh.get('fsdp', 1)} "
+            f"does not fit the {device_count} available devices"
+        )
+    return data, fsdp
+
+
+def make_mesh(config, devices=None, batch_size: int | None = None) -> Mesh:
+    """The ('data', 'fsdp') mesh over the first data * fsdp of `devices` (default jax.devices()).
+
+    batch_size (default config.train.batch_size) must divide over all
+    data * fsdp devices, since the batch is split over both axes.
+    jax.devices() lists each process's devices together, so each process's
+    devices form whole rows of the mesh and hold a contiguous block of the batch.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    data, fsdp = mesh_shape(config, len(devices))
+    batch_size = config.train.batch_size if batch_size is None else batch_size
+    if batch_size % (data * fsdp):
+        raise ConfigError(f"batch size {batch_size} is not divisible by the {data * fsdp} devices of the "
+                          f"{data}x{fsdp} (data x fsdp) mesh")
+    return Mesh(np.asarray(devices[: data * fsdp]).reshape(data, fsdp), MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over every mesh axis; the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(mesh.axis_names))
 
 
 def replicate(mesh: Mesh, tree):
     """Places every leaf of `tree` on all devices of the mesh."""
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+# ---------------------------------------------------------------------------
+# Parameter sharding
+# ---------------------------------------------------------------------------
+
+
+def fsdp_partition(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> PartitionSpec:
+    """Where a leaf of `shape` is split: its largest dimension divisible by fsdp_size, over 'fsdp'.
+
+    Replicated (PartitionSpec()) when fsdp_size is 1, the leaf has fewer
+    than min_size elements (gathering small leaves costs more than it
+    saves), or no dimension divides. Ties go to the last dimension.
+    """
+    if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return PartitionSpec()
+    candidates = [i for i, n in enumerate(shape) if n % fsdp_size == 0]
+    if not candidates:
+        return PartitionSpec()
+    axis = max(candidates, key=lambda i: (shape[i], i))
+    return PartitionSpec(*([None] * axis + ["fsdp"]))
+
+
+def state_shardings(mesh: Mesh, tree, min_size: int):
+    """NamedSharding of every leaf of `tree` (arrays or ShapeDtypeStructs) under ``fsdp_partition``."""
+    fsdp_size = mesh.shape.get("fsdp", 1)
+
+    def sharding(leaf):
+        shape = tuple(getattr(leaf, "shape", ()))
+        return NamedSharding(mesh, fsdp_partition(shape, fsdp_size, min_size))
+
+    return jax.tree.map(sharding, tree)
+
+
+def fsdp_min_size(config) -> int:
+    return int(config.mesh.get("fsdp_min_size", 1 << 18))
+
+
+def shard_state(mesh: Mesh, tree, config):
+    """Places `tree` (a TrainState or any pytree) on the mesh: large leaves FSDP-sharded, the rest replicated."""
+    return jax.device_put(tree, state_shardings(mesh, tree, fsdp_min_size(config)))
+
+
+def abstract_sharded(mesh: Mesh, abstract_tree, config):
+    """ShapeDtypeStructs of `abstract_tree` carrying ``shard_state``'s shardings: a checkpoint restore target."""
+    shardings = state_shardings(mesh, abstract_tree, fsdp_min_size(config))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
+
+
+def gather_to_host(tree):
+    """Numpy copies of every leaf, also of arrays spread over several processes (collective: call on all)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)

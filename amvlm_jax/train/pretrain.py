@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from amvlm_jax import weights
@@ -39,9 +39,8 @@ from amvlm_jax.losses.prototypes import cpa_loss, normalize_prototypes
 from amvlm_jax.models.amvlm import AMVLM, ENCODER_MODULES, TOKEN_KEYS
 from amvlm_jax.models.bert import BertConfig
 from amvlm_jax.models.vit import vit_from_name
-from amvlm_jax.train import checkpoint
+from amvlm_jax.train import checkpoint, parallel
 from amvlm_jax.train.logging import MetricWriter
-from amvlm_jax.train.parallel import replicate
 from amvlm_jax.train.state import TrainState
 
 RETRIEVAL_KS = (1, 5)
@@ -407,17 +406,13 @@ def capped_batch_size(requested: int, num_pairs: int, num_devices: int) -> int:
 
 
 def make_pretrain_mesh(config, batch_size: int, devices=None) -> Mesh:
-    devices = jax.devices() if devices is None else devices
-    count = len(devices) if config.mesh.data == -1 else config.mesh.data
-    if count < 1 or count > len(devices):
-        raise ConfigError(f"config.mesh.data={config.mesh.data} but {len(devices)} devices are available")
-    if batch_size % count:
-        raise ConfigError(f"pre-training batch size {batch_size} is not divisible by the {count} data devices")
-    return Mesh(np.asarray(devices[:count]), ("data",))
+    """Kept for existing callers: ``parallel.make_mesh`` with the pre-training batch size."""
+    return parallel.make_mesh(config, devices, batch_size=batch_size)
 
 
 def _device_count(config) -> int:
-    return jax.device_count() if config.mesh.data == -1 else int(config.mesh.data)
+    """Devices the batch is split over: data x fsdp."""
+    return math.prod(parallel.mesh_shape(config, jax.device_count()))
 
 
 # ---------------------------------------------------------------------------
@@ -455,7 +450,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     batch_size = capped_batch_size(pre.batch_size, len(train_pairs), _device_count(config))
     if batch_size != pre.batch_size:
         print(f"only {len(train_pairs)} training pairs: batch size capped from {pre.batch_size} to {batch_size}")
-    mesh = make_pretrain_mesh(config, batch_size)
+    mesh = parallel.make_mesh(config, batch_size=batch_size)
     steps_per_epoch = max(1, math.ceil(len(train_pairs) / batch_size))
     print(f"pre-training ({pre.objective}) on {len(train_pairs)} pairs, batch {batch_size}, "
           f"{steps_per_epoch} steps per epoch, {mesh.size} device(s)")
@@ -463,15 +458,14 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     model = build_model(config, text_encoder_config(config))
     checkpoints = checkpoint.RunCheckpoints(run_dir)
     if checkpoints.latest.latest_step() is not None:
-        # Resuming: restore onto the state's shapes; no initialisation or weight loading.
-        replicated = NamedSharding(mesh, PartitionSpec())
+        # Resuming: restore onto the state's shapes and shardings; no initialisation or weight loading.
         abstract = jax.eval_shape(lambda: create_state(config, model, size))
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-        state, meta = checkpoints.restore_latest(target)
+        state, meta = checkpoints.restore_latest(parallel.abstract_sharded(mesh, abstract, config))
     else:
         _, text_params = build_text_encoder(config)
         vit_params = weights.load_vit(pre.vit_weights, model.image_encoder, image_size=size) if pre.vit_weights else None
-        state, meta = replicate(mesh, create_state(config, model, size, text_params, vit_params)), None
+        # Large encoder weights (and their Adam moments and momentum copies) FSDP-sharded, the rest replicated.
+        state, meta = parallel.shard_state(mesh, create_state(config, model, size, text_params, vit_params), config), None
     encode = make_encode_step(model)
     writer = MetricWriter(run_dir)
     if meta is None:

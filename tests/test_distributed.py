@@ -1,0 +1,149 @@
+"""Meshes, parameter sharding, multi-process training and checkpoints across device counts."""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec
+
+from amvlm_jax.config import ConfigError
+from amvlm_jax.data import pipeline
+from amvlm_jax.data.tokenize import ReportTokenizer
+from amvlm_jax.train import checkpoint, parallel, pretrain
+
+import distributed_worker
+from conftest import tiny_pretrain_config, tiny_synthetic_config
+
+TESTS_DIR = pathlib.Path(__file__).resolve().parent
+
+
+def test_mesh_shape_from_config():
+    config = tiny_synthetic_config(**{"mesh.data": -1, "mesh.fsdp": 2})
+    mesh = parallel.make_mesh(config)
+    assert mesh.axis_names == ("data", "fsdp") and dict(mesh.shape) == {"data": 4, "fsdp": 2}
+    # Each row of the mesh holds consecutive devices (in a multi-process run: one process's).
+    assert [d.id for d in mesh.devices[1]] == [jax.devices()[2].id, jax.devices()[3].id]
+    config = tiny_synthetic_config(**{"mesh.data": 2, "mesh.fsdp": -1})
+    assert dict(parallel.make_mesh(config).shape) == {"data": 2, "fsdp": 4}
+    assert dict(parallel.make_mesh(config, jax.devices()[:2], batch_size=2).shape) == {"data": 2, "fsdp": 1}
+    with pytest.raises(ConfigError, match="not divisible"):
+        parallel.make_mesh(config, batch_size=4)
+    with pytest.raises(ConfigError, match="does not fit"):
+        parallel.make_mesh(tiny_synthetic_config(**{"mesh.data": 4, "mesh.fsdp": 4}))
+    with pytest.raises(ConfigError, match="both be -1"):
+        parallel.make_mesh(tiny_synthetic_config(**{"mesh.data": -1, "mesh.fsdp": -1}))
+
+
+def test_fsdp_partition_rule():
+    assert parallel.fsdp_partition((768, 3072), 4, 1024) == PartitionSpec(None, "fsdp")
+    assert parallel.fsdp_partition((3072, 768), 4, 1024) == PartitionSpec("fsdp")
+    assert parallel.fsdp_partition((3, 3, 64, 64), 4, 1024) == PartitionSpec(None, None, None, "fsdp")
+    assert parallel.fsdp_partition((30522, 384), 4, 1024) == PartitionSpec(None, "fsdp")  # 30522 % 4 != 0
+    assert parallel.fsdp_partition((768,), 4, 1024) == PartitionSpec()  # Below the size threshold.
+    assert parallel.fsdp_partition((7, 333), 4, 1) == PartitionSpec()  # No dimension divides.
+    assert parallel.fsdp_partition((768, 768), 1, 1) == PartitionSpec()
+    assert parallel.fsdp_partition((), 4, 0) == PartitionSpec()
+
+
+def test_distributed_initialisation_is_skipped_for_one_process(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+                 "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.detected_cluster() is None
+    assert parallel.initialize_distributed(tiny_synthetic_config()) == 1
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node[1-2]")
+    assert parallel.detected_cluster() == "slurm"
+    assert parallel.initialize_distributed(tiny_synthetic_config(**{"distributed.mode": "off"})) == 1
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    assert parallel.detected_cluster() == "jax-env"
+    with pytest.raises(ConfigError, match="process_id"):
+        parallel.initialize_distributed(tiny_synthetic_config(**{"distributed.num_processes": 2}))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_as_one_process_with_eight_devices(tmp_path):
+    """2 processes x 4 CPU devices (gloo collectives) = 1 process x 8 devices: pre-training then text-guided SSMIS."""
+    address = f"127.0.0.1:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(TESTS_DIR / "distributed_worker.py"), address, str(i), "2", str(tmp_path / f"{i}.npz")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        expected = distributed_worker.run_all()  # The reference, while the workers run.
+        outputs = [w.communicate(timeout=300)[0] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output[-3000:]
+    for i in range(2):
+        got = dict(np.load(tmp_path / f"{i}.npz"))
+        assert set(got) == set(expected)
+        for name in ("pretrain_losses", "ssl_losses"):
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, err_msg=name)
+        # L_tg reads the pre-trained encoders, whose parameters already differ by
+        # cross-process summation order (~1e-6), through a learned logit scale.
+        np.testing.assert_allclose(got["ssl_tg_losses"], expected["ssl_tg_losses"], rtol=1e-4)
+        for name, value in expected.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+    assert np.all(np.isfinite(expected["ssl_tg_losses"]))
+    # The steps trained: the decoder moved away from its initialisation.
+    assert any(np.abs(v).max() > 0 for k, v in expected.items() if k.startswith("ssl_decoder") and "gate" in k)
+
+
+def test_checkpoint_from_eight_devices_resumes_on_one_and_two(tmp_path, monkeypatch):
+    """A pre-training state saved FSDP-sharded on 2 x 4 devices restores on 1 and on 1 x 2 devices."""
+    monkeypatch.chdir(tmp_path)
+    sizes = {"mesh.fsdp_min_size": 64, "pretrain.weights.css": 0.0, "pretrain.weights.icl": 0.0}  # Compile time.
+    config = tiny_pretrain_config(**{"mesh.data": 2, "mesh.fsdp": 4}, **sizes)
+    size = config.pretrain.image_size
+    model = pretrain.build_model(config, pretrain.text_encoder_config(config))
+    step = pretrain.make_train_step(model, config, steps_per_epoch=2)
+    tokenizer = ReportTokenizer(pretrain.text_encoder_dir(config), config.pretrain.max_length)
+    tokens = tokenizer(distributed_worker.REPORTS)
+
+    def batch(seed):
+        images = np.random.default_rng(seed).integers(0, 256, (2, 8, size, size, 3), dtype=np.uint8)
+        return {"image": images[0], "image_aug": images[1], **tokens}
+
+    mesh = parallel.make_mesh(config, batch_size=8)
+    state = pretrain.create_state(config, model, size, tx=optax.sgd(0.1))
+    state = parallel.shard_state(mesh, state, config)
+    sharded = [x for x in jax.tree.leaves(state.params) if x.sharding.spec != PartitionSpec()]
+    assert sharded, "some leaves must be FSDP-sharded"
+    state, _ = step(state, pipeline.to_global(mesh, batch(1)))
+    saver = checkpoint.RunCheckpoints(tmp_path)
+    saver.save(1, state, {"epoch": 1}, is_best=False)
+    saver.wait()
+    saver.close()
+    _, metrics = step(state, pipeline.to_global(mesh, batch(2)))
+    expected = float(metrics["loss"])
+
+    abstract = jax.eval_shape(lambda: pretrain.create_state(config, model, size, tx=optax.sgd(0.1)))
+    for devices, shape in ((jax.devices()[:1], (1, 1)), (jax.devices()[:2], (1, 2))):
+        small = tiny_pretrain_config(**{"mesh.data": shape[0], "mesh.fsdp": shape[1]}, **sizes)
+        small_mesh = parallel.make_mesh(small, devices, batch_size=8)
+        loader = checkpoint.RunCheckpoints(tmp_path)
+        restored, meta = loader.restore_latest(parallel.abstract_sharded(small_mesh, abstract, small))
+        loader.close()
+        assert meta == {"epoch": 1} and int(restored.step) == 1
+        assert {d.id for x in jax.tree.leaves(restored) for d in x.devices()} == {d.id for d in devices}
+        _, metrics = step(restored, pipeline.to_global(small_mesh, batch(2)))
+        assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5), shape

@@ -1,0 +1,331 @@
+"""Times the real jitted step of a job on synthetic in-memory batches (no dataset needed).
+
+    python tools/benchmark.py --config=experiments/synthetic.py[:variant] \
+        [--mode=pretrain|ssl|supervised|evaluate] [--steps=N] [--warmup=N] [--json] [--config.a.b=value ...]
+
+Builds the state and step exactly as the job does (random initial weights;
+pre-trained weights only change values, not cost), compiles it, runs
+--warmup untimed steps, then --steps timed ones (each waited for with
+block_until_ready). Reports steps/s, images/s, compile seconds, peak memory
+(device.memory_stats() peak where the backend keeps it, else the process's
+maximum resident set size, labelled so), model FLOPs per step from XLA's
+cost analysis of the compiled step, and model FLOPs utilisation (MFU)
+against a matmul peak measured in the same run: a large square matmul in
+the compute dtype (config.dtype), timed on one device.
+
+Images per step: pretrain B image-report pairs (plus the momentum view,
+not counted); ssl B labeled + B unlabeled images; supervised B;
+evaluate config.train.eval_batch_size.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import resource
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+MODES = ("pretrain", "ssl", "supervised", "evaluate")
+SYNTHETIC_REPORTS = [
+    "Two lesions in the upper left and lower right cells.",
+    "one lesion, centre",
+    "Bilateral pulmonary infection, two infected areas, upper left and upper right.",
+    "The nuclei density in the lower left is high.",
+    "no lesion",
+    "Three lesions: upper right, lower left and centre.",
+]
+
+
+# ---------------------------------------------------------------------------
+# Synthetic inputs
+# ---------------------------------------------------------------------------
+
+
+def synthetic_images(rng, count: int, size: int):
+    """(count, size, size, 3) uint8."""
+    import numpy as np
+
+    return rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+def synthetic_tokens(config, count: int) -> dict:
+    """The ReportTokenizer arrays of `count` report-like sentences: each (count, max_length) or (count, W)."""
+    from amvlm_jax.data.tokenize import ReportTokenizer
+    from amvlm_jax.train import pretrain
+
+    tokenizer = ReportTokenizer(pretrain.text_encoder_dir(config), config.pretrain.max_length)
+    return tokenizer([SYNTHETIC_REPORTS[i % len(SYNTHETIC_REPORTS)] for i in range(count)])
+
+
+# ---------------------------------------------------------------------------
+# Steps per mode: (jitted step, argument tuple, images per step, argument index of the carried state or None)
+# ---------------------------------------------------------------------------
+
+
+def build_pretrain(config, rng):
+    from amvlm_jax.data import pipeline
+    from amvlm_jax.train import parallel, pretrain
+
+    size = pretrain.pretrain_image_size(config)
+    batch_size = config.pretrain.batch_size
+    model = pretrain.build_model(config, pretrain.text_encoder_config(config))
+    mesh = parallel.make_mesh(config, batch_size=batch_size)
+    state = parallel.shard_state(mesh, pretrain.create_state(config, model, size), config)
+    batch = {"image": synthetic_images(rng, batch_size, size), **synthetic_tokens(config, batch_size)}
+    if pretrain.uses_momentum(config):
+        batch["image_aug"] = synthetic_images(rng, batch_size, size)
+    step = pretrain.make_train_step(model, config, steps_per_epoch=1000)
+    return step, (state, pipeline.to_global(mesh, batch)), batch_size, 0, mesh
+
+
+def in_memory_guidance(config, mesh):
+    """ssl.TextGuidance with freshly initialised (not pre-trained) encoders: same cost, no checkpoint."""
+    import jax.numpy as jnp
+
+    from amvlm_jax.models.text_mask import TextMaskDecoder
+    from amvlm_jax.train import parallel, pretrain, ssl
+
+    guidance = ssl.TextGuidance.__new__(ssl.TextGuidance)
+    guidance.model = pretrain.build_model(config, pretrain.text_encoder_config(config))
+    guidance.image_size = pretrain.pretrain_image_size(config)
+    guidance.decoder = TextMaskDecoder(dtype=jnp.dtype(config.dtype))
+    state = pretrain.create_state(config, guidance.model, guidance.image_size)
+    guidance.variables = parallel.shard_state(mesh, {"params": state.params, "batch_stats": state.batch_stats}, config)
+    return guidance
+
+
+def build_ssl(config, rng):
+    import numpy as np
+
+    from amvlm_jax.data import pipeline
+    from amvlm_jax.train import parallel, ssl, supervised
+
+    size, batch_size = config.data.image_size, config.train.batch_size
+    mesh = parallel.make_mesh(config)
+    guidance = in_memory_guidance(config, mesh) if ssl.text_guidance_enabled(config) else None
+    model = supervised.build_unet(config)
+    state, decoder_tx = ssl.create_state(config, model, guidance, steps_per_epoch=1000)
+    state = parallel.shard_state(mesh, state, config)
+    images = synthetic_images(rng, batch_size, size)
+    batch = {"image": images, "mask": (images[..., 0] > 128).astype(np.uint8),
+             "unlabeled_image": synthetic_images(rng, batch_size, size)}
+    if guidance is not None:
+        batch |= {f"report_{k}": v for k, v in synthetic_tokens(config, batch_size).items()}
+    step = ssl.make_ssl_step(config, model, guidance, decoder_tx)
+    frozen = guidance.variables if guidance else None
+    return step, (state, frozen, pipeline.to_global(mesh, batch)), 2 * batch_size, 0, mesh
+
+
+def build_supervised(config, rng):
+    import numpy as np
+
+    from amvlm_jax.data import pipeline
+    from amvlm_jax.train import parallel, supervised
+
+    size, batch_size = config.data.image_size, config.train.batch_size
+    mesh = parallel.make_mesh(config)
+    model = supervised.build_unet(config)
+    state = parallel.shard_state(mesh, supervised.create_state(config, model, steps_per_epoch=1000), config)
+    images = synthetic_images(rng, batch_size, size)
+    batch = {"image": images, "mask": (images[..., 0] > 128).astype(np.uint8)}
+    step = supervised.make_train_step(model, config.data.num_classes)
+    return step, (state, pipeline.to_global(mesh, batch)), batch_size, 0, mesh
+
+
+def build_evaluate(config, rng):
+    import numpy as np
+
+    from amvlm_jax.data import pipeline
+    from amvlm_jax.train import evaluate, parallel, supervised
+
+    size, batch_size = config.data.image_size, config.train.eval_batch_size
+    mesh = parallel.make_mesh(config, batch_size=batch_size)
+    model = supervised.build_unet(config)
+    variables = parallel.shard_state(mesh, supervised.init_variables(config, model), config)
+    images = synthetic_images(rng, batch_size, size)
+    batch = {"image": images, "mask": (images[..., 0] > 128).astype(np.uint8)}
+    step = evaluate.make_eval_step(model, config.data.num_classes)
+    args = (variables["params"], variables["batch_stats"], pipeline.to_global(mesh, batch))
+    return step, args, batch_size, None, mesh
+
+
+BUILDERS = {"pretrain": build_pretrain, "ssl": build_ssl, "supervised": build_supervised, "evaluate": build_evaluate}
+
+
+# ---------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------
+
+
+def matmul_peak_flops(dtype, size: int | None = None, repeats: int = 5) -> tuple[float, int]:
+    """(FLOP/s of the best of `repeats` size x size matmuls on the default device, size)."""
+    import jax
+    import jax.numpy as jnp
+
+    if size is None:
+        size = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((size, size), dtype)
+    b = jnp.ones((size, size), dtype)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - started)
+    return 2.0 * size**3 / best, size
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one device's program from XLA's cost analysis, or None when the backend gives none."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    if not analysis or "flops" not in analysis:
+        return None
+    return float(analysis["flops"])
+
+
+def peak_memory(devices) -> tuple[float, str]:
+    """(bytes, what was measured): the devices' summed peak allocation, else this process's max RSS."""
+    peaks = []
+    for device in devices:
+        try:
+            stats = device.memory_stats()
+        except Exception:  # Backends without allocator statistics raise or return None.
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"])
+    if peaks:
+        return float(sum(peaks)), "device peak_bytes_in_use"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, "process max RSS (no device statistics)"
+
+
+def run_benchmark(config, mode: str, steps: int, warmup: int) -> dict:
+    """Compiles and times `mode`'s step; returns the measurements as a dict."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from amvlm_jax.config import validate
+
+    validate(config)
+    rng = np.random.default_rng(config.seed)
+    step, args, images_per_step, state_index, mesh = BUILDERS[mode](config, rng)
+
+    started = time.perf_counter()
+    lowered = step.lower(*args)
+    compiled = lowered.compile()
+    compile_seconds = time.perf_counter() - started
+    flops_per_device = compiled_flops(compiled)
+
+    def run_once(args):
+        outputs = compiled(*args)
+        jax.block_until_ready(outputs)
+        if state_index is None:
+            return args
+        # Train steps donate their state: carry the new one into the next call.
+        return args[:state_index] + (outputs[0],) + args[state_index + 1:]
+
+    for _ in range(warmup):
+        args = run_once(args)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        args = run_once(args)
+        times.append(time.perf_counter() - t0)
+    seconds_per_step = float(np.median(times))
+    peak_bytes, peak_kind = peak_memory(mesh.devices.flat)
+    peak_flops, matmul_size = matmul_peak_flops(jnp.dtype(config.dtype))
+
+    result = {
+        "mode": mode,
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "devices": int(mesh.size),
+        "mesh": dict(mesh.shape),
+        "dtype": config.dtype,
+        "images_per_step": images_per_step,
+        "steps": steps,
+        "warmup": warmup,
+        "compile_seconds": compile_seconds,
+        "seconds_per_step": seconds_per_step,
+        "seconds_per_step_min": float(np.min(times)),
+        "steps_per_second": 1.0 / seconds_per_step,
+        "images_per_second": images_per_step / seconds_per_step,
+        "peak_memory_bytes": peak_bytes,
+        "peak_memory_kind": peak_kind,
+        "matmul_peak_flops_per_device": peak_flops,
+        "matmul_size": matmul_size,
+    }
+    if flops_per_device is not None:
+        # The cost analysis covers one device's partition of the SPMD program.
+        model_flops = flops_per_device * mesh.size
+        result["model_flops_per_step"] = model_flops
+        result["achieved_flops"] = model_flops / seconds_per_step
+        result["mfu"] = model_flops / seconds_per_step / (peak_flops * mesh.size)
+    return result
+
+
+def format_result(result: dict) -> str:
+    lines = [
+        f"mode {result['mode']} on {result['devices']} x {result['device_kind']} ({result['backend']}), "
+        f"mesh {result['mesh']}, dtype {result['dtype']}",
+        f"  compile             {result['compile_seconds']:.1f} s",
+        f"  step (median)       {result['seconds_per_step']:.3f} s  ({result['steps']} timed after {result['warmup']} warm-up)",
+        f"  steps/s             {result['steps_per_second']:.3f}",
+        f"  images/s            {result['images_per_second']:.2f}  ({result['images_per_step']} per step)",
+        f"  peak memory         {result['peak_memory_bytes'] / 2**30:.2f} GiB  [{result['peak_memory_kind']}]",
+        f"  matmul peak         {result['matmul_peak_flops_per_device'] / 1e9:.1f} GFLOP/s per device "
+        f"({result['matmul_size']}^2, {result['dtype']})",
+    ]
+    if "model_flops_per_step" in result:
+        lines += [
+            f"  model FLOPs/step    {result['model_flops_per_step'] / 1e9:.1f} GFLOP (XLA cost analysis)",
+            f"  achieved            {result['achieved_flops'] / 1e9:.1f} GFLOP/s",
+            f"  MFU                 {100 * result['mfu']:.1f} %",
+        ]
+    else:
+        lines.append("  model FLOPs/step    unavailable (no XLA cost analysis on this backend)")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from amvlm_jax.config import ConfigError
+    from amvlm_jax.train.parallel import initialize_distributed
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    config = flags.FLAGS.config
+    mode = flags.FLAGS.mode or config.mode
+    if mode not in MODES:
+        sys.exit(f"error: --mode must be one of {', '.join(MODES)}, got '{mode}'")
+    try:
+        initialize_distributed(config)
+        result = run_benchmark(config, mode, flags.FLAGS.steps, flags.FLAGS.warmup)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(result, indent=2) if flags.FLAGS.json else format_result(result))
+
+
+if __name__ == "__main__":
+    from amvlm_jax.main import DEFAULT_CONFIG, check_command_line
+
+    problem = check_command_line(sys.argv)
+    if problem:
+        sys.exit(f"error: {problem}")
+    config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Experiment file, optionally ':variant'.")
+    flags.DEFINE_enum("mode", None, list(MODES), "Step to time (default: config.mode).")
+    flags.DEFINE_integer("steps", 5, "Timed steps.")
+    flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
+    flags.DEFINE_bool("json", False, "Print the measurements as JSON.")
+    app.run(main)

@@ -1,0 +1,101 @@
+"""Compares segmentation runs: mean Dice/mIoU per run and a paired t-test on per-image Dice.
+
+    python tools/compare.py runs/unet25 runs/mt25 runs/amvlm25 [--split test] [--baseline runs/unet25]
+
+Each RUN is a workdir holding per_image_<split>.csv (written by every job
+that evaluates); the first run is the baseline unless --baseline names
+another. Several workdirs can be pooled into one row with commas
+(runs/a_s0,runs/a_s1,runs/a_s2): their per-image Dice values are concatenated
+in order, so pooled rows pair up when the same seeds are listed in the same
+order. Prints a markdown table; --json prints the same numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+from scipy import stats
+
+
+def read_per_image(workdir: str | pathlib.Path, split: str) -> dict[str, np.ndarray]:
+    """{'file': names, 'dice': (N,), 'iou': (N,)} in percent from <workdir>/per_image_<split>.csv."""
+    path = pathlib.Path(workdir) / f"per_image_{split}.csv"
+    if not path.is_file():
+        raise SystemExit(f"error: {path}: no per-image results (run an evaluation of this workdir first)")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {
+        "file": np.array([r["file"] for r in rows]),
+        "dice": np.array([float(r["dice"]) for r in rows]),
+        "iou": np.array([float(r["iou"]) for r in rows]),
+    }
+
+
+def read_pooled(spec: str, split: str) -> dict[str, np.ndarray]:
+    parts = [read_per_image(p, split) for p in spec.split(",")]
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("file", "dice", "iou")}
+
+
+def paired_t_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(t statistic, two-sided p) of the paired t-test of b against a."""
+    differences = np.asarray(b, np.float64) - np.asarray(a, np.float64)
+    n = len(differences)
+    if n < 2:
+        return math.nan, math.nan
+    spread = differences.std(ddof=1)
+    if spread == 0:
+        return (0.0, 1.0) if differences.mean() == 0 else (math.copysign(math.inf, differences.mean()), 0.0)
+    t = differences.mean() / (spread / math.sqrt(n))
+    return float(t), float(2 * stats.t.sf(abs(t), df=n - 1))
+
+
+def compare(runs: list[str], split: str, baseline: str | None = None, alpha: float = 0.05) -> list[dict]:
+    """One row per run: name, images, dice, miou, dice_std, and t / p / significant against the baseline."""
+    baseline = baseline or runs[0]
+    base = read_pooled(baseline, split)
+    rows = []
+    for run in runs:
+        values = read_pooled(run, split)
+        row = {"run": run, "images": len(values["dice"]), "dice": float(values["dice"].mean()),
+               "miou": float(values["iou"].mean()), "dice_std": float(values["dice"].std(ddof=1)) if len(values["dice"]) > 1 else 0.0}
+        if run != baseline:
+            if not np.array_equal(values["file"], base["file"]):
+                raise SystemExit(f"error: {run} and {baseline} hold different images; a paired test needs the same ones")
+            t, p = paired_t_test(base["dice"], values["dice"])
+            row |= {"t": t, "p": p, "significant": bool(p < alpha)}
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], baseline: str) -> str:
+    lines = [f"| run | images | Dice | mIoU | p vs {baseline} |", "|---|---:|---:|---:|---:|"]
+    for row in rows:
+        p = "(baseline)" if "p" not in row else f"{row['p']:.3g}{' *' if row['significant'] else ''}"
+        lines.append(f"| {row['run']} | {row['images']} | {row['dice']:.2f} | {row['miou']:.2f} | {p} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="workdirs (comma-joined workdirs are pooled into one row)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--baseline", default=None)
+    parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    rows = compare(args.runs, args.split, args.baseline, args.alpha)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows, args.baseline or args.runs[0]))
+        print(f"\npaired t-test on per-image Dice ({args.split}); * = p < {args.alpha}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
