@@ -64,6 +64,9 @@ def test_training_learns_and_evaluation_round_trips(tmp_path):
     epoch_losses = [line["train/epoch_loss"] for line in lines if "train/epoch_loss" in line]
     assert len(epoch_losses) == 3 and epoch_losses[-1] < epoch_losses[0]
     assert any(name.startswith("events") for name in os.listdir(tmp_path / "tensorboard"))
+    # Pictures: overlays at the last epoch and the curves, as real PNG files.
+    for picture in (tmp_path / "pictures" / "epoch_0003.png", tmp_path / "curves.png"):
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 5000
     csv_rows = (tmp_path / "per_image_test.csv").read_text().splitlines()
     assert csv_rows[0] == "file,dice,iou" and len(csv_rows) == 9
     per_image = np.array([float(row.split(",")[1]) for row in csv_rows[1:]])

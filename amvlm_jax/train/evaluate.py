@@ -30,6 +30,19 @@ def make_eval_step(model, num_classes: int) -> Callable:
     return eval_step
 
 
+def make_predict_step(model) -> Callable:
+    """jitted (params, batch_stats, images uint8 (B, H, W, 3)) -> foreground probability or labels (B, H, W)."""
+
+    @jax.jit
+    def predict_step(params, batch_stats, images):
+        logits = model.apply({"params": params, "batch_stats": batch_stats}, images.astype(jnp.float32) / 255.0, train=False)
+        if logits.shape[-1] == 1:
+            return jax.nn.sigmoid(logits[..., 0])
+        return metrics.predict_labels(logits)
+
+    return predict_step
+
+
 def evaluate_split(eval_step, params, batch_stats, split: SplitArrays, mesh: Mesh, batch_size: int):
     """Per-image (dice, iou) numpy arrays over a whole split, in its order."""
     batch_size = -(-batch_size // mesh.size) * mesh.size  # Every device gets equal rows.

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from amvlm_jax import metrics
+from amvlm_jax import metrics, visualize
 from amvlm_jax.data import pipeline
 from amvlm_jax.data.folders import SplitArrays
 from amvlm_jax.train import checkpoint, evaluate
@@ -33,6 +33,7 @@ def fit(
     eval_step: Callable,
     extra_step_args: tuple = (),
     lr_schedule: Optional[Callable] = None,
+    predict_step: Optional[Callable] = None,
 ) -> Any:
     """Runs config.train.epochs epochs, continuing from the workdir's latest checkpoint.
 
@@ -42,7 +43,9 @@ def fit(
     mid-epoch included. After every epoch the student is validated (every
     train.eval_every_epochs epochs), metrics go to JSONL/TensorBoard, and the
     latest (and, when validation Dice improved, the best) checkpoint is
-    written. A non-finite loss raises TrainingError before anything is saved,
+    written; every train.picture_every_epochs epochs (and the last) overlays
+    of a few validation images go to <workdir>/pictures/, and the curves to
+    <workdir>/curves.png at the end. A non-finite loss raises TrainingError before anything is saved,
     leaving the last good checkpoint; Ctrl-C saves the current state first.
     Returns the final state.
     """
@@ -55,7 +58,7 @@ def fit(
     try:
         for epoch in range(start_step // steps_per_epoch, config.train.epochs):
             _run_epoch(config, workdir, mesh, current, train_step, batches, steps_per_epoch, val_split,
-                       eval_step, extra_step_args, lr_schedule, epoch, meta, checkpoints, writer)
+                       eval_step, extra_step_args, lr_schedule, epoch, meta, checkpoints, writer, predict_step)
     except KeyboardInterrupt:
         state = current["state"]
         step = int(state.step)
@@ -67,11 +70,13 @@ def fit(
         checkpoints.wait()
         checkpoints.close()
         writer.close()
+        if jax.process_index() == 0:
+            visualize.save_curves(workdir)
     return current["state"]
 
 
 def _run_epoch(config, workdir, mesh, current, train_step, batches, steps_per_epoch, val_split, eval_step,
-               extra_step_args, lr_schedule, epoch, meta, checkpoints, writer):
+               extra_step_args, lr_schedule, epoch, meta, checkpoints, writer, predict_step):
     started = time.time()
     state = current["state"]
     first = int(state.step) - epoch * steps_per_epoch  # > 0 when resuming mid-epoch.
@@ -111,6 +116,25 @@ def _run_epoch(config, workdir, mesh, current, train_step, batches, steps_per_ep
     if "val/dice" in epoch_metrics:
         val_text = f" val Dice {epoch_metrics['val/dice']:.2f} (best {meta['best_val_dice']:.2f} @ {meta['best_epoch']})"
     tqdm.write(f"epoch {epoch + 1}: loss {epoch_loss:.4f}{val_text} [{epoch_metrics['epoch_seconds']:.1f}s]")
+    every = config.train.picture_every_epochs
+    if predict_step is not None and val_split is not None and every and ((epoch + 1) % every == 0 or last) \
+            and jax.process_index() == 0:
+        _save_pictures(config, workdir, mesh, state, val_split, epoch + 1, predict_step)
+
+
+def _save_pictures(config, workdir, mesh, state, val_split, epoch, predict_step) -> None:
+    """Image / ground truth / prediction overlays of the first validation images."""
+    count = min(config.train.picture_images, len(val_split))
+    rows = np.arange(count)
+    padded = -(-count // mesh.size) * mesh.size
+    images = val_split.images[np.resize(rows, padded)]
+    batch = pipeline.replicated_to_global(mesh, {"image": images})
+    predicted = np.asarray(jax.device_get(predict_step(state.params, state.batch_stats, batch["image"])))[:count]
+    visualize.save_overlays(
+        workdir / "pictures" / f"epoch_{epoch:04d}.png", val_split.images[rows],
+        {"truth": val_split.masks[rows], "prediction": predicted}, names=[val_split.names[i] for i in rows],
+        title=f"epoch {epoch}",
+    )
 
 
 def _check_finite(loss: float, step: int, workdir: pathlib.Path) -> None:

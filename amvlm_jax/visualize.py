@@ -1,0 +1,85 @@
+"""Pictures of a run: mask overlays and training curves (matplotlib, PNG)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+OVERLAY_COLORS = {"truth": (0.1, 0.9, 0.1), "prediction": (1.0, 0.2, 0.2), "pseudo-label": (0.2, 0.5, 1.0),
+                  "text mask": (1.0, 0.8, 0.0)}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # Files only: no display on training machines.
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_overlays(path: str | pathlib.Path, images: np.ndarray, panels: dict[str, np.ndarray], names=None,
+                  title: str = "") -> pathlib.Path:
+    """One row per image: the image, then each panel drawn over it.
+
+    images: (N, H, W, 3) uint8. panels: name -> (N, H, W) masks or
+    probabilities in [0, 1] (class ids > 0 count as foreground), drawn as a
+    translucent colour with the 0.5 contour.
+    """
+    plt = _pyplot()
+    count, columns = len(images), 1 + len(panels)
+    figure, axes = plt.subplots(count, columns, figsize=(2.4 * columns, 2.4 * count), squeeze=False)
+    for row in range(count):
+        axes[row, 0].imshow(images[row])
+        axes[row, 0].set_title(names[row] if names is not None else "image", fontsize=7)
+        for column, (name, values) in enumerate(panels.items(), start=1):
+            value = np.asarray(values[row], np.float32)
+            value = np.clip(value, 0.0, 1.0) if value.max() <= 1.0 else (value > 0).astype(np.float32)
+            colour = np.array(OVERLAY_COLORS.get(name, (1.0, 0.0, 1.0)), np.float32)
+            tinted = images[row] / 255.0 * (1 - 0.45 * value[..., None]) + 0.45 * value[..., None] * colour
+            axes[row, column].imshow(np.clip(tinted, 0, 1))
+            if value.min() < 0.5 < value.max():  # contour needs both sides of the level
+                axes[row, column].contour(value, levels=[0.5], colors=[colour], linewidths=0.6)
+            axes[row, column].set_title(name, fontsize=7)
+    for axis in axes.ravel():
+        axis.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def save_curves(workdir: str | pathlib.Path, path: str | pathlib.Path | None = None) -> pathlib.Path | None:
+    """Training loss and validation Dice/mIoU per epoch from <workdir>/metrics.jsonl, as <workdir>/curves.png."""
+    workdir = pathlib.Path(workdir)
+    metrics_path = workdir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        return None
+    rows = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if "epoch" in r and "train/epoch_loss" in r]
+    if not rows:
+        return None
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in rows]
+    figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(9, 3.4))
+    loss_axis.plot(epochs, [r["train/epoch_loss"] for r in rows], color="tab:blue")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("training loss")
+    validated = [r for r in rows if "val/dice" in r]
+    if validated:
+        dice_axis.plot([r["epoch"] for r in validated], [r["val/dice"] for r in validated], label="Dice", color="tab:red")
+        dice_axis.plot([r["epoch"] for r in validated], [r["val/miou"] for r in validated], label="mIoU", color="tab:green")
+        dice_axis.legend()
+    dice_axis.set_xlabel("epoch")
+    dice_axis.set_ylabel("validation (%)")
+    figure.suptitle(workdir.name, fontsize=9)
+    figure.tight_layout()
+    path = pathlib.Path(path) if path else workdir / "curves.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
