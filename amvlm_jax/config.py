@@ -50,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.eval_every_epochs = 1
     config.train.log_every_steps = 10
     config.train.eval_batch_size = 16
+    config.train.picture_every_epochs = 10  # Overlays of validation images in <workdir>/pictures/ (0 = none).
+    config.train.picture_images = 4
 
     config.eval = ml_collections.ConfigDict()
     config.eval.checkpoint = ""  # Orbax checkpoint (step dir, manager dir or workdir); '' = workdir's best.
