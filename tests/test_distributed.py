@@ -101,8 +101,10 @@ def test_two_processes_train_as_one_process_with_eight_devices(tmp_path):
         # L_tg reads the pre-trained encoders, whose parameters already differ by
         # cross-process summation order (~1e-6), through a learned logit scale.
         np.testing.assert_allclose(got["ssl_tg_losses"], expected["ssl_tg_losses"], rtol=1e-4)
+        # Parameters are initialised at scale ~0.02; gradients of the contrastive terms are sums
+        # with cancellation, so summation order moves single weights by up to ~1e-6 after 3 steps.
         for name, value in expected.items():
-            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
     assert np.all(np.isfinite(expected["ssl_tg_losses"]))
     # The steps trained: the decoder moved away from its initialisation.
     assert any(np.abs(v).max() > 0 for k, v in expected.items() if k.startswith("ssl_decoder") and "gate" in k)
@@ -147,3 +149,46 @@ def test_checkpoint_from_eight_devices_resumes_on_one_and_two(tmp_path, monkeypa
         assert {d.id for x in jax.tree.leaves(restored) for d in x.devices()} == {d.id for d in devices}
         _, metrics = step(restored, pipeline.to_global(small_mesh, batch(2)))
         assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5), shape
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_losses():
+    """config.dtype='bfloat16': the U-Net computes in bf16; its parameters, updates and loss stay float32."""
+    from amvlm_jax.losses.segmentation import segmentation_loss
+    from amvlm_jax.train import supervised
+
+    config = tiny_synthetic_config(**{"dtype": "bfloat16", "data.image_size": 32})
+    model = supervised.build_unet(config)
+    mesh = parallel.make_mesh(config, jax.devices()[:1])
+    state = parallel.replicate(mesh, supervised.create_state(config, model, steps_per_epoch=1))
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    masks = (images[..., 0] > 128).astype(np.uint8)
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+
+    # The same initial variables in float32 compute: the training-mode loss of this batch.
+    float32_model = supervised.build_unet(tiny_synthetic_config(**{"data.image_size": 32}))
+    logits, _ = jax.jit(lambda v, x: float32_model.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, images.astype(np.float32) / 255.0)
+    float32_loss = float(segmentation_loss(logits, masks.astype(np.float32)))
+
+    step = supervised.make_train_step(model, 1)
+    state, metrics = step(state, pipeline.to_global(mesh, {"image": images, "mask": masks}))
+    assert metrics["loss"].dtype == np.float32
+    assert float(metrics["loss"]) == pytest.approx(float32_loss, rel=2e-2)
+    assert {x.dtype for x in jax.tree.leaves((state.params, state.batch_stats, state.opt_state))} <= {
+        np.dtype(np.float32), np.dtype(np.int32)}
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state.params)))
+
+
+def test_benchmark_tool_times_a_step():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_tool", TESTS_DIR.parent / "tools" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    config = tiny_synthetic_config(**{"data.image_size": 32, "mesh.data": 2})
+    result = benchmark.run_benchmark(config, "evaluate", steps=2, warmup=1)
+    assert result["devices"] == 2 and result["images_per_step"] == config.train.eval_batch_size
+    assert result["seconds_per_step"] > 0 and result["compile_seconds"] > 0
+    assert result["model_flops_per_step"] > 0 and 0 < result["mfu"] < 1.5
+    assert result["peak_memory_bytes"] > 0 and "peak_memory_kind" in result
+    assert "images/s" in benchmark.format_result(result)

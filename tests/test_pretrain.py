@@ -14,7 +14,7 @@ from amvlm_jax.losses.contrastive import clipped_token_weights, css_loss, cta_lo
 from amvlm_jax.losses.intra import icl_loss
 from amvlm_jax.losses.prototypes import cpa_loss
 from amvlm_jax.models.amvlm import AMVLM
-from amvlm_jax.train import pretrain
+from amvlm_jax.train import parallel, pretrain
 from amvlm_jax.train.parallel import replicate
 from amvlm_jax.train.state import TrainState
 
@@ -161,7 +161,7 @@ def test_eight_device_step_equals_one_device_step_and_momentum_follows_ema(amvlm
     step = pretrain.make_train_step(model, config, steps_per_epoch=2)
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        mesh = pretrain.make_pretrain_mesh(config, BATCH, devices)
+        mesh = parallel.make_mesh(config, devices, batch_size=BATCH)
         # Plain SGD: Adam's first steps are lr * sign(gradient), which turns
         # rounding noise in near-zero gradients into full-size steps.
         state = replicate(mesh, TrainState.create(initial.params, initial.batch_stats, optax.sgd(0.1), ema=initial.ema))
@@ -215,7 +215,7 @@ def test_mgca_objective_and_prototype_freezing(tokens):
     assert float(loss) == pytest.approx(float(expected["ita"] + 0.7 * expected["cta"] + 0.5 * expected["cpa"]), rel=1e-6)
 
     # One step per epoch: the prototypes stay put during epoch 1, then move and stay unit-norm.
-    mesh = pretrain.make_pretrain_mesh(config, BATCH)
+    mesh = parallel.make_mesh(config, batch_size=BATCH)
     step = pretrain.make_train_step(model, config, steps_per_epoch=1)
     state = replicate(mesh, state)
     kernels = [np.asarray(jax.device_get(state.params["prototypes"]["kernel"]))]

@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 from amvlm_jax import metrics
 from amvlm_jax.data import pipeline
 from amvlm_jax.data.folders import SplitArrays
+from amvlm_jax.train.parallel import gather_to_host
 
 
 def make_eval_step(model, num_classes: int) -> Callable:
@@ -48,9 +49,9 @@ def evaluate_split(eval_step, params, batch_stats, split: SplitArrays, mesh: Mes
     batch_size = -(-batch_size // mesh.size) * mesh.size  # Every device gets equal rows.
     dice, iou = [], []
     for batch, real in pipeline.evaluation_batches(split, batch_size):
-        batch_dice, batch_iou = eval_step(params, batch_stats, pipeline.replicated_to_global(mesh, batch))
-        dice.append(np.asarray(jax.device_get(batch_dice))[:real])
-        iou.append(np.asarray(jax.device_get(batch_iou))[:real])
+        batch_dice, batch_iou = gather_to_host(eval_step(params, batch_stats, pipeline.replicated_to_global(mesh, batch)))
+        dice.append(np.asarray(batch_dice)[:real])
+        iou.append(np.asarray(batch_iou)[:real])
     return np.concatenate(dice), np.concatenate(iou)
 
 

@@ -358,8 +358,9 @@ def embed_pairs(encode, state: TrainState, images: np.ndarray, tokens: dict, mes
         padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
         batch = {"image": images[padded]} | {k: tokens[k][padded] for k in TOKEN_KEYS}
         v, t = encode(variables, *_split_batch(pipeline.replicated_to_global(mesh, batch)))
-        image_parts.append(np.asarray(jax.device_get(v))[: len(rows)])
-        text_parts.append(np.asarray(jax.device_get(t))[: len(rows)])
+        v, t = parallel.gather_to_host((v, t))  # Batch-sharded, possibly over several processes.
+        image_parts.append(np.asarray(v)[: len(rows)])
+        text_parts.append(np.asarray(t)[: len(rows)])
     return np.concatenate(image_parts), np.concatenate(text_parts)
 
 
@@ -405,9 +406,6 @@ def capped_batch_size(requested: int, num_pairs: int, num_devices: int) -> int:
     return capped
 
 
-def make_pretrain_mesh(config, batch_size: int, devices=None) -> Mesh:
-    """Kept for existing callers: ``parallel.make_mesh`` with the pre-training batch size."""
-    return parallel.make_mesh(config, devices, batch_size=batch_size)
 
 
 def _device_count(config) -> int:
