@@ -219,6 +219,6 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     loop.fit(
         config, workdir, mesh, state, make_ssl_step(config, model, guidance, decoder_tx), make_batches,
         steps_per_epoch, val_split, evaluate.make_eval_step(model, config.data.num_classes),
-        extra_step_args=(guidance.variables if guidance else None,),
+        extra_step_args=(guidance.variables if guidance else None,), predict_step=evaluate.make_predict_step(model),
     )
     return supervised.evaluate_checkpoint(config, workdir, str(workdir / "checkpoints" / "best"), mesh=mesh, root=root)
