@@ -18,6 +18,18 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 PRETRAIN_IMAGE_SIZE = 32
 PRETRAIN_BATCH = 8
 
+# Reports with word pieces, commas and padding, shared by the pre-training tests.
+SAMPLE_REPORTS = [
+    "The nuclei density in the lower left is high.",
+    "Bilateral pulmonary infection, two infected areas, upper left and upper right.",
+    "one lesion",
+    "Unremarkable.",
+    "Two lesions in the upper right and lower left cells.",
+    "Dense nuclei everywhere",
+    "no lesion",
+    "A faint lesion, centre.",
+]
+
 
 def monuseg_root() -> pathlib.Path | None:
     """The real MoNuSeg data: $AMVLM_MONUSEG_ROOT, else ../shared/datasets/MoNuSeg beside the repo."""

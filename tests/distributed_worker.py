@@ -20,16 +20,6 @@ import os
 import sys
 
 STEPS = 3
-REPORTS = [
-    "The nuclei density in the lower left is high.",
-    "Bilateral pulmonary infection, two infected areas, upper left and upper right.",
-    "one lesion",
-    "Unremarkable.",
-    "Two lesions in the upper right and lower left cells.",
-    "Dense nuclei everywhere",
-    "no lesion",
-    "A faint lesion, centre.",
-]
 
 
 def configs():
@@ -89,7 +79,9 @@ def run_all(devices=None) -> dict:
 
     pretrain_config, ssl_config = configs()
     size = pretrain_config.pretrain.image_size
-    tokens = ReportTokenizer(pretrain.text_encoder_dir(pretrain_config), pretrain_config.pretrain.max_length)(REPORTS)
+    from conftest import SAMPLE_REPORTS
+
+    tokens = ReportTokenizer(pretrain.text_encoder_dir(pretrain_config), pretrain_config.pretrain.max_length)(SAMPLE_REPORTS)
     batches = global_batches(tokens, size, seed=0)
     results = {}
 

@@ -18,7 +18,7 @@ from amvlm_jax.data.tokenize import ReportTokenizer
 from amvlm_jax.train import checkpoint, parallel, pretrain
 
 import distributed_worker
-from conftest import tiny_pretrain_config, tiny_synthetic_config
+from conftest import SAMPLE_REPORTS, tiny_pretrain_config, tiny_synthetic_config
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 
@@ -119,7 +119,7 @@ def test_checkpoint_from_eight_devices_resumes_on_one_and_two(tmp_path, monkeypa
     model = pretrain.build_model(config, pretrain.text_encoder_config(config))
     step = pretrain.make_train_step(model, config, steps_per_epoch=2)
     tokenizer = ReportTokenizer(pretrain.text_encoder_dir(config), config.pretrain.max_length)
-    tokens = tokenizer(distributed_worker.REPORTS)
+    tokens = tokenizer(SAMPLE_REPORTS)
 
     def batch(seed):
         images = np.random.default_rng(seed).integers(0, 256, (2, 8, size, size, 3), dtype=np.uint8)

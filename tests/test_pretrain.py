@@ -18,18 +18,8 @@ from amvlm_jax.train import parallel, pretrain
 from amvlm_jax.train.parallel import replicate
 from amvlm_jax.train.state import TrainState
 
-from conftest import PRETRAIN_BATCH as BATCH, PRETRAIN_IMAGE_SIZE as IMAGE_SIZE, tiny_pretrain_config
+from conftest import PRETRAIN_BATCH as BATCH, PRETRAIN_IMAGE_SIZE as IMAGE_SIZE, SAMPLE_REPORTS as REPORTS, tiny_pretrain_config
 
-REPORTS = [
-    "The nuclei density in the lower left is high.",
-    "Bilateral pulmonary infection, two infected areas, upper left and upper right.",
-    "one lesion",
-    "Unremarkable.",
-    "Two lesions in the upper right and lower left cells.",
-    "Dense nuclei everywhere",
-    "no lesion",
-    "A faint lesion, centre.",
-]
 
 
 @pytest.fixture(scope="module")
