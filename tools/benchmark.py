@@ -171,8 +171,10 @@ def matmul_peak_flops(dtype, size: int | None = None, repeats: int = 5) -> tuple
 
     if size is None:
         size = 2048 if jax.default_backend() == "cpu" else 8192
-    a = jnp.ones((size, size), dtype)
-    b = jnp.ones((size, size), dtype)
+    # Random operands: constant data can run faster than real data on some accelerators.
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(key_a, (size, size), jnp.float32).astype(dtype)
+    b = jax.random.normal(key_b, (size, size), jnp.float32).astype(dtype)
     matmul = jax.jit(jnp.matmul)
     matmul(a, b).block_until_ready()
     best = float("inf")
@@ -183,14 +185,28 @@ def matmul_peak_flops(dtype, size: int | None = None, repeats: int = 5) -> tuple
     return 2.0 * size**3 / best, size
 
 
-def compiled_flops(compiled) -> float | None:
-    """FLOPs of one device's program from XLA's cost analysis, or None when the backend gives none."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    if not analysis or "flops" not in analysis:
-        return None
-    return float(analysis["flops"])
+def model_flops(lowered, compiled, num_devices: int) -> float | None:
+    """FLOPs of one step of the whole (global) program from XLA's cost analysis, or None.
+
+    The analysis of the lowered, not yet optimised program counts every
+    matmul and convolution as written, on any backend; the compiled
+    program's analysis is per device and, on GPUs, misses the matmuls that
+    became library calls, so it is only the fallback.
+    """
+
+    def flops_of(analysis):
+        if isinstance(analysis, (list, tuple)):
+            analysis = analysis[0] if analysis else None
+        return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+    try:
+        flops = flops_of(lowered.cost_analysis())
+    except Exception:  # Not every jax version or backend analyses lowered programs.
+        flops = None
+    if flops is None:
+        per_device = flops_of(compiled.cost_analysis())
+        flops = None if per_device is None else per_device * num_devices
+    return flops
 
 
 def peak_memory(devices) -> tuple[float, str]:
@@ -208,8 +224,12 @@ def peak_memory(devices) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, "process max RSS (no device statistics)"
 
 
-def run_benchmark(config, mode: str, steps: int, warmup: int) -> dict:
-    """Compiles and times `mode`'s step; returns the measurements as a dict."""
+def run_benchmark(config, mode: str, steps: int, warmup: int, profile_dir: str = "") -> dict:
+    """Compiles and times `mode`'s step; returns the measurements as a dict.
+
+    With `profile_dir`, PROFILED_STEPS more steps are traced there
+    (jax.profiler, with a Perfetto JSON trace) and summarised under 'profile'.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -224,7 +244,7 @@ def run_benchmark(config, mode: str, steps: int, warmup: int) -> dict:
     lowered = step.lower(*args)
     compiled = lowered.compile()
     compile_seconds = time.perf_counter() - started
-    flops_per_device = compiled_flops(compiled)
+    flops_per_step = model_flops(lowered, compiled, mesh.size)
 
     def run_once(args):
         outputs = compiled(*args)
@@ -234,7 +254,15 @@ def run_benchmark(config, mode: str, steps: int, warmup: int) -> dict:
         # Train steps donate their state: carry the new one into the next call.
         return args[:state_index] + (outputs[0],) + args[state_index + 1:]
 
-    for _ in range(warmup):
+    first_outputs = compiled(*args)
+    jax.block_until_ready(first_outputs)
+    # The first step's loss: a check that bfloat16 and float32 runs compute the same thing.
+    first_loss = None
+    if state_index is not None and isinstance(first_outputs[1], dict) and "loss" in first_outputs[1]:
+        first_loss = float(jax.device_get(first_outputs[1]["loss"]))
+    if state_index is not None:
+        args = args[:state_index] + (first_outputs[0],) + args[state_index + 1:]
+    for _ in range(max(0, warmup - 1)):
         args = run_once(args)
     times = []
     for _ in range(steps):
@@ -242,6 +270,14 @@ def run_benchmark(config, mode: str, steps: int, warmup: int) -> dict:
         args = run_once(args)
         times.append(time.perf_counter() - t0)
     seconds_per_step = float(np.median(times))
+    profile = None
+    if profile_dir:
+        import jax.profiler
+
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(PROFILED_STEPS):
+                args = run_once(args)
+        profile = summarize_trace(profile_dir, PROFILED_STEPS)
     peak_bytes, peak_kind = peak_memory(mesh.devices.flat)
     peak_flops, matmul_size = matmul_peak_flops(jnp.dtype(config.dtype))
 
@@ -264,14 +300,60 @@ def run_benchmark(config, mode: str, steps: int, warmup: int) -> dict:
         "peak_memory_kind": peak_kind,
         "matmul_peak_flops_per_device": peak_flops,
         "matmul_size": matmul_size,
+        "first_step_loss": first_loss,
     }
-    if flops_per_device is not None:
-        # The cost analysis covers one device's partition of the SPMD program.
-        model_flops = flops_per_device * mesh.size
-        result["model_flops_per_step"] = model_flops
-        result["achieved_flops"] = model_flops / seconds_per_step
-        result["mfu"] = model_flops / seconds_per_step / (peak_flops * mesh.size)
+    if profile is not None:
+        result["profile"] = profile
+    if flops_per_step is not None:
+        result["model_flops_per_step"] = flops_per_step
+        result["achieved_flops"] = flops_per_step / seconds_per_step
+        result["mfu"] = flops_per_step / seconds_per_step / (peak_flops * mesh.size)
     return result
+
+
+PROFILED_STEPS = 3
+
+
+def summarize_trace(profile_dir: str, steps: int, top: int = 25) -> dict:
+    """Device time per operation from the Perfetto trace that jax.profiler wrote under profile_dir.
+
+    Returns {thread name: {'busy_ms_per_step', 'span_ms_per_step',
+    'events_per_step', 'ops': [{'name', 'ms_per_step', 'calls_per_step'}]}}
+    for every timeline ('XLA Ops', 'XLA Modules', CUDA streams, ...) of the
+    processes whose name mentions a GPU/TPU device, the `top` most
+    expensive operations first; {} when the trace has no device events (CPU).
+    """
+    import collections
+    import gzip
+
+    paths = sorted(pathlib.Path(profile_dir).glob("**/perfetto_trace.json.gz"))
+    if not paths:
+        return {}
+    events = json.load(gzip.open(paths[-1]))["traceEvents"]
+    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and any(k in str(e["args"].get("name", "")).lower() for k in ("gpu", "tpu"))}
+    thread_names = {(e["pid"], e.get("tid")): str(e["args"].get("name", e.get("tid")))
+                    for e in events if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in device_pids}
+    by_thread = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in device_pids and e.get("dur"):
+            by_thread[thread_names.get((e["pid"], e.get("tid")), str(e.get("tid")))].append(e)
+    summary = {}
+    for thread, thread_events in by_thread.items():
+        totals, calls = collections.Counter(), collections.Counter()
+        for event in thread_events:
+            totals[event["name"]] += event["dur"]
+            calls[event["name"]] += 1
+        start = min(e["ts"] for e in thread_events)
+        end = max(e["ts"] + e["dur"] for e in thread_events)
+        summary[thread] = {
+            "busy_ms_per_step": sum(totals.values()) / 1e3 / steps,
+            "span_ms_per_step": (end - start) / 1e3 / steps,
+            "events_per_step": len(thread_events) / steps,
+            "ops": [{"name": name[:160], "ms_per_step": total / 1e3 / steps, "calls_per_step": calls[name] / steps}
+                    for name, total in totals.most_common(top)],
+        }
+    return summary
 
 
 def format_result(result: dict) -> str:
@@ -286,6 +368,8 @@ def format_result(result: dict) -> str:
         f"  matmul peak         {result['matmul_peak_flops_per_device'] / 1e9:.1f} GFLOP/s per device "
         f"({result['matmul_size']}^2, {result['dtype']})",
     ]
+    if result.get("first_step_loss") is not None:
+        lines.append(f"  first-step loss     {result['first_step_loss']:.4f}")
     if "model_flops_per_step" in result:
         lines += [
             f"  model FLOPs/step    {result['model_flops_per_step'] / 1e9:.1f} GFLOP (XLA cost analysis)",
@@ -294,6 +378,10 @@ def format_result(result: dict) -> str:
         ]
     else:
         lines.append("  model FLOPs/step    unavailable (no XLA cost analysis on this backend)")
+    for thread, profile in (result.get("profile") or {}).items():
+        lines.append(f"  profile [{thread}]: busy {profile['busy_ms_per_step']:.2f} ms of a {profile['span_ms_per_step']:.2f} ms "
+                     f"span per step, {profile['events_per_step']:.0f} events")
+        lines += [f"    {op['ms_per_step']:8.3f} ms  x{op['calls_per_step']:<5.0f} {op['name']}" for op in profile["ops"][:12]]
     return "\n".join(lines)
 
 
@@ -304,14 +392,14 @@ def main(argv):
     from amvlm_jax.train.parallel import initialize_distributed
 
     if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+        logging.set_verbosity(logging.ERROR)
     config = flags.FLAGS.config
     mode = flags.FLAGS.mode or config.mode
     if mode not in MODES:
         sys.exit(f"error: --mode must be one of {', '.join(MODES)}, got '{mode}'")
     try:
         initialize_distributed(config)
-        result = run_benchmark(config, mode, flags.FLAGS.steps, flags.FLAGS.warmup)
+        result = run_benchmark(config, mode, flags.FLAGS.steps, flags.FLAGS.warmup, flags.FLAGS.profile)
     except ConfigError as e:
         sys.exit(f"error: {e}")
     print(json.dumps(result, indent=2) if flags.FLAGS.json else format_result(result))
@@ -326,6 +414,7 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Experiment file, optionally ':variant'.")
     flags.DEFINE_enum("mode", None, list(MODES), "Step to time (default: config.mode).")
     flags.DEFINE_integer("steps", 5, "Timed steps.")
-    flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
+    flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation (at least one is run).")
     flags.DEFINE_bool("json", False, "Print the measurements as JSON.")
+    flags.DEFINE_string("profile", "", "Trace a few more steps into this folder and summarise device time per op.")
     app.run(main)

@@ -33,6 +33,32 @@ _LN_EPS = 1e-6
 _dense_init = nn.initializers.truncated_normal(stddev=0.02)
 
 
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches, each projected linearly: (B, H, W, C) -> (B, P, width).
+
+    The same function and parameters (kernel (p, p, C, width), bias) as a
+    convolution with stride p, computed as one matmul over the flattened
+    patches: the weight gradient of a stride-16 convolution over 3 input
+    channels is a slow kernel on GPUs. P = (H / p) * (W / p), row-major.
+    """
+
+    width: int
+    patch_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        batch, height, width_px, channels = images.shape
+        p = self.patch_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, channels, self.width), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.width,), jnp.float32)
+        rows, cols = height // p, width_px // p
+        patches = images.reshape(batch, rows, p, cols, p, channels).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(batch, rows * cols, p * p * channels)
+        out = patches @ kernel.reshape(p * p * channels, self.width).astype(self.dtype)
+        return out + bias.astype(self.dtype)
+
+
 class ViTAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
@@ -139,11 +165,8 @@ class ViT(nn.Module):
         std = jnp.asarray(self.pixel_std, jnp.float32)
         x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
 
-        x = nn.Conv(self.width, (self.patch_size, self.patch_size),
-                    strides=(self.patch_size, self.patch_size), padding="VALID",
-                    dtype=self.dtype, param_dtype=jnp.float32, name="patch_embed")(x)
-        num_patches = x.shape[1] * x.shape[2]
-        x = x.reshape(batch, num_patches, self.width)
+        x = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")(x)
+        num_patches = x.shape[1]
 
         cls_token = self.param("cls_token", nn.initializers.truncated_normal(1e-6),
                                (1, 1, self.width), jnp.float32)
