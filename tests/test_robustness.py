@@ -67,3 +67,73 @@ def test_ctrl_c_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path,
     assert whole_step == cut_step == 6 and whole_meta == cut_meta
     for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(cut_params)):
         np.testing.assert_array_equal(a, b)
+
+
+# Pre-training: 16 pairs, batch 8, 3 epochs of 2 steps, a checkpoint after each.
+PRETRAIN = {"pretrain.checkpoint_every_epochs": 1}
+
+@pytest.fixture(scope="module")
+def pretrain_step():
+    from amvlm_jax.train import pretrain
+
+    from conftest import tiny_pretrain_config
+
+    config = tiny_pretrain_config(**PRETRAIN)
+    model = pretrain.build_model(config, pretrain.text_encoder_config(config))
+    return pretrain.make_train_step(model, config, steps_per_epoch=2)
+
+
+def _latest_pretrain(run_dir):
+    from amvlm_jax.train import pretrain
+
+    from conftest import tiny_pretrain_config
+
+    config = tiny_pretrain_config(**PRETRAIN)
+    model = pretrain.build_model(config, pretrain.text_encoder_config(config))
+    abstract = jax.eval_shape(lambda: pretrain.create_state(config, model, config.pretrain.image_size))
+    manager = checkpoint.RunCheckpoints(run_dir)
+    restored, meta = manager.restore_latest(abstract)
+    step = manager.latest.latest_step()
+    manager.close()
+    return step, jax.device_get(restored.params), meta
+
+
+def test_pretraining_nan_guard_and_ctrl_c_resume(tmp_path, monkeypatch, pretrain_step):
+    from amvlm_jax.train import pretrain
+
+    from conftest import tiny_pretrain_config
+
+    def patched(step_fn):
+        monkeypatch.setattr(pretrain, "make_train_step", lambda model, config, steps_per_epoch: step_fn)
+
+    def with_nan(state, batch):
+        state, metrics = pretrain_step(state, batch)
+        if int(state.step) == 3:
+            metrics = dict(metrics, loss=jnp.float32(jnp.inf))
+        return state, metrics
+
+    patched(with_nan)
+    with pytest.raises(TrainingError, match="loss is inf at step 3"):
+        pretrain.train(tiny_pretrain_config(**PRETRAIN), tmp_path / "nan")
+    step, _, meta = _latest_pretrain(tmp_path / "nan" / "pretrain")
+    assert step == 2 and meta["epoch"] == 1
+
+    patched(pretrain_step)
+    pretrain.train(tiny_pretrain_config(**PRETRAIN), tmp_path / "whole")
+
+    def interrupted_at_3(state, batch):
+        if int(state.step) == 3:
+            raise KeyboardInterrupt
+        return pretrain_step(state, batch)
+
+    patched(interrupted_at_3)
+    with pytest.raises(KeyboardInterrupt, match="saved .*latest/3"):
+        pretrain.train(tiny_pretrain_config(**PRETRAIN), tmp_path / "cut")
+    assert _latest_pretrain(tmp_path / "cut" / "pretrain")[0] == 3  # Mid-epoch: saved by the interrupt.
+    patched(pretrain_step)
+    pretrain.train(tiny_pretrain_config(**PRETRAIN), tmp_path / "cut")
+    whole_step, whole_params, _ = _latest_pretrain(tmp_path / "whole" / "pretrain")
+    cut_step, cut_params, _ = _latest_pretrain(tmp_path / "cut" / "pretrain")
+    assert whole_step == cut_step == 6
+    for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(cut_params)):
+        np.testing.assert_array_equal(a, b)

@@ -37,23 +37,38 @@ from amvlm_jax.losses.contrastive import as_float32
 _TINY = 1e-12
 
 
-def variance_token_weights(similarity: jnp.ndarray, token_mask: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+INVERSIONS = ("reciprocal", "complement", "none")
+
+
+def variance_token_weights(similarity: jnp.ndarray, token_mask: Optional[jnp.ndarray] = None,
+                           inversion: str = "reciprocal") -> jnp.ndarray:
     """Token weights from the batch variance of their similarities.
 
     Args:
       similarity: (B, N, B) raw dot products tokens[b, n] . globals[j]
         (B >= 2 for an unbiased variance).
       token_mask: optional (B, N) binary mask of real tokens.
+      inversion: how the L2-normalised variance x is "inverted" before the
+        min-max scaling: 'reciprocal' 1 / x, 'complement' 1 - x (weights
+        fall linearly with the variance), 'none' x (the most discriminative
+        tokens weigh most).
 
     Returns:
       (B, N) float32 weights in [0, 1], 0 at padding; no gradient.
     """
+    if inversion not in INVERSIONS:
+        raise ValueError(f"inversion must be one of {INVERSIONS}, got {inversion!r}")
     similarity = jax.lax.stop_gradient(as_float32(similarity))
     is_real = jnp.ones(similarity.shape[:2], bool) if token_mask is None else jnp.asarray(token_mask).astype(bool)
     variance = jnp.where(is_real, jnp.var(similarity, axis=-1, ddof=1), 0.0)
     norm = jnp.sqrt(jnp.sum(jnp.square(variance), axis=-1, keepdims=True))
     normalised = variance / jnp.maximum(norm, _TINY)
-    inverted = 1.0 / jnp.maximum(normalised, _TINY)
+    if inversion == "reciprocal":
+        inverted = 1.0 / jnp.maximum(normalised, _TINY)
+    elif inversion == "complement":
+        inverted = 1.0 - normalised
+    else:
+        inverted = normalised
     has_real = jnp.any(is_real, axis=-1, keepdims=True)
     low = jnp.min(jnp.where(is_real, inverted, jnp.inf), axis=-1, keepdims=True)
     high = jnp.max(jnp.where(is_real, inverted, -jnp.inf), axis=-1, keepdims=True)
@@ -63,7 +78,7 @@ def variance_token_weights(similarity: jnp.ndarray, token_mask: Optional[jnp.nda
     return jnp.where(is_real, scaled, 0.0)
 
 
-def _token_to_global_terms(tokens, globals_, token_mask, temperature):
+def _token_to_global_terms(tokens, globals_, token_mask, temperature, inversion):
     """Weighted per-token cross-entropies summed over the batch, and the mask."""
     tokens, globals_ = as_float32(tokens), as_float32(globals_)
     batch, num_tokens, _ = tokens.shape
@@ -71,7 +86,7 @@ def _token_to_global_terms(tokens, globals_, token_mask, temperature):
     log_probs = jax.nn.log_softmax(similarity / temperature, axis=-1)
     own_index = jnp.broadcast_to(jnp.arange(batch)[:, None, None], (batch, num_tokens, 1))
     cross_entropy = -jnp.take_along_axis(log_probs, own_index, axis=-1)[..., 0]  # (B, N)
-    weights = variance_token_weights(similarity, token_mask)
+    weights = variance_token_weights(similarity, token_mask, inversion)
     if token_mask is None:
         is_real = jnp.ones((batch, num_tokens), bool)
     else:
@@ -87,6 +102,7 @@ def local_alignment_loss(
     v: jnp.ndarray,
     word_mask: jnp.ndarray,
     temperature: float = 0.07,
+    inversion: str = "reciprocal",
 ) -> jnp.ndarray:
     """L_local = L_p2r + L_w2i, SPEC 3.3.
 
@@ -98,14 +114,15 @@ def local_alignment_loss(
       word_mask: (B, W) binary, 1 for real words; padding words never
         affect the loss.
       temperature: tau.
+      inversion: see ``variance_token_weights``.
 
     Returns:
       Scalar loss. L_p2r = sum_{b,p} w CE / (P B);
       L_w2i = sum over real words of w CE / (number of real words).
     """
     batch, num_patches, _ = V.shape
-    patch_sum, _ = _token_to_global_terms(V, t, None, temperature)
+    patch_sum, _ = _token_to_global_terms(V, t, None, temperature, inversion)
     patch_to_report = patch_sum / (batch * num_patches)
-    word_sum, is_real_word = _token_to_global_terms(T, v, word_mask, temperature)
+    word_sum, is_real_word = _token_to_global_terms(T, v, word_mask, temperature, inversion)
     word_to_image = word_sum / jnp.maximum(jnp.sum(is_real_word), 1)
     return patch_to_report + word_to_image

@@ -41,6 +41,7 @@ from amvlm_jax.models.bert import BertConfig
 from amvlm_jax.models.vit import vit_from_name
 from amvlm_jax.train import checkpoint, parallel
 from amvlm_jax.train.logging import MetricWriter
+from amvlm_jax.train.loop import check_finite
 from amvlm_jax.train.state import TrainState
 
 RETRIEVAL_KS = (1, 5)
@@ -149,8 +150,25 @@ def create_state(config, model: AMVLM, image_size: int, text_params=None, vit_pa
         # The momentum encoders start as copies of the online ones.
         ema = {"params": encoder_subset(params), "batch_stats": encoder_subset(batch_stats)}
         ema = jax.tree.map(jnp.array, ema)
-    tx = tx or optax.adam(config.pretrain.lr)
+    tx = tx or pretrain_optimizer(config, params)
     return TrainState.create(params, batch_stats, tx, ema=ema)
+
+
+IMAGE_MODULES = ("image_encoder", "image_global_head", "image_local_head")
+
+
+def pretrain_optimizer(config, params: dict) -> optax.GradientTransformation:
+    """Adam at pretrain.lr; the image encoder and its heads at pretrain.image_lr when that is set.
+
+    A ViT trained from scratch needs a larger step than a pre-trained text
+    encoder: with one small rate the text side alone fits the pairs.
+    """
+    pre = config.pretrain
+    if not pre.image_lr or pre.image_lr == pre.lr:
+        return optax.adam(pre.lr)
+    labels = {name: ("image" if name in IMAGE_MODULES else "rest") for name in params}
+    labels = {name: jax.tree.map(lambda _, label=label: label, params[name]) for name, label in labels.items()}
+    return optax.multi_transform({"image": optax.adam(pre.image_lr), "rest": optax.adam(pre.lr)}, labels)
 
 
 # ---------------------------------------------------------------------------
@@ -202,7 +220,8 @@ def amvlm_objective(outputs: dict, momentum_outputs: dict | None, config) -> tup
             word_weights, patch_weights, outputs["word_mask"], tau, word_pdt, patch_pdt,
         )
     if weights_["local"]:
-        terms["local"] = local_alignment_loss(outputs["V"], outputs["t"], outputs["T"], outputs["v"], outputs["word_mask"], tau)
+        terms["local"] = local_alignment_loss(outputs["V"], outputs["t"], outputs["T"], outputs["v"], outputs["word_mask"], tau,
+                                              pre.local_inversion)
     if weights_["icl"]:
         if momentum_outputs is None:
             raise ValueError("the ICL term needs the momentum encoders' outputs")
@@ -476,42 +495,58 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         print(f"resuming from {run_dir}/checkpoints/latest after epoch {meta['epoch']}")
 
     train_step = make_train_step(model, config, steps_per_epoch)
+    start_step = int(state.step)  # After Ctrl-C the run resumes mid-epoch.
     batches = pipeline.training_batches(
-        train_pairs, batch_size, seed=config.seed, start_step=meta["epoch"] * steps_per_epoch,
+        train_pairs, batch_size, seed=config.seed, start_step=start_step,
         with_mask=False, do_augment=False, worker_count=config.data.worker_count,
     )
     with_view = uses_momentum(config)
-    for epoch in range(meta["epoch"], pre.epochs):
-        started = time.time()
-        progress = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{pre.epochs}", leave=False)
-        step_metrics = []
-        for index in progress:
-            step = epoch * steps_per_epoch + index
-            batch = host_batch(next(batches), train_tokens, step, config.seed, with_view)
-            state, metrics_now = train_step(state, pipeline.to_global(mesh, batch))
-            step_metrics.append(metrics_now)
-            if (step + 1) % pre.log_every_steps == 0:
-                metrics_now = jax.device_get(metrics_now)
-                progress.set_postfix(loss=f"{float(metrics_now['loss']):.4f}")
-                writer.write(step + 1, {f"train/{k}": v for k, v in metrics_now.items()})
-        step_metrics = jax.device_get(step_metrics)
-        terms = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-        retrieval = evaluate_retrieval(encode, state, pair_sets, mesh, batch_size)
-        seconds = time.time() - started
-        meta |= {"epoch": epoch + 1, "seconds": meta["seconds"] + seconds, "final_retrieval": retrieval, "final_terms": terms}
-        if epoch == 0:
-            meta["first_epoch_terms"] = terms
-        writer.write((epoch + 1) * steps_per_epoch,
-                     {"epoch": epoch + 1, **{f"train/epoch_{k}": v for k, v in terms.items()}, **retrieval,
-                      "epoch_seconds": seconds})
-        # 'best' is simply the newest model: there is no selection criterion here.
-        last = epoch + 1 == pre.epochs
-        if last or (epoch + 1) % pre.checkpoint_every_epochs == 0:
-            checkpoints.save((epoch + 1) * steps_per_epoch, state, dict(meta), is_best=last)
-        tqdm.write(f"epoch {epoch + 1}: loss {terms['loss']:.4f} " + _format(retrieval) + f" [{seconds:.1f}s]")
-    checkpoints.wait()
-    checkpoints.close()
-    writer.close()
+    current = {"state": state}  # The newest state, also when an epoch is cut short.
+    try:
+        for epoch in range(start_step // steps_per_epoch, pre.epochs):
+            started = time.time()
+            first = int(current["state"].step) - epoch * steps_per_epoch
+            progress = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{pre.epochs}", leave=False)
+            step_metrics = []
+            for index in progress:
+                step = epoch * steps_per_epoch + index
+                batch = host_batch(next(batches), train_tokens, step, config.seed, with_view)
+                state, metrics_now = train_step(current["state"], pipeline.to_global(mesh, batch))
+                current["state"] = state
+                step_metrics.append(metrics_now)
+                if (step + 1) % pre.log_every_steps == 0:
+                    metrics_now = jax.device_get(metrics_now)
+                    check_finite(float(metrics_now["loss"]), step + 1, run_dir)
+                    progress.set_postfix(loss=f"{float(metrics_now['loss']):.4f}")
+                    writer.write(step + 1, {f"train/{k}": v for k, v in metrics_now.items()})
+            step_metrics = jax.device_get(step_metrics)
+            # Means over the steps this run took (all of them unless it resumed mid-epoch).
+            terms = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+            check_finite(terms["loss"], int(state.step), run_dir)
+            retrieval = evaluate_retrieval(encode, state, pair_sets, mesh, batch_size)
+            seconds = time.time() - started
+            meta |= {"epoch": epoch + 1, "seconds": meta["seconds"] + seconds, "final_retrieval": retrieval,
+                     "final_terms": terms}
+            if epoch == 0:
+                meta["first_epoch_terms"] = terms
+            writer.write((epoch + 1) * steps_per_epoch,
+                         {"epoch": epoch + 1, **{f"train/epoch_{k}": v for k, v in terms.items()}, **retrieval,
+                          "epoch_seconds": seconds})
+            # 'best' is simply the newest model: there is no selection criterion here.
+            last = epoch + 1 == pre.epochs
+            if last or (epoch + 1) % pre.checkpoint_every_epochs == 0:
+                checkpoints.save((epoch + 1) * steps_per_epoch, state, dict(meta), is_best=last)
+            tqdm.write(f"epoch {epoch + 1}: loss {terms['loss']:.4f} " + _format(retrieval) + f" [{seconds:.1f}s]")
+    except KeyboardInterrupt:
+        step = int(current["state"].step)
+        if checkpoints.latest.latest_step() != step:
+            checkpoints.save(step, current["state"], dict(meta), is_best=False)
+        checkpoints.wait()
+        raise KeyboardInterrupt(f"interrupted: saved {run_dir}/checkpoints/latest/{step}; run the same command to resume")
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+        writer.close()
     summary = {
         "objective": pre.objective,
         "epochs": meta["epoch"],
