@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     config.eval.checkpoint = ""  # Orbax checkpoint (step dir, manager dir or workdir); '' = workdir's best.
     config.eval.splits = ("val", "test")  # Splits evaluated; missing ones are reported and skipped.
+    # For a mean-teacher checkpoint also score its text masks, teacher and fused pseudo-labels
+    # against the held-back masks of the unlabeled images and on val (guidance.json).
+    config.eval.guidance = True
 
     # Vision-language pre-training (mode 'pretrain', SPEC sections 2-4): the
     # paper's values. Checkpoints go to <workdir>/pretrain/.
@@ -71,8 +74,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.pretrain.batch_size = 32
     config.pretrain.epochs = 100
     config.pretrain.lr = 3e-5  # Adam.
+    config.pretrain.image_lr = 0.0  # Adam rate of the image encoder and its heads; 0 = pretrain.lr.
     config.pretrain.temperature = 0.07
     config.pretrain.momentum = 0.995  # Momentum encoders' EMA.
+    # Local alignment weights (SPEC 3.3): how the normalised variance x is inverted: 'reciprocal' (1/x),
+    # 'complement' (1 - x) or 'none' (x); see losses/alignment.py.
+    config.pretrain.local_inversion = "reciprocal"
     config.pretrain.use_pdt = True  # False: CSS without the PDT constraint (MGCA's token-wise loss).
     config.pretrain.weights = ml_collections.ConfigDict(dict(ita=1.0, css=0.5, local=0.1, icl=0.1))  # 0 turns a term off.
     config.pretrain.mgca = ml_collections.ConfigDict(
@@ -100,6 +107,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.ssl.train_decoder = True  # Train the text-mask decoder on L_tg (its own Adam).
     config.ssl.decoder_lr = 1e-4
     config.ssl.pretrained = ""  # Pre-training workdir or checkpoint; '' = <workdir>/pretrain.
+    # BatchNorm of the teacher's predictions: 'batch' (statistics of the unlabeled batch, as the authors'
+    # code) or 'ema' (its EMA running statistics, SPEC 6 as written; see ssl.teacher_probabilities).
+    config.ssl.teacher_norm = "batch"
+    # > 0: every text mask is replaced by this constant probability (a control: the fusion's mean
+    # shift without any location information).
+    config.ssl.constant_text_mask = 0.0
+    # Student loss: 1 and 0 give SPEC 6's loss over the concatenated batch; otherwise loss(labeled) +
+    # w(t) loss(unlabeled), w ramping up to unlabeled_weight over rampup_epochs (exp(-5 (1 - t/T)^2)).
+    config.ssl.unlabeled_weight = 1.0
+    config.ssl.rampup_epochs = 0.0
 
     # Devices form a (data, fsdp) mesh; every batch is split over both axes.
     config.mesh = ml_collections.ConfigDict()
@@ -132,5 +149,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.data.image_size must be a multiple of 16, got {config.data.image_size}")
     if config.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config.dtype must be 'float32' or 'bfloat16', got '{config.dtype}'")
+    if config.ssl.teacher_norm not in ("batch", "ema"):
+        raise ConfigError(f"config.ssl.teacher_norm must be 'batch' or 'ema', got '{config.ssl.teacher_norm}'")
     if config.train.batch_size < 1 or config.train.epochs < 1:
         raise ConfigError("config.train.batch_size and config.train.epochs must be positive")

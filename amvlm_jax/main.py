@@ -77,9 +77,13 @@ def run(config, workdir: str | pathlib.Path) -> dict:
 
         return supervised.train(config, workdir)
     if config.mode == "evaluate":
-        from amvlm_jax.train import supervised
+        from amvlm_jax.train import checkpoint, ssl, supervised
 
-        return supervised.evaluate_checkpoint(config, workdir, config.eval.checkpoint)
+        results = supervised.evaluate_checkpoint(config, workdir, config.eval.checkpoint)
+        source = config.eval.checkpoint or pathlib.Path(workdir)
+        if config.eval.guidance and "ema" in checkpoint.saved_entries(source):  # A mean-teacher checkpoint.
+            ssl.evaluate_guidance(config, workdir, config.eval.checkpoint or str(source))
+        return results
     if config.mode == "pretrain":
         from amvlm_jax.train import pretrain
 
@@ -105,7 +109,7 @@ def main(argv):
     from amvlm_jax.train.loop import TrainingError
 
     if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+        logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes, and warns on every read-only restore.
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     logging.info("workdir %s\n%s", workdir, config)

@@ -37,3 +37,30 @@ def dice_iou_per_image(predicted: jax.Array, truth: jax.Array, num_classes: int)
 def summarize(dice: np.ndarray, iou: np.ndarray) -> dict:
     """Mean Dice and mIoU in percent, as the paper's tables report them."""
     return {"dice": float(np.mean(dice) * 100.0), "miou": float(np.mean(iou) * 100.0), "images": int(len(dice))}
+
+
+def foreground_histograms(probability: jax.Array, truth: jax.Array, valid: jax.Array, bins: int) -> tuple[jax.Array, jax.Array]:
+    """Pixel counts of foreground probabilities in `bins` equal bins over [0, 1].
+
+    probability (B, H, W) in [0, 1]; truth (B, H, W) bool foreground; valid
+    (B,) bool (padding rows count nowhere). Returns (positive counts,
+    negative counts), each (bins,) float32: the sufficient statistics of a
+    pixel AUROC that can be summed over batches and devices.
+    """
+    index = jnp.clip(jnp.floor(probability * bins).astype(jnp.int32), 0, bins - 1).reshape(-1)
+    weight = jnp.broadcast_to(valid[:, None, None], truth.shape).astype(jnp.float32)
+    positive = (truth.astype(jnp.float32) * weight).reshape(-1)
+    negative = ((1.0 - truth.astype(jnp.float32)) * weight).reshape(-1)
+    zeros = jnp.zeros((bins,), jnp.float32)
+    return zeros.at[index].add(positive), zeros.at[index].add(negative)
+
+
+def auroc_from_histograms(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve from binned scores: P(pos > neg) + P(same bin) / 2; NaN without both classes."""
+    positive = np.asarray(positive, np.float64)
+    negative = np.asarray(negative, np.float64)
+    total_pos, total_neg = positive.sum(), negative.sum()
+    if total_pos == 0 or total_neg == 0:
+        return float("nan")
+    negatives_below = np.cumsum(negative) - negative
+    return float(np.sum(positive * (negatives_below + 0.5 * negative)) / (total_pos * total_neg))

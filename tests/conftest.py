@@ -56,6 +56,8 @@ def tiny_synthetic_config(**overrides):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
+    config.mode = "supervised"
+    config.data.labeled_fraction = 1.0
     config.data.image_size = 64
     config.data.synthetic.num_train = 16
     config.data.synthetic.num_val = 8

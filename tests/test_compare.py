@@ -63,3 +63,45 @@ def test_compare_table_and_pooling(tmp_path, capsys):
 def test_compare_rejects_missing_results(tmp_path):
     with pytest.raises(SystemExit, match="no per-image results"):
         compare.compare([str(tmp_path)], "test")
+
+
+def _ablation_tool():
+    spec = importlib.util.spec_from_file_location("ablation", REPO_ROOT / "tools" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_rows_pretrainings_and_table(tmp_path):
+    import json
+
+    from conftest import tiny_synthetic_config
+
+    ablation = _ablation_tool()
+    base = tiny_synthetic_config()
+    keys = {row: ablation.pretrain_key(ablation.row_config(base, row, 0, tmp_path)) for row in ablation.ROWS}
+    # +CSS+ICL and +CSS+ICL+L_tg share the full pre-training; +CSS and +ICL each drop one term.
+    assert keys["+CSS"] == "pretrain_ita_css_local" and keys["+ICL"] == "pretrain_ita_local_icl"
+    assert keys["+CSS+ICL"] == keys["+CSS+ICL+L_tg"] == "pretrain_ita_css_local_icl"
+    mt = ablation.row_config(base, "MT", 1, tmp_path)
+    assert mt.ssl.w_text == 0 and not mt.ssl.train_decoder and mt.seed == 1
+    assert mt.data.root == str(tmp_path / "data")  # One copy of the synthetic data for every row.
+    assert ablation.row_config(base, "+CSS+ICL+L_tg", 0, tmp_path).ssl.train_decoder
+
+    dice = {"MT": [[60, 70, 80, 65], [61, 69, 79, 66]], "+CSS": [[66, 75, 84, 70], [64, 72, 83, 69]]}
+    runs = {}
+    for row, per_seed in dice.items():
+        runs[row] = []
+        for seed, values in enumerate(per_seed):
+            run = tmp_path / f"{row}_seed{seed}"
+            _write(run, values)
+            results = {"val": {"dice": 50.0 + seed, "miou": 40.0, "images": 4},
+                       "test": {"dice": float(np.mean(values)), "miou": float(np.mean(values)) / 2, "images": 4}}
+            (run / "results.json").write_text(json.dumps(results))
+            runs[row].append(str(run))
+    table, text = ablation.summarize(runs, tmp_path)
+    assert table[0]["val_dice"] == pytest.approx(50.5) and table[0]["test_dice"] == pytest.approx(np.mean(dice["MT"]))
+    expected = stats.ttest_rel(sum(dice["+CSS"], []), sum(dice["MT"], [])).pvalue
+    assert table[1]["p"] == pytest.approx(expected) and "p" not in table[0]
+    assert (tmp_path / "ablation.md").read_text().startswith("| row | val Dice")
+    assert json.loads((tmp_path / "ablation.json").read_text())["rows"][1]["row"] == "+CSS"

@@ -96,15 +96,23 @@ def test_two_processes_train_as_one_process_with_eight_devices(tmp_path):
     for i in range(2):
         got = dict(np.load(tmp_path / f"{i}.npz"))
         assert set(got) == set(expected)
+        # The first pre-training step starts from equal parameters: its loss agrees to float32
+        # rounding. Later losses follow parameters that already differ by summation order (~1e-6),
+        # and the local-alignment weights (a min-max of reciprocal variances) can move by more than
+        # that; the SSMIS steps read text masks of those pre-trained encoders. Hence 1e-4 there.
+        np.testing.assert_allclose(got["pretrain_losses"][0], expected["pretrain_losses"][0], rtol=1e-5)
         for name in ("pretrain_losses", "ssl_losses"):
-            np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, err_msg=name)
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, err_msg=name)
         # L_tg reads the pre-trained encoders, whose parameters already differ by
         # cross-process summation order (~1e-6), through a learned logit scale.
         np.testing.assert_allclose(got["ssl_tg_losses"], expected["ssl_tg_losses"], rtol=1e-4)
         # Parameters are initialised at scale ~0.02; gradients of the contrastive terms are sums
         # with cancellation, so summation order moves single weights by up to ~1e-6 after 3 steps.
+        # The decoder's Adam steps divide L_tg's gradients, which read those encoders, by their own
+        # running RMS: a difference of ~1e-6 in a small gradient moves a gate by up to ~3e-5.
         for name, value in expected.items():
-            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+            atol = 1e-4 if name.startswith("ssl_decoder") else 1e-5
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=atol, err_msg=name)
     assert np.all(np.isfinite(expected["ssl_tg_losses"]))
     # The steps trained: the decoder moved away from its initialisation.
     assert any(np.abs(v).max() > 0 for k, v in expected.items() if k.startswith("ssl_decoder") and "gate" in k)

@@ -64,3 +64,25 @@ def test_against_sklearn_on_random_masks(num_classes):
 def test_summarize_reports_percent():
     summary = metrics.summarize(np.array([0.5, 1.0]), np.array([0.25, 0.75]))
     assert summary == {"dice": 75.0, "miou": 50.0, "images": 2}
+
+
+def test_pixel_auroc_from_histograms_matches_sklearn():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    bins = 50
+    truth = rng.random((3, 8, 8)) < 0.3
+    # Scores on bin centres, higher on positives, with ties inside bins.
+    scores = np.clip(0.35 * truth + rng.random((3, 8, 8)) * 0.65, 0, 0.999)
+    scores = (np.floor(scores * bins) + 0.5) / bins
+    valid = np.array([True, True, False])  # The padding row counts nowhere.
+    positive, negative = metrics.foreground_histograms(scores, truth, valid, bins)
+    assert float(np.sum(positive) + np.sum(negative)) == 2 * 64
+    expected = sklearn_metrics.roc_auc_score(truth[:2].ravel(), scores[:2].ravel())
+    assert metrics.auroc_from_histograms(positive, negative) == pytest.approx(expected, abs=1e-9)
+
+
+def test_pixel_auroc_hand_cases():
+    assert metrics.auroc_from_histograms([0, 0, 2], [3, 0, 0]) == 1.0  # perfect separation
+    assert metrics.auroc_from_histograms([1, 0], [1, 0]) == 0.5  # all tied
+    assert metrics.auroc_from_histograms([2, 0], [0, 2]) == 0.0  # inverted
+    assert np.isnan(metrics.auroc_from_histograms([0, 0], [1, 1]))  # no positives

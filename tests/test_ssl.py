@@ -14,7 +14,9 @@ from amvlm_jax.losses.segmentation import segmentation_loss
 from amvlm_jax.train import checkpoint, ssl, supervised
 from amvlm_jax.train.parallel import make_mesh, replicate
 
-from conftest import tiny_pretrain_config, tiny_synthetic_config
+from conftest import REPO_ROOT, tiny_pretrain_config, tiny_synthetic_config
+
+TOOLS = REPO_ROOT / "tools"
 
 
 def _batch(config, seed):
@@ -46,7 +48,8 @@ def test_vision_only_step_uses_teacher_pseudo_labels_and_moves_teacher_by_ema(vi
     # The loss the step reports, recomputed independently from the initial variables.
     x_l = batch["image"].astype(np.float32) / 255
     x_u = batch["unlabeled_image"].astype(np.float32) / 255
-    teacher_logits = model.apply(jax.device_get(state.ema), x_u, train=False)
+    # The teacher normalises with the statistics of the unlabeled batch (ssl.teacher_norm = 'batch').
+    teacher_logits, _ = model.apply(jax.device_get(state.ema), x_u, train=True, mutable=["batch_stats"])
     pseudo = jax.nn.sigmoid(teacher_logits[..., 0])
     student_logits, _ = model.apply(
         {"params": state.params, "batch_stats": state.batch_stats}, np.concatenate([x_l, x_u]), train=True,
@@ -68,18 +71,57 @@ def test_vision_only_step_uses_teacher_pseudo_labels_and_moves_teacher_by_ema(vi
         np.testing.assert_allclose(after, alpha * before + (1 - alpha) * s, rtol=1e-6, atol=1e-7)
 
 
+def test_unlabeled_weight_ramps_up_and_splits_the_student_loss():
+    from amvlm_jax.losses.text_guided import unlabeled_weight
+
+    assert float(unlabeled_weight(0, 0.5, 0)) == 0.5  # No ramp-up: the weight itself.
+    assert float(unlabeled_weight(0, 0.5, 10)) == pytest.approx(0.5 * np.exp(-5.0))
+    assert float(unlabeled_weight(5, 0.5, 10)) == pytest.approx(0.5 * np.exp(-1.25))
+    assert float(unlabeled_weight(30, 0.5, 10)) == pytest.approx(0.5)
+
+    # rampup_epochs = 2 at 3 steps per epoch: the first update weighs the unlabeled half by exp(-5).
+    config = tiny_synthetic_config(**{
+        "mode": "ssl", "ssl.w_text": 0.0, "ssl.train_decoder": False, "ssl.rampup_epochs": 2.0,
+    })
+    model = supervised.build_unet(config)
+    step = ssl.make_ssl_step(config, model, None, None, steps_per_epoch=3)
+    mesh = make_mesh(config, jax.devices()[:1])
+    state = replicate(mesh, ssl.create_state(config, model, None, steps_per_epoch=3)[0])
+    batch = _batch(config, 0)
+    x_l = batch["image"].astype(np.float32) / 255
+    x_u = batch["unlabeled_image"].astype(np.float32) / 255
+    teacher_logits, _ = model.apply(jax.device_get(state.ema), x_u, train=True, mutable=["batch_stats"])
+    logits, _ = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, np.concatenate([x_l, x_u]), train=True,
+        mutable=["batch_stats"],
+    )
+    n = x_l.shape[0]
+    expected = segmentation_loss(logits[:n], batch["mask"].astype(np.float32)) + np.exp(-5.0) * segmentation_loss(
+        logits[n:], jax.nn.sigmoid(teacher_logits[..., 0])
+    )
+    _, metrics = step(state, None, pipeline.to_global(mesh, batch))
+    assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_ssl_needs_pretrained_encoders_for_text(tmp_path):
     config = tiny_pretrain_config(**{"mode": "ssl", "data.labeled_fraction": 0.5})
     with pytest.raises(ConfigError, match="no pre-trained encoders"):
         ssl.train(config, tmp_path)
 
 
-def test_all_mode_pretrains_then_trains_text_guided_and_resumes(tmp_path):
+@pytest.fixture(scope="module")
+def all_run(tmp_path_factory):
+    """A tiny 'all' run (pre-training, text-guided SSMIS, evaluation), shared by the tests below."""
+    workdir = tmp_path_factory.mktemp("all_run")
     config = tiny_pretrain_config(**{
         "mode": "all", "pretrain.epochs": 1, "train.epochs": 2, "data.labeled_fraction": 0.5,
         "ssl.decoder_lr": 1e-2,
     })
-    results = main.run(config, tmp_path)
+    return config, workdir, main.run(config, workdir)
+
+
+def test_all_mode_pretrains_then_trains_text_guided_and_resumes(all_run):
+    config, tmp_path, results = all_run
     assert (tmp_path / "pretrain" / "summary.json").is_file()
     assert json.loads((tmp_path / "results.json").read_text()) == results
     assert results["val"]["images"] == 8 and 0.0 <= results["val"]["dice"] <= 100.0
@@ -99,3 +141,131 @@ def test_all_mode_pretrains_then_trains_text_guided_and_resumes(tmp_path):
     assert gates and all(g != 0.0 for g in gates)
     # Running again resumes both stages and trains no further epoch.
     assert main.run(config, tmp_path) == results
+    # Pictures of the last epoch (image, truth, prediction, pseudo-label, text mask) and the curves.
+    assert (tmp_path / "pictures" / "epoch_0002.png").is_file() and (tmp_path / "curves.png").is_file()
+
+
+def test_pseudo_label_scores_and_evaluation_round_trip(all_run):
+    config, tmp_path, results = all_run
+    # How good are the pseudo-labels: text masks, teacher and fused labels on the 8 unlabeled images and on val.
+    guidance = json.loads((tmp_path / "guidance.json").read_text())
+    assert guidance["unlabeled"]["images"] == 8 and guidance["val"]["images"] == 8
+    for split in ("unlabeled", "val"):
+        for name in ssl.GUIDANCE_MAPS:
+            values = guidance[split][name]
+            assert 0.0 <= values["dice"] <= 100.0 and 0.0 <= values["miou"] <= values["dice"] + 1e-6
+            assert 0.0 <= values["auroc"] <= 100.0
+    rows = (tmp_path / "per_image_guidance_unlabeled.csv").read_text().splitlines()
+    assert rows[0] == "file,text_mask_dice,teacher_dice,pseudo_label_dice" and len(rows) == 9
+    per_image = np.array([[float(x) for x in row.split(",")[1:]] for row in rows[1:]])
+    np.testing.assert_allclose(per_image.mean(0), [guidance["unlabeled"][n]["dice"] for n in ssl.GUIDANCE_MAPS], atol=1e-3)
+
+    # Evaluating the checkpoint later gives the same numbers, pseudo-labels included.
+    (tmp_path / "guidance.json").unlink()
+    evaluate_config = config.copy_and_resolve_references()
+    evaluate_config.mode = "evaluate"
+    assert main.run(evaluate_config, tmp_path) == results
+    assert json.loads((tmp_path / "guidance.json").read_text()) == guidance
+
+
+def test_uncertainty_analysis_scores_match_the_model(all_run):
+    import importlib.util
+
+    config, tmp_path, _ = all_run
+    spec = importlib.util.spec_from_file_location("uncertainty_tool", TOOLS / "uncertainty.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    result = tool.analyse(config, tmp_path, "val", "", "", count=3)
+    part1, part2 = result["image_vs_reports"], result["report_vs_images"]
+    assert len(part1) == 3 and part1[0]["own"] and len({r["label"] for r in part1}) == 3
+    assert part2[0]["label"] == result["image"] and part2[0]["own"]
+    for row in part1 + part2:
+        assert -1.0 <= row["global"] <= 1.0 and row["report_variance"] > 0 and row["image_variance"] > 0
+        # c < 1 moves every token similarity towards 1: with PDT never below without.
+        assert row["tokens_pdt"] >= row["tokens"] - 1e-6
+        assert 0.73 <= row["pdt_factor"] <= 1.0 + 1e-6  # c = sigmoid(W2 / sem) with W2 >= sem.
+    # The image's own pair, recomputed with the model and numpy.
+    model, variables, tokenizer, size = tool.load_model(config, tmp_path)
+    from amvlm_jax.data import folders
+    split = folders.load_split(tmp_path / "data", "val", image_size=size, with_masks=False)
+    row = split.names.index(result["image"])
+    out = jax.device_get(model.apply(variables, split.images[row:row + 1] / 255.0, tokenizer([split.reports[row]]),
+                                     train=False, with_pdt=True))
+    assert part1[0]["global"] == pytest.approx(float(np.sum(out["v"] * out["t"])), abs=1e-5)
+    mask = out["word_mask"][0] > 0
+    word_cos = np.sum(out["T"][0] * out["word_context"][0], -1)[mask]
+    attention = out["word_attention"][0][mask]
+    low, high = np.quantile(attention, [0.1, 0.9])
+    weights = np.clip(attention, low, high) / np.clip(attention, low, high).sum()
+    patch_cos = np.sum(out["V"][0] * out["patch_context"][0], -1)
+    attention = out["patch_attention"][0]
+    low, high = np.quantile(attention, [0.1, 0.9])
+    patch_weights = np.clip(attention, low, high) / np.clip(attention, low, high).sum()
+    expected = 0.5 * (np.sum(weights * word_cos) + np.sum(patch_weights * patch_cos))
+    assert part1[0]["tokens"] == pytest.approx(float(expected), abs=1e-4)
+    tool.plot(result, tmp_path / "uncertainty.png")
+    assert (tmp_path / "uncertainty.png").stat().st_size > 10_000
+
+
+def test_teacher_norm_batch_uses_batch_statistics_and_ema_uses_running_ones(vision_only):
+    config, model, _ = vision_only
+    variables = supervised.init_variables(config, model)
+    # Running statistics far from those of the batch, as early in training.
+    variables = {"params": variables["params"],
+                 "batch_stats": jax.tree.map(lambda x: x + 3.0, variables["batch_stats"])}
+    images = np.random.default_rng(0).random((4, 64, 64, 3)).astype(np.float32)
+    with_batch = ssl.teacher_probabilities(model, variables, images, 1, "batch")
+    with_ema = ssl.teacher_probabilities(model, variables, images, 1, "ema")
+    expected_batch, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    expected_ema = model.apply(variables, images, train=False)
+    np.testing.assert_allclose(with_batch, jax.nn.sigmoid(expected_batch[..., 0]), rtol=1e-6)
+    np.testing.assert_allclose(with_ema, jax.nn.sigmoid(expected_ema[..., 0]), rtol=1e-6)
+    assert not np.allclose(with_batch, with_ema, atol=1e-3)
+
+
+def test_text_mask_tool_scores_pretrained_masks(all_run):
+    import importlib.util
+
+    from amvlm_jax.data import folders, synthetic
+
+    config, tmp_path, _ = all_run
+    spec = importlib.util.spec_from_file_location("text_masks_tool", TOOLS / "text_masks.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    mesh = make_mesh(config, jax.devices()[:1])
+    guidance = ssl.TextGuidance(config, tmp_path, mesh)
+    split = folders.load_split(tmp_path / "data", "val", image_size=config.data.image_size)
+    result = tool.score_split(config, guidance, split, "val", batch_size=8)
+    assert result["images"] == 8 and 0.0 <= result["auroc"] <= 100.0 and 0.0 <= result["dice"] <= 100.0
+    assert 0.0 <= result["p_text_lesion"] <= 1.0 and set(result["own_similarity_by_cell"]) <= {"lesion", "distractor", "empty"}
+
+    # Cell grouping by hand: a 3x3 patch grid on a 96-pixel image puts one patch in each grid cell.
+    names = ["syn_00000.png", "syn_00001.png"]
+    maps = np.zeros((2, 3, 3, 2), np.float32)
+    maps[..., 0] = np.arange(9, dtype=np.float32).reshape(3, 3)  # V . t = 3 * row + col with t = (1, 0).
+    reports = np.tile(np.array([[1.0, 0.0]], np.float32), (2, 1))
+    got = tool.cell_similarities(maps, reports, names, "val", seed=0, image_size=96)
+    expected = {"lesion": [], "distractor": [], "empty": []}
+    for index in range(2):
+        sample = synthetic.render_sample(0, "val", index, 96)
+        for r in range(3):
+            for c in range(3):
+                kind = "lesion" if (r, c) in sample.lesion_cells else "distractor" if (r, c) in sample.distractor_cells else "empty"
+                expected[kind].append(3 * r + c)
+    assert got == pytest.approx({k: float(np.mean(v)) for k, v in expected.items()})
+
+
+def test_constant_text_mask_control_keeps_l_tg_and_removes_location(all_run):
+    config, tmp_path, _ = all_run
+    mesh = make_mesh(config, jax.devices()[:1])
+    guidance = ssl.TextGuidance(config, tmp_path, mesh)
+    trained = {"decoder": guidance.init_decoder(jax.random.PRNGKey(0)), "log_scale": jnp.float32(2.0)}
+    from amvlm_jax.data import folders
+    split = folders.load_split(tmp_path / "data", "val", image_size=config.data.image_size)
+    images = split.images[:4].astype(np.float32) / 255.0
+    tokens = guidance.tokenizer(split.reports[:4])
+    loss, masks = ssl.text_mask_outputs(guidance, trained, guidance.variables, images, tokens)
+    loss_c, masks_c = ssl.text_mask_outputs(guidance, trained, guidance.variables, images, tokens, constant=0.4)
+    assert float(loss_c) == pytest.approx(float(loss))
+    np.testing.assert_array_equal(masks_c["p_text"], np.full(masks["p_text"].shape, 0.4, np.float32))
+    np.testing.assert_array_equal(masks_c["soft"], masks["soft"])

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER_NAME = "synthetic.json"
 GRID_SIZE = 3
 MIN_IMAGE_SIZE = 64
@@ -140,15 +140,15 @@ def _render_background(rng: np.random.Generator, size: int) -> tuple[np.ndarray,
     """Grey-level background in [0, 1] and the per-image RGB tint applied at the end."""
     coords = np.linspace(-1.0, 1.0, size)
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
-    level = rng.uniform(0.38, 0.55)
+    level = rng.uniform(0.42, 0.50)
     # Radial fall-off and a gentle tilt mimic exposure variation across a radiograph.
     vignette = -rng.uniform(0.08, 0.16) * (xx**2 + yy**2)
     tilt = rng.uniform(-0.05, 0.05) * xx + rng.uniform(-0.05, 0.05) * yy
-    low_frequency = 0.07 * _unit_noise(rng, (size, size), size / 10)
-    mid_frequency = 0.025 * _unit_noise(rng, (size, size), size / 40)
+    low_frequency = 0.012 * _unit_noise(rng, (size, size), size / 10)
+    mid_frequency = 0.008 * _unit_noise(rng, (size, size), size / 40)
     grain = 0.012 * _unit_noise(rng, (size, size), 0.6)
     grey = level + vignette + tilt + low_frequency + mid_frequency + grain
-    tint = np.array([1.0, 0.9, 0.82]) + rng.uniform(-0.04, 0.04, size=3)
+    tint = np.array([1.0, 0.9, 0.82]) + rng.uniform(-0.01, 0.01, size=3)
     return grey, tint
 
 
@@ -186,7 +186,7 @@ def _render_blob(
     dome = np.clip(1.0 - 0.3 * (radius / boundary) ** 2, 0.0, 1.0)
 
     # Same brightness distribution for lesions and distractors: only texture tells them apart.
-    contrast = rng.uniform(0.05, 0.15) * (1.0 if rng.random() < 0.75 else -1.0)
+    contrast = rng.uniform(0.12, 0.22) * (1.0 if rng.random() < 0.75 else -1.0)
     # Texture amplitudes are absolute and close to the background grain (std 0.012), so the
     # texture is a weak cue next to the blob body itself.
     pixel_scale = image_size / 128.0

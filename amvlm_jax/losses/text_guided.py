@@ -99,6 +99,18 @@ def ema_alpha(step) -> jnp.ndarray:
     return jnp.minimum(1.0 - 1.0 / (step + 1.0), EMA_MAX_ALPHA)
 
 
+def unlabeled_weight(step, weight: float, rampup_steps: int) -> jnp.ndarray:
+    """Weight of the unlabeled half of the student loss at update ``step`` (from 0).
+
+    weight * exp(-5 (1 - min(step / rampup_steps, 1))^2): the sigmoid-shaped
+    ramp-up of the original mean teacher; rampup_steps = 0 gives ``weight``.
+    """
+    if rampup_steps <= 0:
+        return jnp.asarray(weight, jnp.float32)
+    progress = jnp.clip(jnp.asarray(step, jnp.float32) / rampup_steps, 0.0, 1.0)
+    return weight * jnp.exp(-5.0 * (1.0 - progress) ** 2)
+
+
 def ema_update_teacher(student, teacher, alpha):
     """teacher <- alpha * teacher + (1 - alpha) * student for every leaf of a
     pytree (parameters and BatchNorm statistics alike)."""

@@ -67,6 +67,33 @@ def _restore(manager: ocp.CheckpointManager, step: int, state: Any) -> tuple[Any
     return restored.state, restored.meta
 
 
+def _open_step(path: str | pathlib.Path) -> tuple[ocp.CheckpointManager, int, pathlib.Path]:
+    """(read-only manager, step, folder) of a step folder, a manager folder (newest step) or a workdir (best, else latest)."""
+    path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if (path / "checkpoints").is_dir():  # A workdir: its best checkpoint, else its latest.
+        best = path / "checkpoints" / "best"
+        path = best if best.is_dir() and any(p.name.isdigit() for p in best.iterdir()) else path / "checkpoints" / "latest"
+    if (path / "state").is_dir() and path.name.isdigit():
+        return _manager(path.parent, read_only=True), int(path.name), path
+    manager = _manager(path, read_only=True)
+    step = manager.latest_step()
+    if step is None:
+        manager.close()
+        raise CheckpointError(f"{path}: holds no checkpoint step")
+    return manager, step, path
+
+
+def saved_entries(path: str | pathlib.Path) -> set[str]:
+    """Top-level entries of the train state saved at `path` (resolved as in ``restore_variables``) that hold values."""
+    manager, step, path = _open_step(path)
+    manager.close()
+    step_dir = path if path.name.isdigit() else path / str(step)
+    tree = ocp.StandardCheckpointer().metadata(step_dir.absolute() / "state").item_metadata
+    return {key for key, value in tree.items() if value is not None}
+
+
 def restore_variables(path: str | pathlib.Path, variables: dict) -> tuple[dict, dict, pathlib.Path]:
     """Restores a model's variables from any job's checkpoint.
 
@@ -76,20 +103,7 @@ def restore_variables(path: str | pathlib.Path, variables: dict) -> tuple[dict, 
     state are read (a mean-teacher checkpoint also holds the teacher and
     optimiser state). Returns (variables, meta, the step folder used).
     """
-    path = pathlib.Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    if (path / "checkpoints").is_dir():  # A workdir: its best checkpoint, else its latest.
-        best = path / "checkpoints" / "best"
-        path = best if best.is_dir() and any(p.name.isdigit() for p in best.iterdir()) else path / "checkpoints" / "latest"
-    if (path / "state").is_dir() and path.name.isdigit():
-        manager, step = _manager(path.parent, read_only=True), int(path.name)
-    else:
-        manager = _manager(path, read_only=True)
-        step = manager.latest_step()
-        if step is None:
-            manager.close()
-            raise CheckpointError(f"{path}: holds no checkpoint step")
+    manager, step, path = _open_step(path)
     target = abstract_like(variables)
     args = ocp.args.Composite(
         state=ocp.args.PyTreeRestore(

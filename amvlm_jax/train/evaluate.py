@@ -44,6 +44,24 @@ def make_predict_step(model) -> Callable:
     return predict_step
 
 
+def rows_batch(mesh: Mesh, arrays: dict, rows: np.ndarray) -> dict:
+    """Global batch of `rows` of each (N, ...) array, padded by repetition to a multiple of the mesh size."""
+    padded = -(-len(rows) // mesh.size) * mesh.size
+    return pipeline.replicated_to_global(mesh, {k: v[np.resize(rows, padded)] for k, v in arrays.items()})
+
+
+def make_prediction_panels(model, mesh: Mesh, split: SplitArrays) -> Callable:
+    """(state, rows) -> {'prediction': (N, H, W)}: the model's foreground probability (or labels) on split rows."""
+    predict_step = make_predict_step(model)
+
+    def panels(state, rows):
+        batch = rows_batch(mesh, {"image": split.images}, rows)
+        predicted = gather_to_host(predict_step(state.params, state.batch_stats, batch["image"]))
+        return {"prediction": np.asarray(predicted)[: len(rows)]}
+
+    return panels
+
+
 def evaluate_split(eval_step, params, batch_stats, split: SplitArrays, mesh: Mesh, batch_size: int):
     """Per-image (dice, iou) numpy arrays over a whole split, in its order."""
     batch_size = -(-batch_size // mesh.size) * mesh.size  # Every device gets equal rows.

@@ -33,7 +33,7 @@ def fit(
     eval_step: Callable,
     extra_step_args: tuple = (),
     lr_schedule: Optional[Callable] = None,
-    predict_step: Optional[Callable] = None,
+    picture_panels: Optional[Callable] = None,
 ) -> Any:
     """Runs config.train.epochs epochs, continuing from the workdir's latest checkpoint.
 
@@ -44,7 +44,8 @@ def fit(
     train.eval_every_epochs epochs), metrics go to JSONL/TensorBoard, and the
     latest (and, when validation Dice improved, the best) checkpoint is
     written; every train.picture_every_epochs epochs (and the last) overlays
-    of a few validation images go to <workdir>/pictures/, and the curves to
+    of a few validation images go to <workdir>/pictures/ (panels from
+    `picture_panels(state, rows)` -> {name: (N, H, W) in [0, 1]}), and the curves to
     <workdir>/curves.png at the end. A non-finite loss raises TrainingError before anything is saved,
     leaving the last good checkpoint; Ctrl-C saves the current state first.
     Returns the final state.
@@ -58,7 +59,7 @@ def fit(
     try:
         for epoch in range(start_step // steps_per_epoch, config.train.epochs):
             _run_epoch(config, workdir, mesh, current, train_step, batches, steps_per_epoch, val_split,
-                       eval_step, extra_step_args, lr_schedule, epoch, meta, checkpoints, writer, predict_step)
+                       eval_step, extra_step_args, lr_schedule, epoch, meta, checkpoints, writer, picture_panels)
     except KeyboardInterrupt:
         state = current["state"]
         step = int(state.step)
@@ -76,7 +77,7 @@ def fit(
 
 
 def _run_epoch(config, workdir, mesh, current, train_step, batches, steps_per_epoch, val_split, eval_step,
-               extra_step_args, lr_schedule, epoch, meta, checkpoints, writer, predict_step):
+               extra_step_args, lr_schedule, epoch, meta, checkpoints, writer, picture_panels):
     started = time.time()
     state = current["state"]
     first = int(state.step) - epoch * steps_per_epoch  # > 0 when resuming mid-epoch.
@@ -89,13 +90,13 @@ def _run_epoch(config, workdir, mesh, current, train_step, batches, steps_per_ep
         step = int(state.step)
         if step % config.train.log_every_steps == 0:
             step_metrics = {f"train/{k}": v for k, v in jax.device_get(step_metrics).items()}
-            _check_finite(step_metrics["train/loss"], step, workdir)
+            check_finite(step_metrics["train/loss"], step, workdir)
             if lr_schedule is not None:
                 step_metrics["train/lr"] = lr_schedule(step - 1)
             progress.set_postfix(loss=f"{float(step_metrics['train/loss']):.4f}")
             writer.write(step, step_metrics)
     epoch_loss = float(np.mean(jax.device_get(losses)))
-    _check_finite(epoch_loss, int(state.step), workdir)
+    check_finite(epoch_loss, int(state.step), workdir)
     epoch_metrics = {"epoch": epoch + 1, "train/epoch_loss": epoch_loss}
     last = epoch + 1 == config.train.epochs
     is_best = val_split is None  # Without validation data the newest model is the one to keep.
@@ -117,27 +118,19 @@ def _run_epoch(config, workdir, mesh, current, train_step, batches, steps_per_ep
         val_text = f" val Dice {epoch_metrics['val/dice']:.2f} (best {meta['best_val_dice']:.2f} @ {meta['best_epoch']})"
     tqdm.write(f"epoch {epoch + 1}: loss {epoch_loss:.4f}{val_text} [{epoch_metrics['epoch_seconds']:.1f}s]")
     every = config.train.picture_every_epochs
-    if predict_step is not None and val_split is not None and every and ((epoch + 1) % every == 0 or last) \
-            and jax.process_index() == 0:
-        _save_pictures(config, workdir, mesh, state, val_split, epoch + 1, predict_step)
+    if picture_panels is not None and val_split is not None and every and ((epoch + 1) % every == 0 or last):
+        rows = np.arange(min(config.train.picture_images, len(val_split)))
+        panels = picture_panels(state, rows)  # Collective in multi-process runs: every process computes.
+        if jax.process_index() == 0:
+            visualize.save_overlays(
+                workdir / "pictures" / f"epoch_{epoch + 1:04d}.png", val_split.images[rows],
+                {"truth": val_split.masks[rows], **panels}, names=[val_split.names[i] for i in rows],
+                title=f"epoch {epoch + 1}",
+            )
 
 
-def _save_pictures(config, workdir, mesh, state, val_split, epoch, predict_step) -> None:
-    """Image / ground truth / prediction overlays of the first validation images."""
-    count = min(config.train.picture_images, len(val_split))
-    rows = np.arange(count)
-    padded = -(-count // mesh.size) * mesh.size
-    images = val_split.images[np.resize(rows, padded)]
-    batch = pipeline.replicated_to_global(mesh, {"image": images})
-    predicted = np.asarray(jax.device_get(predict_step(state.params, state.batch_stats, batch["image"])))[:count]
-    visualize.save_overlays(
-        workdir / "pictures" / f"epoch_{epoch:04d}.png", val_split.images[rows],
-        {"truth": val_split.masks[rows], "prediction": predicted}, names=[val_split.names[i] for i in rows],
-        title=f"epoch {epoch}",
-    )
-
-
-def _check_finite(loss: float, step: int, workdir: pathlib.Path) -> None:
+def check_finite(loss: float, step: int, workdir: pathlib.Path) -> None:
+    """Raises TrainingError (one line, naming the checkpoint kept) when the loss is NaN or infinite."""
     if not np.isfinite(loss):
         raise TrainingError(
             f"loss is {loss} at step {step}; stopped without saving, {workdir}/checkpoints/latest keeps the last good state "

@@ -17,19 +17,24 @@ Unlabeled images are not geometrically augmented: a report names places
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from amvlm_jax import metrics
 from amvlm_jax.data import datasets, folders, pipeline, splits
 from amvlm_jax.losses.segmentation import mask_targets, segmentation_loss
 from amvlm_jax.losses.text_guided import (
     INITIAL_LOG_SCALE,
     ema_alpha,
+    unlabeled_weight,
     ema_update_teacher,
     fuse_multiclass,
     fuse_pseudo_labels,
@@ -39,7 +44,7 @@ from amvlm_jax.models.text_mask import TextMaskDecoder, text_masks
 from amvlm_jax.config import ConfigError
 from amvlm_jax.data.tokenize import ReportTokenizer
 from amvlm_jax.train import checkpoint, evaluate, loop, supervised
-from amvlm_jax.train.parallel import make_mesh, replicate
+from amvlm_jax.train.parallel import gather_to_host, make_mesh, replicate
 from amvlm_jax.train.state import TrainState
 
 
@@ -105,30 +110,82 @@ class TextGuidance:
         return jax.lax.stop_gradient(patch_map), jax.lax.stop_gradient(text["t"])
 
 
-def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx):
-    """jitted (state, frozen variables, batch) -> (state, metrics)."""
+def report_tokens(batch: dict, prefix: str = "report_") -> dict:
+    """The ReportTokenizer arrays carried in a batch under `prefix`."""
+    return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
+
+
+TEACHER_NORMS = ("batch", "ema")
+
+
+def teacher_probabilities(model, teacher, images, num_classes: int, norm: str = "batch"):
+    """The teacher's foreground probability (B, H, W) or class probabilities (B, H, W, C).
+
+    norm 'batch': BatchNorm normalises with the statistics of `images` (the
+    global batch), the stored statistics are left alone; 'ema': with the
+    teacher's EMA running statistics (SPEC 6 as written). The EMA of running
+    statistics keeps the early, orders-of-magnitude larger variances of the
+    student (BatchNorm starts at variance 1) for hundreds of steps: measured
+    on the synthetic data after 380 updates, an 'ema' teacher predicted
+    0.17-0.25 on every pixel while the same averaged weights with batch
+    statistics gave 0.93 on lesions and 0.18 on background.
+    """
+    if norm == "batch":
+        logits, _ = model.apply(teacher, images, train=True, mutable=["batch_stats"])
+    else:
+        logits = model.apply(teacher, images, train=False)
+    return jax.nn.sigmoid(logits[..., 0]) if num_classes == 1 else jax.nn.softmax(logits, axis=-1)
+
+
+def fuse(p_teacher, p_text, w_text: float, num_classes: int):
+    """Pseudo-labels from the teacher's probabilities and the text masks (SPEC 6), without gradient."""
+    if num_classes == 1:
+        return fuse_pseudo_labels(p_teacher, p_text, w_text)
+    return fuse_multiclass(p_teacher, p_text, w_text)
+
+
+def text_mask_outputs(guidance: TextGuidance, trained: dict, frozen, images, tokens, constant: float = 0.0) -> tuple:
+    """(L_tg, text-mask dict of ``text_masks``) of images (B, H, W, 3) in [0, 1] with their reports.
+
+    trained: {'decoder': params, 'log_scale': l}; the gradient of L_tg
+    reaches only these. constant > 0 replaces every p_text by that value
+    (config.ssl.constant_text_mask: a control that keeps the fusion's mean
+    shift and removes all location information); L_tg is unchanged.
+    """
+    patch_map, reports = guidance.encode(frozen, images, tokens)
+    dense = guidance.decoder.apply({"params": trained["decoder"]}, patch_map)
+    masks = text_masks(dense, reports, images, images.shape[1])
+    if constant > 0.0:
+        masks["p_text"] = jnp.full_like(masks["p_text"], constant)
+    return text_guided_loss(dense, masks["soft"], reports, trained["log_scale"]), masks
+
+
+def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx, steps_per_epoch: int = 1):
+    """jitted (state, frozen variables, batch) -> (state, metrics).
+
+    The student loss is SPEC 6's loss over the concatenated labeled and
+    unlabeled halves; with config.ssl.unlabeled_weight != 1 or
+    config.ssl.rampup_epochs > 0 it is loss(labeled) + w(t) loss(unlabeled)
+    instead (BatchNorm still sees the whole batch).
+    """
     num_classes = config.data.num_classes
     w_text = float(config.ssl.w_text)
+    u_weight, rampup_steps = float(config.ssl.unlabeled_weight), round(config.ssl.rampup_epochs * steps_per_epoch)
+    split_loss = u_weight != 1.0 or rampup_steps > 0
     train_decoder = bool(config.ssl.train_decoder) and guidance is not None
-
-    def teacher_probabilities(teacher, images):
-        logits = model.apply(teacher, images, train=False)
-        return jax.nn.sigmoid(logits[..., 0]) if num_classes == 1 else jax.nn.softmax(logits, axis=-1)
 
     def ssl_step(state: TrainState, frozen, batch):
         x_l = batch["image"].astype(jnp.float32) / 255.0
         x_u = batch["unlabeled_image"].astype(jnp.float32) / 255.0
         step_metrics = {}
         extra = state.extra
-        p_teacher = teacher_probabilities(state.ema, x_u)
+        p_teacher = teacher_probabilities(model, state.ema, x_u, num_classes, config.ssl.teacher_norm)
         if guidance is not None:
-            tokens = {k[len("report_"):]: v for k, v in batch.items() if k.startswith("report_")}
-            patch_map, reports = guidance.encode(frozen, x_u, tokens)
+            tokens = report_tokens(batch)
 
             def decoder_loss(trained):
-                dense = guidance.decoder.apply({"params": trained["decoder"]}, patch_map)
-                masks = text_masks(dense, reports, x_u, x_u.shape[1])
-                return text_guided_loss(dense, masks["soft"], reports, trained["log_scale"]), masks["p_text"]
+                tg_loss, masks = text_mask_outputs(guidance, trained, frozen, x_u, tokens, config.ssl.constant_text_mask)
+                return tg_loss, masks["p_text"]
 
             trained = {"decoder": extra["decoder"], "log_scale": extra["log_scale"]}
             if train_decoder:
@@ -139,11 +196,7 @@ def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx):
                 step_metrics["tg_loss"] = tg_loss
             else:
                 _, p_text = decoder_loss(trained)
-            p_text = jax.lax.stop_gradient(p_text)
-            if num_classes == 1:
-                pseudo = fuse_pseudo_labels(p_teacher, p_text, w_text)
-            else:
-                pseudo = fuse_multiclass(p_teacher, p_text, w_text)
+            pseudo = fuse(p_teacher, jax.lax.stop_gradient(p_text), w_text, num_classes)
             step_metrics["text_mask_mean"] = jnp.mean(p_text)
         else:
             pseudo = p_teacher
@@ -156,7 +209,13 @@ def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx):
             logits, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
             )
-            return segmentation_loss(logits, targets), updates["batch_stats"]
+            if split_loss:
+                n = x_l.shape[0]
+                weight = unlabeled_weight(state.step, u_weight, rampup_steps)
+                loss = segmentation_loss(logits[:n], targets[:n]) + weight * segmentation_loss(logits[n:], targets[n:])
+            else:
+                loss = segmentation_loss(logits, targets)
+            return loss, updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(student_loss, has_aux=True)(state.params)
         state = state.apply_gradients(grads, batch_stats=batch_stats, extra=extra)
@@ -167,6 +226,173 @@ def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx):
         return state, step_metrics
 
     return jax.jit(ssl_step, donate_argnums=0)
+
+
+def make_picture_panels(config, model, guidance: TextGuidance | None, mesh, split) -> callable:
+    """(state, rows) -> {'prediction', 'pseudo-label'[, 'text mask']}: (N, H, W) maps of split rows.
+
+    prediction: the student's foreground probability (labels when
+    multi-class); pseudo-label: the foreground probability of the fused
+    pseudo-label (the teacher's alone without guidance); text mask: p_text
+    from each image's own report.
+    """
+    num_classes, w_text = config.data.num_classes, float(config.ssl.w_text)
+    predict_step = evaluate.make_predict_step(model)
+    arrays = {"image": split.images}
+    if guidance is not None:
+        arrays |= {f"report_{k}": v for k, v in guidance.tokenizer(split.reports).items()}
+
+    @jax.jit
+    def guided(teacher, trained, frozen, batch):
+        images = batch["image"].astype(jnp.float32) / 255.0
+        pseudo = teacher_probabilities(model, teacher, images, num_classes, config.ssl.teacher_norm)
+        p_text = jnp.zeros(images.shape[:3], jnp.float32)
+        if guidance is not None:
+            _, masks = text_mask_outputs(guidance, trained, frozen, images, report_tokens(batch), config.ssl.constant_text_mask)
+            p_text = masks["p_text"]
+            pseudo = fuse(pseudo, p_text, w_text, num_classes)
+        return (pseudo if num_classes == 1 else 1.0 - pseudo[..., 0]), p_text
+
+    def panels(state, rows):
+        batch = evaluate.rows_batch(mesh, arrays, rows)
+        trained = None if guidance is None else {"decoder": state.extra["decoder"], "log_scale": state.extra["log_scale"]}
+        frozen = None if guidance is None else guidance.variables
+        predicted = predict_step(state.params, state.batch_stats, batch["image"])
+        pseudo, p_text = guided(state.ema, trained, frozen, batch)
+        predicted, pseudo, p_text = (np.asarray(a)[: len(rows)] for a in gather_to_host((predicted, pseudo, p_text)))
+        out = {"prediction": predicted, "pseudo-label": pseudo}
+        if guidance is not None:
+            out["text mask"] = p_text
+        return out
+
+    return panels
+
+
+GUIDANCE_MAPS = ("text_mask", "teacher", "pseudo_label")
+AUROC_BINS = 1000
+
+
+def make_guidance_eval_step(config, model, guidance: TextGuidance | None):
+    """jitted (teacher, trained decoder, frozen, batch) -> {map: (dice (B,), iou (B,), pos hist, neg hist)}.
+
+    The maps (GUIDANCE_MAPS; without guidance only 'teacher') are scored
+    against batch['mask']: teacher and pseudo-labels as predictions (0.5 /
+    argmax), the text mask as a binary foreground map at 0.5. The
+    histograms of the foreground probability over positive and negative
+    pixels give a threshold-free pixel AUROC (rows with valid = 0 excluded).
+    """
+    num_classes = config.data.num_classes
+    w_text = float(config.ssl.w_text)
+
+    @jax.jit
+    def guidance_eval_step(teacher, trained, frozen, batch):
+        images = batch["image"].astype(jnp.float32) / 255.0
+        truth = batch["mask"].astype(jnp.int32)
+        p_teacher = teacher_probabilities(model, teacher, images, num_classes, config.ssl.teacher_norm)
+        maps = {"teacher": p_teacher}
+        if guidance is not None:
+            _, masks = text_mask_outputs(guidance, trained, frozen, images, report_tokens(batch), config.ssl.constant_text_mask)
+            maps["text_mask"] = masks["p_text"]
+            maps["pseudo_label"] = fuse(p_teacher, masks["p_text"], w_text, num_classes)
+        out = {}
+        for name, probability in maps.items():
+            if probability.ndim == 4:  # Class probabilities: argmax labels, foreground = 1 - background.
+                labels, foreground, classes = jnp.argmax(probability, -1), 1.0 - probability[..., 0], num_classes
+            else:
+                labels, foreground, classes = (probability > 0.5).astype(jnp.int32), probability, 1
+            reference = truth if classes > 1 else (truth > 0).astype(jnp.int32)
+            dice, iou = metrics.dice_iou_per_image(labels, reference, classes)
+            out[name] = (dice, iou, *metrics.foreground_histograms(foreground, truth > 0, batch["valid"], AUROC_BINS))
+        return out
+
+    return guidance_eval_step
+
+
+def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, root=None) -> dict:
+    """How good are the pseudo-labels? Scores the text masks, the teacher and the fused pseudo-labels.
+
+    Restores the teacher and the text-mask decoder of a mean-teacher
+    checkpoint (default: the workdir's best) and scores them on the
+    unlabeled training images, against their held-back masks (read here,
+    never in training), and on the validation split. Writes
+    <workdir>/guidance.json ({split: {map: {dice, miou, auroc}, images}},
+    percent) and per_image_guidance_<split>.csv; returns the dict.
+    """
+    workdir = pathlib.Path(workdir)
+    source = checkpoint_path or workdir / "checkpoints" / "best"
+    mesh = mesh or make_mesh(config)
+    root = root or datasets.data_root(config, workdir)
+    # A vision-only run saved no decoder: it is scored without text masks.
+    guidance = TextGuidance(config, workdir, mesh) if "extra" in checkpoint.saved_entries(source) else None
+    model = supervised.build_unet(config)
+    template, _ = create_state(config, model, guidance, steps_per_epoch=1)
+    target = {"ema": template.ema}
+    if guidance is not None:
+        target["extra"] = {"decoder": template.extra["decoder"], "log_scale": template.extra["log_scale"]}
+    restored, meta, used = checkpoint.restore_variables(source, replicate(mesh, target))
+    print(f"scoring the pseudo-labels of {used} (epoch {meta.get('epoch')})")
+    trained = restored.get("extra")
+    frozen = guidance.variables if guidance is not None else None
+    step = make_guidance_eval_step(config, model, guidance)
+
+    count = len(folders.list_split(root, "train", require_masks=False))
+    unlabeled = splits.unlabeled_indices(count, config.data.labeled_fraction, config.data.split_seed)
+    named = {}
+    if len(unlabeled):
+        named["unlabeled"] = folders.load_split(
+            root, "train", image_size=config.data.image_size, num_classes=config.data.num_classes,
+            mask_indices=unlabeled, threads=config.data.read_threads,
+        ).subset(unlabeled)
+    val = datasets.load_eval_split(config, root, "val")
+    if val is not None:
+        named["val"] = val
+    results = {}
+    batch_size = -(-config.train.eval_batch_size // mesh.size) * mesh.size
+    for split_name, split in named.items():
+        tokens = guidance.tokenizer(split.reports) if guidance is not None else {}
+        per_map = {}
+        for batch, real in pipeline.evaluation_batches(split, batch_size):
+            batch["valid"] = np.arange(batch_size) < real
+            batch |= {f"report_{k}": v[batch["index"]] for k, v in tokens.items()}
+            outputs = gather_to_host(step(restored["ema"], trained, frozen, pipeline.replicated_to_global(mesh, batch)))
+            for name, (dice, iou, positive, negative) in outputs.items():
+                entry = per_map.setdefault(name, {"dice": [], "iou": [], "positive": 0.0, "negative": 0.0})
+                entry["dice"].append(np.asarray(dice)[:real])
+                entry["iou"].append(np.asarray(iou)[:real])
+                entry["positive"] = entry["positive"] + np.asarray(positive)
+                entry["negative"] = entry["negative"] + np.asarray(negative)
+        summary = {"images": len(split)}
+        columns = {}
+        for name in GUIDANCE_MAPS:
+            if name not in per_map:
+                continue
+            entry = per_map[name]
+            dice, iou = np.concatenate(entry["dice"]), np.concatenate(entry["iou"])
+            summary[name] = metrics.summarize(dice, iou) | {"auroc": 100.0 * metrics.auroc_from_histograms(entry["positive"], entry["negative"])}
+            summary[name].pop("images")
+            columns[name] = dice
+        results[split_name] = summary
+        if jax.process_index() == 0:
+            with open(workdir / f"per_image_guidance_{split_name}.csv", "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["file"] + [f"{name}_dice" for name in columns])
+                for row, file_name in enumerate(split.names):
+                    writer.writerow([file_name] + [f"{100 * columns[name][row]:.4f}" for name in columns])
+    if jax.process_index() == 0:
+        (workdir / "guidance.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(format_guidance_table(results))
+    return results
+
+
+def format_guidance_table(results: dict) -> str:
+    """Dice / mIoU / pixel AUROC (percent) of each map on each split."""
+    lines = [f"{'split':<10}{'map':<14}{'Dice':>8}{'mIoU':>8}{'AUROC':>8}"]
+    for split, summary in results.items():
+        for name in GUIDANCE_MAPS:
+            if name in summary:
+                values = summary[name]
+                lines.append(f"{split:<10}{name:<14}{values['dice']:>8.2f}{values['miou']:>8.2f}{values['auroc']:>8.2f}")
+    return "\n".join(lines)
 
 
 def create_state(config, model, guidance: TextGuidance | None, steps_per_epoch: int):
@@ -217,8 +443,13 @@ def train(config, workdir: str | pathlib.Path) -> dict:
             yield batch
 
     loop.fit(
-        config, workdir, mesh, state, make_ssl_step(config, model, guidance, decoder_tx), make_batches,
+        config, workdir, mesh, state, make_ssl_step(config, model, guidance, decoder_tx, steps_per_epoch), make_batches,
         steps_per_epoch, val_split, evaluate.make_eval_step(model, config.data.num_classes),
-        extra_step_args=(guidance.variables if guidance else None,), predict_step=evaluate.make_predict_step(model),
+        extra_step_args=(guidance.variables if guidance else None,),
+        picture_panels=make_picture_panels(config, model, guidance, mesh, val_split) if val_split is not None else None,
     )
-    return supervised.evaluate_checkpoint(config, workdir, str(workdir / "checkpoints" / "best"), mesh=mesh, root=root)
+    best = str(workdir / "checkpoints" / "best")
+    results = supervised.evaluate_checkpoint(config, workdir, best, mesh=mesh, root=root)
+    if config.eval.guidance:
+        evaluate_guidance(config, workdir, best, mesh=mesh, root=root)
+    return results

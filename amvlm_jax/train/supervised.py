@@ -87,7 +87,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     loop.fit(
         config, workdir, mesh, state, make_train_step(model, config.data.num_classes), make_batches,
         steps_per_epoch, val_split, evaluate.make_eval_step(model, config.data.num_classes), lr_schedule=schedule,
-        predict_step=evaluate.make_predict_step(model),
+        picture_panels=evaluate.make_prediction_panels(model, mesh, val_split) if val_split is not None else None,
     )
     return evaluate_checkpoint(config, workdir, str(workdir / "checkpoints" / "best"), mesh=mesh, root=root)
 

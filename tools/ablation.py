@@ -1,0 +1,163 @@
+"""Runs the paper's ablation rows and prints and saves their table.
+
+    python tools/ablation.py --config=experiments/synthetic.py:labeled25 [--workdir=runs/ablation] \
+        [--rows=MT,+CSS,+ICL,+CSS+ICL,+CSS+ICL+L_tg] [--seeds=0] [--config.train.epochs=20 ...]
+
+Rows (SPEC section 7; the variants live in amvlm_jax/experiment.py):
+
+    MT              mean teacher without text (w_text = 0)
+    +CSS            pre-training ITA + CSS + local alignment, text-guided pseudo-labels
+    +ICL            pre-training ITA + ICL + local alignment, text-guided pseudo-labels
+    +CSS+ICL        the full AMVLM pre-training, text-guided pseudo-labels
+    +CSS+ICL+L_tg   as above, and the text-mask decoder trained on L_tg
+
+Rows that share a pre-training objective share one pre-training run
+(<workdir>/pretrain_<terms>); every row and seed has its own SSMIS workdir
+(<workdir>/<row>_seed<S>). Every stage resumes: running the same command
+again finishes what an interrupted run left. Synthetic data is generated
+once into <workdir>/data. Writes <workdir>/ablation.md and ablation.json:
+mean Dice / mIoU on val and test per row (mean over seeds) and a paired
+t-test on per-image test Dice of each row against the first.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+
+# Row name -> the experiment variant that sets it up.
+ROWS = {
+    "MT": "vision",
+    "+CSS": "ab_css",
+    "+ICL": "ab_icl",
+    "+CSS+ICL": "ab_css_icl",
+    "+CSS+ICL+L_tg": "ab_css_icl_tg",
+}
+
+
+def row_config(base, row: str, seed: int, workdir: pathlib.Path):
+    """The config of one row and seed: the base config with the row's variant applied."""
+    from amvlm_jax.experiment import COMMON_VARIANTS
+
+    config = base.copy_and_resolve_references()
+    COMMON_VARIANTS[ROWS[row]](config)
+    config.seed = seed
+    config.mode = "ssl"
+    if config.data.name == "synthetic" and not config.data.root:
+        config.data.root = str(workdir / "data")  # One copy of the generated data for every row.
+    return config
+
+
+def pretrain_key(config) -> str:
+    """Name of the pre-training a row needs: the objective's non-zero terms."""
+    weights = config.pretrain.weights
+    terms = [name for name in ("ita", "css", "local", "icl") if weights[name]]
+    return "pretrain_" + ("mgca" if config.pretrain.objective == "mgca" else "_".join(terms))
+
+
+def run_rows(base, workdir: pathlib.Path, rows: list[str], seeds: list[int]) -> dict:
+    """Pre-trains what the rows need, trains every row and seed, and returns {row: [run workdirs]}."""
+    from amvlm_jax.train import pretrain, ssl
+
+    runs = {}
+    for row in rows:
+        runs[row] = []
+        for seed in seeds:
+            config = row_config(base, row, seed, workdir)
+            if ssl.text_guidance_enabled(config):
+                # One pre-training (seeded by the first seed) serves every seed of the rows that share it.
+                pre_dir = workdir / pretrain_key(config)
+                pre_config = config.copy_and_resolve_references()
+                pre_config.seed = seeds[0]
+                print(f"== {row}: pre-training in {pre_dir}")
+                pretrain.train(pre_config, pre_dir)
+                config.ssl.pretrained = str(pre_dir / "pretrain")
+            run_dir = workdir / f"{row}_seed{seed}"
+            print(f"== {row}, seed {seed}: {run_dir}")
+            ssl.train(config, run_dir)
+            runs[row].append(str(run_dir))
+    return runs
+
+
+def summarize(runs: dict, workdir: pathlib.Path) -> tuple[list[dict], str]:
+    """Table rows (mean over seeds) with paired t-tests of test Dice against the first row."""
+    from compare import paired_t_test, read_pooled
+
+    first = next(iter(runs))
+    table = []
+    for row, dirs in runs.items():
+        entry = {"row": row, "seeds": len(dirs)}
+        for split in ("val", "test"):
+            per_run = [json.loads((pathlib.Path(d) / "results.json").read_text()).get(split) for d in dirs]
+            if all(r is not None for r in per_run):
+                entry[f"{split}_dice"] = sum(r["dice"] for r in per_run) / len(per_run)
+                entry[f"{split}_miou"] = sum(r["miou"] for r in per_run) / len(per_run)
+        split = "test" if "test_dice" in entry else "val"
+        if row != first:
+            base, values = read_pooled(",".join(runs[first]), split), read_pooled(",".join(dirs), split)
+            entry["t"], entry["p"] = paired_t_test(base["dice"], values["dice"])
+            entry["p_split"] = split
+        table.append(entry)
+
+    def cell(entry, key):
+        return f"{entry[key]:.2f}" if key in entry else "-"
+
+    lines = [f"| row | val Dice | val mIoU | test Dice | test mIoU | p vs {first} |", "|---|---:|---:|---:|---:|---:|"]
+    for entry in table:
+        p = "(baseline)" if "p" not in entry else f"{entry['p']:.3g}{' *' if entry['p'] < 0.05 else ''}"
+        lines.append(f"| {entry['row']} | {cell(entry, 'val_dice')} | {cell(entry, 'val_miou')} | "
+                     f"{cell(entry, 'test_dice')} | {cell(entry, 'test_miou')} | {p} |")
+    seeds = table[0]["seeds"]
+    lines.append(f"\nmean over {seeds} seed(s); paired t-test on per-image Dice "
+                 f"({table[-1].get('p_split', 'test')}, seeds pooled); * = p < 0.05")
+    text = "\n".join(lines)
+    (workdir / "ablation.md").write_text(text + "\n")
+    (workdir / "ablation.json").write_text(json.dumps({"rows": table, "runs": runs}, indent=2) + "\n")
+    return table, text
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from amvlm_jax.config import ConfigError
+    from amvlm_jax.data.folders import DataError
+    from amvlm_jax.train.checkpoint import CheckpointError
+    from amvlm_jax.train.loop import TrainingError
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.ERROR)
+    rows = [r.strip() for r in flags.FLAGS.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        sys.exit(f"error: unknown ablation row(s) {', '.join(unknown)}; known: {', '.join(ROWS)}")
+    seeds = [int(s) for s in flags.FLAGS.seeds.split(",")]
+    workdir = pathlib.Path(flags.FLAGS.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        runs = run_rows(flags.FLAGS.config, workdir, rows, seeds)
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        sys.exit(f"error: {e}")
+    _, text = summarize(runs, workdir)
+    print(text)
+    print(f"\nsaved {workdir / 'ablation.md'} and {workdir / 'ablation.json'}")
+
+
+if __name__ == "__main__":
+    from amvlm_jax.main import DEFAULT_CONFIG, check_command_line
+
+    problem = check_command_line(sys.argv)
+    if problem:
+        sys.exit(f"error: {problem}")
+    config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Experiment file, optionally ':variant'.")
+    flags.DEFINE_string("workdir", "runs/ablation", "Folder of the ablation's runs and table.")
+    flags.DEFINE_string("rows", ",".join(ROWS), "Comma-separated rows to run, the first being the baseline.")
+    flags.DEFINE_string("seeds", "0", "Comma-separated SSMIS seeds per row.")
+    app.run(main)

@@ -1,0 +1,251 @@
+"""Alignment-uncertainty analysis of a pre-trained AMVLM: one image against several reports, and back.
+
+    python tools/uncertainty.py --config=experiments/synthetic.py --workdir=runs/synthetic_all \
+        [--split=val] [--image=syn_00003.png] [--report="..."] [--count=5] [--out=DIR]
+
+Restores the pre-trained encoders and PDT heads (<workdir>/pretrain, or
+--config.ssl.pretrained) and scores image-report pairs three ways:
+
+    global      cosine v . t of the image and report embeddings (what ITA aligns);
+    tokens      the word-weighted mean of T_w . O_w, each word against its
+                context in the image (SPEC 3.2's similarity, without PDT);
+    tokens+PDT  the same with the PDT constraint: 1 - (1 - T_w . O_w) c_ww,
+                c (column 'c', its weighted mean) from the Gaussians of the PDT heads;
+                c near 1 means PDT leaves the pair's similarity as it is.
+
+and reports the PDT heads' variances (mean exp(2 logsigma)) of the report's
+words and of the image's patches: how uncertain the model is about each.
+Part 1 holds one image (--image, default the split's first) against its
+own report and the --count - 1 reports of the split nearest to it in
+report-embedding space (semantically close, hence ambiguous, reports).
+Part 2 holds that image's report (or --report) against the --count images
+whose reports are nearest. Prints both tables and writes
+<out>/uncertainty.json and <out>/uncertainty.png (default out:
+<workdir>/uncertainty).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+
+def load_model(config, workdir: pathlib.Path):
+    """(AMVLM model, restored variables, tokenizer, image size) from the run's pre-training checkpoint."""
+    import jax
+
+    from amvlm_jax.config import ConfigError
+    from amvlm_jax.data.tokenize import ReportTokenizer
+    from amvlm_jax.train import checkpoint, pretrain
+
+    if config.pretrain.objective != "amvlm":
+        raise ConfigError("the uncertainty analysis needs the AMVLM objective's PDT heads (pretrain.objective='amvlm')")
+    source = pathlib.Path(config.ssl.pretrained or workdir / "pretrain")
+    if not source.exists():
+        raise ConfigError(f"{source}: no pre-trained model; run mode 'pretrain' or 'all' first, or set config.ssl.pretrained")
+    model = pretrain.build_model(config, pretrain.text_encoder_config(config))
+    size = pretrain.pretrain_image_size(config)
+    abstract = jax.eval_shape(lambda: pretrain.create_state(config, model, size))
+    variables, meta, used = checkpoint.restore_variables(source, {"params": abstract.params, "batch_stats": abstract.batch_stats})
+    print(f"pre-trained model from {used} ({meta.get('epoch')} epochs)")
+    return model, variables, ReportTokenizer(pretrain.text_encoder_dir(config), config.pretrain.max_length), size
+
+
+def make_pair_scores(model):
+    """jitted (variables, images (K, S, S, 3) float, tokens of K reports) -> per-pair scores, each (K,)."""
+    import jax
+    import jax.numpy as jnp
+
+    from amvlm_jax.losses.contrastive import clipped_token_weights, pdt_constraint
+
+    def weighted_diagonal(similarity, constraint, weights):
+        plain = jnp.diagonal(similarity, axis1=1, axis2=2)
+        factor = jnp.diagonal(constraint, axis1=1, axis2=2)
+        with_pdt = 1.0 - (1.0 - plain) * factor
+        return jnp.sum(weights * plain, -1), jnp.sum(weights * with_pdt, -1), jnp.sum(weights * factor, -1)
+
+    @jax.jit
+    def scores(variables, images, tokens):
+        out = model.apply(variables, images, tokens, train=False, with_pdt=True)
+        word_weights = clipped_token_weights(out["word_attention"], out["word_mask"])
+        patch_weights = clipped_token_weights(out["patch_attention"], jnp.ones_like(out["patch_attention"]))
+        words, patches = out["word_pdt"], out["patch_pdt"]
+        word_sim = jnp.einsum("bid,bjd->bij", out["T"], out["word_context"])
+        patch_sim = jnp.einsum("bid,bjd->bij", out["V"], out["patch_context"])
+        word_plain, word_pdt, word_factor = weighted_diagonal(word_sim, pdt_constraint(words), word_weights)
+        patch_plain, patch_pdt, patch_factor = weighted_diagonal(patch_sim, pdt_constraint(patches), patch_weights)
+        mask = out["word_mask"]
+        word_variance = jnp.exp(2.0 * words.token_logsigma).mean(-1)
+        return {
+            "global": jnp.sum(out["v"] * out["t"], -1),
+            "tokens": 0.5 * (word_plain + patch_plain),
+            "tokens_pdt": 0.5 * (word_pdt + patch_pdt),
+            "pdt_factor": 0.5 * (word_factor + patch_factor),
+            "report_variance": jnp.sum(word_variance * mask, -1) / jnp.maximum(mask.sum(-1), 1.0),
+            "image_variance": jnp.exp(2.0 * patches.token_logsigma).mean((-2, -1)),
+        }
+
+    return scores
+
+
+def nearest(embeddings, index: int, count: int, exclude_same_text=None):
+    """Indices of `count` rows nearest (cosine) to row `index`, itself first; one row per distinct text."""
+    import numpy as np
+
+    order = np.argsort(-(embeddings @ embeddings[index]), kind="stable")
+    chosen, seen = [index], set()
+    if exclude_same_text is not None:
+        seen.add(exclude_same_text[index])
+    for row in order:
+        if len(chosen) == count:
+            break
+        key = exclude_same_text[row] if exclude_same_text is not None else row
+        if row != index and key not in seen:
+            chosen.append(int(row))
+            seen.add(key)
+    return chosen
+
+
+def analyse(config, workdir: pathlib.Path, split_name: str, image_name: str, report: str, count: int) -> dict:
+    import jax
+    import numpy as np
+
+    from amvlm_jax.config import ConfigError
+    from amvlm_jax.data import datasets, folders
+
+    model, variables, tokenizer, size = load_model(config, workdir)
+    root = datasets.data_root(config, workdir)
+    split = folders.load_split(root, split_name, image_size=size, num_classes=config.data.num_classes, with_masks=False)
+    if image_name:
+        if image_name not in split.names:
+            raise ConfigError(f"{image_name}: not an image of the {split_name} split of {root}")
+        index = split.names.index(image_name)
+    else:
+        index = 0
+    encode_text = jax.jit(lambda v, t: model.apply(v, t, False, method=model.encode_text)["t"])
+    report_embeddings = np.asarray(jax.device_get(encode_text(variables, tokenizer(split.reports))))
+    scores = make_pair_scores(model)
+
+    def images(rows):
+        return split.images[np.asarray(rows)].astype(np.float32) / 255.0
+
+    # Part 1: the image against its own report and the nearest other reports.
+    report_rows = nearest(report_embeddings, index, count, exclude_same_text=split.reports)
+    reports = [split.reports[r] for r in report_rows]
+    pair_tokens = tokenizer(reports)
+    image_part = jax.device_get(scores(variables, images([index] * len(reports)), pair_tokens))
+
+    # Part 2: one report against the images whose reports are nearest to it.
+    query = report or split.reports[index]
+    query_tokens = tokenizer([query])
+    if report:
+        query_embedding = np.asarray(jax.device_get(encode_text(variables, query_tokens)))[0]
+        order = np.argsort(-(report_embeddings @ query_embedding), kind="stable")
+        image_rows = [int(r) for r in order[:count]]
+    else:
+        image_rows = nearest(report_embeddings, index, count)
+    report_part = jax.device_get(scores(variables, images(image_rows),
+                                        {k: np.repeat(v, len(image_rows), 0) for k, v in query_tokens.items()}))
+
+    def rows(part, labels, own):
+        return [{"label": label, "own": bool(own[i]), **{k: float(v[i]) for k, v in part.items()}} for i, label in enumerate(labels)]
+
+    return {
+        "image": split.names[index],
+        "image_vs_reports": rows(image_part, reports, [r == split.reports[index] for r in reports]),
+        "report": query,
+        "report_vs_images": rows(report_part, [split.names[r] for r in image_rows],
+                                 [split.reports[r] == query for r in image_rows]),
+    }
+
+
+def format_tables(result: dict) -> str:
+    header = f"{'global':>8}{'tokens':>8}{'+PDT':>8}{'c':>7}{'var(report)':>13}{'var(image)':>12}  "
+    lines = [f"image {result['image']} against reports (* = its own report)", header + "report"]
+    for row in result["image_vs_reports"]:
+        lines.append(f"{row['global']:>8.3f}{row['tokens']:>8.3f}{row['tokens_pdt']:>8.3f}{row['pdt_factor']:>7.3f}"
+                     f"{row['report_variance']:>13.4f}{row['image_variance']:>12.4f}  {'*' if row['own'] else ' '}{row['label']}")
+    lines += ["", f"report \"{result['report']}\" against images (* = the image of this report)", header + "image"]
+    for row in result["report_vs_images"]:
+        lines.append(f"{row['global']:>8.3f}{row['tokens']:>8.3f}{row['tokens_pdt']:>8.3f}{row['pdt_factor']:>7.3f}"
+                     f"{row['report_variance']:>13.4f}{row['image_variance']:>12.4f}  {'*' if row['own'] else ' '}{row['label']}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+    import numpy as np
+
+    from amvlm_jax.visualize import _pyplot
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    kinds = [("global", "global v.t"), ("tokens", "tokens"), ("tokens_pdt", "tokens + PDT")]
+    for axis, key, title in ((axes[0], "image_vs_reports", f"image {result['image']} vs reports"),
+                             (axes[1], "report_vs_images", "report vs images")):
+        rows = result[key]
+        x = np.arange(len(rows))
+        for offset, (kind, label) in enumerate(kinds):
+            axis.bar(x + (offset - 1) * 0.27, [r[kind] for r in rows], width=0.27, label=label)
+        labels = [("* " if r["own"] else "") + (r["label"] if len(r["label"]) < 28 else r["label"][:26] + "..") for r in rows]
+        axis.set_xticks(x, labels, rotation=35, ha="right", fontsize=7)
+        axis.set_ylabel("similarity")
+        axis.set_title(title, fontsize=9)
+        axis.legend(fontsize=7)
+    reports, images = result["image_vs_reports"], result["report_vs_images"]
+    axes[2].plot(range(len(reports)), [r["report_variance"] for r in reports], "o-", label="report words (part 1)")
+    axes[2].plot(range(len(images)), [r["image_variance"] for r in images], "s-", label="image patches (part 2)")
+    axes[2].set_xticks(range(max(len(reports), len(images))))
+    axes[2].set_xlabel("rank (0 = own pair)")
+    axes[2].set_ylabel("PDT variance  mean exp(2 log sigma)")
+    axes[2].set_title("PDT uncertainty", fontsize=9)
+    axes[2].legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from amvlm_jax.config import ConfigError
+    from amvlm_jax.data.folders import DataError
+    from amvlm_jax.train.checkpoint import CheckpointError
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.ERROR)
+    FLAGS = flags.FLAGS
+    workdir = pathlib.Path(FLAGS.workdir)
+    out = pathlib.Path(FLAGS.out) if FLAGS.out else workdir / "uncertainty"
+    try:
+        result = analyse(FLAGS.config, workdir, FLAGS.split, FLAGS.image, FLAGS.report, FLAGS.count)
+    except (ConfigError, DataError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "uncertainty.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / "uncertainty.png")
+    print(format_tables(result))
+    print(f"\nsaved {out / 'uncertainty.json'} and {out / 'uncertainty.png'}")
+
+
+if __name__ == "__main__":
+    from amvlm_jax.main import DEFAULT_CONFIG, check_command_line
+
+    problem = check_command_line(sys.argv)
+    if problem:
+        sys.exit(f"error: {problem}")
+    config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Experiment file, optionally ':variant'.")
+    flags.DEFINE_string("workdir", None, "Run folder holding pretrain/ (or set --config.ssl.pretrained).", required=True)
+    flags.DEFINE_string("split", "val", "Split the images and reports come from.")
+    flags.DEFINE_string("image", "", "File name of the image of part 1 (default: the split's first).")
+    flags.DEFINE_string("report", "", "Report of part 2 (default: the image's own report).")
+    flags.DEFINE_integer("count", 5, "Reports in part 1 and images in part 2.")
+    flags.DEFINE_string("out", "", "Output folder (default <workdir>/uncertainty).")
+    app.run(main)
