@@ -87,6 +87,7 @@ def test_evaluate_rejects_a_path_without_checkpoint(tmp_path):
 def _cli(workdir, epochs):
     return [
         sys.executable, "-m", "amvlm_jax.main", f"--workdir={workdir}",
+        "--config.mode=supervised", "--config.data.labeled_fraction=1.0",
         "--config.data.image_size=64", "--config.data.synthetic.num_train=16",
         "--config.data.synthetic.num_val=8", "--config.data.synthetic.num_test=8",
         "--config.unet.base_width=4", "--config.train.batch_size=8", f"--config.train.epochs={epochs}",
