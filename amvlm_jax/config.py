@@ -136,6 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.distributed.cpu_collectives = "gloo"  # Cross-process collectives of CPU devices ('' = jax default: none).
 
     config.dtype = "float32"  # Compute dtype ('float32' or 'bfloat16'); parameters stay float32.
+    # Persistent XLA compilation cache shared by all runs of this user: a
+    # second run (or the next ablation row) loads its compiled steps instead
+    # of recompiling them. '' turns it off; $JAX_COMPILATION_CACHE_DIR wins.
+    config.compilation_cache = "~/.cache/amvlm_jax/xla"
     return config
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import pathlib
 import sys
+from typing import Callable
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "experiments" / "synthetic.py"
-
 
 
 def check_command_line(argv: list[str]) -> str | None:
@@ -54,11 +55,6 @@ def check_command_line(argv: list[str]) -> str | None:
                 return f"unknown config key '--{override}': {where} has no '{part}' (known: {known})"
             node = node[part]
     return None
-
-
-def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Experiment file, optionally ':variant'.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Run folder for checkpoints, logs and results (default runs/<experiment>).")
 
 
 def default_workdir(config_argument: str) -> pathlib.Path:
@@ -100,33 +96,60 @@ def run(config, workdir: str | pathlib.Path) -> dict:
     raise AssertionError(config.mode)  # validate() admits only known modes.
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that a run reports in one line (bad config, data, checkpoint, diverged training)."""
     from amvlm_jax.config import ConfigError
     from amvlm_jax.data.folders import DataError
     from amvlm_jax.train.checkpoint import CheckpointError
     from amvlm_jax.train.loop import TrainingError
 
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)  # Orbax logs every file it writes, and warns on every read-only restore.
-    config = flags.FLAGS.config
-    workdir = flags.FLAGS.workdir or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-    logging.info("workdir %s\n%s", workdir, config)
-    try:
-        from amvlm_jax.train.parallel import initialize_distributed
-
-        initialize_distributed(config)  # Before anything touches the devices.
-        run(config, workdir)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt as e:
-        sys.exit(f"{e}" if str(e) else "interrupted")
+    return ConfigError, DataError, CheckpointError, TrainingError
 
 
-if __name__ == "__main__":
+def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Callable[[], None] = lambda: None) -> None:
+    """The command-line start of main and of the tools in tools/.
+
+    Checks --config and its overrides first (one-line errors), defines
+    --config plus the caller's flags, then runs job(config) with quiet
+    logging (Orbax logs every file it writes and warns on every read-only
+    restore; --verbosity brings it back) and the compilation cache on. A
+    user error or Ctrl-C ends the process with one line.
+    """
     problem = check_command_line(sys.argv)
     if problem:
         sys.exit(f"error: {problem}")
-    define_flags()  # After the check: config_flags parses overrides as soon as it is defined.
-    app.run(main)
+    # After the check: config_flags parses the overrides as soon as the flag is defined.
+    config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Experiment file, optionally ':variant'.", lock_config=True)
+    define_job_flags()
+
+    def absl_main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.ERROR)
+        from amvlm_jax.train.parallel import enable_compilation_cache
+
+        config = flags.FLAGS.config
+        enable_compilation_cache(config)
+        try:
+            job(config)
+        except user_errors() as e:
+            sys.exit(f"error: {e}")
+        except KeyboardInterrupt as e:
+            sys.exit(f"{e}" if str(e) else "interrupted")
+
+    app.run(absl_main)
+
+
+def main(config: ml_collections.ConfigDict) -> None:
+    from amvlm_jax.train.parallel import initialize_distributed
+
+    workdir = flags.FLAGS.workdir or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+    logging.info("workdir %s\n%s", workdir, config)
+    initialize_distributed(config)  # Before anything touches the devices.
+    run(config, workdir)
+
+
+if __name__ == "__main__":
+    start(main, lambda: flags.DEFINE_string(
+        "workdir", None, "Run folder for checkpoints, logs and results (default runs/<experiment>)."))

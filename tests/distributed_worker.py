@@ -66,7 +66,6 @@ def local_share(batch: dict) -> dict:
 
 def run_all(devices=None) -> dict:
     """Losses and final variables of STEPS pre-training then STEPS SSMIS steps, as numpy arrays by name."""
-    import jax
     import jax.numpy as jnp
     import optax
 

@@ -1,7 +1,6 @@
 """The LViT folder reader on untidy and broken data."""
 
 import csv
-import pathlib
 
 import numpy as np
 import openpyxl

@@ -1,5 +1,6 @@
 """The command line: one-line errors, default workdir, config overrides."""
 
+import pathlib
 import subprocess
 import sys
 
@@ -63,3 +64,28 @@ def test_experiments_load_with_all_variants():
         for variant in [None, *module.VARIANTS]:
             config = module.get_config(variant)
             validate(config)
+
+
+
+def test_compilation_cache_follows_config_unless_already_set(tmp_path):
+    import jax
+
+    from amvlm_jax.config import base_config
+    from amvlm_jax.train.parallel import enable_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir  # The test session's own cache.
+    config = base_config()
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        config.compilation_cache = ""
+        assert enable_compilation_cache(config) is None and jax.config.jax_compilation_cache_dir is None
+        config.compilation_cache = str(tmp_path / "a")
+        assert enable_compilation_cache(config) == str(tmp_path / "a") == jax.config.jax_compilation_cache_dir
+        # A folder set before (by $JAX_COMPILATION_CACHE_DIR or an earlier call) wins.
+        config.compilation_cache = str(tmp_path / "b")
+        assert enable_compilation_cache(config) == str(tmp_path / "a")
+        config.compilation_cache = "~/somewhere"
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert enable_compilation_cache(config) == str(pathlib.Path.home() / "somewhere")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -26,8 +26,7 @@ import json
 import pathlib
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -124,16 +123,7 @@ def summarize(runs: dict, workdir: pathlib.Path) -> tuple[list[dict], str]:
     return table, text
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from amvlm_jax.config import ConfigError
-    from amvlm_jax.data.folders import DataError
-    from amvlm_jax.train.checkpoint import CheckpointError
-    from amvlm_jax.train.loop import TrainingError
-
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)
+def main(config):
     rows = [r.strip() for r in flags.FLAGS.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -141,23 +131,19 @@ def main(argv):
     seeds = [int(s) for s in flags.FLAGS.seeds.split(",")]
     workdir = pathlib.Path(flags.FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        runs = run_rows(flags.FLAGS.config, workdir, rows, seeds)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-        sys.exit(f"error: {e}")
+    runs = run_rows(config, workdir, rows, seeds)
     _, text = summarize(runs, workdir)
     print(text)
     print(f"\nsaved {workdir / 'ablation.md'} and {workdir / 'ablation.json'}")
 
 
-if __name__ == "__main__":
-    from amvlm_jax.main import DEFAULT_CONFIG, check_command_line
-
-    problem = check_command_line(sys.argv)
-    if problem:
-        sys.exit(f"error: {problem}")
-    config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Experiment file, optionally ':variant'.")
+def define_flags():
     flags.DEFINE_string("workdir", "runs/ablation", "Folder of the ablation's runs and table.")
     flags.DEFINE_string("rows", ",".join(ROWS), "Comma-separated rows to run, the first being the baseline.")
     flags.DEFINE_string("seeds", "0", "Comma-separated SSMIS seeds per row.")
-    app.run(main)
+
+
+if __name__ == "__main__":
+    from amvlm_jax.main import start as start_command
+
+    start_command(main, define_flags)

@@ -26,8 +26,7 @@ import resource
 import sys
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -385,36 +384,29 @@ def format_result(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from amvlm_jax.config import ConfigError
+def main(config):
+    import jax
+
     from amvlm_jax.train.parallel import initialize_distributed
 
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)
-    config = flags.FLAGS.config
+    jax.config.update("jax_enable_compilation_cache", False)  # The compile time reported must be a compilation.
     mode = flags.FLAGS.mode or config.mode
     if mode not in MODES:
         sys.exit(f"error: --mode must be one of {', '.join(MODES)}, got '{mode}'")
-    try:
-        initialize_distributed(config)
-        result = run_benchmark(config, mode, flags.FLAGS.steps, flags.FLAGS.warmup, flags.FLAGS.profile)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    initialize_distributed(config)
+    result = run_benchmark(config, mode, flags.FLAGS.steps, flags.FLAGS.warmup, flags.FLAGS.profile)
     print(json.dumps(result, indent=2) if flags.FLAGS.json else format_result(result))
 
 
-if __name__ == "__main__":
-    from amvlm_jax.main import DEFAULT_CONFIG, check_command_line
-
-    problem = check_command_line(sys.argv)
-    if problem:
-        sys.exit(f"error: {problem}")
-    config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Experiment file, optionally ':variant'.")
+def define_flags():
     flags.DEFINE_enum("mode", None, list(MODES), "Step to time (default: config.mode).")
     flags.DEFINE_integer("steps", 5, "Timed steps.")
     flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation (at least one is run).")
     flags.DEFINE_bool("json", False, "Print the measurements as JSON.")
     flags.DEFINE_string("profile", "", "Trace a few more steps into this folder and summarise device time per op.")
-    app.run(main)
+
+
+if __name__ == "__main__":
+    from amvlm_jax.main import start as start_command
+
+    start_command(main, define_flags)

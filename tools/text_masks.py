@@ -20,8 +20,7 @@ import json
 import pathlib
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -102,30 +101,19 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25) 
     return result
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from amvlm_jax.config import ConfigError
+def main(config):
     from amvlm_jax.data import datasets, folders
-    from amvlm_jax.data.folders import DataError
-    from amvlm_jax.train.checkpoint import CheckpointError
     from amvlm_jax.train.parallel import make_mesh
     from amvlm_jax.train.ssl import TextGuidance
 
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)
-    config = flags.FLAGS.config
     workdir = pathlib.Path(flags.FLAGS.workdir)
-    try:
-        root = datasets.data_root(config, workdir)
-        guidance = TextGuidance(config, workdir, make_mesh(config, batch_size=25))
-        results = {}
-        for split_name in [s.strip() for s in flags.FLAGS.splits.split(",") if s.strip()]:
-            split = folders.load_split(root, split_name, image_size=config.data.image_size,
-                                       num_classes=config.data.num_classes, threads=config.data.read_threads)
-            results[split_name] = score_split(config, guidance, split, split_name)
-    except (ConfigError, DataError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
+    root = datasets.data_root(config, workdir)
+    guidance = TextGuidance(config, workdir, make_mesh(config, batch_size=25))
+    results = {}
+    for split_name in [s.strip() for s in flags.FLAGS.splits.split(",") if s.strip()]:
+        split = folders.load_split(root, split_name, image_size=config.data.image_size,
+                                   num_classes=config.data.num_classes, threads=config.data.read_threads)
+        results[split_name] = score_split(config, guidance, split, split_name)
     (workdir / "text_masks.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"{'split':<8}{'images':>8}{'Dice':>8}{'AUROC':>8}{'p lesion':>10}{'p other':>9}  V.t by cell (lesion / distractor / empty)")
     for split_name, r in results.items():
@@ -136,13 +124,12 @@ def main(argv):
     print(f"\nsaved {workdir / 'text_masks.json'}")
 
 
-if __name__ == "__main__":
-    from amvlm_jax.main import DEFAULT_CONFIG, check_command_line
-
-    problem = check_command_line(sys.argv)
-    if problem:
-        sys.exit(f"error: {problem}")
-    config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Experiment file, optionally ':variant'.")
+def define_flags():
     flags.DEFINE_string("workdir", None, "Run folder holding pretrain/ (or set --config.ssl.pretrained).", required=True)
     flags.DEFINE_string("splits", "val,train", "Comma-separated splits to score.")
-    app.run(main)
+
+
+if __name__ == "__main__":
+    from amvlm_jax.main import start as start_command
+
+    start_command(main, define_flags)

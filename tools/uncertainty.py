@@ -30,8 +30,7 @@ import json
 import pathlib
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -212,22 +211,11 @@ def plot(result: dict, path: pathlib.Path) -> None:
     plt.close(figure)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from amvlm_jax.config import ConfigError
-    from amvlm_jax.data.folders import DataError
-    from amvlm_jax.train.checkpoint import CheckpointError
-
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)
+def main(config):
     FLAGS = flags.FLAGS
     workdir = pathlib.Path(FLAGS.workdir)
     out = pathlib.Path(FLAGS.out) if FLAGS.out else workdir / "uncertainty"
-    try:
-        result = analyse(FLAGS.config, workdir, FLAGS.split, FLAGS.image, FLAGS.report, FLAGS.count)
-    except (ConfigError, DataError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
+    result = analyse(config, workdir, FLAGS.split, FLAGS.image, FLAGS.report, FLAGS.count)
     out.mkdir(parents=True, exist_ok=True)
     (out / "uncertainty.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "uncertainty.png")
@@ -235,17 +223,16 @@ def main(argv):
     print(f"\nsaved {out / 'uncertainty.json'} and {out / 'uncertainty.png'}")
 
 
-if __name__ == "__main__":
-    from amvlm_jax.main import DEFAULT_CONFIG, check_command_line
-
-    problem = check_command_line(sys.argv)
-    if problem:
-        sys.exit(f"error: {problem}")
-    config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Experiment file, optionally ':variant'.")
+def define_flags():
     flags.DEFINE_string("workdir", None, "Run folder holding pretrain/ (or set --config.ssl.pretrained).", required=True)
     flags.DEFINE_string("split", "val", "Split the images and reports come from.")
     flags.DEFINE_string("image", "", "File name of the image of part 1 (default: the split's first).")
     flags.DEFINE_string("report", "", "Report of part 2 (default: the image's own report).")
     flags.DEFINE_integer("count", 5, "Reports in part 1 and images in part 2.")
     flags.DEFINE_string("out", "", "Output folder (default <workdir>/uncertainty).")
-    app.run(main)
+
+
+if __name__ == "__main__":
+    from amvlm_jax.main import start as start_command
+
+    start_command(main, define_flags)

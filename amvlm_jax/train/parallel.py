@@ -34,6 +34,23 @@ MESH_AXES = ("data", "fsdp")
 # ---------------------------------------------------------------------------
 
 
+def enable_compilation_cache(config) -> str | None:
+    """Points jax's persistent compilation cache at config.compilation_cache; returns the folder in use.
+
+    Left alone when $JAX_COMPILATION_CACHE_DIR (or an earlier call) already
+    set one. Only compilations of a second or more are stored, so the cache
+    holds the train, evaluation and initialisation steps, not small helpers.
+    """
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    if not config.compilation_cache:
+        return None
+    folder = os.path.expanduser(config.compilation_cache)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    return folder
+
+
+
 def _int_env(name: str, default: int = 0) -> int:
     value = os.environ.get(name, "")
     return int(value) if value.strip().lstrip("-").isdigit() else default
