@@ -1,139 +1,111 @@
-"""A non-finite loss stops training and keeps the last good checkpoint; Ctrl-C saves and resumes exactly."""
+"""A non-finite loss stops training and keeps the last good checkpoint; Ctrl-C saves and resumes exactly.
+
+Both training loops (supervised / SSMIS share train/loop.py; pre-training
+has its own) go through the same scenario: 3 epochs of 2 steps with a
+checkpoint after each, a loss of nan or inf at step 3, a Ctrl-C at step 3.
+"""
+
+import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amvlm_jax.train import checkpoint, supervised
+from amvlm_jax.train import checkpoint, pretrain, supervised
 from amvlm_jax.train.loop import TrainingError
 from amvlm_jax.train.parallel import make_mesh, replicate
 
-from conftest import tiny_synthetic_config
-
-# 16 training images, batch 8: 2 steps per epoch.
-CONFIG = dict(**{"train.epochs": 3, "eval.splits": ("val",)})
+from conftest import tiny_pretrain_config, tiny_synthetic_config
 
 
-@pytest.fixture(scope="module")
-def real_step():
-    config = tiny_synthetic_config(**CONFIG)
-    return supervised.make_train_step(supervised.build_unet(config), 1)
+@dataclasses.dataclass
+class Job:
+    """One training mode as the scenario drives it."""
+
+    train: Callable  # workdir -> None
+    patch_step: Callable  # step function -> None: the next train() uses it
+    real_step: Callable  # the real jitted step
+    latest: Callable  # workdir -> (latest step, params as numpy, checkpoint metadata)
 
 
-def _latest(workdir):
-    config = tiny_synthetic_config(**CONFIG)
-    state = supervised.create_state(config, supervised.build_unet(config), steps_per_epoch=2)
-    state = replicate(make_mesh(config, jax.devices()[:1]), state)
-    manager = checkpoint.RunCheckpoints(workdir)
+def _restore_latest(run_dir, state):
+    manager = checkpoint.RunCheckpoints(run_dir)
     restored, meta = manager.restore_latest(state)
     step = manager.latest.latest_step()
     manager.close()
     return step, jax.device_get(restored.params), meta
 
 
-def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, real_step):
-    def step_with_nan(state, batch):
-        state, metrics = real_step(state, batch)
+@pytest.fixture(scope="module")
+def supervised_job():
+    config = tiny_synthetic_config(**{"train.epochs": 3, "eval.splits": ("val",)})  # 16 images, batch 8.
+    model = supervised.build_unet(config)
+    state = replicate(make_mesh(config, jax.devices()[:1]), supervised.create_state(config, model, steps_per_epoch=2))
+    with pytest.MonkeyPatch.context() as patch:
+        yield Job(
+            train=lambda workdir: supervised.train(config, workdir),
+            patch_step=lambda fn: patch.setattr(supervised, "make_train_step", lambda model, num_classes: fn),
+            real_step=supervised.make_train_step(model, 1),
+            latest=lambda workdir: _restore_latest(workdir, state),
+        )
+
+
+@pytest.fixture(scope="module")
+def pretrain_job():
+    config = tiny_pretrain_config(**{"pretrain.checkpoint_every_epochs": 1})  # 16 pairs, batch 8, 3 epochs.
+    model = pretrain.build_model(config, pretrain.text_encoder_config(config))
+    abstract = jax.eval_shape(lambda: pretrain.create_state(config, model, config.pretrain.image_size))
+    with pytest.MonkeyPatch.context() as patch:
+        yield Job(
+            train=lambda workdir: pretrain.train(config, workdir),
+            patch_step=lambda fn: patch.setattr(pretrain, "make_train_step", lambda model, config, steps_per_epoch: fn),
+            real_step=pretrain.make_train_step(model, config, steps_per_epoch=2),
+            latest=lambda workdir: _restore_latest(workdir / "pretrain", abstract),
+        )
+
+
+@pytest.fixture(params=["supervised", "pretrain"])
+def job(request):
+    return request.getfixturevalue(f"{request.param}_job")
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_non_finite_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, job, bad):
+    def step_with_bad_loss(state, batch):
+        state, metrics = job.real_step(state, batch)
         if int(state.step) == 3:
-            metrics = dict(metrics, loss=jnp.float32(jnp.nan))
+            metrics = dict(metrics, loss=jnp.float32(bad))
         return state, metrics
 
-    monkeypatch.setattr(supervised, "make_train_step", lambda model, num_classes: step_with_nan)
-    with pytest.raises(TrainingError, match="loss is nan at step 3") as info:
-        supervised.train(tiny_synthetic_config(**CONFIG), tmp_path)
+    job.patch_step(step_with_bad_loss)
+    with pytest.raises(TrainingError, match=f"loss is {bad} at step 3") as info:
+        job.train(tmp_path)
     assert "\n" not in str(info.value)
-    step, _, meta = _latest(tmp_path)
+    step, _, meta = job.latest(tmp_path)
     assert step == 2 and meta["epoch"] == 1  # The epoch-1 checkpoint, nothing after it.
 
 
-def test_ctrl_c_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, real_step):
-    supervised.train(tiny_synthetic_config(**CONFIG), tmp_path / "whole")
+def test_ctrl_c_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path, job):
+    job.patch_step(job.real_step)
+    job.train(tmp_path / "whole")
 
     def step_interrupted_at_3(state, batch):
         if int(state.step) == 3:
             raise KeyboardInterrupt
-        return real_step(state, batch)
+        return job.real_step(state, batch)
 
-    monkeypatch.setattr(supervised, "make_train_step", lambda model, num_classes: step_interrupted_at_3)
+    job.patch_step(step_interrupted_at_3)
     with pytest.raises(KeyboardInterrupt, match="saved .*latest/3"):
-        supervised.train(tiny_synthetic_config(**CONFIG), tmp_path / "cut")
-    assert _latest(tmp_path / "cut")[0] == 3  # Mid-epoch: saved by the interrupt.
+        job.train(tmp_path / "cut")
+    assert job.latest(tmp_path / "cut")[0] == 3  # Mid-epoch: saved by the interrupt.
 
-    monkeypatch.setattr(supervised, "make_train_step", lambda model, num_classes: real_step)
-    supervised.train(tiny_synthetic_config(**CONFIG), tmp_path / "cut")
-    whole_step, whole_params, whole_meta = _latest(tmp_path / "whole")
-    cut_step, cut_params, cut_meta = _latest(tmp_path / "cut")
-    assert whole_step == cut_step == 6 and whole_meta == cut_meta
-    for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(cut_params)):
-        np.testing.assert_array_equal(a, b)
-
-
-# Pre-training: 16 pairs, batch 8, 3 epochs of 2 steps, a checkpoint after each.
-PRETRAIN = {"pretrain.checkpoint_every_epochs": 1}
-
-@pytest.fixture(scope="module")
-def pretrain_step():
-    from amvlm_jax.train import pretrain
-
-    from conftest import tiny_pretrain_config
-
-    config = tiny_pretrain_config(**PRETRAIN)
-    model = pretrain.build_model(config, pretrain.text_encoder_config(config))
-    return pretrain.make_train_step(model, config, steps_per_epoch=2)
-
-
-def _latest_pretrain(run_dir):
-    from amvlm_jax.train import pretrain
-
-    from conftest import tiny_pretrain_config
-
-    config = tiny_pretrain_config(**PRETRAIN)
-    model = pretrain.build_model(config, pretrain.text_encoder_config(config))
-    abstract = jax.eval_shape(lambda: pretrain.create_state(config, model, config.pretrain.image_size))
-    manager = checkpoint.RunCheckpoints(run_dir)
-    restored, meta = manager.restore_latest(abstract)
-    step = manager.latest.latest_step()
-    manager.close()
-    return step, jax.device_get(restored.params), meta
-
-
-def test_pretraining_nan_guard_and_ctrl_c_resume(tmp_path, monkeypatch, pretrain_step):
-    from amvlm_jax.train import pretrain
-
-    from conftest import tiny_pretrain_config
-
-    def patched(step_fn):
-        monkeypatch.setattr(pretrain, "make_train_step", lambda model, config, steps_per_epoch: step_fn)
-
-    def with_nan(state, batch):
-        state, metrics = pretrain_step(state, batch)
-        if int(state.step) == 3:
-            metrics = dict(metrics, loss=jnp.float32(jnp.inf))
-        return state, metrics
-
-    patched(with_nan)
-    with pytest.raises(TrainingError, match="loss is inf at step 3"):
-        pretrain.train(tiny_pretrain_config(**PRETRAIN), tmp_path / "nan")
-    step, _, meta = _latest_pretrain(tmp_path / "nan" / "pretrain")
-    assert step == 2 and meta["epoch"] == 1
-
-    patched(pretrain_step)
-    pretrain.train(tiny_pretrain_config(**PRETRAIN), tmp_path / "whole")
-
-    def interrupted_at_3(state, batch):
-        if int(state.step) == 3:
-            raise KeyboardInterrupt
-        return pretrain_step(state, batch)
-
-    patched(interrupted_at_3)
-    with pytest.raises(KeyboardInterrupt, match="saved .*latest/3"):
-        pretrain.train(tiny_pretrain_config(**PRETRAIN), tmp_path / "cut")
-    assert _latest_pretrain(tmp_path / "cut" / "pretrain")[0] == 3  # Mid-epoch: saved by the interrupt.
-    patched(pretrain_step)
-    pretrain.train(tiny_pretrain_config(**PRETRAIN), tmp_path / "cut")
-    whole_step, whole_params, _ = _latest_pretrain(tmp_path / "whole" / "pretrain")
-    cut_step, cut_params, _ = _latest_pretrain(tmp_path / "cut" / "pretrain")
+    job.patch_step(job.real_step)
+    job.train(tmp_path / "cut")
+    whole_step, whole_params, whole_meta = job.latest(tmp_path / "whole")
+    cut_step, cut_params, cut_meta = job.latest(tmp_path / "cut")
     assert whole_step == cut_step == 6
+    assert {k: v for k, v in whole_meta.items() if k != "seconds"} == {k: v for k, v in cut_meta.items() if k != "seconds"}
     for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(cut_params)):
         np.testing.assert_array_equal(a, b)

@@ -23,8 +23,30 @@ class ConvBlock(nn.Module):
         return x
 
 
+class UpConv2x2(nn.Module):
+    """Transposed convolution 2x2 with stride 2, as one matmul and a pixel shuffle.
+
+    Same parameters (kernel (2, 2, C_in, C_out), bias) and outputs as
+    ``nn.ConvTranspose(C_out, (2, 2), strides=(2, 2))``: output pixel
+    (2i + a, 2j + b) is x[i, j] @ kernel[1 - a, 1 - b] + bias. XLA's CPU
+    backend runs the input-dilated convolution that ConvTranspose lowers to
+    several times slower than this matmul. (B, h, w, C_in) -> (B, 2h, 2w, C_out).
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        batch, height, width, _ = x.shape
+        y = jnp.einsum("bhwc,xyco->bhxwyo", x.astype(self.dtype), kernel[::-1, ::-1].astype(self.dtype))
+        return y.reshape(batch, 2 * height, 2 * width, self.features) + bias.astype(self.dtype)
+
+
 class UNet(nn.Module):
-    """4 down (maxpool + ConvBlock) and 4 up (ConvTranspose 2x2/2 + skip + ConvBlock) stages.
+    """4 down (maxpool + ConvBlock) and 4 up (transposed conv 2x2/2 + skip + ConvBlock) stages.
 
     Input (B, H, W, 3) in [0, 1] with H, W divisible by 16; output logits
     (B, H, W, num_classes) in float32 (num_classes = 1 for binary tasks).
@@ -45,8 +67,9 @@ class UNet(nn.Module):
             skips.append(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
             x = ConvBlock(width, self.dtype)(x, train)
-        for width, skip in zip(reversed(widths[:-1]), reversed(skips)):
-            x = nn.ConvTranspose(width, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
+        for level, (width, skip) in enumerate(zip(reversed(widths[:-1]), reversed(skips))):
+            # Named as nn.ConvTranspose would be: checkpoints keep their parameter names.
+            x = UpConv2x2(width, self.dtype, name=f"ConvTranspose_{level}")(x)
             x = jnp.concatenate([x, skip], axis=-1)
             x = ConvBlock(width, self.dtype)(x, train)
         logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)
