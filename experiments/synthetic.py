@@ -14,7 +14,7 @@ their masks.
 Mode 'all' pre-trains a 4-block ViT-Ti/16 (96x96, from scratch) with the
 pretrained MiniLM text encoder for 20 epochs, then trains the text-guided
 mean teacher (U-Net width 16, 8 labeled + 8 unlabeled images a step) for
-10 epochs and evaluates it: about 8 minutes on 2 CPU cores.
+10 epochs and evaluates it: about 7.5 minutes on 2 idle CPU cores.
 Variants: labeled100 (every mask), labeled25 / labeled50 / fewshot1 /
 fewshot10 (fraction of training masks), mgca (MGCA's pre-training
 objective), vision (no text guidance), ab_css / ab_icl / ab_css_icl /
