@@ -66,7 +66,6 @@ def test_experiments_load_with_all_variants():
             validate(config)
 
 
-
 def test_compilation_cache_follows_config_unless_already_set(tmp_path):
     import jax
 

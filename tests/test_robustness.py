@@ -15,7 +15,6 @@ import pytest
 
 from amvlm_jax.train import checkpoint, pretrain, supervised
 from amvlm_jax.train.loop import TrainingError
-from amvlm_jax.train.parallel import make_mesh, replicate
 
 from conftest import tiny_pretrain_config, tiny_synthetic_config
 
@@ -42,13 +41,13 @@ def _restore_latest(run_dir, state):
 def supervised_job():
     config = tiny_synthetic_config(**{"train.epochs": 3, "eval.splits": ("val",)})  # 16 images, batch 8.
     model = supervised.build_unet(config)
-    state = replicate(make_mesh(config, jax.devices()[:1]), supervised.create_state(config, model, steps_per_epoch=2))
+    abstract = jax.eval_shape(lambda: supervised.create_state(config, model, steps_per_epoch=2))
     with pytest.MonkeyPatch.context() as patch:
         yield Job(
             train=lambda workdir: supervised.train(config, workdir),
             patch_step=lambda fn: patch.setattr(supervised, "make_train_step", lambda model, num_classes: fn),
             real_step=supervised.make_train_step(model, 1),
-            latest=lambda workdir: _restore_latest(workdir, state),
+            latest=lambda workdir: _restore_latest(workdir, abstract),
         )
 
 

@@ -50,7 +50,6 @@ def enable_compilation_cache(config) -> str | None:
     return folder
 
 
-
 def _int_env(name: str, default: int = 0) -> int:
     value = os.environ.get(name, "")
     return int(value) if value.strip().lstrip("-").isdigit() else default
