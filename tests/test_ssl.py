@@ -1,6 +1,7 @@
 """Mean-teacher SSMIS: the step's teacher, pseudo-labels and losses; text guidance end to end."""
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -269,3 +270,14 @@ def test_constant_text_mask_control_keeps_l_tg_and_removes_location(all_run):
     assert float(loss_c) == pytest.approx(float(loss))
     np.testing.assert_array_equal(masks_c["p_text"], np.full(masks["p_text"].shape, 0.4, np.float32))
     np.testing.assert_array_equal(masks_c["soft"], masks["soft"])
+
+
+def test_student_batch_stats_images_mix_labeled_and_unlabeled():
+    config = tiny_synthetic_config(**{"train.precise_bn_images": 6})
+    labeled = types.SimpleNamespace(images=np.arange(2)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8))
+    unlabeled = types.SimpleNamespace(images=(10 + np.arange(5))[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8))
+    images = ssl.student_images(config, labeled, unlabeled)
+    # Up to 3 of each, one to one while both last, then the rest of the longer split.
+    assert images[:, 0, 0, 0].tolist() == [0, 10, 1, 11, 12]
+    config.train.precise_bn_images = 0
+    assert len(ssl.student_images(config, labeled, unlabeled)) == 0

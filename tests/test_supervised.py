@@ -12,8 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from amvlm_jax.data import pipeline
-from amvlm_jax.train import checkpoint, supervised
+from amvlm_jax.data import datasets, pipeline
+from amvlm_jax.train import checkpoint, evaluate, supervised
 from amvlm_jax.train.parallel import make_mesh, replicate
 from amvlm_jax.train.state import TrainState
 
@@ -71,10 +71,48 @@ def test_training_learns_and_evaluation_round_trips(tmp_path):
     per_image = np.array([float(row.split(",")[1]) for row in csv_rows[1:]])
     assert per_image.mean() == pytest.approx(results["test"]["dice"], abs=1e-3)
 
+    # The saved statistics are those of the final weights over the training images, not running averages.
+    final, _ = _final_params(tmp_path, config)
+    train_images = datasets.load_labeled_train(config, datasets.data_root(config, tmp_path)).images
+    model = supervised.build_unet(config)
+    mesh = make_mesh(config, jax.devices()[:1])
+    expected = evaluate.make_batch_stats_refresh(model, train_images, mesh, config.train.batch_size)(final).batch_stats
+    for saved, recomputed in zip(jax.tree.leaves(final.batch_stats), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(saved, recomputed, rtol=1e-5, atol=1e-6)
+
     # Evaluating the saved best checkpoint from another workdir gives the same numbers.
     config.mode = "evaluate"
     again = supervised.evaluate_checkpoint(config, tmp_path / "eval", str(tmp_path / "checkpoints" / "best"))
     assert again == results
+
+
+def test_recomputed_batch_stats_reproduce_training_mode_in_inference():
+    config = tiny_synthetic_config(**{"mesh.data": -1})
+    model = supervised.build_unet(config)
+    variables = supervised.init_variables(config, model)
+    rng = np.random.default_rng(3)
+    # Perturbed weights, so that every layer's input statistics are far from BatchNorm's initial 0 / 1.
+    params = jax.tree.map(lambda p: p + 0.2 * rng.standard_normal(p.shape).astype(p.dtype), variables["params"])
+    state = TrainState.create(params, variables["batch_stats"], optax.sgd(0.1))
+    images = rng.integers(0, 256, size=(20, 64, 64, 3), dtype=np.uint8)
+    mesh = make_mesh(config)
+    assert mesh.size == 8
+
+    def recomputed(batch_images):
+        return evaluate.make_batch_stats_refresh(model, batch_images, mesh, batch_size=8)(state).batch_stats
+
+    first, second, both = recomputed(images[:8]), recomputed(images[8:16]), recomputed(images)
+    x = images[:8].astype(np.float32) / 255.0
+    training_mode, _ = model.apply(variables | {"params": params}, x, train=True, mutable=["batch_stats"])
+    inference = model.apply({"params": params, "batch_stats": first}, x, train=False)
+    np.testing.assert_allclose(inference, training_mode, rtol=1e-4, atol=1e-4)
+    # Several batches: the mean of their statistics; the 4 images past the last full batch are left out.
+    for a, b, mean in zip(jax.tree.leaves(first), jax.tree.leaves(second), jax.tree.leaves(both)):
+        np.testing.assert_allclose(mean, (a + b) / 2, rtol=1e-5, atol=1e-6)
+    # Fewer images than a batch: one batch of them, rounded down to the device count.
+    inference = model.apply({"params": params, "batch_stats": recomputed(images[:9])}, x, train=False)
+    np.testing.assert_allclose(inference, training_mode, rtol=1e-4, atol=1e-4)
+    assert evaluate.make_batch_stats_refresh(model, images[:0], mesh, 8) is None
 
 
 def test_evaluate_rejects_a_path_without_checkpoint(tmp_path):
@@ -94,8 +132,8 @@ def _cli(workdir, epochs):
     ]
 
 
-def _final_params(workdir):
-    config = tiny_synthetic_config()
+def _final_params(workdir, config=None):
+    config = config or tiny_synthetic_config()
     model = supervised.build_unet(config)
     mesh = make_mesh(config, jax.devices()[:1])
     state = replicate(mesh, supervised.create_state(config, model, steps_per_epoch=2))

@@ -7,6 +7,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+# Flax keeps this fraction of the old running statistics per step (torch's momentum 0.1).
+BATCH_NORM_MOMENTUM = 0.9
+
 
 class ConvBlock(nn.Module):
     """Two [Conv3x3, BatchNorm, ReLU] layers."""
@@ -18,7 +21,7 @@ class ConvBlock(nn.Module):
     def __call__(self, x, train: bool):
         for _ in range(2):
             x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5, dtype=self.dtype)(x)
             x = nn.relu(x)
         return x
 

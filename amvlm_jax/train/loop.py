@@ -34,6 +34,7 @@ def fit(
     extra_step_args: tuple = (),
     lr_schedule: Optional[Callable] = None,
     picture_panels: Optional[Callable] = None,
+    refresh_batch_stats: Optional[Callable] = None,
 ) -> Any:
     """Runs config.train.epochs epochs, continuing from the workdir's latest checkpoint.
 
@@ -46,7 +47,9 @@ def fit(
     written; every train.picture_every_epochs epochs (and the last) overlays
     of a few validation images go to <workdir>/pictures/ (panels from
     `picture_panels(state, rows)` -> {name: (N, H, W) in [0, 1]}), and the curves to
-    <workdir>/curves.png at the end. A non-finite loss raises TrainingError before anything is saved,
+    <workdir>/curves.png at the end. `refresh_batch_stats(state) -> state`, when
+    given, recomputes the BatchNorm statistics at the end of every epoch, before
+    validation and the checkpoint. A non-finite loss raises TrainingError before anything is saved,
     leaving the last good checkpoint; Ctrl-C saves the current state first.
     Returns the final state.
     """
@@ -59,7 +62,8 @@ def fit(
     try:
         for epoch in range(start_step // steps_per_epoch, config.train.epochs):
             _run_epoch(config, workdir, mesh, current, train_step, batches, steps_per_epoch, val_split,
-                       eval_step, extra_step_args, lr_schedule, epoch, meta, checkpoints, writer, picture_panels)
+                       eval_step, extra_step_args, lr_schedule, epoch, meta, checkpoints, writer, picture_panels,
+                       refresh_batch_stats)
     except KeyboardInterrupt:
         state = current["state"]
         step = int(state.step)
@@ -77,7 +81,7 @@ def fit(
 
 
 def _run_epoch(config, workdir, mesh, current, train_step, batches, steps_per_epoch, val_split, eval_step,
-               extra_step_args, lr_schedule, epoch, meta, checkpoints, writer, picture_panels):
+               extra_step_args, lr_schedule, epoch, meta, checkpoints, writer, picture_panels, refresh_batch_stats):
     started = time.time()
     state = current["state"]
     first = int(state.step) - epoch * steps_per_epoch  # > 0 when resuming mid-epoch.
@@ -97,6 +101,8 @@ def _run_epoch(config, workdir, mesh, current, train_step, batches, steps_per_ep
             writer.write(step, step_metrics)
     epoch_loss = float(np.mean(jax.device_get(losses)))
     check_finite(epoch_loss, int(state.step), workdir)
+    if refresh_batch_stats is not None:
+        state = current["state"] = refresh_batch_stats(state)
     epoch_metrics = {"epoch": epoch + 1, "train/epoch_loss": epoch_loss}
     last = epoch + 1 == config.train.epochs
     is_best = val_split is None  # Without validation data the newest model is the one to keep.

@@ -408,6 +408,20 @@ def create_state(config, model, guidance: TextGuidance | None, steps_per_epoch: 
     return student.replace(ema=jax.tree.map(jnp.copy, teacher), extra=extra), decoder_tx
 
 
+def student_images(config, labeled_split, unlabeled_split) -> np.ndarray:
+    """(N, H, W, 3) uint8 images for the student's BatchNorm statistics.
+
+    Up to config.train.precise_bn_images, half labeled and half unlabeled,
+    interleaved one to one so that every batch mixes both like a training
+    step; the rest of the longer split fills up the end.
+    """
+    half = config.train.precise_bn_images // 2
+    labeled, unlabeled = labeled_split.images[:half], unlabeled_split.images[:half]
+    pairs = min(len(labeled), len(unlabeled))
+    mixed = np.stack([labeled[:pairs], unlabeled[:pairs]], axis=1).reshape((-1,) + labeled.shape[1:])
+    return np.concatenate([mixed, labeled[pairs:], unlabeled[pairs:]])
+
+
 def train(config, workdir: str | pathlib.Path) -> dict:
     """Mean-teacher SSMIS with text guidance; resumes from <workdir>; evaluates the best student."""
     workdir = pathlib.Path(workdir)
@@ -447,6 +461,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         steps_per_epoch, val_split, evaluate.make_eval_step(model, config.data.num_classes),
         extra_step_args=(guidance.variables if guidance else None,),
         picture_panels=make_picture_panels(config, model, guidance, mesh, val_split) if val_split is not None else None,
+        refresh_batch_stats=evaluate.make_batch_stats_refresh(model, student_images(config, labeled_split, unlabeled_split), mesh, 2 * batch_size),
     )
     best = str(workdir / "checkpoints" / "best")
     results = supervised.evaluate_checkpoint(config, workdir, best, mesh=mesh, root=root)

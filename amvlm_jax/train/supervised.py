@@ -88,6 +88,9 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         config, workdir, mesh, state, make_train_step(model, config.data.num_classes), make_batches,
         steps_per_epoch, val_split, evaluate.make_eval_step(model, config.data.num_classes), lr_schedule=schedule,
         picture_panels=evaluate.make_prediction_panels(model, mesh, val_split) if val_split is not None else None,
+        refresh_batch_stats=evaluate.make_batch_stats_refresh(
+            model, train_split.images[: config.train.precise_bn_images], mesh, batch_size
+        ),
     )
     return evaluate_checkpoint(config, workdir, str(workdir / "checkpoints" / "best"), mesh=mesh, root=root)
 
