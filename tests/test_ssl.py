@@ -236,7 +236,8 @@ def test_text_mask_tool_scores_pretrained_masks(all_run):
     mesh = make_mesh(config, jax.devices()[:1])
     guidance = ssl.TextGuidance(config, tmp_path, mesh)
     split = folders.load_split(tmp_path / "data", "val", image_size=config.data.image_size)
-    result = tool.score_split(config, guidance, split, "val", batch_size=8)
+    result, features = tool.score_split(config, guidance, split, "val", batch_size=8)
+    assert features["maps"].shape[0] == features["reports"].shape[0] == 8
     assert result["images"] == 8 and 0.0 <= result["auroc"] <= 100.0 and 0.0 <= result["dice"] <= 100.0
     assert 0.0 <= result["p_text_lesion"] <= 1.0 and set(result["own_similarity_by_cell"]) <= {"lesion", "distractor", "empty"}
 
@@ -254,6 +255,30 @@ def test_text_mask_tool_scores_pretrained_masks(all_run):
                 kind = "lesion" if (r, c) in sample.lesion_cells else "distractor" if (r, c) in sample.distractor_cells else "empty"
                 expected[kind].append(3 * r + c)
     assert got == pytest.approx({k: float(np.mean(v)) for k, v in expected.items()})
+
+    # Linear probes: features that carry the cells are read out perfectly, pure noise is not.
+    rng = np.random.default_rng(0)
+
+    def fake(split_name, count):
+        lesion, distractor = tool.synthetic_cells([f"syn_{i:05d}.png" for i in range(count)], split_name, 0, 96)
+        cells = tool.patch_cells(6, 96)  # 6x6 patches, 2x2 per cell.
+        maps = rng.standard_normal((count, 6, 6, 4))
+        maps[..., 0] += 4 * lesion[:, cells].reshape(count, 6, 6)
+        maps[..., 1] += 4 * np.clip(lesion + distractor, 0, 1)[:, cells].reshape(count, 6, 6)
+        reports = np.concatenate([lesion, rng.standard_normal((count, 3))], axis=1)
+        return {"maps": maps, "reports": reports, "lesion": lesion, "distractor": distractor}
+
+    train, val = fake("train", 40), fake("val", 20)
+    probes = tool.linear_probes(train, val, image_size=96)
+    assert probes["report_names_cells"] == pytest.approx(100.0)
+    assert probes["patch_in_lesion_cell"] > 97 and probes["patch_in_blob_cell"] > 97
+    noise = {**val, "maps": rng.standard_normal(val["maps"].shape), "reports": rng.standard_normal(val["reports"].shape)}
+    assert all(35 < v < 65 for v in tool.linear_probes(train, noise, image_size=96).values())
+    # Ridge with a vanishing penalty is least squares with an intercept; AUROC on a hand case.
+    x, y = rng.standard_normal((30, 3)), rng.standard_normal((30, 2))
+    solution, *_ = np.linalg.lstsq(np.c_[x, np.ones(30)], y, rcond=None)
+    np.testing.assert_allclose(tool.ridge_predictions(x, y, x[:5], 1e-9), np.c_[x[:5], np.ones(5)] @ solution, atol=1e-6)
+    assert tool.rank_auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
 
 
 def test_constant_text_mask_control_keeps_l_tg_and_removes_location(all_run):

@@ -10,8 +10,12 @@ split: Dice of the mask at 0.5, pixel AUROC of p_text, and the mean p_text
 on lesion and on background pixels. For the synthetic data it also reports
 the image's similarity to its own report, V . t, averaged over the patches
 of the grid cells that hold a named lesion, a distractor, or nothing: a
-pre-training that grounds the report ranks them in that order. Prints a
-table and writes <workdir>/text_masks.json.
+pre-training that grounds the report ranks them in that order, and fits
+linear probes on the training split (ridge regression, scored by AUROC on
+each split): do the report embeddings t say which cells the report names,
+and do the patch embeddings V say whether their cell holds a lesion or any
+blob? Each modality can encode its side while V . t still ranks nothing.
+Prints a table and writes <workdir>/text_masks.json.
 """
 
 from __future__ import annotations
@@ -26,6 +30,80 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 
+def patch_cells(grid: int, image_size: int):
+    """(grid * grid,) row-major index (3 * row + col) of the grid cell holding each patch's centre."""
+    import numpy as np
+
+    from amvlm_jax.data import synthetic
+
+    centres = (np.arange(grid) + 0.5) * image_size / grid
+    cell_of = np.searchsorted(synthetic._cell_edges(image_size), centres, side="right") - 1
+    return (cell_of[:, None] * synthetic.GRID_SIZE + cell_of[None, :]).ravel()
+
+
+def synthetic_cells(names, split: str, seed: int, image_size: int):
+    """(lesion, distractor): (N, 9) 0/1 arrays of the cells the generator drew for each file name, row-major."""
+    import numpy as np
+
+    from amvlm_jax.data import synthetic
+
+    cells = synthetic.GRID_SIZE**2
+    lesion, distractor = np.zeros((len(names), cells)), np.zeros((len(names), cells))
+    for b, name in enumerate(names):
+        sample = synthetic.render_sample(seed, split, int(pathlib.Path(name).stem[len(synthetic.FILE_PREFIX):]), image_size)
+        for target, drawn in ((lesion, sample.lesion_cells), (distractor, sample.distractor_cells)):
+            for row, col in drawn:
+                target[b, row * synthetic.GRID_SIZE + col] = 1.0
+    return lesion, distractor
+
+
+def ridge_predictions(features, targets, queries, strength: float = 1.0):
+    """Ridge regression with an unpenalised intercept fitted on (features (N, F), targets (N, K)); (M, K) predictions."""
+    import numpy as np
+
+    mean_x, mean_y = features.mean(0), targets.mean(0)
+    centred = features - mean_x
+    weights = np.linalg.solve(centred.T @ centred + strength * np.eye(features.shape[1]), centred.T @ (targets - mean_y))
+    return (queries - mean_x) @ weights + mean_y
+
+
+def rank_auroc(scores, labels) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    labels = np.asarray(labels, bool).ravel()
+    ranks = rankdata(np.asarray(scores, np.float64).ravel())
+    positives, negatives = labels.sum(), (~labels).sum()
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def linear_probes(train: dict, evaluated: dict, image_size: int) -> dict:
+    """AUROC (percent) on `evaluated` of ridge probes fitted on `train`.
+
+    Both dicts hold 'maps' (N, h, w, D) patch embeddings V, 'reports' (N, D)
+    report embeddings t, and 'lesion' / 'distractor' (N, 9) cell indicators.
+    report_names_cells: t -> the 9 named-cell indicators, scored over every
+    (image, cell); patch_in_lesion_cell / patch_in_blob_cell: one patch's V
+    -> whether its cell holds a lesion / a lesion or a distractor.
+    """
+    import numpy as np
+
+    cells = patch_cells(train["maps"].shape[1], image_size)
+
+    def patches(data):
+        return data["maps"].reshape(-1, data["maps"].shape[-1])
+
+    result = {"report_names_cells": rank_auroc(
+        ridge_predictions(train["reports"], train["lesion"], evaluated["reports"]), evaluated["lesion"])}
+    for name, kinds in (("patch_in_lesion_cell", ("lesion",)), ("patch_in_blob_cell", ("lesion", "distractor"))):
+        def labels(data):
+            return np.clip(sum(data[kind] for kind in kinds), 0, 1)[:, cells].reshape(-1, 1)
+
+        result[name] = rank_auroc(ridge_predictions(patches(train), labels(train), patches(evaluated)), labels(evaluated))
+    return {k: 100.0 * v for k, v in result.items()}
+
+
 def cell_similarities(patch_maps, reports, names, split: str, seed: int, image_size: int) -> dict:
     """Mean own-report similarity V[b] . t[b] over the patches of lesion, distractor and empty grid cells.
 
@@ -34,26 +112,15 @@ def cell_similarities(patch_maps, reports, names, split: str, seed: int, image_s
     """
     import numpy as np
 
-    from amvlm_jax.data import synthetic
-
-    own = np.einsum("bhwd,bd->bhw", patch_maps, reports)
-    grid = own.shape[1]
-    # Patch (i, j) belongs to the cell holding its centre.
-    centres = (np.arange(grid) + 0.5) * image_size / grid
-    edges = synthetic._cell_edges(image_size)
-    cell_of = np.searchsorted(edges, centres, side="right") - 1
-    groups = {"lesion": [], "distractor": [], "empty": []}
-    for b, name in enumerate(names):
-        sample = synthetic.render_sample(seed, split, int(pathlib.Path(name).stem[len(synthetic.FILE_PREFIX):]), image_size)
-        for i in range(grid):
-            for j in range(grid):
-                cell = (int(cell_of[i]), int(cell_of[j]))
-                kind = "lesion" if cell in sample.lesion_cells else "distractor" if cell in sample.distractor_cells else "empty"
-                groups[kind].append(own[b, i, j])
-    return {kind: float(np.mean(values)) for kind, values in groups.items() if values}
+    own = np.einsum("bhwd,bd->bhw", patch_maps, reports).reshape(len(names), -1)
+    cells = patch_cells(patch_maps.shape[1], image_size)
+    lesion, distractor = (kind[:, cells] > 0 for kind in synthetic_cells(names, split, seed, image_size))
+    groups = {"lesion": own[lesion], "distractor": own[distractor & ~lesion], "empty": own[~lesion & ~distractor]}
+    return {kind: float(np.mean(values)) for kind, values in groups.items() if values.size}
 
 
-def score_split(config, guidance, split, split_name: str, batch_size: int = 25) -> dict:
+def score_split(config, guidance, split, split_name: str, batch_size: int = 25) -> tuple[dict, dict]:
+    """(scores of the text masks, {'maps': V (N, h, w, D), 'reports': t (N, D)}) of one split."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -98,7 +165,7 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25) 
         result["own_similarity_by_cell"] = cell_similarities(
             np.concatenate(maps), np.concatenate(embeddings), split.names, split_name,
             config.data.synthetic.seed, config.data.image_size)
-    return result
+    return result, {"maps": np.concatenate(maps), "reports": np.concatenate(embeddings)}
 
 
 def main(config):
@@ -109,11 +176,22 @@ def main(config):
     workdir = pathlib.Path(flags.FLAGS.workdir)
     root = datasets.data_root(config, workdir)
     guidance = TextGuidance(config, workdir, make_mesh(config, batch_size=25))
-    results = {}
-    for split_name in [s.strip() for s in flags.FLAGS.splits.split(",") if s.strip()]:
+    results, features = {}, {}
+    requested = [s.strip() for s in flags.FLAGS.splits.split(",") if s.strip()]
+    synthetic_data = config.data.name == "synthetic"
+    # The probes are fitted on the training split, scored or not.
+    for split_name in requested + (["train"] if synthetic_data and "train" not in requested else []):
         split = folders.load_split(root, split_name, image_size=config.data.image_size,
                                    num_classes=config.data.num_classes, threads=config.data.read_threads)
-        results[split_name] = score_split(config, guidance, split, split_name)
+        scores, features[split_name] = score_split(config, guidance, split, split_name)
+        if synthetic_data:
+            features[split_name] |= dict(zip(("lesion", "distractor"), synthetic_cells(
+                split.names, split_name, config.data.synthetic.seed, config.data.image_size)))
+        if split_name in requested:
+            results[split_name] = scores
+    if synthetic_data:
+        for split_name in requested:
+            results[split_name]["linear_probes"] = linear_probes(features["train"], features[split_name], config.data.image_size)
     (workdir / "text_masks.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"{'split':<8}{'images':>8}{'Dice':>8}{'AUROC':>8}{'p lesion':>10}{'p other':>9}  V.t by cell (lesion / distractor / empty)")
     for split_name, r in results.items():
@@ -121,6 +199,12 @@ def main(config):
         cell_text = " / ".join(f"{cells[k]:.3f}" for k in ("lesion", "distractor", "empty") if k in cells) if cells else ""
         print(f"{split_name:<8}{r['images']:>8}{r['dice']:>8.2f}{r['auroc']:>8.2f}{r['p_text_lesion']:>10.3f}"
               f"{r['p_text_background']:>9.3f}  {cell_text}")
+    if synthetic_data:
+        print("\nlinear probes fitted on train (ridge), AUROC: t -> named cells, V -> lesion in its cell, V -> blob in its cell")
+        for split_name, r in results.items():
+            probes = r["linear_probes"]
+            print(f"{split_name:<8}{probes['report_names_cells']:>8.2f}{probes['patch_in_lesion_cell']:>8.2f}"
+                  f"{probes['patch_in_blob_cell']:>8.2f}{'  (fitted here)' if split_name == 'train' else ''}")
     print(f"\nsaved {workdir / 'text_masks.json'}")
 
 
