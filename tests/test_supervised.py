@@ -54,7 +54,7 @@ def test_eight_device_step_equals_one_device_step():
 
 
 def test_training_learns_and_evaluation_round_trips(tmp_path):
-    config = tiny_synthetic_config(**{"train.epochs": 3, "unet.base_width": 8, "train.lr": 3e-3})
+    config = tiny_synthetic_config(**{"train.epochs": 3, "unet.base_width": 8, "train.lr": 3e-3, "train.precise_bn_images": 64})
     results = supervised.train(config, tmp_path)
     written = json.loads((tmp_path / "results.json").read_text())
     assert written == results
@@ -71,7 +71,7 @@ def test_training_learns_and_evaluation_round_trips(tmp_path):
     per_image = np.array([float(row.split(",")[1]) for row in csv_rows[1:]])
     assert per_image.mean() == pytest.approx(results["test"]["dice"], abs=1e-3)
 
-    # The saved statistics are those of the final weights over the training images, not running averages.
+    # With precise_bn_images the saved statistics are those of the final weights over the training images.
     final, _ = _final_params(tmp_path, config)
     train_images = datasets.load_labeled_train(config, datasets.data_root(config, tmp_path)).images
     model = supervised.build_unet(config)

@@ -96,7 +96,9 @@ def make_batch_stats_refresh(model, images: np.ndarray, mesh: Mesh, batch_size: 
     between 0 and 60 from one epoch to the next while recomputed statistics
     gave a smooth curve. Training itself never reads them (train-mode
     BatchNorm uses the batch's own), so only evaluation and checkpoint
-    selection change. Returns None without images.
+    selection change. (Smooth is not always higher: in short runs the exact
+    statistics expose the U-Net's over-segmentation, which stale ones happen
+    to damp; docs/results.md.) Returns None without images.
     """
     batch_size = min(batch_size, len(images)) // mesh.size * mesh.size
     if batch_size == 0:
