@@ -237,7 +237,7 @@ def test_text_mask_tool_scores_pretrained_masks(all_run):
     guidance = ssl.TextGuidance(config, tmp_path, mesh)
     split = folders.load_split(tmp_path / "data", "val", image_size=config.data.image_size)
     result, features = tool.score_split(config, guidance, split, "val", batch_size=8)
-    assert features["maps"].shape[0] == features["reports"].shape[0] == 8
+    assert features["maps"].shape[0] == features["reports"].shape[0] == features["lesion"].shape[0] == 8
     assert result["images"] == 8 and 0.0 <= result["auroc"] <= 100.0 and 0.0 <= result["dice"] <= 100.0
     assert 0.0 <= result["p_text_lesion"] <= 1.0 and set(result["own_similarity_by_cell"]) <= {"lesion", "distractor", "empty"}
 
@@ -246,7 +246,7 @@ def test_text_mask_tool_scores_pretrained_masks(all_run):
     maps = np.zeros((2, 3, 3, 2), np.float32)
     maps[..., 0] = np.arange(9, dtype=np.float32).reshape(3, 3)  # V . t = 3 * row + col with t = (1, 0).
     reports = np.tile(np.array([[1.0, 0.0]], np.float32), (2, 1))
-    got = tool.cell_similarities(maps, reports, names, "val", seed=0, image_size=96)
+    got = tool.cell_similarities(maps, reports, *tool.synthetic_cells(names, "val", 0, 96), image_size=96)
     expected = {"lesion": [], "distractor": [], "empty": []}
     for index in range(2):
         sample = synthetic.render_sample(0, "val", index, 96)

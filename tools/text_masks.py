@@ -104,23 +104,27 @@ def linear_probes(train: dict, evaluated: dict, image_size: int) -> dict:
     return {k: 100.0 * v for k, v in result.items()}
 
 
-def cell_similarities(patch_maps, reports, names, split: str, seed: int, image_size: int) -> dict:
+def cell_similarities(patch_maps, reports, lesion_cells, distractor_cells, image_size: int) -> dict:
     """Mean own-report similarity V[b] . t[b] over the patches of lesion, distractor and empty grid cells.
 
     patch_maps (N, h, w, D) and reports (N, D) are the encoders' outputs;
-    the cells are those the synthetic generator drew for each file name.
+    lesion_cells / distractor_cells (N, 9) come from ``synthetic_cells``.
     """
     import numpy as np
 
-    own = np.einsum("bhwd,bd->bhw", patch_maps, reports).reshape(len(names), -1)
+    own = np.einsum("bhwd,bd->bhw", patch_maps, reports).reshape(len(patch_maps), -1)
     cells = patch_cells(patch_maps.shape[1], image_size)
-    lesion, distractor = (kind[:, cells] > 0 for kind in synthetic_cells(names, split, seed, image_size))
+    lesion, distractor = lesion_cells[:, cells] > 0, distractor_cells[:, cells] > 0
     groups = {"lesion": own[lesion], "distractor": own[distractor & ~lesion], "empty": own[~lesion & ~distractor]}
     return {kind: float(np.mean(values)) for kind, values in groups.items() if values.size}
 
 
 def score_split(config, guidance, split, split_name: str, batch_size: int = 25) -> tuple[dict, dict]:
-    """(scores of the text masks, {'maps': V (N, h, w, D), 'reports': t (N, D)}) of one split."""
+    """(scores of the text masks, features) of one split.
+
+    features: 'maps' V (N, h, w, D), 'reports' t (N, D) and, for synthetic
+    data, 'lesion' / 'distractor' (N, 9) cell indicators.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -161,11 +165,13 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25) 
         "p_text_lesion": float(np.sum(positive * centres) / max(np.sum(positive), 1.0)),
         "p_text_background": float(np.sum(negative * centres) / max(np.sum(negative), 1.0)),
     }
+    features = {"maps": np.concatenate(maps), "reports": np.concatenate(embeddings)}
     if config.data.name == "synthetic":
+        features["lesion"], features["distractor"] = synthetic_cells(
+            split.names, split_name, config.data.synthetic.seed, config.data.image_size)
         result["own_similarity_by_cell"] = cell_similarities(
-            np.concatenate(maps), np.concatenate(embeddings), split.names, split_name,
-            config.data.synthetic.seed, config.data.image_size)
-    return result, {"maps": np.concatenate(maps), "reports": np.concatenate(embeddings)}
+            features["maps"], features["reports"], features["lesion"], features["distractor"], config.data.image_size)
+    return result, features
 
 
 def main(config):
@@ -184,9 +190,6 @@ def main(config):
         split = folders.load_split(root, split_name, image_size=config.data.image_size,
                                    num_classes=config.data.num_classes, threads=config.data.read_threads)
         scores, features[split_name] = score_split(config, guidance, split, split_name)
-        if synthetic_data:
-            features[split_name] |= dict(zip(("lesion", "distractor"), synthetic_cells(
-                split.names, split_name, config.data.synthetic.seed, config.data.image_size)))
         if split_name in requested:
             results[split_name] = scores
     if synthetic_data:

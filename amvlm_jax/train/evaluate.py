@@ -104,15 +104,18 @@ def make_batch_stats_refresh(model, images: np.ndarray, mesh: Mesh, batch_size: 
     if batch_size == 0:
         return None
     batch_moments = make_batch_moments_step(model)
-    count = len(images) // batch_size
+    # Placed on the devices once; every epoch's refresh reuses them.
+    batches = [
+        pipeline.replicated_to_global(mesh, {"image": images[start : start + batch_size]})["image"]
+        for start in range(0, len(images) - batch_size + 1, batch_size)
+    ]
 
     def refresh(state):
         total = None
-        for index in range(count):
-            batch = pipeline.replicated_to_global(mesh, {"image": images[index * batch_size : (index + 1) * batch_size]})
-            moments = batch_moments(state.params, state.batch_stats, batch["image"])
+        for batch in batches:
+            moments = batch_moments(state.params, state.batch_stats, batch)
             total = moments if total is None else jax.tree.map(jnp.add, total, moments)
-        return state.replace(batch_stats=jax.tree.map(lambda s: s / count, total))
+        return state.replace(batch_stats=jax.tree.map(lambda s: s / len(batches), total))
 
     return refresh
 
