@@ -255,6 +255,21 @@ def test_text_mask_tool_scores_pretrained_masks(all_run):
                 kind = "lesion" if (r, c) in sample.lesion_cells else "distractor" if (r, c) in sample.distractor_cells else "empty"
                 expected[kind].append(3 * r + c)
     assert got == pytest.approx({k: float(np.mean(v)) for k, v in expected.items()})
+    # Text-mask level per cell: a map equal to its cell's index averages to that index; edges 0, 32, 64, 96.
+    cell_map = np.repeat(np.repeat(np.arange(9.0).reshape(3, 3), 32, 0), 32, 1)
+    np.testing.assert_allclose(tool.cell_means(np.stack([cell_map, 2 * cell_map]), 96), [np.arange(9.0), 2 * np.arange(9.0)])
+    uneven = tool.cell_means(np.ones((1, 128, 128)) * (np.arange(128) < 43)[:, None], 128)  # 128 / 3: rows 0-42 first.
+    np.testing.assert_allclose(uneven, [[1, 1, 1, 0, 0, 0, 0, 0, 0]])
+    lesion, distractor = np.array([[1, 0, 0], [0, 1, 1]]), np.array([[0, 1, 0], [1, 1, 0]])
+    assert tool.group_cells(np.array([[1.0, 2, 3], [4, 5, 6]]), lesion, distractor) == {"lesion": 4.0, "distractor": 3.0, "empty": 3.0}
+    # The decoder a mean-teacher run trained is read back from its checkpoint, and scored.
+    trained = tool.load_trained_decoder(guidance, str(tmp_path), mesh)
+    initial = guidance.init_decoder(jax.random.PRNGKey(0))
+    assert jax.tree.structure(trained) == jax.tree.structure(initial)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(initial)))
+    trained_result, trained_features = tool.score_split(config, guidance, split, "val", batch_size=8, decoder=trained)
+    assert trained_features["p_text_cells"].shape == (8, 9) and np.all((0 <= trained_features["p_text_cells"]) & (trained_features["p_text_cells"] <= 1))
+    assert trained_result["p_text_by_cell"] != result["p_text_by_cell"]
 
     # Linear probes: features that carry the cells are read out perfectly, pure noise is not.
     rng = np.random.default_rng(0)

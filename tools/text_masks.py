@@ -1,16 +1,22 @@
 """How well do the pre-trained encoders locate what a report says? Text masks straight after pre-training.
 
     python tools/text_masks.py --config=experiments/synthetic.py --workdir=runs/synthetic [--splits=val,train]
+    python tools/text_masks.py --config=experiments/synthetic.py --workdir=runs/synthetic --decoder=runs/synthetic
 
 Builds the text masks of SPEC section 5 from the pre-trained encoders
 (<workdir>/pretrain or --config.ssl.pretrained) with the text-mask decoder
 at its initialisation (an exact upsampling: the masks show what V . t alone
-says, before any L_tg training) and scores them against the masks of each
-split: Dice of the mask at 0.5, pixel AUROC of p_text, and the mean p_text
-on lesion and on background pixels. For the synthetic data it also reports
-the image's similarity to its own report, V . t, averaged over the patches
-of the grid cells that hold a named lesion, a distractor, or nothing: a
-pre-training that grounds the report ranks them in that order, and fits
+says, before any L_tg training) or, with --decoder, the decoder a
+mean-teacher run trained with L_tg (its checkpoint: a step folder, a
+manager folder or a workdir, whose best is read), and scores them against
+the masks of each split: Dice of the mask at 0.5, pixel AUROC of p_text,
+and the mean p_text on lesion and on background pixels. For the synthetic
+data it also reports, per kind of grid cell (holding a named lesion, a
+distractor, or nothing), the image's similarity to its own report V . t
+averaged over the cell's patches and the mean text mask p_text over the
+cell's pixels: a text mask can only veto a distractor if its p_text is
+well below that of lesion cells. A pre-training that grounds the report
+ranks the cells lesion > empty, distractor. The tool also fits
 linear probes on the training split (ridge regression, scored by AUROC on
 each split): do the report embeddings t say which cells the report names,
 and do the patch embeddings V say whether their cell holds a lesion or any
@@ -114,16 +120,50 @@ def cell_similarities(patch_maps, reports, lesion_cells, distractor_cells, image
 
     own = np.einsum("bhwd,bd->bhw", patch_maps, reports).reshape(len(patch_maps), -1)
     cells = patch_cells(patch_maps.shape[1], image_size)
-    lesion, distractor = lesion_cells[:, cells] > 0, distractor_cells[:, cells] > 0
-    groups = {"lesion": own[lesion], "distractor": own[distractor & ~lesion], "empty": own[~lesion & ~distractor]}
-    return {kind: float(np.mean(values)) for kind, values in groups.items() if values.size}
+    return group_cells(own, lesion_cells[:, cells], distractor_cells[:, cells])
 
 
-def score_split(config, guidance, split, split_name: str, batch_size: int = 25) -> tuple[dict, dict]:
+def cell_means(p_text, image_size: int):
+    """(N, 9) mean of p_text (N, H, W) over the pixels of each grid cell, row-major."""
+    import numpy as np
+
+    from amvlm_jax.data import synthetic
+
+    cell_of = np.searchsorted(synthetic._cell_edges(image_size), np.arange(image_size), side="right") - 1
+    pixel_cell = (cell_of[:, None] * synthetic.GRID_SIZE + cell_of[None, :]).ravel()
+    one_hot = np.eye(synthetic.GRID_SIZE**2)[pixel_cell]  # (H * W, 9)
+    return np.asarray(p_text, np.float64).reshape(len(p_text), -1) @ one_hot / one_hot.sum(0)
+
+
+def group_cells(values, lesion_cells, distractor_cells) -> dict:
+    """Mean of per-cell values (N, 9) over lesion, distractor (not lesion) and empty cells."""
+    import numpy as np
+
+    lesion, distractor = lesion_cells > 0, distractor_cells > 0
+    groups = {"lesion": values[lesion], "distractor": values[distractor & ~lesion], "empty": values[~lesion & ~distractor]}
+    return {kind: float(np.mean(v)) for kind, v in groups.items() if v.size}
+
+
+def load_trained_decoder(guidance, path: str, mesh):
+    """The text-mask decoder parameters saved by a mean-teacher run (checkpoint path as restore_variables takes)."""
+    import jax
+
+    from amvlm_jax.train import checkpoint
+    from amvlm_jax.train.parallel import replicate
+
+    template = {"extra": {"decoder": guidance.init_decoder(jax.random.PRNGKey(0))}}
+    restored, meta, used = checkpoint.restore_variables(path, replicate(mesh, template))
+    print(f"text-mask decoder from {used} (epoch {meta.get('epoch')})")
+    return restored["extra"]["decoder"]
+
+
+def score_split(config, guidance, split, split_name: str, batch_size: int = 25, decoder=None) -> tuple[dict, dict]:
     """(scores of the text masks, features) of one split.
 
+    decoder: text-mask decoder parameters; None = its initialisation.
     features: 'maps' V (N, h, w, D), 'reports' t (N, D) and, for synthetic
-    data, 'lesion' / 'distractor' (N, 9) cell indicators.
+    data, 'lesion' / 'distractor' (N, 9) cell indicators and 'p_text_cells'
+    (N, 9) the mean text mask of each grid cell.
     """
     import jax
     import jax.numpy as jnp
@@ -133,7 +173,8 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25) 
     from amvlm_jax.models.text_mask import text_masks
     from amvlm_jax.train.ssl import AUROC_BINS
 
-    decoder = guidance.init_decoder(jax.random.PRNGKey(0))
+    if decoder is None:
+        decoder = guidance.init_decoder(jax.random.PRNGKey(0))
     tokens = guidance.tokenizer(split.reports)
 
     @jax.jit
@@ -144,9 +185,9 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25) 
         p_text = text_masks(dense, reports, x, x.shape[1])["p_text"]
         dice, _ = metrics.dice_iou_per_image((p_text > 0.5).astype(jnp.int32), truth.astype(jnp.int32), 1)
         positive, negative = metrics.foreground_histograms(p_text, truth, valid, AUROC_BINS)
-        return dice, positive, negative, patch_map, reports
+        return dice, positive, negative, patch_map, reports, p_text
 
-    dices, maps, embeddings = [], [], []
+    dices, maps, embeddings, text_cells = [], [], [], []
     positive = negative = 0.0
     for start in range(0, len(split), batch_size):
         rows = np.arange(start, min(start + batch_size, len(split)))
@@ -157,6 +198,7 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25) 
         positive, negative = positive + out[1], negative + out[2]
         maps.append(out[3][: len(rows)])
         embeddings.append(out[4][: len(rows)])
+        text_cells.append(cell_means(out[5][: len(rows)], config.data.image_size))
     centres = (np.arange(AUROC_BINS) + 0.5) / AUROC_BINS
     result = {
         "images": len(split),
@@ -171,6 +213,8 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25) 
             split.names, split_name, config.data.synthetic.seed, config.data.image_size)
         result["own_similarity_by_cell"] = cell_similarities(
             features["maps"], features["reports"], features["lesion"], features["distractor"], config.data.image_size)
+        features["p_text_cells"] = np.concatenate(text_cells)
+        result["p_text_by_cell"] = group_cells(features["p_text_cells"], features["lesion"], features["distractor"])
     return result, features
 
 
@@ -181,7 +225,9 @@ def main(config):
 
     workdir = pathlib.Path(flags.FLAGS.workdir)
     root = datasets.data_root(config, workdir)
-    guidance = TextGuidance(config, workdir, make_mesh(config, batch_size=25))
+    mesh = make_mesh(config, batch_size=25)
+    guidance = TextGuidance(config, workdir, mesh)
+    decoder = load_trained_decoder(guidance, flags.FLAGS.decoder, mesh) if flags.FLAGS.decoder else None
     results, features = {}, {}
     requested = [s.strip() for s in flags.FLAGS.splits.split(",") if s.strip()]
     synthetic_data = config.data.name == "synthetic"
@@ -189,31 +235,37 @@ def main(config):
     for split_name in requested + (["train"] if synthetic_data and "train" not in requested else []):
         split = folders.load_split(root, split_name, image_size=config.data.image_size,
                                    num_classes=config.data.num_classes, threads=config.data.read_threads)
-        scores, features[split_name] = score_split(config, guidance, split, split_name)
+        scores, features[split_name] = score_split(config, guidance, split, split_name, decoder=decoder)
         if split_name in requested:
             results[split_name] = scores
     if synthetic_data:
         for split_name in requested:
             results[split_name]["linear_probes"] = linear_probes(features["train"], features[split_name], config.data.image_size)
-    (workdir / "text_masks.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{'split':<8}{'images':>8}{'Dice':>8}{'AUROC':>8}{'p lesion':>10}{'p other':>9}  V.t by cell (lesion / distractor / empty)")
+    output = workdir / ("text_masks_trained.json" if decoder is not None else "text_masks.json")
+    output.write_text(json.dumps(results, indent=2) + "\n")
+
+    def by_cell(cells):
+        return " / ".join(f"{cells[k]:.3f}" for k in ("lesion", "distractor", "empty") if k in cells) if cells else ""
+
+    print(f"{'split':<8}{'images':>8}{'Dice':>8}{'AUROC':>8}{'p lesion':>10}{'p other':>9}"
+          f"  by cell (lesion / distractor / empty): V.t; p_text")
     for split_name, r in results.items():
-        cells = r.get("own_similarity_by_cell")
-        cell_text = " / ".join(f"{cells[k]:.3f}" for k in ("lesion", "distractor", "empty") if k in cells) if cells else ""
         print(f"{split_name:<8}{r['images']:>8}{r['dice']:>8.2f}{r['auroc']:>8.2f}{r['p_text_lesion']:>10.3f}"
-              f"{r['p_text_background']:>9.3f}  {cell_text}")
+              f"{r['p_text_background']:>9.3f}  {by_cell(r.get('own_similarity_by_cell'))}; {by_cell(r.get('p_text_by_cell'))}")
     if synthetic_data:
         print("\nlinear probes fitted on train (ridge), AUROC: t -> named cells, V -> lesion in its cell, V -> blob in its cell")
         for split_name, r in results.items():
             probes = r["linear_probes"]
             print(f"{split_name:<8}{probes['report_names_cells']:>8.2f}{probes['patch_in_lesion_cell']:>8.2f}"
                   f"{probes['patch_in_blob_cell']:>8.2f}{'  (fitted here)' if split_name == 'train' else ''}")
-    print(f"\nsaved {workdir / 'text_masks.json'}")
+    print(f"\nsaved {output}")
 
 
 def define_flags():
     flags.DEFINE_string("workdir", None, "Run folder holding pretrain/ (or set --config.ssl.pretrained).", required=True)
     flags.DEFINE_string("splits", "val,train", "Comma-separated splits to score.")
+    flags.DEFINE_string("decoder", "", "Mean-teacher checkpoint (step folder, manager folder or workdir) whose "
+                        "trained text-mask decoder is scored; '' = the decoder at initialisation.")
 
 
 if __name__ == "__main__":
