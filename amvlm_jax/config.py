@@ -110,7 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.ssl = ml_collections.ConfigDict()
     config.ssl.w_text = 1.0  # Text mask weight in the logit-space fusion; 0 = vision only (plain MT).
     config.ssl.train_decoder = True  # Train the text-mask decoder on L_tg (its own Adam).
-    config.ssl.decoder_lr = 1e-4
+    # Adam rate of the decoder; 0 = train.lr (SPEC 6: the step's rate, as the authors' related code), constant.
+    config.ssl.decoder_lr = 0.0
     config.ssl.pretrained = ""  # Pre-training workdir or checkpoint; '' = <workdir>/pretrain.
     # BatchNorm of the teacher's predictions: 'batch' (statistics of the unlabeled batch, as the authors'
     # code) or 'ema' (its EMA running statistics, SPEC 6 as written; see ssl.teacher_probabilities).

@@ -104,6 +104,17 @@ def test_unlabeled_weight_ramps_up_and_splits_the_student_loss():
     assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_decoder_adam_rate_defaults_to_the_training_rate():
+    # SPEC 6: the decoder's own Adam runs at the step's rate unless ssl.decoder_lr is set. Adam's first
+    # step moves every parameter by the rate (times the gradient's sign).
+    for decoder_lr, expected in ((0.0, 3e-4), (1e-2, 1e-2)):
+        config = tiny_synthetic_config(**{"mode": "ssl", "train.lr": 3e-4, "ssl.decoder_lr": decoder_lr})
+        _, decoder_tx = ssl.create_state(config, supervised.build_unet(config), None, steps_per_epoch=1)
+        params = {"w": jnp.zeros(3)}
+        updates, _ = decoder_tx.update({"w": jnp.array([1.0, -2.0, 0.5])}, decoder_tx.init(params), params)
+        np.testing.assert_allclose(updates["w"], [-expected, expected, -expected], rtol=1e-4)
+
+
 def test_ssl_needs_pretrained_encoders_for_text(tmp_path):
     config = tiny_pretrain_config(**{"mode": "ssl", "data.labeled_fraction": 0.5})
     with pytest.raises(ConfigError, match="no pre-trained encoders"):

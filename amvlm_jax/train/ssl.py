@@ -400,7 +400,7 @@ def create_state(config, model, guidance: TextGuidance | None, steps_per_epoch: 
     student = supervised.create_state(config, model, steps_per_epoch)
     teacher = {"params": student.params, "batch_stats": student.batch_stats}
     extra = None
-    decoder_tx = optax.adam(config.ssl.decoder_lr)
+    decoder_tx = optax.adam(config.ssl.decoder_lr or config.train.lr)
     if guidance is not None:
         trained = {"decoder": guidance.init_decoder(jax.random.PRNGKey(config.seed + 1)),
                    "log_scale": jnp.asarray(INITIAL_LOG_SCALE, jnp.float32)}
