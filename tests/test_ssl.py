@@ -281,6 +281,8 @@ def test_text_mask_tool_scores_pretrained_masks(all_run):
     trained_result, trained_features = tool.score_split(config, guidance, split, "val", batch_size=8, decoder=trained)
     assert trained_features["p_text_cells"].shape == (8, 9) and np.all((0 <= trained_features["p_text_cells"]) & (trained_features["p_text_cells"] <= 1))
     assert trained_result["p_text_by_cell"] != result["p_text_by_cell"]
+    with pytest.raises(checkpoint.CheckpointError, match="holds no text-mask decoder"):
+        tool.load_trained_decoder(guidance, str(tmp_path / "pretrain"), mesh)  # Pre-training saves no decoder.
 
     # Linear probes: features that carry the cells are read out perfectly, pure noise is not.
     rng = np.random.default_rng(0)

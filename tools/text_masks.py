@@ -1,4 +1,4 @@
-"""How well do the pre-trained encoders locate what a report says? Text masks straight after pre-training.
+"""How well do the pre-trained encoders locate what a report says? Text masks after pre-training or SSMIS.
 
     python tools/text_masks.py --config=experiments/synthetic.py --workdir=runs/synthetic [--splits=val,train]
     python tools/text_masks.py --config=experiments/synthetic.py --workdir=runs/synthetic --decoder=runs/synthetic
@@ -151,6 +151,8 @@ def load_trained_decoder(guidance, path: str, mesh):
     from amvlm_jax.train import checkpoint
     from amvlm_jax.train.parallel import replicate
 
+    if "extra" not in checkpoint.saved_entries(path):
+        raise checkpoint.CheckpointError(f"{path}: holds no text-mask decoder (a vision-only or supervised run?)")
     template = {"extra": {"decoder": guidance.init_decoder(jax.random.PRNGKey(0))}}
     restored, meta, used = checkpoint.restore_variables(path, replicate(mesh, template))
     print(f"text-mask decoder from {used} (epoch {meta.get('epoch')})")
