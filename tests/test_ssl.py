@@ -266,6 +266,22 @@ def test_text_mask_tool_scores_pretrained_masks(all_run):
                 kind = "lesion" if (r, c) in sample.lesion_cells else "distractor" if (r, c) in sample.distractor_cells else "empty"
                 expected[kind].append(3 * r + c)
     assert got == pytest.approx({k: float(np.mean(v)) for k, v in expected.items()})
+    # Similarity split by whether each report names the patch's cell, against a loop over (image, report, patch).
+    rng_maps = np.random.default_rng(1)
+    names4 = [f"syn_{i:05d}.png" for i in range(4)]
+    lesion4, distractor4 = tool.synthetic_cells(names4, "val", 0, 96)
+    maps4, reports4 = rng_maps.standard_normal((4, 3, 3, 5)), rng_maps.standard_normal((4, 5))
+    sums = {}
+    for b in range(4):
+        for j in range(4):
+            for cell in range(9):
+                kind = "lesion" if lesion4[b, cell] else "distractor" if distractor4[b, cell] else "empty"
+                key = (kind, "naming" if lesion4[j, cell] else "not_naming")
+                value = float(maps4[b].reshape(9, 5)[cell] @ reports4[j])
+                sums[key] = sums.get(key, []) + [value]
+    contrast = tool.naming_contrast(maps4, reports4, lesion4, distractor4, image_size=96)
+    assert contrast == {kind: pytest.approx({name: float(np.mean(sums[(kind, name)])) for name in ("naming", "not_naming")
+                                              if (kind, name) in sums}) for kind in ("lesion", "distractor", "empty")}
     # Text-mask level per cell: a map equal to its cell's index averages to that index; edges 0, 32, 64, 96.
     cell_map = np.repeat(np.repeat(np.arange(9.0).reshape(3, 3), 32, 0), 32, 1)
     np.testing.assert_allclose(tool.cell_means(np.stack([cell_map, 2 * cell_map]), 96), [np.arange(9.0), 2 * np.arange(9.0)])

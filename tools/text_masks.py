@@ -16,7 +16,10 @@ distractor, or nothing), the image's similarity to its own report V . t
 averaged over the cell's patches and the mean text mask p_text over the
 cell's pixels: a text mask can only veto a distractor if its p_text is
 well below that of lesion cells. A pre-training that grounds the report
-ranks the cells lesion > empty, distractor. The tool also fits
+ranks the cells lesion > empty, distractor. It splits every patch-report
+similarity by whether the report names the patch's cell: does a lesion
+patch attract the reports naming its cell (presence), or an empty patch
+repel them (absence)? The tool also fits
 linear probes on the training split (ridge regression, scored by AUROC on
 each split): do the report embeddings t say which cells the report names,
 and do the patch embeddings V say whether their cell holds a lesion or any
@@ -123,6 +126,33 @@ def cell_similarities(patch_maps, reports, lesion_cells, distractor_cells, image
     return group_cells(own, lesion_cells[:, cells], distractor_cells[:, cells])
 
 
+def naming_contrast(patch_maps, reports, lesion_cells, distractor_cells, image_size: int) -> dict:
+    """Presence or absence? Patch-to-report similarity split by whether the report names the patch's cell.
+
+    For every (image, report, patch): V[image, patch] . t[report]. Grouped
+    by what the patch's cell holds in its image (lesion, distractor, empty)
+    and whether the report names that cell: {kind: {'naming': mean,
+    'not_naming': mean}}. Encoders that align presence give lesion patches
+    naming > not_naming; encoders that align absence give empty patches
+    naming < not_naming. Shapes as in ``cell_similarities``.
+    """
+    import numpy as np
+
+    cells = patch_cells(patch_maps.shape[1], image_size)
+    similarity = np.einsum("bpd,jd->bjp", patch_maps.reshape(len(patch_maps), -1, patch_maps.shape[-1]), reports)
+    lesion, distractor = lesion_cells[:, cells] > 0, distractor_cells[:, cells] > 0  # (N, P): what each patch's cell holds.
+    names = (lesion_cells[:, cells] > 0).astype(np.float64)  # (N, P): report j names patch p's cell (it names the lesions).
+    result = {}
+    for kind, holds in (("lesion", lesion), ("distractor", distractor & ~lesion), ("empty", ~lesion & ~distractor)):
+        holds = holds.astype(np.float64)[:, None, :]  # (image, 1, P)
+        entry = {}
+        for name, weight in (("naming", holds * names[None]), ("not_naming", holds * (1.0 - names[None]))):
+            if weight.sum() > 0:
+                entry[name] = float(np.sum(weight * similarity) / np.sum(weight))
+        result[kind] = entry
+    return result
+
+
 def cell_means(p_text, image_size: int):
     """(N, 9) mean of p_text (N, H, W) over the pixels of each grid cell, row-major."""
     import numpy as np
@@ -215,6 +245,8 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25, 
             split.names, split_name, config.data.synthetic.seed, config.data.image_size)
         result["own_similarity_by_cell"] = cell_similarities(
             features["maps"], features["reports"], features["lesion"], features["distractor"], config.data.image_size)
+        result["similarity_by_naming"] = naming_contrast(
+            features["maps"], features["reports"], features["lesion"], features["distractor"], config.data.image_size)
         features["p_text_cells"] = np.concatenate(text_cells)
         result["p_text_by_cell"] = group_cells(features["p_text_cells"], features["lesion"], features["distractor"])
     return result, features
@@ -255,6 +287,12 @@ def main(config):
         print(f"{split_name:<8}{r['images']:>8}{r['dice']:>8.2f}{r['auroc']:>8.2f}{r['p_text_lesion']:>10.3f}"
               f"{r['p_text_background']:>9.3f}  {by_cell(r.get('own_similarity_by_cell'))}; {by_cell(r.get('p_text_by_cell'))}")
     if synthetic_data:
+        print("\nV.t of a patch with every report, by what the patch's cell holds: report names the cell / does not")
+        for split_name, r in results.items():
+            contrast = r["similarity_by_naming"]
+            print(f"{split_name:<8}" + "  ".join(
+                f"{kind} {contrast[kind].get('naming', float('nan')):.3f} / {contrast[kind].get('not_naming', float('nan')):.3f}"
+                for kind in ("lesion", "distractor", "empty") if kind in contrast))
         print("\nlinear probes fitted on train (ridge), AUROC: t -> named cells, V -> lesion in its cell, V -> blob in its cell")
         for split_name, r in results.items():
             probes = r["linear_probes"]
