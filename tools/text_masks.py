@@ -140,10 +140,10 @@ def naming_contrast(patch_maps, reports, lesion_cells, distractor_cells, image_s
 
     cells = patch_cells(patch_maps.shape[1], image_size)
     similarity = np.einsum("bpd,jd->bjp", patch_maps.reshape(len(patch_maps), -1, patch_maps.shape[-1]), reports)
-    lesion, distractor = lesion_cells[:, cells] > 0, distractor_cells[:, cells] > 0  # (N, P): what each patch's cell holds.
+    kinds = cell_kinds(lesion_cells[:, cells], distractor_cells[:, cells])  # (N, P): what each patch's cell holds.
     names = (lesion_cells[:, cells] > 0).astype(np.float64)  # (N, P): report j names patch p's cell (it names the lesions).
     result = {}
-    for kind, holds in (("lesion", lesion), ("distractor", distractor & ~lesion), ("empty", ~lesion & ~distractor)):
+    for kind, holds in kinds.items():
         holds = holds.astype(np.float64)[:, None, :]  # (image, 1, P)
         entry = {}
         for name, weight in (("naming", holds * names[None]), ("not_naming", holds * (1.0 - names[None]))):
@@ -159,18 +159,22 @@ def cell_means(p_text, image_size: int):
 
     from amvlm_jax.data import synthetic
 
-    cell_of = np.searchsorted(synthetic._cell_edges(image_size), np.arange(image_size), side="right") - 1
-    pixel_cell = (cell_of[:, None] * synthetic.GRID_SIZE + cell_of[None, :]).ravel()
-    one_hot = np.eye(synthetic.GRID_SIZE**2)[pixel_cell]  # (H * W, 9)
+    # A pixel is a one-pixel patch: its cell is the one holding its centre.
+    one_hot = np.eye(synthetic.GRID_SIZE**2)[patch_cells(image_size, image_size)]  # (H * W, 9)
     return np.asarray(p_text, np.float64).reshape(len(p_text), -1) @ one_hot / one_hot.sum(0)
+
+
+def cell_kinds(lesion_cells, distractor_cells) -> dict:
+    """{'lesion', 'distractor' (and no lesion), 'empty'}: boolean masks of the indicators' shape."""
+    lesion, distractor = lesion_cells > 0, distractor_cells > 0
+    return {"lesion": lesion, "distractor": distractor & ~lesion, "empty": ~lesion & ~distractor}
 
 
 def group_cells(values, lesion_cells, distractor_cells) -> dict:
     """Mean of per-cell values (N, 9) over lesion, distractor (not lesion) and empty cells."""
     import numpy as np
 
-    lesion, distractor = lesion_cells > 0, distractor_cells > 0
-    groups = {"lesion": values[lesion], "distractor": values[distractor & ~lesion], "empty": values[~lesion & ~distractor]}
+    groups = {kind: values[holds] for kind, holds in cell_kinds(lesion_cells, distractor_cells).items()}
     return {kind: float(np.mean(v)) for kind, v in groups.items() if v.size}
 
 
