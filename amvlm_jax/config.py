@@ -116,6 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
     # BatchNorm of the teacher's predictions: 'batch' (statistics of the unlabeled batch, as the authors'
     # code) or 'ema' (its EMA running statistics, SPEC 6 as written; see ssl.teacher_probabilities).
     config.ssl.teacher_norm = "batch"
+    # Cap of the teacher's EMA rate alpha_t = min(1 - 1/(t+1), cap); the teacher averages about the last
+    # 1/(1 - cap) updates. 0.99 is SPEC 6; with a few hundred updates a lower cap keeps the teacher
+    # from lagging its student (docs/results.md).
+    config.ssl.ema_max_alpha = 0.99
     # > 0: every text mask is replaced by this constant probability (a control: the fusion's mean
     # shift without any location information).
     config.ssl.constant_text_mask = 0.0
@@ -161,5 +165,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.dtype must be 'float32' or 'bfloat16', got '{config.dtype}'")
     if config.ssl.teacher_norm not in ("batch", "ema"):
         raise ConfigError(f"config.ssl.teacher_norm must be 'batch' or 'ema', got '{config.ssl.teacher_norm}'")
+    if not 0.0 <= config.ssl.ema_max_alpha < 1.0:
+        raise ConfigError(f"config.ssl.ema_max_alpha must be in [0, 1), got {config.ssl.ema_max_alpha}")
     if config.train.batch_size < 1 or config.train.epochs < 1:
         raise ConfigError("config.train.batch_size and config.train.epochs must be positive")

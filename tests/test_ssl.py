@@ -10,7 +10,7 @@ import pytest
 
 from amvlm_jax import main
 from amvlm_jax.config import ConfigError
-from amvlm_jax.data import pipeline
+from amvlm_jax.data import datasets, pipeline
 from amvlm_jax.losses.segmentation import segmentation_loss
 from amvlm_jax.train import checkpoint, ssl, supervised
 from amvlm_jax.train.parallel import make_mesh, replicate
@@ -70,6 +70,24 @@ def test_vision_only_step_uses_teacher_pseudo_labels_and_moves_teacher_by_ema(vi
     alpha = 0.5  # min(1 - 1/(1 + 1), 0.99)
     for before, after, s in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(jax.device_get(state.ema)), jax.tree.leaves(student)):
         np.testing.assert_allclose(after, alpha * before + (1 - alpha) * s, rtol=1e-6, atol=1e-7)
+
+
+def test_teacher_ema_rate_is_capped_by_config():
+    # ssl.ema_max_alpha = 0.25: the second update (t = 1) moves the teacher by min(1 - 1/2, 0.25) = 0.25.
+    config = tiny_synthetic_config(**{"mode": "ssl", "ssl.w_text": 0.0, "ssl.train_decoder": False, "ssl.ema_max_alpha": 0.25})
+    model = supervised.build_unet(config)
+    step = ssl.make_ssl_step(config, model, None, None)
+    mesh = make_mesh(config, jax.devices()[:1])
+    state = replicate(mesh, ssl.create_state(config, model, None, steps_per_epoch=2)[0])
+    state, _ = step(state, None, pipeline.to_global(mesh, _batch(config, 0)))
+    teacher_before = jax.device_get(state.ema)
+    state, _ = step(state, None, pipeline.to_global(mesh, _batch(config, 1)))
+    student = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    for before, after, s in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(jax.device_get(state.ema)), jax.tree.leaves(student)):
+        np.testing.assert_allclose(after, 0.25 * before + 0.75 * s, rtol=1e-6, atol=1e-7)
+    bad = tiny_synthetic_config(**{"mode": "ssl", "ssl.ema_max_alpha": 1.0})
+    with pytest.raises(ConfigError, match="ema_max_alpha"):
+        main.run(bad, "unused")
 
 
 def test_unlabeled_weight_ramps_up_and_splits_the_student_loss():
@@ -168,9 +186,24 @@ def test_pseudo_label_scores_and_evaluation_round_trip(all_run):
             assert 0.0 <= values["dice"] <= 100.0 and 0.0 <= values["miou"] <= values["dice"] + 1e-6
             assert 0.0 <= values["auroc"] <= 100.0
     rows = (tmp_path / "per_image_guidance_unlabeled.csv").read_text().splitlines()
-    assert rows[0] == "file,text_mask_dice,teacher_dice,pseudo_label_dice" and len(rows) == 9
+    assert rows[0] == "file,text_mask_dice,teacher_dice,pseudo_label_dice,student_dice" and len(rows) == 9
     per_image = np.array([[float(x) for x in row.split(",")[1:]] for row in rows[1:]])
     np.testing.assert_allclose(per_image.mean(0), [guidance["unlabeled"][n]["dice"] for n in ssl.GUIDANCE_MAPS], atol=1e-3)
+
+    # The student's column, recomputed: the best checkpoint's student on the 8 val images (one batch), with
+    # BatchNorm over that batch as the teacher predicts (ssl.teacher_norm = 'batch'), thresholded at 0.5.
+    model = supervised.build_unet(config)
+    template, _ = ssl.create_state(config, model, None, steps_per_epoch=1)
+    student, _, _ = checkpoint.restore_variables(
+        tmp_path / "checkpoints" / "best", {"params": template.params, "batch_stats": template.batch_stats}
+    )
+    val = datasets.load_eval_split(config, datasets.data_root(config, tmp_path), "val")
+    logits, _ = model.apply(jax.device_get(student), val.images.astype(np.float32) / 255, train=True, mutable=["batch_stats"])
+    predicted, truth = np.asarray(logits[..., 0]) > 0.0, val.masks > 0
+    overlap = 2.0 * (predicted & truth).sum((1, 2))
+    expected = np.where(predicted.sum((1, 2)) + truth.sum((1, 2)) == 0, 1.0, overlap / np.maximum(predicted.sum((1, 2)) + truth.sum((1, 2)), 1))
+    rows = (tmp_path / "per_image_guidance_val.csv").read_text().splitlines()
+    np.testing.assert_allclose([float(row.split(",")[4]) for row in rows[1:]], 100 * expected, atol=1e-3)
 
     # Evaluating the checkpoint later gives the same numbers, pseudo-labels included.
     (tmp_path / "guidance.json").unlink()

@@ -227,6 +227,9 @@ def test_ema_schedule_and_update():
     expected = [0.0, 0.5, 2 / 3, 0.75, 1 - 1 / 99, 0.99, 0.99]  # the cap binds from t = 99
     np.testing.assert_allclose(alphas, expected, rtol=1e-6)
     assert float(ema_alpha(50)) == pytest.approx(1 - 1 / 51, rel=1e-6)
+    # A lower cap (config.ssl.ema_max_alpha) binds earlier: 0.9 from t = 9.
+    capped = [float(ema_alpha(t, 0.9)) for t in (3, 8, 9, 500)]
+    np.testing.assert_allclose(capped, [0.75, 1 - 1 / 9, 0.9, 0.9], rtol=1e-6)
 
     student = {"params": {"w": jnp.array([1.0, 2.0])}, "batch_stats": {"mean": jnp.array([4.0])}}
     teacher = {"params": {"w": jnp.array([3.0, 0.0])}, "batch_stats": {"mean": jnp.array([0.0])}}

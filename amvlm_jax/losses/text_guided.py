@@ -93,10 +93,14 @@ def fuse_multiclass(p_teacher: jnp.ndarray, p_text: jnp.ndarray, w_text: float =
     return jax.lax.stop_gradient(fused)
 
 
-def ema_alpha(step) -> jnp.ndarray:
-    """alpha_t = min(1 - 1 / (t + 1), 0.99); step t counts from 0."""
+def ema_alpha(step, max_alpha: float = EMA_MAX_ALPHA) -> jnp.ndarray:
+    """alpha_t = min(1 - 1 / (t + 1), max_alpha); step t counts from 0.
+
+    The teacher averages roughly the last 1 / (1 - max_alpha) updates: 100
+    with SPEC 6's 0.99.
+    """
     step = jnp.asarray(step, jnp.float32)
-    return jnp.minimum(1.0 - 1.0 / (step + 1.0), EMA_MAX_ALPHA)
+    return jnp.minimum(1.0 - 1.0 / (step + 1.0), max_alpha)
 
 
 def unlabeled_weight(step, weight: float, rampup_steps: int) -> jnp.ndarray:

@@ -9,7 +9,8 @@ batches and
   3. takes one student step on Dice+BCE / Dice+CE over concat(x_l, x_u)
      against concat(y_l, fused pseudo-labels);
   4. moves the teacher (parameters and BatchNorm statistics) towards the
-     student with alpha_t = min(1 - 1/(t + 1), 0.99).
+     student with alpha_t = min(1 - 1/(t + 1), config.ssl.ema_max_alpha),
+     0.99 by default (SPEC 6).
 
 Unlabeled images are not geometrically augmented: a report names places
 ("upper left"), which a rotation or flip would move.
@@ -173,6 +174,7 @@ def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx, step
     u_weight, rampup_steps = float(config.ssl.unlabeled_weight), round(config.ssl.rampup_epochs * steps_per_epoch)
     split_loss = u_weight != 1.0 or rampup_steps > 0
     train_decoder = bool(config.ssl.train_decoder) and guidance is not None
+    max_alpha = float(config.ssl.ema_max_alpha)
 
     def ssl_step(state: TrainState, frozen, batch):
         x_l = batch["image"].astype(jnp.float32) / 255.0
@@ -219,7 +221,7 @@ def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx, step
 
         (loss, batch_stats), grads = jax.value_and_grad(student_loss, has_aux=True)(state.params)
         state = state.apply_gradients(grads, batch_stats=batch_stats, extra=extra)
-        alpha = ema_alpha(state.step - 1)  # t counts the student updates before this one.
+        alpha = ema_alpha(state.step - 1, max_alpha)  # t counts the student updates before this one.
         teacher = ema_update_teacher({"params": state.params, "batch_stats": state.batch_stats}, state.ema, alpha)
         state = state.replace(ema=teacher)
         step_metrics |= {"loss": loss, "pseudo_label_mean": jnp.mean(pseudo if num_classes == 1 else 1 - pseudo[..., 0])}
@@ -268,16 +270,19 @@ def make_picture_panels(config, model, guidance: TextGuidance | None, mesh, spli
     return panels
 
 
-GUIDANCE_MAPS = ("text_mask", "teacher", "pseudo_label")
+GUIDANCE_MAPS = ("text_mask", "teacher", "pseudo_label", "student")
 AUROC_BINS = 1000
 
 
 def make_guidance_eval_step(config, model, guidance: TextGuidance | None):
-    """jitted (teacher, trained decoder, frozen, batch) -> {map: (dice (B,), iou (B,), pos hist, neg hist)}.
+    """jitted (teacher, student, trained decoder, frozen, batch) -> {map: (dice (B,), iou (B,), pos hist, neg hist)}.
 
-    The maps (GUIDANCE_MAPS; without guidance only 'teacher') are scored
-    against batch['mask']: teacher and pseudo-labels as predictions (0.5 /
-    argmax), the text mask as a binary foreground map at 0.5. The
+    The maps (GUIDANCE_MAPS; without guidance only 'teacher' and 'student')
+    are scored against batch['mask']: teacher, student and pseudo-labels as
+    predictions (0.5 / argmax), the text mask as a binary foreground map at
+    0.5. The student predicts with the teacher's BatchNorm mode
+    (config.ssl.teacher_norm), so the two differ only in their weights: how
+    far the EMA lags behind the model it averages. The
     histograms of the foreground probability over positive and negative
     pixels give a threshold-free pixel AUROC (rows with valid = 0 excluded).
     """
@@ -285,11 +290,11 @@ def make_guidance_eval_step(config, model, guidance: TextGuidance | None):
     w_text = float(config.ssl.w_text)
 
     @jax.jit
-    def guidance_eval_step(teacher, trained, frozen, batch):
+    def guidance_eval_step(teacher, student, trained, frozen, batch):
         images = batch["image"].astype(jnp.float32) / 255.0
         truth = batch["mask"].astype(jnp.int32)
         p_teacher = teacher_probabilities(model, teacher, images, num_classes, config.ssl.teacher_norm)
-        maps = {"teacher": p_teacher}
+        maps = {"teacher": p_teacher, "student": teacher_probabilities(model, student, images, num_classes, config.ssl.teacher_norm)}
         if guidance is not None:
             _, masks = text_mask_outputs(guidance, trained, frozen, images, report_tokens(batch), config.ssl.constant_text_mask)
             maps["text_mask"] = masks["p_text"]
@@ -309,9 +314,9 @@ def make_guidance_eval_step(config, model, guidance: TextGuidance | None):
 
 
 def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, root=None) -> dict:
-    """How good are the pseudo-labels? Scores the text masks, the teacher and the fused pseudo-labels.
+    """How good are the pseudo-labels? Scores the text masks, the teacher, the fused pseudo-labels and the student.
 
-    Restores the teacher and the text-mask decoder of a mean-teacher
+    Restores the teacher, the student and the text-mask decoder of a mean-teacher
     checkpoint (default: the workdir's best) and scores them on the
     unlabeled training images, against their held-back masks (read here,
     never in training), and on the validation split. Writes
@@ -326,7 +331,7 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
     guidance = TextGuidance(config, workdir, mesh) if "extra" in checkpoint.saved_entries(source) else None
     model = supervised.build_unet(config)
     template, _ = create_state(config, model, guidance, steps_per_epoch=1)
-    target = {"ema": template.ema}
+    target = {"ema": template.ema, "params": template.params, "batch_stats": template.batch_stats}
     if guidance is not None:
         target["extra"] = {"decoder": template.extra["decoder"], "log_scale": template.extra["log_scale"]}
     restored, meta, used = checkpoint.restore_variables(source, replicate(mesh, target))
@@ -354,7 +359,8 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
         for batch, real in pipeline.evaluation_batches(split, batch_size):
             batch["valid"] = np.arange(batch_size) < real
             batch |= {f"report_{k}": v[batch["index"]] for k, v in tokens.items()}
-            outputs = gather_to_host(step(restored["ema"], trained, frozen, pipeline.replicated_to_global(mesh, batch)))
+            student = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+            outputs = gather_to_host(step(restored["ema"], student, trained, frozen, pipeline.replicated_to_global(mesh, batch)))
             for name, (dice, iou, positive, negative) in outputs.items():
                 entry = per_map.setdefault(name, {"dice": [], "iou": [], "positive": 0.0, "negative": 0.0})
                 entry["dice"].append(np.asarray(dice)[:real])
