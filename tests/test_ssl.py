@@ -72,13 +72,21 @@ def test_vision_only_step_uses_teacher_pseudo_labels_and_moves_teacher_by_ema(vi
         np.testing.assert_allclose(after, alpha * before + (1 - alpha) * s, rtol=1e-6, atol=1e-7)
 
 
-def test_teacher_ema_rate_is_capped_by_config():
-    # ssl.ema_max_alpha = 0.25: the second update (t = 1) moves the teacher by min(1 - 1/2, 0.25) = 0.25.
-    config = tiny_synthetic_config(**{"mode": "ssl", "ssl.w_text": 0.0, "ssl.train_decoder": False, "ssl.ema_max_alpha": 0.25})
+@pytest.fixture(scope="module")
+def ramped_and_capped():
+    """One vision-only step with a ramp-up of the unlabeled weight and a low EMA cap, shared by two tests."""
+    config = tiny_synthetic_config(**{
+        "mode": "ssl", "ssl.w_text": 0.0, "ssl.train_decoder": False, "ssl.rampup_epochs": 2.0, "ssl.ema_max_alpha": 0.25,
+    })
     model = supervised.build_unet(config)
-    step = ssl.make_ssl_step(config, model, None, None)
+    return config, model, ssl.make_ssl_step(config, model, None, None, steps_per_epoch=3)
+
+
+def test_teacher_ema_rate_is_capped_by_config(ramped_and_capped):
+    # ssl.ema_max_alpha = 0.25: the second update (t = 1) moves the teacher by min(1 - 1/2, 0.25) = 0.25.
+    config, model, step = ramped_and_capped
     mesh = make_mesh(config, jax.devices()[:1])
-    state = replicate(mesh, ssl.create_state(config, model, None, steps_per_epoch=2)[0])
+    state = replicate(mesh, ssl.create_state(config, model, None, steps_per_epoch=3)[0])
     state, _ = step(state, None, pipeline.to_global(mesh, _batch(config, 0)))
     teacher_before = jax.device_get(state.ema)
     state, _ = step(state, None, pipeline.to_global(mesh, _batch(config, 1)))
@@ -90,7 +98,7 @@ def test_teacher_ema_rate_is_capped_by_config():
         main.run(bad, "unused")
 
 
-def test_unlabeled_weight_ramps_up_and_splits_the_student_loss():
+def test_unlabeled_weight_ramps_up_and_splits_the_student_loss(ramped_and_capped):
     from amvlm_jax.losses.text_guided import unlabeled_weight
 
     assert float(unlabeled_weight(0, 0.5, 0)) == 0.5  # No ramp-up: the weight itself.
@@ -99,11 +107,7 @@ def test_unlabeled_weight_ramps_up_and_splits_the_student_loss():
     assert float(unlabeled_weight(30, 0.5, 10)) == pytest.approx(0.5)
 
     # rampup_epochs = 2 at 3 steps per epoch: the first update weighs the unlabeled half by exp(-5).
-    config = tiny_synthetic_config(**{
-        "mode": "ssl", "ssl.w_text": 0.0, "ssl.train_decoder": False, "ssl.rampup_epochs": 2.0,
-    })
-    model = supervised.build_unet(config)
-    step = ssl.make_ssl_step(config, model, None, None, steps_per_epoch=3)
+    config, model, step = ramped_and_capped
     mesh = make_mesh(config, jax.devices()[:1])
     state = replicate(mesh, ssl.create_state(config, model, None, steps_per_epoch=3)[0])
     batch = _batch(config, 0)

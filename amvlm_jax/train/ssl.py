@@ -316,8 +316,8 @@ def make_guidance_eval_step(config, model, guidance: TextGuidance | None):
 def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, root=None) -> dict:
     """How good are the pseudo-labels? Scores the text masks, the teacher, the fused pseudo-labels and the student.
 
-    Restores the teacher, the student and the text-mask decoder of a mean-teacher
-    checkpoint (default: the workdir's best) and scores them on the
+    Restores the teacher, the student and the text-mask decoder of a
+    mean-teacher checkpoint (default: the workdir's best) and scores them on the
     unlabeled training images, against their held-back masks (read here,
     never in training), and on the validation split. Writes
     <workdir>/guidance.json ({split: {map: {dice, miou, auroc}, images}},
@@ -338,6 +338,7 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
     print(f"scoring the pseudo-labels of {used} (epoch {meta.get('epoch')})")
     trained = restored.get("extra")
     frozen = guidance.variables if guidance is not None else None
+    student = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
     step = make_guidance_eval_step(config, model, guidance)
 
     count = len(folders.list_split(root, "train", require_masks=False))
@@ -359,7 +360,6 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
         for batch, real in pipeline.evaluation_batches(split, batch_size):
             batch["valid"] = np.arange(batch_size) < real
             batch |= {f"report_{k}": v[batch["index"]] for k, v in tokens.items()}
-            student = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
             outputs = gather_to_host(step(restored["ema"], student, trained, frozen, pipeline.replicated_to_global(mesh, batch)))
             for name, (dice, iou, positive, negative) in outputs.items():
                 entry = per_map.setdefault(name, {"dice": [], "iou": [], "positive": 0.0, "negative": 0.0})
