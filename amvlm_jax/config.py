@@ -103,7 +103,14 @@ def base_config() -> ml_collections.ConfigDict:
     config.pretrain.head_hidden = 2048  # Hidden width of the projection heads.
     config.pretrain.pdt_heads = 8
     config.pretrain.pdt_dropout = 0.1
-    config.pretrain.remat = False  # Rematerialise the text encoder's layers.
+    config.pretrain.remat = False  # Rematerialise the encoders' layers (memory for compute).
+    # ViT attention kernel: 'xla' (explicit softmax, any backend) or 'cudnn' (one
+    # fused kernel; GPUs with bfloat16 compute only).
+    config.pretrain.vit_attention = "xla"
+    # Gradient of the text embedding tables: 'scatter' (fast on CPUs), 'one_hot'
+    # (a matmul; a scatter-add serialises on repeated token ids on GPUs) or
+    # 'auto' (one_hot on accelerators, scatter on CPUs). Same values either way.
+    config.pretrain.text_embedding_grad = "auto"
 
     # Text-guided mean-teacher SSMIS (mode 'ssl', SPEC sections 5-6). Uses
     # config.train for the student and config.data.labeled_fraction.
@@ -163,6 +170,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.data.image_size must be a multiple of 16, got {config.data.image_size}")
     if config.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config.dtype must be 'float32' or 'bfloat16', got '{config.dtype}'")
+    if config.pretrain.vit_attention not in ("xla", "cudnn"):
+        raise ConfigError(f"config.pretrain.vit_attention must be 'xla' or 'cudnn', got '{config.pretrain.vit_attention}'")
+    if config.pretrain.text_embedding_grad not in ("auto", "scatter", "one_hot"):
+        raise ConfigError("config.pretrain.text_embedding_grad must be 'auto', 'scatter' or 'one_hot', "
+                          f"got '{config.pretrain.text_embedding_grad}'")
+    if config.pretrain.vit_attention == "cudnn" and config.dtype != "bfloat16":
+        raise ConfigError("config.pretrain.vit_attention='cudnn' needs config.dtype='bfloat16' (cuDNN's fused attention)")
     if config.ssl.teacher_norm not in ("batch", "ema"):
         raise ConfigError(f"config.ssl.teacher_norm must be 'batch' or 'ema', got '{config.ssl.teacher_norm}'")
     if not 0.0 <= config.ssl.ema_max_alpha < 1.0:

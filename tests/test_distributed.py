@@ -187,12 +187,35 @@ def test_bfloat16_compute_keeps_float32_parameters_and_losses():
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state.params)))
 
 
-def test_benchmark_tool_times_a_step():
+def _benchmark_tool():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("benchmark_tool", TESTS_DIR.parent / "tools" / "benchmark.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_benchmark_flops_when_the_backend_does_not_analyse_lowered_programs():
+    """jax 0.11 on GPUs returns no 'flops' for lowered programs: the CPU backend analyses the same program."""
+    benchmark = _benchmark_tool()
+    lowered = jax.jit(lambda a, b: jax.numpy.tanh(a @ b) @ b).lower(np.ones((64, 128), np.float32),
+                                                                    np.ones((128, 128), np.float32))
+
+    class WithoutAnalysis:
+        _lowering = lowered._lowering
+
+        def cost_analysis(self):
+            return {}
+
+    flops, source = benchmark.model_flops(WithoutAnalysis(), None, 1)
+    assert flops == 2 * (2 * 64 * 128 * 128)  # Two matmuls; tanh counts as transcendentals, not FLOPs.
+    assert "CPU backend" in source
+    assert benchmark.model_flops(lowered, None, 1) == (flops, "lowered program")
+
+
+def test_benchmark_tool_times_a_step():
+    benchmark = _benchmark_tool()
     config = tiny_synthetic_config(**{"data.image_size": 32, "mesh.data": 2})
     result = benchmark.run_benchmark(config, "evaluate", steps=2, warmup=1)
     assert result["devices"] == 2 and result["images_per_step"] == config.train.eval_batch_size

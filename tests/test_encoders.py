@@ -262,6 +262,30 @@ def test_vit_remat_and_bf16_agree(tiny_vit_images, tiny_vit_params):
     assert np.all(np.isfinite(train["cls"]))
 
 
+def test_vit_fused_attention_path_matches_explicit(tiny_vit_images, tiny_vit_params, monkeypatch):
+    """The 'cudnn' branch (fused attention + the CLS row recomputed on its own), run through
+    jax.nn.dot_product_attention's XLA kernel on this CPU, equals the explicit softmax; with
+    dropout in training it falls back to the explicit probabilities."""
+    fused_attention = jax.nn.dot_product_attention
+    calls = []
+
+    def on_this_backend(*args, implementation=None, **kwargs):
+        calls.append(implementation)
+        return fused_attention(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", on_this_backend)
+    variables = {"params": tiny_vit_params}
+    base = ViT(**TINY_VIT).apply(variables, tiny_vit_images)
+    fused = ViT(**TINY_VIT, attention="cudnn").apply(variables, tiny_vit_images)
+    assert calls == ["cudnn"] * TINY_VIT["depth"]
+    for key in ("cls", "patches", "cls_attention"):
+        np.testing.assert_allclose(fused[key], base[key], atol=2e-6, rtol=1e-5)
+    calls.clear()
+    ViT(**TINY_VIT, attention="cudnn", dropout_rate=0.1).apply(
+        variables, tiny_vit_images, train=True, rngs={"dropout": jax.random.key(0)})
+    assert calls == []
+
+
 def _check_vit_against_reference(params, images, reference):
     out = ViT(**TINY_VIT).apply({"params": params}, images)
     np.testing.assert_allclose(out["cls"], reference["hidden"][:, 0], atol=1e-4, rtol=0)
@@ -444,6 +468,36 @@ def test_bert_dropout_remat_and_masking(tiny_bert_dir):
     dropped = Bert(TINY_BERT, remat=True).apply({"params": params}, ids, mask,
                                                 deterministic=False, rngs=rngs)
     assert not np.allclose(dropped["hidden"], base["hidden"], atol=1e-3)
+
+
+def test_bert_one_hot_embedding_grad_equals_scatter(tiny_bert_dir):
+    """Same parameters (names, shapes, init), outputs and gradients with the one-hot-matmul table gradient;
+    the ids repeat (padding, token type 0) as in real batches, and the float32 sums are exact to rounding."""
+    _, params = tiny_bert_dir
+    ids = np.array([[2, 5, 5, 7, 3, 0, 0], [2, 9, 3, 0, 0, 0, 0], [2, 7, 7, 7, 7, 5, 3]], np.int32)
+    mask = (ids > 0).astype(np.int32)
+    types = np.zeros_like(ids)
+    types[2, 4:] = 1
+    weights_out = jax.random.normal(jax.random.key(3), (3, 7, 32))
+
+    def loss(params, model):
+        return (model.apply({"params": params}, ids, mask, types)["hidden"] * weights_out).sum()
+
+    scatter, one_hot = Bert(TINY_BERT), Bert(TINY_BERT, one_hot_embedding_grad=True)
+    init_ids = np.ones((1, 4), np.int32)
+    _assert_trees_equal(scatter.init(jax.random.key(0), init_ids, init_ids)["params"],
+                        one_hot.init(jax.random.key(0), init_ids, init_ids)["params"])
+    value_s, grads_s = jax.value_and_grad(loss)(params, scatter)
+    value_o, grads_o = jax.value_and_grad(loss)(params, one_hot)
+    assert float(value_o) == pytest.approx(float(value_s), rel=1e-6)
+    embeddings_s, embeddings_o = grads_s["embeddings"], grads_o["embeddings"]
+    for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        np.testing.assert_allclose(embeddings_o[table]["embedding"], embeddings_s[table]["embedding"],
+                                   rtol=1e-5, atol=1e-6)
+    # Rows of ids that never occur get exactly zero; the repeated padding row gets the sum.
+    unused = np.setdiff1d(np.arange(TINY_BERT.vocab_size), ids)
+    assert np.all(np.asarray(embeddings_o["word_embeddings"]["embedding"])[unused] == 0)
+    assert np.abs(np.asarray(embeddings_o["word_embeddings"]["embedding"])[0]).sum() > 0
 
 
 @pytest.fixture(scope="module")

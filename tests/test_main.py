@@ -51,6 +51,22 @@ def test_validate_rejects_unusable_values():
     config.data.image_size = 100
     with pytest.raises(ConfigError, match="multiple of 16"):
         validate(config)
+    for key, value, message in [("vit_attention", "flash", "vit_attention must be"),
+                                ("vit_attention", "cudnn", "needs config.dtype='bfloat16'"),
+                                ("text_embedding_grad", "dense", "text_embedding_grad must be")]:
+        config = tiny_synthetic_config()
+        config.pretrain[key] = value
+        with pytest.raises(ConfigError, match=message):
+            validate(config)
+
+
+def test_text_embedding_grad_auto_is_scatter_on_cpus():
+    from amvlm_jax.train import pretrain
+
+    config = tiny_synthetic_config()
+    assert config.pretrain.text_embedding_grad == "auto" and pretrain.text_embedding_grad(config) == "scatter"
+    config.pretrain.text_embedding_grad = "one_hot"
+    assert pretrain.text_embedding_grad(config) == "one_hot"
 
 
 def test_experiments_load_with_all_variants():

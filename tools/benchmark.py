@@ -5,11 +5,13 @@
 
 Builds the state and step exactly as the job does (random initial weights;
 pre-trained weights only change values, not cost), compiles it, runs
---warmup untimed steps, then --steps timed ones (each waited for with
-block_until_ready). Reports steps/s, images/s, compile seconds, peak memory
+--warmup untimed steps, then --steps steps each waited for with
+block_until_ready (the step latency), then --steps steps back to back with
+one wait at the end, as the training loops run them (the step time behind
+steps/s, images/s and MFU). Also reports compile seconds, peak memory
 (device.memory_stats() peak where the backend keeps it, else the process's
 maximum resident set size, labelled so), model FLOPs per step from XLA's
-cost analysis of the compiled step, and model FLOPs utilisation (MFU)
+cost analysis of the lowered step, and model FLOPs utilisation (MFU)
 against a matmul peak measured in the same run: a large square matmul in
 the compute dtype (config.dtype), timed on one device.
 
@@ -184,13 +186,16 @@ def matmul_peak_flops(dtype, size: int | None = None, repeats: int = 5) -> tuple
     return 2.0 * size**3 / best, size
 
 
-def model_flops(lowered, compiled, num_devices: int) -> float | None:
-    """FLOPs of one step of the whole (global) program from XLA's cost analysis, or None.
+def model_flops(lowered, compiled, num_devices: int) -> tuple[float | None, str]:
+    """(FLOPs of one step of the whole (global) program from XLA's cost analysis, or None; their source).
 
     The analysis of the lowered, not yet optimised program counts every
-    matmul and convolution as written, on any backend; the compiled
-    program's analysis is per device and, on GPUs, misses the matmuls that
-    became library calls, so it is only the fallback.
+    matmul and convolution as written, on any backend (custom calls such as
+    cuDNN's fused attention count zero). Where the device's backend does not
+    analyse lowered programs (jax 0.11 on GPUs: no 'flops'), the same
+    program is analysed by the CPU backend. The compiled program's analysis
+    is per device and, on GPUs, misses the matmuls that became library calls,
+    so it is only the last resort, and the source says so.
     """
 
     def flops_of(analysis):
@@ -200,12 +205,25 @@ def model_flops(lowered, compiled, num_devices: int) -> float | None:
 
     try:
         flops = flops_of(lowered.cost_analysis())
-    except Exception:  # Not every jax version or backend analyses lowered programs.
-        flops = None
+        source = "lowered program" if flops is not None else "lowered program: no 'flops' in its analysis"
+    except Exception as error:  # Not every jax version or backend analyses lowered programs.
+        flops, source = None, f"lowered program: {type(error).__name__}: {str(error)[:200]}"
+    if flops is None:
+        try:  # Private jax API (what Lowered.cost_analysis calls), hence guarded.
+            from jax._src import xla_bridge
+            from jax._src.lib import _jax
+
+            analysis = _jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"),
+                                                     lowered._lowering.hlo().as_hlo_module())
+            flops = flops_of(analysis)
+            source = "lowered program, analysed by the CPU backend" if flops is not None else source
+        except Exception as error:
+            source += f"; CPU analysis: {type(error).__name__}: {str(error)[:200]}"
     if flops is None:
         per_device = flops_of(compiled.cost_analysis())
         flops = None if per_device is None else per_device * num_devices
-    return flops
+        source = f"compiled program (misses library calls on GPUs); {source}"
+    return flops, source
 
 
 def peak_memory(devices) -> tuple[float, str]:
@@ -223,11 +241,34 @@ def peak_memory(devices) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, "process max RSS (no device statistics)"
 
 
-def run_benchmark(config, mode: str, steps: int, warmup: int, profile_dir: str = "") -> dict:
+def wait_for_turn(queue_dir: str, name: str, size: int, timeout: float = 240.0):
+    """Blocks until `size` benchmarks have compiled (at most `timeout` s), then until this one holds the queue's lock.
+
+    Several benchmark processes can then compile side by side (compilation is
+    host work) and still time their steps one at a time, on an idle device and
+    idle host. Each process marks `queue_dir/name.compiled`; a driver marks a
+    process that died before compiling the same way so the others go on.
+    Returns the open lock file (closing it releases the turn).
+    """
+    import fcntl
+
+    folder = pathlib.Path(queue_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.compiled").touch()
+    deadline = time.monotonic() + timeout
+    while len(list(folder.glob("*.compiled"))) < size and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lock = open(folder / "lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+def run_benchmark(config, mode: str, steps: int, warmup: int, profile_dir: str = "", queue=None) -> dict:
     """Compiles and times `mode`'s step; returns the measurements as a dict.
 
     With `profile_dir`, PROFILED_STEPS more steps are traced there
     (jax.profiler, with a Perfetto JSON trace) and summarised under 'profile'.
+    `queue` = (folder, name, size): wait_for_turn between compiling and timing.
     """
     import jax
     import jax.numpy as jnp
@@ -243,7 +284,8 @@ def run_benchmark(config, mode: str, steps: int, warmup: int, profile_dir: str =
     lowered = step.lower(*args)
     compiled = lowered.compile()
     compile_seconds = time.perf_counter() - started
-    flops_per_step = model_flops(lowered, compiled, mesh.size)
+    flops_per_step, flops_source = model_flops(lowered, compiled, mesh.size)
+    turn = wait_for_turn(*queue) if queue else None
 
     def run_once(args):
         outputs = compiled(*args)
@@ -268,7 +310,17 @@ def run_benchmark(config, mode: str, steps: int, warmup: int, profile_dir: str =
         t0 = time.perf_counter()
         args = run_once(args)
         times.append(time.perf_counter() - t0)
-    seconds_per_step = float(np.median(times))
+    step_latency = float(np.median(times))
+    # Back to back, as the training loops run: the host dispatches step n + 1
+    # while the device still computes step n; one wait at the end.
+    started = time.perf_counter()
+    outputs = None
+    for _ in range(steps):
+        outputs = compiled(*args)
+        if state_index is not None:
+            args = args[:state_index] + (outputs[0],) + args[state_index + 1:]
+    jax.block_until_ready(outputs)
+    seconds_per_step_back_to_back = (time.perf_counter() - started) / steps
     profile = None
     if profile_dir:
         import jax.profiler
@@ -279,6 +331,8 @@ def run_benchmark(config, mode: str, steps: int, warmup: int, profile_dir: str =
         profile = summarize_trace(profile_dir, PROFILED_STEPS)
     peak_bytes, peak_kind = peak_memory(mesh.devices.flat)
     peak_flops, matmul_size = matmul_peak_flops(jnp.dtype(config.dtype))
+    if turn is not None:
+        turn.close()
 
     result = {
         "mode": mode,
@@ -291,10 +345,11 @@ def run_benchmark(config, mode: str, steps: int, warmup: int, profile_dir: str =
         "steps": steps,
         "warmup": warmup,
         "compile_seconds": compile_seconds,
-        "seconds_per_step": seconds_per_step,
-        "seconds_per_step_min": float(np.min(times)),
-        "steps_per_second": 1.0 / seconds_per_step,
-        "images_per_second": images_per_step / seconds_per_step,
+        "seconds_per_step": seconds_per_step_back_to_back,
+        "step_latency_seconds": step_latency,
+        "step_latency_seconds_min": float(np.min(times)),
+        "steps_per_second": 1.0 / seconds_per_step_back_to_back,
+        "images_per_second": images_per_step / seconds_per_step_back_to_back,
         "peak_memory_bytes": peak_bytes,
         "peak_memory_kind": peak_kind,
         "matmul_peak_flops_per_device": peak_flops,
@@ -305,8 +360,9 @@ def run_benchmark(config, mode: str, steps: int, warmup: int, profile_dir: str =
         result["profile"] = profile
     if flops_per_step is not None:
         result["model_flops_per_step"] = flops_per_step
-        result["achieved_flops"] = flops_per_step / seconds_per_step
-        result["mfu"] = flops_per_step / seconds_per_step / (peak_flops * mesh.size)
+        result["model_flops_source"] = flops_source
+        result["achieved_flops"] = flops_per_step / seconds_per_step_back_to_back
+        result["mfu"] = result["achieved_flops"] / (peak_flops * mesh.size)
     return result
 
 
@@ -360,7 +416,8 @@ def format_result(result: dict) -> str:
         f"mode {result['mode']} on {result['devices']} x {result['device_kind']} ({result['backend']}), "
         f"mesh {result['mesh']}, dtype {result['dtype']}",
         f"  compile             {result['compile_seconds']:.1f} s",
-        f"  step (median)       {result['seconds_per_step']:.3f} s  ({result['steps']} timed after {result['warmup']} warm-up)",
+        f"  step                {result['seconds_per_step']:.4f} s back to back ({result['steps']} steps after "
+        f"{result['warmup']} warm-up); latency {result['step_latency_seconds']:.4f} s (median, each step waited for)",
         f"  steps/s             {result['steps_per_second']:.3f}",
         f"  images/s            {result['images_per_second']:.2f}  ({result['images_per_step']} per step)",
         f"  peak memory         {result['peak_memory_bytes'] / 2**30:.2f} GiB  [{result['peak_memory_kind']}]",
@@ -394,7 +451,11 @@ def main(config):
     if mode not in MODES:
         sys.exit(f"error: --mode must be one of {', '.join(MODES)}, got '{mode}'")
     initialize_distributed(config)
-    result = run_benchmark(config, mode, flags.FLAGS.steps, flags.FLAGS.warmup, flags.FLAGS.profile)
+    queue = None
+    if flags.FLAGS.queue:
+        folder, name, size = flags.FLAGS.queue.rsplit(":", 2)
+        queue = (folder, name, int(size))
+    result = run_benchmark(config, mode, flags.FLAGS.steps, flags.FLAGS.warmup, flags.FLAGS.profile, queue)
     print(json.dumps(result, indent=2) if flags.FLAGS.json else format_result(result))
 
 
@@ -404,6 +465,8 @@ def define_flags():
     flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation (at least one is run).")
     flags.DEFINE_bool("json", False, "Print the measurements as JSON.")
     flags.DEFINE_string("profile", "", "Trace a few more steps into this folder and summarise device time per op.")
+    flags.DEFINE_string("queue", "", "FOLDER:NAME:SIZE: compile beside SIZE - 1 other benchmarks sharing FOLDER, "
+                        "then time the steps one benchmark at a time (see wait_for_turn).")
 
 
 if __name__ == "__main__":

@@ -73,11 +73,12 @@ class AMVLM(nn.Module):
     temperature: float = 0.07
     dtype: Any = jnp.float32
     remat: bool = False
+    one_hot_embedding_grad: bool = False  # Text embedding tables' gradients as one-hot matmuls (bert.Embedding).
 
     def setup(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        self.text_encoder = Bert(self.text_config, self.dtype, self.remat)
+        self.text_encoder = Bert(self.text_config, self.dtype, self.remat, self.one_hot_embedding_grad)
         head = dict(hidden=self.head_hidden, out=self.embed_dim, dtype=self.dtype)
         self.image_global_head = GlobalHead(**head)
         self.image_local_head = LocalHead(**head)

@@ -59,17 +59,42 @@ class PatchEmbed(nn.Module):
         return out + bias.astype(self.dtype)
 
 
+def fused_attention(q, k, v, scale: float):
+    """softmax(q k^T * scale) v through cuDNN's fused kernel: q, k, v (B, N, heads, d) -> (B, N, heads, d).
+
+    Its training kernels need an even token count, and a ViT has 1 + P tokens
+    (197 at 224 / 16): an odd count gets one padding token that no query
+    attends to (key_value_seq_lengths) and whose output is dropped.
+    """
+    tokens = q.shape[1]
+    if tokens % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    pad = [(0, 0), (0, 1), (0, 0), (0, 0)]
+    lengths = jnp.full((q.shape[0],), tokens, jnp.int32)
+    out = jax.nn.dot_product_attention(jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad), scale=scale,
+                                       query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                       implementation="cudnn")
+    return out[:, :tokens]
+
+
 class ViTAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
-    Input (B, N, width); returns the output (B, N, width) and the attention
-    probabilities (B, heads, N, N) in float32.
+    Input (B, N, width); returns the output (B, N, width) and the CLS token's
+    attention probabilities (B, heads, N) in float32.
+
+    ``attention='cudnn'`` computes softmax(q k^T / sqrt(d)) v in one fused
+    cuDNN kernel (GPUs, bfloat16 / float16 compute) instead of materialising
+    the (B, heads, N, N) probabilities; the CLS row is then recomputed on its
+    own (a (B, heads, N) softmax). Attention dropout needs the explicit
+    probabilities, so training with dropout_rate > 0 always uses 'xla'.
     """
 
     width: int
     num_heads: int
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -80,15 +105,22 @@ class ViTAttention(nn.Module):
         # Channel order of the fused projection is (q|k|v, head, head_dim).
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(self.dtype)
-        # Softmax in float32 so bf16 compute keeps well-formed probabilities.
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        dropped = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
-        out = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), v)
+        scale = 1.0 / jnp.sqrt(head_dim).astype(self.dtype)
+        if self.attention == "cudnn" and not (train and self.dropout_rate > 0):
+            out = fused_attention(q, k, v, float(1.0 / head_dim ** 0.5))
+            cls_logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], k) * scale
+            cls_probs = jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)
+        else:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+            # Softmax in float32 so bf16 compute keeps well-formed probabilities.
+            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            dropped = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
+            out = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), v)
+            cls_probs = probs[:, :, 0]
         out = out.reshape(batch, tokens, self.width)
         out = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
                        kernel_init=_dense_init, name="proj")(out)
-        return out, probs
+        return out, cls_probs
 
 
 class ViTMlp(nn.Module):
@@ -111,18 +143,19 @@ class ViTMlp(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    """Pre-LN transformer block: (B, N, width) -> ((B, N, width), probs (B, heads, N, N))."""
+    """Pre-LN transformer block: (B, N, width) -> ((B, N, width), CLS probs (B, heads, N))."""
 
     width: int
     num_heads: int
     mlp_ratio: int = 4
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         ln = dict(epsilon=_LN_EPS, dtype=self.dtype, param_dtype=jnp.float32)
-        h, probs = ViTAttention(self.width, self.num_heads, self.dropout_rate, self.dtype,
+        h, probs = ViTAttention(self.width, self.num_heads, self.dropout_rate, self.dtype, self.attention,
                                 name="attn")(nn.LayerNorm(name="norm1", **ln)(x), train)
         x = x + h
         x = x + ViTMlp(self.width, self.width * self.mlp_ratio, self.dropout_rate, self.dtype,
@@ -154,6 +187,7 @@ class ViT(nn.Module):
     pixel_std: Tuple[float, float, float] = IMAGENET_STD
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "xla"  # 'xla' or 'cudnn' (fused kernel, GPUs): see ViTAttention.
 
     @nn.compact
     def __call__(self, images, train: bool = False):
@@ -180,14 +214,14 @@ class ViT(nn.Module):
         probs = None
         for i in range(self.depth):
             x, probs = block_cls(self.width, self.num_heads, self.mlp_ratio,
-                                 self.dropout_rate, self.dtype, name=f"blocks_{i}")(x, train)
+                                 self.dropout_rate, self.dtype, self.attention, name=f"blocks_{i}")(x, train)
 
         x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, param_dtype=jnp.float32,
                          name="norm")(x)
         return {
             "cls": x[:, 0],
             "patches": x[:, 1:],
-            "cls_attention": probs[:, :, 0, 1:].mean(axis=1),
+            "cls_attention": probs[:, :, 1:].mean(axis=1),
         }
 
 

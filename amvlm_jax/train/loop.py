@@ -87,11 +87,12 @@ def _run_epoch(config, workdir, mesh, current, train_step, batches, steps_per_ep
     first = int(state.step) - epoch * steps_per_epoch  # > 0 when resuming mid-epoch.
     progress = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.train.epochs}", leave=False)
     losses = []
-    for _ in progress:
+    for index in progress:
         state, step_metrics = train_step(state, *extra_step_args, pipeline.to_global(mesh, next(batches)))
         current["state"] = state
         losses.append(step_metrics["loss"])
-        step = int(state.step)
+        # Counted on the host: reading state.step would wait for the device after every step.
+        step = epoch * steps_per_epoch + index + 1
         if step % config.train.log_every_steps == 0:
             step_metrics = {f"train/{k}": v for k, v in jax.device_get(step_metrics).items()}
             check_finite(step_metrics["train/loss"], step, workdir)

@@ -90,7 +90,7 @@ def build_model(config, text_config: BertConfig) -> AMVLM:
     pre = config.pretrain
     dtype = jnp.dtype(config.dtype)
     overrides = {k: v for k, v in dict(width=pre.vit_width, depth=pre.vit_depth, num_heads=pre.vit_heads).items() if v}
-    vit = vit_from_name(pre.vit, dtype=dtype, remat=pre.remat, **overrides)
+    vit = vit_from_name(pre.vit, dtype=dtype, remat=pre.remat, attention=pre.vit_attention, **overrides)
     return AMVLM(
         image_encoder=vit,
         text_config=text_config,
@@ -103,7 +103,16 @@ def build_model(config, text_config: BertConfig) -> AMVLM:
         temperature=pre.temperature,
         dtype=dtype,
         remat=pre.remat,
+        one_hot_embedding_grad=text_embedding_grad(config) == "one_hot",
     )
+
+
+def text_embedding_grad(config) -> str:
+    """config.pretrain.text_embedding_grad with 'auto' resolved: 'one_hot' on accelerators, 'scatter' on CPUs."""
+    choice = config.pretrain.text_embedding_grad
+    if choice == "auto":
+        return "scatter" if jax.default_backend() == "cpu" else "one_hot"
+    return choice
 
 
 def uses_momentum(config) -> bool:
