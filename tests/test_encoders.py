@@ -275,14 +275,14 @@ def test_vit_fused_attention_path_matches_explicit(tiny_vit_images, tiny_vit_par
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", on_this_backend)
     variables = {"params": tiny_vit_params}
-    base = ViT(**TINY_VIT).apply(variables, tiny_vit_images)
-    fused = ViT(**TINY_VIT, attention="cudnn").apply(variables, tiny_vit_images)
+    base = jax.jit(ViT(**TINY_VIT).apply)(variables, tiny_vit_images)
+    fused = jax.jit(ViT(**TINY_VIT, attention="cudnn").apply)(variables, tiny_vit_images)
     assert calls == ["cudnn"] * TINY_VIT["depth"]
     for key in ("cls", "patches", "cls_attention"):
         np.testing.assert_allclose(fused[key], base[key], atol=2e-6, rtol=1e-5)
     calls.clear()
-    ViT(**TINY_VIT, attention="cudnn", dropout_rate=0.1).apply(
-        variables, tiny_vit_images, train=True, rngs={"dropout": jax.random.key(0)})
+    jax.eval_shape(lambda v: ViT(**TINY_VIT, attention="cudnn", dropout_rate=0.1).apply(
+        v, tiny_vit_images, train=True, rngs={"dropout": jax.random.key(0)}), variables)
     assert calls == []
 
 
@@ -485,10 +485,10 @@ def test_bert_one_hot_embedding_grad_equals_scatter(tiny_bert_dir):
 
     scatter, one_hot = Bert(TINY_BERT), Bert(TINY_BERT, one_hot_embedding_grad=True)
     init_ids = np.ones((1, 4), np.int32)
-    _assert_trees_equal(scatter.init(jax.random.key(0), init_ids, init_ids)["params"],
-                        one_hot.init(jax.random.key(0), init_ids, init_ids)["params"])
-    value_s, grads_s = jax.value_and_grad(loss)(params, scatter)
-    value_o, grads_o = jax.value_and_grad(loss)(params, one_hot)
+    _assert_trees_equal(jax.eval_shape(scatter.init, jax.random.key(0), init_ids, init_ids)["params"],
+                        jax.eval_shape(one_hot.init, jax.random.key(0), init_ids, init_ids)["params"])
+    value_s, grads_s = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, scatter)
+    value_o, grads_o = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, one_hot)
     assert float(value_o) == pytest.approx(float(value_s), rel=1e-6)
     embeddings_s, embeddings_o = grads_s["embeddings"], grads_o["embeddings"]
     for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
