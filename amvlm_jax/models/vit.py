@@ -105,9 +105,9 @@ class ViTAttention(nn.Module):
         # Channel order of the fused projection is (q|k|v, head, head_dim).
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        scale = 1.0 / jnp.sqrt(head_dim).astype(self.dtype)
+        scale = 1.0 / head_dim ** 0.5  # A Python float: it keeps the compute dtype.
         if self.attention == "cudnn" and not (train and self.dropout_rate > 0):
-            out = fused_attention(q, k, v, float(1.0 / head_dim ** 0.5))
+            out = fused_attention(q, k, v, scale)
             cls_logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], k) * scale
             cls_probs = jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)
         else:
