@@ -3,7 +3,7 @@
 #   TEXT_ENCODER=DIR OUT=DIR bash tools/device_benchmarks.sh [quick] [RUN ...]
 # TEXT_ENCODER: a BERT folder (config.json + tokenizer files; weights are not
 # read: the encoders are randomly initialised, which changes values, not cost).
-# RUN: names from the table below (default: all). Every benchmark is its own
+# RUN: names from the table below (default: ALL). Every benchmark is its own
 # process (peak memory is per process); they compile side by side, then time
 # their steps one at a time (tools/benchmark.py --queue), so the device and
 # the host are idle while each is timed. Writes OUT/bench.tgz (<run>.json and
