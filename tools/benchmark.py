@@ -287,22 +287,25 @@ def run_benchmark(config, mode: str, steps: int, warmup: int, profile_dir: str =
     flops_per_step, flops_source = model_flops(lowered, compiled, mesh.size)
     turn = wait_for_turn(*queue) if queue else None
 
-    def run_once(args):
+    def dispatch(args):
+        """(outputs, the arguments of the next call), without waiting for the device."""
         outputs = compiled(*args)
-        jax.block_until_ready(outputs)
         if state_index is None:
-            return args
+            return outputs, args
         # Train steps donate their state: carry the new one into the next call.
-        return args[:state_index] + (outputs[0],) + args[state_index + 1:]
+        return outputs, args[:state_index] + (outputs[0],) + args[state_index + 1:]
 
-    first_outputs = compiled(*args)
+    def run_once(args):
+        outputs, args = dispatch(args)
+        jax.block_until_ready(outputs)
+        return args
+
+    first_outputs, args = dispatch(args)
     jax.block_until_ready(first_outputs)
     # The first step's loss: a check that bfloat16 and float32 runs compute the same thing.
     first_loss = None
     if state_index is not None and isinstance(first_outputs[1], dict) and "loss" in first_outputs[1]:
         first_loss = float(jax.device_get(first_outputs[1]["loss"]))
-    if state_index is not None:
-        args = args[:state_index] + (first_outputs[0],) + args[state_index + 1:]
     for _ in range(max(0, warmup - 1)):
         args = run_once(args)
     times = []
@@ -316,9 +319,7 @@ def run_benchmark(config, mode: str, steps: int, warmup: int, profile_dir: str =
     started = time.perf_counter()
     outputs = None
     for _ in range(steps):
-        outputs = compiled(*args)
-        if state_index is not None:
-            args = args[:state_index] + (outputs[0],) + args[state_index + 1:]
+        outputs, args = dispatch(args)
     jax.block_until_ready(outputs)
     seconds_per_step_back_to_back = (time.perf_counter() - started) / steps
     profile = None
