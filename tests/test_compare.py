@@ -55,9 +55,29 @@ def test_compare_table_and_pooling(tmp_path, capsys):
     assert pooled[1]["images"] == 8
     expected = stats.ttest_rel([66, 75, 84, 70, 52, 55, 51, 56], [60, 70, 80, 65, 50, 50, 50, 50]).pvalue
     assert pooled[1]["p"] == pytest.approx(expected)
+    # The same images under two seeds: tests on seed-averaged images (n = 4) and on seed means (n = 2).
+    image_means = stats.ttest_rel([59, 65, 67.5, 63], [55, 60, 65, 57.5]).pvalue
+    seed_means = stats.ttest_rel([73.75, 53.5], [68.75, 50]).pvalue
+    assert pooled[1]["p_images"] == pytest.approx(image_means)
+    assert pooled[1]["p_runs"] == pytest.approx(seed_means)
+    assert "p_images" not in rows[1] and "p_images" not in pooled[0]
     compare.main([str(tmp_path / "base"), str(tmp_path / "better")])
     out = capsys.readouterr().out
-    assert "| 68.75 |" in out and " *" in out
+    assert "| 68.75 |" in out and " *" in out and "run means" not in out
+    compare.main([f"{tmp_path / 'base'},{tmp_path / 'base2'}", f"{tmp_path / 'better'},{tmp_path / 'better2'}"])
+    out = capsys.readouterr().out
+    assert "p, images averaged over runs | p, run means |" in out
+    assert f"| {image_means:.3g} |" in out.replace(" *", "")
+
+
+def test_seed_tests_need_the_same_images_in_every_run(tmp_path):
+    parts = {}
+    for name, files, dice in (("a0", "xy", [60, 70]), ("a1", "uv", [61, 72]), ("b0", "xy", [65, 71]), ("b1", "uv", [63, 75])):
+        parts[name] = {"file": np.array(list(files)), "dice": np.array(dice, float), "iou": np.array(dice, float) / 2}
+    # Each seed evaluated other images (say, another split): neither seed-aware test applies.
+    assert compare.seed_tests([parts["a0"], parts["a1"]], [parts["b0"], parts["b1"]]) == {}
+    assert compare.seed_tests([parts["a0"]], [parts["b0"]]) == {}
+    assert compare.seed_tests([parts["a0"], parts["a0"]], [parts["b0"]]) == {}
 
 
 def test_compare_rejects_missing_results(tmp_path):
@@ -103,5 +123,9 @@ def test_ablation_rows_pretrainings_and_table(tmp_path):
     assert table[0]["val_dice"] == pytest.approx(50.5) and table[0]["test_dice"] == pytest.approx(np.mean(dice["MT"]))
     expected = stats.ttest_rel(sum(dice["+CSS"], []), sum(dice["MT"], [])).pvalue
     assert table[1]["p"] == pytest.approx(expected) and "p" not in table[0]
+    image_means = stats.ttest_rel(np.mean(dice["+CSS"], 0), np.mean(dice["MT"], 0)).pvalue
+    seed_means = stats.ttest_rel(np.mean(dice["+CSS"], 1), np.mean(dice["MT"], 1)).pvalue
+    assert table[1]["p_images"] == pytest.approx(image_means) and table[1]["p_runs"] == pytest.approx(seed_means)
+    assert "p, seed-averaged images | p, seed means |" in text
     assert (tmp_path / "ablation.md").read_text().startswith("| row | val Dice")
     assert json.loads((tmp_path / "ablation.json").read_text())["rows"][1]["row"] == "+CSS"

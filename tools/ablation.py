@@ -87,8 +87,11 @@ def run_rows(base, workdir: pathlib.Path, rows: list[str], seeds: list[int]) -> 
 
 
 def summarize(runs: dict, workdir: pathlib.Path) -> tuple[list[dict], str]:
-    """Table rows (mean over seeds) with paired t-tests of test Dice against the first row."""
-    from compare import paired_t_test, read_pooled
+    """Table rows (mean over seeds) with paired t-tests of test Dice against the first row.
+
+    With several seeds, also the tests that keep images and seeds apart
+    (`compare.seed_tests`: seed-averaged images, seed means)."""
+    from compare import paired_t_test, pool, read_parts, seed_tests
 
     first = next(iter(runs))
     table = []
@@ -101,19 +104,29 @@ def summarize(runs: dict, workdir: pathlib.Path) -> tuple[list[dict], str]:
                 entry[f"{split}_miou"] = sum(r["miou"] for r in per_run) / len(per_run)
         split = "test" if "test_dice" in entry else "val"
         if row != first:
-            base, values = read_pooled(",".join(runs[first]), split), read_pooled(",".join(dirs), split)
-            entry["t"], entry["p"] = paired_t_test(base["dice"], values["dice"])
+            base_parts, parts = read_parts(",".join(runs[first]), split), read_parts(",".join(dirs), split)
+            entry["t"], entry["p"] = paired_t_test(pool(base_parts)["dice"], pool(parts)["dice"])
             entry["p_split"] = split
+            entry |= seed_tests(base_parts, parts)
         table.append(entry)
 
     def cell(entry, key):
         return f"{entry[key]:.2f}" if key in entry else "-"
 
-    lines = [f"| row | val Dice | val mIoU | test Dice | test mIoU | p vs {first} |", "|---|---:|---:|---:|---:|---:|"]
+    def shown(p):
+        return f"{p:.3g}{' *' if p < 0.05 else ''}"
+
+    seeded = any("p_images" in entry for entry in table)
+    header = f"| row | val Dice | val mIoU | test Dice | test mIoU | p vs {first} |"
+    lines = [header + (" p, seed-averaged images | p, seed means |" if seeded else ""),
+             "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if seeded else "")]
     for entry in table:
-        p = "(baseline)" if "p" not in entry else f"{entry['p']:.3g}{' *' if entry['p'] < 0.05 else ''}"
-        lines.append(f"| {entry['row']} | {cell(entry, 'val_dice')} | {cell(entry, 'val_miou')} | "
-                     f"{cell(entry, 'test_dice')} | {cell(entry, 'test_miou')} | {p} |")
+        p = "(baseline)" if "p" not in entry else shown(entry["p"])
+        line = (f"| {entry['row']} | {cell(entry, 'val_dice')} | {cell(entry, 'val_miou')} | "
+                f"{cell(entry, 'test_dice')} | {cell(entry, 'test_miou')} | {p} |")
+        if seeded:
+            line += f" {shown(entry['p_images'])} | {shown(entry['p_runs'])} |" if "p_images" in entry else " | |"
+        lines.append(line)
     seeds = table[0]["seeds"]
     lines.append(f"\nmean over {seeds} seed(s); paired t-test on per-image Dice "
                  f"({table[-1].get('p_split', 'test')}, seeds pooled); * = p < 0.05")

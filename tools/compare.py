@@ -7,7 +7,12 @@ that evaluates); the first run is the baseline unless --baseline names
 another. Several workdirs can be pooled into one row with commas
 (runs/a_s0,runs/a_s1,runs/a_s2): their per-image Dice values are concatenated
 in order, so pooled rows pair up when the same seeds are listed in the same
-order. Prints a markdown table; --json prints the same numbers as JSON.
+order. The pooled test counts every image of every seed as a pair, so it
+treats the same image under three seeds as three independent samples; where
+both rows pool the same number of runs over the same images, two tests
+without that assumption are added: on the images' Dice averaged over the
+runs (n = images) and on the runs' mean Dice (n = runs, seeds paired in
+order). Prints a markdown table; --json prints the same numbers as JSON.
 """
 
 from __future__ import annotations
@@ -37,9 +42,34 @@ def read_per_image(workdir: str | pathlib.Path, split: str) -> dict[str, np.ndar
     }
 
 
-def read_pooled(spec: str, split: str) -> dict[str, np.ndarray]:
-    parts = [read_per_image(p, split) for p in spec.split(",")]
+def read_parts(spec: str, split: str) -> list[dict[str, np.ndarray]]:
+    """The per-image results of each comma-joined workdir of `spec`."""
+    return [read_per_image(p, split) for p in spec.split(",")]
+
+
+def pool(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The parts concatenated image by image (seeds pooled in the order listed)."""
     return {k: np.concatenate([p[k] for p in parts]) for k in ("file", "dice", "iou")}
+
+
+def seed_tests(base: list[dict[str, np.ndarray]], run: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Paired tests of pooled runs that keep images and seeds apart, or {} where they do not apply.
+
+    Needs the same number (>= 2) of workdirs on both sides, each over the
+    same images in the same order. `p_images`: per-image Dice averaged over
+    the workdirs (n = images); `p_runs`: each workdir's mean Dice, paired in
+    the order listed (n = workdirs).
+    """
+    if len(base) < 2 or len(base) != len(run):
+        return {}
+    files = base[0]["file"]
+    if not all(np.array_equal(part["file"], files) for part in base + run):
+        return {}
+    base_dice = np.stack([part["dice"] for part in base])  # (runs, images)
+    run_dice = np.stack([part["dice"] for part in run])
+    _, p_images = paired_t_test(base_dice.mean(0), run_dice.mean(0))
+    _, p_runs = paired_t_test(base_dice.mean(1), run_dice.mean(1))
+    return {"p_images": p_images, "p_runs": p_runs}
 
 
 def paired_t_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -58,10 +88,12 @@ def paired_t_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 def compare(runs: list[str], split: str, baseline: str | None = None, alpha: float = 0.05) -> list[dict]:
     """One row per run: name, images, dice, miou, dice_std, and t / p / significant against the baseline."""
     baseline = baseline or runs[0]
-    base = read_pooled(baseline, split)
+    base_parts = read_parts(baseline, split)
+    base = pool(base_parts)
     rows = []
     for run in runs:
-        values = read_pooled(run, split)
+        parts = read_parts(run, split)
+        values = pool(parts)
         row = {"run": run, "images": len(values["dice"]), "dice": float(values["dice"].mean()),
                "miou": float(values["iou"].mean()), "dice_std": float(values["dice"].std(ddof=1)) if len(values["dice"]) > 1 else 0.0}
         if run != baseline:
@@ -69,15 +101,27 @@ def compare(runs: list[str], split: str, baseline: str | None = None, alpha: flo
                 raise SystemExit(f"error: {run} and {baseline} hold different images; a paired test needs the same ones")
             t, p = paired_t_test(base["dice"], values["dice"])
             row |= {"t": t, "p": p, "significant": bool(p < alpha)}
+            row |= seed_tests(base_parts, parts)
         rows.append(row)
     return rows
 
 
-def format_table(rows: list[dict], baseline: str) -> str:
-    lines = [f"| run | images | Dice | mIoU | p vs {baseline} |", "|---|---:|---:|---:|---:|"]
+def format_table(rows: list[dict], baseline: str, alpha: float = 0.05) -> str:
+    seeded = any("p_images" in row for row in rows)
+    header = f"| run | images | Dice | mIoU | p vs {baseline} |"
+    if seeded:
+        header += " p, images averaged over runs | p, run means |"
+    lines = [header, "|---|---:|---:|---:|---:|" + ("---:|---:|" if seeded else "")]
+
+    def shown(p):
+        return f"{p:.3g}{' *' if p < alpha else ''}"
+
     for row in rows:
-        p = "(baseline)" if "p" not in row else f"{row['p']:.3g}{' *' if row['significant'] else ''}"
-        lines.append(f"| {row['run']} | {row['images']} | {row['dice']:.2f} | {row['miou']:.2f} | {p} |")
+        line = f"| {row['run']} | {row['images']} | {row['dice']:.2f} | {row['miou']:.2f} | "
+        line += "(baseline) |" if "p" not in row else f"{shown(row['p'])} |"
+        if seeded:
+            line += f" {shown(row['p_images'])} | {shown(row['p_runs'])} |" if "p_images" in row else " | |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -93,7 +137,7 @@ def main(argv=None):
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(format_table(rows, args.baseline or args.runs[0]))
+        print(format_table(rows, args.baseline or args.runs[0], args.alpha))
         print(f"\npaired t-test on per-image Dice ({args.split}); * = p < {args.alpha}")
 
 
