@@ -104,9 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.pretrain.pdt_heads = 8
     config.pretrain.pdt_dropout = 0.1
     config.pretrain.remat = False  # Rematerialise the encoders' layers (memory for compute).
-    # ViT attention kernel: 'xla' (explicit softmax, any backend) or 'cudnn' (one
-    # fused kernel; GPUs with bfloat16 compute only).
-    config.pretrain.vit_attention = "xla"
+    # ViT attention kernel: 'xla' (explicit softmax, any backend), 'cudnn' (one
+    # fused kernel; GPUs with bfloat16 compute only) or 'auto' (cudnn where
+    # compute is bfloat16 on a GPU whose cuDNN compiles the kernel, else xla).
+    config.pretrain.vit_attention = "auto"
     # Gradient of the text embedding tables: 'scatter' (fast on CPUs), 'one_hot'
     # (a matmul; a scatter-add serialises on repeated token ids on GPUs) or
     # 'auto' (one_hot on accelerators, scatter on CPUs). Same values either way.
@@ -170,8 +171,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.data.image_size must be a multiple of 16, got {config.data.image_size}")
     if config.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config.dtype must be 'float32' or 'bfloat16', got '{config.dtype}'")
-    if config.pretrain.vit_attention not in ("xla", "cudnn"):
-        raise ConfigError(f"config.pretrain.vit_attention must be 'xla' or 'cudnn', got '{config.pretrain.vit_attention}'")
+    if config.pretrain.vit_attention not in ("auto", "xla", "cudnn"):
+        raise ConfigError("config.pretrain.vit_attention must be 'auto', 'xla' or 'cudnn', "
+                          f"got '{config.pretrain.vit_attention}'")
     if config.pretrain.text_embedding_grad not in ("auto", "scatter", "one_hot"):
         raise ConfigError("config.pretrain.text_embedding_grad must be 'auto', 'scatter' or 'one_hot', "
                           f"got '{config.pretrain.text_embedding_grad}'")

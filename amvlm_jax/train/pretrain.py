@@ -15,6 +15,7 @@ rerun resumes from latest), metrics.jsonl, tensorboard/, summary.json.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import pathlib
@@ -38,7 +39,7 @@ from amvlm_jax.losses.intra import ema_update, icl_loss
 from amvlm_jax.losses.prototypes import cpa_loss, normalize_prototypes
 from amvlm_jax.models.amvlm import AMVLM, ENCODER_MODULES, TOKEN_KEYS
 from amvlm_jax.models.bert import BertConfig
-from amvlm_jax.models.vit import vit_from_name
+from amvlm_jax.models.vit import fused_attention, vit_from_name
 from amvlm_jax.train import checkpoint, parallel
 from amvlm_jax.train.logging import MetricWriter
 from amvlm_jax.train.loop import check_finite
@@ -90,7 +91,7 @@ def build_model(config, text_config: BertConfig) -> AMVLM:
     pre = config.pretrain
     dtype = jnp.dtype(config.dtype)
     overrides = {k: v for k, v in dict(width=pre.vit_width, depth=pre.vit_depth, num_heads=pre.vit_heads).items() if v}
-    vit = vit_from_name(pre.vit, dtype=dtype, remat=pre.remat, attention=pre.vit_attention, **overrides)
+    vit = vit_from_name(pre.vit, dtype=dtype, remat=pre.remat, attention=vit_attention(config), **overrides)
     return AMVLM(
         image_encoder=vit,
         text_config=text_config,
@@ -113,6 +114,34 @@ def text_embedding_grad(config) -> str:
     if choice == "auto":
         return "scatter" if jax.default_backend() == "cpu" else "one_hot"
     return choice
+
+
+def vit_attention(config) -> str:
+    """config.pretrain.vit_attention with 'auto' resolved: 'cudnn' for bfloat16 compute on a GPU
+    whose cuDNN compiles the fused kernel, 'xla' otherwise."""
+    choice = config.pretrain.vit_attention
+    if choice != "auto":
+        return choice
+    if config.dtype != "bfloat16" or jax.default_backend() != "gpu":
+        return "xla"
+    return "cudnn" if cudnn_attention_compiles() else "xla"
+
+
+@functools.cache
+def cudnn_attention_compiles() -> bool:
+    """Whether the fused attention's forward and backward compile here (bfloat16, an odd token count:
+    the padded path a ViT takes). Older GPUs and cuDNN releases lack the kernel; they get 'xla'."""
+    qkv = jax.ShapeDtypeStruct((2, 17, 2, 64), jnp.bfloat16)
+
+    def loss(q, k, v):
+        return fused_attention(q, k, v, 0.125).astype(jnp.float32).sum()
+
+    try:
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv).compile()
+    except Exception as error:  # jax raises several types for an unsupported device or cuDNN.
+        print(f"cuDNN fused attention unavailable here ({type(error).__name__}); the ViT uses 'xla' attention")
+        return False
+    return True
 
 
 def uses_momentum(config) -> bool:
