@@ -86,7 +86,8 @@ def paired_t_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def compare(runs: list[str], split: str, baseline: str | None = None, alpha: float = 0.05) -> list[dict]:
-    """One row per run: name, images, dice, miou, dice_std, and t / p / significant against the baseline."""
+    """One row per run: name, images, dice, miou, dice_std, and t / p / significant against the baseline
+    (with p_images / p_runs where both pool seeds over the same images: `seed_tests`)."""
     baseline = baseline or runs[0]
     base_parts = read_parts(baseline, split)
     base = pool(base_parts)
