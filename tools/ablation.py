@@ -91,7 +91,7 @@ def summarize(runs: dict, workdir: pathlib.Path) -> tuple[list[dict], str]:
 
     With several seeds, also the tests that keep images and seeds apart
     (`compare.seed_tests`: seed-averaged images, seed means)."""
-    from compare import paired_t_test, pool, read_parts, seed_tests
+    from compare import format_p, paired_t_test, pool, read_parts, seed_cells, seed_tests
 
     first = next(iter(runs))
     table = []
@@ -113,20 +113,15 @@ def summarize(runs: dict, workdir: pathlib.Path) -> tuple[list[dict], str]:
     def cell(entry, key):
         return f"{entry[key]:.2f}" if key in entry else "-"
 
-    def shown(p):
-        return f"{p:.3g}{' *' if p < 0.05 else ''}"
-
     seeded = any("p_images" in entry for entry in table)
     header = f"| row | val Dice | val mIoU | test Dice | test mIoU | p vs {first} |"
     lines = [header + (" p, seed-averaged images | p, seed means |" if seeded else ""),
              "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if seeded else "")]
     for entry in table:
-        p = "(baseline)" if "p" not in entry else shown(entry["p"])
+        p = "(baseline)" if "p" not in entry else format_p(entry["p"])
         line = (f"| {entry['row']} | {cell(entry, 'val_dice')} | {cell(entry, 'val_miou')} | "
                 f"{cell(entry, 'test_dice')} | {cell(entry, 'test_miou')} | {p} |")
-        if seeded:
-            line += f" {shown(entry['p_images'])} | {shown(entry['p_runs'])} |" if "p_images" in entry else " | |"
-        lines.append(line)
+        lines.append(line + (seed_cells(entry) if seeded else ""))
     seeds = table[0]["seeds"]
     lines.append(f"\nmean over {seeds} seed(s); paired t-test on per-image Dice "
                  f"({table[-1].get('p_split', 'test')}, seeds pooled); * = p < 0.05")

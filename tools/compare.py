@@ -114,16 +114,23 @@ def format_table(rows: list[dict], baseline: str, alpha: float = 0.05) -> str:
         header += " p, images averaged over runs | p, run means |"
     lines = [header, "|---|---:|---:|---:|---:|" + ("---:|---:|" if seeded else "")]
 
-    def shown(p):
-        return f"{p:.3g}{' *' if p < alpha else ''}"
-
     for row in rows:
         line = f"| {row['run']} | {row['images']} | {row['dice']:.2f} | {row['miou']:.2f} | "
-        line += "(baseline) |" if "p" not in row else f"{shown(row['p'])} |"
-        if seeded:
-            line += f" {shown(row['p_images'])} | {shown(row['p_runs'])} |" if "p_images" in row else " | |"
-        lines.append(line)
+        line += "(baseline) |" if "p" not in row else f"{format_p(row['p'], alpha)} |"
+        lines.append(line + (seed_cells(row, alpha) if seeded else ""))
     return "\n".join(lines)
+
+
+def format_p(p: float, alpha: float = 0.05) -> str:
+    """A p-value as the tables show it: 3 significant digits, ' *' below alpha."""
+    return f"{p:.3g}{' *' if p < alpha else ''}"
+
+
+def seed_cells(row: dict, alpha: float = 0.05) -> str:
+    """The two seed-aware table cells of a row (empty where `seed_tests` did not apply)."""
+    if "p_images" not in row:
+        return " | |"
+    return f" {format_p(row['p_images'], alpha)} | {format_p(row['p_runs'], alpha)} |"
 
 
 def main(argv=None):
