@@ -61,6 +61,35 @@ def monuseg():
     return root
 
 
+def parity_root() -> pathlib.Path | None:
+    """The authors' outputs on fixed inputs: $AMVLM_PARITY_ROOT, else ../shared/parity beside the repo."""
+    candidates = [os.environ.get("AMVLM_PARITY_ROOT", ""), str(REPO_ROOT.parent / "shared" / "parity")]
+    for candidate in candidates:
+        if candidate and (pathlib.Path(candidate) / "manifest.json").is_file():
+            return pathlib.Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def parity():
+    """Loads one parity fixture by file name: (arrays dict, meta dict)."""
+    import json
+
+    import numpy as np
+
+    root = parity_root()
+    if root is None:
+        pytest.skip("parity fixtures not found: set AMVLM_PARITY_ROOT or place them at ../shared/parity")
+
+    def load(name: str):
+        with np.load(root / name) as data:
+            arrays = {key: data[key] for key in data.files if key != "meta"}
+            meta = json.loads(str(data["meta"]))
+        return arrays, meta
+
+    return load
+
+
 def tiny_synthetic_config(**overrides):
     """The synthetic experiment shrunk to seconds per epoch on 2 cores."""
     import importlib.util

@@ -14,15 +14,15 @@ def test_dice_loss_hand_case():
     probs = jnp.array([[[0.5, 1.0], [0.0, 0.0]]])
     targets = jnp.array([[[1.0, 1.0], [0.0, 0.0]]])
     # inter = 1.5, sum p^2 = 1.25, sum y^2 = 2.
-    expected = 1 - (2 * 1.5 + 1e-5) / (1.25 + 2 + 1e-5)
+    expected = 1 - (2 * 1.5 + 4e-5) / (1.25 + 2 + 4e-5)
     assert float(seg.dice_loss(probs, targets)) == pytest.approx(expected, rel=1e-6)
 
 
 def test_dice_loss_is_mean_over_images():
     probs = jnp.array([[[1.0, 0.0]], [[0.0, 0.0]]])
     targets = jnp.array([[[1.0, 0.0]], [[1.0, 0.0]]])
-    first = 1 - (2 + 1e-5) / (2 + 1e-5)
-    second = 1 - 1e-5 / (1 + 1e-5)
+    first = 1 - (2 + 4e-5) / (2 + 4e-5)
+    second = 1 - 4e-5 / (1 + 4e-5)
     assert float(seg.dice_loss(probs, targets)) == pytest.approx((first + second) / 2, rel=1e-6)
 
 
@@ -61,8 +61,8 @@ def test_dice_ce_hand_case():
     targets = seg.mask_targets(masks, 3)
     ce = -(math.log(0.7) + math.log(0.8)) / 2
     # Foreground classes 1 and 2, per-class dice terms.
-    d1 = 1 - (0 + 1e-5) / (0.2**2 + 0.1**2 + 0 + 1e-5)
-    d2 = 1 - (2 * 0.8 + 1e-5) / (0.1**2 + 0.8**2 + 1 + 1e-5)
+    d1 = 1 - (0 + 4e-5) / (0.2**2 + 0.1**2 + 0 + 4e-5)
+    d2 = 1 - (2 * 0.8 + 4e-5) / (0.1**2 + 0.8**2 + 1 + 4e-5)
     expected = 0.5 * (d1 + d2) / 2 + 0.5 * ce
     assert float(seg.segmentation_loss(logits, targets)) == pytest.approx(expected, rel=1e-5)
 

@@ -1,11 +1,108 @@
-"""The U-Net's upsampling equals flax's transposed convolution; shapes and parameter names."""
+"""The U-Nets: the authors' against their PyTorch module's outputs (parity fixture),
+the upsampling against flax's transposed convolution, shapes and parameter names."""
+
+import zlib
 
 import flax.linen as nn
+from flax.traverse_util import flatten_dict
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from amvlm_jax.models.unet import UNet, UpConv2x2
+
+
+def _authors_tensor(name: str, shape: list) -> np.ndarray:
+    """The fixture's recipe (meta 'weights'): every torch tensor from a generator seeded by its name."""
+    rng = np.random.default_rng(zlib.crc32(name.encode("utf-8")))
+    if name.endswith("running_var"):
+        value = rng.uniform(0.5, 1.5, shape)
+    elif name.endswith("running_mean"):
+        value = rng.normal(0, 0.1, shape)
+    elif name.endswith("norm.weight"):
+        value = rng.normal(1, 0.1, shape)
+    elif name.endswith("bias"):
+        value = rng.normal(0, 0.1, shape)
+    else:
+        value = rng.normal(0, 1, shape) * np.sqrt(2 / np.prod(shape[1:]))
+    return value.astype(np.float32)
+
+
+def _flax_path(torch_name: str) -> tuple[str, tuple[str, ...], str]:
+    """torch state_dict name -> (collection, module path, leaf) of the authors' flax U-Net."""
+    *modules, leaf = torch_name.split(".")
+    top = modules[0]
+    if leaf == "weight" and not modules[-1] == "norm":
+        leaf = "kernel"
+    if top == "outc":
+        return "params", ("outc",), leaf
+    if modules[1] == "up":  # up4.up.weight -> up4/kernel
+        return "params", (top,), leaf
+    if top == "inc":  # inc.{conv,norm}
+        block, index = ("inc",), 0
+        layer = modules[1]
+    else:  # down1.nConvs.0.conv / up4.nConvs.1.norm
+        block = (top if top.startswith("down") else f"{top}_convs",)
+        index, layer = int(modules[2]), modules[3]
+    if layer == "conv":
+        return "params", block + (f"Conv_{index}",), leaf
+    collection = "batch_stats" if leaf.startswith("running") else "params"
+    leaf = {"weight": "scale", "running_mean": "mean", "running_var": "var"}.get(leaf, leaf)
+    return collection, block + (f"BatchNorm_{index}",), leaf
+
+
+def _to_flax(name: str, value: np.ndarray) -> np.ndarray:
+    if value.ndim == 4 and name.endswith("up.weight"):  # ConvTranspose2d (I, O, 2, 2): UpConv2x2's flipped HWIO.
+        return value.transpose(2, 3, 0, 1)[::-1, ::-1]
+    if value.ndim == 4:  # Conv2d OIHW -> HWIO
+        return value.transpose(2, 3, 1, 0)
+    return value
+
+
+def test_authors_unet_matches_their_module(parity):
+    """utils/UNet.py UNet(3, 1) in eval mode, weights rebuilt from the fixture's recipe."""
+    arrays, meta = parity("unet.npz")
+    model = UNet(num_classes=1, base_width=64, architecture="authors")
+    x = jnp.asarray(arrays["in/x"].transpose(0, 2, 3, 1))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x[:1]))
+    variables = {"params": {}, "batch_stats": {}}
+    for name, shape in meta["state_dict"]:
+        if name.endswith("num_batches_tracked"):
+            continue
+        collection, path, leaf = _flax_path(name)
+        node = variables[collection]
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = jnp.asarray(_to_flax(name, _authors_tensor(name, shape)))
+    # Every flax variable came from exactly one torch tensor, with the right shape.
+    assert ({k: v.shape for k, v in flatten_dict(variables).items()}
+            == {k: v.shape for k, v in flatten_dict(shapes).items()})
+    count = sum(int(np.prod(shape)) for name, shape in meta["state_dict"]
+                if not any(name.endswith(s) for s in ("running_mean", "running_var", "num_batches_tracked")))
+    assert count == meta["trainable_parameters"] == sum(p.size for p in jax.tree.leaves(variables["params"]))
+    logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(logits, arrays["mid/logits"], atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(jax.nn.sigmoid(logits)), arrays["out/y"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("architecture, expected", [("authors", 14_751_873), ("textbook", 31_037_633)])
+def test_parameter_counts_at_width_64(architecture, expected):
+    """SPEC 6's counts for one output channel."""
+    shapes = jax.eval_shape(lambda: UNet(1, 64, architecture=architecture).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+    assert sum(p.size for p in jax.tree.leaves(shapes["params"])) == expected
+
+
+def test_authors_unet_initialisation_is_torch_default():
+    """Conv weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as torch initialises the authors' layers."""
+    params = UNet(1, 8).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    conv = params["down2"]["Conv_0"]  # 16 -> 32 channels: fan_in 144.
+    for value in (conv["kernel"], conv["bias"]):
+        assert float(jnp.max(jnp.abs(value))) <= 1 / 12 + 1e-7
+        assert float(jnp.std(value)) == pytest.approx(1 / 12 / np.sqrt(3), rel=0.2)
+    up = params["up4"]  # 8w = 64 channels kept: fan_in 64 * 4.
+    assert up["kernel"].shape == (2, 2, 64, 64)
+    assert float(jnp.max(jnp.abs(up["kernel"]))) <= 1 / 16 + 1e-7
 
 
 def test_up_conv_equals_conv_transpose_in_values_and_gradients():
@@ -28,11 +125,16 @@ def test_up_conv_equals_conv_transpose_in_values_and_gradients():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_unet_shapes_and_parameter_names():
-    model = UNet(num_classes=3, base_width=4)
+@pytest.mark.parametrize("architecture, up_kernels", [
+    ("authors", {"up4": (2, 2, 32, 32), "up3": (2, 2, 16, 16), "up2": (2, 2, 8, 8), "up1": (2, 2, 4, 4)}),
+    ("textbook", {"ConvTranspose_0": (2, 2, 64, 32), "ConvTranspose_1": (2, 2, 32, 16),
+                  "ConvTranspose_2": (2, 2, 16, 8), "ConvTranspose_3": (2, 2, 8, 4)}),
+])
+def test_unet_shapes_and_parameter_names(architecture, up_kernels):
+    model = UNet(num_classes=3, base_width=4, architecture=architecture)
     # Shapes only: eval_shape compiles nothing.
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
     assert jax.eval_shape(model.apply, variables, jnp.zeros((2, 32, 32, 3))).shape == (2, 32, 32, 3)
-    up = {name: p["kernel"].shape for name, p in variables["params"].items() if name.startswith("ConvTranspose")}
-    assert up == {"ConvTranspose_0": (2, 2, 64, 32), "ConvTranspose_1": (2, 2, 32, 16),
-                  "ConvTranspose_2": (2, 2, 16, 8), "ConvTranspose_3": (2, 2, 8, 4)}
+    up = {name: p["kernel"].shape for name, p in variables["params"].items()
+          if name.startswith("ConvTranspose") or name in ("up4", "up3", "up2", "up1")}
+    assert up == up_kernels

@@ -1,27 +1,66 @@
-"""U-Net segmentation network (SPEC section 6)."""
+"""U-Net segmentation networks (SPEC section 6).
+
+Two architectures, chosen by ``UNet.architecture`` (``config.unet.architecture``):
+
+- ``'authors'`` (default): the U-Net of the authors' code (the one LViT
+  publishes), with which the paper's numbers were made. One [Conv3x3, BN,
+  ReLU] at the input; four maxpool + 2 x [Conv3x3, BN, ReLU] stages to 2w,
+  4w, 8w, 8w (the bottleneck stays at 8w); four stages of a 2x2/2 transposed
+  convolution that keeps its channels, the skip concatenated, and
+  2 x [Conv3x3, BN, ReLU] to 4w, 2w, w, w; a 1x1 output conv. Every conv has
+  a bias and torch's default initialisation (the authors set none):
+  14,751,873 parameters at w = 64 and one output channel.
+- ``'textbook'``: the common U-Net (two convs at the input, a 16w
+  bottleneck, transposed convolutions that halve the channels, decoder
+  widths 8w, 4w, 2w, w, bias-free 3x3 convs, flax's initialisation):
+  31,037,633 parameters at w = 64. Kept for comparison and for checkpoints
+  made before the authors' U-Net became the default.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # Flax keeps this fraction of the old running statistics per step (torch's momentum 0.1).
 BATCH_NORM_MOMENTUM = 0.9
+BATCH_NORM_EPSILON = 1e-5
+ARCHITECTURES = ("authors", "textbook")
+
+# torch's default for conv weights, kaiming_uniform(a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+_torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _torch_bias_init(fan_in: int) -> Callable:
+    """torch's default conv bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class ConvBlock(nn.Module):
-    """Two [Conv3x3, BatchNorm, ReLU] layers."""
+    """``num_convs`` x [Conv3x3, BatchNorm, ReLU]; with ``torch_layers`` the convs
+    have biases and torch's default initialisation (the authors' U-Net)."""
 
     features: int
     dtype: Any = jnp.float32
+    num_convs: int = 2
+    torch_layers: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
-        for _ in range(2):
-            x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5, dtype=self.dtype)(x)
+        for _ in range(self.num_convs):
+            if self.torch_layers:
+                conv = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype, kernel_init=_torch_kernel_init,
+                               bias_init=_torch_bias_init(9 * x.shape[-1]))
+            else:
+                conv = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)
+            x = conv(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON,
+                             dtype=self.dtype)(x)
             x = nn.relu(x)
         return x
 
@@ -31,25 +70,29 @@ class UpConv2x2(nn.Module):
 
     Same parameters (kernel (2, 2, C_in, C_out), bias) and outputs as
     ``nn.ConvTranspose(C_out, (2, 2), strides=(2, 2))``: output pixel
-    (2i + a, 2j + b) is x[i, j] @ kernel[1 - a, 1 - b] + bias. XLA's CPU
-    backend runs the input-dilated convolution that ConvTranspose lowers to
-    several times slower than this matmul. (B, h, w, C_in) -> (B, 2h, 2w, C_out).
+    (2i + a, 2j + b) is x[i, j] @ kernel[1 - a, 1 - b] + bias (torch's
+    ConvTranspose2d weight W (C_in, C_out, 2, 2) is kernel[1 - a, 1 - b] =
+    W[:, :, a, b]). XLA's CPU backend runs the input-dilated convolution that
+    ConvTranspose lowers to several times slower than this matmul.
+    (B, h, w, C_in) -> (B, 2h, 2w, C_out).
     """
 
     features: int
     dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        kernel = self.param("kernel", self.kernel_init, (2, 2, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         batch, height, width, _ = x.shape
         y = jnp.einsum("bhwc,xyco->bhxwyo", x.astype(self.dtype), kernel[::-1, ::-1].astype(self.dtype))
         return y.reshape(batch, 2 * height, 2 * width, self.features) + bias.astype(self.dtype)
 
 
 class UNet(nn.Module):
-    """4 down (maxpool + ConvBlock) and 4 up (transposed conv 2x2/2 + skip + ConvBlock) stages.
+    """Encoder-decoder with skips; ``architecture`` is 'authors' or 'textbook' (module docstring).
 
     Input (B, H, W, 3) in [0, 1] with H, W divisible by 16; output logits
     (B, H, W, num_classes) in float32 (num_classes = 1 for binary tasks).
@@ -60,11 +103,41 @@ class UNet(nn.Module):
     num_classes: int = 1
     base_width: int = 64
     dtype: Any = jnp.float32
+    architecture: str = "authors"
 
     @nn.compact
     def __call__(self, images, train: bool = False):
+        images = images.astype(self.dtype)
+        if self.architecture == "authors":
+            x = self._authors(images, train)
+        elif self.architecture == "textbook":
+            x = self._textbook(images, train)
+        else:
+            raise ValueError(f"U-Net architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        return x.astype(jnp.float32)
+
+    def _authors(self, x, train):
+        w = self.base_width
+        block = lambda features, name, num_convs=2: ConvBlock(  # noqa: E731
+            features, self.dtype, num_convs, torch_layers=True, name=name)
+        x = block(w, "inc", num_convs=1)(x, train)
+        skips = []
+        for level, features in enumerate((2 * w, 4 * w, 8 * w, 8 * w), start=1):
+            skips.append(x)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = block(features, f"down{level}")(x, train)
+        for level, features in zip((4, 3, 2, 1), (4 * w, 2 * w, w, w)):
+            channels = x.shape[-1]
+            # torch's fan_in of a ConvTranspose2d weight (C_in, C_out, 2, 2) is C_out * 4.
+            x = UpConv2x2(channels, self.dtype, _torch_kernel_init, _torch_bias_init(4 * channels), name=f"up{level}")(x)
+            x = jnp.concatenate([x, skips.pop()], axis=-1)
+            x = block(features, f"up{level}_convs")(x, train)
+        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, kernel_init=_torch_kernel_init,
+                       bias_init=_torch_bias_init(w), name="outc")(x)
+
+    def _textbook(self, x, train):
         widths = [self.base_width * 2**i for i in range(5)]
-        x = ConvBlock(widths[0], self.dtype)(images.astype(self.dtype), train)
+        x = ConvBlock(widths[0], self.dtype)(x, train)
         skips = []
         for width in widths[1:]:
             skips.append(x)
@@ -75,5 +148,4 @@ class UNet(nn.Module):
             x = UpConv2x2(width, self.dtype, name=f"ConvTranspose_{level}")(x)
             x = jnp.concatenate([x, skip], axis=-1)
             x = ConvBlock(width, self.dtype)(x, train)
-        logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)
-        return logits.astype(jnp.float32)
+        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)

@@ -19,7 +19,8 @@ from amvlm_jax.train.state import TrainState, cosine_restarts
 
 
 def build_unet(config) -> UNet:
-    return UNet(num_classes=config.data.num_classes, base_width=config.unet.base_width, dtype=jnp.dtype(config.dtype))
+    return UNet(num_classes=config.data.num_classes, base_width=config.unet.base_width, dtype=jnp.dtype(config.dtype),
+                architecture=config.unet.architecture)
 
 
 def init_variables(config, model: UNet) -> dict:
