@@ -74,8 +74,9 @@ def batch():
     return data
 
 
-def np_contexts(queries, keys, key_mask, tau):
-    """O[b, n] = normalise(sum_m softmax_m(q . k / tau) k[m]) over real keys."""
+def np_contexts(queries, keys, key_mask, tau, normalize=True):
+    """O[b, n] = sum_m softmax_m(q . k / tau) k[m] over real keys, L2-normalised
+    when ``normalize`` (the word side; SPEC 3.2 leaves the patch side as is)."""
     nb, nq, _ = queries.shape
     out = np.zeros(queries.shape, np.float64)
     for b in range(nb):
@@ -84,7 +85,7 @@ def np_contexts(queries, keys, key_mask, tau):
             logits = np.array([queries[b, n] @ keys[b, m] / tau for m in real], np.float64)
             attn = np.exp(np_log_softmax(logits))
             ctx = sum(a * keys[b, m].astype(np.float64) for a, m in zip(attn, real))
-            out[b, n] = ctx / np.linalg.norm(ctx)
+            out[b, n] = ctx / np.linalg.norm(ctx) if normalize else ctx
     return out
 
 
@@ -201,8 +202,13 @@ def test_contexts_match_reference(batch):
     word_ctx, patch_ctx = cross_modal_contexts(*as_jnp(batch["T"], batch["V"], batch["word_mask"]), 0.07)
     np.testing.assert_allclose(word_ctx, np_contexts(batch["T"], batch["V"], None, 0.07), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(
-        patch_ctx, np_contexts(batch["V"], batch["T"], batch["word_mask"], 0.07), rtol=RTOL, atol=ATOL
+        patch_ctx, np_contexts(batch["V"], batch["T"], batch["word_mask"], 0.07, False), rtol=RTOL, atol=ATOL
     )
+    np.testing.assert_allclose(jnp.linalg.norm(word_ctx, axis=-1), 1.0, rtol=1e-5)
+    # A mix of several unit words is shorter; a single real word is its own context.
+    patch_norms = np.linalg.norm(np.asarray(patch_ctx), axis=-1)
+    assert np.all(patch_norms[:2] < 1.0 - 1e-5)
+    np.testing.assert_allclose(patch_norms[2], 1.0, rtol=1e-5)
 
 
 def test_pdt_constraint_matches_reference(batch):
@@ -224,7 +230,7 @@ def test_css_matches_reference(batch, use_pdt):
     word_w = np_clipped_weights(batch["word_attention"], mask)
     patch_w = np_clipped_weights(batch["patch_attention"], np.ones((B, P)))
     word_ctx_np = np_contexts(T, V, None, tau)
-    patch_ctx_np = np_contexts(V, T, mask, tau)
+    patch_ctx_np = np_contexts(V, T, mask, tau, False)
     word_pdt_np = batch["pdt_word"] if use_pdt else None
     patch_pdt_np = batch["pdt_patch"] if use_pdt else None
     expected = 0.5 * (
@@ -264,13 +270,13 @@ def test_css_without_pdt_equals_mgca_token_loss(batch):
 
 def test_cta_matches_mgca_reference(batch):
     """MGCA: padding words stay candidates on the word side (weight-0 rows),
-    patches attend over real words only."""
+    patches attend over real words only and keep unnormalised contexts (ViT)."""
     tau = 0.1
     T, V, mask = batch["T"], batch["V"], batch["word_mask"]
     word_w = np_clipped_weights(batch["word_attention"], mask)
     patch_w = np_clipped_weights(batch["patch_attention"], np.ones((B, P)))
     expected = np_side_loss(T, np_contexts(T, V, None, tau), word_w, None, tau) + np_side_loss(
-        V, np_contexts(V, T, mask, tau), patch_w, None, tau
+        V, np_contexts(V, T, mask, tau, False), patch_w, None, tau
     )
     got = cta_loss(*as_jnp(T, V, word_w, patch_w, mask), tau)
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
@@ -560,6 +566,7 @@ def test_pdt_head_shapes_init_and_jit(batch):
     variables = jax.jit(lambda key: head.init(key, x, mask, deterministic=True))(jax.random.PRNGKey(0))
     params = variables["params"]
     assert "bias" not in params["attention"]["qkv"]  # no qkv bias
+    assert set(params["attention"]) == {"qkv"}  # no output projection (SPEC 3.2)
 
     # Initialisation of the full-size head: weights N(0, 0.02), biases 0, LayerNorm (1, 0).
     full = PDTHead()

@@ -5,6 +5,11 @@ alignment of SPEC 4 (CTA). Everything here is a pure function of arrays;
 the model computes embeddings, calls ``cross_modal_contexts``, runs its PDT
 heads on tokens and contexts and passes their (mu, logsigma) outputs in.
 
+Contexts (SPEC 3.2 and 4): a word's image context O = normalise(A V) is
+unit-norm, a patch's report context O_p = A_p T is NOT normalised (the
+authors' code and MGCA's with a ViT normalise only the word side); the
+patch-side similarity and the patch context PDT head see O_p as is.
+
 Typical AMVLM use::
 
     word_ctx, patch_ctx = cross_modal_contexts(T, V, word_mask, 0.07)
@@ -145,8 +150,10 @@ def token_contexts(
     keys: jnp.ndarray,
     key_mask: Optional[jnp.ndarray] = None,
     temperature: float = 0.07,
+    normalize: bool = True,
 ) -> jnp.ndarray:
-    """Cross-modal context of every query token: O = normalise(softmax(Q K^T / tau) K).
+    """Cross-modal context of every query token: O = softmax(Q K^T / tau) K,
+    L2-normalised when ``normalize``.
 
     Args:
       queries: (B, N, D) tokens of one modality (words T or patches V).
@@ -154,16 +161,19 @@ def token_contexts(
       key_mask: optional (B, M) binary; keys with 0 get no attention
         (padding words when patches attend over words).
       temperature: softmax temperature tau.
+      normalize: L2-normalise the contexts (the word side, SPEC 3.2); the
+        patch side keeps them unnormalised (SPEC 3.2 and 4).
 
     Returns:
-      (B, N, D) float32 L2-normalised contexts.
+      (B, N, D) float32 contexts, unit-norm when ``normalize``.
     """
     queries, keys = as_float32(queries), as_float32(keys)
     logits = jnp.einsum("bnd,bmd->bnm", queries, keys) / temperature
     if key_mask is not None:
         logits = jnp.where(jnp.asarray(key_mask).astype(bool)[:, None, :], logits, MASKED_LOGIT)
     attention = jax.nn.softmax(logits, axis=-1)
-    return l2_normalize(jnp.einsum("bnm,bmd->bnd", attention, keys), axis=-1)
+    contexts = jnp.einsum("bnm,bmd->bnd", attention, keys)
+    return l2_normalize(contexts, axis=-1) if normalize else contexts
 
 
 def cross_modal_contexts(
@@ -172,8 +182,9 @@ def cross_modal_contexts(
     word_mask: jnp.ndarray,
     temperature: float = 0.07,
 ):
-    """Word contexts (words attend over all patches) and patch contexts
-    (patches attend over real words only).
+    """Word contexts (words attend over all patches, then L2-normalised) and
+    patch contexts (patches attend over real words only, NOT normalised:
+    SPEC 3.2 and 4).
 
     Args:
       words: (B, W, D) word embeddings T.
@@ -182,10 +193,11 @@ def cross_modal_contexts(
       temperature: softmax temperature tau.
 
     Returns:
-      (word_contexts (B, W, D), patch_contexts (B, P, D)), float32, unit-norm.
+      (word_contexts (B, W, D) unit-norm, patch_contexts (B, P, D) with
+      norms <= 1), float32.
     """
     word_contexts = token_contexts(words, patches, None, temperature)
-    patch_contexts = token_contexts(patches, words, word_mask, temperature)
+    patch_contexts = token_contexts(patches, words, word_mask, temperature, normalize=False)
     return word_contexts, patch_contexts
 
 
@@ -330,7 +342,7 @@ def css_loss(
       word_contexts: (B, W, D) image context of every word.
       patches: (B, P, D) patch embeddings V.
       patch_contexts: (B, P, D) report context of every patch (computed with
-        padding words masked).
+        padding words masked, not normalised).
       word_weights: (B, W) clipped, normalised word attention (0 at padding).
       patch_weights: (B, P) clipped, normalised CLS-to-patch attention.
       word_mask: (B, W) binary; padding words are excluded everywhere on the
@@ -359,7 +371,8 @@ def cta_loss(
 
     No PDT constraint. As in MGCA, padding words are not removed from the
     word side's candidates (their rows still carry weight 0 through
-    ``word_weights``), while patches attend over real words only.
+    ``word_weights``), while patches attend over real words only and their
+    contexts stay unnormalised (MGCA with a ViT image encoder).
 
     Args:
       words: (B, W, D) word embeddings; patches: (B, P, D) patch embeddings.

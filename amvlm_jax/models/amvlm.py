@@ -130,8 +130,9 @@ class AMVLM(nn.Module):
         """Both modalities plus the objective's heads.
 
         Returns the union of ``encode_image`` and ``encode_text`` and, for
-        'amvlm': word_context (B, W, D) and patch_context (B, P, D)
-        (``cross_modal_contexts`` at ``temperature``) and, when ``with_pdt``,
+        'amvlm': word_context (B, W, D) unit-norm and patch_context (B, P, D)
+        unnormalised (``cross_modal_contexts`` at ``temperature``, SPEC 3.2;
+        the patch context PDT head sees it as is) and, when ``with_pdt``,
         word_pdt / patch_pdt ``PDTOutputs`` (each field (B, W|P, D)); for
         'mgca': image_prototype_scores and text_prototype_scores (B, K).
         """
