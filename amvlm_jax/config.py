@@ -39,7 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.synthetic.seed = 0
 
     config.unet = ml_collections.ConfigDict()
-    config.unet.base_width = 64
+    config.unet.base_width = 64  # w: channels of the first stage (SPEC 6).
+    # 'authors' (SPEC 6: the U-Net the paper's numbers were made with, 14.75M parameters at w = 64) or
+    # 'textbook' (two input convs, a 16w bottleneck, 31.04M; the default before, for comparison).
+    config.unet.architecture = "authors"
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 16  # Global batch, split over the data axis of the mesh.
@@ -78,7 +81,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.pretrain.embed_dim = 128
     config.pretrain.batch_size = 32
     config.pretrain.epochs = 100
-    config.pretrain.lr = 3e-5  # Adam.
+    config.pretrain.lr = 3e-5  # Peak rate of pretrain.optimizer.
+    # 'adam' (AMVLM, SPEC 3.5) or 'adamw' (decoupled weight decay as torch's AdamW; MGCA's released run, SPEC 4).
+    config.pretrain.optimizer = "adam"
+    config.pretrain.adam_betas = (0.9, 0.999)
+    config.pretrain.weight_decay = 0.0  # 'adamw' only (MGCA: 0.05).
+    # 'constant' (AMVLM) or 'warmup_cosine': linear from min_lr to lr over warmup_fraction of all steps,
+    # then a cosine down to min_lr (MGCA: 40% warm-up, 1e-8).
+    config.pretrain.schedule = "constant"
+    config.pretrain.warmup_fraction = 0.4
+    config.pretrain.min_lr = 1e-8
     config.pretrain.image_lr = 0.0  # Adam rate of the image encoder and its heads; 0 = pretrain.lr.
     config.pretrain.temperature = 0.07
     config.pretrain.momentum = 0.995  # Momentum encoders' EMA.
@@ -87,8 +99,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.pretrain.local_inversion = "reciprocal"
     config.pretrain.use_pdt = True  # False: CSS without the PDT constraint (MGCA's token-wise loss).
     config.pretrain.weights = ml_collections.ConfigDict(dict(ita=1.0, css=0.5, local=0.1, icl=0.1))  # 0 turns a term off.
+    # MGCA (objective 'mgca', SPEC 4): loss weights 1 / 1 / 1 as its released training command runs
+    # (the module's own defaults, 1 / 0.7 / 0.5, are a config override away); the prototypes get no
+    # update and no optimiser state for their first freeze_prototypes_epochs epochs.
     config.pretrain.mgca = ml_collections.ConfigDict(
-        dict(ita=1.0, cta=0.7, cpa=0.5, cta_temperature=0.1, num_prototypes=500, sinkhorn_epsilon=0.05,
+        dict(ita=1.0, cta=1.0, cpa=1.0, cta_temperature=0.1, num_prototypes=500, sinkhorn_epsilon=0.05,
              sinkhorn_iterations=3, prototype_temperature=0.2, freeze_prototypes_epochs=1)
     )
     config.pretrain.log_every_steps = 10
@@ -183,5 +198,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.ssl.teacher_norm must be 'batch' or 'ema', got '{config.ssl.teacher_norm}'")
     if not 0.0 <= config.ssl.ema_max_alpha < 1.0:
         raise ConfigError(f"config.ssl.ema_max_alpha must be in [0, 1), got {config.ssl.ema_max_alpha}")
+    pre = config.pretrain
+    if pre.optimizer not in ("adam", "adamw"):
+        raise ConfigError(f"config.pretrain.optimizer must be 'adam' or 'adamw', got '{pre.optimizer}'")
+    if pre.schedule not in ("constant", "warmup_cosine"):
+        raise ConfigError(f"config.pretrain.schedule must be 'constant' or 'warmup_cosine', got '{pre.schedule}'")
+    if not 0.0 <= pre.warmup_fraction <= 1.0:
+        raise ConfigError(f"config.pretrain.warmup_fraction must be in [0, 1], got {pre.warmup_fraction}")
+    if len(pre.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in pre.adam_betas):
+        raise ConfigError(f"config.pretrain.adam_betas must be two values in [0, 1), got {tuple(pre.adam_betas)}")
+    if pre.weight_decay < 0 or pre.weight_decay and pre.optimizer != "adamw":
+        raise ConfigError(f"config.pretrain.weight_decay must be >= 0 and needs pretrain.optimizer='adamw', "
+                          f"got {pre.weight_decay} with '{pre.optimizer}'")
+    if config.unet.architecture not in ("authors", "textbook"):
+        raise ConfigError(f"config.unet.architecture must be 'authors' or 'textbook', got '{config.unet.architecture}'")
     if config.train.batch_size < 1 or config.train.epochs < 1:
         raise ConfigError("config.train.batch_size and config.train.epochs must be positive")

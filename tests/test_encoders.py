@@ -622,6 +622,46 @@ def test_aggregate_words_against_hand_computation():
     assert np.all(np.asarray(words)[0, 3] == 0) and np.all(np.asarray(words)[1, 2:] == 0)
 
 
+def _mgca_word_attention(tokens: list[str], attention: np.ndarray) -> list[float]:
+    """MGCA's word weights, following its text encoder's loop: the token ids (from [CLS]) are
+    zipped with the CLS attention of tokens 1: (so token k carries the attention of token k + 1);
+    word pieces are summed into words, [SEP] is a word of its own and ends the loop; the [CLS]
+    word is dropped afterwards."""
+    words, bank = [], []
+    for text, weight in zip(tokens, attention[1:]):
+        if text == "[SEP]":
+            words.append(sum(bank))
+            words.append(weight)
+            break
+        if text.startswith("##"):
+            bank.append(weight)
+        else:
+            if bank:
+                words.append(sum(bank))
+            bank = [weight]
+    return [float(w) for w in words[1:]]
+
+
+def test_word_weights_are_each_words_own_attention_not_the_next_tokens():
+    """SPEC 8.15: each word's weight is the CLS attention to its own pieces and [SEP] keeps its own;
+    MGCA's (and the AMVLM code's) pairing shifts every weight by one token, which is undone here
+    from the project's own aggregation by feeding it the attention of the next token."""
+    W = 5
+    tokens = ["[CLS]", "a", "b", "##b", "c", "[SEP]", "[PAD]"]
+    attention = np.array([[0.3, 0.1, 0.2, 0.05, 0.15, 0.2, 0.0]], np.float32)
+    index = np.array([[W, 0, 1, 1, 2, 3, W]], np.int32)
+    features = np.zeros((1, 7, 2), np.float32)
+    aggregate = jax.jit(aggregate_words, static_argnums=3)
+    _, ours = aggregate(features, attention, index, W)
+    np.testing.assert_allclose(ours[0], [0.1, 0.25, 0.15, 0.2, 0.0], atol=1e-7)
+    next_token = np.concatenate([attention[:, 1:], np.zeros((1, 1), np.float32)], axis=1)
+    _, shifted = aggregate(features, next_token, index, W)
+    mgca = _mgca_word_attention(tokens, attention[0])
+    np.testing.assert_allclose(shifted[0, :len(mgca)], mgca, atol=1e-7)
+    np.testing.assert_allclose(mgca, [0.2, 0.2, 0.2, 0.0], atol=1e-7)  # [SEP] gets the padding's 0.
+    assert np.abs(np.asarray(ours[0, :4]) - mgca).max() > 0.05
+
+
 # ---------------------------------------------------------------------------
 # Conversion tool.
 

@@ -82,7 +82,7 @@ def build_pretrain(config, rng):
     batch = {"image": synthetic_images(rng, batch_size, size), **synthetic_tokens(config, batch_size)}
     if pretrain.uses_momentum(config):
         batch["image_aug"] = synthetic_images(rng, batch_size, size)
-    step = pretrain.make_train_step(model, config, steps_per_epoch=1000)
+    step = pretrain.make_train_step(model, config)
     return step, (state, pipeline.to_global(mesh, batch)), batch_size, 0, mesh
 
 

@@ -165,8 +165,12 @@ def dummy_tokens(batch: int, max_length: int) -> dict:
     return tokens
 
 
-def create_state(config, model: AMVLM, image_size: int, text_params=None, vit_params=None, tx=None) -> TrainState:
-    """Initial state: random init, then the loaded encoder weights; Adam(pretrain.lr) unless ``tx``.
+def create_state(config, model: AMVLM, image_size: int, text_params=None, vit_params=None, tx=None,
+                 steps_per_epoch: int = 1) -> TrainState:
+    """Initial state: random init, then the loaded encoder weights; ``pretrain_optimizer`` unless ``tx``.
+
+    ``steps_per_epoch`` sets the optimiser's schedule and the prototypes'
+    frozen steps (values only: the state's structure does not depend on it).
 
     ``ema`` holds {'params', 'batch_stats'} of the momentum encoders when
     ICL is on, else None.
@@ -188,25 +192,76 @@ def create_state(config, model: AMVLM, image_size: int, text_params=None, vit_pa
         # The momentum encoders start as copies of the online ones.
         ema = {"params": encoder_subset(params), "batch_stats": encoder_subset(batch_stats)}
         ema = jax.tree.map(jnp.array, ema)
-    tx = tx or pretrain_optimizer(config, params)
+    tx = tx or pretrain_optimizer(config, params, steps_per_epoch)
     return TrainState.create(params, batch_stats, tx, ema=ema)
 
 
 IMAGE_MODULES = ("image_encoder", "image_global_head", "image_local_head")
 
 
-def pretrain_optimizer(config, params: dict) -> optax.GradientTransformation:
-    """Adam at pretrain.lr; the image encoder and its heads at pretrain.image_lr when that is set.
+def learning_rate(config, peak: float, steps_per_epoch: int) -> optax.ScalarOrSchedule:
+    """pretrain.schedule: 'constant' (AMVLM, SPEC 3.5) or 'warmup_cosine' (MGCA's released run, SPEC 4):
+    linear from pretrain.min_lr to ``peak`` over pretrain.warmup_fraction of all steps, then a cosine
+    down to pretrain.min_lr at the last step."""
+    pre = config.pretrain
+    if pre.schedule == "constant":
+        return peak
+    total = max(1, pre.epochs * steps_per_epoch)
+    return optax.warmup_cosine_decay_schedule(pre.min_lr, peak, int(pre.warmup_fraction * total), total, pre.min_lr)
 
-    A ViT trained from scratch needs a larger step than a pre-trained text
-    encoder: with one small rate the text side alone fits the pairs.
+
+def frozen_until(inner: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
+    """``inner`` for updates after the first ``steps`` calls; before that zero updates and ``inner``'s
+    state untouched, as parameters whose gradient is None in torch (no moment, no step count, no decay)."""
+
+    def init(params):
+        return {"count": jnp.zeros([], jnp.int32), "inner": inner.init(params)}
+
+    def update(updates, state, params=None):
+        new_updates, new_inner = inner.update(updates, state["inner"], params)
+        frozen = state["count"] < steps
+        keep = lambda old, new: jnp.where(frozen, old, new)  # noqa: E731
+        return (jax.tree.map(lambda u: jnp.where(frozen, jnp.zeros_like(u), u), new_updates),
+                {"count": state["count"] + 1, "inner": jax.tree.map(keep, state["inner"], new_inner)})
+
+    return optax.GradientTransformation(init, update)
+
+
+def pretrain_optimizer(config, params: dict, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """The pre-training optimiser.
+
+    pretrain.optimizer: 'adam' (AMVLM, SPEC 3.5) or 'adamw' (MGCA's released run, SPEC 4: decoupled
+    weight decay pretrain.weight_decay on every parameter, as torch's AdamW), at pretrain.lr on the
+    pretrain.schedule; the image encoder and its heads at pretrain.image_lr when that is set (a ViT
+    trained from scratch needs a larger step than a pre-trained text encoder: with one small rate the
+    text side alone fits the pairs). MGCA's prototypes get no update and no optimiser state for their
+    first pretrain.mgca.freeze_prototypes_epochs epochs (SPEC 4).
     """
     pre = config.pretrain
-    if not pre.image_lr or pre.image_lr == pre.lr:
-        return optax.adam(pre.lr)
-    labels = {name: ("image" if name in IMAGE_MODULES else "rest") for name in params}
+
+    def optimizer(peak: float, freeze_steps: int = 0) -> optax.GradientTransformation:
+        rate = learning_rate(config, peak, steps_per_epoch)
+        if pre.optimizer == "adamw" and not freeze_steps:
+            return optax.adamw(rate, b1=pre.adam_betas[0], b2=pre.adam_betas[1], weight_decay=pre.weight_decay)
+        if not freeze_steps:
+            return optax.adam(rate, b1=pre.adam_betas[0], b2=pre.adam_betas[1])
+        direction = optax.chain(optax.scale_by_adam(*pre.adam_betas), optax.add_decayed_weights(pre.weight_decay))
+        # The rate follows the global step (one schedule for all parameters, as torch's scheduler).
+        return optax.chain(frozen_until(direction, freeze_steps), optax.scale_by_learning_rate(rate))
+
+    groups = {"rest": optimizer(pre.lr)}
+    labels = {name: "rest" for name in params}
+    if pre.image_lr and pre.image_lr != pre.lr:
+        groups["image"] = optimizer(pre.image_lr)
+        labels |= {name: "image" for name in params if name in IMAGE_MODULES}
+    freeze_steps = int(pre.mgca.freeze_prototypes_epochs * steps_per_epoch)
+    if "prototypes" in params and freeze_steps > 0:
+        groups["prototypes"] = optimizer(pre.lr, freeze_steps)
+        labels["prototypes"] = "prototypes"
+    if len(groups) == 1:
+        return groups["rest"]
     labels = {name: jax.tree.map(lambda _, label=label: label, params[name]) for name, label in labels.items()}
-    return optax.multi_transform({"image": optax.adam(pre.image_lr), "rest": optax.adam(pre.lr)}, labels)
+    return optax.multi_transform(groups, labels)
 
 
 # ---------------------------------------------------------------------------
@@ -304,14 +359,14 @@ def _images(batch_images: jnp.ndarray) -> jnp.ndarray:
     return batch_images.astype(jnp.float32) / 255.0
 
 
-def make_train_step(model: AMVLM, config, steps_per_epoch: int):
+def make_train_step(model: AMVLM, config):
     """jitted (state, batch) -> (state, metrics {'loss', *terms}).
 
     batch: image (B, S, S, 3) uint8, the ``ReportTokenizer`` arrays of the
     reports and, with ICL, image_aug (B, S, S, 3) uint8 (momentum view).
     The dropout key is fold_in(PRNGKey(seed), step), so a resumed run draws
     the same keys. After the optimiser step: MGCA prototypes are
-    re-normalised (their gradient is zero during the first
+    re-normalised (``pretrain_optimizer`` leaves them alone during the first
     freeze_prototypes_epochs epochs); momentum encoders take an EMA step.
     """
     pre = config.pretrain
@@ -319,7 +374,6 @@ def make_train_step(model: AMVLM, config, steps_per_epoch: int):
     with_pdt = uses_pdt(config)
     with_momentum = uses_momentum(config)
     is_mgca = pre.objective == "mgca"
-    freeze_steps = int(pre.mgca.freeze_prototypes_epochs * steps_per_epoch) if is_mgca else 0
     seed_key = jax.random.PRNGKey(config.seed)
     momentum = pre.momentum
 
@@ -350,10 +404,6 @@ def make_train_step(model: AMVLM, config, steps_per_epoch: int):
             return loss, (terms, updates["batch_stats"])
 
         (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        if freeze_steps:
-            frozen = state.step < freeze_steps
-            grads = dict(grads)
-            grads["prototypes"] = jax.tree.map(lambda g: jnp.where(frozen, jnp.zeros_like(g), g), grads["prototypes"])
         new_state = state.apply_gradients(grads, batch_stats=batch_stats)
         if is_mgca:
             params = dict(new_state.params)
@@ -514,13 +564,14 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     checkpoints = checkpoint.RunCheckpoints(run_dir)
     if checkpoints.latest.latest_step() is not None:
         # Resuming: restore onto the state's shapes and shardings; no initialisation or weight loading.
-        abstract = jax.eval_shape(lambda: create_state(config, model, size))
+        abstract = jax.eval_shape(lambda: create_state(config, model, size, steps_per_epoch=steps_per_epoch))
         state, meta = checkpoints.restore_latest(parallel.abstract_sharded(mesh, abstract, config))
     else:
         _, text_params = build_text_encoder(config)
         vit_params = weights.load_vit(pre.vit_weights, model.image_encoder, image_size=size) if pre.vit_weights else None
         # Large encoder weights (and their Adam moments and momentum copies) FSDP-sharded, the rest replicated.
-        state, meta = parallel.shard_state(mesh, create_state(config, model, size, text_params, vit_params), config), None
+        state, meta = parallel.shard_state(mesh, create_state(config, model, size, text_params, vit_params,
+                                                                  steps_per_epoch=steps_per_epoch), config), None
     encode = make_encode_step(model)
     writer = MetricWriter(run_dir)
     if meta is None:
@@ -532,7 +583,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     else:
         print(f"resuming from {run_dir}/checkpoints/latest after epoch {meta['epoch']}")
 
-    train_step = make_train_step(model, config, steps_per_epoch)
+    train_step = make_train_step(model, config)
     start_step = int(state.step)  # After Ctrl-C the run resumes mid-epoch.
     batches = pipeline.training_batches(
         train_pairs, batch_size, seed=config.seed, start_step=start_step,
