@@ -129,3 +129,30 @@ def test_ablation_rows_pretrainings_and_table(tmp_path):
     assert "p, seed-averaged images | p, seed means |" in text
     assert (tmp_path / "ablation.md").read_text().startswith("| row | val Dice")
     assert json.loads((tmp_path / "ablation.json").read_text())["rows"][1]["row"] == "+CSS"
+
+
+def test_curve_best_epoch_and_last_validations(tmp_path, capsys):
+    """tools/curve.py: best epoch and the mean of the last N validated epochs, for one and several runs."""
+    import json
+    import sys
+
+    curve_spec = importlib.util.spec_from_file_location("curve", REPO_ROOT / "tools" / "curve.py")
+    curve = importlib.util.module_from_spec(curve_spec)
+    curve_spec.loader.exec_module(curve)
+    runs = []
+    for name, dice in (("a", [50.0, 70.0, 60.0, 62.0, 64.0]), ("b", [55.0, 58.0, 66.0, 61.0, 63.0])):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        records = [{"step": 2}]  # A step record without an epoch is skipped.
+        records += [{"epoch": e + 1, "time": 10.0 * (e + 1), "train/epoch_loss": 1.0 / (e + 1), "val/dice": d,
+                     "val/miou": d - 10} for e, d in enumerate(dice)]
+        (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+        runs.append(workdir)
+    summary = curve.validation_summary(curve.epoch_rows(runs[0]), last=3)
+    assert summary == {"epochs": 5, "best_epoch": 2, "best_dice": 70.0, "last_mean_dice": 62.0}
+    sys.argv = ["curve.py", *map(str, runs), "--last", "3"]
+    curve.main()
+    table = capsys.readouterr().out
+    # Best 70 and 66 (mean 68, sd 2.83); last-3 means 62 and 63.33 (mean 62.67, sd 0.94).
+    assert "| 5 | 2 | 70.00 | 62.00 |" in table and "| 5 | 3 | 66.00 | 63.33 |" in table
+    assert "68.00 ± 2.83 | 62.67 ± 0.94 |" in table
