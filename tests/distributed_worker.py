@@ -5,8 +5,9 @@ As a script (one per process, started by tests/test_distributed.py):
     python tests/distributed_worker.py HOST:PORT PROCESS_ID NUM_PROCESSES OUT.npz
 
 each process joins the run through ``parallel.initialize_distributed``, feeds
-its own share of every global batch, and writes the losses and the final
-variables (gathered from all processes) to OUT.npz. Imported, ``run_all``
+its own share of every global batch, and writes the losses, the initial
+variables (under 'initial/') and the final ones (gathered from all
+processes) to OUT.npz. Imported, ``run_all``
 runs the same steps on the devices of a single process (the reference).
 
 Pre-training runs on a 1 x 8 (data x fsdp) mesh, so its large leaves are split
@@ -90,7 +91,9 @@ def run_all(devices=None) -> dict:
     # A small rate: rounding differences of the cross-process sums grow with the step size.
     state = pretrain.create_state(pretrain_config, model, size, tx=optax.sgd(0.002))
     state = parallel.shard_state(mesh, state, pretrain_config)
-    step = pretrain.make_train_step(model, pretrain_config, steps_per_epoch=STEPS)
+    step = pretrain.make_train_step(model, pretrain_config)
+    # Copied to the host now: the steps donate (delete) these arrays.
+    initial = parallel.gather_to_host(_named("initial/pretrain_params", state.params))
     losses = []
     for batch in batches:
         keys = ("image", "image_aug", *TOKEN_KEYS)
@@ -115,6 +118,9 @@ def run_all(devices=None) -> dict:
     ssl_mesh = parallel.make_mesh(ssl_config, devices)
     ssl_state = parallel.shard_state(ssl_mesh, ssl_state, ssl_config)
     ssl_step = ssl.make_ssl_step(ssl_config, unet, guidance, decoder_tx)
+    initial |= parallel.gather_to_host(_named("initial/ssl_params", ssl_state.params)
+                                       | _named("initial/ssl_teacher", ssl_state.ema)
+                                       | _named("initial/ssl_decoder", ssl_state.extra["decoder"]))
     losses, tg_losses = [], []
     for batch in batches:
         ssl_batch = {"image": batch["image"], "mask": batch["mask"], "unlabeled_image": batch["unlabeled_image"]}
@@ -126,7 +132,7 @@ def run_all(devices=None) -> dict:
     results["ssl_tg_losses"] = jnp.stack(tg_losses)
     results |= _named("ssl_params", ssl_state.params) | _named("ssl_teacher", ssl_state.ema)
     results |= _named("ssl_decoder", ssl_state.extra["decoder"])
-    return parallel.gather_to_host(results)
+    return parallel.gather_to_host(results) | initial
 
 
 def _named(prefix: str, tree) -> dict:

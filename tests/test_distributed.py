@@ -98,23 +98,28 @@ def test_two_processes_train_as_one_process_with_eight_devices(tmp_path):
     for i in range(2):
         got = dict(np.load(tmp_path / f"{i}.npz"))
         assert set(got) == set(expected)
-        # The first pre-training step starts from equal parameters: its loss agrees to float32
-        # rounding. Later losses follow parameters that already differ by summation order (~1e-6),
-        # and the local-alignment weights (a min-max of reciprocal variances) can move by more than
-        # that; the SSMIS steps read text masks of those pre-trained encoders. Hence 1e-4 there.
+        # Exact where the computation is the same: both runs start from equal variables, and the
+        # first pre-training step's loss agrees to float32 rounding.
+        for name in (n for n in expected if n.startswith("initial/")):
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
         np.testing.assert_allclose(got["pretrain_losses"][0], expected["pretrain_losses"][0], rtol=1e-5)
-        for name in ("pretrain_losses", "ssl_losses"):
+        # Later steps follow parameters that differ by the order of the cross-process sums. The
+        # losses amplify such differences in places (the local-alignment weights are a min-max of
+        # reciprocal variances; the SSMIS steps read text masks of those encoders through a learned
+        # logit scale), so single weights can land 1e-3 of their value apart. What summation order
+        # cannot do is change an update as a whole: each tensor's difference between the runs is
+        # bounded by 2% of how far the reference moved it (norm-wise). A wrong gradient (one
+        # process's half of the batch, a mean over the wrong axis, a missing all-reduce) changes
+        # updates by tens of percent; a tensor that did not move must agree to rounding.
+        for name in ("pretrain_losses", "ssl_losses", "ssl_tg_losses"):
             np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, err_msg=name)
-        # L_tg reads the pre-trained encoders, whose parameters already differ by
-        # cross-process summation order (~1e-6), through a learned logit scale.
-        np.testing.assert_allclose(got["ssl_tg_losses"], expected["ssl_tg_losses"], rtol=1e-4)
-        # Parameters are initialised at scale ~0.02; gradients of the contrastive terms are sums
-        # with cancellation, so summation order moves single weights by up to ~1e-6 after 3 steps.
-        # The decoder's Adam steps divide L_tg's gradients, which read those encoders, by their own
-        # running RMS: a difference of ~1e-6 in a small gradient moves a gate by up to ~3e-5.
         for name, value in expected.items():
-            atol = 1e-4 if name.startswith("ssl_decoder") else 1e-5
-            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=atol, err_msg=name)
+            initial = expected.get("initial/" + name)
+            if initial is None:
+                continue
+            moved = np.linalg.norm(value - initial)
+            difference = np.linalg.norm(got[name] - value)
+            assert difference <= 0.02 * moved + 1e-6 * np.sqrt(value.size), (name, difference, moved)
     assert np.all(np.isfinite(expected["ssl_tg_losses"]))
     # The steps trained: the decoder moved away from its initialisation.
     assert any(np.abs(v).max() > 0 for k, v in expected.items() if k.startswith("ssl_decoder") and "gate" in k)
@@ -127,7 +132,7 @@ def test_checkpoint_from_eight_devices_resumes_on_one_and_two(tmp_path, monkeypa
     config = tiny_pretrain_config(**{"mesh.data": 2, "mesh.fsdp": 4}, **sizes)
     size = config.pretrain.image_size
     model = pretrain.build_model(config, pretrain.text_encoder_config(config))
-    step = pretrain.make_train_step(model, config, steps_per_epoch=2)
+    step = pretrain.make_train_step(model, config)
     tokenizer = ReportTokenizer(pretrain.text_encoder_dir(config), config.pretrain.max_length)
     tokens = tokenizer(SAMPLE_REPORTS)
 
