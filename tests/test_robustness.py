@@ -59,7 +59,7 @@ def pretrain_job():
     with pytest.MonkeyPatch.context() as patch:
         yield Job(
             train=lambda workdir: pretrain.train(config, workdir),
-            patch_step=lambda fn: patch.setattr(pretrain, "make_train_step", lambda model, config, steps_per_epoch: fn),
+            patch_step=lambda fn: patch.setattr(pretrain, "make_train_step", lambda model, config: fn),
             real_step=pretrain.make_train_step(model, config),
             latest=lambda workdir: _restore_latest(workdir / "pretrain", abstract),
         )
