@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amvlm_jax.models.unet import UNet, UpConv2x2
+from amvlm_jax.models.unet import UNet, UpConv2x2, max_pool_2x2
 
 
 def _authors_tensor(name: str, shape: list) -> np.ndarray:
@@ -103,6 +103,19 @@ def test_authors_unet_initialisation_is_torch_default():
     up = params["up4"]  # 8w = 64 channels kept: fan_in 64 * 4.
     assert up["kernel"].shape == (2, 2, 64, 64)
     assert float(jnp.max(jnp.abs(up["kernel"]))) <= 1 / 16 + 1e-7
+
+
+def test_max_pool_equals_flax_max_pool_in_values_and_gradients():
+    """Random values, and ties (a constant image and repeated values), where the gradient goes to
+    the first maximum of each window as in XLA's select-and-scatter."""
+    random = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 6, 3))
+    ties = jnp.round(random * 1.5)  # Many windows hold a repeated maximum.
+    reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+    for x in (random, ties, jnp.zeros((1, 4, 4, 2))):
+        np.testing.assert_array_equal(jax.jit(max_pool_2x2)(x), reference(x))
+        weights = jax.random.normal(jax.random.PRNGKey(1), (x.shape[0], x.shape[1] // 2, x.shape[2] // 2, x.shape[3]))
+        ours, theirs = (jax.jit(jax.grad(lambda x, f=f: jnp.sum(weights * f(x))))(x) for f in (max_pool_2x2, reference))
+        np.testing.assert_array_equal(ours, theirs)
 
 
 def test_up_conv_equals_conv_transpose_in_values_and_gradients():
