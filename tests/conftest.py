@@ -44,13 +44,17 @@ SAMPLE_REPORTS = [
 ]
 
 
-def monuseg_root() -> pathlib.Path | None:
-    """The real MoNuSeg data: $AMVLM_MONUSEG_ROOT, else ../shared/datasets/MoNuSeg beside the repo."""
-    candidates = [os.environ.get("AMVLM_MONUSEG_ROOT", ""), str(REPO_ROOT.parent / "shared" / "datasets" / "MoNuSeg")]
-    for candidate in candidates:
-        if candidate and (pathlib.Path(candidate) / "Train_Folder").is_dir():
+def _shared_folder(env_var: str, relative: str, marker: str) -> pathlib.Path | None:
+    """$env_var, else ../shared/<relative> beside the repo: the first that holds ``marker``."""
+    for candidate in (os.environ.get(env_var, ""), str(REPO_ROOT.parent / "shared" / relative)):
+        if candidate and (pathlib.Path(candidate) / marker).exists():
             return pathlib.Path(candidate)
     return None
+
+
+def monuseg_root() -> pathlib.Path | None:
+    """The real MoNuSeg data: $AMVLM_MONUSEG_ROOT, else ../shared/datasets/MoNuSeg beside the repo."""
+    return _shared_folder("AMVLM_MONUSEG_ROOT", "datasets/MoNuSeg", "Train_Folder")
 
 
 @pytest.fixture(scope="session")
@@ -63,11 +67,7 @@ def monuseg():
 
 def parity_root() -> pathlib.Path | None:
     """The authors' outputs on fixed inputs: $AMVLM_PARITY_ROOT, else ../shared/parity beside the repo."""
-    candidates = [os.environ.get("AMVLM_PARITY_ROOT", ""), str(REPO_ROOT.parent / "shared" / "parity")]
-    for candidate in candidates:
-        if candidate and (pathlib.Path(candidate) / "manifest.json").is_file():
-            return pathlib.Path(candidate)
-    return None
+    return _shared_folder("AMVLM_PARITY_ROOT", "parity", "manifest.json")
 
 
 @pytest.fixture(scope="session")
