@@ -40,10 +40,19 @@ class RunCheckpoints:
         self.best = _manager(root / "best")
 
     def save(self, step: int, state: Any, meta: dict, is_best: bool) -> None:
+        """Saves `state` as the latest and, when `is_best`, as the best checkpoint.
+
+        The best one is written completely before the latest one starts: a
+        run killed in between resumes from the previous latest step and
+        writes this best again (a run killed after the latest save would
+        otherwise resume past an epoch whose best checkpoint never landed).
+        A best step that an interrupted run already completed is kept.
+        """
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self.latest.save(step, args=args)
-        if is_best:
+        if is_best and self.best.latest_step() != step:
             self.best.save(step, args=args)
+            self.best.wait_until_finished()
+        self.latest.save(step, args=args)
 
     def restore_latest(self, state: Any) -> tuple[Any, Optional[dict]]:
         """(restored state, meta) from the latest checkpoint, or (state, None) when there is none."""
@@ -67,6 +76,17 @@ def _restore(manager: ocp.CheckpointManager, step: int, state: Any) -> tuple[Any
     return restored.state, restored.meta
 
 
+def _has_step(directory: pathlib.Path) -> bool:
+    """Whether a manager folder holds a completed step (a save cut short leaves none)."""
+    if not directory.is_dir():
+        return False
+    manager = _manager(directory, read_only=True)
+    try:
+        return manager.latest_step() is not None
+    finally:
+        manager.close()
+
+
 def _open_step(path: str | pathlib.Path) -> tuple[ocp.CheckpointManager, int, pathlib.Path]:
     """(read-only manager, step, folder) of a step folder, a manager folder (newest step) or a workdir (best, else latest)."""
     path = pathlib.Path(path).expanduser()
@@ -74,7 +94,7 @@ def _open_step(path: str | pathlib.Path) -> tuple[ocp.CheckpointManager, int, pa
         raise CheckpointError(f"{path}: no such checkpoint")
     if (path / "checkpoints").is_dir():  # A workdir: its best checkpoint, else its latest.
         best = path / "checkpoints" / "best"
-        path = best if best.is_dir() and any(p.name.isdigit() for p in best.iterdir()) else path / "checkpoints" / "latest"
+        path = best if _has_step(best) else path / "checkpoints" / "latest"
     if (path / "state").is_dir() and path.name.isdigit():
         return _manager(path.parent, read_only=True), int(path.name), path
     manager = _manager(path, read_only=True)
