@@ -14,13 +14,14 @@ their masks.
 Mode 'all' pre-trains a 4-block ViT-Ti/16 (96x96, from scratch) with the
 pretrained MiniLM text encoder for 20 epochs, then trains the text-guided
 mean teacher (U-Net width 16, 8 labeled + 8 unlabeled images a step) for
-10 epochs and evaluates it: about 7.5 minutes on 2 idle CPU cores.
+10 epochs and evaluates it: about 8.7 minutes with the install on 2 idle
+CPU cores (measured 2026-11-30).
 Variants: labeled100 (every mask), labeled25 / labeled50 / fewshot1 /
 fewshot10 (fraction of training masks), mgca (MGCA's pre-training
 objective and AdamW schedule, at this file's rate and batch), textbook_unet
-(the 16w-bottleneck U-Net instead of the authors'), vision (no text guidance), ab_css / ab_icl / ab_css_icl /
-ab_css_icl_tg (the paper's ablation rows), full (paper-size U-Net at
-224x224, for accelerators).
+(the 16w-bottleneck U-Net instead of the authors'), vision (no text
+guidance), ab_css / ab_icl / ab_css_icl / ab_css_icl_tg (the paper's
+ablation rows), full (paper-size U-Net at 224x224, for accelerators).
 """
 
 from amvlm_jax.config import base_config
