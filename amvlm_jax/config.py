@@ -37,6 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.synthetic.num_val = 50
     config.data.synthetic.num_test = 50
     config.data.synthetic.seed = 0
+    # True: pre-training draws new pairs for every step (batch s holds generator samples s*B ... s*B + B - 1
+    # of the training stream, so a resumed run sees the same ones) instead of cycling through the
+    # num_train folder pairs; an epoch is still num_train pairs, so pretrain.epochs sets the scale.
+    config.data.synthetic.fresh_pairs = False
 
     config.unet = ml_collections.ConfigDict()
     config.unet.base_width = 64  # w: channels of the first stage (SPEC 6).
@@ -146,6 +150,16 @@ def base_config() -> ml_collections.ConfigDict:
     # > 0: every text mask is replaced by this constant probability (a control: the fusion's mean
     # shift without any location information).
     config.ssl.constant_text_mask = 0.0
+    # Where the text masks come from. '' (the paper, SPEC 5): the decoder on V, trained on L_tg when
+    # train_decoder. 'words' (beyond the paper, off in every paper configuration): a head on the frozen V and
+    # the report's word embeddings (models/text_mask.WordAttentionMaskHead) fitted on the labelled images'
+    # masks with their own reports, un-augmented, before the mean teacher starts; then frozen. L_tg and the decoder are not used, whatever train_decoder says.
+    config.ssl.text_head = ""
+    config.ssl.text_head_steps = 2000  # 'words': Adam steps of the fit, batches of train.batch_size labelled images.
+    config.ssl.text_head_lr = 1e-3
+    # True (a control, 'words' only): the head sees every report as zeros (the same head fitted without
+    # the text): what a second segmentation model on V gives without the report.
+    config.ssl.withhold_reports = False
     # Student loss: 1 and 0 give SPEC 6's loss over the concatenated batch; otherwise loss(labeled) +
     # w(t) loss(unlabeled), w ramping up to unlabeled_weight over rampup_epochs (exp(-5 (1 - t/T)^2)).
     config.ssl.unlabeled_weight = 1.0
@@ -196,6 +210,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.pretrain.vit_attention='cudnn' needs config.dtype='bfloat16' (cuDNN's fused attention)")
     if config.ssl.teacher_norm not in ("batch", "ema"):
         raise ConfigError(f"config.ssl.teacher_norm must be 'batch' or 'ema', got '{config.ssl.teacher_norm}'")
+    if config.ssl.text_head not in ("", "words"):
+        raise ConfigError(f"config.ssl.text_head must be '' (the paper's decoder) or 'words', got '{config.ssl.text_head}'")
+    if config.ssl.withhold_reports and config.ssl.text_head != "words":
+        raise ConfigError("config.ssl.withhold_reports needs config.ssl.text_head='words'")
+    if config.ssl.text_head and (config.ssl.text_head_steps < 1 or config.ssl.text_head_lr <= 0):
+        raise ConfigError("config.ssl.text_head_steps and config.ssl.text_head_lr must be positive, got "
+                          f"{config.ssl.text_head_steps} and {config.ssl.text_head_lr}")
     if not 0.0 <= config.ssl.ema_max_alpha < 1.0:
         raise ConfigError(f"config.ssl.ema_max_alpha must be in [0, 1), got {config.ssl.ema_max_alpha}")
     pre = config.pretrain
@@ -210,6 +231,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if pre.weight_decay < 0 or pre.weight_decay and pre.optimizer != "adamw":
         raise ConfigError(f"config.pretrain.weight_decay must be >= 0 and needs pretrain.optimizer='adamw', "
                           f"got {pre.weight_decay} with '{pre.optimizer}'")
+    if config.data.synthetic.fresh_pairs and config.data.name != "synthetic":
+        raise ConfigError(f"config.data.synthetic.fresh_pairs needs data.name='synthetic', got '{config.data.name}'")
     if config.unet.architecture not in ("authors", "textbook"):
         raise ConfigError(f"config.unet.architecture must be 'authors' or 'textbook', got '{config.unet.architecture}'")
     if config.train.batch_size < 1 or config.train.epochs < 1:

@@ -87,6 +87,18 @@ def _mgca(config):
     pre.batch_size = 72
 
 
+def text_head(withhold_reports: bool = False) -> Variant:
+    """Text masks from the word-attention head fitted on the labelled images' masks with their reports
+    (config.ssl.text_head='words', beyond the paper); with ``withhold_reports`` the same head without the
+    reports (the control: a second segmentation model on V)."""
+
+    def apply(config):
+        config.ssl.text_head = "words"
+        config.ssl.withhold_reports = withhold_reports
+
+    return apply
+
+
 def _textbook_unet(config):
     config.unet.architecture = "textbook"
 
@@ -113,6 +125,10 @@ COMMON_VARIANTS = {
     "textbook_unet": _textbook_unet,
     # Vision-only mean teacher ("Vision" of Vision vs Vision+Text; the "MT" ablation row).
     "vision": ablation(css=True, icl=True, text=False, tg=False),
+    # Beyond the paper: text masks from a head that learned where the reports' words point, from the
+    # labelled images; and the same head with the reports withheld.
+    "text_head": text_head(),
+    "text_head_blind": text_head(withhold_reports=True),
     # The ablation rows on top of MT: pre-training terms, then L_tg.
     "ab_css": ablation(css=True, icl=False, text=True, tg=False),
     "ab_icl": ablation(css=False, icl=True, text=True, tg=False),

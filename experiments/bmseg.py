@@ -11,6 +11,8 @@ Variants: cpu (U-Net width 16, batch 4, 20 epochs; a 4-block ViT-Ti/16 at
 fewshot1 / fewshot10 (labeled fraction), mgca (MGCA's pre-training
 objective and optimiser; `mgca,cpu` keeps the cpu variant's rate),
 textbook_unet (the 16w-bottleneck U-Net instead of the authors'),
+text_head / text_head_blind (text masks from a head fitted on the labelled
+masks with their reports / with the reports withheld; beyond the paper),
 vision (no text guidance: w_text=0), ab_css / ab_icl /
 ab_css_icl / ab_css_icl_tg (the paper's ablation rows; see
 amvlm_jax/experiment.py).

@@ -73,7 +73,6 @@ def run_all(devices=None) -> dict:
     from amvlm_jax.data import pipeline
     from amvlm_jax.data.tokenize import ReportTokenizer
     from amvlm_jax.models.amvlm import TOKEN_KEYS
-    from amvlm_jax.models.text_mask import TextMaskDecoder
     from amvlm_jax.train import parallel, pretrain, ssl, supervised
     from amvlm_jax.train.state import TrainState
 
@@ -105,9 +104,7 @@ def run_all(devices=None) -> dict:
 
     # Text-guided SSMIS with the encoders just trained; the guidance is built
     # in memory instead of from a checkpoint folder.
-    guidance = ssl.TextGuidance.__new__(ssl.TextGuidance)
-    guidance.model, guidance.image_size = model, size
-    guidance.decoder = TextMaskDecoder(dtype=jnp.dtype(ssl_config.dtype))
+    guidance = ssl.TextGuidance.from_variables(ssl_config, model, None)  # Frozen variables come as a step argument.
     unet = supervised.build_unet(ssl_config)
     decoder_tx = optax.sgd(0.5)
     ssl_state, _ = ssl.create_state(ssl_config, unet, guidance, steps_per_epoch=STEPS)

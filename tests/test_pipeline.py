@@ -96,3 +96,32 @@ def test_evaluation_batches_pad_and_count():
     assert [real for _, real in batches] == [3, 3, 1]
     assert all(b["image"].shape[0] == 3 for b, _ in batches)
     np.testing.assert_array_equal(batches[-1][0]["index"], [6, 6, 6])
+
+
+def test_fresh_synthetic_pairs_never_repeat_resume_by_step_and_split_over_processes():
+    from PIL import Image
+
+    from amvlm_jax.data import synthetic
+
+    def batches(start_step, process_index=0, process_count=1, steps=2):
+        stream = pipeline.fresh_synthetic_batches(3, 64, 32, 4, start_step=start_step,
+                                                  process_index=process_index, process_count=process_count)
+        return [next(stream) for _ in range(steps)]
+
+    first, second = batches(0)
+    # Batch s holds generator samples 4s .. 4s + 3, resized as a folder image would be.
+    for offset, batch in ((0, first), (4, second)):
+        for row in range(4):
+            sample = synthetic.render_sample(3, "train", offset + row, 64)
+            expected = np.asarray(Image.fromarray(sample.image).resize((32, 32), Image.BICUBIC))
+            np.testing.assert_array_equal(batch["image"][row], expected)
+            assert batch["report"][row] == sample.report
+    assert not np.array_equal(first["image"], second["image"])
+    # Resuming at step 1 reads what the uninterrupted stream read at step 1.
+    resumed = batches(1, steps=1)[0]
+    np.testing.assert_array_equal(resumed["image"], second["image"])
+    # Two processes' shares together are the single-process batch.
+    shares = [batches(1, process_index=p, process_count=2, steps=1)[0] for p in range(2)]
+    merged = np.empty_like(second["image"])
+    merged[0::2], merged[1::2] = shares[0]["image"], shares[1]["image"]
+    np.testing.assert_array_equal(merged, second["image"])

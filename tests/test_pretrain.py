@@ -304,3 +304,30 @@ def test_train_learns_logs_retrieval_and_resumes(tmp_path):
     lines_after = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines_after) == len(lines)
     assert again["final_terms"] == summary["final_terms"] and again["seconds"] == summary["seconds"]
+
+
+def test_fresh_pairs_pretraining_reads_new_pairs_every_step(tmp_path, monkeypatch):
+    config = tiny_pretrain_config(**{"data.synthetic.fresh_pairs": True, "pretrain.epochs": 1})
+    config.data.synthetic.num_train = 2 * BATCH  # Two steps an epoch; the folder holds 2 * BATCH pairs.
+    seen = []
+    original = pretrain.host_batch
+
+    def recording(raw, tokens, *args, **kwargs):
+        seen.append(list(raw["report"]))
+        return original(raw, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "host_batch", recording)
+    summary = pretrain.train(config, tmp_path)
+    assert np.isfinite(summary["final_terms"]["loss"]) and len(seen) == 2
+    from amvlm_jax.data import synthetic
+
+    # Step s reads generator samples s * B ... s * B + B - 1; the batch is not capped by the folder size.
+    expected = [synthetic.render_sample(config.data.synthetic.seed, "train", i, config.data.image_size).report
+                for i in range(2 * BATCH)]
+    assert seen[0] + seen[1] == expected
+    with pytest.raises(Exception, match="fresh_pairs needs data.name='synthetic'"):
+        from amvlm_jax.config import validate
+
+        other = tiny_pretrain_config(**{"data.synthetic.fresh_pairs": True})
+        other.data.name = "monuseg"
+        validate(other)

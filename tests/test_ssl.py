@@ -327,15 +327,40 @@ def test_text_mask_tool_scores_pretrained_masks(all_run):
     lesion, distractor = np.array([[1, 0, 0], [0, 1, 1]]), np.array([[0, 1, 0], [1, 1, 0]])
     assert tool.group_cells(np.array([[1.0, 2, 3], [4, 5, 6]]), lesion, distractor) == {"lesion": 4.0, "distractor": 3.0, "empty": 3.0}
     # The decoder a mean-teacher run trained is read back from its checkpoint, and scored.
-    trained = tool.load_trained_decoder(guidance, str(tmp_path), mesh)
-    initial = guidance.init_decoder(jax.random.PRNGKey(0))
+    trained = tool.load_trained_generator(guidance, str(tmp_path), mesh)
+    initial = guidance.init_generator(jax.random.PRNGKey(0))
     assert jax.tree.structure(trained) == jax.tree.structure(initial)
-    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(initial)))
-    trained_result, trained_features = tool.score_split(config, guidance, split, "val", batch_size=8, decoder=trained)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(trained["decoder"]), jax.tree.leaves(initial["decoder"])))
+    trained_result, trained_features = tool.score_split(config, guidance, split, "val", batch_size=8, generator=trained)
     assert trained_features["p_text_cells"].shape == (8, 9) and np.all((0 <= trained_features["p_text_cells"]) & (trained_features["p_text_cells"] <= 1))
     assert trained_result["p_text_by_cell"] != result["p_text_by_cell"]
-    with pytest.raises(checkpoint.CheckpointError, match="holds no text-mask decoder"):
-        tool.load_trained_decoder(guidance, str(tmp_path / "pretrain"), mesh)  # Pre-training saves no decoder.
+    with pytest.raises(checkpoint.CheckpointError, match="holds no text mask generator"):
+        tool.load_trained_generator(guidance, str(tmp_path / "pretrain"), mesh)  # Pre-training saves no decoder.
+    # The pixel readouts: the text mask's AUROCs equal a direct rank computation on the maps.
+    for name in ("text_mask", "v_dot_t"):
+        assert set(result["pixel_auroc"][name]) == {"lesion_vs_all", "lesion_vs_distractor"}
+    assert 0.0 <= result["word_attention"]["location_share_mean"] <= 1.0
+
+    # Pixel AUROCs by hand: lesion pixels score 2, distractor pixels 1, the rest 0 or 1.5.
+    lesion_px = np.zeros((1, 4, 4), bool); lesion_px[0, 0, :2] = True
+    distractor_px = np.zeros((1, 4, 4), bool); distractor_px[0, 3, :2] = True
+    scores = np.where(lesion_px, 2.0, np.where(distractor_px, 1.0, 0.0)); scores[0, 2, 3] = 2.5
+    aurocs = tool.pixel_aurocs(scores, lesion_px, distractor_px)
+    assert aurocs["lesion_vs_distractor"] == pytest.approx(100.0) and aurocs["lesion_vs_all"] == pytest.approx(100.0 * 13 / 14)
+    np.testing.assert_array_equal(tool.patch_to_pixels(np.arange(4.0).reshape(1, 2, 2), 4)[0],
+                                  [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+    # Word attention on a 3x3 patch grid: "left" attends only to the left column, "upper" evenly to everything.
+    maps = np.zeros((1, 3, 3, 2)); maps[0, :, 0, 0] = 1.0
+    words = np.array([[[10.0, 0.0], [0.0, 0.0]]])
+    lesion_rows, distractor_rows = np.zeros((1, 6, 6), bool), np.zeros((1, 6, 6), bool)
+    lesion_rows[0, 0], distractor_rows[0, 5] = True, True
+    readout = tool.word_attention_readouts(maps, words, np.ones((1, 2)), [["left", "upper"]], lesion_rows,
+                                           distractor_rows, temperature=1.0, image_size=6)
+    left_share = 3 * np.exp(10) / (3 * np.exp(10) + 6)
+    assert readout["location_share"] == pytest.approx({"left": left_share, "upper": 1 / 3})
+    assert readout["location_share_mean"] == pytest.approx((left_share + 1 / 3) / 2)
+    assert tool.word_texts(guidance.tokenizer, guidance.tokenizer(["Two lesions in the upper left."]))[0][:5] == \
+        ["two", "lesions", "in", "the", "upper"]
 
     # Linear probes: features that carry the cells are read out perfectly, pure noise is not.
     rng = np.random.default_rng(0)
@@ -387,3 +412,55 @@ def test_student_batch_stats_images_mix_labeled_and_unlabeled():
     assert images[:, 0, 0, 0].tolist() == [0, 10, 1, 11, 12]
     config.train.precise_bn_images = 0
     assert len(ssl.student_images(config, labeled, unlabeled)) == 0
+
+
+def test_text_head_is_fitted_on_labelled_masks_before_the_mean_teacher_and_kept_on_resume(all_run, tmp_path, capsys):
+    from amvlm_jax.data import folders
+    from amvlm_jax.models.text_mask import head_text_masks
+
+    base, pre_dir, _ = all_run
+    config = base.copy_and_resolve_references()
+    config.mode, config.train.epochs = "ssl", 1
+    config.ssl.text_head, config.ssl.text_head_steps = "words", 20
+    config.ssl.pretrained, config.data.root = str(pre_dir / "pretrain"), str(pre_dir / "data")
+    main.run(config, tmp_path)
+    assert "text head fitted on 8 labelled images: 20 steps" in capsys.readouterr().out
+    guidance_scores = json.loads((tmp_path / "guidance.json").read_text())
+    assert 0.0 <= guidance_scores["unlabeled"]["text_mask"]["auroc"] <= 100.0
+
+    # The checkpoint holds the head (no decoder), equal to a fit on the labelled split with the run's seed.
+    mesh = make_mesh(config, jax.devices()[:1])
+    guidance = ssl.TextGuidance(config, tmp_path, mesh)
+    assert ssl.checkpoint.saved_entries(tmp_path / "checkpoints" / "latest")
+    template = {"extra": guidance.init_generator(jax.random.PRNGKey(0))}
+    restored, _, _ = checkpoint.restore_variables(tmp_path / "checkpoints" / "latest", replicate(mesh, template))
+    assert set(restored["extra"]) == {"head"}
+    labeled, _ = ssl.load_split_pair(config, pre_dir / "data")
+    refit = ssl.fit_text_head(config, guidance, labeled, mesh, jax.random.PRNGKey(config.seed + 1))
+    for a, b in zip(jax.tree.leaves(restored["extra"]["head"]), jax.tree.leaves(refit)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+    # Its text masks are the sigmoid of its logits resized to the image; withheld reports change them.
+    split = folders.load_split(pre_dir / "data", "val", image_size=config.data.image_size)
+    images, tokens = split.images[:4].astype(np.float32) / 255.0, guidance.tokenizer(split.reports[:4])
+    loss, masks = ssl.text_mask_outputs(guidance, restored["extra"], guidance.variables, images, tokens)
+    logits = guidance.head_logits(restored["extra"]["head"], guidance.variables, images, tokens)
+    assert loss is None
+    np.testing.assert_allclose(masks["p_text"], head_text_masks(logits, images.shape[1])["p_text"], atol=1e-6)
+    guidance.withhold_reports = True
+    _, blind = ssl.text_mask_outputs(guidance, restored["extra"], guidance.variables, images, tokens)
+    assert not np.allclose(blind["p_text"], masks["p_text"])
+
+    # Running again resumes the finished run: no second fit.
+    capsys.readouterr()
+    main.run(config, tmp_path)
+    assert "text head fitted" not in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="withhold_reports needs config.ssl.text_head='words'"):
+        from amvlm_jax.config import validate
+
+        other = config.copy_and_resolve_references()
+        other.ssl.text_head, other.ssl.withhold_reports = "", True
+        validate(other)
+    with pytest.raises(ConfigError, match="config.ssl.text_head must be '' .* or 'words', got 'film'"):
+        other.ssl.text_head, other.ssl.withhold_reports = "film", False
+        validate(other)

@@ -258,3 +258,25 @@ def test_main_writes_dataset(tmp_path, capsys):
 def test_rejects_too_small_images(tmp_path):
     with pytest.raises(ValueError):
         write_synthetic_dataset(tmp_path, image_size=synthetic.MIN_IMAGE_SIZE - 1)
+
+
+def test_distractor_masks_lie_in_the_distractor_cells_and_the_pixel_tool_counts_them():
+    import importlib.util
+
+    sample = synthetic.render_sample(0, "val", 3, 96)
+    edges = synthetic._cell_edges(96)
+    cells = {(int(np.searchsorted(edges, y, side="right")) - 1, int(np.searchsorted(edges, x, side="right")) - 1)
+             for y, x in np.argwhere(sample.distractor_mask > 0)}
+    assert cells == set(sample.distractor_cells)
+    assert not np.any((sample.distractor_mask > 0) & (sample.mask > 0))
+    assert set(np.unique(sample.distractor_mask)) == {0, 255}
+
+    spec = importlib.util.spec_from_file_location(
+        "synthetic_pixels_tool", pathlib.Path(__file__).resolve().parent.parent / "tools" / "synthetic_pixels.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    lesion = np.zeros((1, 4, 4), bool); lesion[0, 0] = True  # 4 lesion pixels
+    distractor = np.zeros((1, 4, 4), bool); distractor[0, 3, :2] = True  # 2 distractor pixels
+    predicted = np.zeros((1, 4, 4), bool); predicted[0, 0, :3] = True; predicted[0, 3, 0] = True; predicted[0, 1, 1] = True
+    assert tool.marked_fractions(predicted, lesion, distractor) == pytest.approx(
+        {"lesion": 0.75, "distractor": 0.5, "other": 0.1})

@@ -238,3 +238,46 @@ def test_ema_schedule_and_update():
     np.testing.assert_allclose(np.asarray(updated["batch_stats"]["mean"]), [1.0], rtol=1e-6)
     copied = ema_update_teacher(student, teacher, ema_alpha(0))
     np.testing.assert_array_equal(np.asarray(copied["params"]["w"]), [1.0, 2.0])
+
+
+def test_word_attention_head_learns_where_the_words_point():
+    """Hand-made features: every image has two blobs (V channel 0) in two of the 9 cells of a 6x6 patch grid,
+    the report's one word names the lesion's cell (a one-hot), the target marks the lesion's patches. Fitted
+    on 40 images, the head ranks the named blob above the other on 20 held-out ones; the same head fitted
+    with the words withheld (zeros) cannot tell them apart."""
+    from amvlm_jax.models.text_mask import WordAttentionMaskHead
+    from amvlm_jax.train.ssl import fit_mask_head
+
+    rng = np.random.default_rng(0)
+
+    def make(count):
+        patch_maps = 0.1 * rng.standard_normal((count, 6, 6, 8)).astype(np.float32)
+        words = 0.1 * rng.standard_normal((count, 3, 12)).astype(np.float32)
+        lesion, other = np.zeros((count, 6, 6), bool), np.zeros((count, 6, 6), bool)
+        for b in range(count):
+            named, unnamed = rng.choice(9, 2, replace=False)
+            for cell, target in ((named, lesion), (unnamed, other)):
+                row, col = divmod(int(cell), 3)
+                target[b, 2 * row:2 * row + 2, 2 * col:2 * col + 2] = True
+            words[b, 0, named] += 1.0
+        patch_maps[..., 0] += (lesion | other)
+        word_mask = np.tile(np.array([[1.0, 1.0, 0.0]], np.float32), (count, 1))
+        return (patch_maps, words, word_mask), lesion, other
+
+    train_inputs, train_lesion, _ = make(40)
+    test_inputs, test_lesion, test_other = make(20)
+    targets = np.repeat(np.repeat(train_lesion, 4, 1), 4, 2).astype(np.float32)  # 24x24 target masks
+    head = WordAttentionMaskHead(hidden=32)
+
+    def held_out_auroc(withhold: bool) -> float:
+        def inputs(xs):
+            return (xs[0], np.zeros_like(xs[1]) if withhold else xs[1], xs[2])
+
+        params = head.init(jax.random.PRNGKey(0), *inputs(train_inputs))["params"]
+        params, _ = fit_mask_head(head, params, inputs(train_inputs), targets, steps=300, lr=3e-3, batch_size=8, seed=0)
+        logits = np.asarray(head.apply({"params": params}, *inputs(test_inputs)))
+        named, unnamed = logits[test_lesion], logits[test_other]
+        return float(np.mean(named[:, None] > unnamed[None, :]))
+
+    assert held_out_auroc(withhold=False) > 0.9
+    assert 0.3 < held_out_auroc(withhold=True) < 0.7

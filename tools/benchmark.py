@@ -88,18 +88,12 @@ def build_pretrain(config, rng):
 
 def in_memory_guidance(config, mesh):
     """ssl.TextGuidance with freshly initialised (not pre-trained) encoders: same cost, no checkpoint."""
-    import jax.numpy as jnp
-
-    from amvlm_jax.models.text_mask import TextMaskDecoder
     from amvlm_jax.train import parallel, pretrain, ssl
 
-    guidance = ssl.TextGuidance.__new__(ssl.TextGuidance)
-    guidance.model = pretrain.build_model(config, pretrain.text_encoder_config(config))
-    guidance.image_size = pretrain.pretrain_image_size(config)
-    guidance.decoder = TextMaskDecoder(dtype=jnp.dtype(config.dtype))
-    state = pretrain.create_state(config, guidance.model, guidance.image_size)
-    guidance.variables = parallel.shard_state(mesh, {"params": state.params, "batch_stats": state.batch_stats}, config)
-    return guidance
+    model = pretrain.build_model(config, pretrain.text_encoder_config(config))
+    state = pretrain.create_state(config, model, pretrain.pretrain_image_size(config))
+    variables = parallel.shard_state(mesh, {"params": state.params, "batch_stats": state.batch_stats}, config)
+    return ssl.TextGuidance.from_variables(config, model, variables)
 
 
 def build_ssl(config, rng):

@@ -1,16 +1,22 @@
 """How well do the pre-trained encoders locate what a report says? Text masks after pre-training or SSMIS.
 
     python tools/text_masks.py --config=experiments/synthetic.py --workdir=runs/synthetic [--splits=val,train]
-    python tools/text_masks.py --config=experiments/synthetic.py --workdir=runs/synthetic --decoder=runs/synthetic
+    python tools/text_masks.py --config=experiments/synthetic.py --workdir=runs/synthetic --generator=runs/synthetic
 
 Builds the text masks of SPEC section 5 from the pre-trained encoders
 (<workdir>/pretrain or --config.ssl.pretrained) with the text-mask decoder
 at its initialisation (an exact upsampling: the masks show what V . t alone
-says, before any L_tg training) or, with --decoder, the decoder a
-mean-teacher run trained with L_tg (its checkpoint: a step folder, a
-manager folder or a workdir, whose best is read), and scores them against
-the masks of each split: Dice of the mask at 0.5, pixel AUROC of p_text,
-and the mean p_text on lesion and on background pixels. For the synthetic
+says, before any L_tg training) or, with --generator, the text mask
+generator a mean-teacher run trained (its checkpoint: a step folder, a
+manager folder or a workdir, whose best is read): the decoder it trained
+with L_tg, or with --config.ssl.text_head=words the word-attention head it
+fitted. It scores them against the masks of each split: Dice of the mask
+at 0.5, pixel AUROC of p_text, and the mean p_text on lesion and on
+background pixels. For the synthetic data it adds pixel AUROCs of lesion
+pixels against all others and against distractor pixels for the text mask,
+for V . t and for the CSS word-to-patch attention averaged over a report's
+words, and the share of each location word's attention (upper, lower,
+left, center, right) on the third of the image it names (chance 0.33). For the synthetic
 data it also reports, per kind of grid cell (holding a named lesion, a
 distractor, or nothing), the image's similarity to its own report V . t
 averaged over the cell's patches and the mean text mask p_text over the
@@ -50,6 +56,13 @@ def patch_cells(grid: int, image_size: int):
     return (cell_of[:, None] * synthetic.GRID_SIZE + cell_of[None, :]).ravel()
 
 
+def synthetic_index(name: str) -> int:
+    """Generator index of a synthetic file name (syn_00012.png -> 12)."""
+    from amvlm_jax.data import synthetic
+
+    return int(pathlib.Path(name).stem[len(synthetic.FILE_PREFIX):])
+
+
 def synthetic_cells(names, split: str, seed: int, image_size: int):
     """(lesion, distractor): (N, 9) 0/1 arrays of the cells the generator drew for each file name, row-major."""
     import numpy as np
@@ -59,7 +72,7 @@ def synthetic_cells(names, split: str, seed: int, image_size: int):
     cells = synthetic.GRID_SIZE**2
     lesion, distractor = np.zeros((len(names), cells)), np.zeros((len(names), cells))
     for b, name in enumerate(names):
-        sample = synthetic.render_sample(seed, split, int(pathlib.Path(name).stem[len(synthetic.FILE_PREFIX):]), image_size)
+        sample = synthetic.render_sample(seed, split, synthetic_index(name), image_size)
         for target, drawn in ((lesion, sample.lesion_cells), (distractor, sample.distractor_cells)):
             for row, col in drawn:
                 target[b, row * synthetic.GRID_SIZE + col] = 1.0
@@ -178,52 +191,131 @@ def group_cells(values, lesion_cells, distractor_cells) -> dict:
     return {kind: float(np.mean(v)) for kind, v in groups.items() if v.size}
 
 
-def load_trained_decoder(guidance, path: str, mesh):
-    """The text-mask decoder parameters saved by a mean-teacher run (checkpoint path as restore_variables takes)."""
+def load_trained_generator(guidance, path: str, mesh) -> dict:
+    """The text mask generator a mean-teacher run trained (the decoder and its log-scale, or the
+    word-attention head), from its checkpoint (a path as restore_variables takes)."""
     import jax
 
-    from amvlm_jax.train import checkpoint
+    from amvlm_jax.train import checkpoint, ssl
     from amvlm_jax.train.parallel import replicate
 
     if "extra" not in checkpoint.saved_entries(path):
-        raise checkpoint.CheckpointError(f"{path}: holds no text-mask decoder (a vision-only or supervised run?)")
-    template = {"extra": {"decoder": guidance.init_decoder(jax.random.PRNGKey(0))}}
+        raise checkpoint.CheckpointError(f"{path}: holds no text mask generator (a vision-only or supervised run?)")
+    template = {"extra": guidance.init_generator(jax.random.PRNGKey(0))}
     restored, meta, used = checkpoint.restore_variables(path, replicate(mesh, template))
-    print(f"text-mask decoder from {used} (epoch {meta.get('epoch')})")
-    return restored["extra"]["decoder"]
+    print(f"text mask generator from {used} (epoch {meta.get('epoch')})")
+    return ssl.generator_params(guidance, restored["extra"])
 
 
-def score_split(config, guidance, split, split_name: str, batch_size: int = 25, decoder=None) -> tuple[dict, dict]:
+def word_texts(tokenizer, tokens: dict) -> list[list[str]]:
+    """Text of each real word slot (its first word piece), per report."""
+    import numpy as np
+
+    texts = []
+    for ids, index, mask in zip(tokens["input_ids"], tokens["word_index"], tokens["word_mask"]):
+        words = []
+        for slot in range(int(mask.sum())):
+            first = int(np.argmax(index == slot))
+            words.append(tokenizer._tokenizer.id_to_token(int(ids[first])))
+        texts.append(words)
+    return texts
+
+
+def patch_to_pixels(patch_maps, image_size: int):
+    """(N, h, w) per-patch values -> (N, S, S), each pixel taking the value of the patch holding it."""
+    import numpy as np
+
+    rows = np.arange(image_size) * patch_maps.shape[1] // image_size
+    cols = np.arange(image_size) * patch_maps.shape[2] // image_size
+    return np.asarray(patch_maps)[:, rows][:, :, cols]
+
+
+def pixel_aurocs(scores, lesion, distractor) -> dict:
+    """Pixel AUROC (percent) of scores (N, S, S) for lesion pixels against all others and against distractor pixels."""
+    import numpy as np
+
+    lesion, distractor = np.asarray(lesion, bool), np.asarray(distractor, bool)
+    pair = lesion | distractor
+    return {"lesion_vs_all": 100.0 * rank_auroc(scores, lesion),
+            "lesion_vs_distractor": 100.0 * rank_auroc(np.asarray(scores)[pair], lesion[pair])}
+
+
+LOCATION_BANDS = {"upper": (0, None), "lower": (2, None), "left": (None, 0), "center": (None, 1), "right": (None, 2)}
+
+
+def word_attention_readouts(patch_maps, words, word_mask, texts, lesion, distractor, temperature: float,
+                            image_size: int) -> dict:
+    """What the CSS word-to-patch attention softmax_p(T_w . V_p / tau) (SPEC 3.2) points at.
+
+    ``mean_attention``: pixel AUROCs of the attention averaged over each
+    report's real words. ``location_share``: for each location word of the
+    synthetic reports (upper, lower, left, center, right), the mean share of
+    its attention on the third of the image it names (chance 1/3), and
+    ``location_share_mean`` over all their occurrences.
+    patch_maps (N, h, w, D), words (N, W, D), word_mask (N, W), texts from ``word_texts``.
+    """
+    import numpy as np
+    from scipy.special import softmax
+
+    count, height, width, dims = patch_maps.shape
+    logits = np.einsum("bwd,bpd->bwp", words, patch_maps.reshape(count, -1, dims)) / temperature
+    attention = softmax(logits, axis=-1)  # (N, W, P)
+    mean = (attention * word_mask[..., None]).sum(1) / np.maximum(word_mask.sum(1, keepdims=True), 1)
+    result = {"mean_attention": pixel_aurocs(patch_to_pixels(mean.reshape(count, height, width), image_size),
+                                             lesion, distractor)}
+    thirds_rows = np.arange(height) * 3 // height
+    thirds_cols = np.arange(width) * 3 // width
+    shares = {}
+    for b, report in enumerate(texts):
+        for slot, text in enumerate(report):
+            if text not in LOCATION_BANDS:
+                continue
+            row, col = LOCATION_BANDS[text]
+            inside = np.ones((height, width), bool)
+            if row is not None:
+                inside &= (thirds_rows == row)[:, None]
+            if col is not None:
+                inside &= (thirds_cols == col)[None, :]
+            shares.setdefault(text, []).append(float(attention[b, slot][inside.ravel()].sum()))
+    result["location_share"] = {word: float(np.mean(v)) for word, v in shares.items()}
+    every = [x for v in shares.values() for x in v]
+    result["location_share_mean"] = float(np.mean(every)) if every else float("nan")
+    return result
+
+
+def score_split(config, guidance, split, split_name: str, batch_size: int = 25, generator=None) -> tuple[dict, dict]:
     """(scores of the text masks, features) of one split.
 
-    decoder: text-mask decoder parameters; None = its initialisation.
-    features: 'maps' V (N, h, w, D), 'reports' t (N, D) and, for synthetic
-    data, 'lesion' / 'distractor' (N, 9) cell indicators and 'p_text_cells'
-    (N, 9) the mean text mask of each grid cell.
+    generator: the text mask generator's trained variables (``load_trained_generator``);
+    None = the decoder at its initialisation (what V . t alone says).
+    features: 'maps' V (N, h, w, D), 'reports' t (N, D), 'words' T (N, W, D),
+    'word_mask' (N, W) and, for synthetic data, 'lesion' / 'distractor' (N, 9)
+    cell indicators and 'p_text_cells' (N, 9) the mean text mask of each grid cell.
     """
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from amvlm_jax import metrics
-    from amvlm_jax.models.text_mask import text_masks
-    from amvlm_jax.train.ssl import AUROC_BINS
+    from amvlm_jax.train.ssl import AUROC_BINS, text_mask_outputs
 
-    if decoder is None:
-        decoder = guidance.init_decoder(jax.random.PRNGKey(0))
+    if generator is None:
+        generator = guidance.init_generator(jax.random.PRNGKey(0))
+        if guidance.head is not None:
+            raise ValueError("the word-attention head has no meaning before it is fitted: pass its checkpoint")
     tokens = guidance.tokenizer(split.reports)
 
     @jax.jit
     def masks_of(images, batch_tokens, valid, truth):
         x = images.astype(jnp.float32) / 255.0
         patch_map, reports = guidance.encode(guidance.variables, x, batch_tokens)
-        dense = guidance.decoder.apply({"params": decoder}, patch_map)
-        p_text = text_masks(dense, reports, x, x.shape[1])["p_text"]
+        text = guidance.model.apply(guidance.variables, batch_tokens, False, method=guidance.model.encode_text)
+        p_text = text_mask_outputs(guidance, generator, guidance.variables, x, batch_tokens)[1]["p_text"]
         dice, _ = metrics.dice_iou_per_image((p_text > 0.5).astype(jnp.int32), truth.astype(jnp.int32), 1)
         positive, negative = metrics.foreground_histograms(p_text, truth, valid, AUROC_BINS)
-        return dice, positive, negative, patch_map, reports, p_text
+        return dice, positive, negative, patch_map, reports, p_text, text["T"], text["word_mask"]
 
-    dices, maps, embeddings, text_cells = [], [], [], []
+    dices, maps, embeddings, text_cells, p_texts, words, word_masks = [], [], [], [], [], [], []
     positive = negative = 0.0
     for start in range(0, len(split), batch_size):
         rows = np.arange(start, min(start + batch_size, len(split)))
@@ -234,6 +326,9 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25, 
         positive, negative = positive + out[1], negative + out[2]
         maps.append(out[3][: len(rows)])
         embeddings.append(out[4][: len(rows)])
+        p_texts.append(out[5][: len(rows)])
+        words.append(out[6][: len(rows)])
+        word_masks.append(out[7][: len(rows)])
         text_cells.append(cell_means(out[5][: len(rows)], config.data.image_size))
     centres = (np.arange(AUROC_BINS) + 0.5) / AUROC_BINS
     result = {
@@ -243,8 +338,23 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25, 
         "p_text_lesion": float(np.sum(positive * centres) / max(np.sum(positive), 1.0)),
         "p_text_background": float(np.sum(negative * centres) / max(np.sum(negative), 1.0)),
     }
-    features = {"maps": np.concatenate(maps), "reports": np.concatenate(embeddings)}
+    features = {"maps": np.concatenate(maps), "reports": np.concatenate(embeddings), "words": np.concatenate(words),
+                "word_mask": np.concatenate(word_masks)}
     if config.data.name == "synthetic":
+        from amvlm_jax.data import synthetic
+
+        size = config.data.image_size
+        distractor = np.stack([synthetic.render_sample(config.data.synthetic.seed, split_name, synthetic_index(name), size)
+                               .distractor_mask > 0 for name in split.names])
+        lesion = split.masks > 0
+        own = np.einsum("bhwd,bd->bhw", features["maps"], features["reports"])
+        result["pixel_auroc"] = {
+            "text_mask": pixel_aurocs(np.concatenate(p_texts), lesion, distractor),
+            "v_dot_t": pixel_aurocs(patch_to_pixels(own, size), lesion, distractor),
+        }
+        result["word_attention"] = word_attention_readouts(
+            features["maps"], features["words"], features["word_mask"], word_texts(guidance.tokenizer, tokens),
+            lesion, distractor, config.pretrain.temperature, size)
         features["lesion"], features["distractor"] = synthetic_cells(
             split.names, split_name, config.data.synthetic.seed, config.data.image_size)
         result["own_similarity_by_cell"] = cell_similarities(
@@ -265,7 +375,7 @@ def main(config):
     root = datasets.data_root(config, workdir)
     mesh = make_mesh(config, batch_size=25)
     guidance = TextGuidance(config, workdir, mesh)
-    decoder = load_trained_decoder(guidance, flags.FLAGS.decoder, mesh) if flags.FLAGS.decoder else None
+    generator = load_trained_generator(guidance, flags.FLAGS.generator, mesh) if flags.FLAGS.generator else None
     results, features = {}, {}
     requested = [s.strip() for s in flags.FLAGS.splits.split(",") if s.strip()]
     synthetic_data = config.data.name == "synthetic"
@@ -273,13 +383,13 @@ def main(config):
     for split_name in requested + (["train"] if synthetic_data and "train" not in requested else []):
         split = folders.load_split(root, split_name, image_size=config.data.image_size,
                                    num_classes=config.data.num_classes, threads=config.data.read_threads)
-        scores, features[split_name] = score_split(config, guidance, split, split_name, decoder=decoder)
+        scores, features[split_name] = score_split(config, guidance, split, split_name, generator=generator)
         if split_name in requested:
             results[split_name] = scores
     if synthetic_data:
         for split_name in requested:
             results[split_name]["linear_probes"] = linear_probes(features["train"], features[split_name], config.data.image_size)
-    output = workdir / ("text_masks_trained.json" if decoder is not None else "text_masks.json")
+    output = workdir / ("text_masks_trained.json" if generator is not None else "text_masks.json")
     output.write_text(json.dumps(results, indent=2) + "\n")
 
     def by_cell(cells):
@@ -291,6 +401,13 @@ def main(config):
         print(f"{split_name:<8}{r['images']:>8}{r['dice']:>8.2f}{r['auroc']:>8.2f}{r['p_text_lesion']:>10.3f}"
               f"{r['p_text_background']:>9.3f}  {by_cell(r.get('own_similarity_by_cell'))}; {by_cell(r.get('p_text_by_cell'))}")
     if synthetic_data:
+        print("\npixel AUROC, lesion against all other pixels / against distractor pixels; location words' attention "
+              "on the third they name (chance 0.33)")
+        print(f"{'split':<8}{'text mask':>14}{'V.t':>14}{'word attention':>16}{'location share':>16}")
+        for split_name, r in results.items():
+            cells = [r["pixel_auroc"]["text_mask"], r["pixel_auroc"]["v_dot_t"], r["word_attention"]["mean_attention"]]
+            print(f"{split_name:<8}" + "".join(f"{c['lesion_vs_all']:>8.1f} /{c['lesion_vs_distractor']:>5.1f}" for c in cells)
+                  + f"{r['word_attention']['location_share_mean']:>14.3f}")
         print("\nV.t of a patch with every report, by what the patch's cell holds: report names the cell / does not")
         for split_name, r in results.items():
             contrast = r["similarity_by_naming"]
@@ -308,8 +425,8 @@ def main(config):
 def define_flags():
     flags.DEFINE_string("workdir", None, "Run folder holding pretrain/ (or set --config.ssl.pretrained).", required=True)
     flags.DEFINE_string("splits", "val,train", "Comma-separated splits to score.")
-    flags.DEFINE_string("decoder", "", "Mean-teacher checkpoint (step folder, manager folder or workdir) whose "
-                        "trained text-mask decoder is scored; '' = the decoder at initialisation.")
+    flags.DEFINE_string("generator", "", "Mean-teacher checkpoint (step folder, manager folder or workdir) whose "
+                        "trained text mask generator is scored; '' = the decoder at initialisation.")
 
 
 if __name__ == "__main__":

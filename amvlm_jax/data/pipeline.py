@@ -82,6 +82,48 @@ def training_batches(
     return iter(dataset)
 
 
+def fresh_synthetic_batches(
+    seed: int,
+    data_size: int,
+    image_size: int,
+    global_batch: int,
+    start_step: int = 0,
+    worker_count: int = 0,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+) -> Iterator[dict]:
+    """Yields this process's share of every global batch of never-repeating synthetic training pairs.
+
+    Global batch s holds training samples s * global_batch ... (s + 1) * global_batch - 1 of the
+    generator (``synthetic.render_sample(seed, 'train', i, data_size)``; the first num_train of them are
+    the training folder's images), resized bicubically to ``image_size`` like a folder image. Each batch
+    is a dict: image (b, S, S, 3) uint8 and report (b,) object array of strings. A pure function of
+    the step: resuming at step s starts at batch s.
+    """
+    from PIL import Image
+
+    from amvlm_jax.data import synthetic
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch % process_count:
+        raise ValueError(f"batch size {global_batch} is not divisible by the {process_count} processes")
+
+    def render(index: int) -> dict:
+        sample = synthetic.render_sample(seed, "train", int(index), data_size)
+        image = sample.image
+        if image_size != data_size:
+            image = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BICUBIC))
+        return {"image": image, "report": np.asarray(sample.report, dtype=object)}
+
+    stream = grain.MapDataset.range(np.iinfo(np.int32).max).map(render)
+    local = stream[process_index::process_count].batch(global_batch // process_count)[start_step:]
+    dataset = local.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    if worker_count > 0:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(dataset)
+
+
 def evaluation_batches(split: SplitArrays, batch_size: int) -> Iterator[tuple[dict, int]]:
     """Yields (global batch padded to `batch_size`, number of real rows), in order."""
     for start in range(0, len(split), batch_size):

@@ -111,6 +111,7 @@ class SyntheticSample:
     lesion_cells: tuple[tuple[int, int], ...]  # reading order
     distractor_cells: tuple[tuple[int, int], ...]
     background: np.ndarray  # (H, W, 3) uint8, the image without any blob
+    distractor_mask: np.ndarray  # (H, W) uint8, 0 or 255: the distractors' footprints
 
 
 def _sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -234,13 +235,13 @@ def render_sample(seed: int, split: str, index: int, image_size: int = 128) -> S
     edges = _cell_edges(image_size)
     blobs = np.zeros_like(grey)
     mask = np.zeros((image_size, image_size), dtype=np.uint8)
+    distractor_mask = np.zeros_like(mask)
     for cells, is_lesion in ((lesion_cells, True), (distractor_cells, False)):
         for row, col in cells:
             y0, y1, x0, x1 = edges[row], edges[row + 1], edges[col], edges[col + 1]
             offset, footprint = _render_blob(rng, y1 - y0, x1 - x0, image_size, is_lesion)
             blobs[y0:y1, x0:x1] += offset
-            if is_lesion:
-                mask[y0:y1, x0:x1][footprint] = 255
+            (mask if is_lesion else distractor_mask)[y0:y1, x0:x1][footprint] = 255
 
     report = describe(lesion_cells, rng)
 
@@ -254,6 +255,7 @@ def render_sample(seed: int, split: str, index: int, image_size: int = 128) -> S
         lesion_cells=lesion_cells,
         distractor_cells=distractor_cells,
         background=to_rgb(grey),
+        distractor_mask=distractor_mask,
     )
 
 

@@ -76,7 +76,7 @@ def _restore(manager: ocp.CheckpointManager, step: int, state: Any) -> tuple[Any
     return restored.state, restored.meta
 
 
-def _has_step(directory: pathlib.Path) -> bool:
+def has_step(directory: pathlib.Path) -> bool:
     """Whether a manager folder holds a completed step (a save cut short leaves none)."""
     if not directory.is_dir():
         return False
@@ -94,7 +94,7 @@ def _open_step(path: str | pathlib.Path) -> tuple[ocp.CheckpointManager, int, pa
         raise CheckpointError(f"{path}: no such checkpoint")
     if (path / "checkpoints").is_dir():  # A workdir: its best checkpoint, else its latest.
         best = path / "checkpoints" / "best"
-        path = best if _has_step(best) else path / "checkpoints" / "latest"
+        path = best if has_step(best) else path / "checkpoints" / "latest"
     if (path / "state").is_dir() and path.name.isdigit():
         return _manager(path.parent, read_only=True), int(path.name), path
     manager = _manager(path, read_only=True)

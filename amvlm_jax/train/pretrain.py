@@ -489,18 +489,26 @@ def evaluate_retrieval(encode, state, pair_sets: dict, mesh: Mesh, batch_size: i
 # ---------------------------------------------------------------------------
 
 
-def host_batch(raw: dict, tokens: dict, step: int, seed: int, with_augmented_view: bool) -> dict:
-    """A training batch from the pipeline's (image, index) and the token table.
+def host_batch(raw: dict, tokens, step: int, seed: int, with_augmented_view: bool) -> dict:
+    """A training batch from the pipeline's (image, index) and the token table, or from fresh
+    (image, report) pairs and the tokenizer (a ``ReportTokenizer``).
 
     The momentum view is augmented with a generator seeded by (seed, step,
     process), so a resumed run sees the same views.
     """
-    rows = raw["index"]
-    batch = {"image": raw["image"]} | {k: tokens[k][rows] for k in TOKEN_KEYS}
+    if "report" in raw:
+        batch = {"image": raw["image"]} | tokens(list(raw["report"]))
+    else:
+        batch = {"image": raw["image"]} | {k: tokens[k][raw["index"]] for k in TOKEN_KEYS}
     if with_augmented_view:
         rng = np.random.default_rng([seed, step, jax.process_index()])
         batch["image_aug"] = np.stack([pipeline.augment([image], rng)[0] for image in raw["image"]])
     return batch
+
+
+def fresh_pairs(config) -> bool:
+    """Whether pre-training draws new synthetic pairs every step (config.data.synthetic.fresh_pairs)."""
+    return config.data.name == "synthetic" and bool(config.data.synthetic.fresh_pairs)
 
 
 def capped_batch_size(requested: int, num_pairs: int, num_devices: int) -> int:
@@ -552,12 +560,15 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     if val_pairs is not None:
         pair_sets["val"] = (val_pairs.images, tokenizer(val_pairs.reports))
 
-    batch_size = capped_batch_size(pre.batch_size, len(train_pairs), _device_count(config))
+    batch_size = capped_batch_size(pre.batch_size, pre.batch_size if fresh_pairs(config) else len(train_pairs),
+                                   _device_count(config))
     if batch_size != pre.batch_size:
         print(f"only {len(train_pairs)} training pairs: batch size capped from {pre.batch_size} to {batch_size}")
     mesh = parallel.make_mesh(config, batch_size=batch_size)
     steps_per_epoch = max(1, math.ceil(len(train_pairs) / batch_size))
-    print(f"pre-training ({pre.objective}) on {len(train_pairs)} pairs, batch {batch_size}, "
+    pairs = (f"fresh synthetic pairs ({steps_per_epoch * batch_size} an epoch)" if fresh_pairs(config)
+             else f"{len(train_pairs)} pairs")
+    print(f"pre-training ({pre.objective}) on {pairs}, batch {batch_size}, "
           f"{steps_per_epoch} steps per epoch, {mesh.size} device(s)")
 
     model = build_model(config, text_encoder_config(config))
@@ -585,10 +596,18 @@ def train(config, workdir: str | pathlib.Path) -> dict:
 
     train_step = make_train_step(model, config)
     start_step = int(state.step)  # After Ctrl-C the run resumes mid-epoch.
-    batches = pipeline.training_batches(
-        train_pairs, batch_size, seed=config.seed, start_step=start_step,
-        with_mask=False, do_augment=False, worker_count=config.data.worker_count,
-    )
+    if fresh_pairs(config):
+        batches = pipeline.fresh_synthetic_batches(
+            config.data.synthetic.seed, config.data.image_size, size, batch_size, start_step=start_step,
+            worker_count=config.data.worker_count,
+        )
+        token_source = tokenizer
+    else:
+        batches = pipeline.training_batches(
+            train_pairs, batch_size, seed=config.seed, start_step=start_step,
+            with_mask=False, do_augment=False, worker_count=config.data.worker_count,
+        )
+        token_source = train_tokens
     with_view = uses_momentum(config)
     current = {"state": state}  # The newest state, also when an epoch is cut short.
     try:
@@ -599,7 +618,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
             step_metrics = []
             for index in progress:
                 step = epoch * steps_per_epoch + index
-                batch = host_batch(next(batches), train_tokens, step, config.seed, with_view)
+                batch = host_batch(next(batches), token_source, step, config.seed, with_view)
                 state, metrics_now = train_step(current["state"], pipeline.to_global(mesh, batch))
                 current["state"] = state
                 step_metrics.append(metrics_now)

@@ -41,7 +41,7 @@ from amvlm_jax.losses.text_guided import (
     fuse_pseudo_labels,
     text_guided_loss,
 )
-from amvlm_jax.models.text_mask import TextMaskDecoder, text_masks
+from amvlm_jax.models.text_mask import TextMaskDecoder, WordAttentionMaskHead, head_text_masks, text_masks
 from amvlm_jax.config import ConfigError
 from amvlm_jax.data.tokenize import ReportTokenizer
 from amvlm_jax.train import checkpoint, evaluate, loop, supervised
@@ -50,8 +50,8 @@ from amvlm_jax.train.state import TrainState
 
 
 def text_guidance_enabled(config) -> bool:
-    """Whether the job needs the pre-trained encoders (text masks or L_tg)."""
-    return config.ssl.w_text != 0.0 or config.ssl.train_decoder
+    """Whether the job needs the pre-trained encoders (text masks, L_tg or the text head)."""
+    return config.ssl.w_text != 0.0 or config.ssl.train_decoder or bool(config.ssl.text_head)
 
 
 def load_split_pair(config, root: pathlib.Path):
@@ -73,15 +73,14 @@ def load_split_pair(config, root: pathlib.Path):
 
 
 class TextGuidance:
-    """The frozen pre-trained encoders and heads, and the text-mask decoder's definition."""
+    """The frozen pre-trained encoders and heads, and the text mask generator's definition: the decoder
+    of SPEC 5 or, with config.ssl.text_head='words', the word-attention head (``head`` is then set)."""
 
     def __init__(self, config, workdir: pathlib.Path, mesh):
+        """Restores the encoders from config.ssl.pretrained, else <workdir>/pretrain."""
         from amvlm_jax.train import pretrain
 
-        self.model = pretrain.build_model(config, pretrain.text_encoder_config(config))
-        self.tokenizer = ReportTokenizer(pretrain.text_encoder_dir(config), config.pretrain.max_length)
-        self.image_size = pretrain.pretrain_image_size(config)
-        self.decoder = TextMaskDecoder(dtype=jnp.dtype(config.dtype))
+        self._define(config, pretrain.build_model(config, pretrain.text_encoder_config(config)))
         source = pathlib.Path(config.ssl.pretrained or workdir / "pretrain")
         if not source.exists():
             raise ConfigError(
@@ -95,20 +94,62 @@ class TextGuidance:
         self.variables, meta, used = checkpoint.restore_variables(source, target)
         print(f"text guidance from {used} (pre-trained {meta.get('epoch')} epochs)")
 
+    @classmethod
+    def from_variables(cls, config, model, variables: dict) -> "TextGuidance":
+        """Guidance from encoders held in memory ({'params', 'batch_stats'} of ``model``), no checkpoint."""
+        guidance = cls.__new__(cls)
+        guidance._define(config, model)
+        guidance.variables = variables
+        return guidance
+
+    def _define(self, config, model) -> None:
+        from amvlm_jax.train import pretrain
+
+        self.model = model
+        self.tokenizer = ReportTokenizer(pretrain.text_encoder_dir(config), config.pretrain.max_length)
+        self.image_size = pretrain.pretrain_image_size(config)
+        self.decoder = TextMaskDecoder(dtype=jnp.dtype(config.dtype))
+        self.head = WordAttentionMaskHead(dtype=jnp.dtype(config.dtype)) if config.ssl.text_head == "words" else None
+        self.withhold_reports = bool(config.ssl.withhold_reports)
+
     def init_decoder(self, rng):
         grid = self.image_size // 16
         dummy = jnp.zeros((1, grid, grid, self.model.embed_dim), jnp.float32)
         return self.decoder.init(rng, dummy)["params"]
 
-    def encode(self, variables, images, tokens):
-        """Frozen features: patch map (B, h, w, D) and report embeddings t (B, D)."""
+    def init_generator(self, rng) -> dict:
+        """The trained part of the text mask generator: {'head'} or {'decoder', 'log_scale'}."""
+        if self.head is None:
+            return {"decoder": self.init_decoder(rng), "log_scale": jnp.asarray(INITIAL_LOG_SCALE, jnp.float32)}
+        grid, length = self.image_size // 16, self.tokenizer.max_length - 1
+        dims = self.model.embed_dim
+        return {"head": self.head.init(rng, jnp.zeros((1, grid, grid, dims)), jnp.zeros((1, length, dims)),
+                                       jnp.ones((1, length)))["params"]}
+
+    def head_inputs(self, variables, images, tokens):
+        """Frozen inputs of the word-attention head for images (B, H, W, 3) in [0, 1] and their reports:
+        patch map (B, h, w, D), word embeddings T (B, W, D) (zeros when config.ssl.withhold_reports) and
+        the word mask (B, W)."""
+        text = self.model.apply(variables, tokens, False, method=self.model.encode_text)
+        words = jnp.zeros_like(text["T"]) if self.withhold_reports else text["T"]
+        return self.patch_map(variables, images), jax.lax.stop_gradient(words), text["word_mask"]
+
+    def head_logits(self, head_params, variables, images, tokens):
+        """The word-attention head's logits (B, h, w)."""
+        return self.head.apply({"params": head_params}, *self.head_inputs(variables, images, tokens))
+
+    def patch_map(self, variables, images):
+        """Frozen patch embeddings V of images (B, H, W, 3) in [0, 1] as a map (B, h, w, D)."""
         if images.shape[1] != self.image_size:
             images = jax.image.resize(images, (images.shape[0], self.image_size, self.image_size, 3), "bilinear")
         image = self.model.apply(variables, images, False, method=self.model.encode_image)
-        text = self.model.apply(variables, tokens, False, method=self.model.encode_text)
         grid = self.image_size // 16
-        patch_map = image["V"].reshape(images.shape[0], grid, grid, -1)
-        return jax.lax.stop_gradient(patch_map), jax.lax.stop_gradient(text["t"])
+        return jax.lax.stop_gradient(image["V"].reshape(images.shape[0], grid, grid, -1))
+
+    def encode(self, variables, images, tokens):
+        """Frozen features: patch map (B, h, w, D) and report embeddings t (B, D)."""
+        text = self.model.apply(variables, tokens, False, method=self.model.encode_text)
+        return self.patch_map(variables, images), jax.lax.stop_gradient(text["t"])
 
 
 def report_tokens(batch: dict, prefix: str = "report_") -> dict:
@@ -146,19 +187,97 @@ def fuse(p_teacher, p_text, w_text: float, num_classes: int):
 
 
 def text_mask_outputs(guidance: TextGuidance, trained: dict, frozen, images, tokens, constant: float = 0.0) -> tuple:
-    """(L_tg, text-mask dict of ``text_masks``) of images (B, H, W, 3) in [0, 1] with their reports.
+    """(L_tg, text-mask dict) of images (B, H, W, 3) in [0, 1] with their reports.
 
-    trained: {'decoder': params, 'log_scale': l}; the gradient of L_tg
-    reaches only these. constant > 0 replaces every p_text by that value
+    trained: {'decoder': params, 'log_scale': l} (the dict of ``text_masks``;
+    the gradient of L_tg reaches only these) or, with the word-attention
+    head, {'head': params} (the dict of ``head_text_masks``; L_tg is None).
+    constant > 0 replaces every p_text by that value
     (config.ssl.constant_text_mask: a control that keeps the fusion's mean
     shift and removes all location information); L_tg is unchanged.
     """
-    patch_map, reports = guidance.encode(frozen, images, tokens)
-    dense = guidance.decoder.apply({"params": trained["decoder"]}, patch_map)
-    masks = text_masks(dense, reports, images, images.shape[1])
+    if guidance.head is not None:
+        tg_loss, masks = None, head_text_masks(guidance.head_logits(trained["head"], frozen, images, tokens), images.shape[1])
+    else:
+        patch_map, reports = guidance.encode(frozen, images, tokens)
+        dense = guidance.decoder.apply({"params": trained["decoder"]}, patch_map)
+        masks = text_masks(dense, reports, images, images.shape[1])
+        tg_loss = text_guided_loss(dense, masks["soft"], reports, trained["log_scale"])
     if constant > 0.0:
         masks["p_text"] = jnp.full_like(masks["p_text"], constant)
-    return text_guided_loss(dense, masks["soft"], reports, trained["log_scale"]), masks
+    return tg_loss, masks
+
+
+def generator_params(guidance: TextGuidance | None, extra) -> dict | None:
+    """The text mask generator's trained variables in a state's ``extra`` (without optimiser state)."""
+    if guidance is None:
+        return None
+    return {k: extra[k] for k in (("head",) if guidance.head is not None else ("decoder", "log_scale"))}
+
+
+def fit_text_head(config, guidance: TextGuidance, labeled_split, mesh, rng) -> dict:
+    """Fits the word-attention head on the labelled images' masks with their own reports; its params.
+
+    The images are not augmented (a report names places). The frozen
+    encoders' features are computed once; ``fit_mask_head`` does the rest
+    (config.ssl.text_head_steps Adam steps at ssl.text_head_lr, batches of
+    train.batch_size images drawn by a generator seeded by config.seed).
+    """
+    if labeled_split.masks is None or len(labeled_split) == 0:
+        raise ConfigError("config.ssl.text_head='words' needs labelled training images")
+    tokens = guidance.tokenizer(labeled_split.reports)
+    features = jax.jit(lambda variables, images, batch_tokens: guidance.head_inputs(
+        variables, images.astype(jnp.float32) / 255.0, batch_tokens))
+    chunk = max(1, config.train.eval_batch_size)
+    parts = [features(guidance.variables, *replicate(
+        mesh, (labeled_split.images[a:a + chunk], {k: v[a:a + chunk] for k, v in tokens.items()})))
+        for a in range(0, len(labeled_split), chunk)]
+    inputs = tuple(jnp.concatenate(p) for p in zip(*parts))
+    targets = (labeled_split.masks > 0).astype(np.float32)
+    params, loss = fit_mask_head(guidance.head, guidance.init_generator(rng)["head"], inputs, targets,
+                                 config.ssl.text_head_steps, config.ssl.text_head_lr, config.train.batch_size,
+                                 config.seed, mesh)
+    print(f"text head fitted on {len(labeled_split)} labelled images"
+          f"{' with the reports withheld' if guidance.withhold_reports else ''}: "
+          f"{config.ssl.text_head_steps} steps, last batch loss {loss:.4f}")
+    return params
+
+
+def fit_mask_head(head, params, inputs: tuple, targets, steps: int, lr: float, batch_size: int, seed: int, mesh=None):
+    """(params, last loss) after ``steps`` Adam steps of ``head`` on Dice + weighted BCE (the U-Net's loss)
+    of its logits, resized to the targets' size, against ``targets`` (N, H, W) in {0, 1}.
+
+    inputs: the head's arguments for all N images, (patch map (N, h, w, D), words (N, W, E), word mask
+    (N, W)). Each step takes min(batch_size, N) distinct images drawn by a generator seeded by seed.
+    """
+    from tqdm import tqdm
+
+    tx = optax.adam(lr)
+    inputs = tuple(jnp.asarray(x) for x in inputs)
+    targets = jnp.asarray(targets) if mesh is None else replicate(mesh, np.asarray(targets))
+    count, image_size = targets.shape[0], targets.shape[1:]
+
+    @jax.jit
+    def step(params, opt_state, rows):
+        def loss_fn(p):
+            logits = head.apply({"params": p}, *(x[rows] for x in inputs))
+            return segmentation_loss(head_text_masks(logits, image_size)["logits"][..., None], targets[rows])
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = tx.init(params)
+    draw = np.random.default_rng([seed, 2])
+    batch = min(batch_size, count)
+    progress = tqdm(range(steps), desc="fitting the text head", leave=False)
+    loss = jnp.zeros(())
+    for index in progress:
+        rows = draw.choice(count, batch, replace=False)
+        params, opt_state, loss = step(params, opt_state, rows if mesh is None else replicate(mesh, rows))
+        if (index + 1) % 100 == 0:
+            progress.set_postfix(loss=f"{float(loss):.4f}")
+    return params, float(loss)
 
 
 def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx, steps_per_epoch: int = 1):
@@ -173,7 +292,7 @@ def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx, step
     w_text = float(config.ssl.w_text)
     u_weight, rampup_steps = float(config.ssl.unlabeled_weight), round(config.ssl.rampup_epochs * steps_per_epoch)
     split_loss = u_weight != 1.0 or rampup_steps > 0
-    train_decoder = bool(config.ssl.train_decoder) and guidance is not None
+    train_decoder = bool(config.ssl.train_decoder) and guidance is not None and guidance.head is None
     max_alpha = float(config.ssl.ema_max_alpha)
 
     def ssl_step(state: TrainState, frozen, batch):
@@ -189,7 +308,7 @@ def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx, step
                 tg_loss, masks = text_mask_outputs(guidance, trained, frozen, x_u, tokens, config.ssl.constant_text_mask)
                 return tg_loss, masks["p_text"]
 
-            trained = {"decoder": extra["decoder"], "log_scale": extra["log_scale"]}
+            trained = generator_params(guidance, extra)
             if train_decoder:
                 (tg_loss, p_text), grads = jax.value_and_grad(decoder_loss, has_aux=True)(trained)
                 updates, decoder_opt = decoder_tx.update(grads, extra["opt_state"], trained)
@@ -257,7 +376,7 @@ def make_picture_panels(config, model, guidance: TextGuidance | None, mesh, spli
 
     def panels(state, rows):
         batch = evaluate.rows_batch(mesh, arrays, rows)
-        trained = None if guidance is None else {"decoder": state.extra["decoder"], "log_scale": state.extra["log_scale"]}
+        trained = generator_params(guidance, state.extra)
         frozen = None if guidance is None else guidance.variables
         predicted = predict_step(state.params, state.batch_stats, batch["image"])
         pseudo, p_text = guided(state.ema, trained, frozen, batch)
@@ -333,7 +452,7 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
     template, _ = create_state(config, model, guidance, steps_per_epoch=1)
     target = {"ema": template.ema, "params": template.params, "batch_stats": template.batch_stats}
     if guidance is not None:
-        target["extra"] = {"decoder": template.extra["decoder"], "log_scale": template.extra["log_scale"]}
+        target["extra"] = generator_params(guidance, template.extra)
     restored, meta, used = checkpoint.restore_variables(source, replicate(mesh, target))
     print(f"scoring the pseudo-labels of {used} (epoch {meta.get('epoch')})")
     trained = restored.get("extra")
@@ -407,9 +526,10 @@ def create_state(config, model, guidance: TextGuidance | None, steps_per_epoch: 
     teacher = {"params": student.params, "batch_stats": student.batch_stats}
     extra = None
     decoder_tx = optax.adam(config.ssl.decoder_lr or config.train.lr)
-    if guidance is not None:
-        trained = {"decoder": guidance.init_decoder(jax.random.PRNGKey(config.seed + 1)),
-                   "log_scale": jnp.asarray(INITIAL_LOG_SCALE, jnp.float32)}
+    if guidance is not None and guidance.head is not None:
+        extra = guidance.init_generator(jax.random.PRNGKey(config.seed + 1))  # Fitted by fit_text_head.
+    elif guidance is not None:
+        trained = guidance.init_generator(jax.random.PRNGKey(config.seed + 1))
         extra = {**trained, "opt_state": decoder_tx.init(trained)}
     return student.replace(ema=jax.tree.map(jnp.copy, teacher), extra=extra), decoder_tx
 
@@ -447,6 +567,10 @@ def train(config, workdir: str | pathlib.Path) -> dict:
 
     model = supervised.build_unet(config)
     state, decoder_tx = create_state(config, model, guidance, steps_per_epoch)
+    if guidance is not None and guidance.head is not None and not checkpoint.has_step(workdir / "checkpoints" / "latest"):
+        # A resumed run restores the fitted head with the rest of the state.
+        head = fit_text_head(config, guidance, labeled_split, mesh, jax.random.PRNGKey(config.seed + 1))
+        state = state.replace(extra={"head": head})
     state = replicate(mesh, state)
 
     def make_batches(start_step):
