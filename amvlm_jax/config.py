@@ -153,7 +153,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Where the text masks come from. '' (the paper, SPEC 5): the decoder on V, trained on L_tg when
     # train_decoder. 'words' (beyond the paper, off in every paper configuration): a head on the frozen V and
     # the report's word embeddings (models/text_mask.WordAttentionMaskHead) fitted on the labelled images'
-    # masks with their own reports, un-augmented, before the mean teacher starts; then frozen. L_tg and the decoder are not used, whatever train_decoder says.
+    # masks with their own reports, un-augmented, before the mean teacher starts; then frozen. L_tg and the
+    # decoder are not used, whatever train_decoder says.
     config.ssl.text_head = ""
     config.ssl.text_head_steps = 2000  # 'words': Adam steps of the fit, batches of train.batch_size labelled images.
     config.ssl.text_head_lr = 1e-3

@@ -436,7 +436,8 @@ def test_text_head_is_fitted_on_labelled_masks_before_the_mean_teacher_and_kept_
     restored, _, _ = checkpoint.restore_variables(tmp_path / "checkpoints" / "latest", replicate(mesh, template))
     assert set(restored["extra"]) == {"head"}
     labeled, _ = ssl.load_split_pair(config, pre_dir / "data")
-    refit = ssl.fit_text_head(config, guidance, labeled, mesh, jax.random.PRNGKey(config.seed + 1))
+    refit = ssl.fit_text_head(config, guidance, labeled, mesh,
+                              guidance.init_generator(jax.random.PRNGKey(config.seed + 1))["head"])
     for a, b in zip(jax.tree.leaves(restored["extra"]["head"]), jax.tree.leaves(refit)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 

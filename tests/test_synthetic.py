@@ -270,6 +270,7 @@ def test_distractor_masks_lie_in_the_distractor_cells_and_the_pixel_tool_counts_
     assert cells == set(sample.distractor_cells)
     assert not np.any((sample.distractor_mask > 0) & (sample.mask > 0))
     assert set(np.unique(sample.distractor_mask)) == {0, 255}
+    assert synthetic.file_index(synthetic.file_name(12)) == 12 and synthetic.file_index("syn_00007.png") == 7
 
     spec = importlib.util.spec_from_file_location(
         "synthetic_pixels_tool", pathlib.Path(__file__).resolve().parent.parent / "tools" / "synthetic_pixels.py")

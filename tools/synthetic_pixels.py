@@ -62,8 +62,7 @@ def main(config):
         probability = np.asarray(gather_to_host(predict(variables["params"], variables["batch_stats"], batch["image"])))
         predicted.append(probability[: len(rows)] > 0.5)
     size = config.data.image_size
-    distractor = np.stack([synthetic.render_sample(config.data.synthetic.seed, split_name,
-                                                   int(pathlib.Path(n).stem[len(synthetic.FILE_PREFIX):]), size)
+    distractor = np.stack([synthetic.render_sample(config.data.synthetic.seed, split_name, synthetic.file_index(n), size)
                            .distractor_mask > 0 for n in split.names])
     fractions = marked_fractions(np.concatenate(predicted), split.masks > 0, distractor)
     result = {"checkpoint": str(used), "epoch": meta.get("epoch"), "split": split_name, "images": len(split), **fractions}

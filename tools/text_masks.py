@@ -56,13 +56,6 @@ def patch_cells(grid: int, image_size: int):
     return (cell_of[:, None] * synthetic.GRID_SIZE + cell_of[None, :]).ravel()
 
 
-def synthetic_index(name: str) -> int:
-    """Generator index of a synthetic file name (syn_00012.png -> 12)."""
-    from amvlm_jax.data import synthetic
-
-    return int(pathlib.Path(name).stem[len(synthetic.FILE_PREFIX):])
-
-
 def synthetic_cells(names, split: str, seed: int, image_size: int):
     """(lesion, distractor): (N, 9) 0/1 arrays of the cells the generator drew for each file name, row-major."""
     import numpy as np
@@ -72,7 +65,7 @@ def synthetic_cells(names, split: str, seed: int, image_size: int):
     cells = synthetic.GRID_SIZE**2
     lesion, distractor = np.zeros((len(names), cells)), np.zeros((len(names), cells))
     for b, name in enumerate(names):
-        sample = synthetic.render_sample(seed, split, synthetic_index(name), image_size)
+        sample = synthetic.render_sample(seed, split, synthetic.file_index(name), image_size)
         for target, drawn in ((lesion, sample.lesion_cells), (distractor, sample.distractor_cells)):
             for row, col in drawn:
                 target[b, row * synthetic.GRID_SIZE + col] = 1.0
@@ -344,7 +337,7 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25, 
         from amvlm_jax.data import synthetic
 
         size = config.data.image_size
-        distractor = np.stack([synthetic.render_sample(config.data.synthetic.seed, split_name, synthetic_index(name), size)
+        distractor = np.stack([synthetic.render_sample(config.data.synthetic.seed, split_name, synthetic.file_index(name), size)
                                .distractor_mask > 0 for name in split.names])
         lesion = split.masks > 0
         own = np.einsum("bhwd,bd->bhw", features["maps"], features["reports"])

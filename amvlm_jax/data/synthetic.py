@@ -263,6 +263,11 @@ def file_name(index: int) -> str:
     return f"{FILE_PREFIX}{index:05d}.png"
 
 
+def file_index(name: str) -> int:
+    """Generator index of a file ``file_name`` wrote (syn_00012.png -> 12)."""
+    return int(pathlib.Path(name).stem[len(FILE_PREFIX):])
+
+
 def _split_sizes(num_train: int, num_val: int, num_test: int) -> dict[str, int]:
     return {"train": num_train, "val": num_val, "test": num_test}
 

@@ -215,8 +215,9 @@ def generator_params(guidance: TextGuidance | None, extra) -> dict | None:
     return {k: extra[k] for k in (("head",) if guidance.head is not None else ("decoder", "log_scale"))}
 
 
-def fit_text_head(config, guidance: TextGuidance, labeled_split, mesh, rng) -> dict:
-    """Fits the word-attention head on the labelled images' masks with their own reports; its params.
+def fit_text_head(config, guidance: TextGuidance, labeled_split, mesh, initial: dict) -> dict:
+    """Fits the word-attention head, from its ``initial`` params, on the labelled images' masks with
+    their own reports; its params.
 
     The images are not augmented (a report names places). The frozen
     encoders' features are computed once; ``fit_mask_head`` does the rest
@@ -234,7 +235,7 @@ def fit_text_head(config, guidance: TextGuidance, labeled_split, mesh, rng) -> d
         for a in range(0, len(labeled_split), chunk)]
     inputs = tuple(jnp.concatenate(p) for p in zip(*parts))
     targets = (labeled_split.masks > 0).astype(np.float32)
-    params, loss = fit_mask_head(guidance.head, guidance.init_generator(rng)["head"], inputs, targets,
+    params, loss = fit_mask_head(guidance.head, initial, inputs, targets,
                                  config.ssl.text_head_steps, config.ssl.text_head_lr, config.train.batch_size,
                                  config.seed, mesh)
     print(f"text head fitted on {len(labeled_split)} labelled images"
@@ -526,11 +527,10 @@ def create_state(config, model, guidance: TextGuidance | None, steps_per_epoch: 
     teacher = {"params": student.params, "batch_stats": student.batch_stats}
     extra = None
     decoder_tx = optax.adam(config.ssl.decoder_lr or config.train.lr)
-    if guidance is not None and guidance.head is not None:
-        extra = guidance.init_generator(jax.random.PRNGKey(config.seed + 1))  # Fitted by fit_text_head.
-    elif guidance is not None:
-        trained = guidance.init_generator(jax.random.PRNGKey(config.seed + 1))
-        extra = {**trained, "opt_state": decoder_tx.init(trained)}
+    if guidance is not None:
+        extra = guidance.init_generator(jax.random.PRNGKey(config.seed + 1))  # The head: fitted by fit_text_head.
+        if guidance.head is None:  # The decoder trains on L_tg with its own Adam.
+            extra["opt_state"] = decoder_tx.init(extra)
     return student.replace(ema=jax.tree.map(jnp.copy, teacher), extra=extra), decoder_tx
 
 
@@ -569,7 +569,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     state, decoder_tx = create_state(config, model, guidance, steps_per_epoch)
     if guidance is not None and guidance.head is not None and not checkpoint.has_step(workdir / "checkpoints" / "latest"):
         # A resumed run restores the fitted head with the rest of the state.
-        head = fit_text_head(config, guidance, labeled_split, mesh, jax.random.PRNGKey(config.seed + 1))
+        head = fit_text_head(config, guidance, labeled_split, mesh, state.extra["head"])
         state = state.replace(extra={"head": head})
     state = replicate(mesh, state)
 
