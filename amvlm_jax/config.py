@@ -7,6 +7,10 @@ overrides; an unknown key is an error.
 
 from __future__ import annotations
 
+import functools
+import math
+import numbers
+
 import ml_collections
 
 MODES = ("supervised", "evaluate", "pretrain", "ssl", "all")
@@ -66,7 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.picture_images = 4
 
     config.eval = ml_collections.ConfigDict()
-    config.eval.checkpoint = ""  # Orbax checkpoint (step dir, manager dir or workdir); '' = workdir's best.
+    # Orbax checkpoint (step dir, manager dir or workdir); '' = workdir's best. The model, data and ssl
+    # fields come from the config recorded in the checkpoint (see config.with_recorded); data.root on the
+    # command line evaluates on other data.
+    config.eval.checkpoint = ""
     config.eval.splits = ("val", "test")  # Splits evaluated; missing ones are reported and skipped.
     # For a mean-teacher checkpoint also score its text masks, teacher and fused pseudo-labels
     # against the held-back masks of the unlabeled images and on val (guidance.json).
@@ -150,6 +157,10 @@ def base_config() -> ml_collections.ConfigDict:
     # > 0: every text mask is replaced by this constant probability (a control: the fusion's mean
     # shift without any location information).
     config.ssl.constant_text_mask = 0.0
+    # Added to every text mask's logit before the fusion (beyond the paper; 0 in every paper configuration):
+    # logit(c) puts the text term on top of the constant control at level c, so that the masks' location
+    # information is what separates the two (docs/results.md).
+    config.ssl.text_logit_offset = 0.0
     # Where the text masks come from. '' (the paper, SPEC 5): the decoder on V, trained on L_tg when
     # train_decoder. 'words' (beyond the paper, off in every paper configuration): a head on the frozen V and
     # the report's word embeddings (models/text_mask.WordAttentionMaskHead) fitted on the labelled images'
@@ -191,50 +202,286 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+# Sections a checkpoint's recorded config decides when it is evaluated or its encoders are reused.
+RECORDED_SECTIONS = ("unet", "pretrain", "data", "ssl")
+
+
+def with_recorded(config: ml_collections.ConfigDict, recorded: dict, sections=RECORDED_SECTIONS,
+                  keep_data_root: bool = False) -> ml_collections.ConfigDict:
+    """A copy of ``config`` whose ``sections`` hold the values of ``recorded`` (a checkpoint's config as
+    JSON); fields the recorded config lacks (written by older code) keep their current values.
+    ``keep_data_root`` keeps the current data.name / data.root (the user asked for other data)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    keep = {"name": config.data.name, "root": config.data.root}
+    for section in sections:
+        if isinstance(recorded.get(section), dict):
+            _assign(config[section], recorded[section])
+    if keep_data_root:
+        config.data.update(keep)
+    return config
+
+
+def _assign(node: ml_collections.ConfigDict, values: dict) -> None:
+    for key, value in values.items():
+        if key not in node:
+            continue
+        if isinstance(node[key], ml_collections.ConfigDict):
+            if isinstance(value, dict):
+                _assign(node[key], value)
+        else:
+            node[key] = tuple(value) if isinstance(node[key], tuple) and isinstance(value, list) else value
+
+
+# ---------------------------------------------------------------------------
+# Validation: every field of base_config() is checked for a value of the
+# wrong type or range (the table), then the relations between fields.
+# ---------------------------------------------------------------------------
+
+SEED_MAX = 2**31 - 1  # config.seed + 7920 must stay a valid grain seed (< 2**32).
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(low: int, high: int | None = None):
+    if high is None:
+        return (lambda v: _is_int(v) and v >= low), f"an integer >= {low}"
+    return (lambda v: _is_int(v) and low <= v <= high), f"an integer in [{low}, {high}]"
+
+
+def _number(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """A finite number in the interval: [low, inf) or (low, inf) when high is None."""
+
+    def test(v):
+        return (_is_number(v) and (v > low if low_open else v >= low)
+                and (high is None or (v < high if high_open else v <= high)))
+
+    if high is None:
+        return test, f"a finite number {'>' if low_open else '>='} {low:g}"
+    return test, f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def _one_of(*options, allowed: str | None = None):
+    quoted = [repr(o) for o in options]
+    return (lambda v: isinstance(v, str) and v in options), allowed or (
+        ", ".join(quoted[:-1]) + f" or {quoted[-1]}" if len(quoted) > 1 else quoted[0])
+
+
+def _sequence_of(names):
+    return (lambda v: isinstance(v, (tuple, list)) and all(isinstance(s, str) and s in names for s in v),
+            "a tuple of split names from " + ", ".join(repr(n) for n in names))
+
+
+_STRING = (lambda v: isinstance(v, str)), "a string"
+_BOOL = (lambda v: isinstance(v, bool)), "True or False"
+_DEVICES = (lambda v: _is_int(v) and (v == -1 or v >= 1)), "-1 or an integer >= 1"
+_PATCH_MULTIPLE = (lambda v: _is_int(v) and v >= 16 and v % 16 == 0), "a positive multiple of 16"
+_BETAS = ((lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v)),
+          "two values in [0, 1)")
+
+
+@functools.cache
+def _field_checks() -> tuple:
+    """(field path below config, test, what is allowed) for every field of base_config()."""
+    from amvlm_jax.losses.alignment import INVERSIONS
+    from amvlm_jax.models.vit import VIT_VARIANTS
+
+    positive, non_negative = _number(0, low_open=True), _number(0)
+    return (
+        ("seed", *_integer(0, SEED_MAX)),
+        ("data.name", *_STRING),
+        ("data.root", *_STRING),
+        ("data.image_size", *_PATCH_MULTIPLE),
+        ("data.num_classes", *_integer(1)),
+        ("data.labeled_fraction", *_number(0, 1, low_open=True)),
+        ("data.split_seed", *_integer(0)),
+        ("data.worker_count", *_integer(0)),
+        ("data.read_threads", *_integer(1)),
+        ("data.synthetic.num_train", *_integer(1)),
+        ("data.synthetic.num_val", *_integer(0)),
+        ("data.synthetic.num_test", *_integer(0)),
+        ("data.synthetic.seed", *_integer(0)),
+        ("data.synthetic.fresh_pairs", *_BOOL),
+        ("unet.base_width", *_integer(1)),
+        ("unet.architecture", *_one_of("authors", "textbook")),
+        ("train.batch_size", *_integer(1)),
+        ("train.epochs", *_integer(1)),
+        ("train.lr", *positive),
+        ("train.min_lr", *non_negative),
+        ("train.restart_epochs", *_integer(1)),
+        ("train.eval_every_epochs", *_integer(0)),  # 0: only after the last epoch.
+        ("train.log_every_steps", *_integer(1)),
+        ("train.eval_batch_size", *_integer(1)),
+        ("train.precise_bn_images", *_integer(0)),
+        ("train.picture_every_epochs", *_integer(0)),
+        ("train.picture_images", *_integer(0)),
+        ("eval.checkpoint", *_STRING),
+        ("eval.splits", *_sequence_of(("train", "val", "test"))),
+        ("eval.guidance", *_BOOL),
+        ("pretrain.objective", *_one_of("amvlm", "mgca")),
+        ("pretrain.vit", *_one_of(*VIT_VARIANTS)),
+        ("pretrain.vit_weights", *_STRING),
+        ("pretrain.text_encoder", *_STRING),
+        ("pretrain.text_layers", *_integer(1)),
+        # [CLS], at least one word and [SEP].
+        ("pretrain.max_length", *_integer(3)),
+        ("pretrain.image_size", (lambda v: v == 0 or _PATCH_MULTIPLE[0](v)),
+         "0 (= data.image_size) or a positive multiple of 16"),
+        ("pretrain.embed_dim", *_integer(1)),
+        ("pretrain.batch_size", *_integer(1)),
+        ("pretrain.epochs", *_integer(1)),
+        ("pretrain.lr", *positive),
+        ("pretrain.optimizer", *_one_of("adam", "adamw")),
+        ("pretrain.adam_betas", *_BETAS),
+        ("pretrain.weight_decay", *non_negative),
+        ("pretrain.schedule", *_one_of("constant", "warmup_cosine")),
+        ("pretrain.warmup_fraction", *_number(0, 1)),
+        ("pretrain.min_lr", *non_negative),
+        ("pretrain.image_lr", *non_negative),
+        ("pretrain.temperature", *positive),
+        ("pretrain.momentum", *_number(0, 1)),
+        ("pretrain.local_inversion", *_one_of(*INVERSIONS)),
+        ("pretrain.use_pdt", *_BOOL),
+        *((f"pretrain.weights.{term}", *non_negative) for term in ("ita", "css", "local", "icl")),
+        *((f"pretrain.mgca.{term}", *non_negative) for term in ("ita", "cta", "cpa")),
+        ("pretrain.mgca.cta_temperature", *positive),
+        ("pretrain.mgca.num_prototypes", *_integer(1)),
+        ("pretrain.mgca.sinkhorn_epsilon", *positive),
+        ("pretrain.mgca.sinkhorn_iterations", *_integer(0)),
+        ("pretrain.mgca.prototype_temperature", *positive),
+        ("pretrain.mgca.freeze_prototypes_epochs", *_integer(0)),
+        ("pretrain.log_every_steps", *_integer(1)),
+        ("pretrain.checkpoint_every_epochs", *_integer(1)),
+        ("pretrain.vit_width", *_integer(0)),
+        ("pretrain.vit_depth", *_integer(0)),
+        ("pretrain.vit_heads", *_integer(0)),
+        ("pretrain.text_weights_init", *_one_of("pretrained", "random")),
+        ("pretrain.text_hidden", *_integer(0)),
+        ("pretrain.text_heads", *_integer(0)),
+        ("pretrain.head_hidden", *_integer(1)),
+        ("pretrain.pdt_heads", *_integer(1)),
+        ("pretrain.pdt_dropout", *_number(0, 1, high_open=True)),
+        ("pretrain.remat", *_BOOL),
+        ("pretrain.vit_attention", *_one_of("auto", "xla", "cudnn")),
+        ("pretrain.text_embedding_grad", *_one_of("auto", "scatter", "one_hot")),
+        ("ssl.w_text", *non_negative),
+        ("ssl.train_decoder", *_BOOL),
+        ("ssl.decoder_lr", *non_negative),  # 0 = train.lr.
+        ("ssl.pretrained", *_STRING),
+        ("ssl.teacher_norm", *_one_of("batch", "ema")),
+        ("ssl.ema_max_alpha", *_number(0, 1, high_open=True)),
+        ("ssl.constant_text_mask", *_number(0, 1, high_open=True)),
+        ("ssl.text_logit_offset", (lambda v: _is_number(v)), "a finite number"),
+        ("ssl.text_head", *_one_of("", "words", allowed="'' (the paper's decoder) or 'words'")),
+        ("ssl.text_head_steps", *_integer(1)),
+        ("ssl.text_head_lr", *positive),
+        ("ssl.withhold_reports", *_BOOL),
+        ("ssl.unlabeled_weight", *non_negative),
+        ("ssl.rampup_epochs", *non_negative),
+        ("mesh.data", *_DEVICES),
+        ("mesh.fsdp", *_DEVICES),
+        ("mesh.fsdp_min_size", *_integer(0)),
+        ("distributed.mode", *_one_of("auto", "on", "off")),
+        ("distributed.coordinator_address", (lambda v: isinstance(v, str) and (not v or _is_host_port(v))),
+         "'' or 'host:port'"),
+        ("distributed.num_processes", *_integer(0)),
+        ("distributed.process_id", *_integer(-1)),  # -1 = $JAX_PROCESS_ID.
+        ("distributed.cpu_collectives", *_one_of("", "gloo", "mpi", "megascale")),
+        ("dtype", *_one_of("float32", "bfloat16")),
+        ("compilation_cache", *_STRING),
+    )
+
+
+def _is_host_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+def _field(config, path: str):
+    """The value at `path` (dotted, below config); a ConfigError when a section on the way is missing."""
+    node, parts = config, path.split(".")
+    for depth, part in enumerate(parts):
+        if not hasattr(node, "keys") or part not in node:
+            where = ".".join(["config", *parts[:depth]])
+            got = "has no such field" if hasattr(node, "keys") else f"is {node!r}, not a section"
+            raise ConfigError(f"config.{path} is missing: {where} {got}")
+        node = node[part]
+    return node
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError for values no run can use."""
+    """Raises ConfigError for values no run can use.
+
+    Each message is one line naming the field (config.section.field), the
+    value and what is allowed: first the mode, then every field's type and
+    range (``_field_checks``), then the relations between fields.
+    """
     if config.mode not in MODES:
         raise ConfigError(f"config.mode '{config.mode}' is not one of {', '.join(MODES)}")
-    if config.data.num_classes < 1:
-        raise ConfigError(f"config.data.num_classes must be >= 1, got {config.data.num_classes}")
-    if config.data.image_size % 16:
-        raise ConfigError(f"config.data.image_size must be a multiple of 16, got {config.data.image_size}")
-    if config.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"config.dtype must be 'float32' or 'bfloat16', got '{config.dtype}'")
-    if config.pretrain.vit_attention not in ("auto", "xla", "cudnn"):
-        raise ConfigError("config.pretrain.vit_attention must be 'auto', 'xla' or 'cudnn', "
-                          f"got '{config.pretrain.vit_attention}'")
-    if config.pretrain.text_embedding_grad not in ("auto", "scatter", "one_hot"):
-        raise ConfigError("config.pretrain.text_embedding_grad must be 'auto', 'scatter' or 'one_hot', "
-                          f"got '{config.pretrain.text_embedding_grad}'")
-    if config.pretrain.vit_attention == "cudnn" and config.dtype != "bfloat16":
+    for path, test, allowed in _field_checks():
+        value = _field(config, path)
+        if not test(value):
+            raise ConfigError(f"config.{path} must be {allowed}, got {value!r}")
+
+    # data.image_size below the synthetic generator's minimum is checked where the data is written
+    # (datasets.data_root): tools/benchmark.py runs such configs on in-memory batches.
+    data, train, pre, ssl = config.data, config.train, config.pretrain, config.ssl
+    if data.synthetic.fresh_pairs and data.name != "synthetic":
+        raise ConfigError(f"config.data.synthetic.fresh_pairs needs data.name='synthetic', got '{data.name}'")
+    if train.min_lr > train.lr:
+        raise ConfigError(f"config.train.min_lr must be <= config.train.lr ({train.lr!r}), got {train.min_lr!r}")
+    if train.picture_every_epochs and train.picture_images < 1:
+        raise ConfigError(f"config.train.picture_images must be >= 1 while config.train.picture_every_epochs > 0 "
+                          f"(0 turns the pictures off), got {train.picture_images}")
+    if pre.vit_attention == "cudnn" and config.dtype != "bfloat16":
         raise ConfigError("config.pretrain.vit_attention='cudnn' needs config.dtype='bfloat16' (cuDNN's fused attention)")
-    if config.ssl.teacher_norm not in ("batch", "ema"):
-        raise ConfigError(f"config.ssl.teacher_norm must be 'batch' or 'ema', got '{config.ssl.teacher_norm}'")
-    if config.ssl.text_head not in ("", "words"):
-        raise ConfigError(f"config.ssl.text_head must be '' (the paper's decoder) or 'words', got '{config.ssl.text_head}'")
-    if config.ssl.withhold_reports and config.ssl.text_head != "words":
-        raise ConfigError("config.ssl.withhold_reports needs config.ssl.text_head='words'")
-    if config.ssl.text_head and (config.ssl.text_head_steps < 1 or config.ssl.text_head_lr <= 0):
-        raise ConfigError("config.ssl.text_head_steps and config.ssl.text_head_lr must be positive, got "
-                          f"{config.ssl.text_head_steps} and {config.ssl.text_head_lr}")
-    if not 0.0 <= config.ssl.ema_max_alpha < 1.0:
-        raise ConfigError(f"config.ssl.ema_max_alpha must be in [0, 1), got {config.ssl.ema_max_alpha}")
-    pre = config.pretrain
-    if pre.optimizer not in ("adam", "adamw"):
-        raise ConfigError(f"config.pretrain.optimizer must be 'adam' or 'adamw', got '{pre.optimizer}'")
-    if pre.schedule not in ("constant", "warmup_cosine"):
-        raise ConfigError(f"config.pretrain.schedule must be 'constant' or 'warmup_cosine', got '{pre.schedule}'")
-    if not 0.0 <= pre.warmup_fraction <= 1.0:
-        raise ConfigError(f"config.pretrain.warmup_fraction must be in [0, 1], got {pre.warmup_fraction}")
-    if len(pre.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in pre.adam_betas):
-        raise ConfigError(f"config.pretrain.adam_betas must be two values in [0, 1), got {tuple(pre.adam_betas)}")
-    if pre.weight_decay < 0 or pre.weight_decay and pre.optimizer != "adamw":
-        raise ConfigError(f"config.pretrain.weight_decay must be >= 0 and needs pretrain.optimizer='adamw', "
+    if pre.weight_decay and pre.optimizer != "adamw":
+        raise ConfigError(f"config.pretrain.weight_decay > 0 needs pretrain.optimizer='adamw', "
                           f"got {pre.weight_decay} with '{pre.optimizer}'")
-    if config.data.synthetic.fresh_pairs and config.data.name != "synthetic":
-        raise ConfigError(f"config.data.synthetic.fresh_pairs needs data.name='synthetic', got '{config.data.name}'")
-    if config.unet.architecture not in ("authors", "textbook"):
-        raise ConfigError(f"config.unet.architecture must be 'authors' or 'textbook', got '{config.unet.architecture}'")
-    if config.train.batch_size < 1 or config.train.epochs < 1:
-        raise ConfigError("config.train.batch_size and config.train.epochs must be positive")
+    if pre.schedule == "warmup_cosine":
+        peaks = {"config.pretrain.lr": pre.lr, **({"config.pretrain.image_lr": pre.image_lr} if pre.image_lr else {})}
+        for name, peak in peaks.items():
+            if pre.min_lr > peak:
+                raise ConfigError(f"config.pretrain.min_lr must be <= {name} ({peak!r}) with "
+                                  f"pretrain.schedule='warmup_cosine', got {pre.min_lr!r}")
+    terms = ("weights", ("ita", "css", "local", "icl")) if pre.objective == "amvlm" else ("mgca", ("ita", "cta", "cpa"))
+    if not any(pre[terms[0]][term] for term in terms[1]):
+        raise ConfigError(f"config.pretrain.{terms[0]}.{{{','.join(terms[1])}}} are all 0: pretrain.objective="
+                          f"'{pre.objective}' needs a loss term with a weight > 0")
+    if pre.objective == "amvlm" and (pre.embed_dim % 2 or pre.embed_dim % pre.pdt_heads):
+        raise ConfigError(f"config.pretrain.embed_dim must be even and divisible by config.pretrain.pdt_heads "
+                          f"({pre.pdt_heads}) for the PDT heads of objective 'amvlm', got {pre.embed_dim}")
+    _check_vit_heads(pre)
+    if pre.text_weights_init == "random" and pre.text_hidden:
+        heads = pre.text_heads or max(1, pre.text_hidden // 64)
+        if pre.text_hidden % heads:
+            raise ConfigError(f"config.pretrain.text_hidden must be divisible by the text encoder's {heads} heads "
+                              f"(config.pretrain.text_heads, 0 = text_hidden // 64), got {pre.text_hidden}")
+    if ssl.withhold_reports and ssl.text_head != "words":
+        raise ConfigError("config.ssl.withhold_reports needs config.ssl.text_head='words'")
+    if config.mesh.data == -1 and config.mesh.fsdp == -1:
+        raise ConfigError("config.mesh.data and config.mesh.fsdp cannot both be -1")
+    dist = config.distributed
+    if dist.num_processes > 1:
+        if not dist.coordinator_address:
+            raise ConfigError("config.distributed.coordinator_address must be 'host:port' of process 0 when "
+                              "config.distributed.num_processes > 1, got ''")
+        if dist.process_id >= dist.num_processes:
+            raise ConfigError(f"config.distributed.process_id must be -1 ($JAX_PROCESS_ID) or in "
+                              f"[0, {dist.num_processes}) (config.distributed.num_processes), got {dist.process_id}")
+
+
+def _check_vit_heads(pre) -> None:
+    """The ViT's width (pretrain.vit_width or the variant's) must split over its heads."""
+    from amvlm_jax.models.vit import VIT_VARIANTS
+
+    variant = VIT_VARIANTS[pre.vit]
+    width, heads = pre.vit_width or variant["width"], pre.vit_heads or variant["num_heads"]
+    if width % heads:
+        raise ConfigError(f"config.pretrain.vit_width ({width}) must be divisible by config.pretrain.vit_heads "
+                          f"({heads}; 0 = the {pre.vit} variant's values)")

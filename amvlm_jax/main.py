@@ -64,21 +64,30 @@ def default_workdir(config_argument: str) -> pathlib.Path:
 
 
 def run(config, workdir: str | pathlib.Path) -> dict:
-    """Runs the job that config.mode names; returns its results dict."""
+    """Runs the job that config.mode names; returns its results dict.
+
+    The resolved config (the synthetic data root and the pre-trained
+    encoders' folder as absolute paths; for
+    'evaluate', the model, data and ssl fields recorded in the checkpoint)
+    is written to <workdir>/config.json before the job starts.
+    """
     from amvlm_jax.config import validate
 
     validate(config)
+    workdir = pathlib.Path(workdir)
+    if config.mode == "evaluate":
+        config, job = checkpoint_config(config, workdir)
+    config = resolve(config, workdir)
     if config.mode == "supervised":
         from amvlm_jax.train import supervised
 
         return supervised.train(config, workdir)
     if config.mode == "evaluate":
-        from amvlm_jax.train import checkpoint, ssl, supervised
+        from amvlm_jax.train import ssl, supervised
 
         results = supervised.evaluate_checkpoint(config, workdir, config.eval.checkpoint)
-        source = config.eval.checkpoint or pathlib.Path(workdir)
-        if config.eval.guidance and "ema" in checkpoint.saved_entries(source):  # A mean-teacher checkpoint.
-            ssl.evaluate_guidance(config, workdir, config.eval.checkpoint or str(source))
+        if config.eval.guidance and job == "ssl":
+            ssl.evaluate_guidance(config, workdir, config.eval.checkpoint or str(workdir))
         return results
     if config.mode == "pretrain":
         from amvlm_jax.train import pretrain
@@ -94,6 +103,41 @@ def run(config, workdir: str | pathlib.Path) -> dict:
         pretrain.train(config, workdir)
         return ssl.train(config, workdir)
     raise AssertionError(config.mode)  # validate() admits only known modes.
+
+
+def checkpoint_config(config, workdir: pathlib.Path):
+    """(config with the fields recorded in the checkpoint to evaluate, the job that wrote it).
+
+    A pre-training checkpoint has no segmentation model: a one-line error.
+    Checkpoints written before configs were recorded keep the command's fields.
+    """
+    from amvlm_jax.config import ConfigError, with_recorded
+    from amvlm_jax.train import checkpoint
+
+    source = config.eval.checkpoint or workdir
+    meta = checkpoint.read_meta(source)
+    job = meta.get("job") or ("ssl" if "ema" in checkpoint.saved_entries(source) else "supervised")
+    if job == "pretrain":
+        raise ConfigError(f"{source}: a pre-training checkpoint has no segmentation model to evaluate; pass it as "
+                          "config.ssl.pretrained of a mode 'ssl' run")
+    if "config" in meta:
+        config = with_recorded(config, meta["config"], keep_data_root=bool(config.data.root))
+    return config, job
+
+
+def resolve(config, workdir: pathlib.Path):
+    """The config as the run uses it, recorded in <workdir>/config.json (process 0)."""
+    import jax
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.data.name == "synthetic" and not config.data.root:
+        config.data.root = str((workdir / "data").absolute())
+    if config.mode in ("ssl", "all") and not config.ssl.pretrained:
+        config.ssl.pretrained = str((workdir / "pretrain").absolute())
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    return config
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -144,9 +188,11 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
 def main(config: ml_collections.ConfigDict) -> None:
     from amvlm_jax.train.parallel import initialize_distributed
 
+    from amvlm_jax.train.logging import info
+
     workdir = flags.FLAGS.workdir or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-    logging.info("workdir %s\n%s", workdir, config)
     initialize_distributed(config)  # Before anything touches the devices.
+    info(f"{config.mode} in {workdir} (resolved config: {pathlib.Path(workdir) / 'config.json'})")
     run(config, workdir)
 
 

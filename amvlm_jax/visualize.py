@@ -56,27 +56,29 @@ def save_overlays(path: str | pathlib.Path, images: np.ndarray, panels: dict[str
 
 
 def save_curves(workdir: str | pathlib.Path, path: str | pathlib.Path | None = None) -> pathlib.Path | None:
-    """Training loss and validation Dice/mIoU per epoch from <workdir>/metrics.jsonl, as <workdir>/curves.png."""
+    """Training loss and every evaluator metric (validation Dice and mIoU; retrieval) per epoch from
+    <workdir>/metrics.jsonl, as <workdir>/curves.png."""
     workdir = pathlib.Path(workdir)
     metrics_path = workdir / "metrics.jsonl"
     if not metrics_path.is_file():
         return None
-    rows = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if "epoch" in r and "train/epoch_loss" in r]
-    if not rows:
+    rows = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if "epoch" in r]
+    trained = [r for r in rows if "train/epoch_loss" in r]
+    if not trained:
         return None
     plt = _pyplot()
-    epochs = [r["epoch"] for r in rows]
-    figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(9, 3.4))
-    loss_axis.plot(epochs, [r["train/epoch_loss"] for r in rows], color="tab:blue")
+    figure, (loss_axis, eval_axis) = plt.subplots(1, 2, figsize=(9, 3.4))
+    loss_axis.plot([r["epoch"] for r in trained], [r["train/epoch_loss"] for r in trained], color="tab:blue")
     loss_axis.set_xlabel("epoch")
     loss_axis.set_ylabel("training loss")
-    validated = [r for r in rows if "val/dice" in r]
-    if validated:
-        dice_axis.plot([r["epoch"] for r in validated], [r["val/dice"] for r in validated], label="Dice", color="tab:red")
-        dice_axis.plot([r["epoch"] for r in validated], [r["val/miou"] for r in validated], label="mIoU", color="tab:green")
-        dice_axis.legend()
-    dice_axis.set_xlabel("epoch")
-    dice_axis.set_ylabel("validation (%)")
+    evaluated = sorted({k for r in rows for k in r if "/" in k and not k.startswith("train/epoch_")})
+    for name in evaluated:
+        points = [(r["epoch"], r[name]) for r in rows if name in r]
+        eval_axis.plot(*zip(*points), label=name)
+    if evaluated:
+        eval_axis.legend(fontsize=7)
+    eval_axis.set_xlabel("epoch")
+    eval_axis.set_ylabel("evaluation")
     figure.suptitle(workdir.name, fontsize=9)
     figure.tight_layout()
     path = pathlib.Path(path) if path else workdir / "curves.png"

@@ -34,7 +34,7 @@ from amvlm_jax.losses.contrastive import (
 from amvlm_jax.losses.intra import icl_loss
 from amvlm_jax.losses.segmentation import DICE_SMOOTH, dice_loss, weighted_bce
 from amvlm_jax.losses.text_guided import text_guided_loss
-from amvlm_jax.models.heads import l2_normalize
+from amvlm_jax.ops import l2_normalize
 from amvlm_jax.models.pdt import PDTHead
 from amvlm_jax.models.text_mask import KEY_POINT_SHARPNESS, KEY_POINT_THRESHOLD, KEY_POINT_WEIGHT, pamr, text_masks
 

@@ -25,7 +25,8 @@ from amvlm_jax.losses.contrastive import (
     token_alignment_loss,
     token_contexts,
 )
-from amvlm_jax.losses.intra import ema_update, icl_loss
+from amvlm_jax.losses.intra import icl_loss
+from amvlm_jax.ops import ema_update
 from amvlm_jax.losses.prototypes import cpa_loss, normalize_prototypes, sinkhorn_knopp
 from amvlm_jax.models.heads import GlobalHead, LocalHead
 from amvlm_jax.models.pdt import PDTHead

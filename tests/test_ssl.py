@@ -217,6 +217,42 @@ def test_pseudo_label_scores_and_evaluation_round_trip(all_run):
     assert json.loads((tmp_path / "guidance.json").read_text()) == guidance
 
 
+def test_recorded_config_builds_the_models_of_evaluation_and_guidance(all_run, tmp_path):
+    config, workdir, results = all_run
+    recorded = json.loads((workdir / "config.json").read_text())  # The latest command's (an evaluation's, here).
+    assert recorded["unet"]["base_width"] == config.unet.base_width
+    assert recorded["data"]["root"] == str((workdir / "data").absolute())  # Resolved.
+    meta = checkpoint.read_meta(workdir / "checkpoints" / "best")
+    assert meta["job"] == "ssl" and meta["config"]["mode"] == "all"
+    assert meta["config"]["pretrain"] == recorded["pretrain"] == config.pretrain.to_dict() | {
+        "adam_betas": list(config.pretrain.adam_betas)}
+    assert checkpoint.read_meta(workdir / "pretrain")["job"] == "pretrain"
+
+    # Other model and encoder fields on the command line: the recorded ones build the models.
+    other = tiny_pretrain_config(**{"mode": "evaluate", "eval.checkpoint": str(workdir), "unet.base_width": 8,
+                                    "pretrain.embed_dim": 24, "pretrain.vit_depth": 2, "data.image_size": 96})
+    assert main.run(other, tmp_path / "evaluation") == results  # Scored on the training run's data.
+    assert json.loads((tmp_path / "evaluation" / "guidance.json").read_text()) == json.loads(
+        (workdir / "guidance.json").read_text())
+    mesh = make_mesh(config, jax.devices()[:1])
+    guidance = ssl.TextGuidance(tiny_pretrain_config(**{"pretrain.embed_dim": 24}), workdir, mesh)
+    assert guidance.model.embed_dim == config.pretrain.embed_dim
+
+    # Resuming with a field that changes shapes names it; a checkpoint of another job is refused.
+    with pytest.raises(checkpoint.CheckpointError, match=r"config\.unet\.base_width=4 -> 8") as error:
+        ssl.train(tiny_pretrain_config(**{"mode": "ssl", "data.labeled_fraction": 0.5, "unet.base_width": 8,
+                                          "train.epochs": 3, "ssl.decoder_lr": 1e-2}), workdir)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="pre-training checkpoint has no segmentation model"):
+        main.run(tiny_pretrain_config(**{"mode": "evaluate", "eval.checkpoint": str(workdir / "pretrain")}),
+                 tmp_path / "evaluate_pretrain")
+    import shutil
+
+    shutil.copytree(workdir / "pretrain" / "checkpoints", tmp_path / "pretrain_copy" / "checkpoints")
+    with pytest.raises(checkpoint.CheckpointError, match="a checkpoint of a 'pretrain' run, not 'supervised'"):
+        supervised.train(tiny_synthetic_config(**{"data.root": str(workdir / "data")}), tmp_path / "pretrain_copy")
+
+
 def test_uncertainty_analysis_scores_match_the_model(all_run):
     import importlib.util
 

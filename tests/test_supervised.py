@@ -164,6 +164,20 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert "resuming from" in resumed.stdout
     whole_state, whole_meta = _final_params(tmp_path / "whole")
     resumed_state, resumed_meta = _final_params(killed)
-    assert whole_meta == resumed_meta and whole_meta["epoch"] == epochs
+    # The same bookkeeping, apart from the time taken and the workdir's own data folder in the recorded config.
+    timeless = lambda meta: {k: v for k, v in meta.items() if k != "seconds"}  # noqa: E731
+    for meta, workdir in ((whole_meta, tmp_path / "whole"), (resumed_meta, killed)):
+        assert meta["config"]["data"].pop("root") == str(workdir / "data")
+    assert timeless(whole_meta) == timeless(resumed_meta) and whole_meta["epoch"] == epochs
     for a, b in zip(jax.tree.leaves(whole_state), jax.tree.leaves(resumed_state)):
         np.testing.assert_array_equal(a, b)
+
+    # Resuming with a field that changes the model's shapes: one line naming it, and no asyncio noise of
+    # checkpoint threads left running at exit.
+    wider = subprocess.run(_cli(killed, epochs) + ["--config.unet.base_width=8"], cwd=REPO_ROOT, env=env,
+                           capture_output=True, text=True)
+    assert wider.returncode != 0
+    assert "Traceback" not in wider.stderr and "Event loop is closed" not in wider.stderr, wider.stderr[-3000:]
+    last = wider.stderr.strip().splitlines()[-1]  # After the progress bars of the data reading.
+    assert last.startswith("error: ") and "config.unet.base_width=4 -> 8" in last
+

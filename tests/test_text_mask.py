@@ -10,12 +10,11 @@ import jax.numpy as jnp
 from amvlm_jax.losses.text_guided import (
     INITIAL_LOG_SCALE,
     ema_alpha,
-    ema_update_teacher,
     fuse_multiclass,
     fuse_pseudo_labels,
     text_guided_loss,
 )
-from amvlm_jax.models.heads import l2_normalize
+from amvlm_jax.ops import ema_update, l2_normalize
 from amvlm_jax.models.text_mask import TextMaskDecoder, pamr, resize_bilinear_align_corners, text_masks
 
 
@@ -233,10 +232,10 @@ def test_ema_schedule_and_update():
 
     student = {"params": {"w": jnp.array([1.0, 2.0])}, "batch_stats": {"mean": jnp.array([4.0])}}
     teacher = {"params": {"w": jnp.array([3.0, 0.0])}, "batch_stats": {"mean": jnp.array([0.0])}}
-    updated = ema_update_teacher(student, teacher, 0.75)
+    updated = ema_update(student, teacher, 0.75)
     np.testing.assert_allclose(np.asarray(updated["params"]["w"]), [0.75 * 3 + 0.25 * 1, 0.25 * 2], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(updated["batch_stats"]["mean"]), [1.0], rtol=1e-6)
-    copied = ema_update_teacher(student, teacher, ema_alpha(0))
+    copied = ema_update(student, teacher, ema_alpha(0))
     np.testing.assert_array_equal(np.asarray(copied["params"]["w"]), [1.0, 2.0])
 
 

@@ -347,7 +347,7 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25, 
         }
         result["word_attention"] = word_attention_readouts(
             features["maps"], features["words"], features["word_mask"], word_texts(guidance.tokenizer, tokens),
-            lesion, distractor, config.pretrain.temperature, size)
+            lesion, distractor, guidance.temperature, size)
         features["lesion"], features["distractor"] = synthetic_cells(
             split.names, split_name, config.data.synthetic.seed, config.data.image_size)
         result["own_similarity_by_cell"] = cell_similarities(

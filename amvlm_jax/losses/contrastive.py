@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from amvlm_jax.models.heads import l2_normalize
+from amvlm_jax.ops import l2_normalize
 
 MASKED_LOGIT = -1e9
 

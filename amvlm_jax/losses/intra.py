@@ -1,4 +1,4 @@
-"""Intra-modal contrastive learning (ICL), SPEC 3.4, and the momentum (EMA) update."""
+"""Intra-modal contrastive learning (ICL), SPEC 3.4 (the momentum update is ops.ema_update)."""
 
 from __future__ import annotations
 
@@ -58,18 +58,3 @@ def icl_loss(
     own_log_probs = jnp.take_along_axis(log_probs, own_index, axis=-1)[..., 0]  # (B, S)
     fine = -jnp.sum(jnp.where(is_real, own_log_probs, 0.0)) / jnp.maximum(jnp.sum(is_real), 1)
     return 0.5 * (coarse + fine)
-
-
-def ema_update(online_params, momentum_params, momentum: float = 0.995):
-    """Momentum update: m <- momentum * m + (1 - momentum) * online, leaf by leaf.
-
-    Works on any matching pytrees (params, BatchNorm statistics). The result
-    keeps the momentum leaves' dtypes and carries no gradient.
-    """
-
-    def blend(online, target):
-        online = jax.lax.stop_gradient(online)
-        mixed = momentum * target.astype(jnp.float32) + (1.0 - momentum) * online.astype(jnp.float32)
-        return mixed.astype(target.dtype)
-
-    return jax.tree_util.tree_map(blend, online_params, momentum_params)

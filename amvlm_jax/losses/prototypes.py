@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from amvlm_jax.losses.contrastive import as_float32
-from amvlm_jax.models.heads import l2_normalize
+from amvlm_jax.ops import l2_normalize
 
 
 def sinkhorn_knopp(scores: jnp.ndarray, epsilon: float = 0.05, iterations: int = 3) -> jnp.ndarray:

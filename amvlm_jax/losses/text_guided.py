@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from amvlm_jax.models.heads import l2_normalize
+from amvlm_jax.ops import l2_normalize
 
 INITIAL_LOG_SCALE = math.log(1.0 / 0.07)
 MAX_LOGIT_SCALE = 100.0
@@ -113,12 +113,3 @@ def unlabeled_weight(step, weight: float, rampup_steps: int) -> jnp.ndarray:
         return jnp.asarray(weight, jnp.float32)
     progress = jnp.clip(jnp.asarray(step, jnp.float32) / rampup_steps, 0.0, 1.0)
     return weight * jnp.exp(-5.0 * (1.0 - progress) ** 2)
-
-
-def ema_update_teacher(student, teacher, alpha):
-    """teacher <- alpha * teacher + (1 - alpha) * student for every leaf of a
-    pytree (parameters and BatchNorm statistics alike)."""
-    alpha = jnp.asarray(alpha, jnp.float32)
-    return jax.tree_util.tree_map(
-        lambda s, t: (alpha * t + (1.0 - alpha) * s).astype(t.dtype), student, teacher
-    )

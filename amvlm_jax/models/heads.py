@@ -18,14 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-BATCH_NORM_EPSILON = 1e-5
-BATCH_NORM_MOMENTUM = 0.9  # flax keeps 0.9 of the old running stats == torch momentum 0.1
-
-
-def l2_normalize(x: jnp.ndarray, axis: int = -1, eps: float = 1e-12) -> jnp.ndarray:
-    """x / max(||x||, eps) with a gradient that stays finite at x = 0."""
-    squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    return x * jnp.reciprocal(jnp.sqrt(jnp.maximum(squared_norm, eps * eps)))
+from amvlm_jax.ops import BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM, l2_normalize
 
 
 class _ProjectionStack(nn.Module):

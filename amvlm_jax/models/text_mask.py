@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from amvlm_jax.models.heads import l2_normalize
+from amvlm_jax.ops import l2_normalize
 
 PAMR_ITERATIONS = 10
 PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)

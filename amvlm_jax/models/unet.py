@@ -26,9 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Flax keeps this fraction of the old running statistics per step (torch's momentum 0.1).
-BATCH_NORM_MOMENTUM = 0.9
-BATCH_NORM_EPSILON = 1e-5
+from amvlm_jax.ops import BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM
+
 ARCHITECTURES = ("authors", "textbook")
 
 # torch's default for conv weights, kaiming_uniform(a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).

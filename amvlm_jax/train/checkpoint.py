@@ -1,7 +1,8 @@
 """Orbax checkpoints: the latest state of a run, and its best by validation Dice.
 
 Layout: <workdir>/checkpoints/{latest,best}/<step>/{state,meta}. `meta` is
-JSON (epoch, best validation Dice, ...). A checkpoint interrupted while
+JSON: the job's name, its resolved config, the epoch, the best metric so
+far and the loop's bookkeeping (train/loop.py). A checkpoint interrupted while
 being written is never visible: Orbax writes to a temporary folder and
 renames it when complete.
 """
@@ -61,6 +62,11 @@ class RunCheckpoints:
             return state, None
         return _restore(self.latest, step, state)
 
+    def latest_meta(self) -> Optional[dict]:
+        """The latest checkpoint's meta, without its state; None when there is none."""
+        step = self.latest.latest_step()
+        return None if step is None else _read_meta(self.latest, step)
+
     def wait(self) -> None:
         self.latest.wait_until_finished()
         self.best.wait_until_finished()
@@ -74,6 +80,19 @@ def _restore(manager: ocp.CheckpointManager, step: int, state: Any) -> tuple[Any
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(state)), meta=ocp.args.JsonRestore())
     restored = manager.restore(step, args=args)
     return restored.state, restored.meta
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def read_meta(path: str | pathlib.Path) -> dict:
+    """The meta of the checkpoint at ``path`` (resolved as in ``restore_variables``)."""
+    manager, step, _ = _open_step(path)
+    try:
+        return _read_meta(manager, step)
+    finally:
+        manager.close()
 
 
 def has_step(directory: pathlib.Path) -> bool:

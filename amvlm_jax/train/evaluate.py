@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from amvlm_jax import metrics
 from amvlm_jax.data import pipeline
 from amvlm_jax.data.folders import SplitArrays
-from amvlm_jax.models.unet import BATCH_NORM_MOMENTUM
+from amvlm_jax.ops import BATCH_NORM_MOMENTUM
 from amvlm_jax.train.parallel import gather_to_host
 
 
@@ -61,6 +61,36 @@ def make_prediction_panels(model, mesh: Mesh, split: SplitArrays) -> Callable:
         return {"prediction": np.asarray(predicted)[: len(rows)]}
 
     return panels
+
+
+def validation_evaluator(config, eval_step, split: SplitArrays, mesh: Mesh):
+    """The loop's evaluator of a segmentation model on a labelled split: {'val/dice', 'val/miou'} (percent)."""
+    from amvlm_jax.train.loop import Evaluator
+
+    def run(state) -> dict:
+        dice, iou = evaluate_split(eval_step, state.params, state.batch_stats, split, mesh, config.train.eval_batch_size)
+        summary = metrics.summarize(dice, iou)
+        return {"val/dice": summary["dice"], "val/miou": summary["miou"]}
+
+    return Evaluator(run, every_epochs=config.train.eval_every_epochs)
+
+
+def picture_writer(config, workdir: pathlib.Path, split: SplitArrays, panels: Callable) -> Callable:
+    """(state, epoch) -> None: overlays of the first train.picture_images images of ``split`` with their
+    true masks and ``panels(state, rows)`` -> {name: (N, H, W) in [0, 1]}, to <workdir>/pictures/."""
+    from amvlm_jax import visualize
+
+    rows = np.arange(min(config.train.picture_images, len(split)))
+
+    def write(state, epoch: int) -> None:
+        maps = panels(state, rows)  # Collective in multi-process runs: every process computes.
+        if jax.process_index() == 0:
+            visualize.save_overlays(
+                pathlib.Path(workdir) / "pictures" / f"epoch_{epoch:04d}.png", split.images[rows],
+                {"truth": split.masks[rows], **maps}, names=[split.names[i] for i in rows], title=f"epoch {epoch}",
+            )
+
+    return write
 
 
 def make_batch_moments_step(model) -> Callable:

@@ -1,4 +1,4 @@
-"""Metrics to JSONL and TensorBoard; only process 0 writes."""
+"""Metrics to JSONL and TensorBoard, and messages to the terminal; only process 0 writes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,13 @@ import pathlib
 import time
 
 import jax
+from tqdm import tqdm
+
+
+def info(message: str) -> None:
+    """Prints a message from process 0 only (through tqdm, so that a progress bar stays intact)."""
+    if jax.process_index() == 0:
+        tqdm.write(message)
 
 
 class MetricWriter:

@@ -1,7 +1,15 @@
-"""The epoch loop shared by the segmentation jobs: steps, validation, checkpoints, logs."""
+"""The one training loop every job runs: steps, evaluators, checkpoints, logs, resume.
+
+A job (supervised, mean teacher, pre-training) describes itself as a
+``Job``: its state, its jitted step, its batches indexed by step, the
+evaluators to call and at what cadence, and which of their metrics picks
+the best checkpoint. ``run`` does the rest the same way for every job.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pathlib
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -10,130 +18,211 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from amvlm_jax import metrics, visualize
+from amvlm_jax import visualize
 from amvlm_jax.data import pipeline
-from amvlm_jax.data.folders import SplitArrays
-from amvlm_jax.train import checkpoint, evaluate
-from amvlm_jax.train.logging import MetricWriter
+from amvlm_jax.train import checkpoint
+from amvlm_jax.train.logging import MetricWriter, info
+
+# Step metrics that describe the optimisation rather than the objective (not averaged into the
+# job's loss terms).
+TELEMETRY = ("grad_norm", "param_norm")
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss), described in one line."""
 
 
-def fit(
-    config,
-    workdir: pathlib.Path,
-    mesh,
-    state: Any,
-    train_step: Callable,
-    make_batches: Callable[[int], Iterator[dict]],
-    steps_per_epoch: int,
-    val_split: Optional[SplitArrays],
-    eval_step: Callable,
-    extra_step_args: tuple = (),
-    lr_schedule: Optional[Callable] = None,
-    picture_panels: Optional[Callable] = None,
-    refresh_batch_stats: Optional[Callable] = None,
-) -> Any:
-    """Runs config.train.epochs epochs, continuing from the workdir's latest checkpoint.
+@dataclasses.dataclass
+class Evaluator:
+    """A function of the state that returns {metric name: value}, and when the loop calls it.
 
-    `make_batches(start_step)` returns an iterator over this process's numpy
-    share of each step's batch from `start_step` on. Because the stream is
-    indexed by step, a run continues exactly where its checkpoint was taken,
-    mid-epoch included. After every epoch the student is validated (every
-    train.eval_every_epochs epochs), metrics go to JSONL/TensorBoard, and the
-    latest (and, when validation Dice improved, the best) checkpoint is
-    written; every train.picture_every_epochs epochs (and the last) overlays
-    of a few validation images go to <workdir>/pictures/ (panels from
-    `picture_panels(state, rows)` -> {name: (N, H, W) in [0, 1]}), and the curves to
-    <workdir>/curves.png at the end. `refresh_batch_stats(state) -> state`, when
-    given, recomputes the BatchNorm statistics at the end of every epoch, before
-    validation and the checkpoint. A non-finite loss raises TrainingError before anything is saved,
-    leaving the last good checkpoint; Ctrl-C saves the current state first.
-    Returns the final state.
+    every_epochs: after every that many epochs (and the last; 0: only the
+    last). every_steps > 0: also every that many steps. at_start: once
+    before the first step of a fresh run, logged as epoch 0 (the untrained
+    model's numbers).
     """
+
+    run: Callable[[Any], dict]
+    every_epochs: int = 1
+    every_steps: int = 0
+    at_start: bool = False
+
+    def due(self, epoch: int, last: bool) -> bool:
+        return last or (self.every_epochs > 0 and epoch % self.every_epochs == 0)
+
+
+@dataclasses.dataclass
+class Job:
+    """What ``run`` needs to train a model.
+
+    name: recorded in every checkpoint's meta ('supervised', 'ssl', 'pretrain').
+    workdir: where checkpoints/, metrics.jsonl, tensorboard/ and curves.png go.
+    state: the initial state on the mesh, or its abstract shapes and
+      shardings (``jax.ShapeDtypeStruct`` leaves) when the workdir holds a
+      checkpoint to resume from.
+    train_step: jitted (state, global batch) -> (state, metrics with 'loss').
+    batches: start step -> iterator over this process's numpy share of each
+      step's batch from that step on. Because the stream is indexed by
+      step, a run continues exactly where its checkpoint was taken.
+    best_metric: the evaluator metric whose maximum is the best checkpoint;
+      None: the newest state is the best.
+    end_of_epoch: state -> state after each epoch, before evaluation and the
+      checkpoint (the BatchNorm statistics refresh).
+    pictures: (state, epoch) -> None, called every picture_every_epochs epochs
+      and at the last (overlays of a few validation images).
+    """
+
+    name: str
+    workdir: pathlib.Path
+    mesh: Any
+    config: Any
+    state: Any
+    train_step: Callable
+    batches: Callable[[int], Iterator[dict]]
+    steps_per_epoch: int
+    epochs: int
+    evaluators: list[Evaluator] = dataclasses.field(default_factory=list)
+    best_metric: Optional[str] = "val/dice"
+    checkpoint_every_epochs: int = 1
+    log_every_steps: int = 10
+    learning_rate: Optional[Callable[[int], Any]] = None
+    end_of_epoch: Optional[Callable[[Any], Any]] = None
+    pictures: Optional[Callable[[Any, int], None]] = None
+    picture_every_epochs: int = 0
+
+
+def recorded_config(config) -> dict:
+    """The resolved config as plain JSON values (what config.json and each checkpoint's meta hold)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def fresh_meta(job: Job) -> dict:
+    return {"job": job.name, "epoch": 0, "best_metric": job.best_metric, "best": None, "best_epoch": 0,
+            "seconds": 0.0, "initial_eval": {}, "last_eval": {}, "first_epoch": {}, "last_epoch": {}}
+
+
+def run(job: Job) -> tuple[Any, dict]:
+    """Trains ``job`` for its epochs, continuing from the workdir's latest checkpoint; (state, meta).
+
+    After every epoch the epoch means of the step metrics and the due
+    evaluators' metrics go to JSONL/TensorBoard and a checkpoint is written
+    every checkpoint_every_epochs epochs and at the last (also as the best
+    when best_metric improved, or always when the job has none). Every
+    log_every_steps steps: the step metrics, steps/s and the learning rate.
+    A non-finite loss raises TrainingError before anything is saved, leaving
+    the last good checkpoint; Ctrl-C saves the current state first. Every
+    exit closes the checkpoint managers.
+    """
+    workdir = pathlib.Path(job.workdir)
     checkpoints = checkpoint.RunCheckpoints(workdir)
-    state, meta = resume_point(checkpoints, state, workdir)
-    writer = MetricWriter(workdir)
-    start_step = int(state.step)
-    batches = make_batches(start_step)
-    current = {"state": state}  # The newest state, also when an epoch is cut short.
+    writer = None
+    current = {"state": job.state}  # The newest state, also when an epoch is cut short.
+    meta = None
     try:
-        for epoch in range(start_step // steps_per_epoch, config.train.epochs):
-            _run_epoch(config, workdir, mesh, current, train_step, batches, steps_per_epoch, val_split,
-                       eval_step, extra_step_args, lr_schedule, epoch, meta, checkpoints, writer, picture_panels,
-                       refresh_batch_stats)
+        state, meta = resume_point(checkpoints, job)
+        current["state"] = state
+        meta |= {"job": job.name, "config": recorded_config(job.config)}
+        writer = MetricWriter(workdir)
+        start_step = int(state.step)
+        if start_step == 0:
+            info(f"{job.name}: {parameter_count(state.params):,} trained parameters")
+            starting = {}
+            for evaluator in job.evaluators:
+                if evaluator.at_start:
+                    starting |= evaluator.run(state)
+            if starting:
+                meta["initial_eval"] = meta["last_eval"] = starting
+                writer.write(0, {"epoch": 0, **starting})
+                info("before training: " + format_metrics(starting))
+        batches = job.batches(start_step)
+        for epoch in range(start_step // job.steps_per_epoch, job.epochs):
+            _run_epoch(job, current, batches, epoch, meta, checkpoints, writer)
     except KeyboardInterrupt:
-        state = current["state"]
-        step = int(state.step)
-        if checkpoints.latest.latest_step() != step:
-            checkpoints.save(step, state, dict(meta), is_best=False)
+        step = int(current["state"].step)
+        if meta is not None and checkpoints.latest.latest_step() != step:
+            checkpoints.save(step, current["state"], dict(meta), is_best=False)
         checkpoints.wait()
         raise KeyboardInterrupt(f"interrupted: saved {workdir}/checkpoints/latest/{step}; run the same command to resume")
     finally:
         checkpoints.wait()
         checkpoints.close()
-        writer.close()
-        if jax.process_index() == 0:
-            visualize.save_curves(workdir)
-    return current["state"]
+        if writer is not None:
+            writer.close()
+            if jax.process_index() == 0:
+                visualize.save_curves(workdir)
+    return current["state"], meta
 
 
-def _run_epoch(config, workdir, mesh, current, train_step, batches, steps_per_epoch, val_split, eval_step,
-               extra_step_args, lr_schedule, epoch, meta, checkpoints, writer, picture_panels, refresh_batch_stats):
+def _run_epoch(job: Job, current: dict, batches, epoch: int, meta: dict, checkpoints, writer) -> None:
     started = time.time()
-    state = current["state"]
-    first = int(state.step) - epoch * steps_per_epoch  # > 0 when resuming mid-epoch.
-    progress = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{config.train.epochs}", leave=False)
-    losses = []
+    first = int(current["state"].step) - epoch * job.steps_per_epoch  # > 0 when resuming mid-epoch.
+    progress = tqdm(range(first, job.steps_per_epoch), desc=f"{job.name} epoch {epoch + 1}/{job.epochs}",
+                    leave=False, disable=jax.process_index() != 0)
+    step_metrics = []
+    logged_at, logged_step = time.time(), epoch * job.steps_per_epoch + first
     for index in progress:
-        state, step_metrics = train_step(state, *extra_step_args, pipeline.to_global(mesh, next(batches)))
+        state, metrics_now = job.train_step(current["state"], pipeline.to_global(job.mesh, next(batches)))
         current["state"] = state
-        losses.append(step_metrics["loss"])
+        step_metrics.append(metrics_now)
         # Counted on the host: reading state.step would wait for the device after every step.
-        step = epoch * steps_per_epoch + index + 1
-        if step % config.train.log_every_steps == 0:
-            step_metrics = {f"train/{k}": v for k, v in jax.device_get(step_metrics).items()}
-            check_finite(step_metrics["train/loss"], step, workdir)
-            if lr_schedule is not None:
-                step_metrics["train/lr"] = lr_schedule(step - 1)
-            progress.set_postfix(loss=f"{float(step_metrics['train/loss']):.4f}")
-            writer.write(step, step_metrics)
-    epoch_loss = float(np.mean(jax.device_get(losses)))
-    check_finite(epoch_loss, int(state.step), workdir)
-    if refresh_batch_stats is not None:
-        state = current["state"] = refresh_batch_stats(state)
-    epoch_metrics = {"epoch": epoch + 1, "train/epoch_loss": epoch_loss}
-    last = epoch + 1 == config.train.epochs
-    is_best = val_split is None  # Without validation data the newest model is the one to keep.
-    if val_split is not None and ((epoch + 1) % config.train.eval_every_epochs == 0 or last):
-        dice, iou = evaluate.evaluate_split(
-            eval_step, state.params, state.batch_stats, val_split, mesh, config.train.eval_batch_size
-        )
-        summary = metrics.summarize(dice, iou)
-        epoch_metrics |= {"val/dice": summary["dice"], "val/miou": summary["miou"]}
-        is_best = summary["dice"] > meta["best_val_dice"]
+        step = epoch * job.steps_per_epoch + index + 1
+        if step % job.log_every_steps == 0:
+            logged = {f"train/{k}": v for k, v in jax.device_get(metrics_now).items()}
+            check_finite(float(logged["train/loss"]), step, job.workdir)
+            now = time.time()
+            logged["train/steps_per_second"] = (step - logged_step) / max(now - logged_at, 1e-9)
+            logged_at, logged_step = now, step
+            if job.learning_rate is not None:
+                logged["train/lr"] = job.learning_rate(step - 1)
+            progress.set_postfix(loss=f"{float(logged['train/loss']):.4f}")
+            writer.write(step, logged)
+        for evaluator in job.evaluators:
+            if evaluator.every_steps and step % evaluator.every_steps == 0:
+                writer.write(step, evaluator.run(state))
+    state = current["state"]
+    step_metrics = jax.device_get(step_metrics)
+    # Means over the steps this run took (all of them unless it resumed mid-epoch).
+    means = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+    check_finite(means["loss"], int(state.step), job.workdir)
+    if job.end_of_epoch is not None:
+        state = current["state"] = job.end_of_epoch(state)
+    last = epoch + 1 == job.epochs
+    evaluated = {}
+    for evaluator in job.evaluators:
+        if evaluator.due(epoch + 1, last):
+            evaluated |= evaluator.run(state)
+    if evaluated:
+        meta["last_eval"] = evaluated
+    if job.best_metric is None:
+        is_best = True
+    else:
+        value = evaluated.get(job.best_metric)
+        is_best = value is not None and (meta["best"] is None or value > meta["best"])
         if is_best:
-            meta |= {"best_val_dice": summary["dice"], "best_epoch": epoch + 1}
-    meta["epoch"] = epoch + 1
-    epoch_metrics["epoch_seconds"] = time.time() - started
-    writer.write(int(state.step), epoch_metrics)
-    checkpoints.save(int(state.step), state, dict(meta), is_best)
-    val_text = ""
-    if "val/dice" in epoch_metrics:
-        val_text = f" val Dice {epoch_metrics['val/dice']:.2f} (best {meta['best_val_dice']:.2f} @ {meta['best_epoch']})"
-    tqdm.write(f"epoch {epoch + 1}: loss {epoch_loss:.4f}{val_text} [{epoch_metrics['epoch_seconds']:.1f}s]")
-    every = config.train.picture_every_epochs
-    if picture_panels is not None and val_split is not None and every and ((epoch + 1) % every == 0 or last):
-        rows = np.arange(min(config.train.picture_images, len(val_split)))
-        panels = picture_panels(state, rows)  # Collective in multi-process runs: every process computes.
-        if jax.process_index() == 0:
-            visualize.save_overlays(
-                workdir / "pictures" / f"epoch_{epoch + 1:04d}.png", val_split.images[rows],
-                {"truth": val_split.masks[rows], **panels}, names=[val_split.names[i] for i in rows],
-                title=f"epoch {epoch + 1}",
-            )
+            meta |= {"best": float(value), "best_epoch": epoch + 1}
+    seconds = time.time() - started
+    meta |= {"epoch": epoch + 1, "seconds": meta["seconds"] + seconds, "last_epoch": means}
+    if epoch == 0:
+        meta["first_epoch"] = means
+    writer.write(int(state.step), {"epoch": epoch + 1, **{f"train/epoch_{k}": v for k, v in means.items()},
+                                   **evaluated, "epoch_seconds": seconds})
+    if last or (epoch + 1) % job.checkpoint_every_epochs == 0:
+        checkpoints.save(int(state.step), state, dict(meta), is_best and (last or job.best_metric is not None))
+    best = ""
+    if job.best_metric is not None and meta["best"] is not None:
+        best = f" (best {job.best_metric} {meta['best']:.2f} @ {meta['best_epoch']})"
+    info(f"epoch {epoch + 1}: loss {means['loss']:.4f} {format_metrics(evaluated)}{best} [{seconds:.1f}s]")
+    every = job.picture_every_epochs
+    if job.pictures is not None and every and ((epoch + 1) % every == 0 or last):
+        job.pictures(state, epoch + 1)  # Collective in multi-process runs: every process computes.
+
+
+def format_metrics(values: dict) -> str:
+    return " ".join(f"{k} {v:.2f}" for k, v in values.items())
+
+
+def parameter_count(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 def check_finite(loss: float, step: int, workdir: pathlib.Path) -> None:
@@ -145,11 +234,51 @@ def check_finite(loss: float, step: int, workdir: pathlib.Path) -> None:
         )
 
 
-def resume_point(checkpoints: checkpoint.RunCheckpoints, state: Any, workdir: pathlib.Path) -> tuple[Any, dict]:
-    """(state, meta) of the latest checkpoint, or the fresh state with meta of epoch 0."""
-    state, meta = checkpoints.restore_latest(state)
-    if meta is None:
-        return state, {"epoch": 0, "best_val_dice": -1.0, "best_epoch": 0}
-    print(f"resuming from {workdir}/checkpoints/latest at step {int(state.step)} (epoch {meta['epoch']} complete)")
+def resume_point(checkpoints: checkpoint.RunCheckpoints, job: Job) -> tuple[Any, dict]:
+    """(state, meta) of the latest checkpoint, or the job's fresh state with a fresh meta.
+
+    A checkpoint of another job, or one whose shapes differ from this run's
+    (a changed model field), stops with a one-line CheckpointError naming
+    the job or the fields that differ from the recorded config.
+    """
+    saved = checkpoints.latest_meta()
+    if saved is None:
+        return job.state, fresh_meta(job)
+    where = f"{job.workdir}/checkpoints/latest"
+    if saved.get("job", job.name) != job.name:
+        raise checkpoint.CheckpointError(f"{where}: a checkpoint of a '{saved['job']}' run, not '{job.name}'; "
+                                         "use another workdir")
+    try:
+        state, meta = checkpoints.restore_latest(job.state)
+    except (ValueError, KeyError, TypeError) as error:
+        changed = config_changes(saved.get("config"), recorded_config(job.config))
+        reason = (f"fields changed since it was written: {changed}" if changed
+                  else str(error).splitlines()[0][:200])
+        raise checkpoint.CheckpointError(f"{where}: does not fit this run's state ({reason}); "
+                                         "restore them or use another workdir") from None
+    meta = fresh_meta(job) | meta
+    if meta["best"] is None and meta.get("best_val_dice", -1.0) >= 0:  # Written before the loop was shared.
+        meta["best"] = meta.pop("best_val_dice")
+    info(f"resuming from {where} at step {int(state.step)} (epoch {meta['epoch']} complete)")
     return state, meta
 
+
+# The fields that decide a state's shapes: a changed one is named when a checkpoint does not fit.
+SHAPE_FIELDS = ("unet", "pretrain", "ssl", "data.num_classes", "dtype")
+
+
+def config_changes(recorded: dict | None, current: dict, prefix: str = "") -> str:
+    """'config.a.b=old -> new, ...' for the SHAPE_FIELDS leaves that differ between two recorded configs
+    ('' if none, or no config was recorded)."""
+    if not recorded:
+        return ""
+    changes = []
+    for key in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            nested = config_changes(old, new, f"{prefix}{key}.")
+            if nested:
+                changes.append(nested)
+        elif old != new and any(f"{prefix}{key}" == f or f"{prefix}{key}".startswith(f + ".") for f in SHAPE_FIELDS):
+            changes.append(f"config.{prefix}{key}={old!r} -> {new!r}")
+    return ", ".join(changes)

@@ -160,11 +160,6 @@ def make_mesh(config, devices=None, batch_size: int | None = None) -> Mesh:
     return Mesh(np.asarray(devices[: data * fsdp]).reshape(data, fsdp), MESH_AXES)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over every mesh axis; the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(mesh.axis_names))
-
-
 def replicate(mesh: Mesh, tree):
     """Places every leaf of `tree` on all devices of the mesh."""
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))

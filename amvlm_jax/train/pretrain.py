@@ -19,7 +19,6 @@ import functools
 import math
 import os
 import pathlib
-import time
 import json
 
 import jax
@@ -27,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from amvlm_jax import weights
 from amvlm_jax.config import ConfigError
@@ -35,15 +33,15 @@ from amvlm_jax.data import datasets, folders, pipeline
 from amvlm_jax.data.tokenize import ReportTokenizer
 from amvlm_jax.losses.alignment import local_alignment_loss
 from amvlm_jax.losses.contrastive import clipped_token_weights, css_loss, cta_loss, ita_loss
-from amvlm_jax.losses.intra import ema_update, icl_loss
+from amvlm_jax.losses.intra import icl_loss
 from amvlm_jax.losses.prototypes import cpa_loss, normalize_prototypes
 from amvlm_jax.models.amvlm import AMVLM, ENCODER_MODULES, TOKEN_KEYS
 from amvlm_jax.models.bert import BertConfig
 from amvlm_jax.models.vit import fused_attention, vit_from_name
-from amvlm_jax.train import checkpoint, parallel
-from amvlm_jax.train.logging import MetricWriter
-from amvlm_jax.train.loop import check_finite
-from amvlm_jax.train.state import TrainState
+from amvlm_jax.ops import ema_update
+from amvlm_jax.train import checkpoint, loop, parallel
+from amvlm_jax.train.logging import info
+from amvlm_jax.train.state import TrainState, optimizer_telemetry
 
 RETRIEVAL_KS = (1, 5)
 
@@ -139,7 +137,7 @@ def cudnn_attention_compiles() -> bool:
     try:
         jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv).compile()
     except Exception as error:  # jax raises several types for an unsupported device or cuDNN.
-        print(f"cuDNN fused attention unavailable here ({type(error).__name__}); the ViT uses 'xla' attention")
+        info(f"cuDNN fused attention unavailable here ({type(error).__name__}); the ViT uses 'xla' attention")
         return False
     return True
 
@@ -405,6 +403,7 @@ def make_train_step(model: AMVLM, config):
 
         (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         new_state = state.apply_gradients(grads, batch_stats=batch_stats)
+        terms = terms | optimizer_telemetry(grads, new_state.params)
         if is_mgca:
             params = dict(new_state.params)
             params["prototypes"] = normalize_prototypes(params["prototypes"])
@@ -563,98 +562,57 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     batch_size = capped_batch_size(pre.batch_size, pre.batch_size if fresh_pairs(config) else len(train_pairs),
                                    _device_count(config))
     if batch_size != pre.batch_size:
-        print(f"only {len(train_pairs)} training pairs: batch size capped from {pre.batch_size} to {batch_size}")
+        info(f"only {len(train_pairs)} training pairs: batch size capped from {pre.batch_size} to {batch_size}")
     mesh = parallel.make_mesh(config, batch_size=batch_size)
     steps_per_epoch = max(1, math.ceil(len(train_pairs) / batch_size))
     pairs = (f"fresh synthetic pairs ({steps_per_epoch * batch_size} an epoch)" if fresh_pairs(config)
              else f"{len(train_pairs)} pairs")
-    print(f"pre-training ({pre.objective}) on {pairs}, batch {batch_size}, "
+    info(f"pre-training ({pre.objective}) on {pairs}, batch {batch_size}, "
           f"{steps_per_epoch} steps per epoch, {mesh.size} device(s)")
 
     model = build_model(config, text_encoder_config(config))
-    checkpoints = checkpoint.RunCheckpoints(run_dir)
-    if checkpoints.latest.latest_step() is not None:
-        # Resuming: restore onto the state's shapes and shardings; no initialisation or weight loading.
+    if checkpoint.has_step(run_dir / "checkpoints" / "latest"):
+        # Resuming: the loop restores onto the state's shapes and shardings; no initialisation or weight loading.
         abstract = jax.eval_shape(lambda: create_state(config, model, size, steps_per_epoch=steps_per_epoch))
-        state, meta = checkpoints.restore_latest(parallel.abstract_sharded(mesh, abstract, config))
+        state = parallel.abstract_sharded(mesh, abstract, config)
     else:
         _, text_params = build_text_encoder(config)
         vit_params = weights.load_vit(pre.vit_weights, model.image_encoder, image_size=size) if pre.vit_weights else None
         # Large encoder weights (and their Adam moments and momentum copies) FSDP-sharded, the rest replicated.
-        state, meta = parallel.shard_state(mesh, create_state(config, model, size, text_params, vit_params,
-                                                                  steps_per_epoch=steps_per_epoch), config), None
+        state = parallel.shard_state(mesh, create_state(config, model, size, text_params, vit_params,
+                                                        steps_per_epoch=steps_per_epoch), config)
     encode = make_encode_step(model)
-    writer = MetricWriter(run_dir)
-    if meta is None:
-        initial = evaluate_retrieval(encode, state, pair_sets, mesh, batch_size)
-        writer.write(0, {"epoch": 0, **initial})
-        meta = {"epoch": 0, "seconds": 0.0, "initial_retrieval": initial, "final_retrieval": initial,
-                "first_epoch_terms": {}, "final_terms": {}}
-        tqdm.write("before training: " + _format(initial))
-    else:
-        print(f"resuming from {run_dir}/checkpoints/latest after epoch {meta['epoch']}")
-
-    train_step = make_train_step(model, config)
-    start_step = int(state.step)  # After Ctrl-C the run resumes mid-epoch.
-    if fresh_pairs(config):
-        batches = pipeline.fresh_synthetic_batches(
-            config.data.synthetic.seed, config.data.image_size, size, batch_size, start_step=start_step,
-            worker_count=config.data.worker_count,
-        )
-        token_source = tokenizer
-    else:
-        batches = pipeline.training_batches(
-            train_pairs, batch_size, seed=config.seed, start_step=start_step,
-            with_mask=False, do_augment=False, worker_count=config.data.worker_count,
-        )
-        token_source = train_tokens
     with_view = uses_momentum(config)
-    current = {"state": state}  # The newest state, also when an epoch is cut short.
-    try:
-        for epoch in range(start_step // steps_per_epoch, pre.epochs):
-            started = time.time()
-            first = int(current["state"].step) - epoch * steps_per_epoch
-            progress = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{pre.epochs}", leave=False)
-            step_metrics = []
-            for index in progress:
-                step = epoch * steps_per_epoch + index
-                batch = host_batch(next(batches), token_source, step, config.seed, with_view)
-                state, metrics_now = train_step(current["state"], pipeline.to_global(mesh, batch))
-                current["state"] = state
-                step_metrics.append(metrics_now)
-                if (step + 1) % pre.log_every_steps == 0:
-                    metrics_now = jax.device_get(metrics_now)
-                    check_finite(float(metrics_now["loss"]), step + 1, run_dir)
-                    progress.set_postfix(loss=f"{float(metrics_now['loss']):.4f}")
-                    writer.write(step + 1, {f"train/{k}": v for k, v in metrics_now.items()})
-            step_metrics = jax.device_get(step_metrics)
-            # Means over the steps this run took (all of them unless it resumed mid-epoch).
-            terms = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-            check_finite(terms["loss"], int(state.step), run_dir)
-            retrieval = evaluate_retrieval(encode, state, pair_sets, mesh, batch_size)
-            seconds = time.time() - started
-            meta |= {"epoch": epoch + 1, "seconds": meta["seconds"] + seconds, "final_retrieval": retrieval,
-                     "final_terms": terms}
-            if epoch == 0:
-                meta["first_epoch_terms"] = terms
-            writer.write((epoch + 1) * steps_per_epoch,
-                         {"epoch": epoch + 1, **{f"train/epoch_{k}": v for k, v in terms.items()}, **retrieval,
-                          "epoch_seconds": seconds})
-            # 'best' is simply the newest model: there is no selection criterion here.
-            last = epoch + 1 == pre.epochs
-            if last or (epoch + 1) % pre.checkpoint_every_epochs == 0:
-                checkpoints.save((epoch + 1) * steps_per_epoch, state, dict(meta), is_best=last)
-            tqdm.write(f"epoch {epoch + 1}: loss {terms['loss']:.4f} " + _format(retrieval) + f" [{seconds:.1f}s]")
-    except KeyboardInterrupt:
-        step = int(current["state"].step)
-        if checkpoints.latest.latest_step() != step:
-            checkpoints.save(step, current["state"], dict(meta), is_best=False)
-        checkpoints.wait()
-        raise KeyboardInterrupt(f"interrupted: saved {run_dir}/checkpoints/latest/{step}; run the same command to resume")
-    finally:
-        checkpoints.wait()
-        checkpoints.close()
-        writer.close()
+
+    def batches(start_step):
+        if fresh_pairs(config):
+            source = pipeline.fresh_synthetic_batches(
+                config.data.synthetic.seed, config.data.image_size, size, batch_size, start_step=start_step,
+                worker_count=config.data.worker_count,
+            )
+            token_source = tokenizer
+        else:
+            source = pipeline.training_batches(
+                train_pairs, batch_size, seed=config.seed, start_step=start_step,
+                with_mask=False, do_augment=False, worker_count=config.data.worker_count,
+            )
+            token_source = train_tokens
+        for step, raw in enumerate(source, start_step):
+            yield host_batch(raw, token_source, step, config.seed, with_view)
+
+    rate = learning_rate(config, pre.lr, steps_per_epoch)
+    _, meta = loop.run(loop.Job(
+        name="pretrain", workdir=run_dir, mesh=mesh, config=config, state=state,
+        train_step=make_train_step(model, config), batches=batches, steps_per_epoch=steps_per_epoch,
+        epochs=pre.epochs,
+        # Retrieval on the training and validation pairs, before training (epoch 0) and after every epoch.
+        evaluators=[loop.Evaluator(lambda state: evaluate_retrieval(encode, state, pair_sets, mesh, batch_size),
+                                   at_start=True)],
+        best_metric=None,  # No selection criterion: the newest model is the one to keep.
+        checkpoint_every_epochs=pre.checkpoint_every_epochs, log_every_steps=pre.log_every_steps,
+        learning_rate=rate if callable(rate) else lambda step: rate,
+    ))
+    terms = lambda means: {k: v for k, v in means.items() if k not in loop.TELEMETRY}  # noqa: E731
     summary = {
         "objective": pre.objective,
         "epochs": meta["epoch"],
@@ -662,14 +620,11 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         "num_train_pairs": len(train_pairs),
         "num_val_pairs": 0 if val_pairs is None else len(val_pairs),
         "seconds": meta["seconds"],
-        "initial_retrieval": meta["initial_retrieval"],
-        "final_retrieval": meta["final_retrieval"],
-        "first_epoch_terms": meta["first_epoch_terms"],
-        "final_terms": meta["final_terms"],
+        "initial_retrieval": meta["initial_eval"],
+        "final_retrieval": meta["last_eval"],
+        "first_epoch_terms": terms(meta["first_epoch"]),
+        "final_terms": terms(meta["last_epoch"]),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if jax.process_index() == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _format(retrieval: dict) -> str:
-    return " ".join(f"{k} {v:.2f}" for k, v in retrieval.items())

@@ -30,23 +30,24 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from amvlm_jax import metrics
-from amvlm_jax.data import datasets, folders, pipeline, splits
+from amvlm_jax.data import datasets, folders, pipeline
 from amvlm_jax.losses.segmentation import mask_targets, segmentation_loss
 from amvlm_jax.losses.text_guided import (
     INITIAL_LOG_SCALE,
     ema_alpha,
     unlabeled_weight,
-    ema_update_teacher,
     fuse_multiclass,
     fuse_pseudo_labels,
     text_guided_loss,
 )
+from amvlm_jax.ops import ema_update
 from amvlm_jax.models.text_mask import TextMaskDecoder, WordAttentionMaskHead, head_text_masks, text_masks
-from amvlm_jax.config import ConfigError
+from amvlm_jax.config import ConfigError, with_recorded
 from amvlm_jax.data.tokenize import ReportTokenizer
 from amvlm_jax.train import checkpoint, evaluate, loop, supervised
+from amvlm_jax.train.logging import info
 from amvlm_jax.train.parallel import gather_to_host, make_mesh, replicate
-from amvlm_jax.train.state import TrainState
+from amvlm_jax.train.state import TrainState, optimizer_telemetry
 
 
 def text_guidance_enabled(config) -> bool:
@@ -56,20 +57,12 @@ def text_guidance_enabled(config) -> bool:
 
 def load_split_pair(config, root: pathlib.Path):
     """(labeled split with masks, unlabeled split without) of the training folder."""
-    count = len(folders.list_split(root, "train", require_masks=False))
-    labeled = splits.labeled_indices(count, config.data.labeled_fraction, config.data.split_seed)
-    unlabeled = splits.unlabeled_indices(count, config.data.labeled_fraction, config.data.split_seed)
+    labeled, unlabeled = datasets.load_train_parts(config, root)
     if len(unlabeled) == 0:
         raise folders.DataError(
             f"{root}: data.labeled_fraction={config.data.labeled_fraction} leaves no unlabeled training image"
         )
-    everything = folders.load_split(
-        root, "train", image_size=config.data.image_size, num_classes=config.data.num_classes,
-        mask_indices=labeled, threads=config.data.read_threads,
-    )
-    unlabeled_split = everything.subset(unlabeled)
-    unlabeled_split.masks = None  # Never used for training: only the evaluation of pseudo-labels reads them.
-    return everything.subset(labeled), unlabeled_split
+    return labeled, unlabeled
 
 
 class TextGuidance:
@@ -77,22 +70,24 @@ class TextGuidance:
     of SPEC 5 or, with config.ssl.text_head='words', the word-attention head (``head`` is then set)."""
 
     def __init__(self, config, workdir: pathlib.Path, mesh):
-        """Restores the encoders from config.ssl.pretrained, else <workdir>/pretrain."""
+        """Restores the encoders from config.ssl.pretrained, else <workdir>/pretrain, built as the
+        pre-training run's recorded config describes them (its ``pretrain`` fields, not this command's)."""
         from amvlm_jax.train import pretrain
 
-        self._define(config, pretrain.build_model(config, pretrain.text_encoder_config(config)))
         source = pathlib.Path(config.ssl.pretrained or workdir / "pretrain")
         if not source.exists():
             raise ConfigError(
                 f"{source}: no pre-trained encoders for text guidance; run mode 'pretrain' (or 'all') first, "
                 "set config.ssl.pretrained, or set config.ssl.w_text=0 and config.ssl.train_decoder=False"
             )
+        config = encoder_config(config, checkpoint.read_meta(source).get("config"))
+        self._define(config, pretrain.build_model(config, pretrain.text_encoder_config(config)))
         replicated = NamedSharding(mesh, PartitionSpec())
         abstract = jax.eval_shape(lambda: pretrain.create_state(config, self.model, self.image_size))
         target = {"params": abstract.params, "batch_stats": abstract.batch_stats}
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), target)
         self.variables, meta, used = checkpoint.restore_variables(source, target)
-        print(f"text guidance from {used} (pre-trained {meta.get('epoch')} epochs)")
+        info(f"text guidance from {used} (pre-trained {meta.get('epoch')} epochs)")
 
     @classmethod
     def from_variables(cls, config, model, variables: dict) -> "TextGuidance":
@@ -108,6 +103,7 @@ class TextGuidance:
         self.model = model
         self.tokenizer = ReportTokenizer(pretrain.text_encoder_dir(config), config.pretrain.max_length)
         self.image_size = pretrain.pretrain_image_size(config)
+        self.temperature = config.pretrain.temperature
         self.decoder = TextMaskDecoder(dtype=jnp.dtype(config.dtype))
         self.head = WordAttentionMaskHead(dtype=jnp.dtype(config.dtype)) if config.ssl.text_head == "words" else None
         self.withhold_reports = bool(config.ssl.withhold_reports)
@@ -152,6 +148,17 @@ class TextGuidance:
         return self.patch_map(variables, images), jax.lax.stop_gradient(text["t"])
 
 
+def encoder_config(config, recorded: dict | None):
+    """``config`` with the ``pretrain`` fields of the pre-training run's recorded config (None: a checkpoint
+    written before configs were recorded; the command's fields are used)."""
+    if not recorded:
+        return config
+    config = with_recorded(config, recorded, sections=("pretrain",))
+    if not config.pretrain.image_size:  # 0 meant that run's data.image_size.
+        config.pretrain.image_size = recorded["data"]["image_size"]
+    return config
+
+
 def report_tokens(batch: dict, prefix: str = "report_") -> dict:
     """The ReportTokenizer arrays carried in a batch under `prefix`."""
     return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
@@ -186,7 +193,8 @@ def fuse(p_teacher, p_text, w_text: float, num_classes: int):
     return fuse_multiclass(p_teacher, p_text, w_text)
 
 
-def text_mask_outputs(guidance: TextGuidance, trained: dict, frozen, images, tokens, constant: float = 0.0) -> tuple:
+def text_mask_outputs(guidance: TextGuidance, trained: dict, frozen, images, tokens, constant: float = 0.0,
+                      logit_offset: float = 0.0) -> tuple:
     """(L_tg, text-mask dict) of images (B, H, W, 3) in [0, 1] with their reports.
 
     trained: {'decoder': params, 'log_scale': l} (the dict of ``text_masks``;
@@ -195,6 +203,7 @@ def text_mask_outputs(guidance: TextGuidance, trained: dict, frozen, images, tok
     constant > 0 replaces every p_text by that value
     (config.ssl.constant_text_mask: a control that keeps the fusion's mean
     shift and removes all location information); L_tg is unchanged.
+    logit_offset (config.ssl.text_logit_offset) is added to p_text's logit.
     """
     if guidance.head is not None:
         tg_loss, masks = None, head_text_masks(guidance.head_logits(trained["head"], frozen, images, tokens), images.shape[1])
@@ -203,6 +212,9 @@ def text_mask_outputs(guidance: TextGuidance, trained: dict, frozen, images, tok
         dense = guidance.decoder.apply({"params": trained["decoder"]}, patch_map)
         masks = text_masks(dense, reports, images, images.shape[1])
         tg_loss = text_guided_loss(dense, masks["soft"], reports, trained["log_scale"])
+    if logit_offset:
+        p = jnp.clip(masks["p_text"], 1e-6, 1.0 - 1e-6)
+        masks["p_text"] = jax.nn.sigmoid(jnp.log(p) - jnp.log1p(-p) + logit_offset)
     if constant > 0.0:
         masks["p_text"] = jnp.full_like(masks["p_text"], constant)
     return tg_loss, masks
@@ -238,7 +250,7 @@ def fit_text_head(config, guidance: TextGuidance, labeled_split, mesh, initial: 
     params, loss = fit_mask_head(guidance.head, initial, inputs, targets,
                                  config.ssl.text_head_steps, config.ssl.text_head_lr, config.train.batch_size,
                                  config.seed, mesh)
-    print(f"text head fitted on {len(labeled_split)} labelled images"
+    info(f"text head fitted on {len(labeled_split)} labelled images"
           f"{' with the reports withheld' if guidance.withhold_reports else ''}: "
           f"{config.ssl.text_head_steps} steps, last batch loss {loss:.4f}")
     return params
@@ -282,7 +294,7 @@ def fit_mask_head(head, params, inputs: tuple, targets, steps: int, lr: float, b
 
 
 def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx, steps_per_epoch: int = 1):
-    """jitted (state, frozen variables, batch) -> (state, metrics).
+    """jitted (state, frozen variables of the encoders, batch) -> (state, metrics).
 
     The student loss is SPEC 6's loss over the concatenated labeled and
     unlabeled halves; with config.ssl.unlabeled_weight != 1 or
@@ -306,7 +318,8 @@ def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx, step
             tokens = report_tokens(batch)
 
             def decoder_loss(trained):
-                tg_loss, masks = text_mask_outputs(guidance, trained, frozen, x_u, tokens, config.ssl.constant_text_mask)
+                tg_loss, masks = text_mask_outputs(guidance, trained, frozen, x_u, tokens, config.ssl.constant_text_mask,
+                                                   config.ssl.text_logit_offset)
                 return tg_loss, masks["p_text"]
 
             trained = generator_params(guidance, extra)
@@ -341,8 +354,9 @@ def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx, step
 
         (loss, batch_stats), grads = jax.value_and_grad(student_loss, has_aux=True)(state.params)
         state = state.apply_gradients(grads, batch_stats=batch_stats, extra=extra)
+        step_metrics |= optimizer_telemetry(grads, state.params)
         alpha = ema_alpha(state.step - 1, max_alpha)  # t counts the student updates before this one.
-        teacher = ema_update_teacher({"params": state.params, "batch_stats": state.batch_stats}, state.ema, alpha)
+        teacher = ema_update({"params": state.params, "batch_stats": state.batch_stats}, state.ema, alpha)
         state = state.replace(ema=teacher)
         step_metrics |= {"loss": loss, "pseudo_label_mean": jnp.mean(pseudo if num_classes == 1 else 1 - pseudo[..., 0])}
         return state, step_metrics
@@ -370,7 +384,8 @@ def make_picture_panels(config, model, guidance: TextGuidance | None, mesh, spli
         pseudo = teacher_probabilities(model, teacher, images, num_classes, config.ssl.teacher_norm)
         p_text = jnp.zeros(images.shape[:3], jnp.float32)
         if guidance is not None:
-            _, masks = text_mask_outputs(guidance, trained, frozen, images, report_tokens(batch), config.ssl.constant_text_mask)
+            _, masks = text_mask_outputs(guidance, trained, frozen, images, report_tokens(batch), config.ssl.constant_text_mask,
+                                         config.ssl.text_logit_offset)
             p_text = masks["p_text"]
             pseudo = fuse(pseudo, p_text, w_text, num_classes)
         return (pseudo if num_classes == 1 else 1.0 - pseudo[..., 0]), p_text
@@ -416,7 +431,8 @@ def make_guidance_eval_step(config, model, guidance: TextGuidance | None):
         p_teacher = teacher_probabilities(model, teacher, images, num_classes, config.ssl.teacher_norm)
         maps = {"teacher": p_teacher, "student": teacher_probabilities(model, student, images, num_classes, config.ssl.teacher_norm)}
         if guidance is not None:
-            _, masks = text_mask_outputs(guidance, trained, frozen, images, report_tokens(batch), config.ssl.constant_text_mask)
+            _, masks = text_mask_outputs(guidance, trained, frozen, images, report_tokens(batch), config.ssl.constant_text_mask,
+                                         config.ssl.text_logit_offset)
             maps["text_mask"] = masks["p_text"]
             maps["pseudo_label"] = fuse(p_teacher, masks["p_text"], w_text, num_classes)
         out = {}
@@ -455,20 +471,16 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
     if guidance is not None:
         target["extra"] = generator_params(guidance, template.extra)
     restored, meta, used = checkpoint.restore_variables(source, replicate(mesh, target))
-    print(f"scoring the pseudo-labels of {used} (epoch {meta.get('epoch')})")
+    info(f"scoring the pseudo-labels of {used} (epoch {meta.get('epoch')})")
     trained = restored.get("extra")
     frozen = guidance.variables if guidance is not None else None
     student = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
     step = make_guidance_eval_step(config, model, guidance)
 
-    count = len(folders.list_split(root, "train", require_masks=False))
-    unlabeled = splits.unlabeled_indices(count, config.data.labeled_fraction, config.data.split_seed)
     named = {}
+    _, unlabeled = datasets.load_train_parts(config, root, unlabeled_masks=True)
     if len(unlabeled):
-        named["unlabeled"] = folders.load_split(
-            root, "train", image_size=config.data.image_size, num_classes=config.data.num_classes,
-            mask_indices=unlabeled, threads=config.data.read_threads,
-        ).subset(unlabeled)
+        named["unlabeled"] = unlabeled
     val = datasets.load_eval_split(config, root, "val")
     if val is not None:
         named["val"] = val
@@ -506,7 +518,7 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
                     writer.writerow([file_name] + [f"{100 * columns[name][row]:.4f}" for name in columns])
     if jax.process_index() == 0:
         (workdir / "guidance.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(format_guidance_table(results))
+    info(format_guidance_table(results))
     return results
 
 
@@ -559,7 +571,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     batch_size = config.train.batch_size
     steps_per_epoch = max(1, math.ceil(max(len(labeled_split), len(unlabeled_split)) / batch_size))
     guidance = TextGuidance(config, workdir, mesh) if text_guidance_enabled(config) else None
-    print(
+    info(
         f"SSMIS: {len(labeled_split)} labeled + {len(unlabeled_split)} unlabeled images, "
         f"{steps_per_epoch} steps per epoch, text guidance {'on (w_text=%g)' % config.ssl.w_text if guidance else 'off'}"
     )
@@ -586,13 +598,14 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                 batch |= {f"report_{k}": v[unlabeled["index"]] for k, v in unlabeled_tokens.items()}
             yield batch
 
-    loop.fit(
-        config, workdir, mesh, state, make_ssl_step(config, model, guidance, decoder_tx, steps_per_epoch), make_batches,
-        steps_per_epoch, val_split, evaluate.make_eval_step(model, config.data.num_classes),
-        extra_step_args=(guidance.variables if guidance else None,),
-        picture_panels=make_picture_panels(config, model, guidance, mesh, val_split) if val_split is not None else None,
-        refresh_batch_stats=evaluate.make_batch_stats_refresh(model, student_images(config, labeled_split, unlabeled_split), mesh, 2 * batch_size),
-    )
+    ssl_step = make_ssl_step(config, model, guidance, decoder_tx, steps_per_epoch)
+    frozen = guidance.variables if guidance is not None else None
+    loop.run(supervised.segmentation_job(
+        "ssl", config, workdir, mesh, model, state,
+        lambda state, batch: ssl_step(state, frozen, batch), make_batches, steps_per_epoch, val_split,
+        make_picture_panels(config, model, guidance, mesh, val_split) if val_split is not None else None,
+        student_images(config, labeled_split, unlabeled_split), 2 * batch_size,
+    ))
     best = str(workdir / "checkpoints" / "best")
     results = supervised.evaluate_checkpoint(config, workdir, best, mesh=mesh, root=root)
     if config.eval.guidance:

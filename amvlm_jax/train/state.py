@@ -46,6 +46,11 @@ class TrainState:
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **changes)
 
 
+def optimizer_telemetry(grads, params) -> dict:
+    """Global L2 norms of a step's gradient and of the parameters after it (logged by every job)."""
+    return {"grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
+
+
 def cosine_restarts(lr: float, min_lr: float, restart_epochs: int, steps_per_epoch: int) -> optax.Schedule:
     """Cosine annealing from lr to min_lr over restart_epochs epochs, then restart.
 

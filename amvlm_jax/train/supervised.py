@@ -14,8 +14,9 @@ from amvlm_jax.data import datasets, pipeline
 from amvlm_jax.losses.segmentation import mask_targets, segmentation_loss
 from amvlm_jax.models.unet import UNet
 from amvlm_jax.train import checkpoint, evaluate, loop
+from amvlm_jax.train.logging import info
 from amvlm_jax.train.parallel import make_mesh, replicate
-from amvlm_jax.train.state import TrainState, cosine_restarts
+from amvlm_jax.train.state import TrainState, cosine_restarts, optimizer_telemetry
 
 
 def build_unet(config) -> UNet:
@@ -55,7 +56,7 @@ def make_train_step(model: UNet, num_classes: int):
         )
         state = state.apply_gradients(grads, batch_stats=batch_stats)
         dice, _ = metrics.dice_iou_per_image(metrics.predict_labels(logits), batch["mask"].astype(jnp.int32), num_classes)
-        return state, {"loss": loss, "train_dice": jnp.mean(dice)}
+        return state, {"loss": loss, "train_dice": jnp.mean(dice), **optimizer_telemetry(grads, state.params)}
 
     return jax.jit(train_step, donate_argnums=0)
 
@@ -74,26 +75,42 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     val_split = datasets.load_eval_split(config, root, "val")
     batch_size = config.train.batch_size
     steps_per_epoch = max(1, math.ceil(len(train_split) / batch_size))
-    print(f"training on {len(train_split)} labeled images, {steps_per_epoch} steps per epoch, {mesh.size} device(s)")
+    info(f"training on {len(train_split)} labeled images, {steps_per_epoch} steps per epoch, {mesh.size} device(s)")
 
     model = build_unet(config)
     state = replicate(mesh, create_state(config, model, steps_per_epoch))
 
-    def make_batches(start_step):
+    def batches(start_step):
         return pipeline.training_batches(
             train_split, batch_size, seed=config.seed, start_step=start_step, worker_count=config.data.worker_count
         )
 
-    schedule = cosine_restarts(config.train.lr, config.train.min_lr, config.train.restart_epochs, steps_per_epoch)
-    loop.fit(
-        config, workdir, mesh, state, make_train_step(model, config.data.num_classes), make_batches,
-        steps_per_epoch, val_split, evaluate.make_eval_step(model, config.data.num_classes), lr_schedule=schedule,
-        picture_panels=evaluate.make_prediction_panels(model, mesh, val_split) if val_split is not None else None,
-        refresh_batch_stats=evaluate.make_batch_stats_refresh(
-            model, train_split.images[: config.train.precise_bn_images], mesh, batch_size
-        ),
-    )
+    loop.run(segmentation_job(
+        "supervised", config, workdir, mesh, model, state, make_train_step(model, config.data.num_classes), batches,
+        steps_per_epoch, val_split, evaluate.make_prediction_panels(model, mesh, val_split) if val_split else None,
+        train_split.images[: config.train.precise_bn_images], batch_size,
+    ))
     return evaluate_checkpoint(config, workdir, str(workdir / "checkpoints" / "best"), mesh=mesh, root=root)
+
+
+def segmentation_job(name, config, workdir, mesh, model, state, train_step, batches, steps_per_epoch, val_split,
+                     panels, batch_stats_images, batch_stats_batch_size) -> loop.Job:
+    """The loop's description of a job that trains a U-Net (supervised or mean teacher): validated on
+    ``val_split`` (the best checkpoint by validation Dice; the newest without one), BatchNorm statistics
+    recomputed on ``batch_stats_images`` after every epoch, overlays from ``panels`` (see
+    ``evaluate.picture_writer``)."""
+    eval_step = evaluate.make_eval_step(model, config.data.num_classes)
+    return loop.Job(
+        name=name, workdir=workdir, mesh=mesh, config=config, state=state, train_step=train_step, batches=batches,
+        steps_per_epoch=steps_per_epoch, epochs=config.train.epochs,
+        evaluators=[evaluate.validation_evaluator(config, eval_step, val_split, mesh)] if val_split is not None else [],
+        best_metric="val/dice" if val_split is not None else None,
+        log_every_steps=config.train.log_every_steps,
+        learning_rate=cosine_restarts(config.train.lr, config.train.min_lr, config.train.restart_epochs, steps_per_epoch),
+        end_of_epoch=evaluate.make_batch_stats_refresh(model, batch_stats_images, mesh, batch_stats_batch_size),
+        pictures=evaluate.picture_writer(config, workdir, val_split, panels) if panels is not None else None,
+        picture_every_epochs=config.train.picture_every_epochs,
+    )
 
 
 def evaluate_checkpoint(config, workdir, checkpoint_path: str = "", mesh=None, root=None) -> dict:
@@ -105,7 +122,7 @@ def evaluate_checkpoint(config, workdir, checkpoint_path: str = "", mesh=None, r
     model = build_unet(config)
     variables = replicate(mesh, init_variables(config, model))
     variables, meta, used = checkpoint.restore_variables(checkpoint_path or workdir, variables)
-    print(f"evaluating {used} (epoch {meta.get('epoch')})")
+    info(f"evaluating {used} (epoch {meta.get('epoch')})")
     eval_step = evaluate.make_eval_step(model, config.data.num_classes)
     per_split, names = {}, {}
     for split in config.eval.splits:
@@ -118,5 +135,5 @@ def evaluate_checkpoint(config, workdir, checkpoint_path: str = "", mesh=None, r
         )
         names[split] = data.names
     results = evaluate.write_results(workdir, per_split, names)
-    print(evaluate.format_table(results))
+    info(evaluate.format_table(results))
     return results

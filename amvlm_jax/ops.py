@@ -1,0 +1,35 @@
+"""Small numerical building blocks that models, losses and training steps share.
+
+Kept outside models/ and losses/ so that neither imports the other for them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Flax keeps this fraction of the old running BatchNorm statistics per step (torch's momentum 0.1).
+BATCH_NORM_MOMENTUM = 0.9
+BATCH_NORM_EPSILON = 1e-5
+
+
+def l2_normalize(x: jnp.ndarray, axis: int = -1, eps: float = 1e-12) -> jnp.ndarray:
+    """x / max(||x||, eps) with a gradient that stays finite at x = 0."""
+    squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x * jnp.reciprocal(jnp.sqrt(jnp.maximum(squared_norm, eps * eps)))
+
+
+def ema_update(online, averaged, momentum):
+    """averaged <- momentum * averaged + (1 - momentum) * online, leaf by leaf, without gradient.
+
+    Any matching pytrees (parameters, BatchNorm statistics): the mean
+    teacher (momentum = alpha_t, SPEC 6) and the momentum encoders of ICL
+    (SPEC 3.4). Computed in float32; each result keeps its averaged leaf's dtype.
+    """
+    momentum = jnp.asarray(momentum, jnp.float32)
+
+    def blend(new, old):
+        mixed = momentum * old.astype(jnp.float32) + (1.0 - momentum) * jax.lax.stop_gradient(new).astype(jnp.float32)
+        return mixed.astype(old.dtype)
+
+    return jax.tree_util.tree_map(blend, online, averaged)

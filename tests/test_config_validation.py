@@ -1,0 +1,335 @@
+"""Bad config values end in a one-line ConfigError naming the field; every experiment file and variant passes."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from amvlm_jax.config import ConfigError, base_config, validate
+from amvlm_jax.data import datasets, splits
+from amvlm_jax.data.folders import DataError
+
+from conftest import REPO_ROOT
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _experiment(name: str):
+    path = REPO_ROOT / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _config(**overrides):
+    """The default experiment (experiments/synthetic.py) with `overrides` ('section.field': value)."""
+    config = _experiment("synthetic").get_config()
+    for path, value in overrides.items():
+        node, (*sections, leaf) = config, path.split(".")
+        for section in sections:
+            node = node[section]
+        node[leaf] = value
+    return config
+
+
+def _error(config) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(config)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+# (field path below config, a value no run can use). The message must name config.<path> and show the value.
+BAD_VALUES = [
+    ("mode", "train"),
+    ("seed", -1), ("seed", 2**31), ("seed", None), ("seed", True),
+    ("data.name", None), ("data.root", None),
+    ("data.image_size", 0), ("data.image_size", 100), ("data.image_size", -16), ("data.image_size", None),
+    ("data.num_classes", 0),
+    ("data.labeled_fraction", 0.0), ("data.labeled_fraction", 1.5), ("data.labeled_fraction", -0.25),
+    ("data.labeled_fraction", NAN), ("data.labeled_fraction", None),
+    ("data.split_seed", -1), ("data.worker_count", -1), ("data.read_threads", 0),
+    ("data.synthetic.num_train", 0), ("data.synthetic.num_val", -1), ("data.synthetic.num_test", -1),
+    ("data.synthetic.seed", -1), ("data.synthetic.fresh_pairs", None),
+    ("unet.base_width", 0), ("unet.architecture", "resnet"),
+    ("train.batch_size", 0), ("train.epochs", 0), ("train.epochs", None), ("train.epochs", False),
+    ("train.lr", -1.0), ("train.lr", 0.0), ("train.lr", NAN), ("train.lr", INF), ("train.lr", None),
+    ("train.min_lr", -1e-4), ("train.min_lr", NAN),
+    ("train.restart_epochs", 0), ("train.eval_every_epochs", -1), ("train.log_every_steps", 0),
+    ("train.eval_batch_size", 0), ("train.precise_bn_images", -1), ("train.picture_every_epochs", -1),
+    ("train.picture_images", -1),
+    ("eval.checkpoint", None), ("eval.splits", ("val", "holdout")), ("eval.splits", ("(val,)",)),
+    ("eval.splits", (1, 2)), ("eval.splits", None), ("eval.guidance", None),
+    ("pretrain.objective", "clip"), ("pretrain.vit", "L/14"), ("pretrain.vit_weights", None),
+    ("pretrain.text_encoder", None), ("pretrain.text_layers", 0), ("pretrain.max_length", 2),
+    ("pretrain.image_size", 100), ("pretrain.image_size", -16), ("pretrain.embed_dim", 0),
+    ("pretrain.batch_size", 0), ("pretrain.epochs", 0),
+    ("pretrain.lr", 0.0), ("pretrain.lr", -3e-5), ("pretrain.lr", INF),
+    ("pretrain.optimizer", "sgd"), ("pretrain.adam_betas", (0.9,)), ("pretrain.adam_betas", (0.9, 1.0)),
+    ("pretrain.weight_decay", -0.1), ("pretrain.schedule", "linear"), ("pretrain.warmup_fraction", 1.5),
+    ("pretrain.min_lr", -1.0), ("pretrain.image_lr", -1.0), ("pretrain.image_lr", NAN),
+    ("pretrain.temperature", 0.0), ("pretrain.temperature", -0.07), ("pretrain.momentum", 1.5),
+    ("pretrain.local_inversion", "log"), ("pretrain.use_pdt", None),
+    ("pretrain.weights.ita", -1.0), ("pretrain.weights.css", NAN), ("pretrain.weights.local", -0.1),
+    ("pretrain.weights.icl", None),
+    ("pretrain.mgca.ita", -1.0), ("pretrain.mgca.cta", -1.0), ("pretrain.mgca.cpa", INF),
+    ("pretrain.mgca.cta_temperature", 0.0), ("pretrain.mgca.num_prototypes", 0),
+    ("pretrain.mgca.sinkhorn_epsilon", 0.0), ("pretrain.mgca.sinkhorn_iterations", -1),
+    ("pretrain.mgca.prototype_temperature", 0.0), ("pretrain.mgca.freeze_prototypes_epochs", -1),
+    ("pretrain.log_every_steps", 0), ("pretrain.checkpoint_every_epochs", 0),
+    ("pretrain.vit_width", -1), ("pretrain.vit_depth", -1), ("pretrain.vit_heads", -1),
+    ("pretrain.text_weights_init", "zeros"), ("pretrain.text_hidden", -1), ("pretrain.text_heads", -1),
+    ("pretrain.head_hidden", 0), ("pretrain.pdt_heads", 0), ("pretrain.pdt_dropout", 1.0),
+    ("pretrain.pdt_dropout", -0.1), ("pretrain.remat", None),
+    ("pretrain.vit_attention", "flash"), ("pretrain.text_embedding_grad", "dense"),
+    ("ssl.w_text", -1.0), ("ssl.w_text", NAN), ("ssl.train_decoder", None), ("ssl.decoder_lr", -1.0),
+    ("ssl.pretrained", None), ("ssl.teacher_norm", "none"), ("ssl.ema_max_alpha", 1.0),
+    ("ssl.constant_text_mask", 1.0), ("ssl.constant_text_mask", -0.5), ("ssl.text_logit_offset", INF),
+    ("ssl.text_head", "film"), ("ssl.text_head_steps", 0), ("ssl.text_head_lr", 0.0), ("ssl.text_head_lr", -1e-3),
+    ("ssl.withhold_reports", None), ("ssl.unlabeled_weight", -1.0), ("ssl.rampup_epochs", -1.0),
+    ("mesh.data", 0), ("mesh.data", -2), ("mesh.fsdp", 0), ("mesh.fsdp_min_size", -1),
+    ("distributed.mode", "maybe"), ("distributed.coordinator_address", "localhost"),
+    ("distributed.coordinator_address", "host:port"), ("distributed.num_processes", -1),
+    ("distributed.process_id", -2), ("distributed.cpu_collectives", "nccl"),
+    ("dtype", "float16"), ("compilation_cache", None),
+]
+
+
+@pytest.mark.parametrize("path, value", BAD_VALUES, ids=[f"{p}={v!r}" for p, v in BAD_VALUES])
+def test_bad_value_is_a_one_line_error_naming_the_field(path, value):
+    message = _error(_config(**{path: value}))
+    assert f"config.{path}" in message
+    shown = f"'{value}'" if path == "mode" else repr(value)
+    assert shown in message, message
+    if path != "mode":
+        assert " must be " in message  # ... and what is allowed.
+
+
+def _leaves(node, prefix=""):
+    for key in node:
+        value = node[key]
+        if hasattr(value, "keys"):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key
+
+
+def test_every_field_of_base_config_is_checked():
+    """validate's table has an entry for each leaf of base_config() (sections expanded), and so has BAD_VALUES."""
+    from amvlm_jax.config import _field_checks
+
+    fields = set(_leaves(base_config()))
+    checked = {path for path, _, _ in _field_checks()} | {"mode"}  # The mode: checked first, on its own.
+    assert fields - checked == set(), "fields without a check in config._field_checks()"
+    assert checked - fields == set(), "checks of fields that base_config() does not have"
+    assert fields <= {path for path, _ in BAD_VALUES}
+
+
+# Values of several fields that do not go together: (overrides, the field the message must name).
+BAD_COMBINATIONS = [
+    ({"train.lr": 1e-3, "train.min_lr": 2e-3}, "config.train.min_lr"),
+    ({"pretrain.optimizer": "adamw", "pretrain.schedule": "warmup_cosine", "pretrain.lr": 1e-4,
+      "pretrain.min_lr": 1e-3}, "config.pretrain.min_lr"),
+    ({"pretrain.schedule": "warmup_cosine", "pretrain.lr": 1e-3, "pretrain.image_lr": 1e-5,
+      "pretrain.min_lr": 1e-4}, "config.pretrain.image_lr"),
+    ({f"pretrain.weights.{k}": 0.0 for k in ("ita", "css", "local", "icl")}, "config.pretrain.weights"),
+    ({"pretrain.objective": "mgca", **{f"pretrain.mgca.{k}": 0.0 for k in ("ita", "cta", "cpa")}},
+     "config.pretrain.mgca"),
+    ({"pretrain.embed_dim": 132, "pretrain.pdt_heads": 8}, "config.pretrain.embed_dim"),
+    ({"pretrain.embed_dim": 15, "pretrain.pdt_heads": 1}, "config.pretrain.embed_dim"),
+    ({"pretrain.vit_width": 100}, "config.pretrain.vit_width"),  # Ti/16: 3 heads.
+    ({"pretrain.text_weights_init": "random", "pretrain.text_hidden": 100, "pretrain.text_heads": 3},
+     "config.pretrain.text_hidden"),
+    ({"train.picture_every_epochs": 5, "train.picture_images": 0}, "config.train.picture_images"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, "config.mesh.data and config.mesh.fsdp cannot both be -1"),
+    ({"distributed.num_processes": 2}, "config.distributed.coordinator_address"),
+    ({"distributed.num_processes": 2, "distributed.coordinator_address": "10.0.0.1:1234",
+      "distributed.process_id": 2}, "config.distributed.process_id"),
+    ({"pretrain.weight_decay": 0.05}, "config.pretrain.weight_decay"),  # Optimizer 'adam'.
+    ({"data.name": "monuseg", "data.synthetic.fresh_pairs": True}, "config.data.synthetic.fresh_pairs"),
+    ({"pretrain.vit_attention": "cudnn"}, "config.pretrain.vit_attention='cudnn' needs config.dtype='bfloat16'"),
+    ({"ssl.withhold_reports": True}, "config.ssl.withhold_reports needs config.ssl.text_head='words'"),
+]
+
+
+@pytest.mark.parametrize("overrides, field", BAD_COMBINATIONS, ids=[f for _, f in BAD_COMBINATIONS])
+def test_values_that_do_not_go_together(overrides, field):
+    assert field in _error(_config(**overrides))
+
+
+def test_a_missing_section_is_a_config_error():
+    config = _config()
+    config.pretrain.weights = None
+    assert "config.pretrain.weights.ita" in _error(config)
+
+
+# Edge values a run can use: they must pass.
+GOOD_VALUES = [
+    {"data.labeled_fraction": 1.0}, {"data.labeled_fraction": 0.01}, {"seed": 2**31 - 1},
+    {"train.min_lr": 1e-3, "train.lr": 1e-3}, {"train.min_lr": 0.0}, {"train.eval_every_epochs": 0},
+    {"train.picture_every_epochs": 0, "train.picture_images": 0}, {"train.precise_bn_images": 0},
+    {"pretrain.image_size": 0}, {"pretrain.image_lr": 0.0}, {"ssl.decoder_lr": 0.0}, {"ssl.w_text": 0.0},
+    {"ssl.constant_text_mask": 0.5}, {"ssl.text_logit_offset": -3.0}, {"ssl.ema_max_alpha": 0.0},
+    {"mesh.data": 1, "mesh.fsdp": -1}, {"mesh.data": -1, "mesh.fsdp": 2},
+    {"distributed.num_processes": 2, "distributed.coordinator_address": "localhost:1234"},
+    {"distributed.cpu_collectives": ""}, {"pretrain.mgca.sinkhorn_iterations": 0},
+    {"eval.splits": ()}, {"eval.splits": ["test"]}, {"eval.splits": ("train", "val", "test")},
+    {"pretrain.weights.css": 0.0, "pretrain.weights.icl": 0.0, "pretrain.weights.local": 0.0},
+    {"pretrain.objective": "mgca", **{f"pretrain.weights.{k}": 0.0 for k in ("ita", "css", "local", "icl")}},
+    {"pretrain.text_weights_init": "random", "pretrain.text_hidden": 96, "pretrain.text_heads": 3},
+    {"pretrain.vit_width": 96, "pretrain.vit_heads": 2}, {"data.root": "/somewhere", "data.name": "monuseg"},
+    {"pretrain.vit_attention": "cudnn", "dtype": "bfloat16"},
+    {"data.image_size": 32},  # Below the synthetic generator's minimum: fine for tools/benchmark.py's batches.
+]
+
+
+@pytest.mark.parametrize("overrides", GOOD_VALUES, ids=[",".join(o) for o in GOOD_VALUES])
+def test_usable_edge_values_pass(overrides):
+    validate(_config(**overrides))
+
+
+def _experiment_configs():
+    for path in sorted((REPO_ROOT / "experiments").glob("*.py")):
+        module = _experiment(path.stem)
+        variants = [None, *module.VARIANTS]
+        if "cpu" in module.VARIANTS:
+            variants += ["mgca,cpu", "cpu,labeled25", "cpu,text_head_blind", "cpu,vision"]
+        else:
+            variants += ["full,mgca", "fresh,labeled100", "text_head,labeled50"]
+        for variant in variants:
+            yield f"{path.stem}:{variant or ''}", module, variant
+
+
+@pytest.mark.parametrize("name, module, variant", list(_experiment_configs()),
+                         ids=[name for name, _, _ in _experiment_configs()])
+def test_every_experiment_and_variant_is_valid(name, module, variant):
+    config = module.get_config(variant)
+    validate(config)
+    for mode in ("supervised", "evaluate", "pretrain", "ssl", "all"):
+        config.mode = mode
+        validate(config)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5, -1.0, NAN, None])
+def test_labeled_indices_reject_a_bad_fraction_in_one_line(fraction):
+    with pytest.raises(ConfigError, match=r"config\.data\.labeled_fraction must be a number in \(0, 1\]") as info:
+        splits.labeled_indices(10, fraction, 0)
+    assert "\n" not in str(info.value)
+
+
+def test_labeled_indices_reject_a_negative_seed():
+    with pytest.raises(ConfigError, match="config.data.split_seed"):
+        splits.unlabeled_indices(10, 0.5, -1)
+
+
+def test_synthetic_data_over_a_foreign_folder_is_a_data_error(tmp_path):
+    (tmp_path / "Train_Folder" / "img").mkdir(parents=True)
+    (tmp_path / "Train_Folder" / "img" / "patient_1.png").write_bytes(b"not ours")
+    config = _config(**{"data.root": str(tmp_path)})
+    with pytest.raises(DataError, match="patient_1.png") as info:
+        datasets.data_root(config, tmp_path / "unused")
+    assert "\n" not in str(info.value)
+    assert (tmp_path / "Train_Folder" / "img" / "patient_1.png").read_bytes() == b"not ours"
+
+
+def test_synthetic_data_below_the_generators_minimum_size_is_a_config_error(tmp_path):
+    config = _config(**{"data.image_size": 48, "data.root": str(tmp_path / "data")})
+    with pytest.raises(ConfigError, match=r"config\.data\.image_size must be >= 64 .*got 48") as info:
+        datasets.data_root(config, tmp_path)
+    assert "\n" not in str(info.value) and not (tmp_path / "data").exists()
+
+
+FRACTION = "config.data.labeled_fraction"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--config.data.labeled_fraction=0", f"error: {FRACTION} must be a number in (0, 1], got 0.0"),
+        ("--config.data.labeled_fraction=1.5", f"error: {FRACTION} must be a number in (0, 1], got 1.5"),
+        ("--config.train.lr=-1", "error: config.train.lr must be a finite number > 0, got -1.0"),
+    ],
+)
+def test_command_line_gives_one_error_line_and_writes_nothing(override, expected, tmp_path):
+    workdir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "amvlm_jax.main", override, f"--workdir={workdir}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [expected]
+    assert not workdir.exists()
+
+
+# ---------------------------------------------------------------------------
+# Synthetic data in a multi-process run: process 0 writes, the others wait.
+# ---------------------------------------------------------------------------
+
+_WORKER = r"""
+import json, pathlib, sys, time
+address, process_id, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+from amvlm_jax.config import base_config
+from amvlm_jax.data import datasets, synthetic
+from amvlm_jax.train.parallel import initialize_distributed
+
+config = base_config()
+config.data.name, config.data.root, config.data.image_size = "synthetic", root, 64
+config.data.synthetic.num_train, config.data.synthetic.num_val, config.data.synthetic.num_test = 4, 2, 2
+config.distributed.num_processes, config.distributed.coordinator_address = 2, address
+config.distributed.process_id = process_id
+initialize_distributed(config)
+calls = []
+real_write = synthetic.write_synthetic_dataset
+
+def slow_write(*args, **kwargs):
+    calls.append(process_id)
+    time.sleep(3)  # A process that did not wait would return before the data is there.
+    return real_write(*args, **kwargs)
+
+synthetic.write_synthetic_dataset = slow_write
+returned = datasets.data_root(config, "unused")
+marker = pathlib.Path(root) / synthetic.MARKER_NAME
+print("RESULT " + json.dumps({"wrote": bool(calls), "returned": str(returned), "complete": marker.is_file()}))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _digests(root: pathlib.Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_only_process_0_writes_the_synthetic_data_and_the_others_wait(tmp_path):
+    address, root = f"127.0.0.1:{_free_port()}", tmp_path / "shared_data"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One CPU device a process.
+    workers = [subprocess.Popen([sys.executable, "-c", _WORKER, address, str(i), str(root)], cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outputs = [w.communicate(timeout=600)[0] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    results = []
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output[-3000:]
+        results.append(json.loads(output.split("RESULT ", 1)[1]))
+    assert [r["wrote"] for r in results] == [True, False]
+    assert all(r["complete"] and r["returned"] == str(root) for r in results)
+    # The same bytes as a single-process run writes.
+    single = _config(**{"data.root": str(tmp_path / "single"), "data.image_size": 64, "data.synthetic.num_train": 4,
+                        "data.synthetic.num_val": 2, "data.synthetic.num_test": 2})
+    assert datasets.data_root(single, tmp_path) == tmp_path / "single"
+    assert _digests(root) == _digests(tmp_path / "single")
+    assert len(_digests(root)) == 2 * (4 + 2 + 2) + 3 + 1  # Images, masks, 3 report sheets, marker.
