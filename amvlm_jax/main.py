@@ -116,7 +116,7 @@ def checkpoint_config(config, workdir: pathlib.Path):
 
     source = config.eval.checkpoint or workdir
     meta = checkpoint.read_meta(source)
-    job = meta.get("job") or ("ssl" if "ema" in checkpoint.saved_entries(source) else "supervised")
+    job = meta.get("job") or ("ssl" if "teacher" in checkpoint.saved_entries(source) else "supervised")
     if job == "pretrain":
         raise ConfigError(f"{source}: a pre-training checkpoint has no segmentation model to evaluate; pass it as "
                           "config.ssl.pretrained of a mode 'ssl' run")

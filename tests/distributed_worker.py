@@ -74,7 +74,7 @@ def run_all(devices=None) -> dict:
     from amvlm_jax.data.tokenize import ReportTokenizer
     from amvlm_jax.models.amvlm import TOKEN_KEYS
     from amvlm_jax.train import parallel, pretrain, ssl, supervised
-    from amvlm_jax.train.state import TrainState
+    from amvlm_jax.train.state import MeanTeacherState
 
     pretrain_config, ssl_config = configs()
     size = pretrain_config.pretrain.image_size
@@ -108,16 +108,16 @@ def run_all(devices=None) -> dict:
     unet = supervised.build_unet(ssl_config)
     decoder_tx = optax.sgd(0.5)
     ssl_state, _ = ssl.create_state(ssl_config, unet, guidance, steps_per_epoch=STEPS)
-    trained = {"decoder": ssl_state.extra["decoder"], "log_scale": ssl_state.extra["log_scale"]}
+    trained = {"decoder": ssl_state.generator["decoder"], "log_scale": ssl_state.generator["log_scale"]}
     student_tx = optax.sgd(0.1)
-    ssl_state = TrainState.create(ssl_state.params, ssl_state.batch_stats, student_tx, ema=ssl_state.ema,
-                                  extra={**trained, "opt_state": decoder_tx.init(trained)})
+    ssl_state = MeanTeacherState.create(ssl_state.params, ssl_state.batch_stats, student_tx, teacher=ssl_state.teacher,
+                                        generator={**trained, "opt_state": decoder_tx.init(trained)})
     ssl_mesh = parallel.make_mesh(ssl_config, devices)
     ssl_state = parallel.shard_state(ssl_mesh, ssl_state, ssl_config)
     ssl_step = ssl.make_ssl_step(ssl_config, unet, guidance, decoder_tx)
     initial |= parallel.gather_to_host(_named("initial/ssl_params", ssl_state.params)
-                                       | _named("initial/ssl_teacher", ssl_state.ema)
-                                       | _named("initial/ssl_decoder", ssl_state.extra["decoder"]))
+                                       | _named("initial/ssl_teacher", ssl_state.teacher)
+                                       | _named("initial/ssl_decoder", ssl_state.generator["decoder"]))
     losses, tg_losses = [], []
     for batch in batches:
         ssl_batch = {"image": batch["image"], "mask": batch["mask"], "unlabeled_image": batch["unlabeled_image"]}
@@ -127,8 +127,8 @@ def run_all(devices=None) -> dict:
         tg_losses.append(metrics["tg_loss"])
     results["ssl_losses"] = jnp.stack(losses)
     results["ssl_tg_losses"] = jnp.stack(tg_losses)
-    results |= _named("ssl_params", ssl_state.params) | _named("ssl_teacher", ssl_state.ema)
-    results |= _named("ssl_decoder", ssl_state.extra["decoder"])
+    results |= _named("ssl_params", ssl_state.params) | _named("ssl_teacher", ssl_state.teacher)
+    results |= _named("ssl_decoder", ssl_state.generator["decoder"])
     return parallel.gather_to_host(results) | initial
 
 

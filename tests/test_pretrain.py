@@ -16,7 +16,7 @@ from amvlm_jax.losses.prototypes import cpa_loss
 from amvlm_jax.models.amvlm import AMVLM
 from amvlm_jax.train import parallel, pretrain
 from amvlm_jax.train.parallel import replicate
-from amvlm_jax.train.state import TrainState
+from amvlm_jax.train.state import PretrainState
 
 from conftest import PRETRAIN_BATCH as BATCH, PRETRAIN_IMAGE_SIZE as IMAGE_SIZE, SAMPLE_REPORTS as REPORTS, tiny_pretrain_config
 
@@ -86,7 +86,7 @@ def amvlm_outputs(amvlm_setup, tokens):
         return outputs, image_view | report_view
 
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return forward(variables, state.ema, batch["image"] / 255.0, batch["image_aug"] / 255.0, token_arrays)
+    return forward(variables, state.momentum, batch["image"] / 255.0, batch["image_aug"] / 255.0, token_arrays)
 
 
 def test_model_outputs_shapes_and_padding_words_are_zero(amvlm_setup, amvlm_outputs, tokens):
@@ -154,10 +154,10 @@ def test_eight_device_step_equals_one_device_step_and_momentum_follows_ema(amvlm
         mesh = parallel.make_mesh(config, devices, batch_size=BATCH)
         # Plain SGD: Adam's first steps are lr * sign(gradient), which turns
         # rounding noise in near-zero gradients into full-size steps.
-        state = replicate(mesh, TrainState.create(initial.params, initial.batch_stats, optax.sgd(0.1), ema=initial.ema))
+        state = replicate(mesh, PretrainState.create(initial.params, initial.batch_stats, optax.sgd(0.1), momentum=initial.momentum))
         losses = []
         for seed in range(2):
-            previous_ema = jax.device_get(state.ema)
+            previous_ema = jax.device_get(state.momentum)
             state, metrics = step(state, pipeline.to_global(mesh, _batch(tokens, seed)))
             losses.append(float(metrics["loss"]))
         assert all(np.isfinite(float(v)) for v in jax.device_get(metrics).values())
@@ -174,11 +174,11 @@ def test_eight_device_step_equals_one_device_step_and_momentum_follows_ema(amvlm
         assert max(jax.tree.leaves(moved)) > 0, f"{name} received no gradient"
 
     # Momentum encoders: m <- 0.995 m + 0.005 online, on params and BatchNorm statistics.
-    assert set(state8.ema["params"]) == set(pretrain.encoder_subset(state8.params))
+    assert set(state8.momentum["params"]) == set(pretrain.encoder_subset(state8.params))
     for part in ("params", "batch_stats"):
         online = pretrain.encoder_subset(getattr(state8, part))
         expected = jax.tree.map(lambda m, o: 0.995 * m + 0.005 * o, previous_ema8[part], online)
-        for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(state8.ema[part])):
+        for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(state8.momentum[part])):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert int(state8.step) == 2
 
@@ -187,7 +187,7 @@ def test_mgca_objective_and_prototype_freezing(tokens):
     config = tiny_pretrain_config(**{"pretrain.objective": "mgca"})
     model, state = _setup(config)
     assert "prototypes" in state.params and "pdt_word" not in state.params
-    assert state.ema is None
+    assert state.momentum is None
     batch = _batch(tokens)
     outputs, _ = _forward(model, state, batch)
     assert outputs["image_prototype_scores"].shape == (BATCH, 10)

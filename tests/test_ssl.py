@@ -50,7 +50,7 @@ def test_vision_only_step_uses_teacher_pseudo_labels_and_moves_teacher_by_ema(vi
     x_l = batch["image"].astype(np.float32) / 255
     x_u = batch["unlabeled_image"].astype(np.float32) / 255
     # The teacher normalises with the statistics of the unlabeled batch (ssl.teacher_norm = 'batch').
-    teacher_logits, _ = model.apply(jax.device_get(state.ema), x_u, train=True, mutable=["batch_stats"])
+    teacher_logits, _ = model.apply(jax.device_get(state.teacher), x_u, train=True, mutable=["batch_stats"])
     pseudo = jax.nn.sigmoid(teacher_logits[..., 0])
     student_logits, _ = model.apply(
         {"params": state.params, "batch_stats": state.batch_stats}, np.concatenate([x_l, x_u]), train=True,
@@ -61,14 +61,14 @@ def test_vision_only_step_uses_teacher_pseudo_labels_and_moves_teacher_by_ema(vi
     state, metrics1 = step(state, None, pipeline.to_global(mesh, batch))
     assert float(metrics1["loss"]) == pytest.approx(float(expected), rel=1e-5)
     # alpha_0 = 0: after the first update the teacher is the student.
-    for t, s in zip(jax.tree.leaves(state.ema["params"]), jax.tree.leaves(state.params)):
+    for t, s in zip(jax.tree.leaves(state.teacher["params"]), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(t), np.asarray(s))
 
-    teacher_before = jax.device_get(state.ema)
+    teacher_before = jax.device_get(state.teacher)
     state, _ = step(state, None, pipeline.to_global(mesh, _batch(config, 1)))
     student = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     alpha = 0.5  # min(1 - 1/(1 + 1), 0.99)
-    for before, after, s in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(jax.device_get(state.ema)), jax.tree.leaves(student)):
+    for before, after, s in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(jax.device_get(state.teacher)), jax.tree.leaves(student)):
         np.testing.assert_allclose(after, alpha * before + (1 - alpha) * s, rtol=1e-6, atol=1e-7)
 
 
@@ -88,10 +88,10 @@ def test_teacher_ema_rate_is_capped_by_config(ramped_and_capped):
     mesh = make_mesh(config, jax.devices()[:1])
     state = replicate(mesh, ssl.create_state(config, model, None, steps_per_epoch=3)[0])
     state, _ = step(state, None, pipeline.to_global(mesh, _batch(config, 0)))
-    teacher_before = jax.device_get(state.ema)
+    teacher_before = jax.device_get(state.teacher)
     state, _ = step(state, None, pipeline.to_global(mesh, _batch(config, 1)))
     student = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    for before, after, s in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(jax.device_get(state.ema)), jax.tree.leaves(student)):
+    for before, after, s in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(jax.device_get(state.teacher)), jax.tree.leaves(student)):
         np.testing.assert_allclose(after, 0.25 * before + 0.75 * s, rtol=1e-6, atol=1e-7)
     bad = tiny_synthetic_config(**{"mode": "ssl", "ssl.ema_max_alpha": 1.0})
     with pytest.raises(ConfigError, match="ema_max_alpha"):
@@ -113,7 +113,7 @@ def test_unlabeled_weight_ramps_up_and_splits_the_student_loss(ramped_and_capped
     batch = _batch(config, 0)
     x_l = batch["image"].astype(np.float32) / 255
     x_u = batch["unlabeled_image"].astype(np.float32) / 255
-    teacher_logits, _ = model.apply(jax.device_get(state.ema), x_u, train=True, mutable=["batch_stats"])
+    teacher_logits, _ = model.apply(jax.device_get(state.teacher), x_u, train=True, mutable=["batch_stats"])
     logits, _ = model.apply(
         {"params": state.params, "batch_stats": state.batch_stats}, np.concatenate([x_l, x_u]), train=True,
         mutable=["batch_stats"],
@@ -171,7 +171,7 @@ def test_all_mode_pretrains_then_trains_text_guided_and_resumes(all_run):
     restored, meta = manager.restore_latest(replicate(mesh, state))
     manager.close()
     assert meta["epoch"] == 2
-    gates = [float(v) for path, v in jax.tree_util.tree_leaves_with_path(restored.extra["decoder"]) if "gate" in str(path)]
+    gates = [float(v) for path, v in jax.tree_util.tree_leaves_with_path(restored.generator["decoder"]) if "gate" in str(path)]
     assert gates and all(g != 0.0 for g in gates)
     # Running again resumes both stages and trains no further epoch.
     assert main.run(config, tmp_path) == results
@@ -468,24 +468,24 @@ def test_text_head_is_fitted_on_labelled_masks_before_the_mean_teacher_and_kept_
     mesh = make_mesh(config, jax.devices()[:1])
     guidance = ssl.TextGuidance(config, tmp_path, mesh)
     assert ssl.checkpoint.saved_entries(tmp_path / "checkpoints" / "latest")
-    template = {"extra": guidance.init_generator(jax.random.PRNGKey(0))}
+    template = {"generator": guidance.init_generator(jax.random.PRNGKey(0))}
     restored, _, _ = checkpoint.restore_variables(tmp_path / "checkpoints" / "latest", replicate(mesh, template))
-    assert set(restored["extra"]) == {"head"}
+    assert set(restored["generator"]) == {"head"}
     labeled, _ = ssl.load_split_pair(config, pre_dir / "data")
     refit = ssl.fit_text_head(config, guidance, labeled, mesh,
                               guidance.init_generator(jax.random.PRNGKey(config.seed + 1))["head"])
-    for a, b in zip(jax.tree.leaves(restored["extra"]["head"]), jax.tree.leaves(refit)):
+    for a, b in zip(jax.tree.leaves(restored["generator"]["head"]), jax.tree.leaves(refit)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
     # Its text masks are the sigmoid of its logits resized to the image; withheld reports change them.
     split = folders.load_split(pre_dir / "data", "val", image_size=config.data.image_size)
     images, tokens = split.images[:4].astype(np.float32) / 255.0, guidance.tokenizer(split.reports[:4])
-    loss, masks = ssl.text_mask_outputs(guidance, restored["extra"], guidance.variables, images, tokens)
-    logits = guidance.head_logits(restored["extra"]["head"], guidance.variables, images, tokens)
+    loss, masks = ssl.text_mask_outputs(guidance, restored["generator"], guidance.variables, images, tokens)
+    logits = guidance.head_logits(restored["generator"]["head"], guidance.variables, images, tokens)
     assert loss is None
     np.testing.assert_allclose(masks["p_text"], head_text_masks(logits, images.shape[1])["p_text"], atol=1e-6)
     guidance.withhold_reports = True
-    _, blind = ssl.text_mask_outputs(guidance, restored["extra"], guidance.variables, images, tokens)
+    _, blind = ssl.text_mask_outputs(guidance, restored["generator"], guidance.variables, images, tokens)
     assert not np.allclose(blind["p_text"], masks["p_text"])
 
     # Running again resumes the finished run: no second fit.

@@ -192,12 +192,12 @@ def load_trained_generator(guidance, path: str, mesh) -> dict:
     from amvlm_jax.train import checkpoint, ssl
     from amvlm_jax.train.parallel import replicate
 
-    if "extra" not in checkpoint.saved_entries(path):
+    if "generator" not in checkpoint.saved_entries(path):
         raise checkpoint.CheckpointError(f"{path}: holds no text mask generator (a vision-only or supervised run?)")
-    template = {"extra": guidance.init_generator(jax.random.PRNGKey(0))}
+    template = {"generator": guidance.init_generator(jax.random.PRNGKey(0))}
     restored, meta, used = checkpoint.restore_variables(path, replicate(mesh, template))
     print(f"text mask generator from {used} (epoch {meta.get('epoch')})")
-    return ssl.generator_params(guidance, restored["extra"])
+    return ssl.generator_params(guidance, restored["generator"])
 
 
 def word_texts(tokenizer, tokens: dict) -> list[list[str]]:

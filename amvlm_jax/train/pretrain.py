@@ -3,7 +3,7 @@
 Reads every training image-report pair (no masks), tokenises the reports
 once on the host, and trains the ``AMVLM`` model with Adam. For AMVLM's ICL
 term the momentum encoders (an EMA of the online encoders and their heads,
-kept in ``TrainState.ema``) see an augmented view of each image (SPEC
+kept in ``PretrainState.momentum``) see an augmented view of each image (SPEC
 section 1 augmentation, made on the host) and the report. Image-to-report
 and report-to-image retrieval on the training and validation pairs is
 evaluated before training (logged as epoch 0) and after every epoch.
@@ -41,7 +41,7 @@ from amvlm_jax.models.vit import fused_attention, vit_from_name
 from amvlm_jax.ops import ema_update
 from amvlm_jax.train import checkpoint, loop, parallel
 from amvlm_jax.train.logging import info
-from amvlm_jax.train.state import TrainState, optimizer_telemetry
+from amvlm_jax.train.state import PretrainState, optimizer_telemetry
 
 RETRIEVAL_KS = (1, 5)
 
@@ -164,14 +164,14 @@ def dummy_tokens(batch: int, max_length: int) -> dict:
 
 
 def create_state(config, model: AMVLM, image_size: int, text_params=None, vit_params=None, tx=None,
-                 steps_per_epoch: int = 1) -> TrainState:
+                 steps_per_epoch: int = 1) -> PretrainState:
     """Initial state: random init, then the loaded encoder weights; ``pretrain_optimizer`` unless ``tx``.
 
     ``steps_per_epoch`` sets the optimiser's schedule and the prototypes'
     frozen steps (values only: the state's structure does not depend on it).
 
-    ``ema`` holds {'params', 'batch_stats'} of the momentum encoders when
-    ICL is on, else None.
+    ``momentum`` holds {'params', 'batch_stats'} of the momentum encoders
+    when ICL is on, else None.
     """
     images = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
     rngs = {"params": jax.random.PRNGKey(config.seed), "dropout": jax.random.PRNGKey(config.seed + 1)}
@@ -185,13 +185,12 @@ def create_state(config, model: AMVLM, image_size: int, text_params=None, vit_pa
         params["image_encoder"] = jax.tree.map(jnp.asarray, vit_params)
     if config.pretrain.objective == "mgca":
         params["prototypes"] = normalize_prototypes(params["prototypes"])
-    ema = None
+    momentum = None
     if uses_momentum(config):
         # The momentum encoders start as copies of the online ones.
-        ema = {"params": encoder_subset(params), "batch_stats": encoder_subset(batch_stats)}
-        ema = jax.tree.map(jnp.array, ema)
+        momentum = jax.tree.map(jnp.array, {"params": encoder_subset(params), "batch_stats": encoder_subset(batch_stats)})
     tx = tx or pretrain_optimizer(config, params, steps_per_epoch)
-    return TrainState.create(params, batch_stats, tx, ema=ema)
+    return PretrainState.create(params, batch_stats, tx, momentum=momentum)
 
 
 IMAGE_MODULES = ("image_encoder", "image_global_head", "image_local_head")
@@ -375,7 +374,7 @@ def make_train_step(model: AMVLM, config):
     seed_key = jax.random.PRNGKey(config.seed)
     momentum = pre.momentum
 
-    def train_step(state: TrainState, batch: dict):
+    def train_step(state: PretrainState, batch: dict):
         images = _images(batch["image"])
         tokens = {k: batch[k] for k in TOKEN_KEYS}
         online_key, momentum_key = jax.random.split(jax.random.fold_in(seed_key, state.step))
@@ -385,11 +384,11 @@ def make_train_step(model: AMVLM, config):
             # statistics they would update are discarded: the EMA sets them.
             image_key, text_key = jax.random.split(momentum_key)
             image_view, _ = model.apply(
-                state.ema, _images(batch["image_aug"]), train=True, method=AMVLM.encode_image,
+                state.momentum, _images(batch["image_aug"]), train=True, method=AMVLM.encode_image,
                 rngs={"dropout": image_key}, mutable=["batch_stats"],
             )
             report_view, _ = model.apply(
-                state.ema, tokens, train=True, method=AMVLM.encode_text, rngs={"dropout": text_key}, mutable=["batch_stats"]
+                state.momentum, tokens, train=True, method=AMVLM.encode_text, rngs={"dropout": text_key}, mutable=["batch_stats"]
             )
             momentum_outputs = jax.lax.stop_gradient(image_view | report_view)
 
@@ -409,11 +408,8 @@ def make_train_step(model: AMVLM, config):
             params["prototypes"] = normalize_prototypes(params["prototypes"])
             new_state = new_state.replace(params=params)
         if with_momentum:
-            ema = {
-                "params": ema_update(encoder_subset(new_state.params), state.ema["params"], momentum),
-                "batch_stats": ema_update(encoder_subset(new_state.batch_stats), state.ema["batch_stats"], momentum),
-            }
-            new_state = new_state.replace(ema=ema)
+            online = {"params": encoder_subset(new_state.params), "batch_stats": encoder_subset(new_state.batch_stats)}
+            new_state = new_state.replace(momentum=ema_update(online, state.momentum, momentum))
         return new_state, {"loss": loss, **terms}
 
     return jax.jit(train_step, donate_argnums=0)
@@ -454,7 +450,7 @@ def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
     return metrics
 
 
-def embed_pairs(encode, state: TrainState, images: np.ndarray, tokens: dict, mesh: Mesh, batch_size: int):
+def embed_pairs(encode, state: PretrainState, images: np.ndarray, tokens: dict, mesh: Mesh, batch_size: int):
     """(v (N, D), t (N, D)) numpy embeddings of all pairs, in batches padded to ``batch_size``."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     image_parts, text_parts = [], []

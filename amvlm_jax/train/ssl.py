@@ -47,7 +47,7 @@ from amvlm_jax.data.tokenize import ReportTokenizer
 from amvlm_jax.train import checkpoint, evaluate, loop, supervised
 from amvlm_jax.train.logging import info
 from amvlm_jax.train.parallel import gather_to_host, make_mesh, replicate
-from amvlm_jax.train.state import TrainState, optimizer_telemetry
+from amvlm_jax.train.state import MeanTeacherState, optimizer_telemetry
 
 
 def text_guidance_enabled(config) -> bool:
@@ -220,11 +220,11 @@ def text_mask_outputs(guidance: TextGuidance, trained: dict, frozen, images, tok
     return tg_loss, masks
 
 
-def generator_params(guidance: TextGuidance | None, extra) -> dict | None:
-    """The text mask generator's trained variables in a state's ``extra`` (without optimiser state)."""
+def generator_params(guidance: TextGuidance | None, generator) -> dict | None:
+    """The text mask generator's trained variables in a state's ``generator`` (without optimiser state)."""
     if guidance is None:
         return None
-    return {k: extra[k] for k in (("head",) if guidance.head is not None else ("decoder", "log_scale"))}
+    return {k: generator[k] for k in (("head",) if guidance.head is not None else ("decoder", "log_scale"))}
 
 
 def fit_text_head(config, guidance: TextGuidance, labeled_split, mesh, initial: dict) -> dict:
@@ -308,12 +308,12 @@ def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx, step
     train_decoder = bool(config.ssl.train_decoder) and guidance is not None and guidance.head is None
     max_alpha = float(config.ssl.ema_max_alpha)
 
-    def ssl_step(state: TrainState, frozen, batch):
+    def ssl_step(state: MeanTeacherState, frozen, batch):
         x_l = batch["image"].astype(jnp.float32) / 255.0
         x_u = batch["unlabeled_image"].astype(jnp.float32) / 255.0
         step_metrics = {}
-        extra = state.extra
-        p_teacher = teacher_probabilities(model, state.ema, x_u, num_classes, config.ssl.teacher_norm)
+        generator = state.generator
+        p_teacher = teacher_probabilities(model, state.teacher, x_u, num_classes, config.ssl.teacher_norm)
         if guidance is not None:
             tokens = report_tokens(batch)
 
@@ -322,12 +322,12 @@ def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx, step
                                                    config.ssl.text_logit_offset)
                 return tg_loss, masks["p_text"]
 
-            trained = generator_params(guidance, extra)
+            trained = generator_params(guidance, generator)
             if train_decoder:
                 (tg_loss, p_text), grads = jax.value_and_grad(decoder_loss, has_aux=True)(trained)
-                updates, decoder_opt = decoder_tx.update(grads, extra["opt_state"], trained)
+                updates, decoder_opt = decoder_tx.update(grads, generator["opt_state"], trained)
                 trained = optax.apply_updates(trained, updates)
-                extra = {**trained, "opt_state": decoder_opt}
+                generator = {**trained, "opt_state": decoder_opt}
                 step_metrics["tg_loss"] = tg_loss
             else:
                 _, p_text = decoder_loss(trained)
@@ -353,11 +353,11 @@ def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx, step
             return loss, updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(student_loss, has_aux=True)(state.params)
-        state = state.apply_gradients(grads, batch_stats=batch_stats, extra=extra)
+        state = state.apply_gradients(grads, batch_stats=batch_stats, generator=generator)
         step_metrics |= optimizer_telemetry(grads, state.params)
         alpha = ema_alpha(state.step - 1, max_alpha)  # t counts the student updates before this one.
-        teacher = ema_update({"params": state.params, "batch_stats": state.batch_stats}, state.ema, alpha)
-        state = state.replace(ema=teacher)
+        teacher = ema_update({"params": state.params, "batch_stats": state.batch_stats}, state.teacher, alpha)
+        state = state.replace(teacher=teacher)
         step_metrics |= {"loss": loss, "pseudo_label_mean": jnp.mean(pseudo if num_classes == 1 else 1 - pseudo[..., 0])}
         return state, step_metrics
 
@@ -392,10 +392,10 @@ def make_picture_panels(config, model, guidance: TextGuidance | None, mesh, spli
 
     def panels(state, rows):
         batch = evaluate.rows_batch(mesh, arrays, rows)
-        trained = generator_params(guidance, state.extra)
+        trained = generator_params(guidance, state.generator)
         frozen = None if guidance is None else guidance.variables
         predicted = predict_step(state.params, state.batch_stats, batch["image"])
-        pseudo, p_text = guided(state.ema, trained, frozen, batch)
+        pseudo, p_text = guided(state.teacher, trained, frozen, batch)
         predicted, pseudo, p_text = (np.asarray(a)[: len(rows)] for a in gather_to_host((predicted, pseudo, p_text)))
         out = {"prediction": predicted, "pseudo-label": pseudo}
         if guidance is not None:
@@ -464,15 +464,15 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
     mesh = mesh or make_mesh(config)
     root = root or datasets.data_root(config, workdir)
     # A vision-only run saved no decoder: it is scored without text masks.
-    guidance = TextGuidance(config, workdir, mesh) if "extra" in checkpoint.saved_entries(source) else None
+    guidance = TextGuidance(config, workdir, mesh) if "generator" in checkpoint.saved_entries(source) else None
     model = supervised.build_unet(config)
     template, _ = create_state(config, model, guidance, steps_per_epoch=1)
-    target = {"ema": template.ema, "params": template.params, "batch_stats": template.batch_stats}
+    target = {"teacher": template.teacher, "params": template.params, "batch_stats": template.batch_stats}
     if guidance is not None:
-        target["extra"] = generator_params(guidance, template.extra)
+        target["generator"] = generator_params(guidance, template.generator)
     restored, meta, used = checkpoint.restore_variables(source, replicate(mesh, target))
     info(f"scoring the pseudo-labels of {used} (epoch {meta.get('epoch')})")
-    trained = restored.get("extra")
+    trained = restored.get("generator")
     frozen = guidance.variables if guidance is not None else None
     student = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
     step = make_guidance_eval_step(config, model, guidance)
@@ -492,7 +492,7 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
         for batch, real in pipeline.evaluation_batches(split, batch_size):
             batch["valid"] = np.arange(batch_size) < real
             batch |= {f"report_{k}": v[batch["index"]] for k, v in tokens.items()}
-            outputs = gather_to_host(step(restored["ema"], student, trained, frozen, pipeline.replicated_to_global(mesh, batch)))
+            outputs = gather_to_host(step(restored["teacher"], student, trained, frozen, pipeline.replicated_to_global(mesh, batch)))
             for name, (dice, iou, positive, negative) in outputs.items():
                 entry = per_map.setdefault(name, {"dice": [], "iou": [], "positive": 0.0, "negative": 0.0})
                 entry["dice"].append(np.asarray(dice)[:real])
@@ -534,16 +534,17 @@ def format_guidance_table(results: dict) -> str:
 
 
 def create_state(config, model, guidance: TextGuidance | None, steps_per_epoch: int):
-    """Student state with the teacher in `ema` and the decoder (+ its Adam state) in `extra`."""
-    student = supervised.create_state(config, model, steps_per_epoch)
-    teacher = {"params": student.params, "batch_stats": student.batch_stats}
-    extra = None
+    """(MeanTeacherState at step 0, the decoder's optimiser): the teacher starts as a copy of the student."""
+    variables = supervised.init_variables(config, model)
+    generator = None
     decoder_tx = optax.adam(config.ssl.decoder_lr or config.train.lr)
     if guidance is not None:
-        extra = guidance.init_generator(jax.random.PRNGKey(config.seed + 1))  # The head: fitted by fit_text_head.
+        generator = guidance.init_generator(jax.random.PRNGKey(config.seed + 1))  # The head: fitted by fit_text_head.
         if guidance.head is None:  # The decoder trains on L_tg with its own Adam.
-            extra["opt_state"] = decoder_tx.init(extra)
-    return student.replace(ema=jax.tree.map(jnp.copy, teacher), extra=extra), decoder_tx
+            generator["opt_state"] = decoder_tx.init(generator)
+    state = MeanTeacherState.create(variables["params"], variables["batch_stats"], supervised.student_optimizer(
+        config, steps_per_epoch), teacher=jax.tree.map(jnp.copy, variables), generator=generator)
+    return state, decoder_tx
 
 
 def student_images(config, labeled_split, unlabeled_split) -> np.ndarray:
@@ -581,8 +582,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     state, decoder_tx = create_state(config, model, guidance, steps_per_epoch)
     if guidance is not None and guidance.head is not None and not checkpoint.has_step(workdir / "checkpoints" / "latest"):
         # A resumed run restores the fitted head with the rest of the state.
-        head = fit_text_head(config, guidance, labeled_split, mesh, state.extra["head"])
-        state = state.replace(extra={"head": head})
+        head = fit_text_head(config, guidance, labeled_split, mesh, state.generator["head"])
+        state = state.replace(generator={"head": head})
     state = replicate(mesh, state)
 
     def make_batches(start_step):

@@ -1,4 +1,4 @@
-"""The train state shared by every job, and the learning-rate schedule."""
+"""The train state of each job, and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -12,38 +12,45 @@ from flax import struct
 
 @struct.dataclass
 class TrainState:
-    """Everything a jitted step reads and returns.
+    """Everything a jitted step of the supervised job reads and returns; the other jobs' states add fields.
 
-    params / batch_stats: the trained model's variables. opt_state: optax
-    state of `tx`. ema: an exponential moving average of other variables
-    (mean-teacher weights, momentum encoders), or None when the job has none.
-    extra: job-specific trained variables with their own optimiser state (or None).
+    params / batch_stats: the trained model's variables. opt_state: optax state of ``tx``.
     """
 
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
-    ema: Any = None
-    extra: Any = None
     tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
 
     @classmethod
-    def create(cls, params, batch_stats, tx, ema=None, extra=None) -> "TrainState":
-        return cls(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats=batch_stats,
-            opt_state=tx.init(params),
-            ema=ema,
-            extra=extra,
-            tx=tx,
-        )
+    def create(cls, params, batch_stats, tx, **fields):
+        """The state at step 0; ``fields``: the subclass's own entries."""
+        return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=tx.init(params),
+                   tx=tx, **fields)
 
-    def apply_gradients(self, grads, **changes) -> "TrainState":
+    def apply_gradients(self, grads, **changes):
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
         params = optax.apply_updates(self.params, updates)
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **changes)
+
+
+@struct.dataclass
+class PretrainState(TrainState):
+    """Pre-training: momentum = {'params', 'batch_stats'} of the momentum encoders (an EMA of the online
+    encoders and their heads, SPEC 3.4), or None when ICL is off."""
+
+    momentum: Any = None
+
+
+@struct.dataclass
+class MeanTeacherState(TrainState):
+    """Mean-teacher SSMIS: the student in params / batch_stats, teacher = {'params', 'batch_stats'} (its
+    EMA, SPEC 6), and generator = the text mask generator's trained variables ({'decoder', 'log_scale',
+    'opt_state'} with the decoder's own Adam state, or {'head'}), None without text guidance."""
+
+    teacher: Any = None
+    generator: Any = None
 
 
 def optimizer_telemetry(grads, params) -> dict:

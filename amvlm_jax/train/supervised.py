@@ -32,11 +32,15 @@ def init_variables(config, model: UNet) -> dict:
     )
 
 
+def student_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam on the cosine schedule with restarts (SPEC 6); the schedule needs steps_per_epoch."""
+    return optax.adam(cosine_restarts(config.train.lr, config.train.min_lr, config.train.restart_epochs, steps_per_epoch))
+
+
 def create_state(config, model: UNet, steps_per_epoch: int) -> TrainState:
-    """Initial U-Net state; the schedule needs steps_per_epoch."""
+    """Initial U-Net state."""
     variables = init_variables(config, model)
-    schedule = cosine_restarts(config.train.lr, config.train.min_lr, config.train.restart_epochs, steps_per_epoch)
-    return TrainState.create(variables["params"], variables["batch_stats"], optax.adam(schedule))
+    return TrainState.create(variables["params"], variables["batch_stats"], student_optimizer(config, steps_per_epoch))
 
 
 def make_train_step(model: UNet, num_classes: int):
