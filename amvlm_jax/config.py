@@ -13,7 +13,7 @@ import numbers
 
 import ml_collections
 
-MODES = ("supervised", "evaluate", "pretrain", "ssl", "all")
+MODES = ("supervised", "evaluate", "pretrain", "ssl", "all", "predict")
 
 
 class ConfigError(ValueError):
@@ -59,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.min_lr = 1e-4
     config.train.restart_epochs = 10
     config.train.eval_every_epochs = 1
+    # > 0: also validate every this many steps (logged only; the best checkpoint is chosen at epoch ends).
+    config.train.eval_every_steps = 0
     config.train.log_every_steps = 10
     config.train.eval_batch_size = 16
     # > 0: before each validation the student's BatchNorm statistics are recomputed over this
@@ -78,6 +80,17 @@ def base_config() -> ml_collections.ConfigDict:
     # For a mean-teacher checkpoint also score its text masks, teacher and fused pseudo-labels
     # against the held-back masks of the unlabeled images and on val (guidance.json).
     config.eval.guidance = True
+
+    # Segmenting new images (mode 'predict', train/predict.py) with the checkpoint eval.checkpoint names
+    # ('' = the workdir's best); the model's fields come from the checkpoint's recorded config.
+    config.predict = ml_collections.ConfigDict()
+    config.predict.input = ""  # A folder of images (nested folders too) or an LViT split folder (img/ + sheet).
+    config.predict.output = ""  # Where the masks go, mirroring the input's folders; not inside the input.
+    config.predict.reports = ""  # Optional sheet (CSV/XLSX, columns Image and Description) of the inputs' reports.
+    config.predict.probabilities = ""  # Also the foreground probability: '' (no), 'png16' or 'npy'.
+    config.predict.overlays = False  # Also <stem>_overlay.png: the image with the mask in red.
+    config.predict.overwrite = False  # Redo images whose mask exists (default: skip them).
+    config.predict.stop_on_error = False  # Stop at the first unreadable image (default: count it and go on).
 
     # Vision-language pre-training (mode 'pretrain', SPEC sections 2-4): the
     # paper's values. Checkpoints go to <workdir>/pretrain/.
@@ -315,6 +328,7 @@ def _field_checks() -> tuple:
         ("train.min_lr", *non_negative),
         ("train.restart_epochs", *_integer(1)),
         ("train.eval_every_epochs", *_integer(0)),  # 0: only after the last epoch.
+        ("train.eval_every_steps", *_integer(0)),  # 0: off.
         ("train.log_every_steps", *_integer(1)),
         ("train.eval_batch_size", *_integer(1)),
         ("train.precise_bn_images", *_integer(0)),
@@ -323,6 +337,13 @@ def _field_checks() -> tuple:
         ("eval.checkpoint", *_STRING),
         ("eval.splits", *_sequence_of(("train", "val", "test"))),
         ("eval.guidance", *_BOOL),
+        ("predict.input", *_STRING),
+        ("predict.output", *_STRING),
+        ("predict.reports", *_STRING),
+        ("predict.probabilities", *_one_of("", "png16", "npy")),
+        ("predict.overlays", *_BOOL),
+        ("predict.overwrite", *_BOOL),
+        ("predict.stop_on_error", *_BOOL),
         ("pretrain.objective", *_one_of("amvlm", "mgca")),
         ("pretrain.vit", *_one_of(*VIT_VARIANTS)),
         ("pretrain.vit_weights", *_STRING),

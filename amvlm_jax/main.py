@@ -75,7 +75,7 @@ def run(config, workdir: str | pathlib.Path) -> dict:
 
     validate(config)
     workdir = pathlib.Path(workdir)
-    if config.mode == "evaluate":
+    if config.mode in ("evaluate", "predict"):
         config, job = checkpoint_config(config, workdir)
     config = resolve(config, workdir)
     if config.mode == "supervised":
@@ -89,6 +89,10 @@ def run(config, workdir: str | pathlib.Path) -> dict:
         if config.eval.guidance and job == "ssl":
             ssl.evaluate_guidance(config, workdir, config.eval.checkpoint or str(workdir))
         return results
+    if config.mode == "predict":
+        from amvlm_jax.train import predict
+
+        return predict.predict(config, workdir)
     if config.mode == "pretrain":
         from amvlm_jax.train import pretrain
 
@@ -118,7 +122,7 @@ def checkpoint_config(config, workdir: pathlib.Path):
     meta = checkpoint.read_meta(source)
     job = meta.get("job") or ("ssl" if "teacher" in checkpoint.saved_entries(source) else "supervised")
     if job == "pretrain":
-        raise ConfigError(f"{source}: a pre-training checkpoint has no segmentation model to evaluate; pass it as "
+        raise ConfigError(f"{source}: a pre-training checkpoint has no segmentation model ({config.mode}); pass it as "
                           "config.ssl.pretrained of a mode 'ssl' run")
     if "config" in meta:
         config = with_recorded(config, meta["config"], keep_data_root=bool(config.data.root))

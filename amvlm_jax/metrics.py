@@ -64,3 +64,25 @@ def auroc_from_histograms(positive: np.ndarray, negative: np.ndarray) -> float:
         return float("nan")
     negatives_below = np.cumsum(negative) - negative
     return float(np.sum(positive * (negatives_below + 0.5 * negative)) / (total_pos * total_neg))
+
+
+RETRIEVAL_KS = (1, 5)
+
+
+def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, ks=RETRIEVAL_KS) -> dict:
+    """Top-k accuracy of matching pairs (row i of both is one pair), in [0, 1].
+
+    i2t: for each image, is its own report among the k highest-scoring
+    reports; t2i the converse. Rank = number of candidates scoring strictly
+    higher, so ties go in the true pair's favour: a duplicate of the true
+    report (identical text, identical embedding) counts as a match.
+    """
+    scores = np.asarray(image_embeddings, np.float64) @ np.asarray(text_embeddings, np.float64).T
+    true = np.diag(scores)
+    image_to_text_rank = np.sum(scores > true[:, None], axis=1)
+    text_to_image_rank = np.sum(scores > true[None, :], axis=0)
+    metrics = {}
+    for k in ks:
+        metrics[f"i2t_top{k}"] = float(np.mean(image_to_text_rank < k))
+        metrics[f"t2i_top{k}"] = float(np.mean(text_to_image_rank < k))
+    return metrics

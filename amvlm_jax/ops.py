@@ -26,9 +26,8 @@ def ema_update(online, averaged, momentum):
     teacher (momentum = alpha_t, SPEC 6) and the momentum encoders of ICL
     (SPEC 3.4). Computed in float32; each result keeps its averaged leaf's dtype.
     """
-    momentum = jnp.asarray(momentum, jnp.float32)
 
-    def blend(new, old):
+    def blend(new, old):  # A Python float momentum stays weakly typed: (1 - momentum) is exact in float64.
         mixed = momentum * old.astype(jnp.float32) + (1.0 - momentum) * jax.lax.stop_gradient(new).astype(jnp.float32)
         return mixed.astype(old.dtype)
 

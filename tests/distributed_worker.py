@@ -73,19 +73,19 @@ def run_all(devices=None) -> dict:
     from amvlm_jax.data import pipeline
     from amvlm_jax.data.tokenize import ReportTokenizer
     from amvlm_jax.models.amvlm import TOKEN_KEYS
-    from amvlm_jax.train import parallel, pretrain, ssl, supervised
+    from amvlm_jax.train import build, parallel, pretrain, ssl, supervised
     from amvlm_jax.train.state import MeanTeacherState
 
     pretrain_config, ssl_config = configs()
     size = pretrain_config.pretrain.image_size
     from conftest import SAMPLE_REPORTS
 
-    tokens = ReportTokenizer(pretrain.text_encoder_dir(pretrain_config), pretrain_config.pretrain.max_length)(SAMPLE_REPORTS)
+    tokens = ReportTokenizer(build.text_encoder_dir(pretrain_config), pretrain_config.pretrain.max_length)(SAMPLE_REPORTS)
     batches = global_batches(tokens, size, seed=0)
     results = {}
 
     # Pre-training.
-    model = pretrain.build_model(pretrain_config, pretrain.text_encoder_config(pretrain_config))
+    model = build.build_model(pretrain_config, build.text_encoder_config(pretrain_config))
     mesh = parallel.make_mesh(pretrain_config, devices, batch_size=8)
     # A small rate: rounding differences of the cross-process sums grow with the step size.
     state = pretrain.create_state(pretrain_config, model, size, tx=optax.sgd(0.002))

@@ -63,7 +63,7 @@ BAD_VALUES = [
     ("train.batch_size", 0), ("train.epochs", 0), ("train.epochs", None), ("train.epochs", False),
     ("train.lr", -1.0), ("train.lr", 0.0), ("train.lr", NAN), ("train.lr", INF), ("train.lr", None),
     ("train.min_lr", -1e-4), ("train.min_lr", NAN),
-    ("train.restart_epochs", 0), ("train.eval_every_epochs", -1), ("train.log_every_steps", 0),
+    ("train.restart_epochs", 0), ("train.eval_every_epochs", -1), ("train.eval_every_steps", -1), ("train.log_every_steps", 0),
     ("train.eval_batch_size", 0), ("train.precise_bn_images", -1), ("train.picture_every_epochs", -1),
     ("train.picture_images", -1),
     ("eval.checkpoint", None), ("eval.splits", ("val", "holdout")), ("eval.splits", ("(val,)",)),
@@ -95,6 +95,8 @@ BAD_VALUES = [
     ("ssl.constant_text_mask", 1.0), ("ssl.constant_text_mask", -0.5), ("ssl.text_logit_offset", INF),
     ("ssl.text_head", "film"), ("ssl.text_head_steps", 0), ("ssl.text_head_lr", 0.0), ("ssl.text_head_lr", -1e-3),
     ("ssl.withhold_reports", None), ("ssl.unlabeled_weight", -1.0), ("ssl.rampup_epochs", -1.0),
+    ("predict.input", None), ("predict.output", None), ("predict.reports", None), ("predict.probabilities", "tiff"),
+    ("predict.overlays", None), ("predict.overwrite", None), ("predict.stop_on_error", None),
     ("mesh.data", 0), ("mesh.data", -2), ("mesh.fsdp", 0), ("mesh.fsdp_min_size", -1),
     ("distributed.mode", "maybe"), ("distributed.coordinator_address", "localhost"),
     ("distributed.coordinator_address", "host:port"), ("distributed.num_processes", -1),
@@ -213,7 +215,7 @@ def _experiment_configs():
 def test_every_experiment_and_variant_is_valid(name, module, variant):
     config = module.get_config(variant)
     validate(config)
-    for mode in ("supervised", "evaluate", "pretrain", "ssl", "all"):
+    for mode in ("supervised", "evaluate", "pretrain", "ssl", "all", "predict"):
         config.mode = mode
         validate(config)
 

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec
 from amvlm_jax.config import ConfigError
 from amvlm_jax.data import pipeline
 from amvlm_jax.data.tokenize import ReportTokenizer
-from amvlm_jax.train import checkpoint, parallel, pretrain
+from amvlm_jax.train import build, checkpoint, parallel, pretrain
 
 import distributed_worker
 from conftest import SAMPLE_REPORTS, tiny_pretrain_config, tiny_synthetic_config
@@ -131,9 +131,9 @@ def test_checkpoint_from_eight_devices_resumes_on_one_and_two(tmp_path, monkeypa
     sizes = {"mesh.fsdp_min_size": 64, "pretrain.weights.css": 0.0, "pretrain.weights.icl": 0.0}  # Compile time.
     config = tiny_pretrain_config(**{"mesh.data": 2, "mesh.fsdp": 4}, **sizes)
     size = config.pretrain.image_size
-    model = pretrain.build_model(config, pretrain.text_encoder_config(config))
+    model = build.build_model(config, build.text_encoder_config(config))
     step = pretrain.make_train_step(model, config)
-    tokenizer = ReportTokenizer(pretrain.text_encoder_dir(config), config.pretrain.max_length)
+    tokenizer = ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length)
     tokens = tokenizer(SAMPLE_REPORTS)
 
     def batch(seed):

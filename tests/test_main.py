@@ -61,33 +61,33 @@ def test_validate_rejects_unusable_values():
 
 
 def test_text_embedding_grad_auto_is_scatter_on_cpus():
-    from amvlm_jax.train import pretrain
+    from amvlm_jax.train import build
 
     config = tiny_synthetic_config()
-    assert config.pretrain.text_embedding_grad == "auto" and pretrain.text_embedding_grad(config) == "scatter"
+    assert config.pretrain.text_embedding_grad == "auto" and build.text_embedding_grad(config) == "scatter"
     config.pretrain.text_embedding_grad = "one_hot"
-    assert pretrain.text_embedding_grad(config) == "one_hot"
+    assert build.text_embedding_grad(config) == "one_hot"
 
 
 def test_vit_attention_auto_takes_cudnn_only_for_bfloat16_on_gpus_whose_cudnn_compiles_it(monkeypatch, capsys):
-    from amvlm_jax.train import pretrain
+    from amvlm_jax.train import build
 
     config = tiny_synthetic_config()
-    assert config.pretrain.vit_attention == "auto" and pretrain.vit_attention(config) == "xla"  # This CPU.
+    assert config.pretrain.vit_attention == "auto" and build.vit_attention(config) == "xla"  # This CPU.
     # The probe itself on this CPU: the cuDNN kernel does not lower, so the answer is no, with a one-line note.
-    assert pretrain.cudnn_attention_compiles.__wrapped__() is False
+    assert build.cudnn_attention_compiles.__wrapped__() is False
     assert "cuDNN fused attention unavailable here" in capsys.readouterr().out
-    monkeypatch.setattr(pretrain.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(pretrain, "cudnn_attention_compiles", lambda: True)
-    assert pretrain.vit_attention(config) == "xla"  # float32 compute.
+    monkeypatch.setattr(build.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(build, "cudnn_attention_compiles", lambda: True)
+    assert build.vit_attention(config) == "xla"  # float32 compute.
     config.dtype = "bfloat16"
-    assert pretrain.vit_attention(config) == "cudnn"
-    assert pretrain.build_model(config, pretrain.text_encoder_config(config)).image_encoder.attention == "cudnn"
-    monkeypatch.setattr(pretrain, "cudnn_attention_compiles", lambda: False)
-    assert pretrain.vit_attention(config) == "xla"
+    assert build.vit_attention(config) == "cudnn"
+    assert build.build_model(config, build.text_encoder_config(config)).image_encoder.attention == "cudnn"
+    monkeypatch.setattr(build, "cudnn_attention_compiles", lambda: False)
+    assert build.vit_attention(config) == "xla"
     config.pretrain.vit_attention = "xla"
-    monkeypatch.setattr(pretrain, "cudnn_attention_compiles", lambda: True)
-    assert pretrain.vit_attention(config) == "xla"  # An explicit choice stands.
+    monkeypatch.setattr(build, "cudnn_attention_compiles", lambda: True)
+    assert build.vit_attention(config) == "xla"  # An explicit choice stands.
 
 
 def test_experiments_load_with_all_variants():

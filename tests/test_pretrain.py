@@ -14,7 +14,9 @@ from amvlm_jax.losses.contrastive import clipped_token_weights, css_loss, cta_lo
 from amvlm_jax.losses.intra import icl_loss
 from amvlm_jax.losses.prototypes import cpa_loss
 from amvlm_jax.models.amvlm import AMVLM
-from amvlm_jax.train import parallel, pretrain
+from amvlm_jax import metrics
+from amvlm_jax.losses import objectives
+from amvlm_jax.train import build, parallel, pretrain
 from amvlm_jax.train.parallel import replicate
 from amvlm_jax.train.state import PretrainState
 
@@ -25,7 +27,7 @@ from conftest import PRETRAIN_BATCH as BATCH, PRETRAIN_IMAGE_SIZE as IMAGE_SIZE,
 @pytest.fixture(scope="module")
 def tokens():
     config = tiny_pretrain_config()
-    return ReportTokenizer(pretrain.text_encoder_dir(config), config.pretrain.max_length)(REPORTS)
+    return ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length)(REPORTS)
 
 
 def _images(seed=0):
@@ -40,8 +42,8 @@ def _batch(tokens, seed=0):
 
 
 def _setup(config):
-    text_config, _ = pretrain.build_text_encoder(config)
-    model = pretrain.build_model(config, text_config)
+    text_config, _ = build.build_text_encoder(config)
+    model = build.build_model(config, text_config)
     return model, pretrain.create_state(config, model, IMAGE_SIZE)
 
 
@@ -112,7 +114,7 @@ def test_model_outputs_shapes_and_padding_words_are_zero(amvlm_setup, amvlm_outp
 def test_amvlm_objective_equals_the_loss_functions(amvlm_setup, amvlm_outputs):
     config, model, state = amvlm_setup
     outputs, momentum = amvlm_outputs
-    loss, terms = pretrain.amvlm_objective(outputs, momentum, config)
+    loss, terms = objectives.amvlm_objective(outputs, momentum, config)
 
     o, tau = outputs, 0.07
     word_weights = clipped_token_weights(o["word_attention"], o["word_mask"])
@@ -134,11 +136,11 @@ def test_amvlm_objective_equals_the_loss_functions(amvlm_setup, amvlm_outputs):
 
     # A zero weight removes its term; use_pdt=False is CSS without the constraint.
     off = tiny_pretrain_config(**{"pretrain.weights.css": 0.0, "pretrain.weights.icl": 0.0})
-    loss_off, terms_off = pretrain.amvlm_objective(outputs, None, off)
+    loss_off, terms_off = objectives.amvlm_objective(outputs, None, off)
     assert set(terms_off) == {"ita", "local"}
     assert float(loss_off) == pytest.approx(float(expected["ita"]) + 0.1 * float(expected["local"]), rel=1e-6)
     no_pdt = tiny_pretrain_config(**{"pretrain.use_pdt": False})
-    _, terms_no_pdt = pretrain.amvlm_objective(outputs, momentum, no_pdt)
+    _, terms_no_pdt = objectives.amvlm_objective(outputs, momentum, no_pdt)
     plain = css_loss(o["T"], o["word_context"], o["V"], o["patch_context"], word_weights, patch_weights, o["word_mask"], tau)
     assert float(terms_no_pdt["css"]) == pytest.approx(float(plain), rel=1e-6)
     assert float(plain) != pytest.approx(float(expected["css"]), rel=1e-4)
@@ -174,9 +176,9 @@ def test_eight_device_step_equals_one_device_step_and_momentum_follows_ema(amvlm
         assert max(jax.tree.leaves(moved)) > 0, f"{name} received no gradient"
 
     # Momentum encoders: m <- 0.995 m + 0.005 online, on params and BatchNorm statistics.
-    assert set(state8.momentum["params"]) == set(pretrain.encoder_subset(state8.params))
+    assert set(state8.momentum["params"]) == set(build.encoder_subset(state8.params))
     for part in ("params", "batch_stats"):
-        online = pretrain.encoder_subset(getattr(state8, part))
+        online = build.encoder_subset(getattr(state8, part))
         expected = jax.tree.map(lambda m, o: 0.995 * m + 0.005 * o, previous_ema8[part], online)
         for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(state8.momentum[part])):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -191,7 +193,7 @@ def test_mgca_objective_and_prototype_freezing(tokens):
     batch = _batch(tokens)
     outputs, _ = _forward(model, state, batch)
     assert outputs["image_prototype_scores"].shape == (BATCH, 10)
-    loss, terms = pretrain.mgca_objective(outputs, None, config)
+    loss, terms = objectives.mgca_objective(outputs, None, config)
     o = outputs
     word_weights = clipped_token_weights(o["word_attention"], o["word_mask"])
     patch_weights = clipped_token_weights(o["patch_attention"], np.ones(o["patch_attention"].shape))
@@ -275,8 +277,8 @@ def test_mgca_optimizer_is_torch_adamw_with_warmup_cosine_and_frozen_prototypes(
 def test_retrieval_metrics():
     v = np.eye(4)
     t = np.eye(4)[[0, 1, 3, 2]]
-    metrics = pretrain.retrieval_metrics(v, t, ks=(1, 2))
-    assert metrics["i2t_top1"] == 0.5 and metrics["t2i_top1"] == 0.5
+    retrieval = metrics.retrieval_metrics(v, t, ks=(1, 2))
+    assert retrieval["i2t_top1"] == 0.5 and retrieval["t2i_top1"] == 0.5
     assert pretrain.capped_batch_size(32, 24, 8) == 24 and pretrain.capped_batch_size(32, 30, 8) == 24
     assert pretrain.capped_batch_size(8, 16, 8) == 8
 

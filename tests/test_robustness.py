@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amvlm_jax.train import checkpoint, pretrain, supervised
+from amvlm_jax.train import build, checkpoint, pretrain, supervised
 from amvlm_jax.train.loop import TrainingError
 
 from conftest import tiny_pretrain_config, tiny_synthetic_config
@@ -54,7 +54,7 @@ def supervised_job():
 @pytest.fixture(scope="module")
 def pretrain_job():
     config = tiny_pretrain_config(**{"pretrain.checkpoint_every_epochs": 1})  # 16 pairs, batch 8, 3 epochs.
-    model = pretrain.build_model(config, pretrain.text_encoder_config(config))
+    model = build.build_model(config, build.text_encoder_config(config))
     abstract = jax.eval_shape(lambda: pretrain.create_state(config, model, config.pretrain.image_size))
     with pytest.MonkeyPatch.context() as patch:
         yield Job(

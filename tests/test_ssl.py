@@ -253,6 +253,36 @@ def test_recorded_config_builds_the_models_of_evaluation_and_guidance(all_run, t
         supervised.train(tiny_synthetic_config(**{"data.root": str(workdir / "data")}), tmp_path / "pretrain_copy")
 
 
+def test_predict_writes_each_reports_text_mask(all_run, tmp_path):
+    from PIL import Image
+
+    from amvlm_jax.data import folders
+
+    config, workdir, _ = all_run
+    val = workdir / "data" / "Val_Folder"
+    summary = main.run(tiny_pretrain_config(**{
+        "mode": "predict", "eval.checkpoint": str(workdir), "predict.input": str(val),
+        "predict.output": str(tmp_path / "out")}), tmp_path / "run")
+    assert summary["written"] == 8 and summary["failed"] == 0
+    # The text masks written are the checkpoint's generator on each image with its own report.
+    mesh = make_mesh(config, jax.devices()[:1])
+    guidance = ssl.TextGuidance(config, workdir, mesh)
+    template = {"generator": ssl.generator_params(guidance, guidance.init_generator(jax.random.PRNGKey(0)))}
+    restored, _, _ = checkpoint.restore_variables(workdir / "checkpoints" / "best", replicate(mesh, template))
+    examples = folders.list_split_folder(val, require_masks=False)
+    size = config.data.image_size
+    images = np.stack([folders.load_image(e.image_path, size)[0] for e in examples]).astype(np.float32) / 255.0
+    _, masks = ssl.text_mask_outputs(guidance, restored["generator"], guidance.variables, images,
+                                     guidance.tokenizer([e.report for e in examples]))
+    for index, example in enumerate(examples):
+        written = np.asarray(Image.open(tmp_path / "out" / f"{example.name}_text.png"), np.float32)
+        np.testing.assert_allclose(written, np.round(np.clip(masks["p_text"][index], 0, 1) * 255), atol=1.0)
+    with pytest.raises(ConfigError, match="pre-training checkpoint has no segmentation model"):
+        main.run(tiny_pretrain_config(**{"mode": "predict", "eval.checkpoint": str(workdir / "pretrain"),
+                                         "predict.input": str(val), "predict.output": str(tmp_path / "o2")}),
+                 tmp_path / "run2")
+
+
 def test_uncertainty_analysis_scores_match_the_model(all_run):
     import importlib.util
 
@@ -437,6 +467,11 @@ def test_constant_text_mask_control_keeps_l_tg_and_removes_location(all_run):
     assert float(loss_c) == pytest.approx(float(loss))
     np.testing.assert_array_equal(masks_c["p_text"], np.full(masks["p_text"].shape, 0.4, np.float32))
     np.testing.assert_array_equal(masks_c["soft"], masks["soft"])
+    # ssl.text_logit_offset: every mask's logit moves by the offset; L_tg does not change.
+    loss_o, masks_o = ssl.text_mask_outputs(guidance, trained, guidance.variables, images, tokens, logit_offset=-2.7)
+    p = np.clip(np.asarray(masks["p_text"], np.float64), 1e-6, 1 - 1e-6)
+    np.testing.assert_allclose(masks_o["p_text"], 1 / (1 + np.exp(-(np.log(p / (1 - p)) - 2.7))), rtol=1e-4, atol=1e-6)
+    assert float(loss_o) == pytest.approx(float(loss))
 
 
 def test_student_batch_stats_images_mix_labeled_and_unlabeled():

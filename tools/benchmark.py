@@ -59,9 +59,9 @@ def synthetic_images(rng, count: int, size: int):
 def synthetic_tokens(config, count: int) -> dict:
     """The ReportTokenizer arrays of `count` report-like sentences: each (count, max_length) or (count, W)."""
     from amvlm_jax.data.tokenize import ReportTokenizer
-    from amvlm_jax.train import pretrain
+    from amvlm_jax.train import build
 
-    tokenizer = ReportTokenizer(pretrain.text_encoder_dir(config), config.pretrain.max_length)
+    tokenizer = ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length)
     return tokenizer([SYNTHETIC_REPORTS[i % len(SYNTHETIC_REPORTS)] for i in range(count)])
 
 
@@ -72,15 +72,15 @@ def synthetic_tokens(config, count: int) -> dict:
 
 def build_pretrain(config, rng):
     from amvlm_jax.data import pipeline
-    from amvlm_jax.train import parallel, pretrain
+    from amvlm_jax.train import build, parallel, pretrain
 
-    size = pretrain.pretrain_image_size(config)
+    size = build.pretrain_image_size(config)
     batch_size = config.pretrain.batch_size
-    model = pretrain.build_model(config, pretrain.text_encoder_config(config))
+    model = build.build_model(config, build.text_encoder_config(config))
     mesh = parallel.make_mesh(config, batch_size=batch_size)
     state = parallel.shard_state(mesh, pretrain.create_state(config, model, size), config)
     batch = {"image": synthetic_images(rng, batch_size, size), **synthetic_tokens(config, batch_size)}
-    if pretrain.uses_momentum(config):
+    if build.uses_momentum(config):
         batch["image_aug"] = synthetic_images(rng, batch_size, size)
     step = pretrain.make_train_step(model, config)
     return step, (state, pipeline.to_global(mesh, batch)), batch_size, 0, mesh
@@ -88,11 +88,11 @@ def build_pretrain(config, rng):
 
 def in_memory_guidance(config, mesh):
     """ssl.TextGuidance with freshly initialised (not pre-trained) encoders: same cost, no checkpoint."""
-    from amvlm_jax.train import parallel, pretrain, ssl
+    from amvlm_jax.train import build, parallel, pretrain, ssl
 
-    model = pretrain.build_model(config, pretrain.text_encoder_config(config))
-    state = pretrain.create_state(config, model, pretrain.pretrain_image_size(config))
-    variables = parallel.shard_state(mesh, {"params": state.params, "batch_stats": state.batch_stats}, config)
+    model = build.build_model(config, build.text_encoder_config(config))
+    state = pretrain.create_state(config, model, build.pretrain_image_size(config))
+    variables = parallel.replicate(mesh, {"params": state.params, "batch_stats": state.batch_stats})  # As restored.
     return ssl.TextGuidance.from_variables(config, model, variables)
 
 
@@ -107,7 +107,7 @@ def build_ssl(config, rng):
     guidance = in_memory_guidance(config, mesh) if ssl.text_guidance_enabled(config) else None
     model = supervised.build_unet(config)
     state, decoder_tx = ssl.create_state(config, model, guidance, steps_per_epoch=1000)
-    state = parallel.shard_state(mesh, state, config)
+    state = parallel.replicate(mesh, state)  # As the job places it: the U-Net jobs replicate their state.
     images = synthetic_images(rng, batch_size, size)
     batch = {"image": images, "mask": (images[..., 0] > 128).astype(np.uint8),
              "unlabeled_image": synthetic_images(rng, batch_size, size)}
@@ -127,7 +127,7 @@ def build_supervised(config, rng):
     size, batch_size = config.data.image_size, config.train.batch_size
     mesh = parallel.make_mesh(config)
     model = supervised.build_unet(config)
-    state = parallel.shard_state(mesh, supervised.create_state(config, model, steps_per_epoch=1000), config)
+    state = parallel.replicate(mesh, supervised.create_state(config, model, steps_per_epoch=1000))  # As the job.
     images = synthetic_images(rng, batch_size, size)
     batch = {"image": images, "mask": (images[..., 0] > 128).astype(np.uint8)}
     step = supervised.make_train_step(model, config.data.num_classes)
@@ -143,7 +143,7 @@ def build_evaluate(config, rng):
     size, batch_size = config.data.image_size, config.train.eval_batch_size
     mesh = parallel.make_mesh(config, batch_size=batch_size)
     model = supervised.build_unet(config)
-    variables = parallel.shard_state(mesh, supervised.init_variables(config, model), config)
+    variables = parallel.replicate(mesh, supervised.init_variables(config, model))  # As evaluate_checkpoint.
     images = synthetic_images(rng, batch_size, size)
     batch = {"image": images, "mask": (images[..., 0] > 128).astype(np.uint8)}
     step = evaluate.make_eval_step(model, config.data.num_classes)

@@ -42,19 +42,19 @@ def load_model(config, workdir: pathlib.Path):
 
     from amvlm_jax.config import ConfigError
     from amvlm_jax.data.tokenize import ReportTokenizer
-    from amvlm_jax.train import checkpoint, pretrain
+    from amvlm_jax.train import build, checkpoint, pretrain
 
     if config.pretrain.objective != "amvlm":
         raise ConfigError("the uncertainty analysis needs the AMVLM objective's PDT heads (pretrain.objective='amvlm')")
     source = pathlib.Path(config.ssl.pretrained or workdir / "pretrain")
     if not source.exists():
         raise ConfigError(f"{source}: no pre-trained model; run mode 'pretrain' or 'all' first, or set config.ssl.pretrained")
-    model = pretrain.build_model(config, pretrain.text_encoder_config(config))
-    size = pretrain.pretrain_image_size(config)
+    model = build.build_model(config, build.text_encoder_config(config))
+    size = build.pretrain_image_size(config)
     abstract = jax.eval_shape(lambda: pretrain.create_state(config, model, size))
     variables, meta, used = checkpoint.restore_variables(source, {"params": abstract.params, "batch_stats": abstract.batch_stats})
     print(f"pre-trained model from {used} ({meta.get('epoch')} epochs)")
-    return model, variables, ReportTokenizer(pretrain.text_encoder_dir(config), config.pretrain.max_length), size
+    return model, variables, ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length), size
 
 
 def make_pair_scores(model):

@@ -90,7 +90,7 @@ def has_split(root: pathlib.Path, split: str) -> bool:
     return (pathlib.Path(root) / SPLIT_FOLDERS[split]).is_dir()
 
 
-def _read_sheet(path: pathlib.Path) -> list[tuple[int, str, str]]:
+def read_sheet(path: pathlib.Path) -> list[tuple[int, str, str]]:
     """Returns (row number, image name, description) for every non-empty row."""
     rows: list[tuple[int, str, str]] = []
     if path.suffix.lower() == ".csv":
@@ -124,7 +124,7 @@ def _read_sheet(path: pathlib.Path) -> list[tuple[int, str, str]]:
     return rows
 
 
-def _stem(name: str) -> str:
+def file_stem(name: str) -> str:
     base = os.path.basename(name)
     stem, suffix = os.path.splitext(base)
     return stem if suffix.lower() in IMAGE_SUFFIXES else base
@@ -147,9 +147,22 @@ def _index_folder(folder: pathlib.Path, strip_prefix: str = "") -> dict[str, pat
 
 def list_split(root: str | os.PathLike, split: str, require_masks: bool = True) -> list[Example]:
     """Lists the examples of one split, matched by file stem, in sheet order."""
-    folder = pathlib.Path(root) / SPLIT_FOLDERS[split]
+    return list_split_folder(pathlib.Path(root) / SPLIT_FOLDERS[split], require_masks)
+
+
+def _sheets(folder: pathlib.Path) -> list[pathlib.Path]:
     prefix = folder.name.split("_")[0]
-    sheets = [folder / f"{prefix}_text{ext}" for ext in (".xlsx", ".csv")]
+    return [folder / f"{prefix}_text{ext}" for ext in (".xlsx", ".csv")]
+
+
+def is_split_folder(folder: pathlib.Path) -> bool:
+    """Whether ``folder`` is one split of the LViT layout (img/ and its report sheet)."""
+    return (folder / "img").is_dir() and any(s.is_file() for s in _sheets(folder))
+
+
+def list_split_folder(folder: pathlib.Path, require_masks: bool = True) -> list[Example]:
+    """The examples of one LViT split folder (img/, labelcol/, <Prefix>_text.xlsx|.csv)."""
+    sheets = _sheets(folder)
     sheet = next((s for s in sheets if s.is_file()), None)
     if sheet is None:
         raise DataError(f"{folder}: no report sheet ({sheets[0].name} or {sheets[1].name})")
@@ -160,8 +173,8 @@ def list_split(root: str | os.PathLike, split: str, require_masks: bool = True) 
     masks = _index_folder(folder / "labelcol", MASK_PREFIX) if (folder / "labelcol").is_dir() else {}
 
     reports: dict[str, str] = {}
-    for row_number, image_name, text in _read_sheet(sheet):
-        stem = _stem(image_name)
+    for row_number, image_name, text in read_sheet(sheet):
+        stem = file_stem(image_name)
         if stem.startswith(MASK_PREFIX) and stem not in images:
             stem = stem[len(MASK_PREFIX):]
         if stem in reports:
@@ -183,7 +196,7 @@ def list_split(root: str | os.PathLike, split: str, require_masks: bool = True) 
     return examples
 
 
-def _open(path: pathlib.Path) -> Image.Image:
+def open_image(path: pathlib.Path) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()
@@ -194,7 +207,7 @@ def _open(path: pathlib.Path) -> Image.Image:
 
 def load_image(path: pathlib.Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Returns the image as (size, size, 3) uint8 (bicubic) and its original (width, height)."""
-    image = _open(path)
+    image = open_image(path)
     original = image.size
     if image.mode in ("I;16", "I;16B", "I", "F"):
         # 16-bit and float scans: rescale to 8 bits before colour conversion.
@@ -212,7 +225,7 @@ def load_mask(path: pathlib.Path, size: int, num_classes: int) -> tuple[np.ndarr
     Binary tasks (num_classes == 1) accept {0, 1} or {0, 255} masks; multi-class
     masks hold class ids below num_classes.
     """
-    image = _open(path)
+    image = open_image(path)
     original = image.size
     if image.mode not in ("L", "1", "P", "I", "I;16"):
         image = image.convert("L")

@@ -32,15 +32,17 @@ def make_eval_step(model, num_classes: int) -> Callable:
     return eval_step
 
 
-def make_predict_step(model) -> Callable:
-    """jitted (params, batch_stats, images uint8 (B, H, W, 3)) -> foreground probability or labels (B, H, W)."""
+def make_predict_step(model, probabilities: bool = False) -> Callable:
+    """jitted (params, batch_stats, images uint8 (B, H, W, 3)) -> the foreground probability (B, H, W) of a
+    binary model; of a multi-class one its labels (B, H, W), or with ``probabilities`` its class
+    probabilities (B, H, W, C)."""
 
     @jax.jit
     def predict_step(params, batch_stats, images):
         logits = model.apply({"params": params, "batch_stats": batch_stats}, images.astype(jnp.float32) / 255.0, train=False)
         if logits.shape[-1] == 1:
             return jax.nn.sigmoid(logits[..., 0])
-        return metrics.predict_labels(logits)
+        return jax.nn.softmax(logits, axis=-1) if probabilities else metrics.predict_labels(logits)
 
     return predict_step
 
@@ -72,7 +74,7 @@ def validation_evaluator(config, eval_step, split: SplitArrays, mesh: Mesh):
         summary = metrics.summarize(dice, iou)
         return {"val/dice": summary["dice"], "val/miou": summary["miou"]}
 
-    return Evaluator(run, every_epochs=config.train.eval_every_epochs)
+    return Evaluator(run, every_epochs=config.train.eval_every_epochs, every_steps=config.train.eval_every_steps)
 
 
 def picture_writer(config, workdir: pathlib.Path, split: SplitArrays, panels: Callable) -> Callable:

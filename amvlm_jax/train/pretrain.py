@@ -14,10 +14,7 @@ rerun resumes from latest), metrics.jsonl, tensorboard/, summary.json.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
-import os
 import pathlib
 import json
 
@@ -31,136 +28,18 @@ from amvlm_jax import weights
 from amvlm_jax.config import ConfigError
 from amvlm_jax.data import datasets, folders, pipeline
 from amvlm_jax.data.tokenize import ReportTokenizer
-from amvlm_jax.losses.alignment import local_alignment_loss
-from amvlm_jax.losses.contrastive import clipped_token_weights, css_loss, cta_loss, ita_loss
-from amvlm_jax.losses.intra import icl_loss
-from amvlm_jax.losses.prototypes import cpa_loss, normalize_prototypes
-from amvlm_jax.models.amvlm import AMVLM, ENCODER_MODULES, TOKEN_KEYS
-from amvlm_jax.models.bert import BertConfig
-from amvlm_jax.models.vit import fused_attention, vit_from_name
+from amvlm_jax.losses.prototypes import normalize_prototypes
+from amvlm_jax.models.amvlm import AMVLM, TOKEN_KEYS
 from amvlm_jax.ops import ema_update
-from amvlm_jax.train import checkpoint, loop, parallel
+from amvlm_jax import metrics
+from amvlm_jax.losses import objectives
+from amvlm_jax.train import build, checkpoint, loop, parallel
 from amvlm_jax.train.logging import info
 from amvlm_jax.train.state import PretrainState, optimizer_telemetry
 
-RETRIEVAL_KS = (1, 5)
-
-
 # ---------------------------------------------------------------------------
-# Model construction
+# State and optimiser
 # ---------------------------------------------------------------------------
-
-
-def pretrain_image_size(config) -> int:
-    return int(config.pretrain.image_size or config.data.image_size)
-
-
-def text_encoder_dir(config) -> str:
-    return config.pretrain.text_encoder or weights.default_text_encoder_dir()
-
-
-def text_encoder_config(config) -> BertConfig:
-    """The text encoder's BertConfig from its folder's config.json (no weights read).
-
-    'pretrained' keeps the first ``text_layers`` layers; 'random' may also
-    shrink the width with text_hidden/text_heads.
-    """
-    pre = config.pretrain
-    if pre.text_weights_init not in ("pretrained", "random"):
-        raise ConfigError(f"config.pretrain.text_weights_init must be 'pretrained' or 'random', got '{pre.text_weights_init}'")
-    config_path = os.path.join(text_encoder_dir(config), "config.json")
-    if pre.text_weights_init == "pretrained":
-        return BertConfig.from_json(config_path, pre.text_layers)
-    changes = dict(num_hidden_layers=int(pre.text_layers))
-    if pre.text_hidden:
-        heads = pre.text_heads or max(1, pre.text_hidden // 64)
-        changes |= dict(hidden_size=pre.text_hidden, num_attention_heads=heads, intermediate_size=4 * pre.text_hidden)
-    return dataclasses.replace(BertConfig.from_json(config_path), **changes)
-
-
-def build_text_encoder(config) -> tuple[BertConfig, dict | None]:
-    """(BertConfig, loaded params, or None for a random init) of the text encoder."""
-    if config.pretrain.text_weights_init == "pretrained":
-        return weights.load_bert(text_encoder_dir(config), num_layers=config.pretrain.text_layers)
-    return text_encoder_config(config), None
-
-
-def build_model(config, text_config: BertConfig) -> AMVLM:
-    pre = config.pretrain
-    dtype = jnp.dtype(config.dtype)
-    overrides = {k: v for k, v in dict(width=pre.vit_width, depth=pre.vit_depth, num_heads=pre.vit_heads).items() if v}
-    vit = vit_from_name(pre.vit, dtype=dtype, remat=pre.remat, attention=vit_attention(config), **overrides)
-    return AMVLM(
-        image_encoder=vit,
-        text_config=text_config,
-        embed_dim=pre.embed_dim,
-        head_hidden=pre.head_hidden,
-        objective=pre.objective,
-        num_prototypes=pre.mgca.num_prototypes,
-        pdt_heads=pre.pdt_heads,
-        pdt_dropout=pre.pdt_dropout,
-        temperature=pre.temperature,
-        dtype=dtype,
-        remat=pre.remat,
-        one_hot_embedding_grad=text_embedding_grad(config) == "one_hot",
-    )
-
-
-def text_embedding_grad(config) -> str:
-    """config.pretrain.text_embedding_grad with 'auto' resolved: 'one_hot' on accelerators, 'scatter' on CPUs."""
-    choice = config.pretrain.text_embedding_grad
-    if choice == "auto":
-        return "scatter" if jax.default_backend() == "cpu" else "one_hot"
-    return choice
-
-
-def vit_attention(config) -> str:
-    """config.pretrain.vit_attention with 'auto' resolved: 'cudnn' for bfloat16 compute on a GPU
-    whose cuDNN compiles the fused kernel, 'xla' otherwise."""
-    choice = config.pretrain.vit_attention
-    if choice != "auto":
-        return choice
-    if config.dtype != "bfloat16" or jax.default_backend() != "gpu":
-        return "xla"
-    return "cudnn" if cudnn_attention_compiles() else "xla"
-
-
-@functools.cache
-def cudnn_attention_compiles() -> bool:
-    """Whether the fused attention's forward and backward compile here (bfloat16, an odd token count:
-    the padded path a ViT takes). Older GPUs and cuDNN releases lack the kernel; they get 'xla'."""
-    qkv = jax.ShapeDtypeStruct((2, 17, 2, 64), jnp.bfloat16)
-
-    def loss(q, k, v):
-        return fused_attention(q, k, v, 0.125).astype(jnp.float32).sum()
-
-    try:
-        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv).compile()
-    except Exception as error:  # jax raises several types for an unsupported device or cuDNN.
-        info(f"cuDNN fused attention unavailable here ({type(error).__name__}); the ViT uses 'xla' attention")
-        return False
-    return True
-
-
-def uses_momentum(config) -> bool:
-    """Whether the run keeps momentum encoders (AMVLM with a non-zero ICL weight)."""
-    return config.pretrain.objective == "amvlm" and bool(config.pretrain.weights.icl)
-
-
-def uses_pdt(config) -> bool:
-    pre = config.pretrain
-    return pre.objective == "amvlm" and pre.use_pdt and bool(pre.weights.css)
-
-
-def encoder_subset(tree: dict) -> dict:
-    """The entries of a params / batch_stats dict that belong to the momentum encoders."""
-    return {name: tree[name] for name in ENCODER_MODULES if name in tree}
-
-
-def dummy_tokens(batch: int, max_length: int) -> dict:
-    tokens = {k: np.zeros((batch, max_length), np.int32) for k in TOKEN_KEYS if k != "word_mask"}
-    tokens["word_mask"] = np.zeros((batch, max_length - 1), np.float32)
-    return tokens
 
 
 def create_state(config, model: AMVLM, image_size: int, text_params=None, vit_params=None, tx=None,
@@ -176,7 +55,7 @@ def create_state(config, model: AMVLM, image_size: int, text_params=None, vit_pa
     images = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
     rngs = {"params": jax.random.PRNGKey(config.seed), "dropout": jax.random.PRNGKey(config.seed + 1)}
     init = jax.jit(model.init, static_argnames=("train", "with_pdt"))
-    variables = init(rngs, images, dummy_tokens(2, config.pretrain.max_length), train=False, with_pdt=True)
+    variables = init(rngs, images, build.dummy_tokens(2, config.pretrain.max_length), train=False, with_pdt=True)
     params = dict(variables["params"])
     batch_stats = dict(variables.get("batch_stats", {}))
     if text_params is not None:
@@ -186,9 +65,9 @@ def create_state(config, model: AMVLM, image_size: int, text_params=None, vit_pa
     if config.pretrain.objective == "mgca":
         params["prototypes"] = normalize_prototypes(params["prototypes"])
     momentum = None
-    if uses_momentum(config):
+    if build.uses_momentum(config):
         # The momentum encoders start as copies of the online ones.
-        momentum = jax.tree.map(jnp.array, {"params": encoder_subset(params), "batch_stats": encoder_subset(batch_stats)})
+        momentum = jax.tree.map(jnp.array, {"params": build.encoder_subset(params), "batch_stats": build.encoder_subset(batch_stats)})
     tx = tx or pretrain_optimizer(config, params, steps_per_epoch)
     return PretrainState.create(params, batch_stats, tx, momentum=momentum)
 
@@ -262,92 +141,6 @@ def pretrain_optimizer(config, params: dict, steps_per_epoch: int = 1) -> optax.
 
 
 # ---------------------------------------------------------------------------
-# Objectives (pure functions of the model outputs)
-# ---------------------------------------------------------------------------
-
-
-def token_weights(outputs: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Clipped, normalised word (B, W) and patch (B, P) weights from the CLS attentions."""
-    word_weights = clipped_token_weights(outputs["word_attention"], outputs["word_mask"])
-    patch_weights = clipped_token_weights(outputs["patch_attention"], jnp.ones_like(outputs["patch_attention"]))
-    return word_weights, patch_weights
-
-
-def _weighted_total(terms: dict, weights: dict) -> jnp.ndarray:
-    return sum((weights[name] * value for name, value in terms.items()), jnp.zeros((), jnp.float32))
-
-
-def amvlm_objective(outputs: dict, momentum_outputs: dict | None, config) -> tuple[jnp.ndarray, dict]:
-    """L = w_ita L_ita + w_css L_css + w_local L_local + w_icl L_icl (SPEC 3.5).
-
-    Args:
-      outputs: ``AMVLM.__call__`` outputs of the online model (with word_pdt /
-        patch_pdt when pretrain.use_pdt).
-      momentum_outputs: ``encode_image`` (augmented view) | ``encode_text``
-        outputs of the momentum encoders; needed only when the ICL weight is
-        non-zero.
-      config: reads pretrain.weights, temperature, use_pdt.
-
-    Returns:
-      (scalar loss, {term name: unweighted scalar}); a term whose weight is 0
-      is neither computed nor returned.
-    """
-    pre = config.pretrain
-    weights_ = dict(pre.weights)
-    tau = pre.temperature
-    terms = {}
-    if weights_["ita"]:
-        terms["ita"] = ita_loss(outputs["v"], outputs["t"], tau)
-    if weights_["css"]:
-        word_weights, patch_weights = token_weights(outputs)
-        word_pdt = patch_pdt = None
-        if pre.use_pdt:
-            if "word_pdt" not in outputs:
-                raise ValueError("pretrain.use_pdt is on but the outputs carry no PDT heads (call with with_pdt=True)")
-            word_pdt, patch_pdt = outputs["word_pdt"], outputs["patch_pdt"]
-        terms["css"] = css_loss(
-            outputs["T"], outputs["word_context"], outputs["V"], outputs["patch_context"],
-            word_weights, patch_weights, outputs["word_mask"], tau, word_pdt, patch_pdt,
-        )
-    if weights_["local"]:
-        terms["local"] = local_alignment_loss(outputs["V"], outputs["t"], outputs["T"], outputs["v"], outputs["word_mask"], tau,
-                                              pre.local_inversion)
-    if weights_["icl"]:
-        if momentum_outputs is None:
-            raise ValueError("the ICL term needs the momentum encoders' outputs")
-        image_term = icl_loss(outputs["v"], momentum_outputs["v"], momentum_outputs["V"], None, tau)
-        text_term = icl_loss(outputs["t"], momentum_outputs["t"], momentum_outputs["T"], momentum_outputs["word_mask"], tau)
-        terms["icl"] = 0.5 * (image_term + text_term)
-    return _weighted_total(terms, weights_), terms
-
-
-def mgca_objective(outputs: dict, momentum_outputs: dict | None, config) -> tuple[jnp.ndarray, dict]:
-    """L = w_ita L_ita' + w_cta L_cta + w_cpa L_cpa (SPEC 4); momentum_outputs is unused.
-
-    outputs: ``AMVLM(objective='mgca')`` outputs (with the prototype scores).
-    Returns (scalar loss, {term: unweighted scalar}); zero-weight terms are skipped.
-    """
-    mgca = config.pretrain.mgca
-    weights_ = {"ita": mgca.ita, "cta": mgca.cta, "cpa": mgca.cpa}
-    terms = {}
-    if weights_["ita"]:
-        terms["ita"] = ita_loss(outputs["v"], outputs["t"], config.pretrain.temperature, reduce="sum")
-    if weights_["cta"]:
-        word_weights, patch_weights = token_weights(outputs)
-        terms["cta"] = cta_loss(outputs["T"], outputs["V"], word_weights, patch_weights, outputs["word_mask"], mgca.cta_temperature)
-    if weights_["cpa"]:
-        terms["cpa"] = cpa_loss(
-            outputs["image_prototype_scores"], outputs["text_prototype_scores"],
-            mgca.sinkhorn_epsilon, mgca.sinkhorn_iterations, mgca.prototype_temperature,
-        )
-    return _weighted_total(terms, weights_), terms
-
-
-def objective_fn(config):
-    return amvlm_objective if config.pretrain.objective == "amvlm" else mgca_objective
-
-
-# ---------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------
 
@@ -367,9 +160,9 @@ def make_train_step(model: AMVLM, config):
     freeze_prototypes_epochs epochs); momentum encoders take an EMA step.
     """
     pre = config.pretrain
-    objective = objective_fn(config)
-    with_pdt = uses_pdt(config)
-    with_momentum = uses_momentum(config)
+    objective = objectives.objective_fn(config)
+    with_pdt = build.uses_pdt(config)
+    with_momentum = build.uses_momentum(config)
     is_mgca = pre.objective == "mgca"
     seed_key = jax.random.PRNGKey(config.seed)
     momentum = pre.momentum
@@ -408,7 +201,7 @@ def make_train_step(model: AMVLM, config):
             params["prototypes"] = normalize_prototypes(params["prototypes"])
             new_state = new_state.replace(params=params)
         if with_momentum:
-            online = {"params": encoder_subset(new_state.params), "batch_stats": encoder_subset(new_state.batch_stats)}
+            online = {"params": build.encoder_subset(new_state.params), "batch_stats": build.encoder_subset(new_state.batch_stats)}
             new_state = new_state.replace(momentum=ema_update(online, state.momentum, momentum))
         return new_state, {"loss": loss, **terms}
 
@@ -429,25 +222,6 @@ def make_encode_step(model: AMVLM):
 # ---------------------------------------------------------------------------
 # Retrieval
 # ---------------------------------------------------------------------------
-
-
-def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, ks=RETRIEVAL_KS) -> dict:
-    """Top-k accuracy of matching pairs (row i of both is one pair), in [0, 1].
-
-    i2t: for each image, is its own report among the k highest-scoring
-    reports; t2i the converse. Rank = number of candidates scoring strictly
-    higher, so ties go in the true pair's favour: a duplicate of the true
-    report (identical text, identical embedding) counts as a match.
-    """
-    scores = np.asarray(image_embeddings, np.float64) @ np.asarray(text_embeddings, np.float64).T
-    true = np.diag(scores)
-    image_to_text_rank = np.sum(scores > true[:, None], axis=1)
-    text_to_image_rank = np.sum(scores > true[None, :], axis=0)
-    metrics = {}
-    for k in ks:
-        metrics[f"i2t_top{k}"] = float(np.mean(image_to_text_rank < k))
-        metrics[f"t2i_top{k}"] = float(np.mean(text_to_image_rank < k))
-    return metrics
 
 
 def embed_pairs(encode, state: PretrainState, images: np.ndarray, tokens: dict, mesh: Mesh, batch_size: int):
@@ -475,7 +249,7 @@ def evaluate_retrieval(encode, state, pair_sets: dict, mesh: Mesh, batch_size: i
     results = {}
     for name, (images, tokens) in pair_sets.items():
         v, t = embed_pairs(encode, state, images, tokens, mesh, batch_size)
-        results |= {f"{name}/{k}": value for k, value in retrieval_metrics(v, t).items()}
+        results |= {f"{name}/{k}": value for k, value in metrics.retrieval_metrics(v, t).items()}
     return results
 
 
@@ -543,13 +317,13 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     run_dir = workdir / "pretrain"
     run_dir.mkdir(parents=True, exist_ok=True)
     root = datasets.data_root(config, workdir)
-    size = pretrain_image_size(config)
+    size = build.pretrain_image_size(config)
     if size % 16:
         raise ConfigError(f"pre-training image size must be a multiple of 16, got {size}")
     read = dict(image_size=size, num_classes=config.data.num_classes, with_masks=False, threads=config.data.read_threads)
     train_pairs = folders.load_split(root, "train", **read)
     val_pairs = folders.load_split(root, "val", **read) if folders.has_split(root, "val") else None
-    tokenizer = ReportTokenizer(text_encoder_dir(config), pre.max_length)
+    tokenizer = ReportTokenizer(build.text_encoder_dir(config), pre.max_length)
     train_tokens = tokenizer(train_pairs.reports)
     pair_sets = {"train": (train_pairs.images, train_tokens)}
     if val_pairs is not None:
@@ -566,19 +340,19 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     info(f"pre-training ({pre.objective}) on {pairs}, batch {batch_size}, "
           f"{steps_per_epoch} steps per epoch, {mesh.size} device(s)")
 
-    model = build_model(config, text_encoder_config(config))
+    model = build.build_model(config, build.text_encoder_config(config))
     if checkpoint.has_step(run_dir / "checkpoints" / "latest"):
         # Resuming: the loop restores onto the state's shapes and shardings; no initialisation or weight loading.
         abstract = jax.eval_shape(lambda: create_state(config, model, size, steps_per_epoch=steps_per_epoch))
         state = parallel.abstract_sharded(mesh, abstract, config)
     else:
-        _, text_params = build_text_encoder(config)
+        _, text_params = build.build_text_encoder(config)
         vit_params = weights.load_vit(pre.vit_weights, model.image_encoder, image_size=size) if pre.vit_weights else None
         # Large encoder weights (and their Adam moments and momentum copies) FSDP-sharded, the rest replicated.
         state = parallel.shard_state(mesh, create_state(config, model, size, text_params, vit_params,
                                                         steps_per_epoch=steps_per_epoch), config)
     encode = make_encode_step(model)
-    with_view = uses_momentum(config)
+    with_view = build.uses_momentum(config)
 
     def batches(start_step):
         if fresh_pairs(config):

@@ -44,7 +44,7 @@ from amvlm_jax.ops import ema_update
 from amvlm_jax.models.text_mask import TextMaskDecoder, WordAttentionMaskHead, head_text_masks, text_masks
 from amvlm_jax.config import ConfigError, with_recorded
 from amvlm_jax.data.tokenize import ReportTokenizer
-from amvlm_jax.train import checkpoint, evaluate, loop, supervised
+from amvlm_jax.train import build, checkpoint, evaluate, loop, supervised
 from amvlm_jax.train.logging import info
 from amvlm_jax.train.parallel import gather_to_host, make_mesh, replicate
 from amvlm_jax.train.state import MeanTeacherState, optimizer_telemetry
@@ -81,7 +81,7 @@ class TextGuidance:
                 "set config.ssl.pretrained, or set config.ssl.w_text=0 and config.ssl.train_decoder=False"
             )
         config = encoder_config(config, checkpoint.read_meta(source).get("config"))
-        self._define(config, pretrain.build_model(config, pretrain.text_encoder_config(config)))
+        self._define(config, build.build_model(config, build.text_encoder_config(config)))
         replicated = NamedSharding(mesh, PartitionSpec())
         abstract = jax.eval_shape(lambda: pretrain.create_state(config, self.model, self.image_size))
         target = {"params": abstract.params, "batch_stats": abstract.batch_stats}
@@ -98,11 +98,10 @@ class TextGuidance:
         return guidance
 
     def _define(self, config, model) -> None:
-        from amvlm_jax.train import pretrain
 
         self.model = model
-        self.tokenizer = ReportTokenizer(pretrain.text_encoder_dir(config), config.pretrain.max_length)
-        self.image_size = pretrain.pretrain_image_size(config)
+        self.tokenizer = ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length)
+        self.image_size = build.pretrain_image_size(config)
         self.temperature = config.pretrain.temperature
         self.decoder = TextMaskDecoder(dtype=jnp.dtype(config.dtype))
         self.head = WordAttentionMaskHead(dtype=jnp.dtype(config.dtype)) if config.ssl.text_head == "words" else None

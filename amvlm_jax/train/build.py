@@ -1,0 +1,131 @@
+"""The vision-language model built from the config: its encoders, heads, attention kernel and token
+shapes. Shared by pre-training, the SSMIS job's text guidance, the tools and the benchmark."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amvlm_jax import weights
+from amvlm_jax.config import ConfigError
+from amvlm_jax.models.amvlm import AMVLM, ENCODER_MODULES, TOKEN_KEYS
+from amvlm_jax.models.bert import BertConfig
+from amvlm_jax.models.vit import fused_attention, vit_from_name
+from amvlm_jax.train.logging import info
+
+
+def pretrain_image_size(config) -> int:
+    return int(config.pretrain.image_size or config.data.image_size)
+
+
+def text_encoder_dir(config) -> str:
+    return config.pretrain.text_encoder or weights.default_text_encoder_dir()
+
+
+def text_encoder_config(config) -> BertConfig:
+    """The text encoder's BertConfig from its folder's config.json (no weights read).
+
+    'pretrained' keeps the first ``text_layers`` layers; 'random' may also
+    shrink the width with text_hidden/text_heads.
+    """
+    pre = config.pretrain
+    if pre.text_weights_init not in ("pretrained", "random"):
+        raise ConfigError(f"config.pretrain.text_weights_init must be 'pretrained' or 'random', got '{pre.text_weights_init}'")
+    config_path = os.path.join(text_encoder_dir(config), "config.json")
+    if pre.text_weights_init == "pretrained":
+        return BertConfig.from_json(config_path, pre.text_layers)
+    changes = dict(num_hidden_layers=int(pre.text_layers))
+    if pre.text_hidden:
+        heads = pre.text_heads or max(1, pre.text_hidden // 64)
+        changes |= dict(hidden_size=pre.text_hidden, num_attention_heads=heads, intermediate_size=4 * pre.text_hidden)
+    return dataclasses.replace(BertConfig.from_json(config_path), **changes)
+
+
+def build_text_encoder(config) -> tuple[BertConfig, dict | None]:
+    """(BertConfig, loaded params, or None for a random init) of the text encoder."""
+    if config.pretrain.text_weights_init == "pretrained":
+        return weights.load_bert(text_encoder_dir(config), num_layers=config.pretrain.text_layers)
+    return text_encoder_config(config), None
+
+
+def build_model(config, text_config: BertConfig) -> AMVLM:
+    pre = config.pretrain
+    dtype = jnp.dtype(config.dtype)
+    overrides = {k: v for k, v in dict(width=pre.vit_width, depth=pre.vit_depth, num_heads=pre.vit_heads).items() if v}
+    vit = vit_from_name(pre.vit, dtype=dtype, remat=pre.remat, attention=vit_attention(config), **overrides)
+    return AMVLM(
+        image_encoder=vit,
+        text_config=text_config,
+        embed_dim=pre.embed_dim,
+        head_hidden=pre.head_hidden,
+        objective=pre.objective,
+        num_prototypes=pre.mgca.num_prototypes,
+        pdt_heads=pre.pdt_heads,
+        pdt_dropout=pre.pdt_dropout,
+        temperature=pre.temperature,
+        dtype=dtype,
+        remat=pre.remat,
+        one_hot_embedding_grad=text_embedding_grad(config) == "one_hot",
+    )
+
+
+def text_embedding_grad(config) -> str:
+    """config.pretrain.text_embedding_grad with 'auto' resolved: 'one_hot' on accelerators, 'scatter' on CPUs."""
+    choice = config.pretrain.text_embedding_grad
+    if choice == "auto":
+        return "scatter" if jax.default_backend() == "cpu" else "one_hot"
+    return choice
+
+
+def vit_attention(config) -> str:
+    """config.pretrain.vit_attention with 'auto' resolved: 'cudnn' for bfloat16 compute on a GPU
+    whose cuDNN compiles the fused kernel, 'xla' otherwise."""
+    choice = config.pretrain.vit_attention
+    if choice != "auto":
+        return choice
+    if config.dtype != "bfloat16" or jax.default_backend() != "gpu":
+        return "xla"
+    return "cudnn" if cudnn_attention_compiles() else "xla"
+
+
+@functools.cache
+def cudnn_attention_compiles() -> bool:
+    """Whether the fused attention's forward and backward compile here (bfloat16, an odd token count:
+    the padded path a ViT takes). Older GPUs and cuDNN releases lack the kernel; they get 'xla'."""
+    qkv = jax.ShapeDtypeStruct((2, 17, 2, 64), jnp.bfloat16)
+
+    def loss(q, k, v):
+        return fused_attention(q, k, v, 0.125).astype(jnp.float32).sum()
+
+    try:
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv).compile()
+    except Exception as error:  # jax raises several types for an unsupported device or cuDNN.
+        info(f"cuDNN fused attention unavailable here ({type(error).__name__}); the ViT uses 'xla' attention")
+        return False
+    return True
+
+
+def uses_momentum(config) -> bool:
+    """Whether the run keeps momentum encoders (AMVLM with a non-zero ICL weight)."""
+    return config.pretrain.objective == "amvlm" and bool(config.pretrain.weights.icl)
+
+
+def uses_pdt(config) -> bool:
+    pre = config.pretrain
+    return pre.objective == "amvlm" and pre.use_pdt and bool(pre.weights.css)
+
+
+def encoder_subset(tree: dict) -> dict:
+    """The entries of a params / batch_stats dict that belong to the momentum encoders."""
+    return {name: tree[name] for name in ENCODER_MODULES if name in tree}
+
+
+def dummy_tokens(batch: int, max_length: int) -> dict:
+    tokens = {k: np.zeros((batch, max_length), np.int32) for k in TOKEN_KEYS if k != "word_mask"}
+    tokens["word_mask"] = np.zeros((batch, max_length - 1), np.float32)
+    return tokens

@@ -1,0 +1,217 @@
+"""Segment new images (mode 'predict'): a folder of scans in, one mask file per image out.
+
+The input is a folder of images (any format the reader takes, nested
+folders allowed; reports from config.predict.reports when given) or an LViT
+split folder (img/ and its report sheet). Images are read batch by batch,
+resized to the training resolution, segmented on all devices, and the
+predictions resized back to each image's own size:
+
+  <output>/<relative path>/<stem>.png          0/255 mask (binary) or class ids
+  <stem>_probability.png | .npy                 the foreground probability (predict.probabilities)
+  <stem>_overlay.png                            the image with the mask in red (predict.overlays)
+  <stem>_text.png                               the report's text mask, 0-255 (checkpoints with text guidance)
+  <output>/predictions.csv                      file, size, foreground fraction, pixels per class
+
+A second run skips images whose mask exists unless predict.overwrite. An
+unreadable image is reported by name and counted, and the run goes on
+unless predict.stop_on_error.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import pathlib
+
+import jax
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from amvlm_jax.config import ConfigError
+from amvlm_jax.data import folders, pipeline
+from amvlm_jax.train import checkpoint, evaluate, supervised
+from amvlm_jax.train.logging import info
+from amvlm_jax.train.parallel import gather_to_host, make_mesh, replicate
+
+MASK_SUFFIX = ".png"
+
+
+def list_inputs(config) -> list[tuple[pathlib.Path, pathlib.Path, str | None]]:
+    """(path relative to the input folder without suffix, image path, report or None) of every input image."""
+    root = pathlib.Path(config.predict.input).expanduser()
+    if not config.predict.input or not root.is_dir():
+        raise ConfigError(f"config.predict.input: '{config.predict.input}' is not a folder of images")
+    if folders.is_split_folder(root):  # An LViT split folder: its images with their reports.
+        return [(pathlib.Path(e.name), e.image_path, e.report) for e in folders.list_split_folder(root, False)]
+    reports = {}
+    if config.predict.reports:
+        reports = {folders.file_stem(name): text for _, name, text in folders.read_sheet(
+            pathlib.Path(config.predict.reports).expanduser())}
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in folders.IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not paths:
+        raise ConfigError(f"config.predict.input: {root} holds no images ({', '.join(sorted(folders.IMAGE_SUFFIXES))})")
+    return [(p.relative_to(root).with_suffix(""), p, reports.get(p.stem)) for p in paths]
+
+
+def check_output(config) -> pathlib.Path:
+    output = pathlib.Path(config.predict.output).expanduser()
+    if not config.predict.output:
+        raise ConfigError("config.predict.output: set the folder the masks go to")
+    source = pathlib.Path(config.predict.input).expanduser().resolve()
+    if output.resolve() == source or source in output.resolve().parents:
+        raise ConfigError(f"config.predict.output: {output} is inside the input folder {source}; choose another folder")
+    return output
+
+
+def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A (S, S) float map resized bilinearly to (width, height) = size, as (height, width) float32."""
+    image = Image.fromarray(np.asarray(array, np.float32), mode="F")
+    return np.asarray(image if image.size == size else image.resize(size, Image.BILINEAR), np.float32)
+
+
+def to_original_size(probabilities: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (H, W) uint8, foreground probability (H, W)) at the image's own size.
+
+    probabilities: (S, S) foreground probability (binary) or (S, S, C) class
+    probabilities; each is resized bilinearly, then thresholded at 0.5 or
+    arg-maxed.
+    """
+    if probabilities.ndim == 2:
+        foreground = _resize(probabilities, size)
+        return (foreground > 0.5).astype(np.uint8), foreground
+    classes = np.stack([_resize(probabilities[..., c], size) for c in range(probabilities.shape[-1])], axis=-1)
+    return np.argmax(classes, axis=-1).astype(np.uint8), 1.0 - classes[..., 0]
+
+
+def overlay(image_path: pathlib.Path, labels: np.ndarray) -> Image.Image:
+    """The image (RGB, its own size) with foreground pixels blended towards red."""
+    image = np.asarray(folders.open_image(image_path).convert("RGB"), np.float32)
+    red = np.zeros_like(image)
+    red[..., 0] = 255.0
+    blended = np.where(labels[..., None] > 0, 0.55 * image + 0.45 * red, image)
+    return Image.fromarray(blended.astype(np.uint8))
+
+
+def predict(config, workdir) -> dict:
+    """Segments every image of config.predict.input with the checkpoint evaluate would choose; writes the
+    outputs listed in the module docstring and returns {'images', 'written', 'skipped', 'failed', 'csv'}."""
+    workdir = pathlib.Path(workdir)
+    items = list_inputs(config)
+    output = check_output(config)
+    mesh = make_mesh(config)
+    source = config.eval.checkpoint or workdir
+    model = supervised.build_unet(config)
+    variables, meta, used = checkpoint.restore_variables(source, replicate(mesh, supervised.init_variables(config, model)))
+    info(f"predicting with {used} (epoch {meta.get('epoch')}) on {len(items)} images")
+    predict_step = evaluate.make_predict_step(model, probabilities=True)
+    text = text_masker(config, workdir, source, mesh) if any(report for _, _, report in items) else None
+
+    size, num_classes = config.data.image_size, config.data.num_classes
+    batch_size = -(-config.train.eval_batch_size // mesh.size) * mesh.size
+    todo = [item for item in items
+            if config.predict.overwrite or not (output / item[0]).with_suffix(MASK_SUFFIX).is_file()]
+    failures: list[str] = []
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, config.data.read_threads))
+
+    def read(item):
+        try:
+            return folders.load_image(item[1], size)
+        except folders.DataError as error:
+            if config.predict.stop_on_error:
+                raise
+            failures.append(str(error))
+            return None
+
+    writes = jax.process_index() == 0
+    progress = tqdm(total=len(todo), desc="predicting", disable=not writes)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        loaded = list(pool.map(read, chunk))  # Only this batch is decoded.
+        kept = [(item, image) for item, image in zip(chunk, loaded) if image is not None]
+        progress.update(len(chunk))
+        if not kept:
+            continue
+        images = np.stack([image for _, (image, _) in kept])
+        rows = np.resize(np.arange(len(kept)), batch_size)  # Padded by repetition to a full batch.
+        batch = pipeline.replicated_to_global(mesh, {"image": images[rows]})
+        probabilities = np.asarray(gather_to_host(predict_step(variables["params"], variables["batch_stats"],
+                                                               batch["image"])))[: len(kept)]
+        p_text = text(images, [item[2] for item, _ in kept], batch_size) if text is not None else None
+        if not writes:
+            continue
+        for index, ((relative, path, report), (_, original)) in enumerate(kept):
+            target = output / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            labels, foreground = to_original_size(probabilities[index], original)
+            Image.fromarray(labels * 255 if num_classes == 1 else labels).save(target.with_suffix(MASK_SUFFIX))
+            if config.predict.probabilities == "png16":
+                Image.fromarray(np.round(foreground * 65535).astype(np.uint16)).save(
+                    target.parent / f"{target.name}_probability.png")
+            elif config.predict.probabilities == "npy":
+                np.save(target.parent / f"{target.name}_probability.npy", foreground.astype(np.float32))
+            if config.predict.overlays:
+                overlay(path, labels).save(target.parent / f"{target.name}_overlay.png")
+            if p_text is not None and report:
+                text_map = _resize(p_text[index], original)
+                Image.fromarray(np.round(np.clip(text_map, 0, 1) * 255).astype(np.uint8)).save(
+                    target.parent / f"{target.name}_text.png")
+    progress.close()
+    pool.shutdown()
+    summary = {"images": len(items), "written": len(todo) - len(failures), "skipped": len(items) - len(todo),
+               "failed": len(failures), "csv": str(output / "predictions.csv")}
+    if writes:
+        output.mkdir(parents=True, exist_ok=True)
+        write_table(output, items, num_classes)
+    info(f"{summary['written']} masks written to {output}, {summary['skipped']} skipped (outputs exist; "
+         f"predict.overwrite=True redoes them), {summary['failed']} failed")
+    for failure in failures:
+        info(f"  failed: {failure}")
+    return summary
+
+
+def write_table(output: pathlib.Path, items, num_classes: int) -> None:
+    """predictions.csv: every input with a mask, its size, foreground fraction and pixels per class."""
+    classes = max(2, num_classes)
+    with open(output / "predictions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "mask", "width", "height", "foreground_fraction"]
+                        + [f"class_{c}_pixels" for c in range(classes)])
+        for relative, path, _ in items:
+            mask_path = (output / relative).with_suffix(MASK_SUFFIX)
+            if not mask_path.is_file():  # Failed to read.
+                continue
+            labels = np.asarray(Image.open(mask_path))
+            labels = (labels > 0).astype(np.int64) if num_classes == 1 else labels.astype(np.int64)
+            counts = np.bincount(labels.ravel(), minlength=classes)
+            writer.writerow([str(path), str(mask_path.relative_to(output)), labels.shape[1], labels.shape[0],
+                             f"{float(np.mean(labels > 0)):.6f}"] + [int(c) for c in counts])
+
+
+def text_masker(config, workdir, source, mesh):
+    """(images uint8 (N, S, S, 3), reports, batch size) -> p_text (N, S, S): the text masks of a checkpoint
+    whose mean-teacher run had text guidance; None for other checkpoints."""
+    from amvlm_jax.train import ssl
+
+    if "generator" not in checkpoint.saved_entries(source):
+        return None
+    guidance = ssl.TextGuidance(config, workdir, mesh)
+    template = {"generator": ssl.generator_params(guidance, guidance.init_generator(jax.random.PRNGKey(0)))}
+    restored, _, _ = checkpoint.restore_variables(source, replicate(mesh, template))
+    trained = restored["generator"]
+
+    @jax.jit
+    def masks(frozen, trained, images, tokens):
+        x = images.astype(np.float32) / 255.0
+        return ssl.text_mask_outputs(guidance, trained, frozen, x, tokens, config.ssl.constant_text_mask,
+                                     config.ssl.text_logit_offset)[1]["p_text"]
+
+    def run(images, reports, batch_size):
+        rows = np.resize(np.arange(len(images)), batch_size)
+        tokens = guidance.tokenizer([reports[i] or "" for i in rows])
+        batch = pipeline.replicated_to_global(mesh, {"image": images[rows], **tokens})
+        p_text = masks(guidance.variables, trained, batch.pop("image"), batch)
+        return np.asarray(gather_to_host(p_text))[: len(images)]
+
+    return run

@@ -1,0 +1,94 @@
+"""The one training loop on a toy job: evaluator cadences, the best checkpoint, telemetry, the recorded meta."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from amvlm_jax.train import checkpoint, loop
+from amvlm_jax.train.parallel import make_mesh, replicate
+from amvlm_jax.train.state import TrainState, optimizer_telemetry
+
+from conftest import tiny_synthetic_config
+
+STEPS_PER_EPOCH, EPOCHS = 3, 4
+
+
+@pytest.fixture(scope="module")
+def toy_step():
+    """SGD on (w - mean(x))^2: w moves towards 1 by a known amount every step."""
+
+    def step(state, batch):
+        def loss_fn(params):
+            return jnp.mean((params["w"] - batch["x"]) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        state = state.apply_gradients(grads)
+        return state, {"loss": loss, **optimizer_telemetry(grads, state.params)}
+
+    return jax.jit(step)
+
+
+def _job(config, workdir, mesh, step, calls, name="toy", epochs=EPOCHS):
+    state = replicate(mesh, TrainState.create({"w": jnp.zeros(())}, {}, optax.sgd(0.25)))
+
+    def batches(start_step):
+        for index in range(start_step, 10**6):
+            yield {"x": np.ones((2,), np.float32) * (1 + 0 * index)}
+
+    def by_epoch(state):  # A validation score that peaks after the second epoch (steps 6).
+        calls.append(("epoch", int(state.step)))
+        return {"val/score": -abs(int(state.step) - 2 * STEPS_PER_EPOCH)}
+
+    def by_step(state):
+        calls.append(("step", int(state.step)))
+        return {"val/w": float(state.params["w"])}
+
+    return loop.Job(
+        name=name, workdir=workdir, mesh=mesh, config=config, state=state, train_step=step, batches=batches,
+        steps_per_epoch=STEPS_PER_EPOCH, epochs=epochs,
+        evaluators=[loop.Evaluator(by_epoch, every_epochs=2, at_start=True), loop.Evaluator(by_step, every_epochs=0,
+                                                                                             every_steps=4)],
+        best_metric="val/score", log_every_steps=1, learning_rate=lambda step: 0.25,
+    )
+
+
+def test_loop_cadences_best_checkpoint_telemetry_and_meta(tmp_path, toy_step):
+    config = tiny_synthetic_config()
+    mesh = make_mesh(config, jax.devices()[:1])
+    calls = []
+    state, meta = loop.run(_job(config, tmp_path, mesh, toy_step, calls))
+    # At start (step 0), every 2 epochs (steps 6) and the last epoch (12); the step evaluator every 4 steps
+    # and at the last epoch.
+    assert calls == [("epoch", 0), ("step", 4), ("epoch", 6), ("step", 8), ("step", 12), ("epoch", 12), ("step", 12)]
+    assert int(state.step) == STEPS_PER_EPOCH * EPOCHS
+    # w after n SGD steps on (w - 1)^2 with rate 0.25: 1 - 0.5^n.
+    np.testing.assert_allclose(float(state.params["w"]), 1 - 0.5 ** 12, rtol=1e-6)
+    assert meta["job"] == "toy" and meta["best"] == 0 and meta["best_epoch"] == 2 and meta["epoch"] == EPOCHS
+    assert meta["config"]["unet"]["base_width"] == config.unet.base_width
+    assert meta["initial_eval"] == {"val/score": -6}
+    assert checkpoint.read_meta(tmp_path / "checkpoints" / "best")["best_epoch"] == 2
+    best_step = [int(p.name) for p in (tmp_path / "checkpoints" / "best").iterdir() if p.name.isdigit()]
+    assert best_step == [2 * STEPS_PER_EPOCH]
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    for r in steps:
+        assert r["train/steps_per_second"] > 0 and r["train/lr"] == 0.25
+        # |grad| = 2 |w - 1| before the step; |w| after it.
+        np.testing.assert_allclose(r["train/grad_norm"], 2 * 0.5 ** (r["step"] - 1), rtol=1e-5)
+        np.testing.assert_allclose(r["train/param_norm"], 1 - 0.5 ** r["step"], rtol=1e-5)
+    epochs = [r for r in records if "epoch" in r]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(epochs[1]["train/epoch_loss"], np.mean([0.25 ** n for n in range(3)]), rtol=1e-5)
+    assert (tmp_path / "curves.png").is_file()
+
+    # Run again: nothing left to do. Another job in the same workdir is refused in one line.
+    again, _ = loop.run(_job(config, tmp_path, mesh, toy_step, calls))
+    assert int(again.step) == 12
+    with pytest.raises(checkpoint.CheckpointError, match="a checkpoint of a 'toy' run, not 'other'"):
+        loop.run(_job(config, tmp_path, mesh, toy_step, calls, name="other"))

@@ -1,0 +1,102 @@
+"""Mode 'predict': masks of new images at their own size, the table, skipping, failures and errors."""
+
+import csv
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from amvlm_jax import main
+from amvlm_jax.config import ConfigError
+from amvlm_jax.data import folders
+
+from conftest import tiny_synthetic_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny supervised run (its best checkpoint and per-image validation Dice)."""
+    workdir = tmp_path_factory.mktemp("trained")
+    config = tiny_synthetic_config(**{"train.epochs": 2, "eval.splits": ("val",)})
+    main.run(config, workdir)
+    return workdir
+
+
+def _predict(workdir, input_dir, output_dir, run_dir=None, **fields):
+    # Only the checkpoint and the folders: the model's fields come from the checkpoint's recorded config.
+    config = tiny_synthetic_config(**{"mode": "predict", "unet.base_width": 8, "eval.checkpoint": str(workdir),
+                                      "predict.input": str(input_dir), "predict.output": str(output_dir), **fields})
+    return main.run(config, run_dir or pathlib.Path(str(output_dir) + "_workdir"))
+
+
+def test_predicted_validation_masks_score_what_evaluate_reports(trained, tmp_path):
+    val_folder = trained / "data" / "Val_Folder"
+    summary = _predict(trained, val_folder, tmp_path / "out")
+    assert summary["images"] == summary["written"] == 8 and summary["failed"] == summary["skipped"] == 0
+    expected = {row["file"]: float(row["dice"]) for row in csv.DictReader(open(trained / "per_image_val.csv"))}
+    for example in folders.list_split_folder(val_folder):
+        predicted = np.asarray(Image.open(tmp_path / "out" / f"{example.name}.png"))
+        assert set(np.unique(predicted)) <= {0, 255}
+        truth = np.asarray(Image.open(example.mask_path)) > 0
+        overlap, total = 2.0 * np.sum((predicted > 0) & truth), np.sum(predicted > 0) + np.sum(truth)
+        dice = 100.0 * (overlap / total if total else 1.0)
+        assert dice == pytest.approx(expected[example.name], abs=1e-3), example.name
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert len(rows) == 8 and all(0.0 <= float(r["foreground_fraction"]) <= 1.0 for r in rows)
+    assert all(int(r["class_0_pixels"]) + int(r["class_1_pixels"]) == 64 * 64 for r in rows)
+
+
+def test_outputs_keep_each_images_size_and_name_skip_existing_and_count_failures(trained, tmp_path):
+    source = trained / "data" / "Val_Folder" / "img"
+    first, second = sorted(source.iterdir())[:2]
+    inputs = tmp_path / "scans"
+    (inputs / "nested").mkdir(parents=True)
+    rgb = Image.open(first).convert("RGB")
+    cases = {
+        "wide.png": rgb.resize((90, 50)),
+        "tall.jpg": rgb.resize((40, 72)),
+        "gray.tif": Image.open(second).convert("L").resize((64, 64)),
+        "nested/alpha.png": Image.open(second).convert("RGBA").resize((33, 47)),
+        "nested/deep16.tiff": Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 200)),
+    }
+    for name, image in cases.items():
+        image.save(inputs / name)
+    (inputs / "broken.png").write_bytes(b"not a png")
+
+    summary = _predict(trained, inputs, tmp_path / "masks", **{"predict.probabilities": "png16",
+                                                                 "predict.overlays": True})
+    assert summary == {"images": 6, "written": 5, "skipped": 0, "failed": 1, "csv": str(tmp_path / "masks" / "predictions.csv")}
+    for name, image in cases.items():
+        stem = pathlib.Path(name).with_suffix("")
+        mask = Image.open(tmp_path / "masks" / stem.with_suffix(".png"))
+        assert mask.size == image.size and mask.mode == "L", name
+        probability = Image.open(tmp_path / "masks" / stem.parent / f"{stem.name}_probability.png")
+        assert probability.size == image.size and np.asarray(probability).dtype in (np.uint16, np.int32)
+        # The mask is the probability map thresholded at 0.5.
+        np.testing.assert_array_equal(np.asarray(mask) > 0, np.asarray(probability) > 32767.5)
+        assert Image.open(tmp_path / "masks" / stem.parent / f"{stem.name}_overlay.png").size == image.size
+    assert not (tmp_path / "masks" / "broken.png").exists()
+    rows = {r["file"]: r for r in csv.DictReader(open(tmp_path / "masks" / "predictions.csv"))}
+    assert len(rows) == 5 and str(inputs / "nested" / "alpha.png") in rows
+    assert rows[str(inputs / "wide.png")]["width"] == "90" and rows[str(inputs / "wide.png")]["height"] == "50"
+
+    # Again: every mask exists, so nothing is redone (the broken file is tried again and fails again).
+    again = _predict(trained, inputs, tmp_path / "masks")
+    assert (again["written"], again["skipped"], again["failed"]) == (0, 5, 1)
+    redone = _predict(trained, inputs, tmp_path / "masks", **{"predict.overwrite": True})
+    assert (redone["written"], redone["skipped"], redone["failed"]) == (5, 0, 1)
+    with pytest.raises(folders.DataError, match="broken.png: unreadable image"):
+        _predict(trained, inputs, tmp_path / "stop", **{"predict.stop_on_error": True})
+
+
+def test_predict_input_errors(trained, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no images"):
+        _predict(trained, tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(ConfigError, match="is not a folder"):
+        _predict(trained, tmp_path / "missing", tmp_path / "out")
+    source = trained / "data" / "Val_Folder"
+    with pytest.raises(ConfigError, match="inside the input folder"):
+        _predict(trained, source, source / "masks", run_dir=tmp_path / "run")
+    assert not (source / "masks").exists()
