@@ -100,3 +100,13 @@ def test_predict_input_errors(trained, tmp_path):
     with pytest.raises(ConfigError, match="inside the input folder"):
         _predict(trained, source, source / "masks", run_dir=tmp_path / "run")
     assert not (source / "masks").exists()
+
+
+def test_restoring_into_other_shapes_is_one_line_before_any_read(trained):
+    from amvlm_jax.train import checkpoint, supervised
+
+    config = tiny_synthetic_config(**{"unet.base_width": 8})
+    model = supervised.build_unet(config)
+    with pytest.raises(checkpoint.CheckpointError, match="other parameter shapes") as error:
+        checkpoint.restore_variables(trained, supervised.init_variables(config, model))
+    assert "\n" not in str(error.value)

@@ -376,7 +376,7 @@ def test_ema_update():
     np.testing.assert_allclose(out["a"], 0.1, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(out["b"]["c"], np.float32), 0.2, rtol=1e-2)
     assert out["b"]["c"].dtype == jnp.bfloat16
-    np.testing.assert_allclose(ema_update(online, momentum)["a"], 0.005, rtol=1e-5)
+    np.testing.assert_allclose(ema_update(online, momentum, 0.995)["a"], 0.005, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------

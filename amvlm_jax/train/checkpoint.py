@@ -124,13 +124,29 @@ def _open_step(path: str | pathlib.Path) -> tuple[ocp.CheckpointManager, int, pa
     return manager, step, path
 
 
-def saved_entries(path: str | pathlib.Path) -> set[str]:
-    """Top-level entries of the train state saved at `path` (resolved as in ``restore_variables``) that hold values."""
+def _saved_tree(path: str | pathlib.Path):
+    """The metadata tree (shapes and dtypes, no values) of the train state saved at ``path``."""
     manager, step, path = _open_step(path)
     manager.close()
     step_dir = path if path.name.isdigit() else path / str(step)
-    tree = ocp.StandardCheckpointer().metadata(step_dir.absolute() / "state").item_metadata
-    return {key for key, value in tree.items() if value is not None}
+    with ocp.StandardCheckpointer() as reader:
+        return reader.metadata(step_dir.absolute() / "state").item_metadata
+
+
+def saved_entries(path: str | pathlib.Path) -> set[str]:
+    """Top-level entries of the train state saved at `path` (resolved as in ``restore_variables``) that hold values."""
+    return {key for key, value in _saved_tree(path).items() if value is not None}
+
+
+def param_shapes(params) -> dict[str, tuple]:
+    """{path: shape} of a params tree (arrays, abstract arrays or a checkpoint's metadata)."""
+    return {jax.tree_util.keystr(key): tuple(leaf.shape) for key, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def saved_param_shapes(path: str | pathlib.Path) -> dict[str, tuple]:
+    """{path: shape} of the params saved at ``path``: compared before a restore, which a shape mismatch
+    would fail deep inside Orbax's threads."""
+    return param_shapes(_saved_tree(path)["params"])
 
 
 def restore_variables(path: str | pathlib.Path, variables: dict) -> tuple[dict, dict, pathlib.Path]:
@@ -142,6 +158,10 @@ def restore_variables(path: str | pathlib.Path, variables: dict) -> tuple[dict, 
     state are read (a mean-teacher checkpoint also holds the teacher and
     optimiser state). Returns (variables, meta, the step folder used).
     """
+    if "params" in variables and (saved := saved_param_shapes(path)) != param_shapes(variables["params"]):
+        differing = sorted(set(saved.items()) ^ set(param_shapes(variables["params"]).items()))[:1]
+        raise CheckpointError(f"{path}: checkpoint does not fit this model (other parameter shapes, e.g. "
+                              f"{differing[0][0]} {differing[0][1]}; was it trained with other model fields?)")
     manager, step, path = _open_step(path)
     target = abstract_like(variables)
     args = ocp.args.Composite(

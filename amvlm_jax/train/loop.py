@@ -248,14 +248,19 @@ def resume_point(checkpoints: checkpoint.RunCheckpoints, job: Job) -> tuple[Any,
     if saved.get("job", job.name) != job.name:
         raise checkpoint.CheckpointError(f"{where}: a checkpoint of a '{saved['job']}' run, not '{job.name}'; "
                                          "use another workdir")
+
+    def misfit(reason: str) -> checkpoint.CheckpointError:
+        changed = config_changes(saved.get("config"), recorded_config(job.config))
+        reason = f"fields changed since it was written: {changed}" if changed else reason
+        return checkpoint.CheckpointError(f"{where}: does not fit this run's state ({reason}); "
+                                          "restore them or use another workdir")
+
+    if checkpoint.saved_param_shapes(where) != checkpoint.param_shapes(job.state.params):
+        raise misfit("other parameter shapes")
     try:
         state, meta = checkpoints.restore_latest(job.state)
     except (ValueError, KeyError, TypeError) as error:
-        changed = config_changes(saved.get("config"), recorded_config(job.config))
-        reason = (f"fields changed since it was written: {changed}" if changed
-                  else str(error).splitlines()[0][:200])
-        raise checkpoint.CheckpointError(f"{where}: does not fit this run's state ({reason}); "
-                                         "restore them or use another workdir") from None
+        raise misfit(str(error).splitlines()[0][:200]) from None
     meta = fresh_meta(job) | meta
     if meta["best"] is None and meta.get("best_val_dice", -1.0) >= 0:  # Written before the loop was shared.
         meta["best"] = meta.pop("best_val_dice")
