@@ -110,3 +110,20 @@ def test_restoring_into_other_shapes_is_one_line_before_any_read(trained):
     with pytest.raises(checkpoint.CheckpointError, match="other parameter shapes") as error:
         checkpoint.restore_variables(trained, supervised.init_variables(config, model))
     assert "\n" not in str(error.value)
+
+
+def test_multiclass_probabilities_become_class_ids_at_the_original_size():
+    from amvlm_jax.train import predict
+
+    # Class 2 on the left half, class 1 on the right, background nowhere, at 4x4; resized to 8 wide, 6 high.
+    probabilities = np.zeros((4, 4, 3), np.float32)
+    probabilities[:, :2, 2], probabilities[:, 2:, 1] = 0.9, 0.8
+    probabilities[..., 0] = 1.0 - probabilities[..., 1:].sum(-1)
+    labels, foreground = predict.to_original_size(probabilities, (8, 6))
+    assert labels.shape == foreground.shape == (6, 8) and labels.dtype == np.uint8
+    assert (labels[:, :3] == 2).all() and (labels[:, -3:] == 1).all()
+    np.testing.assert_allclose(foreground[:, 0], 0.9, atol=1e-6)
+    # Binary: the bilinearly resized probability, thresholded at 0.5.
+    labels, foreground = predict.to_original_size(np.array([[0.2, 0.9], [0.2, 0.9]], np.float32), (4, 2))
+    np.testing.assert_array_equal(labels, foreground > 0.5)
+    assert labels[:, 0].sum() == 0 and labels[:, -1].all()
