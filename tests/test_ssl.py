@@ -277,6 +277,21 @@ def test_predict_writes_each_reports_text_mask(all_run, tmp_path):
     for index, example in enumerate(examples):
         written = np.asarray(Image.open(tmp_path / "out" / f"{example.name}_text.png"), np.float32)
         np.testing.assert_allclose(written, np.round(np.clip(masks["p_text"][index], 0, 1) * 255), atol=1.0)
+    # A plain folder with a report sheet (predict.reports): the same text masks.
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(val / "img", plain / "scans")
+    import csv
+
+    with open(tmp_path / "reports.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("Image", "Description")] + [(e.image_path.name, e.report) for e in examples])
+    main.run(tiny_pretrain_config(**{
+        "mode": "predict", "eval.checkpoint": str(workdir), "predict.input": str(plain),
+        "predict.output": str(tmp_path / "plain_out"), "predict.reports": str(tmp_path / "reports.csv")}), tmp_path / "run3")
+    for example in examples:
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "plain_out" / "scans" / f"{example.name}_text.png")),
+                                      np.asarray(Image.open(tmp_path / "out" / f"{example.name}_text.png")))
     with pytest.raises(ConfigError, match="pre-training checkpoint has no segmentation model"):
         main.run(tiny_pretrain_config(**{"mode": "predict", "eval.checkpoint": str(workdir / "pretrain"),
                                          "predict.input": str(val), "predict.output": str(tmp_path / "o2")}),
@@ -393,7 +408,7 @@ def test_text_mask_tool_scores_pretrained_masks(all_run):
     lesion, distractor = np.array([[1, 0, 0], [0, 1, 1]]), np.array([[0, 1, 0], [1, 1, 0]])
     assert tool.group_cells(np.array([[1.0, 2, 3], [4, 5, 6]]), lesion, distractor) == {"lesion": 4.0, "distractor": 3.0, "empty": 3.0}
     # The decoder a mean-teacher run trained is read back from its checkpoint, and scored.
-    trained = tool.load_trained_generator(guidance, str(tmp_path), mesh)
+    trained = ssl.restore_generator(guidance, str(tmp_path), mesh)
     initial = guidance.init_generator(jax.random.PRNGKey(0))
     assert jax.tree.structure(trained) == jax.tree.structure(initial)
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(trained["decoder"]), jax.tree.leaves(initial["decoder"])))
@@ -401,7 +416,7 @@ def test_text_mask_tool_scores_pretrained_masks(all_run):
     assert trained_features["p_text_cells"].shape == (8, 9) and np.all((0 <= trained_features["p_text_cells"]) & (trained_features["p_text_cells"] <= 1))
     assert trained_result["p_text_by_cell"] != result["p_text_by_cell"]
     with pytest.raises(checkpoint.CheckpointError, match="holds no text mask generator"):
-        tool.load_trained_generator(guidance, str(tmp_path / "pretrain"), mesh)  # Pre-training saves no decoder.
+        ssl.restore_generator(guidance, str(tmp_path / "pretrain"), mesh)  # Pre-training saves no decoder.
     # The pixel readouts: the text mask's AUROCs equal a direct rank computation on the maps.
     for name in ("text_mask", "v_dot_t"):
         assert set(result["pixel_auroc"][name]) == {"lesion_vs_all", "lesion_vs_distractor"}

@@ -184,22 +184,6 @@ def group_cells(values, lesion_cells, distractor_cells) -> dict:
     return {kind: float(np.mean(v)) for kind, v in groups.items() if v.size}
 
 
-def load_trained_generator(guidance, path: str, mesh) -> dict:
-    """The text mask generator a mean-teacher run trained (the decoder and its log-scale, or the
-    word-attention head), from its checkpoint (a path as restore_variables takes)."""
-    import jax
-
-    from amvlm_jax.train import checkpoint, ssl
-    from amvlm_jax.train.parallel import replicate
-
-    if "generator" not in checkpoint.saved_entries(path):
-        raise checkpoint.CheckpointError(f"{path}: holds no text mask generator (a vision-only or supervised run?)")
-    template = {"generator": guidance.init_generator(jax.random.PRNGKey(0))}
-    restored, meta, used = checkpoint.restore_variables(path, replicate(mesh, template))
-    print(f"text mask generator from {used} (epoch {meta.get('epoch')})")
-    return ssl.generator_params(guidance, restored["generator"])
-
-
 def word_texts(tokenizer, tokens: dict) -> list[list[str]]:
     """Text of each real word slot (its first word piece), per report."""
     import numpy as np
@@ -279,7 +263,7 @@ def word_attention_readouts(patch_maps, words, word_mask, texts, lesion, distrac
 def score_split(config, guidance, split, split_name: str, batch_size: int = 25, generator=None) -> tuple[dict, dict]:
     """(scores of the text masks, features) of one split.
 
-    generator: the text mask generator's trained variables (``load_trained_generator``);
+    generator: the text mask generator's trained variables (``ssl.restore_generator``);
     None = the decoder at its initialisation (what V . t alone says).
     features: 'maps' V (N, h, w, D), 'reports' t (N, D), 'words' T (N, W, D),
     'word_mask' (N, W) and, for synthetic data, 'lesion' / 'distractor' (N, 9)
@@ -362,13 +346,14 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25, 
 def main(config):
     from amvlm_jax.data import datasets, folders
     from amvlm_jax.train.parallel import make_mesh
+    from amvlm_jax.train import ssl
     from amvlm_jax.train.ssl import TextGuidance
 
     workdir = pathlib.Path(flags.FLAGS.workdir)
     root = datasets.data_root(config, workdir)
     mesh = make_mesh(config, batch_size=25)
     guidance = TextGuidance(config, workdir, mesh)
-    generator = load_trained_generator(guidance, flags.FLAGS.generator, mesh) if flags.FLAGS.generator else None
+    generator = ssl.restore_generator(guidance, flags.FLAGS.generator, mesh) if flags.FLAGS.generator else None
     results, features = {}, {}
     requested = [s.strip() for s in flags.FLAGS.splits.split(",") if s.strip()]
     synthetic_data = config.data.name == "synthetic"

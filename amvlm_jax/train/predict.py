@@ -197,9 +197,7 @@ def text_masker(config, workdir, source, mesh):
     if "generator" not in checkpoint.saved_entries(source):
         return None
     guidance = ssl.TextGuidance(config, workdir, mesh)
-    template = {"generator": ssl.generator_params(guidance, guidance.init_generator(jax.random.PRNGKey(0)))}
-    restored, _, _ = checkpoint.restore_variables(source, replicate(mesh, template))
-    trained = restored["generator"]
+    trained = ssl.restore_generator(guidance, source, mesh)
 
     @jax.jit
     def masks(frozen, trained, images, tokens):

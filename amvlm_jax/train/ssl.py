@@ -226,6 +226,17 @@ def generator_params(guidance: TextGuidance | None, generator) -> dict | None:
     return {k: generator[k] for k in (("head",) if guidance.head is not None else ("decoder", "log_scale"))}
 
 
+def restore_generator(guidance: TextGuidance, path, mesh) -> dict:
+    """The text mask generator's trained variables ({'decoder', 'log_scale'} or {'head'}) from a mean-teacher
+    checkpoint at ``path`` (as restore_variables resolves it), replicated on ``mesh``."""
+    if "generator" not in checkpoint.saved_entries(path):
+        raise checkpoint.CheckpointError(f"{path}: holds no text mask generator (a vision-only or supervised run?)")
+    template = {"generator": generator_params(guidance, guidance.init_generator(jax.random.PRNGKey(0)))}
+    restored, meta, used = checkpoint.restore_variables(path, replicate(mesh, template))
+    info(f"text mask generator from {used} (epoch {meta.get('epoch')})")
+    return restored["generator"]
+
+
 def fit_text_head(config, guidance: TextGuidance, labeled_split, mesh, initial: dict) -> dict:
     """Fits the word-attention head, from its ``initial`` params, on the labelled images' masks with
     their own reports; its params.
