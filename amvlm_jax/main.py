@@ -67,9 +67,9 @@ def run(config, workdir: str | pathlib.Path) -> dict:
     """Runs the job that config.mode names; returns its results dict.
 
     The resolved config (the synthetic data root and the pre-trained
-    encoders' folder as absolute paths; for
-    'evaluate', the model, data and ssl fields recorded in the checkpoint)
-    is written to <workdir>/config.json before the job starts.
+    encoders' folder as absolute paths; for 'evaluate' and 'predict', the
+    model, data and ssl fields recorded in the checkpoint) is written to
+    <workdir>/config.json before the job starts.
     """
     from amvlm_jax.config import validate
 
@@ -82,6 +82,10 @@ def run(config, workdir: str | pathlib.Path) -> dict:
         from amvlm_jax.train import supervised
 
         return supervised.train(config, workdir)
+    if config.mode == "evaluate" and job == "pretrain":
+        from amvlm_jax.train import pretrain
+
+        return pretrain.evaluate_checkpoint(config, workdir, config.eval.checkpoint or workdir)
     if config.mode == "evaluate":
         from amvlm_jax.train import ssl, supervised
 
@@ -112,7 +116,8 @@ def run(config, workdir: str | pathlib.Path) -> dict:
 def checkpoint_config(config, workdir: pathlib.Path):
     """(config with the fields recorded in the checkpoint to evaluate, the job that wrote it).
 
-    A pre-training checkpoint has no segmentation model: a one-line error.
+    A pre-training checkpoint has no segmentation model to predict with: a one-line error (evaluate
+    scores its retrieval).
     Checkpoints written before configs were recorded keep the command's fields.
     """
     from amvlm_jax.config import ConfigError, with_recorded
@@ -121,7 +126,7 @@ def checkpoint_config(config, workdir: pathlib.Path):
     source = config.eval.checkpoint or workdir
     meta = checkpoint.read_meta(source)
     job = meta.get("job") or ("ssl" if "teacher" in checkpoint.saved_entries(source) else "supervised")
-    if job == "pretrain":
+    if job == "pretrain" and config.mode == "predict":
         raise ConfigError(f"{source}: a pre-training checkpoint has no segmentation model ({config.mode}); pass it as "
                           "config.ssl.pretrained of a mode 'ssl' run")
     if "config" in meta:
@@ -190,9 +195,8 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
 
 
 def main(config: ml_collections.ConfigDict) -> None:
-    from amvlm_jax.train.parallel import initialize_distributed
-
     from amvlm_jax.train.logging import info
+    from amvlm_jax.train.parallel import initialize_distributed
 
     workdir = flags.FLAGS.workdir or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     initialize_distributed(config)  # Before anything touches the devices.

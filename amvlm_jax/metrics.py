@@ -66,7 +66,7 @@ def auroc_from_histograms(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(np.sum(positive * (negatives_below + 0.5 * negative)) / (total_pos * total_neg))
 
 
-RETRIEVAL_KS = (1, 5)
+RETRIEVAL_KS = (1, 5, 10)
 
 
 def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, ks=RETRIEVAL_KS) -> dict:

@@ -243,9 +243,17 @@ def test_recorded_config_builds_the_models_of_evaluation_and_guidance(all_run, t
         ssl.train(tiny_pretrain_config(**{"mode": "ssl", "data.labeled_fraction": 0.5, "unet.base_width": 8,
                                           "train.epochs": 3, "ssl.decoder_lr": 1e-2}), workdir)
     assert "\n" not in str(error.value)
-    with pytest.raises(ConfigError, match="pre-training checkpoint has no segmentation model"):
-        main.run(tiny_pretrain_config(**{"mode": "evaluate", "eval.checkpoint": str(workdir / "pretrain")}),
-                 tmp_path / "evaluate_pretrain")
+    # Evaluating a pre-training checkpoint scores its retrieval: on val, what the run's last epoch logged
+    # (the pre-training batch and the evaluation batch differ; the metric does not depend on them).
+    retrieval = main.run(tiny_pretrain_config(**{"mode": "evaluate", "eval.checkpoint": str(workdir / "pretrain"),
+                                                 "eval.splits": ("train", "val"), "pretrain.embed_dim": 24}),
+                         tmp_path / "evaluate_pretrain")
+    summary = json.loads((workdir / "pretrain" / "summary.json").read_text())
+    for split in ("train", "val"):
+        assert retrieval[split]["pairs"] == summary[f"num_{split}_pairs"]
+        for key in ("i2t_top1", "i2t_top5", "i2t_top10", "t2i_top1", "t2i_top5", "t2i_top10"):
+            assert retrieval[split][key] == pytest.approx(summary["final_retrieval"][f"{split}/{key}"], abs=1e-6)
+    assert json.loads((tmp_path / "evaluate_pretrain" / "retrieval.json").read_text()) == retrieval
     import shutil
 
     shutil.copytree(workdir / "pretrain" / "checkpoints", tmp_path / "pretrain_copy" / "checkpoints")

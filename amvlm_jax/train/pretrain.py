@@ -224,9 +224,9 @@ def make_encode_step(model: AMVLM):
 # ---------------------------------------------------------------------------
 
 
-def embed_pairs(encode, state: PretrainState, images: np.ndarray, tokens: dict, mesh: Mesh, batch_size: int):
-    """(v (N, D), t (N, D)) numpy embeddings of all pairs, in batches padded to ``batch_size``."""
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+def embed_pairs(encode, variables: dict, images: np.ndarray, tokens: dict, mesh: Mesh, batch_size: int):
+    """(v (N, D), t (N, D)) numpy embeddings of all pairs with the model's {'params', 'batch_stats'}, in
+    batches padded to ``batch_size``."""
     image_parts, text_parts = [], []
     count = len(images)
     for start in range(0, count, batch_size):
@@ -244,11 +244,11 @@ def _split_batch(batch: dict):
     return batch["image"], {k: batch[k] for k in TOKEN_KEYS}
 
 
-def evaluate_retrieval(encode, state, pair_sets: dict, mesh: Mesh, batch_size: int) -> dict:
+def evaluate_retrieval(encode, variables: dict, pair_sets: dict, mesh: Mesh, batch_size: int) -> dict:
     """{'<set>/<metric>': value} for every (images, tokens) pair set."""
     results = {}
     for name, (images, tokens) in pair_sets.items():
-        v, t = embed_pairs(encode, state, images, tokens, mesh, batch_size)
+        v, t = embed_pairs(encode, variables, images, tokens, mesh, batch_size)
         results |= {f"{name}/{k}": value for k, value in metrics.retrieval_metrics(v, t).items()}
     return results
 
@@ -376,7 +376,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         train_step=make_train_step(model, config), batches=batches, steps_per_epoch=steps_per_epoch,
         epochs=pre.epochs,
         # Retrieval on the training and validation pairs, before training (epoch 0) and after every epoch.
-        evaluators=[loop.Evaluator(lambda state: evaluate_retrieval(encode, state, pair_sets, mesh, batch_size),
+        evaluators=[loop.Evaluator(lambda state: evaluate_retrieval(
+            encode, {"params": state.params, "batch_stats": state.batch_stats}, pair_sets, mesh, batch_size),
                                    at_start=True)],
         best_metric=None,  # No selection criterion: the newest model is the one to keep.
         checkpoint_every_epochs=pre.checkpoint_every_epochs, log_every_steps=pre.log_every_steps,
@@ -398,3 +399,40 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def evaluate_checkpoint(config, workdir, source) -> dict:
+    """Image-to-report and report-to-image retrieval (top-1/5/10, fractions) of a pre-training checkpoint
+    on the image-report pairs of config.eval.splits; writes <workdir>/retrieval.json and returns
+    {split: {metric: value, 'pairs': N}} (None for a split the data lacks)."""
+    workdir = pathlib.Path(workdir)
+    root = datasets.data_root(config, workdir)
+    size = build.pretrain_image_size(config)
+    model = build.build_model(config, build.text_encoder_config(config))
+    batch_size = max(1, config.train.eval_batch_size)
+    mesh = parallel.make_mesh(config, batch_size=batch_size)
+    batch_size = -(-batch_size // mesh.size) * mesh.size
+    abstract = jax.eval_shape(lambda: create_state(config, model, size))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          {"params": abstract.params, "batch_stats": abstract.batch_stats})
+    variables, meta, used = checkpoint.restore_variables(source, target)
+    info(f"retrieval of {used} (pre-trained {meta.get('epoch')} epochs)")
+    tokenizer = ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length)
+    encode, results = make_encode_step(model), {}
+    for split in config.eval.splits:
+        if not folders.has_split(root, split):
+            results[split] = None
+            continue
+        pairs = folders.load_split(root, split, image_size=size, num_classes=config.data.num_classes,
+                                   with_masks=False, threads=config.data.read_threads)
+        scores = evaluate_retrieval(encode, variables, {split: (pairs.images, tokenizer(pairs.reports))}, mesh, batch_size)
+        results[split] = {k.split("/", 1)[1]: v for k, v in scores.items()} | {"pairs": len(pairs)}
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "retrieval.json").write_text(json.dumps(results, indent=2) + "\n")
+    for split, values in results.items():
+        info(f"{split}: " + ("missing" if values is None else
+                             " ".join(f"{k} {100 * v:.1f}" for k, v in values.items() if k != "pairs")
+                             + f" ({values['pairs']} pairs, percent)"))
+    return results
