@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from amvlm_jax import metrics
+from amvlm_jax import metrics, visualize
 from amvlm_jax.data import pipeline
 from amvlm_jax.data.folders import SplitArrays
 from amvlm_jax.ops import BATCH_NORM_MOMENTUM
+from amvlm_jax.train.loop import Evaluator
 from amvlm_jax.train.parallel import gather_to_host
 
 
@@ -67,7 +68,6 @@ def make_prediction_panels(model, mesh: Mesh, split: SplitArrays) -> Callable:
 
 def validation_evaluator(config, eval_step, split: SplitArrays, mesh: Mesh):
     """The loop's evaluator of a segmentation model on a labelled split: {'val/dice', 'val/miou'} (percent)."""
-    from amvlm_jax.train.loop import Evaluator
 
     def run(state) -> dict:
         dice, iou = evaluate_split(eval_step, state.params, state.batch_stats, split, mesh, config.train.eval_batch_size)
@@ -80,8 +80,6 @@ def validation_evaluator(config, eval_step, split: SplitArrays, mesh: Mesh):
 def picture_writer(config, workdir: pathlib.Path, split: SplitArrays, panels: Callable) -> Callable:
     """(state, epoch) -> None: overlays of the first train.picture_images images of ``split`` with their
     true masks and ``panels(state, rows)`` -> {name: (N, H, W) in [0, 1]}, to <workdir>/pictures/."""
-    from amvlm_jax import visualize
-
     rows = np.arange(min(config.train.picture_images, len(split)))
 
     def write(state, epoch: int) -> None:

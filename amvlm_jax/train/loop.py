@@ -138,8 +138,10 @@ def run(job: Job) -> tuple[Any, dict]:
         for epoch in range(start_step // job.steps_per_epoch, job.epochs):
             _run_epoch(job, current, batches, epoch, meta, checkpoints, writer)
     except KeyboardInterrupt:
+        if meta is None:  # Interrupted while restoring: nothing new to save.
+            raise
         step = int(current["state"].step)
-        if meta is not None and checkpoints.latest.latest_step() != step:
+        if checkpoints.latest.latest_step() != step:
             checkpoints.save(step, current["state"], dict(meta), is_best=False)
         checkpoints.wait()
         raise KeyboardInterrupt(f"interrupted: saved {workdir}/checkpoints/latest/{step}; run the same command to resume")
