@@ -57,7 +57,8 @@ def text_guided_loss(dense: jnp.ndarray, soft: jnp.ndarray, reports: jnp.ndarray
     return 0.5 * (image_to_report + report_to_image)
 
 
-def _clipped_logit(p: jnp.ndarray, eps: float) -> jnp.ndarray:
+def clipped_logit(p: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """logit(p) in float32 with p clipped to [eps, 1 - eps], so that certain probabilities stay finite."""
     p = jnp.clip(p.astype(jnp.float32), eps, 1.0 - eps)
     return jnp.log(p) - jnp.log1p(-p)
 
@@ -69,7 +70,7 @@ def fuse_pseudo_labels(p_teacher: jnp.ndarray, p_text: jnp.ndarray, w_text: floa
     logit, so certain predictions (0 or 1) stay finite. w_text = 0 returns
     the (clipped) teacher probability.
     """
-    fused = jax.nn.sigmoid(_clipped_logit(p_teacher, eps) + w_text * _clipped_logit(p_text, eps))
+    fused = jax.nn.sigmoid(clipped_logit(p_teacher, eps) + w_text * clipped_logit(p_text, eps))
     return jax.lax.stop_gradient(fused)
 
 

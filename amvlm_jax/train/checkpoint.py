@@ -77,6 +77,8 @@ class RunCheckpoints:
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, state: Any) -> tuple[Any, dict]:
+    step_dir = pathlib.Path(str(manager.directory)) / str(step)
+    _check_params_fit(step_dir, state.params)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(state)), meta=ocp.args.JsonRestore())
     restored = manager.restore(step, args=args)
     return restored.state, restored.meta
@@ -124,13 +126,17 @@ def _open_step(path: str | pathlib.Path) -> tuple[ocp.CheckpointManager, int, pa
     return manager, step, path
 
 
-def _saved_tree(path: str | pathlib.Path):
-    """The metadata tree (shapes and dtypes, no values) of the train state saved at ``path``."""
-    manager, step, path = _open_step(path)
-    manager.close()
-    step_dir = path if path.name.isdigit() else path / str(step)
+def _state_metadata(step_dir: pathlib.Path):
+    """The metadata tree (shapes and dtypes, no values) of the train state saved in a step folder."""
     with ocp.StandardCheckpointer() as reader:
         return reader.metadata(step_dir.absolute() / "state").item_metadata
+
+
+def _saved_tree(path: str | pathlib.Path):
+    """The metadata tree of the train state saved at ``path`` (resolved as in ``restore_variables``)."""
+    manager, step, path = _open_step(path)
+    manager.close()
+    return _state_metadata(path if path.name.isdigit() else path / str(step))
 
 
 def saved_entries(path: str | pathlib.Path) -> set[str]:
@@ -143,10 +149,15 @@ def param_shapes(params) -> dict[str, tuple]:
     return {jax.tree_util.keystr(key): tuple(leaf.shape) for key, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def saved_param_shapes(path: str | pathlib.Path) -> dict[str, tuple]:
-    """{path: shape} of the params saved at ``path``: compared before a restore, which a shape mismatch
-    would fail deep inside Orbax's threads."""
-    return param_shapes(_saved_tree(path)["params"])
+def _check_params_fit(step_dir: pathlib.Path, params) -> None:
+    """Raises CheckpointError (one line) when the params saved in ``step_dir`` have other shapes than
+    ``params``. Every restore checks this first: Orbax would fail deep inside its threads, whose
+    tracebacks then show at exit."""
+    saved, wanted = param_shapes(_state_metadata(step_dir)["params"]), param_shapes(params)
+    if saved != wanted:
+        key, shape = sorted(set(saved.items()) ^ set(wanted.items()))[0]
+        raise CheckpointError(f"{step_dir}: checkpoint does not fit this model (other parameter shapes, e.g. "
+                              f"{key} {shape}; was it trained with other model fields?)")
 
 
 def restore_variables(path: str | pathlib.Path, variables: dict) -> tuple[dict, dict, pathlib.Path]:
@@ -158,11 +169,8 @@ def restore_variables(path: str | pathlib.Path, variables: dict) -> tuple[dict, 
     state are read (a mean-teacher checkpoint also holds the teacher and
     optimiser state). Returns (variables, meta, the step folder used).
     """
-    if "params" in variables and (saved := saved_param_shapes(path)) != param_shapes(variables["params"]):
-        differing = sorted(set(saved.items()) ^ set(param_shapes(variables["params"]).items()))[:1]
-        raise CheckpointError(f"{path}: checkpoint does not fit this model (other parameter shapes, e.g. "
-                              f"{differing[0][0]} {differing[0][1]}; was it trained with other model fields?)")
     manager, step, path = _open_step(path)
+    step_dir = path if path.name.isdigit() else path / str(step)
     target = abstract_like(variables)
     args = ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
@@ -171,9 +179,13 @@ def restore_variables(path: str | pathlib.Path, variables: dict) -> tuple[dict, 
         meta=ocp.args.JsonRestore(),
     )
     try:
+        if "params" in variables:
+            _check_params_fit(step_dir, variables["params"])
         restored = manager.restore(step, args=args)
+    except CheckpointError:
+        raise
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: checkpoint does not fit this model ({str(e).splitlines()[0][:200]})") from None
     finally:
         manager.close()
-    return restored.state, restored.meta, path if path.name.isdigit() else path / str(step)
+    return restored.state, restored.meta, step_dir

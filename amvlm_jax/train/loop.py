@@ -257,11 +257,9 @@ def resume_point(checkpoints: checkpoint.RunCheckpoints, job: Job) -> tuple[Any,
         return checkpoint.CheckpointError(f"{where}: does not fit this run's state ({reason}); "
                                           "restore them or use another workdir")
 
-    if checkpoint.saved_param_shapes(where) != checkpoint.param_shapes(job.state.params):
-        raise misfit("other parameter shapes")
-    try:
+    try:  # Checks the parameter shapes before reading (checkpoint._check_params_fit).
         state, meta = checkpoints.restore_latest(job.state)
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError) as error:  # CheckpointError is a ValueError.
         raise misfit(str(error).splitlines()[0][:200]) from None
     meta = fresh_meta(job) | meta
     if meta["best"] is None and meta.get("best_val_dice", -1.0) >= 0:  # Written before the loop was shared.

@@ -401,6 +401,16 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     return summary
 
 
+def restore_encoders(config, model: AMVLM, source, mesh: Mesh) -> tuple[dict, dict, pathlib.Path]:
+    """({'params', 'batch_stats'} of ``model`` from the pre-training checkpoint at ``source``, replicated on
+    ``mesh``; its meta; the step folder used). Nothing is initialised: the target is abstract."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract = jax.eval_shape(lambda: create_state(config, model, build.pretrain_image_size(config)))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          {"params": abstract.params, "batch_stats": abstract.batch_stats})
+    return checkpoint.restore_variables(source, target)
+
+
 def evaluate_checkpoint(config, workdir, source) -> dict:
     """Image-to-report and report-to-image retrieval (top-1/5/10, fractions) of a pre-training checkpoint
     on the image-report pairs of config.eval.splits; writes <workdir>/retrieval.json and returns
@@ -412,11 +422,7 @@ def evaluate_checkpoint(config, workdir, source) -> dict:
     batch_size = max(1, config.train.eval_batch_size)
     mesh = parallel.make_mesh(config, batch_size=batch_size)
     batch_size = -(-batch_size // mesh.size) * mesh.size
-    abstract = jax.eval_shape(lambda: create_state(config, model, size))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          {"params": abstract.params, "batch_stats": abstract.batch_stats})
-    variables, meta, used = checkpoint.restore_variables(source, target)
+    variables, meta, used = restore_encoders(config, model, source, mesh)
     info(f"retrieval of {used} (pre-trained {meta.get('epoch')} epochs)")
     tokenizer = ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length)
     encode, results = make_encode_step(model), {}

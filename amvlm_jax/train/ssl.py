@@ -27,13 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from amvlm_jax import metrics
 from amvlm_jax.data import datasets, folders, pipeline
 from amvlm_jax.losses.segmentation import mask_targets, segmentation_loss
 from amvlm_jax.losses.text_guided import (
     INITIAL_LOG_SCALE,
+    clipped_logit,
     ema_alpha,
     unlabeled_weight,
     fuse_multiclass,
@@ -82,11 +82,7 @@ class TextGuidance:
             )
         config = encoder_config(config, checkpoint.read_meta(source).get("config"))
         self._define(config, build.build_model(config, build.text_encoder_config(config)))
-        replicated = NamedSharding(mesh, PartitionSpec())
-        abstract = jax.eval_shape(lambda: pretrain.create_state(config, self.model, self.image_size))
-        target = {"params": abstract.params, "batch_stats": abstract.batch_stats}
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), target)
-        self.variables, meta, used = checkpoint.restore_variables(source, target)
+        self.variables, meta, used = pretrain.restore_encoders(config, self.model, source, mesh)
         info(f"text guidance from {used} (pre-trained {meta.get('epoch')} epochs)")
 
     @classmethod
@@ -98,7 +94,6 @@ class TextGuidance:
         return guidance
 
     def _define(self, config, model) -> None:
-
         self.model = model
         self.tokenizer = ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length)
         self.image_size = build.pretrain_image_size(config)
@@ -212,8 +207,7 @@ def text_mask_outputs(guidance: TextGuidance, trained: dict, frozen, images, tok
         masks = text_masks(dense, reports, images, images.shape[1])
         tg_loss = text_guided_loss(dense, masks["soft"], reports, trained["log_scale"])
     if logit_offset:
-        p = jnp.clip(masks["p_text"], 1e-6, 1.0 - 1e-6)
-        masks["p_text"] = jax.nn.sigmoid(jnp.log(p) - jnp.log1p(-p) + logit_offset)
+        masks["p_text"] = jax.nn.sigmoid(clipped_logit(masks["p_text"], 1e-6) + logit_offset)
     if constant > 0.0:
         masks["p_text"] = jnp.full_like(masks["p_text"], constant)
     return tg_loss, masks
@@ -261,8 +255,8 @@ def fit_text_head(config, guidance: TextGuidance, labeled_split, mesh, initial: 
                                  config.ssl.text_head_steps, config.ssl.text_head_lr, config.train.batch_size,
                                  config.seed, mesh)
     info(f"text head fitted on {len(labeled_split)} labelled images"
-          f"{' with the reports withheld' if guidance.withhold_reports else ''}: "
-          f"{config.ssl.text_head_steps} steps, last batch loss {loss:.4f}")
+         f"{' with the reports withheld' if guidance.withhold_reports else ''}: "
+         f"{config.ssl.text_head_steps} steps, last batch loss {loss:.4f}")
     return params
 
 
