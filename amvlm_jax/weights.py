@@ -410,7 +410,9 @@ def load_vit(path, model_config, image_size=None) -> Dict[str, Any]:
     path: .safetensors (or .pth/.bin/.pt with torch) in timm/DeiT layout
     (``cls_token``, ``pos_embed``, ``blocks.N.attn.qkv.weight`` ...) or HF
     ViT/DeiT layout (``[vit.|deit.]embeddings...``, ``encoder.layer.N...`` as
-    on the Hub, or ``layers.N.attention.q_proj...`` as transformers >= 5 names it).
+    on the Hub, or ``layers.N.attention.q_proj...`` as transformers >= 5 names it);
+    a string that is no existing file is read as a hub id ``owner/name[@revision]``
+    (``hub.resolve_vit_weights``: its weights file in the hub cache).
     model_config: a ``ViT`` module or a dict of ViT fields (may include
     'image_size'). image_size: int or (H, W); default the dict's
     'image_size' or 224. Position embeddings are resampled bicubically when
@@ -421,6 +423,10 @@ def load_vit(path, model_config, image_size=None) -> Dict[str, Any]:
         image_size = (model_config.get("image_size", 224)
                       if isinstance(model_config, Mapping) else 224)
     file = os.fspath(path)
+    if isinstance(path, str) and not os.path.isfile(path):
+        from amvlm_jax import hub  # imported here: hub's errors are WeightErrors
+
+        file = hub.resolve_vit_weights(path)
     return vit_params_from_state_dict(read_state_dict(file), model_config, image_size, file)
 
 

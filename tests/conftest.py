@@ -144,3 +144,22 @@ def tiny_pretrain_config(**overrides):
     }
     settings.update(overrides)
     return tiny_synthetic_config(**settings)
+
+
+def write_corpus(folder: pathlib.Path, count: int, size: int = 40, seed: int = 0, splits=("train",)) -> pathlib.Path:
+    """synthetic.write_corpus with SAMPLE_REPORTS as the findings."""
+    from amvlm_jax.data import synthetic
+
+    return synthetic.write_corpus(folder, count, size, seed, splits, findings=SAMPLE_REPORTS)
+
+
+def corpus_config(path: pathlib.Path, **overrides):
+    """tiny_pretrain_config reading the corpus ``write_corpus`` made (one file; splits by its split field)."""
+    config = tiny_pretrain_config(**overrides)
+    corpus = config.data.corpus
+    corpus.train = str(path)
+    corpus.split_field = "meta.split"
+    corpus.image_field = "file"
+    corpus.text_fields = ("findings", "impression")
+    config.data.name = "corpus"
+    return config

@@ -250,7 +250,7 @@ def test_recorded_config_builds_the_models_of_evaluation_and_guidance(all_run, t
                          tmp_path / "evaluate_pretrain")
     summary = json.loads((workdir / "pretrain" / "summary.json").read_text())
     for split in ("train", "val"):
-        assert retrieval[split]["pairs"] == summary[f"num_{split}_pairs"]
+        assert retrieval[split]["pairs"] == summary["pairs"][split]
         for key in ("i2t_top1", "i2t_top5", "i2t_top10", "t2i_top1", "t2i_top5", "t2i_top10"):
             assert retrieval[split][key] == pytest.approx(summary["final_retrieval"][f"{split}/{key}"], abs=1e-6)
     assert json.loads((tmp_path / "evaluate_pretrain" / "retrieval.json").read_text()) == retrieval

@@ -76,10 +76,7 @@ def training_batches(
     stream = grain.MapDataset.range(len(split)).shuffle(seed=seed).repeat(None)
     stream = stream.random_map(_example_reader(split, with_mask, do_augment), seed=seed + 1)
     local = stream[process_index::process_count].batch(local_batch)[start_step:]
-    dataset = local.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-    if worker_count > 0:
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return iter(dataset)
+    return _iterate(local, worker_count)
 
 
 def fresh_synthetic_batches(
@@ -118,8 +115,17 @@ def fresh_synthetic_batches(
 
     stream = grain.MapDataset.range(np.iinfo(np.int32).max).map(render)
     local = stream[process_index::process_count].batch(global_batch // process_count)[start_step:]
-    dataset = local.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    return _iterate(local, worker_count)
+
+
+def _iterate(batches: grain.MapDataset, worker_count: int) -> Iterator[dict]:
+    """Iterates ``batches`` with threads prefetching in this process, or in ``worker_count`` processes."""
+    dataset = batches.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Used as a library (not under absl's app.run): grain reads its flags.
+            flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(dataset)
 

@@ -372,6 +372,28 @@ def write_synthetic_dataset(
     return root
 
 
+CORPUS_FINDINGS = ("No acute finding.", "A mass in the left lobe.", "Two lesions, upper right and centre.",
+                   "Diffuse increased markings.")
+
+
+def write_corpus(folder: pathlib.Path, count: int, size: int = 40, seed: int = 0, splits: Sequence[str] = ("train",),
+                 findings: Sequence[str] = CORPUS_FINDINGS) -> pathlib.Path:
+    """A generated image-report corpus (tests, loader benchmarks): ``count`` random (size, size + 8) RGB PNGs
+    in folder/images/ and folder/corpus.jsonl with one row per image, {'file': 'images/<i>.png', 'meta':
+    {'split': splits[i % len(splits)], 'modality': 'MR' when i % 3 == 0 else 'CT'}, 'findings':
+    findings[i % len(findings)], 'impression': '<modality> image <i>.'}. Returns the JSONL's path."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    with open(folder / "corpus.jsonl", "w") as f:
+        for i in range(count):
+            modality = "CT" if i % 3 else "MR"
+            Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
+            row = {"file": f"images/{i}.png", "meta": {"split": splits[i % len(splits)], "modality": modality},
+                   "findings": findings[i % len(findings)], "impression": f"{modality} image {i}."}
+            f.write(json.dumps(row) + "\n")
+    return folder / "corpus.jsonl"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="output directory")

@@ -96,9 +96,11 @@ class AMVLM(nn.Module):
     def encode_image(self, images: jnp.ndarray, train: bool) -> dict:
         """images (B, H, W, 3) float in [0, 1] -> dict:
         v (B, D) unit-norm image (CLS) embedding, V (B, P, D) unit-norm patch
-        embeddings, patch_attention (B, P) float32 CLS-to-patch attention."""
+        embeddings, patch_attention (B, P) float32 CLS-to-patch attention,
+        cls (B, F) the encoder's [CLS] features (linear probes)."""
         features = self.image_encoder(images, train)
         return {
+            "cls": features["cls"],
             "v": self.image_global_head(features["cls"], train),
             "V": self.image_local_head(features["patches"], train),
             "patch_attention": features["cls_attention"].astype(jnp.float32),

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amvlm_jax import weights
+from amvlm_jax import hub, weights
 from amvlm_jax.config import ConfigError
 from amvlm_jax.models.amvlm import AMVLM, ENCODER_MODULES, TOKEN_KEYS
 from amvlm_jax.models.bert import BertConfig
@@ -24,7 +24,11 @@ def pretrain_image_size(config) -> int:
 
 
 def text_encoder_dir(config) -> str:
-    return config.pretrain.text_encoder or weights.default_text_encoder_dir()
+    """The local folder of the text encoder: config.pretrain.text_encoder (a path, or a
+    hub id resolved to its cache folder), or the bundled MiniLM when that is ''."""
+    if config.pretrain.text_encoder:
+        return hub.resolve_text_encoder(config.pretrain.text_encoder)
+    return weights.default_text_encoder_dir()
 
 
 def text_encoder_config(config) -> BertConfig:

@@ -1,12 +1,14 @@
 """Vision-language pre-training (mode 'pretrain'): AMVLM (SPEC 3) or MGCA (SPEC 4).
 
-Reads every training image-report pair (no masks), tokenises the reports
-once on the host, and trains the ``AMVLM`` model with Adam. For AMVLM's ICL
-term the momentum encoders (an EMA of the online encoders and their heads,
-kept in ``PretrainState.momentum``) see an augmented view of each image (SPEC
-section 1 augmentation, made on the host) and the report. Image-to-report
-and report-to-image retrieval on the training and validation pairs is
-evaluated before training (logged as epoch 0) and after every epoch.
+Reads the training image-report pairs of the LViT folders or of a corpus
+file (data/corpus.py; decoded up front, or streamed from disk when large),
+tokenises each batch's reports on the host, and trains the ``AMVLM`` model.
+For AMVLM's ICL term the momentum encoders (an EMA of the online encoders
+and their heads, kept in ``PretrainState.momentum``) see an augmented view of
+each image (SPEC section 1 augmentation, made on the host) and the report.
+What the encoders learned (``EncoderEvaluation``: retrieval on the training
+and held-out pairs, zero-shot and linear-probe accuracy on the held-out
+ones) is evaluated before training (logged as epoch 0) and after every epoch.
 
 Outputs under <workdir>/pretrain/: checkpoints/{latest,best}/ (Orbax; a
 rerun resumes from latest), metrics.jsonl, tensorboard/, summary.json.
@@ -26,7 +28,7 @@ from jax.sharding import Mesh
 
 from amvlm_jax import weights
 from amvlm_jax.config import ConfigError
-from amvlm_jax.data import datasets, folders, pipeline
+from amvlm_jax.data import corpus, datasets, folders, pipeline
 from amvlm_jax.data.tokenize import ReportTokenizer
 from amvlm_jax.losses.prototypes import normalize_prototypes
 from amvlm_jax.models.amvlm import AMVLM, TOKEN_KEYS
@@ -208,49 +210,90 @@ def make_train_step(model: AMVLM, config):
     return jax.jit(train_step, donate_argnums=0)
 
 
-def make_encode_step(model: AMVLM):
-    """jitted (variables, images uint8 (B,S,S,3), tokens) -> (v (B, D), t (B, D)) in eval mode."""
+def make_encoders(model: AMVLM):
+    """jitted, eval mode: (variables, images uint8 (B,S,S,3)) -> (v (B, D), cls (B, F)) and
+    (variables, tokens) -> t (B, D)."""
 
-    def encode(variables, images, tokens):
-        image = model.apply(variables, _images(images), train=False, method=AMVLM.encode_image)
-        text = model.apply(variables, tokens, train=False, method=AMVLM.encode_text)
-        return image["v"], text["t"]
+    def encode_images(variables, images):
+        outputs = model.apply(variables, _images(images), train=False, method=AMVLM.encode_image)
+        return outputs["v"], outputs["cls"]
 
-    return jax.jit(encode)
+    def encode_texts(variables, tokens):
+        return model.apply(variables, tokens, train=False, method=AMVLM.encode_text)["t"]
+
+    return jax.jit(encode_images), jax.jit(encode_texts)
 
 
 # ---------------------------------------------------------------------------
-# Retrieval
+# What the encoders learned
 # ---------------------------------------------------------------------------
 
 
-def embed_pairs(encode, variables: dict, images: np.ndarray, tokens: dict, mesh: Mesh, batch_size: int):
-    """(v (N, D), t (N, D)) numpy embeddings of all pairs with the model's {'params', 'batch_stats'}, in
-    batches padded to ``batch_size``."""
-    image_parts, text_parts = [], []
-    count = len(images)
+def _batched(function, count: int, batch_size: int, mesh: Mesh, rows_batch) -> list[np.ndarray]:
+    """``function`` over rows 0..count-1 in global batches padded to ``batch_size``; its outputs gathered
+    to numpy and concatenated. ``rows_batch(rows)`` builds the batch of the given rows."""
+    parts = []
     for start in range(0, count, batch_size):
         rows = np.arange(start, min(start + batch_size, count))
         padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
-        batch = {"image": images[padded]} | {k: tokens[k][padded] for k in TOKEN_KEYS}
-        v, t = encode(variables, *_split_batch(pipeline.replicated_to_global(mesh, batch)))
-        v, t = parallel.gather_to_host((v, t))  # Batch-sharded, possibly over several processes.
-        image_parts.append(np.asarray(v)[: len(rows)])
-        text_parts.append(np.asarray(t)[: len(rows)])
-    return np.concatenate(image_parts), np.concatenate(text_parts)
+        outputs = parallel.gather_to_host(function(pipeline.replicated_to_global(mesh, rows_batch(padded))))
+        parts.append([np.asarray(x)[: len(rows)] for x in jax.tree.leaves(outputs)])
+    return [np.concatenate(column) for column in zip(*parts)]
 
 
-def _split_batch(batch: dict):
-    return batch["image"], {k: batch[k] for k in TOKEN_KEYS}
+class EncoderEvaluation:
+    """What pre-training learned, scored on fixed pair sets by ``__call__(variables) -> {'<set>/<metric>'}``.
 
+    sets: {name: (SplitArrays without masks, labels {field: [value]})}, 'train' first. Each set: image-to-
+    report and report-to-image retrieval on its first eval.retrieval_pairs pairs. Each other (held-out) set:
+    zero-shot accuracy for every eval.zero_shot field, and the accuracy of a linear probe for every
+    eval.probe_fields field, fitted on the [CLS] features of the first eval.probe_rows training images.
+    Images are decoded batch by batch when a set streams them.
+    """
 
-def evaluate_retrieval(encode, variables: dict, pair_sets: dict, mesh: Mesh, batch_size: int) -> dict:
-    """{'<set>/<metric>': value} for every (images, tokens) pair set."""
-    results = {}
-    for name, (images, tokens) in pair_sets.items():
-        v, t = embed_pairs(encode, variables, images, tokens, mesh, batch_size)
-        results |= {f"{name}/{k}": value for k, value in metrics.retrieval_metrics(v, t).items()}
-    return results
+    def __init__(self, config, model: AMVLM, sets: dict, tokenizer: ReportTokenizer, mesh: Mesh, batch_size: int):
+        self.config, self.sets, self.tokenizer, self.mesh = config, sets, tokenizer, mesh
+        self.batch_size = batch_size
+        self.encode_images, self.encode_texts = make_encoders(model)
+        self.prompts = {label: (list(prompts.keys()), tokenizer(list(prompts.values())))
+                        for label, prompts in config.eval.zero_shot.items()}
+
+    def _embed(self, variables, split, count: int) -> dict:
+        """{'v' (count, D), 'cls' (count, F), 't' (count, D)} of the first ``count`` pairs of ``split``."""
+        v, cls = _batched(lambda batch: self.encode_images(variables, batch["image"]), count, self.batch_size,
+                          self.mesh, lambda rows: {"image": split.images[rows]})
+        (t,) = _batched(lambda batch: self.encode_texts(variables, batch), count, self.batch_size, self.mesh,
+                        lambda rows: self.tokenizer([split.reports[i] for i in rows]))
+        return {"v": v, "cls": cls, "t": t}
+
+    def _prompt_embeddings(self, variables, tokens: dict) -> np.ndarray:
+        (t,) = _batched(lambda batch: self.encode_texts(variables, batch), len(tokens["input_ids"]),
+                        self.batch_size, self.mesh, lambda rows: {k: v[rows] for k, v in tokens.items()})
+        return t
+
+    def __call__(self, variables: dict) -> dict:
+        eval_config, results, train = self.config.eval, {}, None
+        probe_fields = list(eval_config.probe_fields)
+        for name, (split, labels) in self.sets.items():
+            pairs = min(len(split), eval_config.retrieval_pairs)
+            count = max(pairs, min(len(split), eval_config.probe_rows)) if name == "train" and probe_fields else pairs
+            embedded = self._embed(variables, split, count)
+            results |= {f"{name}/{k}": value for k, value in
+                        metrics.retrieval_metrics(embedded["v"][:pairs], embedded["t"][:pairs]).items()}
+            if name == "train":
+                train = (embedded, labels)
+                continue
+            for label, (classes, tokens) in self.prompts.items():
+                scores = metrics.zero_shot_accuracy(embedded["v"], self._prompt_embeddings(variables, tokens),
+                                                    labels[label][:count], classes)
+                results |= {f"{name}/zero_shot/{label}/{k}": value for k, value in scores.items()}
+            for label in probe_fields if train is not None else ():
+                rows = min(len(train[0]["cls"]), eval_config.probe_rows)
+                scores = metrics.linear_probe_accuracy(train[0]["cls"][:rows], train[1][label][:rows],
+                                                       embedded["cls"], labels[label][:count],
+                                                       steps=eval_config.probe_steps)
+                results |= {f"{name}/probe/{label}/{k}": value for k, value in scores.items()}
+        return results
 
 
 # ---------------------------------------------------------------------------
@@ -258,21 +301,35 @@ def evaluate_retrieval(encode, variables: dict, pair_sets: dict, mesh: Mesh, bat
 # ---------------------------------------------------------------------------
 
 
-def host_batch(raw: dict, tokens, step: int, seed: int, with_augmented_view: bool) -> dict:
-    """A training batch from the pipeline's (image, index) and the token table, or from fresh
-    (image, report) pairs and the tokenizer (a ``ReportTokenizer``).
+def host_batch(raw: dict, tokenizer, reports, step: int, seed: int, with_augmented_view: bool) -> dict:
+    """A training batch from the pipeline's (image, index) and the split's reports, or from fresh
+    (image, report) pairs; the reports tokenised by ``tokenizer`` (a ``ReportTokenizer``).
 
     The momentum view is augmented with a generator seeded by (seed, step,
     process), so a resumed run sees the same views.
     """
-    if "report" in raw:
-        batch = {"image": raw["image"]} | tokens(list(raw["report"]))
-    else:
-        batch = {"image": raw["image"]} | {k: tokens[k][raw["index"]] for k in TOKEN_KEYS}
+    texts = list(raw["report"]) if "report" in raw else [reports[i] for i in raw["index"]]
+    batch = {"image": raw["image"]} | tokenizer(texts)
     if with_augmented_view:
         rng = np.random.default_rng([seed, step, jax.process_index()])
         batch["image_aug"] = np.stack([pipeline.augment([image], rng)[0] for image in raw["image"]])
     return batch
+
+
+def load_pairs(config, workdir: pathlib.Path, split: str, size: int) -> tuple | None:
+    """(SplitArrays without masks, labels {field: [value]}) of a split's image-report pairs, from the corpus
+    files when data.corpus.train is set (labels from the label fields the evaluations name), else from the
+    LViT folders (no labels); None when the data has no such split."""
+    if corpus.is_configured(config):
+        loaded = corpus.load(config, split, size, threads=config.data.read_threads)
+        if loaded is not None:
+            info(loaded[2])
+        return None if loaded is None else loaded[:2]
+    root = datasets.data_root(config, workdir)
+    if not folders.has_split(root, split):
+        return None
+    return folders.load_split(root, split, image_size=size, num_classes=config.data.num_classes, with_masks=False,
+                              threads=config.data.read_threads), {}
 
 
 def fresh_pairs(config) -> bool:
@@ -306,9 +363,10 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     """Pre-trains on all training pairs; resumes from <workdir>/pretrain.
 
     Returns the summary also written to <workdir>/pretrain/summary.json:
-    initial_retrieval, final_retrieval, first_epoch_terms, final_terms
-    (epoch means of the weighted total 'loss' and of every term), epochs,
-    batch_size, seconds (training time summed over resumed runs).
+    initial_retrieval, final_retrieval (``EncoderEvaluation`` before and after
+    training), first_epoch_terms, final_terms (epoch means of the weighted
+    total 'loss' and of every term), epochs, batch_size, pairs {split: N},
+    seconds (training time summed over resumed runs).
     """
     pre = config.pretrain
     if pre.objective not in ("amvlm", "mgca"):
@@ -316,18 +374,15 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     workdir = pathlib.Path(workdir)
     run_dir = workdir / "pretrain"
     run_dir.mkdir(parents=True, exist_ok=True)
-    root = datasets.data_root(config, workdir)
     size = build.pretrain_image_size(config)
     if size % 16:
         raise ConfigError(f"pre-training image size must be a multiple of 16, got {size}")
-    read = dict(image_size=size, num_classes=config.data.num_classes, with_masks=False, threads=config.data.read_threads)
-    train_pairs = folders.load_split(root, "train", **read)
-    val_pairs = folders.load_split(root, "val", **read) if folders.has_split(root, "val") else None
+    # Held-out splits are scored for the logs only: nothing is chosen on them (the newest checkpoint is kept).
+    sets = {name: pairs for name in ("train", "val", "test") if (pairs := load_pairs(config, workdir, name, size))}
+    if "train" not in sets:
+        raise ConfigError("pre-training needs training pairs: data.corpus.train or data.root's Train_Folder")
+    train_pairs = sets["train"][0]
     tokenizer = ReportTokenizer(build.text_encoder_dir(config), pre.max_length)
-    train_tokens = tokenizer(train_pairs.reports)
-    pair_sets = {"train": (train_pairs.images, train_tokens)}
-    if val_pairs is not None:
-        pair_sets["val"] = (val_pairs.images, tokenizer(val_pairs.reports))
 
     batch_size = capped_batch_size(pre.batch_size, pre.batch_size if fresh_pairs(config) else len(train_pairs),
                                    _device_count(config))
@@ -351,7 +406,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         # Large encoder weights (and their Adam moments and momentum copies) FSDP-sharded, the rest replicated.
         state = parallel.shard_state(mesh, create_state(config, model, size, text_params, vit_params,
                                                         steps_per_epoch=steps_per_epoch), config)
-    encode = make_encode_step(model)
+    evaluation = EncoderEvaluation(config, model, sets, tokenizer, mesh, batch_size)
     with_view = build.uses_momentum(config)
 
     def batches(start_step):
@@ -360,25 +415,22 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                 config.data.synthetic.seed, config.data.image_size, size, batch_size, start_step=start_step,
                 worker_count=config.data.worker_count,
             )
-            token_source = tokenizer
         else:
             source = pipeline.training_batches(
                 train_pairs, batch_size, seed=config.seed, start_step=start_step,
                 with_mask=False, do_augment=False, worker_count=config.data.worker_count,
             )
-            token_source = train_tokens
         for step, raw in enumerate(source, start_step):
-            yield host_batch(raw, token_source, step, config.seed, with_view)
+            yield host_batch(raw, tokenizer, train_pairs.reports, step, config.seed, with_view)
 
     rate = learning_rate(config, pre.lr, steps_per_epoch)
     _, meta = loop.run(loop.Job(
         name="pretrain", workdir=run_dir, mesh=mesh, config=config, state=state,
         train_step=make_train_step(model, config), batches=batches, steps_per_epoch=steps_per_epoch,
         epochs=pre.epochs,
-        # Retrieval on the training and validation pairs, before training (epoch 0) and after every epoch.
-        evaluators=[loop.Evaluator(lambda state: evaluate_retrieval(
-            encode, {"params": state.params, "batch_stats": state.batch_stats}, pair_sets, mesh, batch_size),
-                                   at_start=True)],
+        # Retrieval, zero-shot and probes, before training (epoch 0) and after every epoch.
+        evaluators=[loop.Evaluator(lambda state: evaluation({"params": state.params, "batch_stats": state.batch_stats}),
+                                   every_epochs=pre.eval_every_epochs, at_start=True)],
         best_metric=None,  # No selection criterion: the newest model is the one to keep.
         checkpoint_every_epochs=pre.checkpoint_every_epochs, log_every_steps=pre.log_every_steps,
         learning_rate=rate if callable(rate) else lambda step: rate,
@@ -388,8 +440,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         "objective": pre.objective,
         "epochs": meta["epoch"],
         "batch_size": batch_size,
-        "num_train_pairs": len(train_pairs),
-        "num_val_pairs": 0 if val_pairs is None else len(val_pairs),
+        "pairs": {name: len(split) for name, (split, _) in sets.items()},
         "seconds": meta["seconds"],
         "initial_retrieval": meta["initial_eval"],
         "final_retrieval": meta["last_eval"],
@@ -412,33 +463,31 @@ def restore_encoders(config, model: AMVLM, source, mesh: Mesh) -> tuple[dict, di
 
 
 def evaluate_checkpoint(config, workdir, source) -> dict:
-    """Image-to-report and report-to-image retrieval (top-1/5/10, fractions) of a pre-training checkpoint
-    on the image-report pairs of config.eval.splits; writes <workdir>/retrieval.json and returns
-    {split: {metric: value, 'pairs': N}} (None for a split the data lacks)."""
+    """What a pre-training checkpoint learned (``EncoderEvaluation``: retrieval top-1/5/10, zero-shot and
+    linear-probe accuracy, fractions) on the image-report pairs of config.eval.splits; writes
+    <workdir>/retrieval.json and returns {split: {metric: value, 'pairs': N}} (None for a split the data
+    lacks). The probes are fitted on the training split."""
     workdir = pathlib.Path(workdir)
-    root = datasets.data_root(config, workdir)
     size = build.pretrain_image_size(config)
     model = build.build_model(config, build.text_encoder_config(config))
     batch_size = max(1, config.train.eval_batch_size)
     mesh = parallel.make_mesh(config, batch_size=batch_size)
     batch_size = -(-batch_size // mesh.size) * mesh.size
     variables, meta, used = restore_encoders(config, model, source, mesh)
-    info(f"retrieval of {used} (pre-trained {meta.get('epoch')} epochs)")
+    info(f"evaluating the encoders of {used} (pre-trained {meta.get('epoch')} epochs)")
     tokenizer = ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length)
-    encode, results = make_encode_step(model), {}
-    for split in config.eval.splits:
-        if not folders.has_split(root, split):
-            results[split] = None
-            continue
-        pairs = folders.load_split(root, split, image_size=size, num_classes=config.data.num_classes,
-                                   with_masks=False, threads=config.data.read_threads)
-        scores = evaluate_retrieval(encode, variables, {split: (pairs.images, tokenizer(pairs.reports))}, mesh, batch_size)
-        results[split] = {k.split("/", 1)[1]: v for k, v in scores.items()} | {"pairs": len(pairs)}
+    wanted = ["train"] if config.eval.probe_fields or "train" in config.eval.splits else []
+    wanted += [split for split in config.eval.splits if split != "train"]
+    sets = {split: pairs for split in wanted if (pairs := load_pairs(config, workdir, split, size)) is not None}
+    scores = EncoderEvaluation(config, model, sets, tokenizer, mesh, batch_size)(variables)
+    results = {split: None if split not in sets else
+               {k.split("/", 1)[1]: v for k, v in scores.items() if k.startswith(split + "/")} | {"pairs": len(sets[split][0])}
+               for split in config.eval.splits}
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "retrieval.json").write_text(json.dumps(results, indent=2) + "\n")
     for split, values in results.items():
         info(f"{split}: " + ("missing" if values is None else
-                             " ".join(f"{k} {100 * v:.1f}" for k, v in values.items() if k != "pairs")
-                             + f" ({values['pairs']} pairs, percent)"))
+                             " ".join(f"{k} {100 * v:.1f}" for k, v in values.items() if k != "pairs" and
+                                      not k.endswith("/rows")) + f" ({values['pairs']} pairs, percent)"))
     return results

@@ -1,0 +1,183 @@
+"""Image-report corpora listed in CSV or JSONL files (pre-training beyond the LViT folders).
+
+A corpus file has one row per image: a CSV with a header, or JSON lines
+(nested objects allowed: a field 'Description.Caption' reads
+row['Description']['Caption']). config.data.corpus names the files (one per
+split, or one file with a split column), the image field (a path relative to
+the file, formatted through ``image_path``, e.g. 'images/{}.jpg' when the
+field holds a stem), the text fields joined into the report; the label
+fields that zero-shot and linear-probe evaluation name are read too.
+
+Images are not decoded here: ``CorpusImages`` decodes a row when it is
+indexed, so the training pipeline's grain workers read from disk batch by
+batch; ``load`` decodes a split into memory instead when its images fit in
+data.corpus.in_memory_bytes (faster for small corpora). Every problem is a
+``DataError`` naming the file and row.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import re
+from typing import Optional
+
+import numpy as np
+
+from amvlm_jax.data.folders import DataError, SplitArrays, load_image
+
+SPLITS = ("train", "val", "test")
+
+
+class CorpusImages:
+    """Images of a corpus split, decoded and resized to (S, S, 3) uint8 when indexed.
+
+    ``images[i]`` -> (S, S, 3); ``images[rows]`` (an integer array) -> (len(rows), S, S, 3). Picklable
+    (paths and a size only), so grain worker processes decode their own rows.
+    """
+
+    def __init__(self, paths: list[str], size: int):
+        self.paths, self.size = paths, size
+        self.shape = (len(paths), size, size, 3)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if np.ndim(index) == 0:
+            return load_image(pathlib.Path(self.paths[int(index)]), self.size)[0]
+        return np.stack([self[i] for i in np.asarray(index).reshape(-1)])
+
+
+def is_configured(config) -> bool:
+    """Whether pre-training reads a corpus file (data.corpus.train) rather than LViT folders."""
+    return bool(config.data.corpus.train)
+
+
+def _read_rows(path: pathlib.Path) -> list[tuple[int, dict]]:
+    """(line or row number for messages, row) of a .csv (header row 1) or .jsonl / .json file."""
+    if not path.is_file():
+        raise DataError(f"{path}: corpus file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return [(number, row) for number, row in enumerate(csv.DictReader(f), start=2)]
+    if suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{path}: a .json corpus must hold a list of objects")
+        return list(enumerate(rows, start=1))
+    if suffix != ".jsonl":
+        raise DataError(f"{path}: corpus files must end in .csv, .jsonl or .json")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: not a JSON object")
+            rows.append((number, row))
+    return rows
+
+
+def field(row: dict, name: str, where: str):
+    """row[name] (a CSV column may hold dots), else the nested value of a JSON path written with dots or
+    slashes ('a.b' or 'a/b': config keys such as eval.zero_shot's cannot hold dots)."""
+    if name in row:
+        return row[name]
+    node = row
+    for part in re.split(r"[./]", name):
+        if not isinstance(node, dict) or part not in node:
+            fields = ", ".join(repr(k) for k in list(row)[:8])
+            raise DataError(f"{where}: no field '{name}' (the row has {fields})")
+        node = node[part]
+    return node
+
+
+def labels_read(config) -> list[str]:
+    """Label fields the evaluations need: eval.zero_shot's and eval.probe_fields, in order, once each."""
+    return list(dict.fromkeys([*config.eval.zero_shot.keys(), *config.eval.probe_fields]))
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def read_split(config, split: str) -> Optional[dict]:
+    """The rows of ``split`` as {'source', 'paths', 'reports', 'labels' {field: [value]}, 'skipped'}, or
+    None when the corpus has no such split.
+
+    data.corpus.<split> names the split's file; without it (val, test) and with data.corpus.split_field
+    set, the train file's rows whose split field equals data.corpus.split_names[split] are used.
+    """
+    corpus = config.data.corpus
+    file, selected = corpus[split], None
+    if not file:
+        if not corpus.split_field:
+            return None
+        file, selected = corpus.train, corpus.split_names[SPLITS.index(split)]
+    elif corpus.split_field and file == corpus.train:
+        selected = corpus.split_names[SPLITS.index(split)]
+    path = pathlib.Path(os.path.expanduser(file))
+    if config.data.root and not path.is_absolute():
+        path = pathlib.Path(os.path.expanduser(config.data.root)) / path
+    label_fields = labels_read(config)
+    paths, reports, labels, missing = [], [], {name: [] for name in label_fields}, []
+    for number, row in _read_rows(path):
+        where = f"{path}:{number}"
+        if selected is not None and _text(field(row, corpus.split_field, where)) != selected:
+            continue
+        image = _text(field(row, corpus.image_field, where))
+        if not image:
+            raise DataError(f"{where}: empty image field '{corpus.image_field}'")
+        image_path = path.parent / os.path.expanduser(corpus.image_path.format(image))
+        if not image_path.is_file():
+            if corpus.missing_images != "skip":
+                raise DataError(f"{where}: image {image_path} not found (data.corpus.missing_images='skip' "
+                                "skips such rows)")
+            missing.append(number)
+            continue
+        report = " ".join(t for t in (_text(field(row, name, where)) for name in corpus.text_fields) if t)
+        if not report:
+            raise DataError(f"{where}: empty report (fields {', '.join(corpus.text_fields)})")
+        paths.append(str(image_path))
+        reports.append(report)
+        for name in label_fields:
+            labels[name].append(_text(field(row, name, where)))
+    if not paths and selected is not None:
+        return None
+    if not paths:
+        raise DataError(f"{path}: no rows")
+    return {"source": str(path), "paths": paths, "reports": reports, "labels": labels, "skipped": len(missing)}
+
+
+def load(config, split: str, image_size: int, threads: int = 4) -> Optional[tuple[SplitArrays, dict, str]]:
+    """(the split as a ``SplitArrays`` without masks, its labels {field: [value]}, a line saying where it
+    came from and how many rows were skipped), or None when the corpus has no such split.
+
+    ``images`` is decoded in memory when N * S * S * 3 bytes <= data.corpus.in_memory_bytes, else a
+    ``CorpusImages`` that decodes rows when they are read.
+    """
+    rows = read_split(config, split)
+    if rows is None:
+        return None
+    images = CorpusImages(rows["paths"], image_size)
+    names = [pathlib.Path(p).stem for p in rows["paths"]]
+    if len(images) * image_size * image_size * 3 <= config.data.corpus.in_memory_bytes:
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+            images = np.stack(list(pool.map(images.__getitem__, range(len(images)))))
+    how = "in memory" if isinstance(images, np.ndarray) else "streamed from disk"
+    skipped = f", {rows['skipped']} row(s) skipped: image missing" if rows["skipped"] else ""
+    return (SplitArrays(names, images, None, rows["reports"]), rows["labels"],
+            f"{split}: {len(names)} pairs from {rows['source']} ({how}{skipped})")

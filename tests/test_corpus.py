@@ -1,0 +1,184 @@
+"""Image-report corpora in CSV / JSONL files: reading, errors, streaming, and what pre-training learned."""
+
+import csv
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from scipy import optimize
+
+from amvlm_jax import metrics
+from amvlm_jax.data import corpus, folders, pipeline
+from amvlm_jax.data.folders import DataError
+
+from conftest import SAMPLE_REPORTS, corpus_config, write_corpus
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> pathlib.Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"), 24, splits=("train", "train", "val", "test"))
+
+
+def test_one_file_with_a_split_field_nested_fields_and_joined_texts(generated):
+    config = corpus_config(generated)
+    rows = {split: corpus.read_split(config, split) for split in ("train", "val", "test")}
+    assert [len(rows[s]["paths"]) for s in ("train", "val", "test")] == [12, 6, 6]
+    # Row 2 (0-based) is the first val row: images/2.png, its findings and impression joined.
+    assert rows["val"]["paths"][0] == str(generated.parent / "images" / "2.png")
+    assert rows["val"]["reports"][0] == f"{SAMPLE_REPORTS[2]} CT image 2."
+    config.eval.probe_fields = ("meta.modality",)
+    labels = corpus.read_split(config, "train")["labels"]
+    assert labels == {"meta.modality": ["MR" if i % 3 == 0 else "CT" for i in range(24) if i % 4 < 2]}
+
+
+def test_csv_per_split_files_with_an_image_template_and_relative_to_data_root(tmp_path):
+    write_corpus(tmp_path, 4)
+    for split, rows in (("train", range(3)), ("test", range(3, 4))):
+        with open(tmp_path / f"{split}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["stem", "Report.Text", "Type"])
+            writer.writerows([[str(i), f"report {i}", "CT"] for i in rows])
+    config = corpus_config(tmp_path / "train.csv")
+    config.data.root = str(tmp_path)
+    config.data.corpus.update(dict(train="train.csv", test="test.csv", split_field="", image_field="stem",
+                                   image_path="images/{}.png", text_fields=("Report.Text",)))
+    train = corpus.read_split(config, "train")
+    assert train["reports"] == ["report 0", "report 1", "report 2"]
+    assert train["paths"][1] == str(tmp_path / "images" / "1.png")
+    assert corpus.read_split(config, "val") is None
+    assert corpus.read_split(config, "test")["reports"] == ["report 3"]
+
+
+def _error(config, split="train") -> str:
+    with pytest.raises(DataError) as raised:
+        corpus.read_split(config, split)
+    message = str(raised.value)
+    assert "\n" not in message
+    return message
+
+
+def test_bad_rows_are_one_line_errors_naming_file_and_row(tmp_path):
+    path = write_corpus(tmp_path, 6)
+    config = corpus_config(path)
+    lines = path.read_text().splitlines()
+
+    def rewrite(index: int, text: str):
+        path.write_text("\n".join(lines[:index] + [text] + lines[index + 1:]) + "\n")
+
+    rewrite(3, "{not json")
+    assert _error(config).startswith(f"{path}:4: not a JSON object")
+    row = json.loads(lines[4])
+    del row["findings"]
+    rewrite(4, json.dumps(row))
+    assert _error(config).startswith(f"{path}:5: no field 'findings'")
+    row = json.loads(lines[1]) | {"findings": "", "impression": " "}
+    rewrite(1, json.dumps(row))
+    assert _error(config) == f"{path}:2: empty report (fields findings, impression)"
+    row = json.loads(lines[0]) | {"file": "images/missing.png"}
+    rewrite(0, json.dumps(row))
+    assert "images/missing.png not found" in _error(config) and _error(config).startswith(f"{path}:1:")
+    config.data.corpus.train = str(tmp_path / "absent.jsonl")
+    assert _error(config) == f"{tmp_path / 'absent.jsonl'}: corpus file not found"
+    (tmp_path / "list.txt").write_text("x")
+    config.data.corpus.train = str(tmp_path / "list.txt")
+    assert "must end in .csv, .jsonl or .json" in _error(config)
+
+
+def test_missing_images_are_skipped_and_counted_only_when_asked(tmp_path):
+    path = write_corpus(tmp_path, 8)
+    (tmp_path / "images" / "3.png").unlink()
+    (tmp_path / "images" / "5.png").unlink()
+    config = corpus_config(path)
+    assert "3.png not found" in _error(config)
+    config.data.corpus.missing_images = "skip"
+    rows = corpus.read_split(config, "train")
+    assert rows["skipped"] == 2 and len(rows["paths"]) == 6
+    assert "2 row(s) skipped: image missing" in corpus.load(config, "train", 32)[2]
+
+
+def test_streamed_images_equal_decoded_ones_and_the_size_decides(generated):
+    config = corpus_config(generated)
+    in_memory, _, how = corpus.load(config, "train", 32)
+    assert isinstance(in_memory.images, np.ndarray) and "in memory" in how
+    config.data.corpus.in_memory_bytes = 12 * 32 * 32 * 3 - 1  # One byte short of the 12 images.
+    streamed, _, how = corpus.load(config, "train", 32)
+    assert isinstance(streamed.images, corpus.CorpusImages) and "streamed from disk" in how
+    np.testing.assert_array_equal(streamed.images[np.arange(12)], in_memory.images)
+    np.testing.assert_array_equal(streamed.images[5], folders.load_image(pathlib.Path(streamed.images.paths[5]), 32)[0])
+    # The training stream reads the same examples either way, also from worker processes.
+    batches = lambda split, workers: [b for _, b in zip(range(4), pipeline.training_batches(  # noqa: E731
+        split, 8, seed=3, with_mask=False, do_augment=False, worker_count=workers))]
+    for a, b in zip(batches(in_memory, 0), batches(streamed, 1)):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["index"], b["index"])
+
+
+def test_processes_read_each_example_of_an_epoch_once(generated):
+    config = corpus_config(generated, **{"data.corpus.in_memory_bytes": 0})
+    split = corpus.load(config, "train", 32)[0]
+    read = []
+    for process in range(2):
+        stream = pipeline.training_batches(split, 4, seed=0, with_mask=False, do_augment=False,
+                                           process_index=process, process_count=2)
+        read += [i for _, batch in zip(range(len(split) // 4), stream) for i in batch["index"]]
+    assert sorted(read) == list(range(len(split)))
+
+
+def test_zero_shot_accuracy_by_hand():
+    images = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [1.0, 0.0]])
+    prompts = np.array([[1.0, 0.0], [0.0, 1.0]])
+    # Rows 0, 1: right; row 2 is nearer prompt B but labelled A; row 3's class has no prompt.
+    scores = metrics.zero_shot_accuracy(images, prompts, ["A", "B", "A", "C"], ["A", "B"])
+    assert scores == {"accuracy": pytest.approx(2 / 3), "majority": pytest.approx(2 / 3), "rows": 3}
+
+
+def test_linear_probe_matches_an_independent_solver():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6)) * np.array([1, 2, 3, 1, 1, 5]) + 4
+    labels = np.array(["a", "b", "c"])[np.argmax(x[:, :3] @ rng.normal(size=(3, 3)) + rng.normal(size=(300, 3)), 1)]
+    ours = metrics.linear_probe_accuracy(x[:200], labels[:200], x[200:], labels[200:], steps=300, l2=1e-3)
+    # The same objective (standardised features, mean cross-entropy + l2 |W|^2) by scipy's L-BFGS-B.
+    mean, std = x[:200].mean(0), x[:200].std(0) + 1e-6
+    z, y = (x[:200] - mean) / std, np.searchsorted(["a", "b", "c"], labels[:200])
+
+    def objective(theta):
+        w, b = theta[:18].reshape(6, 3), theta[18:]
+        logits = z @ w + b
+        log_p = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+        return -log_p[np.arange(200), y].mean() + 1e-3 * np.sum(w ** 2)
+
+    theta = optimize.minimize(objective, np.zeros(21), method="L-BFGS-B", options={"maxiter": 1000, "gtol": 1e-10}).x
+    predicted = np.array(["a", "b", "c"])[np.argmax(((x[200:] - mean) / std) @ theta[:18].reshape(6, 3) + theta[18:], 1)]
+    assert ours["accuracy"] == pytest.approx(np.mean(predicted == labels[200:]))
+    assert ours["accuracy"] > 0.8 and ours["rows"] == 100
+    counts = np.unique(labels[200:], return_counts=True)[1]
+    assert ours["majority"] == pytest.approx(counts.max() / 100)
+
+
+def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_it_learned(generated, tmp_path):
+    from amvlm_jax import main
+
+    settings = {"pretrain.epochs": 1, "eval.probe_fields": ("meta.modality",), "eval.probe_steps": 20,
+                "eval.zero_shot": {"meta/modality": {"CT": "a CT image", "MR": "an MR image"}}}
+    in_memory = main.run(corpus_config(generated, **settings), tmp_path / "memory")
+    streamed = main.run(corpus_config(generated, **settings, **{"data.corpus.in_memory_bytes": 0}), tmp_path / "disk")
+    assert streamed["final_terms"] == in_memory["final_terms"]
+    assert streamed["final_retrieval"] == in_memory["final_retrieval"]
+    assert in_memory["pairs"] == {"train": 12, "val": 6, "test": 6}
+    scores = in_memory["final_retrieval"]
+    for split in ("val", "test"):
+        for key in ("zero_shot/meta/modality/accuracy", "probe/meta.modality/accuracy", "i2t_top1"):
+            assert 0.0 <= scores[f"{split}/{key}"] <= 1.0
+        # Rows 2, 6, 10, ... (val) and 3, 7, 11, ... (test): every third image is MR.
+        assert scores[f"{split}/zero_shot/meta/modality/rows"] == 6
+    assert "train/zero_shot/meta/modality/accuracy" not in scores  # Held-out splits only.
+    # Evaluating the checkpoint scores the same, from its recorded config (no repeated corpus flags).
+    config = corpus_config(generated, **settings, **{"mode": "evaluate", "eval.splits": ("val", "test")})
+    config.eval.checkpoint = str(tmp_path / "memory" / "pretrain")
+    config.data.corpus.train = ""
+    results = main.run(config, tmp_path / "evaluation")
+    for split in ("val", "test"):
+        for key, value in results[split].items():
+            if key != "pairs":
+                assert value == pytest.approx(scores[f"{split}/{key}"], abs=1e-6), key

@@ -1,0 +1,218 @@
+"""Hub ids for config.pretrain.text_encoder / vit_weights, resolved in a fake hub cache (no network)."""
+
+import hashlib
+import os
+import shutil
+
+import httpx2
+import numpy as np
+import pytest
+from huggingface_hub import constants, scan_cache_dir, snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError, RepositoryNotFoundError
+from safetensors.numpy import save_file
+from test_encoders import TINY_IMAGE, TINY_VIT, _assert_trees_equal, _random_params, vit_params_to_timm
+
+from amvlm_jax import hub, weights
+from amvlm_jax.config import ConfigError, base_config
+from amvlm_jax.models.vit import ViT
+from amvlm_jax.train import build
+
+TEXT_ID = "sentence-transformers/all-MiniLM-L6-v2"
+VIT_ID = "timm/tiny_vit.test"
+COMMIT = "a" * 40
+TAGGED = "b" * 40
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty hub cache, set as huggingface_hub's cache (env and constants), with the hub offline."""
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(folder))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(folder))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return folder
+
+
+def add_to_cache(cache, repo_id, files, commit=COMMIT, ref="main"):
+    """Lays ``files`` {name: source path} out as huggingface_hub does: blobs/<etag>,
+    snapshots/<commit>/<name> -> ../../blobs/<etag>, refs/<ref> = commit. Returns the snapshot folder."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, source in files.items():
+        etag = hashlib.sha256(f"{commit}/{name}".encode()).hexdigest()
+        os.symlink(os.path.abspath(source), repo / "blobs" / etag)  # no copy of the 90 MB MiniLM weights
+        os.symlink(os.path.join("..", "..", "blobs", etag), snapshot / name)
+    (repo / "refs" / ref).write_text(commit)
+    return str(snapshot)
+
+
+@pytest.fixture
+def minilm():
+    try:
+        return weights.default_text_encoder_dir()
+    except FileNotFoundError as error:
+        pytest.skip(f"default text encoder package not installed: {error}")
+
+
+def minilm_files(minilm):
+    names = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "tokenizer_config.json",
+             "special_tokens_map.json")
+    return {name: os.path.join(minilm, name) for name in names}
+
+
+@pytest.fixture
+def vit_file(tmp_path):
+    """(A tiny ViT's timm-layout model.safetensors, its params)."""
+    params = _random_params(ViT(**TINY_VIT), np.zeros((1, TINY_IMAGE, TINY_IMAGE, 3), np.float32))
+    path = tmp_path / "model.safetensors"
+    save_file(vit_params_to_timm(params), str(path))
+    return str(path), params
+
+
+def test_text_encoder_id_resolves_to_its_snapshot_and_loads_like_the_folder(cache, minilm):
+    snapshot = add_to_cache(cache, TEXT_ID, minilm_files(minilm))
+    assert snapshot_download(TEXT_ID, local_files_only=True) == snapshot  # the layout is huggingface_hub's
+    assert not scan_cache_dir(cache).warnings
+    resolved = hub.resolve_text_encoder(TEXT_ID)
+    assert resolved == snapshot
+    config, params = weights.load_bert(resolved)
+    original_config, original_params = weights.load_bert(minilm)
+    assert config == original_config
+    _assert_trees_equal(params, original_params)
+
+
+def test_text_encoder_revision_by_commit_or_tag(cache, minilm):
+    main = add_to_cache(cache, TEXT_ID, minilm_files(minilm))
+    tagged = add_to_cache(cache, TEXT_ID, minilm_files(minilm), commit=TAGGED, ref="v1")
+    assert hub.resolve_text_encoder(f"{TEXT_ID}@{COMMIT}") == main
+    assert hub.resolve_text_encoder(f"{TEXT_ID}@v1") == tagged
+    assert hub.resolve_text_encoder(f"{TEXT_ID}@{TAGGED}") == tagged
+
+
+def test_text_encoder_id_through_the_config(cache, minilm):
+    snapshot = add_to_cache(cache, TEXT_ID, minilm_files(minilm))
+    config = base_config()
+    config.pretrain.text_encoder = TEXT_ID
+    assert build.text_encoder_dir(config) == snapshot
+    assert build.text_encoder_config(config) == weights.load_bert(minilm)[0]
+    config.pretrain.text_encoder = ""
+    assert build.text_encoder_dir(config) == minilm
+
+
+def test_missing_id_offline_says_what_to_fetch(cache):
+    with pytest.raises(ConfigError) as info:
+        hub.resolve_text_encoder("emilyalsentzer/Bio_ClinicalBERT")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("config.pretrain.text_encoder: 'emilyalsentzer/Bio_ClinicalBERT' is no existing path")
+    assert f"in the hub cache {cache} while HF_HUB_OFFLINE is set" in message
+    assert ("`hf download emilyalsentzer/Bio_ClinicalBERT model.safetensors pytorch_model.bin config.json "
+            "tokenizer.json vocab.txt tokenizer_config.json`") in message
+    assert str(cache / "models--emilyalsentzer--Bio_ClinicalBERT") in message
+
+    with pytest.raises(ConfigError) as info:
+        hub.resolve_vit_weights("facebook/deit-small-patch16-224@v2")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("config.pretrain.vit_weights: 'facebook/deit-small-patch16-224@v2' is no existing path")
+    assert "(revision v2)" in message
+    assert "`hf download facebook/deit-small-patch16-224 --revision v2 model.safetensors pytorch_model.bin`" in message
+
+
+def test_partly_cached_text_encoder_names_the_missing_file(cache, minilm):
+    add_to_cache(cache, TEXT_ID, {"model.safetensors": os.path.join(minilm, "model.safetensors")})
+    with pytest.raises(ConfigError, match=rf"has no config.json in the hub cache .* --revision {COMMIT} "):
+        hub.resolve_text_encoder(TEXT_ID)
+
+
+def test_neither_path_nor_id(cache):
+    for name in ("/no/such/bert", "./bert", "bert", "a/b/c", "owner/name@"):
+        with pytest.raises(ConfigError, match=rf"^config.pretrain.text_encoder: path '{name}' does not exist"):
+            hub.resolve_text_encoder(name)
+    # A WeightError too, for the weight tools.
+    with pytest.raises(weights.WeightError, match=r"^config.pretrain.vit_weights: path '/no/vit.pth' does not exist"):
+        weights.load_vit("/no/vit.pth", TINY_VIT)
+
+
+def test_local_paths_pass_through(cache, minilm, vit_file):
+    assert hub.resolve_text_encoder(minilm) == minilm
+    assert hub.resolve_vit_weights(vit_file[0]) == vit_file[0]
+
+
+def test_vit_id_loads_like_its_file(cache, vit_file, tmp_path):
+    path, params = vit_file
+    bin_only = tmp_path / "pytorch_model.bin"
+    bin_only.write_bytes(b"")
+    snapshot = add_to_cache(cache, VIT_ID, {"model.safetensors": path, "pytorch_model.bin": bin_only})
+    assert hub.resolve_vit_weights(VIT_ID) == os.path.join(snapshot, "model.safetensors")
+    _assert_trees_equal(weights.load_vit(VIT_ID, TINY_VIT, image_size=TINY_IMAGE),
+                        weights.load_vit(path, TINY_VIT, image_size=TINY_IMAGE))
+    _assert_trees_equal(weights.load_vit(VIT_ID, TINY_VIT, image_size=TINY_IMAGE), params)
+    other = add_to_cache(cache, "facebook/vit-bin", {"pytorch_model.bin": bin_only})
+    assert hub.resolve_vit_weights("facebook/vit-bin") == os.path.join(other, "pytorch_model.bin")
+
+
+def _http_error(kind, url="https://huggingface.co/x"):
+    return kind("404", response=httpx2.Response(404, request=httpx2.Request("HEAD", url)))
+
+
+def test_online_downloads_what_the_cache_lacks(cache, vit_file, monkeypatch):
+    """The download path with hf_hub_download replaced: the first weights file the hub has is
+    downloaded; an unreachable hub or an unknown repository gives a one-line error."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    asked = []
+
+    def download(repo_id, filename, revision, cache_dir):
+        asked.append(filename)
+        if filename != "pytorch_model.bin":
+            raise _http_error(RemoteEntryNotFoundError)
+        source = os.path.join(os.path.dirname(vit_file[0]), "pytorch_model.bin")
+        shutil.copy(vit_file[0], source)
+        return os.path.join(add_to_cache(cache, repo_id, {filename: source}), filename)
+
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    assert hub.resolve_vit_weights(VIT_ID).endswith(f"snapshots/{COMMIT}/pytorch_model.bin")
+    assert asked == ["model.safetensors", "pytorch_model.bin"]
+    asked.clear()
+    assert hub.resolve_vit_weights(VIT_ID).endswith("pytorch_model.bin")  # now from the cache
+    assert asked == []
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("connection error")
+
+    monkeypatch.setattr(hub, "hf_hub_download", unreachable)
+    with pytest.raises(ConfigError, match=r"while the hub is unreachable; on an online machine run `hf download"):
+        hub.resolve_vit_weights("owner/elsewhere")
+
+    def unknown(*args, **kwargs):
+        raise _http_error(RepositoryNotFoundError)
+
+    monkeypatch.setattr(hub, "hf_hub_download", unknown)
+    with pytest.raises(ConfigError, match=r"^config.pretrain.vit_weights: 'owner/typo' is neither an existing "
+                                          r"path nor a hub model \(for a gated or private one, .*`hf auth login`\)$"):
+        hub.resolve_vit_weights("owner/typo")
+
+
+def test_online_text_encoder_downloads_one_commit_and_then_uses_the_cache(cache, minilm, monkeypatch):
+    """hf_hub_download replaced: a download pins the commit the weights came from for the other files and
+    also fetches tokenizer_config.json; once cached, nothing is asked of the hub."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    asked = []
+
+    def download(repo_id, filename, revision, cache_dir):
+        asked.append((filename, revision))
+        return os.path.join(add_to_cache(cache, repo_id, {filename: os.path.join(minilm, filename)}), filename)
+
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    snapshot = str(cache / "models--sentence-transformers--all-MiniLM-L6-v2" / "snapshots" / COMMIT)
+    assert hub.resolve_text_encoder(TEXT_ID) == snapshot
+    assert asked == [("model.safetensors", "main"), ("config.json", COMMIT), ("tokenizer.json", COMMIT),
+                     ("tokenizer_config.json", COMMIT)]
+    asked.clear()
+    assert hub.resolve_text_encoder(TEXT_ID) == snapshot
+    assert asked == []
