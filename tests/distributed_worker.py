@@ -157,7 +157,27 @@ def main(argv: list[str]) -> None:
     assert jax.device_count() == 4 * num_processes and jax.local_device_count() == 4
     results = run_all()
     np.savez(out, **{k: np.asarray(v) for k, v in results.items()})
+    if len(argv) > 5:
+        np.save(out + ".corpus.npy", read_corpus_epoch(argv[5]))
     jax.distributed.shutdown()
+
+
+def read_corpus_epoch(path: str):
+    """(rows, sum of pixels) of what this process reads in the first epoch of a corpus streamed from disk,
+    global batch 8: the pipeline picks this process's share from jax.process_index()."""
+    import pathlib
+
+    import numpy as np
+
+    from amvlm_jax.data import corpus, pipeline
+    from conftest import corpus_config
+
+    split = corpus.load(corpus_config(pathlib.Path(path), **{"data.corpus.in_memory_bytes": 0}), "train", 32)[0]
+    assert isinstance(split.images, corpus.CorpusImages)
+    batches = pipeline.training_batches(split, 8, seed=5, with_mask=False, do_augment=False)
+    read = [(row, int(image.sum())) for _, batch in zip(range(len(split) // 8), batches)
+            for row, image in zip(batch["index"], batch["image"])]
+    return np.asarray(read, np.int64)
 
 
 if __name__ == "__main__":

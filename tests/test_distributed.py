@@ -18,7 +18,7 @@ from amvlm_jax.data.tokenize import ReportTokenizer
 from amvlm_jax.train import build, checkpoint, parallel, pretrain
 
 import distributed_worker
-from conftest import SAMPLE_REPORTS, tiny_pretrain_config, tiny_synthetic_config
+from conftest import SAMPLE_REPORTS, tiny_pretrain_config, tiny_synthetic_config, write_corpus
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 
@@ -75,12 +75,15 @@ def _free_port() -> int:
 
 
 def test_two_processes_train_as_one_process_with_eight_devices(tmp_path):
-    """2 processes x 4 CPU devices (gloo collectives) = 1 process x 8 devices: pre-training then text-guided SSMIS."""
+    """2 processes x 4 CPU devices (gloo collectives) = 1 process x 8 devices: pre-training then text-guided SSMIS;
+    and together the two processes read each example of a streamed corpus's epoch exactly once."""
     address = f"127.0.0.1:{_free_port()}"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    corpus_file = write_corpus(tmp_path / "corpus", 24)
     workers = [
         subprocess.Popen(
-            [sys.executable, str(TESTS_DIR / "distributed_worker.py"), address, str(i), "2", str(tmp_path / f"{i}.npz")],
+            [sys.executable, str(TESTS_DIR / "distributed_worker.py"), address, str(i), "2", str(tmp_path / f"{i}.npz"),
+             str(corpus_file)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in range(2)
@@ -120,6 +123,12 @@ def test_two_processes_train_as_one_process_with_eight_devices(tmp_path):
             moved = np.linalg.norm(value - initial)
             difference = np.linalg.norm(got[name] - value)
             assert difference <= 0.02 * moved + 1e-6 * np.sqrt(value.size), (name, difference, moved)
+    read = np.concatenate([np.load(tmp_path / f"{i}.npz.corpus.npy") for i in range(2)])
+    assert sorted(read[:, 0]) == list(range(24))
+    from amvlm_jax.data import folders
+
+    for row, pixel_sum in read:  # The images read are the rows' files, decoded.
+        assert folders.load_image(tmp_path / "corpus" / "images" / f"{row}.png", 32)[0].sum() == pixel_sum
     assert np.all(np.isfinite(expected["ssl_tg_losses"]))
     # The steps trained: the decoder moved away from its initialisation.
     assert any(np.abs(v).max() > 0 for k, v in expected.items() if k.startswith("ssl_decoder") and "gate" in k)
