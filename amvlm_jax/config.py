@@ -506,7 +506,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for label, prompts in config.eval.zero_shot.items():
         if not (hasattr(prompts, "items") and len(prompts) >= 2 and all(isinstance(p, str) and p for p in prompts.values())):
             raise ConfigError(f"config.eval.zero_shot['{label}'] must map two or more class values to prompts, "
-                              f"got {prompts!r}")
+                              f"got {prompts.to_dict() if hasattr(prompts, 'to_dict') else prompts!r}")
     if train.min_lr > train.lr:
         raise ConfigError(f"config.train.min_lr must be <= config.train.lr ({train.lr!r}), got {train.min_lr!r}")
     if train.picture_every_epochs and train.picture_images < 1:

@@ -11,7 +11,7 @@ and after every epoch: retrieval both ways, zero-shot modality (CT / MR) and bod
 prompt per class, and linear probes for the same labels on the frozen image encoder's [CLS] features.
 Epoch 0 is the control: the same encoders before pre-training (random ViT and heads; the text encoder
 as loaded). Variants: cpu (a 4-block ViT-Ti/16 at 96x96 from scratch, the first 3 layers of the
-text encoder, 32 tokens, batch 32, 15 epochs: about 10 minutes on 2 cores), mgca (MGCA's objective and optimiser; `mgca,cpu` keeps the cpu variant's rate),
+text encoder, 32 tokens, batch 32, 10 epochs: about 10 minutes on 2 cores), mgca (MGCA's objective and optimiser; `mgca,cpu` keeps the cpu variant's rate),
 random_text (the text encoder randomly initialised too).
 """
 
@@ -35,7 +35,7 @@ def _random_text(config):
 
 
 def _cpu(config):
-    small_pretrain(epochs=15)(config)
+    small_pretrain(epochs=10)(config)
     config.pretrain.text_layers = 3  # The text encoder's cost dominates a CPU step: its first 3 layers.
     config.pretrain.max_length = 32
     config.pretrain.eval_every_epochs = 5

@@ -156,3 +156,22 @@ def test_curve_best_epoch_and_last_validations(tmp_path, capsys):
     # Best 70 and 66 (mean 68, sd 2.83); last-3 means 62 and 63.33 (mean 62.67, sd 0.94).
     assert "| 5 | 2 | 70.00 | 62.00 |" in table and "| 5 | 3 | 66.00 | 63.33 |" in table
     assert "68.00 ± 2.83 | 62.67 ± 0.94 |" in table
+
+
+def test_pretrain_table_reports_before_after_and_the_smallest_gain(tmp_path, capsys):
+    import json
+
+    spec = importlib.util.spec_from_file_location("pretrain_table", REPO_ROOT / "tools" / "pretrain_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    runs = []
+    for seed, (before, after) in enumerate([(0.10, 0.30), (0.20, 0.25), (0.15, 0.50)]):
+        (tmp_path / f"s{seed}" / "pretrain").mkdir(parents=True)
+        summary = {"initial_retrieval": {"test/i2t_top1": before, "test/probe/Type/rows": 200, "val/i2t_top1": 0.9},
+                   "final_retrieval": {"test/i2t_top1": after, "test/probe/Type/rows": 200, "val/i2t_top1": 0.9}}
+        (tmp_path / f"s{seed}" / "pretrain" / "summary.json").write_text(json.dumps(summary))
+        runs.append(str(tmp_path / f"s{seed}"))
+    table.main([",".join(runs)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if "i2t_top1" in line]
+    # Before 10, 20, 15 (mean 15, sd 5); after 30, 25, 50 (mean 35, sd 13.2); gains 20, 5, 35.
+    assert rows == ["| s0 (+2) | i2t_top1 | 15.0 ± 5.0 | 35.0 ± 13.2 | +20.0 | +5.0 |"]

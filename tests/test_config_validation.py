@@ -59,6 +59,11 @@ BAD_VALUES = [
     ("data.split_seed", -1), ("data.worker_count", -1), ("data.read_threads", 0),
     ("data.synthetic.num_train", 0), ("data.synthetic.num_val", -1), ("data.synthetic.num_test", -1),
     ("data.synthetic.seed", -1), ("data.synthetic.fresh_pairs", None),
+    ("data.corpus.train", None), ("data.corpus.val", None), ("data.corpus.test", None), ("data.corpus.split_field", None),
+    ("data.corpus.image_field", None), ("data.corpus.split_names", ("train", "val")),
+    ("data.corpus.split_names", ("train", "", "test")), ("data.corpus.image_path", "images/x.png"),
+    ("data.corpus.text_fields", ()), ("data.corpus.text_fields", ("report", 1)), ("data.corpus.missing_images", "drop"),
+    ("data.corpus.in_memory_bytes", -1),
     ("unet.base_width", 0), ("unet.architecture", "resnet"),
     ("train.batch_size", 0), ("train.epochs", 0), ("train.epochs", None), ("train.epochs", False),
     ("train.lr", -1.0), ("train.lr", 0.0), ("train.lr", NAN), ("train.lr", INF), ("train.lr", None),
@@ -68,6 +73,7 @@ BAD_VALUES = [
     ("train.picture_images", -1),
     ("eval.checkpoint", None), ("eval.splits", ("val", "holdout")), ("eval.splits", ("(val,)",)),
     ("eval.splits", (1, 2)), ("eval.splits", None), ("eval.guidance", None),
+    ("eval.retrieval_pairs", 1), ("eval.probe_fields", ("Type", None)), ("eval.probe_rows", 0), ("eval.probe_steps", 0),
     ("pretrain.objective", "clip"), ("pretrain.vit", "L/14"), ("pretrain.vit_weights", None),
     ("pretrain.text_encoder", None), ("pretrain.text_layers", 0), ("pretrain.max_length", 2),
     ("pretrain.image_size", 100), ("pretrain.image_size", -16), ("pretrain.embed_dim", 0),
@@ -84,7 +90,7 @@ BAD_VALUES = [
     ("pretrain.mgca.cta_temperature", 0.0), ("pretrain.mgca.num_prototypes", 0),
     ("pretrain.mgca.sinkhorn_epsilon", 0.0), ("pretrain.mgca.sinkhorn_iterations", -1),
     ("pretrain.mgca.prototype_temperature", 0.0), ("pretrain.mgca.freeze_prototypes_epochs", -1),
-    ("pretrain.log_every_steps", 0), ("pretrain.checkpoint_every_epochs", 0),
+    ("pretrain.log_every_steps", 0), ("pretrain.checkpoint_every_epochs", 0), ("pretrain.eval_every_epochs", 0),
     ("pretrain.vit_width", -1), ("pretrain.vit_depth", -1), ("pretrain.vit_heads", -1),
     ("pretrain.text_weights_init", "zeros"), ("pretrain.text_hidden", -1), ("pretrain.text_heads", -1),
     ("pretrain.head_hidden", 0), ("pretrain.pdt_heads", 0), ("pretrain.pdt_dropout", 1.0),
@@ -159,6 +165,8 @@ BAD_COMBINATIONS = [
     ({"data.name": "monuseg", "data.synthetic.fresh_pairs": True}, "config.data.synthetic.fresh_pairs"),
     ({"pretrain.vit_attention": "cudnn"}, "config.pretrain.vit_attention='cudnn' needs config.dtype='bfloat16'"),
     ({"ssl.withhold_reports": True}, "config.ssl.withhold_reports needs config.ssl.text_head='words'"),
+    ({"eval.zero_shot": {"Type": {"CT": "a CT scan"}}}, "config.eval.zero_shot['Type'] must map two or more"),
+    ({"eval.zero_shot": {"Type": "a CT scan"}}, "config.eval.zero_shot['Type'] must map two or more"),
 ]
 
 
@@ -203,7 +211,8 @@ def _experiment_configs():
         module = _experiment(path.stem)
         variants = [None, *module.VARIANTS]
         if "cpu" in module.VARIANTS:
-            variants += ["mgca,cpu", "cpu,labeled25", "cpu,text_head_blind", "cpu,vision"]
+            variants += [v for v in ("mgca,cpu", "cpu,labeled25", "cpu,text_head_blind", "cpu,vision")
+                         if set(v.split(",")) <= set(module.VARIANTS)]
         else:
             variants += ["full,mgca", "fresh,labeled100", "text_head,labeled50"]
         for variant in variants:

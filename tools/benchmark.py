@@ -1,7 +1,10 @@
-"""Times the real jitted step of a job on synthetic in-memory batches (no dataset needed).
+"""Times the real jitted step of a job on synthetic in-memory batches (no dataset needed), or the
+pre-training input pipeline on an image-report corpus streamed from disk (mode loader).
 
     python tools/benchmark.py --config=experiments/synthetic.py[:variant] \
         [--mode=pretrain|ssl|supervised|evaluate] [--steps=N] [--warmup=N] [--json] [--config.a.b=value ...]
+    python tools/benchmark.py --config=experiments/medpix.py:cpu --mode=loader \
+        [--corpus_size=10000] [--corpus_dir=DIR] [--workers=0,2,4] [--batches=N] [--warmup=N] [--json]
 
 Builds the state and step exactly as the job does (random initial weights;
 pre-trained weights only change values, not cost), compiles it, runs
@@ -18,14 +21,33 @@ the compute dtype (config.dtype), timed on one device.
 Images per step: pretrain B image-report pairs (plus the momentum view,
 not counted); ssl B labeled + B unlabeled images; supervised B;
 evaluate config.train.eval_batch_size.
+
+Mode loader times no step: it writes a generated corpus of --corpus_size
+(S, S + 8) PNGs (S = --corpus_image_size) with a JSONL file in --corpus_dir
+(reused when it already holds that corpus; default a temporary folder
+deleted after), or with --corpus_size=0 reads the config's own
+data.corpus files, and loads the train split with
+data.corpus.in_memory_bytes=0 (every image decoded when read, as for a
+corpus too large for memory). For each worker count in --workers it streams
+pipeline.training_batches at pretrain.batch_size and the pre-training image
+size, as pre-training does (no augmentation; worker count = data.worker_count):
+--warmup batches untimed (the workers start), --batches batches timed as the
+pipeline yields them, then --batches more each passed through
+pretrain.host_batch (tokenising the reports, plus the momentum view's
+augmentation when the objective has momentum encoders), as the training
+loop's main thread does. It reports images/s of both, and peak memory
+(Linux: VmHWM) of this process during the stream (its peak reset first)
+and of each worker process, read before the workers stop.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import resource
 import sys
+import tempfile
 import time
 
 from absl import flags
@@ -33,7 +55,7 @@ from absl import flags
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-MODES = ("pretrain", "ssl", "supervised", "evaluate")
+MODES = ("pretrain", "ssl", "supervised", "evaluate", "loader")
 SYNTHETIC_REPORTS = [
     "Two lesions in the upper left and lower right cells.",
     "one lesion, centre",
@@ -406,6 +428,220 @@ def summarize_trace(profile_dir: str, steps: int, top: int = 25) -> dict:
     return summary
 
 
+# ---------------------------------------------------------------------------
+# Loader: an image-report corpus streamed through the pre-training input pipeline
+# ---------------------------------------------------------------------------
+
+
+def generated_corpus(folder: pathlib.Path, count: int, size: int) -> pathlib.Path:
+    """folder/corpus.jsonl of ``synthetic.write_corpus``'s `count` (size, size + 8) PNGs; written unless the
+    folder already holds that corpus (as many rows, its last image there at that size)."""
+    from PIL import Image
+
+    from amvlm_jax.data import synthetic
+
+    path, last = folder / "corpus.jsonl", folder / "images" / f"{count - 1}.png"
+    if path.is_file() and last.is_file():
+        with open(path, "rb") as f:
+            rows = sum(1 for _ in f)
+        with Image.open(last) as image:
+            if rows == count and image.size == (size + 8, size):
+                return path
+    return synthetic.write_corpus(folder, count, size)
+
+
+def generated_corpus_config(config, path: pathlib.Path):
+    """A copy of `config` whose data.corpus reads the generated corpus at `path` (all rows train; the
+    modality read as a label, as an evaluation's label field would be)."""
+    import ml_collections
+
+    config = config.copy_and_resolve_references()
+    config.data.root = ""
+    config.data.corpus.update(dict(train=str(path), val="", test="", split_field="", image_field="file",
+                                   image_path="{}", text_fields=("findings", "impression"), missing_images="error"))
+    config.eval.zero_shot = ml_collections.ConfigDict()
+    config.eval.probe_fields = ("meta.modality",)
+    return config
+
+
+def process_memory(pid="self") -> dict:
+    """{'rss', 'peak'} bytes of a process (Linux /proc VmRSS and VmHWM, the peak resident set size since
+    its start or its last reset_peak_rss); {} where /proc is unavailable or the process is gone."""
+    keys = {"VmRSS": "rss", "VmHWM": "peak"}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    return {keys[k]: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in lines) if k in keys}
+
+
+def reset_peak_rss() -> bool:
+    """Sets this process's VmHWM back to its current RSS (Linux: clear_refs 5); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child_processes() -> dict:
+    """{pid: command line} of this process's descendants (psutil when installed, else /proc)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        found = {}
+        for child in psutil.Process().children(recursive=True):
+            try:
+                found[child.pid] = " ".join(child.cmdline())
+            except psutil.Error:
+                pass
+        return found
+    pids, found = [os.getpid()], {}
+    while pids:
+        pid = pids.pop()
+        for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            for child in children:
+                try:
+                    found[child] = pathlib.Path(f"/proc/{child}/cmdline").read_text().replace("\0", " ").strip()
+                except OSError:
+                    found[child] = ""
+                pids.append(child)
+    return found
+
+
+def row_metadata_bytes(split, labels: dict) -> int:
+    """Bytes of the per-row Python objects a streamed split keeps: paths, names, reports and labels (strings
+    and their lists). Each worker process holds paths, names and reports (the pickled split)."""
+    lists = [split.images.paths, split.names, split.reports, *labels.values()]
+    return sum(sys.getsizeof(items) + sum(sys.getsizeof(item) for item in items) for items in lists)
+
+
+def time_stream(split, batch_size: int, seed: int, workers: int, batches: int, warmup: int, host) -> dict:
+    """Streams `split` as pre-training does with `workers` worker processes; see the module docstring."""
+    from amvlm_jax.data import pipeline
+
+    resettable = reset_peak_rss()
+    earlier = set(child_processes())
+    main_start = process_memory()
+    started = time.perf_counter()
+    stream = pipeline.training_batches(split, batch_size, seed, with_mask=False, do_augment=False,
+                                       worker_count=workers, process_index=0, process_count=1)
+    try:
+        for _ in range(warmup):
+            next(stream)
+        warmup_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        rows = 0
+        for _ in range(batches):
+            rows += len(next(stream)["image"])
+        loader_seconds = time.perf_counter() - started
+        host_seconds, started = 0.0, time.perf_counter()
+        for step in range(batches):
+            raw = next(stream)
+            host_started = time.perf_counter()
+            host(raw, step)
+            host_seconds += time.perf_counter() - host_started
+        with_host_seconds = time.perf_counter() - started
+        # Read while the workers run: their peaks go with them.
+        children = {pid: (command, process_memory(pid)) for pid, command in child_processes().items()
+                    if pid not in earlier}
+        main = process_memory()
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    worker_peaks = [memory.get("peak", 0) for command, memory in children.values() if "resource_tracker" not in command]
+    return {
+        "workers": workers,
+        "warmup_seconds": warmup_seconds,
+        "images_per_second": rows / loader_seconds,
+        "images_per_second_with_host_batch": rows / with_host_seconds,
+        "host_batch_ms": 1e3 * host_seconds / batches,
+        "main_rss_at_start_bytes": main_start.get("rss"),
+        "main_peak_rss_bytes": main.get("peak") if resettable else None,
+        "worker_processes": len(worker_peaks),
+        "worker_peak_rss_bytes": worker_peaks,
+        "worker_peak_rss_total_bytes": sum(worker_peaks),
+    }
+
+
+def run_loader_benchmark(config, corpus_size: int, corpus_dir: str, corpus_image_size: int,
+                         workers: list[int], batches: int, warmup: int) -> dict:
+    """Streams a generated (or the config's) corpus through the pre-training input pipeline for each worker
+    count; returns the measurements as a dict (see the module docstring)."""
+    import jax
+
+    from amvlm_jax.config import ConfigError, validate
+    from amvlm_jax.data import corpus
+    from amvlm_jax.data.tokenize import ReportTokenizer
+    from amvlm_jax.train import build, pretrain
+
+    load_before = list(os.getloadavg())
+    temporary, generate_seconds, source = None, None, "the config's data.corpus"
+    if corpus_size > 0:
+        if not corpus_dir:
+            temporary = tempfile.TemporaryDirectory(prefix="amvlm_loader_")
+        folder = pathlib.Path(corpus_dir or temporary.name)
+        started = time.perf_counter()
+        path = generated_corpus(folder, corpus_size, corpus_image_size)
+        generate_seconds = time.perf_counter() - started
+        config = generated_corpus_config(config, path)
+        source = f"{corpus_size} generated {corpus_image_size}x{corpus_image_size + 8} PNGs"
+    elif not corpus.is_configured(config):
+        raise ConfigError("--corpus_size=0 reads the config's corpus, but data.corpus.train is not set")
+    else:
+        config = config.copy_and_resolve_references()
+    config.data.corpus.in_memory_bytes = 0  # Streamed: every image decoded when read.
+    validate(config)
+    try:
+        size = build.pretrain_image_size(config)
+        jax.devices()  # The backend's memory is in place before anything is measured.
+        reset_peak_rss()
+        started = time.perf_counter()
+        split, labels, line = corpus.load(config, "train", size, threads=config.data.read_threads)
+        load_seconds = time.perf_counter() - started
+        after_load = process_memory()
+        batch_size = pretrain.capped_batch_size(config.pretrain.batch_size, len(split), 1)
+        tokenizer = ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length)
+        with_view = build.uses_momentum(config)
+
+        def host(raw, step):
+            return pretrain.host_batch(raw, tokenizer, split.reports, step, config.seed, with_view)
+
+        runs = [time_stream(split, batch_size, config.seed, count, batches, warmup, host) for count in workers]
+    finally:
+        if temporary is not None:
+            temporary.cleanup()
+    return {
+        "mode": "loader",
+        "corpus": source,
+        "corpus_line": line,
+        "rows": len(split),
+        "generate_seconds": generate_seconds,
+        "load_seconds": load_seconds,
+        "main_rss_after_load_bytes": after_load.get("rss"),
+        "main_peak_rss_while_loading_bytes": after_load.get("peak"),
+        "row_metadata_bytes": row_metadata_bytes(split, labels),
+        "batch_size": batch_size,
+        "image_size": size,
+        "host_batch_includes": "tokenisation" + (" + momentum-view augmentation" if with_view else ""),
+        "batches": batches,
+        "warmup": warmup,
+        "cpu_count": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": list(os.getloadavg()),
+        "runs": runs,
+    }
+
+
 def format_result(result: dict) -> str:
     lines = [
         f"mode {result['mode']} on {result['devices']} x {result['device_kind']} ({result['backend']}), "
@@ -436,6 +672,29 @@ def format_result(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_loader_result(result: dict) -> str:
+    mib = lambda value: "-" if value is None else f"{value / 2**20:.0f} MiB"  # noqa: E731
+    generated = "" if result["generate_seconds"] is None else f"; corpus ready in {result['generate_seconds']:.1f} s"
+    lines = [
+        f"mode loader: {result['corpus']}, streamed (data.corpus.in_memory_bytes=0), batch {result['batch_size']} "
+        f"at {result['image_size']}x{result['image_size']}{generated}",
+        f"  {result['corpus_line']}",
+        f"  read in {result['load_seconds']:.1f} s; main RSS after {mib(result['main_rss_after_load_bytes'])}, peak while "
+        f"reading {mib(result['main_peak_rss_while_loading_bytes'])}; per-row metadata {result['row_metadata_bytes'] / 2**20:.1f} MiB",
+        f"  {result['batches']} batches timed after {result['warmup']} warm-up; host_batch = {result['host_batch_includes']}; "
+        f"load average {' '.join(f'{x:.1f}' for x in result['load_average_before'])} before, "
+        f"{' '.join(f'{x:.1f}' for x in result['load_average_after'])} after",
+        "  workers   images/s   + host_batch   host_batch ms   warm-up s   main peak RSS   workers' peak RSS",
+    ]
+    for run in result["runs"]:
+        each = ", ".join(mib(peak) for peak in run["worker_peak_rss_bytes"])
+        workers = f"{mib(run['worker_peak_rss_total_bytes'])} ({each})" if run["worker_processes"] else "-"
+        lines.append(f"  {run['workers']:>7}   {run['images_per_second']:8.1f}   {run['images_per_second_with_host_batch']:12.1f}"
+                     f"   {run['host_batch_ms']:13.1f}   {run['warmup_seconds']:9.1f}   {mib(run['main_peak_rss_bytes']):>13}"
+                     f"   {workers}")
+    return "\n".join(lines)
+
+
 def main(config):
     import jax
 
@@ -446,6 +705,12 @@ def main(config):
     if mode not in MODES:
         sys.exit(f"error: --mode must be one of {', '.join(MODES)}, got '{mode}'")
     initialize_distributed(config)
+    if mode == "loader":
+        workers = [int(count) for count in flags.FLAGS.workers.split(",") if count.strip()]
+        result = run_loader_benchmark(config, flags.FLAGS.corpus_size, flags.FLAGS.corpus_dir,
+                                      flags.FLAGS.corpus_image_size, workers, flags.FLAGS.batches, flags.FLAGS.warmup)
+        print(json.dumps(result, indent=2) if flags.FLAGS.json else format_loader_result(result))
+        return
     queue = None
     if flags.FLAGS.queue:
         folder, name, size = flags.FLAGS.queue.rsplit(":", 2)
@@ -455,13 +720,19 @@ def main(config):
 
 
 def define_flags():
-    flags.DEFINE_enum("mode", None, list(MODES), "Step to time (default: config.mode).")
+    flags.DEFINE_enum("mode", None, list(MODES), "Step to time, or loader (default: config.mode).")
     flags.DEFINE_integer("steps", 5, "Timed steps.")
-    flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation (at least one is run).")
+    flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation (at least one is run); loader: untimed batches.")
     flags.DEFINE_bool("json", False, "Print the measurements as JSON.")
     flags.DEFINE_string("profile", "", "Trace a few more steps into this folder and summarise device time per op.")
     flags.DEFINE_string("queue", "", "FOLDER:NAME:SIZE: compile beside SIZE - 1 other benchmarks sharing FOLDER, "
                         "then time the steps one benchmark at a time (see wait_for_turn).")
+    flags.DEFINE_integer("corpus_size", 10000, "loader: rows of the generated corpus; 0 = the config's data.corpus.")
+    flags.DEFINE_string("corpus_dir", "", "loader: folder of the generated corpus, reused when it holds one of "
+                        "--corpus_size rows (default: a temporary folder, deleted after).")
+    flags.DEFINE_integer("corpus_image_size", 32, "loader: the generated PNGs are S x (S + 8).")
+    flags.DEFINE_string("workers", "0,2,4", "loader: worker counts (data.worker_count) to time, comma-separated.")
+    flags.DEFINE_integer("batches", 50, "loader: batches timed per worker count (then as many through host_batch).")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,21 @@ def create_state(config, model: AMVLM, image_size: int, text_params=None, vit_pa
     return PretrainState.create(params, batch_stats, tx, momentum=momentum)
 
 
+def initial_state(config, model: AMVLM, mesh: Mesh, steps_per_epoch: int, resuming: bool = False) -> PretrainState:
+    """The job's state on ``mesh``: large encoder weights (and their Adam moments and momentum copies)
+    FSDP-sharded, the rest replicated. Fresh: initialised, then the pre-trained encoder weights loaded.
+    ``resuming``: only its shapes and shardings (the loop restores the values; nothing is initialised)."""
+    size = build.pretrain_image_size(config)
+    if resuming:
+        abstract = jax.eval_shape(lambda: create_state(config, model, size, steps_per_epoch=steps_per_epoch))
+        return parallel.abstract_sharded(mesh, abstract, config)
+    _, text_params = build.build_text_encoder(config)
+    vit_weights = config.pretrain.vit_weights
+    vit_params = weights.load_vit(vit_weights, model.image_encoder, image_size=size) if vit_weights else None
+    return parallel.shard_state(mesh, create_state(config, model, size, text_params, vit_params,
+                                                   steps_per_epoch=steps_per_epoch), config)
+
+
 IMAGE_MODULES = ("image_encoder", "image_global_head", "image_local_head")
 
 
@@ -396,16 +411,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
           f"{steps_per_epoch} steps per epoch, {mesh.size} device(s)")
 
     model = build.build_model(config, build.text_encoder_config(config))
-    if checkpoint.has_step(run_dir / "checkpoints" / "latest"):
-        # Resuming: the loop restores onto the state's shapes and shardings; no initialisation or weight loading.
-        abstract = jax.eval_shape(lambda: create_state(config, model, size, steps_per_epoch=steps_per_epoch))
-        state = parallel.abstract_sharded(mesh, abstract, config)
-    else:
-        _, text_params = build.build_text_encoder(config)
-        vit_params = weights.load_vit(pre.vit_weights, model.image_encoder, image_size=size) if pre.vit_weights else None
-        # Large encoder weights (and their Adam moments and momentum copies) FSDP-sharded, the rest replicated.
-        state = parallel.shard_state(mesh, create_state(config, model, size, text_params, vit_params,
-                                                        steps_per_epoch=steps_per_epoch), config)
+    state = initial_state(config, model, mesh, steps_per_epoch, resuming=checkpoint.has_step(run_dir / "checkpoints" / "latest"))
     evaluation = EncoderEvaluation(config, model, sets, tokenizer, mesh, batch_size)
     with_view = build.uses_momentum(config)
 

@@ -551,6 +551,17 @@ def create_state(config, model, guidance: TextGuidance | None, steps_per_epoch: 
     return state, decoder_tx
 
 
+def initial_state(config, model, guidance: TextGuidance | None, mesh, steps_per_epoch: int, labeled_split=None,
+                  resuming: bool = False):
+    """(The job's state replicated on ``mesh``, the decoder's optimiser). With a text head
+    (config.ssl.text_head) a fresh run fits it on ``labeled_split`` first; a resumed one restores it."""
+    state, decoder_tx = create_state(config, model, guidance, steps_per_epoch)
+    if guidance is not None and guidance.head is not None and not resuming:
+        head = fit_text_head(config, guidance, labeled_split, mesh, state.generator["head"])
+        state = state.replace(generator={"head": head})
+    return replicate(mesh, state), decoder_tx
+
+
 def student_images(config, labeled_split, unlabeled_split) -> np.ndarray:
     """(N, H, W, 3) uint8 images for the student's BatchNorm statistics.
 
@@ -583,12 +594,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     unlabeled_tokens = guidance.tokenizer(unlabeled_split.reports) if guidance else None
 
     model = supervised.build_unet(config)
-    state, decoder_tx = create_state(config, model, guidance, steps_per_epoch)
-    if guidance is not None and guidance.head is not None and not checkpoint.has_step(workdir / "checkpoints" / "latest"):
-        # A resumed run restores the fitted head with the rest of the state.
-        head = fit_text_head(config, guidance, labeled_split, mesh, state.generator["head"])
-        state = state.replace(generator={"head": head})
-    state = replicate(mesh, state)
+    state, decoder_tx = initial_state(config, model, guidance, mesh, steps_per_epoch, labeled_split,
+                                      resuming=checkpoint.has_step(workdir / "checkpoints" / "latest"))
 
     def make_batches(start_step):
         labeled_batches = pipeline.training_batches(

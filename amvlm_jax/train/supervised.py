@@ -43,6 +43,11 @@ def create_state(config, model: UNet, steps_per_epoch: int) -> TrainState:
     return TrainState.create(variables["params"], variables["batch_stats"], student_optimizer(config, steps_per_epoch))
 
 
+def initial_state(config, model: UNet, mesh, steps_per_epoch: int) -> TrainState:
+    """The job's state on ``mesh``: replicated (a U-Net is small; the batch is split over the devices)."""
+    return replicate(mesh, create_state(config, model, steps_per_epoch))
+
+
 def make_train_step(model: UNet, num_classes: int):
     """jitted (state, batch) -> (state, metrics): one Adam step on Dice+BCE / Dice+CE."""
 
@@ -82,7 +87,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     info(f"training on {len(train_split)} labeled images, {steps_per_epoch} steps per epoch, {mesh.size} device(s)")
 
     model = build_unet(config)
-    state = replicate(mesh, create_state(config, model, steps_per_epoch))
+    state = initial_state(config, model, mesh, steps_per_epoch)
 
     def batches(start_step):
         return pipeline.training_batches(

@@ -1,0 +1,53 @@
+"""What pre-training learned, over seeds: each metric before training (epoch 0) and after, with the gain.
+
+    python tools/pretrain_table.py runs/medpix/amvlm_s0,runs/medpix/amvlm_s1,runs/medpix/amvlm_s2 \
+        runs/medpix/mgca_s0,runs/medpix/mgca_s1,runs/medpix/mgca_s2 [--split test]
+
+Each argument is one row group: comma-separated pre-training workdirs (seeds) whose
+<workdir>/pretrain/summary.json holds initial_retrieval and final_retrieval (``EncoderEvaluation``).
+Prints a markdown table in percent: mean +- standard deviation over the seeds before and after
+training, the mean gain, and the smallest gain of any seed (positive: every seed improved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+
+
+def read(workdirs: str, split: str) -> tuple[dict, dict]:
+    """({metric: (seeds,) before}, {metric: (seeds,) after}) in percent, for the split's metrics."""
+    before, after = {}, {}
+    for workdir in workdirs.split(","):
+        path = pathlib.Path(workdir) / "pretrain" / "summary.json"
+        if not path.is_file():
+            raise SystemExit(f"error: {path}: no pre-training summary (the run has not finished)")
+        summary = json.loads(path.read_text())
+        for target, scores in ((before, summary["initial_retrieval"]), (after, summary["final_retrieval"])):
+            for key, value in scores.items():
+                if key.startswith(split + "/") and not key.endswith(("/rows", "/majority")):
+                    target.setdefault(key[len(split) + 1:], []).append(100 * value)
+    return {k: np.array(v) for k, v in before.items()}, {k: np.array(v) for k, v in after.items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("groups", nargs="+", help="comma-separated workdirs of one configuration's seeds")
+    parser.add_argument("--split", default="test")
+    args = parser.parse_args(argv)
+    print("| runs | metric | before | after | gain | smallest gain |\n|---|---|---|---|---|---|")
+    for group in args.groups:
+        before, after = read(group, args.split)
+        name = pathlib.Path(group.split(",")[0]).name + f" (+{group.count(',')})"
+        for metric in after:
+            gain = after[metric] - before[metric]
+            print(f"| {name} | {metric} | {before[metric].mean():.1f} ± {before[metric].std(ddof=1) if len(gain) > 1 else 0:.1f} "
+                  f"| {after[metric].mean():.1f} ± {after[metric].std(ddof=1) if len(gain) > 1 else 0:.1f} "
+                  f"| {gain.mean():+.1f} | {gain.min():+.1f} |")
+
+
+if __name__ == "__main__":
+    main()
