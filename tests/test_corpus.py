@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -105,7 +106,7 @@ def test_streamed_images_equal_decoded_ones_and_the_size_decides(generated):
     streamed, _, how = corpus.load(config, "train", 32)
     assert isinstance(streamed.images, corpus.CorpusImages) and "streamed from disk" in how
     np.testing.assert_array_equal(streamed.images[np.arange(12)], in_memory.images)
-    np.testing.assert_array_equal(streamed.images[5], folders.load_image(pathlib.Path(streamed.images.paths[5]), 32)[0])
+    np.testing.assert_array_equal(streamed.images[5], folders.load_image(pathlib.Path(os.fsdecode(streamed.images.paths[5])), 32)[0])
     # The training stream reads the same examples either way, also from worker processes.
     batches = lambda split, workers: [b for _, b in zip(range(4), pipeline.training_batches(  # noqa: E731
         split, 8, seed=3, with_mask=False, do_augment=False, worker_count=workers))]

@@ -6,6 +6,9 @@ the same at 500 and 4,000 rows, and what a worker process receives (the pickled 
 metadata, paths and reports, never decoded images.
 """
 
+import importlib.util
+import os
+import pathlib
 import pickle
 import tracemalloc
 
@@ -14,7 +17,7 @@ import pytest
 
 from amvlm_jax.data import corpus, pipeline
 
-from conftest import corpus_config, write_corpus
+from conftest import corpus_config, tiny_pretrain_config, write_corpus
 
 SIZE = 32  # Generated images are 32x40, decoded to 32x32.
 BATCH = 8
@@ -67,7 +70,7 @@ def test_streaming_decodes_only_the_rows_of_the_batches_read(corpora, monkeypatc
     batches = _read(split, BATCHES)
     rows = np.concatenate([batch["index"] for batch in batches])
     assert len(rows) == BATCHES * BATCH
-    assert {split.images.paths[i] for i in rows} <= set(decoded)
+    assert {os.fsdecode(split.images.paths[i]) for i in rows} <= set(decoded)
     assert len(decoded) <= (BATCHES + LOOK_AHEAD) * BATCH < len(split) // 10
     np.testing.assert_array_equal(batches[-1]["image"], split.images[batches[-1]["index"]])
 
@@ -97,3 +100,19 @@ def test_workers_receive_per_row_metadata_not_images(corpora):
     # A path, a name and a report per row: about 100 bytes, against 3,072 for a decoded 32x32 image.
     assert per_row < 300, sizes
     assert sizes[large] < _decoded_bytes(large) / 5, sizes
+
+
+def test_benchmark_loader_mode_streams_a_generated_corpus(tmp_path):
+    tool = pathlib.Path(__file__).resolve().parent.parent / "tools" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("benchmark_tool", tool)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    result = benchmark.run_loader_benchmark(tiny_pretrain_config(), 40, str(tmp_path), 16, [0], batches=2, warmup=1)
+    assert result["rows"] == 40 and "streamed from disk" in result["corpus_line"]
+    (run,) = result["runs"]
+    assert run["workers"] == 0 and run["images_per_second"] > 0 and run["images_per_second_with_host_batch"] > 0
+    assert run["worker_processes"] == 0 and result["row_metadata_bytes"] > 0
+    assert "images/s" in benchmark.format_loader_result(result)
+    # The corpus stays in a given folder and is reused as it is.
+    written = (tmp_path / "corpus.jsonl").stat().st_mtime_ns
+    assert benchmark.generated_corpus(tmp_path, 40, 16).stat().st_mtime_ns == written

@@ -6,8 +6,9 @@ pre-training input pipeline on an image-report corpus streamed from disk (mode l
     python tools/benchmark.py --config=experiments/medpix.py:cpu --mode=loader \
         [--corpus_size=10000] [--corpus_dir=DIR] [--workers=0,2,4] [--batches=N] [--warmup=N] [--json]
 
-Builds the state and step exactly as the job does (random initial weights;
-pre-trained weights only change values, not cost), compiles it, runs
+Builds the state and step through the job's own code (``initial_state`` and
+the step factory: the same placement on the mesh; the text-mask encoders of
+mode ssl are freshly initialised, which changes values, not cost), compiles it, runs
 --warmup untimed steps, then --steps steps each waited for with
 block_until_ready (the step latency), then --steps steps back to back with
 one wait at the end, as the training loops run them (the step time behind
@@ -100,7 +101,7 @@ def build_pretrain(config, rng):
     batch_size = config.pretrain.batch_size
     model = build.build_model(config, build.text_encoder_config(config))
     mesh = parallel.make_mesh(config, batch_size=batch_size)
-    state = parallel.shard_state(mesh, pretrain.create_state(config, model, size), config)
+    state = pretrain.initial_state(config, model, mesh, steps_per_epoch=1000)  # The job's state and placement.
     batch = {"image": synthetic_images(rng, batch_size, size), **synthetic_tokens(config, batch_size)}
     if build.uses_momentum(config):
         batch["image_aug"] = synthetic_images(rng, batch_size, size)
@@ -128,8 +129,7 @@ def build_ssl(config, rng):
     mesh = parallel.make_mesh(config)
     guidance = in_memory_guidance(config, mesh) if ssl.text_guidance_enabled(config) else None
     model = supervised.build_unet(config)
-    state, decoder_tx = ssl.create_state(config, model, guidance, steps_per_epoch=1000)
-    state = parallel.replicate(mesh, state)  # As the job places it: the U-Net jobs replicate their state.
+    state, decoder_tx = ssl.initial_state(config, model, guidance, mesh, steps_per_epoch=1000)  # As the job.
     images = synthetic_images(rng, batch_size, size)
     batch = {"image": images, "mask": (images[..., 0] > 128).astype(np.uint8),
              "unlabeled_image": synthetic_images(rng, batch_size, size)}
@@ -149,7 +149,7 @@ def build_supervised(config, rng):
     size, batch_size = config.data.image_size, config.train.batch_size
     mesh = parallel.make_mesh(config)
     model = supervised.build_unet(config)
-    state = parallel.replicate(mesh, supervised.create_state(config, model, steps_per_epoch=1000))  # As the job.
+    state = supervised.initial_state(config, model, mesh, steps_per_epoch=1000)  # As the job.
     images = synthetic_images(rng, batch_size, size)
     batch = {"image": images, "mask": (images[..., 0] > 128).astype(np.uint8)}
     step = supervised.make_train_step(model, config.data.num_classes)
@@ -674,26 +674,27 @@ def format_result(result: dict) -> str:
 
 def format_loader_result(result: dict) -> str:
     mib = lambda value: "-" if value is None else f"{value / 2**20:.0f} MiB"  # noqa: E731
+    loads = lambda values: " ".join(f"{x:.1f}" for x in values)  # noqa: E731
     generated = "" if result["generate_seconds"] is None else f"; corpus ready in {result['generate_seconds']:.1f} s"
     lines = [
         f"mode loader: {result['corpus']}, streamed (data.corpus.in_memory_bytes=0), batch {result['batch_size']} "
         f"at {result['image_size']}x{result['image_size']}{generated}",
         f"  {result['corpus_line']}",
-        f"  read in {result['load_seconds']:.1f} s; main RSS after {mib(result['main_rss_after_load_bytes'])}, peak while "
-        f"reading {mib(result['main_peak_rss_while_loading_bytes'])}; per-row metadata {result['row_metadata_bytes'] / 2**20:.1f} MiB",
-        f"  {result['batches']} batches timed after {result['warmup']} warm-up; host_batch = {result['host_batch_includes']}; "
-        f"load average {' '.join(f'{x:.1f}' for x in result['load_average_before'])} before, "
-        f"{' '.join(f'{x:.1f}' for x in result['load_average_after'])} after",
+        f"  read in {result['load_seconds']:.1f} s; main RSS after {mib(result['main_rss_after_load_bytes'])}, "
+        f"peak while reading {mib(result['main_peak_rss_while_loading_bytes'])}; "
+        f"per-row metadata {result['row_metadata_bytes'] / 2**20:.1f} MiB",
+        f"  {result['batches']} batches timed after {result['warmup']} warm-up; "
+        f"host_batch = {result['host_batch_includes']}; load average {loads(result['load_average_before'])} before, "
+        f"{loads(result['load_average_after'])} after",
         "  workers   images/s   + host_batch   host_batch ms   warm-up s   main peak RSS   workers' peak RSS",
     ]
     for run in result["runs"]:
         each = ", ".join(mib(peak) for peak in run["worker_peak_rss_bytes"])
         workers = f"{mib(run['worker_peak_rss_total_bytes'])} ({each})" if run["worker_processes"] else "-"
-        lines.append(f"  {run['workers']:>7}   {run['images_per_second']:8.1f}   {run['images_per_second_with_host_batch']:12.1f}"
-                     f"   {run['host_batch_ms']:13.1f}   {run['warmup_seconds']:9.1f}   {mib(run['main_peak_rss_bytes']):>13}"
-                     f"   {workers}")
+        lines.append(f"  {run['workers']:>7}   {run['images_per_second']:8.1f}   "
+                     f"{run['images_per_second_with_host_batch']:12.1f}   {run['host_batch_ms']:13.1f}   "
+                     f"{run['warmup_seconds']:9.1f}   {mib(run['main_peak_rss_bytes']):>13}   {workers}")
     return "\n".join(lines)
-
 
 def main(config):
     import jax

@@ -22,7 +22,7 @@ import json
 import os
 import pathlib
 import re
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -39,7 +39,8 @@ class CorpusImages:
     """
 
     def __init__(self, paths: list[str], size: int):
-        self.paths, self.size = paths, size
+        # One bytes array rather than N string objects: a single buffer to pickle for each worker.
+        self.paths, self.size = np.array([os.fsencode(p) for p in paths]), size
         self.shape = (len(paths), size, size, 3)
 
     def __len__(self) -> int:
@@ -47,7 +48,7 @@ class CorpusImages:
 
     def __getitem__(self, index):
         if np.ndim(index) == 0:
-            return load_image(pathlib.Path(self.paths[int(index)]), self.size)[0]
+            return load_image(pathlib.Path(os.fsdecode(self.paths[int(index)])), self.size)[0]
         return np.stack([self[i] for i in np.asarray(index).reshape(-1)])
 
 
@@ -56,14 +57,16 @@ def is_configured(config) -> bool:
     return bool(config.data.corpus.train)
 
 
-def _read_rows(path: pathlib.Path) -> list[tuple[int, dict]]:
-    """(line or row number for messages, row) of a .csv (header row 1) or .jsonl / .json file."""
+def _read_rows(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
+    """Yields (line or row number for messages, row) of a .csv (header row 1) or .jsonl / .json file, one
+    row at a time (a large corpus is never held as row objects)."""
     if not path.is_file():
         raise DataError(f"{path}: corpus file not found")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with open(path, newline="", encoding="utf-8-sig") as f:
-            return [(number, row) for number, row in enumerate(csv.DictReader(f), start=2)]
+            yield from enumerate(csv.DictReader(f), start=2)
+        return
     if suffix == ".json":
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
@@ -71,10 +74,10 @@ def _read_rows(path: pathlib.Path) -> list[tuple[int, dict]]:
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise DataError(f"{path}: a .json corpus must hold a list of objects")
-        return list(enumerate(rows, start=1))
+        yield from enumerate(rows, start=1)
+        return
     if suffix != ".jsonl":
         raise DataError(f"{path}: corpus files must end in .csv, .jsonl or .json")
-    rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -85,8 +88,7 @@ def _read_rows(path: pathlib.Path) -> list[tuple[int, dict]]:
                 raise DataError(f"{path}:{number}: not a JSON object ({e.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: not a JSON object")
-            rows.append((number, row))
-    return rows
+            yield number, row
 
 
 def field(row: dict, name: str, where: str):

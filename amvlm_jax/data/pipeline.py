@@ -39,8 +39,10 @@ def augment(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.n
 
 
 def _example_reader(split: SplitArrays, with_mask: bool, do_augment: bool):
+    images, masks = split.images, split.masks  # Only these go to the workers (not the names and reports).
+
     def read(index: int, rng: np.random.Generator) -> dict:
-        arrays = [split.images[index]] + ([split.masks[index]] if with_mask else [])
+        arrays = [images[index]] + ([masks[index]] if with_mask else [])
         if do_augment:
             arrays = augment(arrays, rng)
         example = {"image": arrays[0], "index": np.int32(index)}
