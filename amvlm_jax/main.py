@@ -141,6 +141,13 @@ def resolve(config, workdir: pathlib.Path):
     config = ml_collections.ConfigDict(config.to_dict())
     if config.data.name == "synthetic" and not config.data.root:
         config.data.root = str((workdir / "data").absolute())
+    # Absolute, so that the recorded config finds the data from any folder (evaluating a checkpoint).
+    if config.data.root:
+        config.data.root = str(pathlib.Path(config.data.root).expanduser().absolute())
+    else:
+        for split in ("train", "val", "test"):
+            if config.data.corpus[split]:
+                config.data.corpus[split] = str(pathlib.Path(config.data.corpus[split]).expanduser().absolute())
     if config.mode in ("ssl", "all") and not config.ssl.pretrained:
         config.ssl.pretrained = str((workdir / "pretrain").absolute())
     if jax.process_index() == 0:

@@ -518,10 +518,11 @@ def child_processes() -> dict:
 
 
 def row_metadata_bytes(split, labels: dict) -> int:
-    """Bytes of the per-row Python objects a streamed split keeps: paths, names, reports and labels (strings
-    and their lists). Each worker process holds paths, names and reports (the pickled split)."""
-    lists = [split.images.paths, split.names, split.reports, *labels.values()]
-    return sum(sys.getsizeof(items) + sum(sys.getsizeof(item) for item in items) for items in lists)
+    """Bytes of the per-row data a streamed split keeps: the paths array, and names, reports and labels
+    (strings and their lists). Each worker process holds the paths (the pickled images)."""
+    lists = [split.names, split.reports, *labels.values()]
+    return split.images.paths.nbytes + sum(sys.getsizeof(items) + sum(sys.getsizeof(item) for item in items)
+                                           for items in lists)
 
 
 def time_stream(split, batch_size: int, seed: int, workers: int, batches: int, warmup: int, host) -> dict:

@@ -279,7 +279,7 @@ class EncoderEvaluation:
                           self.mesh, lambda rows: {"image": split.images[rows]})
         (t,) = _batched(lambda batch: self.encode_texts(variables, batch), count, self.batch_size, self.mesh,
                         lambda rows: self.tokenizer([split.reports[i] for i in rows]))
-        return {"v": v, "cls": cls, "t": t}
+        return {"v": v.astype(np.float32), "cls": cls.astype(np.float32), "t": t.astype(np.float32)}  # bf16 runs.
 
     def _prompt_embeddings(self, variables, tokens: dict) -> np.ndarray:
         (t,) = _batched(lambda batch: self.encode_texts(variables, batch), len(tokens["input_ids"]),
