@@ -174,4 +174,6 @@ def test_pretrain_table_reports_before_after_and_the_smallest_gain(tmp_path, cap
     table.main([",".join(runs)])
     rows = [line for line in capsys.readouterr().out.splitlines() if "i2t_top1" in line]
     # Before 10, 20, 15 (mean 15, sd 5); after 30, 25, 50 (mean 35, sd 13.2); gains 20, 5, 35.
-    assert rows == ["| s0 (+2) | i2t_top1 | 15.0 ± 5.0 | 35.0 ± 13.2 | +20.0 | +5.0 |"]
+    p = stats.ttest_rel([30, 25, 50], [10, 20, 15]).pvalue  # Gains 20, 5, 35: t = 20 / (15 / sqrt 3).
+    assert p == pytest.approx(2 * stats.t.sf(20 / (15 / math.sqrt(3)), 2))
+    assert rows == [f"| s0 (+2) | i2t_top1 | 15.0 ± 5.0 | 35.0 ± 13.2 | +20.0 | +5.0 | {p:.3f} |"]

@@ -6,7 +6,8 @@
 Each argument is one row group: comma-separated pre-training workdirs (seeds) whose
 <workdir>/pretrain/summary.json holds initial_retrieval and final_retrieval (``EncoderEvaluation``).
 Prints a markdown table in percent: mean +- standard deviation over the seeds before and after
-training, the mean gain, and the smallest gain of any seed (positive: every seed improved).
+training, the mean gain, the smallest gain of any seed (positive: every seed improved), and the
+two-sided p of a paired t-test over the seeds (each seed's own initialisation is its control).
 """
 
 from __future__ import annotations
@@ -33,12 +34,22 @@ def read(workdirs: str, split: str) -> tuple[dict, dict]:
     return {k: np.array(v) for k, v in before.items()}, {k: np.array(v) for k, v in after.items()}
 
 
+def paired_p(after: np.ndarray, before: np.ndarray) -> str:
+    """Two-sided p of a paired t-test, or '-' with fewer than 2 seeds or no variation in the gains."""
+    from scipy import stats
+
+    gain = after - before
+    if len(gain) < 2 or np.all(gain == gain[0]):
+        return "-"
+    return f"{stats.ttest_rel(after, before).pvalue:.3f}"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("groups", nargs="+", help="comma-separated workdirs of one configuration's seeds")
     parser.add_argument("--split", default="test")
     args = parser.parse_args(argv)
-    print("| runs | metric | before | after | gain | smallest gain |\n|---|---|---|---|---|---|")
+    print("| runs | metric | before | after | gain | smallest gain | p (paired t, seeds) |\n|---|---|---|---|---|---|---|")
     for group in args.groups:
         before, after = read(group, args.split)
         name = pathlib.Path(group.split(",")[0]).name + f" (+{group.count(',')})"
@@ -46,7 +57,7 @@ def main(argv=None) -> None:
             gain = after[metric] - before[metric]
             print(f"| {name} | {metric} | {before[metric].mean():.1f} ± {before[metric].std(ddof=1) if len(gain) > 1 else 0:.1f} "
                   f"| {after[metric].mean():.1f} ± {after[metric].std(ddof=1) if len(gain) > 1 else 0:.1f} "
-                  f"| {gain.mean():+.1f} | {gain.min():+.1f} |")
+                  f"| {gain.mean():+.1f} | {gain.min():+.1f} | {paired_p(after[metric], before[metric])} |")
 
 
 if __name__ == "__main__":
