@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,6 +90,13 @@ def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
     return metrics
 
 
+def _accuracy(predicted: np.ndarray, labels: np.ndarray) -> dict:
+    """accuracy, majority (the share of the most frequent label: what always answering it gets) and rows."""
+    _, counts = np.unique(labels.astype(str), return_counts=True)
+    return {"accuracy": float(np.mean(predicted == labels)), "majority": float(counts.max() / len(labels)),
+            "rows": len(labels)}
+
+
 def zero_shot_accuracy(image_embeddings: np.ndarray, prompt_embeddings: np.ndarray, labels, classes) -> dict:
     """Zero-shot classification by the nearest prompt, in [0, 1].
 
@@ -101,53 +110,55 @@ def zero_shot_accuracy(image_embeddings: np.ndarray, prompt_embeddings: np.ndarr
     if not scored.any():
         return {"accuracy": float("nan"), "majority": float("nan"), "rows": 0}
     scores = np.asarray(image_embeddings, np.float64)[scored] @ np.asarray(prompt_embeddings, np.float64).T
-    predicted = np.asarray(classes, dtype=object)[np.argmax(scores, axis=1)]
-    _, counts = np.unique(labels[scored].astype(str), return_counts=True)
-    return {"accuracy": float(np.mean(predicted == labels[scored])), "majority": float(counts.max() / scored.sum()),
-            "rows": int(scored.sum())}
+    return _accuracy(np.asarray(classes, dtype=object)[np.argmax(scores, axis=1)], labels[scored])
 
 
-def linear_probe_accuracy(train_features: np.ndarray, train_labels, test_features: np.ndarray, test_labels,
-                          steps: int = 200, l2: float = 1e-3) -> dict:
-    """Accuracy in [0, 1] of a multinomial logistic regression fitted on (train_features (N, F), N labels)
-    and scored on (test_features (M, F), M labels).
-
-    Features are standardised with the training rows' mean and deviation; the weights minimise the mean
-    cross-entropy + l2 |W|^2 by ``steps`` full-batch L-BFGS steps from zero (deterministic). Test rows of a
-    class absent from training are not scored. Returns accuracy, majority (the share of the most frequent
-    scored test class) and rows (scored test rows).
-    """
+@functools.partial(jax.jit, static_argnames=("steps",))
+def _fit_logistic(x: jax.Array, y: jax.Array, l2: float, steps: int) -> dict:
+    """{'w' (F, C), 'b' (C,)} minimising mean cross-entropy of one-hot y (N, C) + l2 |w|^2 by ``steps``
+    L-BFGS steps from zero. Arguments, not a closure: one compilation per shape, not per call."""
     import optax
-
-    classes, train_y = np.unique(np.asarray(train_labels).astype(str), return_inverse=True)
-    test_labels = np.asarray(test_labels).astype(str)
-    scored = np.isin(test_labels, classes)
-    if len(classes) < 2 or not scored.any():
-        return {"accuracy": float("nan"), "majority": float("nan"), "rows": int(scored.sum())}
-    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
-    x = jnp.asarray((train_features - mean) / std, jnp.float32)
-    y = jax.nn.one_hot(train_y, len(classes))
 
     def loss(params):
         logits = x @ params["w"] + params["b"]
         return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(logits), -1)) + l2 * jnp.sum(params["w"] ** 2)
 
-    @jax.jit
-    def fit(params):
-        solver = optax.lbfgs()
-        value_and_grad = optax.value_and_grad_from_state(loss)
+    solver = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss)
 
-        def step(_, carry):
-            params, state = carry
-            value, grad = value_and_grad(params, state=state)
-            updates, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=loss)
-            return optax.apply_updates(params, updates), state
+    def step(_, carry):
+        params, state = carry
+        value, grad = value_and_grad(params, state=state)
+        updates, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+        return optax.apply_updates(params, updates), state
 
-        return jax.lax.fori_loop(0, steps, step, (params, solver.init(params)))[0]
+    params = {"w": jnp.zeros((x.shape[1], y.shape[1])), "b": jnp.zeros((y.shape[1],))}
+    return jax.lax.fori_loop(0, steps, step, (params, solver.init(params)))[0]
 
-    params = fit({"w": jnp.zeros((x.shape[1], len(classes))), "b": jnp.zeros((len(classes),))})
-    logits = jnp.asarray((test_features[scored] - mean) / std, jnp.float32) @ params["w"] + params["b"]
-    predicted = classes[np.asarray(jnp.argmax(logits, -1))]
-    _, counts = np.unique(test_labels[scored], return_counts=True)
-    return {"accuracy": float(np.mean(predicted == test_labels[scored])), "majority": float(counts.max() / scored.sum()),
-            "rows": int(scored.sum())}
+
+def linear_probe_accuracy(train_features: np.ndarray, train_labels, tests: dict, steps: int = 200,
+                          l2: float = 1e-3) -> dict:
+    """{name: scores} of a multinomial logistic regression fitted once on (train_features (N, F), N labels)
+    and scored on each of ``tests`` {name: (features (M, F), M labels)}; scores: accuracy in [0, 1],
+    majority (the share of the most frequent scored test class) and rows (scored test rows).
+
+    Features are standardised with the training rows' mean and deviation; the weights minimise the mean
+    cross-entropy + l2 |W|^2 by ``steps`` full-batch L-BFGS steps from zero (deterministic). Test rows of a
+    class absent from training are not scored.
+    """
+    classes, train_y = np.unique(np.asarray(train_labels).astype(str), return_inverse=True)
+    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
+    params = None
+    if len(classes) >= 2:
+        params = _fit_logistic(jnp.asarray((train_features - mean) / std, jnp.float32),
+                               jax.nn.one_hot(train_y, len(classes)), l2, steps)
+    results = {}
+    for name, (features, labels) in tests.items():
+        labels = np.asarray(labels).astype(str)
+        scored = np.isin(labels, classes)
+        if params is None or not scored.any():
+            results[name] = {"accuracy": float("nan"), "majority": float("nan"), "rows": int(scored.sum())}
+            continue
+        logits = jnp.asarray((features[scored] - mean) / std, jnp.float32) @ params["w"] + params["b"]
+        results[name] = _accuracy(classes[np.asarray(jnp.argmax(logits, -1))], labels[scored])
+    return results

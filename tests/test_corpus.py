@@ -138,7 +138,8 @@ def test_linear_probe_matches_an_independent_solver():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 6)) * np.array([1, 2, 3, 1, 1, 5]) + 4
     labels = np.array(["a", "b", "c"])[np.argmax(x[:, :3] @ rng.normal(size=(3, 3)) + rng.normal(size=(300, 3)), 1)]
-    ours = metrics.linear_probe_accuracy(x[:200], labels[:200], x[200:], labels[200:], steps=300, l2=1e-3)
+    ours = metrics.linear_probe_accuracy(x[:200], labels[:200], {"test": (x[200:], labels[200:])}, steps=300,
+                                         l2=1e-3)["test"]
     # The same objective (standardised features, mean cross-entropy + l2 |W|^2) by scipy's L-BFGS-B.
     mean, std = x[:200].mean(0), x[:200].std(0) + 1e-6
     z, y = (x[:200] - mean) / std, np.searchsorted(["a", "b", "c"], labels[:200])

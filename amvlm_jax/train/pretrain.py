@@ -267,47 +267,56 @@ class EncoderEvaluation:
     """
 
     def __init__(self, config, model: AMVLM, sets: dict, tokenizer: ReportTokenizer, mesh: Mesh, batch_size: int):
-        self.config, self.sets, self.tokenizer, self.mesh = config, sets, tokenizer, mesh
-        self.batch_size = batch_size
+        self.config, self.sets, self.mesh, self.batch_size = config, sets, mesh, batch_size
         self.encode_images, self.encode_texts = make_encoders(model)
+        evaluation = config.eval
+        probe_rows = evaluation.probe_rows if evaluation.probe_fields else 0
+        # Rows embedded of each set: the retrieval pairs, and in 'train' also the probes' training rows.
+        self.counts = {name: min(len(split), max(evaluation.retrieval_pairs, probe_rows if name == "train" else 0))
+                       for name, (split, _) in sets.items()}
+        # The reports and prompts are fixed: tokenised once, not at every evaluation.
+        self.report_tokens = {name: tokenizer(sets[name][0].reports[:count]) for name, count in self.counts.items()}
         self.prompts = {label: (list(prompts.keys()), tokenizer(list(prompts.values())))
-                        for label, prompts in config.eval.zero_shot.items()}
+                        for label, prompts in evaluation.zero_shot.items()}
 
-    def _embed(self, variables, split, count: int) -> dict:
-        """{'v' (count, D), 'cls' (count, F), 't' (count, D)} of the first ``count`` pairs of ``split``."""
-        v, cls = _batched(lambda batch: self.encode_images(variables, batch["image"]), count, self.batch_size,
-                          self.mesh, lambda rows: {"image": split.images[rows]})
-        (t,) = _batched(lambda batch: self.encode_texts(variables, batch), count, self.batch_size, self.mesh,
-                        lambda rows: self.tokenizer([split.reports[i] for i in rows]))
-        return {"v": v.astype(np.float32), "cls": cls.astype(np.float32), "t": t.astype(np.float32)}  # bf16 runs.
-
-    def _prompt_embeddings(self, variables, tokens: dict) -> np.ndarray:
+    def _embed_texts(self, variables, tokens: dict) -> np.ndarray:
+        """t (N, D) float32 of tokenised texts (the ``ReportTokenizer`` arrays, N rows)."""
         (t,) = _batched(lambda batch: self.encode_texts(variables, batch), len(tokens["input_ids"]),
                         self.batch_size, self.mesh, lambda rows: {k: v[rows] for k, v in tokens.items()})
-        return t
+        return t.astype(np.float32)  # bf16 runs.
+
+    def _embed(self, variables, name: str) -> dict:
+        """{'v' (count, D), 'cls' (count, F), 't' (count, D)} float32 of the set's first ``counts[name]`` pairs."""
+        images = self.sets[name][0].images
+        v, cls = _batched(lambda batch: self.encode_images(variables, batch["image"]), self.counts[name],
+                          self.batch_size, self.mesh, lambda rows: {"image": images[rows]})
+        return {"v": v.astype(np.float32), "cls": cls.astype(np.float32),
+                "t": self._embed_texts(variables, self.report_tokens[name])}
 
     def __call__(self, variables: dict) -> dict:
-        eval_config, results, train = self.config.eval, {}, None
-        probe_fields = list(eval_config.probe_fields)
-        for name, (split, labels) in self.sets.items():
-            pairs = min(len(split), eval_config.retrieval_pairs)
-            count = max(pairs, min(len(split), eval_config.probe_rows)) if name == "train" and probe_fields else pairs
-            embedded = self._embed(variables, split, count)
+        evaluation, results = self.config.eval, {}
+        embedded = {name: self._embed(variables, name) for name in self.sets}
+        for name, outputs in embedded.items():
+            pairs = min(self.counts[name], evaluation.retrieval_pairs)
             results |= {f"{name}/{k}": value for k, value in
-                        metrics.retrieval_metrics(embedded["v"][:pairs], embedded["t"][:pairs]).items()}
-            if name == "train":
-                train = (embedded, labels)
-                continue
-            for label, (classes, tokens) in self.prompts.items():
-                scores = metrics.zero_shot_accuracy(embedded["v"], self._prompt_embeddings(variables, tokens),
-                                                    labels[label][:count], classes)
+                        metrics.retrieval_metrics(outputs["v"][:pairs], outputs["t"][:pairs]).items()}
+        held_out = [name for name in embedded if name != "train"]
+        for label, (classes, tokens) in self.prompts.items():
+            prompts = self._embed_texts(variables, tokens)
+            for name in held_out:
+                scores = metrics.zero_shot_accuracy(embedded[name]["v"], prompts,
+                                                    self.sets[name][1][label][:self.counts[name]], classes)
                 results |= {f"{name}/zero_shot/{label}/{k}": value for k, value in scores.items()}
-            for label in probe_fields if train is not None else ():
-                rows = min(len(train[0]["cls"]), eval_config.probe_rows)
-                scores = metrics.linear_probe_accuracy(train[0]["cls"][:rows], train[1][label][:rows],
-                                                       embedded["cls"], labels[label][:count],
-                                                       steps=eval_config.probe_steps)
-                results |= {f"{name}/probe/{label}/{k}": value for k, value in scores.items()}
+        if "train" in embedded and held_out:
+            rows = min(self.counts["train"], evaluation.probe_rows)
+            for label in evaluation.probe_fields:
+                # One fit per field on the training rows, scored on every held-out set.
+                per_set = metrics.linear_probe_accuracy(
+                    embedded["train"]["cls"][:rows], self.sets["train"][1][label][:rows],
+                    {name: (embedded[name]["cls"], self.sets[name][1][label][:self.counts[name]]) for name in held_out},
+                    steps=evaluation.probe_steps)
+                for name, scores in per_set.items():
+                    results |= {f"{name}/probe/{label}/{k}": value for k, value in scores.items()}
         return results
 
 
