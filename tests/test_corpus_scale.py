@@ -2,10 +2,11 @@
 
 At small scale and without timing: loading a streamed split decodes no image, streaming decodes only
 the rows of the batches read (plus the pipeline's bounded look-ahead), streaming's allocations are
-the same at 500 and 4,000 rows, and what a worker process receives (the pickled split) is per-row
-metadata, paths and reports, never decoded images.
+the same at 500 and 4,000 rows, and what a worker process receives (the pickled images) is a file
+name, the same at any size.
 """
 
+import gc
 import importlib.util
 import os
 import pathlib
@@ -93,13 +94,23 @@ def test_streaming_allocates_the_same_at_500_and_4000_rows(corpora):
     assert peaks[large] - peaks[small] < (_decoded_bytes(large) - _decoded_bytes(small)) / 10, peaks
 
 
-def test_workers_receive_per_row_metadata_not_images(corpora):
-    sizes = {count: len(pickle.dumps(_streamed(corpora[count]))) for count in COUNTS}
-    small, large = COUNTS
-    per_row = (sizes[large] - sizes[small]) / (large - small)
-    # A path, a name and a report per row: about 100 bytes, against 3,072 for a decoded 32x32 image.
-    assert per_row < 300, sizes
-    assert sizes[large] < _decoded_bytes(large) / 5, sizes
+def test_workers_receive_a_file_name_not_rows(corpora):
+    """What the pipeline sends each worker (the split's images) pickles to the same few bytes at any size:
+    the name of the memory-mapped paths file. The copy reads the same images; the file goes with its owner."""
+    splits = {count: _streamed(corpora[count]) for count in COUNTS}
+    sizes = {count: len(pickle.dumps(split.images)) for count, split in splits.items()}
+    assert sizes[COUNTS[0]] == sizes[COUNTS[1]] < 1000, sizes
+    images = splits[COUNTS[1]].images
+    copy = pickle.loads(pickle.dumps(images))
+    assert copy.file == images.file and len(copy) == len(images) == COUNTS[1]
+    np.testing.assert_array_equal(copy[[3, 3999]], images[[3, 3999]])
+    file = pathlib.Path(images.file)
+    del copy
+    gc.collect()
+    assert file.is_file()  # A worker's copy does not own the file.
+    del images, splits
+    gc.collect()
+    assert not file.exists()
 
 
 def test_benchmark_loader_mode_streams_a_generated_corpus(tmp_path):

@@ -22,6 +22,8 @@ import json
 import os
 import pathlib
 import re
+import tempfile
+import weakref
 from typing import Iterator, Optional
 
 import numpy as np
@@ -34,14 +36,32 @@ SPLITS = ("train", "val", "test")
 class CorpusImages:
     """Images of a corpus split, decoded and resized to (S, S, 3) uint8 when indexed.
 
-    ``images[i]`` -> (S, S, 3); ``images[rows]`` (an integer array) -> (len(rows), S, S, 3). Picklable
-    (paths and a size only), so grain worker processes decode their own rows.
+    ``images[i]`` -> (S, S, 3); ``images[rows]`` (an integer array) -> (len(rows), S, S, 3). The paths
+    are one bytes array in a temporary .npy file, memory-mapped: a grain worker is sent the file's name
+    (``__reduce__``) and maps the same pages, so neither the pickles nor the workers grow with the
+    corpus. The instance that wrote the file deletes it when it is collected or the process ends.
     """
 
     def __init__(self, paths: list[str], size: int):
-        # One bytes array rather than N string objects: a single buffer to pickle for each worker.
-        self.paths, self.size = np.array([os.fsencode(p) for p in paths]), size
-        self.shape = (len(paths), size, size, 3)
+        fd, file = tempfile.mkstemp(prefix="amvlm_corpus_paths_", suffix=".npy")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, np.array([os.fsencode(p) for p in paths]))
+        weakref.finalize(self, _remove, file)
+        self._map(file, size)
+
+    def _map(self, file: str, size: int):
+        self.file, self.size = file, size
+        self.paths = np.load(file, mmap_mode="r")
+        self.shape = (len(self.paths), size, size, 3)
+
+    @classmethod
+    def _mapped(cls, file: str, size: int) -> "CorpusImages":
+        images = cls.__new__(cls)
+        images._map(file, size)
+        return images
+
+    def __reduce__(self):
+        return CorpusImages._mapped, (self.file, self.size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -50,6 +70,13 @@ class CorpusImages:
         if np.ndim(index) == 0:
             return load_image(pathlib.Path(os.fsdecode(self.paths[int(index)])), self.size)[0]
         return np.stack([self[i] for i in np.asarray(index).reshape(-1)])
+
+
+def _remove(file: str):
+    try:
+        os.unlink(file)
+    except OSError:  # Already gone, or (Windows) still mapped: the temporary folder's cleaner takes it.
+        pass
 
 
 def is_configured(config) -> bool:
