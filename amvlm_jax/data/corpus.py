@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from amvlm_jax.data.folders import DataError, SplitArrays, load_image
+from amvlm_jax.data.folders import DataError, SplitArrays, decode_all, load_image
 
 SPLITS = ("train", "val", "test")
 
@@ -202,10 +202,7 @@ def load(config, split: str, image_size: int, threads: int = 4) -> Optional[tupl
     images = CorpusImages(rows["paths"], image_size)
     names = [pathlib.Path(p).stem for p in rows["paths"]]
     if len(images) * image_size * image_size * 3 <= config.data.corpus.in_memory_bytes:
-        import concurrent.futures
-
-        with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-            images = np.stack(list(pool.map(images.__getitem__, range(len(images)))))
+        images = np.stack(decode_all(images.__getitem__, len(images), threads, f"reading {split}"))
     how = "in memory" if isinstance(images, np.ndarray) else "streamed from disk"
     skipped = f", {rows['skipped']} row(s) skipped: image missing" if rows["skipped"] else ""
     return (SplitArrays(names, images, None, rows["reports"]), rows["labels"],

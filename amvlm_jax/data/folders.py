@@ -19,7 +19,7 @@ import csv
 import dataclasses
 import os
 import pathlib
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -242,6 +242,18 @@ def load_mask(path: pathlib.Path, size: int, num_classes: int) -> tuple[np.ndarr
     return np.asarray(resized, dtype=np.uint8), original
 
 
+def decode_all(decode: Callable[[int], object], count: int, threads: int, progress: Optional[str]) -> list:
+    """[decode(0), ..., decode(count - 1)] from a pool of `threads` threads (PIL decodes without the GIL),
+    with a progress bar titled `progress` unless it is None."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        results = pool.map(decode, range(count))
+        if progress is not None:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=count, desc=progress, leave=False)
+        return list(results)
+
+
 def load_split(
     root: str | os.PathLike,
     split: str,
@@ -274,13 +286,7 @@ def load_split(
                 )
         return image, mask
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-        results = pool.map(decode, range(len(examples)))
-        if progress:
-            from tqdm import tqdm
-
-            results = tqdm(results, total=len(examples), desc=f"reading {split}", leave=False)
-        decoded = list(results)
+    decoded = decode_all(decode, len(examples), threads, f"reading {split}" if progress else None)
     images = np.stack([d[0] for d in decoded])
     masks = None
     if with_masks:
