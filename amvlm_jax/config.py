@@ -97,7 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
     # against the held-back masks of the unlabeled images and on val (guidance.json).
     config.eval.guidance = True
     # What pre-training learned, scored on the held-out pairs by the pre-training job (each epoch) and by
-    # mode 'evaluate' on a pre-training checkpoint, beside retrieval (on at most retrieval_pairs pairs).
+    # mode 'evaluate' on a pre-training checkpoint, beside retrieval (top-1/5/10 both ways on at most
+    # retrieval_pairs pairs of each split; pairs whose reports are the same text count as each other's match).
     config.eval.retrieval_pairs = 5000
     # Zero-shot classification, {label field: {class value: prompt}}: an image takes the class whose prompt's
     # text embedding is nearest its own; rows of other classes are not scored. Corpus data only; a nested

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -71,18 +72,23 @@ def auroc_from_histograms(positive: np.ndarray, negative: np.ndarray) -> float:
 RETRIEVAL_KS = (1, 5, 10)
 
 
-def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, ks=RETRIEVAL_KS) -> dict:
+def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, ks=RETRIEVAL_KS,
+                      groups: Optional[np.ndarray] = None) -> dict:
     """Top-k accuracy of matching pairs (row i of both is one pair), in [0, 1].
 
-    i2t: for each image, is its own report among the k highest-scoring
-    reports; t2i the converse. Rank = number of candidates scoring strictly
-    higher, so ties go in the true pair's favour: a duplicate of the true
-    report (identical text, identical embedding) counts as a match.
+    i2t: for each image, is a report of its group among the k highest-scoring reports; t2i: for each
+    report, is an image of its group among the k highest-scoring images. groups (N,) ints: pairs with
+    equal values have the same report text, so any of them is a right answer (a corpus repeats reports:
+    several images of one case, a normal study's one-line report); by default every pair is its own
+    group. Rank = number of candidates outside the query's group scoring strictly higher than the
+    best one inside it, so ties go in the right answer's favour.
     """
     scores = np.asarray(image_embeddings, np.float64) @ np.asarray(text_embeddings, np.float64).T
-    true = np.diag(scores)
-    image_to_text_rank = np.sum(scores > true[:, None], axis=1)
-    text_to_image_rank = np.sum(scores > true[None, :], axis=0)
+    groups = np.arange(len(scores)) if groups is None else np.asarray(groups)
+    same = groups[:, None] == groups[None, :]
+    inside = np.where(same, scores, -np.inf)
+    image_to_text_rank = np.sum((scores > inside.max(axis=1, keepdims=True)) & ~same, axis=1)
+    text_to_image_rank = np.sum((scores > inside.max(axis=0, keepdims=True)) & ~same, axis=0)
     metrics = {}
     for k in ks:
         metrics[f"i2t_top{k}"] = float(np.mean(image_to_text_rank < k))

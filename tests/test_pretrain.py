@@ -279,6 +279,24 @@ def test_retrieval_metrics():
     t = np.eye(4)[[0, 1, 3, 2]]
     retrieval = metrics.retrieval_metrics(v, t, ks=(1, 2))
     assert retrieval["i2t_top1"] == 0.5 and retrieval["t2i_top1"] == 0.5
+    # Pairs 2 and 3 share their report: swapping their texts loses nothing once they are one group.
+    grouped = metrics.retrieval_metrics(v, t, ks=(1, 2), groups=np.array([0, 1, 2, 2]))
+    assert grouped == {"i2t_top1": 1.0, "t2i_top1": 1.0, "i2t_top2": 1.0, "t2i_top2": 1.0}
+    # Hand-computed ranks with a repeated report: pairs 0 and 1 have the same text (rows 0 and 1 of t
+    # point different ways, as two encodings of one text may not, but the groups decide what is right).
+    v = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    t = np.array([[0.0, 1.0], [0.1, 0.9], [1.0, 0.0]])
+    # Scores v @ t.T: image 0 [0, .1, 1], image 1 [1, .9, 0], image 2 [.8, .78, .6].
+    # i2t: image 0's best in-group text scores .1 < 1 (text 2): rank 1; image 1: rank 0; image 2 (group
+    # {2}): .6 against .8 and .78: rank 2. t2i: text 0 (group {0, 1}) best image 1.0 vs image 2's .8:
+    # rank 0; text 1: .9 vs .78: rank 0; text 2: image 2 scores .6 against image 0's 1: rank 1.
+    grouped = metrics.retrieval_metrics(v, t, ks=(1, 2), groups=np.array([5, 5, 7]))
+    assert grouped["i2t_top1"] == 1 / 3 and grouped["i2t_top2"] == 2 / 3
+    assert grouped["t2i_top1"] == 2 / 3 and grouped["t2i_top2"] == 1.0
+    ungrouped = metrics.retrieval_metrics(v, t, ks=(1,))
+    # Alone, image 0 ranks text 0 third (rank 2), image 1 ranks text 1 second (rank 1); text 0's own image
+    # 0 scores 0, below images 1 and 2 (rank 2); text 1's image 1 scores .9 (rank 0).
+    assert ungrouped["i2t_top1"] == 0.0 and ungrouped["t2i_top1"] == 1 / 3
     assert pretrain.capped_batch_size(32, 24, 8) == 24 and pretrain.capped_batch_size(32, 30, 8) == 24
     assert pretrain.capped_batch_size(8, 16, 8) == 8
 

@@ -260,7 +260,8 @@ class EncoderEvaluation:
     """What pre-training learned, scored on fixed pair sets by ``__call__(variables) -> {'<set>/<metric>'}``.
 
     sets: {name: (SplitArrays without masks, labels {field: [value]})}, 'train' first. Each set: image-to-
-    report and report-to-image retrieval on its first eval.retrieval_pairs pairs. Each other (held-out) set:
+    report and report-to-image retrieval on its first eval.retrieval_pairs pairs, pairs with identical
+    report texts counting as each other's match (``metrics.retrieval_metrics``'s groups). Each other (held-out) set:
     zero-shot accuracy for every eval.zero_shot field, and the accuracy of a linear probe for every
     eval.probe_fields field, fitted on the [CLS] features of the first eval.probe_rows training images.
     Images are decoded batch by batch when a set streams them.
@@ -298,8 +299,11 @@ class EncoderEvaluation:
         embedded = {name: self._embed(variables, name) for name in self.sets}
         for name, outputs in embedded.items():
             pairs = min(self.counts[name], evaluation.retrieval_pairs)
+            # Pairs with the same report text answer for each other.
+            groups = np.unique(np.asarray(self.sets[name][0].reports[:pairs], dtype=object).astype(str),
+                               return_inverse=True)[1]
             results |= {f"{name}/{k}": value for k, value in
-                        metrics.retrieval_metrics(outputs["v"][:pairs], outputs["t"][:pairs]).items()}
+                        metrics.retrieval_metrics(outputs["v"][:pairs], outputs["t"][:pairs], groups=groups).items()}
         held_out = [name for name in embedded if name != "train"]
         for label, (classes, tokens) in self.prompts.items():
             prompts = self._embed_texts(variables, tokens)
