@@ -20,6 +20,7 @@ import pytest
 
 from amvlm_jax.losses.alignment import local_alignment_loss, variance_token_weights
 from amvlm_jax.losses.contrastive import (
+    MASKED_LOGIT,
     PDTOutputs,
     _diagonal_log_probs,
     _pairwise_squared_distances,
@@ -253,17 +254,33 @@ def test_wasserstein2_global_intra_reference(parity):
     close(authors_global_intra(*inputs, meta["a"], meta["temp"]), arrays["out/loss"])
 
 
+def authors_local_intra_modal_loss(tokens, cls, temperature, token_mask=None):
+    """Their CLS-to-token intra-modal loss (SPEC 8.6), restated: token p of sample n is scored against its
+    own CLS, c_n . l_{n, p} / tau, and that against the CLS's scores with every real token of the other
+    samples, c_n . l_{b, q} / tau (b != n); -log softmax of the own score, averaged over a sample's real
+    tokens, then over samples. tokens (B, S, D), cls (B, D), token_mask (B, S) or None."""
+    batch, slots, _ = tokens.shape
+    is_real = jnp.ones((batch, slots), bool) if token_mask is None else token_mask.astype(bool)
+    own = jnp.einsum("npd,nd->np", tokens, cls) / temperature  # (B, S)
+    others = jnp.einsum("nd,bqd->nbq", cls, tokens) / temperature  # (B, B, S): CLS n against token (b, q).
+    valid = ~jnp.eye(batch, dtype=bool)[:, :, None] & is_real[None]
+    others = jnp.where(valid, others, MASKED_LOGIT).reshape(batch, 1, batch * slots)
+    logits = jnp.concatenate([own[..., None], jnp.broadcast_to(others, (batch, slots, batch * slots))], axis=-1)
+    own_log_probs = jax.nn.log_softmax(logits, axis=-1)[..., 0]
+    per_sample = jnp.sum(jnp.where(is_real, -own_log_probs, 0.0), axis=1) / jnp.sum(is_real, axis=1)
+    return jnp.mean(per_sample)
+
+
 def test_local_intra_modal_loss_reference(parity):
-    """SPEC 8.6: their GLoRIA-style CLS-to-token loss on sampled distributions is
-    not what the project computes (the paper's fine ICL term: online CLS c_i
-    against momentum tokens z'_{j, p}) and is not rebuilt here (its formula is
-    not recoverable from the fixture). Check that the fixture is sound and that
-    the project's ICL runs on the same inputs (unmasked and masked) and
-    gives another value."""
+    """SPEC 8.6: their GLoRIA-style CLS-to-token loss is rebuilt and matches; the project's ICL (the
+    paper's fine term: online CLS c_i against momentum tokens z'_{j, p} of the same slot) runs on the
+    same inputs (unmasked and masked) and gives another value."""
     arrays, meta = parity("local_intra_modal_loss.npz")
     tokens, cls, mask = (jnp.asarray(arrays[k]) for k in ("in/l", "in/m", "in/attention_mask"))
+    assert not np.all(arrays["in/attention_mask"])  # The masked case has padding to leave out.
     theirs = np.array([arrays["out/loss"], arrays["out/loss_masked"]])
-    assert np.all(np.isfinite(theirs)) and theirs[0] != theirs[1]
+    rebuilt = [authors_local_intra_modal_loss(tokens, cls, meta["temp"], token_mask) for token_mask in (None, mask)]
+    close(rebuilt, theirs, "their local intra-modal loss, unmasked and masked")
     ours = np.array([icl_loss(cls, cls, tokens, token_mask, meta["temp"]) for token_mask in (None, mask)])
     assert np.all(np.isfinite(ours)) and ours[0] != ours[1]
     differs(ours, theirs, "icl vs their local intra-modal loss")
@@ -277,7 +294,7 @@ def test_local_intra_modal_loss_reference(parity):
 @jax.jit
 def authors_forward(x: dict, params: dict) -> dict:
     """Their pre-training forward (eval mode) from the project's functions,
-    undoing SPEC 8.5, 8.7, 8.8, 8.9 and 8.13; keys as the fixture's mid/."""
+    undoing SPEC 8.5, 8.6, 8.7, 8.8, 8.9 and 8.13; keys as the fixture's mid/."""
     tau, T, V, v, t = x["tau"], x["T"], x["V"], x["v"], x["t"]
     all_words, all_patches = jnp.ones(T.shape[:2]), jnp.ones(V.shape[:2])
     ours = {"loss_ori": ita_loss(v, t, tau)}
@@ -336,6 +353,12 @@ def authors_forward(x: dict, params: dict) -> dict:
     ours["intra_global_loss"] = authors_global_intra(
         ours["img_aug_mu"][:, 0], ours["img_aug_logsigma"][:, 0],
         ours["text_aug_mu"][:, 0], ours["text_aug_logsigma"][:, 0], 1.0 / 200.0, tau)
+    # Their CLS-to-token term on one N(0, 1) draw shared by every entry (no padding mask on either side).
+    for side in ("img", "text"):
+        sampled = ours[f"{side}_aug_mu"] + x["sample_value"] * ours[f"{side}_aug_logsigma"]
+        ours[f"intra_local_loss_{side}"] = authors_local_intra_modal_loss(sampled[:, 1:], sampled[:, 0], tau)
+    ours["loss_intra"] = 0.5 * (ours["intra_global_loss"]
+                                + 0.5 * (ours["intra_local_loss_img"] + ours["intra_local_loss_text"]))
     return ours
 
 
@@ -360,6 +383,7 @@ def css(parity):
         "aug_bias": (1.0 - arrays["in/word_aug_attn_all"]) * MASK_SCALE,
         "aug_text": np.concatenate([arrays["in/report_aug_emb"][:, None], arrays["in/word_aug_emb"]], axis=1),
         "aug_image": np.concatenate([arrays["in/img_aug_emb"][:, None], arrays["in/patch_aug_emb"]], axis=1),
+        "sample_value": arrays["in/sample_value"],
     }
     params = {name: pdt_params(arrays, f"param/{name}.") for name in (
         "text_gau_encoder", "text_gau_encoder_atten", "img_gau_encoder", "img_gau_encoder_atten",
@@ -387,7 +411,7 @@ CSS_GROUPS = {
                    "loss_patch_2", "loss_patch", "loss_global"],
     "local": ["l_patch_weight", "loss_patch2report", "l_word_weight", "loss_word2img", "loss_local"],
     "intra": ["extend_text_masks_aug", "text_aug_mu", "text_aug_logsigma", "img_aug_mu", "img_aug_logsigma",
-              "intra_global_loss"],
+              "intra_global_loss", "intra_local_loss_img", "intra_local_loss_text", "loss_intra"],
 }
 
 
@@ -402,17 +426,14 @@ def test_global_css_forward_covers_every_intermediate(css):
     arrays, ours, _, _ = css
     checked = {name for names in CSS_GROUPS.values() for name in names}
     # Not rebuilt: their mask of padding words (the test's word_mask), an
-    # all-zero image mask, the N(0, 1) draw and the SPEC 8.6 GLoRIA-style terms.
-    skipped = {"mask", "extend_image_masks", "sample_value", "intra_local_loss_img", "intra_local_loss_text",
-               "loss_intra"}
+    # all-zero image mask and the N(0, 1) draw (an input here).
+    skipped = {"mask", "extend_image_masks", "sample_value"}
     assert {key[4:] for key in arrays if key.startswith("mid/")} == checked | skipped
     for name in ("loss_global", "loss_ori", "loss_local", "loss_word", "loss_patch", "loss_intra"):
         np.testing.assert_array_equal(arrays[f"out/{name}"], arrays[f"mid/{name}"], name)  # out/ repeats mid/
     np.testing.assert_array_equal(arrays["mid/mask"], arrays["in/pad_mask"])
     assert not np.any(arrays["mid/extend_image_masks"])
-    intra = arrays["mid/intra_global_loss"] + 0.5 * (arrays["mid/intra_local_loss_img"]
-                                                     + arrays["mid/intra_local_loss_text"])
-    close(0.5 * intra, arrays["out/loss_intra"], "loss_intra")
+    np.testing.assert_array_equal(arrays["mid/sample_value"], arrays["in/sample_value"])
 
 
 def test_patch_context_is_not_normalised(css):
