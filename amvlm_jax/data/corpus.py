@@ -199,11 +199,14 @@ def load(config, split: str, image_size: int, threads: int = 4) -> Optional[tupl
     rows = read_split(config, split)
     if rows is None:
         return None
-    images = CorpusImages(rows["paths"], image_size)
-    names = [pathlib.Path(p).stem for p in rows["paths"]]
-    if len(images) * image_size * image_size * 3 <= config.data.corpus.in_memory_bytes:
-        images = np.stack(decode_all(images.__getitem__, len(images), threads, f"reading {split}"))
-    how = "in memory" if isinstance(images, np.ndarray) else "streamed from disk"
+    paths = rows["paths"]
+    names = [pathlib.Path(p).stem for p in paths]
+    if len(paths) * image_size * image_size * 3 <= config.data.corpus.in_memory_bytes:
+        images = np.stack(decode_all(lambda i: load_image(pathlib.Path(paths[i]), image_size)[0], len(paths), threads,
+                                     f"reading {split}"))
+        how = "in memory"
+    else:
+        images, how = CorpusImages(paths, image_size), "streamed from disk"
     skipped = f", {rows['skipped']} row(s) skipped: image missing" if rows["skipped"] else ""
     return (SplitArrays(names, images, None, rows["reports"]), rows["labels"],
             f"{split}: {len(names)} pairs from {rows['source']} ({how}{skipped})")

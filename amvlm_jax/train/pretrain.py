@@ -277,6 +277,10 @@ class EncoderEvaluation:
                        for name, (split, _) in sets.items()}
         # The reports and prompts are fixed: tokenised once, not at every evaluation.
         self.report_tokens = {name: tokenizer(sets[name][0].reports[:count]) for name, count in self.counts.items()}
+        # Retrieval groups: pairs with the same report text answer for each other.
+        self.report_groups = {name: np.unique(np.asarray(sets[name][0].reports[:min(count, evaluation.retrieval_pairs)],
+                                                         dtype=object).astype(str), return_inverse=True)[1]
+                              for name, count in self.counts.items()}
         self.prompts = {label: (list(prompts.keys()), tokenizer(list(prompts.values())))
                         for label, prompts in evaluation.zero_shot.items()}
 
@@ -299,11 +303,8 @@ class EncoderEvaluation:
         embedded = {name: self._embed(variables, name) for name in self.sets}
         for name, outputs in embedded.items():
             pairs = min(self.counts[name], evaluation.retrieval_pairs)
-            # Pairs with the same report text answer for each other.
-            groups = np.unique(np.asarray(self.sets[name][0].reports[:pairs], dtype=object).astype(str),
-                               return_inverse=True)[1]
-            results |= {f"{name}/{k}": value for k, value in
-                        metrics.retrieval_metrics(outputs["v"][:pairs], outputs["t"][:pairs], groups=groups).items()}
+            results |= {f"{name}/{k}": value for k, value in metrics.retrieval_metrics(
+                outputs["v"][:pairs], outputs["t"][:pairs], groups=self.report_groups[name]).items()}
         held_out = [name for name in embedded if name != "train"]
         for label, (classes, tokens) in self.prompts.items():
             prompts = self._embed_texts(variables, tokens)
