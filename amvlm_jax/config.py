@@ -208,16 +208,20 @@ def base_config() -> ml_collections.ConfigDict:
     # logit(c) puts the text term on top of the constant control at level c, so that the masks' location
     # information is what separates the two (docs/results.md).
     config.ssl.text_logit_offset = 0.0
+    # True (beyond the paper; False in every paper configuration): every text mask is capped at 0.5, so the
+    # fusion can only lower the teacher's logit where the text says no finding is, never raise it.
+    config.ssl.text_veto_only = False
     # Where the text masks come from. '' (the paper, SPEC 5): the decoder on V, trained on L_tg when
     # train_decoder. 'words' (beyond the paper, off in every paper configuration): a head on the frozen V and
     # the report's word embeddings (models/text_mask.WordAttentionMaskHead) fitted on the labelled images'
     # masks with their own reports, un-augmented, before the mean teacher starts; then frozen. L_tg and the
-    # decoder are not used, whatever train_decoder says.
+    # decoder are not used, whatever train_decoder says. 'report': the same head without its term on V, fitted
+    # the same way: where the report places findings, from its words alone.
     config.ssl.text_head = ""
-    config.ssl.text_head_steps = 2000  # 'words': Adam steps of the fit, batches of train.batch_size labelled images.
+    config.ssl.text_head_steps = 2000  # The head's Adam steps of the fit, batches of train.batch_size labelled images.
     config.ssl.text_head_lr = 1e-3
-    # True (a control, 'words' only): the head sees every report as zeros (the same head fitted without
-    # the text): what a second segmentation model on V gives without the report.
+    # True (a control, with a text_head only): the head sees every report as zeros (the same head fitted
+    # without the text): what a second segmentation model on V, or a position prior, gives without the report.
     config.ssl.withhold_reports = False
     # Student loss: 1 and 0 give SPEC 6's loss over the concatenated batch; otherwise loss(labeled) +
     # w(t) loss(unlabeled), w ramping up to unlabeled_weight over rampup_epochs (exp(-5 (1 - t/T)^2)).
@@ -448,7 +452,8 @@ def _field_checks() -> tuple:
         ("ssl.ema_max_alpha", *_number(0, 1, high_open=True)),
         ("ssl.constant_text_mask", *_number(0, 1, high_open=True)),
         ("ssl.text_logit_offset", (lambda v: _is_number(v)), "a finite number"),
-        ("ssl.text_head", *_one_of("", "words", allowed="'' (the paper's decoder) or 'words'")),
+        ("ssl.text_veto_only", *_BOOL),
+        ("ssl.text_head", *_one_of("", "words", "report", allowed="'' (the paper's decoder), 'words' or 'report'")),
         ("ssl.text_head_steps", *_integer(1)),
         ("ssl.text_head_lr", *positive),
         ("ssl.withhold_reports", *_BOOL),
@@ -537,8 +542,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if pre.text_hidden % heads:
             raise ConfigError(f"config.pretrain.text_hidden must be divisible by the text encoder's {heads} heads "
                               f"(config.pretrain.text_heads, 0 = text_hidden // 64), got {pre.text_hidden}")
-    if ssl.withhold_reports and ssl.text_head != "words":
-        raise ConfigError("config.ssl.withhold_reports needs config.ssl.text_head='words'")
+    if ssl.withhold_reports and not ssl.text_head:
+        raise ConfigError("config.ssl.withhold_reports needs config.ssl.text_head ('words' or 'report')")
     if config.mesh.data == -1 and config.mesh.fsdp == -1:
         raise ConfigError("config.mesh.data and config.mesh.fsdp cannot both be -1")
     dist = config.distributed

@@ -87,14 +87,16 @@ def _mgca(config):
     pre.batch_size = 72
 
 
-def text_head(withhold_reports: bool = False) -> Variant:
+def text_head(kind: str = "words", withhold_reports: bool = False) -> Variant:
     """Text masks from the word-attention head fitted on the labelled images' masks with their reports
-    (config.ssl.text_head='words', beyond the paper); with ``withhold_reports`` the same head without the
-    reports (the control: a second segmentation model on V)."""
+    (config.ssl.text_head=kind, beyond the paper); with ``withhold_reports`` the same head without the
+    reports (the control: a second segmentation model on V, or a position prior). The 'report' head, from
+    the words alone, is fused as a veto (config.ssl.text_veto_only)."""
 
     def apply(config):
-        config.ssl.text_head = "words"
+        config.ssl.text_head = kind
         config.ssl.withhold_reports = withhold_reports
+        config.ssl.text_veto_only = kind == "report"
 
     return apply
 
@@ -129,6 +131,9 @@ COMMON_VARIANTS = {
     # labelled images; and the same head with the reports withheld.
     "text_head": text_head(),
     "text_head_blind": text_head(withhold_reports=True),
+    # The same head from the report's words alone, fused only where it vetoes; and without the reports.
+    "text_report": text_head("report"),
+    "text_report_blind": text_head("report", withhold_reports=True),
     # The ablation rows on top of MT: pre-training terms, then L_tg.
     "ab_css": ablation(css=True, icl=False, text=True, tg=False),
     "ab_icl": ablation(css=False, icl=True, text=True, tg=False),

@@ -13,6 +13,8 @@ objective and optimiser; `mgca,cpu` keeps the cpu variant's rate),
 textbook_unet (the 16w-bottleneck U-Net instead of the authors'),
 text_head / text_head_blind (text masks from a head fitted on the labelled
 masks with their reports / with the reports withheld; beyond the paper),
+text_report / text_report_blind (the same head from the report's words
+alone, fused only where it vetoes),
 vision (no text guidance: w_text=0), ab_css / ab_icl /
 ab_css_icl / ab_css_icl_tg (the paper's ablation rows; see
 amvlm_jax/experiment.py).

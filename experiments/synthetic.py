@@ -25,7 +25,9 @@ ablation rows), full (paper-size U-Net at 224x224, for accelerators),
 fresh (pre-training on 44,000 never-repeated pairs, about 27 minutes),
 text_head / text_head_blind (text masks from a head fitted on the labelled
 images' masks with their reports / with the reports withheld; beyond the
-paper, docs/results.md "Text masks that localise").
+paper, docs/results.md "Text masks that localise"), text_report /
+text_report_blind (the same head from the report's words alone, fused only
+where it vetoes).
 """
 
 from amvlm_jax.config import base_config

@@ -486,15 +486,26 @@ def test_constant_text_mask_control_keeps_l_tg_and_removes_location(all_run):
     images = split.images[:4].astype(np.float32) / 255.0
     tokens = guidance.tokenizer(split.reports[:4])
     loss, masks = ssl.text_mask_outputs(guidance, trained, guidance.variables, images, tokens)
-    loss_c, masks_c = ssl.text_mask_outputs(guidance, trained, guidance.variables, images, tokens, constant=0.4)
+    guidance.constant = 0.4
+    loss_c, masks_c = ssl.text_mask_outputs(guidance, trained, guidance.variables, images, tokens)
     assert float(loss_c) == pytest.approx(float(loss))
     np.testing.assert_array_equal(masks_c["p_text"], np.full(masks["p_text"].shape, 0.4, np.float32))
     np.testing.assert_array_equal(masks_c["soft"], masks["soft"])
     # ssl.text_logit_offset: every mask's logit moves by the offset; L_tg does not change.
-    loss_o, masks_o = ssl.text_mask_outputs(guidance, trained, guidance.variables, images, tokens, logit_offset=-2.7)
+    guidance.constant, guidance.logit_offset = 0.0, -2.7
+    loss_o, masks_o = ssl.text_mask_outputs(guidance, trained, guidance.variables, images, tokens)
     p = np.clip(np.asarray(masks["p_text"], np.float64), 1e-6, 1 - 1e-6)
-    np.testing.assert_allclose(masks_o["p_text"], 1 / (1 + np.exp(-(np.log(p / (1 - p)) - 2.7))), rtol=1e-4, atol=1e-6)
+    shifted = 1 / (1 + np.exp(-(np.log(p / (1 - p)) - 2.7)))
+    np.testing.assert_allclose(masks_o["p_text"], shifted, rtol=1e-4, atol=1e-6)
     assert float(loss_o) == pytest.approx(float(loss))
+    # ssl.text_veto_only: after the offset, no mask exceeds 0.5 and every lower value is kept (here the
+    # offset by +2.7 puts masks on both sides of 0.5).
+    guidance.logit_offset, guidance.veto_only = 2.7, True
+    loss_v, masks_v = ssl.text_mask_outputs(guidance, trained, guidance.variables, images, tokens)
+    raised = 1 / (1 + np.exp(-(np.log(p / (1 - p)) + 2.7)))
+    assert (raised > 0.5).any() and (raised < 0.5).any()
+    np.testing.assert_allclose(masks_v["p_text"], np.minimum(raised, 0.5), rtol=1e-4, atol=1e-6)
+    assert float(loss_v) == pytest.approx(float(loss))
 
 
 def test_student_batch_stats_images_mix_labeled_and_unlabeled():
@@ -550,12 +561,12 @@ def test_text_head_is_fitted_on_labelled_masks_before_the_mean_teacher_and_kept_
     capsys.readouterr()
     main.run(config, tmp_path)
     assert "text head fitted" not in capsys.readouterr().out
-    with pytest.raises(ConfigError, match="withhold_reports needs config.ssl.text_head='words'"):
+    with pytest.raises(ConfigError, match=r"withhold_reports needs config.ssl.text_head \('words' or 'report'\)"):
         from amvlm_jax.config import validate
 
         other = config.copy_and_resolve_references()
         other.ssl.text_head, other.ssl.withhold_reports = "", True
         validate(other)
-    with pytest.raises(ConfigError, match="config.ssl.text_head must be '' .* or 'words', got 'film'"):
+    with pytest.raises(ConfigError, match="config.ssl.text_head must be '' .*, 'words' or 'report', got 'film'"):
         other.ssl.text_head, other.ssl.withhold_reports = "film", False
         validate(other)

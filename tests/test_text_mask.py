@@ -239,11 +239,13 @@ def test_ema_schedule_and_update():
     np.testing.assert_array_equal(np.asarray(copied["params"]["w"]), [1.0, 2.0])
 
 
-def test_word_attention_head_learns_where_the_words_point():
+@pytest.mark.parametrize("shows_patches", [True, False])
+def test_word_attention_head_learns_where_the_words_point(shows_patches):
     """Hand-made features: every image has two blobs (V channel 0) in two of the 9 cells of a 6x6 patch grid,
     the report's one word names the lesion's cell (a one-hot), the target marks the lesion's patches. Fitted
     on 40 images, the head ranks the named blob above the other on 20 held-out ones; the same head fitted
-    with the words withheld (zeros) cannot tell them apart."""
+    with the words withheld (zeros) cannot tell them apart. Without its patch term ('report') the head has
+    no parameter that reads V and its logits do not change with the patch map."""
     from amvlm_jax.models.text_mask import WordAttentionMaskHead
     from amvlm_jax.train.ssl import fit_mask_head
 
@@ -266,7 +268,7 @@ def test_word_attention_head_learns_where_the_words_point():
     train_inputs, train_lesion, _ = make(40)
     test_inputs, test_lesion, test_other = make(20)
     targets = np.repeat(np.repeat(train_lesion, 4, 1), 4, 2).astype(np.float32)  # 24x24 target masks
-    head = WordAttentionMaskHead(hidden=32)
+    head = WordAttentionMaskHead(hidden=32, shows_patches=shows_patches)
 
     def held_out_auroc(withhold: bool) -> float:
         def inputs(xs):
@@ -275,8 +277,11 @@ def test_word_attention_head_learns_where_the_words_point():
         params = head.init(jax.random.PRNGKey(0), *inputs(train_inputs))["params"]
         params, _ = fit_mask_head(head, params, inputs(train_inputs), targets, steps=300, lr=3e-3, batch_size=8, seed=0)
         logits = np.asarray(head.apply({"params": params}, *inputs(test_inputs)))
+        shuffled = np.asarray(head.apply({"params": params}, test_inputs[0][::-1], *inputs(test_inputs)[1:]))
+        assert np.allclose(shuffled, logits) != shows_patches
+        assert ("patch_hidden" in params) == shows_patches
         named, unnamed = logits[test_lesion], logits[test_other]
-        return float(np.mean(named[:, None] > unnamed[None, :]))
+        return float(np.mean(named[:, None] > unnamed[None, :]) + 0.5 * np.mean(named[:, None] == unnamed[None, :]))
 
     assert held_out_auroc(withhold=False) > 0.9
     assert 0.3 < held_out_auroc(withhold=True) < 0.7

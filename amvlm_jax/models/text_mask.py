@@ -76,7 +76,8 @@ class TextMaskDecoder(nn.Module):
 
 
 class WordAttentionMaskHead(nn.Module):
-    """Mask logits from the frozen patch map and the report's word embeddings (config.ssl.text_head='words').
+    """Mask logits from the frozen patch map and the report's word embeddings (config.ssl.text_head='words'),
+    or from the words alone (``shows_patches=False``, config.ssl.text_head='report').
 
     Beyond the paper: fitted on the labelled images' masks with their own
     reports (``train.ssl.fit_text_head``), it learns where a report's words
@@ -85,7 +86,8 @@ class WordAttentionMaskHead(nn.Module):
     position has learned queries that attend over the report's words (one
     softmax per head, padding excluded), and an MLP turns what they read into
     a logit. The words are contextual, so a query can tell "upper left" from
-    "upper right" and "lower left".
+    "upper right" and "lower left". Without the patch term the head can only
+    say where the report places findings, never what a patch shows.
 
     patch_map (B, h, w, D), words (B, W, E) and word_mask (B, W) (1 = real
     word) -> logits (B, h, w), float32.
@@ -94,14 +96,17 @@ class WordAttentionMaskHead(nn.Module):
     hidden: int = 64
     heads: int = 4
     head_dim: int = 16
+    shows_patches: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, patch_map: jnp.ndarray, words: jnp.ndarray, word_mask: jnp.ndarray) -> jnp.ndarray:
         batch, height, width, _ = patch_map.shape
         dense = functools.partial(nn.Dense, dtype=self.dtype)
-        shown = nn.relu(dense(self.hidden, name="patch_hidden")(patch_map.astype(jnp.float32)))
-        shown = dense(1, name="patch_logit")(shown)[..., 0]
+        shown = 0.0
+        if self.shows_patches:
+            shown = nn.relu(dense(self.hidden, name="patch_hidden")(patch_map.astype(jnp.float32)))
+            shown = dense(1, name="patch_logit")(shown)[..., 0]
 
         queries = self.param("queries", nn.initializers.normal(1.0), (height * width, self.heads, self.head_dim), jnp.float32)
         words = words.astype(jnp.float32)

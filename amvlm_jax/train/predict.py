@@ -202,8 +202,7 @@ def text_masker(config, workdir, source, mesh):
     @jax.jit
     def masks(frozen, trained, images, tokens):
         x = images.astype(np.float32) / 255.0
-        return ssl.text_mask_outputs(guidance, trained, frozen, x, tokens, config.ssl.constant_text_mask,
-                                     config.ssl.text_logit_offset)[1]["p_text"]
+        return ssl.text_mask_outputs(guidance, trained, frozen, x, tokens)[1]["p_text"]
 
     def run(images, reports, batch_size):
         rows = np.resize(np.arange(len(images)), batch_size)

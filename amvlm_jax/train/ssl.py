@@ -67,7 +67,7 @@ def load_split_pair(config, root: pathlib.Path):
 
 class TextGuidance:
     """The frozen pre-trained encoders and heads, and the text mask generator's definition: the decoder
-    of SPEC 5 or, with config.ssl.text_head='words', the word-attention head (``head`` is then set)."""
+    of SPEC 5 or, with config.ssl.text_head 'words' or 'report', the word-attention head (``head`` is then set)."""
 
     def __init__(self, config, workdir: pathlib.Path, mesh):
         """Restores the encoders from config.ssl.pretrained, else <workdir>/pretrain, built as the
@@ -99,8 +99,13 @@ class TextGuidance:
         self.image_size = build.pretrain_image_size(config)
         self.temperature = config.pretrain.temperature
         self.decoder = TextMaskDecoder(dtype=jnp.dtype(config.dtype))
-        self.head = WordAttentionMaskHead(dtype=jnp.dtype(config.dtype)) if config.ssl.text_head == "words" else None
+        self.head = (WordAttentionMaskHead(shows_patches=config.ssl.text_head == "words", dtype=jnp.dtype(config.dtype))
+                     if config.ssl.text_head else None)
         self.withhold_reports = bool(config.ssl.withhold_reports)
+        # What text_mask_outputs does to every p_text before the fusion (config.ssl's controls and options).
+        self.constant = float(config.ssl.constant_text_mask)
+        self.logit_offset = float(config.ssl.text_logit_offset)
+        self.veto_only = bool(config.ssl.text_veto_only)
 
     def init_decoder(self, rng):
         grid = self.image_size // 16
@@ -187,17 +192,18 @@ def fuse(p_teacher, p_text, w_text: float, num_classes: int):
     return fuse_multiclass(p_teacher, p_text, w_text)
 
 
-def text_mask_outputs(guidance: TextGuidance, trained: dict, frozen, images, tokens, constant: float = 0.0,
-                      logit_offset: float = 0.0) -> tuple:
+def text_mask_outputs(guidance: TextGuidance, trained: dict, frozen, images, tokens) -> tuple:
     """(L_tg, text-mask dict) of images (B, H, W, 3) in [0, 1] with their reports.
 
     trained: {'decoder': params, 'log_scale': l} (the dict of ``text_masks``;
     the gradient of L_tg reaches only these) or, with the word-attention
     head, {'head': params} (the dict of ``head_text_masks``; L_tg is None).
-    constant > 0 replaces every p_text by that value
-    (config.ssl.constant_text_mask: a control that keeps the fusion's mean
-    shift and removes all location information); L_tg is unchanged.
-    logit_offset (config.ssl.text_logit_offset) is added to p_text's logit.
+    Then, in this order: guidance.logit_offset (config.ssl.text_logit_offset)
+    is added to p_text's logit; guidance.veto_only (config.ssl.text_veto_only)
+    caps p_text at 0.5, so that the fusion can only lower the teacher's
+    logit; guidance.constant > 0 (config.ssl.constant_text_mask: a control
+    that keeps the fusion's mean shift and removes all location information)
+    replaces every p_text by that value. L_tg is unchanged by all three.
     """
     if guidance.head is not None:
         tg_loss, masks = None, head_text_masks(guidance.head_logits(trained["head"], frozen, images, tokens), images.shape[1])
@@ -206,10 +212,12 @@ def text_mask_outputs(guidance: TextGuidance, trained: dict, frozen, images, tok
         dense = guidance.decoder.apply({"params": trained["decoder"]}, patch_map)
         masks = text_masks(dense, reports, images, images.shape[1])
         tg_loss = text_guided_loss(dense, masks["soft"], reports, trained["log_scale"])
-    if logit_offset:
-        masks["p_text"] = jax.nn.sigmoid(clipped_logit(masks["p_text"], 1e-6) + logit_offset)
-    if constant > 0.0:
-        masks["p_text"] = jnp.full_like(masks["p_text"], constant)
+    if guidance.logit_offset:
+        masks["p_text"] = jax.nn.sigmoid(clipped_logit(masks["p_text"], 1e-6) + guidance.logit_offset)
+    if guidance.veto_only:
+        masks["p_text"] = jnp.minimum(masks["p_text"], 0.5)
+    if guidance.constant > 0.0:
+        masks["p_text"] = jnp.full_like(masks["p_text"], guidance.constant)
     return tg_loss, masks
 
 
@@ -241,7 +249,7 @@ def fit_text_head(config, guidance: TextGuidance, labeled_split, mesh, initial: 
     train.batch_size images drawn by a generator seeded by config.seed).
     """
     if labeled_split.masks is None or len(labeled_split) == 0:
-        raise ConfigError("config.ssl.text_head='words' needs labelled training images")
+        raise ConfigError(f"config.ssl.text_head='{config.ssl.text_head}' needs labelled training images")
     tokens = guidance.tokenizer(labeled_split.reports)
     features = jax.jit(lambda variables, images, batch_tokens: guidance.head_inputs(
         variables, images.astype(jnp.float32) / 255.0, batch_tokens))
@@ -322,8 +330,7 @@ def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx, step
             tokens = report_tokens(batch)
 
             def decoder_loss(trained):
-                tg_loss, masks = text_mask_outputs(guidance, trained, frozen, x_u, tokens, config.ssl.constant_text_mask,
-                                                   config.ssl.text_logit_offset)
+                tg_loss, masks = text_mask_outputs(guidance, trained, frozen, x_u, tokens)
                 return tg_loss, masks["p_text"]
 
             trained = generator_params(guidance, generator)
@@ -388,8 +395,7 @@ def make_picture_panels(config, model, guidance: TextGuidance | None, mesh, spli
         pseudo = teacher_probabilities(model, teacher, images, num_classes, config.ssl.teacher_norm)
         p_text = jnp.zeros(images.shape[:3], jnp.float32)
         if guidance is not None:
-            _, masks = text_mask_outputs(guidance, trained, frozen, images, report_tokens(batch), config.ssl.constant_text_mask,
-                                         config.ssl.text_logit_offset)
+            _, masks = text_mask_outputs(guidance, trained, frozen, images, report_tokens(batch))
             p_text = masks["p_text"]
             pseudo = fuse(pseudo, p_text, w_text, num_classes)
         return (pseudo if num_classes == 1 else 1.0 - pseudo[..., 0]), p_text
@@ -435,8 +441,7 @@ def make_guidance_eval_step(config, model, guidance: TextGuidance | None):
         p_teacher = teacher_probabilities(model, teacher, images, num_classes, config.ssl.teacher_norm)
         maps = {"teacher": p_teacher, "student": teacher_probabilities(model, student, images, num_classes, config.ssl.teacher_norm)}
         if guidance is not None:
-            _, masks = text_mask_outputs(guidance, trained, frozen, images, report_tokens(batch), config.ssl.constant_text_mask,
-                                         config.ssl.text_logit_offset)
+            _, masks = text_mask_outputs(guidance, trained, frozen, images, report_tokens(batch))
             maps["text_mask"] = masks["p_text"]
             maps["pseudo_label"] = fuse(p_teacher, masks["p_text"], w_text, num_classes)
         out = {}
