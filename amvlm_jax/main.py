@@ -1,8 +1,10 @@
 """Entry point: `python -m amvlm_jax.main --config=experiments/<name>.py[:variant] [--workdir=DIR]`.
 
 `--config.a.b=value` overrides any config field; an unknown field is an
-error. No --config means experiments/synthetic.py; --workdir defaults to
-runs/<experiment>[_<variant>]. config.mode picks the job.
+error. No --config means experiments/synthetic.py:text_report (the synthetic
+data with text masks that localise; experiments/synthetic.py alone uses the
+paper's); --workdir defaults to runs/<experiment>[_<variant>]. config.mode
+picks the job.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "experiments" / "synthetic.py"
+DEFAULT_CONFIG = f"{REPO_ROOT / 'experiments' / 'synthetic.py'}:text_report"
 
 
 def check_command_line(argv: list[str]) -> str | None:

@@ -43,7 +43,7 @@ def test_check_command_line_accepts_valid_overrides():
 
 def test_default_workdir_names_experiment_and_variant():
     assert str(main.default_workdir("experiments/monuseg.py:cpu,labeled25")) == "runs/monuseg_cpu_labeled25"
-    assert str(main.default_workdir(str(main.DEFAULT_CONFIG))) == "runs/synthetic"
+    assert str(main.default_workdir(main.DEFAULT_CONFIG)) == "runs/synthetic_text_report"
 
 
 def test_validate_rejects_unusable_values():
