@@ -498,11 +498,12 @@ def test_constant_text_mask_control_keeps_l_tg_and_removes_location(all_run):
     shifted = 1 / (1 + np.exp(-(np.log(p / (1 - p)) - 2.7)))
     np.testing.assert_allclose(masks_o["p_text"], shifted, rtol=1e-4, atol=1e-6)
     assert float(loss_o) == pytest.approx(float(loss))
-    # ssl.text_veto_only: after the offset, no mask exceeds 0.5 and every lower value is kept (here the
-    # offset by +2.7 puts masks on both sides of 0.5).
-    guidance.logit_offset, guidance.veto_only = 2.7, True
+    # ssl.text_veto_only: after the offset, no mask exceeds 0.5 and every lower value is kept (here an
+    # offset that moves the median mask to 0.5 puts masks on both sides of it).
+    offset = -float(np.median(np.log(p / (1 - p))))
+    guidance.logit_offset, guidance.veto_only = offset, True
     loss_v, masks_v = ssl.text_mask_outputs(guidance, trained, guidance.variables, images, tokens)
-    raised = 1 / (1 + np.exp(-(np.log(p / (1 - p)) + 2.7)))
+    raised = 1 / (1 + np.exp(-(np.log(p / (1 - p)) + offset)))
     assert (raised > 0.5).any() and (raised < 0.5).any()
     np.testing.assert_allclose(masks_v["p_text"], np.minimum(raised, 0.5), rtol=1e-4, atol=1e-6)
     assert float(loss_v) == pytest.approx(float(loss))
