@@ -14,8 +14,8 @@ word-attention head it fitted, after the run's mask options (e.g.
 --config.ssl.text_veto_only). It scores them against the masks of each
 split: Dice of the mask at 0.5, pixel AUROC of p_text, and the mean
 p_text on lesion and on background pixels. For the synthetic data it
-adds pixel AUROCs of lesion pixels against all others and against distractor pixels for the text mask,
-for V . t and for the CSS word-to-patch attention averaged over a report's
+adds pixel AUROCs of lesion pixels against all others and against
+distractor pixels for the text mask, for V . t and for the CSS word-to-patch attention averaged over a report's
 words, and the share of each location word's attention (upper, lower,
 left, center, right) on the third of the image it names (chance 0.33). For the synthetic
 data it also reports, per kind of grid cell (holding a named lesion, a
