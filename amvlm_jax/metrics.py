@@ -42,15 +42,28 @@ def summarize(dice: np.ndarray, iou: np.ndarray) -> dict:
     return {"dice": float(np.mean(dice) * 100.0), "miou": float(np.mean(iou) * 100.0), "images": int(len(dice))}
 
 
+# float32 probabilities round to 1 above a logit of about 16.6.
+HISTOGRAM_LOGIT_RANGE = 16.0
+
+
 def foreground_histograms(probability: jax.Array, truth: jax.Array, valid: jax.Array, bins: int) -> tuple[jax.Array, jax.Array]:
-    """Pixel counts of foreground probabilities in `bins` equal bins over [0, 1].
+    """Pixel counts of foreground probabilities in `bins` equal bins of their logit over
+    [-HISTOGRAM_LOGIT_RANGE, HISTOGRAM_LOGIT_RANGE].
+
+    Bins of the logit rather than of the probability, since the AUROC only
+    ranks: equal bins over [0, 1] put every p < 1/bins in one bin, where a
+    confident map keeps most of its pixels (a text mask's empty cells at
+    0.003 tied with its missed lesion pixels at 0.0005 cost 5 points of AUROC).
 
     probability (B, H, W) in [0, 1]; truth (B, H, W) bool foreground; valid
     (B,) bool (padding rows count nowhere). Returns (positive counts,
     negative counts), each (bins,) float32: the sufficient statistics of a
     pixel AUROC that can be summed over batches and devices.
     """
-    index = jnp.clip(jnp.floor(probability * bins).astype(jnp.int32), 0, bins - 1).reshape(-1)
+    p = jnp.clip(probability.astype(jnp.float32), 1e-30, 1.0)
+    logit = jnp.clip(jnp.log(p) - jnp.log(jnp.maximum(1.0 - p, 1e-30)), -HISTOGRAM_LOGIT_RANGE, HISTOGRAM_LOGIT_RANGE)
+    position = (logit + HISTOGRAM_LOGIT_RANGE) / (2.0 * HISTOGRAM_LOGIT_RANGE)
+    index = jnp.clip(jnp.floor(position * bins).astype(jnp.int32), 0, bins - 1).reshape(-1)
     weight = jnp.broadcast_to(valid[:, None, None], truth.shape).astype(jnp.float32)
     positive = (truth.astype(jnp.float32) * weight).reshape(-1)
     negative = ((1.0 - truth.astype(jnp.float32)) * weight).reshape(-1)

@@ -66,19 +66,39 @@ def test_summarize_reports_percent():
     assert summary == {"dice": 75.0, "miou": 50.0, "images": 2}
 
 
+def _logit_bin_centres(index, bins):
+    half_range = metrics.HISTOGRAM_LOGIT_RANGE
+    return 1.0 / (1.0 + np.exp(-((index + 0.5) / bins * 2 * half_range - half_range)))
+
+
 def test_pixel_auroc_from_histograms_matches_sklearn():
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(1)
     bins = 50
     truth = rng.random((3, 8, 8)) < 0.3
     # Scores on bin centres, higher on positives, with ties inside bins.
-    scores = np.clip(0.35 * truth + rng.random((3, 8, 8)) * 0.65, 0, 0.999)
-    scores = (np.floor(scores * bins) + 0.5) / bins
+    index = np.clip(np.floor((0.35 * truth + rng.random((3, 8, 8)) * 0.65) * bins), 0, bins - 1)
+    scores = _logit_bin_centres(index, bins)
     valid = np.array([True, True, False])  # The padding row counts nowhere.
     positive, negative = metrics.foreground_histograms(scores, truth, valid, bins)
     assert float(np.sum(positive) + np.sum(negative)) == 2 * 64
     expected = sklearn_metrics.roc_auc_score(truth[:2].ravel(), scores[:2].ravel())
     assert metrics.auroc_from_histograms(positive, negative) == pytest.approx(expected, abs=1e-9)
+
+
+def test_pixel_auroc_from_histograms_ranks_confident_maps():
+    # A confident map: negatives at 2e-5, three positives at 1e-4 and a missed one at 1e-7. Equal bins
+    # over [0, 1] would tie all three levels (AUROC 0.5); the logit bins rank them (0.75).
+    truth = np.zeros((1, 4, 4), bool)
+    truth[0, 0, :4] = True
+    scores = np.full((1, 4, 4), 2e-5)
+    scores[0, 0, :3], scores[0, 0, 3] = 1e-4, 1e-7
+    positive, negative = metrics.foreground_histograms(scores, truth, np.array([True]), 4096)
+    assert metrics.auroc_from_histograms(positive, negative) == pytest.approx(0.75)
+    # Saturated float32 probabilities (0 and 1) still count, in the end bins.
+    positive, negative = metrics.foreground_histograms(np.array([[[1.0, 0.0]]]), np.array([[[True, False]]]),
+                                                       np.array([True]), 4096)
+    assert (float(positive[-1]), float(negative[0])) == (1.0, 1.0)
 
 
 def test_pixel_auroc_hand_cases():

@@ -275,7 +275,7 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25, 
     import numpy as np
 
     from amvlm_jax import metrics
-    from amvlm_jax.train.ssl import AUROC_BINS, text_mask_outputs
+    from amvlm_jax.train.ssl import text_mask_outputs
 
     if generator is None:
         generator = guidance.init_generator(jax.random.PRNGKey(0))
@@ -284,37 +284,30 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25, 
     tokens = guidance.tokenizer(split.reports)
 
     @jax.jit
-    def masks_of(images, batch_tokens, valid, truth):
+    def masks_of(images, batch_tokens, truth):
         x = images.astype(jnp.float32) / 255.0
         patch_map, reports = guidance.encode(guidance.variables, x, batch_tokens)
         text = guidance.model.apply(guidance.variables, batch_tokens, False, method=guidance.model.encode_text)
         p_text = text_mask_outputs(guidance, generator, guidance.variables, x, batch_tokens)[1]["p_text"]
         dice, _ = metrics.dice_iou_per_image((p_text > 0.5).astype(jnp.int32), truth.astype(jnp.int32), 1)
-        positive, negative = metrics.foreground_histograms(p_text, truth, valid, AUROC_BINS)
-        return dice, positive, negative, patch_map, reports, p_text, text["T"], text["word_mask"]
+        return dice, patch_map, reports, p_text, text["T"], text["word_mask"]
 
     dices, maps, embeddings, text_cells, p_texts, words, word_masks = [], [], [], [], [], [], []
-    positive = negative = 0.0
     for start in range(0, len(split), batch_size):
         rows = np.arange(start, min(start + batch_size, len(split)))
         padded = np.resize(rows, batch_size)
         out = jax.device_get(masks_of(split.images[padded], {k: v[padded] for k, v in tokens.items()},
-                                      np.arange(batch_size) < len(rows), split.masks[padded] > 0))
-        dices.append(out[0][: len(rows)])
-        positive, negative = positive + out[1], negative + out[2]
-        maps.append(out[3][: len(rows)])
-        embeddings.append(out[4][: len(rows)])
-        p_texts.append(out[5][: len(rows)])
-        words.append(out[6][: len(rows)])
-        word_masks.append(out[7][: len(rows)])
-        text_cells.append(cell_means(out[5][: len(rows)], config.data.image_size))
-    centres = (np.arange(AUROC_BINS) + 0.5) / AUROC_BINS
+                                      split.masks[padded] > 0))
+        for collected, value in zip((dices, maps, embeddings, p_texts, words, word_masks), out):
+            collected.append(value[: len(rows)])
+        text_cells.append(cell_means(p_texts[-1], config.data.image_size))
+    p_text, truth = np.concatenate(p_texts), split.masks > 0
     result = {
         "images": len(split),
         "dice": 100.0 * float(np.mean(np.concatenate(dices))),
-        "auroc": 100.0 * metrics.auroc_from_histograms(positive, negative),
-        "p_text_lesion": float(np.sum(positive * centres) / max(np.sum(positive), 1.0)),
-        "p_text_background": float(np.sum(negative * centres) / max(np.sum(negative), 1.0)),
+        "auroc": 100.0 * rank_auroc(p_text, truth),
+        "p_text_lesion": float(p_text[truth].mean()) if truth.any() else float("nan"),
+        "p_text_background": float(p_text[~truth].mean()) if (~truth).any() else float("nan"),
     }
     features = {"maps": np.concatenate(maps), "reports": np.concatenate(embeddings), "words": np.concatenate(words),
                 "word_mask": np.concatenate(word_masks)}
@@ -327,7 +320,7 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25, 
         lesion = split.masks > 0
         own = np.einsum("bhwd,bd->bhw", features["maps"], features["reports"])
         result["pixel_auroc"] = {
-            "text_mask": pixel_aurocs(np.concatenate(p_texts), lesion, distractor),
+            "text_mask": pixel_aurocs(p_text, lesion, distractor),
             "v_dot_t": pixel_aurocs(patch_to_pixels(own, size), lesion, distractor),
         }
         result["word_attention"] = word_attention_readouts(
