@@ -377,6 +377,10 @@ def test_text_mask_tool_scores_pretrained_masks(all_run):
     assert features["maps"].shape[0] == features["reports"].shape[0] == features["lesion"].shape[0] == 8
     assert result["images"] == 8 and 0.0 <= result["auroc"] <= 100.0 and 0.0 <= result["dice"] <= 100.0
     assert 0.0 <= result["p_text_lesion"] <= 1.0 and set(result["own_similarity_by_cell"]) <= {"lesion", "distractor", "empty"}
+    assert result["auroc"] == pytest.approx(result["pixel_auroc"]["text_mask"]["lesion_vs_all"])  # Both exact ranks.
+    # The named-cells reference marks every lesion pixel and no distractor (they hold cells of their own).
+    named = result["pixel_auroc"]["named_cells"]
+    assert named["lesion_vs_distractor"] == 100.0 and 80.0 < named["lesion_vs_all"] < 100.0
 
     # Cell grouping by hand: a 3x3 patch grid on a 96-pixel image puts one patch in each grid cell.
     names = ["syn_00000.png", "syn_00001.png"]

@@ -15,8 +15,9 @@ word-attention head it fitted, after the run's mask options (e.g.
 split: Dice of the mask at 0.5, pixel AUROC of p_text, and the mean p_text
 on lesion and on background pixels. For the synthetic data it adds pixel
 AUROCs of lesion pixels against all others and against distractor pixels for
-the text mask, for V . t and for the CSS word-to-patch attention averaged
-over a report's words, and the share of each location word's attention
+the text mask, for V . t, for the CSS word-to-patch attention averaged
+over a report's words and for the mask that is 1 on the cells the report
+names (the reference for a mask that reads only the report), and the share of each location word's attention
 (upper, lower, left, center, right) on the third of the image it names
 (chance 0.33). For the synthetic data it also reports, per kind of grid cell
 (holding a named lesion, a distractor, or nothing), the image's similarity
@@ -318,16 +319,18 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25, 
         distractor = np.stack([synthetic.render_sample(config.data.synthetic.seed, split_name, synthetic.file_index(name), size)
                                .distractor_mask > 0 for name in split.names])
         lesion = split.masks > 0
+        features["lesion"], features["distractor"] = synthetic_cells(split.names, split_name, config.data.synthetic.seed, size)
         own = np.einsum("bhwd,bd->bhw", features["maps"], features["reports"])
         result["pixel_auroc"] = {
             "text_mask": pixel_aurocs(p_text, lesion, distractor),
             "v_dot_t": pixel_aurocs(patch_to_pixels(own, size), lesion, distractor),
         }
+        # The reference a mask that knows only the report can reach: 1 on the cells it names, 0 elsewhere.
+        named = features["lesion"][:, patch_cells(size, size)].reshape(lesion.shape)
+        result["pixel_auroc"]["named_cells"] = pixel_aurocs(named, lesion, distractor)
         result["word_attention"] = word_attention_readouts(
             features["maps"], features["words"], features["word_mask"], word_texts(guidance.tokenizer, tokens),
             lesion, distractor, guidance.temperature, size)
-        features["lesion"], features["distractor"] = synthetic_cells(
-            split.names, split_name, config.data.synthetic.seed, config.data.image_size)
         result["own_similarity_by_cell"] = cell_similarities(
             features["maps"], features["reports"], features["lesion"], features["distractor"], config.data.image_size)
         result["similarity_by_naming"] = naming_contrast(
@@ -375,9 +378,10 @@ def main(config):
     if synthetic_data:
         print("\npixel AUROC, lesion against all other pixels / against distractor pixels; location words' attention "
               "on the third they name (chance 0.33)")
-        print(f"{'split':<8}{'text mask':>14}{'V.t':>14}{'word attention':>16}{'location share':>16}")
+        print(f"{'split':<8}{'text mask':>14}{'V.t':>14}{'word attention':>16}{'named cells':>14}{'location share':>16}")
         for split_name, r in results.items():
-            cells = [r["pixel_auroc"]["text_mask"], r["pixel_auroc"]["v_dot_t"], r["word_attention"]["mean_attention"]]
+            cells = [r["pixel_auroc"]["text_mask"], r["pixel_auroc"]["v_dot_t"], r["word_attention"]["mean_attention"],
+                     r["pixel_auroc"]["named_cells"]]
             print(f"{split_name:<8}" + "".join(f"{c['lesion_vs_all']:>8.1f} /{c['lesion_vs_distractor']:>5.1f}" for c in cells)
                   + f"{r['word_attention']['location_share_mean']:>14.3f}")
         print("\nV.t of a patch with every report, by what the patch's cell holds: report names the cell / does not")
