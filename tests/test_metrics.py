@@ -67,8 +67,8 @@ def test_summarize_reports_percent():
 
 
 def _logit_bin_centres(index, bins):
-    half_range = metrics.HISTOGRAM_LOGIT_RANGE
-    return 1.0 / (1.0 + np.exp(-((index + 0.5) / bins * 2 * half_range - half_range)))
+    low, high = metrics.HISTOGRAM_LOGIT_MIN, metrics.HISTOGRAM_LOGIT_MAX
+    return 1.0 / (1.0 + np.exp(-(low + (index + 0.5) / bins * (high - low))))
 
 
 def test_pixel_auroc_from_histograms_matches_sklearn():
@@ -87,18 +87,19 @@ def test_pixel_auroc_from_histograms_matches_sklearn():
 
 
 def test_pixel_auroc_from_histograms_ranks_confident_maps():
-    # A confident map: negatives at 2e-5, three positives at 1e-4 and a missed one at 1e-7. Equal bins
+    # A confident map: negatives at 1e-20, three positives at 1e-5 and a missed one at 1e-30. Equal bins
     # over [0, 1] would tie all three levels (AUROC 0.5); the logit bins rank them (0.75).
     truth = np.zeros((1, 4, 4), bool)
     truth[0, 0, :4] = True
-    scores = np.full((1, 4, 4), 2e-5)
-    scores[0, 0, :3], scores[0, 0, 3] = 1e-4, 1e-7
+    scores = np.full((1, 4, 4), 1e-20, np.float32)
+    scores[0, 0, :3], scores[0, 0, 3] = 1e-5, 1e-30
     positive, negative = metrics.foreground_histograms(scores, truth, np.array([True]), 4096)
     assert metrics.auroc_from_histograms(positive, negative) == pytest.approx(0.75)
     # Saturated float32 probabilities (0 and 1) still count, in the end bins.
     positive, negative = metrics.foreground_histograms(np.array([[[1.0, 0.0]]]), np.array([[[True, False]]]),
                                                        np.array([True]), 4096)
     assert (float(positive[-1]), float(negative[0])) == (1.0, 1.0)
+    assert float(np.sum(positive[:-1]) + np.sum(negative[1:])) == 0.0
 
 
 def test_pixel_auroc_hand_cases():

@@ -416,7 +416,7 @@ def make_picture_panels(config, model, guidance: TextGuidance | None, mesh, spli
 
 
 GUIDANCE_MAPS = ("text_mask", "teacher", "pseudo_label", "student")
-AUROC_BINS = 4096  # logit bins of 1/128 (metrics.foreground_histograms)
+AUROC_BINS = 4096  # bins of 0.03 in the logit (metrics.foreground_histograms)
 
 
 def make_guidance_eval_step(config, model, guidance: TextGuidance | None):
