@@ -211,6 +211,10 @@ def base_config() -> ml_collections.ConfigDict:
     # True (beyond the paper; False in every paper configuration): every text mask is capped at 0.5, so the
     # fusion can only lower the teacher's logit where the text says no finding is, never raise it.
     config.ssl.text_veto_only = False
+    # p_text is clipped to [text_clip, 1 - text_clip] before its logit enters the fusion (SPEC 6: 1e-4, as
+    # the teacher's). Smaller (beyond the paper): a certain veto outweighs a certain teacher instead of
+    # only cancelling it (at 1e-4 both, the fused pseudo-label of a vetoed, confident pixel is 0.5).
+    config.ssl.text_clip = 1e-4
     # Where the text masks come from. '' (the paper, SPEC 5): the decoder on V, trained on L_tg when
     # train_decoder. 'words' (beyond the paper, off in every paper configuration): a head on the frozen V and
     # the report's word embeddings (models/text_mask.WordAttentionMaskHead) fitted on the labelled images'
@@ -453,6 +457,7 @@ def _field_checks() -> tuple:
         ("ssl.constant_text_mask", *_number(0, 1, high_open=True)),
         ("ssl.text_logit_offset", (lambda v: _is_number(v)), "a finite number"),
         ("ssl.text_veto_only", *_BOOL),
+        ("ssl.text_clip", *_number(0, 0.5, low_open=True, high_open=True)),
         ("ssl.text_head", *_one_of("", "words", "report", allowed="'' (the paper's decoder), 'words' or 'report'")),
         ("ssl.text_head_steps", *_integer(1)),
         ("ssl.text_head_lr", *positive),

@@ -200,6 +200,15 @@ def test_fuse_pseudo_labels_formula_and_clipping():
     np.testing.assert_allclose(teacher_only, np.clip(np.asarray(p_teacher), 1e-4, 1 - 1e-4), rtol=1e-5)
     grad = jax.grad(lambda p: jnp.sum(fuse_pseudo_labels(p, p_text)))(p_teacher)
     assert np.all(np.asarray(grad) == 0)
+    # A certain teacher against a certain veto: equal clips cancel (0.5); a text clip of 1e-8 wins.
+    certain, veto = jnp.ones((1, 1, 1)), jnp.zeros((1, 1, 1))
+    assert float(fuse_pseudo_labels(certain, veto)[0, 0, 0]) == pytest.approx(0.5, abs=1e-4)
+    won = float(fuse_pseudo_labels(certain, veto, text_eps=1e-8)[0, 0, 0])
+    assert won == pytest.approx(sigmoid(_logit(1 - 1e-4) + _logit(1e-8)), rel=1e-3) and won < 2e-4
+    # The teacher keeps its own clip, and the multi-class fusion passes the text clip on.
+    assert float(fuse_pseudo_labels(veto, jnp.full((1, 1, 1), 0.5), text_eps=1e-8)[0, 0, 0]) == pytest.approx(1e-4, rel=1e-3)
+    three = jnp.array([[[[0.0, 0.5, 0.5]]]])
+    assert float(fuse_multiclass(three, veto, text_eps=1e-8)[0, 0, 0, 0]) == pytest.approx(1 - won, rel=1e-6)
 
 
 def test_fuse_multiclass_sums_to_one_and_matches_binary():

@@ -63,18 +63,24 @@ def clipped_logit(p: jnp.ndarray, eps: float) -> jnp.ndarray:
     return jnp.log(p) - jnp.log1p(-p)
 
 
-def fuse_pseudo_labels(p_teacher: jnp.ndarray, p_text: jnp.ndarray, w_text: float = 1.0, eps: float = 1e-4) -> jnp.ndarray:
+def fuse_pseudo_labels(p_teacher: jnp.ndarray, p_text: jnp.ndarray, w_text: float = 1.0, eps: float = 1e-4,
+                       text_eps: float | None = None) -> jnp.ndarray:
     """p_fused = sigmoid(logit(p_teacher) + w_text * logit(p_text)), no gradient.
 
     Both probabilities (B, H, W) are clipped to [eps, 1 - eps] before the
-    logit, so certain predictions (0 or 1) stay finite. w_text = 0 returns
-    the (clipped) teacher probability.
+    logit (p_text to [text_eps, 1 - text_eps] when given), so certain
+    predictions (0 or 1) stay finite. With equal clips a certain "no" of the
+    text only cancels a certain "yes" of the teacher (p_fused = 0.5); a
+    smaller text_eps lets it win. w_text = 0 returns the (clipped) teacher
+    probability.
     """
-    fused = jax.nn.sigmoid(clipped_logit(p_teacher, eps) + w_text * clipped_logit(p_text, eps))
+    text_eps = eps if text_eps is None else text_eps
+    fused = jax.nn.sigmoid(clipped_logit(p_teacher, eps) + w_text * clipped_logit(p_text, text_eps))
     return jax.lax.stop_gradient(fused)
 
 
-def fuse_multiclass(p_teacher: jnp.ndarray, p_text: jnp.ndarray, w_text: float = 1.0, eps: float = 1e-4) -> jnp.ndarray:
+def fuse_multiclass(p_teacher: jnp.ndarray, p_text: jnp.ndarray, w_text: float = 1.0, eps: float = 1e-4,
+                    text_eps: float | None = None) -> jnp.ndarray:
     """Multi-class pseudo-labels (B, H, W, C) from teacher softmax (B, H, W, C)
     with class 0 = background and a text foreground probability (B, H, W).
 
@@ -85,7 +91,7 @@ def fuse_multiclass(p_teacher: jnp.ndarray, p_text: jnp.ndarray, w_text: float =
     """
     p_teacher = p_teacher.astype(jnp.float32)
     num_foreground = p_teacher.shape[-1] - 1
-    fused_foreground = fuse_pseudo_labels(1.0 - p_teacher[..., 0], p_text, w_text, eps)[..., None]
+    fused_foreground = fuse_pseudo_labels(1.0 - p_teacher[..., 0], p_text, w_text, eps, text_eps)[..., None]
     teacher_foreground = p_teacher[..., 1:]
     teacher_total = jnp.sum(teacher_foreground, axis=-1, keepdims=True)
     has_mass = teacher_total > 1e-12

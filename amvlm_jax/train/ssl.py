@@ -106,6 +106,7 @@ class TextGuidance:
         self.constant = float(config.ssl.constant_text_mask)
         self.logit_offset = float(config.ssl.text_logit_offset)
         self.veto_only = bool(config.ssl.text_veto_only)
+        self.text_clip = float(config.ssl.text_clip)
 
     def init_decoder(self, rng):
         grid = self.image_size // 16
@@ -185,11 +186,12 @@ def teacher_probabilities(model, teacher, images, num_classes: int, norm: str = 
     return jax.nn.sigmoid(logits[..., 0]) if num_classes == 1 else jax.nn.softmax(logits, axis=-1)
 
 
-def fuse(p_teacher, p_text, w_text: float, num_classes: int):
-    """Pseudo-labels from the teacher's probabilities and the text masks (SPEC 6), without gradient."""
+def fuse(p_teacher, p_text, w_text: float, num_classes: int, guidance: TextGuidance):
+    """Pseudo-labels from the teacher's probabilities and the text masks (SPEC 6), without gradient;
+    p_text clipped at guidance.text_clip (config.ssl.text_clip)."""
     if num_classes == 1:
-        return fuse_pseudo_labels(p_teacher, p_text, w_text)
-    return fuse_multiclass(p_teacher, p_text, w_text)
+        return fuse_pseudo_labels(p_teacher, p_text, w_text, text_eps=guidance.text_clip)
+    return fuse_multiclass(p_teacher, p_text, w_text, text_eps=guidance.text_clip)
 
 
 def text_mask_outputs(guidance: TextGuidance, trained: dict, frozen, images, tokens) -> tuple:
@@ -342,7 +344,7 @@ def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx, step
                 step_metrics["tg_loss"] = tg_loss
             else:
                 _, p_text = decoder_loss(trained)
-            pseudo = fuse(p_teacher, jax.lax.stop_gradient(p_text), w_text, num_classes)
+            pseudo = fuse(p_teacher, jax.lax.stop_gradient(p_text), w_text, num_classes, guidance)
             step_metrics["text_mask_mean"] = jnp.mean(p_text)
         else:
             pseudo = p_teacher
@@ -397,7 +399,7 @@ def make_picture_panels(config, model, guidance: TextGuidance | None, mesh, spli
         if guidance is not None:
             _, masks = text_mask_outputs(guidance, trained, frozen, images, report_tokens(batch))
             p_text = masks["p_text"]
-            pseudo = fuse(pseudo, p_text, w_text, num_classes)
+            pseudo = fuse(pseudo, p_text, w_text, num_classes, guidance)
         return (pseudo if num_classes == 1 else 1.0 - pseudo[..., 0]), p_text
 
     def panels(state, rows):
@@ -443,7 +445,7 @@ def make_guidance_eval_step(config, model, guidance: TextGuidance | None):
         if guidance is not None:
             _, masks = text_mask_outputs(guidance, trained, frozen, images, report_tokens(batch))
             maps["text_mask"] = masks["p_text"]
-            maps["pseudo_label"] = fuse(p_teacher, masks["p_text"], w_text, num_classes)
+            maps["pseudo_label"] = fuse(p_teacher, masks["p_text"], w_text, num_classes, guidance)
         out = {}
         for name, probability in maps.items():
             if probability.ndim == 4:  # Class probabilities: argmax labels, foreground = 1 - background.
