@@ -14,24 +14,25 @@ word-attention head it fitted, after the run's mask options (e.g.
 --config.ssl.text_veto_only). It scores them against the masks of each
 split: Dice of the mask at 0.5, pixel AUROC of p_text, and the mean p_text
 on lesion and on background pixels. For the synthetic data it adds pixel
-AUROCs of lesion pixels against all others and against distractor pixels for
-the text mask, for V . t, for the CSS word-to-patch attention averaged
+AUROCs of lesion pixels against all others and against distractor pixels
+for the text mask, for V . t, for the CSS word-to-patch attention averaged
 over a report's words and for the mask that is 1 on the cells the report
-names (the reference for a mask that reads only the report), and the share of each location word's attention
-(upper, lower, left, center, right) on the third of the image it names
-(chance 0.33). For the synthetic data it also reports, per kind of grid cell
-(holding a named lesion, a distractor, or nothing), the image's similarity
-to its own report V . t averaged over the cell's patches and the mean text
-mask p_text over the cell's pixels: a text mask can only veto a distractor
-if its p_text is well below that of lesion cells. A pre-training that
-grounds the report ranks the cells lesion > empty, distractor. It splits
-every patch-report similarity by whether the report names the patch's cell:
-does a lesion patch attract the reports naming its cell (presence), or an
-empty patch repel them (absence)? The tool also fits linear probes on the
-training split (ridge regression, scored by AUROC on each split): do the
-report embeddings t say which cells the report names, and do the patch
-embeddings V say whether their cell holds a lesion or any blob? Each
-modality can encode its side while V . t still ranks nothing.
+names (the reference for a mask that reads only the report), and the share
+of each location word's attention (upper, lower, left, center, right) on
+the third of the image it names (chance 0.33). For the synthetic data it
+also reports, per kind of grid cell (holding a named lesion, a distractor,
+or nothing), the image's similarity to its own report V . t averaged over
+the cell's patches and the mean text mask p_text over the cell's pixels: a
+text mask can only veto a distractor if its p_text is well below that of
+lesion cells. A pre-training that grounds the report ranks the cells lesion
+> empty, distractor. It splits every patch-report similarity by whether the
+report names the patch's cell: does a lesion patch attract the reports
+naming its cell (presence), or an empty patch repel them (absence)? The
+tool also fits linear probes on the training split (ridge regression,
+scored by AUROC on each split): do the report embeddings t say which cells
+the report names, and do the patch embeddings V say whether their cell
+holds a lesion or any blob? Each modality can encode its side while V . t
+still ranks nothing.
 Prints a table and writes <workdir>/text_masks.json.
 """
 
