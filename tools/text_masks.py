@@ -24,8 +24,8 @@ also reports, per kind of grid cell (holding a named lesion, a distractor,
 or nothing), the image's similarity to its own report V . t averaged over
 the cell's patches and the mean text mask p_text over the cell's pixels: a
 text mask can only veto a distractor if its p_text is well below that of
-lesion cells. A pre-training that grounds the report ranks the cells lesion
-> empty, distractor. It splits every patch-report similarity by whether the
+lesion cells. A pre-training that grounds the report ranks the cells
+lesion > empty, distractor. It splits every patch-report similarity by whether the
 report names the patch's cell: does a lesion patch attract the reports
 naming its cell (presence), or an empty patch repel them (absence)? The
 tool also fits linear probes on the training split (ridge regression,
