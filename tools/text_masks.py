@@ -25,14 +25,14 @@ or nothing), the image's similarity to its own report V . t averaged over
 the cell's patches and the mean text mask p_text over the cell's pixels: a
 text mask can only veto a distractor if its p_text is well below that of
 lesion cells. A pre-training that grounds the report ranks the cells
-lesion > empty, distractor. It splits every patch-report similarity by whether the
-report names the patch's cell: does a lesion patch attract the reports
-naming its cell (presence), or an empty patch repel them (absence)? The
-tool also fits linear probes on the training split (ridge regression,
-scored by AUROC on each split): do the report embeddings t say which cells
-the report names, and do the patch embeddings V say whether their cell
-holds a lesion or any blob? Each modality can encode its side while V . t
-still ranks nothing.
+lesion > empty, distractor. It splits every patch-report similarity by
+whether the report names the patch's cell: does a lesion patch attract the
+reports naming its cell (presence), or an empty patch repel them
+(absence)? The tool also fits linear probes on the training split (ridge
+regression, scored by AUROC on each split): do the report embeddings t say
+which cells the report names, and do the patch embeddings V say whether
+their cell holds a lesion or any blob? Each modality can encode its side
+while V . t still ranks nothing.
 Prints a table and writes <workdir>/text_masks.json.
 """
 
@@ -319,7 +319,7 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25, 
         size = config.data.image_size
         distractor = np.stack([synthetic.render_sample(config.data.synthetic.seed, split_name, synthetic.file_index(name), size)
                                .distractor_mask > 0 for name in split.names])
-        lesion = split.masks > 0
+        lesion = truth
         features["lesion"], features["distractor"] = synthetic_cells(split.names, split_name, config.data.synthetic.seed, size)
         own = np.einsum("bhwd,bd->bhw", features["maps"], features["reports"])
         result["pixel_auroc"] = {
