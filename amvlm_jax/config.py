@@ -149,6 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.pretrain.warmup_fraction = 0.4
     config.pretrain.min_lr = 1e-8
     config.pretrain.image_lr = 0.0  # Adam rate of the image encoder and its heads; 0 = pretrain.lr.
+    # False: the text encoder keeps its loaded weights (locked; its projection heads still train): no update,
+    # no optimiser state, no backward pass through it. A pre-trained text tower on a small corpus.
+    config.pretrain.train_text_encoder = True
     config.pretrain.temperature = 0.07
     config.pretrain.momentum = 0.995  # Momentum encoders' EMA.
     # Local alignment weights (SPEC 3.3): how the normalised variance x is inverted: 'reciprocal' (1/x),
@@ -446,6 +449,7 @@ def _field_checks() -> tuple:
         ("pretrain.pdt_heads", *_integer(1)),
         ("pretrain.pdt_dropout", *_number(0, 1, high_open=True)),
         ("pretrain.remat", *_BOOL),
+        ("pretrain.train_text_encoder", *_BOOL),
         ("pretrain.vit_attention", *_one_of("auto", "xla", "cudnn")),
         ("pretrain.text_embedding_grad", *_one_of("auto", "scatter", "one_hot")),
         ("ssl.w_text", *non_negative),

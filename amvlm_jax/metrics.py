@@ -91,18 +91,23 @@ def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
                       groups: Optional[np.ndarray] = None) -> dict:
     """Top-k accuracy of matching pairs (row i of both is one pair), in [0, 1].
 
-    i2t: for each image, is a report of its group among the k highest-scoring reports; t2i: for each
-    report, is an image of its group among the k highest-scoring images. groups (N,) ints: pairs with
-    equal values have the same report text, so any of them is a right answer (a corpus repeats reports:
-    several images of one case, a normal study's one-line report); by default every pair is its own
-    group. Rank = number of candidates outside the query's group scoring strictly higher than the
-    best one inside it, so ties go in the right answer's favour.
+    groups (N,) ints: pairs with equal values have the same report text, so any of them is a right answer
+    (a corpus repeats reports: several images of one case, a normal study's one-line report); by default
+    every pair is its own group. i2t: for each image, is its report among the k highest-scoring distinct
+    reports, each group being one candidate scored by its best text (a report repeated for 12 images is
+    one answer, not 12 of the top-10 slots); chance is k / groups. t2i: for each report, is an image of its
+    group among the k highest-scoring images. Rank = number of candidates outside the query's group scoring
+    strictly higher than the best one inside it, so ties go in the right answer's favour.
     """
     scores = np.asarray(image_embeddings, np.float64) @ np.asarray(text_embeddings, np.float64).T
     groups = np.arange(len(scores)) if groups is None else np.asarray(groups)
+    order = np.argsort(groups, kind="stable")
+    starts = np.flatnonzero(np.r_[True, groups[order][1:] != groups[order][:-1]])
+    group_best = np.maximum.reduceat(scores[:, order], starts, axis=1)  # (N, groups): best text of each
+    own_best = group_best[np.arange(len(scores)), np.searchsorted(groups[order][starts], groups)]
+    image_to_text_rank = np.sum(group_best > own_best[:, None], axis=1)
     same = groups[:, None] == groups[None, :]
     inside = np.where(same, scores, -np.inf)
-    image_to_text_rank = np.sum((scores > inside.max(axis=1, keepdims=True)) & ~same, axis=1)
     text_to_image_rank = np.sum((scores > inside.max(axis=0, keepdims=True)) & ~same, axis=0)
     metrics = {}
     for k in ks:

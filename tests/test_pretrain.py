@@ -185,6 +185,33 @@ def test_eight_device_step_equals_one_device_step_and_momentum_follows_ema(amvlm
     assert int(state8.step) == 2
 
 
+def test_locked_text_encoder_keeps_its_weights_and_has_no_optimizer_state(amvlm_setup, tokens):
+    config, model, initial = amvlm_setup
+    locked = tiny_pretrain_config(**{"pretrain.train_text_encoder": False})
+    initial = jax.device_get(initial)
+    batch = _batch(tokens)
+    states = {}
+    for name, cfg in (("trained", config), ("locked", locked)):
+        tx = pretrain.pretrain_optimizer(cfg, initial.params)
+        state = PretrainState.create(initial.params, initial.batch_stats, tx, momentum=initial.momentum)
+        states[name] = pretrain.make_train_step(model, cfg)(state, batch)
+    (trained, trained_metrics), (after, after_metrics) = states["trained"], states["locked"]
+    # The same forward pass: locking changes which parameters move, not the loss.
+    np.testing.assert_allclose(float(after_metrics["loss"]), float(trained_metrics["loss"]), rtol=1e-6)
+    for name, before in initial.params.items():
+        moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(after.params[name]))))
+        if name == "text_encoder":
+            assert moved == 0.0
+            assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+                jax.tree.leaves(before), jax.tree.leaves(jax.device_get(trained.params[name])))) > 0
+        else:
+            assert moved > 0, f"{name} did not move"
+    # No Adam moments for the locked encoder: the optimiser state is smaller by its parameter count, twice.
+    size = lambda tree: sum(np.size(x) for x in jax.tree.leaves(tree))  # noqa: E731
+    assert size(trained.opt_state) - size(after.opt_state) == 2 * size(initial.params["text_encoder"])
+
+
 def test_mgca_objective_and_prototype_freezing(tokens):
     config = tiny_pretrain_config(**{"pretrain.objective": "mgca"})
     model, state = _setup(config)
@@ -287,16 +314,29 @@ def test_retrieval_metrics():
     v = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     t = np.array([[0.0, 1.0], [0.1, 0.9], [1.0, 0.0]])
     # Scores v @ t.T: image 0 [0, .1, 1], image 1 [1, .9, 0], image 2 [.8, .78, .6].
-    # i2t: image 0's best in-group text scores .1 < 1 (text 2): rank 1; image 1: rank 0; image 2 (group
-    # {2}): .6 against .8 and .78: rank 2. t2i: text 0 (group {0, 1}) best image 1.0 vs image 2's .8:
-    # rank 0; text 1: .9 vs .78: rank 0; text 2: image 2 scores .6 against image 0's 1: rank 1.
+    # i2t ranks the two distinct reports: image 0's best in-group text scores .1 < 1 (report 7): rank 1;
+    # image 1: rank 0; image 2 (report 7): .6 against report 5's best .8: rank 1. t2i: text 0 (group
+    # {0, 1}) best image 1.0 vs image 2's .8: rank 0; text 1: .9 vs .78: rank 0; text 2: image 2 scores
+    # .6 against image 0's 1: rank 1.
     grouped = metrics.retrieval_metrics(v, t, ks=(1, 2), groups=np.array([5, 5, 7]))
-    assert grouped["i2t_top1"] == 1 / 3 and grouped["i2t_top2"] == 2 / 3
+    assert grouped["i2t_top1"] == 1 / 3 and grouped["i2t_top2"] == 1.0
     assert grouped["t2i_top1"] == 2 / 3 and grouped["t2i_top2"] == 1.0
     ungrouped = metrics.retrieval_metrics(v, t, ks=(1,))
     # Alone, image 0 ranks text 0 third (rank 2), image 1 ranks text 1 second (rank 1); text 0's own image
     # 0 scores 0, below images 1 and 2 (rank 2); text 1's image 1 scores .9 (rank 0).
     assert ungrouped["i2t_top1"] == 0.0 and ungrouped["t2i_top1"] == 1 / 3
+    # A wrong report repeated for three images fills one slot of an image's list, not three: image 3 scores
+    # report 0 (pairs 0-2) .9, its own report .8 and report 4 .1: rank 1 among distinct reports.
+    v = np.array([[1.0, 0.0, 0.0]] * 3 + [[0.9, 0.8, 0.1], [0.0, 0.0, 1.0]])
+    t = np.array([[1.0, 0.0, 0.0]] * 3 + [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    repeated = metrics.retrieval_metrics(v, t, ks=(1, 2), groups=np.array([0, 0, 0, 3, 4]))
+    assert repeated["i2t_top1"] == 4 / 5 and repeated["i2t_top2"] == 1.0
+    # Random scores: top-k over G distinct reports is right k / G of the time.
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 40, 400)
+    chance = metrics.retrieval_metrics(rng.normal(size=(400, 64)), rng.normal(size=(400, 64))[groups], ks=(10,),
+                                       groups=groups)
+    assert abs(chance["i2t_top10"] - 10 / len(np.unique(groups))) < 0.05
     assert pretrain.capped_batch_size(32, 24, 8) == 24 and pretrain.capped_batch_size(32, 30, 8) == 24
     assert pretrain.capped_batch_size(8, 16, 8) == 8
 

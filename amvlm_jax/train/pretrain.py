@@ -128,7 +128,8 @@ def pretrain_optimizer(config, params: dict, steps_per_epoch: int = 1) -> optax.
     pretrain.schedule; the image encoder and its heads at pretrain.image_lr when that is set (a ViT
     trained from scratch needs a larger step than a pre-trained text encoder: with one small rate the
     text side alone fits the pairs). MGCA's prototypes get no update and no optimiser state for their
-    first pretrain.mgca.freeze_prototypes_epochs epochs (SPEC 4).
+    first pretrain.mgca.freeze_prototypes_epochs epochs (SPEC 4). With pretrain.train_text_encoder False
+    the text encoder gets neither updates nor optimiser state.
     """
     pre = config.pretrain
 
@@ -151,6 +152,9 @@ def pretrain_optimizer(config, params: dict, steps_per_epoch: int = 1) -> optax.
     if "prototypes" in params and freeze_steps > 0:
         groups["prototypes"] = optimizer(pre.lr, freeze_steps)
         labels["prototypes"] = "prototypes"
+    if not pre.train_text_encoder:
+        groups["locked"] = optax.set_to_zero()
+        labels["text_encoder"] = "locked"
     if len(groups) == 1:
         return groups["rest"]
     labels = {name: jax.tree.map(lambda _, label=label: label, params[name]) for name, label in labels.items()}
@@ -203,6 +207,8 @@ def make_train_step(model: AMVLM, config):
             momentum_outputs = jax.lax.stop_gradient(image_view | report_view)
 
         def loss_fn(params):
+            if not pre.train_text_encoder:  # No gradient: XLA drops the backward pass through it.
+                params = params | {"text_encoder": jax.lax.stop_gradient(params["text_encoder"])}
             outputs, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, images, tokens, train=True, with_pdt=with_pdt,
                 rngs={"dropout": online_key}, mutable=["batch_stats"],
