@@ -94,7 +94,7 @@ BAD_VALUES = [
     ("pretrain.vit_width", -1), ("pretrain.vit_depth", -1), ("pretrain.vit_heads", -1),
     ("pretrain.text_weights_init", "zeros"), ("pretrain.text_hidden", -1), ("pretrain.text_heads", -1),
     ("pretrain.head_hidden", 0), ("pretrain.pdt_heads", 0), ("pretrain.pdt_dropout", 1.0),
-    ("pretrain.pdt_dropout", -0.1), ("pretrain.remat", None),
+    ("pretrain.pdt_dropout", -0.1), ("pretrain.remat", None), ("pretrain.train_text_encoder", None),
     ("pretrain.vit_attention", "flash"), ("pretrain.text_embedding_grad", "dense"),
     ("ssl.w_text", -1.0), ("ssl.w_text", NAN), ("ssl.train_decoder", None), ("ssl.decoder_lr", -1.0),
     ("ssl.pretrained", None), ("ssl.teacher_norm", "none"), ("ssl.ema_max_alpha", 1.0),
