@@ -102,9 +102,10 @@ def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
     scores = np.asarray(image_embeddings, np.float64) @ np.asarray(text_embeddings, np.float64).T
     groups = np.arange(len(scores)) if groups is None else np.asarray(groups)
     order = np.argsort(groups, kind="stable")
-    starts = np.flatnonzero(np.r_[True, groups[order][1:] != groups[order][:-1]])
+    sorted_groups = groups[order]
+    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
     group_best = np.maximum.reduceat(scores[:, order], starts, axis=1)  # (N, groups): best text of each
-    own_best = group_best[np.arange(len(scores)), np.searchsorted(groups[order][starts], groups)]
+    own_best = group_best[np.arange(len(scores)), np.searchsorted(sorted_groups[starts], groups)]
     image_to_text_rank = np.sum(group_best > own_best[:, None], axis=1)
     same = groups[:, None] == groups[None, :]
     inside = np.where(same, scores, -np.inf)
