@@ -74,12 +74,14 @@ def run(config, workdir: str | pathlib.Path) -> dict:
     <workdir>/config.json before the job starts.
     """
     from amvlm_jax.config import validate
+    from amvlm_jax.train.logging import info
 
     validate(config)
     workdir = pathlib.Path(workdir)
     if config.mode in ("evaluate", "predict"):
         config, job = checkpoint_config(config, workdir)
     config = resolve(config, workdir)
+    info(f"{config.mode} in {workdir} (resolved config: {workdir / 'config.json'})")
     if config.mode == "supervised":
         from amvlm_jax.train import supervised
 
@@ -204,12 +206,10 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
 
 
 def main(config: ml_collections.ConfigDict) -> None:
-    from amvlm_jax.train.logging import info
     from amvlm_jax.train.parallel import initialize_distributed
 
     workdir = flags.FLAGS.workdir or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     initialize_distributed(config)  # Before anything touches the devices.
-    info(f"{config.mode} in {workdir} (resolved config: {pathlib.Path(workdir) / 'config.json'})")
     run(config, workdir)
 
 

@@ -277,7 +277,7 @@ def test_command_line_gives_one_error_line_and_writes_nothing(override, expected
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [expected]
-    assert not workdir.exists()
+    assert not workdir.exists() and "config.json" not in result.stdout  # No promise of a file never written.
 
 
 # ---------------------------------------------------------------------------
