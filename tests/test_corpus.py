@@ -86,6 +86,19 @@ def test_bad_rows_are_one_line_errors_naming_file_and_row(tmp_path):
     assert "must end in .csv, .jsonl or .json" in _error(config)
 
 
+def test_a_missing_split_file_stops_pretraining_before_any_image_is_decoded(generated, tmp_path, monkeypatch):
+    from amvlm_jax import main
+
+    def decode_all(*args, **kwargs):
+        raise AssertionError("an image was decoded before the missing file was noticed")
+
+    monkeypatch.setattr(corpus, "decode_all", decode_all)
+    config = corpus_config(generated, **{"data.corpus.test": str(tmp_path / "tset.jsonl")})
+    with pytest.raises(DataError) as raised:
+        main.run(config, tmp_path / "run")
+    assert str(raised.value) == f"{tmp_path / 'tset.jsonl'}: corpus file not found"
+
+
 def test_missing_images_are_skipped_and_counted_only_when_asked(tmp_path):
     path = write_corpus(tmp_path, 8)
     (tmp_path / "images" / "3.png").unlink()

@@ -141,6 +141,22 @@ def _text(value) -> str:
     return "" if value is None else str(value).strip()
 
 
+def _file_path(config, file: str) -> pathlib.Path:
+    """A corpus file's path: as given when absolute, else relative to data.root when that is set."""
+    path = pathlib.Path(os.path.expanduser(file))
+    if config.data.root and not path.is_absolute():
+        path = pathlib.Path(os.path.expanduser(config.data.root)) / path
+    return path
+
+
+def check_files(config) -> None:
+    """A one-line DataError for the first configured split file that does not exist: before any split is
+    read or decoded, so a typo in the test split's name does not wait for the training split."""
+    for split in SPLITS:
+        if config.data.corpus[split] and not (path := _file_path(config, config.data.corpus[split])).is_file():
+            raise DataError(f"{path}: corpus file not found")
+
+
 def read_split(config, split: str) -> Optional[dict]:
     """The rows of ``split`` as {'source', 'paths', 'reports', 'labels' {field: [value]}, 'skipped'}, or
     None when the corpus has no such split.
@@ -156,9 +172,7 @@ def read_split(config, split: str) -> Optional[dict]:
         file, selected = corpus.train, corpus.split_names[SPLITS.index(split)]
     elif corpus.split_field and file == corpus.train:
         selected = corpus.split_names[SPLITS.index(split)]
-    path = pathlib.Path(os.path.expanduser(file))
-    if config.data.root and not path.is_absolute():
-        path = pathlib.Path(os.path.expanduser(config.data.root)) / path
+    path = _file_path(config, file)
     label_fields = labels_read(config)
     paths, reports, labels, missing = [], [], {name: [] for name in label_fields}, []
     for number, row in _read_rows(path):

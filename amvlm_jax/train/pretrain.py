@@ -412,12 +412,14 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     size = build.pretrain_image_size(config)
     if size % 16:
         raise ConfigError(f"pre-training image size must be a multiple of 16, got {size}")
+    tokenizer = ReportTokenizer(build.text_encoder_dir(config), pre.max_length)  # Its errors before the data's.
+    if corpus.is_configured(config):
+        corpus.check_files(config)
     # Held-out splits are scored for the logs only: nothing is chosen on them (the newest checkpoint is kept).
     sets = {name: pairs for name in ("train", "val", "test") if (pairs := load_pairs(config, workdir, name, size))}
     if "train" not in sets:
         raise ConfigError("pre-training needs training pairs: data.corpus.train or data.root's Train_Folder")
     train_pairs = sets["train"][0]
-    tokenizer = ReportTokenizer(build.text_encoder_dir(config), pre.max_length)
 
     batch_size = capped_batch_size(pre.batch_size, pre.batch_size if fresh_pairs(config) else len(train_pairs),
                                    _device_count(config))
