@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -76,6 +77,9 @@ def test_bad_rows_are_one_line_errors_naming_file_and_row(tmp_path):
     row = json.loads(lines[1]) | {"findings": "", "impression": " "}
     rewrite(1, json.dumps(row))
     assert _error(config) == f"{path}:2: empty report (fields findings, impression)"
+    for name, says in [("meta.modalty", "('meta' has 'split', 'modality')"), ("meta.split.x", "('meta.split' is no object)")]:
+        with pytest.raises(DataError, match=rf"^f:1: no field '{name}' {re.escape(says)}$"):
+            corpus.field({"meta": {"split": "train", "modality": "CT"}}, name, "f:1")
     row = json.loads(lines[0]) | {"file": "images/missing.png"}
     rewrite(0, json.dumps(row))
     assert "images/missing.png not found" in _error(config) and _error(config).startswith(f"{path}:1:")

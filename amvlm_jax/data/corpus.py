@@ -123,12 +123,14 @@ def field(row: dict, name: str, where: str):
     slashes ('a.b' or 'a/b': config keys such as eval.zero_shot's cannot hold dots)."""
     if name in row:
         return row[name]
-    node = row
+    node, reached = row, []
     for part in re.split(r"[./]", name):
         if not isinstance(node, dict) or part not in node:
-            fields = ", ".join(repr(k) for k in list(row)[:8])
-            raise DataError(f"{where}: no field '{name}' (the row has {fields})")
+            holder = f"'{'.'.join(reached)}'" if reached else "the row"
+            has = f"has {', '.join(repr(k) for k in list(node)[:8])}" if isinstance(node, dict) else "is no object"
+            raise DataError(f"{where}: no field '{name}' ({holder} {has})")
         node = node[part]
+        reached.append(part)
     return node
 
 
