@@ -345,3 +345,10 @@ def test_only_process_0_writes_the_synthetic_data_and_the_others_wait(tmp_path):
     assert datasets.data_root(single, tmp_path) == tmp_path / "single"
     assert _digests(root) == _digests(tmp_path / "single")
     assert len(_digests(root)) == 2 * (4 + 2 + 2) + 3 + 1  # Images, masks, 3 report sheets, marker.
+
+
+def test_medpix_locked_text_warms_amvlm_up_and_leaves_mgcas_schedule_alone():
+    medpix = _experiment("medpix")
+    amvlm, mgca = medpix.get_config("cpu,locked_text").pretrain, medpix.get_config("mgca,cpu,locked_text").pretrain
+    assert (amvlm.schedule, amvlm.warmup_fraction, amvlm.lr, amvlm.train_text_encoder) == ("warmup_cosine", 0.1, 3e-4, False)
+    assert (mgca.schedule, mgca.warmup_fraction, mgca.optimizer, mgca.batch_size) == ("warmup_cosine", 0.4, "adamw", 72)
