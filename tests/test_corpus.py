@@ -78,7 +78,7 @@ def test_bad_rows_are_one_line_errors_naming_file_and_row(tmp_path):
     rewrite(1, json.dumps(row))
     assert _error(config) == f"{path}:2: empty report (fields findings, impression)"
     for name, says in [("meta.modalty", "('meta' has 'split', 'modality')"), ("meta.split.x", "('meta.split' is no object)")]:
-        with pytest.raises(DataError, match=rf"^f:1: no field '{name}' {re.escape(says)}$"):
+        with pytest.raises(DataError, match=rf"^f:1: no field '{re.escape(name)}' {re.escape(says)}$"):
             corpus.field({"meta": {"split": "train", "modality": "CT"}}, name, "f:1")
     row = json.loads(lines[0]) | {"file": "images/missing.png"}
     rewrite(0, json.dumps(row))
