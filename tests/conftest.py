@@ -65,6 +65,29 @@ def monuseg():
     return root
 
 
+def medpix_root() -> pathlib.Path | None:
+    """The real MedPix-2.0 corpus: $AMVLM_MEDPIX_ROOT, else ../shared/datasets/MedPix-2.0 beside the repo."""
+    return _shared_folder("AMVLM_MEDPIX_ROOT", "datasets/MedPix-2.0", "splits/descriptions_train.jsonl")
+
+
+@pytest.fixture(scope="session")
+def medpix():
+    root = medpix_root()
+    if root is None:
+        pytest.skip("real MedPix-2.0 data not found: set AMVLM_MEDPIX_ROOT or place it at ../shared/datasets/MedPix-2.0")
+    return root
+
+
+def experiment_module(name: str):
+    """experiments/<name>.py as a module (the folder is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"experiment_{name}", REPO_ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def parity_root() -> pathlib.Path | None:
     """The authors' outputs on fixed inputs: $AMVLM_PARITY_ROOT, else ../shared/parity beside the repo."""
     return _shared_folder("AMVLM_PARITY_ROOT", "parity", "manifest.json")

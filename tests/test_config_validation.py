@@ -1,7 +1,6 @@
 """Bad config values end in a one-line ConfigError naming the field; every experiment file and variant passes."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -15,17 +14,9 @@ from amvlm_jax.config import ConfigError, base_config, validate
 from amvlm_jax.data import datasets, splits
 from amvlm_jax.data.folders import DataError
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, experiment_module as _experiment
 
 NAN, INF = float("nan"), float("inf")
-
-
-def _experiment(name: str):
-    path = REPO_ROOT / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _config(**overrides):
