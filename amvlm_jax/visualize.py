@@ -55,9 +55,22 @@ def save_overlays(path: str | pathlib.Path, images: np.ndarray, panels: dict[str
     return path
 
 
+def curve_panels(rows: list[dict]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Evaluation curves of metrics.jsonl's epoch rows, one panel per split: {split: {metric: [(epoch,
+    value)]}}, from keys '<split>/<metric>'. Constants (a score's '/rows' and '/majority') and the
+    training epoch means ('train/epoch_*', the loss panel's) are left out."""
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if "/" in key and not key.startswith("train/epoch_") and not key.endswith(("/rows", "/majority")):
+                split, metric = key.split("/", 1)
+                panels.setdefault(split, {}).setdefault(metric, []).append((row["epoch"], value))
+    return panels
+
+
 def save_curves(workdir: str | pathlib.Path, path: str | pathlib.Path | None = None) -> pathlib.Path | None:
-    """Training loss and every evaluator metric (validation Dice and mIoU; retrieval) per epoch from
-    <workdir>/metrics.jsonl, as <workdir>/curves.png."""
+    """Training loss and every evaluator metric (validation Dice and mIoU; retrieval, zero-shot and probe
+    accuracy) per epoch from <workdir>/metrics.jsonl, one panel per split, as <workdir>/curves.png."""
     workdir = pathlib.Path(workdir)
     metrics_path = workdir / "metrics.jsonl"
     if not metrics_path.is_file():
@@ -66,22 +79,23 @@ def save_curves(workdir: str | pathlib.Path, path: str | pathlib.Path | None = N
     trained = [r for r in rows if "train/epoch_loss" in r]
     if not trained:
         return None
+    panels = curve_panels(rows)
     plt = _pyplot()
-    figure, (loss_axis, eval_axis) = plt.subplots(1, 2, figsize=(9, 3.4))
+    figure, axes = plt.subplots(1, 1 + len(panels), figsize=(4.2 * (1 + len(panels)), 3.4), squeeze=False)
+    loss_axis = axes[0, 0]
     loss_axis.plot([r["epoch"] for r in trained], [r["train/epoch_loss"] for r in trained], color="tab:blue")
     loss_axis.set_xlabel("epoch")
     loss_axis.set_ylabel("training loss")
-    evaluated = sorted({k for r in rows for k in r if "/" in k and not k.startswith("train/epoch_")})
-    for name in evaluated:
-        points = [(r["epoch"], r[name]) for r in rows if name in r]
-        eval_axis.plot(*zip(*points), label=name)
-    if evaluated:
-        eval_axis.legend(fontsize=7)
-    eval_axis.set_xlabel("epoch")
-    eval_axis.set_ylabel("evaluation")
+    order = {"train": 0, "val": 1, "test": 2}
+    for axis, (split, curves) in zip(axes[0, 1:], sorted(panels.items(), key=lambda item: (order.get(item[0], 3), item[0]))):
+        for metric, points in sorted(curves.items()):
+            axis.plot(*zip(*points), marker=".", label=metric)
+        axis.set_title(split, fontsize=9)
+        axis.set_xlabel("epoch")
+        # Below the panel: a pre-training run scores ten metrics per split.
+        axis.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     figure.suptitle(workdir.name, fontsize=9)
-    figure.tight_layout()
     path = pathlib.Path(path) if path else workdir / "curves.png"
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path

@@ -92,3 +92,23 @@ def test_loop_cadences_best_checkpoint_telemetry_and_meta(tmp_path, toy_step):
     assert int(again.step) == 12
     with pytest.raises(checkpoint.CheckpointError, match="a checkpoint of a 'toy' run, not 'other'"):
         loop.run(_job(config, tmp_path, mesh, toy_step, calls, name="other"))
+
+
+def test_curves_draw_one_panel_per_split_without_the_constant_counts(tmp_path):
+    import warnings
+
+    from amvlm_jax import visualize
+
+    scores = {f"{split}/{metric}": 0.1 for split in ("train", "val", "test")
+              for metric in ("i2t_top1", "i2t_top5", "zero_shot/Type/accuracy", "probe/Type/accuracy")}
+    rows = [{"epoch": epoch, "train/epoch_loss": 1.0 / (epoch + 1), **{k: v * epoch for k, v in scores.items()},
+             "val/probe/Type/rows": 200.0, "val/probe/Type/majority": 0.5} for epoch in range(4)]
+    panels = visualize.curve_panels(rows)
+    assert sorted(panels) == ["test", "train", "val"]
+    assert sorted(panels["val"]) == ["i2t_top1", "i2t_top5", "probe/Type/accuracy", "zero_shot/Type/accuracy"]
+    assert panels["test"]["i2t_top5"] == [(epoch, 0.1 * epoch) for epoch in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # A legend that does not fit used to warn at every run's end.
+        path = visualize.save_curves(tmp_path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
