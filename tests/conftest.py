@@ -52,30 +52,25 @@ def _shared_folder(env_var: str, relative: str, marker: str) -> pathlib.Path | N
     return None
 
 
-def monuseg_root() -> pathlib.Path | None:
-    """The real MoNuSeg data: $AMVLM_MONUSEG_ROOT, else ../shared/datasets/MoNuSeg beside the repo."""
-    return _shared_folder("AMVLM_MONUSEG_ROOT", "datasets/MoNuSeg", "Train_Folder")
+def _required_folder(env_var: str, relative: str, marker: str, what: str) -> pathlib.Path:
+    """``_shared_folder``, else the test is skipped, saying where the data should be."""
+    root = _shared_folder(env_var, relative, marker)
+    if root is None:
+        pytest.skip(f"real {what} not found: set {env_var} or place it at ../shared/{relative}")
+    return root
 
 
 @pytest.fixture(scope="session")
 def monuseg():
-    root = monuseg_root()
-    if root is None:
-        pytest.skip("real MoNuSeg data not found: set AMVLM_MONUSEG_ROOT or place it at ../shared/datasets/MoNuSeg")
-    return root
-
-
-def medpix_root() -> pathlib.Path | None:
-    """The real MedPix-2.0 corpus: $AMVLM_MEDPIX_ROOT, else ../shared/datasets/MedPix-2.0 beside the repo."""
-    return _shared_folder("AMVLM_MEDPIX_ROOT", "datasets/MedPix-2.0", "splits/descriptions_train.jsonl")
+    """The real MoNuSeg data: $AMVLM_MONUSEG_ROOT, else ../shared/datasets/MoNuSeg beside the repo."""
+    return _required_folder("AMVLM_MONUSEG_ROOT", "datasets/MoNuSeg", "Train_Folder", "MoNuSeg data")
 
 
 @pytest.fixture(scope="session")
 def medpix():
-    root = medpix_root()
-    if root is None:
-        pytest.skip("real MedPix-2.0 data not found: set AMVLM_MEDPIX_ROOT or place it at ../shared/datasets/MedPix-2.0")
-    return root
+    """The real MedPix-2.0 corpus: $AMVLM_MEDPIX_ROOT, else ../shared/datasets/MedPix-2.0 beside the repo."""
+    return _required_folder("AMVLM_MEDPIX_ROOT", "datasets/MedPix-2.0", "splits/descriptions_train.jsonl",
+                            "MedPix-2.0 data")
 
 
 def experiment_module(name: str):
