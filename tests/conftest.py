@@ -53,24 +53,24 @@ def _shared_folder(env_var: str, relative: str, marker: str) -> pathlib.Path | N
 
 
 def _required_folder(env_var: str, relative: str, marker: str, what: str) -> pathlib.Path:
-    """``_shared_folder``, else the test is skipped, saying where the data should be."""
+    """``_shared_folder``, else the test is skipped, saying where ``what`` should be."""
     root = _shared_folder(env_var, relative, marker)
     if root is None:
-        pytest.skip(f"real {what} not found: set {env_var} or place it at ../shared/{relative}")
+        pytest.skip(f"{what} not found: set {env_var} or place it at ../shared/{relative}")
     return root
 
 
 @pytest.fixture(scope="session")
 def monuseg():
     """The real MoNuSeg data: $AMVLM_MONUSEG_ROOT, else ../shared/datasets/MoNuSeg beside the repo."""
-    return _required_folder("AMVLM_MONUSEG_ROOT", "datasets/MoNuSeg", "Train_Folder", "MoNuSeg data")
+    return _required_folder("AMVLM_MONUSEG_ROOT", "datasets/MoNuSeg", "Train_Folder", "real MoNuSeg data")
 
 
 @pytest.fixture(scope="session")
 def medpix():
     """The real MedPix-2.0 corpus: $AMVLM_MEDPIX_ROOT, else ../shared/datasets/MedPix-2.0 beside the repo."""
     return _required_folder("AMVLM_MEDPIX_ROOT", "datasets/MedPix-2.0", "splits/descriptions_train.jsonl",
-                            "MedPix-2.0 data")
+                            "real MedPix-2.0 data")
 
 
 def experiment_module(name: str):
@@ -83,21 +83,15 @@ def experiment_module(name: str):
     return module
 
 
-def parity_root() -> pathlib.Path | None:
-    """The authors' outputs on fixed inputs: $AMVLM_PARITY_ROOT, else ../shared/parity beside the repo."""
-    return _shared_folder("AMVLM_PARITY_ROOT", "parity", "manifest.json")
-
-
 @pytest.fixture(scope="session")
 def parity():
-    """Loads one parity fixture by file name: (arrays dict, meta dict)."""
+    """Loads one parity fixture by file name: (arrays dict, meta dict). The authors' outputs on fixed
+    inputs: $AMVLM_PARITY_ROOT, else ../shared/parity beside the repo."""
     import json
 
     import numpy as np
 
-    root = parity_root()
-    if root is None:
-        pytest.skip("parity fixtures not found: set AMVLM_PARITY_ROOT or place them at ../shared/parity")
+    root = _required_folder("AMVLM_PARITY_ROOT", "parity", "manifest.json", "the parity fixtures")
 
     def load(name: str):
         with np.load(root / name) as data:
@@ -110,12 +104,7 @@ def parity():
 
 def tiny_synthetic_config(**overrides):
     """The synthetic experiment shrunk to seconds per epoch on 2 cores."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("synthetic_experiment", REPO_ROOT / "experiments" / "synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = experiment_module("synthetic").get_config()
     config.mode = "supervised"
     config.data.labeled_fraction = 1.0
     config.data.image_size = 64

@@ -9,7 +9,7 @@ import pytest
 from amvlm_jax import main
 from amvlm_jax.config import ConfigError, validate
 
-from conftest import REPO_ROOT, tiny_synthetic_config
+from conftest import REPO_ROOT, experiment_module, tiny_synthetic_config
 
 
 def _run(*args):
@@ -91,12 +91,8 @@ def test_vit_attention_auto_takes_cudnn_only_for_bfloat16_on_gpus_whose_cudnn_co
 
 
 def test_experiments_load_with_all_variants():
-    import importlib.util
-
     for path in sorted((REPO_ROOT / "experiments").glob("*.py")):
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = experiment_module(path.stem)
         assert module.__doc__ and "python -m amvlm_jax.main" in module.__doc__, path
         for variant in [None, *module.VARIANTS]:
             config = module.get_config(variant)
