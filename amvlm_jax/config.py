@@ -135,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.pretrain.text_layers = 6  # Layers of the text encoder used.
     config.pretrain.max_length = 20  # Report tokens, with [CLS] and [SEP].
     config.pretrain.image_size = 0  # 0 = data.image_size.
+    # The online encoders' view of a training image: 'none' (SPEC 3: the image as it is), 'spec' (the SPEC
+    # section 1 transform) or 'crop' (a random box of 50-100% of the area, aspect 3/4-4/3, resized back).
+    # The momentum encoders' view always gets the SPEC section 1 transform.
+    config.pretrain.augment = "none"
     config.pretrain.embed_dim = 128
     config.pretrain.batch_size = 32
     config.pretrain.epochs = 100
@@ -421,6 +425,7 @@ def _field_checks() -> tuple:
         ("pretrain.adam_betas", *_BETAS),
         ("pretrain.weight_decay", *non_negative),
         ("pretrain.schedule", *_one_of("constant", "warmup_cosine")),
+        ("pretrain.augment", *_one_of("none", "spec", "crop")),
         ("pretrain.warmup_fraction", *_number(0, 1)),
         ("pretrain.min_lr", *non_negative),
         ("pretrain.image_lr", *non_negative),

@@ -73,14 +73,19 @@ def medpix():
                             "real MedPix-2.0 data")
 
 
-def experiment_module(name: str):
-    """experiments/<name>.py as a module (the folder is no package)."""
+def repo_module(path: str):
+    """A file of the repository (e.g. 'tools/compare.py') as a module: experiments/ and tools/ are no packages."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"experiment_{name}", REPO_ROOT / "experiments" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, REPO_ROOT / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def experiment_module(name: str):
+    """experiments/<name>.py as a module."""
+    return repo_module(f"experiments/{name}.py")
 
 
 @pytest.fixture(scope="session")

@@ -174,7 +174,7 @@ def read_corpus_epoch(path: str):
 
     split = corpus.load(corpus_config(pathlib.Path(path), **{"data.corpus.in_memory_bytes": 0}), "train", 32)[0]
     assert isinstance(split.images, corpus.CorpusImages)
-    batches = pipeline.training_batches(split, 8, seed=5, with_mask=False, do_augment=False)
+    batches = pipeline.training_batches(split, 8, seed=5, with_mask=False, augmentation="none")
     read = [(row, int(image.sum())) for _, batch in zip(range(len(split) // 8), batches)
             for row, image in zip(batch["index"], batch["image"])]
     return np.asarray(read, np.int64)

@@ -1,18 +1,15 @@
 """tools/compare.py: the paired t-test against scipy, and the table from per-image CSVs."""
 
 import csv
-import importlib.util
 import math
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import REPO_ROOT
+from conftest import repo_module
 
-spec = importlib.util.spec_from_file_location("compare", REPO_ROOT / "tools" / "compare.py")
-compare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare)
+compare = repo_module("tools/compare.py")
 
 
 def test_paired_t_test_matches_scipy():
@@ -86,9 +83,7 @@ def test_compare_rejects_missing_results(tmp_path):
 
 
 def _ablation_tool():
-    spec = importlib.util.spec_from_file_location("ablation", REPO_ROOT / "tools" / "ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = repo_module("tools/ablation.py")
     return module
 
 
@@ -136,9 +131,7 @@ def test_curve_best_epoch_and_last_validations(tmp_path, capsys):
     import json
     import sys
 
-    curve_spec = importlib.util.spec_from_file_location("curve", REPO_ROOT / "tools" / "curve.py")
-    curve = importlib.util.module_from_spec(curve_spec)
-    curve_spec.loader.exec_module(curve)
+    curve = repo_module("tools/curve.py")
     runs = []
     for name, dice in (("a", [50.0, 70.0, 60.0, 62.0, 64.0]), ("b", [55.0, 58.0, 66.0, 61.0, 63.0])):
         workdir = tmp_path / name
@@ -161,9 +154,7 @@ def test_curve_best_epoch_and_last_validations(tmp_path, capsys):
 def test_pretrain_table_reports_before_after_and_the_smallest_gain(tmp_path, capsys):
     import json
 
-    spec = importlib.util.spec_from_file_location("pretrain_table", REPO_ROOT / "tools" / "pretrain_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = repo_module("tools/pretrain_table.py")
     runs = []
     for seed, (before, after) in enumerate([(0.10, 0.30), (0.20, 0.25), (0.15, 0.50)]):
         (tmp_path / f"s{seed}" / "pretrain").mkdir(parents=True)

@@ -126,7 +126,7 @@ def test_streamed_images_equal_decoded_ones_and_the_size_decides(generated):
     np.testing.assert_array_equal(streamed.images[5], folders.load_image(pathlib.Path(os.fsdecode(streamed.images.paths[5])), 32)[0])
     # The training stream reads the same examples either way, also from worker processes.
     batches = lambda split, workers: [b for _, b in zip(range(4), pipeline.training_batches(  # noqa: E731
-        split, 8, seed=3, with_mask=False, do_augment=False, worker_count=workers))]
+        split, 8, seed=3, with_mask=False, augmentation="none", worker_count=workers))]
     for a, b in zip(batches(in_memory, 0), batches(streamed, 1)):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["index"], b["index"])
@@ -137,7 +137,7 @@ def test_processes_read_each_example_of_an_epoch_once(generated):
     split = corpus.load(config, "train", 32)[0]
     read = []
     for process in range(2):
-        stream = pipeline.training_batches(split, 4, seed=0, with_mask=False, do_augment=False,
+        stream = pipeline.training_batches(split, 4, seed=0, with_mask=False, augmentation="none",
                                            process_index=process, process_count=2)
         read += [i for _, batch in zip(range(len(split) // 4), stream) for i in batch["index"]]
     assert sorted(read) == list(range(len(split)))

@@ -7,7 +7,6 @@ name, the same at any size.
 """
 
 import gc
-import importlib.util
 import os
 import pathlib
 import pickle
@@ -18,7 +17,7 @@ import pytest
 
 from amvlm_jax.data import corpus, pipeline
 
-from conftest import corpus_config, tiny_pretrain_config, write_corpus
+from conftest import corpus_config, repo_module, tiny_pretrain_config, write_corpus
 
 SIZE = 32  # Generated images are 32x40, decoded to 32x32.
 BATCH = 8
@@ -41,7 +40,7 @@ def _streamed(path):
 
 
 def _stream(split):
-    return pipeline.training_batches(split, BATCH, seed=0, with_mask=False, do_augment=False, worker_count=0,
+    return pipeline.training_batches(split, BATCH, seed=0, with_mask=False, augmentation="none", worker_count=0,
                                      process_index=0, process_count=1)
 
 
@@ -114,10 +113,7 @@ def test_workers_receive_a_file_name_not_rows(corpora):
 
 
 def test_benchmark_loader_mode_streams_a_generated_corpus(tmp_path):
-    tool = pathlib.Path(__file__).resolve().parent.parent / "tools" / "benchmark.py"
-    spec = importlib.util.spec_from_file_location("benchmark_tool", tool)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = repo_module("tools/benchmark.py")
     result = benchmark.run_loader_benchmark(tiny_pretrain_config(), 40, str(tmp_path), 16, [0], batches=2, warmup=1)
     assert result["rows"] == 40 and "streamed from disk" in result["corpus_line"]
     (run,) = result["runs"]

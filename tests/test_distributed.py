@@ -18,7 +18,7 @@ from amvlm_jax.data.tokenize import ReportTokenizer
 from amvlm_jax.train import build, checkpoint, parallel, pretrain
 
 import distributed_worker
-from conftest import SAMPLE_REPORTS, tiny_pretrain_config, tiny_synthetic_config, write_corpus
+from conftest import SAMPLE_REPORTS, repo_module, tiny_pretrain_config, tiny_synthetic_config, write_corpus
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 
@@ -204,12 +204,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_losses():
 
 
 def _benchmark_tool():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark_tool", TESTS_DIR.parent / "tools" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    return benchmark
+    return repo_module("tools/benchmark.py")
 
 
 def test_benchmark_flops_when_the_backend_does_not_analyse_lowered_programs():

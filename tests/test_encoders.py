@@ -21,6 +21,7 @@ from amvlm_jax.data.tokenize import ReportTokenizer  # noqa: E402
 from amvlm_jax.models.bert import Bert, BertConfig, aggregate_words  # noqa: E402
 from amvlm_jax.models.vit import IMAGENET_MEAN, IMAGENET_STD, ViT, vit_from_name  # noqa: E402
 from amvlm_jax.weights import WeightError  # noqa: E402
+from conftest import repo_module  # noqa: E402
 
 REPORTS = [
     "Bilateral pulmonary infection, two infected areas, upper left and upper right.",
@@ -666,11 +667,7 @@ def test_word_weights_are_each_words_own_attention_not_the_next_tokens():
 # Conversion tool.
 
 def _convert_main():
-    spec = importlib.util.spec_from_file_location(
-        "convert_weights", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "convert_weights.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return repo_module("tools/convert_weights.py").main
 
 
 def test_convert_weights_round_trip(tiny_bert_dir, tmp_path):

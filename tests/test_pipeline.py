@@ -35,6 +35,35 @@ def test_augment_rot_flip_is_a_dihedral_transform():
     assert square.tobytes() in kinds
 
 
+def test_random_resized_crop_resizes_a_box_of_the_image_back():
+    height, width = 40, 60
+    columns = np.broadcast_to(np.arange(width, dtype=np.uint8)[None, :, None] * 4, (height, width, 3)).copy()
+    # The whole image at its own aspect is the identity.
+    whole = pipeline.random_resized_crop(columns, np.random.default_rng(0), scale=(1, 1), ratio=(1.5, 1.5))
+    np.testing.assert_array_equal(whole, columns)
+    areas = []
+    for seed in range(50):
+        crop = pipeline.random_resized_crop(columns, np.random.default_rng(seed))
+        assert crop.shape == columns.shape and crop.dtype == np.uint8
+        assert np.all(crop == crop[:1])  # Rows stay alike: a box of the image, not a warp.
+        row = crop[0, :, 0].astype(int)
+        assert np.all(np.diff(row) >= 0)  # Columns keep their order and are only stretched.
+        # The box's width from the values at its ends (4 per column): between 50% x 3/4 and the whole width.
+        areas.append((row[-1] - row[0]) / 4 + 1)
+    assert min(areas) >= 0.5 * width * np.sqrt(3 / 4) * 0.9 - 2 and max(areas) <= width
+    assert max(areas) - min(areas) > 10  # Box sizes vary.
+    with pytest.raises(ValueError, match="'crop' without masks"):
+        pipeline.training_batches(_split(), 4, seed=0, augmentation="crop")
+
+
+def test_crop_stream_is_deterministic_and_changes_the_images():
+    split = _split(n=8, size=16)
+    first = _take(pipeline.training_batches(split, 4, seed=7, with_mask=False, augmentation="crop"), 2)
+    again = _take(pipeline.training_batches(split, 4, seed=7, start_step=1, with_mask=False, augmentation="crop"), 1)
+    np.testing.assert_array_equal(first[1]["image"], again[0]["image"])
+    assert not np.array_equal(first[0]["image"], split.images[first[0]["index"]])
+
+
 def test_labeled_indices_are_seeded_and_sized():
     picked = splits.labeled_indices(24, 0.25, seed=3)
     assert len(picked) == 6 and np.all(np.diff(picked) > 0)
@@ -53,14 +82,14 @@ def _take(iterator, count):
 
 def test_training_stream_covers_each_epoch_once_and_resumes():
     split = _split(n=10)
-    batches = _take(pipeline.training_batches(split, 5, seed=1, do_augment=False), 6)
+    batches = _take(pipeline.training_batches(split, 5, seed=1, augmentation="none"), 6)
     epoch0 = np.concatenate([b["index"] for b in batches[:2]])
     epoch1 = np.concatenate([b["index"] for b in batches[2:4]])
     assert sorted(epoch0) == list(range(10)) and sorted(epoch1) == list(range(10))
     assert not np.array_equal(epoch0, epoch1)  # Reshuffled every epoch.
     for b in batches:
         np.testing.assert_array_equal(b["image"], split.images[b["index"]])
-    resumed = _take(pipeline.training_batches(split, 5, seed=1, start_step=3, do_augment=False), 3)
+    resumed = _take(pipeline.training_batches(split, 5, seed=1, start_step=3, augmentation="none"), 3)
     for a, b in zip(batches[3:], resumed):
         np.testing.assert_array_equal(a["index"], b["index"])
 

@@ -15,9 +15,8 @@ from amvlm_jax.losses.segmentation import segmentation_loss
 from amvlm_jax.train import checkpoint, ssl, supervised
 from amvlm_jax.train.parallel import make_mesh, replicate
 
-from conftest import REPO_ROOT, tiny_pretrain_config, tiny_synthetic_config
+from conftest import repo_module, tiny_pretrain_config, tiny_synthetic_config
 
-TOOLS = REPO_ROOT / "tools"
 
 
 def _batch(config, seed):
@@ -307,12 +306,8 @@ def test_predict_writes_each_reports_text_mask(all_run, tmp_path):
 
 
 def test_uncertainty_analysis_scores_match_the_model(all_run):
-    import importlib.util
-
     config, tmp_path, _ = all_run
-    spec = importlib.util.spec_from_file_location("uncertainty_tool", TOOLS / "uncertainty.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = repo_module("tools/uncertainty.py")
     result = tool.analyse(config, tmp_path, "val", "", "", count=3)
     part1, part2 = result["image_vs_reports"], result["report_vs_images"]
     assert len(part1) == 3 and part1[0]["own"] and len({r["label"] for r in part1}) == 3
@@ -362,14 +357,10 @@ def test_teacher_norm_batch_uses_batch_statistics_and_ema_uses_running_ones(visi
 
 
 def test_text_mask_tool_scores_pretrained_masks(all_run):
-    import importlib.util
-
     from amvlm_jax.data import folders, synthetic
 
     config, tmp_path, _ = all_run
-    spec = importlib.util.spec_from_file_location("text_masks_tool", TOOLS / "text_masks.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = repo_module("tools/text_masks.py")
     mesh = make_mesh(config, jax.devices()[:1])
     guidance = ssl.TextGuidance(config, tmp_path, mesh)
     split = folders.load_split(tmp_path / "data", "val", image_size=config.data.image_size)

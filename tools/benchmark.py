@@ -533,7 +533,7 @@ def time_stream(split, batch_size: int, seed: int, workers: int, batches: int, w
     earlier = set(child_processes())
     main_start = process_memory()
     started = time.perf_counter()
-    stream = pipeline.training_batches(split, batch_size, seed, with_mask=False, do_augment=False,
+    stream = pipeline.training_batches(split, batch_size, seed, with_mask=False, augmentation="none",
                                        worker_count=workers, process_index=0, process_count=1)
     try:
         for _ in range(warmup):

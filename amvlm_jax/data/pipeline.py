@@ -38,13 +38,33 @@ def augment(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.n
     return list(arrays)
 
 
-def _example_reader(split: SplitArrays, with_mask: bool, do_augment: bool):
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, scale=(0.5, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    """A box of a random fraction `scale` of the (H, W, C) uint8 image's area and aspect `ratio` (log-uniform),
+    at a random place inside it, resized back to (H, W) bilinearly."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    area = height * width * rng.uniform(*scale)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+    box_height, box_width = min(height, np.sqrt(area / aspect)), min(width, np.sqrt(area * aspect))
+    top, left = rng.uniform(0, height - box_height), rng.uniform(0, width - box_width)
+    box = (left, top, left + box_width, top + box_height)
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR, box=box))
+
+
+AUGMENTATIONS = ("spec", "crop", "none")
+
+
+def _example_reader(split: SplitArrays, with_mask: bool, augmentation: str):
     images, masks = split.images, split.masks  # Only these go to the workers (not the names and reports).
 
     def read(index: int, rng: np.random.Generator) -> dict:
         arrays = [images[index]] + ([masks[index]] if with_mask else [])
-        if do_augment:
+        if augmentation == "spec":
             arrays = augment(arrays, rng)
+        elif augmentation == "crop":
+            arrays = [random_resized_crop(arrays[0], rng)]
         example = {"image": arrays[0], "index": np.int32(index)}
         if with_mask:
             example["mask"] = arrays[1]
@@ -59,7 +79,7 @@ def training_batches(
     seed: int,
     start_step: int = 0,
     with_mask: bool = True,
-    do_augment: bool = True,
+    augmentation: str = "spec",
     worker_count: int = 0,
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
@@ -68,15 +88,19 @@ def training_batches(
 
     Each batch is a dict of numpy arrays: image (b, S, S, 3) uint8, index (b,)
     int32 (row in `split`), and mask (b, S, S) uint8 when `with_mask`, with
-    b = global_batch / process_count.
+    b = global_batch / process_count. `augmentation`: 'spec' (``augment``), 'crop'
+    (``random_resized_crop``, without masks) or 'none'.
     """
+    if augmentation not in AUGMENTATIONS or (augmentation == "crop" and with_mask):
+        raise ValueError(f"augmentation {augmentation!r} with_mask={with_mask}: expected one of {AUGMENTATIONS}, "
+                         "'crop' without masks")
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if global_batch % process_count:
         raise ValueError(f"batch size {global_batch} is not divisible by the {process_count} processes")
     local_batch = global_batch // process_count
     stream = grain.MapDataset.range(len(split)).shuffle(seed=seed).repeat(None)
-    stream = stream.random_map(_example_reader(split, with_mask, do_augment), seed=seed + 1)
+    stream = stream.random_map(_example_reader(split, with_mask, augmentation), seed=seed + 1)
     local = stream[process_index::process_count].batch(local_batch)[start_step:]
     return _iterate(local, worker_count)
 

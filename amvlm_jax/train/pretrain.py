@@ -446,7 +446,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         else:
             source = pipeline.training_batches(
                 train_pairs, batch_size, seed=config.seed, start_step=start_step,
-                with_mask=False, do_augment=False, worker_count=config.data.worker_count,
+                with_mask=False, augmentation=pre.augment, worker_count=config.data.worker_count,
             )
         for step, raw in enumerate(source, start_step):
             yield host_batch(raw, tokenizer, train_pairs.reports, step, config.seed, with_view)

@@ -609,7 +609,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
             labeled_split, batch_size, seed=config.seed, start_step=start_step, worker_count=config.data.worker_count
         )
         unlabeled_batches = pipeline.training_batches(
-            unlabeled_split, batch_size, seed=config.seed + 7919, start_step=start_step, with_mask=False, do_augment=False
+            unlabeled_split, batch_size, seed=config.seed + 7919, start_step=start_step, with_mask=False, augmentation="none"
         )
         for labeled, unlabeled in zip(labeled_batches, unlabeled_batches):
             batch = {"image": labeled["image"], "mask": labeled["mask"], "unlabeled_image": unlabeled["image"]}
