@@ -13,6 +13,7 @@ from scipy import optimize
 from amvlm_jax import metrics
 from amvlm_jax.data import corpus, folders, pipeline
 from amvlm_jax.data.folders import DataError
+from amvlm_jax.train import checkpoint
 
 from conftest import SAMPLE_REPORTS, corpus_config, write_corpus
 
@@ -90,13 +91,17 @@ def test_bad_rows_are_one_line_errors_naming_file_and_row(tmp_path):
     assert "must end in .csv, .jsonl or .json" in _error(config)
 
 
-def test_a_missing_split_file_stops_pretraining_before_any_image_is_decoded(generated, tmp_path, monkeypatch):
-    from amvlm_jax import main
-
+def _no_decoding(monkeypatch):
     def decode_all(*args, **kwargs):
         raise AssertionError("an image was decoded before the missing file was noticed")
 
     monkeypatch.setattr(corpus, "decode_all", decode_all)
+
+
+def test_a_missing_split_file_stops_pretraining_before_any_image_is_decoded(generated, tmp_path, monkeypatch):
+    from amvlm_jax import main
+
+    _no_decoding(monkeypatch)
     config = corpus_config(generated, **{"data.corpus.test": str(tmp_path / "tset.jsonl")})
     with pytest.raises(DataError) as raised:
         main.run(config, tmp_path / "run")
@@ -175,7 +180,8 @@ def test_linear_probe_matches_an_independent_solver():
     assert ours["majority"] == pytest.approx(counts.max() / 100)
 
 
-def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_it_learned(generated, tmp_path):
+def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_it_learned(generated, tmp_path,
+                                                                                           monkeypatch):
     from amvlm_jax import main
 
     settings = {"pretrain.epochs": 1, "eval.probe_fields": ("meta.modality",), "eval.probe_steps": 20,
@@ -201,3 +207,13 @@ def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_
         for key, value in results[split].items():
             if key != "pairs":
                 assert value == pytest.approx(scores[f"{split}/{key}"], abs=1e-6), key
+    # The recorded corpus file gone: one line, before the encoders are restored or any image decoded.
+    _no_decoding(monkeypatch)
+    monkeypatch.setattr(checkpoint, "restore_variables", lambda *args, **kwargs: pytest.fail("restored before the check"))
+    moved = generated.rename(generated.with_suffix(".moved"))
+    try:
+        with pytest.raises(DataError) as raised:
+            main.run(config, tmp_path / "evaluation2")
+    finally:
+        moved.rename(generated)
+    assert str(raised.value) == f"{generated}: corpus file not found"

@@ -496,6 +496,8 @@ def evaluate_checkpoint(config, workdir, source) -> dict:
     <workdir>/retrieval.json and returns {split: {metric: value, 'pairs': N}} (None for a split the data
     lacks). The probes are fitted on the training split."""
     workdir = pathlib.Path(workdir)
+    if corpus.is_configured(config):
+        corpus.check_files(config)  # Before the checkpoint is restored and any split decoded.
     size = build.pretrain_image_size(config)
     model = build.build_model(config, build.text_encoder_config(config))
     batch_size = max(1, config.train.eval_batch_size)
