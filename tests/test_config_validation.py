@@ -343,3 +343,5 @@ def test_medpix_locked_text_warms_amvlm_up_and_leaves_mgcas_schedule_alone():
     amvlm, mgca = medpix.get_config("cpu,locked_text").pretrain, medpix.get_config("mgca,cpu,locked_text").pretrain
     assert (amvlm.schedule, amvlm.warmup_fraction, amvlm.lr, amvlm.train_text_encoder) == ("warmup_cosine", 0.1, 3e-4, False)
     assert (mgca.schedule, mgca.warmup_fraction, mgca.optimizer, mgca.batch_size) == ("warmup_cosine", 0.4, "adamw", 72)
+    long = medpix.get_config("cpu,locked_text,long").pretrain
+    assert (long.augment, long.epochs, long.eval_every_epochs, long.schedule) == ("crop", 30, 10, "warmup_cosine")
