@@ -16,7 +16,7 @@ random_text (the text encoder randomly initialised too), locked_text (after cpu:
 loaded, heads and ViT at 3e-4, AMVLM's constant rate replaced by a warm-up and cosine; the 3-layer
 truncation's [CLS] carries almost no body-location information, and a fine-tuned text encoder memorises
 1,653 captions; docs/results.md), long (after locked_text: 30 epochs, the online view a random crop of each
-image; about three times as long; on test its probes, zero-shot modality and top-10 retrieval are higher
+image; about three times as long; on test its probes, zero-shot modality and image-to-report top-10 are higher
 than locked_text's, its top-1 retrieval is not; docs/results.md).
 """
 
