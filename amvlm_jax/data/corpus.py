@@ -153,7 +153,10 @@ def _file_path(config, file: str) -> pathlib.Path:
 
 def check_files(config) -> None:
     """A one-line DataError for the first configured split file that does not exist: before any split is
-    read or decoded, so a typo in the test split's name does not wait for the training split."""
+    read or decoded, so a typo in the test split's name does not wait for the training split. Nothing to
+    check when pre-training reads the LViT folders (``is_configured``)."""
+    if not is_configured(config):
+        return
     for split in SPLITS:
         if config.data.corpus[split] and not (path := _file_path(config, config.data.corpus[split])).is_file():
             raise DataError(f"{path}: corpus file not found")

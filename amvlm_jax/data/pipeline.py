@@ -16,6 +16,7 @@ import grain
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from PIL import Image
 from scipy import ndimage
 
 from amvlm_jax.data.folders import SplitArrays
@@ -42,8 +43,6 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, scale=(0.5,
                         ratio=(3 / 4, 4 / 3)) -> np.ndarray:
     """A box of a random fraction `scale` of the (H, W, C) uint8 image's area and aspect `ratio` (log-uniform),
     at a random place inside it, resized back to (H, W) bilinearly."""
-    from PIL import Image
-
     height, width = image.shape[:2]
     area = height * width * rng.uniform(*scale)
     aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
@@ -123,8 +122,6 @@ def fresh_synthetic_batches(
     is a dict: image (b, S, S, 3) uint8 and report (b,) object array of strings. A pure function of
     the step: resuming at step s starts at batch s.
     """
-    from PIL import Image
-
     from amvlm_jax.data import synthetic
 
     process_index = jax.process_index() if process_index is None else process_index

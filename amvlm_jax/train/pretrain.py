@@ -413,8 +413,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     if size % 16:
         raise ConfigError(f"pre-training image size must be a multiple of 16, got {size}")
     tokenizer = ReportTokenizer(build.text_encoder_dir(config), pre.max_length)  # Its errors before the data's.
-    if corpus.is_configured(config):
-        corpus.check_files(config)
+    corpus.check_files(config)
     # Held-out splits are scored for the logs only: nothing is chosen on them (the newest checkpoint is kept).
     sets = {name: pairs for name in ("train", "val", "test") if (pairs := load_pairs(config, workdir, name, size))}
     if "train" not in sets:
@@ -496,8 +495,7 @@ def evaluate_checkpoint(config, workdir, source) -> dict:
     <workdir>/retrieval.json and returns {split: {metric: value, 'pairs': N}} (None for a split the data
     lacks). The probes are fitted on the training split."""
     workdir = pathlib.Path(workdir)
-    if corpus.is_configured(config):
-        corpus.check_files(config)  # Before the checkpoint is restored and any split decoded.
+    corpus.check_files(config)  # Before the checkpoint is restored and any split decoded.
     size = build.pretrain_image_size(config)
     model = build.build_model(config, build.text_encoder_config(config))
     batch_size = max(1, config.train.eval_batch_size)
