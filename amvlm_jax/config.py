@@ -134,10 +134,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.pretrain.text_encoder = ""
     config.pretrain.text_layers = 6  # Layers of the text encoder used.
     config.pretrain.max_length = 20  # Report tokens, with [CLS] and [SEP].
-    # The report feature under the text global head: 'cls' (SPEC 2: the [CLS] hidden state) or 'mean' (the mean
-    # hidden state over the report's tokens: how sentence-transformers encoders such as the MiniLM default embed
-    # a sentence; their [CLS] was never trained to, which matters most with train_text_encoder False).
-    config.pretrain.text_pooling = "cls"
     config.pretrain.image_size = 0  # 0 = data.image_size.
     # The online encoders' view of a training image: 'none' (SPEC 3: the image as it is), 'spec' (the SPEC
     # section 1 transform) or 'crop' (a random box of 50-100% of the area, aspect 3/4-4/3, resized back).
@@ -358,6 +354,7 @@ _BETAS = ((lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_nu
 @functools.cache
 def _field_checks() -> tuple:
     """(field path below config, test, what is allowed) for every field of base_config()."""
+    from amvlm_jax.data.pipeline import AUGMENTATIONS
     from amvlm_jax.losses.alignment import INVERSIONS
     from amvlm_jax.models.vit import VIT_VARIANTS
 
@@ -419,7 +416,6 @@ def _field_checks() -> tuple:
         ("pretrain.text_layers", *_integer(1)),
         # [CLS], at least one word and [SEP].
         ("pretrain.max_length", *_integer(3)),
-        ("pretrain.text_pooling", *_one_of("cls", "mean")),
         ("pretrain.image_size", (lambda v: v == 0 or _PATCH_MULTIPLE[0](v)),
          "0 (= data.image_size) or a positive multiple of 16"),
         ("pretrain.embed_dim", *_integer(1)),
@@ -430,7 +426,7 @@ def _field_checks() -> tuple:
         ("pretrain.adam_betas", *_BETAS),
         ("pretrain.weight_decay", *non_negative),
         ("pretrain.schedule", *_one_of("constant", "warmup_cosine")),
-        ("pretrain.augment", *_one_of("none", "spec", "crop")),
+        ("pretrain.augment", *_one_of(*AUGMENTATIONS)),
         ("pretrain.warmup_fraction", *_number(0, 1)),
         ("pretrain.min_lr", *non_negative),
         ("pretrain.image_lr", *non_negative),

@@ -30,7 +30,6 @@ from amvlm_jax.models.pdt import PDTHead
 from amvlm_jax.models.vit import ViT
 
 OBJECTIVES = ("amvlm", "mgca")
-TEXT_POOLINGS = ("cls", "mean")
 # Modules that make up the momentum encoders of ICL (SPEC 3.4).
 ENCODER_MODULES = (
     "image_encoder",
@@ -55,9 +54,6 @@ class AMVLM(nn.Module):
       num_prototypes: K of the prototype layer ('mgca').
       pdt_heads, pdt_dropout: attention heads and dropout of the PDT heads.
       temperature: tau of the word/patch context attention fed to the PDT heads.
-      text_pooling: the report feature fed to the text global head: 'cls', the [CLS] hidden state
-        (SPEC 2), or 'mean', the mean hidden state over the report's tokens ([CLS] and [SEP] included),
-        the sentence embedding sentence-transformers encoders (the MiniLM default) were trained to give.
       dtype: compute dtype; embeddings come out float32.
       remat: rematerialise the text encoder's layers.
 
@@ -75,7 +71,6 @@ class AMVLM(nn.Module):
     pdt_heads: int = 8
     pdt_dropout: float = 0.1
     temperature: float = 0.07
-    text_pooling: str = "cls"
     dtype: Any = jnp.float32
     remat: bool = False
     one_hot_embedding_grad: bool = False  # Text embedding tables' gradients as one-hot matmuls (bert.Embedding).
@@ -83,8 +78,6 @@ class AMVLM(nn.Module):
     def setup(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.text_pooling not in TEXT_POOLINGS:
-            raise ValueError(f"text_pooling must be one of {TEXT_POOLINGS}, got {self.text_pooling!r}")
         self.text_encoder = Bert(self.text_config, self.dtype, self.remat, self.one_hot_embedding_grad)
         head = dict(hidden=self.head_hidden, out=self.embed_dim, dtype=self.dtype)
         self.image_global_head = GlobalHead(**head)
@@ -116,7 +109,7 @@ class AMVLM(nn.Module):
     def encode_text(self, tokens: dict, train: bool) -> dict:
         """tokens: ``ReportTokenizer`` arrays (input_ids, attention_mask,
         token_type_ids, word_index (B, L); word_mask (B, W)) -> dict:
-        t (B, D) unit-norm report embedding (of the [CLS] or mean hidden state: ``text_pooling``); T (B, W, D) unit-norm word
+        t (B, D) unit-norm report (CLS) embedding; T (B, W, D) unit-norm word
         embeddings, exactly zero at padding slots; word_mask (B, W) float32;
         word_attention (B, W) float32 CLS attention summed over each word's pieces."""
         features = self.text_encoder(
@@ -128,14 +121,8 @@ class AMVLM(nn.Module):
             features["hidden"], features["cls_attention"], tokens["word_index"], num_words
         )
         T = self.text_local_head(words, train) * word_mask[..., None]
-        hidden = features["hidden"]
-        if self.text_pooling == "mean":
-            valid = tokens["attention_mask"].astype(hidden.dtype)[..., None]
-            report = (hidden * valid).sum(1) / jnp.maximum(valid.sum(1), 1)
-        else:
-            report = hidden[:, 0]
         return {
-            "t": self.text_global_head(report, train),
+            "t": self.text_global_head(features["hidden"][:, 0], train),
             "T": T,
             "word_mask": word_mask,
             "word_attention": word_attention.astype(jnp.float32) * word_mask,

@@ -72,7 +72,6 @@ def build_model(config, text_config: BertConfig) -> AMVLM:
         pdt_heads=pre.pdt_heads,
         pdt_dropout=pre.pdt_dropout,
         temperature=pre.temperature,
-        text_pooling=pre.text_pooling,
         dtype=dtype,
         remat=pre.remat,
         one_hot_embedding_grad=text_embedding_grad(config) == "one_hot",
