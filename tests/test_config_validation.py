@@ -155,6 +155,7 @@ BAD_COMBINATIONS = [
       "distributed.process_id": 2}, "config.distributed.process_id"),
     ({"pretrain.weight_decay": 0.05}, "config.pretrain.weight_decay"),  # Optimizer 'adam'.
     ({"data.name": "monuseg", "data.synthetic.fresh_pairs": True}, "config.data.synthetic.fresh_pairs"),
+    ({"data.synthetic.fresh_pairs": True, "pretrain.augment": "crop"}, "config.pretrain.augment"),
     ({"pretrain.vit_attention": "cudnn"}, "config.pretrain.vit_attention='cudnn' needs config.dtype='bfloat16'"),
     ({"ssl.withhold_reports": True}, "config.ssl.withhold_reports needs config.ssl.text_head ('words' or 'report')"),
     ({"eval.zero_shot": {"Type": {"CT": "a CT scan"}}}, "config.eval.zero_shot['Type'] must map two or more"),
