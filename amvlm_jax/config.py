@@ -137,7 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.pretrain.image_size = 0  # 0 = data.image_size.
     # The online encoders' view of a training image: 'none' (SPEC 3: the image as it is), 'spec' (the SPEC
     # section 1 transform) or 'crop' (a random box of 50-100% of the area, aspect 3/4-4/3, resized back).
-    # The momentum encoders' view always gets the SPEC section 1 transform. Fresh synthetic pairs take 'none'.
+    # The momentum encoders' view always gets the SPEC section 1 transform. Fresh synthetic pairs: 'none' only.
     config.pretrain.augment = "none"
     config.pretrain.embed_dim = 128
     config.pretrain.batch_size = 32
@@ -526,7 +526,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.data.synthetic.fresh_pairs needs data.name='synthetic', got '{data.name}'")
     if data.synthetic.fresh_pairs and pre.augment != "none":
         raise ConfigError(f"config.pretrain.augment='{pre.augment}' does not apply to data.synthetic.fresh_pairs "
-                          "(pairs that never repeat are not augmented): set it to 'none'")
+                          "(the online view of pairs that never repeat is the image as drawn): set it to 'none'")
     for label, prompts in config.eval.zero_shot.items():
         if not (hasattr(prompts, "items") and len(prompts) >= 2 and all(isinstance(p, str) and p for p in prompts.values())):
             raise ConfigError(f"config.eval.zero_shot['{label}'] must map two or more class values to prompts, "
