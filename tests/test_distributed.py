@@ -154,13 +154,18 @@ def test_checkpoint_from_eight_devices_resumes_on_one_and_two(tmp_path, monkeypa
     state = parallel.shard_state(mesh, state, config)
     sharded = [x for x in jax.tree.leaves(state.params) if x.sharding.spec != PartitionSpec()]
     assert sharded, "some leaves must be FSDP-sharded"
+    placed = [x.sharding for x in jax.tree.leaves(state)]
     state, _ = step(state, pipeline.to_global(mesh, batch(1)))
+    # The step hands the state back where shard_state put it (XLA alone returns some replicated
+    # leaves FSDP-sharded), so the second step below runs without compiling again.
+    assert [x.sharding for x in jax.tree.leaves(state)] == placed
     saver = checkpoint.RunCheckpoints(tmp_path)
     saver.save(1, state, {"epoch": 1}, is_best=False)
     saver.wait()
     saver.close()
     _, metrics = step(state, pipeline.to_global(mesh, batch(2)))
     expected = float(metrics["loss"])
+    assert [jitted._cache_size() for jitted in step._jitted.values()] == [1]
 
     abstract = jax.eval_shape(lambda: pretrain.create_state(config, model, size, tx=optax.sgd(0.1)))
     for devices, shape in ((jax.devices()[:1], (1, 1)), (jax.devices()[:2], (1, 2))):

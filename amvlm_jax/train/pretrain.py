@@ -228,7 +228,7 @@ def make_train_step(model: AMVLM, config):
             new_state = new_state.replace(momentum=ema_update(online, state.momentum, momentum))
         return new_state, {"loss": loss, **terms}
 
-    return jax.jit(train_step, donate_argnums=0)
+    return parallel.StepKeepingShardings(train_step)
 
 
 def make_encoders(model: AMVLM):

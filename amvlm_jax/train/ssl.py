@@ -46,7 +46,7 @@ from amvlm_jax.config import ConfigError, with_recorded
 from amvlm_jax.data.tokenize import ReportTokenizer
 from amvlm_jax.train import build, checkpoint, evaluate, loop, supervised
 from amvlm_jax.train.logging import info
-from amvlm_jax.train.parallel import gather_to_host, make_mesh, replicate
+from amvlm_jax.train.parallel import StepKeepingShardings, gather_to_host, make_mesh, replicate
 from amvlm_jax.train.state import MeanTeacherState, optimizer_telemetry
 
 
@@ -374,7 +374,7 @@ def make_ssl_step(config, model, guidance: TextGuidance | None, decoder_tx, step
         step_metrics |= {"loss": loss, "pseudo_label_mean": jnp.mean(pseudo if num_classes == 1 else 1 - pseudo[..., 0])}
         return state, step_metrics
 
-    return jax.jit(ssl_step, donate_argnums=0)
+    return StepKeepingShardings(ssl_step)
 
 
 def make_picture_panels(config, model, guidance: TextGuidance | None, mesh, split) -> callable:

@@ -15,7 +15,7 @@ from amvlm_jax.losses.segmentation import mask_targets, segmentation_loss
 from amvlm_jax.models.unet import UNet
 from amvlm_jax.train import checkpoint, evaluate, loop
 from amvlm_jax.train.logging import info
-from amvlm_jax.train.parallel import make_mesh, replicate
+from amvlm_jax.train.parallel import StepKeepingShardings, make_mesh, replicate
 from amvlm_jax.train.state import TrainState, cosine_restarts, optimizer_telemetry
 
 
@@ -67,7 +67,7 @@ def make_train_step(model: UNet, num_classes: int):
         dice, _ = metrics.dice_iou_per_image(metrics.predict_labels(logits), batch["mask"].astype(jnp.int32), num_classes)
         return state, {"loss": loss, "train_dice": jnp.mean(dice), **optimizer_telemetry(grads, state.params)}
 
-    return jax.jit(train_step, donate_argnums=0)
+    return StepKeepingShardings(train_step)
 
 
 def train(config, workdir: str | pathlib.Path) -> dict:
