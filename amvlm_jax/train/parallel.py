@@ -18,6 +18,7 @@ devices; see its docstring for how the processes are found.
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 import jax
@@ -225,20 +226,28 @@ class StepKeepingShardings:
 
     def __init__(self, step):
         self.step = step
-        self._jitted = {}
+        self._jitted = {}  # (treedef, shardings) -> jitted step
+        self._last_output, self._last_jitted = None, None
 
     def _for(self, state):
         leaves, treedef = jax.tree.flatten(state)
-        shardings = tuple(getattr(x, "sharding", None) for x in leaves)
-        key = (treedef, shardings)
+        key = (treedef, tuple(getattr(x, "sharding", None) for x in leaves))
         if key not in self._jitted:
-            pinned = [s if isinstance(s, NamedSharding) else None for s in shardings]
+            pinned = [s if isinstance(s, NamedSharding) else None for s in key[1]]
             self._jitted[key] = jax.jit(self.step, donate_argnums=0,
                                         out_shardings=(jax.tree.unflatten(treedef, pinned), None))
         return self._jitted[key]
 
     def __call__(self, state, *args):
-        return self._for(state)(state, *args)
+        # A training loop passes back the state the last call returned: its placement is known, and
+        # looking it up (hashing hundreds of shardings) would cost a millisecond a step.
+        if self._last_output is not None and self._last_output() is state:
+            jitted = self._last_jitted
+        else:
+            jitted = self._for(state)
+        new_state, metrics = jitted(state, *args)
+        self._last_output, self._last_jitted = weakref.ref(new_state), jitted
+        return new_state, metrics
 
     def lower(self, state, *args):
         """The AOT stage of the step for these arguments (``jax.jit(...).lower``)."""
