@@ -35,12 +35,13 @@ def marked_fractions(predicted, lesion, distractor) -> dict:
 
 
 def main(config):
+    import jax
     import numpy as np
 
     from amvlm_jax.config import ConfigError
     from amvlm_jax.data import datasets, synthetic
     from amvlm_jax.train import checkpoint, evaluate, supervised
-    from amvlm_jax.train.parallel import gather_to_host, make_mesh, replicate
+    from amvlm_jax.train.parallel import abstract_replicated, gather_to_host, make_mesh
 
     if config.data.name != "synthetic":
         raise ConfigError("tools/synthetic_pixels.py needs data.name='synthetic' (distractors come from its generator)")
@@ -49,7 +50,7 @@ def main(config):
     root = datasets.data_root(config, workdir)
     mesh = make_mesh(config)
     model = supervised.build_unet(config)
-    variables = replicate(mesh, supervised.init_variables(config, model))
+    variables = abstract_replicated(mesh, jax.eval_shape(lambda: supervised.init_variables(config, model)))
     variables, meta, used = checkpoint.restore_variables(config.eval.checkpoint or workdir, variables)
     split = datasets.load_eval_split(config, root, split_name)
     if split is None:

@@ -254,6 +254,13 @@ class StepKeepingShardings:
         return self._for(state).lower(state, *args)
 
 
+def abstract_replicated(mesh: Mesh, abstract_tree):
+    """ShapeDtypeStructs of `abstract_tree` (e.g. ``jax.eval_shape`` of an initialisation) replicated on the
+    mesh: a checkpoint restore target that costs no initialisation (a U-Net's compiles for 10 s on CPU)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_tree)
+
+
 def gather_to_host(tree):
     """Numpy copies of every leaf, also of arrays spread over several processes (collective: call on all)."""
     if jax.process_count() == 1:

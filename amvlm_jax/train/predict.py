@@ -32,7 +32,7 @@ from amvlm_jax.config import ConfigError
 from amvlm_jax.data import folders, pipeline
 from amvlm_jax.train import checkpoint, evaluate, supervised
 from amvlm_jax.train.logging import info
-from amvlm_jax.train.parallel import gather_to_host, make_mesh, replicate
+from amvlm_jax.train.parallel import abstract_replicated, gather_to_host, make_mesh
 
 MASK_SUFFIX = ".png"
 
@@ -103,7 +103,8 @@ def predict(config, workdir) -> dict:
     mesh = make_mesh(config)
     source = config.eval.checkpoint or workdir
     model = supervised.build_unet(config)
-    variables, meta, used = checkpoint.restore_variables(source, replicate(mesh, supervised.init_variables(config, model)))
+    variables, meta, used = checkpoint.restore_variables(
+        source, abstract_replicated(mesh, jax.eval_shape(lambda: supervised.init_variables(config, model))))
     info(f"predicting with {used} (epoch {meta.get('epoch')}) on {len(items)} images")
     predict_step = evaluate.make_predict_step(model, probabilities=True)
     text = text_masker(config, workdir, source, mesh) if any(report for _, _, report in items) else None

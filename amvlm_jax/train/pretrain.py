@@ -482,10 +482,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
 def restore_encoders(config, model: AMVLM, source, mesh: Mesh) -> tuple[dict, dict, pathlib.Path]:
     """({'params', 'batch_stats'} of ``model`` from the pre-training checkpoint at ``source``, replicated on
     ``mesh``; its meta; the step folder used). Nothing is initialised: the target is abstract."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     abstract = jax.eval_shape(lambda: create_state(config, model, build.pretrain_image_size(config)))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          {"params": abstract.params, "batch_stats": abstract.batch_stats})
+    target = parallel.abstract_replicated(mesh, {"params": abstract.params, "batch_stats": abstract.batch_stats})
     return checkpoint.restore_variables(source, target)
 
 

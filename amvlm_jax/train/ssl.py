@@ -46,7 +46,7 @@ from amvlm_jax.config import ConfigError, with_recorded
 from amvlm_jax.data.tokenize import ReportTokenizer
 from amvlm_jax.train import build, checkpoint, evaluate, loop, supervised
 from amvlm_jax.train.logging import info
-from amvlm_jax.train.parallel import StepKeepingShardings, gather_to_host, make_mesh, replicate
+from amvlm_jax.train.parallel import StepKeepingShardings, abstract_replicated, gather_to_host, make_mesh, replicate
 from amvlm_jax.train.state import MeanTeacherState, optimizer_telemetry
 
 
@@ -235,8 +235,8 @@ def restore_generator(guidance: TextGuidance, path, mesh) -> dict:
     checkpoint at ``path`` (as restore_variables resolves it), replicated on ``mesh``."""
     if "generator" not in checkpoint.saved_entries(path):
         raise checkpoint.CheckpointError(f"{path}: holds no text mask generator (a vision-only or supervised run?)")
-    template = {"generator": generator_params(guidance, guidance.init_generator(jax.random.PRNGKey(0)))}
-    restored, meta, used = checkpoint.restore_variables(path, replicate(mesh, template))
+    template = jax.eval_shape(lambda: {"generator": generator_params(guidance, guidance.init_generator(jax.random.PRNGKey(0)))})
+    restored, meta, used = checkpoint.restore_variables(path, abstract_replicated(mesh, template))
     info(f"text mask generator from {used} (epoch {meta.get('epoch')})")
     return restored["generator"]
 
@@ -477,11 +477,11 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
     # A vision-only run saved no decoder: it is scored without text masks.
     guidance = TextGuidance(config, workdir, mesh) if "generator" in checkpoint.saved_entries(source) else None
     model = supervised.build_unet(config)
-    template, _ = create_state(config, model, guidance, steps_per_epoch=1)
+    template = jax.eval_shape(lambda: create_state(config, model, guidance, steps_per_epoch=1)[0])
     target = {"teacher": template.teacher, "params": template.params, "batch_stats": template.batch_stats}
     if guidance is not None:
         target["generator"] = generator_params(guidance, template.generator)
-    restored, meta, used = checkpoint.restore_variables(source, replicate(mesh, target))
+    restored, meta, used = checkpoint.restore_variables(source, abstract_replicated(mesh, target))
     info(f"scoring the pseudo-labels of {used} (epoch {meta.get('epoch')})")
     trained = restored.get("generator")
     frozen = guidance.variables if guidance is not None else None

@@ -15,7 +15,7 @@ from amvlm_jax.losses.segmentation import mask_targets, segmentation_loss
 from amvlm_jax.models.unet import UNet
 from amvlm_jax.train import checkpoint, evaluate, loop
 from amvlm_jax.train.logging import info
-from amvlm_jax.train.parallel import StepKeepingShardings, make_mesh, replicate
+from amvlm_jax.train.parallel import StepKeepingShardings, abstract_replicated, make_mesh, replicate
 from amvlm_jax.train.state import TrainState, cosine_restarts, optimizer_telemetry
 
 
@@ -129,7 +129,7 @@ def evaluate_checkpoint(config, workdir, checkpoint_path: str = "", mesh=None, r
     mesh = mesh or make_mesh(config)
     root = root or datasets.data_root(config, workdir)
     model = build_unet(config)
-    variables = replicate(mesh, init_variables(config, model))
+    variables = abstract_replicated(mesh, jax.eval_shape(lambda: init_variables(config, model)))
     variables, meta, used = checkpoint.restore_variables(checkpoint_path or workdir, variables)
     info(f"evaluating {used} (epoch {meta.get('epoch')})")
     eval_step = evaluate.make_eval_step(model, config.data.num_classes)
