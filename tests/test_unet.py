@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amvlm_jax.models.unet import UNet, UpConv2x2, max_pool_2x2
+from amvlm_jax.models import unet as unet_module
+from amvlm_jax.models.unet import ConvBlock, UNet, UpConv2x2, conv_3x3_same, max_pool_2x2
 
 
 def _authors_tensor(name: str, shape: list) -> np.ndarray:
@@ -136,6 +137,66 @@ def test_up_conv_equals_conv_transpose_in_values_and_gradients():
     for ours_grad, reference_grad in zip(jax.grad(loss(ours), (0, 1))(params, x), jax.grad(loss(reference), (0, 1))(params, x)):
         for a, b in zip(jax.tree.leaves(ours_grad), jax.tree.leaves(reference_grad)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _conv_call(conv, x, kernel, strides=(1, 1)):
+    return conv(x, kernel, strides, "SAME", lhs_dilation=(1, 1), rhs_dilation=(1, 1),
+                dimension_numbers=unet_module._NHWC_HWIO, feature_group_count=1, precision=None)
+
+
+def test_conv_3x3_row_block_kernel_gradient_equals_xla():
+    """A layer big enough for the CPU row-block kernel gradient (2 x 130 x 260 = 67,600 positions, 64
+    channels; 130 rows are not a multiple of the 7 that fit a block, so blocks of 5): same outputs
+    and input gradients as XLA's convolution, the kernel gradient to float32 rounding."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 130, 260, 64))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 64, 24)) * 0.05
+    weights = jax.random.normal(jax.random.PRNGKey(2), (2, 130, 260, 24))
+    plain = lambda *args, **options: jax.lax.conv_general_dilated(*args, **options)  # noqa: E731
+    losses = {name: (lambda x, kernel, conv=conv: jnp.sum(weights * jnp.tanh(_conv_call(conv, x, kernel))))
+              for name, conv in (("ours", conv_3x3_same), ("xla", plain))}
+    assert "scan" in str(jax.make_jaxpr(jax.grad(losses["ours"], 1))(x, kernel))
+    ours, xla = (jax.jit(jax.grad(losses[name], (0, 1)))(x, kernel) for name in ("ours", "xla"))
+    np.testing.assert_array_equal(ours[0], xla[0])
+    assert float(jnp.max(jnp.abs(ours[1] - xla[1]))) <= 2e-5 * float(jnp.max(jnp.abs(xla[1])))
+    # Small layers, other strides and few channels stay XLA's convolution.
+    for shape, strides in (((2, 64, 64, 64), (1, 1)), ((2, 256, 256, 64), (2, 2)), ((2, 256, 256, 32), (1, 1))):
+        jaxpr = jax.make_jaxpr(lambda x: _conv_call(conv_3x3_same, x, jnp.zeros((3, 3, shape[-1], 8)), strides))
+        assert "custom_vjp" not in str(jaxpr(jnp.zeros(shape)))
+
+
+def test_unet_convs_take_row_block_kernel_gradients(monkeypatch):
+    """With the thresholds lowered, every 3x3 conv of the U-Net's gradient takes the row-block path,
+    and the gradients of a ConvBlock (both conv kinds, train-mode BatchNorm) equal XLA's."""
+    model = UNet(num_classes=1, base_width=4)
+    images = jnp.zeros((2, 32, 32, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(1), images))
+
+    def unet_scans():
+        def loss(params, batch_stats):
+            logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                    mutable=["batch_stats"])
+            return jnp.sum(logits)
+        return str(jax.make_jaxpr(jax.grad(loss))(variables["params"], variables["batch_stats"])).count("scan[")
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+    blocks = {torch_layers: ConvBlock(8, torch_layers=torch_layers) for torch_layers in (False, True)}
+    block_variables = {key: block.init(jax.random.PRNGKey(1), x, train=False) for key, block in blocks.items()}
+
+    def block_gradients(torch_layers):
+        def loss(params, x):
+            y, _ = blocks[torch_layers].apply({**block_variables[torch_layers], "params": params}, x, train=True,
+                                              mutable=["batch_stats"])
+            return jnp.mean(jnp.sin(3 * y))
+        return jax.jit(jax.grad(loss, (0, 1)))(block_variables[torch_layers]["params"], x)
+
+    plain = [unet_scans()] + [block_gradients(torch_layers) for torch_layers in (False, True)]
+    monkeypatch.setattr(unet_module, "_ROW_BLOCK_MIN_POSITIONS", 0)
+    monkeypatch.setattr(unet_module, "_ROW_BLOCK_MIN_CHANNELS", 1)
+    row_blocks = [unet_scans()] + [block_gradients(torch_layers) for torch_layers in (False, True)]
+    assert (plain[0], row_blocks[0]) == (0, 17)  # The input conv, 2 in each of 4 down and 4 up stages.
+    for ours, theirs in zip(row_blocks[1:], plain[1:]):
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("architecture, up_kernels", [

@@ -76,6 +76,82 @@ def _max_pool_backward(argmax, grad):
 max_pool_2x2.defvjp(_max_pool_forward, _max_pool_backward)
 
 
+# CPU weight gradients of 3x3 convolutions (conv_3x3_same below): applied from this many output positions
+# (batch x height x width) and 64 input channels up, in row blocks of about this many positions. Chosen on
+# the U-Net's layers on 2 cores (docs/benchmarks.md): below them XLA's own weight gradient is as fast.
+_ROW_BLOCK_MIN_POSITIONS = 1 << 16
+_ROW_BLOCK_MIN_CHANNELS = 64
+_ROW_BLOCK_POSITIONS = 4096
+_NHWC_HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+
+
+def _conv_3x3(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_NHWC_HWIO)
+
+
+def _kernel_grad_in_row_blocks(x: jnp.ndarray, grad: jnp.ndarray) -> jnp.ndarray:
+    """dL/dkernel of ``_conv_3x3``: x (B, H, W, C_in), grad (B, H, W, C_out) -> (3, 3, C_in, C_out).
+
+    A loop over blocks of rows, each one im2col matmul (B * rows * W, 9 C_in)^T @ (B * rows * W, C_out),
+    summed in float32. XLA's CPU backend computes the weight gradient as a convolution whose input
+    features are the batch, which its fast kernels (YNNPACK) refuse below 17 features; its fallback
+    reaches 30-40 GFLOP/s on the U-Net's wide layers, these blocks 90-100 (and, being small, they reuse
+    one buffer where a whole-batch im2col would page-fault a new one every step).
+    """
+    batch, height, width, channels = x.shape
+    rows = max(1, min(height, _ROW_BLOCK_POSITIONS // (batch * width)))
+    while height % rows:
+        rows -= 1
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+    def add_block(total, start):
+        block = jax.lax.dynamic_slice_in_dim(padded, start, rows + 2, axis=1)
+        grad_block = jax.lax.dynamic_slice_in_dim(grad, start, rows, axis=1)
+        columns = jnp.concatenate([block[:, dy:dy + rows, dx:dx + width] for dy in range(3) for dx in range(3)], -1)
+        return total + jnp.einsum("pk,po->ko", columns.reshape(-1, 9 * channels), grad_block.reshape(-1, grad.shape[-1]),
+                                  preferred_element_type=jnp.float32), None
+
+    total, _ = jax.lax.scan(add_block, jnp.zeros((9 * channels, grad.shape[-1]), jnp.float32),
+                            jnp.arange(0, height, rows))
+    return total.reshape(3, 3, channels, grad.shape[-1])
+
+
+@jax.custom_vjp
+def _conv_3x3_row_block_grad(x, kernel):
+    """``_conv_3x3`` whose kernel gradient comes from ``_kernel_grad_in_row_blocks`` on CPU (XLA's elsewhere)."""
+    return _conv_3x3(x, kernel)
+
+
+def _conv_3x3_forward(x, kernel):
+    return _conv_3x3(x, kernel), (x, kernel)
+
+
+def _conv_3x3_backward(saved, grad):
+    x, kernel = saved
+    input_grad = jax.vjp(lambda x: _conv_3x3(x, kernel), x)[1](grad)[0]
+    kernel_grad = jax.lax.platform_dependent(
+        x, grad, cpu=lambda x, grad: _kernel_grad_in_row_blocks(x, grad).astype(kernel.dtype),
+        default=lambda x, grad: jax.vjp(lambda kernel: _conv_3x3(x, kernel), kernel)[1](grad)[0])
+    return input_grad, kernel_grad
+
+
+_conv_3x3_row_block_grad.defvjp(_conv_3x3_forward, _conv_3x3_backward)
+
+
+def conv_3x3_same(lhs, rhs, window_strides, padding, **options):
+    """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: a stride-1 'SAME' 3x3
+    convolution with enough output positions takes ``_conv_3x3_row_block_grad`` (same values, the
+    kernel gradient summed in another order); any other call goes to XLA as it is."""
+    batch, height, width, channels = lhs.shape
+    plain = (rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1) and padding == "SAME"
+             and tuple(options.get("lhs_dilation") or (1, 1)) == (1, 1)
+             and tuple(options.get("rhs_dilation") or (1, 1)) == (1, 1)
+             and options.get("dimension_numbers") == _NHWC_HWIO and options.get("feature_group_count", 1) == 1)
+    if (plain and batch * height * width >= _ROW_BLOCK_MIN_POSITIONS and channels >= _ROW_BLOCK_MIN_CHANNELS):
+        return _conv_3x3_row_block_grad(lhs, rhs)
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
+
+
 class ConvBlock(nn.Module):
     """``num_convs`` x [Conv3x3, BatchNorm, ReLU]; with ``torch_layers`` the convs
     have biases and torch's default initialisation (the authors' U-Net)."""
@@ -90,9 +166,10 @@ class ConvBlock(nn.Module):
         for _ in range(self.num_convs):
             if self.torch_layers:
                 conv = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype, kernel_init=_torch_kernel_init,
-                               bias_init=_torch_bias_init(9 * x.shape[-1]))
+                               bias_init=_torch_bias_init(9 * x.shape[-1]), conv_general_dilated=conv_3x3_same)
             else:
-                conv = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)
+                conv = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
+                               conv_general_dilated=conv_3x3_same)
             x = conv(x)
             x = nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON,
                              dtype=self.dtype)(x)
