@@ -149,8 +149,8 @@ def test_conv_3x3_row_block_kernel_gradient_equals_xla():
     channels; 130 rows are not a multiple of the 7 that fit a block, so blocks of 5): same outputs
     and input gradients as XLA's convolution, the kernel gradient to float32 rounding."""
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 130, 260, 64))
-    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 64, 24)) * 0.05
-    weights = jax.random.normal(jax.random.PRNGKey(2), (2, 130, 260, 24))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 64, 64)) * 0.05
+    weights = jax.random.normal(jax.random.PRNGKey(2), (2, 130, 260, 64))
     plain = lambda *args, **options: jax.lax.conv_general_dilated(*args, **options)  # noqa: E731
     losses = {name: (lambda x, kernel, conv=conv: jnp.sum(weights * jnp.tanh(_conv_call(conv, x, kernel))))
               for name, conv in (("ours", conv_3x3_same), ("xla", plain))}
@@ -158,9 +158,10 @@ def test_conv_3x3_row_block_kernel_gradient_equals_xla():
     ours, xla = (jax.jit(jax.grad(losses[name], (0, 1)))(x, kernel) for name in ("ours", "xla"))
     np.testing.assert_array_equal(ours[0], xla[0])
     assert float(jnp.max(jnp.abs(ours[1] - xla[1]))) <= 2e-5 * float(jnp.max(jnp.abs(xla[1])))
-    # Small layers, other strides and few channels stay XLA's convolution.
-    for shape, strides in (((2, 64, 64, 64), (1, 1)), ((2, 256, 256, 64), (2, 2)), ((2, 256, 256, 32), (1, 1))):
-        jaxpr = jax.make_jaxpr(lambda x: _conv_call(conv_3x3_same, x, jnp.zeros((3, 3, shape[-1], 8)), strides))
+    # Small layers, other strides and fewer than 64 input or output channels stay XLA's convolution.
+    for shape, out, strides in (((2, 64, 64, 64), 64, (1, 1)), ((2, 256, 256, 64), 64, (2, 2)),
+                                ((2, 256, 256, 32), 64, (1, 1)), ((2, 256, 256, 64), 32, (1, 1))):
+        jaxpr = jax.make_jaxpr(lambda x: _conv_call(conv_3x3_same, x, jnp.zeros((3, 3, shape[-1], out)), strides))
         assert "custom_vjp" not in str(jaxpr(jnp.zeros(shape)))
 
 

@@ -77,8 +77,8 @@ max_pool_2x2.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 # CPU weight gradients of 3x3 convolutions (conv_3x3_same below): applied from this many output positions
-# (batch x height x width) and 64 input channels up, in row blocks of about this many positions. Chosen on
-# the U-Net's layers on 2 cores (docs/benchmarks.md): below them XLA's own weight gradient is as fast.
+# (batch x height x width) and 64 input and output channels up, in row blocks of about this many positions.
+# Chosen on the U-Net's layers on 2 cores (docs/benchmarks.md): below them XLA's own gradient is as fast or faster.
 _ROW_BLOCK_MIN_POSITIONS = 1 << 16
 _ROW_BLOCK_MIN_CHANNELS = 64
 _ROW_BLOCK_POSITIONS = 4096
@@ -140,14 +140,15 @@ _conv_3x3_row_block_grad.defvjp(_conv_3x3_forward, _conv_3x3_backward)
 
 def conv_3x3_same(lhs, rhs, window_strides, padding, **options):
     """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: a stride-1 'SAME' 3x3
-    convolution with enough output positions takes ``_conv_3x3_row_block_grad`` (same values, the
+    convolution with enough output positions and channels takes ``_conv_3x3_row_block_grad`` (same values, the
     kernel gradient summed in another order); any other call goes to XLA as it is."""
     batch, height, width, channels = lhs.shape
     plain = (rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1) and padding == "SAME"
              and tuple(options.get("lhs_dilation") or (1, 1)) == (1, 1)
              and tuple(options.get("rhs_dilation") or (1, 1)) == (1, 1)
              and options.get("dimension_numbers") == _NHWC_HWIO and options.get("feature_group_count", 1) == 1)
-    if (plain and batch * height * width >= _ROW_BLOCK_MIN_POSITIONS and channels >= _ROW_BLOCK_MIN_CHANNELS):
+    if (plain and batch * height * width >= _ROW_BLOCK_MIN_POSITIONS
+            and min(channels, rhs.shape[-1]) >= _ROW_BLOCK_MIN_CHANNELS):
         return _conv_3x3_row_block_grad(lhs, rhs)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
 
