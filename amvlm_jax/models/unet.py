@@ -99,6 +99,7 @@ def _kernel_grad_in_row_blocks(x: jnp.ndarray, grad: jnp.ndarray) -> jnp.ndarray
     one buffer where a whole-batch im2col would page-fault a new one every step).
     """
     batch, height, width, channels = x.shape
+    out_channels = grad.shape[-1]
     rows = max(1, min(height, _ROW_BLOCK_POSITIONS // (batch * width)))
     while height % rows:
         rows -= 1
@@ -108,12 +109,11 @@ def _kernel_grad_in_row_blocks(x: jnp.ndarray, grad: jnp.ndarray) -> jnp.ndarray
         block = jax.lax.dynamic_slice_in_dim(padded, start, rows + 2, axis=1)
         grad_block = jax.lax.dynamic_slice_in_dim(grad, start, rows, axis=1)
         columns = jnp.concatenate([block[:, dy:dy + rows, dx:dx + width] for dy in range(3) for dx in range(3)], -1)
-        return total + jnp.einsum("pk,po->ko", columns.reshape(-1, 9 * channels), grad_block.reshape(-1, grad.shape[-1]),
+        return total + jnp.einsum("pk,po->ko", columns.reshape(-1, 9 * channels), grad_block.reshape(-1, out_channels),
                                   preferred_element_type=jnp.float32), None
 
-    total, _ = jax.lax.scan(add_block, jnp.zeros((9 * channels, grad.shape[-1]), jnp.float32),
-                            jnp.arange(0, height, rows))
-    return total.reshape(3, 3, channels, grad.shape[-1])
+    total, _ = jax.lax.scan(add_block, jnp.zeros((9 * channels, out_channels), jnp.float32), jnp.arange(0, height, rows))
+    return total.reshape(3, 3, channels, out_channels)
 
 
 @jax.custom_vjp
