@@ -88,8 +88,9 @@ def run_all(devices=None) -> dict:
     model = build.build_model(pretrain_config, build.text_encoder_config(pretrain_config))
     mesh = parallel.make_mesh(pretrain_config, devices, batch_size=8)
     # A small rate: rounding differences of the cross-process sums grow with the step size.
-    state = pretrain.create_state(pretrain_config, model, size, tx=optax.sgd(0.002))
-    state = parallel.shard_state(mesh, state, pretrain_config)
+    # Initialised in place on the global mesh, as the job does.
+    state = parallel.init_sharded(mesh, pretrain_config,
+                                  lambda: pretrain.create_state(pretrain_config, model, size, tx=optax.sgd(0.002)))
     step = pretrain.make_train_step(model, pretrain_config)
     # Copied to the host now: the steps donate (delete) these arrays.
     initial = parallel.gather_to_host(_named("initial/pretrain_params", state.params))

@@ -113,9 +113,11 @@ def test_two_processes_train_as_one_process_with_eight_devices(tmp_path):
         # cannot do is change an update as a whole: each tensor's difference between the runs is
         # bounded by 2% of how far the reference moved it (norm-wise). A wrong gradient (one
         # process's half of the batch, a mean over the wrong axis, a missing all-reduce) changes
-        # updates by tens of percent; a tensor that did not move must agree to rounding.
+        # updates by tens of percent; a tensor that did not move must agree to rounding. The losses
+        # of later steps: 7e-4 apart (relative) were seen with other initial text weights, while the
+        # loss falls by a quarter a step.
         for name in ("pretrain_losses", "ssl_losses", "ssl_tg_losses"):
-            np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, err_msg=name)
+            np.testing.assert_allclose(got[name], expected[name], rtol=2e-3, err_msg=name)
         for name, value in expected.items():
             initial = expected.get("initial/" + name)
             if initial is None:
@@ -132,6 +134,34 @@ def test_two_processes_train_as_one_process_with_eight_devices(tmp_path):
     assert np.all(np.isfinite(expected["ssl_tg_losses"]))
     # The steps trained: the decoder moved away from its initialisation.
     assert any(np.abs(v).max() > 0 for k, v in expected.items() if k.startswith("ssl_decoder") and "gate" in k)
+
+
+def test_pretraining_state_is_initialised_in_place_as_shard_state_places_it():
+    """parallel.init_sharded computes the state straight into its FSDP placement on 2 x 4 devices: the
+    same values (loaded text weights included) and shardings as initialising it whole and then placing it."""
+    config = tiny_pretrain_config(**{"mesh.data": 2, "mesh.fsdp": 4, "mesh.fsdp_min_size": 64})
+    size = config.pretrain.image_size
+    model = build.build_model(config, build.text_encoder_config(config))
+    mesh = parallel.make_mesh(config, batch_size=8)
+    shapes = jax.eval_shape(lambda: pretrain.create_state(config, model, size)).params["text_encoder"]
+    rng = np.random.default_rng(0)
+    loaded = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype), shapes)  # As from a file.
+
+    def create(text, vit):
+        return pretrain.create_state(config, model, size, text, vit, steps_per_epoch=3)
+
+    expected = parallel.shard_state(mesh, create(loaded, None), config)
+    state = parallel.init_sharded(mesh, config, create, loaded, None)
+    assert jax.tree.structure(state.replace(tx=None)) == jax.tree.structure(expected.replace(tx=None))
+    assert state.momentum is not None
+    sharded = 0
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+        assert got.sharding == want.sharding
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        sharded += got.sharding.spec != PartitionSpec()
+    assert sharded >= 6, "the text encoder's weights, their Adam moments and momentum copies are FSDP-sharded"
+    for got, want in zip(jax.tree.leaves(state.params["text_encoder"]), jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_checkpoint_from_eight_devices_resumes_on_one_and_two(tmp_path, monkeypatch):

@@ -76,7 +76,8 @@ def create_state(config, model: AMVLM, image_size: int, text_params=None, vit_pa
 
 def initial_state(config, model: AMVLM, mesh: Mesh, steps_per_epoch: int, resuming: bool = False) -> PretrainState:
     """The job's state on ``mesh``: large encoder weights (and their Adam moments and momentum copies)
-    FSDP-sharded, the rest replicated. Fresh: initialised, then the pre-trained encoder weights loaded.
+    FSDP-sharded, the rest replicated. Fresh: initialised, then the pre-trained encoder weights loaded,
+    computed in place (``parallel.init_sharded``).
     ``resuming``: only its shapes and shardings (the loop restores the values; nothing is initialised)."""
     size = build.pretrain_image_size(config)
     if resuming:
@@ -85,8 +86,8 @@ def initial_state(config, model: AMVLM, mesh: Mesh, steps_per_epoch: int, resumi
     _, text_params = build.build_text_encoder(config)
     vit_weights = config.pretrain.vit_weights
     vit_params = weights.load_vit(vit_weights, model.image_encoder, image_size=size) if vit_weights else None
-    return parallel.shard_state(mesh, create_state(config, model, size, text_params, vit_params,
-                                                   steps_per_epoch=steps_per_epoch), config)
+    return parallel.init_sharded(mesh, config, lambda text, vit: create_state(
+        config, model, size, text, vit, steps_per_epoch=steps_per_epoch), text_params, vit_params)
 
 
 IMAGE_MODULES = ("image_encoder", "image_global_head", "image_local_head")
