@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from amvlm_jax.models import unet as unet_module
-from amvlm_jax.models.unet import ConvBlock, UNet, UpConv2x2, conv_3x3_same, max_pool_2x2
+from amvlm_jax.models.unet import ConvBlock, UNet, UpConv2x2, conv_1x1_as_matmul, conv_3x3_same, max_pool_2x2
 
 
 def _authors_tensor(name: str, shape: list) -> np.ndarray:
@@ -164,9 +164,32 @@ def test_conv_3x3_row_block_kernel_gradient_equals_xla():
         assert "custom_vjp" not in str(jaxpr(jnp.zeros(shape)))
 
 
+def test_conv_1x1_as_matmul_equals_xla():
+    """An output layer big enough for the matmul (67,600 positions, 64 channels) to 1 and to 3 classes:
+    outputs and both gradients equal XLA's convolution's to float32 rounding; small or narrow layers
+    and other strides stay XLA's convolution."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 130, 260, 64))
+    for out in (1, 3):
+        kernel = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 64, out)) * 0.1
+        jaxpr = str(jax.make_jaxpr(lambda x, k: _conv_call(conv_1x1_as_matmul, x, k))(x, kernel))
+        assert "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr
+        outputs = {name: _conv_call(conv, x, kernel) for name, conv in
+                   (("ours", conv_1x1_as_matmul), ("xla", jax.lax.conv_general_dilated))}
+        np.testing.assert_allclose(outputs["ours"], outputs["xla"], rtol=1e-5, atol=1e-5)
+        weights = jax.random.normal(jax.random.PRNGKey(2), outputs["xla"].shape)
+        ours, xla = (jax.jit(jax.grad(lambda x, k, conv=conv: jnp.sum(weights * jnp.tanh(_conv_call(conv, x, k))),
+                                      (0, 1)))(x, kernel)
+                     for conv in (conv_1x1_as_matmul, jax.lax.conv_general_dilated))
+        for a, b in zip(ours, xla):
+            assert float(jnp.max(jnp.abs(a - b))) <= 2e-5 * float(jnp.max(jnp.abs(b)))
+    for shape, strides in (((2, 64, 64, 64), (1, 1)), ((2, 256, 256, 32), (1, 1)), ((2, 256, 256, 64), (2, 2))):
+        jaxpr = jax.make_jaxpr(lambda x: _conv_call(conv_1x1_as_matmul, x, jnp.zeros((1, 1, shape[-1], 1)), strides))
+        assert "dot_general" not in str(jaxpr(jnp.zeros(shape)))
+
+
 def test_unet_convs_take_row_block_kernel_gradients(monkeypatch):
-    """With the thresholds lowered, every 3x3 conv of the U-Net's gradient takes the row-block path,
-    and the gradients of a ConvBlock (both conv kinds, train-mode BatchNorm) equal XLA's."""
+    """With the thresholds lowered, every 3x3 conv of the U-Net's gradient takes the row-block path and
+    its output conv the matmul, and the gradients of a ConvBlock (both conv kinds, train-mode BatchNorm) equal XLA's."""
     model = UNet(num_classes=1, base_width=4)
     images = jnp.zeros((2, 32, 32, 3))
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(1), images))
@@ -189,11 +212,16 @@ def test_unet_convs_take_row_block_kernel_gradients(monkeypatch):
             return jnp.mean(jnp.sin(3 * y))
         return jax.jit(jax.grad(loss, (0, 1)))(block_variables[torch_layers]["params"], x)
 
-    plain = [unet_scans()] + [block_gradients(torch_layers) for torch_layers in (False, True)]
+    def unet_convolutions():
+        return str(jax.make_jaxpr(model.apply)(variables, images)).count("conv_general_dilated[")
+
+    plain = [(unet_scans(), unet_convolutions())] + [block_gradients(torch_layers) for torch_layers in (False, True)]
     monkeypatch.setattr(unet_module, "_ROW_BLOCK_MIN_POSITIONS", 0)
     monkeypatch.setattr(unet_module, "_ROW_BLOCK_MIN_CHANNELS", 1)
-    row_blocks = [unet_scans()] + [block_gradients(torch_layers) for torch_layers in (False, True)]
-    assert (plain[0], row_blocks[0]) == (0, 17)  # The input conv, 2 in each of 4 down and 4 up stages.
+    row_blocks = [(unet_scans(), unet_convolutions())] + [block_gradients(torch_layers) for torch_layers in (False, True)]
+    # 17 3x3 convs (the input conv, 2 in each of 4 down and 4 up stages) take the row blocks; the output
+    # 1x1 conv becomes a matmul (test_conv_1x1_as_matmul_equals_xla checks its values).
+    assert (plain[0], row_blocks[0]) == ((0, 18), (17, 17))
     for ours, theirs in zip(row_blocks[1:], plain[1:]):
         for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
