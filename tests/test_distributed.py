@@ -136,34 +136,6 @@ def test_two_processes_train_as_one_process_with_eight_devices(tmp_path):
     assert any(np.abs(v).max() > 0 for k, v in expected.items() if k.startswith("ssl_decoder") and "gate" in k)
 
 
-def test_pretraining_state_is_initialised_in_place_as_shard_state_places_it():
-    """parallel.init_sharded computes the state straight into its FSDP placement on 2 x 4 devices: the
-    same values (loaded text weights included) and shardings as initialising it whole and then placing it."""
-    config = tiny_pretrain_config(**{"mesh.data": 2, "mesh.fsdp": 4, "mesh.fsdp_min_size": 64})
-    size = config.pretrain.image_size
-    model = build.build_model(config, build.text_encoder_config(config))
-    mesh = parallel.make_mesh(config, batch_size=8)
-    shapes = jax.eval_shape(lambda: pretrain.create_state(config, model, size)).params["text_encoder"]
-    rng = np.random.default_rng(0)
-    loaded = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype), shapes)  # As from a file.
-
-    def create(text, vit):
-        return pretrain.create_state(config, model, size, text, vit, steps_per_epoch=3)
-
-    expected = parallel.shard_state(mesh, create(loaded, None), config)
-    state = parallel.init_sharded(mesh, config, create, loaded, None)
-    assert jax.tree.structure(state.replace(tx=None)) == jax.tree.structure(expected.replace(tx=None))
-    assert state.momentum is not None
-    sharded = 0
-    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
-        assert got.sharding == want.sharding
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-        sharded += got.sharding.spec != PartitionSpec()
-    assert sharded >= 6, "the text encoder's weights, their Adam moments and momentum copies are FSDP-sharded"
-    for got, want in zip(jax.tree.leaves(state.params["text_encoder"]), jax.tree.leaves(loaded)):
-        np.testing.assert_array_equal(np.asarray(got), want)
-
-
 def test_checkpoint_from_eight_devices_resumes_on_one_and_two(tmp_path, monkeypatch):
     """A pre-training state saved FSDP-sharded on 2 x 4 devices restores on 1 and on 1 x 2 devices."""
     monkeypatch.chdir(tmp_path)
@@ -180,8 +152,23 @@ def test_checkpoint_from_eight_devices_resumes_on_one_and_two(tmp_path, monkeypa
         return {"image": images[0], "image_aug": images[1], **tokens}
 
     mesh = parallel.make_mesh(config, batch_size=8)
-    state = pretrain.create_state(config, model, size, tx=optax.sgd(0.1))
-    state = parallel.shard_state(mesh, state, config)
+    # Initialised in place (parallel.init_sharded, as the job does), text weights handed over as host
+    # arrays as loaded ones are: the same values and placement as initialising it whole, then placing it.
+    shapes = jax.eval_shape(lambda: pretrain.create_state(config, model, size)).params["text_encoder"]
+    rng = np.random.default_rng(0)
+    loaded = jax.tree.map(lambda x: (0.02 * rng.standard_normal(x.shape)).astype(x.dtype), shapes)
+
+    def create(text):
+        return pretrain.create_state(config, model, size, text, tx=optax.sgd(0.1))
+
+    whole = parallel.shard_state(mesh, create(loaded), config)
+    state = parallel.init_sharded(mesh, config, create, loaded)
+    assert jax.tree.structure(state.replace(tx=None)) == jax.tree.structure(whole.replace(tx=None))
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(whole)):
+        assert got.sharding == want.sharding
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for got, want in zip(jax.tree.leaves(state.params["text_encoder"]), jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(np.asarray(got), want)
     sharded = [x for x in jax.tree.leaves(state.params) if x.sharding.spec != PartitionSpec()]
     assert sharded, "some leaves must be FSDP-sharded"
     placed = [x.sharding for x in jax.tree.leaves(state)]
