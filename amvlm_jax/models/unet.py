@@ -138,34 +138,37 @@ def _conv_3x3_backward(saved, grad):
 _conv_3x3_row_block_grad.defvjp(_conv_3x3_forward, _conv_3x3_backward)
 
 
+def _plain_nhwc(rhs, window: tuple, window_strides, padding_accepted: bool, options: dict) -> bool:
+    """Whether a ``conv_general_dilated`` call from ``nn.Conv`` is a plain NHWC/HWIO convolution with a
+    ``window`` kernel: stride 1, no dilation, one feature group, and the padding its caller accepts."""
+    return (rhs.shape[:2] == window and tuple(window_strides) == (1, 1) and padding_accepted
+            and tuple(options.get("lhs_dilation") or (1, 1)) == (1, 1)
+            and tuple(options.get("rhs_dilation") or (1, 1)) == (1, 1)
+            and options.get("dimension_numbers") == _NHWC_HWIO and options.get("feature_group_count", 1) == 1)
+
+
 def conv_3x3_same(lhs, rhs, window_strides, padding, **options):
     """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: a stride-1 'SAME' 3x3
     convolution with enough output positions and channels takes ``_conv_3x3_row_block_grad`` (same values, the
     kernel gradient summed in another order); any other call goes to XLA as it is."""
     batch, height, width, channels = lhs.shape
-    plain = (rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1) and padding == "SAME"
-             and tuple(options.get("lhs_dilation") or (1, 1)) == (1, 1)
-             and tuple(options.get("rhs_dilation") or (1, 1)) == (1, 1)
-             and options.get("dimension_numbers") == _NHWC_HWIO and options.get("feature_group_count", 1) == 1)
-    if (plain and batch * height * width >= _ROW_BLOCK_MIN_POSITIONS
+    if (_plain_nhwc(rhs, (3, 3), window_strides, padding == "SAME", options)
+            and batch * height * width >= _ROW_BLOCK_MIN_POSITIONS
             and min(channels, rhs.shape[-1]) >= _ROW_BLOCK_MIN_CHANNELS):
         return _conv_3x3_row_block_grad(lhs, rhs)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
 
 
 def conv_1x1_as_matmul(lhs, rhs, window_strides, padding, **options):
-    """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: a stride-1 1x1 convolution
-    with as many positions and input channels as the row-block threshold above is computed as the matmul
-    it is, (B, H, W, C_in) @ (C_in, C_out); any other call goes to XLA as it is. On 2 CPU cores XLA's
+    """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: a stride-1 unpadded 1x1
+    convolution with as many positions and input channels as the row-block threshold above is computed as
+    the matmul it is, (B, H, W, C_in) @ (C_in, C_out); any other call goes to XLA as it is. On 2 CPU cores XLA's
     1x1 convolution to one output channel (the U-Net's output layer at width 64, 224², batch 8) took
     75 ms forward, the matmul 3.4; with its gradient 229 against 92 ms (XLA first transposes the whole
     input to put the batch last). Narrower layers keep XLA's convolution, so width-16 runs are unchanged."""
     batch, height, width, channels = lhs.shape
-    plain = (rhs.shape[:2] == (1, 1) and tuple(window_strides) == (1, 1)
-             and tuple(options.get("lhs_dilation") or (1, 1)) == (1, 1)
-             and tuple(options.get("rhs_dilation") or (1, 1)) == (1, 1)
-             and options.get("dimension_numbers") == _NHWC_HWIO and options.get("feature_group_count", 1) == 1)
-    if plain and batch * height * width >= _ROW_BLOCK_MIN_POSITIONS and channels >= _ROW_BLOCK_MIN_CHANNELS:
+    if (_plain_nhwc(rhs, (1, 1), window_strides, padding in ("SAME", "VALID"), options)
+            and batch * height * width >= _ROW_BLOCK_MIN_POSITIONS and channels >= _ROW_BLOCK_MIN_CHANNELS):
         return jnp.einsum("bhwc,co->bhwo", lhs, rhs[0, 0], precision=options.get("precision"))
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
 
