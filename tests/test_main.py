@@ -1,5 +1,6 @@
 """The command line: one-line errors, default workdir, config overrides."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -121,3 +122,41 @@ def test_compilation_cache_follows_config_unless_already_set(tmp_path):
         assert enable_compilation_cache(config) == str(pathlib.Path.home() / "somewhere")
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+ENV_WITHOUT_TUNABLES = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+
+
+def _python(code: str, *args, env=None):
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                            env=env if env is not None else ENV_WITHOUT_TUNABLES)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_start_restarts_the_process_once_with_the_malloc_tunables_and_keeps_its_arguments():
+    code = ("import os, sys; from amvlm_jax.main import malloc_in_huge_pages; malloc_in_huge_pages(); "
+            "print(repr(os.environ.get('GLIBC_TUNABLES')), sys.argv[1:])")
+    # One line: the first process is replaced, not followed, by the restarted one.
+    expected = repr(main.MALLOC_TUNABLES) if sys.platform == "linux" else "None"
+    assert _python(code, "--config.a=1", "x y") == [f"{expected} ['--config.a=1', 'x y']"]
+    # Set already (even empty): the process runs as started.
+    assert _python(code, env={**ENV_WITHOUT_TUNABLES, "GLIBC_TUNABLES": ""}) == ["'' []"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc tunables: Linux only")
+def test_the_malloc_tunables_stop_large_allocations_faulting_every_page_in_again():
+    # What XLA's CPU runtime does every step: large temporaries allocated and freed.
+    # (Through malloc itself: numpy asks for huge pages on its own large arrays.)
+    code = ("import ctypes, resource\n"
+            "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
+            "def touch():\n"
+            "    block = libc.malloc(1 << 26); ctypes.memset(block, 1, 1 << 26); libc.free(block)\n"
+            "touch()\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(10): touch()\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 10)")
+    plain = int(_python(code, env={**ENV_WITHOUT_TUNABLES, "GLIBC_TUNABLES": ""})[0])
+    huge = int(_python(code, env={**ENV_WITHOUT_TUNABLES, "GLIBC_TUNABLES": main.MALLOC_TUNABLES})[0])
+    assert plain >= 16_000  # 64 MiB in 4 KiB pages, faulted in anew each time.
+    assert huge * 10 <= plain  # Reused: none, or a few huge pages.

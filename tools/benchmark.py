@@ -17,7 +17,11 @@ steps/s, images/s and MFU). Also reports compile seconds, peak memory
 maximum resident set size, labelled so), model FLOPs per step from XLA's
 cost analysis of the lowered step, and model FLOPs utilisation (MFU)
 against a matmul peak measured in the same run: a large square matmul in
-the compute dtype (config.dtype), timed on one device.
+the compute dtype (config.dtype), timed on one device; and the host's page
+faults and system time per step of the back-to-back steps (the tool, like
+main, runs with malloc on huge pages where the kernel offers them:
+GLIBC_TUNABLES, see amvlm_jax.main.malloc_in_huge_pages; set it empty to
+time without).
 
 Images per step: pretrain B image-report pairs (plus the momentum view,
 not counted); ssl B labeled + B unlabeled images; supervised B;
@@ -332,12 +336,16 @@ def run_benchmark(config, mode: str, steps: int, warmup: int, profile_dir: str =
     step_latency = float(np.median(times))
     # Back to back, as the training loops run: the host dispatches step n + 1
     # while the device still computes step n; one wait at the end.
-    started = time.perf_counter()
+    started, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     outputs = None
     for _ in range(steps):
         outputs, args = dispatch(args)
     jax.block_until_ready(outputs)
     seconds_per_step_back_to_back = (time.perf_counter() - started) / steps
+    # The host's page faults and system time over those steps (docs/benchmarks.md: malloc on huge pages).
+    usage_after = resource.getrusage(resource.RUSAGE_SELF)
+    page_faults_per_step = (usage_after.ru_minflt - usage.ru_minflt) / steps
+    system_seconds_per_step = (usage_after.ru_stime - usage.ru_stime) / steps
     profile = None
     if profile_dir:
         import jax.profiler
@@ -372,6 +380,9 @@ def run_benchmark(config, mode: str, steps: int, warmup: int, profile_dir: str =
         "matmul_peak_flops_per_device": peak_flops,
         "matmul_size": matmul_size,
         "first_step_loss": first_loss,
+        "page_faults_per_step": page_faults_per_step,
+        "system_seconds_per_step": system_seconds_per_step,
+        "malloc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
     if profile is not None:
         result["profile"] = profile
@@ -653,6 +664,8 @@ def format_result(result: dict) -> str:
         f"  steps/s             {result['steps_per_second']:.3f}",
         f"  images/s            {result['images_per_second']:.2f}  ({result['images_per_step']} per step)",
         f"  peak memory         {result['peak_memory_bytes'] / 2**30:.2f} GiB  [{result['peak_memory_kind']}]",
+        f"  host per step       {result['page_faults_per_step']:.0f} page faults, {result['system_seconds_per_step']:.3f} s "
+        f"system time (GLIBC_TUNABLES={result['malloc_tunables'] or ''})",
         f"  matmul peak         {result['matmul_peak_flops_per_device'] / 1e9:.1f} GFLOP/s per device "
         f"({result['matmul_size']}^2, {result['dtype']})",
     ]
