@@ -14,8 +14,9 @@ import contextlib
 import os
 import re
 
-from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.errors import (
+    HfHubHTTPError,
     LocalEntryNotFoundError,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
@@ -119,6 +120,7 @@ class _Repo:
     def download(self, alternatives) -> str | None:
         """Path of the first of ``alternatives`` that the hub has, downloaded into the cache;
         None when it has none. LocalEntryNotFoundError when the hub is unreachable."""
+        self.reach(alternatives[0])
         for filename in alternatives:
             try:
                 return hf_hub_download(self.repo_id, filename, revision=self.revision, cache_dir=self.cache_dir)
@@ -130,3 +132,14 @@ class _Repo:
                 raise HubError(f"{self.field}: '{self.name}' is neither an existing path nor a hub model "
                                "(for a gated or private one, log in with `hf auth login`)") from None
         return None
+
+    def reach(self, filename) -> None:
+        """Raises LocalEntryNotFoundError at once when the hub cannot be reached: hf_hub_download
+        would retry for ~25 s, logging every attempt. One request, no retry; HTTP errors are left
+        to the download."""
+        try:
+            get_hf_file_metadata(hf_hub_url(self.repo_id, filename, revision=self.revision))
+        except HfHubHTTPError:  # An answer (no such repository or file, gated...): the download says which.
+            pass
+        except Exception as error:  # No answer: the HTTP client's connection, timeout or TLS errors.
+            raise LocalEntryNotFoundError(f"hub unreachable: {error}") from None

@@ -14,6 +14,7 @@ the file and the tensor.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -42,6 +43,8 @@ def read_state_dict(path) -> Dict[str, np.ndarray]:
     Wrapped torch checkpoints ({'model': ...} / {'state_dict': ...}) are unwrapped.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise WeightError(f"{path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise WeightError(f"{path}: file not found")
     if path.endswith(".safetensors"):
@@ -53,20 +56,23 @@ def read_state_dict(path) -> Dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     tensors = {}
-    with safe_open(path, framework="numpy") as f:
-        for key in f.keys():
-            try:
-                tensors[key] = f.get_tensor(key)
-            except TypeError:
-                tensors[key] = None  # bfloat16 etc.: numpy cannot hold it; reread below
-    missing = [k for k, v in tensors.items() if v is None]
-    if missing:
-        with safe_open(path, framework="flax") as f:
-            for key in missing:
-                tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+    try:
+        with safe_open(path, framework="numpy") as f:
+            for key in f.keys():
+                try:
+                    tensors[key] = f.get_tensor(key)
+                except TypeError:
+                    tensors[key] = None  # bfloat16 etc.: numpy cannot hold it; reread below
+        missing = [k for k, v in tensors.items() if v is None]
+        if missing:
+            with safe_open(path, framework="flax") as f:
+                for key in missing:
+                    tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+    except SafetensorError as error:  # e.g. "Error while deserializing header: header too large"
+        raise WeightError(f"{path}: not a safetensors file ({str(error).split(': ', 1)[-1]})") from None
     return tensors
 
 
@@ -76,7 +82,10 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
                           f"(install CPU torch, or convert the file to .safetensors)")
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for files that are no checkpoint.
+        raise WeightError(f"{path}: not a PyTorch checkpoint ({type(error).__name__})") from None
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -119,6 +128,18 @@ def _param_shapes(module, *example_inputs) -> Dict[Tuple[str, ...], Tuple[int, .
 
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_inputs))
     return {path: tuple(leaf.shape) for path, leaf in _flatten(abstract["params"])}
+
+
+@contextlib.contextmanager
+def field_errors(field: str):
+    """Prefixes the WeightErrors raised inside with ``field`` (the config field that named the
+    file), unless they already start with a config field."""
+    try:
+        yield
+    except WeightError as error:
+        if str(error).startswith("config."):
+            raise
+        raise WeightError(f"{field}: {error}") from None
 
 
 def _get(tensors: Mapping[str, np.ndarray], file: str, names: Sequence[str],
@@ -170,7 +191,7 @@ def _bert_weights_file(directory: str) -> str:
         candidate = os.path.join(directory, name)
         if os.path.isfile(candidate):
             return candidate
-    raise WeightError(f"{directory}: no model.safetensors or pytorch_model.bin")
+    raise WeightError(f"{directory} has no model.safetensors or pytorch_model.bin")
 
 
 def bert_params_from_state_dict(tensors: Mapping[str, np.ndarray], config: BertConfig,
@@ -205,12 +226,31 @@ def load_bert(directory, num_layers: Optional[int] = None) -> Tuple[BertConfig, 
     ``num_layers`` keeps only the first layers (the paper uses 6 of 12).
     """
     directory = os.fspath(directory)
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
-        raise WeightError(f"{directory}: no config.json")
-    config = BertConfig.from_json(config_path, num_layers)
+    config = bert_config(directory, num_layers)
     file = _bert_weights_file(directory)
     return config, bert_params_from_state_dict(read_state_dict(file), config, file)
+
+
+def bert_config(directory, num_layers: Optional[int] = None) -> BertConfig:
+    """The BertConfig of a HuggingFace BERT directory's config.json; ``num_layers`` as in ``load_bert``."""
+    path = os.path.join(os.fspath(directory), "config.json")
+    if not os.path.isfile(path):
+        raise WeightError(f"{directory} has no config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise WeightError(f"{path}: not a JSON file ({error})") from None
+    if not isinstance(values, dict):
+        raise WeightError(f"{path}: not a JSON object")
+    try:
+        config = BertConfig.from_dict(values, num_layers)
+    except ValueError as error:  # num_layers beyond the file's num_hidden_layers
+        raise WeightError(f"{path}: {error}") from None
+    if config.num_attention_heads < 1 or config.hidden_size % config.num_attention_heads:
+        raise WeightError(f"{path}: hidden_size {config.hidden_size} is not divisible by "
+                          f"num_attention_heads {config.num_attention_heads}")
+    return config
 
 
 def default_text_encoder_dir() -> str:
@@ -417,17 +457,18 @@ def load_vit(path, model_config, image_size=None) -> Dict[str, Any]:
     'image_size'). image_size: int or (H, W); default the dict's
     'image_size' or 224. Position embeddings are resampled bicubically when
     the checkpoint's grid differs; DeiT distillation tokens and classifier
-    heads are dropped.
+    heads are dropped. Its WeightErrors start with ``config.pretrain.vit_weights: ``.
     """
     if image_size is None:
         image_size = (model_config.get("image_size", 224)
                       if isinstance(model_config, Mapping) else 224)
     file = os.fspath(path)
-    if isinstance(path, str) and not os.path.isfile(path):
-        from amvlm_jax import hub  # imported here: hub's errors are WeightErrors
+    with field_errors("config.pretrain.vit_weights"):
+        if isinstance(path, str) and not os.path.isfile(path):
+            from amvlm_jax import hub  # imported here: hub's errors are WeightErrors
 
-        file = hub.resolve_vit_weights(path)
-    return vit_params_from_state_dict(read_state_dict(file), model_config, image_size, file)
+            file = hub.resolve_vit_weights(path)
+        return vit_params_from_state_dict(read_state_dict(file), model_config, image_size, file)
 
 
 # ----------------------------------------------------------------------------

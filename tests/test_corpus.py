@@ -91,6 +91,81 @@ def test_bad_rows_are_one_line_errors_naming_file_and_row(tmp_path):
     assert "must end in .csv, .jsonl or .json" in _error(config)
 
 
+
+def _csv(tmp_path, text: bytes) -> tuple[pathlib.Path, object]:
+    """tmp_path/train.csv holding ``text`` (rows of file, report; images/0..3.png exist) and its config."""
+    write_corpus(tmp_path, 4)
+    path = tmp_path / "train.csv"
+    path.write_bytes(text)
+    config = corpus_config(path)
+    config.data.corpus.update(dict(split_field="", text_fields=("report",)))
+    return path, config
+
+
+def test_text_that_is_not_utf8_is_an_error_naming_the_row(tmp_path):
+    path, config = _csv(tmp_path, "file,report\nimages/0.png,a\nimages/1.png,café au lait\n".encode("latin-1"))
+    assert _error(config) == f"{path}:3: not UTF-8 text (byte 0xe9 after 'images/1.png,caf'); save it as UTF-8"
+    path.write_text("file,report\nimages/0.png,a\n", encoding="utf-16")
+    assert _error(config) == f"{path}:1: not UTF-8 text (byte 0xff after ''); save it as UTF-8"
+    jsonl = write_corpus(tmp_path, 4)
+    lines = jsonl.read_bytes().splitlines(keepends=True)
+    jsonl.write_bytes(b"".join([*lines[:1], lines[1].replace(b'"findings": "', b'"findings": "Caf\xe9 '), *lines[2:]]))
+    assert re.fullmatch(rf"{re.escape(str(jsonl))}:2: not UTF-8 text \(byte 0xe9 after '.*Caf'\); save it as UTF-8",
+                        _error(corpus_config(jsonl)))
+    whole = tmp_path / "rows.json"
+    whole.write_bytes(b'[{"file": "images/0.png", "report": "caf\xe9"}]')
+    config.data.corpus.train = str(whole)
+    assert _error(config) == f"{whole}: not UTF-8 text (byte 0xe9 at offset 40); save it as UTF-8"
+
+
+def test_split_values_must_be_the_configured_names_and_the_train_file_must_hold_training_rows(tmp_path):
+    path = write_corpus(tmp_path, 6, splits=("train", "val", "test"))
+    config = corpus_config(path)
+    lines = path.read_text().splitlines()
+    for value in ("validation", "Train", ""):
+        row = json.loads(lines[4])
+        row["meta"]["split"] = value
+        path.write_text("\n".join(lines[:4] + [json.dumps(row)] + lines[5:]) + "\n")
+        for split in ("train", "val"):
+            assert _error(config, split) == (f"{path}:5: meta.split '{value}' is none of data.corpus.split_names "
+                                             "(train, val, test)")
+    write_corpus(tmp_path, 4, splits=("val", "test"))
+    assert _error(config) == f"{path}: no training rows (meta.split 'train'); split values found: 2 'val', 2 'test'"
+    assert len(corpus.read_split(config, "val")["paths"]) == 2
+
+
+def test_csv_rows_with_fewer_or_more_fields_than_the_header(tmp_path):
+    path, config = _csv(tmp_path, b"file,report,note\nimages/0.png,a,x\nimages/1.png,b\n")
+    assert _error(config) == f"{path}:3: 2 fields, the header has 3"
+    path.write_bytes(b"file,report\nimages/0.png,a\n\nimages/1.png,b, c\n")  # The blank line is no row.
+    assert _error(config) == f"{path}:3: 3 fields, the header has 2"
+    path.write_bytes(b'file,report\nimages/0.png,a\nimages/1.png,"b, c"\n')
+    assert corpus.read_split(config, "train")["reports"] == ["a", "b, c"]
+
+
+def test_a_repeated_image_and_report_in_a_split_is_an_error_naming_both_rows(tmp_path):
+    path, config = _csv(tmp_path, b"file,report\nimages/0.png,a\nimages/1.png,a\nimages/0.png,b\nimages/0.png,a\n")
+    assert _error(config) == f"{path}:5: the same image and report as row 2"
+    path.write_bytes(b"file,report\nimages/0.png,a\nimages/1.png,a\nimages/0.png,b\n")
+    assert len(corpus.read_split(config, "train")["paths"]) == 3  # The same report or the same image is no repeat.
+    jsonl = write_corpus(tmp_path, 2, splits=("train", "val"))
+    lines = jsonl.read_text().splitlines()
+    row = json.loads(lines[0])
+    row["meta"]["split"] = "val"
+    jsonl.write_text("\n".join([*lines, json.dumps(row)]) + "\n")  # Row 1 again, in another split.
+    assert [len(corpus.read_split(corpus_config(jsonl), split)["paths"]) for split in ("train", "val")] == [1, 2]
+
+
+def test_a_jsonl_report_field_must_be_a_string(tmp_path):
+    path = write_corpus(tmp_path, 3)
+    config = corpus_config(path)
+    lines = path.read_text().splitlines()
+    for value, kind in ((["a", "b"], "array"), (12, "number"), ({"a": "b"}, "object"), (True, "boolean")):
+        path.write_text("\n".join([lines[0], json.dumps(json.loads(lines[1]) | {"impression": value}), lines[2]]))
+        assert _error(config) == f"{path}:2: report field 'impression' is a JSON {kind}, not a string"
+    path.write_text("\n".join([lines[0], json.dumps(json.loads(lines[1]) | {"impression": None}), lines[2]]))
+    assert corpus.read_split(config, "train")["reports"][1] == SAMPLE_REPORTS[1]  # null: no text.
+
 def _no_decoding(monkeypatch):
     def decode_all(*args, **kwargs):
         raise AssertionError("an image was decoded before the missing file was noticed")

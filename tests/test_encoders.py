@@ -381,14 +381,14 @@ def test_vit_weight_errors_name_file_and_tensor(tiny_vit_params, tmp_path):
     save_file(missing, str(path))
     with pytest.raises(WeightError) as info:
         weights.load_vit(path, TINY_VIT, image_size=TINY_IMAGE)
-    assert str(info.value) == f"{path}: missing tensor 'blocks.1.mlp.fc2.weight'"
+    assert str(info.value) == f"config.pretrain.vit_weights: {path}: missing tensor 'blocks.1.mlp.fc2.weight'"
 
     wrong = dict(state, **{"norm.weight": np.ones((63,), np.float32)})
     path = tmp_path / "wrong.safetensors"
     save_file(wrong, str(path))
     with pytest.raises(WeightError) as info:
         weights.load_vit(path, TINY_VIT, image_size=TINY_IMAGE)
-    assert str(info.value) == f"{path}: tensor 'norm.weight' has shape (63,), expected (64,)"
+    assert str(info.value) == f"config.pretrain.vit_weights: {path}: tensor 'norm.weight' has shape (63,), expected (64,)"
 
     wrong = dict(state, **{"blocks.0.attn.qkv.weight": np.ones((192, 32), np.float32)})
     save_file(wrong, str(path))
@@ -430,6 +430,97 @@ def test_bert_bin_without_torch_is_a_clear_error(tiny_bert_dir, tmp_path, monkey
                         lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
     with pytest.raises(WeightError, match="needs torch"):
         weights.load_bert(tmp_path)
+
+
+def test_bad_vit_weights_are_one_line_naming_the_field_and_file(tiny_vit_params, tiny_bert_dir, tmp_path):
+    other = tmp_path / "bert.safetensors"  # another architecture
+    other.write_bytes((tiny_bert_dir[0] / "model.safetensors").read_bytes())
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    truncated = tmp_path / "truncated.safetensors"
+    save_file(vit_params_to_timm(tiny_vit_params), str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    npz = tmp_path / "vit.npz"
+    np.savez(npz, a=np.zeros(2))
+    for path, problem in (
+        (other, ": unrecognised ViT checkpoint layout (no timm 'blocks.0.attn.qkv.weight'"),
+        (junk, ": not a safetensors file (header too large)"),
+        (truncated, ": not a safetensors file (incomplete metadata, file not fully covered)"),
+        (npz, ": unknown checkpoint format"),
+        (tmp_path, " is a directory, not a checkpoint file"),
+    ):
+        with pytest.raises(WeightError) as info:
+            weights.load_vit(str(path), TINY_VIT, image_size=TINY_IMAGE)
+        assert str(info.value).startswith(f"config.pretrain.vit_weights: {path}{problem}")
+        assert "\n" not in str(info.value)
+    if importlib.util.find_spec("torch") is not None:
+        pickle = tmp_path / "vit.pth"
+        pickle.write_bytes(b"not a pickle")
+        with pytest.raises(WeightError, match=r"^config.pretrain.vit_weights: .*vit.pth: not a PyTorch checkpoint"):
+            weights.load_vit(str(pickle), TINY_VIT, image_size=TINY_IMAGE)
+
+
+def _text_encoder_error(folder, step) -> str:
+    """The one-line WeightError of the text-encoder build ``step`` for config.pretrain.text_encoder=folder."""
+    from amvlm_jax.config import base_config
+    from amvlm_jax.train import build
+
+    config = base_config()
+    config.pretrain.text_encoder = str(folder)
+    with pytest.raises(WeightError) as info:
+        step(build, config)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_broken_text_encoder_folder_is_one_line_naming_the_field_and_file(tiny_bert_dir, tmp_path):
+    minilm = _minilm_dir()
+
+    def broken(case, drop=(), replace=None):
+        """A copy of the MiniLM folder (files linked) without ``drop``, with ``replace`` {name: bytes} written."""
+        folder = tmp_path / case
+        folder.mkdir()
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+            if name in (replace or {}):
+                (folder / name).write_bytes(replace[name])
+            elif name not in drop:
+                os.symlink(os.path.join(minilm, name), folder / name)
+        return folder
+
+    def text_config(build, config):
+        return build.text_encoder_config(config)
+
+    def load(build, config):
+        return build.build_text_encoder(config)
+
+    def tokenizer(build, config):
+        return ReportTokenizer(build.text_encoder_dir(config))
+
+    field = "config.pretrain.text_encoder: "
+    folder = broken("noconfig", drop=("config.json",))
+    assert _text_encoder_error(folder, text_config) == f"{field}{folder} has no config.json"
+    folder = broken("noweights", drop=("model.safetensors",))
+    assert _text_encoder_error(folder, load) == f"{field}{folder} has no model.safetensors or pytorch_model.bin"
+    folder = broken("notokenizer", drop=("vocab.txt", "tokenizer.json"))
+    assert _text_encoder_error(folder, tokenizer) == f"{field}{folder} has no tokenizer.json or vocab.txt"
+    folder = broken("junkweights", replace={"model.safetensors": b"junk" * 10})
+    assert _text_encoder_error(folder, load) == (
+        f"{field}{folder / 'model.safetensors'}: not a safetensors file (header too large)")
+    tiny_weights = (tiny_bert_dir[0] / "model.safetensors").read_bytes()
+    folder = broken("truncated", replace={"model.safetensors": tiny_weights[:-64]})
+    assert _text_encoder_error(folder, load) == (
+        f"{field}{folder / 'model.safetensors'}: not a safetensors file (incomplete metadata, file not fully covered)")
+    folder = broken("notjson", replace={"config.json": b"{'hidden_size': 384"})
+    assert _text_encoder_error(folder, text_config).startswith(f"{field}{folder / 'config.json'}: not a JSON file (")
+    settings = json.loads(open(os.path.join(minilm, "config.json")).read())
+    folder = broken("heads", replace={"config.json": json.dumps(dict(settings, hidden_size=256)).encode()})
+    for step in (text_config, load):
+        assert _text_encoder_error(folder, step) == (
+            f"{field}{folder / 'config.json'}: hidden_size 256 is not divisible by num_attention_heads 12")
+    folder = broken("junktokenizer", replace={"tokenizer.json": b"junk"})
+    assert _text_encoder_error(folder, tokenizer).startswith(f"{folder / 'tokenizer.json'}: unreadable (")
+    not_folder = folder / "config.json"
+    assert _text_encoder_error(not_folder, text_config) == f"{field}{not_folder} is not a folder"
 
 
 # ---------------------------------------------------------------------------

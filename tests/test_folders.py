@@ -170,3 +170,15 @@ def test_real_monuseg(monuseg):
     assert split.images.shape == (6, 224, 224, 3)
     fraction = split.masks.mean()
     assert 0.05 < fraction < 0.6  # Nuclei cover a real share of each tile.
+
+
+def test_sheet_that_is_not_utf8_names_the_byte(untidy_root):
+    sheet = untidy_root / "Val_Folder" / "Val_text.csv"
+    sheet.write_text("Image,Description\nv.png,Opacité basale\n", encoding="latin-1")
+    position = sheet.read_bytes().index("é".encode("latin-1"))
+    assert _error(folders.list_split, untidy_root, "val") == (
+        f"{sheet}: not UTF-8 text (byte 0xe9 at position {position}); save it as UTF-8")
+    sheet.write_text("Image,Description\nv.png,x\n", encoding="utf-16")
+    assert _error(folders.read_sheet, sheet) == f"{sheet}: not UTF-8 text (byte 0xff at position 0); save it as UTF-8"
+    sheet.write_text("Image,Description\nv.png,\"Opacité,\r\nbasale\"\n", encoding="utf-8-sig")  # BOM, quoted newline
+    assert folders.read_sheet(sheet) == [(2, "v.png", "Opacité,\r\nbasale")]

@@ -3,6 +3,8 @@
 import hashlib
 import os
 import shutil
+import socket
+import time
 
 import httpx2
 import numpy as np
@@ -161,10 +163,16 @@ def _http_error(kind, url="https://huggingface.co/x"):
     return kind("404", response=httpx2.Response(404, request=httpx2.Request("HEAD", url)))
 
 
-def test_online_downloads_what_the_cache_lacks(cache, vit_file, monkeypatch):
+@pytest.fixture
+def online(cache, monkeypatch):
+    """The hub online, its reachability check answered without the network (hf_hub_download is the test's)."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "get_hf_file_metadata", lambda url: None)
+
+
+def test_online_downloads_what_the_cache_lacks(cache, online, vit_file, monkeypatch):
     """The download path with hf_hub_download replaced: the first weights file the hub has is
     downloaded; an unreachable hub or an unknown repository gives a one-line error."""
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     asked = []
 
     def download(repo_id, filename, revision, cache_dir):
@@ -198,10 +206,9 @@ def test_online_downloads_what_the_cache_lacks(cache, vit_file, monkeypatch):
         hub.resolve_vit_weights("owner/typo")
 
 
-def test_online_text_encoder_downloads_one_commit_and_then_uses_the_cache(cache, minilm, monkeypatch):
+def test_online_text_encoder_downloads_one_commit_and_then_uses_the_cache(cache, online, minilm, monkeypatch):
     """hf_hub_download replaced: a download pins the commit the weights came from for the other files and
     also fetches tokenizer_config.json; once cached, nothing is asked of the hub."""
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     asked = []
 
     def download(repo_id, filename, revision, cache_dir):
@@ -216,3 +223,20 @@ def test_online_text_encoder_downloads_one_commit_and_then_uses_the_cache(cache,
     asked.clear()
     assert hub.resolve_text_encoder(TEXT_ID) == snapshot
     assert asked == []
+
+
+def test_unreachable_hub_fails_at_once_without_retry_warnings(cache, monkeypatch, capfd, caplog):
+    """HF_HUB_OFFLINE unset and the hub's address refusing connections (a closed local port): the one-line
+    error comes at once, not after huggingface_hub's ~25 s of retries and their logged warnings."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^config.pretrain.vit_weights: 'owner/elsewhere' is no existing path, "
+                                          r".* while the hub is unreachable; on an online machine run `hf download"):
+        hub.resolve_vit_weights("owner/elsewhere")
+    assert time.monotonic() - start < 5
+    assert not caplog.records and not capfd.readouterr().err

@@ -1,5 +1,6 @@
 """The one training loop on a toy job: evaluator cadences, the best checkpoint, telemetry, the recorded meta."""
 
+import dataclasses
 import json
 
 import jax
@@ -92,6 +93,18 @@ def test_loop_cadences_best_checkpoint_telemetry_and_meta(tmp_path, toy_step):
     assert int(again.step) == 12
     with pytest.raises(checkpoint.CheckpointError, match="a checkpoint of a 'toy' run, not 'other'"):
         loop.run(_job(config, tmp_path, mesh, toy_step, calls, name="other"))
+    # Other data or seed: refused, naming the fields; the data moved or read with more workers: resumed.
+    other_data = tiny_synthetic_config(**{"data.synthetic.num_train": 20, "seed": 3})
+    with pytest.raises(checkpoint.CheckpointError, match=r"written for other data \(config.data.synthetic.num_train=16 "
+                       r"-> 20, config.seed=0 -> 3\)"):
+        loop.run(_job(other_data, tmp_path, mesh, toy_step, calls))
+    moved = tiny_synthetic_config(**{"data.root": str(tmp_path / "elsewhere"), "data.worker_count": 2})
+    assert int(loop.run(_job(moved, tmp_path, mesh, toy_step, calls))[0].step) == 12
+    unused = tiny_synthetic_config(**{"data.labeled_fraction": 0.5})
+    job = _job(unused, tmp_path, mesh, toy_step, calls)
+    with pytest.raises(checkpoint.CheckpointError, match="data.labeled_fraction=1.0 -> 0.5"):
+        loop.run(job)
+    assert int(loop.run(dataclasses.replace(job, unused_fields=("data.labeled_fraction",)))[0].step) == 12
 
 
 def test_curves_draw_one_panel_per_split_without_the_constant_counts(tmp_path):

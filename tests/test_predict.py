@@ -102,6 +102,45 @@ def test_predict_input_errors(trained, tmp_path):
     assert not (source / "masks").exists()
 
 
+def test_predict_output_and_reports_errors_name_the_field_before_the_model_loads(trained, tmp_path, monkeypatch):
+    from amvlm_jax.train import supervised
+
+    source = trained / "data" / "Val_Folder" / "img"
+    first, second = sorted(source.iterdir())[:2]
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    for image in (first, second):
+        (inputs / image.name).write_bytes(image.read_bytes())
+    monkeypatch.setattr(supervised, "build_unet", lambda config: pytest.fail("the model was built"))
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    for output in (file, file / "sub"):
+        with pytest.raises(ConfigError) as error:
+            _predict(trained, inputs, output, run_dir=tmp_path / "run")
+        assert str(error.value) == f"config.predict.output: {file} is a file, not a folder"
+    missing = tmp_path / "missing.csv"
+    with pytest.raises(ConfigError) as error:
+        _predict(trained, inputs, tmp_path / "out", **{"predict.reports": str(missing)})
+    assert str(error.value) == f"config.predict.reports: {missing} not found"
+    sheet = tmp_path / "reports.csv"
+    sheet.write_text("Image,Description\nother.png,A report.\n")
+    with pytest.raises(ConfigError) as error:
+        _predict(trained, inputs, tmp_path / "out", **{"predict.reports": str(sheet)})
+    assert str(error.value).startswith(f"config.predict.reports: {sheet} names none of the 2 images in {inputs}")
+
+
+def test_predict_counts_images_without_a_report(trained, tmp_path, capsys):
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    for image in sorted((trained / "data" / "Val_Folder" / "img").iterdir())[:2]:
+        (inputs / image.name).write_bytes(image.read_bytes())
+    sheet = tmp_path / "reports.csv"
+    sheet.write_text(f"Image,Description\n{image.name},A report.\n")
+    summary = _predict(trained, inputs, tmp_path / "out", **{"predict.reports": str(sheet)})
+    assert summary["written"] == 2
+    assert f"0 failed, 1 without a report in {sheet}" in capsys.readouterr().out
+
+
 def test_restoring_into_other_shapes_is_one_line_before_any_read(trained):
     from amvlm_jax.train import checkpoint, supervised
 

@@ -1,11 +1,13 @@
 """A non-finite loss stops training and keeps the last good checkpoint; Ctrl-C saves and resumes exactly.
 
-Both training loops (supervised / SSMIS share train/loop.py; pre-training
-has its own) go through the same scenario: 3 epochs of 2 steps with a
-checkpoint after each, a loss of nan or inf at step 3, a Ctrl-C at step 3.
+Supervised training and pre-training (both through train/loop.py) go
+through the same scenario: 3 epochs of 2 steps with a checkpoint after
+each, a loss of nan or inf at step 3, a Ctrl-C at step 3.
 """
 
 import dataclasses
+import gc
+import signal
 from typing import Callable
 
 import jax
@@ -108,3 +110,29 @@ def test_ctrl_c_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path,
     assert {k: v for k, v in whole_meta.items() if k != "seconds"} == {k: v for k, v in cut_meta.items() if k != "seconds"}
     for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(cut_params)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # The dropped KeyboardInterrupt.
+def test_a_ctrl_c_dropped_inside_a_garbage_collector_callback_still_stops_and_saves(tmp_path, supervised_job):
+    def collect_while_interrupted():
+        # The handler runs inside the callback, where Python reports its KeyboardInterrupt and drops it.
+        def callback(phase, info):
+            if phase == "start":
+                signal.raise_signal(signal.SIGINT)
+
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(callback)
+
+    def step_interrupted_in_gc_at_3(state, batch):
+        if int(state.step) == 3:
+            collect_while_interrupted()
+        return supervised_job.real_step(state, batch)
+
+    supervised_job.patch_step(step_interrupted_in_gc_at_3)
+    with pytest.raises(KeyboardInterrupt, match="saved .*latest/4"):
+        supervised_job.train(tmp_path)
+    assert supervised_job.latest(tmp_path)[0] == 4  # Step 3 ran to its end; the loop stopped before step 5.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # The loop's handler is gone.

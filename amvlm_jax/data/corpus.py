@@ -17,6 +17,7 @@ data.corpus.in_memory_bytes (faster for small corpora). Every problem is a
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import os
@@ -91,31 +92,49 @@ def _read_rows(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{path}: corpus file not found")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            yield from enumerate(csv.DictReader(f), start=2)
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            rows = (cells for cells in csv.reader(f) if cells)  # Blank lines are skipped, not counted.
+            header = next(rows, [])
+            _utf8(",".join(header), f"{path}:1")
+            for number, cells in enumerate(rows, start=2):
+                _utf8(",".join(cells), f"{path}:{number}")
+                if len(cells) != len(header):
+                    raise DataError(f"{path}:{number}: {len(cells)} fields, the header has {len(header)}")
+                yield number, dict(zip(header, cells))
         return
     if suffix == ".json":
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                            "save it as UTF-8") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise DataError(f"{path}: a .json corpus must hold a list of objects")
         yield from enumerate(rows, start=1)
         return
     if suffix != ".jsonl":
         raise DataError(f"{path}: corpus files must end in .csv, .jsonl or .json")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(_utf8(line, f"{path}:{number}"))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{number}: not a JSON object ({e.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: not a JSON object")
             yield number, row
+
+
+def _utf8(text: str, where: str) -> str:
+    """text (read with errors='surrogateescape'), or a DataError at its first byte that was not UTF-8."""
+    if bad := re.search("[\udc80-\udcff]", text):
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{ord(bad[0]) - 0xdc00:02x} after "
+                        f"{text[:bad.start()][-20:]!r}); save it as UTF-8")
+    return text
 
 
 def field(row: dict, name: str, where: str):
@@ -143,6 +162,17 @@ def _text(value) -> str:
     return "" if value is None else str(value).strip()
 
 
+_JSON_TYPES = {dict: "object", list: "array", bool: "boolean", int: "number", float: "number"}
+
+
+def _report_text(row: dict, name: str, where: str) -> str:
+    """The text of report field ``name``: a string, or null (no text); a DataError for any other JSON value."""
+    value = field(row, name, where)
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{where}: report field '{name}' is a JSON {_JSON_TYPES[type(value)]}, not a string")
+    return _text(value)
+
+
 def _file_path(config, file: str) -> pathlib.Path:
     """A corpus file's path: as given when absolute, else relative to data.root when that is set."""
     path = pathlib.Path(os.path.expanduser(file))
@@ -167,7 +197,9 @@ def read_split(config, split: str) -> Optional[dict]:
     None when the corpus has no such split.
 
     data.corpus.<split> names the split's file; without it (val, test) and with data.corpus.split_field
-    set, the train file's rows whose split field equals data.corpus.split_names[split] are used.
+    set, the train file's rows whose split field equals data.corpus.split_names[split] are used; a split value
+    that is none of split_names, a train file without training rows and a repeated (image, report) row of a
+    split are errors.
     """
     corpus = config.data.corpus
     file, selected = corpus[split], None
@@ -180,10 +212,17 @@ def read_split(config, split: str) -> Optional[dict]:
     path = _file_path(config, file)
     label_fields = labels_read(config)
     paths, reports, labels, missing = [], [], {name: [] for name in label_fields}, []
+    found, first = collections.Counter(), {}  # Rows of each split value; the first row of each (image, report).
     for number, row in _read_rows(path):
         where = f"{path}:{number}"
-        if selected is not None and _text(field(row, corpus.split_field, where)) != selected:
-            continue
+        if selected is not None:
+            value = _text(field(row, corpus.split_field, where))
+            if value not in corpus.split_names:
+                raise DataError(f"{where}: {corpus.split_field} '{value}' is none of data.corpus.split_names "
+                                f"({', '.join(corpus.split_names)})")
+            found[value] += 1
+            if value != selected:
+                continue
         image = _text(field(row, corpus.image_field, where))
         if not image:
             raise DataError(f"{where}: empty image field '{corpus.image_field}'")
@@ -194,17 +233,23 @@ def read_split(config, split: str) -> Optional[dict]:
                                 "skips such rows)")
             missing.append(number)
             continue
-        report = " ".join(t for t in (_text(field(row, name, where)) for name in corpus.text_fields) if t)
+        report = " ".join(t for t in (_report_text(row, name, where) for name in corpus.text_fields) if t)
         if not report:
             raise DataError(f"{where}: empty report (fields {', '.join(corpus.text_fields)})")
+        if (key := (str(image_path), report)) in first:
+            raise DataError(f"{where}: the same image and report as row {first[key]}")
+        first[key] = number
         paths.append(str(image_path))
         reports.append(report)
         for name in label_fields:
             labels[name].append(_text(field(row, name, where)))
-    if not paths and selected is not None:
-        return None
+    if not paths and selected is not None and not found[selected]:
+        if split != "train":
+            return None
+        values = ", ".join(f"{count} '{value}'" for value, count in found.items()) or "none"
+        raise DataError(f"{path}: no training rows ({corpus.split_field} '{selected}'); split values found: {values}")
     if not paths:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows" + (f" ({len(missing)} skipped: image missing)" if missing else ""))
     return {"source": str(path), "paths": paths, "reports": reports, "labels": labels, "skipped": len(missing)}
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
+import io
 import os
 import pathlib
 from typing import Callable, Optional, Sequence
@@ -94,8 +95,13 @@ def read_sheet(path: pathlib.Path) -> list[tuple[int, str, str]]:
     """Returns (row number, image name, description) for every non-empty row."""
     rows: list[tuple[int, str, str]] = []
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            table = list(csv.reader(f))
+        data = path.read_bytes()
+        try:  # Decoded whole, so e.start is the position in the file.
+            text = data.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at position {e.start}); "
+                            "save it as UTF-8") from None
+        table = list(csv.reader(io.StringIO(text, newline="")))
     else:
         import openpyxl  # Imported lazily: only sheets need it.
 

@@ -16,13 +16,16 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from amvlm_jax.weights import WeightError
+
 
 class ReportTokenizer:
     """BERT word-piece tokenizer built from a local tokenizer directory.
 
     ``directory`` must hold ``tokenizer.json`` or ``vocab.txt`` (lower-casing
     then follows ``tokenizer_config.json``'s ``do_lower_case``, default True).
-    Nothing is downloaded.
+    Nothing is downloaded; a missing or unreadable file raises a one-line
+    ``WeightError`` naming it.
 
     ``__call__(reports)`` returns numpy arrays, with L = max_length and
     W = max_length - 1 word slots:
@@ -48,7 +51,7 @@ class ReportTokenizer:
     def _token_id(self, token: str) -> int:
         token_id = self._tokenizer.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"{self.directory}: vocabulary has no {token} token")
+            raise WeightError(f"{self.directory}: vocabulary has no {token} token")
         return int(token_id)
 
     @property
@@ -110,13 +113,25 @@ def _load_backend(directory: str):
     tokenizer_json = os.path.join(directory, "tokenizer.json")
     vocab_txt = os.path.join(directory, "vocab.txt")
     if os.path.isfile(tokenizer_json):
-        return Tokenizer.from_file(tokenizer_json)
-    if os.path.isfile(vocab_txt):
-        lowercase = True
-        config_path = os.path.join(directory, "tokenizer_config.json")
-        if os.path.isfile(config_path):
-            with open(config_path) as f:
-                lowercase = bool(json.load(f).get("do_lower_case", True))
+        file, load = tokenizer_json, Tokenizer.from_file
+    elif os.path.isfile(vocab_txt):
         # The wrapper's underlying Tokenizer carries the BERT pre/post-processing.
-        return BertWordPieceTokenizer(vocab_txt, lowercase=lowercase)._tokenizer
-    raise FileNotFoundError(f"{directory}: neither tokenizer.json nor vocab.txt found")
+        lowercase = _lowercase(os.path.join(directory, "tokenizer_config.json"))
+        file, load = vocab_txt, lambda path: BertWordPieceTokenizer(path, lowercase=lowercase)._tokenizer
+    else:
+        raise WeightError(f"{directory}: neither tokenizer.json nor vocab.txt found")
+    try:
+        return load(file)
+    except Exception as error:  # tokenizers raises bare Exceptions (TypeError for a vocabulary without [SEP])
+        raise WeightError(f"{file}: unreadable ({error})") from None
+
+
+def _lowercase(settings: str) -> bool:
+    """tokenizer_config.json's do_lower_case (True when the file or the key is absent)."""
+    if not os.path.isfile(settings):
+        return True
+    try:
+        with open(settings, encoding="utf-8") as f:
+            return bool(json.load(f).get("do_lower_case", True))
+    except (ValueError, AttributeError) as error:  # not JSON, not UTF-8, not an object
+        raise WeightError(f"{settings}: not a JSON object ({error})") from None

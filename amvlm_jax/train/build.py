@@ -23,12 +23,21 @@ def pretrain_image_size(config) -> int:
     return int(config.pretrain.image_size or config.data.image_size)
 
 
+TEXT_ENCODER = "config.pretrain.text_encoder"
+
+
 def text_encoder_dir(config) -> str:
     """The local folder of the text encoder: config.pretrain.text_encoder (a path, or a
-    hub id resolved to its cache folder), or the bundled MiniLM when that is ''."""
-    if config.pretrain.text_encoder:
-        return hub.resolve_text_encoder(config.pretrain.text_encoder)
-    return weights.default_text_encoder_dir()
+    hub id resolved to its cache folder), or the bundled MiniLM when that is ''.
+    A WeightError naming the field when it lacks config.json or the tokenizer's files."""
+    name = config.pretrain.text_encoder
+    folder = hub.resolve_text_encoder(name) if name else weights.default_text_encoder_dir()
+    if not os.path.isdir(folder):
+        raise weights.WeightError(f"{TEXT_ENCODER}: {folder} is not a folder")
+    for wanted in (("config.json",), hub.TEXT_TOKENIZER):
+        if not any(os.path.isfile(os.path.join(folder, file)) for file in wanted):
+            raise weights.WeightError(f"{TEXT_ENCODER}: {folder} has no {' or '.join(wanted)}")
+    return folder
 
 
 def text_encoder_config(config) -> BertConfig:
@@ -40,20 +49,22 @@ def text_encoder_config(config) -> BertConfig:
     pre = config.pretrain
     if pre.text_weights_init not in ("pretrained", "random"):
         raise ConfigError(f"config.pretrain.text_weights_init must be 'pretrained' or 'random', got '{pre.text_weights_init}'")
-    config_path = os.path.join(text_encoder_dir(config), "config.json")
-    if pre.text_weights_init == "pretrained":
-        return BertConfig.from_json(config_path, pre.text_layers)
-    changes = dict(num_hidden_layers=int(pre.text_layers))
-    if pre.text_hidden:
-        heads = pre.text_heads or max(1, pre.text_hidden // 64)
-        changes |= dict(hidden_size=pre.text_hidden, num_attention_heads=heads, intermediate_size=4 * pre.text_hidden)
-    return dataclasses.replace(BertConfig.from_json(config_path), **changes)
+    with weights.field_errors(TEXT_ENCODER):
+        folder = text_encoder_dir(config)
+        if pre.text_weights_init == "pretrained":
+            return weights.bert_config(folder, pre.text_layers)
+        changes = dict(num_hidden_layers=int(pre.text_layers))
+        if pre.text_hidden:
+            heads = pre.text_heads or max(1, pre.text_hidden // 64)
+            changes |= dict(hidden_size=pre.text_hidden, num_attention_heads=heads, intermediate_size=4 * pre.text_hidden)
+        return dataclasses.replace(weights.bert_config(folder), **changes)
 
 
 def build_text_encoder(config) -> tuple[BertConfig, dict | None]:
     """(BertConfig, loaded params, or None for a random init) of the text encoder."""
     if config.pretrain.text_weights_init == "pretrained":
-        return weights.load_bert(text_encoder_dir(config), num_layers=config.pretrain.text_layers)
+        with weights.field_errors(TEXT_ENCODER):
+            return weights.load_bert(text_encoder_dir(config), num_layers=config.pretrain.text_layers)
     return text_encoder_config(config), None
 
 

@@ -4,12 +4,17 @@ Layout: <workdir>/checkpoints/{latest,best}/<step>/{state,meta}. `meta` is
 JSON: the job's name, its resolved config, the epoch, the best metric so
 far and the loop's bookkeeping (train/loop.py). A checkpoint interrupted while
 being written is never visible: Orbax writes to a temporary folder and
-renames it when complete.
+renames it when complete. A step folder damaged later (an item or file
+deleted, a file cut short) is named in a one-line CheckpointError.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import pathlib
+import re
 from typing import Any, Optional
 
 import jax
@@ -18,6 +23,11 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(ValueError):
     """A checkpoint path that holds no usable checkpoint, in one line."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A step folder that cannot be read as written: an item missing, its data or meta unreadable."""
+
 
 
 def _manager(directory: pathlib.Path, read_only: bool = False) -> ocp.CheckpointManager:
@@ -65,7 +75,7 @@ class RunCheckpoints:
     def latest_meta(self) -> Optional[dict]:
         """The latest checkpoint's meta, without its state; None when there is none."""
         step = self.latest.latest_step()
-        return None if step is None else _read_meta(self.latest, step)
+        return None if step is None else _read_meta(_step_folder(self.latest, step))
 
     def wait(self) -> None:
         self.latest.wait_until_finished()
@@ -77,24 +87,89 @@ class RunCheckpoints:
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, state: Any) -> tuple[Any, dict]:
-    step_dir = pathlib.Path(str(manager.directory)) / str(step)
+    step_dir = _step_folder(manager, step)
+    meta = _read_meta(step_dir)
     _check_params_fit(step_dir, state.params)
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(state)), meta=ocp.args.JsonRestore())
-    restored = manager.restore(step, args=args)
-    return restored.state, restored.meta
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(state)))
+    with _reading(step_dir):
+        return manager.restore(step, args=args).state, meta
 
 
-def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+def _step_folder(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
+    return pathlib.Path(str(manager.directory)) / str(step)
+
+
+def _check_complete(step_dir: pathlib.Path) -> None:
+    """Raises CheckpointError (one line) when a step folder lacks its meta or its state's metadata (an
+    item deleted, an empty step folder). Every read checks this first: Orbax would fail with a KeyError
+    or restore nothing."""
+    if not (step_dir / "meta" / "metadata").is_file():
+        missing = "meta"
+    elif not all((step_dir / "state" / name).is_file() for name in ("_METADATA", "manifest.ocdbt")):
+        missing = "state"
+    else:
+        return
+    raise DamagedCheckpoint(f"{step_dir}: incomplete checkpoint (no {missing}); delete it or name another step")
+
+
+def _read_meta(step_dir: pathlib.Path) -> dict:
+    """The JSON meta of a step folder (what Orbax's JsonRestore reads), checked complete first."""
+    _check_complete(step_dir)
+    try:
+        meta = json.loads((step_dir / "meta" / "metadata").read_text())
+    except (OSError, ValueError) as error:
+        raise DamagedCheckpoint(f"{step_dir / 'meta'}: unreadable checkpoint meta ({_first_line(error)})") from None
+    if not isinstance(meta, dict):
+        raise DamagedCheckpoint(f"{step_dir / 'meta'}: unreadable checkpoint meta (not a JSON object)")
+    return meta
+
+
+def _first_line(error: BaseException | str, limit: int = 200) -> str:
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+class _SettlingLoop(asyncio.SelectorEventLoop):
+    """An event loop that cancels and awaits its pending tasks before it closes. Orbax closes its
+    loop as soon as one array read fails; the reads still in flight would then finish into the
+    closed loop, each printing an 'Event loop is closed' traceback."""
+
+    def close(self) -> None:
+        pending = [task for task in asyncio.all_tasks(self) if not task.done()]
+        if pending and not self.is_running() and not self.is_closed():
+            for task in pending:
+                task.cancel()
+            self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        super().close()
+
+
+class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
+    _loop_factory = _SettlingLoop
+
+
+@contextlib.contextmanager
+def _reading(step_dir: pathlib.Path):
+    """Runs an Orbax restore from ``step_dir`` quietly: array data that cannot be read (files deleted
+    or cut short) becomes a one-line CheckpointError; ValueError, KeyError and TypeError (a tree
+    that does not fit) pass through."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_SettlingPolicy())
+    try:
+        yield
+    except (ValueError, KeyError, TypeError):
+        raise
+    except Exception as error:  # Orbax raises a bare Exception from TensorStore's error.
+        while error.__cause__ is not None:
+            error = error.__cause__
+        reason = re.sub(r' at local file "[^"]*"', "", str(error))  # The step folder, named first.
+        raise DamagedCheckpoint(f"{step_dir}: checkpoint data is damaged ({_first_line(reason)})") from None
+    finally:
+        asyncio.set_event_loop_policy(previous)
 
 
 def read_meta(path: str | pathlib.Path) -> dict:
     """The meta of the checkpoint at ``path`` (resolved as in ``restore_variables``)."""
-    manager, step, _ = _open_step(path)
-    try:
-        return _read_meta(manager, step)
-    finally:
-        manager.close()
+    return _read_meta(_open_step(path))
 
 
 def has_step(directory: pathlib.Path) -> bool:
@@ -108,35 +183,38 @@ def has_step(directory: pathlib.Path) -> bool:
         manager.close()
 
 
-def _open_step(path: str | pathlib.Path) -> tuple[ocp.CheckpointManager, int, pathlib.Path]:
-    """(read-only manager, step, folder) of a step folder, a manager folder (newest step) or a workdir (best, else latest)."""
+def _open_step(path: str | pathlib.Path) -> pathlib.Path:
+    """The step folder of a step folder, a manager folder (newest step) or a workdir (best, else latest)."""
     path = pathlib.Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
     if (path / "checkpoints").is_dir():  # A workdir: its best checkpoint, else its latest.
         best = path / "checkpoints" / "best"
         path = best if has_step(best) else path / "checkpoints" / "latest"
-    if (path / "state").is_dir() and path.name.isdigit():
-        return _manager(path.parent, read_only=True), int(path.name), path
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder")
+    if path.name.isdigit() and not any(child.name.isdigit() for child in path.iterdir()):
+        return path  # A step folder, complete or not (checked by its reader).
     manager = _manager(path, read_only=True)
-    step = manager.latest_step()
-    if step is None:
+    try:
+        step = manager.latest_step()
+    finally:
         manager.close()
+    if step is None:
         raise CheckpointError(f"{path}: holds no checkpoint step")
-    return manager, step, path
+    return path / str(step)
 
 
 def _state_metadata(step_dir: pathlib.Path):
     """The metadata tree (shapes and dtypes, no values) of the train state saved in a step folder."""
+    _check_complete(step_dir)
     with ocp.StandardCheckpointer() as reader:
         return reader.metadata(step_dir.absolute() / "state").item_metadata
 
 
 def _saved_tree(path: str | pathlib.Path):
     """The metadata tree of the train state saved at ``path`` (resolved as in ``restore_variables``)."""
-    manager, step, path = _open_step(path)
-    manager.close()
-    return _state_metadata(path if path.name.isdigit() else path / str(step))
+    return _state_metadata(_open_step(path))
 
 
 def saved_entries(path: str | pathlib.Path) -> set[str]:
@@ -169,23 +247,22 @@ def restore_variables(path: str | pathlib.Path, variables: dict) -> tuple[dict, 
     state are read (a mean-teacher checkpoint also holds the teacher and
     optimiser state). Returns (variables, meta, the step folder used).
     """
-    manager, step, path = _open_step(path)
-    step_dir = path if path.name.isdigit() else path / str(step)
+    step_dir = _open_step(path)
+    meta = _read_meta(step_dir)
+    manager = _manager(step_dir.parent, read_only=True)
     target = abstract_like(variables)
-    args = ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
-        ),
-        meta=ocp.args.JsonRestore(),
-    )
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+    ))
     try:
         if "params" in variables:
             _check_params_fit(step_dir, variables["params"])
-        restored = manager.restore(step, args=args)
+        with _reading(step_dir):
+            restored = manager.restore(int(step_dir.name), args=args)
     except CheckpointError:
         raise
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: checkpoint does not fit this model ({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{step_dir}: checkpoint does not fit this model ({_first_line(e)})") from None
     finally:
         manager.close()
-    return restored.state, restored.meta, step_dir
+    return restored.state, meta, step_dir

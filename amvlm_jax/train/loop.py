@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -70,6 +72,8 @@ class Job:
       checkpoint (the BatchNorm statistics refresh).
     pictures: (state, epoch) -> None, called every picture_every_epochs epochs
       and at the last (overlays of a few validation images).
+    unused_fields: DATA_FIELDS that the job's batches do not depend on (free
+      to change when it resumes).
     """
 
     name: str
@@ -89,6 +93,7 @@ class Job:
     end_of_epoch: Optional[Callable[[Any], Any]] = None
     pictures: Optional[Callable[[Any, int], None]] = None
     picture_every_epochs: int = 0
+    unused_fields: tuple[str, ...] = ()
 
 
 def recorded_config(config) -> dict:
@@ -116,8 +121,10 @@ def run(job: Job) -> tuple[Any, dict]:
     workdir = pathlib.Path(job.workdir)
     checkpoints = checkpoint.RunCheckpoints(workdir)
     writer = None
-    current = {"state": job.state}  # The newest state, also when an epoch is cut short.
+    # The newest state, also when an epoch is cut short; the Ctrl-C seen (see interrupt_between_steps).
+    current = {"state": job.state, "interrupted": False}
     meta = None
+    previous_handler = interrupt_between_steps(current)
     try:
         state, meta = resume_point(checkpoints, job)
         current["state"] = state
@@ -137,7 +144,10 @@ def run(job: Job) -> tuple[Any, dict]:
         batches = job.batches(start_step)
         for epoch in range(start_step // job.steps_per_epoch, job.epochs):
             _run_epoch(job, current, batches, epoch, meta, checkpoints, writer)
+        if current["interrupted"]:  # Lost during the last epoch's evaluation: still an interrupted run.
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
+        current["interrupted"] = True
         if meta is None:  # Interrupted while restoring: nothing new to save.
             raise
         step = int(current["state"].step)
@@ -146,13 +156,34 @@ def run(job: Job) -> tuple[Any, dict]:
         checkpoints.wait()
         raise KeyboardInterrupt(f"interrupted: saved {workdir}/checkpoints/latest/{step}; run the same command to resume")
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
         checkpoints.wait()
         checkpoints.close()
         if writer is not None:
             writer.close()
-            if jax.process_index() == 0:
+            # Not after Ctrl-C: it may have cut plotting's first import short, which a second import would trip on.
+            if jax.process_index() == 0 and not current["interrupted"]:
                 visualize.save_curves(workdir)
     return current["state"], meta
+
+
+def interrupt_between_steps(current: dict):
+    """Makes Ctrl-C set ``current['interrupted']`` as well as raise KeyboardInterrupt, so that the
+    loop raises it again before the next step when it was lost (the previous SIGINT handler, or None).
+
+    Python drops an exception raised inside a garbage-collector callback (jax registers one), and
+    with it a KeyboardInterrupt that lands there: training went on after Ctrl-C in 3 of 6 tries.
+    Signal handlers can only be set from the main thread; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_interrupt(signum, frame):
+        current["interrupted"] = True
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGINT, on_interrupt)
 
 
 def _run_epoch(job: Job, current: dict, batches, epoch: int, meta: dict, checkpoints, writer) -> None:
@@ -163,6 +194,8 @@ def _run_epoch(job: Job, current: dict, batches, epoch: int, meta: dict, checkpo
     step_metrics = []
     logged_at, logged_step = time.time(), epoch * job.steps_per_epoch + first
     for index in progress:
+        if current["interrupted"]:  # A Ctrl-C whose KeyboardInterrupt was dropped (interrupt_between_steps).
+            raise KeyboardInterrupt
         state, metrics_now = job.train_step(current["state"], pipeline.to_global(job.mesh, next(batches)))
         current["state"] = state
         step_metrics.append(metrics_now)
@@ -239,9 +272,10 @@ def check_finite(loss: float, step: int, workdir: pathlib.Path) -> None:
 def resume_point(checkpoints: checkpoint.RunCheckpoints, job: Job) -> tuple[Any, dict]:
     """(state, meta) of the latest checkpoint, or the job's fresh state with a fresh meta.
 
-    A checkpoint of another job, or one whose shapes differ from this run's
-    (a changed model field), stops with a one-line CheckpointError naming
-    the job or the fields that differ from the recorded config.
+    A checkpoint of another job, one written for other data (a changed
+    DATA_FIELDS leaf), or one whose shapes differ from this run's (a changed
+    model field) stops with a one-line CheckpointError naming the job or the
+    fields that differ from the recorded config.
     """
     saved = checkpoints.latest_meta()
     if saved is None:
@@ -250,15 +284,22 @@ def resume_point(checkpoints: checkpoint.RunCheckpoints, job: Job) -> tuple[Any,
     if saved.get("job", job.name) != job.name:
         raise checkpoint.CheckpointError(f"{where}: a checkpoint of a '{saved['job']}' run, not '{job.name}'; "
                                          "use another workdir")
+    changed = config_changes(saved.get("config"), recorded_config(job.config), DATA_FIELDS,
+                             MOVABLE_FIELDS + job.unused_fields)
+    if changed:
+        raise checkpoint.CheckpointError(f"{where}: written for other data ({changed}); resume with the same "
+                                         "fields or use another workdir")
 
     def misfit(reason: str) -> checkpoint.CheckpointError:
-        changed = config_changes(saved.get("config"), recorded_config(job.config))
+        changed = config_changes(saved.get("config"), recorded_config(job.config), SHAPE_FIELDS)
         reason = f"fields changed since it was written: {changed}" if changed else reason
         return checkpoint.CheckpointError(f"{where}: does not fit this run's state ({reason}); "
                                           "restore them or use another workdir")
 
     try:  # Checks the parameter shapes before reading (checkpoint._check_params_fit).
         state, meta = checkpoints.restore_latest(job.state)
+    except checkpoint.DamagedCheckpoint:
+        raise
     except (ValueError, KeyError, TypeError) as error:  # CheckpointError is a ValueError.
         raise misfit(str(error).splitlines()[0][:200]) from None
     meta = fresh_meta(job) | meta
@@ -270,20 +311,28 @@ def resume_point(checkpoints: checkpoint.RunCheckpoints, job: Job) -> tuple[Any,
 
 # The fields that decide a state's shapes: a changed one is named when a checkpoint does not fit.
 SHAPE_FIELDS = ("unet", "pretrain", "ssl", "data.num_classes", "dtype")
+# The fields that decide what a job trains on and in which order: a resumed run keeps them (the
+# synthetic data is regenerated, the labelled images drawn anew, the batches shuffled by the seed), but
+# for where the files are and how they are read.
+DATA_FIELDS = ("seed", "data")
+MOVABLE_FIELDS = ("data.root", "data.corpus.train", "data.corpus.val", "data.corpus.test", "data.corpus.in_memory_bytes",
+                  "data.worker_count", "data.read_threads")
 
 
-def config_changes(recorded: dict | None, current: dict, prefix: str = "") -> str:
-    """'config.a.b=old -> new, ...' for the SHAPE_FIELDS leaves that differ between two recorded configs
-    ('' if none, or no config was recorded)."""
+def config_changes(recorded: dict | None, current: dict, fields: tuple[str, ...], ignored: tuple[str, ...] = (),
+                   prefix: str = "") -> str:
+    """'config.a.b=old -> new, ...' for the leaves under ``fields`` and not under ``ignored`` that differ
+    between two recorded configs ('' if none, or no config was recorded)."""
     if not recorded:
         return ""
+    under = lambda name, roots: any(name == f or name.startswith(f + ".") for f in roots)  # noqa: E731
     changes = []
     for key in sorted(set(recorded) | set(current)):
         old, new = recorded.get(key), current.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            nested = config_changes(old, new, f"{prefix}{key}.")
+            nested = config_changes(old, new, fields, ignored, f"{prefix}{key}.")
             if nested:
                 changes.append(nested)
-        elif old != new and any(f"{prefix}{key}" == f or f"{prefix}{key}".startswith(f + ".") for f in SHAPE_FIELDS):
+        elif old != new and under(f"{prefix}{key}", fields) and not under(f"{prefix}{key}", ignored):
             changes.append(f"config.{prefix}{key}={old!r} -> {new!r}")
     return ", ".join(changes)

@@ -45,13 +45,18 @@ def list_inputs(config) -> list[tuple[pathlib.Path, pathlib.Path, str | None]]:
     if folders.is_split_folder(root):  # An LViT split folder: its images with their reports.
         return [(pathlib.Path(e.name), e.image_path, e.report) for e in folders.list_split_folder(root, False)]
     reports = {}
+    sheet = pathlib.Path(config.predict.reports).expanduser()
     if config.predict.reports:
-        reports = {folders.file_stem(name): text for _, name, text in folders.read_sheet(
-            pathlib.Path(config.predict.reports).expanduser())}
+        if not sheet.is_file():
+            raise ConfigError(f"config.predict.reports: {sheet} {'is not a file' if sheet.exists() else 'not found'}")
+        reports = {folders.file_stem(name): text for _, name, text in folders.read_sheet(sheet)}
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in folders.IMAGE_SUFFIXES
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not paths:
         raise ConfigError(f"config.predict.input: {root} holds no images ({', '.join(sorted(folders.IMAGE_SUFFIXES))})")
+    if config.predict.reports and not any(p.stem in reports for p in paths):
+        raise ConfigError(f"config.predict.reports: {sheet} names none of the {len(paths)} images in {root} "
+                          "(rows are matched to images by file stem)")
     return [(p.relative_to(root).with_suffix(""), p, reports.get(p.stem)) for p in paths]
 
 
@@ -59,6 +64,9 @@ def check_output(config) -> pathlib.Path:
     output = pathlib.Path(config.predict.output).expanduser()
     if not config.predict.output:
         raise ConfigError("config.predict.output: set the folder the masks go to")
+    existing = next(p for p in (output, *output.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"config.predict.output: {existing} is a file, not a folder")
     source = pathlib.Path(config.predict.input).expanduser().resolve()
     if output.resolve() == source or source in output.resolve().parents:
         raise ConfigError(f"config.predict.output: {output} is inside the input folder {source}; choose another folder")
@@ -165,8 +173,10 @@ def predict(config, workdir) -> dict:
     if writes:
         output.mkdir(parents=True, exist_ok=True)
         write_table(output, items, num_classes)
+    unreported = sum(report is None for _, _, report in items) if config.predict.reports else 0
     info(f"{summary['written']} masks written to {output}, {summary['skipped']} skipped (outputs exist; "
-         f"predict.overwrite=True redoes them), {summary['failed']} failed")
+         f"predict.overwrite=True redoes them), {summary['failed']} failed"
+         + (f", {unreported} without a report in {config.predict.reports}" if unreported else ""))
     for failure in failures:
         info(f"  failed: {failure}")
     return summary

@@ -462,6 +462,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         best_metric=None,  # No selection criterion: the newest model is the one to keep.
         checkpoint_every_epochs=pre.checkpoint_every_epochs, log_every_steps=pre.log_every_steps,
         learning_rate=rate if callable(rate) else lambda step: rate,
+        unused_fields=("data.labeled_fraction", "data.split_seed", "data.num_classes"),  # Every training pair is used.
     ))
     terms = lambda means: {k: v for k, v in means.items() if k not in loop.TELEMETRY}  # noqa: E731
     summary = {
@@ -482,7 +483,11 @@ def train(config, workdir: str | pathlib.Path) -> dict:
 
 def restore_encoders(config, model: AMVLM, source, mesh: Mesh) -> tuple[dict, dict, pathlib.Path]:
     """({'params', 'batch_stats'} of ``model`` from the pre-training checkpoint at ``source``, replicated on
-    ``mesh``; its meta; the step folder used). Nothing is initialised: the target is abstract."""
+    ``mesh``; its meta; the step folder used). Nothing is initialised: the target is abstract. A checkpoint
+    of another job (its meta's 'job') is refused in one line."""
+    job = checkpoint.read_meta(source).get("job") or "pretrain"
+    if job != "pretrain":
+        raise checkpoint.CheckpointError(f"{source}: a checkpoint of a '{job}' run, not a pre-training one")
     abstract = jax.eval_shape(lambda: create_state(config, model, build.pretrain_image_size(config)))
     target = parallel.abstract_replicated(mesh, {"params": abstract.params, "batch_stats": abstract.batch_stats})
     return checkpoint.restore_variables(source, target)

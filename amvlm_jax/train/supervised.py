@@ -109,6 +109,8 @@ def segmentation_job(name, config, workdir, mesh, model, state, train_step, batc
     recomputed on ``batch_stats_images`` after every epoch, overlays from ``panels`` (see
     ``evaluate.picture_writer``)."""
     eval_step = evaluate.make_eval_step(model, config.data.num_classes)
+    if val_split is None:
+        info(f"no validation split in {config.data.root}: the newest checkpoint is kept as the best")
     return loop.Job(
         name=name, workdir=workdir, mesh=mesh, config=config, state=state, train_step=train_step, batches=batches,
         steps_per_epoch=steps_per_epoch, epochs=config.train.epochs,
