@@ -125,3 +125,20 @@ def test_curves_draw_one_panel_per_split_without_the_constant_counts(tmp_path):
         warnings.simplefilter("error")  # A legend that does not fit used to warn at every run's end.
         path = visualize.save_curves(tmp_path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_loop_leaves_an_ignored_sigint_ignored():
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # As in a background job.
+    try:
+        assert loop.interrupt_between_steps({"interrupted": False}) is None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        current = {"interrupted": False}
+        assert loop.interrupt_between_steps(current) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert current["interrupted"]
+    finally:
+        signal.signal(signal.SIGINT, before)

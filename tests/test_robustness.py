@@ -132,8 +132,11 @@ def test_a_ctrl_c_dropped_inside_a_garbage_collector_callback_still_stops_and_sa
         return supervised_job.real_step(state, batch)
 
     supervised_job.patch_step(step_interrupted_in_gc_at_3)
-    handler = signal.getsignal(signal.SIGINT)  # Python's default, or 'ignore' in a pytest-xdist worker.
-    with pytest.raises(KeyboardInterrupt, match="saved .*latest/4"):
-        supervised_job.train(tmp_path)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # A pytest-xdist worker ignores SIGINT.
+    try:
+        with pytest.raises(KeyboardInterrupt, match="saved .*latest/4"):
+            supervised_job.train(tmp_path)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # The loop's own handler is gone.
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert supervised_job.latest(tmp_path)[0] == 4  # Step 3 ran to its end; the loop stopped before step 5.
-    assert signal.getsignal(signal.SIGINT) == handler  # The loop's own handler is gone.

@@ -174,9 +174,11 @@ def interrupt_between_steps(current: dict):
 
     Python drops an exception raised inside a garbage-collector callback (jax registers one), and
     with it a KeyboardInterrupt that lands there: training went on after Ctrl-C in 3 of 6 tries.
-    Signal handlers can only be set from the main thread; elsewhere nothing changes.
+    Only Python's own handler is replaced (a process started with SIGINT ignored, as background jobs
+    are, keeps ignoring it), and only from the main thread, where signal handlers can be set.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         return None
 
     def on_interrupt(signum, frame):
