@@ -127,10 +127,10 @@ def test_damaged_pretrained_encoders_name_their_step_folder(saved, tmp_path, how
 
 def test_pretrained_encoders_of_another_job_are_refused_by_name(saved, tmp_path):
     source = _copy(saved, "supervised", tmp_path)
-    _raises_one_line(f"{source}: a checkpoint of a 'supervised' run, not a pre-training one", _guidance(source, tmp_path))
+    _raises_one_line(f"{source}: a checkpoint of a 'supervised' run, not a 'pretrain' one", _guidance(source, tmp_path))
     meta = source / "checkpoints" / "best" / "1" / "meta" / "metadata"
     meta.write_text(meta.read_text().replace('"job": "supervised"', '"job": "ssl"'))
-    _raises_one_line(f"{source}: a checkpoint of a 'ssl' run, not a pre-training one", _guidance(source, tmp_path))
+    _raises_one_line(f"{source}: a checkpoint of a 'ssl' run, not a 'pretrain' one", _guidance(source, tmp_path))
     meta.write_text(meta.read_text().replace('"job": "ssl", ', ""))  # Written before jobs were recorded.
     _raises_one_line(f"{source / 'checkpoints' / 'best' / '1'}: checkpoint does not fit this model",
                      _guidance(source, tmp_path))

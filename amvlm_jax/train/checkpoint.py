@@ -238,17 +238,21 @@ def _check_params_fit(step_dir: pathlib.Path, params) -> None:
                               f"{key} {shape}; was it trained with other model fields?)")
 
 
-def restore_variables(path: str | pathlib.Path, variables: dict) -> tuple[dict, dict, pathlib.Path]:
+def restore_variables(path: str | pathlib.Path, variables: dict, job: str | None = None) -> tuple[dict, dict, pathlib.Path]:
     """Restores a model's variables from any job's checkpoint.
 
     path: a step folder, a manager folder (its newest step) or a workdir (its
     best, or its latest when it has no best yet). variables: {'params': ..., 'batch_stats': ...} giving structure,
     shapes and target shardings; only these entries of the saved train
     state are read (a mean-teacher checkpoint also holds the teacher and
-    optimiser state). Returns (variables, meta, the step folder used).
+    optimiser state). job: when given, a checkpoint whose meta names another
+    job is refused in one line (one written before jobs were named passes).
+    Returns (variables, meta, the step folder used).
     """
     step_dir = _open_step(path)
     meta = _read_meta(step_dir)
+    if job is not None and meta.get("job", job) != job:
+        raise CheckpointError(f"{path}: a checkpoint of a '{meta['job']}' run, not a '{job}' one")
     manager = _manager(step_dir.parent, read_only=True)
     target = abstract_like(variables)
     args = ocp.args.Composite(state=ocp.args.PyTreeRestore(

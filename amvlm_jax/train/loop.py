@@ -286,14 +286,15 @@ def resume_point(checkpoints: checkpoint.RunCheckpoints, job: Job) -> tuple[Any,
     if saved.get("job", job.name) != job.name:
         raise checkpoint.CheckpointError(f"{where}: a checkpoint of a '{saved['job']}' run, not '{job.name}'; "
                                          "use another workdir")
-    changed = config_changes(saved.get("config"), recorded_config(job.config), DATA_FIELDS,
+    recorded = recorded_config(job.config)
+    changed = config_changes(saved.get("config"), recorded, DATA_FIELDS,
                              MOVABLE_FIELDS + job.unused_fields)
     if changed:
         raise checkpoint.CheckpointError(f"{where}: written for other data ({changed}); resume with the same "
                                          "fields or use another workdir")
 
     def misfit(reason: str) -> checkpoint.CheckpointError:
-        changed = config_changes(saved.get("config"), recorded_config(job.config), SHAPE_FIELDS)
+        changed = config_changes(saved.get("config"), recorded, SHAPE_FIELDS)
         reason = f"fields changed since it was written: {changed}" if changed else reason
         return checkpoint.CheckpointError(f"{where}: does not fit this run's state ({reason}); "
                                           "restore them or use another workdir")

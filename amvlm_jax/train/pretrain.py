@@ -485,12 +485,9 @@ def restore_encoders(config, model: AMVLM, source, mesh: Mesh) -> tuple[dict, di
     """({'params', 'batch_stats'} of ``model`` from the pre-training checkpoint at ``source``, replicated on
     ``mesh``; its meta; the step folder used). Nothing is initialised: the target is abstract. A checkpoint
     of another job (its meta's 'job') is refused in one line."""
-    job = checkpoint.read_meta(source).get("job") or "pretrain"
-    if job != "pretrain":
-        raise checkpoint.CheckpointError(f"{source}: a checkpoint of a '{job}' run, not a pre-training one")
     abstract = jax.eval_shape(lambda: create_state(config, model, build.pretrain_image_size(config)))
     target = parallel.abstract_replicated(mesh, {"params": abstract.params, "batch_stats": abstract.batch_stats})
-    return checkpoint.restore_variables(source, target)
+    return checkpoint.restore_variables(source, target, job="pretrain")
 
 
 def evaluate_checkpoint(config, workdir, source) -> dict:
