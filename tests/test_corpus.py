@@ -143,6 +143,14 @@ def test_csv_rows_with_fewer_or_more_fields_than_the_header(tmp_path):
     assert corpus.read_split(config, "train")["reports"] == ["a", "b, c"]
 
 
+def test_a_quote_left_open_is_an_error_naming_the_file_not_a_traceback(tmp_path):
+    rows = "".join(f"images/{i}.png,report {i}\n" for i in range(1, 12_000))
+    path, config = _csv(tmp_path, f'file,report\nimages/0.png,"a\n{rows}'.encode())
+    # The reader gives up on line 4,763, where the open field passes csv's size limit of 131,072 characters.
+    assert _error(config) == (f"{path}:2: not a valid CSV record: field larger than field limit (131072) "
+                              "(a quote left open?)")
+
+
 def test_a_repeated_image_and_report_in_a_split_is_an_error_naming_both_rows(tmp_path):
     path, config = _csv(tmp_path, b"file,report\nimages/0.png,a\nimages/1.png,a\nimages/0.png,b\nimages/0.png,a\n")
     assert _error(config) == f"{path}:5: the same image and report as row 2"

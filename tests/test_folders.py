@@ -180,5 +180,8 @@ def test_sheet_that_is_not_utf8_names_the_byte(untidy_root):
         f"{sheet}: not UTF-8 text (byte 0xe9 at position {position}); save it as UTF-8")
     sheet.write_text("Image,Description\nv.png,x\n", encoding="utf-16")
     assert _error(folders.read_sheet, sheet) == f"{sheet}: not UTF-8 text (byte 0xff at position 0); save it as UTF-8"
+    sheet.write_text('Image,Description\nv.png,"x' + "y\n" * 70_000, encoding="utf-8")  # A quote left open.
+    assert _error(folders.read_sheet, sheet) == (f"{sheet}:2: not a valid CSV record: field larger than "
+                                                 "field limit (131072) (a quote left open?)")
     sheet.write_text("Image,Description\nv.png,\"Opacité,\r\nbasale\"\n", encoding="utf-8-sig")  # BOM, quoted newline
     assert folders.read_sheet(sheet) == [(2, "v.png", "Opacité,\r\nbasale")]

@@ -18,7 +18,6 @@ data.corpus.in_memory_bytes (faster for small corpora). Every problem is a
 from __future__ import annotations
 
 import collections
-import csv
 import json
 import os
 import pathlib
@@ -29,7 +28,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from amvlm_jax.data.folders import DataError, SplitArrays, decode_all, load_image
+from amvlm_jax.data.folders import DataError, SplitArrays, csv_records, decode_all, load_image
 
 SPLITS = ("train", "val", "test")
 
@@ -93,7 +92,7 @@ def _read_rows(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            rows = (cells for cells in csv.reader(f) if cells)  # Blank lines are skipped, not counted.
+            rows = (cells for cells in csv_records(f, path) if cells)  # Blank lines are skipped, not counted.
             header = next(rows, [])
             _utf8(",".join(header), f"{path}:1")
             for number, cells in enumerate(rows, start=2):

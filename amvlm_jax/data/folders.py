@@ -91,6 +91,21 @@ def has_split(root: pathlib.Path, split: str) -> bool:
     return (pathlib.Path(root) / SPLIT_FOLDERS[split]).is_dir()
 
 
+def csv_records(lines, path: pathlib.Path):
+    """csv.reader(lines), with a malformed record (most often a quote left open, which swallows the rest of
+    the file into one field) a DataError naming the file and the line where that record starts."""
+    reader = csv.reader(lines)
+    while True:
+        start = reader.line_num + 1
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            hint = " (a quote left open?)" if "field limit" in str(e) else ""
+            raise DataError(f"{path}:{start}: not a valid CSV record: {e}{hint}") from None
+
+
 def read_sheet(path: pathlib.Path) -> list[tuple[int, str, str]]:
     """Returns (row number, image name, description) for every non-empty row."""
     rows: list[tuple[int, str, str]] = []
@@ -101,7 +116,7 @@ def read_sheet(path: pathlib.Path) -> list[tuple[int, str, str]]:
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at position {e.start}); "
                             "save it as UTF-8") from None
-        table = list(csv.reader(io.StringIO(text, newline="")))
+        table = list(csv_records(io.StringIO(text, newline=""), path))
     else:
         import openpyxl  # Imported lazily: only sheets need it.
 
