@@ -115,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.predict = ml_collections.ConfigDict()
     config.predict.input = ""  # A folder of images (nested folders too) or an LViT split folder (img/ + sheet).
     config.predict.output = ""  # Where the masks go, mirroring the input's folders; not inside the input.
-    config.predict.reports = ""  # Optional sheet (CSV/XLSX, columns Image and Description) of the inputs' reports.
+    config.predict.reports = ""  # Optional sheet (CSV/XLSX, columns Image and Description) of the inputs' reports; replaces an LViT split folder's own.
     config.predict.probabilities = ""  # Also the foreground probability: '' (no), 'png16' or 'npy'.
     config.predict.overlays = False  # Also <stem>_overlay.png: the image with the mask in red.
     config.predict.overwrite = False  # Redo images whose mask exists (default: skip them).

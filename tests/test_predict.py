@@ -141,6 +141,21 @@ def test_predict_counts_images_without_a_report(trained, tmp_path, capsys):
     assert f"0 failed, 1 without a report in {sheet}" in capsys.readouterr().out
 
 
+def test_a_report_sheet_replaces_an_lvit_split_folders_own_reports(trained, tmp_path):
+    from amvlm_jax.train import predict
+
+    val_folder = trained / "data" / "Val_Folder"
+    config = tiny_synthetic_config(**{"predict.input": str(val_folder)})
+    own = predict.list_inputs(config)
+    assert len(own) == 8 and all(report for _, _, report in own)
+    sheet = tmp_path / "reports.csv"
+    sheet.write_text(f"Image,Description\n{own[3][1].name},A report from the sheet.\n")
+    config.predict.reports = str(sheet)
+    given = predict.list_inputs(config)
+    assert [(name, path) for name, path, _ in given] == [(name, path) for name, path, _ in own]
+    assert [report for _, _, report in given] == [None] * 3 + ["A report from the sheet."] + [None] * 4
+
+
 def test_restoring_into_other_shapes_is_one_line_before_any_read(trained):
     from amvlm_jax.train import checkpoint, supervised
 

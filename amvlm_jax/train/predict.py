@@ -2,7 +2,7 @@
 
 The input is a folder of images (any format the reader takes, nested
 folders allowed; reports from config.predict.reports when given) or an LViT
-split folder (img/ and its report sheet). Images are read batch by batch,
+split folder (img/ and its report sheet, or config.predict.reports). Images are read batch by batch,
 resized to the training resolution, segmented on all devices, and the
 predictions resized back to each image's own size:
 
@@ -42,22 +42,27 @@ def list_inputs(config) -> list[tuple[pathlib.Path, pathlib.Path, str | None]]:
     root = pathlib.Path(config.predict.input).expanduser()
     if not config.predict.input or not root.is_dir():
         raise ConfigError(f"config.predict.input: '{config.predict.input}' is not a folder of images")
-    if folders.is_split_folder(root):  # An LViT split folder: its images with their reports.
-        return [(pathlib.Path(e.name), e.image_path, e.report) for e in folders.list_split_folder(root, False)]
     reports = {}
     sheet = pathlib.Path(config.predict.reports).expanduser()
     if config.predict.reports:
         if not sheet.is_file():
             raise ConfigError(f"config.predict.reports: {sheet} {'is not a file' if sheet.exists() else 'not found'}")
         reports = {folders.file_stem(name): text for _, name, text in folders.read_sheet(sheet)}
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in folders.IMAGE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    if not paths:
+    if folders.is_split_folder(root):  # An LViT split folder: its images, with its own reports or the sheet's.
+        entries = folders.list_split_folder(root, False)
+        if not config.predict.reports:
+            return [(pathlib.Path(e.name), e.image_path, e.report) for e in entries]
+        named = [(pathlib.Path(e.name), e.image_path) for e in entries]
+    else:
+        named = [(p.relative_to(root).with_suffix(""), p) for p in sorted(root.rglob("*"))
+                 if p.is_file() and p.suffix.lower() in folders.IMAGE_SUFFIXES
+                 and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    if not named:
         raise ConfigError(f"config.predict.input: {root} holds no images ({', '.join(sorted(folders.IMAGE_SUFFIXES))})")
-    if config.predict.reports and not any(p.stem in reports for p in paths):
-        raise ConfigError(f"config.predict.reports: {sheet} names none of the {len(paths)} images in {root} "
+    if config.predict.reports and not any(p.stem in reports for _, p in named):
+        raise ConfigError(f"config.predict.reports: {sheet} names none of the {len(named)} images in {root} "
                           "(rows are matched to images by file stem)")
-    return [(p.relative_to(root).with_suffix(""), p, reports.get(p.stem)) for p in paths]
+    return [(name, p, reports.get(p.stem)) for name, p in named]
 
 
 def check_output(config) -> pathlib.Path:
