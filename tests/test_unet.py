@@ -157,11 +157,14 @@ def test_conv_3x3_row_block_kernel_gradient_equals_xla():
     ours, xla = (jax.jit(jax.grad(losses[name], (0, 1)))(x, kernel) for name in ("ours", "xla"))
     np.testing.assert_array_equal(ours[0], xla[0])
     assert float(jnp.max(jnp.abs(ours[1] - xla[1]))) <= 2e-5 * float(jnp.max(jnp.abs(xla[1])))
-    # Small layers, other strides and fewer than 64 input or output channels stay XLA's convolution.
-    for shape, out, strides in (((2, 64, 64, 64), 64, (1, 1)), ((2, 256, 256, 64), 64, (2, 2)),
-                                ((2, 256, 256, 32), 64, (1, 1)), ((2, 256, 256, 64), 32, (1, 1))):
+    # Small layers, other strides and fewer than 64 input or output channels stay XLA's convolution; few
+    # positions but wide channels (a width-64 U-Net's 28² level at batch 8) take the row blocks.
+    for shape, out, strides, row_blocks in (((2, 64, 64, 64), 64, (1, 1), False), ((2, 256, 256, 64), 64, (2, 2), False),
+                                            ((2, 256, 256, 32), 64, (1, 1), False), ((2, 256, 256, 64), 32, (1, 1), False),
+                                            ((8, 28, 28, 128), 128, (1, 1), False), ((8, 28, 28, 256), 256, (1, 1), True),
+                                            ((1, 56, 56, 512), 512, (1, 1), False)):
         jaxpr = jax.make_jaxpr(lambda x: _conv_call(conv_3x3_same, x, jnp.zeros((3, 3, shape[-1], out)), strides))
-        assert "custom_vjp" not in str(jaxpr(jnp.zeros(shape)))
+        assert ("custom_vjp" in str(jaxpr(jnp.zeros(shape)))) == row_blocks, (shape, out)
 
 
 def test_conv_1x1_as_matmul_equals_xla():
@@ -216,8 +219,9 @@ def test_unet_convs_take_row_block_kernel_gradients(monkeypatch):
         return str(jax.make_jaxpr(model.apply)(variables, images)).count("conv_general_dilated[")
 
     plain = [(unet_scans(), unet_convolutions())] + [block_gradients(torch_layers) for torch_layers in (False, True)]
-    monkeypatch.setattr(unet_module, "_ROW_BLOCK_MIN_POSITIONS", 0)
-    monkeypatch.setattr(unet_module, "_ROW_BLOCK_MIN_CHANNELS", 1)
+    for threshold, value in (("_ROW_BLOCK_MIN_POSITIONS", 0), ("_ROW_BLOCK_MIN_CHANNELS", 1),
+                             ("_ROW_BLOCK_MIN_WORK", 0), ("_MATMUL_MIN_POSITIONS", 0)):
+        monkeypatch.setattr(unet_module, threshold, value)
     row_blocks = [(unet_scans(), unet_convolutions())] + [block_gradients(torch_layers) for torch_layers in (False, True)]
     # 17 3x3 convs (the input conv, 2 in each of 4 down and 4 up stages) take the row blocks; the output
     # 1x1 conv becomes a matmul (test_conv_1x1_as_matmul_equals_xla checks its values).
@@ -225,6 +229,22 @@ def test_unet_convs_take_row_block_kernel_gradients(monkeypatch):
     for ours, theirs in zip(row_blocks[1:], plain[1:]):
         for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("width, images, row_block_convs", [
+    (16, (8, 224, 224, 3), 0), (16, (16, 128, 128, 3), 0),  # The 2-core settings keep XLA's gradients.
+    (64, (8, 224, 224, 3), 14),  # All but the input conv and the two 14² bottleneck convs.
+])
+def test_which_unet_convs_take_row_block_kernel_gradients(width, images, row_block_convs):
+    model = UNet(num_classes=1, base_width=width)
+    images = jax.ShapeDtypeStruct(images, jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(1), x), images)
+
+    def loss(params, batch_stats, x):
+        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(logits)
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"], variables["batch_stats"], images)
+    assert str(jaxpr).count("scan[") == row_block_convs
 
 
 @pytest.mark.parametrize("architecture, up_kernels", [

@@ -76,12 +76,18 @@ def _max_pool_backward(argmax, grad):
 max_pool_2x2.defvjp(_max_pool_forward, _max_pool_backward)
 
 
-# CPU weight gradients of 3x3 convolutions (conv_3x3_same below): applied from this many output positions
-# (batch x height x width) and 64 input and output channels up, in row blocks of about this many positions.
-# Chosen on the U-Net's layers on 2 cores (docs/benchmarks.md): below them XLA's own gradient is as fast or faster.
-_ROW_BLOCK_MIN_POSITIONS = 1 << 16
-_ROW_BLOCK_MIN_CHANNELS = 64
+# CPU weight gradients of 3x3 convolutions (conv_3x3_same below) come in row blocks of about
+# _ROW_BLOCK_POSITIONS output positions (batch x height x width) where a layer has at least one block's
+# worth, 64 input and output channels, and positions x C_in x C_out of at least _ROW_BLOCK_MIN_WORK: every
+# layer of a width-64 U-Net's batch of 8 at 224² but the input conv and the 14² bottleneck. Chosen on the
+# whole U-Net step on 2 cores (docs/benchmarks.md). Every layer of a width-16 U-Net (up to 8 images at 224²,
+# 16 at 128²) keeps XLA's gradient, so the 2-core runs compute what they did before.
 _ROW_BLOCK_POSITIONS = 4096
+_ROW_BLOCK_MIN_POSITIONS = _ROW_BLOCK_POSITIONS
+_ROW_BLOCK_MIN_CHANNELS = 64
+_ROW_BLOCK_MIN_WORK = 1 << 27
+# The 1x1 output conv is a matmul from this many positions and _ROW_BLOCK_MIN_CHANNELS input channels.
+_MATMUL_MIN_POSITIONS = 1 << 16
 _NHWC_HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
@@ -151,24 +157,24 @@ def conv_3x3_same(lhs, rhs, window_strides, padding, **options):
     """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: a stride-1 'SAME' 3x3
     convolution with enough output positions and channels takes ``_conv_3x3_row_block_grad`` (same values, the
     kernel gradient summed in another order); any other call goes to XLA as it is."""
-    batch, height, width, channels = lhs.shape
+    positions = math.prod(lhs.shape[:3])
     if (_plain_nhwc(rhs, (3, 3), window_strides, padding == "SAME", options)
-            and batch * height * width >= _ROW_BLOCK_MIN_POSITIONS
-            and min(channels, rhs.shape[-1]) >= _ROW_BLOCK_MIN_CHANNELS):
+            and positions >= _ROW_BLOCK_MIN_POSITIONS and min(rhs.shape[2:]) >= _ROW_BLOCK_MIN_CHANNELS
+            and positions * rhs.shape[2] * rhs.shape[3] >= _ROW_BLOCK_MIN_WORK):
         return _conv_3x3_row_block_grad(lhs, rhs)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
 
 
 def conv_1x1_as_matmul(lhs, rhs, window_strides, padding, **options):
     """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: a stride-1 unpadded 1x1
-    convolution with as many positions and input channels as the row-block threshold above is computed as
+    convolution with _MATMUL_MIN_POSITIONS positions and _ROW_BLOCK_MIN_CHANNELS input channels is computed as
     the matmul it is, (B, H, W, C_in) @ (C_in, C_out); any other call goes to XLA as it is. On 2 CPU cores XLA's
     1x1 convolution to one output channel (the U-Net's output layer at width 64, 224², batch 8) took
     75 ms forward, the matmul 3.4; with its gradient 229 against 92 ms (XLA first transposes the whole
     input to put the batch last). Narrower layers keep XLA's convolution, so width-16 runs are unchanged."""
     batch, height, width, channels = lhs.shape
     if (_plain_nhwc(rhs, (1, 1), window_strides, padding in ("SAME", "VALID"), options)
-            and batch * height * width >= _ROW_BLOCK_MIN_POSITIONS and channels >= _ROW_BLOCK_MIN_CHANNELS):
+            and batch * height * width >= _MATMUL_MIN_POSITIONS and channels >= _ROW_BLOCK_MIN_CHANNELS):
         return jnp.einsum("bhwc,co->bhwo", lhs, rhs[0, 0], precision=options.get("precision"))
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
 
