@@ -180,6 +180,7 @@ def test_checkpoint_from_eight_devices_resumes_on_one_and_two(tmp_path, monkeypa
     saver.save(1, state, {"epoch": 1}, is_best=False)
     saver.wait()
     saver.close()
+    saved = jax.device_get(state)  # The step below donates the state's buffers.
     _, metrics = step(state, pipeline.to_global(mesh, batch(2)))
     expected = float(metrics["loss"])
     assert [jitted._cache_size() for jitted in step._jitted.values()] == [1]
@@ -188,13 +189,22 @@ def test_checkpoint_from_eight_devices_resumes_on_one_and_two(tmp_path, monkeypa
     for devices, shape in ((jax.devices()[:1], (1, 1)), (jax.devices()[:2], (1, 2))):
         small = tiny_pretrain_config(**{"mesh.data": shape[0], "mesh.fsdp": shape[1]}, **sizes)
         small_mesh = parallel.make_mesh(small, devices, batch_size=8)
+        target = parallel.abstract_sharded(small_mesh, abstract, small)
         loader = checkpoint.RunCheckpoints(tmp_path)
-        restored, meta = loader.restore_latest(parallel.abstract_sharded(small_mesh, abstract, small))
+        restored, meta = loader.restore_latest(target)
         loader.close()
         assert meta == {"epoch": 1} and int(restored.step) == 1
         assert {d.id for x in jax.tree.leaves(restored) for d in x.devices()} == {d.id for d in devices}
+        for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):  # The saved values, exactly.
+            np.testing.assert_array_equal(np.asarray(got), want)
+        # The same values placed on this mesh without the checkpoint take the same step to the bit; the
+        # loss on 8 devices differs by the order of their sums only (2e-5 relative seen on one machine).
+        placed_here = jax.tree.unflatten(jax.tree.structure(target), [
+            jax.device_put(x, t.sharding) for x, t in zip(jax.tree.leaves(saved), jax.tree.leaves(target))])
         _, metrics = step(restored, pipeline.to_global(small_mesh, batch(2)))
-        assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5), shape
+        _, direct = step(placed_here, pipeline.to_global(small_mesh, batch(2)))
+        assert float(metrics["loss"]) == float(direct["loss"]), shape
+        assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-4), shape
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_losses():
