@@ -144,24 +144,28 @@ def _conv_call(conv, x, kernel, strides=(1, 1)):
                 dimension_numbers=unet_module._NHWC_HWIO, feature_group_count=1, precision=None)
 
 
-def test_conv_3x3_row_block_kernel_gradient_equals_xla():
-    """A layer big enough for the CPU row-block kernel gradient (2 x 130 x 260 = 67,600 positions, 64
-    channels; 130 rows are not a multiple of the 7 that fit a block, so blocks of 5): same outputs
-    and input gradients as XLA's convolution, the kernel gradient to float32 rounding."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 130, 260, 64))
-    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 64, 64)) * 0.05
-    weights = jax.random.normal(jax.random.PRNGKey(2), (2, 130, 260, 64))
+@pytest.mark.parametrize("in_channels, out_channels", [(64, 64), (16, 48), (48, 16)])
+def test_conv_3x3_row_block_kernel_gradient_equals_xla(in_channels, out_channels):
+    """Layers big enough for the CPU row-block kernel gradient (2 x 130 x 260 = 67,600 positions; 130
+    rows are not a multiple of the 7 that fit a block, so blocks of 5), with the windows taken of the
+    input (C_in < C_out) and of the output gradient (C_in >= C_out): same outputs and input gradients as
+    XLA's convolution, the kernel gradient to float32 rounding."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 130, 260, in_channels))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, in_channels, out_channels)) * 0.05
+    weights = jax.random.normal(jax.random.PRNGKey(2), (2, 130, 260, out_channels))
     losses = {name: (lambda x, kernel, conv=conv: jnp.sum(weights * jnp.tanh(_conv_call(conv, x, kernel))))
               for name, conv in (("ours", conv_3x3_same), ("xla", jax.lax.conv_general_dilated))}
     assert "scan" in str(jax.make_jaxpr(jax.grad(losses["ours"], 1))(x, kernel))
     ours, xla = (jax.jit(jax.grad(losses[name], (0, 1)))(x, kernel) for name in ("ours", "xla"))
     np.testing.assert_array_equal(ours[0], xla[0])
     assert float(jnp.max(jnp.abs(ours[1] - xla[1]))) <= 2e-5 * float(jnp.max(jnp.abs(xla[1])))
-    # Small layers, other strides and fewer than 64 input or output channels stay XLA's convolution; few
-    # positions but wide channels (a width-64 U-Net's 28² level at batch 8) take the row blocks.
-    for shape, out, strides, row_blocks in (((2, 64, 64, 64), 64, (1, 1), False), ((2, 256, 256, 64), 64, (2, 2), False),
-                                            ((2, 256, 256, 32), 64, (1, 1), False), ((2, 256, 256, 64), 32, (1, 1), False),
-                                            ((8, 28, 28, 128), 128, (1, 1), False), ((8, 28, 28, 256), 256, (1, 1), True),
+
+
+def test_conv_3x3_row_block_rule():
+    """From one block of 4,096 positions and 32 input or output channels; other strides stay XLA's."""
+    for shape, out, strides, row_blocks in (((1, 64, 64, 32), 16, (1, 1), True), ((1, 64, 64, 16), 32, (1, 1), True),
+                                            ((1, 64, 63, 64), 64, (1, 1), False), ((8, 224, 224, 16), 16, (1, 1), False),
+                                            ((2, 256, 256, 64), 64, (2, 2), False), ((8, 28, 28, 256), 64, (1, 1), True),
                                             ((1, 56, 56, 512), 512, (1, 1), False)):
         jaxpr = jax.make_jaxpr(lambda x: _conv_call(conv_3x3_same, x, jnp.zeros((3, 3, shape[-1], out)), strides))
         assert ("custom_vjp" in str(jaxpr(jnp.zeros(shape)))) == row_blocks, (shape, out)
@@ -185,7 +189,7 @@ def test_conv_1x1_as_matmul_equals_xla():
                      for conv in (conv_1x1_as_matmul, jax.lax.conv_general_dilated))
         for a, b in zip(ours, xla):
             assert float(jnp.max(jnp.abs(a - b))) <= 2e-5 * float(jnp.max(jnp.abs(b)))
-    for shape, strides in (((2, 64, 64, 64), (1, 1)), ((2, 256, 256, 32), (1, 1)), ((2, 256, 256, 64), (2, 2))):
+    for shape, strides in (((2, 64, 64, 64), (1, 1)), ((2, 256, 256, 8), (1, 1)), ((2, 256, 256, 64), (2, 2))):
         jaxpr = jax.make_jaxpr(lambda x: _conv_call(conv_1x1_as_matmul, x, jnp.zeros((1, 1, shape[-1], 1)), strides))
         assert "dot_general" not in str(jaxpr(jnp.zeros(shape)))
 
@@ -219,8 +223,8 @@ def test_unet_convs_take_row_block_kernel_gradients(monkeypatch):
         return str(jax.make_jaxpr(model.apply)(variables, images)).count("conv_general_dilated[")
 
     plain = [(unet_scans(), unet_convolutions())] + [block_gradients(torch_layers) for torch_layers in (False, True)]
-    for threshold, value in (("_ROW_BLOCK_MIN_POSITIONS", 0), ("_ROW_BLOCK_MIN_CHANNELS", 1),
-                             ("_ROW_BLOCK_MIN_WORK", 0), ("_MATMUL_MIN_POSITIONS", 0)):
+    for threshold, value in (("_ROW_BLOCK_POSITIONS", 1), ("_ROW_BLOCK_MIN_CHANNELS", 1),
+                             ("_MATMUL_MIN_POSITIONS", 0), ("_MATMUL_MIN_CHANNELS", 1)):
         monkeypatch.setattr(unet_module, threshold, value)
     row_blocks = [(unet_scans(), unet_convolutions())] + [block_gradients(torch_layers) for torch_layers in (False, True)]
     # 17 3x3 convs (the input conv, 2 in each of 4 down and 4 up stages) take the row blocks; the output
@@ -232,8 +236,10 @@ def test_unet_convs_take_row_block_kernel_gradients(monkeypatch):
 
 
 @pytest.mark.parametrize("width, images, row_block_convs", [
-    (16, (8, 224, 224, 3), 0), (16, (16, 128, 128, 3), 0),  # The 2-core settings keep XLA's gradients.
-    (64, (8, 224, 224, 3), 14),  # All but the input conv and the two 14² bottleneck convs.
+    # Width 16: all but the input conv, the two 14² (8²) bottleneck convs and the two 16 -> 16 convs.
+    (16, (8, 224, 224, 3), 12), (16, (16, 128, 128, 3), 12),
+    (16, (4, 224, 224, 3), 8),  # ... and the 28² level (3,136 positions).
+    (64, (8, 224, 224, 3), 15),  # All but the two 14² bottleneck convs.
 ])
 def test_which_unet_convs_take_row_block_kernel_gradients(width, images, row_block_convs):
     model = UNet(num_classes=1, base_width=width)

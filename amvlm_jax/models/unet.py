@@ -78,16 +78,14 @@ max_pool_2x2.defvjp(_max_pool_forward, _max_pool_backward)
 
 # CPU weight gradients of 3x3 convolutions (conv_3x3_same below) come in row blocks of about
 # _ROW_BLOCK_POSITIONS output positions (batch x height x width) where a layer has at least one block's
-# worth, 64 input and output channels, and positions x C_in x C_out of at least _ROW_BLOCK_MIN_WORK: every
-# layer of a width-64 U-Net's batch of 8 at 224² but the input conv and the 14² bottleneck. Chosen on the
-# whole U-Net step on 2 cores (docs/benchmarks.md). Every layer of a width-16 U-Net (up to 8 images at 224²,
-# 16 at 128²) keeps XLA's gradient, so the 2-core runs compute what they did before.
+# worth and at least _ROW_BLOCK_MIN_CHANNELS input or output channels: at width 16, batch 4, 224², every
+# layer of the 112² and 56² levels and the 32 -> 16 conv at 224²; at width 64, batch 8, all but the 14²
+# bottleneck. Chosen layer by layer and on whole U-Net steps on 2 cores (docs/benchmarks.md).
 _ROW_BLOCK_POSITIONS = 4096
-_ROW_BLOCK_MIN_POSITIONS = _ROW_BLOCK_POSITIONS
-_ROW_BLOCK_MIN_CHANNELS = 64
-_ROW_BLOCK_MIN_WORK = 1 << 27
-# The 1x1 output conv is a matmul from this many positions and _ROW_BLOCK_MIN_CHANNELS input channels.
+_ROW_BLOCK_MIN_CHANNELS = 32
+# The 1x1 output conv is a matmul from this many positions and input channels.
 _MATMUL_MIN_POSITIONS = 1 << 16
+_MATMUL_MIN_CHANNELS = 16
 _NHWC_HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
@@ -95,31 +93,51 @@ def _conv_3x3(x, kernel):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_NHWC_HWIO)
 
 
+def _shifted_windows(padded: jnp.ndarray, rows: int, width: int, offsets) -> jnp.ndarray:
+    """(B, rows + 2, width + 2, C) -> (B * rows * width, 9 C): the 3x3 windows' pixels, dy-major, at
+    row and column offsets ``offsets[dy]``, ``offsets[dx]``."""
+    windows = [padded[:, offsets[dy]:offsets[dy] + rows, offsets[dx]:offsets[dx] + width] for dy in range(3) for dx in range(3)]
+    return jnp.concatenate(windows, -1).reshape(-1, 9 * padded.shape[-1])
+
+
 def _kernel_grad_in_row_blocks(x: jnp.ndarray, grad: jnp.ndarray) -> jnp.ndarray:
     """dL/dkernel of ``_conv_3x3``: x (B, H, W, C_in), grad (B, H, W, C_out) -> (3, 3, C_in, C_out).
 
-    A loop over blocks of rows, each one im2col matmul (B * rows * W, 9 C_in)^T @ (B * rows * W, C_out),
-    summed in float32. XLA's CPU backend computes the weight gradient as a convolution whose input
-    features are the batch, which its fast kernels (YNNPACK) refuse below 17 features; its fallback
-    reaches 30-40 GFLOP/s on the U-Net's wide layers, these blocks 90-100 (and, being small, they reuse
-    one buffer where a whole-batch im2col would page-fault a new one every step).
+    dK[dy, dx] = sum over (b, i, j) of x_pad[b, i + dy, j + dx] (x) grad[b, i, j]
+               = sum over (b, i, j) of x[b, i, j] (x) grad_pad[b, i + 2 - dy, j + 2 - dx]
+    (x_pad, grad_pad: one zero pixel around). A loop over blocks of rows, each one im2col matmul summed
+    in float32; the windows are taken of the narrower side (x's 9 C_in columns where C_in < C_out,
+    else grad's 9 C_out), the cheaper matrix to write. XLA's CPU backend computes the weight gradient
+    as a convolution whose input features are the batch, which its fast kernels (YNNPACK) refuse below
+    17 features; its fallback reaches 30-50 GFLOP/s on the U-Net's layers, these blocks two to four
+    times that (and, being small, they reuse one buffer where a whole-batch im2col would page-fault a
+    new one every step).
     """
     batch, height, width, channels = x.shape
     out_channels = grad.shape[-1]
     rows = max(1, min(height, _ROW_BLOCK_POSITIONS // (batch * width)))
     while height % rows:
         rows -= 1
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+    windows_of_x = channels < out_channels
+    padded = jnp.pad(x if windows_of_x else grad, pad)
 
     def add_block(total, start):
-        block = jax.lax.dynamic_slice_in_dim(padded, start, rows + 2, axis=1)
-        grad_block = jax.lax.dynamic_slice_in_dim(grad, start, rows, axis=1)
-        columns = jnp.concatenate([block[:, dy:dy + rows, dx:dx + width] for dy in range(3) for dx in range(3)], -1)
-        return total + jnp.einsum("pk,po->ko", columns.reshape(-1, 9 * channels), grad_block.reshape(-1, out_channels),
-                                  preferred_element_type=jnp.float32), None
+        windows = _shifted_windows(jax.lax.dynamic_slice_in_dim(padded, start, rows + 2, axis=1), rows, width,
+                                   (0, 1, 2) if windows_of_x else (2, 1, 0))
+        if windows_of_x:  # (9 C_in, C_out)
+            grad_block = jax.lax.dynamic_slice_in_dim(grad, start, rows, axis=1).reshape(-1, out_channels)
+            block = jnp.einsum("pk,pc->kc", windows, grad_block, preferred_element_type=jnp.float32)
+        else:  # (C_in, 9 C_out)
+            x_block = jax.lax.dynamic_slice_in_dim(x, start, rows, axis=1).reshape(-1, channels)
+            block = jnp.einsum("pc,pk->ck", x_block, windows, preferred_element_type=jnp.float32)
+        return total + block, None
 
-    total, _ = jax.lax.scan(add_block, jnp.zeros((9 * channels, out_channels), jnp.float32), jnp.arange(0, height, rows))
-    return total.reshape(3, 3, channels, out_channels)
+    shape = (9 * channels, out_channels) if windows_of_x else (channels, 9 * out_channels)
+    total, _ = jax.lax.scan(add_block, jnp.zeros(shape, jnp.float32), jnp.arange(0, height, rows))
+    if windows_of_x:
+        return total.reshape(3, 3, channels, out_channels)
+    return total.reshape(channels, 3, 3, out_channels).transpose(1, 2, 0, 3)
 
 
 @jax.custom_vjp
@@ -157,24 +175,22 @@ def conv_3x3_same(lhs, rhs, window_strides, padding, **options):
     """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: a stride-1 'SAME' 3x3
     convolution with enough output positions and channels takes ``_conv_3x3_row_block_grad`` (same values, the
     kernel gradient summed in another order); any other call goes to XLA as it is."""
-    positions = math.prod(lhs.shape[:3])
     if (_plain_nhwc(rhs, (3, 3), window_strides, padding == "SAME", options)
-            and positions >= _ROW_BLOCK_MIN_POSITIONS and min(rhs.shape[2:]) >= _ROW_BLOCK_MIN_CHANNELS
-            and positions * rhs.shape[2] * rhs.shape[3] >= _ROW_BLOCK_MIN_WORK):
+            and math.prod(lhs.shape[:3]) >= _ROW_BLOCK_POSITIONS and max(rhs.shape[2:]) >= _ROW_BLOCK_MIN_CHANNELS):
         return _conv_3x3_row_block_grad(lhs, rhs)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
 
 
 def conv_1x1_as_matmul(lhs, rhs, window_strides, padding, **options):
     """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: a stride-1 unpadded 1x1
-    convolution with _MATMUL_MIN_POSITIONS positions and _ROW_BLOCK_MIN_CHANNELS input channels is computed as
+    convolution with _MATMUL_MIN_POSITIONS positions and _MATMUL_MIN_CHANNELS input channels is computed as
     the matmul it is, (B, H, W, C_in) @ (C_in, C_out); any other call goes to XLA as it is. On 2 CPU cores XLA's
     1x1 convolution to one output channel (the U-Net's output layer at width 64, 224², batch 8) took
     75 ms forward, the matmul 3.4; with its gradient 229 against 92 ms (XLA first transposes the whole
-    input to put the batch last). Narrower layers keep XLA's convolution, so width-16 runs are unchanged."""
+    input to put the batch last); at width 16, batch 4, 12.9 against 4.9 ms with the gradient."""
     batch, height, width, channels = lhs.shape
     if (_plain_nhwc(rhs, (1, 1), window_strides, padding in ("SAME", "VALID"), options)
-            and batch * height * width >= _MATMUL_MIN_POSITIONS and channels >= _ROW_BLOCK_MIN_CHANNELS):
+            and batch * height * width >= _MATMUL_MIN_POSITIONS and channels >= _MATMUL_MIN_CHANNELS):
         return jnp.einsum("bhwc,co->bhwo", lhs, rhs[0, 0], precision=options.get("precision"))
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
 

@@ -118,13 +118,13 @@ def _read_meta(step_dir: pathlib.Path) -> dict:
     try:
         meta = json.loads((step_dir / "meta" / "metadata").read_text())
     except (OSError, ValueError) as error:
-        raise DamagedCheckpoint(f"{step_dir / 'meta'}: unreadable checkpoint meta ({_first_line(error)})") from None
+        raise DamagedCheckpoint(f"{step_dir / 'meta'}: unreadable checkpoint meta ({first_line(error)})") from None
     if not isinstance(meta, dict):
         raise DamagedCheckpoint(f"{step_dir / 'meta'}: unreadable checkpoint meta (not a JSON object)")
     return meta
 
 
-def _first_line(error: BaseException | str, limit: int = 200) -> str:
+def first_line(error: BaseException | str, limit: int = 200) -> str:
     line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
@@ -162,7 +162,7 @@ def _reading(step_dir: pathlib.Path):
         while error.__cause__ is not None:
             error = error.__cause__
         reason = re.sub(r' at local file "[^"]*"', "", str(error))  # The step folder, named first.
-        raise DamagedCheckpoint(f"{step_dir}: checkpoint data is damaged ({_first_line(reason)})") from None
+        raise DamagedCheckpoint(f"{step_dir}: checkpoint data is damaged ({first_line(reason)})") from None
     finally:
         asyncio.set_event_loop_policy(previous)
 
@@ -266,7 +266,7 @@ def restore_variables(path: str | pathlib.Path, variables: dict, job: str | None
     except CheckpointError:
         raise
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{step_dir}: checkpoint does not fit this model ({_first_line(e)})") from None
+        raise CheckpointError(f"{step_dir}: checkpoint does not fit this model ({first_line(e)})") from None
     finally:
         manager.close()
     return restored.state, meta, step_dir

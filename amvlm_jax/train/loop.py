@@ -304,7 +304,7 @@ def resume_point(checkpoints: checkpoint.RunCheckpoints, job: Job) -> tuple[Any,
     except checkpoint.DamagedCheckpoint:
         raise
     except (ValueError, KeyError, TypeError) as error:  # CheckpointError is a ValueError.
-        raise misfit(str(error).splitlines()[0][:200]) from None
+        raise misfit(checkpoint.first_line(error)) from None
     meta = fresh_meta(job) | meta
     if meta["best"] is None and meta.get("best_val_dice", -1.0) >= 0:  # Written before the loop was shared.
         meta["best"] = meta.pop("best_val_dice")
