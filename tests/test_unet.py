@@ -162,11 +162,11 @@ def test_conv_3x3_row_block_kernel_gradient_equals_xla(in_channels, out_channels
 
 
 def test_conv_3x3_row_block_rule():
-    """From one block of 4,096 positions and 32 input or output channels; other strides stay XLA's."""
+    """From 1,024 positions and 32 input or output channels; other strides stay XLA's."""
     for shape, out, strides, row_blocks in (((1, 64, 64, 32), 16, (1, 1), True), ((1, 64, 64, 16), 32, (1, 1), True),
-                                            ((1, 64, 63, 64), 64, (1, 1), False), ((8, 224, 224, 16), 16, (1, 1), False),
-                                            ((2, 256, 256, 64), 64, (2, 2), False), ((8, 28, 28, 256), 64, (1, 1), True),
-                                            ((1, 56, 56, 512), 512, (1, 1), False)):
+                                            ((1, 32, 32, 64), 64, (1, 1), True), ((1, 32, 31, 64), 64, (1, 1), False),
+                                            ((8, 224, 224, 16), 16, (1, 1), False), ((2, 256, 256, 64), 64, (2, 2), False),
+                                            ((8, 14, 14, 512), 512, (1, 1), True)):
         jaxpr = jax.make_jaxpr(lambda x: _conv_call(conv_3x3_same, x, jnp.zeros((3, 3, shape[-1], out)), strides))
         assert ("custom_vjp" in str(jaxpr(jnp.zeros(shape)))) == row_blocks, (shape, out)
 
@@ -223,7 +223,7 @@ def test_unet_convs_take_row_block_kernel_gradients(monkeypatch):
         return str(jax.make_jaxpr(model.apply)(variables, images)).count("conv_general_dilated[")
 
     plain = [(unet_scans(), unet_convolutions())] + [block_gradients(torch_layers) for torch_layers in (False, True)]
-    for threshold, value in (("_ROW_BLOCK_POSITIONS", 1), ("_ROW_BLOCK_MIN_CHANNELS", 1),
+    for threshold, value in (("_ROW_BLOCK_POSITIONS", 1), ("_ROW_BLOCK_MIN_POSITIONS", 0), ("_ROW_BLOCK_MIN_CHANNELS", 1),
                              ("_MATMUL_MIN_POSITIONS", 0), ("_MATMUL_MIN_CHANNELS", 1)):
         monkeypatch.setattr(unet_module, threshold, value)
     row_blocks = [(unet_scans(), unet_convolutions())] + [block_gradients(torch_layers) for torch_layers in (False, True)]
@@ -236,10 +236,10 @@ def test_unet_convs_take_row_block_kernel_gradients(monkeypatch):
 
 
 @pytest.mark.parametrize("width, images, row_block_convs", [
-    # Width 16: all but the input conv, the two 14² (8²) bottleneck convs and the two 16 -> 16 convs.
-    (16, (8, 224, 224, 3), 12), (16, (16, 128, 128, 3), 12),
-    (16, (4, 224, 224, 3), 8),  # ... and the 28² level (3,136 positions).
-    (64, (8, 224, 224, 3), 15),  # All but the two 14² bottleneck convs.
+    # Width 16: all but the input conv and the two 16 -> 16 convs ...
+    (16, (8, 224, 224, 3), 14), (16, (16, 128, 128, 3), 14),
+    (16, (4, 224, 224, 3), 12),  # ... and the 14² bottleneck (784 positions).
+    (64, (8, 224, 224, 3), 17),  # Every 3x3 conv.
 ])
 def test_which_unet_convs_take_row_block_kernel_gradients(width, images, row_block_convs):
     model = UNet(num_classes=1, base_width=width)

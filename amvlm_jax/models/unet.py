@@ -77,11 +77,12 @@ max_pool_2x2.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 # CPU weight gradients of 3x3 convolutions (conv_3x3_same below) come in row blocks of about
-# _ROW_BLOCK_POSITIONS output positions (batch x height x width) where a layer has at least one block's
-# worth and at least _ROW_BLOCK_MIN_CHANNELS input or output channels: at width 16, batch 4, 224², every
-# layer of the 112² and 56² levels and the 32 -> 16 conv at 224²; at width 64, batch 8, all but the 14²
-# bottleneck. Chosen layer by layer and on whole U-Net steps on 2 cores (docs/benchmarks.md).
+# _ROW_BLOCK_POSITIONS output positions (batch x height x width) where a layer has at least
+# _ROW_BLOCK_MIN_POSITIONS and at least _ROW_BLOCK_MIN_CHANNELS input or output channels: at width 16,
+# batch 4, 224², all but the input conv, the two 16 -> 16 convs and the 14² bottleneck; at width 64, batch
+# 8, every layer. Chosen layer by layer and on whole U-Net steps on 2 cores (docs/benchmarks.md).
 _ROW_BLOCK_POSITIONS = 4096
+_ROW_BLOCK_MIN_POSITIONS = 1024
 _ROW_BLOCK_MIN_CHANNELS = 32
 # The 1x1 output conv is a matmul from this many positions and input channels.
 _MATMUL_MIN_POSITIONS = 1 << 16
@@ -176,7 +177,7 @@ def conv_3x3_same(lhs, rhs, window_strides, padding, **options):
     convolution with enough output positions and channels takes ``_conv_3x3_row_block_grad`` (same values, the
     kernel gradient summed in another order); any other call goes to XLA as it is."""
     if (_plain_nhwc(rhs, (3, 3), window_strides, padding == "SAME", options)
-            and math.prod(lhs.shape[:3]) >= _ROW_BLOCK_POSITIONS and max(rhs.shape[2:]) >= _ROW_BLOCK_MIN_CHANNELS):
+            and math.prod(lhs.shape[:3]) >= _ROW_BLOCK_MIN_POSITIONS and max(rhs.shape[2:]) >= _ROW_BLOCK_MIN_CHANNELS):
         return _conv_3x3_row_block_grad(lhs, rhs)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
 
@@ -221,14 +222,18 @@ class ConvBlock(nn.Module):
 
 
 class UpConv2x2(nn.Module):
-    """Transposed convolution 2x2 with stride 2, as one matmul and a pixel shuffle.
+    """Transposed convolution 2x2 with stride 2, as two matmuls and a row interleave.
 
     Same parameters (kernel (2, 2, C_in, C_out), bias) and outputs as
     ``nn.ConvTranspose(C_out, (2, 2), strides=(2, 2))``: output pixel
     (2i + a, 2j + b) is x[i, j] @ kernel[1 - a, 1 - b] + bias (torch's
     ConvTranspose2d weight W (C_in, C_out, 2, 2) is kernel[1 - a, 1 - b] =
-    W[:, :, a, b]). XLA's CPU backend runs the input-dilated convolution that
-    ConvTranspose lowers to several times slower than this matmul.
+    W[:, :, a, b]). One matmul per output row parity a gives the rows 2i + a
+    already in their memory order, (B, h, w, 2, C_out), so neither the
+    forward nor its gradients transpose the output; XLA's CPU backend runs
+    the input-dilated convolution that ConvTranspose lowers to several times
+    slower, and a single matmul to (B, h, w, 2, 2, C_out) then needs a
+    transpose each way (2.4-3x the time of these two with the gradients, on 2 cores).
     (B, h, w, C_in) -> (B, 2h, 2w, C_out).
     """
 
@@ -241,8 +246,12 @@ class UpConv2x2(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (2, 2, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-        batch, height, width, _ = x.shape
-        y = jnp.einsum("bhwc,xyco->bhxwyo", x.astype(self.dtype), kernel[::-1, ::-1].astype(self.dtype))
+        batch, height, width, channels = x.shape
+        pixels = x.astype(self.dtype).reshape(-1, channels)
+        # kernel[1 - a] as (C_in, 2 C_out): the output columns 2j and 2j + 1 side by side.
+        row_kernels = kernel[::-1, ::-1].transpose(0, 2, 1, 3).reshape(2, channels, 2 * self.features).astype(self.dtype)
+        rows = [(pixels @ row_kernels[a]).reshape(batch, height, 2 * width * self.features) for a in range(2)]
+        y = jnp.stack(rows, axis=2)  # (B, h, 2, 2w C_out): row 2i + a.
         return y.reshape(batch, 2 * height, 2 * width, self.features) + bias.astype(self.dtype)
 
 
