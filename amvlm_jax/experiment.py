@@ -6,6 +6,8 @@ variants combine with commas (`:cpu,labeled25`).
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
 from typing import Callable, Mapping
 
 import ml_collections
@@ -13,6 +15,15 @@ import ml_collections
 from amvlm_jax.config import ConfigError, base_config
 
 Variant = Callable[[ml_collections.ConfigDict], None]
+
+
+def load_config(path: str | pathlib.Path, variant: str = "") -> ml_collections.ConfigDict:
+    """``get_config(variant)`` of the experiment file at ``path`` (``get_config()`` without a variant).
+    experiments/ is no package: the file is loaded by its path."""
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
 
 
 def apply_variants(config: ml_collections.ConfigDict, arg: str | None, variants: Mapping[str, Variant]):

@@ -53,7 +53,7 @@ def check_command_line(argv: list[str]) -> str | None:
     Runs before absl parses the flags, whose own errors for a missing file,
     an unknown variant or an unknown key are multi-line tracebacks.
     """
-    import importlib.util
+    from amvlm_jax.experiment import load_config
 
     argument = str(DEFAULT_CONFIG)
     overrides = []
@@ -67,11 +67,8 @@ def check_command_line(argv: list[str]) -> str | None:
     path, _, variant = argument.partition(":")
     if not pathlib.Path(path).is_file():
         return f"{path}: no such experiment file (--config=experiments/<name>.py[:variant])"
-    spec = importlib.util.spec_from_file_location("experiment_config", path)
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
-        config = module.get_config(variant) if variant else module.get_config()
+        config = load_config(path, variant)
     except Exception as e:  # The user's experiment file: report, don't trace.
         return f"{path}: {type(e).__name__}: {e}"
     for override in overrides:
@@ -204,7 +201,8 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
     --config plus the caller's flags, then runs job(config) with quiet
     logging (Orbax logs every file it writes and warns on every read-only
     restore; --verbosity brings it back) and the compilation cache on. A
-    user error or Ctrl-C ends the process with one line. On Linux the process
+    user error or Ctrl-C ends the process with one line (a Ctrl-C
+    lost inside a garbage-collector callback at the next step or batch). On Linux the process
     first restarts itself with malloc on huge pages (malloc_in_huge_pages).
     """
     malloc_in_huge_pages()
@@ -220,12 +218,14 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.ERROR)
+        from amvlm_jax.train.loop import catching_interrupts
         from amvlm_jax.train.parallel import enable_compilation_cache
 
         config = flags.FLAGS.config
         enable_compilation_cache(config)
         try:
-            job(config)
+            with catching_interrupts():  # A Ctrl-C that Python drops still stops the next step or batch.
+                job(config)
         except user_errors() as e:
             sys.exit(f"error: {e}")
         except KeyboardInterrupt as e:

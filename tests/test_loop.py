@@ -127,18 +127,68 @@ def test_curves_draw_one_panel_per_split_without_the_constant_counts(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_loop_leaves_an_ignored_sigint_ignored():
+def test_catching_interrupts_leaves_an_ignored_sigint_ignored_and_keeps_a_dropped_ctrl_c():
     import signal
 
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # As in a background job.
     try:
-        assert loop.interrupt_between_steps({"interrupted": False}) is None
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        with loop.catching_interrupts():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        current = {"interrupted": False}
-        assert loop.interrupt_between_steps(current) is signal.default_int_handler
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
-        assert current["interrupted"]
+        with loop.catching_interrupts():
+            handler = signal.getsignal(signal.SIGINT)
+            assert handler is not signal.default_int_handler
+            with loop.catching_interrupts():  # Nested (main, then the loop): the outer handler stays.
+                assert signal.getsignal(signal.SIGINT) is handler
+            loop.stop_if_interrupted()  # No Ctrl-C yet: nothing raised.
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+            # The KeyboardInterrupt above is what Python may drop; the flag remembers it.
+            with pytest.raises(KeyboardInterrupt):
+                loop.stop_if_interrupted()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        loop.stop_if_interrupted()  # Cleared on exit.
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # The dropped KeyboardInterrupt.
+def test_a_ctrl_c_dropped_during_evaluation_stops_it_at_the_next_batch():
+    import gc
+    import signal
+
+    from amvlm_jax.data.folders import SplitArrays
+    from amvlm_jax.train import evaluate, parallel
+
+    def interrupt_inside_a_gc_callback():
+        def callback(phase, info):
+            if phase == "start":
+                signal.raise_signal(signal.SIGINT)
+
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()  # Python reports the KeyboardInterrupt raised in the callback and drops it.
+        finally:
+            gc.callbacks.remove(callback)
+
+    calls = []
+
+    def eval_step(params, batch_stats, batch):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            interrupt_inside_a_gc_callback()
+        rows = batch["image"].shape[0]
+        return jnp.ones(rows), jnp.ones(rows)
+
+    split = SplitArrays([f"image_{i}" for i in range(8)], np.zeros((8, 4, 4, 3), np.uint8), np.zeros((8, 4, 4), np.uint8),
+                        [""] * 8)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), parallel.MESH_AXES)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # A pytest-xdist worker ignores SIGINT.
+    try:
+        with loop.catching_interrupts(), pytest.raises(KeyboardInterrupt):
+            evaluate.evaluate_split(eval_step, None, None, split, mesh, batch_size=2)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert calls == [0, 1]  # Batch 2 ran to its end (the interrupt was lost in it); batch 3 never started.
+    dice, _ = evaluate.evaluate_split(eval_step, None, None, split, mesh, batch_size=2)  # Outside: as before.
+    assert dice.shape == (8,)

@@ -250,19 +250,15 @@ def plain_setup(batch: int, channels_last: bool) -> tuple:
 
 def our_parameter_counts(batch: int) -> dict:
     """Our modules' parameter counts for tools/benchmark.py --mode=ssl's configuration (shapes only)."""
-    import importlib.util
-
     import jax
     import jax.numpy as jnp
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, root)
+    from amvlm_jax.experiment import load_config
     from amvlm_jax.train import build, ssl, supervised
 
-    spec = importlib.util.spec_from_file_location("monuseg", os.path.join(root, "experiments", "monuseg.py"))
-    experiment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiment)
-    config = experiment.get_config()
+    config = load_config(os.path.join(root, "experiments", "monuseg.py"))
     config.train.batch_size, config.pretrain.text_weights_init = batch, "random"
     config.pretrain.text_hidden, config.pretrain.text_heads = 768, 12
     model = build.build_model(config, build.text_encoder_config(config))

@@ -16,7 +16,7 @@ from amvlm_jax import metrics, visualize
 from amvlm_jax.data import pipeline
 from amvlm_jax.data.folders import SplitArrays
 from amvlm_jax.ops import BATCH_NORM_MOMENTUM
-from amvlm_jax.train.loop import Evaluator
+from amvlm_jax.train.loop import Evaluator, stop_if_interrupted
 from amvlm_jax.train.parallel import gather_to_host
 
 
@@ -155,6 +155,7 @@ def evaluate_split(eval_step, params, batch_stats, split: SplitArrays, mesh: Mes
     batch_size = -(-batch_size // mesh.size) * mesh.size  # Every device gets equal rows.
     dice, iou = [], []
     for batch, real in pipeline.evaluation_batches(split, batch_size):
+        stop_if_interrupted()
         batch_dice, batch_iou = gather_to_host(eval_step(params, batch_stats, pipeline.replicated_to_global(mesh, batch)))
         dice.append(np.asarray(batch_dice)[:real])
         iou.append(np.asarray(batch_iou)[:real])

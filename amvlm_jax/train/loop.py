@@ -8,6 +8,7 @@ the best checkpoint. ``run`` does the rest the same way for every job.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -118,13 +119,16 @@ def run(job: Job) -> tuple[Any, dict]:
     the last good checkpoint; Ctrl-C saves the current state first. Every
     exit closes the checkpoint managers.
     """
+    with catching_interrupts():
+        return _run(job)
+
+
+def _run(job: Job) -> tuple[Any, dict]:
     workdir = pathlib.Path(job.workdir)
     checkpoints = checkpoint.RunCheckpoints(workdir)
     writer = None
-    # The newest state, also when an epoch is cut short; the Ctrl-C seen (see interrupt_between_steps).
-    current = {"state": job.state, "interrupted": False}
-    meta = None
-    previous_handler = interrupt_between_steps(current)
+    current = {"state": job.state}  # The newest state, also when an epoch is cut short.
+    meta, interrupted = None, False
     try:
         state, meta = resume_point(checkpoints, job)
         current["state"] = state
@@ -144,10 +148,9 @@ def run(job: Job) -> tuple[Any, dict]:
         batches = job.batches(start_step)
         for epoch in range(start_step // job.steps_per_epoch, job.epochs):
             _run_epoch(job, current, batches, epoch, meta, checkpoints, writer)
-        if current["interrupted"]:  # Lost during the last epoch's evaluation: still an interrupted run.
-            raise KeyboardInterrupt
+        stop_if_interrupted()  # A Ctrl-C lost during the last epoch's evaluation: still an interrupted run.
     except KeyboardInterrupt:
-        current["interrupted"] = True
+        interrupted = True
         if meta is None:  # Interrupted while restoring: nothing new to save.
             raise
         step = int(current["state"].step)
@@ -156,36 +159,55 @@ def run(job: Job) -> tuple[Any, dict]:
         checkpoints.wait()
         raise KeyboardInterrupt(f"interrupted: saved {workdir}/checkpoints/latest/{step}; run the same command to resume")
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
         checkpoints.wait()
         checkpoints.close()
         if writer is not None:
             writer.close()
             # Not after Ctrl-C: it may have cut plotting's first import short, which a second import would trip on.
-            if jax.process_index() == 0 and not current["interrupted"]:
+            if jax.process_index() == 0 and not interrupted:
                 visualize.save_curves(workdir)
     return current["state"], meta
 
 
-def interrupt_between_steps(current: dict):
-    """Makes Ctrl-C set ``current['interrupted']`` as well as raise KeyboardInterrupt, so that the
-    loop raises it again before the next step when it was lost (the previous SIGINT handler, or None).
+# Set by catching_interrupts' handler on Ctrl-C; stop_if_interrupted raises on it.
+_interrupted = threading.Event()
+
+
+@contextlib.contextmanager
+def catching_interrupts():
+    """While active, Ctrl-C also sets a flag on which ``stop_if_interrupted`` raises KeyboardInterrupt,
+    so that training, evaluation and prediction stop at their next step or batch even when the first
+    KeyboardInterrupt was lost.
 
     Python drops an exception raised inside a garbage-collector callback (jax registers one), and
     with it a KeyboardInterrupt that lands there: training went on after Ctrl-C in 3 of 6 tries.
     Only Python's own handler is replaced (a process started with SIGINT ignored, as background jobs
-    are, keeps ignoring it), and only from the main thread, where signal handlers can be set.
+    are, keeps ignoring it; an enclosing catching_interrupts keeps its own), and only from the main
+    thread, where signal handlers can be set. The flag is cleared on entry and exit.
     """
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        return None
+        yield
+        return
 
     def on_interrupt(signum, frame):
-        current["interrupted"] = True
+        _interrupted.set()
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGINT, on_interrupt)
+    _interrupted.clear()
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _interrupted.clear()
+
+
+def stop_if_interrupted() -> None:
+    """Raises KeyboardInterrupt if Ctrl-C was pressed under ``catching_interrupts`` (called between steps
+    and batches)."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 def _run_epoch(job: Job, current: dict, batches, epoch: int, meta: dict, checkpoints, writer) -> None:
@@ -196,8 +218,7 @@ def _run_epoch(job: Job, current: dict, batches, epoch: int, meta: dict, checkpo
     step_metrics = []
     logged_at, logged_step = time.time(), epoch * job.steps_per_epoch + first
     for index in progress:
-        if current["interrupted"]:  # A Ctrl-C whose KeyboardInterrupt was dropped (interrupt_between_steps).
-            raise KeyboardInterrupt
+        stop_if_interrupted()  # A Ctrl-C whose KeyboardInterrupt was dropped.
         state, metrics_now = job.train_step(current["state"], pipeline.to_global(job.mesh, next(batches)))
         current["state"] = state
         step_metrics.append(metrics_now)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from amvlm_jax.config import ConfigError
 from amvlm_jax.data import folders, pipeline
-from amvlm_jax.train import checkpoint, evaluate, supervised
+from amvlm_jax.train import checkpoint, evaluate, loop, supervised
 from amvlm_jax.train.logging import info
 from amvlm_jax.train.parallel import abstract_replicated, gather_to_host, make_mesh
 
@@ -141,6 +141,7 @@ def predict(config, workdir) -> dict:
     writes = jax.process_index() == 0
     progress = tqdm(total=len(todo), desc="predicting", disable=not writes)
     for start in range(0, len(todo), batch_size):
+        loop.stop_if_interrupted()
         chunk = todo[start:start + batch_size]
         loaded = list(pool.map(read, chunk))  # Only this batch is decoded.
         kept = [(item, image) for item, image in zip(chunk, loaded) if image is not None]

@@ -256,6 +256,7 @@ def _batched(function, count: int, batch_size: int, mesh: Mesh, rows_batch) -> l
     to numpy and concatenated. ``rows_batch(rows)`` builds the batch of the given rows."""
     parts = []
     for start in range(0, count, batch_size):
+        loop.stop_if_interrupted()
         rows = np.arange(start, min(start + batch_size, count))
         padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
         outputs = parallel.gather_to_host(function(pipeline.replicated_to_global(mesh, rows_batch(padded))))

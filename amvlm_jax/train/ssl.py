@@ -501,6 +501,7 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
         tokens = guidance.tokenizer(split.reports) if guidance is not None else {}
         per_map = {}
         for batch, real in pipeline.evaluation_batches(split, batch_size):
+            loop.stop_if_interrupted()
             batch["valid"] = np.arange(batch_size) < real
             batch |= {f"report_{k}": v[batch["index"]] for k, v in tokens.items()}
             outputs = gather_to_host(step(restored["teacher"], student, trained, frozen, pipeline.replicated_to_global(mesh, batch)))
