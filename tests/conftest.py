@@ -107,6 +107,24 @@ def parity():
     return load
 
 
+def interrupt_inside_a_gc_callback():
+    """Ctrl-C whose handler runs inside a garbage-collector callback (as it can inside jax's), where
+    Python reports the KeyboardInterrupt it raises and drops it. The caller sets a SIGINT handler first
+    (a pytest-xdist worker ignores SIGINT)."""
+    import gc
+    import signal
+
+    def callback(phase, info):
+        if phase == "start":
+            signal.raise_signal(signal.SIGINT)
+
+    gc.callbacks.append(callback)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(callback)
+
+
 def tiny_synthetic_config(**overrides):
     """The synthetic experiment shrunk to seconds per epoch on 2 cores."""
     config = experiment_module("synthetic").get_config()

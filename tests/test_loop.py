@@ -13,7 +13,7 @@ from amvlm_jax.train import checkpoint, loop
 from amvlm_jax.train.parallel import make_mesh, replicate
 from amvlm_jax.train.state import TrainState, optimizer_telemetry
 
-from conftest import tiny_synthetic_config
+from conftest import interrupt_inside_a_gc_callback, tiny_synthetic_config
 
 STEPS_PER_EPOCH, EPOCHS = 3, 4
 
@@ -154,22 +154,10 @@ def test_catching_interrupts_leaves_an_ignored_sigint_ignored_and_keeps_a_droppe
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # The dropped KeyboardInterrupt.
 def test_a_ctrl_c_dropped_during_evaluation_stops_it_at_the_next_batch():
-    import gc
     import signal
 
     from amvlm_jax.data.folders import SplitArrays
     from amvlm_jax.train import evaluate, parallel
-
-    def interrupt_inside_a_gc_callback():
-        def callback(phase, info):
-            if phase == "start":
-                signal.raise_signal(signal.SIGINT)
-
-        gc.callbacks.append(callback)
-        try:
-            gc.collect()  # Python reports the KeyboardInterrupt raised in the callback and drops it.
-        finally:
-            gc.callbacks.remove(callback)
 
     calls = []
 

@@ -6,7 +6,6 @@ each, a loss of nan or inf at step 3, a Ctrl-C at step 3.
 """
 
 import dataclasses
-import gc
 import signal
 from typing import Callable
 
@@ -18,7 +17,7 @@ import pytest
 from amvlm_jax.train import build, checkpoint, pretrain, supervised
 from amvlm_jax.train.loop import TrainingError
 
-from conftest import tiny_pretrain_config, tiny_synthetic_config
+from conftest import interrupt_inside_a_gc_callback, tiny_pretrain_config, tiny_synthetic_config
 
 
 @dataclasses.dataclass
@@ -114,21 +113,9 @@ def test_ctrl_c_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path,
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # The dropped KeyboardInterrupt.
 def test_a_ctrl_c_dropped_inside_a_garbage_collector_callback_still_stops_and_saves(tmp_path, supervised_job):
-    def collect_while_interrupted():
-        # The handler runs inside the callback, where Python reports its KeyboardInterrupt and drops it.
-        def callback(phase, info):
-            if phase == "start":
-                signal.raise_signal(signal.SIGINT)
-
-        gc.callbacks.append(callback)
-        try:
-            gc.collect()
-        finally:
-            gc.callbacks.remove(callback)
-
     def step_interrupted_in_gc_at_3(state, batch):
         if int(state.step) == 3:
-            collect_while_interrupted()
+            interrupt_inside_a_gc_callback()
         return supervised_job.real_step(state, batch)
 
     supervised_job.patch_step(step_interrupted_in_gc_at_3)
