@@ -201,9 +201,10 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
     --config plus the caller's flags, then runs job(config) with quiet
     logging (Orbax logs every file it writes and warns on every read-only
     restore; --verbosity brings it back) and the compilation cache on. A
-    user error or Ctrl-C ends the process with one line (a Ctrl-C
-    lost inside a garbage-collector callback at the next step or batch). On Linux the process
-    first restarts itself with malloc on huge pages (malloc_in_huge_pages).
+    user error or Ctrl-C ends the process with one line; a Ctrl-C that
+    Python drops inside a garbage-collector callback ends it at the next
+    step or batch. On Linux the process first restarts itself with malloc
+    on huge pages (malloc_in_huge_pages).
     """
     malloc_in_huge_pages()
     problem = check_command_line(sys.argv)
