@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from amvlm_jax.models import unet as unet_module
-from amvlm_jax.models.unet import ConvBlock, UNet, UpConv2x2, conv_1x1_as_matmul, conv_3x3_same, max_pool_2x2
+from amvlm_jax.models.unet import (BatchNormReLU, ConvBlock, UNet, UpConv2x2, batch_norm_relu, conv_1x1_as_matmul, conv_3x3_same,
+                                   max_pool_2x2)
+from amvlm_jax.ops import BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM
 
 
 def _authors_tensor(name: str, shape: list) -> np.ndarray:
@@ -117,6 +119,87 @@ def test_max_pool_equals_flax_max_pool_in_values_and_gradients():
         weights = jax.random.normal(jax.random.PRNGKey(1), (x.shape[0], x.shape[1] // 2, x.shape[2] // 2, x.shape[3]))
         ours, theirs = (jax.jit(jax.grad(lambda x, f=f: jnp.sum(weights * f(x))))(x) for f in (max_pool_2x2, reference))
         np.testing.assert_array_equal(ours, theirs)
+
+
+class _FlaxBatchNormReLU(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM,
+                                    epsilon=BATCH_NORM_EPSILON, name="norm")(x))
+
+
+class _OursBatchNormReLU(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        return BatchNormReLU(name="norm")(x, train)
+
+
+def test_batch_norm_relu_equals_flax_batch_norm_and_relu():
+    """Same variables, outputs, running statistics and gradients (input, scale, bias) as nn.BatchNorm
+    followed by nn.relu, in training and evaluation; a channel that is all zeros, one with a constant
+    and an offset mean included (the ReLU and the variance's clipping)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 6, 5, 6)) * 2.0 + 0.7
+    x = x.at[..., 0].set(0.0).at[..., 1].set(3.0).at[..., 2].add(40.0)
+    theirs, ours = _FlaxBatchNormReLU(), _OursBatchNormReLU()
+    variables = theirs.init(jax.random.PRNGKey(1), x, True)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x, True)) == jax.tree.map(jnp.shape, variables)
+    variables = jax.tree.map(lambda v: v + jax.random.uniform(jax.random.PRNGKey(2), v.shape, minval=0.1, maxval=0.5), variables)
+    weights = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+
+    def loss(module):
+        def f(params, x):
+            y, updates = module.apply({**variables, "params": params}, x, True, mutable=["batch_stats"])
+            return jnp.sum(weights * y) + 0.1 * jnp.sum(y * y), (y, updates)
+        return jax.jit(jax.grad(f, (0, 1), has_aux=True))
+
+    (their_grads, (their_y, their_stats)), (our_grads, (our_y, our_stats)) = (
+        loss(module)(variables["params"], x) for module in (theirs, ours))
+    np.testing.assert_allclose(our_y, their_y, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(our_stats), jax.tree.leaves(their_stats)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(our_grads), jax.tree.leaves(their_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    np.testing.assert_array_equal(ours.apply(variables, x, False), theirs.apply(variables, x, False))
+
+
+def test_batch_norm_relu_in_bfloat16_keeps_float32_statistics():
+    """bfloat16 compute: the output and input gradient in bfloat16, statistics and parameter gradients in
+    float32, and the values of nn.BatchNorm(dtype=bfloat16) followed by nn.relu to bfloat16 rounding."""
+    x = (jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 8)) * 3 + 1).astype(jnp.bfloat16)
+    theirs = nn.BatchNorm(use_running_average=False, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON,
+                          dtype=jnp.bfloat16)
+    ours = BatchNormReLU(jnp.bfloat16)
+    variables = theirs.init(jax.random.PRNGKey(1), x)
+    (their_y, their_stats), (our_y, our_stats) = (
+        theirs.apply(variables, x, mutable=["batch_stats"]), ours.apply(variables, x, True, mutable=["batch_stats"]))
+    assert our_y.dtype == jnp.bfloat16 and our_stats["batch_stats"]["mean"].dtype == jnp.float32
+    np.testing.assert_allclose(np.float32(our_y), np.float32(nn.relu(their_y)), rtol=2e-2, atol=2e-2)
+    for a, b in zip(jax.tree.leaves(our_stats), jax.tree.leaves(their_stats)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    grads = jax.grad(lambda params, x: jnp.sum(ours.apply({**variables, "params": params}, x, True,
+                                                          mutable=["batch_stats"])[0].astype(jnp.float32)), (0, 1))
+    param_grads, input_grad = grads(variables["params"], x)
+    assert input_grad.dtype == jnp.bfloat16 and all(g.dtype == jnp.float32 for g in jax.tree.leaves(param_grads))
+
+
+def test_batch_norm_relu_honours_the_statistics_cotangents():
+    """A loss of the batch mean and variance too differentiates as the plain formula does."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 3)) + 1.0
+    scale, bias = jnp.array([1.5, -0.5, 1.0]), jnp.array([0.2, 0.1, -0.3])
+
+    def plain(x, scale, bias, epsilon):
+        mean = x.mean((0, 1, 2))
+        var = jnp.maximum(0.0, (x * x).mean((0, 1, 2)) - mean * mean)
+        return jax.nn.relu((x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias), mean, var
+
+    def loss(f):
+        def total(x, scale, bias):
+            y, mean, var = f(x, scale, bias, BATCH_NORM_EPSILON)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(mean ** 3) + jnp.sum(jnp.cos(var))
+        return jax.grad(total, (0, 1, 2))(x, scale, bias)
+
+    for a, b in zip(loss(batch_norm_relu), loss(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_up_conv_equals_conv_transpose_in_values_and_gradients():
