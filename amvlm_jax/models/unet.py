@@ -214,8 +214,8 @@ def batch_norm_relu(x, scale, bias, epsilon: float):
     The values of ``nn.relu(nn.BatchNorm(use_running_average=False)(x))``; the gradient is written out
     (two passes over x and dy: the per-channel sums, then dx) where XLA's differentiation of the two
     modules takes more: on 2 CPU cores 37 against 52 ms for the 17 layers of a width-16 U-Net, forward
-    and backward; whole supervised steps 0-3.5 % faster, SSMIS steps unchanged (docs/benchmarks.md). The mean and variance are
-    outputs, for the running statistics, and their cotangents are honoured.
+    and backward; whole supervised steps 0-3.5 % faster, SSMIS steps unchanged (docs/benchmarks.md).
+    The mean and variance are outputs, for the running statistics, and their cotangents are honoured.
     """
     return _batch_norm_relu_forward(x, scale, bias, epsilon)[0]
 
