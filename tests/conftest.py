@@ -7,6 +7,13 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite compiles hundreds of small programs, most of them run a few times: compiling is most of
+# its time, and LLVM's optimisation passes are most of that (a tiny U-Net's initialisation: 23 s at
+# the default level, 5.5 s without them, on 2 cores). Convolutions and matmuls call the same library
+# kernels at either level. Left alone on other platforms (tests/test_gpu.py) and where the caller set
+# a level; the job and tools/benchmark.py compile at XLA's default.
+if os.environ["JAX_PLATFORMS"] == "cpu" and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 import atexit  # noqa: E402
 import shutil  # noqa: E402
@@ -26,6 +33,12 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def one_device_env(**extra) -> dict:
+    """os.environ for a subprocess with one CPU device: XLA_FLAGS less the device count, plus ``extra``."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    return dict(os.environ, XLA_FLAGS=" ".join(flags), **extra)
 
 
 PRETRAIN_IMAGE_SIZE = 32

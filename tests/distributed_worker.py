@@ -142,7 +142,7 @@ def _named(prefix: str, tree) -> dict:
 def main(argv: list[str]) -> None:
     address, process_id, num_processes, out = argv[1], int(argv[2]), int(argv[3]), argv[4]
     # Each process simulates 4 CPU devices; set before jax starts.
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     import numpy as np
 

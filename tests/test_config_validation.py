@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -14,7 +13,7 @@ from amvlm_jax.config import ConfigError, base_config, validate
 from amvlm_jax.data import datasets, splits
 from amvlm_jax.data.folders import DataError
 
-from conftest import REPO_ROOT, experiment_module as _experiment
+from conftest import REPO_ROOT, experiment_module as _experiment, one_device_env
 
 NAN, INF = float("nan"), float("inf")
 
@@ -317,7 +316,7 @@ def _digests(root: pathlib.Path) -> dict:
 
 def test_only_process_0_writes_the_synthetic_data_and_the_others_wait(tmp_path):
     address, root = f"127.0.0.1:{_free_port()}", tmp_path / "shared_data"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One CPU device a process.
+    env = one_device_env()  # One CPU device a process.
     workers = [subprocess.Popen([sys.executable, "-c", _WORKER, address, str(i), str(root)], cwd=REPO_ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:

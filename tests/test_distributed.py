@@ -1,6 +1,5 @@
 """Meshes, parameter sharding, multi-process training and checkpoints across device counts."""
 
-import os
 import pathlib
 import socket
 import subprocess
@@ -18,7 +17,7 @@ from amvlm_jax.data.tokenize import ReportTokenizer
 from amvlm_jax.train import build, checkpoint, parallel, pretrain
 
 import distributed_worker
-from conftest import SAMPLE_REPORTS, repo_module, tiny_pretrain_config, tiny_synthetic_config, write_corpus
+from conftest import SAMPLE_REPORTS, one_device_env, repo_module, tiny_pretrain_config, tiny_synthetic_config, write_corpus
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 
@@ -78,8 +77,9 @@ def test_two_processes_train_as_one_process_with_eight_devices(tmp_path):
     """2 processes x 4 CPU devices (gloo collectives) = 1 process x 8 devices: pre-training then text-guided SSMIS;
     and together the two processes read each example of a streamed corpus's epoch exactly once."""
     address = f"127.0.0.1:{_free_port()}"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = one_device_env()  # The workers set their own device count.
     corpus_file = write_corpus(tmp_path / "corpus", 24)
+    expected = distributed_worker.run_all()  # The reference, first: the workers find its compiled programs cached.
     workers = [
         subprocess.Popen(
             [sys.executable, str(TESTS_DIR / "distributed_worker.py"), address, str(i), "2", str(tmp_path / f"{i}.npz"),
@@ -89,9 +89,8 @@ def test_two_processes_train_as_one_process_with_eight_devices(tmp_path):
         for i in range(2)
     ]
     try:
-        expected = distributed_worker.run_all()  # The reference, while the workers run.
         # Generous: the suite runs two test files at a time on 2 cores (README), and this
-        # test's 3 processes then share them with another file's tests (295 s seen).
+        # test's 2 processes then share them with another file's tests.
         outputs = [w.communicate(timeout=900)[0] for w in workers]
     finally:
         for w in workers:

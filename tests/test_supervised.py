@@ -17,7 +17,7 @@ from amvlm_jax.train import checkpoint, evaluate, supervised
 from amvlm_jax.train.parallel import make_mesh, replicate
 from amvlm_jax.train.state import TrainState
 
-from conftest import REPO_ROOT, tiny_synthetic_config
+from conftest import REPO_ROOT, one_device_env, tiny_synthetic_config
 
 
 def _batch(config, seed=0):
@@ -144,7 +144,7 @@ def _final_params(workdir, config=None):
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = one_device_env(JAX_PLATFORMS="cpu")
     epochs = 4
     subprocess.run(_cli(tmp_path / "whole", epochs), cwd=REPO_ROOT, env=env, check=True, capture_output=True)
 
