@@ -53,6 +53,68 @@ def test_eight_device_step_equals_one_device_step():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+# Run with XLA's default CPU compiler settings (the job's), not the suite's (tests/conftest.py):
+# two SGD steps from the variables and batches in argv[1], the losses and final variables to argv[2].
+_STEPS_AT_XLA_DEFAULTS = """
+import os, sys
+assert not any(f in os.environ["XLA_FLAGS"] for f in ("optimization_level", "fusion_emitters"))
+import jax, numpy as np, optax
+from amvlm_jax.models.unet import UNet
+from amvlm_jax.train import supervised
+from amvlm_jax.train.state import TrainState
+data = np.load(sys.argv[1])
+model = UNet(num_classes=1, base_width=int(data["base_width"]))
+abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), data["image0"][:1] / 255.0, train=False))
+leaves = [data[f"leaf{i}"] for i in range(len(jax.tree.leaves(abstract)))]
+assert [x.shape for x in leaves] == [x.shape for x in jax.tree.leaves(abstract)]
+variables = jax.tree.unflatten(jax.tree.structure(abstract), leaves)
+state = TrainState.create(variables["params"], variables["batch_stats"], optax.sgd(0.1))
+step = supervised.make_train_step(model, 1)
+losses = []
+for seed in range(2):
+    state, metrics = step(state, {"image": data[f"image{seed}"], "mask": data[f"mask{seed}"]})
+    losses.append(float(metrics["loss"]))
+final = jax.tree.leaves({"params": state.params, "batch_stats": state.batch_stats})
+np.savez(sys.argv[2], losses=np.array(losses), **{f"leaf{i}": np.asarray(x) for i, x in enumerate(final)})
+"""
+
+
+def test_the_jobs_compiler_settings_compute_what_the_suites_do(tmp_path):
+    """The suite compiles without LLVM's optimisation passes and with the older fusion emitter
+    (tests/conftest.py); the job with XLA's defaults. Two supervised steps agree between the two."""
+    config = tiny_synthetic_config()
+    model = supervised.build_unet(config)
+    initial = supervised.create_state(config, model, steps_per_epoch=2)
+    variables = jax.device_get({"params": initial.params, "batch_stats": initial.batch_stats})
+    batches = {f"{k}{seed}": v for seed in range(2) for k, v in _batch(config, seed).items()}
+    np.savez(tmp_path / "in.npz", base_width=config.unet.base_width, **batches,
+             **{f"leaf{i}": x for i, x in enumerate(jax.tree.leaves(variables))})
+    env = one_device_env()
+    env["XLA_FLAGS"] = " ".join(f for f in env["XLA_FLAGS"].split() if "optimization_level" not in f and "fusion_emitters" not in f)
+    done = subprocess.run([sys.executable, "-c", _STEPS_AT_XLA_DEFAULTS, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = np.load(tmp_path / "out.npz")
+
+    state = TrainState.create(variables["params"], variables["batch_stats"], optax.sgd(0.1))
+    step = supervised.make_train_step(model, 1)
+    losses = []
+    for seed in range(2):
+        state, step_metrics = step(state, _batch(config, seed))
+        losses.append(float(step_metrics["loss"]))
+    np.testing.assert_allclose(got["losses"], losses, rtol=1e-5)
+    final = jax.tree.leaves(jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))
+    # Different fusions round differently. All tensors together, the difference is within 2e-6 of how
+    # far the two steps moved them (2e-7 is seen; a learning rate 0.1 % off gives 1.6e-5); each one
+    # within 0.2 % (1.4e-4 seen; up to 2.7 % with that rate), or rounding where it hardly moves (a
+    # bias ahead of a BatchNorm, whose gradient is zero).
+    differences = [np.linalg.norm(got[f"leaf{i}"] - x) for i, x in enumerate(final)]
+    moves = [np.linalg.norm(x - x0) for x, x0 in zip(final, jax.tree.leaves(variables))]
+    assert np.linalg.norm(differences) <= 2e-6 * np.linalg.norm(moves), (np.linalg.norm(differences), np.linalg.norm(moves))
+    for i, (difference, moved) in enumerate(zip(differences, moves)):
+        assert difference <= 2e-3 * moved + 1e-8 * np.sqrt(final[i].size), (i, difference, moved)
+
+
 def test_training_learns_and_evaluation_round_trips(tmp_path):
     config = tiny_synthetic_config(**{"train.epochs": 3, "unet.base_width": 8, "train.lr": 3e-3, "train.precise_bn_images": 64})
     results = supervised.train(config, tmp_path)
