@@ -16,10 +16,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # pre-training step: 19.6 s -> 12.3 s). Left alone on other platforms (tests/test_gpu.py) and where
 # the caller chose; the job and tools/benchmark.py compile with XLA's defaults, and a test in
 # tests/test_supervised.py checks that both settings train alike.
+SUITE_COMPILER_FLAGS = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false"}
 if os.environ["JAX_PLATFORMS"] == "cpu":
-    for _flag in ("xla_backend_optimization_level=0", "xla_cpu_use_fusion_emitters=false"):
-        if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
-            os.environ["XLA_FLAGS"] += f" --{_flag}"
+    for _name, _value in SUITE_COMPILER_FLAGS.items():
+        if _name not in os.environ["XLA_FLAGS"]:
+            os.environ["XLA_FLAGS"] += f" --{_name}={_value}"
 
 import atexit  # noqa: E402
 import shutil  # noqa: E402
@@ -45,6 +46,13 @@ def one_device_env(**extra) -> dict:
     """os.environ for a subprocess with one CPU device: XLA_FLAGS less the device count, plus ``extra``."""
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     return dict(os.environ, XLA_FLAGS=" ".join(flags), **extra)
+
+
+def xla_defaults_env() -> dict:
+    """``one_device_env()`` less SUITE_COMPILER_FLAGS: a subprocess that compiles as the job does."""
+    env = one_device_env()
+    env["XLA_FLAGS"] = " ".join(f for f in env["XLA_FLAGS"].split() if not any(n in f for n in SUITE_COMPILER_FLAGS))
+    return env
 
 
 PRETRAIN_IMAGE_SIZE = 32

@@ -17,7 +17,7 @@ from amvlm_jax.train import checkpoint, evaluate, supervised
 from amvlm_jax.train.parallel import make_mesh, replicate
 from amvlm_jax.train.state import TrainState
 
-from conftest import REPO_ROOT, one_device_env, tiny_synthetic_config
+from conftest import REPO_ROOT, SUITE_COMPILER_FLAGS, one_device_env, tiny_synthetic_config, xla_defaults_env
 
 
 def _batch(config, seed=0):
@@ -54,10 +54,11 @@ def test_eight_device_step_equals_one_device_step():
 
 
 # Run with XLA's default CPU compiler settings (the job's), not the suite's (tests/conftest.py):
-# two SGD steps from the variables and batches in argv[1], the losses and final variables to argv[2].
+# two SGD steps from the variables and batches in argv[1], the losses and final variables to argv[2];
+# argv[3:] names the suite's flags, none of which may be set here.
 _STEPS_AT_XLA_DEFAULTS = """
 import os, sys
-assert not any(f in os.environ["XLA_FLAGS"] for f in ("optimization_level", "fusion_emitters"))
+assert not any(name in os.environ["XLA_FLAGS"] for name in sys.argv[3:])
 import jax, numpy as np, optax
 from amvlm_jax.models.unet import UNet
 from amvlm_jax.train import supervised
@@ -89,10 +90,8 @@ def test_the_jobs_compiler_settings_compute_what_the_suites_do(tmp_path):
     batches = {f"{k}{seed}": v for seed in range(2) for k, v in _batch(config, seed).items()}
     np.savez(tmp_path / "in.npz", base_width=config.unet.base_width, **batches,
              **{f"leaf{i}": x for i, x in enumerate(jax.tree.leaves(variables))})
-    env = one_device_env()
-    env["XLA_FLAGS"] = " ".join(f for f in env["XLA_FLAGS"].split() if "optimization_level" not in f and "fusion_emitters" not in f)
-    done = subprocess.run([sys.executable, "-c", _STEPS_AT_XLA_DEFAULTS, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", _STEPS_AT_XLA_DEFAULTS, str(tmp_path / "in.npz"), str(tmp_path / "out.npz"),
+                           *SUITE_COMPILER_FLAGS], cwd=REPO_ROOT, env=xla_defaults_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     got = np.load(tmp_path / "out.npz")
 
