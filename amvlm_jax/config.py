@@ -302,6 +302,29 @@ def _assign(node: ml_collections.ConfigDict, values: dict) -> None:
 SEED_MAX = 2**31 - 1  # config.seed + 7920 must stay a valid grain seed (< 2**32).
 
 
+NAME_LISTS = ("data.corpus.split_names", "data.corpus.text_fields", "eval.splits", "eval.probe_fields")
+
+
+def split_name_lists(config: ml_collections.ConfigDict) -> None:
+    """Splits a command line's comma-separated names in the NAME_LISTS fields, in place.
+
+    The command line parses a tuple field's value as a Python literal, or else keeps the text as one
+    name: --config.eval.splits=val,test would arrive as ('val,test',) and an empty value as ('',).
+    Such a one-name tuple is split at its commas, brackets and quotes dropped: ('val', 'test'); () for
+    an empty value.
+    """
+    for path in NAME_LISTS:
+        section, _, name = path.rpartition(".")
+        node = _field(config, section)
+        value = node[name]
+        if isinstance(value, (tuple, list)) and len(value) == 1 and isinstance(value[0], str):
+            text = value[0].strip()
+            if text[:1] + text[-1:] in ("()", "[]"):
+                text = text[1:-1]
+            names = tuple(n.strip().strip("'\"").strip() for n in text.split(","))
+            node[name] = tuple(n for n in names if n)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

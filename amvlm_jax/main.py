@@ -63,7 +63,8 @@ def check_command_line(argv: list[str]) -> str | None:
         elif arg == "--config" and i + 1 < len(argv):
             argument = argv[i + 1]
         elif arg.startswith("--config."):
-            overrides.append(arg[2:].split("=", 1)[0])
+            name, has_value, value = arg[2:].partition("=")
+            overrides.append((name, value if has_value else None))
     path, _, variant = argument.partition(":")
     if not pathlib.Path(path).is_file():
         return f"{path}: no such experiment file (--config=experiments/<name>.py[:variant])"
@@ -71,7 +72,7 @@ def check_command_line(argv: list[str]) -> str | None:
         config = load_config(path, variant)
     except Exception as e:  # The user's experiment file: report, don't trace.
         return f"{path}: {type(e).__name__}: {e}"
-    for override in overrides:
+    for override, value in overrides:
         node, parts = config, override.split(".")[1:]
         for depth, part in enumerate(parts):
             if not hasattr(node, "keys") or part not in node:
@@ -79,6 +80,36 @@ def check_command_line(argv: list[str]) -> str | None:
                 where = ".".join(["config"] + parts[:depth]) or "config"
                 return f"unknown config key '--{override}': {where} has no '{part}' (known: {known})"
             node = node[part]
+        if value is not None and (expected := _unparsable(value, node)):
+            return f"--{override}={value}: {override} takes {expected}, got {value!r}"
+    return None
+
+
+def _unparsable(text: str, current) -> str | None:
+    """What a field holding `current` takes, when the command line's parser cannot read `text` as it; else None.
+
+    The same parsers as the command line's (absl's for numbers and booleans, a Python dict for a section),
+    whose own errors are two lines of Python terms.
+    """
+    import ast
+
+    if isinstance(current, bool):
+        parse, expected = flags.BooleanParser().parse, "true or false"
+    elif isinstance(current, int):
+        parse, expected = flags.IntegerParser().parse, "an integer"
+    elif isinstance(current, float):
+        parse, expected = flags.FloatParser().parse, "a number"
+    elif isinstance(current, ml_collections.ConfigDict):
+        def parse(t):
+            if not isinstance(ast.literal_eval(t), dict):
+                raise ValueError(t)
+        expected = "a Python dict, e.g. '{\"key\": \"value\"}'"
+    else:
+        return None
+    try:
+        parse(text)
+    except (ValueError, SyntaxError):
+        return expected
     return None
 
 
@@ -219,10 +250,12 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.ERROR)
+        from amvlm_jax.config import split_name_lists
         from amvlm_jax.train.loop import catching_interrupts
         from amvlm_jax.train.parallel import enable_compilation_cache
 
         config = flags.FLAGS.config
+        split_name_lists(config)  # --config.eval.splits=val,test
         enable_compilation_cache(config)
         try:
             with catching_interrupts():  # A Ctrl-C that Python drops still stops the next step or batch.

@@ -27,18 +27,24 @@ def _run(*args):
         (["--config=experiments/monuseg.py"], "data.root is not set"),
         (["--config=experiments/monuseg.py", "--config.data.root=/no/such/dir"], "/no/such/dir: data root does not exist"),
         (["--config.mode=train"], "config.mode 'train' is not one of"),
+        # Values the command line cannot read as the field's type (absl's own message is two lines of Python terms).
+        (["--config.train.epochs=1.5"], "--config.train.epochs=1.5: config.train.epochs takes an integer, got '1.5'"),
+        (["--config.train.lr=1e-3x"], "config.train.lr takes a number, got '1e-3x'"),
+        (["--config.eval.guidance=maybe"], "config.eval.guidance takes true or false, got 'maybe'"),
+        (["--config.eval.zero_shot=[1]"], "config.eval.zero_shot takes a Python dict"),
     ],
 )
 def test_bad_command_lines_give_one_line_errors(args, expected, tmp_path):
     code, stderr = _run(*args, f"--workdir={tmp_path}")
     assert code != 0
     assert "Traceback" not in stderr
-    last = stderr.splitlines()[-1]
-    assert last.startswith("error: ") and expected in last
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ") and expected in stderr, stderr
 
 
 def test_check_command_line_accepts_valid_overrides():
-    argv = ["main", "--config=experiments/monuseg.py:cpu,labeled25", "--config.train.epochs=3", "--config.data.root=x"]
+    argv = ["main", "--config=experiments/monuseg.py:cpu,labeled25", "--config.train.epochs=3", "--config.data.root=x",
+            "--config.train.lr=1e-3", "--config.train.min_lr=0", "--config.eval.guidance=false", "--config.eval.guidance",
+            "--config.eval.zero_shot={'Type': {'CT': 'a CT scan', 'MR': 'an MRI scan'}}", "--config.eval.splits=val,test"]
     assert main.check_command_line(argv) is None
 
 
@@ -132,6 +138,24 @@ def _python(code: str, *args, env=None):
                             env=env if env is not None else ENV_WITHOUT_TUNABLES)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--config.eval.splits=val,test", "--config.data.corpus.text_fields=findings, impression"],
+         "('val', 'test') ('findings', 'impression') ('Type', 'Location Category')"),
+        (["--config.eval.splits=test", "--config.eval.probe_fields="], "('test',) ('Description.Caption',) ()"),
+        (["--config.eval.splits=('val', 'test')", "--config.eval.probe_fields=[Type]"],
+         "('val', 'test') ('Description.Caption',) ('Type',)"),
+    ],
+)
+def test_comma_separated_names_on_the_command_line_are_tuples_of_names(args, expected):
+    # Through absl's parsing, as a user types them: the command line alone keeps 'val,test' as one name.
+    code = ("from amvlm_jax.main import start; start(lambda c: print(c.eval.splits, c.data.corpus.text_fields, "
+            "c.eval.probe_fields))")
+    assert _python(code, "--config=experiments/medpix.py", *args, env={**ENV_WITHOUT_TUNABLES, "GLIBC_TUNABLES": ""}) == [
+        expected]
 
 
 def test_start_restarts_the_process_once_with_the_malloc_tunables_and_keeps_its_arguments():
