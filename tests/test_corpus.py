@@ -188,7 +188,9 @@ def test_a_missing_split_file_stops_pretraining_before_any_image_is_decoded(gene
     config = corpus_config(generated, **{"data.corpus.test": str(tmp_path / "tset.jsonl")})
     with pytest.raises(DataError) as raised:
         main.run(config, tmp_path / "run")
-    assert str(raised.value) == f"{tmp_path / 'tset.jsonl'}: corpus file not found"
+    assert not config.data.root
+    assert str(raised.value) == f"{tmp_path / 'tset.jsonl'}: corpus file not found (config.data.corpus.test; " \
+        "config.data.root is not set)"
 
 
 def test_missing_images_are_skipped_and_counted_only_when_asked(tmp_path):
@@ -299,4 +301,4 @@ def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_
             main.run(config, tmp_path / "evaluation2")
     finally:
         moved.rename(generated)
-    assert str(raised.value) == f"{generated}: corpus file not found"
+    assert str(raised.value).startswith(f"{generated}: corpus file not found (config.data.corpus.train; ")

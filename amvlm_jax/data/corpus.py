@@ -188,7 +188,8 @@ def check_files(config) -> None:
         return
     for split in SPLITS:
         if config.data.corpus[split] and not (path := _file_path(config, config.data.corpus[split])).is_file():
-            raise DataError(f"{path}: corpus file not found")
+            where = "below config.data.root" if config.data.root else "config.data.root is not set"
+            raise DataError(f"{path}: corpus file not found (config.data.corpus.{split}; {where})")
 
 
 def read_split(config, split: str) -> Optional[dict]:
