@@ -209,8 +209,16 @@ def resolve(config, workdir: pathlib.Path):
     if config.mode in ("ssl", "all") and not config.ssl.pretrained:
         config.ssl.pretrained = str((workdir / "pretrain").absolute())
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        from amvlm_jax.config import ConfigError
+
+        if workdir.exists() and not workdir.is_dir():
+            raise ConfigError(f"--workdir={workdir}: is a file, not a folder")
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        except OSError as e:  # A file in the way, no permission, a read-only or full disk.
+            raise ConfigError(f"--workdir={workdir}: cannot write the run folder there: "
+                              f"{e.strerror or e} ({e.filename or workdir})") from None
     return config
 
 

@@ -41,6 +41,18 @@ def test_bad_command_lines_give_one_line_errors(args, expected, tmp_path):
     assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ") and expected in stderr, stderr
 
 
+def test_a_workdir_that_cannot_be_written_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    config = tiny_synthetic_config()
+    for workdir, expected in [(blocker, f"--workdir={blocker}: is a file, not a folder"),
+                              (blocker / "run", f"--workdir={blocker / 'run'}: cannot write the run folder there: "
+                                                f"Not a directory ({blocker / 'run'})")]:
+        with pytest.raises(ConfigError) as raised:
+            main.run(config, workdir)
+        assert str(raised.value) == expected
+
+
 def test_check_command_line_accepts_valid_overrides():
     argv = ["main", "--config=experiments/monuseg.py:cpu,labeled25", "--config.train.epochs=3", "--config.data.root=x",
             "--config.train.lr=1e-3", "--config.train.min_lr=0", "--config.eval.guidance=false", "--config.eval.guidance",
