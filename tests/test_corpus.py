@@ -301,4 +301,4 @@ def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_
             main.run(config, tmp_path / "evaluation2")
     finally:
         moved.rename(generated)
-    assert str(raised.value).startswith(f"{generated}: corpus file not found (config.data.corpus.train; ")
+    assert str(raised.value) == f"{generated}: corpus file not found (config.data.corpus.train; config.data.root is not set)"
