@@ -95,9 +95,11 @@ def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
     (a corpus repeats reports: several images of one case, a normal study's one-line report); by default
     every pair is its own group. i2t: for each image, is its report among the k highest-scoring distinct
     reports, each group being one candidate scored by its best text (a report repeated for 12 images is
-    one answer, not 12 of the top-10 slots); chance is k / groups. t2i: for each report, is an image of its
-    group among the k highest-scoring images. Rank = number of candidates outside the query's group scoring
-    strictly higher than the best one inside it, so ties go in the right answer's favour.
+    one answer, not 12 of the top-10 slots); chance is k / groups. t2i: for each distinct report (its
+    group's first text row), is an image of its group among the k highest-scoring images; a report repeated
+    for 12 images is one query, not 12 copies of one outcome that would let two or three repeated reports
+    decide the score. Rank = number of candidates outside the query's group scoring strictly higher than
+    the best one inside it, so ties go in the right answer's favour.
     """
     scores = np.asarray(image_embeddings, np.float64) @ np.asarray(text_embeddings, np.float64).T
     groups = np.arange(len(scores)) if groups is None else np.asarray(groups)
@@ -109,7 +111,7 @@ def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
     image_to_text_rank = np.sum(group_best > own_best[:, None], axis=1)
     same = groups[:, None] == groups[None, :]
     inside = np.where(same, scores, -np.inf)
-    text_to_image_rank = np.sum((scores > inside.max(axis=0, keepdims=True)) & ~same, axis=0)
+    text_to_image_rank = np.sum((scores > inside.max(axis=0, keepdims=True)) & ~same, axis=0)[order[starts]]
     metrics = {}
     for k in ks:
         metrics[f"i2t_top{k}"] = float(np.mean(image_to_text_rank < k))

@@ -316,16 +316,24 @@ def test_retrieval_metrics():
     t = np.array([[0.0, 1.0], [0.1, 0.9], [1.0, 0.0]])
     # Scores v @ t.T: image 0 [0, .1, 1], image 1 [1, .9, 0], image 2 [.8, .78, .6].
     # i2t ranks the two distinct reports: image 0's best in-group text scores .1 < 1 (report 7): rank 1;
-    # image 1: rank 0; image 2 (report 7): .6 against report 5's best .8: rank 1. t2i: text 0 (group
-    # {0, 1}) best image 1.0 vs image 2's .8: rank 0; text 1: .9 vs .78: rank 0; text 2: image 2 scores
-    # .6 against image 0's 1: rank 1.
+    # image 1: rank 0; image 2 (report 7): .6 against report 5's best .8: rank 1. t2i, one query per
+    # distinct report: report 5 (its first row, text 0) best image 1.0 vs image 2's .8: rank 0; report 7
+    # (text 2): image 2 scores .6 against image 0's 1: rank 1.
     grouped = metrics.retrieval_metrics(v, t, ks=(1, 2), groups=np.array([5, 5, 7]))
     assert grouped["i2t_top1"] == 1 / 3 and grouped["i2t_top2"] == 1.0
-    assert grouped["t2i_top1"] == 2 / 3 and grouped["t2i_top2"] == 1.0
+    assert grouped["t2i_top1"] == 1 / 2 and grouped["t2i_top2"] == 1.0
     ungrouped = metrics.retrieval_metrics(v, t, ks=(1,))
     # Alone, image 0 ranks text 0 third (rank 2), image 1 ranks text 1 second (rank 1); text 0's own image
     # 0 scores 0, below images 1 and 2 (rank 2); text 1's image 1 scores .9 (rank 0).
     assert ungrouped["i2t_top1"] == 0.0 and ungrouped["t2i_top1"] == 1 / 3
+    # A report repeated for three images is one report-to-image query: its text [.2, 1] scores image 3
+    # (report 1's) 1 and its own images .2: rank 1; report 1's text finds image 3: rank 0. Counted per row
+    # the miss would weigh three times (1 / 4); per distinct report it is 1 / 2, whatever the group labels.
+    v = np.array([[1.0, 0.0]] * 3 + [[0.0, 1.0]])
+    t = np.array([[0.2, 1.0]] * 3 + [[0.0, 1.0]])
+    for labels in ([0, 0, 0, 1], [1, 1, 1, 0]):
+        once = metrics.retrieval_metrics(v, t, ks=(1,), groups=np.array(labels))
+        assert once == {"i2t_top1": 1.0, "t2i_top1": 0.5}
     # A wrong report repeated for three images fills one slot of an image's list, not three: image 3 scores
     # report 0 (pairs 0-2) .9, its own report .8 and report 4 .1: rank 1 among distinct reports.
     v = np.array([[1.0, 0.0, 0.0]] * 3 + [[0.9, 0.8, 0.1], [0.0, 0.0, 1.0]])
