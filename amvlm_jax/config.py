@@ -109,6 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.probe_fields = ()
     config.eval.probe_rows = 5000
     config.eval.probe_steps = 200
+    # Mode 'evaluate' on a pre-training checkpoint: score the encoders as that run started (its recorded seed
+    # and config: random ViT and heads, the loaded weights), not as it ended; its epoch-0 scores, the control,
+    # on any split (e.g. one the run did not evaluate). Only the checkpoint's meta is read.
+    config.eval.initial = False
 
     # Segmenting new images (mode 'predict', train/predict.py) with the checkpoint eval.checkpoint names
     # ('' = the workdir's best); the model's fields come from the checkpoint's recorded config.
@@ -425,6 +429,7 @@ def _field_checks() -> tuple:
         ("eval.probe_fields", _strings, "a tuple of label field names"),
         ("eval.probe_rows", *_integer(2)),
         ("eval.probe_steps", *_integer(1)),
+        ("eval.initial", *_BOOL),
         ("predict.input", *_STRING),
         ("predict.output", *_STRING),
         ("predict.reports", *_STRING),

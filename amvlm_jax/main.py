@@ -187,8 +187,13 @@ def checkpoint_config(config, workdir: pathlib.Path):
     if job == "pretrain" and config.mode == "predict":
         raise ConfigError(f"{source}: a pre-training checkpoint has no segmentation model ({config.mode}); pass it as "
                           "config.ssl.pretrained of a mode 'ssl' run")
+    if config.eval.initial and job != "pretrain":
+        raise ConfigError(f"{source}: config.eval.initial scores the encoders a pre-training run started from; "
+                          f"this is a '{job}' checkpoint")
     if "config" in meta:
         config = with_recorded(config, meta["config"], keep_data_root=bool(config.data.root))
+        if config.eval.initial:  # The run's initialisation, not the command's seed.
+            config.seed = meta["config"].get("seed", config.seed)
     return config, job
 
 

@@ -64,6 +64,7 @@ BAD_VALUES = [
     ("eval.checkpoint", None), ("eval.splits", ("val", "holdout")), ("eval.splits", ("(val,)",)),
     ("eval.splits", (1, 2)), ("eval.splits", None), ("eval.guidance", None),
     ("eval.retrieval_pairs", 1), ("eval.probe_fields", ("Type", None)), ("eval.probe_rows", 0), ("eval.probe_steps", 0),
+    ("eval.initial", None),
     ("pretrain.objective", "clip"), ("pretrain.vit", "L/14"), ("pretrain.vit_weights", None),
     ("pretrain.text_encoder", None), ("pretrain.text_layers", 0), ("pretrain.max_length", 2),
     ("pretrain.image_size", 100), ("pretrain.image_size", -16), ("pretrain.embed_dim", 0),

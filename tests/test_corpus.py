@@ -292,6 +292,16 @@ def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_
         for key, value in results[split].items():
             if key != "pairs":
                 assert value == pytest.approx(scores[f"{split}/{key}"], abs=1e-6), key
+    # eval.initial: the encoders as the run started them, so its epoch-0 scores, from its recorded seed
+    # whatever the command's; the pre-trained ones score otherwise.
+    config.eval.initial, config.seed = True, config.seed + 1
+    initial = main.run(config, tmp_path / "initial")
+    for split in ("val", "test"):
+        for key, value in initial[split].items():
+            if key != "pairs":
+                assert value == pytest.approx(in_memory["initial_retrieval"][f"{split}/{key}"], abs=1e-6), key
+    assert initial != results
+    config.eval.initial = False
     # The recorded corpus file gone: one line, before the encoders are restored or any image decoded.
     _no_decoding(monkeypatch)
     monkeypatch.setattr(checkpoint, "restore_variables", lambda *args, **kwargs: pytest.fail("restored before the check"))

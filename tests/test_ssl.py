@@ -251,6 +251,11 @@ def test_recorded_config_builds_the_models_of_evaluation_and_guidance(all_run, t
         for key in ("i2t_top1", "i2t_top5", "i2t_top10", "t2i_top1", "t2i_top5", "t2i_top10"):
             assert retrieval[split][key] == pytest.approx(summary["final_retrieval"][f"{split}/{key}"], abs=1e-6)
     assert json.loads((tmp_path / "evaluate_pretrain" / "retrieval.json").read_text()) == retrieval
+    with pytest.raises(ConfigError) as error:  # eval.initial: only a pre-training run has initial encoders to score.
+        main.run(tiny_pretrain_config(**{"mode": "evaluate", "eval.checkpoint": str(workdir), "eval.initial": True}),
+                 tmp_path / "initial")
+    assert str(error.value) == (f"{workdir}: config.eval.initial scores the encoders a pre-training run started "
+                                "from; this is a 'ssl' checkpoint")
     import shutil
 
     shutil.copytree(workdir / "pretrain" / "checkpoints", tmp_path / "pretrain_copy" / "checkpoints")

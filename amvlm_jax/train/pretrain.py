@@ -495,7 +495,8 @@ def evaluate_checkpoint(config, workdir, source) -> dict:
     """What a pre-training checkpoint learned (``EncoderEvaluation``: retrieval top-1/5/10, zero-shot and
     linear-probe accuracy, fractions) on the image-report pairs of config.eval.splits; writes
     <workdir>/retrieval.json and returns {split: {metric: value, 'pairs': N}} (None for a split the data
-    lacks). The probes are fitted on the training split."""
+    lacks). The probes are fitted on the training split. config.eval.initial: the encoders as the run started
+    them (``initial_state`` from its recorded config and seed), as its epoch-0 evaluation scored them."""
     workdir = pathlib.Path(workdir)
     corpus.check_files(config)  # Before the checkpoint is restored and any split decoded.
     size = build.pretrain_image_size(config)
@@ -503,8 +504,13 @@ def evaluate_checkpoint(config, workdir, source) -> dict:
     batch_size = max(1, config.train.eval_batch_size)
     mesh = parallel.make_mesh(config, batch_size=batch_size)
     batch_size = -(-batch_size // mesh.size) * mesh.size
-    variables, meta, used = restore_encoders(config, model, source, mesh)
-    info(f"evaluating the encoders of {used} (pre-trained {meta.get('epoch')} epochs)")
+    if config.eval.initial:  # The control: the state the run's first step started from.
+        state = initial_state(config, model, mesh, steps_per_epoch=1)
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        info(f"evaluating the encoders as the run of {source} started them (seed {config.seed}, not pre-trained)")
+    else:
+        variables, meta, used = restore_encoders(config, model, source, mesh)
+        info(f"evaluating the encoders of {used} (pre-trained {meta.get('epoch')} epochs)")
     tokenizer = ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length)
     wanted = ["train"] if config.eval.probe_fields or "train" in config.eval.splits else []
     wanted += [split for split in config.eval.splits if split != "train"]
