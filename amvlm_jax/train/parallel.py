@@ -214,7 +214,9 @@ def init_sharded(mesh: Mesh, config, create, *arguments):
     state: shapes from ``jax.eval_shape``, then the initialisation compiled straight into place), so each
     device computes only its shards of the FSDP-sharded leaves, their optimiser moments and momentum
     copies included. ``arguments`` (loaded weights as host arrays, or None) go to the devices under the
-    same shape rule first. Same values as the eager path (tested on the 2 x 4 mesh).
+    same shape rule first. Same values as the eager path (tested on the 2 x 4 mesh), except where XLA fuses
+    arithmetic with the initialisers: MGCA's prototype normalisation rounds differently in the last bit or
+    two, which puts an MGCA run on another trajectory than under the eager path (docs/results.md, MedPix).
     """
     abstract = jax.eval_shape(create, *arguments)
     min_size = fsdp_min_size(config)
