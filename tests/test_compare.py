@@ -168,3 +168,14 @@ def test_pretrain_table_reports_before_after_and_the_smallest_gain(tmp_path, cap
     p = stats.ttest_rel([30, 25, 50], [10, 20, 15]).pvalue  # Gains 20, 5, 35: t = 20 / (15 / sqrt 3).
     assert p == pytest.approx(2 * stats.t.sf(20 / (15 / math.sqrt(3)), 2))
     assert rows == [f"| s0 (+2) | i2t_top1 | 15.0 ± 5.0 | 35.0 ± 13.2 | +20.0 | +5.0 | {p:.3f} |"]
+    # The same seeds as BEFORE:AFTER pairs of evaluations (retrieval.json; a split the data lacks is null).
+    pairs = []
+    for seed, (before, after) in enumerate([(0.10, 0.30), (0.20, 0.25), (0.15, 0.50)]):
+        for name, value in (("init", before), ("trained", after)):
+            (tmp_path / f"{name}{seed}").mkdir()
+            retrieval = {"test": {"i2t_top1": value, "probe/Type/rows": 200, "pairs": 200}, "val": None}
+            (tmp_path / f"{name}{seed}" / "retrieval.json").write_text(json.dumps(retrieval))
+        pairs.append(f"{tmp_path / f'init{seed}'}:{tmp_path / f'trained{seed}'}")
+    table.main([",".join(pairs)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if "i2t_top1" in line]
+    assert rows == [f"| trained0 (+2) | i2t_top1 | 15.0 ± 5.0 | 35.0 ± 13.2 | +20.0 | +5.0 | {p:.3f} |"]

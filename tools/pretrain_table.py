@@ -4,7 +4,11 @@
         runs/medpix/mgca_s0,runs/medpix/mgca_s1,runs/medpix/mgca_s2 [--split test]
 
 Each argument is one row group: comma-separated pre-training workdirs (seeds) whose
-<workdir>/pretrain/summary.json holds initial_retrieval and final_retrieval (``EncoderEvaluation``).
+<workdir>/pretrain/summary.json holds initial_retrieval and final_retrieval (``EncoderEvaluation``), or
+BEFORE:AFTER pairs of mode-evaluate workdirs (retrieval.json) of one seed, BEFORE evaluated with
+config.eval.initial (a split the run itself did not score):
+
+    python tools/pretrain_table.py runs/ev/init_s0:runs/ev/s0,runs/ev/init_s1:runs/ev/s1 --split val
 Prints a markdown table in percent: mean +- standard deviation over the seeds before and after
 training, the mean gain, the smallest gain of any seed (positive: every seed improved), and the
 two-sided p of a paired t-test over the seeds (each seed's own initialisation is its control).
@@ -23,15 +27,30 @@ def read(workdirs: str, split: str) -> tuple[dict, dict]:
     """({metric: (seeds,) before}, {metric: (seeds,) after}) in percent, for the split's metrics."""
     before, after = {}, {}
     for workdir in workdirs.split(","):
-        path = pathlib.Path(workdir) / "pretrain" / "summary.json"
-        if not path.is_file():
-            raise SystemExit(f"error: {path}: no pre-training summary (the run has not finished)")
-        summary = json.loads(path.read_text())
-        for target, scores in ((before, summary["initial_retrieval"]), (after, summary["final_retrieval"])):
+        for target, scores in zip((before, after), seed_scores(workdir)):
             for key, value in scores.items():
                 if key.startswith(split + "/") and not key.endswith(("/rows", "/majority")):
                     target.setdefault(key[len(split) + 1:], []).append(100 * value)
     return {k: np.array(v) for k, v in before.items()}, {k: np.array(v) for k, v in after.items()}
+
+
+def seed_scores(workdir: str) -> tuple[dict, dict]:
+    """One seed's ({'<split>/<metric>': fraction} before, after) from a workdir or a BEFORE:AFTER pair."""
+    if ":" in workdir:
+        pair = []
+        for folder in workdir.split(":", 1):
+            path = pathlib.Path(folder) / "retrieval.json"
+            if not path.is_file():
+                raise SystemExit(f"error: {path}: no evaluation of pre-trained encoders (mode 'evaluate')")
+            splits = json.loads(path.read_text())
+            pair.append({f"{split}/{key}": value for split, scores in splits.items() if scores
+                         for key, value in scores.items() if key != "pairs"})
+        return pair[0], pair[1]
+    path = pathlib.Path(workdir) / "pretrain" / "summary.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path}: no pre-training summary (the run has not finished)")
+    summary = json.loads(path.read_text())
+    return summary["initial_retrieval"], summary["final_retrieval"]
 
 
 def paired_p(after: np.ndarray, before: np.ndarray) -> str:
@@ -52,7 +71,7 @@ def main(argv=None) -> None:
     print("| runs | metric | before | after | gain | smallest gain | p (paired t, seeds) |\n|---|---|---|---|---|---|---|")
     for group in args.groups:
         before, after = read(group, args.split)
-        name = pathlib.Path(group.split(",")[0]).name + f" (+{group.count(',')})"
+        name = pathlib.Path(group.split(",")[0].split(":")[-1]).name + f" (+{group.count(',')})"
         for metric in after:
             gain = after[metric] - before[metric]
             print(f"| {name} | {metric} | {before[metric].mean():.1f} ± {before[metric].std(ddof=1) if len(gain) > 1 else 0:.1f} "
