@@ -9,6 +9,7 @@ BEFORE:AFTER pairs of mode-evaluate workdirs (retrieval.json) of one seed, BEFOR
 config.eval.initial (a split the run itself did not score):
 
     python tools/pretrain_table.py runs/ev/init_s0:runs/ev/s0,runs/ev/init_s1:runs/ev/s1 --split val
+
 Prints a markdown table in percent: mean +- standard deviation over the seeds before and after
 training, the mean gain, the smallest gain of any seed (positive: every seed improved), and the
 two-sided p of a paired t-test over the seeds (each seed's own initialisation is its control).
