@@ -87,19 +87,21 @@ def auroc_from_histograms(positive: np.ndarray, negative: np.ndarray) -> float:
 RETRIEVAL_KS = (1, 5, 10)
 
 
-def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, ks=RETRIEVAL_KS,
-                      groups: Optional[np.ndarray] = None) -> dict:
-    """Top-k accuracy of matching pairs (row i of both is one pair), in [0, 1].
+def retrieval_ranks(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
+                    groups: Optional[np.ndarray] = None) -> dict:
+    """Each retrieval query's rank of its first right answer (0: found first), the per-query results that
+    ``retrieval_metrics`` summarises and that paired tests over queries need.
 
-    groups (N,) ints: pairs with equal values have the same report text, so any of them is a right answer
-    (a corpus repeats reports: several images of one case, a normal study's one-line report); by default
-    every pair is its own group. i2t: for each image, is its report among the k highest-scoring distinct
-    reports, each group being one candidate scored by its best text (a report repeated for 12 images is
-    one answer, not 12 of the top-10 slots); chance is k / groups. t2i: for each distinct report (its
-    group's first text row), is an image of its group among the k highest-scoring images; a report repeated
-    for 12 images is one query, not 12 copies of one outcome that would let two or three repeated reports
-    decide the score. Rank = number of candidates outside the query's group scoring strictly higher than
-    the best one inside it, so ties go in the right answer's favour.
+    image_embeddings, text_embeddings (N, D): row i of both is one pair. groups (N,) ints: pairs with
+    equal values have the same report text, so any of them is a right answer (a corpus repeats reports:
+    several images of one case, a normal study's one-line report); by default every pair is its own group.
+    Returns {'i2t': (N,) ints, one query per image: its report's rank among the distinct reports, each
+    group being one candidate scored by its best text (a report repeated for 12 images is one answer, not
+    12 of the top-10 slots); 't2i': (G,) ints, one query per distinct report (its group's first text row,
+    listed in 't2i_rows' (G,)): the rank of the best image of its group among the images (a report
+    repeated for 12 images is one query, not 12 copies of one outcome)}. Rank = number of candidates
+    outside the query's group scoring strictly higher than the best one inside it, so ties go in the
+    right answer's favour.
     """
     scores = np.asarray(image_embeddings, np.float64) @ np.asarray(text_embeddings, np.float64).T
     groups = np.arange(len(scores)) if groups is None else np.asarray(groups)
@@ -108,15 +110,32 @@ def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
     starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
     group_best = np.maximum.reduceat(scores[:, order], starts, axis=1)  # (N, groups): best text of each
     own_best = group_best[np.arange(len(scores)), np.searchsorted(sorted_groups[starts], groups)]
-    image_to_text_rank = np.sum(group_best > own_best[:, None], axis=1)
     same = groups[:, None] == groups[None, :]
     inside = np.where(same, scores, -np.inf)
-    text_to_image_rank = np.sum((scores > inside.max(axis=0, keepdims=True)) & ~same, axis=0)[order[starts]]
-    metrics = {}
+    queries = np.sort(order[starts])  # Each distinct report's first row, in row order.
+    return {"i2t": np.sum(group_best > own_best[:, None], axis=1),
+            "t2i": np.sum((scores > inside.max(axis=0, keepdims=True)) & ~same, axis=0)[queries],
+            "t2i_rows": queries}
+
+
+def retrieval_scores(ranks: dict, ks=RETRIEVAL_KS) -> dict:
+    """Retrieval scores, in [0, 1], from ``retrieval_ranks``, image-to-report (i2t) and report-to-image
+    (t2i, one query per distinct report): top-k accuracy, the share of queries ranked below k (chance for
+    i2t k / distinct reports), and the mean reciprocal rank (mrr, the mean of 1 / (rank + 1)), which
+    also counts a right answer's move from rank 80 to 40 that no top-k sees."""
+    scores = {}
     for k in ks:
-        metrics[f"i2t_top{k}"] = float(np.mean(image_to_text_rank < k))
-        metrics[f"t2i_top{k}"] = float(np.mean(text_to_image_rank < k))
-    return metrics
+        scores[f"i2t_top{k}"] = float(np.mean(ranks["i2t"] < k))
+        scores[f"t2i_top{k}"] = float(np.mean(ranks["t2i"] < k))
+    for direction in ("i2t", "t2i"):
+        scores[f"{direction}_mrr"] = float(np.mean(1.0 / (np.asarray(ranks[direction]) + 1)))
+    return scores
+
+
+def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, ks=RETRIEVAL_KS,
+                      groups: Optional[np.ndarray] = None) -> dict:
+    """``retrieval_scores`` of matching pairs (row i of both is one pair; ``retrieval_ranks``), in [0, 1]."""
+    return retrieval_scores(retrieval_ranks(image_embeddings, text_embeddings, groups), ks)
 
 
 def _accuracy(predicted: np.ndarray, labels: np.ndarray) -> dict:

@@ -167,7 +167,7 @@ def test_pretrain_table_reports_before_after_and_the_smallest_gain(tmp_path, cap
     # Before 10, 20, 15 (mean 15, sd 5); after 30, 25, 50 (mean 35, sd 13.2); gains 20, 5, 35.
     p = stats.ttest_rel([30, 25, 50], [10, 20, 15]).pvalue  # Gains 20, 5, 35: t = 20 / (15 / sqrt 3).
     assert p == pytest.approx(2 * stats.t.sf(20 / (15 / math.sqrt(3)), 2))
-    assert rows == [f"| s0 (+2) | i2t_top1 | 15.0 ± 5.0 | 35.0 ± 13.2 | +20.0 | +5.0 | {p:.3f} |"]
+    assert rows == [f"| s0 (+2) | i2t_top1 | 15.0 ± 5.0 | 35.0 ± 13.2 | +20.0 | +5.0 | {p:.3f} | - |"]
     # The same seeds as BEFORE:AFTER pairs of evaluations (retrieval.json; a split the data lacks is null).
     pairs = []
     for seed, (before, after) in enumerate([(0.10, 0.30), (0.20, 0.25), (0.15, 0.50)]):
@@ -178,4 +178,43 @@ def test_pretrain_table_reports_before_after_and_the_smallest_gain(tmp_path, cap
         pairs.append(f"{tmp_path / f'init{seed}'}:{tmp_path / f'trained{seed}'}")
     table.main([",".join(pairs)])
     rows = [line for line in capsys.readouterr().out.splitlines() if "i2t_top1" in line]
-    assert rows == [f"| trained0 (+2) | i2t_top1 | 15.0 ± 5.0 | 35.0 ± 13.2 | +20.0 | +5.0 | {p:.3f} |"]
+    assert rows == [f"| trained0 (+2) | i2t_top1 | 15.0 ± 5.0 | 35.0 ± 13.2 | +20.0 | +5.0 | {p:.3f} | - |"]
+    # With each query's rank kept (retrieval_ranks.json): two seeds, four report-to-image queries.
+    # Before, top-1 hits per seed [1, 0, 0, 0] and [0, 0, 0, 0]; after [1, 1, 0, 1] and [0, 1, 1, 1]. Hit
+    # rates over the seeds: before .5, 0, 0, 0; after .5, 1, .5, 1; differences 0, 1, .5, 1: mean .625,
+    # sd sqrt(((.625)^2 + 2 (.375)^2 + (.125)^2) / 3) = .4787, t = .625 / (.4787 / 2) = 2.611, 3 degrees
+    # of freedom. Over the seeds: top-1 25 and 0 before, 75 and 75 after, gains 50 and 75.
+    before_ranks = [[0, 3, 1, 2], [1, 1, 2, 4]]
+    after_ranks = [[0, 0, 2, 0], [5, 0, 0, 0]]
+    pairs = []
+    for seed in range(2):
+        for name, ranks in (("rinit", before_ranks[seed]), ("rtrained", after_ranks[seed])):
+            (tmp_path / f"{name}{seed}").mkdir()
+            scores = {"t2i_top1": float(np.mean(np.array(ranks) < 1)), "t2i_mrr": float(np.mean(1 / (np.array(ranks) + 1)))}
+            (tmp_path / f"{name}{seed}" / "retrieval.json").write_text(json.dumps({"test": scores}))
+            kept = {"test": {"i2t": [0] * 6, "t2i": ranks, "t2i_rows": [0, 1, 2, 4]}}
+            (tmp_path / f"{name}{seed}" / "retrieval_ranks.json").write_text(json.dumps(kept))
+        pairs.append(f"{tmp_path / f'rinit{seed}'}:{tmp_path / f'rtrained{seed}'}")
+    table.main([",".join(pairs)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if "t2i_" in line]
+    seeds_p = stats.ttest_rel([75, 75], [25, 0]).pvalue
+    queries_p = 2 * stats.t.sf(0.625 / (math.sqrt((0.625 ** 2 + 2 * 0.375 ** 2 + 0.125 ** 2) / 3) / 2), 3)
+    assert rows[0] == (f"| rtrained0 (+1) | t2i_top1 | 12.5 ± 17.7 | 75.0 ± 0.0 | +62.5 | +50.0 | {seeds_p:.3f} "
+                       f"| {queries_p:.3f} |")
+    # Reciprocal ranks averaged over the two seeds, query by query: before (1 + 1/2) / 2, (1/4 + 1/2) / 2,
+    # (1/2 + 1/3) / 2, (1/3 + 1/5) / 2; after (1 + 1/6) / 2, 1, (1/3 + 1) / 2, 1.
+    mrr_p = stats.ttest_rel([7 / 12, 1, 2 / 3, 1], [3 / 4, 3 / 8, 5 / 12, 4 / 15]).pvalue
+    assert rows[1].startswith("| rtrained0 (+1) | t2i_mrr |") and rows[1].endswith(f"| {mrr_p:.3f} |")
+    # A pre-training workdir's ranks: its first (step 0) and last evaluation.
+    for seed in range(2):
+        ranks_dir = tmp_path / f"w{seed}" / "pretrain" / "ranks"
+        ranks_dir.mkdir(parents=True)
+        for step, ranks in ((0, before_ranks[seed]), (7, [9, 9, 9, 9]), (14, after_ranks[seed])):
+            (ranks_dir / f"step_{step}.json").write_text(json.dumps({"test": {"t2i": ranks}}))
+        summary = {"initial_retrieval": json.loads((tmp_path / f"rinit{seed}" / "retrieval.json").read_text()),
+                   "final_retrieval": json.loads((tmp_path / f"rtrained{seed}" / "retrieval.json").read_text())}
+        summary = {key: {f"test/{k}": v for k, v in scores["test"].items()} for key, scores in summary.items()}
+        (tmp_path / f"w{seed}" / "pretrain" / "summary.json").write_text(json.dumps(summary))
+    table.main([f"{tmp_path / 'w0'},{tmp_path / 'w1'}"])
+    assert [line for line in capsys.readouterr().out.splitlines() if "t2i_" in line] == [
+        row.replace("rtrained0", "w0") for row in rows]

@@ -309,7 +309,8 @@ def test_retrieval_metrics():
     assert retrieval["i2t_top1"] == 0.5 and retrieval["t2i_top1"] == 0.5
     # Pairs 2 and 3 share their report: swapping their texts loses nothing once they are one group.
     grouped = metrics.retrieval_metrics(v, t, ks=(1, 2), groups=np.array([0, 1, 2, 2]))
-    assert grouped == {"i2t_top1": 1.0, "t2i_top1": 1.0, "i2t_top2": 1.0, "t2i_top2": 1.0}
+    assert grouped == {"i2t_top1": 1.0, "t2i_top1": 1.0, "i2t_top2": 1.0, "t2i_top2": 1.0, "i2t_mrr": 1.0,
+                       "t2i_mrr": 1.0}
     # Hand-computed ranks with a repeated report: pairs 0 and 1 have the same text (rows 0 and 1 of t
     # point different ways, as two encodings of one text may not, but the groups decide what is right).
     v = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
@@ -321,6 +322,13 @@ def test_retrieval_metrics():
     # (text 2): image 2 scores .6 against image 0's 1: rank 1.
     grouped = metrics.retrieval_metrics(v, t, ks=(1, 2), groups=np.array([5, 5, 7]))
     assert grouped["i2t_top1"] == 1 / 3 and grouped["i2t_top2"] == 1.0
+    ranks = metrics.retrieval_ranks(v, t, groups=np.array([5, 5, 7]))
+    assert {k: r.tolist() for k, r in ranks.items()} == {"i2t": [1, 0, 1], "t2i": [0, 1], "t2i_rows": [0, 2]}
+    # Mean reciprocal rank: (1/2 + 1 + 1/2) / 3 and (1 + 1/2) / 2.
+    assert grouped["i2t_mrr"] == pytest.approx(2 / 3) and grouped["t2i_mrr"] == 0.75
+    # The queries keep row order whatever the group labels: report 7 first in sorted order, still second.
+    ranks = metrics.retrieval_ranks(v, t, groups=np.array([9, 9, 2]))
+    assert {k: r.tolist() for k, r in ranks.items()} == {"i2t": [1, 0, 1], "t2i": [0, 1], "t2i_rows": [0, 2]}
     assert grouped["t2i_top1"] == 1 / 2 and grouped["t2i_top2"] == 1.0
     ungrouped = metrics.retrieval_metrics(v, t, ks=(1,))
     # Alone, image 0 ranks text 0 third (rank 2), image 1 ranks text 1 second (rank 1); text 0's own image
@@ -333,7 +341,7 @@ def test_retrieval_metrics():
     t = np.array([[0.2, 1.0]] * 3 + [[0.0, 1.0]])
     for labels in ([0, 0, 0, 1], [1, 1, 1, 0]):
         once = metrics.retrieval_metrics(v, t, ks=(1,), groups=np.array(labels))
-        assert once == {"i2t_top1": 1.0, "t2i_top1": 0.5}
+        assert once == {"i2t_top1": 1.0, "t2i_top1": 0.5, "i2t_mrr": 1.0, "t2i_mrr": 0.75}
     # A wrong report repeated for three images fills one slot of an image's list, not three: image 3 scores
     # report 0 (pairs 0-2) .9, its own report .8 and report 4 .1: rank 1 among distinct reports.
     v = np.array([[1.0, 0.0, 0.0]] * 3 + [[0.9, 0.8, 0.1], [0.0, 0.0, 1.0]])

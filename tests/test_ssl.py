@@ -251,6 +251,23 @@ def test_recorded_config_builds_the_models_of_evaluation_and_guidance(all_run, t
         for key in ("i2t_top1", "i2t_top5", "i2t_top10", "t2i_top1", "t2i_top5", "t2i_top10"):
             assert retrieval[split][key] == pytest.approx(summary["final_retrieval"][f"{split}/{key}"], abs=1e-6)
     assert json.loads((tmp_path / "evaluate_pretrain" / "retrieval.json").read_text()) == retrieval
+    # Each query's rank, kept by the evaluation and by the run at its first and last evaluation: the
+    # scores computed from them are those logged; one image-to-report query per pair, one report-to-image query
+    # per distinct report.
+    from amvlm_jax import metrics
+
+    kept = {"evaluation": json.loads((tmp_path / "evaluate_pretrain" / "retrieval_ranks.json").read_text())}
+    steps = sorted((workdir / "pretrain" / "ranks").glob("step_*.json"), key=lambda path: int(path.stem[5:]))
+    assert steps[0].name == "step_0.json" and len(steps) == 1 + summary["epochs"]
+    kept |= {"initial": json.loads(steps[0].read_text()), "final": json.loads(steps[-1].read_text())}
+    logged = {"evaluation": {f"{split}/{k}": v for split in retrieval for k, v in retrieval[split].items()},
+              "initial": summary["initial_retrieval"], "final": summary["final_retrieval"]}
+    for name, ranks in kept.items():
+        for split in ("train", "val"):
+            assert len(ranks[split]["i2t"]) == summary["pairs"][split]
+            assert len(ranks[split]["t2i"]) == len(ranks[split]["t2i_rows"]) <= summary["pairs"][split]
+            scores = metrics.retrieval_scores({k: np.asarray(v) for k, v in ranks[split].items()})
+            assert scores == {k: logged[name][f"{split}/{k}"] for k in scores}, name
     with pytest.raises(ConfigError) as error:  # eval.initial: only a pre-training run has initial encoders to score.
         main.run(tiny_pretrain_config(**{"mode": "evaluate", "eval.checkpoint": str(workdir), "eval.initial": True}),
                  tmp_path / "initial")

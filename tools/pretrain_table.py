@@ -12,7 +12,12 @@ config.eval.initial (a split the run itself did not score):
 
 Prints a markdown table in percent: mean +- standard deviation over the seeds before and after
 training, the mean gain, the smallest gain of any seed (positive: every seed improved), and the
-two-sided p of a paired t-test over the seeds (each seed's own initialisation is its control).
+two-sided p of a paired t-test over the seeds (each seed's own initialisation is its control). For the
+retrieval scores (top-k and mean reciprocal rank), where every seed kept each query's rank (a run's
+pretrain/ranks/step_<N>.json, the first and the last; an evaluation's retrieval_ranks.json), also the p
+of a paired t-test over the split's queries, each query's score averaged over the seeds, before against
+after (n = queries): whether the gain holds across the split's images and reports, where the seeds'
+test asks whether it holds across initialisations.
 """
 
 from __future__ import annotations
@@ -54,8 +59,41 @@ def seed_scores(workdir: str) -> tuple[dict, dict]:
     return summary["initial_retrieval"], summary["final_retrieval"]
 
 
+def seed_ranks(workdir: str) -> tuple[dict, dict] | None:
+    """One seed's ({split: {'i2t': ranks, 't2i': ranks}} before, after), or None where it kept no ranks."""
+    if ":" in workdir:
+        paths = [pathlib.Path(folder) / "retrieval_ranks.json" for folder in workdir.split(":", 1)]
+    else:
+        steps = sorted(pathlib.Path(workdir, "pretrain", "ranks").glob("step_*.json"),
+                       key=lambda path: int(path.stem.split("_")[1]))
+        paths = [steps[0], steps[-1]] if len(steps) > 1 and steps[0].stem == "step_0" else []
+    if not paths or not all(path.is_file() for path in paths):
+        return None
+    before, after = ({split: {k: np.asarray(v) for k, v in ranks.items()} for split, ranks in
+                      json.loads(path.read_text()).items()} for path in paths)
+    return before, after
+
+
+def query_p(group: str, split: str, metric: str) -> str:
+    """Two-sided p of a paired t-test over the split's queries of each one's score averaged over the seeds
+    (a hit for 't2i_top1', 1 / (rank + 1) for 't2i_mrr'), before against after; '-' where a seed kept no
+    ranks or the seeds' queries differ."""
+    direction, kind = metric.split("_", 1)
+    score = ((lambda ranks: ranks < int(kind[3:])) if kind.startswith("top") else (lambda ranks: 1.0 / (ranks + 1)))
+    before, after = [], []
+    for workdir in group.split(","):
+        ranks = seed_ranks(workdir)
+        if ranks is None or split not in ranks[0] or split not in ranks[1]:
+            return "-"
+        before.append(score(ranks[0][split][direction]))
+        after.append(score(ranks[1][split][direction]))
+    if len({len(values) for values in before + after}) != 1:
+        return "-"
+    return paired_p(np.mean(after, axis=0), np.mean(before, axis=0))
+
+
 def paired_p(after: np.ndarray, before: np.ndarray) -> str:
-    """Two-sided p of a paired t-test, or '-' with fewer than 2 seeds or no variation in the gains."""
+    """Two-sided p of a paired t-test, or '-' with fewer than 2 pairs or no variation in the gains."""
     from scipy import stats
 
     gain = after - before
@@ -69,7 +107,8 @@ def main(argv=None) -> None:
     parser.add_argument("groups", nargs="+", help="comma-separated workdirs of one configuration's seeds")
     parser.add_argument("--split", default="test")
     args = parser.parse_args(argv)
-    print("| runs | metric | before | after | gain | smallest gain | p (paired t, seeds) |\n|---|---|---|---|---|---|---|")
+    print("| runs | metric | before | after | gain | smallest gain | p (paired t, seeds) | p (paired t, queries) |\n"
+          "|---|---|---|---|---|---|---|---|")
     for group in args.groups:
         before, after = read(group, args.split)
         name = pathlib.Path(group.split(",")[0].split(":")[-1]).name + f" (+{group.count(',')})"
@@ -77,7 +116,8 @@ def main(argv=None) -> None:
             gain = after[metric] - before[metric]
             print(f"| {name} | {metric} | {before[metric].mean():.1f} ± {before[metric].std(ddof=1) if len(gain) > 1 else 0:.1f} "
                   f"| {after[metric].mean():.1f} ± {after[metric].std(ddof=1) if len(gain) > 1 else 0:.1f} "
-                  f"| {gain.mean():+.1f} | {gain.min():+.1f} | {paired_p(after[metric], before[metric])} |")
+                  f"| {gain.mean():+.1f} | {gain.min():+.1f} | {paired_p(after[metric], before[metric])} "
+                  f"| {query_p(group, args.split, metric) if metric.startswith(('i2t_', 't2i_')) else '-'} |")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ and held-out pairs, zero-shot and linear-probe accuracy on the held-out
 ones) is evaluated before training (logged as epoch 0) and after every epoch.
 
 Outputs under <workdir>/pretrain/: checkpoints/{latest,best}/ (Orbax; a
-rerun resumes from latest), metrics.jsonl, tensorboard/, summary.json.
+rerun resumes from latest), metrics.jsonl, tensorboard/, summary.json, and
+ranks/step_<N>.json: each retrieval query's rank at every evaluation (step 0:
+before training), for paired tests over queries (tools/pretrain_table.py).
 """
 
 from __future__ import annotations
@@ -269,7 +271,7 @@ class EncoderEvaluation:
 
     sets: {name: (SplitArrays without masks, labels {field: [value]})}, 'train' first. Each set: image-to-
     report and report-to-image retrieval on its first eval.retrieval_pairs pairs, pairs with identical
-    report texts counting as each other's match (``metrics.retrieval_metrics``'s groups). Each other (held-out) set:
+    report texts counting as each other's match (``metrics.retrieval_ranks``' groups). Each other (held-out) set:
     zero-shot accuracy for every eval.zero_shot field, and the accuracy of a linear probe for every
     eval.probe_fields field, fitted on the [CLS] features of the first eval.probe_rows training images.
     Images are decoded batch by batch when a set streams them.
@@ -306,13 +308,18 @@ class EncoderEvaluation:
         return {"v": v.astype(np.float32), "cls": cls.astype(np.float32),
                 "t": self._embed_texts(variables, self.report_tokens[name])}
 
-    def __call__(self, variables: dict) -> dict:
-        evaluation, results = self.config.eval, {}
+    def __call__(self, variables: dict, ranks_path: pathlib.Path | None = None) -> dict:
+        """ranks_path: where process 0 also writes every retrieval query's rank ({set: ``metrics.
+        retrieval_ranks``' lists}, JSON), the per-query results of paired tests over queries."""
+        evaluation, results, ranks = self.config.eval, {}, {}
         embedded = {name: self._embed(variables, name) for name in self.sets}
         for name, outputs in embedded.items():
             pairs = min(self.counts[name], evaluation.retrieval_pairs)
-            results |= {f"{name}/{k}": value for k, value in metrics.retrieval_metrics(
-                outputs["v"][:pairs], outputs["t"][:pairs], groups=self.report_groups[name]).items()}
+            ranks[name] = metrics.retrieval_ranks(outputs["v"][:pairs], outputs["t"][:pairs], self.report_groups[name])
+            results |= {f"{name}/{k}": value for k, value in metrics.retrieval_scores(ranks[name]).items()}
+        if ranks_path is not None and jax.process_index() == 0:
+            ranks_path.parent.mkdir(parents=True, exist_ok=True)
+            ranks_path.write_text(json.dumps({name: {k: v.tolist() for k, v in r.items()} for name, r in ranks.items()}))
         held_out = [name for name in embedded if name != "train"]
         for label, (classes, tokens) in self.prompts.items():
             prompts = self._embed_texts(variables, tokens)
@@ -458,8 +465,10 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         train_step=make_train_step(model, config), batches=batches, steps_per_epoch=steps_per_epoch,
         epochs=pre.epochs,
         # Retrieval, zero-shot and probes, before training (epoch 0) and after every epoch.
-        evaluators=[loop.Evaluator(lambda state: evaluation({"params": state.params, "batch_stats": state.batch_stats}),
-                                   every_epochs=pre.eval_every_epochs, at_start=True)],
+        evaluators=[loop.Evaluator(lambda state: evaluation(
+            {"params": state.params, "batch_stats": state.batch_stats},
+            ranks_path=run_dir / "ranks" / f"step_{int(jax.device_get(state.step))}.json"),
+            every_epochs=pre.eval_every_epochs, at_start=True)],
         best_metric=None,  # No selection criterion: the newest model is the one to keep.
         checkpoint_every_epochs=pre.checkpoint_every_epochs, log_every_steps=pre.log_every_steps,
         learning_rate=rate if callable(rate) else lambda step: rate,
@@ -494,9 +503,10 @@ def restore_encoders(config, model: AMVLM, source, mesh: Mesh) -> tuple[dict, di
 def evaluate_checkpoint(config, workdir, source) -> dict:
     """What a pre-training checkpoint learned (``EncoderEvaluation``: retrieval top-1/5/10, zero-shot and
     linear-probe accuracy, fractions) on the image-report pairs of config.eval.splits; writes
-    <workdir>/retrieval.json and returns {split: {metric: value, 'pairs': N}} (None for a split the data
-    lacks). The probes are fitted on the training split. config.eval.initial: the encoders as the run started
-    them (``initial_state`` from its recorded config and seed), as its epoch-0 evaluation scored them."""
+    <workdir>/retrieval.json (and each retrieval query's rank to retrieval_ranks.json) and returns
+    {split: {metric: value, 'pairs': N}} (None for a split the data lacks). The probes are fitted on the
+    training split. config.eval.initial: the encoders as the run started them (``initial_state`` from its
+    recorded config and seed), as its epoch-0 evaluation scored them."""
     workdir = pathlib.Path(workdir)
     corpus.check_files(config)  # Before the checkpoint is restored and any split decoded.
     size = build.pretrain_image_size(config)
@@ -515,7 +525,8 @@ def evaluate_checkpoint(config, workdir, source) -> dict:
     wanted = ["train"] if config.eval.probe_fields or "train" in config.eval.splits else []
     wanted += [split for split in config.eval.splits if split != "train"]
     sets = {split: pairs for split in wanted if (pairs := load_pairs(config, workdir, split, size)) is not None}
-    scores = EncoderEvaluation(config, model, sets, tokenizer, mesh, batch_size)(variables)
+    scores = EncoderEvaluation(config, model, sets, tokenizer, mesh, batch_size)(
+        variables, ranks_path=workdir / "retrieval_ranks.json")
     results = {split: None if split not in sets else
                {k.split("/", 1)[1]: v for k, v in scores.items() if k.startswith(split + "/")} | {"pairs": len(sets[split][0])}
                for split in config.eval.splits}
