@@ -467,7 +467,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         # Retrieval, zero-shot and probes, before training (epoch 0) and after every epoch.
         evaluators=[loop.Evaluator(lambda state: evaluation(
             {"params": state.params, "batch_stats": state.batch_stats},
-            ranks_path=run_dir / "ranks" / f"step_{int(jax.device_get(state.step))}.json"),
+            ranks_path=run_dir / "ranks" / f"step_{int(state.step)}.json"),
             every_epochs=pre.eval_every_epochs, at_start=True)],
         best_metric=None,  # No selection criterion: the newest model is the one to keep.
         checkpoint_every_epochs=pre.checkpoint_every_epochs, log_every_steps=pre.log_every_steps,
@@ -501,7 +501,7 @@ def restore_encoders(config, model: AMVLM, source, mesh: Mesh) -> tuple[dict, di
 
 
 def evaluate_checkpoint(config, workdir, source) -> dict:
-    """What a pre-training checkpoint learned (``EncoderEvaluation``: retrieval top-1/5/10, zero-shot and
+    """What a pre-training checkpoint learned (``EncoderEvaluation``: retrieval top-1/5/10 and MRR, zero-shot and
     linear-probe accuracy, fractions) on the image-report pairs of config.eval.splits; writes
     <workdir>/retrieval.json (and each retrieval query's rank to retrieval_ranks.json) and returns
     {split: {metric: value, 'pairs': N}} (None for a split the data lacks). The probes are fitted on the
