@@ -90,7 +90,7 @@ RETRIEVAL_KS = (1, 5, 10)
 def retrieval_ranks(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
                     groups: Optional[np.ndarray] = None) -> dict:
     """Each retrieval query's rank of its first right answer (0: found first), the per-query results that
-    ``retrieval_metrics`` summarises and that paired tests over queries need.
+    ``retrieval_scores`` summarises and that paired tests over queries need.
 
     image_embeddings, text_embeddings (N, D): row i of both is one pair. groups (N,) ints: pairs with
     equal values have the same report text, so any of them is a right answer (a corpus repeats reports:
@@ -128,7 +128,7 @@ def retrieval_scores(ranks: dict, ks=RETRIEVAL_KS) -> dict:
         scores[f"i2t_top{k}"] = float(np.mean(ranks["i2t"] < k))
         scores[f"t2i_top{k}"] = float(np.mean(ranks["t2i"] < k))
     for direction in ("i2t", "t2i"):
-        scores[f"{direction}_mrr"] = float(np.mean(1.0 / (np.asarray(ranks[direction]) + 1)))
+        scores[f"{direction}_mrr"] = float(np.mean(1.0 / (ranks[direction] + 1)))
     return scores
 
 

@@ -74,15 +74,14 @@ def seed_ranks(workdir: str) -> tuple[dict, dict] | None:
     return before, after
 
 
-def query_p(group: str, split: str, metric: str) -> str:
+def query_p(seeds: list, split: str, metric: str) -> str:
     """Two-sided p of a paired t-test over the split's queries of each one's score averaged over the seeds
-    (a hit for 't2i_top1', 1 / (rank + 1) for 't2i_mrr'), before against after; '-' where a seed kept no
-    ranks or the seeds' queries differ."""
+    (a hit for 't2i_top1', 1 / (rank + 1) for 't2i_mrr'), before against after; seeds: ``seed_ranks`` of
+    each seed. '-' where a seed kept no ranks or the seeds' queries differ."""
     direction, kind = metric.split("_", 1)
     score = ((lambda ranks: ranks < int(kind[3:])) if kind.startswith("top") else (lambda ranks: 1.0 / (ranks + 1)))
     before, after = [], []
-    for workdir in group.split(","):
-        ranks = seed_ranks(workdir)
+    for ranks in seeds:
         if ranks is None or split not in ranks[0] or split not in ranks[1]:
             return "-"
         before.append(score(ranks[0][split][direction]))
@@ -111,13 +110,14 @@ def main(argv=None) -> None:
           "|---|---|---|---|---|---|---|---|")
     for group in args.groups:
         before, after = read(group, args.split)
+        ranks = [seed_ranks(workdir) for workdir in group.split(",")]  # Read once for all the group's metrics.
         name = pathlib.Path(group.split(",")[0].split(":")[-1]).name + f" (+{group.count(',')})"
         for metric in after:
             gain = after[metric] - before[metric]
             print(f"| {name} | {metric} | {before[metric].mean():.1f} ± {before[metric].std(ddof=1) if len(gain) > 1 else 0:.1f} "
                   f"| {after[metric].mean():.1f} ± {after[metric].std(ddof=1) if len(gain) > 1 else 0:.1f} "
                   f"| {gain.mean():+.1f} | {gain.min():+.1f} | {paired_p(after[metric], before[metric])} "
-                  f"| {query_p(group, args.split, metric) if metric.startswith(('i2t_', 't2i_')) else '-'} |")
+                  f"| {query_p(ranks, args.split, metric) if metric.startswith(('i2t_', 't2i_')) else '-'} |")
 
 
 if __name__ == "__main__":
