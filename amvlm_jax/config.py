@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.num_classes = 1  # 1 = binary (sigmoid); C > 1 = classes incl. background.
     config.data.labeled_fraction = 1.0  # ceil(f * N) training images keep their masks.
     config.data.split_seed = 0  # Which images are labeled.
-    config.data.worker_count = 0  # grain worker processes for augmentation (0 = in process).
+    config.data.worker_count = 0  # grain worker processes: augmentation; streamed corpora also read, decode, resize.
     config.data.read_threads = 4  # Threads decoding image files at start-up.
     # Synthetic data (data.name = 'synthetic'): generated into data.root, or
     # <workdir>/data when data.root is empty.
@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.unet.architecture = "authors"
 
     config.train = ml_collections.ConfigDict()
-    config.train.batch_size = 16  # Global batch, split over the data axis of the mesh.
+    config.train.batch_size = 16  # Global batch, split over the data and fsdp axes of the mesh.
     config.train.epochs = 100
     config.train.lr = 1e-3  # Adam; cosine with warm restarts every restart_epochs down to min_lr.
     config.train.min_lr = 1e-4
@@ -202,7 +202,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.ssl = ml_collections.ConfigDict()
     config.ssl.w_text = 1.0  # Text mask weight in the logit-space fusion; 0 = vision only (plain MT).
     config.ssl.train_decoder = True  # Train the text-mask decoder on L_tg (its own Adam).
-    # Adam rate of the decoder; 0 = train.lr (SPEC 6: the step's rate, as the authors' related code), constant.
+    # Adam rate of the decoder, constant; 0 = train.lr (its peak: SPEC 6 gives the decoder its own optimiser).
     config.ssl.decoder_lr = 0.0
     config.ssl.pretrained = ""  # Pre-training workdir or checkpoint; '' = <workdir>/pretrain.
     # BatchNorm of the teacher's predictions: 'batch' (statistics of the unlabeled batch, as the authors'

@@ -202,15 +202,16 @@ def resolve(config, workdir: pathlib.Path):
     import jax
 
     config = ml_collections.ConfigDict(config.to_dict())
-    if config.data.name == "synthetic" and not config.data.root:
-        config.data.root = str((workdir / "data").absolute())
-    # Absolute, so that the recorded config finds the data from any folder (evaluating a checkpoint).
-    if config.data.root:
-        config.data.root = str(pathlib.Path(config.data.root).expanduser().absolute())
-    else:
+    # Absolute, so that the recorded config finds the data from any folder (evaluating a checkpoint). Corpus
+    # files are relative to the current folder unless the user set data.root (not the synthetic data's folder).
+    if not config.data.root:
         for split in ("train", "val", "test"):
             if config.data.corpus[split]:
                 config.data.corpus[split] = str(pathlib.Path(config.data.corpus[split]).expanduser().absolute())
+    if config.data.name == "synthetic" and not config.data.root:
+        config.data.root = str((workdir / "data").absolute())
+    if config.data.root:
+        config.data.root = str(pathlib.Path(config.data.root).expanduser().absolute())
     if config.mode in ("ssl", "all") and not config.ssl.pretrained:
         config.ssl.pretrained = str((workdir / "pretrain").absolute())
     if jax.process_index() == 0:

@@ -6,16 +6,16 @@ naming the lesions' count and grid cells) is generated deterministically
 into <workdir>/data on first use. A quarter of the training images keep
 their masks.
 
-    python -m amvlm_jax.main                                   # this file: mode 'all'
-    python -m amvlm_jax.main --config.mode=supervised          # U-Net on the 50 labeled images only
+    python -m amvlm_jax.main                           # this file's text_report variant, mode 'all'
+    python -m amvlm_jax.main --config.mode=evaluate    # its workdir: runs/synthetic_text_report
+    python -m amvlm_jax.main --config=experiments/synthetic.py --config.mode=supervised  # U-Net, 50 labeled images
     python -m amvlm_jax.main --config=experiments/synthetic.py:vision --workdir=runs/synthetic_vision
-    python -m amvlm_jax.main --config.mode=evaluate --workdir=runs/synthetic
 
 Mode 'all' pre-trains a 4-block ViT-Ti/16 (96x96, from scratch) with the
 pretrained MiniLM text encoder for 20 epochs, then trains the text-guided
 mean teacher (U-Net width 16, 8 labeled + 8 unlabeled images a step) for
-10 epochs and evaluates it: about 8.7 minutes with the install on 2 idle
-CPU cores (measured 2026-11-30).
+10 epochs and evaluates it: the default (text_report) took 6.3 minutes with
+the install on 2 idle CPU cores (docs/results.md, 2026-12-02).
 Variants: labeled100 (every mask), labeled25 / labeled50 / fewshot1 /
 fewshot10 (fraction of training masks), mgca (MGCA's pre-training
 objective and AdamW schedule, at this file's rate and batch), textbook_unet

@@ -65,6 +65,21 @@ def test_default_workdir_names_experiment_and_variant():
     assert str(main.default_workdir(main.DEFAULT_CONFIG)) == "runs/synthetic_text_report"
 
 
+def test_relative_corpus_files_are_taken_from_the_current_folder_unless_data_root_is_set(tmp_path, monkeypatch):
+    # The synthetic experiment's generated data folder is not the user's: a corpus named on its command line is
+    # found from where the command runs (README's corpus example), but below a data.root the user sets.
+    monkeypatch.chdir(tmp_path)
+    config = tiny_synthetic_config()
+    config.mode = "pretrain"
+    config.data.corpus.train = "reports.csv"
+    resolved = main.resolve(config, tmp_path / "run")
+    assert resolved.data.corpus.train == str(tmp_path / "reports.csv")
+    assert resolved.data.root == str(tmp_path / "run" / "data")
+    config.data.root = "corpus"
+    resolved = main.resolve(config, tmp_path / "run")
+    assert resolved.data.corpus.train == "reports.csv" and resolved.data.root == str(tmp_path / "corpus")
+
+
 def test_validate_rejects_unusable_values():
     config = tiny_synthetic_config()
     config.data.image_size = 100
