@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import string
 
 import ml_collections
 
@@ -371,6 +372,20 @@ _STRING = (lambda v: isinstance(v, str)), "a string"
 
 def _strings(value) -> bool:
     return isinstance(value, (tuple, list)) and all(isinstance(s, str) for s in value)
+
+
+def _one_placeholder(value) -> bool:
+    """A format string whose only field is one bare '{}' (what str.format fills with an image stem)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(value)
+                  if name is not None]
+    except ValueError:  # A lone '{' or '}'.
+        return False
+    return fields == [("", "", None)]
+
+
 _BOOL = (lambda v: isinstance(v, bool)), "True or False"
 _DEVICES = (lambda v: _is_int(v) and (v == -1 or v >= 1)), "-1 or an integer >= 1"
 _PATCH_MULTIPLE = (lambda v: _is_int(v) and v >= 16 and v % 16 == 0), "a positive multiple of 16"
@@ -402,9 +417,9 @@ def _field_checks() -> tuple:
         ("data.synthetic.seed", *_integer(0)),
         ("data.synthetic.fresh_pairs", *_BOOL),
         *((f"data.corpus.{name}", *_STRING) for name in ("train", "val", "test", "split_field", "image_field")),
-        ("data.corpus.split_names", (lambda v: _strings(v) and len(v) == 3 and all(v)),
-         "three non-empty strings (train, val, test)"),
-        ("data.corpus.image_path", (lambda v: isinstance(v, str) and v.count("{}") == 1), "a string with one '{}'"),
+        ("data.corpus.split_names", (lambda v: _strings(v) and len(v) == 3 and all(v) and len(set(v)) == 3),
+         "three different non-empty strings (train, val, test)"),
+        ("data.corpus.image_path", _one_placeholder, "a string with one '{}' and no other braces ('{{' for '{')"),
         ("data.corpus.text_fields", (lambda v: _strings(v) and len(v) > 0 and all(v)), "a tuple of field names"),
         ("data.corpus.missing_images", *_one_of("error", "skip")),
         ("data.corpus.in_memory_bytes", *_integer(0)),
@@ -447,7 +462,7 @@ def _field_checks() -> tuple:
         ("pretrain.image_size", (lambda v: v == 0 or _PATCH_MULTIPLE[0](v)),
          "0 (= data.image_size) or a positive multiple of 16"),
         ("pretrain.embed_dim", *_integer(1)),
-        ("pretrain.batch_size", *_integer(1)),
+        ("pretrain.batch_size", *_integer(2)),  # Contrastive negatives; SPEC 3.3's variance over B.
         ("pretrain.epochs", *_integer(1)),
         ("pretrain.lr", *positive),
         ("pretrain.optimizer", *_one_of("adam", "adamw")),
@@ -559,6 +574,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not (hasattr(prompts, "items") and len(prompts) >= 2 and all(isinstance(p, str) and p for p in prompts.values())):
             raise ConfigError(f"config.eval.zero_shot['{label}'] must map two or more class values to prompts, "
                               f"got {prompts.to_dict() if hasattr(prompts, 'to_dict') else prompts!r}")
+    # Pre-training reads a corpus only when its training file is named (evaluation takes the checkpoint's).
+    if config.mode in ("pretrain", "all") and not data.corpus.train:
+        for name in ("val", "test", "split_field"):
+            if data.corpus[name]:
+                raise ConfigError(f"config.data.corpus.{name} is set but config.data.corpus.train is not: a corpus "
+                                  "is read only when its training file is named")
+        for name, value in (("zero_shot", config.eval.zero_shot), ("probe_fields", config.eval.probe_fields)):
+            if value:
+                raise ConfigError(f"config.eval.{name} needs the label fields of a corpus (config.data.corpus.train); "
+                                  "LViT folders have none")
     if train.min_lr > train.lr:
         raise ConfigError(f"config.train.min_lr must be <= config.train.lr ({train.lr!r}), got {train.min_lr!r}")
     if train.picture_every_epochs and train.picture_images < 1:

@@ -191,13 +191,16 @@ def linear_probe_accuracy(train_features: np.ndarray, train_labels, tests: dict,
     majority (the share of the most frequent scored test class) and rows (scored test rows).
 
     Features are standardised with the training rows' mean and deviation; the weights minimise the mean
-    cross-entropy + l2 |W|^2 by ``steps`` full-batch L-BFGS steps from zero (deterministic). Test rows of a
-    class absent from training are not scored.
+    cross-entropy + l2 |W|^2 by ``steps`` full-batch L-BFGS steps from zero (deterministic). Rows labelled
+    '' (none) are neither fitted nor scored; test rows of a class absent from training are not scored.
     """
-    classes, train_y = np.unique(np.asarray(train_labels).astype(str), return_inverse=True)
-    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
+    train_labels = np.asarray(train_labels).astype(str)
+    labelled = train_labels != ""
+    train_features, train_labels = train_features[labelled], train_labels[labelled]
+    classes, train_y = np.unique(train_labels, return_inverse=True)
     params = None
     if len(classes) >= 2:
+        mean, std = train_features.mean(0), train_features.std(0) + 1e-6
         params = _fit_logistic(jnp.asarray((train_features - mean) / std, jnp.float32),
                                jax.nn.one_hot(train_y, len(classes)), l2, steps)
     results = {}

@@ -51,7 +51,9 @@ BAD_VALUES = [
     ("data.synthetic.seed", -1), ("data.synthetic.fresh_pairs", None),
     ("data.corpus.train", None), ("data.corpus.val", None), ("data.corpus.test", None), ("data.corpus.split_field", None),
     ("data.corpus.image_field", None), ("data.corpus.split_names", ("train", "val")),
-    ("data.corpus.split_names", ("train", "", "test")), ("data.corpus.image_path", "images/x.png"),
+    ("data.corpus.split_names", ("train", "", "test")), ("data.corpus.split_names", ("train", "train", "test")),
+    ("data.corpus.image_path", "images/x.png"), ("data.corpus.image_path", "{}{x}.png"),
+    ("data.corpus.image_path", "{}}.png"), ("data.corpus.image_path", "{0}.png"),
     ("data.corpus.text_fields", ()), ("data.corpus.text_fields", ("report", 1)), ("data.corpus.missing_images", "drop"),
     ("data.corpus.in_memory_bytes", -1),
     ("unet.base_width", 0), ("unet.architecture", "resnet"),
@@ -68,7 +70,7 @@ BAD_VALUES = [
     ("pretrain.objective", "clip"), ("pretrain.vit", "L/14"), ("pretrain.vit_weights", None),
     ("pretrain.text_encoder", None), ("pretrain.text_layers", 0), ("pretrain.max_length", 2),
     ("pretrain.image_size", 100), ("pretrain.image_size", -16), ("pretrain.embed_dim", 0),
-    ("pretrain.batch_size", 0), ("pretrain.epochs", 0),
+    ("pretrain.batch_size", 0), ("pretrain.batch_size", 1), ("pretrain.epochs", 0),
     ("pretrain.lr", 0.0), ("pretrain.lr", -3e-5), ("pretrain.lr", INF),
     ("pretrain.optimizer", "sgd"), ("pretrain.adam_betas", (0.9,)), ("pretrain.adam_betas", (0.9, 1.0)),
     ("pretrain.weight_decay", -0.1), ("pretrain.schedule", "linear"), ("pretrain.augment", "flip"), ("pretrain.warmup_fraction", 1.5),
@@ -160,6 +162,11 @@ BAD_COMBINATIONS = [
     ({"ssl.withhold_reports": True}, "config.ssl.withhold_reports needs config.ssl.text_head ('words' or 'report')"),
     ({"eval.zero_shot": {"Type": {"CT": "a CT scan"}}}, "config.eval.zero_shot['Type'] must map two or more"),
     ({"eval.zero_shot": {"Type": "a CT scan"}}, "config.eval.zero_shot['Type'] must map two or more"),
+    ({"data.corpus.val": "val.jsonl"}, "config.data.corpus.val is set but config.data.corpus.train is not"),
+    ({"data.corpus.split_field": "split"}, "config.data.corpus.split_field is set but config.data.corpus.train is not"),
+    ({"eval.zero_shot": {"Type": {"CT": "a CT scan", "MR": "an MRI scan"}}},
+     "config.eval.zero_shot needs the label fields of a corpus"),
+    ({"eval.probe_fields": ("Type",)}, "config.eval.probe_fields needs the label fields of a corpus"),
 ]
 
 

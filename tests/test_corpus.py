@@ -137,8 +137,8 @@ def test_split_values_must_be_the_configured_names_and_the_train_file_must_hold_
 def test_csv_rows_with_fewer_or_more_fields_than_the_header(tmp_path):
     path, config = _csv(tmp_path, b"file,report,note\nimages/0.png,a,x\nimages/1.png,b\n")
     assert _error(config) == f"{path}:3: 2 fields, the header has 3"
-    path.write_bytes(b"file,report\nimages/0.png,a\n\nimages/1.png,b, c\n")  # The blank line is no row.
-    assert _error(config) == f"{path}:3: 3 fields, the header has 2"
+    path.write_bytes(b"file,report\nimages/0.png,a\n\nimages/1.png,b, c\n")  # The blank line is no row, but a line.
+    assert _error(config) == f"{path}:4: 3 fields, the header has 2"
     path.write_bytes(b'file,report\nimages/0.png,a\nimages/1.png,"b, c"\n')
     assert corpus.read_split(config, "train")["reports"] == ["a", "b, c"]
 
@@ -173,6 +173,48 @@ def test_a_jsonl_report_field_must_be_a_string(tmp_path):
         assert _error(config) == f"{path}:2: report field 'impression' is a JSON {kind}, not a string"
     path.write_text("\n".join([lines[0], json.dumps(json.loads(lines[1]) | {"impression": None}), lines[2]]))
     assert corpus.read_split(config, "train")["reports"][1] == SAMPLE_REPORTS[1]  # null: no text.
+
+
+def test_a_repeated_csv_column_and_rows_spanning_lines_are_named_by_their_first_line(tmp_path):
+    path, config = _csv(tmp_path, b"file,report,report\nimages/0.png,a,b\n")
+    assert _error(config) == f"{path}:1: column 'report' appears more than once in the header"
+    path.write_bytes(b'file,report\nimages/0.png,"three\nline\nreport"\nimages/1.png,b\nimages/9.png,c\n')
+    assert _error(config).startswith(f"{path}:6: image ")  # The third row starts on line 6, not 4.
+    path.write_bytes(b'file,report\nimages/0.png,"two\nlines"\nimages/1.png,b\n')
+    assert corpus.read_split(config, "train")["reports"] == ["two\nlines", "b"]
+
+
+def test_a_byte_order_mark_is_read_in_every_format(tmp_path):
+    jsonl = write_corpus(tmp_path, 3)
+    jsonl.write_bytes(b"\xef\xbb\xbf" + jsonl.read_bytes())
+    config = corpus_config(jsonl)
+    assert len(corpus.read_split(config, "train")["paths"]) == 3
+    whole = tmp_path / "rows.json"
+    whole.write_bytes(b'\xef\xbb\xbf[{"file": "images/0.png", "report": "a"}]')
+    config.data.corpus.update(dict(train=str(whole), split_field="", text_fields=("report",)))
+    assert corpus.read_split(config, "train")["reports"] == ["a"]
+    path, config = _csv(tmp_path, b"\xef\xbb\xbffile,report\nimages/0.png,a\n")
+    assert corpus.read_split(config, "train")["reports"] == ["a"]
+
+
+def test_label_fields_take_strings_and_numbers_and_an_empty_label_is_none(tmp_path):
+    path = write_corpus(tmp_path, 3)
+    config = corpus_config(path)
+    config.eval.probe_fields = ("meta.modality",)
+    lines = path.read_text().splitlines()
+
+    def with_modality(value):
+        row = json.loads(lines[1])
+        row["meta"]["modality"] = value
+        path.write_text("\n".join([lines[0], json.dumps(row), lines[2]]) + "\n")
+
+    for value, kind in ((["CT"], "array"), ({"a": 1}, "object"), (True, "boolean")):
+        with_modality(value)
+        assert _error(config) == f"{path}:2: label field 'meta.modality' is a JSON {kind}, not a string or number"
+    for value, read in ((3, "3"), (None, ""), ("  ", "")):
+        with_modality(value)
+        assert corpus.read_split(config, "train")["labels"]["meta.modality"] == ["MR", read, "CT"]
+
 
 def _no_decoding(monkeypatch):
     def decode_all(*args, **kwargs):
@@ -263,6 +305,29 @@ def test_linear_probe_matches_an_independent_solver():
     assert ours["accuracy"] > 0.8 and ours["rows"] == 100
     counts = np.unique(labels[200:], return_counts=True)[1]
     assert ours["majority"] == pytest.approx(counts.max() / 100)
+    # Rows without a label ('') are neither fitted nor scored: the same probe as without those rows.
+    unlabelled = labels.copy()
+    unlabelled[::7] = ""
+    kept = unlabelled != ""
+    with_gaps = metrics.linear_probe_accuracy(x[:200], unlabelled[:200], {"test": (x[200:], unlabelled[200:])},
+                                              steps=300)["test"]
+    without = metrics.linear_probe_accuracy(x[:200][kept[:200]], labels[:200][kept[:200]],
+                                            {"test": (x[200:][kept[200:]], labels[200:][kept[200:]])}, steps=300)["test"]
+    assert with_gaps == pytest.approx(without) and with_gaps["rows"] == kept[200:].sum() < 100
+
+
+def test_prompts_for_values_the_field_never_takes_and_too_many_tokens_stop_before_training(generated, tmp_path):
+    from amvlm_jax import main
+    from amvlm_jax.config import ConfigError
+
+    prompts = {"meta/modality": {"ct": "a CT image", "mr": "an MR image"}}
+    with pytest.raises(ConfigError) as raised:
+        main.run(corpus_config(generated, **{"eval.zero_shot": prompts}), tmp_path / "prompts")
+    assert str(raised.value) == ("config.eval.zero_shot['meta/modality']: none of its classes (ct, mr) is a value of "
+                                 "'meta/modality' in val (values: CT, MR)")
+    with pytest.raises(ConfigError) as raised:
+        main.run(corpus_config(generated, **{"pretrain.max_length": 513}), tmp_path / "tokens")
+    assert str(raised.value) == "config.pretrain.max_length=513: the text encoder has 512 positions (max_position_embeddings)"
 
 
 def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_it_learned(generated, tmp_path,

@@ -153,6 +153,11 @@ def test_compilation_cache_follows_config_unless_already_set(tmp_path):
         config.compilation_cache = "~/somewhere"
         jax.config.update("jax_compilation_cache_dir", None)
         assert enable_compilation_cache(config) == str(pathlib.Path.home() / "somewhere")
+        (tmp_path / "file").write_text("")
+        config.compilation_cache = str(tmp_path / "file")
+        jax.config.update("jax_compilation_cache_dir", None)
+        with pytest.raises(ConfigError, match=f"^config.compilation_cache={tmp_path / 'file'}: is a file, not a folder"):
+            enable_compilation_cache(config)
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
 

@@ -94,6 +94,19 @@ def test_training_stream_covers_each_epoch_once_and_resumes():
         np.testing.assert_array_equal(a["index"], b["index"])
 
 
+def test_a_batch_of_one_and_one_row_per_process_stream_each_epoch_once():
+    # An endless stream batched by 1 has a length grain cannot hold unless the (never reached) remainder is dropped.
+    split = _split(n=4)
+    single = _take(pipeline.training_batches(split, 1, seed=3, augmentation="none", start_step=2), 6)
+    assert all(len(b["index"]) == 1 for b in single)
+    shards = [_take(pipeline.training_batches(split, 2, seed=3, augmentation="none", process_index=p, process_count=2), 4)
+              for p in range(2)]
+    epoch = np.concatenate([shards[p][step]["index"] for step in range(2) for p in range(2)])
+    assert sorted(epoch) == list(range(4))
+    fresh = pipeline.fresh_synthetic_batches(0, 64, 32, 1, start_step=1)
+    assert next(fresh)["image"].shape == (1, 32, 32, 3)
+
+
 def test_augmented_stream_is_deterministic():
     split = _split()
     a = _take(pipeline.training_batches(split, 4, seed=7), 3)

@@ -85,17 +85,20 @@ def is_configured(config) -> bool:
 
 
 def _read_rows(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
-    """Yields (line or row number for messages, row) of a .csv (header row 1) or .jsonl / .json file, one
-    row at a time (a large corpus is never held as row objects)."""
+    """Yields (number for messages, row) of a .csv file with a header (the line where the row starts: a quoted
+    report may span lines), a .jsonl file (its line) or a .json list (its position, from 1), one row at a time
+    (a large corpus is never held as row objects). A UTF-8 byte-order mark is allowed in each format."""
     if not path.is_file():
         raise DataError(f"{path}: corpus file not found")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            rows = (cells for cells in csv_records(f, path) if cells)  # Blank lines are skipped, not counted.
-            header = next(rows, [])
-            _utf8(",".join(header), f"{path}:1")
-            for number, cells in enumerate(rows, start=2):
+            rows = ((line, cells) for line, cells in csv_records(f, path) if cells)  # Blank lines are skipped.
+            header_line, header = next(rows, (1, []))
+            _utf8(",".join(header), f"{path}:{header_line}")
+            if repeated := sorted({name for name in header if header.count(name) > 1}):
+                raise DataError(f"{path}:{header_line}: column '{repeated[0]}' appears more than once in the header")
+            for number, cells in rows:
                 _utf8(",".join(cells), f"{path}:{number}")
                 if len(cells) != len(header):
                     raise DataError(f"{path}:{number}: {len(cells)} fields, the header has {len(header)}")
@@ -103,7 +106,7 @@ def _read_rows(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
         return
     if suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         except UnicodeDecodeError as e:
@@ -115,7 +118,7 @@ def _read_rows(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
         return
     if suffix != ".jsonl":
         raise DataError(f"{path}: corpus files must end in .csv, .jsonl or .json")
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -172,6 +175,15 @@ def _report_text(row: dict, name: str, where: str) -> str:
     return _text(value)
 
 
+def _label_text(row: dict, name: str, where: str) -> str:
+    """The class of label field ``name``: a string or a number as text; '' (no label) for null or an empty
+    string; a DataError for an object, array or boolean."""
+    value = field(row, name, where)
+    if isinstance(value, (dict, list, bool)):
+        raise DataError(f"{where}: label field '{name}' is a JSON {_JSON_TYPES[type(value)]}, not a string or number")
+    return _text(value)
+
+
 def _file_path(config, file: str) -> pathlib.Path:
     """A corpus file's path: as given when absolute, else relative to data.root when that is set."""
     path = pathlib.Path(os.path.expanduser(file))
@@ -193,8 +205,8 @@ def check_files(config) -> None:
 
 
 def read_split(config, split: str) -> Optional[dict]:
-    """The rows of ``split`` as {'source', 'paths', 'reports', 'labels' {field: [value]}, 'skipped'}, or
-    None when the corpus has no such split.
+    """The rows of ``split`` as {'source', 'paths', 'reports', 'labels' {field: [value]: '' for a row
+    without one}, 'skipped'}, or None when the corpus has no such split.
 
     data.corpus.<split> names the split's file; without it (val, test) and with data.corpus.split_field
     set, the train file's rows whose split field equals data.corpus.split_names[split] are used; a split value
@@ -242,7 +254,7 @@ def read_split(config, split: str) -> Optional[dict]:
         paths.append(str(image_path))
         reports.append(report)
         for name in label_fields:
-            labels[name].append(_text(field(row, name, where)))
+            labels[name].append(_label_text(row, name, where))
     if not paths and selected is not None and not found[selected]:
         if split != "train":
             return None

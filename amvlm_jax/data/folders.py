@@ -92,13 +92,14 @@ def has_split(root: pathlib.Path, split: str) -> bool:
 
 
 def csv_records(lines, path: pathlib.Path):
-    """csv.reader(lines), with a malformed record (most often a quote left open, which swallows the rest of
-    the file into one field) a DataError naming the file and the line where that record starts."""
+    """(line where the record starts, record) of csv.reader(lines) (a quoted field may span lines), with a
+    malformed record (most often a quote left open, which swallows the rest of the file into one field) a
+    DataError naming the file and that line."""
     reader = csv.reader(lines)
     while True:
         start = reader.line_num + 1
         try:
-            yield next(reader)
+            yield start, next(reader)
         except StopIteration:
             return
         except csv.Error as e:
@@ -116,7 +117,7 @@ def read_sheet(path: pathlib.Path) -> list[tuple[int, str, str]]:
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at position {e.start}); "
                             "save it as UTF-8") from None
-        table = list(csv_records(io.StringIO(text, newline=""), path))
+        table = [cells for _, cells in csv_records(io.StringIO(text, newline=""), path)]
     else:
         import openpyxl  # Imported lazily: only sheets need it.
 

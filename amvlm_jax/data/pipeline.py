@@ -100,7 +100,8 @@ def training_batches(
     local_batch = global_batch // process_count
     stream = grain.MapDataset.range(len(split)).shuffle(seed=seed).repeat(None)
     stream = stream.random_map(_example_reader(split, with_mask, augmentation), seed=seed + 1)
-    local = stream[process_index::process_count].batch(local_batch)[start_step:]
+    # drop_remainder: the stream never ends, and grain cannot hold the length of an endless batch-1 stream.
+    local = stream[process_index::process_count].batch(local_batch, drop_remainder=True)[start_step:]
     return _iterate(local, worker_count)
 
 
@@ -137,7 +138,7 @@ def fresh_synthetic_batches(
         return {"image": image, "report": np.asarray(sample.report, dtype=object)}
 
     stream = grain.MapDataset.range(np.iinfo(np.int32).max).map(render)
-    local = stream[process_index::process_count].batch(global_batch // process_count)[start_step:]
+    local = stream[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)[start_step:]
     return _iterate(local, worker_count)
 
 

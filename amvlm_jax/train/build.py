@@ -70,6 +70,9 @@ def build_text_encoder(config) -> tuple[BertConfig, dict | None]:
 
 def build_model(config, text_config: BertConfig) -> AMVLM:
     pre = config.pretrain
+    if pre.max_length > text_config.max_position_embeddings:
+        raise ConfigError(f"config.pretrain.max_length={pre.max_length}: the text encoder has "
+                          f"{text_config.max_position_embeddings} positions (max_position_embeddings)")
     dtype = jnp.dtype(config.dtype)
     overrides = {k: v for k, v in dict(width=pre.vit_width, depth=pre.vit_depth, num_heads=pre.vit_heads).items() if v}
     vit = vit_from_name(pre.vit, dtype=dtype, remat=pre.remat, attention=vit_attention(config), **overrides)

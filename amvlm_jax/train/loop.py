@@ -103,7 +103,7 @@ def recorded_config(config) -> dict:
 
 
 def fresh_meta(job: Job) -> dict:
-    return {"job": job.name, "epoch": 0, "best_metric": job.best_metric, "best": None, "best_epoch": 0,
+    return {"job": job.name, "steps_per_epoch": job.steps_per_epoch, "epoch": 0, "best_metric": job.best_metric, "best": None, "best_epoch": 0,
             "seconds": 0.0, "initial_eval": {}, "last_eval": {}, "first_epoch": {}, "last_epoch": {}}
 
 
@@ -296,7 +296,8 @@ def resume_point(checkpoints: checkpoint.RunCheckpoints, job: Job) -> tuple[Any,
     """(state, meta) of the latest checkpoint, or the job's fresh state with a fresh meta.
 
     A checkpoint of another job, one written for other data (a changed
-    DATA_FIELDS leaf), or one whose shapes differ from this run's (a changed
+    DATA_FIELDS leaf, or training data that gives another number of steps
+    per epoch: files moved with other rows), or one whose shapes differ from this run's (a changed
     model field) stops with a one-line CheckpointError naming the job or the
     fields that differ from the recorded config.
     """
@@ -307,6 +308,10 @@ def resume_point(checkpoints: checkpoint.RunCheckpoints, job: Job) -> tuple[Any,
     if saved.get("job", job.name) != job.name:
         raise checkpoint.CheckpointError(f"{where}: a checkpoint of a '{saved['job']}' run, not '{job.name}'; "
                                          "use another workdir")
+    if saved.get("steps_per_epoch", job.steps_per_epoch) != job.steps_per_epoch:  # Moved files, other rows.
+        raise checkpoint.CheckpointError(f"{where}: written with {saved['steps_per_epoch']} steps per epoch, this "
+                                         f"run's training data and batch size give {job.steps_per_epoch}; resume with "
+                                         "the data and batch it was trained with or use another workdir")
     recorded = recorded_config(job.config)
     changed = config_changes(saved.get("config"), recorded, DATA_FIELDS,
                              MOVABLE_FIELDS + job.unused_fields)

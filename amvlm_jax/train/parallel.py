@@ -47,6 +47,9 @@ def enable_compilation_cache(config) -> str | None:
     if not config.compilation_cache:
         return None
     folder = os.path.expanduser(config.compilation_cache)
+    if os.path.exists(folder) and not os.path.isdir(folder):  # jax would only warn at every entry it writes.
+        raise ConfigError(f"config.compilation_cache={config.compilation_cache}: is a file, not a folder "
+                          "('' turns the cache off)")
     jax.config.update("jax_compilation_cache_dir", folder)
     return folder
 

@@ -293,6 +293,13 @@ class EncoderEvaluation:
                               for name, count in self.counts.items()}
         self.prompts = {label: (list(prompts.keys()), tokenizer(list(prompts.values())))
                         for label, prompts in evaluation.zero_shot.items()}
+        for label, (classes, _) in self.prompts.items():  # Prompts that match no row would score nothing, silently.
+            for name, (_, labels) in ((n, s) for n, s in sets.items() if n != "train"):
+                values = set(labels[label][:self.counts[name]]) - {""}
+                if values and not values & set(classes):
+                    raise ConfigError(f"config.eval.zero_shot['{label}']: none of its classes "
+                                      f"({', '.join(classes)}) is a value of '{label}' in {name} "
+                                      f"(values: {', '.join(sorted(values)[:8])})")
 
     def _embed_texts(self, variables, tokens: dict) -> np.ndarray:
         """t (N, D) float32 of tokenised texts (the ``ReportTokenizer`` arrays, N rows)."""
@@ -525,6 +532,9 @@ def evaluate_checkpoint(config, workdir, source) -> dict:
     wanted = ["train"] if config.eval.probe_fields or "train" in config.eval.splits else []
     wanted += [split for split in config.eval.splits if split != "train"]
     sets = {split: pairs for split in wanted if (pairs := load_pairs(config, workdir, split, size)) is not None}
+    if (config.eval.zero_shot or config.eval.probe_fields) and not set(sets) - {"train"}:
+        info("zero-shot and probe accuracy are scored on held-out splits only: none of config.eval.splits is one "
+             "the data has")
     scores = EncoderEvaluation(config, model, sets, tokenizer, mesh, batch_size)(
         variables, ranks_path=workdir / "retrieval_ranks.json")
     results = {split: None if split not in sets else
