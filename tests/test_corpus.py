@@ -81,6 +81,9 @@ def test_bad_rows_are_one_line_errors_naming_file_and_row(tmp_path):
     for name, says in [("meta.modalty", "('meta' has 'split', 'modality')"), ("meta.split.x", "('meta.split' is no object)")]:
         with pytest.raises(DataError, match=rf"^f:1: no field '{re.escape(name)}' {re.escape(says)}$"):
             corpus.field({"meta": {"split": "train", "modality": "CT"}}, name, "f:1")
+    row = json.loads(lines[0]) | {"file": "images"}
+    rewrite(0, json.dumps(row))
+    assert _error(config) == f"{path}:1: image {tmp_path / 'images'} is a folder, not an image file"
     row = json.loads(lines[0]) | {"file": "images/missing.png"}
     rewrite(0, json.dumps(row))
     assert "images/missing.png not found" in _error(config) and _error(config).startswith(f"{path}:1:")

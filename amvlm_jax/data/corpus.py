@@ -240,6 +240,8 @@ def read_split(config, split: str) -> Optional[dict]:
             raise DataError(f"{where}: empty image field '{corpus.image_field}'")
         image_path = path.parent / os.path.expanduser(corpus.image_path.format(image))
         if not image_path.is_file():
+            if image_path.is_dir():  # Not missing: the field names the wrong thing.
+                raise DataError(f"{where}: image {image_path} is a folder, not an image file")
             if corpus.missing_images != "skip":
                 raise DataError(f"{where}: image {image_path} not found (data.corpus.missing_images='skip' "
                                 "skips such rows)")
