@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
     # fields come from the config recorded in the checkpoint (see config.with_recorded); data.root on the
     # command line evaluates on other data.
     config.eval.checkpoint = ""
-    config.eval.splits = ("val", "test")  # Splits evaluated; missing ones are reported and skipped.
+    config.eval.splits = ("val", "test")  # Splits evaluated (missing ones reported, skipped); () = none after training.
     # For a mean-teacher checkpoint also score its text masks, teacher and fused pseudo-labels
     # against the held-back masks of the unlabeled images and on val (guidance.json).
     config.eval.guidance = True
@@ -574,6 +574,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not (hasattr(prompts, "items") and len(prompts) >= 2 and all(isinstance(p, str) and p for p in prompts.values())):
             raise ConfigError(f"config.eval.zero_shot['{label}'] must map two or more class values to prompts, "
                               f"got {prompts.to_dict() if hasattr(prompts, 'to_dict') else prompts!r}")
+    if config.mode == "evaluate" and not config.eval.splits:  # Training jobs: () skips the final evaluation.
+        raise ConfigError("config.eval.splits is empty: mode 'evaluate' needs a split to score (train, val or test)")
     # Pre-training reads a corpus only when its training file is named (evaluation takes the checkpoint's).
     if config.mode in ("pretrain", "all") and not data.corpus.train:
         for name in ("val", "test", "split_field"):

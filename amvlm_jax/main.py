@@ -178,7 +178,7 @@ def checkpoint_config(config, workdir: pathlib.Path):
     scores its retrieval).
     Checkpoints written before configs were recorded keep the command's fields.
     """
-    from amvlm_jax.config import ConfigError, with_recorded
+    from amvlm_jax.config import RECORDED_SECTIONS, ConfigError, with_recorded
     from amvlm_jax.train import checkpoint
 
     source = config.eval.checkpoint or workdir
@@ -191,7 +191,15 @@ def checkpoint_config(config, workdir: pathlib.Path):
         raise ConfigError(f"{source}: config.eval.initial scores the encoders a pre-training run started from; "
                           f"this is a '{job}' checkpoint")
     if "config" in meta:
-        config = with_recorded(config, meta["config"], keep_data_root=bool(config.data.root))
+        from amvlm_jax.train.loop import MOVABLE_FIELDS, config_changes, recorded_config
+        from amvlm_jax.train.logging import info
+
+        restored = with_recorded(config, meta["config"], keep_data_root=bool(config.data.root))
+        # Where the data lies and how it is read are filled in, not replaced: not named.
+        if changed := config_changes(recorded_config(config), recorded_config(restored), RECORDED_SECTIONS,
+                                     MOVABLE_FIELDS):
+            info(f"{source}: the checkpoint's recorded fields replace the command's: {changed}")
+        config = restored
         if config.eval.initial:  # The run's initialisation, not the command's seed.
             config.seed = meta["config"].get("seed", config.seed)
     return config, job

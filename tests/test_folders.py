@@ -161,6 +161,40 @@ def test_missing_sheet(untidy_root):
     assert "no report sheet" in _error(folders.list_split, untidy_root, "val")
 
 
+def test_two_sheets_an_unsupported_image_type_and_a_multi_page_image(untidy_root):
+    val = untidy_root / "Val_Folder"
+    _write_xlsx(val / "Val_text.xlsx", [("v.png", "An older copy.")])
+    assert _error(folders.list_split, untidy_root, "val") == (f"{val}: two report sheets (Val_text.xlsx and "
+                                                              "Val_text.csv); keep one")
+    (val / "Val_text.xlsx").unlink()
+    (val / "img" / "w.webp").write_bytes(b"RIFF")
+    _write_csv(val / "Val_text.csv", [("v.png", "x"), ("w.webp", "y")])
+    assert _error(folders.list_split, untidy_root, "val").startswith(
+        f"{val / 'Val_text.csv'}: row 3 names 'w.webp', a file type the reader does not take (")
+    frames = [Image.fromarray(np.full((30, 40, 3), value, np.uint8)) for value in (0, 255)]
+    frames[0].save(val / "img" / "v.png".replace(".png", ".tif"), save_all=True, append_images=frames[1:])
+    (val / "img" / "v.png").unlink()
+    _write_csv(val / "Val_text.csv", [("v.tif", "x")])
+    assert _error(folders.load_split, untidy_root, "val", image_size=16, progress=False) == (
+        f"{val / 'img' / 'v.tif'}: holds 2 frames (pages); give one image per file")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_a_mask_drawn_in_transparency_is_an_error_and_an_opaque_one_is_read(untidy_root, mode):
+    path = untidy_root / "Val_Folder" / "labelcol" / "v.png"
+    drawn = _write_mask(path)
+    colour = np.full((30, 40, 3 if mode == "RGBA" else 1), 255, np.uint8)
+    Image.fromarray(np.concatenate([colour, drawn[..., None]], -1).squeeze(), mode=mode).save(path)
+    assert _error(folders.load_split, untidy_root, "val", image_size=40, progress=False) == (
+        f"{path}: mask has transparent pixels; save it without transparency (0/255 grey or class ids)")
+    opaque = np.concatenate([np.repeat(drawn[..., None], colour.shape[-1], -1), np.full((30, 40, 1), 255, np.uint8)], -1)
+    Image.fromarray(opaque.squeeze() if mode == "LA" else opaque, mode=mode).save(path)
+    split = folders.load_split(untidy_root, "val", image_size=40, progress=False)
+    grey = _write_mask(untidy_root / "grey.png")
+    np.testing.assert_array_equal(split.masks[0], folders.load_mask(untidy_root / "grey.png", 40, 1)[0])
+    assert np.array_equal(grey, drawn) and split.masks[0].any()
+
+
 def test_real_monuseg(monuseg):
     train = folders.list_split(monuseg, "train")
     val = folders.list_split(monuseg, "val")

@@ -156,6 +156,41 @@ def test_a_report_sheet_replaces_an_lvit_split_folders_own_reports(trained, tmp_
     assert [report for _, _, report in given] == [None] * 3 + ["A report from the sheet."] + [None] * 4
 
 
+def test_inputs_that_would_overwrite_a_mask_or_segment_masks_are_refused(trained, tmp_path):
+    from amvlm_jax.train import predict
+
+    val_image = next((trained / "data" / "Val_Folder" / "img").iterdir())
+    scans = tmp_path / "scans"
+    (scans / "a").mkdir(parents=True)
+    for name in ("x.png", "a/x.png", "a/x.jpg"):
+        Image.open(val_image).save(scans / name)
+    config = tiny_synthetic_config(**{"predict.input": str(scans)})
+    with pytest.raises(ConfigError) as raised:
+        predict.list_inputs(config)
+    assert str(raised.value) == (f"config.predict.input: {scans / 'a' / 'x.jpg'} and {scans / 'a' / 'x.png'} would "
+                                 f"both be segmented into {pathlib.Path('a') / 'x'}.png; rename one")
+    (scans / "a" / "x.jpg").unlink()
+    assert [str(name) for name, _, _ in predict.list_inputs(config)] == ["a/x", "x"]
+    sheet = tmp_path / "reports.csv"
+    sheet.write_text("Image,Description\nx.png,One.\nx.png,Two.\n")
+    config.predict.reports = str(sheet)
+    with pytest.raises(ConfigError) as raised:
+        predict.list_inputs(config)
+    assert str(raised.value) == f"config.predict.reports: {sheet} row 3 repeats image 'x.png' (row 2)"
+    config = tiny_synthetic_config(**{"predict.input": str(trained / "data")})  # The data root, masks and all.
+    with pytest.raises(ConfigError) as raised:
+        predict.list_inputs(config)
+    assert str(raised.value).startswith(f"config.predict.input: {trained / 'data'} holds LViT split folders (Test_Folder")
+
+
+def test_fields_the_checkpoint_replaces_are_named(trained, capsys):
+    config = tiny_synthetic_config(**{"mode": "predict", "unet.base_width": 8, "eval.checkpoint": str(trained)})
+    restored, job = main.checkpoint_config(config, trained)
+    assert job == "supervised" and restored.unet.base_width == 4
+    assert capsys.readouterr().out == (f"{trained}: the checkpoint's recorded fields replace the command's: "
+                                       "config.unet.base_width=8 -> 4\n")
+
+
 def test_restoring_into_other_shapes_is_one_line_before_any_read(trained):
     from amvlm_jax.train import checkpoint, supervised
 

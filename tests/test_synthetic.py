@@ -232,7 +232,12 @@ def test_marker_skip_and_regeneration(tmp_path):
     write_synthetic_dataset(tmp_path, **params)
     assert (root / "Val_Folder" / "labelcol" / "syn_00001.png").is_file()
 
-    # Different parameters: regenerated without stale files.
+    # Different parameters over a complete set (another run's data): refused, the set left as it is.
+    with pytest.raises(FileExistsError, match=r"holds complete synthetic data of other settings \(num_train 3 -> 2\)"):
+        write_synthetic_dataset(tmp_path, **{**params, "num_train": 2})
+    assert len(read_csv(root / "Train_Folder" / "Train_text.csv")) == 4
+    # Over an incomplete one (a killed run's): regenerated without stale files.
+    (root / "synthetic.json").unlink()
     write_synthetic_dataset(tmp_path, **{**params, "num_train": 2})
     assert sorted(p.name for p in (root / "Train_Folder" / "img").iterdir()) == ["syn_00000.png", "syn_00001.png"]
     assert len(read_csv(root / "Train_Folder" / "Train_text.csv")) == 3

@@ -185,9 +185,12 @@ def is_split_folder(folder: pathlib.Path) -> bool:
 def list_split_folder(folder: pathlib.Path, require_masks: bool = True) -> list[Example]:
     """The examples of one LViT split folder (img/, labelcol/, <Prefix>_text.xlsx|.csv)."""
     sheets = _sheets(folder)
-    sheet = next((s for s in sheets if s.is_file()), None)
-    if sheet is None:
+    present = [s for s in sheets if s.is_file()]
+    if not present:
         raise DataError(f"{folder}: no report sheet ({sheets[0].name} or {sheets[1].name})")
+    if len(present) > 1:  # Which one was edited last is not ours to guess.
+        raise DataError(f"{folder}: two report sheets ({sheets[0].name} and {sheets[1].name}); keep one")
+    sheet = present[0]
     for sub in ("img", "labelcol") if require_masks else ("img",):
         if not (folder / sub).is_dir():
             raise DataError(f"{folder / sub}: folder missing; {LAYOUT_HELP}")
@@ -202,6 +205,9 @@ def list_split_folder(folder: pathlib.Path, require_masks: bool = True) -> list[
         if stem in reports:
             raise DataError(f"{sheet}: row {row_number} repeats image '{image_name}'")
         if stem not in images:
+            if (folder / "img" / image_name).is_file():
+                raise DataError(f"{sheet}: row {row_number} names '{image_name}', a file type the reader does not "
+                                f"take ({', '.join(sorted(IMAGE_SUFFIXES))})")
             raise DataError(f"{sheet}: row {row_number} names '{image_name}' but {folder / 'img'} has no such image")
         reports[stem] = text
 
@@ -224,6 +230,8 @@ def open_image(path: pathlib.Path) -> Image.Image:
         image.load()
     except Exception as e:  # PIL raises several types for damaged files.
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
+    if getattr(image, "n_frames", 1) > 1:  # A multi-page TIFF: only its first page would be read.
+        raise DataError(f"{path}: holds {image.n_frames} frames (pages); give one image per file")
     return image
 
 
@@ -249,6 +257,9 @@ def load_mask(path: pathlib.Path, size: int, num_classes: int) -> tuple[np.ndarr
     """
     image = open_image(path)
     original = image.size
+    if "A" in image.getbands() and np.asarray(image.getchannel("A")).min() < 255:
+        # Converting to grey drops the alpha channel, and with it a mask drawn as transparency.
+        raise DataError(f"{path}: mask has transparent pixels; save it without transparency (0/255 grey or class ids)")
     if image.mode not in ("L", "1", "P", "I", "I;16"):
         image = image.convert("L")
     array = np.asarray(image)

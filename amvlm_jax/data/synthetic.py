@@ -343,6 +343,17 @@ def write_synthetic_dataset(
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
     if _is_complete(root, parameters):
         return root
+    try:
+        written = json.loads((root / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        written = None
+    if isinstance(written, dict) and _is_complete(root, written):
+        # Another run's complete data: replacing it would change what that run's results were measured on.
+        other = ", ".join(f"{k} {written.get(k)} -> {v}" for k, v in parameters.items()
+                          if k != "format_version" and written.get(k) != v)
+        if other:
+            raise FileExistsError(f"{root} holds complete synthetic data of other settings ({other}); refusing to "
+                                  "replace it: delete it or choose another folder")
 
     root.mkdir(parents=True, exist_ok=True)
     # Drop the marker first so an interrupted run is never mistaken for a complete one.

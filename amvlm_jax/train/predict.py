@@ -47,16 +47,31 @@ def list_inputs(config) -> list[tuple[pathlib.Path, pathlib.Path, str | None]]:
     if config.predict.reports:
         if not sheet.is_file():
             raise ConfigError(f"config.predict.reports: {sheet} {'is not a file' if sheet.exists() else 'not found'}")
-        reports = {folders.file_stem(name): text for _, name, text in folders.read_sheet(sheet)}
+        rows = {}
+        for number, name, text in folders.read_sheet(sheet):
+            if (stem := folders.file_stem(name)) in rows:
+                raise ConfigError(f"config.predict.reports: {sheet} row {number} repeats image '{name}' "
+                                  f"(row {rows[stem]})")
+            rows[stem], reports[stem] = number, text
     if folders.is_split_folder(root):  # An LViT split folder: its images, with its own reports or the sheet's.
         entries = folders.list_split_folder(root, False)
         if not config.predict.reports:
             return [(pathlib.Path(e.name), e.image_path, e.report) for e in entries]
         named = [(pathlib.Path(e.name), e.image_path) for e in entries]
     else:
-        named = [(p.relative_to(root).with_suffix(""), p) for p in sorted(root.rglob("*"))
-                 if p.is_file() and p.suffix.lower() in folders.IMAGE_SUFFIXES
-                 and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+        files = [p for p in sorted(root.rglob("*")) if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+        if splits := [p for p in files if p.is_dir() and folders.is_split_folder(p)]:  # Masks would be segmented too.
+            shown = ", ".join(str(p.relative_to(root)) for p in splits[:3])
+            raise ConfigError(f"config.predict.input: {root} holds LViT split folders ({shown}); give one of them, "
+                              "or a folder of images")
+        named = [(p.relative_to(root).with_suffix(""), p) for p in files
+                 if p.is_file() and p.suffix.lower() in folders.IMAGE_SUFFIXES]
+        first = {}
+        for name, path in named:  # x.png and x.jpg would write one mask, x.png.
+            if name in first:
+                raise ConfigError(f"config.predict.input: {first[name]} and {path} would both be segmented into "
+                                  f"{name}{MASK_SUFFIX}; rename one")
+            first[name] = path
     if not named:
         raise ConfigError(f"config.predict.input: {root} holds no images ({', '.join(sorted(folders.IMAGE_SUFFIXES))})")
     if config.predict.reports and not any(p.stem in reports for _, p in named):
