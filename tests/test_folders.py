@@ -95,6 +95,30 @@ def test_only_requested_masks_are_opened(untidy_root):
     keep = [i for i, e in enumerate(examples) if e.name != "c"]
     split = folders.load_split(untidy_root, "train", image_size=16, mask_indices=keep, progress=False)
     assert split.masks[[i for i, e in enumerate(examples) if e.name == "c"][0]].sum() == 0
+    # An image that is never labelled needs no mask file at all; one that is, does.
+    (untidy_root / "Train_Folder" / "labelcol" / "c.tif").unlink()
+    split = folders.load_split(untidy_root, "train", image_size=16, mask_indices=keep, progress=False)
+    assert len(split) == 3
+    image = untidy_root / "Train_Folder" / "img" / "c.png"
+    assert _error(folders.load_split, untidy_root, "train", image_size=16, mask_indices=[0, 1, 2], progress=False) == (
+        f"{image}: no mask in {untidy_root / 'Train_Folder' / 'labelcol'}")
+    assert _error(folders.load_split, untidy_root, "train", image_size=16, progress=False) == (
+        f"{image}: no mask in {untidy_root / 'Train_Folder' / 'labelcol'}")
+
+
+def test_unlabelled_training_images_may_lack_masks_and_then_their_pseudo_labels_go_unscored(tmp_path):
+    from amvlm_jax.data import datasets, synthetic
+
+    from conftest import tiny_synthetic_config
+
+    config = tiny_synthetic_config(**{"data.labeled_fraction": 0.25, "data.root": str(tmp_path)})
+    synthetic.write_synthetic_dataset(tmp_path, num_train=16, num_val=8, num_test=8, image_size=64)
+    labeled, unlabeled = datasets.load_train_parts(config, tmp_path, unlabeled_masks=True)
+    assert len(labeled) == 4 and unlabeled.masks is not None and unlabeled.masks.any()
+    (tmp_path / "Train_Folder" / "labelcol" / f"{unlabeled.names[0]}.png").unlink()
+    again, unmasked = datasets.load_train_parts(config, tmp_path, unlabeled_masks=True)
+    np.testing.assert_array_equal(again.masks, labeled.masks)
+    assert unmasked.masks is None and unmasked.names == unlabeled.names
 
 
 def _error(callable_, *args, **kwargs) -> str:

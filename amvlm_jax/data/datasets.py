@@ -87,13 +87,14 @@ def load_labeled_train(config, root: pathlib.Path) -> SplitArrays:
 def load_train_parts(config, root: pathlib.Path, unlabeled_masks: bool = False) -> tuple[SplitArrays, SplitArrays]:
     """(labelled, unlabelled) training images as data.labeled_fraction and data.split_seed split them.
 
-    The unlabelled part carries no masks (their files are never opened)
-    unless ``unlabeled_masks``: the evaluation of pseudo-labels reads them,
-    training never does.
+    The unlabelled part carries no masks (their files are never opened, and
+    need not exist) unless ``unlabeled_masks`` and every unlabelled image has
+    one: the evaluation of pseudo-labels reads them, training never does.
     """
-    count = len(folders.list_split(root, "train", require_masks=False))
-    labeled = splits.labeled_indices(count, config.data.labeled_fraction, config.data.split_seed)
-    unlabeled = splits.unlabeled_indices(count, config.data.labeled_fraction, config.data.split_seed)
+    examples = folders.list_split(root, "train", require_masks=False)
+    labeled = splits.labeled_indices(len(examples), config.data.labeled_fraction, config.data.split_seed)
+    unlabeled = splits.unlabeled_indices(len(examples), config.data.labeled_fraction, config.data.split_seed)
+    unlabeled_masks = unlabeled_masks and all(examples[i].mask_path is not None for i in unlabeled)
     train = _load(config, root, "train", mask_indices=labeled if not unlabeled_masks else None)
     unlabeled_split = train.subset(unlabeled)
     if not unlabeled_masks:

@@ -300,10 +300,10 @@ def load_split(
     """Decodes and resizes a whole split into memory, checking every file.
 
     `mask_indices` restricts which masks are read (the labeled subset of a
-    semi-supervised run: the others are never opened); other rows of `masks`
-    are zero.
+    semi-supervised run: the others are never opened and need not exist);
+    other rows of `masks` are zero.
     """
-    examples = list_split(root, split, require_masks=with_masks)
+    examples = list_split(root, split, require_masks=with_masks and mask_indices is None)
     wanted = set(range(len(examples)) if mask_indices is None else mask_indices) if with_masks else set()
 
     def decode(i: int):
@@ -311,6 +311,8 @@ def load_split(
         image, image_size_orig = load_image(example.image_path, image_size)
         mask = None
         if i in wanted:
+            if example.mask_path is None:
+                raise DataError(f"{example.image_path}: no mask in {example.image_path.parent.parent / 'labelcol'}")
             mask, mask_size_orig = load_mask(example.mask_path, image_size, num_classes)
             if mask_size_orig != image_size_orig:
                 raise DataError(

@@ -490,8 +490,10 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
 
     named = {}
     _, unlabeled = datasets.load_train_parts(config, root, unlabeled_masks=True)
-    if len(unlabeled):
+    if len(unlabeled) and unlabeled.masks is not None:
         named["unlabeled"] = unlabeled
+    elif len(unlabeled):
+        info("the unlabelled training images are not all masked: their pseudo-labels are not scored")
     val = datasets.load_eval_split(config, root, "val")
     if val is not None:
         named["val"] = val
