@@ -574,6 +574,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not (hasattr(prompts, "items") and len(prompts) >= 2 and all(isinstance(p, str) and p for p in prompts.values())):
             raise ConfigError(f"config.eval.zero_shot['{label}'] must map two or more class values to prompts, "
                               f"got {prompts.to_dict() if hasattr(prompts, 'to_dict') else prompts!r}")
+    if config.mode in ("ssl", "all") and ssl.rampup_epochs > train.epochs:
+        raise ConfigError(f"config.ssl.rampup_epochs={ssl.rampup_epochs} exceeds config.train.epochs={train.epochs}: "
+                          "the unlabelled loss would never reach config.ssl.unlabeled_weight")
     if config.mode == "evaluate" and not config.eval.splits:  # Training jobs: () skips the final evaluation.
         raise ConfigError("config.eval.splits is empty: mode 'evaluate' needs a split to score (train, val or test)")
     # Pre-training reads a corpus only when its training file is named (evaluation takes the checkpoint's).

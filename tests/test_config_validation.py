@@ -162,6 +162,7 @@ BAD_COMBINATIONS = [
     ({"ssl.withhold_reports": True}, "config.ssl.withhold_reports needs config.ssl.text_head ('words' or 'report')"),
     ({"eval.zero_shot": {"Type": {"CT": "a CT scan"}}}, "config.eval.zero_shot['Type'] must map two or more"),
     ({"eval.zero_shot": {"Type": "a CT scan"}}, "config.eval.zero_shot['Type'] must map two or more"),
+    ({"mode": "ssl", "ssl.rampup_epochs": 101.0}, "config.ssl.rampup_epochs=101.0 exceeds config.train.epochs="),
     ({"mode": "evaluate", "eval.splits": ()}, "config.eval.splits is empty: mode 'evaluate' needs a split"),
     ({"data.corpus.val": "val.jsonl"}, "config.data.corpus.val is set but config.data.corpus.train is not"),
     ({"data.corpus.split_field": "split"}, "config.data.corpus.split_field is set but config.data.corpus.train is not"),
