@@ -491,7 +491,10 @@ def save_params_checkpoint(directory, params, metadata: Optional[dict] = None) -
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(os.fspath(directory))
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:  # A file in the way, no permission, a read-only disk.
+        raise WeightError(f"{directory}: cannot write the checkpoint there: {error.strerror or error}") from None
     checkpointer = ocp.PyTreeCheckpointer()
     checkpointer.save(os.path.join(directory, _PARAMS_SUBDIR), params, force=True)
     with open(os.path.join(directory, _METADATA_FILE), "w") as f:

@@ -1,7 +1,10 @@
 """tools/compare.py: the paired t-test against scipy, and the table from per-image CSVs."""
 
 import csv
+import json
 import math
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -218,3 +221,124 @@ def test_pretrain_table_reports_before_after_and_the_smallest_gain(tmp_path, cap
     table.main([f"{tmp_path / 'w0'},{tmp_path / 'w1'}"])
     assert [line for line in capsys.readouterr().out.splitlines() if "t2i_" in line] == [
         row.replace("rtrained0", "w0") for row in rows]
+
+
+def test_compare_reports_bad_per_image_csvs_in_one_line(tmp_path):
+    (tmp_path / "header").mkdir()
+    (tmp_path / "header" / "per_image_test.csv").write_text("file,dice,iou\n")
+    (tmp_path / "columns").mkdir()
+    (tmp_path / "columns" / "per_image_test.csv").write_text("name,dice,iou\nimg0,60,30\n")
+    (tmp_path / "value").mkdir()
+    (tmp_path / "value" / "per_image_test.csv").write_text("file,dice,iou\nimg0,60,30\nimg1,high,30\n")
+    for run, problem in (("header", "per_image_test.csv: no images, only a header"),
+                         ("columns", "per_image_test.csv: no column file "),
+                         ("value", "per_image_test.csv: line 3: dice 'high' is not a number")):
+        with pytest.raises(SystemExit, match=problem):
+            compare.compare([str(tmp_path / run)], "test")
+    # A trailing comma would read per_image_test.csv of the current folder.
+    _write(tmp_path / "a", [60, 70])
+    with pytest.raises(SystemExit, match=r"an empty workdir name"):
+        compare.compare([f"{tmp_path / 'a'},"], "test")
+
+
+def test_compare_pairs_images_by_name_whatever_their_row_order(tmp_path):
+    _write(tmp_path / "base", [60, 70, 80, 65])
+    (tmp_path / "shuffled").mkdir()
+    rows = [("img2", 84), ("img0", 66), ("img3", 70), ("img1", 75)]
+    (tmp_path / "shuffled" / "per_image_test.csv").write_text(
+        "file,dice,iou\n" + "".join(f"{name},{dice},{dice / 2}\n" for name, dice in rows))
+    result = compare.compare([str(tmp_path / "base"), str(tmp_path / "shuffled")], "test")
+    assert result[1]["p"] == pytest.approx(stats.ttest_rel([66, 75, 84, 70], [60, 70, 80, 65]).pvalue)
+    # Pooled seeds: the seed-aware tests apply too.
+    pooled = compare.compare([f"{tmp_path / 'base'},{tmp_path / 'base'}", f"{tmp_path / 'shuffled'},{tmp_path / 'base'}"], "test")
+    assert "p_images" in pooled[1]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "per_image_test.csv").write_text("file,dice,iou\nimg0,1,1\nimg1,1,1\nimg2,1,1\nimg9,1,1\n")
+    with pytest.raises(SystemExit, match="hold different images"):
+        compare.compare([str(tmp_path / "base"), str(tmp_path / "other")], "test")
+
+
+def test_ablation_rejects_bad_rows_and_seeds_up_front():
+    ablation = _ablation_tool()
+    assert ablation.parse_selection("MT, +CSS", "0,2") == (["MT", "+CSS"], [0, 2])
+    for rows, seeds, problem in ((",", "0", "--rows=,: names no row"), ("MT,bogus", "0", "unknown ablation row"),
+                                 ("MT", "a", "--seeds=a: takes"), ("MT", "-1", "--seeds=-1: takes"),
+                                 ("MT", "0,", "--seeds=0,: takes"), ("MT", "1,1", "--seeds=1,1: takes")):
+        with pytest.raises(SystemExit, match=f"^error: {re.escape(problem)}"):
+            ablation.parse_selection(rows, seeds)
+
+
+def _metrics(workdir, records):
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return workdir
+
+
+def _epochs(dice):
+    return [{"epoch": e + 1, "time": 10.0 * (e + 1), "train/epoch_loss": 1.0, "val/dice": d, "val/miou": d / 2}
+            for e, d in enumerate(dice)]
+
+
+def test_curve_reports_bad_metrics_and_arguments_in_one_line(tmp_path, capsys, monkeypatch):
+    curve = repo_module("tools/curve.py")
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["curve.py", *map(str, args)])
+        curve.main()
+        return capsys.readouterr()
+
+    good = _metrics(tmp_path / "good", _epochs([50.0, 60.0]))
+    # A killed run's cut-short last line is skipped with a note; a damaged line before it is an error.
+    with open(good / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "time": 30.0, "train/ep')
+    out = run(good)
+    assert "| 2 (best) |" in out.out and "| 3 " not in out.out
+    assert "metrics.jsonl: line 3 is cut short" in out.err
+    (good / "metrics.jsonl").write_text(json.dumps(_epochs([50.0])[0]) + '\n{"epo\n' + json.dumps(_epochs([50.0, 60.0])[1]))
+    with pytest.raises(SystemExit, match=r"metrics.jsonl: line 2 is not a JSON record$"):
+        run(good)
+    good = _metrics(tmp_path / "good2", _epochs([50.0, 60.0]))
+    for flag, value in (("--every", 0), ("--last", 0), ("--last", -1)):
+        with pytest.raises(SystemExit, match=f"^error: {flag} {value}: must be 1 or more$"):
+            run(good, flag, value)
+    # Several runs, one never validated.
+    unvalidated = _metrics(tmp_path / "unvalidated", [{"epoch": 1, "time": 10.0, "train/epoch_loss": 1.0}])
+    with pytest.raises(SystemExit, match=r"unvalidated.metrics.jsonl: no validated epochs"):
+        run(good, unvalidated)
+    # A pre-training run: its evaluation before training is epoch 0, without a training loss.
+    pretraining = _metrics(tmp_path / "pretrain", [{"epoch": 0, "time": 1.0, "val/i2t_top1": 0.1},
+                                                   {"epoch": 1, "time": 2.0, "train/epoch_loss": 3.0, "val/i2t_top1": 0.2}])
+    for runs in ((pretraining,), (good, pretraining)):
+        with pytest.raises(SystemExit, match=r"pretrain.metrics.jsonl: epochs without train/epoch_loss: not a segmentation"):
+            run(*runs)
+
+
+def _summary(workdir, before, after):
+    (workdir / "pretrain").mkdir(parents=True)
+    (workdir / "pretrain" / "summary.json").write_text(json.dumps({"initial_retrieval": before, "final_retrieval": after}))
+    return str(workdir)
+
+
+def test_pretrain_table_reports_bad_splits_metrics_and_summaries_in_one_line(tmp_path):
+    table = repo_module("tools/pretrain_table.py")
+    scores = {"train/i2t_top1": 0.1, "test/i2t_top1": 0.2, "test/t2i_top1": 0.3}
+    s0 = _summary(tmp_path / "s0", scores, scores)
+    with pytest.raises(SystemExit, match=r"s0: no scores of split 'bogus' after training \(splits scored: train, test\)$"):
+        table.main([s0, "--split", "bogus"])
+    # One seed lacks the split: the row's statistics would silently use the other seed only.
+    s1 = _summary(tmp_path / "s1", {"train/i2t_top1": 0.1}, {"train/i2t_top1": 0.2})
+    with pytest.raises(SystemExit, match=r"s1: no scores of split 'test' after training \(splits scored: train\)$"):
+        table.main([f"{s0},{s1}"])
+    s2 = _summary(tmp_path / "s2", scores, {**scores, "test/i2t_mrr": 0.5})
+    with pytest.raises(SystemExit, match=r"s2: test/i2t_mrr is scored after training but not before$"):
+        table.main([s2])
+    s3 = _summary(tmp_path / "s3", {"test/i2t_top1": 0.1}, {"test/i2t_top1": 0.2})
+    with pytest.raises(SystemExit, match=r"s3: scores other test metrics than .*s0 \(t2i_top1\)"):
+        table.main([f"{s0},{s3}"])
+    (tmp_path / "s4" / "pretrain").mkdir(parents=True)
+    (tmp_path / "s4" / "pretrain" / "summary.json").write_text('{"initial_retrieval": {')
+    with pytest.raises(SystemExit, match=r"s4.pretrain.summary.json: not JSON"):
+        table.main([str(tmp_path / "s4")])
+    (tmp_path / "s4" / "pretrain" / "summary.json").write_text('{"initial_retrieval": {}}')
+    with pytest.raises(SystemExit, match=r"s4.pretrain.summary.json: no initial_retrieval and final_retrieval"):
+        table.main([str(tmp_path / "s4")])

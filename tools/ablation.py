@@ -131,12 +131,26 @@ def summarize(runs: dict, workdir: pathlib.Path) -> tuple[list[dict], str]:
     return table, text
 
 
-def main(config):
-    rows = [r.strip() for r in flags.FLAGS.rows.split(",") if r.strip()]
+def parse_selection(rows_flag: str, seeds_flag: str) -> tuple[list[str], list[int]]:
+    """(rows, seeds) from --rows and --seeds; a one-line exit for names or seeds no run can use."""
+    rows = [r.strip() for r in rows_flag.split(",") if r.strip()]
+    if not rows:
+        sys.exit(f"error: --rows={rows_flag}: names no row; known: {', '.join(ROWS)}")
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         sys.exit(f"error: unknown ablation row(s) {', '.join(unknown)}; known: {', '.join(ROWS)}")
-    seeds = [int(s) for s in flags.FLAGS.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in seeds_flag.split(",")]
+    except ValueError:
+        seeds = None
+    # A repeated seed would pool the same run twice into the paired test.
+    if seeds is None or min(seeds) < 0 or len(set(seeds)) < len(seeds):
+        sys.exit(f"error: --seeds={seeds_flag}: takes distinct non-negative integers, comma-separated (e.g. 0,1,2)")
+    return rows, seeds
+
+
+def main(config):
+    rows, seeds = parse_selection(flags.FLAGS.rows, flags.FLAGS.seeds)
     workdir = pathlib.Path(flags.FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     runs = run_rows(config, workdir, rows, seeds)

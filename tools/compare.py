@@ -28,23 +28,42 @@ import numpy as np
 from scipy import stats
 
 
+COLUMNS = ("file", "dice", "iou")
+
+
 def read_per_image(workdir: str | pathlib.Path, split: str) -> dict[str, np.ndarray]:
-    """{'file': names, 'dice': (N,), 'iou': (N,)} in percent from <workdir>/per_image_<split>.csv."""
+    """{'file': names, 'dice': (N,), 'iou': (N,)} in percent from <workdir>/per_image_<split>.csv,
+    sorted by image name (runs pair image by image whatever order their rows were written in)."""
     path = pathlib.Path(workdir) / f"per_image_{split}.csv"
     if not path.is_file():
         raise SystemExit(f"error: {path}: no per-image results (run an evaluation of this workdir first)")
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {
-        "file": np.array([r["file"] for r in rows]),
-        "dice": np.array([float(r["dice"]) for r in rows]),
-        "iou": np.array([float(r["iou"]) for r in rows]),
-    }
+        reader = csv.DictReader(f)
+        missing = [name for name in COLUMNS if name not in (reader.fieldnames or [])]
+        if missing:
+            raise SystemExit(f"error: {path}: no column {', '.join(missing)} (a per-image CSV has {', '.join(COLUMNS)})")
+        rows = [(reader.line_num, row) for row in reader]
+    if not rows:
+        raise SystemExit(f"error: {path}: no images, only a header")
+    values = {"file": np.array([row["file"] for _, row in rows])}
+    for name in ("dice", "iou"):
+        column = []
+        for line, row in rows:
+            try:
+                column.append(float(row[name]))
+            except (TypeError, ValueError):  # TypeError: a row shorter than the header.
+                raise SystemExit(f"error: {path}: line {line}: {name} {row[name]!r} is not a number") from None
+        values[name] = np.array(column)
+    order = np.argsort(values["file"], kind="stable")
+    return {name: column[order] for name, column in values.items()}
 
 
 def read_parts(spec: str, split: str) -> list[dict[str, np.ndarray]]:
     """The per-image results of each comma-joined workdir of `spec`."""
-    return [read_per_image(p, split) for p in spec.split(",")]
+    workdirs = spec.split(",")
+    if not all(workdirs):  # An empty name would read per_image_<split>.csv of the current folder.
+        raise SystemExit(f"error: '{spec}': an empty workdir name (a comma at an end or two in a row)")
+    return [read_per_image(p, split) for p in workdirs]
 
 
 def pool(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -56,7 +75,7 @@ def seed_tests(base: list[dict[str, np.ndarray]], run: list[dict[str, np.ndarray
     """Paired tests of pooled runs that keep images and seeds apart, or {} where they do not apply.
 
     Needs the same number (>= 2) of workdirs on both sides, each over the
-    same images in the same order. `p_images`: per-image Dice averaged over
+    same images (``read_per_image`` sorts them by name). `p_images`: per-image Dice averaged over
     the workdirs (n = images); `p_runs`: each workdir's mean Dice, paired in
     the order listed (n = workdirs).
     """

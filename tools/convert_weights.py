@@ -52,6 +52,9 @@ def convert(args: argparse.Namespace) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # Found before the conversion's work.
+        print(f"error: --out={args.out}: is a file, not a folder", file=sys.stderr)
+        return 1
     try:
         out = convert(args)
     except weights.WeightError as error:

@@ -13,12 +13,30 @@ import argparse
 import json
 import pathlib
 import statistics
+import sys
 
 
 def epoch_rows(workdir: pathlib.Path) -> list[dict]:
-    """The per-epoch records of a run (those with an 'epoch' field), in order."""
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [record for record in map(json.loads, lines) if "epoch" in record]
+    """The per-epoch records of a run (those with an 'epoch' field), in order.
+
+    The training loop appends one line per record, so a killed run can leave its last line cut short:
+    that line is skipped with a note. Any other line that is no JSON record is an error.
+    """
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                print(f"note: {path}: line {number} is cut short (a killed run?); skipped", file=sys.stderr)
+                break
+            raise SystemExit(f"error: {path}: line {number} is not a JSON record") from None
+        if not isinstance(record, dict):
+            raise SystemExit(f"error: {path}: line {number} is not a JSON record")
+        records.append(record)
+    return [record for record in records if "epoch" in record]
 
 
 def validation_summary(rows: list[dict], last: int) -> dict:
@@ -45,11 +63,15 @@ def print_curve(rows: list[dict], every: int) -> None:
               f"{row.get('val/dice', float('nan')):.2f} | {row.get('val/miou', float('nan')):.2f} |")
 
 
-def print_summaries(workdirs: list[pathlib.Path], last: int) -> None:
-    summaries = [validation_summary(epoch_rows(w), last) for w in workdirs]
+def print_summaries(runs: list[tuple[pathlib.Path, list[dict]]], last: int) -> None:
+    """The table of several runs: (workdir, its ``epoch_rows``) each."""
+    for workdir, rows in runs:
+        if not any("val/dice" in row for row in rows):
+            raise SystemExit(f"error: {workdir / 'metrics.jsonl'}: no validated epochs (val/dice) to compare")
+    summaries = [validation_summary(rows, last) for _, rows in runs]
     print(f"| run | epochs | best epoch | best val Dice | mean val Dice, last {last} |")
     print("|---|---:|---:|---:|---:|")
-    for workdir, s in zip(workdirs, summaries):
+    for (workdir, _), s in zip(runs, summaries):
         print(f"| {workdir} | {s['epochs']} | {s['best_epoch']} | {s['best_dice']:.2f} | {s['last_mean_dice']:.2f} |")
     if len(summaries) > 1:
         cells = []
@@ -65,13 +87,23 @@ def main():
     parser.add_argument("--every", type=int, default=10, help="one run: show every N-th epoch (and the best and last)")
     parser.add_argument("--last", type=int, default=10, help="several runs: average the last N validations")
     args = parser.parse_args()
+    for flag, value in (("--every", args.every), ("--last", args.last)):
+        if value < 1:
+            raise SystemExit(f"error: {flag} {value}: must be 1 or more")
+    runs = []
     for workdir in args.workdirs:
         if not (workdir / "metrics.jsonl").is_file():
             raise SystemExit(f"error: {workdir / 'metrics.jsonl'} not found")
-        if not epoch_rows(workdir):
+        rows = epoch_rows(workdir)
+        if not rows:
             raise SystemExit(f"error: {workdir / 'metrics.jsonl'} holds no epoch records")
-    if len(args.workdirs) == 1:
-        rows = epoch_rows(args.workdirs[0])
+        # A pre-training run logs its evaluation before training as epoch 0, without a training loss.
+        if any("train/epoch_loss" not in row for row in rows):
+            raise SystemExit(f"error: {workdir / 'metrics.jsonl'}: epochs without train/epoch_loss: "
+                             "not a segmentation run's curve (a pre-training run's?)")
+        runs.append((workdir, rows))
+    if len(runs) == 1:
+        rows = runs[0][1]
         print_curve(rows, args.every)
         if not any("val/dice" in row for row in rows):
             return
@@ -79,7 +111,7 @@ def main():
         print(f"\nbest val Dice {summary['best_dice']:.2f} at epoch {summary['best_epoch']}; "
               f"mean of the last {args.last} validations {summary['last_mean_dice']:.2f}")
     else:
-        print_summaries(args.workdirs, args.last)
+        print_summaries(runs, args.last)
 
 
 if __name__ == "__main__":

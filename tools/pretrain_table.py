@@ -30,14 +30,38 @@ import numpy as np
 
 
 def read(workdirs: str, split: str) -> tuple[dict, dict]:
-    """({metric: (seeds,) before}, {metric: (seeds,) after}) in percent, for the split's metrics."""
+    """({metric: (seeds,) before}, {metric: (seeds,) after}) in percent, for the split's metrics.
+
+    Every seed must score the same metrics of the split after training, each also before: the
+    statistics over the seeds would otherwise use fewer seeds than the row names.
+    """
     before, after = {}, {}
+    first = None
     for workdir in workdirs.split(","):
-        for target, scores in zip((before, after), seed_scores(workdir)):
-            for key, value in scores.items():
-                if key.startswith(split + "/") and not key.endswith(("/rows", "/majority")):
-                    target.setdefault(key[len(split) + 1:], []).append(100 * value)
+        scores = seed_scores(workdir)
+        metrics = [{key[len(split) + 1:]: 100 * value for key, value in seed.items()
+                    if key.startswith(split + "/") and not key.endswith(("/rows", "/majority"))} for seed in scores]
+        if not metrics[1]:
+            present = ", ".join(dict.fromkeys(key.split("/")[0] for key in scores[1])) or "none"
+            raise SystemExit(f"error: {workdir}: no scores of split '{split}' after training (splits scored: {present})")
+        if unscored := [metric for metric in metrics[1] if metric not in metrics[0]]:
+            raise SystemExit(f"error: {workdir}: {split}/{unscored[0]} is scored after training but not before")
+        first = first or (workdir, set(metrics[1]))
+        if differ := sorted(first[1] ^ set(metrics[1])):
+            raise SystemExit(f"error: {workdir}: scores other {split} metrics than {first[0]} ({', '.join(differ)}); "
+                             "the seeds' statistics need the same ones")
+        for target, values in zip((before, after), metrics):
+            for metric in metrics[1]:
+                target.setdefault(metric, []).append(values[metric])
     return {k: np.array(v) for k, v in before.items()}, {k: np.array(v) for k, v in after.items()}
+
+
+def read_json(path: pathlib.Path):
+    """The JSON value of a file; a one-line error naming it when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:  # Also a UnicodeDecodeError.
+        raise SystemExit(f"error: {path}: not JSON ({error})") from None
 
 
 def seed_scores(workdir: str) -> tuple[dict, dict]:
@@ -48,14 +72,19 @@ def seed_scores(workdir: str) -> tuple[dict, dict]:
             path = pathlib.Path(folder) / "retrieval.json"
             if not path.is_file():
                 raise SystemExit(f"error: {path}: no evaluation of pre-trained encoders (mode 'evaluate')")
-            splits = json.loads(path.read_text())
+            splits = read_json(path)
+            if not isinstance(splits, dict) or not all(isinstance(v, dict | None) for v in splits.values()):
+                raise SystemExit(f"error: {path}: not an evaluation's scores ({{split: {{metric: value}} or null}})")
             pair.append({f"{split}/{key}": value for split, scores in splits.items() if scores
                          for key, value in scores.items() if key != "pairs"})
         return pair[0], pair[1]
     path = pathlib.Path(workdir) / "pretrain" / "summary.json"
     if not path.is_file():
         raise SystemExit(f"error: {path}: no pre-training summary (the run has not finished)")
-    summary = json.loads(path.read_text())
+    summary = read_json(path)
+    if not isinstance(summary, dict) or not all(isinstance(summary.get(key), dict)
+                                                for key in ("initial_retrieval", "final_retrieval")):
+        raise SystemExit(f"error: {path}: no initial_retrieval and final_retrieval scores (not a pre-training summary)")
     return summary["initial_retrieval"], summary["final_retrieval"]
 
 
@@ -70,7 +99,7 @@ def seed_ranks(workdir: str) -> tuple[dict, dict] | None:
     if not paths or not all(path.is_file() for path in paths):
         return None
     before, after = ({split: {k: np.asarray(v) for k, v in ranks.items()} for split, ranks in
-                      json.loads(path.read_text()).items()} for path in paths)
+                      read_json(path).items()} for path in paths)
     return before, after
 
 

@@ -341,6 +341,24 @@ def score_split(config, guidance, split, split_name: str, batch_size: int = 25, 
     return result, features
 
 
+def check_flags(splits: str, workdir: pathlib.Path) -> list[str]:
+    """The splits that --splits names, and --workdir made ready for the output: one-line errors before
+    any scoring."""
+    from amvlm_jax.config import ConfigError
+    from amvlm_jax.data.folders import SPLIT_FOLDERS
+
+    requested = [s.strip() for s in splits.split(",") if s.strip()]
+    if not requested:
+        raise ConfigError(f"--splits={splits}: names no split; give some of {', '.join(SPLIT_FOLDERS)}")
+    if unknown := [s for s in requested if s not in SPLIT_FOLDERS]:
+        raise ConfigError(f"--splits={splits}: no split '{unknown[0]}'; one of {', '.join(SPLIT_FOLDERS)}")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # A file in the way, no permission, a read-only disk.
+        raise ConfigError(f"--workdir={workdir}: cannot write the results there: {e.strerror or e}") from None
+    return requested
+
+
 def main(config):
     from amvlm_jax.data import datasets, folders
     from amvlm_jax.train.parallel import make_mesh
@@ -348,12 +366,12 @@ def main(config):
     from amvlm_jax.train.ssl import TextGuidance
 
     workdir = pathlib.Path(flags.FLAGS.workdir)
+    requested = check_flags(flags.FLAGS.splits, workdir)
     root = datasets.data_root(config, workdir)
     mesh = make_mesh(config, batch_size=25)
     guidance = TextGuidance(config, workdir, mesh)
     generator = ssl.restore_generator(guidance, flags.FLAGS.generator, mesh) if flags.FLAGS.generator else None
     results, features = {}, {}
-    requested = [s.strip() for s in flags.FLAGS.splits.split(",") if s.strip()]
     synthetic_data = config.data.name == "synthetic"
     # The probes are fitted on the training split, scored or not.
     for split_name in requested + (["train"] if synthetic_data and "train" not in requested else []):

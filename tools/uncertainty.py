@@ -112,22 +112,38 @@ def nearest(embeddings, index: int, count: int, exclude_same_text=None):
     return chosen
 
 
+def check_flags(split_name: str, count: int) -> None:
+    """One-line errors for --split and --count, before any model is built."""
+    from amvlm_jax.config import ConfigError
+    from amvlm_jax.data.folders import SPLIT_FOLDERS
+
+    if split_name not in SPLIT_FOLDERS:
+        raise ConfigError(f"--split={split_name}: not a split; one of {', '.join(SPLIT_FOLDERS)}")
+    if count < 1:
+        raise ConfigError(f"--count={count}: must be 1 or more")
+
+
+def image_row(names: list[str], image_name: str, where: str) -> int:
+    """Row of --image among a split's names (file stems); it may be given as a file name (syn_00003.png)."""
+    from amvlm_jax.config import ConfigError
+    from amvlm_jax.data.folders import file_stem
+
+    for name in (image_name, file_stem(image_name)):
+        if name in names:
+            return names.index(name)
+    raise ConfigError(f"--image={image_name}: not an image of {where}")
+
+
 def analyse(config, workdir: pathlib.Path, split_name: str, image_name: str, report: str, count: int) -> dict:
     import jax
     import numpy as np
 
-    from amvlm_jax.config import ConfigError
     from amvlm_jax.data import datasets, folders
 
     model, variables, tokenizer, size = load_model(config, workdir)
     root = datasets.data_root(config, workdir)
     split = folders.load_split(root, split_name, image_size=size, num_classes=config.data.num_classes, with_masks=False)
-    if image_name:
-        if image_name not in split.names:
-            raise ConfigError(f"{image_name}: not an image of the {split_name} split of {root}")
-        index = split.names.index(image_name)
-    else:
-        index = 0
+    index = image_row(split.names, image_name, f"the {split_name} split of {root}") if image_name else 0
     encode_text = jax.jit(lambda v, t: model.apply(v, t, False, method=model.encode_text)["t"])
     report_embeddings = np.asarray(jax.device_get(encode_text(variables, tokenizer(split.reports))))
     scores = make_pair_scores(model)
@@ -215,6 +231,7 @@ def main(config):
     FLAGS = flags.FLAGS
     workdir = pathlib.Path(FLAGS.workdir)
     out = pathlib.Path(FLAGS.out) if FLAGS.out else workdir / "uncertainty"
+    check_flags(FLAGS.split, FLAGS.count)
     result = analyse(config, workdir, FLAGS.split, FLAGS.image, FLAGS.report, FLAGS.count)
     out.mkdir(parents=True, exist_ok=True)
     (out / "uncertainty.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,48 @@
+"""Bad command-line input to tools/uncertainty.py, tools/text_masks.py and tools/convert_weights.py: one-line
+errors, found before any model is built."""
+
+import pytest
+
+from amvlm_jax import weights
+from amvlm_jax.config import ConfigError
+from conftest import repo_module
+
+
+def test_uncertainty_checks_split_count_and_image_names():
+    uncertainty = repo_module("tools/uncertainty.py")
+    uncertainty.check_flags("val", 1)
+    with pytest.raises(ConfigError, match=r"^--split=bogus: not a split; one of train, val, test$"):
+        uncertainty.check_flags("bogus", 5)
+    with pytest.raises(ConfigError, match=r"^--count=0: must be 1 or more$"):
+        uncertainty.check_flags("val", 0)
+    # The split's names are file stems; --image may be a file name, as the tool's docstring writes it.
+    names = ["syn_00000", "syn_00001"]
+    assert uncertainty.image_row(names, "syn_00001.png", "val") == 1
+    assert uncertainty.image_row(names, "syn_00001", "val") == 1
+    with pytest.raises(ConfigError, match=r"^--image=syn_00009.png: not an image of val$"):
+        uncertainty.image_row(names, "syn_00009.png", "val")
+
+
+def test_text_masks_checks_splits_and_makes_the_workdir_before_scoring(tmp_path):
+    text_masks = repo_module("tools/text_masks.py")
+    workdir = tmp_path / "new" / "run"
+    assert text_masks.check_flags("val, train", workdir) == ["val", "train"]
+    assert workdir.is_dir()  # The results are written there after the scoring.
+    with pytest.raises(ConfigError, match=r"^--splits=val,bogus: no split 'bogus'; one of train, val, test$"):
+        text_masks.check_flags("val,bogus", workdir)
+    with pytest.raises(ConfigError, match=r"^--splits=,: names no split"):
+        text_masks.check_flags(",", workdir)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"^--workdir=.*file: cannot write the results there"):
+        text_masks.check_flags("val", tmp_path / "file")
+
+
+def test_convert_weights_rejects_an_out_that_is_a_file(tmp_path, capsys):
+    convert = repo_module("tools/convert_weights.py")
+    out = tmp_path / "out"
+    out.write_text("")
+    # Checked before the source is read.
+    assert convert.main(["--kind", "vit", "--src", str(tmp_path / "none.safetensors"), "--out", str(out)]) == 1
+    assert capsys.readouterr().err == f"error: --out={out}: is a file, not a folder\n"
+    with pytest.raises(weights.WeightError, match=r"out: cannot write the checkpoint there"):
+        weights.save_params_checkpoint(out, {"w": 0})
