@@ -319,12 +319,15 @@ def _summary(workdir, before, after):
     return str(workdir)
 
 
-def test_pretrain_table_reports_bad_splits_metrics_and_summaries_in_one_line(tmp_path):
+def test_pretrain_table_reports_bad_splits_metrics_and_summaries_in_one_line(tmp_path, capsys):
     table = repo_module("tools/pretrain_table.py")
     scores = {"train/i2t_top1": 0.1, "test/i2t_top1": 0.2, "test/t2i_top1": 0.3}
     s0 = _summary(tmp_path / "s0", scores, scores)
     with pytest.raises(SystemExit, match=r"s0: no scores of split 'bogus' after training \(splits scored: train, test\)$"):
         table.main([s0, "--split", "bogus"])
+    assert capsys.readouterr().out == ""  # No table header before the error.
+    with pytest.raises(SystemExit, match=r"an empty workdir name"):
+        table.main([f"{s0},"])
     # One seed lacks the split: the row's statistics would silently use the other seed only.
     s1 = _summary(tmp_path / "s1", {"train/i2t_top1": 0.1}, {"train/i2t_top1": 0.2})
     with pytest.raises(SystemExit, match=r"s1: no scores of split 'test' after training \(splits scored: train\)$"):

@@ -135,10 +135,13 @@ def main(argv=None) -> None:
     parser.add_argument("groups", nargs="+", help="comma-separated workdirs of one configuration's seeds")
     parser.add_argument("--split", default="test")
     args = parser.parse_args(argv)
+    for group in args.groups:  # An empty name would read the current folder.
+        if not all(group.split(",")):
+            raise SystemExit(f"error: '{group}': an empty workdir name (a comma at an end or two in a row)")
+    scores = [read(group, args.split) for group in args.groups]  # Every error before the table starts.
     print("| runs | metric | before | after | gain | smallest gain | p (paired t, seeds) | p (paired t, queries) |\n"
           "|---|---|---|---|---|---|---|---|")
-    for group in args.groups:
-        before, after = read(group, args.split)
+    for group, (before, after) in zip(args.groups, scores):
         ranks = [seed_ranks(workdir) for workdir in group.split(",")]  # Read once for all the group's metrics.
         name = pathlib.Path(group.split(",")[0].split(":")[-1]).name + f" (+{group.count(',')})"
         for metric in after:
