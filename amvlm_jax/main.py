@@ -195,9 +195,9 @@ def checkpoint_config(config, workdir: pathlib.Path):
         from amvlm_jax.train.logging import info
 
         restored = with_recorded(config, meta["config"], keep_data_root=bool(config.data.root))
-        # Where the data lies and how it is read are filled in, not replaced: not named.
+        # Where the data and the encoders lie and how the data is read are filled in, not replaced: not named.
         if changed := config_changes(recorded_config(config), recorded_config(restored), RECORDED_SECTIONS,
-                                     MOVABLE_FIELDS):
+                                     (*MOVABLE_FIELDS, "ssl.pretrained")):
             info(f"{source}: the checkpoint's recorded fields replace the command's: {changed}")
         config = restored
         if config.eval.initial:  # The run's initialisation, not the command's seed.

@@ -181,6 +181,8 @@ def test_a_jsonl_report_field_must_be_a_string(tmp_path):
 def test_a_repeated_csv_column_and_rows_spanning_lines_are_named_by_their_first_line(tmp_path):
     path, config = _csv(tmp_path, b"file,report,report\nimages/0.png,a,b\n")
     assert _error(config) == f"{path}:1: column 'report' appears more than once in the header"
+    path.write_bytes(b"file,report,,\nimages/0.png,a,,\n")  # Unnamed columns of a spreadsheet export: no repeat.
+    assert corpus.read_split(config, "train")["reports"] == ["a"]
     path.write_bytes(b'file,report\nimages/0.png,"three\nline\nreport"\nimages/1.png,b\nimages/9.png,c\n')
     assert _error(config).startswith(f"{path}:6: image ")  # The third row starts on line 6, not 4.
     path.write_bytes(b'file,report\nimages/0.png,"two\nlines"\nimages/1.png,b\n')

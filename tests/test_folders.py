@@ -204,19 +204,28 @@ def test_two_sheets_an_unsupported_image_type_and_a_multi_page_image(untidy_root
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
-def test_a_mask_drawn_in_transparency_is_an_error_and_an_opaque_one_is_read(untidy_root, mode):
+def test_a_mask_drawn_in_transparency_is_an_error_and_one_that_agrees_with_its_grey_values_is_read(untidy_root, mode):
     path = untidy_root / "Val_Folder" / "labelcol" / "v.png"
     drawn = _write_mask(path)
-    colour = np.full((30, 40, 3 if mode == "RGBA" else 1), 255, np.uint8)
-    Image.fromarray(np.concatenate([colour, drawn[..., None]], -1).squeeze(), mode=mode).save(path)
-    assert _error(folders.load_split, untidy_root, "val", image_size=40, progress=False) == (
-        f"{path}: mask has transparent pixels; save it without transparency (0/255 grey or class ids)")
-    opaque = np.concatenate([np.repeat(drawn[..., None], colour.shape[-1], -1), np.full((30, 40, 1), 255, np.uint8)], -1)
-    Image.fromarray(opaque.squeeze() if mode == "LA" else opaque, mode=mode).save(path)
-    split = folders.load_split(untidy_root, "val", image_size=40, progress=False)
-    grey = _write_mask(untidy_root / "grey.png")
-    np.testing.assert_array_equal(split.masks[0], folders.load_mask(untidy_root / "grey.png", 40, 1)[0])
-    assert np.array_equal(grey, drawn) and split.masks[0].any()
+    _write_mask(untidy_root / "grey.png")
+    expected = folders.load_mask(untidy_root / "grey.png", 40, 1)[0]
+    channels = 3 if mode == "RGBA" else 1
+
+    def save(grey, alpha):
+        Image.fromarray(np.concatenate([np.repeat(grey[..., None], channels, -1), alpha[..., None]], -1).squeeze(),
+                        mode=mode).save(path)
+
+    white, black, opaque = np.full_like(drawn, 255), np.zeros_like(drawn), np.full_like(drawn, 255)
+    for grey in (white, black):  # Drawn in the alpha channel alone: grey conversion would give all or nothing.
+        save(grey, drawn)
+        assert _error(folders.load_split, untidy_root, "val", image_size=40, progress=False) == (
+            f"{path}: mask's transparency and its grey values disagree on the foreground; save it without "
+            "transparency (0/255 grey or class ids)")
+    for alpha in (drawn, opaque):  # A transparent black background, or no transparency: read as grey.
+        save(drawn, alpha)
+        np.testing.assert_array_equal(folders.load_split(untidy_root, "val", image_size=40, progress=False).masks[0],
+                                      expected)
+    assert expected.any()
 
 
 def test_real_monuseg(monuseg):

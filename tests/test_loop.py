@@ -102,9 +102,12 @@ def test_loop_cadences_best_checkpoint_telemetry_and_meta(tmp_path, toy_step):
     assert int(loop.run(_job(moved, tmp_path, mesh, toy_step, calls))[0].step) == 12
     # Moved files that hold other rows (another number of steps per epoch) would shift every epoch: refused.
     with pytest.raises(checkpoint.CheckpointError, match=f"written with {STEPS_PER_EPOCH} steps per epoch, this run's "
-                       f"training data and batch size give {STEPS_PER_EPOCH - 1};"):
+                       f"training data, batch size and devices give {STEPS_PER_EPOCH - 1};"):
         loop.run(dataclasses.replace(_job(moved, tmp_path, mesh, toy_step, calls), steps_per_epoch=STEPS_PER_EPOCH - 1))
     unused = tiny_synthetic_config(**{"data.labeled_fraction": 0.5})
+    # A changed data field is named, also where it changes the number of steps per epoch.
+    with pytest.raises(checkpoint.CheckpointError, match="data.labeled_fraction=1.0 -> 0.5"):
+        loop.run(dataclasses.replace(_job(unused, tmp_path, mesh, toy_step, calls), steps_per_epoch=STEPS_PER_EPOCH + 1))
     job = _job(unused, tmp_path, mesh, toy_step, calls)
     with pytest.raises(checkpoint.CheckpointError, match="data.labeled_fraction=1.0 -> 0.5"):
         loop.run(job)

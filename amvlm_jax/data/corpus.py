@@ -96,7 +96,7 @@ def _read_rows(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
             rows = ((line, cells) for line, cells in csv_records(f, path) if cells)  # Blank lines are skipped.
             header_line, header = next(rows, (1, []))
             _utf8(",".join(header), f"{path}:{header_line}")
-            if repeated := sorted({name for name in header if header.count(name) > 1}):
+            if repeated := sorted({name for name in header if name and header.count(name) > 1}):  # '': unnamed.
                 raise DataError(f"{path}:{header_line}: column '{repeated[0]}' appears more than once in the header")
             for number, cells in rows:
                 _utf8(",".join(cells), f"{path}:{number}")

@@ -257,9 +257,12 @@ def load_mask(path: pathlib.Path, size: int, num_classes: int) -> tuple[np.ndarr
     """
     image = open_image(path)
     original = image.size
-    if "A" in image.getbands() and np.asarray(image.getchannel("A")).min() < 255:
-        # Converting to grey drops the alpha channel, and with it a mask drawn as transparency.
-        raise DataError(f"{path}: mask has transparent pixels; save it without transparency (0/255 grey or class ids)")
+    if "A" in image.getbands() and (alpha := np.asarray(image.getchannel("A"))).min() < 255:
+        # Converting to grey drops the alpha channel: fine where it only hides the background (a transparent black
+        # one), not where the mask is drawn in it.
+        if not np.array_equal(alpha > 0, np.asarray(image.convert("L")) > 0):
+            raise DataError(f"{path}: mask's transparency and its grey values disagree on the foreground; save it "
+                            "without transparency (0/255 grey or class ids)")
     if image.mode not in ("L", "1", "P", "I", "I;16"):
         image = image.convert("L")
     array = np.asarray(image)

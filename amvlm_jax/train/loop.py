@@ -308,16 +308,16 @@ def resume_point(checkpoints: checkpoint.RunCheckpoints, job: Job) -> tuple[Any,
     if saved.get("job", job.name) != job.name:
         raise checkpoint.CheckpointError(f"{where}: a checkpoint of a '{saved['job']}' run, not '{job.name}'; "
                                          "use another workdir")
-    if saved.get("steps_per_epoch", job.steps_per_epoch) != job.steps_per_epoch:  # Moved files, other rows.
-        raise checkpoint.CheckpointError(f"{where}: written with {saved['steps_per_epoch']} steps per epoch, this "
-                                         f"run's training data and batch size give {job.steps_per_epoch}; resume with "
-                                         "the data and batch it was trained with or use another workdir")
     recorded = recorded_config(job.config)
     changed = config_changes(saved.get("config"), recorded, DATA_FIELDS,
                              MOVABLE_FIELDS + job.unused_fields)
     if changed:
         raise checkpoint.CheckpointError(f"{where}: written for other data ({changed}); resume with the same "
                                          "fields or use another workdir")
+    if saved.get("steps_per_epoch", job.steps_per_epoch) != job.steps_per_epoch:  # Moved files, other rows.
+        raise checkpoint.CheckpointError(f"{where}: written with {saved['steps_per_epoch']} steps per epoch, this "
+                                         f"run's training data, batch size and devices give {job.steps_per_epoch}; "
+                                         "resume as it was trained or use another workdir")
 
     def misfit(reason: str) -> checkpoint.CheckpointError:
         changed = config_changes(saved.get("config"), recorded, SHAPE_FIELDS)
