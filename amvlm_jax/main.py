@@ -277,9 +277,9 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
         from amvlm_jax.train.parallel import enable_compilation_cache
 
         config = flags.FLAGS.config
-        split_name_lists(config)  # --config.eval.splits=val,test
-        enable_compilation_cache(config)
         try:
+            split_name_lists(config)  # --config.eval.splits=val,test
+            enable_compilation_cache(config)
             with catching_interrupts():  # A Ctrl-C that Python drops still stops the next step or batch.
                 job(config)
         except user_errors() as e:

@@ -41,6 +41,17 @@ def test_bad_command_lines_give_one_line_errors(args, expected, tmp_path):
     assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ") and expected in stderr, stderr
 
 
+def test_a_compilation_cache_that_is_a_file_is_a_one_line_error_of_the_command(tmp_path):
+    (tmp_path / "cache").write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # The tests' own cache wins.
+    result = subprocess.run([sys.executable, "-m", "amvlm_jax.main", f"--config.compilation_cache={tmp_path / 'cache'}",
+                             f"--workdir={tmp_path / 'run'}"], cwd=REPO_ROOT, capture_output=True, text=True, env=env,
+                            timeout=120)
+    code, stderr = result.returncode, result.stderr.strip()
+    assert code != 0 and stderr == (f"error: config.compilation_cache={tmp_path / 'cache'}: is a file, not a folder "
+                                    "('' turns the cache off)")
+
+
 def test_a_workdir_that_cannot_be_written_is_a_one_line_error(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
