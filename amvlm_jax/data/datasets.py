@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 from amvlm_jax.config import ConfigError
@@ -68,14 +67,11 @@ def _synthetic_complete(root: pathlib.Path, config) -> bool:
     """Whether root holds the complete synthetic data of config.data (as its completion marker records it)."""
     from amvlm_jax.data import synthetic
 
-    try:
-        written = json.loads((root / synthetic.MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        return False
+    written = synthetic.read_marker(root)
     syn = config.data.synthetic
     wanted = dict(seed=syn.seed, num_train=syn.num_train, num_val=syn.num_val, num_test=syn.num_test,
                   image_size=config.data.image_size)
-    return (isinstance(written, dict) and all(written.get(k) == v for k, v in wanted.items())
+    return (written is not None and all(written.get(k) == v for k, v in wanted.items())
             and synthetic._is_complete(root, written))
 
 

@@ -272,12 +272,17 @@ def _split_sizes(num_train: int, num_val: int, num_test: int) -> dict[str, int]:
     return {"train": num_train, "val": num_val, "test": num_test}
 
 
-def _is_complete(root: pathlib.Path, parameters: dict) -> bool:
-    marker = root / MARKER_NAME
+def read_marker(root: pathlib.Path) -> dict | None:
+    """The parameters a complete write recorded in root's marker, or None (no marker, or not a JSON object)."""
     try:
-        if json.loads(marker.read_text()) != parameters:
-            return False
+        written = json.loads((root / MARKER_NAME).read_text())
     except (OSError, ValueError):
+        return None
+    return written if isinstance(written, dict) else None
+
+
+def _is_complete(root: pathlib.Path, parameters: dict) -> bool:
+    if read_marker(root) != parameters:
         return False
     sizes = _split_sizes(parameters["num_train"], parameters["num_val"], parameters["num_test"])
     for split, count in sizes.items():
@@ -341,13 +346,9 @@ def write_synthetic_dataset(
         raise ValueError(f"sizes and seed must be non-negative, got {parameters}")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
-    if _is_complete(root, parameters):
-        return root
-    try:
-        written = json.loads((root / MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        written = None
-    if isinstance(written, dict) and _is_complete(root, written):
+    if (written := read_marker(root)) is not None and _is_complete(root, written):
+        if written == parameters:
+            return root
         # Another run's complete data: replacing it would change what that run's results were measured on.
         other = ", ".join(f"{k} {written.get(k)} -> {v}" for k, v in parameters.items()
                           if k != "format_version" and written.get(k) != v)

@@ -103,8 +103,9 @@ def recorded_config(config) -> dict:
 
 
 def fresh_meta(job: Job) -> dict:
-    return {"job": job.name, "steps_per_epoch": job.steps_per_epoch, "epoch": 0, "best_metric": job.best_metric, "best": None, "best_epoch": 0,
-            "seconds": 0.0, "initial_eval": {}, "last_eval": {}, "first_epoch": {}, "last_epoch": {}}
+    return {"job": job.name, "steps_per_epoch": job.steps_per_epoch, "epoch": 0, "best_metric": job.best_metric,
+            "best": None, "best_epoch": 0, "seconds": 0.0, "initial_eval": {}, "last_eval": {}, "first_epoch": {},
+            "last_epoch": {}}
 
 
 def run(job: Job) -> tuple[Any, dict]:
