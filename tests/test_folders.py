@@ -141,6 +141,12 @@ def test_sheet_row_without_image(untidy_root):
     assert "ghost.png" in message and "row 3" in message
 
 
+def test_sheet_naming_an_image_twice_also_by_its_mask_name(untidy_root):
+    sheet = untidy_root / "Val_Folder" / "Val_text.csv"
+    _write_csv(sheet, [("v.png", "x"), ("mask_v.png", "y")])
+    assert _error(folders.list_split, untidy_root, "val") == f"{sheet}: row 3 repeats image 'mask_v.png' (row 2)"
+
+
 def test_missing_mask(untidy_root):
     (untidy_root / "Val_Folder" / "labelcol" / "v.png").unlink()
     assert "no mask" in _error(folders.list_split, untidy_root, "val")

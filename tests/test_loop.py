@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +113,29 @@ def test_loop_cadences_best_checkpoint_telemetry_and_meta(tmp_path, toy_step):
     with pytest.raises(checkpoint.CheckpointError, match="data.labeled_fraction=1.0 -> 0.5"):
         loop.run(job)
     assert int(loop.run(dataclasses.replace(job, unused_fields=("data.labeled_fraction",)))[0].step) == 12
+
+
+def test_a_resumed_run_drops_the_records_it_writes_again_and_a_line_cut_short(tmp_path, toy_step):
+    config = tiny_synthetic_config()
+    mesh = make_mesh(config, jax.devices()[:1])
+    loop.run(_job(config, tmp_path, mesh, toy_step, [], epochs=2))  # Checkpointed at step 6.
+    metrics = tmp_path / "metrics.jsonl"
+    # Logged after the checkpoint by a run killed mid-write: two records and a cut-short line.
+    with open(metrics, "a") as f:
+        f.write(json.dumps({"step": 7, "time": 0.0, "train/loss": -1.0}) + "\n")
+        f.write(json.dumps({"step": 8, "time": 0.0, "train/loss": -1.0}) + "\n")
+        f.write('{"step": 9, "time": 0.0, "train/lo')
+    loop.run(_job(config, tmp_path, mesh, toy_step, [], epochs=EPOCHS))
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    losses = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in losses] == list(range(1, 13)) and all(r["train/loss"] >= 0 for r in losses)
+    assert [r["epoch"] for r in records if "epoch" in r] == [0, 1, 2, 3, 4]
+    # A run that starts over (no checkpoint) starts its record over.
+    shutil.rmtree(tmp_path / "checkpoints")
+    loop.run(_job(config, tmp_path, mesh, toy_step, [], epochs=1))
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3]
+    assert [r["epoch"] for r in records if "epoch" in r] == [0, 1]
 
 
 def test_curves_draw_one_panel_per_split_without_the_constant_counts(tmp_path):

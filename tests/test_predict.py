@@ -174,9 +174,9 @@ def test_inputs_that_would_overwrite_a_mask_or_segment_masks_are_refused(trained
     sheet = tmp_path / "reports.csv"
     sheet.write_text("Image,Description\nx.png,One.\nx.png,Two.\n")
     config.predict.reports = str(sheet)
-    with pytest.raises(ConfigError) as raised:
+    with pytest.raises(folders.DataError) as raised:
         predict.list_inputs(config)
-    assert str(raised.value) == f"config.predict.reports: {sheet} row 3 repeats image 'x.png' (row 2)"
+    assert str(raised.value) == f"{sheet}: row 3 repeats image 'x.png' (row 2)"
     config = tiny_synthetic_config(**{"predict.input": str(trained / "data")})  # The data root, masks and all.
     with pytest.raises(ConfigError) as raised:
         predict.list_inputs(config)

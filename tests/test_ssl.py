@@ -358,6 +358,10 @@ def test_uncertainty_analysis_scores_match_the_model(all_run):
     assert part1[0]["tokens"] == pytest.approx(float(expected), abs=1e-4)
     tool.plot(result, tmp_path / "uncertainty.png")
     assert (tmp_path / "uncertainty.png").stat().st_size > 10_000
+    # The model is built as the pre-training run recorded it, whatever the command's pretrain fields say.
+    changed = config.copy_and_resolve_references()
+    changed.pretrain.objective, changed.pretrain.max_length = "mgca", config.pretrain.max_length + 8
+    assert tool.analyse(changed, tmp_path, "val", "", "", count=3) == result
 
 
 def test_teacher_norm_batch_uses_batch_statistics_and_ema_uses_running_ones(vision_only):

@@ -37,22 +37,26 @@ sys.path.insert(0, str(REPO_ROOT))
 
 
 def load_model(config, workdir: pathlib.Path):
-    """(AMVLM model, restored variables, tokenizer, image size) from the run's pre-training checkpoint."""
+    """(AMVLM model, restored variables, tokenizer, image size) from the run's pre-training checkpoint, built
+    as that run's recorded config describes it (its ``pretrain`` fields, not this command's)."""
     import jax
 
     from amvlm_jax.config import ConfigError
     from amvlm_jax.data.tokenize import ReportTokenizer
-    from amvlm_jax.train import build, checkpoint, pretrain
+    from amvlm_jax.train import build, checkpoint, pretrain, ssl
 
-    if config.pretrain.objective != "amvlm":
-        raise ConfigError("the uncertainty analysis needs the AMVLM objective's PDT heads (pretrain.objective='amvlm')")
     source = pathlib.Path(config.ssl.pretrained or workdir / "pretrain")
     if not source.exists():
         raise ConfigError(f"{source}: no pre-trained model; run mode 'pretrain' or 'all' first, or set config.ssl.pretrained")
+    config = ssl.encoder_config(config, checkpoint.read_meta(source).get("config"))
+    if config.pretrain.objective != "amvlm":
+        raise ConfigError(f"{source}: pre-trained with objective '{config.pretrain.objective}'; the uncertainty "
+                          "analysis needs the AMVLM objective's PDT heads")
     model = build.build_model(config, build.text_encoder_config(config))
     size = build.pretrain_image_size(config)
     abstract = jax.eval_shape(lambda: pretrain.create_state(config, model, size))
-    variables, meta, used = checkpoint.restore_variables(source, {"params": abstract.params, "batch_stats": abstract.batch_stats})
+    variables, meta, used = checkpoint.restore_variables(source, {"params": abstract.params, "batch_stats": abstract.batch_stats},
+                                                         job="pretrain")
     print(f"pre-trained model from {used} ({meta.get('epoch')} epochs)")
     return model, variables, ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length), size
 

@@ -146,6 +146,18 @@ def read_sheet(path: pathlib.Path) -> list[tuple[int, str, str]]:
     return rows
 
 
+def sheet_reports(path: pathlib.Path, stem_of: Callable[[str], str]) -> dict[str, tuple[int, str, str]]:
+    """{stem_of(image name): (row number, image name, description)} of a report sheet; a stem named twice is an
+    error (which row holds the report would be a guess)."""
+    reports: dict[str, tuple[int, str, str]] = {}
+    for row_number, name, text in read_sheet(path):
+        stem = stem_of(name)
+        if stem in reports:
+            raise DataError(f"{path}: row {row_number} repeats image '{name}' (row {reports[stem][0]})")
+        reports[stem] = (row_number, name, text)
+    return reports
+
+
 def file_stem(name: str) -> str:
     base = os.path.basename(name)
     stem, suffix = os.path.splitext(base)
@@ -197,13 +209,12 @@ def list_split_folder(folder: pathlib.Path, require_masks: bool = True) -> list[
     images = _index_folder(folder / "img")
     masks = _index_folder(folder / "labelcol", MASK_PREFIX) if (folder / "labelcol").is_dir() else {}
 
+    def sheet_stem(name: str) -> str:  # A row may name an image by its mask's name.
+        stem = file_stem(name)
+        return stem[len(MASK_PREFIX):] if stem.startswith(MASK_PREFIX) and stem not in images else stem
+
     reports: dict[str, str] = {}
-    for row_number, image_name, text in read_sheet(sheet):
-        stem = file_stem(image_name)
-        if stem.startswith(MASK_PREFIX) and stem not in images:
-            stem = stem[len(MASK_PREFIX):]
-        if stem in reports:
-            raise DataError(f"{sheet}: row {row_number} repeats image '{image_name}'")
+    for stem, (row_number, image_name, text) in sheet_reports(sheet, sheet_stem).items():
         if stem not in images:
             if (folder / "img" / image_name).is_file():
                 raise DataError(f"{sheet}: row {row_number} names '{image_name}', a file type the reader does not "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import time
 
@@ -17,16 +18,46 @@ def info(message: str) -> None:
 
 
 class MetricWriter:
-    """Appends {'step', 'time', **metrics} lines to <workdir>/metrics.jsonl and TensorBoard events."""
+    """Appends {'step', 'time', **metrics} lines to <workdir>/metrics.jsonl and TensorBoard events.
 
-    def __init__(self, workdir: str | pathlib.Path):
+    A run that resumes at ``start_step`` first drops the records it will write again: those after
+    ``start_step`` (logged before a kill that came after the last checkpoint), all of them when it starts
+    from step 0, and a last line that a kill cut short (appending to it would merge two records into one
+    unreadable line). TensorBoard hides the same steps of the earlier event files (``purge_step``).
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, start_step: int = 0):
         self.enabled = jax.process_index() == 0
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self._tb = None
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+            if self.path.is_file():
+                self._drop_records_from(start_step)
+            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
+                                     purge_step=start_step + 1 if start_step else 0)
+
+    def _drop_records_from(self, start_step: int) -> None:
+        lines = self.path.read_text().splitlines()
+        kept, unreadable = [], 0
+        for line in lines:
+            try:
+                record = json.loads(line)
+                step = int(record["step"])
+            except (ValueError, TypeError, KeyError):
+                unreadable += 1
+                continue
+            if start_step and step <= start_step:
+                kept.append(line)
+        if len(kept) == len(lines):
+            return
+        temporary = self.path.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, self.path)
+        dropped = len(lines) - len(kept) - unreadable
+        info(f"{self.path}: dropped {dropped} records past step {start_step}, which this run writes again"
+             + (f", and {unreadable} unreadable lines (cut short by a kill)" if unreadable else ""))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:

@@ -134,8 +134,8 @@ def _run(job: Job) -> tuple[Any, dict]:
         state, meta = resume_point(checkpoints, job)
         current["state"] = state
         meta |= {"job": job.name, "config": recorded_config(job.config)}
-        writer = MetricWriter(workdir)
         start_step = int(state.step)
+        writer = MetricWriter(workdir, start_step)
         if start_step == 0:
             info(f"{job.name}: {parameter_count(state.params):,} trained parameters")
             starting = {}

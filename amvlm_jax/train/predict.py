@@ -47,12 +47,7 @@ def list_inputs(config) -> list[tuple[pathlib.Path, pathlib.Path, str | None]]:
     if config.predict.reports:
         if not sheet.is_file():
             raise ConfigError(f"config.predict.reports: {sheet} {'is not a file' if sheet.exists() else 'not found'}")
-        rows = {}
-        for number, name, text in folders.read_sheet(sheet):
-            if (stem := folders.file_stem(name)) in rows:
-                raise ConfigError(f"config.predict.reports: {sheet} row {number} repeats image '{name}' "
-                                  f"(row {rows[stem]})")
-            rows[stem], reports[stem] = number, text
+        reports = {stem: text for stem, (_, _, text) in folders.sheet_reports(sheet, folders.file_stem).items()}
     if folders.is_split_folder(root):  # An LViT split folder: its images, with its own reports or the sheet's.
         entries = folders.list_split_folder(root, False)
         if not config.predict.reports:
