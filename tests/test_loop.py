@@ -115,6 +115,18 @@ def test_loop_cadences_best_checkpoint_telemetry_and_meta(tmp_path, toy_step):
     assert int(loop.run(dataclasses.replace(job, unused_fields=("data.labeled_fraction",)))[0].step) == 12
 
 
+def _events(path):
+    """The Event protos of a TensorBoard event file (TFRecord framing: length, its CRC, data, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    data, events, offset = path.read_bytes(), [], 0
+    while offset < len(data):
+        length = int.from_bytes(data[offset:offset + 8], "little")
+        events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+        offset += 12 + length + 4
+    return events
+
+
 def test_a_resumed_run_drops_the_records_it_writes_again_and_a_line_cut_short(tmp_path, toy_step):
     config = tiny_synthetic_config()
     mesh = make_mesh(config, jax.devices()[:1])
@@ -130,6 +142,10 @@ def test_a_resumed_run_drops_the_records_it_writes_again_and_a_line_cut_short(tm
     losses = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in losses] == list(range(1, 13)) and all(r["train/loss"] >= 0 for r in losses)
     assert [r["epoch"] for r in records if "epoch" in r] == [0, 1, 2, 3, 4]
+    # TensorBoard is told to hide the earlier event files' steps from 7 on.
+    second = sorted((tmp_path / "tensorboard").iterdir(), key=lambda p: p.stat().st_mtime_ns)[1]
+    starts = [e.step for e in _events(second) if e.session_log.status == e.session_log.START]
+    assert starts == [2 * STEPS_PER_EPOCH + 1]
     # A run that starts over (no checkpoint) starts its record over.
     shutil.rmtree(tmp_path / "checkpoints")
     loop.run(_job(config, tmp_path, mesh, toy_step, [], epochs=1))
