@@ -243,6 +243,9 @@ def base_config() -> ml_collections.ConfigDict:
     # w(t) loss(unlabeled), w ramping up to unlabeled_weight over rampup_epochs (exp(-5 (1 - t/T)^2)).
     config.ssl.unlabeled_weight = 1.0
     config.ssl.rampup_epochs = 0.0
+    # SPEC 1 augments the unlabeled images as the labeled ones. Off by default: a report names places ("upper
+    # left", "right lung") that a rotation or flip moves away from the finding (docs/results.md measures both).
+    config.ssl.augment_unlabeled = False
 
     # Devices form a (data, fsdp) mesh; every batch is split over both axes.
     config.mesh = ml_collections.ConfigDict()
@@ -517,6 +520,7 @@ def _field_checks() -> tuple:
         ("ssl.withhold_reports", *_BOOL),
         ("ssl.unlabeled_weight", *non_negative),
         ("ssl.rampup_epochs", *non_negative),
+        ("ssl.augment_unlabeled", *_BOOL),
         ("mesh.data", *_DEVICES),
         ("mesh.fsdp", *_DEVICES),
         ("mesh.fsdp_min_size", *_integer(0)),

@@ -94,7 +94,7 @@ BAD_VALUES = [
     ("ssl.constant_text_mask", 1.0), ("ssl.constant_text_mask", -0.5), ("ssl.text_logit_offset", INF),
     ("ssl.text_head", "film"), ("ssl.text_head_steps", 0), ("ssl.text_head_lr", 0.0), ("ssl.text_head_lr", -1e-3),
     ("ssl.withhold_reports", None), ("ssl.text_veto_only", None), ("ssl.text_clip", 0.0), ("ssl.text_clip", 0.5), ("ssl.unlabeled_weight", -1.0),
-    ("ssl.rampup_epochs", -1.0),
+    ("ssl.rampup_epochs", -1.0), ("ssl.augment_unlabeled", None),
     ("predict.input", None), ("predict.output", None), ("predict.reports", None), ("predict.probabilities", "tiff"),
     ("predict.overlays", None), ("predict.overwrite", None), ("predict.stop_on_error", None),
     ("mesh.data", 0), ("mesh.data", -2), ("mesh.fsdp", 0), ("mesh.fsdp_min_size", -1),

@@ -14,6 +14,7 @@ from amvlm_jax.losses.contrastive import clipped_token_weights, css_loss, cta_lo
 from amvlm_jax.losses.intra import icl_loss
 from amvlm_jax.losses.prototypes import cpa_loss
 from amvlm_jax.models.amvlm import AMVLM
+from amvlm_jax.ops import BATCH_NORM_MOMENTUM
 from amvlm_jax import metrics
 from amvlm_jax.losses import objectives
 from amvlm_jax.train import build, parallel, pretrain
@@ -56,16 +57,18 @@ def amvlm_setup():
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "word_index", "word_mask")
 
 
-def _forward(model, state, batch, train=True):
-    """Jitted online forward pass -> (outputs, token arrays)."""
+def _forward(model, state, batch, train=True, with_statistics=False):
+    """Jitted online forward pass -> (outputs, token arrays); ((outputs, {'batch_stats': moved}), token
+    arrays) ``with_statistics``."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     images = batch["image"].astype(np.float32) / 255.0
     token_arrays = {k: batch[k] for k in TOKEN_KEYS}
 
     @jax.jit
     def forward(variables, images, token_arrays):
-        return model.apply(variables, images, token_arrays, train=train, rngs={"dropout": jax.random.PRNGKey(3)},
-                           mutable=["batch_stats"])[0]
+        applied = model.apply(variables, images, token_arrays, train=train, rngs={"dropout": jax.random.PRNGKey(3)},
+                              mutable=["batch_stats"])
+        return applied if with_statistics else applied[0]
 
     return forward(variables, images, token_arrays), token_arrays
 
@@ -219,19 +222,38 @@ def test_mgca_objective_and_prototype_freezing(tokens):
     assert "prototypes" in state.params and "pdt_word" not in state.params
     assert state.momentum is None
     batch = _batch(tokens)
-    outputs, _ = _forward(model, state, batch)
+    (outputs, updated), _ = _forward(model, state, batch, with_statistics=True)
     assert outputs["image_prototype_scores"].shape == (BATCH, 10)
     loss, terms = objectives.mgca_objective(outputs, None, config)
     o = outputs
+    # MGCA's padding words (SPEC 4): the head's output for a zero feature, normalised with the batch's
+    # statistics (recovered from the running averages this step moved), re-computed in numpy.
+    params = jax.device_get(state.params["text_local_head"]["projection"])
+    old, new = (jax.device_get(stats["text_local_head"]["projection"]) for stats in (state.batch_stats, updated["batch_stats"]))
+
+    def batch_norm(x, name, scale=1.0, shift=0.0):
+        mean, var = ((new[name][k] - BATCH_NORM_MOMENTUM * old[name][k]) / (1 - BATCH_NORM_MOMENTUM) for k in ("mean", "var"))
+        return (x - mean) / np.sqrt(var + 1e-5) * scale + shift
+
+    hidden = np.maximum(batch_norm(params["dense_hidden"]["bias"], "norm_hidden", params["norm_hidden"]["scale"],
+                                   params["norm_hidden"]["bias"]), 0)
+    padding = batch_norm(hidden @ params["dense_out"]["kernel"] + params["dense_out"]["bias"], "norm_out")
+    mask = np.asarray(o["word_mask"]).astype(bool)
+    assert (~mask).sum() > 0
+    np.testing.assert_allclose(np.asarray(o["T_unmasked"])[~mask], np.broadcast_to(padding / np.linalg.norm(padding),
+                                                                                   ((~mask).sum(), padding.size)), atol=2e-4)
+    np.testing.assert_array_equal(np.asarray(o["T_unmasked"])[mask], np.asarray(o["T"])[mask])
     word_weights = clipped_token_weights(o["word_attention"], o["word_mask"])
     patch_weights = clipped_token_weights(o["patch_attention"], np.ones(o["patch_attention"].shape))
     expected = {
         "ita": ita_loss(o["v"], o["t"], 0.07, reduce="sum"),
-        "cta": cta_loss(o["T"], o["V"], word_weights, patch_weights, o["word_mask"], 0.1),
+        "cta": cta_loss(o["T_unmasked"], o["V"], word_weights, patch_weights, o["word_mask"], 0.1),
         "cpa": cpa_loss(o["image_prototype_scores"], o["text_prototype_scores"], 0.05, 3, 0.2),
     }
     for name, value in expected.items():
         assert float(terms[name]) == pytest.approx(float(value), rel=1e-6), name
+    zeroed = cta_loss(o["T"], o["V"], word_weights, patch_weights, o["word_mask"], 0.1)
+    assert abs(float(zeroed) - float(expected["cta"])) > 1e-3  # Zeroed padding would be another loss.
     # SPEC 4: MGCA's released run weighs the three terms 1 / 1 / 1.
     assert float(loss) == pytest.approx(float(expected["ita"] + expected["cta"] + expected["cpa"]), rel=1e-6)
 

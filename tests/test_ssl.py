@@ -539,6 +539,30 @@ def test_student_batch_stats_images_mix_labeled_and_unlabeled():
     assert len(ssl.student_images(config, labeled, unlabeled)) == 0
 
 
+def test_unlabeled_images_are_augmented_only_when_asked():
+    from amvlm_jax.data import folders
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 16, 16, 3), np.uint8)
+    labeled = folders.SplitArrays([f"l{i}" for i in range(4)], images[:4], (images[:4, ..., 0] > 127).astype(np.uint8),
+                                  ["r"] * 4)
+    unlabeled = folders.SplitArrays([f"u{i}" for i in range(4)], images[4:], None, [f"report {i}" for i in range(4)])
+    tokens = {"input_ids": np.arange(4)[:, None] * np.ones((1, 3), np.int32)}
+    streams = {}
+    for augment in (False, True):
+        config = tiny_synthetic_config(**{"train.batch_size": 2, "ssl.augment_unlabeled": augment})
+        batches = ssl.training_batches(config, labeled, unlabeled, tokens, start_step=0)
+        streams[augment] = [next(batches) for _ in range(6)]
+    for plain, augmented in zip(streams[False], streams[True]):
+        # The labeled half and the reports are the same either way; each report stays with its image.
+        np.testing.assert_array_equal(plain["image"], augmented["image"])
+        np.testing.assert_array_equal(plain["report_input_ids"], augmented["report_input_ids"])
+        rows = plain["report_input_ids"][:, 0]
+        np.testing.assert_array_equal(plain["unlabeled_image"], unlabeled.images[rows])
+    moved = [not np.array_equal(a["unlabeled_image"], p["unlabeled_image"]) for p, a in zip(streams[False], streams[True])]
+    assert any(moved)
+
+
 def test_text_head_is_fitted_on_labelled_masks_before_the_mean_teacher_and_kept_on_resume(all_run, tmp_path, capsys):
     from amvlm_jax.data import folders
     from amvlm_jax.models.text_mask import head_text_masks

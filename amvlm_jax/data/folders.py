@@ -180,7 +180,7 @@ def _index_folder(folder: pathlib.Path, strip_prefix: str = "") -> dict[str, pat
 
 
 def list_split(root: str | os.PathLike, split: str, require_masks: bool = True) -> list[Example]:
-    """Lists the examples of one split, matched by file stem, in sheet order."""
+    """Lists the examples of one split, matched by file stem, in image file name order."""
     return list_split_folder(pathlib.Path(root) / SPLIT_FOLDERS[split], require_masks)
 
 

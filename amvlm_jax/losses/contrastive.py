@@ -375,7 +375,8 @@ def cta_loss(
     contexts stay unnormalised (MGCA with a ViT image encoder).
 
     Args:
-      words: (B, W, D) word embeddings; patches: (B, P, D) patch embeddings.
+      words: (B, W, D) word embeddings, padding slots included as MGCA's head
+        gives them (the model's ``T_unmasked``); patches: (B, P, D) patch embeddings.
       word_weights: (B, W) and patch_weights: (B, P) row weights.
       word_mask: (B, W) binary mask of real words.
       temperature: tau for both the context attention and the similarity.

@@ -79,7 +79,9 @@ def mgca_objective(outputs: dict, momentum_outputs: dict | None, config) -> tupl
         terms["ita"] = ita_loss(outputs["v"], outputs["t"], config.pretrain.temperature, reduce="sum")
     if weights_["cta"]:
         word_weights, patch_weights = token_weights(outputs)
-        terms["cta"] = cta_loss(outputs["T"], outputs["V"], word_weights, patch_weights, outputs["word_mask"], mgca.cta_temperature)
+        # MGCA's padding words are candidates with the embedding its head gives their zero feature.
+        terms["cta"] = cta_loss(outputs["T_unmasked"], outputs["V"], word_weights, patch_weights, outputs["word_mask"],
+                                mgca.cta_temperature)
     if weights_["cpa"]:
         terms["cpa"] = cpa_loss(
             outputs["image_prototype_scores"], outputs["text_prototype_scores"],

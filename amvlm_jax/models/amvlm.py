@@ -110,7 +110,9 @@ class AMVLM(nn.Module):
         """tokens: ``ReportTokenizer`` arrays (input_ids, attention_mask,
         token_type_ids, word_index (B, L); word_mask (B, W)) -> dict:
         t (B, D) unit-norm report (CLS) embedding; T (B, W, D) unit-norm word
-        embeddings, exactly zero at padding slots; word_mask (B, W) float32;
+        embeddings, exactly zero at padding slots; T_unmasked (B, W, D) the same before
+        the padding slots are zeroed (there: the head's output for their zero feature,
+        MGCA's word-side candidates, SPEC 4); word_mask (B, W) float32;
         word_attention (B, W) float32 CLS attention summed over each word's pieces."""
         features = self.text_encoder(
             tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"], deterministic=not train
@@ -120,10 +122,11 @@ class AMVLM(nn.Module):
         words, word_attention = aggregate_words(
             features["hidden"], features["cls_attention"], tokens["word_index"], num_words
         )
-        T = self.text_local_head(words, train) * word_mask[..., None]
+        T_unmasked = self.text_local_head(words, train)
         return {
             "t": self.text_global_head(features["hidden"][:, 0], train),
-            "T": T,
+            "T": T_unmasked * word_mask[..., None],
+            "T_unmasked": T_unmasked,
             "word_mask": word_mask,
             "word_attention": word_attention.astype(jnp.float32) * word_mask,
         }

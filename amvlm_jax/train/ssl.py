@@ -12,8 +12,8 @@ batches and
      student with alpha_t = min(1 - 1/(t + 1), config.ssl.ema_max_alpha),
      0.99 by default (SPEC 6).
 
-Unlabeled images are not geometrically augmented: a report names places
-("upper left"), which a rotation or flip would move.
+Unlabeled images are not geometrically augmented unless config.ssl.augment_unlabeled (SPEC 1 augments
+them): a report names places ("upper left"), which a rotation or flip would move.
 """
 
 from __future__ import annotations
@@ -586,6 +586,25 @@ def student_images(config, labeled_split, unlabeled_split) -> np.ndarray:
     return np.concatenate([mixed, labeled[pairs:], unlabeled[pairs:]])
 
 
+def training_batches(config, labeled_split, unlabeled_split, unlabeled_tokens: dict | None, start_step: int):
+    """The endless stream of SSMIS batches from ``start_step`` on: config.train.batch_size labeled images
+    (augmented, SPEC 1) with their masks, and as many unlabeled images (augmented only with
+    config.ssl.augment_unlabeled) with their reports' token arrays (``report_*``) when ``unlabeled_tokens``."""
+    batch_size = config.train.batch_size
+    labeled_batches = pipeline.training_batches(
+        labeled_split, batch_size, seed=config.seed, start_step=start_step, worker_count=config.data.worker_count
+    )
+    unlabeled_batches = pipeline.training_batches(
+        unlabeled_split, batch_size, seed=config.seed + 7919, start_step=start_step, with_mask=False,
+        augmentation="spec" if config.ssl.augment_unlabeled else "none", worker_count=config.data.worker_count
+    )
+    for labeled, unlabeled in zip(labeled_batches, unlabeled_batches):
+        batch = {"image": labeled["image"], "mask": labeled["mask"], "unlabeled_image": unlabeled["image"]}
+        if unlabeled_tokens is not None:
+            batch |= {f"report_{k}": v[unlabeled["index"]] for k, v in unlabeled_tokens.items()}
+        yield batch
+
+
 def train(config, workdir: str | pathlib.Path) -> dict:
     """Mean-teacher SSMIS with text guidance; resumes from <workdir>; evaluates the best student."""
     workdir = pathlib.Path(workdir)
@@ -608,17 +627,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                                       resuming=checkpoint.has_step(workdir / "checkpoints" / "latest"))
 
     def make_batches(start_step):
-        labeled_batches = pipeline.training_batches(
-            labeled_split, batch_size, seed=config.seed, start_step=start_step, worker_count=config.data.worker_count
-        )
-        unlabeled_batches = pipeline.training_batches(
-            unlabeled_split, batch_size, seed=config.seed + 7919, start_step=start_step, with_mask=False, augmentation="none"
-        )
-        for labeled, unlabeled in zip(labeled_batches, unlabeled_batches):
-            batch = {"image": labeled["image"], "mask": labeled["mask"], "unlabeled_image": unlabeled["image"]}
-            if unlabeled_tokens is not None:
-                batch |= {f"report_{k}": v[unlabeled["index"]] for k, v in unlabeled_tokens.items()}
-            yield batch
+        return training_batches(config, labeled_split, unlabeled_split, unlabeled_tokens, start_step)
 
     ssl_step = make_ssl_step(config, model, guidance, decoder_tx, steps_per_epoch)
     frozen = guidance.variables if guidance is not None else None
