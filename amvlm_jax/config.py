@@ -244,7 +244,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.ssl.unlabeled_weight = 1.0
     config.ssl.rampup_epochs = 0.0
     # SPEC 1 augments the unlabeled images as the labeled ones. Off by default: a report names places ("upper
-    # left", "right lung") that a rotation or flip moves away from the finding (docs/results.md measures both).
+    # left", "right lung") that a rotation or flip moves, and neither the text-guided nor the vision-only mean
+    # teacher gained from it (docs/results.md, "Augmenting the unlabeled images").
     config.ssl.augment_unlabeled = False
 
     # Devices form a (data, fsdp) mesh; every batch is split over both axes.
