@@ -243,7 +243,8 @@ def base_config() -> ml_collections.ConfigDict:
     # w(t) loss(unlabeled), w ramping up to unlabeled_weight over rampup_epochs (exp(-5 (1 - t/T)^2)).
     config.ssl.unlabeled_weight = 1.0
     config.ssl.rampup_epochs = 0.0
-    # SPEC 1 augments the unlabeled images as the labeled ones. Off by default: a report names places ("upper
+    # SPEC 1 augments the unlabeled images as the labeled ones (True: each with its own draw, where SPEC 1 reuses
+    # its labeled partner's; the streams here are separate). Off by default: a report names places ("upper
     # left", "right lung") that a rotation or flip moves, and neither the text-guided nor the vision-only mean
     # teacher gained from it (docs/results.md, "Augmenting the unlabeled images").
     config.ssl.augment_unlabeled = False

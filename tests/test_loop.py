@@ -146,6 +146,12 @@ def test_a_resumed_run_drops_the_records_it_writes_again_and_a_line_cut_short(tm
     second = sorted((tmp_path / "tensorboard").iterdir(), key=lambda p: p.stat().st_mtime_ns)[1]
     starts = [e.step for e in _events(second) if e.session_log.status == e.session_log.START]
     assert starts == [2 * STEPS_PER_EPOCH + 1]
+    # A whole last record without its newline (a kill between the two) gets one, or the next would merge.
+    metrics.write_text(metrics.read_text().rstrip("\n"))
+    writer = loop.MetricWriter(tmp_path, 12)
+    writer.write(13, {"x": 1.0})
+    writer.close()
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()][-2:] == [12, 13]
     # A run that starts over (no checkpoint) starts its record over.
     shutil.rmtree(tmp_path / "checkpoints")
     loop.run(_job(config, tmp_path, mesh, toy_step, [], epochs=1))

@@ -26,7 +26,7 @@ class MetricWriter:
     unreadable line). TensorBoard hides the same steps of the earlier event files (``purge_step``).
     """
 
-    def __init__(self, workdir: str | pathlib.Path, start_step: int = 0):
+    def __init__(self, workdir: str | pathlib.Path, start_step: int):
         self.enabled = jax.process_index() == 0
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self._tb = None
@@ -39,7 +39,8 @@ class MetricWriter:
                                      purge_step=start_step + 1 if start_step else 0)
 
     def _drop_records_from(self, start_step: int) -> None:
-        lines = self.path.read_text().splitlines()
+        text = self.path.read_bytes().decode("utf-8", "replace")  # A kill may leave any bytes at the end.
+        lines = text.splitlines()
         kept, unreadable = [], 0
         for line in lines:
             try:
@@ -50,14 +51,14 @@ class MetricWriter:
                 continue
             if start_step and step <= start_step:
                 kept.append(line)
-        if len(kept) == len(lines):
+        if len(kept) == len(lines) and (not text or text.endswith("\n")):  # Else the next line would merge.
             return
         temporary = self.path.with_suffix(".jsonl.tmp")
         temporary.write_text("".join(line + "\n" for line in kept))
         os.replace(temporary, self.path)
         dropped = len(lines) - len(kept) - unreadable
         info(f"{self.path}: dropped {dropped} records past step {start_step}, which this run writes again"
-             + (f", and {unreadable} unreadable lines (cut short by a kill)" if unreadable else ""))
+             + (f", and {unreadable} lines that are no record with a step (cut short?)" if unreadable else ""))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:

@@ -88,8 +88,9 @@ def initial_state(config, model: AMVLM, mesh: Mesh, steps_per_epoch: int, resumi
     _, text_params = build.build_text_encoder(config)
     vit_weights = config.pretrain.vit_weights
     if not vit_weights:  # Silently from scratch, a paper configuration would train a ViT-B at 3e-5 from noise.
+        size_name = {"Ti": "tiny", "S": "small", "B": "base"}.get(config.pretrain.vit.split("/")[0], "base")
         info(f"the ViT-{config.pretrain.vit} starts from random weights: config.pretrain.vit_weights is empty (the paper's "
-             "starts from ImageNet DeiT: --config.pretrain.vit_weights=facebook/deit-base-patch16-224 or a file)")
+             f"starts from ImageNet DeiT: --config.pretrain.vit_weights=facebook/deit-{size_name}-patch16-224 or a file)")
     vit_params = weights.load_vit(vit_weights, model.image_encoder, image_size=size) if vit_weights else None
     return parallel.init_sharded(mesh, config, lambda text, vit: create_state(
         config, model, size, text, vit, steps_per_epoch=steps_per_epoch), text_params, vit_params)

@@ -596,7 +596,8 @@ def training_batches(config, labeled_split, unlabeled_split, unlabeled_tokens: d
     )
     unlabeled_batches = pipeline.training_batches(
         unlabeled_split, batch_size, seed=config.seed + 7919, start_step=start_step, with_mask=False,
-        augmentation="spec" if config.ssl.augment_unlabeled else "none", worker_count=config.data.worker_count
+        augmentation="spec" if config.ssl.augment_unlabeled else "none",
+        worker_count=config.data.worker_count if config.ssl.augment_unlabeled else 0,  # Else nothing to compute.
     )
     for labeled, unlabeled in zip(labeled_batches, unlabeled_batches):
         batch = {"image": labeled["image"], "mask": labeled["mask"], "unlabeled_image": unlabeled["image"]}
