@@ -43,22 +43,18 @@ def load_model(config, workdir: pathlib.Path):
 
     from amvlm_jax.config import ConfigError
     from amvlm_jax.data.tokenize import ReportTokenizer
-    from amvlm_jax.train import build, checkpoint, pretrain, ssl
+    from amvlm_jax.train import build, ssl
+    from amvlm_jax.train.parallel import make_mesh
 
     source = pathlib.Path(config.ssl.pretrained or workdir / "pretrain")
     if not source.exists():
         raise ConfigError(f"{source}: no pre-trained model; run mode 'pretrain' or 'all' first, or set config.ssl.pretrained")
-    config = ssl.encoder_config(config, checkpoint.read_meta(source).get("config"))
+    config, model, variables, meta, used = ssl.restore_pretrained(config, source, make_mesh(config, jax.devices()[:1], 1))
     if config.pretrain.objective != "amvlm":
         raise ConfigError(f"{source}: pre-trained with objective '{config.pretrain.objective}'; the uncertainty "
                           "analysis needs the AMVLM objective's PDT heads")
-    model = build.build_model(config, build.text_encoder_config(config))
-    size = build.pretrain_image_size(config)
-    abstract = jax.eval_shape(lambda: pretrain.create_state(config, model, size))
-    variables, meta, used = checkpoint.restore_variables(source, {"params": abstract.params, "batch_stats": abstract.batch_stats},
-                                                         job="pretrain")
     print(f"pre-trained model from {used} ({meta.get('epoch')} epochs)")
-    return model, variables, ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length), size
+    return model, variables, ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length), build.pretrain_image_size(config)
 
 
 def make_pair_scores(model):

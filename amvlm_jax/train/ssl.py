@@ -72,17 +72,14 @@ class TextGuidance:
     def __init__(self, config, workdir: pathlib.Path, mesh):
         """Restores the encoders from config.ssl.pretrained, else <workdir>/pretrain, built as the
         pre-training run's recorded config describes them (its ``pretrain`` fields, not this command's)."""
-        from amvlm_jax.train import pretrain
-
         source = pathlib.Path(config.ssl.pretrained or workdir / "pretrain")
         if not source.exists():
             raise ConfigError(
                 f"{source}: no pre-trained encoders for text guidance; run mode 'pretrain' (or 'all') first, "
                 "set config.ssl.pretrained, or set config.ssl.w_text=0 and config.ssl.train_decoder=False"
             )
-        config = encoder_config(config, checkpoint.read_meta(source).get("config"))
-        self._define(config, build.build_model(config, build.text_encoder_config(config)))
-        self.variables, meta, used = pretrain.restore_encoders(config, self.model, source, mesh)
+        config, model, self.variables, meta, used = restore_pretrained(config, source, mesh)
+        self._define(config, model)
         info(f"text guidance from {used} (pre-trained {meta.get('epoch')} epochs)")
 
     @classmethod
@@ -146,6 +143,18 @@ class TextGuidance:
         """Frozen features: patch map (B, h, w, D) and report embeddings t (B, D)."""
         text = self.model.apply(variables, tokens, False, method=self.model.encode_text)
         return self.patch_map(variables, images), jax.lax.stop_gradient(text["t"])
+
+
+def restore_pretrained(config, source: pathlib.Path, mesh):
+    """(``config`` with the pre-training run's recorded ``pretrain`` fields, the model they describe, its
+    {'params', 'batch_stats'} from the checkpoint at ``source`` replicated on ``mesh``, the checkpoint's
+    meta, the step folder used)."""
+    from amvlm_jax.train import pretrain
+
+    config = encoder_config(config, checkpoint.read_meta(source).get("config"))
+    model = build.build_model(config, build.text_encoder_config(config))
+    variables, meta, used = pretrain.restore_encoders(config, model, source, mesh)
+    return config, model, variables, meta, used
 
 
 def encoder_config(config, recorded: dict | None):
