@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -127,7 +128,11 @@ def _events(path):
     return events
 
 
-def test_a_resumed_run_drops_the_records_it_writes_again_and_a_line_cut_short(tmp_path, toy_step):
+def test_a_resumed_run_drops_the_records_it_writes_again_and_a_line_cut_short(tmp_path, toy_step, monkeypatch):
+    from tensorboardX import event_file_writer
+
+    # Every event file is opened within the same second, as when a run is resumed at once.
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1.7e9))
     config = tiny_synthetic_config()
     mesh = make_mesh(config, jax.devices()[:1])
     loop.run(_job(config, tmp_path, mesh, toy_step, [], epochs=2))  # Checkpointed at step 6.
@@ -142,8 +147,10 @@ def test_a_resumed_run_drops_the_records_it_writes_again_and_a_line_cut_short(tm
     losses = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in losses] == list(range(1, 13)) and all(r["train/loss"] >= 0 for r in losses)
     assert [r["epoch"] for r in records if "epoch" in r] == [0, 1, 2, 3, 4]
-    # TensorBoard is told to hide the earlier event files' steps from 7 on.
-    second = sorted((tmp_path / "tensorboard").iterdir(), key=lambda p: p.stat().st_mtime_ns)[1]
+    # The first run's event file is kept (even when the resumed run opens its own within the same second),
+    # and TensorBoard is told to hide its steps from 7 on.
+    first, second = sorted((tmp_path / "tensorboard").iterdir(), key=lambda p: p.name.endswith(".from-step-6"))
+    assert first.name.endswith(".from-step-0") and max(e.step for e in _events(first)) == 2 * STEPS_PER_EPOCH
     starts = [e.step for e in _events(second) if e.session_log.status == e.session_log.START]
     assert starts == [2 * STEPS_PER_EPOCH + 1]
     # A whole last record without its newline (a kill between the two) gets one, or the next would merge.

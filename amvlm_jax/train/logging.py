@@ -35,8 +35,11 @@ class MetricWriter:
 
             if self.path.is_file():
                 self._drop_records_from(start_step)
+            # An event file is named by the second it was opened in and is opened for writing, so a run
+            # resumed within that second would erase its predecessor's file without a suffix of its own.
             self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
-                                     purge_step=start_step + 1 if start_step else 0)
+                                     purge_step=start_step + 1 if start_step else 0,
+                                     filename_suffix=f".from-step-{start_step}")
 
     def _drop_records_from(self, start_step: int) -> None:
         text = self.path.read_bytes().decode("utf-8", "replace")  # A kill may leave any bytes at the end.
