@@ -240,3 +240,74 @@ def test_a_ctrl_c_dropped_during_evaluation_stops_it_at_the_next_batch():
     assert calls == [0, 1]  # Batch 2 ran to its end (the interrupt was lost in it); batch 3 never started.
     dice, _ = evaluate.evaluate_split(eval_step, None, None, split, mesh, batch_size=2)  # Outside: as before.
     assert dice.shape == (8,)
+
+
+@pytest.mark.parametrize("where", ["evaluation", "end_of_epoch"])
+def test_a_run_stopped_between_an_epochs_last_step_and_its_checkpoint_finishes_that_epoch_on_resume(
+        tmp_path, toy_step, where):
+    config = tiny_synthetic_config()
+    mesh = make_mesh(config, jax.devices()[:1])
+    reference, refreshes, stops = [], [], []
+    armed = []  # Not in the reference run.
+    job = _job(config, tmp_path / "reference", mesh, toy_step, reference)
+
+    def refresh(state):
+        refreshes.append(int(state.step))
+        if where == "end_of_epoch" and int(state.step) == EPOCHS * STEPS_PER_EPOCH and armed and not stops:
+            stops.append(int(state.step))
+            raise KeyboardInterrupt  # In the last epoch's end-of-epoch work.
+        return state
+
+    uninterrupted, _ = loop.run(dataclasses.replace(job, end_of_epoch=refresh))
+    expected = (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()
+    refreshes.clear()
+    armed.append(True)
+    calls = []
+    job = _job(config, tmp_path / "run", mesh, toy_step, calls)
+    by_epoch = job.evaluators[0].run
+
+    def stopping_evaluation(state):  # Ctrl-C in the evaluation after epoch 2, which is the best epoch.
+        if where == "evaluation" and int(state.step) == 2 * STEPS_PER_EPOCH and not stops:
+            stops.append(int(state.step))
+            raise KeyboardInterrupt
+        return by_epoch(state)
+
+    job.evaluators[0].run = stopping_evaluation
+    job = dataclasses.replace(job, end_of_epoch=refresh)
+    stopped_at = 2 * STEPS_PER_EPOCH if where == "evaluation" else EPOCHS * STEPS_PER_EPOCH
+    with pytest.raises(KeyboardInterrupt, match=f"saved .*latest/{stopped_at}"):
+        loop.run(job)
+    state, meta = loop.run(job)
+    # The stopped epoch is finished: its end-of-epoch work runs once more only if it was the part cut short.
+    epoch_ends = [STEPS_PER_EPOCH * (e + 1) for e in range(EPOCHS)]
+    assert refreshes == epoch_ends + ([stopped_at] if where == "end_of_epoch" else [])
+    assert [c for c in calls if c[0] == "epoch"] == [("epoch", 0), ("epoch", 6), ("epoch", 12)]
+    np.testing.assert_array_equal(state.params["w"], uninterrupted.params["w"])
+    assert meta["epoch"] == EPOCHS and meta["best_epoch"] == 2 and "unfinished_epoch" not in meta
+    best_step = [int(p.name) for p in (tmp_path / "run" / "checkpoints" / "best").iterdir() if p.name.isdigit()]
+    assert best_step == [2 * STEPS_PER_EPOCH]
+    # The same records as a run that was never stopped, the epoch's training means included.
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    reference_records = [json.loads(line) for line in expected]
+    assert [r["step"] for r in records] == [r["step"] for r in reference_records]
+    for ours, theirs in zip(records, reference_records):
+        assert sorted(ours) == sorted(theirs)
+        for key in theirs:
+            if key not in ("time", "epoch_seconds") and "steps_per_second" not in key:
+                np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-6, err_msg=key)
+
+
+def test_a_ctrl_c_inside_interrupts_deferred_lands_at_the_blocks_end():
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # A pytest-xdist worker ignores SIGINT.
+    done = []
+    try:
+        with loop.catching_interrupts(), pytest.raises(KeyboardInterrupt):
+            with loop.interrupts_deferred():
+                signal.raise_signal(signal.SIGINT)
+                done.append("after the Ctrl-C")
+            done.append("after the block")
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert done == ["after the Ctrl-C"]

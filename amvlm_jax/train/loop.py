@@ -117,8 +117,11 @@ def run(job: Job) -> tuple[Any, dict]:
     when best_metric improved, or always when the job has none). Every
     log_every_steps steps: the step metrics, steps/s and the learning rate.
     A non-finite loss raises TrainingError before anything is saved, leaving
-    the last good checkpoint; Ctrl-C saves the current state first. Every
-    exit closes the checkpoint managers.
+    the last good checkpoint; Ctrl-C saves the current state first (a run
+    stopped between an epoch's last step and its checkpoint finishes that
+    epoch when it resumes: end_of_epoch unless it had run, evaluation,
+    record, best check, checkpoint). Every exit closes the checkpoint
+    managers.
     """
     with catching_interrupts():
         return _run(job)
@@ -146,8 +149,14 @@ def _run(job: Job) -> tuple[Any, dict]:
                 meta["initial_eval"] = meta["last_eval"] = starting
                 writer.write(0, {"epoch": 0, **starting})
                 info("before training: " + format_metrics(starting))
+        epochs_trained = start_step // job.steps_per_epoch
+        if epochs_trained > meta["epoch"]:  # Stopped after an epoch's last step, before its checkpoint.
+            unfinished = meta.get("unfinished_epoch") or {}
+            info(f"finishing epoch {epochs_trained} first (its end-of-epoch work was cut short)")
+            _finish_epoch(job, current, epochs_trained - 1, unfinished.get("means", {}),
+                          unfinished.get("seconds", 0.0), unfinished.get("refreshed", False), meta, checkpoints, writer)
         batches = job.batches(start_step)
-        for epoch in range(start_step // job.steps_per_epoch, job.epochs):
+        for epoch in range(epochs_trained, job.epochs):
             _run_epoch(job, current, batches, epoch, meta, checkpoints, writer)
         stop_if_interrupted()  # A Ctrl-C lost during the last epoch's evaluation: still an interrupted run.
     except KeyboardInterrupt:
@@ -172,6 +181,8 @@ def _run(job: Job) -> tuple[Any, dict]:
 
 # Set by catching_interrupts' handler on Ctrl-C; stop_if_interrupted raises on it.
 _interrupted = threading.Event()
+# Set inside interrupts_deferred: the handler only sets _interrupted.
+_deferring = threading.Event()
 
 
 @contextlib.contextmanager
@@ -193,7 +204,8 @@ def catching_interrupts():
 
     def on_interrupt(signum, frame):
         _interrupted.set()
-        raise KeyboardInterrupt
+        if not _deferring.is_set():
+            raise KeyboardInterrupt
 
     _interrupted.clear()
     previous = signal.signal(signal.SIGINT, on_interrupt)
@@ -209,6 +221,18 @@ def stop_if_interrupted() -> None:
     and batches)."""
     if _interrupted.is_set():
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Under ``catching_interrupts``, a Ctrl-C inside the block raises KeyboardInterrupt at its end:
+    for changes that land together or not at all (a checkpoint and the record it goes with)."""
+    _deferring.set()
+    try:
+        yield
+    finally:
+        _deferring.clear()
+    stop_if_interrupted()
 
 
 def _run_epoch(job: Job, current: dict, batches, epoch: int, meta: dict, checkpoints, writer) -> None:
@@ -238,39 +262,59 @@ def _run_epoch(job: Job, current: dict, batches, epoch: int, meta: dict, checkpo
         for evaluator in job.evaluators:
             if evaluator.every_steps and step % evaluator.every_steps == 0:
                 writer.write(step, evaluator.run(state))
-    state = current["state"]
     step_metrics = jax.device_get(step_metrics)
     # Means over the steps this run took (all of them unless it resumed mid-epoch).
     means = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-    check_finite(means["loss"], int(state.step), job.workdir)
-    if job.end_of_epoch is not None:
-        state = current["state"] = job.end_of_epoch(state)
+    check_finite(means["loss"], int(current["state"].step), job.workdir)
+    _finish_epoch(job, current, epoch, means, time.time() - started, False, meta, checkpoints, writer)
+
+
+def _finish_epoch(job: Job, current: dict, epoch: int, means: dict, seconds: float, refreshed: bool, meta: dict,
+                  checkpoints, writer) -> None:
+    """An epoch's end: end_of_epoch, the due evaluators, the best check, the record and the checkpoint.
+
+    Until its checkpoint is written, meta carries ``unfinished_epoch`` (the training means and seconds,
+    whether end_of_epoch has run), so that a run stopped in between and resumed finishes it.
+    """
+    started = time.time() - seconds
+    meta["unfinished_epoch"] = unfinished = {"means": means, "seconds": seconds, "refreshed": refreshed}
+    state = current["state"]
+    if job.end_of_epoch is not None and not refreshed:
+        refreshed_state = job.end_of_epoch(state)
+        with interrupts_deferred():
+            state = current["state"] = refreshed_state
+            unfinished["refreshed"] = True
     last = epoch + 1 == job.epochs
     evaluated = {}
     for evaluator in job.evaluators:
         if evaluator.due(epoch + 1, last):
             evaluated |= evaluator.run(state)
-    if evaluated:
-        meta["last_eval"] = evaluated
     if job.best_metric is None:
         is_best = True
     else:
         value = evaluated.get(job.best_metric)
         is_best = value is not None and (meta["best"] is None or value > meta["best"])
-        if is_best:
-            meta |= {"best": float(value), "best_epoch": epoch + 1}
     seconds = time.time() - started
-    meta |= {"epoch": epoch + 1, "seconds": meta["seconds"] + seconds, "last_epoch": means}
-    if epoch == 0:
-        meta["first_epoch"] = means
-    writer.write(int(state.step), {"epoch": epoch + 1, **{f"train/epoch_{k}": v for k, v in means.items()},
-                                   **evaluated, "epoch_seconds": seconds})
-    if last or (epoch + 1) % job.checkpoint_every_epochs == 0:
-        checkpoints.save(int(state.step), state, dict(meta), is_best and (last or job.best_metric is not None))
+    with interrupts_deferred():  # Written again on resume unless all of it lands.
+        del meta["unfinished_epoch"]
+        if evaluated:
+            meta["last_eval"] = evaluated
+        if is_best and job.best_metric is not None:
+            meta |= {"best": float(value), "best_epoch": epoch + 1}
+        meta |= {"epoch": epoch + 1, "seconds": meta["seconds"] + seconds}
+        if means:  # Empty when finishing the epoch of a checkpoint written before the means were kept.
+            meta["last_epoch"] = means
+            if epoch == 0:
+                meta["first_epoch"] = means
+        writer.write(int(state.step), {"epoch": epoch + 1, **{f"train/epoch_{k}": v for k, v in means.items()},
+                                       **evaluated, "epoch_seconds": seconds})
+        if last or (epoch + 1) % job.checkpoint_every_epochs == 0:
+            checkpoints.save(int(state.step), state, dict(meta), is_best and (last or job.best_metric is not None))
     best = ""
     if job.best_metric is not None and meta["best"] is not None:
         best = f" (best {job.best_metric} {meta['best']:.2f} @ {meta['best_epoch']})"
-    info(f"epoch {epoch + 1}: loss {means['loss']:.4f} {format_metrics(evaluated)}{best} [{seconds:.1f}s]")
+    loss = f"loss {means['loss']:.4f} " if "loss" in means else ""
+    info(f"epoch {epoch + 1}: {loss}{format_metrics(evaluated)}{best} [{seconds:.1f}s]")
     every = job.picture_every_epochs
     if job.pictures is not None and every and ((epoch + 1) % every == 0 or last):
         job.pictures(state, epoch + 1)  # Collective in multi-process runs: every process computes.
