@@ -72,7 +72,7 @@ def _synthetic_complete(root: pathlib.Path, config) -> bool:
     wanted = dict(seed=syn.seed, num_train=syn.num_train, num_val=syn.num_val, num_test=syn.num_test,
                   image_size=config.data.image_size)
     return (written is not None and all(written.get(k) == v for k, v in wanted.items())
-            and synthetic._is_complete(root, written))
+            and synthetic.files_complete(root, written))
 
 
 def load_labeled_train(config, root: pathlib.Path) -> SplitArrays:

@@ -281,9 +281,8 @@ def read_marker(root: pathlib.Path) -> dict | None:
     return written if isinstance(written, dict) else None
 
 
-def _is_complete(root: pathlib.Path, parameters: dict) -> bool:
-    if read_marker(root) != parameters:
-        return False
+def files_complete(root: pathlib.Path, parameters: dict) -> bool:
+    """Whether root holds every file of the data that ``parameters`` (its marker's) describe."""
     sizes = _split_sizes(parameters["num_train"], parameters["num_val"], parameters["num_test"])
     for split, count in sizes.items():
         _, folder, csv_stem = SPLITS[split]
@@ -346,7 +345,7 @@ def write_synthetic_dataset(
         raise ValueError(f"sizes and seed must be non-negative, got {parameters}")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
-    if (written := read_marker(root)) is not None and _is_complete(root, written):
+    if (written := read_marker(root)) is not None and files_complete(root, written):
         if written == parameters:
             return root
         # Another run's complete data: replacing it would change what that run's results were measured on.
