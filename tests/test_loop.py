@@ -311,3 +311,93 @@ def test_a_ctrl_c_inside_interrupts_deferred_lands_at_the_blocks_end():
     finally:
         signal.signal(signal.SIGINT, before)
     assert done == ["after the Ctrl-C"]
+
+
+def _records(workdir):
+    """metrics.jsonl without what varies between runs of the same steps (times, rates)."""
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("time", "epoch_seconds", "train/steps_per_second")}
+            for r in records]
+
+
+def test_ctrl_c_between_a_step_and_its_record_and_in_a_step_evaluation_loses_no_record(tmp_path, toy_step):
+    import signal
+
+    config = tiny_synthetic_config()
+    mesh = make_mesh(config, jax.devices()[:1])
+    loop.run(_job(config, tmp_path / "reference", mesh, toy_step, []))
+    calls, stops = [], []
+    job = _job(config, tmp_path / "run", mesh, toy_step, calls)
+
+    def learning_rate(step):  # Called after the step's state is kept and before its record is written.
+        if step + 1 == 5 and 5 not in stops:
+            stops.append(5)
+            signal.raise_signal(signal.SIGINT)
+        return 0.25
+
+    by_step = job.evaluators[1].run
+
+    def stopping_by_step(state):
+        if int(state.step) == 8 and 8 not in stops:
+            stops.append(8)
+            raise KeyboardInterrupt
+        return by_step(state)
+
+    job.evaluators[1].run = stopping_by_step
+    job = dataclasses.replace(job, learning_rate=learning_rate)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # A pytest-xdist worker ignores SIGINT.
+    try:
+        with pytest.raises(KeyboardInterrupt, match="saved .*latest/5"):
+            loop.run(job)
+        with pytest.raises(KeyboardInterrupt, match="saved .*latest/8"):
+            loop.run(job)
+        assert checkpoint.read_meta(tmp_path / "run" / "checkpoints" / "latest")["unfinished_step_evaluation"] == 8
+        loop.run(job)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert _records(tmp_path / "run") == _records(tmp_path / "reference")
+    assert [c for c in calls if c[0] == "step"] == [("step", 4), ("step", 8), ("step", 12), ("step", 12)]
+
+
+def test_an_epoch_finished_by_a_resumed_run_applies_end_of_epoch_once_however_often_it_restarts(tmp_path, toy_step):
+    import signal
+
+    config = tiny_synthetic_config()
+    mesh = make_mesh(config, jax.devices()[:1])
+    refreshes, events = [], []
+
+    def halve(state):  # Not idempotent: applied twice or never, the final weight differs.
+        refreshes.append(int(state.step))
+        return state.replace(params={"w": state.params["w"] * 0.5})
+
+    def learning_rate(step):
+        if step + 1 == 2 * STEPS_PER_EPOCH and "stop" in events:  # The epoch's last step, before halve.
+            events.remove("stop")
+            signal.raise_signal(signal.SIGINT)
+        if step + 1 == 2 * STEPS_PER_EPOCH + 2 and "crash" in events:  # A kill after the epoch was finished.
+            events.remove("crash")
+            raise RuntimeError("killed")
+        return 0.25
+
+    def job(name):
+        return dataclasses.replace(_job(config, tmp_path / name, mesh, toy_step, []), end_of_epoch=halve,
+                                   learning_rate=learning_rate)
+
+    reference, _ = loop.run(job("reference"))
+    refreshes.clear()
+    events += ["stop", "crash"]
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # A pytest-xdist worker ignores SIGINT.
+    try:
+        with pytest.raises(KeyboardInterrupt, match=f"saved .*latest/{2 * STEPS_PER_EPOCH}"):
+            loop.run(job("run"))
+        with pytest.raises(RuntimeError, match="killed"):
+            loop.run(job("run"))  # Finishes epoch 2 (halve, evaluation, record), then dies.
+        meta = checkpoint.read_meta(tmp_path / "run" / "checkpoints" / "latest")
+        assert meta["epoch"] == 2 and meta["end_of_epoch_after_restore"] and "unfinished_epoch" not in meta
+        state, meta = loop.run(job("run"))
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert refreshes == [3, 6, 6, 9, 12]  # Epoch 2's again only for the state restored from before it.
+    np.testing.assert_array_equal(state.params["w"], reference.params["w"])
+    assert _records(tmp_path / "run") == _records(tmp_path / "reference")
+    assert meta["best_epoch"] == 2 and "end_of_epoch_after_restore" not in meta

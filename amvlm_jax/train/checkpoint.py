@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import pathlib
 import re
 from typing import Any, Optional
@@ -50,20 +51,36 @@ class RunCheckpoints:
         self.latest = _manager(root / "latest")
         self.best = _manager(root / "best")
 
-    def save(self, step: int, state: Any, meta: dict, is_best: bool) -> None:
+    def save(self, step: int, state: Any, meta: dict, is_best: bool, latest_meta: Optional[dict] = None) -> None:
         """Saves `state` as the latest and, when `is_best`, as the best checkpoint.
 
         The best one is written completely before the latest one starts: a
         run killed in between resumes from the previous latest step and
         writes this best again (a run killed after the latest save would
         otherwise resume past an epoch whose best checkpoint never landed).
-        A best step that an interrupted run already completed is kept.
+        A best step that an interrupted run already completed is kept. When
+        the latest checkpoint is already at `step` (a run stopped before
+        finishing the epoch it was saved in, resumed and finishing it: the
+        same state), only its meta is replaced, by `latest_meta` when given.
         """
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         if is_best and self.best.latest_step() != step:
             self.best.save(step, args=args)
             self.best.wait_until_finished()
-        self.latest.save(step, args=args)
+        if self.latest.latest_step() == step:
+            self.replace_latest_meta(step, latest_meta or meta)
+        else:
+            self.latest.save(step, args=args)
+
+    def replace_latest_meta(self, step: int, meta: dict) -> None:
+        """Replaces the meta of the latest checkpoint, at `step`, in one rename (Orbax skips a step that
+        exists); its state stays."""
+        self.latest.wait_until_finished()
+        if jax.process_index() == 0:
+            path = _step_folder(self.latest, step) / "meta" / "metadata"
+            temporary = path.with_name("metadata.tmp")
+            temporary.write_text(json.dumps(meta))
+            os.replace(temporary, path)
 
     def restore_latest(self, state: Any) -> tuple[Any, Optional[dict]]:
         """(restored state, meta) from the latest checkpoint, or (state, None) when there is none."""

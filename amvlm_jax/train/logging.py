@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import time
+from typing import Callable
 
 import jax
 from tqdm import tqdm
@@ -21,12 +22,15 @@ class MetricWriter:
     """Appends {'step', 'time', **metrics} lines to <workdir>/metrics.jsonl and TensorBoard events.
 
     A run that resumes at ``start_step`` first drops the records it will write again: those after
-    ``start_step`` (logged before a kill that came after the last checkpoint), all of them when it starts
-    from step 0, and a last line that a kill cut short (appending to it would merge two records into one
-    unreadable line). TensorBoard hides the same steps of the earlier event files (``purge_step``).
+    ``start_step`` (logged before a kill that came after the last checkpoint), those at it for which
+    ``rewritten`` is true (the evaluation of a step or epoch that the checkpoint's meta says is unfinished),
+    all of them when it starts from step 0, and a last line that a kill cut short (appending to it would
+    merge two records into one unreadable line). TensorBoard hides the same steps of the earlier event
+    files (``purge_step``).
     """
 
-    def __init__(self, workdir: str | pathlib.Path, start_step: int):
+    def __init__(self, workdir: str | pathlib.Path, start_step: int,
+                 rewritten: Callable[[dict], bool] = lambda record: False):
         self.enabled = jax.process_index() == 0
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self._tb = None
@@ -34,14 +38,14 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
 
             if self.path.is_file():
-                self._drop_records_from(start_step)
+                self._drop_records_from(start_step, rewritten)
             # An event file is named by the second it was opened in and is opened for writing, so a run
             # resumed within that second would erase its predecessor's file without a suffix of its own.
             self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
                                      purge_step=start_step + 1 if start_step else 0,
                                      filename_suffix=f".from-step-{start_step}")
 
-    def _drop_records_from(self, start_step: int) -> None:
+    def _drop_records_from(self, start_step: int, rewritten: Callable[[dict], bool]) -> None:
         text = self.path.read_bytes().decode("utf-8", "replace")  # A kill may leave any bytes at the end.
         lines = text.splitlines()
         kept, unreadable = [], 0
@@ -52,7 +56,7 @@ class MetricWriter:
             except (ValueError, TypeError, KeyError):
                 unreadable += 1
                 continue
-            if start_step and step <= start_step:
+            if start_step and (step < start_step or step == start_step and not rewritten(record)):
                 kept.append(line)
         if len(kept) == len(lines) and (not text or text.endswith("\n")):  # Else the next line would merge.
             return
@@ -60,7 +64,7 @@ class MetricWriter:
         temporary.write_text("".join(line + "\n" for line in kept))
         os.replace(temporary, self.path)
         dropped = len(lines) - len(kept) - unreadable
-        info(f"{self.path}: dropped {dropped} records past step {start_step}, which this run writes again"
+        info(f"{self.path}: dropped {dropped} records that this run writes again (its checkpoint is at step {start_step})"
              + (f", and {unreadable} lines that are no record with a step (cut short?)" if unreadable else ""))
 
     def write(self, step: int, metrics: dict) -> None:

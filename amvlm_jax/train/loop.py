@@ -138,7 +138,12 @@ def _run(job: Job) -> tuple[Any, dict]:
         current["state"] = state
         meta |= {"job": job.name, "config": recorded_config(job.config)}
         start_step = int(state.step)
-        writer = MetricWriter(workdir, start_step)
+        epochs_trained = start_step // job.steps_per_epoch
+        # Stopped after an epoch's last step, before its checkpoint; in a step's evaluation.
+        unfinished_epoch = epochs_trained > meta["epoch"]
+        unfinished_evaluation = meta.get("unfinished_step_evaluation") == start_step
+        writer = MetricWriter(workdir, start_step, lambda record: (unfinished_epoch and "epoch" in record) or (
+            unfinished_evaluation and "epoch" not in record and "train/loss" not in record))
         if start_step == 0:
             info(f"{job.name}: {parameter_count(state.params):,} trained parameters")
             starting = {}
@@ -149,11 +154,14 @@ def _run(job: Job) -> tuple[Any, dict]:
                 meta["initial_eval"] = meta["last_eval"] = starting
                 writer.write(0, {"epoch": 0, **starting})
                 info("before training: " + format_metrics(starting))
-        epochs_trained = start_step // job.steps_per_epoch
-        if epochs_trained > meta["epoch"]:  # Stopped after an epoch's last step, before its checkpoint.
+        if unfinished_evaluation:
+            info(f"evaluating step {start_step} first (its evaluation was cut short)")
+            _evaluate_at_step(job, current["state"], start_step, meta, checkpoints, writer)
+        if unfinished_epoch:
             unfinished = meta.get("unfinished_epoch") or {}
+            means = unfinished.get("means") or _means(_saved_step_metrics(meta, job.steps_per_epoch))
             info(f"finishing epoch {epochs_trained} first (its end-of-epoch work was cut short)")
-            _finish_epoch(job, current, epochs_trained - 1, unfinished.get("means", {}),
+            _finish_epoch(job, current, epochs_trained - 1, means,
                           unfinished.get("seconds", 0.0), unfinished.get("refreshed", False), meta, checkpoints, writer)
         batches = job.batches(start_step)
         for epoch in range(epochs_trained, job.epochs):
@@ -164,6 +172,10 @@ def _run(job: Job) -> tuple[Any, dict]:
         if meta is None:  # Interrupted while restoring: nothing new to save.
             raise
         step = int(current["state"].step)
+        if current.get("step_metrics"):  # Stopped mid-epoch: the resumed run's epoch means need these too.
+            taken = jax.device_get(current["step_metrics"])
+            meta["epoch_step_metrics"] = {"dtypes": {k: str(np.asarray(v).dtype) for k, v in taken[0].items()},
+                                          "values": [{k: np.asarray(v).item() for k, v in m.items()} for m in taken]}
         if checkpoints.latest.latest_step() != step:
             checkpoints.save(step, current["state"], dict(meta), is_best=False)
         checkpoints.wait()
@@ -240,33 +252,64 @@ def _run_epoch(job: Job, current: dict, batches, epoch: int, meta: dict, checkpo
     first = int(current["state"].step) - epoch * job.steps_per_epoch  # > 0 when resuming mid-epoch.
     progress = tqdm(range(first, job.steps_per_epoch), desc=f"{job.name} epoch {epoch + 1}/{job.epochs}",
                     leave=False, disable=jax.process_index() != 0)
-    step_metrics = []
+    step_metrics = current["step_metrics"] = _saved_step_metrics(meta, first)
     logged_at, logged_step = time.time(), epoch * job.steps_per_epoch + first
     for index in progress:
         stop_if_interrupted()  # A Ctrl-C whose KeyboardInterrupt was dropped.
-        state, metrics_now = job.train_step(current["state"], pipeline.to_global(job.mesh, next(batches)))
-        current["state"] = state
-        step_metrics.append(metrics_now)
-        # Counted on the host: reading state.step would wait for the device after every step.
-        step = epoch * job.steps_per_epoch + index + 1
-        if step % job.log_every_steps == 0:
-            logged = {f"train/{k}": v for k, v in jax.device_get(metrics_now).items()}
-            check_finite(float(logged["train/loss"]), step, job.workdir)
-            now = time.time()
-            logged["train/steps_per_second"] = (step - logged_step) / max(now - logged_at, 1e-9)
-            logged_at, logged_step = now, step
-            if job.learning_rate is not None:
-                logged["train/lr"] = job.learning_rate(step - 1)
-            progress.set_postfix(loss=f"{float(logged['train/loss']):.4f}")
-            writer.write(step, logged)
-        for evaluator in job.evaluators:
-            if evaluator.every_steps and step % evaluator.every_steps == 0:
-                writer.write(step, evaluator.run(state))
-    step_metrics = jax.device_get(step_metrics)
-    # Means over the steps this run took (all of them unless it resumed mid-epoch).
-    means = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+        batch = next(batches)  # Outside: grain workers stop at a Ctrl-C to the process group.
+        with interrupts_deferred():  # A step and its record (a stop between them lost the record).
+            state, metrics_now = job.train_step(current["state"], pipeline.to_global(job.mesh, batch))
+            current["state"] = state
+            step_metrics.append(metrics_now)
+            # Counted on the host: reading state.step would wait for the device after every step.
+            step = epoch * job.steps_per_epoch + index + 1
+            if step % job.log_every_steps == 0:
+                logged = {f"train/{k}": v for k, v in jax.device_get(metrics_now).items()}
+                check_finite(float(logged["train/loss"]), step, job.workdir)
+                now = time.time()
+                logged["train/steps_per_second"] = (step - logged_step) / max(now - logged_at, 1e-9)
+                logged_at, logged_step = now, step
+                if job.learning_rate is not None:
+                    logged["train/lr"] = job.learning_rate(step - 1)
+                progress.set_postfix(loss=f"{float(logged['train/loss']):.4f}")
+                writer.write(step, logged)
+            if any(evaluator.every_steps and step % evaluator.every_steps == 0 for evaluator in job.evaluators):
+                meta["unfinished_step_evaluation"] = step
+        if meta.get("unfinished_step_evaluation") == step:
+            _evaluate_at_step(job, state, step, meta, checkpoints, writer)
+    means = _means(jax.device_get(step_metrics))
+    current["step_metrics"] = []
     check_finite(means["loss"], int(current["state"].step), job.workdir)
     _finish_epoch(job, current, epoch, means, time.time() - started, False, meta, checkpoints, writer)
+
+
+def _saved_step_metrics(meta: dict, count: int) -> list:
+    """The metrics of an epoch's first ``count`` steps, as the checkpoint of a run stopped after them
+    holds them (taken out of meta); [] when it holds no such list."""
+    saved = meta.pop("epoch_step_metrics", None)
+    if not saved or len(saved["values"]) != count:
+        return []
+    return [{k: np.asarray(v, saved["dtypes"][k]) for k, v in values.items()} for values in saved["values"]]
+
+
+def _means(step_metrics: list) -> dict:
+    """Epoch means over the steps' metrics (those this run took, when it resumed mid-epoch from a
+    checkpoint without the earlier ones); {} for no steps."""
+    return {k: float(np.mean([m[k] for m in step_metrics])) for k in (step_metrics[0] if step_metrics else ())}
+
+
+def _evaluate_at_step(job: Job, state, step: int, meta: dict, checkpoints, writer) -> None:
+    """The evaluators due every so many steps; until their record is written, meta carries
+    ``unfinished_step_evaluation`` (a run stopped in between evaluates that step when it resumes)."""
+    evaluated = {}
+    for evaluator in job.evaluators:
+        if evaluator.every_steps and step % evaluator.every_steps == 0:
+            evaluated |= evaluator.run(state)
+    with interrupts_deferred():
+        writer.write(step, evaluated)
+        del meta["unfinished_step_evaluation"]
+        if checkpoints.latest.latest_step() == step:  # Resumed to evaluate: its checkpoint says it is done.
+            checkpoints.replace_latest_meta(step, dict(meta))
 
 
 def _finish_epoch(job: Job, current: dict, epoch: int, means: dict, seconds: float, refreshed: bool, meta: dict,
@@ -279,10 +322,14 @@ def _finish_epoch(job: Job, current: dict, epoch: int, means: dict, seconds: flo
     started = time.time() - seconds
     meta["unfinished_epoch"] = unfinished = {"means": means, "seconds": seconds, "refreshed": refreshed}
     state = current["state"]
+    step = int(state.step)
+    # Resumed to finish the epoch whose checkpoint was written before end_of_epoch ran: that checkpoint keeps
+    # its state, and its meta says to run end_of_epoch after restoring it.
+    saved_before_end = job.end_of_epoch is not None and not refreshed and checkpoints.latest.latest_step() == step
     if job.end_of_epoch is not None and not refreshed:
-        refreshed_state = job.end_of_epoch(state)
+        # Not cut short, so that a checkpoint written on Ctrl-C holds the state its meta describes.
         with interrupts_deferred():
-            state = current["state"] = refreshed_state
+            state = current["state"] = job.end_of_epoch(state)
             unfinished["refreshed"] = True
     last = epoch + 1 == job.epochs
     evaluated = {}
@@ -306,10 +353,11 @@ def _finish_epoch(job: Job, current: dict, epoch: int, means: dict, seconds: flo
             meta["last_epoch"] = means
             if epoch == 0:
                 meta["first_epoch"] = means
-        writer.write(int(state.step), {"epoch": epoch + 1, **{f"train/epoch_{k}": v for k, v in means.items()},
-                                       **evaluated, "epoch_seconds": seconds})
-        if last or (epoch + 1) % job.checkpoint_every_epochs == 0:
-            checkpoints.save(int(state.step), state, dict(meta), is_best and (last or job.best_metric is not None))
+        writer.write(step, {"epoch": epoch + 1, **{f"train/epoch_{k}": v for k, v in means.items()},
+                            **evaluated, "epoch_seconds": seconds})
+        if last or (epoch + 1) % job.checkpoint_every_epochs == 0 or checkpoints.latest.latest_step() == step:
+            checkpoints.save(step, state, dict(meta), is_best and (last or job.best_metric is not None),
+                             latest_meta=dict(meta, end_of_epoch_after_restore=True) if saved_before_end else None)
     best = ""
     if job.best_metric is not None and meta["best"] is not None:
         best = f" (best {job.best_metric} {meta['best']:.2f} @ {meta['best_epoch']})"
@@ -377,6 +425,8 @@ def resume_point(checkpoints: checkpoint.RunCheckpoints, job: Job) -> tuple[Any,
     except (ValueError, KeyError, TypeError) as error:  # CheckpointError is a ValueError.
         raise misfit(checkpoint.first_line(error)) from None
     meta = fresh_meta(job) | meta
+    if meta.pop("end_of_epoch_after_restore", False) and job.end_of_epoch is not None:
+        state = job.end_of_epoch(state)  # Saved before it ran; its epoch was finished by a resumed run.
     if meta["best"] is None and meta.get("best_val_dice", -1.0) >= 0:  # Written before the loop was shared.
         meta["best"] = meta.pop("best_val_dice")
     info(f"resuming from {where} at step {int(state.step)} (epoch {meta['epoch']} complete)")
