@@ -117,10 +117,11 @@ def run(job: Job) -> tuple[Any, dict]:
     when best_metric improved, or always when the job has none). Every
     log_every_steps steps: the step metrics, steps/s and the learning rate.
     A non-finite loss raises TrainingError before anything is saved, leaving
-    the last good checkpoint; Ctrl-C saves the current state first (a run
-    stopped between an epoch's last step and its checkpoint finishes that
-    epoch when it resumes: end_of_epoch unless it had run, evaluation,
-    record, best check, checkpoint). Every exit closes the checkpoint
+    the last good checkpoint; Ctrl-C saves the current state first, with
+    what the resumed run needs to write the records an uninterrupted run
+    writes: the epoch's step metrics so far, an evaluation or an epoch's end
+    (end_of_epoch unless it had run, evaluation, record, best check,
+    checkpoint) that was cut short. Every exit closes the checkpoint
     managers.
     """
     with catching_interrupts():
