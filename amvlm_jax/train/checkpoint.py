@@ -149,7 +149,17 @@ def first_line(error: BaseException | str, limit: int = 200) -> str:
 class _SettlingLoop(asyncio.SelectorEventLoop):
     """An event loop that cancels and awaits its pending tasks before it closes. Orbax closes its
     loop as soon as one array read fails; the reads still in flight would then finish into the
-    closed loop, each printing an 'Event loop is closed' traceback."""
+    closed loop, each printing an 'Event loop is closed' traceback. Reads that TensorStore's threads
+    finish after the close (they are no asyncio tasks yet, so close cannot wait for them) hand their
+    results to a loop that nobody runs any more: they are dropped."""
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
 
     def close(self) -> None:
         pending = [task for task in asyncio.all_tasks(self) if not task.done()]
