@@ -311,6 +311,18 @@ def test_a_ctrl_c_inside_interrupts_deferred_lands_at_the_blocks_end():
     finally:
         signal.signal(signal.SIGINT, before)
     assert done == ["after the Ctrl-C"]
+    # A second Ctrl-C inside the block stops at once.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with loop.catching_interrupts(), pytest.raises(KeyboardInterrupt):
+            with loop.interrupts_deferred():
+                signal.raise_signal(signal.SIGINT)
+                done.append("after the first")
+                signal.raise_signal(signal.SIGINT)
+                done.append("after the second")
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert done == ["after the Ctrl-C", "after the first"]
 
 
 def _records(workdir):
@@ -401,3 +413,29 @@ def test_an_epoch_finished_by_a_resumed_run_applies_end_of_epoch_once_however_of
     np.testing.assert_array_equal(state.params["w"], reference.params["w"])
     assert _records(tmp_path / "run") == _records(tmp_path / "reference")
     assert meta["best_epoch"] == 2 and "end_of_epoch_after_restore" not in meta
+
+
+def test_ctrl_c_after_an_epochs_means_are_taken_keeps_them_for_the_resumed_run(tmp_path, toy_step, monkeypatch):
+    import signal
+
+    config = tiny_synthetic_config()
+    mesh = make_mesh(config, jax.devices()[:1])
+    loop.run(_job(config, tmp_path / "reference", mesh, toy_step, []))
+    real_check, stops = loop.check_finite, []
+
+    def check_finite(loss, step, workdir):  # The epoch mean's check, outside every deferred block.
+        if step == 2 * STEPS_PER_EPOCH and not loop._deferring.is_set() and not stops:
+            stops.append(step)
+            signal.raise_signal(signal.SIGINT)
+        real_check(loss, step, workdir)
+
+    monkeypatch.setattr(loop, "check_finite", check_finite)
+    job = _job(config, tmp_path / "run", mesh, toy_step, [])
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # A pytest-xdist worker ignores SIGINT.
+    try:
+        with pytest.raises(KeyboardInterrupt, match=f"saved .*latest/{2 * STEPS_PER_EPOCH}"):
+            loop.run(job)
+        loop.run(job)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert _records(tmp_path / "run") == _records(tmp_path / "reference")  # Epoch 2's training means included.

@@ -81,6 +81,10 @@ class RunCheckpoints:
             temporary = path.with_name("metadata.tmp")
             temporary.write_text(json.dumps(meta))
             os.replace(temporary, path)
+        if jax.process_count() > 1:  # Every process reads it when the run resumes.
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("replace_latest_meta")
 
     def restore_latest(self, state: Any) -> tuple[Any, Optional[dict]]:
         """(restored state, meta) from the latest checkpoint, or (state, None) when there is none."""

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import pathlib
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -161,6 +162,8 @@ def _run(job: Job) -> tuple[Any, dict]:
         if unfinished_epoch:
             unfinished = meta.get("unfinished_epoch") or {}
             means = unfinished.get("means") or _means(_saved_step_metrics(meta, job.steps_per_epoch))
+            if "loss" in means:
+                check_finite(means["loss"], start_step, job.workdir)
             info(f"finishing epoch {epochs_trained} first (its end-of-epoch work was cut short)")
             _finish_epoch(job, current, epochs_trained - 1, means,
                           unfinished.get("seconds", 0.0), unfinished.get("refreshed", False), meta, checkpoints, writer)
@@ -172,6 +175,9 @@ def _run(job: Job) -> tuple[Any, dict]:
         interrupted = True
         if meta is None:  # Interrupted while restoring: nothing new to save.
             raise
+        if _forced.is_set():
+            raise KeyboardInterrupt(f"interrupted without saving; {workdir}/checkpoints/latest keeps step "
+                                    f"{checkpoints.latest.latest_step()}: run the same command to resume") from None
         step = int(current["state"].step)
         if current.get("step_metrics"):  # Stopped mid-epoch: the resumed run's epoch means need these too.
             taken = jax.device_get(current["step_metrics"])
@@ -194,8 +200,10 @@ def _run(job: Job) -> tuple[Any, dict]:
 
 # Set by catching_interrupts' handler on Ctrl-C; stop_if_interrupted raises on it.
 _interrupted = threading.Event()
-# Set inside interrupts_deferred: the handler only sets _interrupted.
+# Set inside interrupts_deferred: the handler only sets _interrupted, unless it already was.
 _deferring = threading.Event()
+# Set by a second Ctrl-C inside interrupts_deferred: the state may be half-updated, so nothing is saved.
+_forced = threading.Event()
 
 
 @contextlib.contextmanager
@@ -216,17 +224,25 @@ def catching_interrupts():
         return
 
     def on_interrupt(signum, frame):
+        if _deferring.is_set():
+            if not _interrupted.is_set():
+                _interrupted.set()
+                sys.stderr.write("\nstopping after this step (Ctrl-C again: stop now, without saving)\n")
+                return
+            _forced.set()
         _interrupted.set()
-        if not _deferring.is_set():
-            raise KeyboardInterrupt
+        raise KeyboardInterrupt
 
     _interrupted.clear()
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    _forced.clear()
+    previous = signal.getsignal(signal.SIGINT)
     try:
+        signal.signal(signal.SIGINT, on_interrupt)  # Inside: a Ctrl-C right after it still restores the old one.
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
         _interrupted.clear()
+        _forced.clear()
 
 
 def stop_if_interrupted() -> None:
@@ -239,7 +255,9 @@ def stop_if_interrupted() -> None:
 @contextlib.contextmanager
 def interrupts_deferred():
     """Under ``catching_interrupts``, a Ctrl-C inside the block raises KeyboardInterrupt at its end:
-    for changes that land together or not at all (a checkpoint and the record it goes with)."""
+    for changes that land together or not at all (a checkpoint and the record it goes with). A second
+    Ctrl-C inside it stops at once (a first step's compilation can take minutes); the loop then saves
+    nothing."""
     _deferring.set()
     try:
         yield
@@ -278,8 +296,7 @@ def _run_epoch(job: Job, current: dict, batches, epoch: int, meta: dict, checkpo
                 meta["unfinished_step_evaluation"] = step
         if meta.get("unfinished_step_evaluation") == step:
             _evaluate_at_step(job, state, step, meta, checkpoints, writer)
-    means = _means(jax.device_get(step_metrics))
-    current["step_metrics"] = []
+    means = _means(jax.device_get(step_metrics))  # Kept in current until meta holds them (a Ctrl-C saves them).
     check_finite(means["loss"], int(current["state"].step), job.workdir)
     _finish_epoch(job, current, epoch, means, time.time() - started, False, meta, checkpoints, writer)
 
@@ -322,6 +339,7 @@ def _finish_epoch(job: Job, current: dict, epoch: int, means: dict, seconds: flo
     """
     started = time.time() - seconds
     meta["unfinished_epoch"] = unfinished = {"means": means, "seconds": seconds, "refreshed": refreshed}
+    current.pop("step_metrics", None)
     state = current["state"]
     step = int(state.step)
     # Resumed to finish the epoch whose checkpoint was written before end_of_epoch ran: that checkpoint keeps
