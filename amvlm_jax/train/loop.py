@@ -161,7 +161,8 @@ def _run(job: Job) -> tuple[Any, dict]:
             _evaluate_at_step(job, current["state"], start_step, meta, checkpoints, writer)
         if unfinished_epoch:
             unfinished = meta.get("unfinished_epoch") or {}
-            means = unfinished.get("means") or _means(_saved_step_metrics(meta, job.steps_per_epoch))
+            taken = _saved_step_metrics(meta, job.steps_per_epoch)  # Taken out of meta either way.
+            means = unfinished.get("means") or _means(taken)
             if "loss" in means:
                 check_finite(means["loss"], start_step, job.workdir)
             info(f"finishing epoch {epochs_trained} first (its end-of-epoch work was cut short)")
