@@ -137,17 +137,32 @@ def parity():
 def interrupt_inside_a_gc_callback():
     """Ctrl-C whose handler runs inside a garbage-collector callback (as it can inside jax's), where
     Python reports the KeyboardInterrupt it raises and drops it. The caller sets a SIGINT handler first
-    (a pytest-xdist worker ignores SIGINT)."""
+    (a pytest-xdist worker ignores SIGINT).
+
+    gc.collect() returns at once, calling no callback, while another thread's collection is under way
+    (Orbax's and TensorBoard's threads collect too): it is called again until the callback has run in
+    this thread, else the test would train on without a Ctrl-C now and then."""
     import gc
     import signal
+    import threading
+    import time
+
+    fired = threading.Event()
 
     def callback(phase, info):
-        if phase == "start":
+        if phase == "start" and threading.current_thread() is threading.main_thread() and not fired.is_set():
+            fired.set()
             signal.raise_signal(signal.SIGINT)
 
     gc.callbacks.append(callback)
     try:
-        gc.collect()
+        deadline = time.monotonic() + 60
+        while True:
+            gc.collect()
+            if fired.is_set():
+                break
+            assert time.monotonic() < deadline, "no garbage collection could start in 60 s"
+            time.sleep(0.001)
     finally:
         gc.callbacks.remove(callback)
 

@@ -439,3 +439,36 @@ def test_ctrl_c_after_an_epochs_means_are_taken_keeps_them_for_the_resumed_run(t
     finally:
         signal.signal(signal.SIGINT, before)
     assert _records(tmp_path / "run") == _records(tmp_path / "reference")  # Epoch 2's training means included.
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # The dropped KeyboardInterrupt.
+def test_the_gc_callback_interrupt_lands_while_another_thread_is_collecting():
+    """The helper the Ctrl-C tests use: gc.collect() does nothing while another thread collects (a
+    finalizer that sleeps holds that collection open here), which once let a Ctrl-C test train on
+    without its Ctrl-C."""
+    import gc
+    import signal
+    import threading
+    import time
+
+    class SlowToFinalize:
+        def __del__(self):
+            time.sleep(0.3)
+
+    def collect_garbage_slowly():
+        cycle = SlowToFinalize()
+        cycle.itself = cycle
+        del cycle
+        gc.collect()
+
+    handled_in = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: handled_in.append(threading.current_thread()))
+    collector = threading.Thread(target=collect_garbage_slowly)
+    try:
+        collector.start()
+        time.sleep(0.1)
+        interrupt_inside_a_gc_callback()
+    finally:
+        collector.join()
+        signal.signal(signal.SIGINT, before)
+    assert handled_in == [threading.main_thread()]
