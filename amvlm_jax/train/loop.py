@@ -54,6 +54,9 @@ class Evaluator:
     def due(self, epoch: int, last: bool) -> bool:
         return last or (self.every_epochs > 0 and epoch % self.every_epochs == 0)
 
+    def due_at_step(self, step: int) -> bool:
+        return self.every_steps > 0 and step % self.every_steps == 0
+
 
 @dataclasses.dataclass
 class Job:
@@ -163,8 +166,6 @@ def _run(job: Job) -> tuple[Any, dict]:
             unfinished = meta.get("unfinished_epoch") or {}
             taken = _saved_step_metrics(meta, job.steps_per_epoch)  # Taken out of meta either way.
             means = unfinished.get("means") or _means(taken)
-            if "loss" in means:
-                check_finite(means["loss"], start_step, job.workdir)
             info(f"finishing epoch {epochs_trained} first (its end-of-epoch work was cut short)")
             _finish_epoch(job, current, epochs_trained - 1, means,
                           unfinished.get("seconds", 0.0), unfinished.get("refreshed", False), meta, checkpoints, writer)
@@ -181,9 +182,7 @@ def _run(job: Job) -> tuple[Any, dict]:
                                     f"{checkpoints.latest.latest_step()}: run the same command to resume") from None
         step = int(current["state"].step)
         if current.get("step_metrics"):  # Stopped mid-epoch: the resumed run's epoch means need these too.
-            taken = jax.device_get(current["step_metrics"])
-            meta["epoch_step_metrics"] = {"dtypes": {k: str(np.asarray(v).dtype) for k, v in taken[0].items()},
-                                          "values": [{k: np.asarray(v).item() for k, v in m.items()} for m in taken]}
+            meta["epoch_step_metrics"] = _step_metrics_for_meta(jax.device_get(current["step_metrics"]))
         if checkpoints.latest.latest_step() != step:
             checkpoints.save(step, current["state"], dict(meta), is_best=False)
         checkpoints.wait()
@@ -293,13 +292,18 @@ def _run_epoch(job: Job, current: dict, batches, epoch: int, meta: dict, checkpo
                     logged["train/lr"] = job.learning_rate(step - 1)
                 progress.set_postfix(loss=f"{float(logged['train/loss']):.4f}")
                 writer.write(step, logged)
-            if any(evaluator.every_steps and step % evaluator.every_steps == 0 for evaluator in job.evaluators):
+            if any(evaluator.due_at_step(step) for evaluator in job.evaluators):
                 meta["unfinished_step_evaluation"] = step
         if meta.get("unfinished_step_evaluation") == step:
             _evaluate_at_step(job, state, step, meta, checkpoints, writer)
     means = _means(jax.device_get(step_metrics))  # Kept in current until meta holds them (a Ctrl-C saves them).
-    check_finite(means["loss"], int(current["state"].step), job.workdir)
     _finish_epoch(job, current, epoch, means, time.time() - started, False, meta, checkpoints, writer)
+
+
+def _step_metrics_for_meta(step_metrics: list) -> dict:
+    """The steps' metrics (host values) as JSON, with their dtypes: read back by ``_saved_step_metrics``."""
+    return {"dtypes": {k: str(np.asarray(v).dtype) for k, v in step_metrics[0].items()},
+            "values": [{k: np.asarray(v).item() for k, v in m.items()} for m in step_metrics]}
 
 
 def _saved_step_metrics(meta: dict, count: int) -> list:
@@ -322,7 +326,7 @@ def _evaluate_at_step(job: Job, state, step: int, meta: dict, checkpoints, write
     ``unfinished_step_evaluation`` (a run stopped in between evaluates that step when it resumes)."""
     evaluated = {}
     for evaluator in job.evaluators:
-        if evaluator.every_steps and step % evaluator.every_steps == 0:
+        if evaluator.due_at_step(step):
             evaluated |= evaluator.run(state)
     with interrupts_deferred():
         writer.write(step, evaluated)
@@ -338,15 +342,18 @@ def _finish_epoch(job: Job, current: dict, epoch: int, means: dict, seconds: flo
     Until its checkpoint is written, meta carries ``unfinished_epoch`` (the training means and seconds,
     whether end_of_epoch has run), so that a run stopped in between and resumed finishes it.
     """
+    state = current["state"]
+    step = int(state.step)
+    if "loss" in means:  # Absent only when finishing the epoch of a checkpoint written before they were kept.
+        check_finite(means["loss"], step, job.workdir)
     started = time.time() - seconds
     meta["unfinished_epoch"] = unfinished = {"means": means, "seconds": seconds, "refreshed": refreshed}
     current.pop("step_metrics", None)
-    state = current["state"]
-    step = int(state.step)
+    refresh = job.end_of_epoch is not None and not refreshed
     # Resumed to finish the epoch whose checkpoint was written before end_of_epoch ran: that checkpoint keeps
     # its state, and its meta says to run end_of_epoch after restoring it.
-    saved_before_end = job.end_of_epoch is not None and not refreshed and checkpoints.latest.latest_step() == step
-    if job.end_of_epoch is not None and not refreshed:
+    saved_before_end = refresh and checkpoints.latest.latest_step() == step
+    if refresh:
         # Not cut short, so that a checkpoint written on Ctrl-C holds the state its meta describes.
         with interrupts_deferred():
             state = current["state"] = job.end_of_epoch(state)
