@@ -135,6 +135,43 @@ def test_two_processes_train_as_one_process_with_eight_devices(tmp_path):
     assert any(np.abs(v).max() > 0 for k, v in expected.items() if k.startswith("ssl_decoder") and "gate" in k)
 
 
+def test_a_signal_to_one_process_stops_every_process_at_one_step_and_the_run_resumes_exactly(tmp_path):
+    """SIGTERM to process 1 alone, then Ctrl-C to process 0 alone (tests/stop_worker.py): every process stops
+    at the same step, saves it and says so, and the resumed runs end where the uninterrupted one does, with its
+    records. Before, the signalled process saved alone while the other waited in the next step's collective
+    (the run hung), and two processes saving 'latest' and 'best' back to back met at each other's barriers."""
+    import json
+
+    address = f"127.0.0.1:{_free_port()}"
+    workers = [subprocess.Popen([sys.executable, str(TESTS_DIR / "stop_worker.py"), address, str(i), "2",
+                                 str(tmp_path / "runs"), str(tmp_path / f"{i}.json")],
+                                env=one_device_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for i in range(2)]
+    try:
+        outputs = [w.communicate(timeout=600)[0] for w in workers]  # About 10 s alone on 2 cores.
+    finally:
+        for w in workers:
+            w.kill()
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output[-3000:]
+    results = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)]
+    whole = results[0]["whole"]
+    for process, runs in enumerate(results):
+        assert runs["whole"]["w"] == whole["w"] and runs["whole"]["latest_step"] == 12
+        for name, signalled_step in (("sigterm", 3), ("sigint", 7)):
+            cut, resumed = runs[f"{name}_cut"], runs[f"{name}_resumed"]
+            # The signal came while step signalled_step + 1 was taken; the processes agree one step later.
+            assert cut["latest_step"] == signalled_step + 2, (process, name, cut)
+            assert cut["message"] == (f"interrupted: saved {tmp_path}/runs/{name}/checkpoints/latest/"
+                                      f"{signalled_step + 2}; run the same command to resume")
+            assert resumed["message"] is None and resumed["latest_step"] == 12
+            assert resumed["w"] == whole["w"], (process, name)  # Exactly: the same sums in the same order.
+            if process == 0:
+                assert resumed["records"] == whole["records"], name
+    assert outputs[1].count("SIGTERM: stopping at a step all processes reach") == 1
+    assert outputs[0].count("SIGINT: stopping at a step all processes reach") == 1
+
+
 def test_checkpoint_from_eight_devices_resumes_on_one_and_two(tmp_path, monkeypatch):
     """A pre-training state saved FSDP-sharded on 2 x 4 devices restores on 1 and on 1 x 2 devices."""
     monkeypatch.chdir(tmp_path)

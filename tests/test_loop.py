@@ -472,3 +472,31 @@ def test_the_gc_callback_interrupt_lands_while_another_thread_is_collecting():
         collector.join()
         signal.signal(signal.SIGINT, before)
     assert handled_in == [threading.main_thread()]
+
+
+def test_sigterm_saves_like_ctrl_c_and_the_resumed_run_writes_the_uninterrupted_records(tmp_path, toy_step):
+    """A scheduler's stop or a preemption notice (SIGTERM) during a step: the step and its record land,
+    the state is saved, and the same run resumes to what an uninterrupted run writes. Before, SIGTERM
+    ended the process where it stood, and the run resumed from its last epoch's checkpoint."""
+    import signal
+
+    config = tiny_synthetic_config()
+    mesh = make_mesh(config, jax.devices()[:1])
+    whole, _ = loop.run(_job(config, tmp_path / "reference", mesh, toy_step, []))
+    job = _job(config, tmp_path / "run", mesh, toy_step, [])
+
+    def step_terminated_at_4(state, batch):
+        if int(state.step) == 4 and not (tmp_path / "run" / "checkpoints" / "latest" / "5").exists():
+            signal.raise_signal(signal.SIGTERM)
+        return toy_step(state, batch)
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="saved .*latest/5"):
+            loop.run(dataclasses.replace(job, train_step=step_terminated_at_4))
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # The loop's handler is gone.
+        resumed, _ = loop.run(job)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert float(resumed.params["w"]) == float(whole.params["w"])
+    assert _records(tmp_path / "run") == _records(tmp_path / "reference")

@@ -32,7 +32,12 @@ class DamagedCheckpoint(CheckpointError):
 
 
 def _manager(directory: pathlib.Path, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, read_only=read_only)
+    # Each manager's own barrier names: Orbax names them by the operation only, so in a multi-process run
+    # the 'latest' manager's save finishing in its thread met the 'best' manager's next save in another
+    # process at the same barrier, and the run stopped ("Barrier ... is already ongoing").
+    processes = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="read-only" if read_only else directory.name)
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, read_only=read_only,
+                                           multiprocessing_options=processes)
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 

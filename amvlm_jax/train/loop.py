@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from amvlm_jax import visualize
 from amvlm_jax.data import pipeline
-from amvlm_jax.train import checkpoint
+from amvlm_jax.train import checkpoint, parallel
 from amvlm_jax.train.logging import MetricWriter, info
 
 # Step metrics that describe the optimisation rather than the objective (not averaged into the
@@ -204,51 +204,80 @@ _interrupted = threading.Event()
 _deferring = threading.Event()
 # Set by a second Ctrl-C inside interrupts_deferred: the state may be half-updated, so nothing is saved.
 _forced = threading.Event()
+# Multi-process runs: the any-process reduction of the flags that the last stop_if_interrupted started.
+_agreement: dict[str, Any] = {}
+
+
+def _multiprocess() -> bool:
+    # Not jax.process_count(): a signal handler must not be the first to start the backends.
+    return jax.distributed.is_initialized()
 
 
 @contextlib.contextmanager
 def catching_interrupts():
-    """While active, Ctrl-C also sets a flag on which ``stop_if_interrupted`` raises KeyboardInterrupt,
-    so that training, evaluation and prediction stop at their next step or batch even when the first
-    KeyboardInterrupt was lost.
+    """While active, Ctrl-C (SIGINT) and SIGTERM (a scheduler's stop, a preemption notice) also set a flag
+    on which ``stop_if_interrupted`` raises KeyboardInterrupt, so that training, evaluation and
+    prediction stop at their next step or batch even when the first KeyboardInterrupt was lost.
 
     Python drops an exception raised inside a garbage-collector callback (jax registers one), and
     with it a KeyboardInterrupt that lands there: training went on after Ctrl-C in 3 of 6 tries.
-    Only Python's own handler is replaced (a process started with SIGINT ignored, as background jobs
-    are, keeps ignoring it; an enclosing catching_interrupts keeps its own), and only from the main
-    thread, where signal handlers can be set. The flag is cleared on entry and exit.
+    In a multi-process run a signal may reach one process only (Ctrl-C in one host's terminal), and a
+    process that stopped alone would leave the others waiting in a collective: there the first signal
+    only sets the flag, and the processes stop together where stop_if_interrupted finds that any of
+    them has it; a second one stops its process at once, without saving.
+    Only a signal's default handler is replaced (a process started with SIGINT ignored, as background
+    jobs are, keeps ignoring it; an enclosing catching_interrupts keeps its own), and only from the
+    main thread, where signal handlers can be set. The flags are cleared on entry and exit.
     """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    caught = [number for number, default in defaults.items() if signal.getsignal(number) is default]
+    if threading.current_thread() is not threading.main_thread() or not caught:
         yield
         return
 
     def on_interrupt(signum, frame):
-        if _deferring.is_set():
+        if _deferring.is_set() or _multiprocess():
             if not _interrupted.is_set():
                 _interrupted.set()
-                sys.stderr.write("\nstopping after this step (Ctrl-C again: stop now, without saving)\n")
+                where = "at a step all processes reach" if _multiprocess() else "after this step"
+                sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping {where} (again: stop now, without saving)\n")
                 return
             _forced.set()
         _interrupted.set()
         raise KeyboardInterrupt
 
-    _interrupted.clear()
-    _forced.clear()
-    previous = signal.getsignal(signal.SIGINT)
+    _clear_interrupt_flags()
+    previous = {number: signal.getsignal(number) for number in caught}
     try:
-        signal.signal(signal.SIGINT, on_interrupt)  # Inside: a Ctrl-C right after it still restores the old one.
+        for number in caught:  # Inside: a Ctrl-C right after it still restores the old one.
+            signal.signal(number, on_interrupt)
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        _interrupted.clear()
-        _forced.clear()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        _clear_interrupt_flags()
+
+
+def _clear_interrupt_flags() -> None:
+    _interrupted.clear()
+    _forced.clear()
+    _agreement.clear()
 
 
 def stop_if_interrupted() -> None:
     """Raises KeyboardInterrupt if Ctrl-C was pressed under ``catching_interrupts`` (called between steps
-    and batches)."""
-    if _interrupted.is_set():
+    and batches). In a multi-process run, every process calls it at the same points, and it raises on
+    all of them where any process's flag was set one call earlier: each call starts the reduction of
+    the flags and reads the one the previous call started, so that the host does not wait for the
+    device."""
+    if not _multiprocess():
+        if _interrupted.is_set():
+            raise KeyboardInterrupt
+        return
+    started = _agreement.get("started")
+    _agreement["started"] = parallel.any_process_started(_interrupted.is_set())
+    if started is not None and int(started.addressable_data(0)):
+        _agreement.clear()
         raise KeyboardInterrupt
 
 
@@ -257,13 +286,14 @@ def interrupts_deferred():
     """Under ``catching_interrupts``, a Ctrl-C inside the block raises KeyboardInterrupt at its end:
     for changes that land together or not at all (a checkpoint and the record it goes with). A second
     Ctrl-C inside it stops at once (a first step's compilation can take minutes); the loop then saves
-    nothing."""
+    nothing. In a multi-process run a first Ctrl-C waits for stop_if_interrupted, wherever it lands."""
     _deferring.set()
     try:
         yield
     finally:
         _deferring.clear()
-    stop_if_interrupted()
+    if not _multiprocess():
+        stop_if_interrupted()
 
 
 def _run_epoch(job: Job, current: dict, batches, epoch: int, meta: dict, checkpoints, writer) -> None:

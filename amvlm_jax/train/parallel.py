@@ -17,11 +17,13 @@ devices; see its docstring for how the processes are found.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -123,6 +125,21 @@ def initialize_distributed(config) -> int:
         jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
     jax.distributed.initialize(**kwargs)
     return jax.process_count()
+
+
+@functools.cache
+def _any_program() -> tuple[NamedSharding, Any]:
+    mesh = Mesh(np.asarray(jax.devices()), ("devices",))
+    return NamedSharding(mesh, PartitionSpec("devices")), jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def any_process_started(flag: bool) -> jax.Array:
+    """Starts, without waiting for it, the reduction of every process's ``flag`` (each process calls it
+    in the same order): a replicated int32 scalar, 1 if any process's flag is set; read it with
+    ``int(result.addressable_data(0))``."""
+    sharding, reduce = _any_program()
+    local = [jax.device_put(np.full((1,), flag, np.int32), device) for device in jax.local_devices()]
+    return reduce(jax.make_array_from_single_device_arrays((jax.device_count(),), sharding, local))
 
 
 # ---------------------------------------------------------------------------
