@@ -151,10 +151,7 @@ def _run(job: Job) -> tuple[Any, dict]:
             unfinished_evaluation and "epoch" not in record and "train/loss" not in record))
         if start_step == 0:
             info(f"{job.name}: {parameter_count(state.params):,} trained parameters")
-            starting = {}
-            for evaluator in job.evaluators:
-                if evaluator.at_start:
-                    starting |= evaluator.run(state)
+            starting = _evaluate(job, state, lambda evaluator: evaluator.at_start)
             if starting:
                 meta["initial_eval"] = meta["last_eval"] = starting
                 writer.write(0, {"epoch": 0, **starting})
@@ -204,8 +201,6 @@ _interrupted = threading.Event()
 _deferring = threading.Event()
 # Set by a second Ctrl-C inside interrupts_deferred: the state may be half-updated, so nothing is saved.
 _forced = threading.Event()
-# Multi-process runs: the any-process reduction of the flags that the last stop_if_interrupted started.
-_agreement: dict[str, Any] = {}
 
 
 def _multiprocess() -> bool:
@@ -223,8 +218,8 @@ def catching_interrupts():
     with it a KeyboardInterrupt that lands there: training went on after Ctrl-C in 3 of 6 tries.
     In a multi-process run a signal may reach one process only (Ctrl-C in one host's terminal), and a
     process that stopped alone would leave the others waiting in a collective: there the first signal
-    only sets the flag, and the processes stop together where stop_if_interrupted finds that any of
-    them has it; a second one stops its process at once, without saving.
+    only sets the flag, and the processes stop together at the first stop_if_interrupted after it; a
+    second one stops its process at once, without saving.
     Only a signal's default handler is replaced (a process started with SIGINT ignored, as background
     jobs are, keeps ignoring it; an enclosing catching_interrupts keeps its own), and only from the
     main thread, where signal handlers can be set. The flags are cleared on entry and exit.
@@ -239,7 +234,7 @@ def catching_interrupts():
         if _deferring.is_set() or _multiprocess():
             if not _interrupted.is_set():
                 _interrupted.set()
-                where = "at a step all processes reach" if _multiprocess() else "after this step"
+                where = "where all processes agree" if _multiprocess() else "after this step"
                 sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping {where} (again: stop now, without saving)\n")
                 return
             _forced.set()
@@ -261,23 +256,20 @@ def catching_interrupts():
 def _clear_interrupt_flags() -> None:
     _interrupted.clear()
     _forced.clear()
-    _agreement.clear()
 
 
-def stop_if_interrupted() -> None:
+def stop_if_interrupted(settle: Any = None) -> None:
     """Raises KeyboardInterrupt if Ctrl-C was pressed under ``catching_interrupts`` (called between steps
-    and batches). In a multi-process run, every process calls it at the same points, and it raises on
-    all of them where any process's flag was set one call earlier: each call starts the reduction of
-    the flags and reads the one the previous call started, so that the host does not wait for the
-    device."""
+    and batches). In a multi-process run every process calls it at the same points, and it raises on
+    all of them if any process's flag is set: a reduction over the processes, which waits for
+    ``settle`` (arrays still being computed) first, since collectives of two computations that
+    overlap can pair up wrongly across processes (CPU devices run them concurrently)."""
     if not _multiprocess():
         if _interrupted.is_set():
             raise KeyboardInterrupt
         return
-    started = _agreement.get("started")
-    _agreement["started"] = parallel.any_process_started(_interrupted.is_set())
-    if started is not None and int(started.addressable_data(0)):
-        _agreement.clear()
+    jax.block_until_ready(settle)
+    if parallel.any_process(_interrupted.is_set()):
         raise KeyboardInterrupt
 
 
@@ -304,7 +296,10 @@ def _run_epoch(job: Job, current: dict, batches, epoch: int, meta: dict, checkpo
     step_metrics = current["step_metrics"] = _saved_step_metrics(meta, first)
     logged_at, logged_step = time.time(), epoch * job.steps_per_epoch + first
     for index in progress:
-        stop_if_interrupted()  # A Ctrl-C whose KeyboardInterrupt was dropped.
+        # A Ctrl-C whose KeyboardInterrupt was dropped. Processes agree where the device has caught up
+        # anyway (a logged step is read back), so that no step waits for the agreement.
+        if index == first or (epoch * job.steps_per_epoch + index) % job.log_every_steps == 0 or not _multiprocess():
+            stop_if_interrupted(settle=current["state"])
         batch = next(batches)  # Outside: grain workers stop at a Ctrl-C to the process group.
         with interrupts_deferred():  # A step and its record (a stop between them lost the record).
             state, metrics_now = job.train_step(current["state"], pipeline.to_global(job.mesh, batch))
@@ -354,15 +349,23 @@ def _means(step_metrics: list) -> dict:
 def _evaluate_at_step(job: Job, state, step: int, meta: dict, checkpoints, writer) -> None:
     """The evaluators due every so many steps; until their record is written, meta carries
     ``unfinished_step_evaluation`` (a run stopped in between evaluates that step when it resumes)."""
-    evaluated = {}
-    for evaluator in job.evaluators:
-        if evaluator.due_at_step(step):
-            evaluated |= evaluator.run(state)
+    evaluated = _evaluate(job, state, lambda evaluator: evaluator.due_at_step(step))
     with interrupts_deferred():
         writer.write(step, evaluated)
         del meta["unfinished_step_evaluation"]
         if checkpoints.latest.latest_step() == step:  # Resumed to evaluate: its checkpoint says it is done.
             checkpoints.replace_latest_meta(step, dict(meta))
+
+
+def _evaluate(job: Job, state, due: Callable[[Evaluator], bool]) -> dict:
+    """The metrics of the due evaluators, run once the state is computed (their checks for Ctrl-C are
+    collectives in a multi-process run: see stop_if_interrupted)."""
+    jax.block_until_ready(state)
+    evaluated = {}
+    for evaluator in job.evaluators:
+        if due(evaluator):
+            evaluated |= evaluator.run(state)
+    return evaluated
 
 
 def _finish_epoch(job: Job, current: dict, epoch: int, means: dict, seconds: float, refreshed: bool, meta: dict,
@@ -389,10 +392,7 @@ def _finish_epoch(job: Job, current: dict, epoch: int, means: dict, seconds: flo
             state = current["state"] = job.end_of_epoch(state)
             unfinished["refreshed"] = True
     last = epoch + 1 == job.epochs
-    evaluated = {}
-    for evaluator in job.evaluators:
-        if evaluator.due(epoch + 1, last):
-            evaluated |= evaluator.run(state)
+    evaluated = _evaluate(job, state, lambda evaluator: evaluator.due(epoch + 1, last))
     if job.best_metric is None:
         is_best = True
     else:

@@ -123,6 +123,13 @@ def initialize_distributed(config) -> int:
     if dist.cpu_collectives:
         # Only read by the CPU backend; must be set before that backend starts.
         jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
+        # XLA's CPU scheduler for concurrency orders a program's independent collectives differently in
+        # different processes, whose gloo exchanges then pair a tensor with another ("Received data size
+        # doesn't match": the mean-teacher step failed within ten steps in three of three two-process runs,
+        # and ran when it was off). Read when the first program compiles; a user's own setting is kept.
+        if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                       " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
     jax.distributed.initialize(**kwargs)
     return jax.process_count()
 
@@ -133,13 +140,12 @@ def _any_program() -> tuple[NamedSharding, Any]:
     return NamedSharding(mesh, PartitionSpec("devices")), jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
-def any_process_started(flag: bool) -> jax.Array:
-    """Starts, without waiting for it, the reduction of every process's ``flag`` (each process calls it
-    in the same order): a replicated int32 scalar, 1 if any process's flag is set; read it with
-    ``int(result.addressable_data(0))``."""
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is set on any process (every process calls it in the same order; it waits)."""
     sharding, reduce = _any_program()
     local = [jax.device_put(np.full((1,), flag, np.int32), device) for device in jax.local_devices()]
-    return reduce(jax.make_array_from_single_device_arrays((jax.device_count(),), sharding, local))
+    return bool(int(reduce(jax.make_array_from_single_device_arrays((jax.device_count(),), sharding, local))
+                    .addressable_data(0)))
 
 
 # ---------------------------------------------------------------------------

@@ -306,7 +306,7 @@ def fit_mask_head(head, params, inputs: tuple, targets, steps: int, lr: float, b
     opt_state = tx.init(params)
     draw = np.random.default_rng([seed, 2])
     batch = min(batch_size, count)
-    progress = tqdm(range(steps), desc="fitting the text head", leave=False)
+    progress = tqdm(range(steps), desc="fitting the text head", leave=False, disable=jax.process_index() != 0)
     loss = jnp.zeros(())
     for index in progress:
         rows = draw.choice(count, batch, replace=False)
