@@ -66,6 +66,7 @@ def run(workdir: pathlib.Path, signalled: tuple[int, int, int] | None) -> dict:
         result["w"] = float(state.params["w"])
     except KeyboardInterrupt as stop:
         result["message"] = str(stop)
+        loop._clear_interrupt_flags()  # The signal's flag: a resumed run is a new process in practice.
     latest = checkpoint.RunCheckpoints(workdir)
     result["latest_step"] = latest.latest.latest_step()
     latest.close()
@@ -81,26 +82,27 @@ def main(argv: list[str]) -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Started by a pytest-xdist worker, which ignores it.
-    from amvlm_jax.train import parallel
+    from amvlm_jax.train import loop, parallel
     from conftest import tiny_synthetic_config
 
     config = tiny_synthetic_config()
     config.distributed.coordinator_address = address
     config.distributed.num_processes = num_processes
     config.distributed.process_id = process_id
-    assert parallel.initialize_distributed(config) == num_processes
-    # Set for CPU processes (parallel.initialize_distributed says why) before anything compiles.
-    assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in os.environ["XLA_FLAGS"]
-    import jax
+    with loop.catching_interrupts():  # As main does: its handlers are installed before the processes connect.
+        assert parallel.initialize_distributed(config) == num_processes
+        # Set for CPU processes (parallel.initialize_distributed says why) before anything compiles.
+        assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in os.environ["XLA_FLAGS"]
+        import jax
 
-    root = pathlib.Path(workdir)
-    results = {
-        "whole": run(root / "whole", None),
-        "sigterm_cut": run(root / "sigterm", (1, 4, signal.SIGTERM)),
-        "sigterm_resumed": run(root / "sigterm", None),
-        "sigint_cut": run(root / "sigint", (0, 8, signal.SIGINT)),
-        "sigint_resumed": run(root / "sigint", None),
-    }
+        root = pathlib.Path(workdir)
+        results = {
+            "whole": run(root / "whole", None),
+            "sigterm_cut": run(root / "sigterm", (1, 4, signal.SIGTERM)),
+            "sigterm_resumed": run(root / "sigterm", None),
+            "sigint_cut": run(root / "sigint", (0, 8, signal.SIGINT)),
+            "sigint_resumed": run(root / "sigint", None),
+        }
     pathlib.Path(out).write_text(json.dumps(results))
     jax.distributed.shutdown()
 

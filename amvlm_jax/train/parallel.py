@@ -130,6 +130,9 @@ def initialize_distributed(config) -> int:
         if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                        " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
+    # Its SIGTERM handler would replace the one train/loop.py's catching_interrupts installed, and a
+    # preempted run would train on instead of saving (this project stops on SIGTERM itself).
+    jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(**kwargs)
     return jax.process_count()
 
