@@ -17,13 +17,11 @@ devices; see its docstring for how the processes are found.
 
 from __future__ import annotations
 
-import functools
 import os
 import weakref
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -125,7 +123,7 @@ def initialize_distributed(config) -> int:
         jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
         # XLA's CPU scheduler for concurrency orders a program's independent collectives differently in
         # different processes, whose gloo exchanges then pair a tensor with another ("Received data size
-        # doesn't match": the mean-teacher step failed within ten steps in three of three two-process runs,
+        # doesn't match": the mean-teacher step failed within ten steps in five of five two-process runs,
         # and ran when it was off). Read when the first program compiles; a user's own setting is kept.
         if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -137,18 +135,11 @@ def initialize_distributed(config) -> int:
     return jax.process_count()
 
 
-@functools.cache
-def _any_program() -> tuple[NamedSharding, Any]:
-    mesh = Mesh(np.asarray(jax.devices()), ("devices",))
-    return NamedSharding(mesh, PartitionSpec("devices")), jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
-
-
 def any_process(flag: bool) -> bool:
-    """Whether ``flag`` is set on any process (every process calls it in the same order; it waits)."""
-    sharding, reduce = _any_program()
-    local = [jax.device_put(np.full((1,), flag, np.int32), device) for device in jax.local_devices()]
-    return bool(int(reduce(jax.make_array_from_single_device_arrays((jax.device_count(),), sharding, local))
-                    .addressable_data(0)))
+    """Whether ``flag`` is set on any process (collective: every process calls it, in the same order)."""
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 # ---------------------------------------------------------------------------
