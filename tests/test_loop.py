@@ -128,6 +128,50 @@ def _events(path):
     return events
 
 
+def _tensorboard_scalars(folder):
+    """{tag: [(step, value), ...]} as TensorBoard shows the run in ``folder``: its event files read in name
+    order, and a session START after the first hiding every event read before at its step or later, of
+    every tag (what TensorBoard's event accumulator does with orphaned data)."""
+    shown, started = {}, False
+    for path in sorted(folder.iterdir()):
+        for event in _events(path):
+            if event.session_log.status == event.session_log.START:
+                if started:
+                    shown = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in shown.items()}
+                started = True
+            for value in event.summary.value:
+                shown.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return {tag: points for tag, points in shown.items() if points}
+
+
+def _jsonl_scalars(workdir):
+    """metrics.jsonl in the form of _tensorboard_scalars (float32 values, as event files hold them)."""
+    scalars = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for tag, value in record.items():
+            if tag not in ("step", "time"):
+                scalars.setdefault(tag, []).append((record["step"], float(np.float32(value))))
+    return scalars
+
+
+def test_tensorboard_shows_what_metrics_jsonl_holds_after_a_resume_that_writes_a_step_again(tmp_path):
+    first = loop.MetricWriter(tmp_path, 0)
+    for step in range(1, 7):
+        first.write(step, {"train/loss": 1.0 / step})
+    first.write(6, {"epoch": 2, "val/dice": 50.0})  # Killed after this record, before its checkpoint landed,
+    first.write(7, {"train/loss": 9.0})  # and after a step past the checkpoint (step 6).
+    first.close()
+    second = loop.MetricWriter(tmp_path, 6, rewritten=lambda record: "epoch" in record)  # The epoch is redone.
+    second.write(6, {"epoch": 2, "val/dice": 60.0})
+    second.write(7, {"train/loss": 0.5})
+    second.close()
+    expected = _jsonl_scalars(tmp_path)
+    assert expected["val/dice"] == [(6, 60.0)] and expected["train/loss"][-2:] == [(6, np.float32(1 / 6)), (7, 0.5)]
+    # Before, TensorBoard hid steps from 7 on only: the redone evaluation showed twice at step 6.
+    assert _tensorboard_scalars(tmp_path / "tensorboard") == expected
+
+
 def test_a_resumed_run_drops_the_records_it_writes_again_and_a_line_cut_short(tmp_path, toy_step, monkeypatch):
     from tensorboardX import event_file_writer
 
@@ -148,11 +192,12 @@ def test_a_resumed_run_drops_the_records_it_writes_again_and_a_line_cut_short(tm
     assert [r["step"] for r in losses] == list(range(1, 13)) and all(r["train/loss"] >= 0 for r in losses)
     assert [r["epoch"] for r in records if "epoch" in r] == [0, 1, 2, 3, 4]
     # The first run's event file is kept (even when the resumed run opens its own within the same second),
-    # and TensorBoard is told to hide its steps from 7 on.
+    # and TensorBoard is told to hide its steps from 6 on, then shown the records kept at step 6 again.
     first, second = sorted((tmp_path / "tensorboard").iterdir(), key=lambda p: p.name.endswith(".from-step-6"))
     assert first.name.endswith(".from-step-0") and max(e.step for e in _events(first)) == 2 * STEPS_PER_EPOCH
     starts = [e.step for e in _events(second) if e.session_log.status == e.session_log.START]
-    assert starts == [2 * STEPS_PER_EPOCH + 1]
+    assert starts == [2 * STEPS_PER_EPOCH]
+    assert _tensorboard_scalars(tmp_path / "tensorboard") == _jsonl_scalars(tmp_path)
     # A whole last record without its newline (a kill between the two) gets one, or the next would merge.
     metrics.write_text(metrics.read_text().rstrip("\n"))
     writer = loop.MetricWriter(tmp_path, 12)

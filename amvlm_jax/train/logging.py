@@ -25,8 +25,9 @@ class MetricWriter:
     ``start_step`` (logged before a kill that came after the last checkpoint), those at it for which
     ``rewritten`` is true (the evaluation of a step or epoch that the checkpoint's meta says is unfinished),
     all of them when it starts from step 0, and a last line that a kill cut short (appending to it would
-    merge two records into one unreadable line). TensorBoard hides the same steps of the earlier event
-    files (``purge_step``).
+    merge two records into one unreadable line). TensorBoard is told to hide every earlier event from
+    ``start_step`` on (``purge_step``: it purges by step, not by record), and the records kept at
+    ``start_step`` are written to TensorBoard again, so that it shows what metrics.jsonl holds.
     """
 
     def __init__(self, workdir: str | pathlib.Path, start_step: int,
@@ -37,18 +38,20 @@ class MetricWriter:
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            if self.path.is_file():
-                self._drop_records_from(start_step, rewritten)
+            kept_at_start = self._drop_records_from(start_step, rewritten) if self.path.is_file() else []
             # An event file is named by the second it was opened in and is opened for writing, so a run
             # resumed within that second would erase its predecessor's file without a suffix of its own.
-            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
-                                     purge_step=start_step + 1 if start_step else 0,
+            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), purge_step=start_step,
                                      filename_suffix=f".from-step-{start_step}")
+            for record in kept_at_start:
+                self._to_tensorboard(start_step, {k: v for k, v in record.items() if k not in ("step", "time")},
+                                     record.get("time"))
 
-    def _drop_records_from(self, start_step: int, rewritten: Callable[[dict], bool]) -> None:
+    def _drop_records_from(self, start_step: int, rewritten: Callable[[dict], bool]) -> list[dict]:
+        """Rewrites metrics.jsonl without the records this run writes again; returns those kept at start_step."""
         text = self.path.read_bytes().decode("utf-8", "replace")  # A kill may leave any bytes at the end.
         lines = text.splitlines()
-        kept, unreadable = [], 0
+        kept, kept_at_start, unreadable = [], [], 0
         for line in lines:
             try:
                 record = json.loads(line)
@@ -58,23 +61,30 @@ class MetricWriter:
                 continue
             if start_step and (step < start_step or step == start_step and not rewritten(record)):
                 kept.append(line)
+                if step == start_step:
+                    kept_at_start.append(record)
         if len(kept) == len(lines) and (not text or text.endswith("\n")):  # Else the next line would merge.
-            return
+            return kept_at_start
         temporary = self.path.with_suffix(".jsonl.tmp")
         temporary.write_text("".join(line + "\n" for line in kept))
         os.replace(temporary, self.path)
         dropped = len(lines) - len(kept) - unreadable
         info(f"{self.path}: dropped {dropped} records that this run writes again (its checkpoint is at step {start_step})"
              + (f", and {unreadable} lines that are no record with a step (cut short?)" if unreadable else ""))
+        return kept_at_start
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in metrics.items()}
+        now = time.time()
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
+            f.write(json.dumps({"step": int(step), "time": now, **scalars}) + "\n")
+        self._to_tensorboard(step, scalars, now)
+
+    def _to_tensorboard(self, step: int, scalars: dict, walltime: float | None) -> None:
         for name, value in scalars.items():
-            self._tb.add_scalar(name, value, int(step))
+            self._tb.add_scalar(name, float(value), int(step), walltime=walltime)
         self._tb.flush()
 
     def close(self) -> None:
