@@ -258,3 +258,12 @@ def test_sheet_that_is_not_utf8_names_the_byte(untidy_root):
                                                  "field limit (131072) (a quote left open?)")
     sheet.write_text("Image,Description\nv.png,\"Opacité,\r\nbasale\"\n", encoding="utf-8-sig")  # BOM, quoted newline
     assert folders.read_sheet(sheet) == [(2, "v.png", "Opacité,\r\nbasale")]
+
+
+def test_the_decoding_progress_bar_shows_on_process_0_only(untidy_root, monkeypatch, capsys):
+    import jax
+
+    for index, shown in ((0, True), (1, False)):
+        monkeypatch.setattr(jax, "process_index", lambda: index)
+        folders.load_split(untidy_root, "train", image_size=32)
+        assert ("reading train" in capsys.readouterr().err) == shown, index

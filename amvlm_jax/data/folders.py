@@ -20,6 +20,7 @@ import dataclasses
 import io
 import os
 import pathlib
+import sys
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -291,10 +292,11 @@ def load_mask(path: pathlib.Path, size: int, num_classes: int) -> tuple[np.ndarr
 
 def decode_all(decode: Callable[[int], object], count: int, threads: int, progress: Optional[str]) -> list:
     """[decode(0), ..., decode(count - 1)] from a pool of `threads` threads (PIL decodes without the GIL),
-    with a progress bar titled `progress` unless it is None."""
+    with a progress bar titled `progress` unless it is None or this is not process 0 of a multi-process run."""
+    jax = sys.modules.get("jax")  # The data modules do not import it (grain workers); a training process has.
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
         results = pool.map(decode, range(count))
-        if progress is not None:
+        if progress is not None and (jax is None or jax.process_index() == 0):
             from tqdm import tqdm
 
             results = tqdm(results, total=count, desc=progress, leave=False)
