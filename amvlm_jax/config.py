@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
     # > 0: also validate every this many steps (logged only; the best checkpoint is chosen at epoch ends).
     config.train.eval_every_steps = 0
     config.train.log_every_steps = 10
+    # The latest checkpoint every this many epochs and at the last (a killed run resumes from it); the
+    # best is saved whenever validation Dice improves. More than 1 where epochs take seconds (GPUs).
+    config.train.checkpoint_every_epochs = 1
     config.train.eval_batch_size = 16
     # > 0: before each validation the student's BatchNorm statistics are recomputed over this
     # many training images with the current weights (evaluate.make_batch_stats_refresh): smooth
@@ -438,6 +441,7 @@ def _field_checks() -> tuple:
         ("train.eval_every_epochs", *_integer(0)),  # 0: only after the last epoch.
         ("train.eval_every_steps", *_integer(0)),  # 0: off.
         ("train.log_every_steps", *_integer(1)),
+        ("train.checkpoint_every_epochs", *_integer(1)),
         ("train.eval_batch_size", *_integer(1)),
         ("train.precise_bn_images", *_integer(0)),
         ("train.picture_every_epochs", *_integer(0)),

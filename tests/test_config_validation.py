@@ -84,6 +84,7 @@ BAD_VALUES = [
     ("pretrain.mgca.sinkhorn_epsilon", 0.0), ("pretrain.mgca.sinkhorn_iterations", -1),
     ("pretrain.mgca.prototype_temperature", 0.0), ("pretrain.mgca.freeze_prototypes_epochs", -1),
     ("pretrain.log_every_steps", 0), ("pretrain.checkpoint_every_epochs", 0), ("pretrain.eval_every_epochs", 0),
+    ("train.checkpoint_every_epochs", 0),
     ("pretrain.vit_width", -1), ("pretrain.vit_depth", -1), ("pretrain.vit_heads", -1),
     ("pretrain.text_weights_init", "zeros"), ("pretrain.text_hidden", -1), ("pretrain.text_heads", -1),
     ("pretrain.head_hidden", 0), ("pretrain.pdt_heads", 0), ("pretrain.pdt_dropout", 1.0),

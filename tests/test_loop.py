@@ -545,3 +545,23 @@ def test_sigterm_saves_like_ctrl_c_and_the_resumed_run_writes_the_uninterrupted_
         signal.signal(signal.SIGTERM, before)
     assert float(resumed.params["w"]) == float(whole.params["w"])
     assert _records(tmp_path / "run") == _records(tmp_path / "reference")
+
+
+def test_a_best_epoch_between_two_due_checkpoints_is_saved_as_the_best_only(tmp_path, toy_step, monkeypatch):
+    config = tiny_synthetic_config()
+    mesh = make_mesh(config, jax.devices()[:1])
+    job = _job(config, tmp_path, mesh, toy_step, [])
+    peak = 3 * STEPS_PER_EPOCH  # The score peaks after epoch 3, between the checkpoints of epochs 2 and 4.
+    job.evaluators = [loop.Evaluator(lambda state: {"val/score": -abs(int(state.step) - peak)})]
+    saves = []
+    save = checkpoint.RunCheckpoints.save
+
+    def recording_save(self, step, state, meta, is_best, latest_meta=None, latest=True):
+        saves.append((step, is_best, latest))
+        return save(self, step, state, meta, is_best, latest_meta, latest)
+
+    monkeypatch.setattr(checkpoint.RunCheckpoints, "save", recording_save)
+    state, meta = loop.run(dataclasses.replace(job, checkpoint_every_epochs=2))
+    assert saves == [(3, True, False), (6, True, True), (9, True, False), (12, False, True)]
+    assert meta["best_epoch"] == 3 and checkpoint.read_meta(tmp_path / "checkpoints" / "best")["epoch"] == 3
+    assert checkpoint.read_meta(tmp_path / "checkpoints" / "latest")["epoch"] == EPOCHS

@@ -56,8 +56,10 @@ class RunCheckpoints:
         self.latest = _manager(root / "latest")
         self.best = _manager(root / "best")
 
-    def save(self, step: int, state: Any, meta: dict, is_best: bool, latest_meta: Optional[dict] = None) -> None:
-        """Saves `state` as the latest and, when `is_best`, as the best checkpoint.
+    def save(self, step: int, state: Any, meta: dict, is_best: bool, latest_meta: Optional[dict] = None,
+             latest: bool = True) -> None:
+        """Saves `state` as the latest (unless not `latest`: a best epoch between two due saves) and, when
+        `is_best`, as the best checkpoint.
 
         The best one is written completely before the latest one starts: a
         run killed in between resumes from the previous latest step and
@@ -72,6 +74,8 @@ class RunCheckpoints:
         if is_best and self.best.latest_step() != step:
             self.best.save(step, args=args)
             self.best.wait_until_finished()
+        if not latest:
+            return
         if self.latest.latest_step() == step:
             self.replace_latest_meta(step, latest_meta or meta)
         else:

@@ -117,8 +117,9 @@ def run(job: Job) -> tuple[Any, dict]:
 
     After every epoch the epoch means of the step metrics and the due
     evaluators' metrics go to JSONL/TensorBoard and a checkpoint is written
-    every checkpoint_every_epochs epochs and at the last (also as the best
-    when best_metric improved, or always when the job has none). Every
+    every checkpoint_every_epochs epochs and at the last; the state is also
+    saved as the best whenever best_metric improved (at the last epoch when
+    the job has none). Every
     log_every_steps steps: the step metrics, steps/s and the learning rate.
     A non-finite loss raises TrainingError before anything is saved, leaving
     the last good checkpoint; Ctrl-C saves the current state first, with
@@ -412,8 +413,10 @@ def _finish_epoch(job: Job, current: dict, epoch: int, means: dict, seconds: flo
                 meta["first_epoch"] = means
         writer.write(step, {"epoch": epoch + 1, **{f"train/epoch_{k}": v for k, v in means.items()},
                             **evaluated, "epoch_seconds": seconds})
-        if last or (epoch + 1) % job.checkpoint_every_epochs == 0 or checkpoints.latest.latest_step() == step:
-            checkpoints.save(step, state, dict(meta), is_best and (last or job.best_metric is not None),
+        due = last or (epoch + 1) % job.checkpoint_every_epochs == 0 or checkpoints.latest.latest_step() == step
+        best = is_best and (last or job.best_metric is not None)
+        if due or best:  # A best epoch between two due saves is saved as the best only.
+            checkpoints.save(step, state, dict(meta), best, latest=due,
                              latest_meta=dict(meta, end_of_epoch_after_restore=True) if saved_before_end else None)
     best = ""
     if job.best_metric is not None and meta["best"] is not None:

@@ -116,7 +116,7 @@ def segmentation_job(name, config, workdir, mesh, model, state, train_step, batc
         steps_per_epoch=steps_per_epoch, epochs=config.train.epochs,
         evaluators=[evaluate.validation_evaluator(config, eval_step, val_split, mesh)] if val_split is not None else [],
         best_metric="val/dice" if val_split is not None else None,
-        log_every_steps=config.train.log_every_steps,
+        log_every_steps=config.train.log_every_steps, checkpoint_every_epochs=config.train.checkpoint_every_epochs,
         learning_rate=cosine_restarts(config.train.lr, config.train.min_lr, config.train.restart_epochs, steps_per_epoch),
         end_of_epoch=evaluate.make_batch_stats_refresh(model, batch_stats_images, mesh, batch_stats_batch_size),
         pictures=evaluate.picture_writer(config, workdir, val_split, panels) if panels is not None else None,
