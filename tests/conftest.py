@@ -103,9 +103,11 @@ def medpix():
 def repo_module(path: str):
     """A file of the repository (e.g. 'tools/compare.py') as a module: experiments/ and tools/ are no packages."""
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, REPO_ROOT / path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Where dataclasses look up the module of a class being defined.
     spec.loader.exec_module(module)
     return module
 

@@ -1,0 +1,50 @@
+"""tools/monuseg_gpu.py: the bundle's resized data reads as the originals do; the plan of runs."""
+
+import pathlib
+
+import numpy as np
+
+from amvlm_jax.data import folders
+
+from conftest import repo_module
+from test_folders import untidy_root  # noqa: F401 (a fixture)
+
+tool = repo_module("tools/monuseg_gpu.py")
+
+
+def test_resized_folders_load_as_the_originals_do(untidy_root, tmp_path):  # noqa: F811
+    target = tmp_path / "bundle" / "data"
+    reports = tool.resized_data(untidy_root, target)
+    assert sorted(reports) == sorted(["Two areas, upper left.", "One area, middle.", "None.", "A report, with a comma."])
+    # Every file is a PNG of the bundle's size; the sheets are the originals'.
+    written = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    assert written == ["Train_Folder/Train_text.xlsx", "Train_Folder/img/a.png", "Train_Folder/img/b.png",
+                       "Train_Folder/img/c.png", "Train_Folder/labelcol/b.png", "Train_Folder/labelcol/c.png",
+                       "Train_Folder/labelcol/mask_a.png", "Val_Folder/Val_text.csv", "Val_Folder/img/v.png",
+                       "Val_Folder/labelcol/v.png"]
+    for split in ("train", "val"):
+        original = folders.load_split(untidy_root, split, tool.SIZE, progress=False)
+        copy = folders.load_split(target, split, tool.SIZE, progress=False)
+        np.testing.assert_array_equal(copy.images, original.images)
+        np.testing.assert_array_equal(copy.masks, original.masks)
+        assert copy.names == original.names and copy.reports == original.reports
+
+
+def test_every_seed_has_the_papers_rows_and_amvlm_waits_for_its_own_pre_training():
+    work = pathlib.Path("/w")
+    runs = tool.plan([0, 1], pathlib.Path("/d"), pathlib.Path("/t"), work, quick=False, extra=["--config.dtype=bfloat16"])
+    names = [run.name for run in runs]
+    assert names[:2] == ["pre_s0", "pre_s1"] and len(names) == len(set(names)) == 2 * 8
+    for run in runs:
+        seed = run.name.rsplit("_s", 1)[1]
+        assert f"--config.seed={seed}" in run.args and f"--workdir={work / run.name}" in run.args
+        assert run.args[-1] == "--config.dtype=bfloat16" and "--config.data.root=/d" in run.args
+        if run.name.startswith("amvlm"):
+            assert run.after == f"pre_s{seed}"
+            assert f"--config.ssl.pretrained={work / f'pre_s{seed}' / 'pretrain'}" in run.args
+            assert "--config.mode=ssl" in run.args and not any(a.endswith(",vision") for a in run.args)
+        else:
+            assert run.after == ""
+    modes = {run.name[:-3]: (run.args[0], run.args[1]) for run in runs}
+    assert modes["mt25"] == ("--config=experiments/monuseg.py:labeled25,vision", "--config.mode=ssl")
+    assert modes["sup100"] == ("--config=experiments/monuseg.py", "--config.mode=supervised")

@@ -1,0 +1,327 @@
+"""MoNuSeg with the paper's configuration on one GPU machine without network access, in one call.
+
+The paper's MoNuSeg rows (authors' U-Net, width 64, 224x224, batch 16, 200 epochs; experiments/monuseg.py
+without the cpu variant): the supervised U-Net at all labels, 25% and 50%, and the vision-only and
+AMVLM-guided mean teachers at 25% and 50%, each over the seeds given; every AMVLM run uses the encoders its
+seed's pre-training run learned (ViT-B/16 at 224 from scratch and the MiniLM text encoder, 100 epochs on the
+24 image-report pairs). Runs go side by side, as many at a time as --parallel, on the one GPU.
+
+Where pip reaches a package index, build the bundle the GPU machine needs:
+
+    python tools/monuseg_gpu.py bundle --data=../shared/datasets/MoNuSeg --bundle=gpu_bundle
+
+gpu_bundle/ (keep it out of git) holds wheels/ (the packages of this project that the machine's image may
+lack, at this environment's versions, for Python 3.12 on x86-64 Linux), data/ (the MoNuSeg folders with
+every image and mask already resized to 224 px by the loader's own code: read back at 224 they are the
+arrays the originals give, which the bundle step checks) and text_encoder.tar.xz (MiniLM with the rows of
+its word-embedding table that no MoNuSeg report's tokens select set to zero: never read, and they make the
+archive small). Then, on the GPU machine, from the repository root:
+
+    python3 tools/monuseg_gpu.py run --bundle=gpu_bundle --out=DIR [--seeds=0,1,2] [--budget=540]
+
+installs the wheels into a temporary folder, runs, and writes DIR/runs.tgz (each run's results.json,
+metrics.jsonl, per-image CSVs, guidance.json, config.json and the end of its output; rewritten as runs
+finish, so a call cut short still returns what finished) and DIR/table.md (per row: the best-epoch
+validation Dice of each seed, their mean and spread, mIoU, and the mean validation Dice of the last 10
+epochs: tools/curve.py). Runs still going at --budget seconds are stopped (they save and say so).
+``run --quick`` is a CPU dry run of the same runs at toy sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import os
+import pathlib
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+# Imported by the project and absent from the GPU machine's image, and Orbax at the version the project's
+# checkpoints are tested with (the jax, flax, optax, numpy, transformers, safetensors, PIL and absl there
+# are used as they are).
+BUNDLED = ("grain", "array-record", "portpicker", "ml-collections", "tensorboardX", "openpyxl", "et-xmlfile",
+           "orbax-checkpoint")
+SIZE = 224
+KEPT = ("results.json", "metrics.jsonl", "guidance.json", "config.json", "summary.json", "retrieval.json")
+
+
+# ---------------------------------------------------------------------------
+# bundle (here)
+# ---------------------------------------------------------------------------
+
+
+def bundle(data: pathlib.Path, out: pathlib.Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    wheels = out / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    pins = [f"{name}=={importlib.metadata.version(name)}" for name in BUNDLED]
+    platforms = [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28)] + ["--platform=manylinux2014_x86_64"]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version=3.12", "--implementation=cp", *platforms, "-d", str(wheels), *pins], check=True)
+    reports = resized_data(data, out / "data" / data.name)
+    encoder_archive(reports, out / "text_encoder.tar.xz")
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"{out}: {total / 2**20:.1f} MiB ({len(list(wheels.iterdir()))} wheels, data, text encoder)")
+
+
+def resized_data(root: pathlib.Path, target: pathlib.Path) -> list[str]:
+    """Writes ``root``'s train and val folders at SIZE px under ``target`` (sheets copied) and checks that
+    they load as the originals do; returns every report."""
+    import numpy as np
+    from PIL import Image
+
+    from amvlm_jax.data import folders
+
+    shutil.rmtree(target, ignore_errors=True)
+    for sheet in [*root.rglob("*.xlsx"), *root.rglob("*.csv")]:
+        (target / sheet.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(sheet, target / sheet.relative_to(root))
+    reports = []
+    for split in ("train", "val"):
+        for example in folders.list_split(root, split, require_masks=True):
+            image, _ = folders.load_image(example.image_path, SIZE)
+            mask, _ = folders.load_mask(example.mask_path, SIZE, 1)
+            for array, path in ((image, example.image_path), (mask * 255, example.mask_path)):
+                written = (target / path.relative_to(root)).with_suffix(".png")
+                written.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array.astype(np.uint8)).save(written)
+        original = folders.load_split(root, split, SIZE, progress=False)
+        copy = folders.load_split(target, split, SIZE, progress=False)
+        for field in ("images", "masks"):
+            if not np.array_equal(getattr(original, field), getattr(copy, field)):
+                raise SystemExit(f"error: {target}: the resized {split} {field} do not load as the originals do")
+        if original.names != copy.names or original.reports != copy.reports:
+            raise SystemExit(f"error: {target}: the {split} names or reports differ from the originals'")
+        reports += list(original.reports)
+    return reports
+
+
+def encoder_archive(reports: list[str], path: pathlib.Path) -> None:
+    """The default text encoder's folder as an xz archive, its word-embedding rows that no report's tokens
+    (nor a special token) select set to zero."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from amvlm_jax.config import base_config
+    from amvlm_jax.data.tokenize import ReportTokenizer
+    from amvlm_jax.train import build
+
+    source = pathlib.Path(build.text_encoder_dir(base_config()))
+    # The runs' own tokenizer, at a length that cuts no report (padding included).
+    used = set(np.unique(ReportTokenizer(source, 128)(reports)["input_ids"]).tolist())
+    with tempfile.TemporaryDirectory() as folder:
+        encoder = pathlib.Path(folder) / "text_encoder"
+        shutil.copytree(source, encoder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx", "*.md"))
+        weights = load_file(source / "model.safetensors")
+        (name,) = [k for k in weights if k.endswith("word_embeddings.weight")]
+        unused = np.setdiff1d(np.arange(len(weights[name])), sorted(used))
+        weights[name] = weights[name].copy()
+        weights[name][unused] = 0
+        save_file(weights, encoder / "model.safetensors")
+        with tarfile.open(path, "w:xz") as archive:
+            archive.add(encoder, arcname="text_encoder")
+    print(f"{path}: {len(used)} of {len(weights[name])} word rows kept, {path.stat().st_size / 2**20:.1f} MiB")
+
+
+# ---------------------------------------------------------------------------
+# run (there)
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    args: list[str]
+    after: str = ""  # The run whose checkpoint this one reads (pre-training).
+    process: subprocess.Popen | None = None
+    log: object = None
+    started: float = 0.0
+    status: str = "waiting"
+
+
+QUICK = ["--config.unet.base_width=4", "--config.data.image_size=32", "--config.train.batch_size=4",
+         "--config.train.epochs=2", "--config.pretrain.vit=Ti/16", "--config.pretrain.vit_depth=1",
+         "--config.pretrain.image_size=32", "--config.pretrain.epochs=1", "--config.pretrain.text_layers=1",
+         "--config.pretrain.max_length=16", "--config.ssl.text_head_steps=2"]
+
+
+def plan(seeds: list[int], data: pathlib.Path, text_encoder: pathlib.Path, work: pathlib.Path, quick: bool,
+         extra: list[str]) -> list[Run]:
+    """Pre-training runs first, then every seed's segmentation runs, seed by seed (a later seed's programs
+    come from the compilation cache that the earlier seed's processes filled)."""
+    common = [f"--config.data.root={data}", f"--config.pretrain.text_encoder={text_encoder}",
+              "--config.train.checkpoint_every_epochs=50", "--config.pretrain.checkpoint_every_epochs=25",
+              "--config.train.picture_every_epochs=0", f"--config.compilation_cache={work / 'xla_cache'}",
+              *(QUICK if quick else []), *extra]
+    runs = [Run(f"pre_s{s}", ["--config=experiments/monuseg.py", "--config.mode=pretrain"]) for s in seeds]
+    for s in seeds:
+        runs.append(Run(f"sup100_s{s}", ["--config=experiments/monuseg.py", "--config.mode=supervised"]))
+        for fraction in (25, 50):
+            runs += [
+                Run(f"sup{fraction}_s{s}", [f"--config=experiments/monuseg.py:labeled{fraction}", "--config.mode=supervised"]),
+                Run(f"mt{fraction}_s{s}", [f"--config=experiments/monuseg.py:labeled{fraction},vision", "--config.mode=ssl"]),
+                Run(f"amvlm{fraction}_s{s}", [f"--config=experiments/monuseg.py:labeled{fraction}", "--config.mode=ssl",
+                                              f"--config.ssl.pretrained={work / f'pre_s{s}' / 'pretrain'}"],
+                    after=f"pre_s{s}"),
+            ]
+    for run in runs:
+        seed = run.name.rsplit("_s", 1)[1]
+        run.args = [*run.args, f"--config.seed={seed}", f"--workdir={work / run.name}", *common]
+    return runs
+
+
+def pack(runs: list[Run], work: pathlib.Path, out: pathlib.Path) -> None:
+    """out/runs.tgz: each run's small outputs and the end of its log, written whole, then renamed."""
+    temporary = out / ".runs.tgz"
+    with tarfile.open(temporary, "w:gz") as archive:
+        for run in runs:
+            folder = work / run.name
+            for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+                if path.is_file() and (path.name in KEPT or path.name.startswith("per_image_")):
+                    archive.add(path, arcname=str(path.relative_to(work)))
+            log = work / f"{run.name}.log"
+            if log.is_file():
+                tail = log.read_bytes()[-20000:]
+                info = tarfile.TarInfo(f"{run.name}/log_tail.txt")
+                info.size = len(tail)
+                import io
+
+                archive.addfile(info, io.BytesIO(tail))
+    os.replace(temporary, out / "runs.tgz")
+
+
+def table(runs: list[Run], work: pathlib.Path) -> str:
+    """Markdown: per row the seeds' best-epoch val Dice (results.json), mean ± sd, mIoU, last-10 mean."""
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import curve
+
+    lines = ["| labels | method | val Dice, seeds | mean ± sd | val mIoU mean ± sd | last-10 mean ± sd | runs done |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    names = {"sup": "supervised U-Net", "mt": "MT (vision only)", "amvlm": "AMVLM-guided MT"}
+    groups = {}
+    for run in runs:
+        kind, seed = run.name.rsplit("_s", 1)
+        if not kind.startswith("pre"):
+            groups.setdefault(kind, []).append(run)
+
+    def spread(values):
+        if not values:
+            return "-"
+        return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+    for kind, members in groups.items():
+        method, fraction = kind.rstrip("0123456789"), kind.lstrip("abcdefghijklmnopqrstuvwxyz")
+        dice, miou, last = [], [], []
+        for run in members:
+            results = work / run.name / "results.json"
+            if run.status != "done" or not results.is_file():
+                continue
+            val = json.loads(results.read_text()).get("val") or {}
+            dice.append(val["dice"])
+            miou.append(val["miou"])
+            last.append(curve.validation_summary(curve.epoch_rows(work / run.name), 10)["last_mean_dice"])
+        shown = " / ".join(f"{d:.2f}" for d in dice) or "-"
+        lines.append(f"| {'all' if fraction == '100' else fraction + '%'} | {names[method]} | {shown} | {spread(dice)} | "
+                     f"{spread(miou)} | {spread(last)} | {len(dice)} of {len(members)} |")
+    return "\n".join(lines)
+
+
+def run_all(bundle_dir: pathlib.Path, out: pathlib.Path, seeds: list[int], parallel: int, budget: float,
+            quick: bool, extra: list[str]) -> int:
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="monuseg_gpu_"))
+    site = work / "site"
+    wheels = sorted((bundle_dir / "wheels").glob("*.whl"))
+    if wheels and not quick:  # A dry run uses this environment's packages (the wheels are for Python 3.12).
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--target", str(site), *map(str, wheels)], check=True)
+    with tarfile.open(bundle_dir / "text_encoder.tar.xz") as archive:
+        archive.extractall(work, filter="data")
+    (data,) = [p for p in (bundle_dir / "data").iterdir() if p.is_dir()]
+    runs = plan(seeds, data.resolve(), work / "text_encoder", work, quick, extra)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(site), str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+               XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+    if quick:
+        env["JAX_PLATFORMS"] = "cpu"
+    print(f"{len(runs)} runs, {parallel} at a time, budget {budget:.0f} s; work folder {work}", flush=True)
+    stopping = False
+    while any(run.status in ("waiting", "running") for run in runs):
+        for run in runs:
+            if run.status == "running" and run.process.poll() is not None:
+                run.status = "done" if run.process.returncode == 0 else f"exit {run.process.returncode}"
+                run.log.close()
+                print(f"{time.monotonic() - started:6.0f} s  {run.name}: {run.status} after "
+                      f"{time.monotonic() - run.started:.0f} s", flush=True)
+                pack(runs, work, out)
+        elapsed = time.monotonic() - started
+        if elapsed > budget and not stopping:
+            stopping = True
+            print(f"{elapsed:.0f} s: budget spent; stopping the runs still going (they save)", flush=True)
+            for run in runs:
+                if run.status == "running":
+                    run.process.send_signal(signal.SIGTERM)
+                elif run.status == "waiting":
+                    run.status = "not started"
+        for run in runs:
+            if stopping or sum(r.status == "running" for r in runs) >= parallel:
+                break
+            if run.status != "waiting":
+                continue
+            before = next((r for r in runs if r.name == run.after), None)
+            if before is not None and before.status != "done":
+                if before.status not in ("waiting", "running"):
+                    run.status = f"not started ({before.name}: {before.status})"
+                continue
+            run.log = open(work / f"{run.name}.log", "wb")
+            run.process = subprocess.Popen([sys.executable, "-m", "amvlm_jax.main", *run.args], cwd=REPO_ROOT, env=env,
+                                           stdout=run.log, stderr=subprocess.STDOUT)
+            run.started, run.status = time.monotonic(), "running"
+        time.sleep(1.0)
+    pack(runs, work, out)
+    text = table(runs, work)
+    statuses = "\n".join(f"- {run.name}: {run.status}" for run in runs)
+    (out / "table.md").write_text(f"{text}\n\n{statuses}\n")
+    print(text + "\n\n" + statuses, flush=True)
+    return 0 if all(run.status == "done" for run in runs) else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("bundle", "run"))
+    parser.add_argument("--bundle", type=pathlib.Path, default=pathlib.Path("gpu_bundle"))
+    parser.add_argument("--data", type=pathlib.Path, help="bundle: the MoNuSeg folder (LViT layout)")
+    parser.add_argument("--out", type=pathlib.Path, help="run: where runs.tgz and table.md go")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--parallel", type=int, default=12, help="run: processes at a time")
+    parser.add_argument("--budget", type=float, default=540.0, help="run: seconds before the runs still going stop")
+    parser.add_argument("--quick", action="store_true", help="run: toy sizes on the CPU (a dry run of this tool)")
+    parser.add_argument("overrides", nargs="*", help="run: more --config.a.b=value flags for every run (after --)")
+    args = parser.parse_args()
+    if args.action == "bundle":
+        if args.data is None or not args.data.is_dir():
+            raise SystemExit(f"error: --data={args.data}: not a folder")
+        bundle(args.data.resolve(), args.bundle)
+        return 0
+    if args.out is None:
+        raise SystemExit("error: run needs --out=DIR")
+    if not (args.bundle / "text_encoder.tar.xz").is_file():
+        raise SystemExit(f"error: {args.bundle}: no bundle here (make it with the bundle action first)")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    return run_all(args.bundle.resolve(), args.out.resolve(), seeds, args.parallel, args.budget, args.quick,
+                   args.overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
