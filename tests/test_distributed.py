@@ -304,3 +304,12 @@ def test_benchmark_tool_times_a_step():
     assert result["model_flops_per_step"] > 0 and 0 < result["mfu"] < 1.5
     assert result["peak_memory_bytes"] > 0 and "peak_memory_kind" in result
     assert "images/s" in benchmark.format_result(result)
+
+
+def test_benchmark_builds_the_mean_teacher_step_with_a_text_head():
+    """A text head is fitted before training, not in the step: the benchmark times the step with the head
+    at its initialisation (it failed before, asking for labelled images it does not have)."""
+    benchmark = _benchmark_tool()
+    config = tiny_pretrain_config(**{"mode": "ssl", "ssl.text_head": "report", "data.image_size": 32})
+    step, (state, frozen, batch), images, state_index, mesh = benchmark.build_ssl(config, np.random.default_rng(0))
+    assert set(state.generator) == {"head"} and images == 2 * config.train.batch_size and state_index == 0

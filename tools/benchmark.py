@@ -133,7 +133,8 @@ def build_ssl(config, rng):
     mesh = parallel.make_mesh(config)
     guidance = in_memory_guidance(config, mesh) if ssl.text_guidance_enabled(config) else None
     model = supervised.build_unet(config)
-    state, decoder_tx = ssl.initial_state(config, model, guidance, mesh, steps_per_epoch=1000)  # As the job.
+    # As the job; a text head (config.ssl.text_head) keeps its initial params: fitting it precedes training.
+    state, decoder_tx = ssl.initial_state(config, model, guidance, mesh, steps_per_epoch=1000, resuming=True)
     images = synthetic_images(rng, batch_size, size)
     batch = {"image": images, "mask": (images[..., 0] > 128).astype(np.uint8),
              "unlabeled_image": synthetic_images(rng, batch_size, size)}
