@@ -260,7 +260,8 @@ def run_all(bundle_dir: pathlib.Path, out: pathlib.Path, seeds: list[int], paral
     while any(run.status in ("waiting", "running") for run in runs):
         for run in runs:
             if run.status == "running" and run.process.poll() is not None:
-                run.status = "done" if run.process.returncode == 0 else f"exit {run.process.returncode}"
+                run.status = ("done" if run.process.returncode == 0 else "stopped at the budget" if stopping
+                              else f"exit {run.process.returncode}")
                 run.log.close()
                 print(f"{time.monotonic() - started:6.0f} s  {run.name}: {run.status} after "
                       f"{time.monotonic() - run.started:.0f} s", flush=True)
