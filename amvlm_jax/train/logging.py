@@ -44,8 +44,8 @@ class MetricWriter:
             self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), purge_step=start_step,
                                      filename_suffix=f".from-step-{start_step}")
             for record in kept_at_start:
-                self._to_tensorboard(start_step, {k: v for k, v in record.items() if k not in ("step", "time")},
-                                     record.get("time"))
+                scalars = {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float))}
+                self._to_tensorboard(start_step, scalars, record.get("time"))
 
     def _drop_records_from(self, start_step: int, rewritten: Callable[[dict], bool]) -> list[dict]:
         """Rewrites metrics.jsonl without the records this run writes again; returns those kept at start_step."""
