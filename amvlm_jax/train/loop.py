@@ -414,9 +414,9 @@ def _finish_epoch(job: Job, current: dict, epoch: int, means: dict, seconds: flo
         writer.write(step, {"epoch": epoch + 1, **{f"train/epoch_{k}": v for k, v in means.items()},
                             **evaluated, "epoch_seconds": seconds})
         due = last or (epoch + 1) % job.checkpoint_every_epochs == 0 or checkpoints.latest.latest_step() == step
-        best = is_best and (last or job.best_metric is not None)
-        if due or best:  # A best epoch between two due saves is saved as the best only.
-            checkpoints.save(step, state, dict(meta), best, latest=due,
+        as_best = is_best and (last or job.best_metric is not None)
+        if due or as_best:  # A best epoch between two due saves is saved as the best only.
+            checkpoints.save(step, state, dict(meta), as_best, latest=due,
                              latest_meta=dict(meta, end_of_epoch_after_restore=True) if saved_before_end else None)
     best = ""
     if job.best_metric is not None and meta["best"] is not None:
