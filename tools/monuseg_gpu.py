@@ -237,6 +237,26 @@ def table(runs: list[Run], work: pathlib.Path) -> str:
     return "\n".join(lines)
 
 
+def imports_work(env: dict, site: pathlib.Path) -> bool:
+    """Whether the jobs' imports load with the bundled packages, in seconds rather than in every run. The
+    bundled Orbax is dropped for the machine's own if only it fails (it needs a recent tensorstore)."""
+    check = [sys.executable, "-c", "import grain, ml_collections, tensorboardX, openpyxl, orbax.checkpoint, "
+             "amvlm_jax.main, amvlm_jax.train.ssl; import jax; print('jax', jax.__version__, jax.devices())"]
+    for attempt in range(2):
+        done = subprocess.run(check, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+        if done.returncode == 0:
+            print(done.stdout.strip(), flush=True)
+            return True
+        bundled = [p for p in site.glob("orbax*")] if site.is_dir() else []
+        if attempt or not bundled:
+            break
+        print(f"the bundled Orbax does not load here ({done.stderr.strip().splitlines()[-1]}); using the machine's")
+        for path in bundled:
+            shutil.rmtree(path)
+    print(f"error: the jobs' imports fail:\n{done.stderr[-3000:]}", flush=True)
+    return False
+
+
 def run_all(bundle_dir: pathlib.Path, out: pathlib.Path, seeds: list[int], parallel: int, budget: float,
             quick: bool, extra: list[str]) -> int:
     started = time.monotonic()
@@ -255,6 +275,8 @@ def run_all(bundle_dir: pathlib.Path, out: pathlib.Path, seeds: list[int], paral
                XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
     if quick:
         env["JAX_PLATFORMS"] = "cpu"
+    if not imports_work(env, site):
+        return 2
     print(f"{len(runs)} runs, {parallel} at a time, budget {budget:.0f} s; work folder {work}", flush=True)
     stopping = False
     while any(run.status in ("waiting", "running") for run in runs):
