@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
+import io
 import json
 import os
 import pathlib
@@ -195,8 +196,6 @@ def pack(runs: list[Run], work: pathlib.Path, out: pathlib.Path) -> None:
                 tail = log.read_bytes()[-20000:]
                 info = tarfile.TarInfo(f"{run.name}/log_tail.txt")
                 info.size = len(tail)
-                import io
-
                 archive.addfile(info, io.BytesIO(tail))
     os.replace(temporary, out / "runs.tgz")
 
@@ -211,7 +210,7 @@ def table(runs: list[Run], work: pathlib.Path) -> str:
     names = {"sup": "supervised U-Net", "mt": "MT (vision only)", "amvlm": "AMVLM-guided MT"}
     groups = {}
     for run in runs:
-        kind, seed = run.name.rsplit("_s", 1)
+        kind = run.name.rsplit("_s", 1)[0]
         if not kind.startswith("pre"):
             groups.setdefault(kind, []).append(run)
 
@@ -247,7 +246,7 @@ def imports_work(env: dict, site: pathlib.Path) -> bool:
         if done.returncode == 0:
             print(done.stdout.strip(), flush=True)
             return True
-        bundled = [p for p in site.glob("orbax*")] if site.is_dir() else []
+        bundled = list(site.glob("orbax*")) if site.is_dir() else []
         if attempt or not bundled:
             break
         print(f"the bundled Orbax does not load here ({done.stderr.strip().splitlines()[-1]}); using the machine's")
