@@ -48,3 +48,17 @@ def test_every_seed_has_the_papers_rows_and_amvlm_waits_for_its_own_pre_training
     modes = {run.name[:-3]: (run.args[0], run.args[1]) for run in runs}
     assert modes["mt25"] == ("--config=experiments/monuseg.py:labeled25,vision", "--config.mode=ssl")
     assert modes["sup100"] == ("--config=experiments/monuseg.py", "--config.mode=supervised")
+
+
+def test_a_later_call_keeps_the_runs_that_wrote_their_last_file(tmp_path):
+    runs = {run.name: run for run in tool.plan([0], tmp_path / "d", tmp_path / "t", tmp_path, quick=False, extra=[])}
+    # Checkpoints alone (a run stopped at the budget) are not an end: that run resumes.
+    (tmp_path / "sup25_s0" / "checkpoints" / "latest").mkdir(parents=True)
+    (tmp_path / "pre_s0" / "pretrain" / "checkpoints").mkdir(parents=True)
+    assert not tool.finished(runs["sup25_s0"], tmp_path) and not tool.finished(runs["pre_s0"], tmp_path)
+    (tmp_path / "sup25_s0" / "results.json").write_text("{}")
+    (tmp_path / "pre_s0" / "pretrain" / "summary.json").write_text("{}")
+    # A pre-training run's workdir holds no results.json; a segmentation run's pretrain/ is not its own.
+    (tmp_path / "mt25_s0" / "pretrain").mkdir(parents=True)
+    (tmp_path / "mt25_s0" / "pretrain" / "summary.json").write_text("{}")
+    assert [name for name, run in runs.items() if tool.finished(run, tmp_path)] == ["pre_s0", "sup25_s0"]

@@ -17,13 +17,15 @@ arrays the originals give, which the bundle step checks) and text_encoder.tar.xz
 its word-embedding table that no MoNuSeg report's tokens select set to zero: never read, and they make the
 archive small). Then, on the GPU machine, from the repository root:
 
-    python3 tools/monuseg_gpu.py run --bundle=gpu_bundle --out=DIR [--seeds=0,1,2] [--budget=540]
+    python3 tools/monuseg_gpu.py run --bundle=gpu_bundle --out=DIR --work=/tmp/monuseg_gpu [--seeds=0,1,2] [--budget=540]
 
-installs the wheels into a temporary folder, runs, and writes DIR/runs.tgz (each run's results.json,
+installs the wheels into the work folder, runs, and writes DIR/runs.tgz (each run's results.json,
 metrics.jsonl, per-image CSVs, guidance.json, config.json and the end of its output; rewritten as runs
 finish, so a call cut short still returns what finished) and DIR/table.md (per row: the best-epoch
 validation Dice of each seed, their mean and spread, mIoU, and the mean validation Dice of the last 10
-epochs: tools/curve.py). Runs still going at --budget seconds are stopped (they save and say so).
+epochs: tools/curve.py). Runs still going at --budget seconds are stopped (they save and say so). The
+same command again on the same machine (the work folder still there) continues: runs that finished are
+kept, stopped ones resume from their checkpoints, the rest start.
 ``run --quick`` is a CPU dry run of the same runs at toy sizes.
 """
 
@@ -182,6 +184,12 @@ def plan(seeds: list[int], data: pathlib.Path, text_encoder: pathlib.Path, work:
     return runs
 
 
+def finished(run: Run, work: pathlib.Path) -> bool:
+    """Whether an earlier call in this work folder ran ``run`` to its end (what each job writes last)."""
+    last_written = "pretrain/summary.json" if run.name.startswith("pre") else "results.json"
+    return (work / run.name / last_written).is_file()
+
+
 def pack(runs: list[Run], work: pathlib.Path, out: pathlib.Path) -> None:
     """out/runs.tgz: each run's small outputs and the end of its log, written whole, then renamed."""
     temporary = out / ".runs.tgz"
@@ -256,27 +264,36 @@ def imports_work(env: dict, site: pathlib.Path) -> bool:
     return False
 
 
-def run_all(bundle_dir: pathlib.Path, out: pathlib.Path, seeds: list[int], parallel: int, budget: float,
-            quick: bool, extra: list[str]) -> int:
+def run_all(bundle_dir: pathlib.Path, out: pathlib.Path, work: pathlib.Path | None, seeds: list[int], parallel: int,
+            budget: float, quick: bool, extra: list[str]) -> int:
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    work = pathlib.Path(tempfile.mkdtemp(prefix="monuseg_gpu_"))
+    if work is None:
+        work = pathlib.Path(tempfile.mkdtemp(prefix="monuseg_gpu_"))
+    work.mkdir(parents=True, exist_ok=True)
     site = work / "site"
     wheels = sorted((bundle_dir / "wheels").glob("*.whl"))
-    if wheels and not quick:  # A dry run uses this environment's packages (the wheels are for Python 3.12).
+    # A dry run uses this environment's packages (the wheels are for Python 3.12); a later call, those installed.
+    if wheels and not quick and not site.is_dir():
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                         "--target", str(site), *map(str, wheels)], check=True)
-    with tarfile.open(bundle_dir / "text_encoder.tar.xz") as archive:
-        archive.extractall(work, filter="data")
+    if not (work / "text_encoder").is_dir():
+        with tarfile.open(bundle_dir / "text_encoder.tar.xz") as archive:
+            archive.extractall(work, filter="data")
     (data,) = [p for p in (bundle_dir / "data").iterdir() if p.is_dir()]
     runs = plan(seeds, data.resolve(), work / "text_encoder", work, quick, extra)
+    for run in runs:
+        if finished(run, work):
+            run.status = "done"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(site), str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
     if quick:
         env["JAX_PLATFORMS"] = "cpu"
     if not imports_work(env, site):
         return 2
-    print(f"{len(runs)} runs, {parallel} at a time, budget {budget:.0f} s; work folder {work}", flush=True)
+    done = sum(run.status == "done" for run in runs)
+    print(f"{len(runs)} runs ({done} done by an earlier call), {parallel} at a time, budget {budget:.0f} s; "
+          f"work folder {work}", flush=True)
     stopping = False
     while any(run.status in ("waiting", "running") for run in runs):
         for run in runs:
@@ -306,7 +323,7 @@ def run_all(bundle_dir: pathlib.Path, out: pathlib.Path, seeds: list[int], paral
                 if before.status not in ("waiting", "running"):
                     run.status = f"not started ({before.name}: {before.status})"
                 continue
-            run.log = open(work / f"{run.name}.log", "wb")
+            run.log = open(work / f"{run.name}.log", "ab")  # A resumed run's log continues the stopped one's.
             run.process = subprocess.Popen([sys.executable, "-m", "amvlm_jax.main", *run.args], cwd=REPO_ROOT, env=env,
                                            stdout=run.log, stderr=subprocess.STDOUT)
             run.started, run.status = time.monotonic(), "running"
@@ -325,6 +342,8 @@ def main() -> int:
     parser.add_argument("--bundle", type=pathlib.Path, default=pathlib.Path("gpu_bundle"))
     parser.add_argument("--data", type=pathlib.Path, help="bundle: the MoNuSeg folder (LViT layout)")
     parser.add_argument("--out", type=pathlib.Path, help="run: where runs.tgz and table.md go")
+    parser.add_argument("--work", type=pathlib.Path, help="run: the runs' folder (default: a new temporary one); "
+                        "again on the same folder, finished runs are kept and stopped ones resume")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--parallel", type=int, default=12, help="run: processes at a time")
     parser.add_argument("--budget", type=float, default=540.0, help="run: seconds before the runs still going stop")
@@ -341,7 +360,8 @@ def main() -> int:
     if not (args.bundle / "text_encoder.tar.xz").is_file():
         raise SystemExit(f"error: {args.bundle}: no bundle here (make it with the bundle action first)")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    return run_all(args.bundle.resolve(), args.out.resolve(), seeds, args.parallel, args.budget, args.quick,
+    work = args.work.resolve() if args.work else None
+    return run_all(args.bundle.resolve(), args.out.resolve(), work, seeds, args.parallel, args.budget, args.quick,
                    args.overrides)
 
 
