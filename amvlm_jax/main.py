@@ -284,8 +284,9 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
                 job(config)
         except user_errors() as e:
             sys.exit(f"error: {e}")
-        except KeyboardInterrupt as e:
-            sys.exit(f"{e}" if str(e) else "interrupted")
+        except KeyboardInterrupt as e:  # The loop's own message says what it saved; outside it nothing was.
+            sys.exit(f"{e}" if str(e) else "interrupted before anything new was saved: the same command starts "
+                     "again (or resumes from the last checkpoint, if there is one)")
 
     app.run(absl_main)
 

@@ -201,6 +201,17 @@ def test_comma_separated_names_on_the_command_line_are_tuples_of_names(args, exp
         expected]
 
 
+def test_ctrl_c_outside_the_training_loop_says_in_one_line_that_nothing_new_was_saved():
+    # Before the first step (compiling, reading data) or in evaluation: no checkpoint of this run to name.
+    code = "from amvlm_jax.main import start\ndef job(config):\n    raise KeyboardInterrupt\nstart(job)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                            env={**ENV_WITHOUT_TUNABLES, "GLIBC_TUNABLES": ""})
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "interrupted before anything new was saved: the same command starts again (or resumes from the last "
+        "checkpoint, if there is one)"]
+
+
 def test_start_restarts_the_process_once_with_the_malloc_tunables_and_keeps_its_arguments():
     code = ("import os, sys; from amvlm_jax.main import malloc_in_huge_pages; malloc_in_huge_pages(); "
             "print(repr(os.environ.get('GLIBC_TUNABLES')), sys.argv[1:])")
