@@ -62,3 +62,22 @@ def test_a_later_call_keeps_the_runs_that_wrote_their_last_file(tmp_path):
     (tmp_path / "mt25_s0" / "pretrain").mkdir(parents=True)
     (tmp_path / "mt25_s0" / "pretrain" / "summary.json").write_text("{}")
     assert [name for name, run in runs.items() if tool.finished(run, tmp_path)] == ["pre_s0", "sup25_s0"]
+
+
+def test_the_table_has_each_rows_seeds_their_spread_and_last_10_mean_beside_the_papers_row(tmp_path):
+    import json
+    runs = tool.plan([0, 1], tmp_path / "d", tmp_path / "t", tmp_path, quick=False, extra=[])
+    best = {"sup100_s0": 76.0, "sup100_s1": 78.0, "mt25_s0": 70.0}  # mt25_s1 stopped at the budget.
+    for run in runs:
+        run.status = "done" if run.name in best else "stopped at the budget"
+        if run.name in best:
+            (tmp_path / run.name).mkdir()
+            (tmp_path / run.name / "results.json").write_text(json.dumps({"val": {"dice": best[run.name], "miou": 60.0}}))
+            # 12 epochs: the last 10 hold val Dice 1..10 shifted by the seed's best (mean best - 4.5).
+            rows = [{"epoch": e, "val/dice": best[run.name] - 10 + max(e - 2, 0)} for e in range(1, 13)]
+            (tmp_path / run.name / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    lines = tool.table(runs, tmp_path).splitlines()
+    assert lines[2] == "| all | supervised U-Net | 76.00 / 78.00 | 77.00 ± 1.41 | 60.00 ± 0.00 | 72.50 ± 1.41 | 2 of 2 | 78.66 / 68.46 |"
+    assert lines[4] == "| 25% | MT (vision only) | 70.00 | 70.00 | 60.00 | 65.50 | 1 of 2 | 72.80 / 56.70 |"
+    assert lines[5] == "| 25% | AMVLM-guided MT | - | - | - | - | 0 of 2 | 76.63 / 58.90 |"
+    assert lines[3].endswith("| 0 of 2 |  |")  # Supervised at 25%: no paper row.
