@@ -279,12 +279,18 @@ def run_all(bundle_dir: pathlib.Path, out: pathlib.Path, work: pathlib.Path | No
     site = work / "site"
     wheels = sorted((bundle_dir / "wheels").glob("*.whl"))
     # A dry run uses this environment's packages (the wheels are for Python 3.12); a later call, those installed.
+    # Both are written beside their place and renamed into it, so that a call killed half-way leaves neither.
     if wheels and not quick and not site.is_dir():
+        shutil.rmtree(work / "site.partial", ignore_errors=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                        "--target", str(site), *map(str, wheels)], check=True)
+                        "--target", str(work / "site.partial"), *map(str, wheels)], check=True)
+        os.replace(work / "site.partial", site)
     if not (work / "text_encoder").is_dir():
+        shutil.rmtree(work / "encoder.partial", ignore_errors=True)
         with tarfile.open(bundle_dir / "text_encoder.tar.xz") as archive:
-            archive.extractall(work, filter="data")
+            archive.extractall(work / "encoder.partial", filter="data")
+        os.replace(work / "encoder.partial" / "text_encoder", work / "text_encoder")
+        (work / "encoder.partial").rmdir()
     (data,) = [p for p in (bundle_dir / "data").iterdir() if p.is_dir()]
     runs = plan(seeds, data.resolve(), work / "text_encoder", work, quick, extra)
     for run in runs:
