@@ -1,8 +1,10 @@
-"""tools/monuseg_gpu.py: the bundle's resized data reads as the originals do; the plan of runs."""
+"""tools/monuseg_gpu.py: the bundle's resized data reads as the originals do; the plan of runs, what a later call
+keeps, the table, and bad flags."""
 
 import pathlib
 
 import numpy as np
+import pytest
 
 from amvlm_jax.data import folders
 
@@ -81,3 +83,22 @@ def test_the_table_has_each_rows_seeds_their_spread_and_last_10_mean_beside_the_
     assert lines[4] == "| 25% | MT (vision only) | 70.00 | 70.00 | 60.00 | 65.50 | 1 of 2 | 72.80 / 56.70 |"
     assert lines[5] == "| 25% | AMVLM-guided MT | - | - | - | - | 0 of 2 | 76.63 / 58.90 |"
     assert lines[3].endswith("| 0 of 2 |  |")  # Supervised at 25%: no paper row.
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--seeds=0,a"], "error: --seeds=0,a: not a comma-separated list of seeds (0, 1, 2, ...)"),
+    (["--seeds=,"], "error: --seeds=,: not a comma-separated list of seeds (0, 1, 2, ...)"),
+    (["--parallel=0"], "error: --parallel=0 --budget=540: need at least 1 run at a time and a budget above 0 seconds"),
+    (["--budget=-5"], "error: --parallel=12 --budget=-5: need at least 1 run at a time and a budget above 0 seconds"),
+    (["--work={file}"], "error: --work={file}: not a folder"),
+])
+def test_bad_run_flags_are_one_line_errors_before_anything_runs(tmp_path, flags, expected):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "text_encoder.tar.xz").write_bytes(b"")
+    (tmp_path / "file").write_text("")
+    flags = [flag.format(file=tmp_path / "file") for flag in flags]
+    with pytest.raises(SystemExit) as stop:
+        tool.main(["run", f"--bundle={bundle}", f"--out={tmp_path / 'out'}", *flags])
+    assert str(stop.value) == expected.format(file=tmp_path / "file")
+    assert not (tmp_path / "out").exists()

@@ -347,7 +347,7 @@ def run_all(bundle_dir: pathlib.Path, out: pathlib.Path, work: pathlib.Path | No
     return 0 if all(run.status == "done" for run in runs) else 1
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("bundle", "run"))
     parser.add_argument("--bundle", type=pathlib.Path, default=pathlib.Path("gpu_bundle"))
@@ -360,7 +360,7 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=540.0, help="run: seconds before the runs still going stop")
     parser.add_argument("--quick", action="store_true", help="run: toy sizes on the CPU (a dry run of this tool)")
     parser.add_argument("overrides", nargs="*", help="run: more --config.a.b=value flags for every run (after --)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.action == "bundle":
         if args.data is None or not args.data.is_dir():
             raise SystemExit(f"error: --data={args.data}: not a folder")
@@ -370,8 +370,16 @@ def main() -> int:
         raise SystemExit("error: run needs --out=DIR")
     if not (args.bundle / "text_encoder.tar.xz").is_file():
         raise SystemExit(f"error: {args.bundle}: no bundle here (make it with the bundle action first)")
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
+    if not seeds or not all(s.isdigit() for s in seeds):
+        raise SystemExit(f"error: --seeds={args.seeds}: not a comma-separated list of seeds (0, 1, 2, ...)")
+    if args.parallel < 1 or args.budget <= 0:
+        raise SystemExit(f"error: --parallel={args.parallel} --budget={args.budget:g}: need at least 1 run at a time "
+                         "and a budget above 0 seconds")
     work = args.work.resolve() if args.work else None
+    if work is not None and work.exists() and not work.is_dir():
+        raise SystemExit(f"error: --work={args.work}: not a folder")
+    seeds = [int(s) for s in seeds]
     return run_all(args.bundle.resolve(), args.out.resolve(), work, seeds, args.parallel, args.budget, args.quick,
                    args.overrides)
 
