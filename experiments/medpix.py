@@ -17,7 +17,9 @@ loaded, heads and ViT at 3e-4, AMVLM's constant rate replaced by a warm-up and c
 truncation's [CLS] carries almost no body-location information, and a fine-tuned text encoder memorises
 1,653 captions; docs/results.md), long (after locked_text: 30 epochs, the online view a random crop of each
 image; about three times as long; on test its probes, zero-shot modality and image-to-report top-10 are higher
-than locked_text's, its top-1 retrieval is not; docs/results.md).
+than locked_text's, its top-1 retrieval is not; docs/results.md). On a GPU, `locked_text,long` with
+--config.pretrain.vit=S/16 at the default 224 px scores higher on every test score, top-1 retrieval included
+(docs/results.md; tools/gpu_runs.py --experiment=medpix runs it on an offline GPU machine).
 """
 
 from amvlm_jax.experiment import COMMON_VARIANTS, apply_variants, small_pretrain

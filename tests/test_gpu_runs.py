@@ -1,6 +1,7 @@
-"""tools/monuseg_gpu.py: the bundle's resized data reads as the originals do; the plan of runs, what a later call
-keeps, the table, and bad flags."""
+"""tools/gpu_runs.py: the bundle's resized data reads as the originals do, MedPix's copy holds what its splits
+name; the plans of runs, what a later call keeps, the tables, and bad flags."""
 
+import json
 import pathlib
 
 import numpy as np
@@ -11,7 +12,7 @@ from amvlm_jax.data import folders
 from conftest import repo_module
 from test_folders import untidy_root  # noqa: F401 (a fixture)
 
-tool = repo_module("tools/monuseg_gpu.py")
+tool = repo_module("tools/gpu_runs.py")
 
 
 def test_resized_folders_load_as_the_originals_do(untidy_root, tmp_path):  # noqa: F811
@@ -50,6 +51,63 @@ def test_every_seed_has_the_papers_rows_and_amvlm_waits_for_its_own_pre_training
     modes = {run.name[:-3]: (run.args[0], run.args[1]) for run in runs}
     assert modes["mt25"] == ("--config=experiments/monuseg.py:labeled25,vision", "--config.mode=ssl")
     assert modes["sup100"] == ("--config=experiments/monuseg.py", "--config.mode=supervised")
+
+
+def test_medpix_copy_holds_the_splits_and_their_images_as_they_are_and_every_text(tmp_path):
+    from PIL import Image
+
+    from amvlm_jax.data import corpus
+
+    root = tmp_path / "MedPix-2.0"
+    (root / "images").mkdir(parents=True)
+    (root / "splits").mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c", "unused"):
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(root / "images" / f"{name}.jpg")
+    captions = {"train": ["Left lung mass.", "A kidney cyst."], "dev": ["A brain lesion."], "test": ["A kidney cyst."]}
+    images = {"train": ["a", "b"], "dev": ["c"], "test": ["a"]}
+    for split in ("train", "dev", "test"):
+        rows = [{"image": image, "Type": "CT", "Location Category": "Thorax", "Description": {"Caption": caption}}
+                for image, caption in zip(images[split], captions[split])]
+        (root / "splits" / f"descriptions_{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    target = tmp_path / "bundle" / "data" / "MedPix-2.0"
+    texts = tool.copied_corpus(root, target)
+    config = tool.experiment_config("medpix", "")
+    prompts = [prompt for field in config.eval.zero_shot.values() for prompt in field.values()]
+    assert texts == prompts + captions["train"] + captions["dev"] + captions["test"]
+    written = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    assert written == ["images/a.jpg", "images/b.jpg", "images/c.jpg", "splits/descriptions_dev.jsonl",
+                       "splits/descriptions_test.jsonl", "splits/descriptions_train.jsonl"]
+    for path in written:
+        assert (target / path).read_bytes() == (root / path).read_bytes()
+    for split in corpus.SPLITS:
+        config.data.root = str(root)
+        original = corpus.read_split(config, split)
+        config.data.root = str(target)
+        copy = corpus.read_split(config, split)
+        assert copy["reports"] == original["reports"] and copy["labels"] == original["labels"]
+
+
+def test_the_medpix_plan_pretrains_both_objectives_per_seed_and_ends_at_their_summaries(tmp_path):
+    runs = tool.plan([0, 1], pathlib.Path("/d"), pathlib.Path("/t"), tmp_path, quick=False, extra=["--x=1"],
+                     experiment="medpix")
+    assert [run.name for run in runs] == ["amvlm_s0", "mgca_s0", "amvlm_s1", "mgca_s1"]
+    for run in runs:
+        objective, seed = run.name.split("_s")
+        variant = "mgca," if objective == "mgca" else ""
+        assert run.args[:2] == [f"--config=experiments/medpix.py:{variant}locked_text,long", "--config.pretrain.vit=S/16"]
+        assert f"--config.seed={seed}" in run.args and "--config.data.root=/d" in run.args and run.args[-1] == "--x=1"
+        assert run.after == "" and not tool.finished(run, tmp_path)
+        # Later seeds start once the first seed's run of the same objective has compiled and logged a step.
+        assert run.warm_after == ("" if seed == "0" else f"{objective}_s0")
+        (tmp_path / run.name / "pretrain").mkdir(parents=True)
+        metrics = tmp_path / run.name / "pretrain" / "metrics.jsonl"
+        metrics.write_text('{"step": 0, "val/i2t_top1": 0.1}\n')
+        assert not tool.trained(run, tmp_path)
+        metrics.write_text('{"step": 0, "val/i2t_top1": 0.1}\n{"step": 10, "train/loss": 5.0}\n{"ste')
+        assert tool.trained(run, tmp_path)
+        (tmp_path / run.name / "pretrain" / "summary.json").write_text("{}")
+        assert tool.finished(run, tmp_path)
 
 
 def test_a_later_call_keeps_the_runs_that_wrote_their_last_file(tmp_path):
@@ -91,6 +149,8 @@ def test_the_table_has_each_rows_seeds_their_spread_and_last_10_mean_beside_the_
     (["--parallel=0"], "error: --parallel=0 --budget=540: need at least 1 run at a time and a budget above 0 seconds"),
     (["--budget=-5"], "error: --parallel=12 --budget=-5: need at least 1 run at a time and a budget above 0 seconds"),
     (["--work={file}"], "error: --work={file}: not a folder"),
+    ([], "error: {bundle}: no data/ here; name the data's folder with --data"),
+    (["--data={file}"], "error: --data={file}: not a folder"),
 ])
 def test_bad_run_flags_are_one_line_errors_before_anything_runs(tmp_path, flags, expected):
     bundle = tmp_path / "bundle"
@@ -100,5 +160,25 @@ def test_bad_run_flags_are_one_line_errors_before_anything_runs(tmp_path, flags,
     flags = [flag.format(file=tmp_path / "file") for flag in flags]
     with pytest.raises(SystemExit) as stop:
         tool.main(["run", f"--bundle={bundle}", f"--out={tmp_path / 'out'}", *flags])
-    assert str(stop.value) == expected.format(file=tmp_path / "file")
+    assert str(stop.value) == expected.format(file=tmp_path / "file", bundle=bundle)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_medpix_table_is_the_pretraining_table_of_each_objectives_finished_seeds(tmp_path):
+    runs = tool.plan([0, 1], tmp_path / "d", tmp_path / "t", tmp_path, quick=False, extra=[], experiment="medpix")
+    assert tool.table(runs, tmp_path) == "no run finished"
+    top1 = {"amvlm_s0": 0.02, "amvlm_s1": 0.04, "mgca_s0": 0.01}  # mgca_s1 stopped at the budget.
+    for run in runs:
+        run.status = "done" if run.name in top1 else "stopped at the budget"
+        if run.name in top1:
+            (tmp_path / run.name / "pretrain").mkdir(parents=True)
+            scores = {split: {f"{split}/t2i_top1": top1[run.name] / (2 if split == "val" else 1)}
+                      for split in ("test", "val")}
+            summary = {"initial_retrieval": {"test/t2i_top1": 0.01, "val/t2i_top1": 0.0},
+                       "final_retrieval": {**scores["test"], **scores["val"]}}
+            (tmp_path / run.name / "pretrain" / "summary.json").write_text(json.dumps(summary))
+    text = tool.table(runs, tmp_path)
+    test, val = text.split("\nval:\n")
+    assert "| amvlm_s0 (+1) | t2i_top1 | 1.0 ± 0.0 | 3.0 ± 1.4 | +2.0 | +1.0 | 0.295 | - |" in test
+    assert "| mgca_s0 (+0) | t2i_top1 | 1.0 ± 0.0 | 1.0 ± 0.0 | +0.0 | +0.0 | - | - |" in test
+    assert "| amvlm_s0 (+1) | t2i_top1 | 0.0 ± 0.0 | 1.5 ± 0.7 | +1.5 | +1.0 | 0.205 | - |" in val

@@ -1,31 +1,38 @@
-"""MoNuSeg with the paper's configuration on one GPU machine without network access, in one call.
+"""The paper-sized runs of an experiment on one GPU machine without network access, side by side.
 
-The paper's MoNuSeg rows (authors' U-Net, width 64, 224x224, batch 16, 200 epochs; experiments/monuseg.py
-without the cpu variant): the supervised U-Net at all labels, 25% and 50%, and the vision-only and
-AMVLM-guided mean teachers at 25% and 50%, each over the seeds given; every AMVLM run uses the encoders its
-seed's pre-training run learned (ViT-B/16 at 224 from scratch and the MiniLM text encoder, 100 epochs on the
-24 image-report pairs). Runs go side by side, as many at a time as --parallel, on the one GPU.
+``--experiment=monuseg`` (the default): the paper's MoNuSeg rows (authors' U-Net, width 64, 224x224, batch
+16, 200 epochs; experiments/monuseg.py without the cpu variant): the supervised U-Net at all labels, 25% and
+50%, and the vision-only and AMVLM-guided mean teachers at 25% and 50%, each over the seeds given; every
+AMVLM run uses the encoders its seed's pre-training run learned (ViT-B/16 at 224 from scratch and the
+MiniLM text encoder, 100 epochs on the 24 image-report pairs).
+``--experiment=medpix``: AMVLM and MGCA pre-trained on MedPix-2.0's training split with a ViT-S/16 at 224
+from scratch (experiments/medpix.py:locked_text,long; MEDPIX_VIT below), each seed scored on dev and test
+before and after (tools/pretrain_table.py). Runs go side by side, as many at a time as --parallel.
 
 Where pip reaches a package index, build the bundle the GPU machine needs:
 
-    python tools/monuseg_gpu.py bundle --data=../shared/datasets/MoNuSeg --bundle=gpu_bundle
+    python tools/gpu_runs.py bundle [--experiment=medpix] --data=DATA/MoNuSeg|DATA/MedPix-2.0 --bundle=gpu_bundle
 
 gpu_bundle/ (keep it out of git) holds wheels/ (the packages of this project that the machine's image may
-lack, at this environment's versions, for Python 3.12 on x86-64 Linux), data/ (the MoNuSeg folders with
+lack, at this environment's versions, for Python 3.12 on x86-64 Linux), data/ (MoNuSeg: its folders with
 every image and mask already resized to 224 px by the loader's own code: read back at 224 they are the
-arrays the originals give, which the bundle step checks) and text_encoder.tar.xz (MiniLM with the rows of
-its word-embedding table that no MoNuSeg report's tokens select set to zero: never read, and they make the
-archive small). Then, on the GPU machine, from the repository root:
+arrays the originals give, which the bundle step checks; MedPix: its images and splits as they are) and
+text_encoder.tar.xz (MiniLM with the rows of its word-embedding table that no report's or prompt's tokens
+select set to zero: never read, and they make the archive small). Then, on the GPU machine, from the
+repository root:
 
-    python3 tools/monuseg_gpu.py run --bundle=gpu_bundle --out=DIR --work=/tmp/monuseg_gpu [--seeds=0,1,2] [--budget=540]
+    python3 tools/gpu_runs.py run [--experiment=...] --bundle=gpu_bundle --out=DIR --work=/tmp/gpu_runs [--seeds=0,1,2] [--budget=540]
 
-installs the wheels into the work folder, runs, and writes DIR/runs.tgz (each run's results.json,
-metrics.jsonl, per-image CSVs, guidance.json, config.json and the end of its output; rewritten as runs
-finish, so a call cut short still returns what finished) and DIR/table.md (per row: the best-epoch
-validation Dice of each seed, their mean and spread, mIoU, and the mean validation Dice of the last 10
-epochs: tools/curve.py). Runs still going at --budget seconds are stopped (they save and say so). The
-same command again on the same machine (the work folder still there) continues: runs that finished are
-kept, stopped ones resume from their checkpoints, the rest start.
+installs the wheels into the work folder, runs, and writes DIR/runs.tgz (each run's results.json or
+pre-training summary, metrics.jsonl, per-image CSVs, retrieval ranks, guidance.json, config.json and the end
+of its output; rewritten as runs finish, so a call cut short still returns what finished) and DIR/table.md
+(MoNuSeg, per row: the best-epoch validation Dice of each seed, their mean and spread, mIoU, and the mean
+validation Dice of the last 10 epochs: tools/curve.py; MedPix: tools/pretrain_table.py on test and dev).
+Runs still going at --budget seconds are stopped (they save and say so). The same command again on the same
+machine (the work folder still there) continues: runs that finished are kept, stopped ones resume from
+their checkpoints, the rest start. A bundle larger than one call carries (MedPix: wheels and encoder 48
+MiB, images 42 MiB) travels in two: ``run --prepare`` with the bundle's data/ moved out installs the
+wheels and the encoder into the work folder; then ``run --data=FOLDER`` with only the data.
 ``run --quick`` is a CPU dry run of the same runs at toy sizes.
 """
 
@@ -61,6 +68,9 @@ SIZE = 224
 PAPER = {"sup100": "78.66 / 68.46", "mt25": "72.80 / 56.70", "amvlm25": "76.63 / 58.90", "mt50": "75.15 / 59.64",
          "amvlm50": "77.37 / 67.34"}
 KEPT = ("results.json", "metrics.jsonl", "guidance.json", "config.json", "summary.json", "retrieval.json")
+# MedPix on a GPU: the ViT the CPU rows' 4-block ViT-Ti/16 at 96 px grows into (22 M parameters; ViT-B/16's 86 M
+# would memorise 1,653 pairs sooner), at the experiment's 224 px.
+MEDPIX_VIT = ["--config.pretrain.vit=S/16"]
 
 
 # ---------------------------------------------------------------------------
@@ -68,7 +78,7 @@ KEPT = ("results.json", "metrics.jsonl", "guidance.json", "config.json", "summar
 # ---------------------------------------------------------------------------
 
 
-def bundle(data: pathlib.Path, out: pathlib.Path) -> None:
+def bundle(experiment: str, data: pathlib.Path, out: pathlib.Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     wheels = out / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
@@ -76,8 +86,9 @@ def bundle(data: pathlib.Path, out: pathlib.Path) -> None:
     platforms = [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28)] + ["--platform=manylinux2014_x86_64"]
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                     "--python-version=3.12", "--implementation=cp", *platforms, "-d", str(wheels), *pins], check=True)
-    reports = resized_data(data, out / "data" / data.name)
-    encoder_archive(reports, out / "text_encoder.tar.xz")
+    target = out / "data" / data.name
+    texts = resized_data(data, target) if experiment == "monuseg" else copied_corpus(data, target)
+    encoder_archive(texts, out / "text_encoder.tar.xz")
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"{out}: {total / 2**20:.1f} MiB ({len(list(wheels.iterdir()))} wheels, data, text encoder)")
 
@@ -112,6 +123,34 @@ def resized_data(root: pathlib.Path, target: pathlib.Path) -> list[str]:
             raise SystemExit(f"error: {target}: the {split} names or reports differ from the originals'")
         reports += list(original.reports)
     return reports
+
+
+def copied_corpus(root: pathlib.Path, target: pathlib.Path) -> list[str]:
+    """Copies MedPix's splits and the images they name, as they are, under ``target``; returns every report
+    and zero-shot prompt (read by the corpus reader with experiments/medpix.py's fields)."""
+    from amvlm_jax.data import corpus
+
+    config = experiment_config("medpix", "")
+    config.data.root = str(root)
+    shutil.rmtree(target, ignore_errors=True)
+    texts = [prompt for prompts in config.eval.zero_shot.values() for prompt in prompts.values()]
+    for split in corpus.SPLITS:
+        rows = corpus.read_split(config, split)
+        texts += rows["reports"]
+        for file in [root / getattr(config.data.corpus, split), *map(pathlib.Path, rows["paths"])]:
+            written = target / file.resolve().relative_to(root.resolve())
+            written.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(file, written)
+    return texts
+
+
+def experiment_config(name: str, variant: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant or None)
 
 
 def encoder_archive(reports: list[str], path: pathlib.Path) -> None:
@@ -151,6 +190,10 @@ class Run:
     name: str
     args: list[str]
     after: str = ""  # The run whose checkpoint this one reads (pre-training).
+    last: str = "results.json"  # What the job writes last, under its workdir.
+    # A run of the same programs that must have logged a training step first: this one then reads every program
+    # from the compilation cache instead of compiling it again beside it.
+    warm_after: str = ""
     process: subprocess.Popen | None = None
     log: object = None
     started: float = 0.0
@@ -164,14 +207,21 @@ QUICK = ["--config.unet.base_width=4", "--config.data.image_size=32", "--config.
 
 
 def plan(seeds: list[int], data: pathlib.Path, text_encoder: pathlib.Path, work: pathlib.Path, quick: bool,
-         extra: list[str]) -> list[Run]:
+         extra: list[str], experiment: str = "monuseg") -> list[Run]:
     """Pre-training runs first, then every seed's segmentation runs, seed by seed (a later seed's programs
     come from the compilation cache that the earlier seed's processes filled)."""
     common = [f"--config.data.root={data}", f"--config.pretrain.text_encoder={text_encoder}",
               "--config.train.checkpoint_every_epochs=50", "--config.pretrain.checkpoint_every_epochs=25",
               "--config.train.picture_every_epochs=0", f"--config.compilation_cache={work / 'xla_cache'}",
               *(QUICK if quick else []), *extra]
-    runs = [Run(f"pre_s{s}", ["--config=experiments/monuseg.py", "--config.mode=pretrain"]) for s in seeds]
+    if experiment == "medpix":
+        runs = [Run(f"{objective}_s{s}", [f"--config=experiments/medpix.py:{variant}locked_text,long", *MEDPIX_VIT],
+                    last="pretrain/summary.json", warm_after=f"{objective}_s{seeds[0]}" if s != seeds[0] else "")
+                for s in seeds for objective, variant in (("amvlm", ""), ("mgca", "mgca,"))]
+        seeds = []
+    else:
+        runs = [Run(f"pre_s{s}", ["--config=experiments/monuseg.py", "--config.mode=pretrain"], last="pretrain/summary.json")
+                for s in seeds]
     for s in seeds:
         runs.append(Run(f"sup100_s{s}", ["--config=experiments/monuseg.py", "--config.mode=supervised"]))
         for fraction in (25, 50):
@@ -188,10 +238,18 @@ def plan(seeds: list[int], data: pathlib.Path, text_encoder: pathlib.Path, work:
     return runs
 
 
+def trained(run: Run, work: pathlib.Path) -> bool:
+    """Whether ``run`` (pre-training) has logged a training step: its programs are compiled and cached."""
+    metrics = work / run.name / "pretrain" / "metrics.jsonl"
+    try:
+        return any(json.loads(line).get("step", 0) > 0 for line in metrics.read_text().splitlines() if line.strip())
+    except (OSError, ValueError):  # Not there yet, or a line being written.
+        return False
+
+
 def finished(run: Run, work: pathlib.Path) -> bool:
     """Whether an earlier call in this work folder ran ``run`` to its end (what each job writes last)."""
-    last_written = "pretrain/summary.json" if run.name.startswith("pre") else "results.json"
-    return (work / run.name / last_written).is_file()
+    return (work / run.name / run.last).is_file()
 
 
 def pack(runs: list[Run], work: pathlib.Path, out: pathlib.Path) -> None:
@@ -201,7 +259,7 @@ def pack(runs: list[Run], work: pathlib.Path, out: pathlib.Path) -> None:
         for run in runs:
             folder = work / run.name
             for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
-                if path.is_file() and (path.name in KEPT or path.name.startswith("per_image_")):
+                if path.is_file() and (path.name in KEPT or path.name.startswith("per_image_") or path.parent.name == "ranks"):
                     archive.add(path, arcname=str(path.relative_to(work)))
             log = work / f"{run.name}.log"
             if log.is_file():
@@ -210,6 +268,27 @@ def pack(runs: list[Run], work: pathlib.Path, out: pathlib.Path) -> None:
                 info.size = len(tail)
                 archive.addfile(info, io.BytesIO(tail))
     os.replace(temporary, out / "runs.tgz")
+
+
+def pretrain_table(runs: list[Run], work: pathlib.Path) -> str:
+    """Markdown: tools/pretrain_table.py on each objective's finished seeds, test and dev splits."""
+    import contextlib
+
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import pretrain_table
+
+    groups = {}
+    for run in runs:
+        if run.status == "done":
+            groups.setdefault(run.name.rsplit("_s", 1)[0], []).append(str(work / run.name))
+    if not groups:
+        return "no run finished"
+    text = io.StringIO()
+    for split in ("test", "val"):
+        text.write(f"\n{split}:\n")
+        with contextlib.redirect_stdout(text):
+            pretrain_table.main([",".join(group) for group in groups.values()] + [f"--split={split}"])
+    return text.getvalue()
 
 
 def table(runs: list[Run], work: pathlib.Path) -> str:
@@ -222,6 +301,8 @@ def table(runs: list[Run], work: pathlib.Path) -> str:
              "paper, test split |", "|---|---|---|---:|---:|---:|---:|---|"]
     names = {"sup": "supervised U-Net", "mt": "MT (vision only)", "amvlm": "AMVLM-guided MT"}
     groups = {}
+    if not any(run.name.startswith("sup") for run in runs):
+        return pretrain_table(runs, work)
     for run in runs:
         kind = run.name.rsplit("_s", 1)[0]
         if not kind.startswith("pre"):
@@ -269,12 +350,12 @@ def imports_work(env: dict, site: pathlib.Path) -> bool:
     return False
 
 
-def run_all(bundle_dir: pathlib.Path, out: pathlib.Path, work: pathlib.Path | None, seeds: list[int], parallel: int,
-            budget: float, quick: bool, extra: list[str]) -> int:
+def run_all(experiment: str, bundle_dir: pathlib.Path, data: pathlib.Path | None, out: pathlib.Path | None,
+            work: pathlib.Path | None, seeds: list[int], parallel: int, budget: float, quick: bool, prepare: bool,
+            extra: list[str]) -> int:
     started = time.monotonic()
-    out.mkdir(parents=True, exist_ok=True)
     if work is None:
-        work = pathlib.Path(tempfile.mkdtemp(prefix="monuseg_gpu_"))
+        work = pathlib.Path(tempfile.mkdtemp(prefix="gpu_runs_"))
     work.mkdir(parents=True, exist_ok=True)
     site = work / "site"
     wheels = sorted((bundle_dir / "wheels").glob("*.whl"))
@@ -291,17 +372,22 @@ def run_all(bundle_dir: pathlib.Path, out: pathlib.Path, work: pathlib.Path | No
             archive.extractall(work / "encoder.partial", filter="data")
         os.replace(work / "encoder.partial" / "text_encoder", work / "text_encoder")
         (work / "encoder.partial").rmdir()
-    (data,) = [p for p in (bundle_dir / "data").iterdir() if p.is_dir()]
-    runs = plan(seeds, data.resolve(), work / "text_encoder", work, quick, extra)
-    for run in runs:
-        if finished(run, work):
-            run.status = "done"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(site), str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
     if quick:
         env["JAX_PLATFORMS"] = "cpu"
     if not imports_work(env, site):
         return 2
+    if prepare:
+        print(f"prepared {work}: the packages and the text encoder are in place", flush=True)
+        return 0
+    if data is None:
+        (data,) = [p for p in (bundle_dir / "data").iterdir() if p.is_dir()]
+    out.mkdir(parents=True, exist_ok=True)
+    runs = plan(seeds, data.resolve(), work / "text_encoder", work, quick, extra, experiment)
+    for run in runs:
+        if finished(run, work):
+            run.status = "done"
     done = sum(run.status == "done" for run in runs)
     print(f"{len(runs)} runs ({done} done by an earlier call), {parallel} at a time, budget {budget:.0f} s; "
           f"work folder {work}", flush=True)
@@ -329,6 +415,9 @@ def run_all(bundle_dir: pathlib.Path, out: pathlib.Path, work: pathlib.Path | No
                 break
             if run.status != "waiting":
                 continue
+            leader = next((r for r in runs if r.name == run.warm_after), None)
+            if leader is not None and leader.status in ("waiting", "running") and not trained(leader, work):
+                continue
             before = next((r for r in runs if r.name == run.after), None)
             if before is not None and before.status != "done":
                 if before.status not in ("waiting", "running"):
@@ -350,8 +439,10 @@ def run_all(bundle_dir: pathlib.Path, out: pathlib.Path, work: pathlib.Path | No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("bundle", "run"))
+    parser.add_argument("--experiment", choices=("monuseg", "medpix"), default="monuseg")
     parser.add_argument("--bundle", type=pathlib.Path, default=pathlib.Path("gpu_bundle"))
-    parser.add_argument("--data", type=pathlib.Path, help="bundle: the MoNuSeg folder (LViT layout)")
+    parser.add_argument("--data", type=pathlib.Path, help="bundle: the MoNuSeg folder (LViT layout) or MedPix-2.0's; "
+                        "run: the bundled data's folder where it travelled apart (default: the one under BUNDLE/data)")
     parser.add_argument("--out", type=pathlib.Path, help="run: where runs.tgz and table.md go")
     parser.add_argument("--work", type=pathlib.Path, help="run: the runs' folder (default: a new temporary one); "
                         "again on the same folder, finished runs are kept and stopped ones resume")
@@ -359,17 +450,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=12, help="run: processes at a time")
     parser.add_argument("--budget", type=float, default=540.0, help="run: seconds before the runs still going stop")
     parser.add_argument("--quick", action="store_true", help="run: toy sizes on the CPU (a dry run of this tool)")
+    parser.add_argument("--prepare", action="store_true", help="run: only install the wheels and the text encoder "
+                        "into --work (a first call where the data travels in a second)")
     parser.add_argument("overrides", nargs="*", help="run: more --config.a.b=value flags for every run (after --)")
     args = parser.parse_args(argv)
     if args.action == "bundle":
         if args.data is None or not args.data.is_dir():
             raise SystemExit(f"error: --data={args.data}: not a folder")
-        bundle(args.data.resolve(), args.bundle)
+        bundle(args.experiment, args.data.resolve(), args.bundle)
         return 0
-    if args.out is None:
+    if args.out is None and not args.prepare:
         raise SystemExit("error: run needs --out=DIR")
-    if not (args.bundle / "text_encoder.tar.xz").is_file():
-        raise SystemExit(f"error: {args.bundle}: no bundle here (make it with the bundle action first)")
     seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
     if not seeds or not all(s.isdigit() for s in seeds):
         raise SystemExit(f"error: --seeds={args.seeds}: not a comma-separated list of seeds (0, 1, 2, ...)")
@@ -379,9 +470,17 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.resolve() if args.work else None
     if work is not None and work.exists() and not work.is_dir():
         raise SystemExit(f"error: --work={args.work}: not a folder")
+    prepared = work is not None and (work / "text_encoder").is_dir() and ((work / "site").is_dir() or args.quick)
+    if not prepared and not (args.bundle / "text_encoder.tar.xz").is_file():
+        raise SystemExit(f"error: {args.bundle}: no bundle here (make it with the bundle action first)")
+    if not args.prepare and args.data is None and not (args.bundle / "data").is_dir():
+        raise SystemExit(f"error: {args.bundle}: no data/ here; name the data's folder with --data")
+    if args.data is not None and not args.data.is_dir():
+        raise SystemExit(f"error: --data={args.data}: not a folder")
     seeds = [int(s) for s in seeds]
-    return run_all(args.bundle.resolve(), args.out.resolve(), work, seeds, args.parallel, args.budget, args.quick,
-                   args.overrides)
+    return run_all(args.experiment, args.bundle.resolve(), args.data.resolve() if args.data else None,
+                   args.out.resolve() if args.out else None, work, seeds, args.parallel, args.budget, args.quick,
+                   args.prepare, args.overrides)
 
 
 if __name__ == "__main__":
