@@ -95,7 +95,7 @@ def test_the_medpix_plan_pretrains_both_objectives_per_seed_and_ends_at_their_su
     for run in runs:
         objective, seed = run.name.split("_s")
         variant = "mgca," if objective == "mgca" else ""
-        assert run.args[:2] == [f"--config=experiments/medpix.py:{variant}locked_text,long", "--config.pretrain.vit=S/16"]
+        assert run.args[0] == f"--config=experiments/medpix.py:{variant}gpu"
         assert f"--config.seed={seed}" in run.args and "--config.data.root=/d" in run.args and run.args[-1] == "--x=1"
         assert run.after == "" and not tool.finished(run, tmp_path)
         # Later seeds start once the first seed's run of the same objective has compiled and logged a step.
@@ -108,6 +108,15 @@ def test_the_medpix_plan_pretrains_both_objectives_per_seed_and_ends_at_their_su
         assert tool.trained(run, tmp_path)
         (tmp_path / run.name / "pretrain" / "summary.json").write_text("{}")
         assert tool.finished(run, tmp_path)
+
+
+def test_the_medpix_gpu_variant_is_locked_text_and_long_with_a_vit_s16_at_224():
+    for objective in ("", "mgca,"):
+        gpu = tool.experiment_config("medpix", objective + "gpu")
+        runs = tool.experiment_config("medpix", objective + "locked_text,long")
+        runs.pretrain.vit = "S/16"
+        assert gpu.to_dict() == runs.to_dict()
+        assert gpu.pretrain.image_size in (0, 224) and gpu.data.image_size == 224
 
 
 def test_a_later_call_keeps_the_runs_that_wrote_their_last_file(tmp_path):

@@ -6,7 +6,7 @@
 AMVLM run uses the encoders its seed's pre-training run learned (ViT-B/16 at 224 from scratch and the
 MiniLM text encoder, 100 epochs on the 24 image-report pairs).
 ``--experiment=medpix``: AMVLM and MGCA pre-trained on MedPix-2.0's training split with a ViT-S/16 at 224
-from scratch (experiments/medpix.py:locked_text,long; MEDPIX_VIT below), each seed scored on dev and test
+from scratch (experiments/medpix.py:gpu, after locked_text and long), each seed scored on dev and test
 before and after (tools/pretrain_table.py). Runs go side by side, as many at a time as --parallel.
 
 Where pip reaches a package index, build the bundle the GPU machine needs:
@@ -68,9 +68,6 @@ SIZE = 224
 PAPER = {"sup100": "78.66 / 68.46", "mt25": "72.80 / 56.70", "amvlm25": "76.63 / 58.90", "mt50": "75.15 / 59.64",
          "amvlm50": "77.37 / 67.34"}
 KEPT = ("results.json", "metrics.jsonl", "guidance.json", "config.json", "summary.json", "retrieval.json")
-# MedPix on a GPU: the ViT the CPU rows' 4-block ViT-Ti/16 at 96 px grows into (22 M parameters; ViT-B/16's 86 M
-# would memorise 1,653 pairs sooner), at the experiment's 224 px.
-MEDPIX_VIT = ["--config.pretrain.vit=S/16"]
 
 
 # ---------------------------------------------------------------------------
@@ -215,7 +212,7 @@ def plan(seeds: list[int], data: pathlib.Path, text_encoder: pathlib.Path, work:
               "--config.train.picture_every_epochs=0", f"--config.compilation_cache={work / 'xla_cache'}",
               *(QUICK if quick else []), *extra]
     if experiment == "medpix":
-        runs = [Run(f"{objective}_s{s}", [f"--config=experiments/medpix.py:{variant}locked_text,long", *MEDPIX_VIT],
+        runs = [Run(f"{objective}_s{s}", [f"--config=experiments/medpix.py:{variant}gpu"],
                     last="pretrain/summary.json", warm_after=f"{objective}_s{seeds[0]}" if s != seeds[0] else "")
                 for s in seeds for objective, variant in (("amvlm", ""), ("mgca", "mgca,"))]
         seeds = []
