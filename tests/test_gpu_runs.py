@@ -119,6 +119,18 @@ def test_the_medpix_gpu_variant_is_locked_text_and_long_with_a_vit_s16_at_224():
         assert gpu.pretrain.image_size in (0, 224) and gpu.data.image_size == 224
 
 
+def test_only_the_named_runs_with_what_they_read_and_a_warm_up_leader_among_them():
+    runs = tool.plan([0, 1, 2, 3], pathlib.Path("/d"), pathlib.Path("/t"), pathlib.Path("/w"), quick=False, extra=[],
+                     experiment="medpix")
+    kept = tool.selected(runs, ["amvlm_s3", "amvlm_s2"])
+    assert [(run.name, run.warm_after) for run in kept] == [("amvlm_s2", ""), ("amvlm_s3", "amvlm_s2")]
+    monuseg = tool.plan([0, 1], pathlib.Path("/d"), pathlib.Path("/t"), pathlib.Path("/w"), quick=False, extra=[])
+    assert [run.name for run in tool.selected(monuseg, ["amvlm25_s1", "sup100_s0"])] == ["pre_s1", "sup100_s0", "amvlm25_s1"]
+    with pytest.raises(SystemExit) as stop:
+        tool.selected(runs, ["amvlm_s9"])
+    assert str(stop.value).startswith("error: --only=amvlm_s9: no run named amvlm_s9 in this plan (it has amvlm_s0, mgca_s0,")
+
+
 def test_a_later_call_keeps_the_runs_that_wrote_their_last_file(tmp_path):
     runs = {run.name: run for run in tool.plan([0], tmp_path / "d", tmp_path / "t", tmp_path, quick=False, extra=[])}
     # Checkpoints alone (a run stopped at the budget) are not an end: that run resumes.
@@ -160,13 +172,17 @@ def test_the_table_has_each_rows_seeds_their_spread_and_last_10_mean_beside_the_
     (["--work={file}"], "error: --work={file}: not a folder"),
     ([], "error: {bundle}: no data/ here; name the data's folder with --data"),
     (["--data={file}"], "error: --data={file}: not a folder"),
+    (["--only=mt25_s5", "--data={bundle}"], "error: --only=mt25_s5: no run named mt25_s5 in this plan (it has pre_s0, "
+     "pre_s1, pre_s2, sup100_s0, sup25_s0, mt25_s0, amvlm25_s0, sup50_s0, mt50_s0, amvlm50_s0, sup100_s1, sup25_s1, "
+     "mt25_s1, amvlm25_s1, sup50_s1, mt50_s1, amvlm50_s1, sup100_s2, sup25_s2, mt25_s2, amvlm25_s2, sup50_s2, mt50_s2, "
+     "amvlm50_s2)"),
 ])
 def test_bad_run_flags_are_one_line_errors_before_anything_runs(tmp_path, flags, expected):
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "text_encoder.tar.xz").write_bytes(b"")
     (tmp_path / "file").write_text("")
-    flags = [flag.format(file=tmp_path / "file") for flag in flags]
+    flags = [flag.format(file=tmp_path / "file", bundle=bundle) for flag in flags]
     with pytest.raises(SystemExit) as stop:
         tool.main(["run", f"--bundle={bundle}", f"--out={tmp_path / 'out'}", *flags])
     assert str(stop.value) == expected.format(file=tmp_path / "file", bundle=bundle)

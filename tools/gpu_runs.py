@@ -30,9 +30,12 @@ of its output; rewritten as runs finish, so a call cut short still returns what 
 validation Dice of the last 10 epochs: tools/curve.py; MedPix: tools/pretrain_table.py on test and dev).
 Runs still going at --budget seconds are stopped (they save and say so). The same command again on the same
 machine (the work folder still there) continues: runs that finished are kept, stopped ones resume from
-their checkpoints, the rest start. A bundle larger than one call carries (MedPix: wheels and encoder 48
-MiB, images 42 MiB) travels in two: ``run --prepare`` with the bundle's data/ moved out installs the
-wheels and the encoder into the work folder; then ``run --data=FOLDER`` with only the data.
+their checkpoints, the rest start. On a fresh machine, ``--only=amvlm_s3,amvlm_s4`` runs just the runs a
+lease left unfinished (and those they read); tools/pretrain_table.py or tools/compare.py then reads them
+beside the earlier ones. A bundle larger than one call carries (MedPix: wheels and encoder 48 MiB, images
+39 MiB) travels in two: ``run --prepare`` with the bundle's data/ moved out installs the wheels and the
+encoder into the work folder; then ``run --data=FOLDER`` with only the data (in every call that runs: a
+folder that came with an earlier call may be gone from the repository's copy by the next).
 ``run --quick`` is a CPU dry run of the same runs at toy sizes.
 """
 
@@ -235,6 +238,23 @@ def plan(seeds: list[int], data: pathlib.Path, text_encoder: pathlib.Path, work:
     return runs
 
 
+def selected(runs: list[Run], names: list[str]) -> list[Run]:
+    """The runs named (and those whose checkpoints they read), in the plan's order; a later seed whose warm-up
+    leader is left out waits for the first seed of its kind that is kept instead."""
+    known = {run.name: run for run in runs}
+    if unknown := [name for name in names if name not in known]:
+        raise SystemExit(f"error: --only={','.join(names)}: no run named {unknown[0]} in this plan "
+                         f"(it has {', '.join(known)})")
+    wanted = set(names) | {known[name].after for name in names if known[name].after}
+    kept = [run for run in runs if run.name in wanted]
+    for run in kept:
+        if run.warm_after and run.warm_after not in wanted:
+            kind = run.name.rsplit("_s", 1)[0]
+            first = next(r for r in kept if r.name.rsplit("_s", 1)[0] == kind)
+            run.warm_after = "" if first is run else first.name
+    return kept
+
+
 def trained(run: Run, work: pathlib.Path) -> bool:
     """Whether ``run`` (pre-training) has logged a training step: its programs are compiled and cached."""
     metrics = work / run.name / "pretrain" / "metrics.jsonl"
@@ -349,7 +369,7 @@ def imports_work(env: dict, site: pathlib.Path) -> bool:
 
 def run_all(experiment: str, bundle_dir: pathlib.Path, data: pathlib.Path | None, out: pathlib.Path | None,
             work: pathlib.Path | None, seeds: list[int], parallel: int, budget: float, quick: bool, prepare: bool,
-            extra: list[str]) -> int:
+            extra: list[str], only: list[str] | None = None) -> int:
     started = time.monotonic()
     if work is None:
         work = pathlib.Path(tempfile.mkdtemp(prefix="gpu_runs_"))
@@ -382,6 +402,8 @@ def run_all(experiment: str, bundle_dir: pathlib.Path, data: pathlib.Path | None
         (data,) = [p for p in (bundle_dir / "data").iterdir() if p.is_dir()]
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(seeds, data.resolve(), work / "text_encoder", work, quick, extra, experiment)
+    if only:
+        runs = selected(runs, only)
     for run in runs:
         if finished(run, work):
             run.status = "done"
@@ -445,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                         "again on the same folder, finished runs are kept and stopped ones resume")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--parallel", type=int, default=12, help="run: processes at a time")
+    parser.add_argument("--only", default="", help="run: comma-separated run names (e.g. amvlm_s3,amvlm_s4): only "
+                        "those, and the runs whose checkpoints they read")
     parser.add_argument("--budget", type=float, default=540.0, help="run: seconds before the runs still going stop")
     parser.add_argument("--quick", action="store_true", help="run: toy sizes on the CPU (a dry run of this tool)")
     parser.add_argument("--prepare", action="store_true", help="run: only install the wheels and the text encoder "
@@ -475,9 +499,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is not None and not args.data.is_dir():
         raise SystemExit(f"error: --data={args.data}: not a folder")
     seeds = [int(s) for s in seeds]
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    if only:  # Checked against the plan's names before anything runs.
+        selected(plan(seeds, REPO_ROOT, REPO_ROOT, REPO_ROOT, False, [], args.experiment), only)
     return run_all(args.experiment, args.bundle.resolve(), args.data.resolve() if args.data else None,
                    args.out.resolve() if args.out else None, work, seeds, args.parallel, args.budget, args.quick,
-                   args.prepare, args.overrides)
+                   args.prepare, args.overrides, only)
 
 
 if __name__ == "__main__":
