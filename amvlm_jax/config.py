@@ -96,7 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     # fields come from the config recorded in the checkpoint (see config.with_recorded); data.root on the
     # command line evaluates on other data.
     config.eval.checkpoint = ""
-    config.eval.splits = ("val", "test")  # Splits evaluated (missing ones reported, skipped); () = none after training.
+    # Splits evaluated (missing ones reported, skipped): after training, and the held-out ones at every
+    # pre-training evaluation (the training split always); () = none after training.
+    config.eval.splits = ("val", "test")
     # For a mean-teacher checkpoint also score its text masks, teacher and fused pseudo-labels
     # against the held-back masks of the unlabeled images and on val (guidance.json).
     config.eval.guidance = True

@@ -6,7 +6,7 @@
         --config.mode=evaluate --config.eval.checkpoint=WORKDIR/pretrain
 
 The corpus as its authors split it by clinical case (splits/descriptions_{train,dev,test}.jsonl: 1,653 /
-197 / 200 images); each image's report is its caption. The held-out splits are scored before training
+197 / 200 images); each image's report is its caption. The held-out splits (eval.splits) are scored before training
 and after every epoch: retrieval both ways, zero-shot modality (CT / MR) and body location from a
 prompt per class, and linear probes for the same labels on the frozen image encoder's [CLS] features.
 Epoch 0 is the control: the same encoders before pre-training (random ViT and heads; the text encoder
@@ -95,5 +95,5 @@ def get_config(variant=None):
     config.pretrain.max_length = 48  # Captions run to 27 words on average.
     config.eval.zero_shot = ZERO_SHOT
     config.eval.probe_fields = ("Type", "Location Category")
-    config.eval.splits = ("test",)
+    config.eval.splits = ("val", "test")  # --config.eval.splits=val while choosing settings: test is not read.
     return apply_variants(config, variant, VARIANTS)

@@ -353,6 +353,12 @@ def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_
         # Rows 2, 6, 10, ... (val) and 3, 7, 11, ... (test): every third image is MR.
         assert scores[f"{split}/zero_shot/meta/modality/rows"] == 6
     assert "train/zero_shot/meta/modality/accuracy" not in scores  # Held-out splits only.
+    # A held-out split left out of eval.splits (settings chosen on val) is neither read nor scored; training and
+    # the other scores are unchanged.
+    val_only = main.run(corpus_config(generated, **settings, **{"eval.splits": ("val",)}), tmp_path / "val_only")
+    assert val_only["pairs"] == {"train": 12, "val": 6} and val_only["final_terms"] == in_memory["final_terms"]
+    for summary in ("initial_retrieval", "final_retrieval"):
+        assert val_only[summary] == {k: v for k, v in in_memory[summary].items() if not k.startswith("test/")}
     # Evaluating the checkpoint scores the same, from its recorded config (no repeated corpus flags).
     config = corpus_config(generated, **settings, **{"mode": "evaluate", "eval.splits": ("val", "test")})
     config.eval.checkpoint = str(tmp_path / "memory" / "pretrain")

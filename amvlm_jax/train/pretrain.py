@@ -434,8 +434,10 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         raise ConfigError(f"pre-training image size must be a multiple of 16, got {size}")
     tokenizer = ReportTokenizer(build.text_encoder_dir(config), pre.max_length)  # Its errors before the data's.
     corpus.check_files(config)
-    # Held-out splits are scored for the logs only: nothing is chosen on them (the newest checkpoint is kept).
-    sets = {name: pairs for name in ("train", "val", "test") if (pairs := load_pairs(config, workdir, name, size))}
+    # The held-out splits of config.eval.splits are scored for the logs only: nothing is chosen on them (the
+    # newest checkpoint is kept); one left out (choosing settings on val) is neither read nor scored.
+    held_out = [name for name in ("val", "test") if name in config.eval.splits]
+    sets = {name: pairs for name in ("train", *held_out) if (pairs := load_pairs(config, workdir, name, size))}
     if "train" not in sets:
         raise ConfigError("pre-training needs training pairs: data.corpus.train or data.root's Train_Folder")
     train_pairs = sets["train"][0]
