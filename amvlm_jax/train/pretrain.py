@@ -440,6 +440,9 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     sets = {name: pairs for name in ("train", *held_out) if (pairs := load_pairs(config, workdir, name, size))}
     if "train" not in sets:
         raise ConfigError("pre-training needs training pairs: data.corpus.train or data.root's Train_Folder")
+    if (config.eval.zero_shot or config.eval.probe_fields) and len(sets) == 1:
+        info("zero-shot and probe accuracy are scored on held-out splits only: config.eval.splits names none "
+             "that the data has")
     train_pairs = sets["train"][0]
 
     batch_size = capped_batch_size(pre.batch_size, pre.batch_size if fresh_pairs(config) else len(train_pairs),
