@@ -207,3 +207,20 @@ def test_the_medpix_table_is_the_pretraining_table_of_each_objectives_finished_s
     assert "| amvlm_s0 (+1) | t2i_top1 | 1.0 ± 0.0 | 3.0 ± 1.4 | +2.0 | +1.0 | 0.295 | - |" in test
     assert "| mgca_s0 (+0) | t2i_top1 | 1.0 ± 0.0 | 1.0 ± 0.0 | +0.0 | +0.0 | - | - |" in test
     assert "| amvlm_s0 (+1) | t2i_top1 | 0.0 ± 0.0 | 1.5 ± 0.7 | +1.5 | +1.0 | 0.205 | - |" in val
+
+
+@pytest.mark.parametrize("experiment, problem", [
+    ("monuseg", "{data}/Train_Folder: no report sheet (Train_text.xlsx or Train_text.csv)"),
+    ("medpix", "{data}/splits/descriptions_train.jsonl: corpus file not found"),
+])
+def test_data_that_is_not_the_experiments_is_a_one_line_error_before_any_download(tmp_path, monkeypatch, experiment,
+                                                                                 problem):
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("downloaded before the data's check"))
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        tool.main(["bundle", f"--experiment={experiment}", f"--data={tmp_path / 'data'}", f"--bundle={tmp_path / 'b'}"])
+    data = tmp_path / "data"
+    assert str(stop.value) == f"error: --data={data}: not {experiment}'s data ({problem.format(data=data)})"
+    assert not any(path.is_file() for path in (tmp_path / "b").rglob("*"))

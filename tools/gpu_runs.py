@@ -79,15 +79,24 @@ KEPT = ("results.json", "metrics.jsonl", "guidance.json", "config.json", "summar
 
 
 def bundle(experiment: str, data: pathlib.Path, out: pathlib.Path) -> None:
+    """The data first (its problems are one-line errors before anything is downloaded), then the wheels and
+    the encoder."""
+    from amvlm_jax.config import ConfigError
+    from amvlm_jax.data.folders import DataError
+
     out.mkdir(parents=True, exist_ok=True)
+    target = out / "data" / data.name
+    try:
+        texts = resized_data(data, target) if experiment == "monuseg" else copied_corpus(data, target)
+    except (DataError, ConfigError) as error:
+        shutil.rmtree(target, ignore_errors=True)
+        raise SystemExit(f"error: --data={data}: not {experiment}'s data ({error})") from None
     wheels = out / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in BUNDLED]
     platforms = [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28)] + ["--platform=manylinux2014_x86_64"]
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                     "--python-version=3.12", "--implementation=cp", *platforms, "-d", str(wheels), *pins], check=True)
-    target = out / "data" / data.name
-    texts = resized_data(data, target) if experiment == "monuseg" else copied_corpus(data, target)
     encoder_archive(texts, out / "text_encoder.tar.xz")
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"{out}: {total / 2**20:.1f} MiB ({len(list(wheels.iterdir()))} wheels, data, text encoder)")
