@@ -172,6 +172,7 @@ def test_the_table_has_each_rows_seeds_their_spread_and_last_10_mean_beside_the_
     (["--work={file}"], "error: --work={file}: not a folder"),
     ([], "error: {bundle}: no data/ here; name the data's folder with --data"),
     (["--data={file}"], "error: --data={file}: not a folder"),
+    (["--data={bundle}"], "error: {bundle}: no Train_Folder here: not monuseg's data"),
     (["--only=mt25_s5", "--data={bundle}"], "error: --only=mt25_s5: no run named mt25_s5 in this plan (it has pre_s0, "
      "pre_s1, pre_s2, sup100_s0, sup25_s0, mt25_s0, amvlm25_s0, sup50_s0, mt50_s0, amvlm50_s0, sup100_s1, sup25_s1, "
      "mt25_s1, amvlm25_s1, sup50_s1, mt50_s1, amvlm50_s1, sup100_s2, sup25_s2, mt25_s2, amvlm25_s2, sup50_s2, mt50_s2, "

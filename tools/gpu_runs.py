@@ -380,6 +380,11 @@ def run_all(experiment: str, bundle_dir: pathlib.Path, data: pathlib.Path | None
             work: pathlib.Path | None, seeds: list[int], parallel: int, budget: float, quick: bool, prepare: bool,
             extra: list[str], only: list[str] | None = None) -> int:
     started = time.monotonic()
+    if data is None and not prepare:
+        (data,) = [p for p in (bundle_dir / "data").iterdir() if p.is_dir()]
+    expected = {"monuseg": "Train_Folder", "medpix": "splits/descriptions_train.jsonl"}[experiment]
+    if data is not None and not (data / expected).exists():  # Before anything is installed or run.
+        raise SystemExit(f"error: {data}: no {expected} here: not {experiment}'s data")
     if work is None:
         work = pathlib.Path(tempfile.mkdtemp(prefix="gpu_runs_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -407,8 +412,6 @@ def run_all(experiment: str, bundle_dir: pathlib.Path, data: pathlib.Path | None
     if prepare:
         print(f"prepared {work}: the packages and the text encoder are in place", flush=True)
         return 0
-    if data is None:
-        (data,) = [p for p in (bundle_dir / "data").iterdir() if p.is_dir()]
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(seeds, data.resolve(), work / "text_encoder", work, quick, extra, experiment)
     if only:
