@@ -48,6 +48,9 @@ def test_every_seed_has_the_papers_rows_and_amvlm_waits_for_its_own_pre_training
             assert "--config.mode=ssl" in run.args and not any(a.endswith(",vision") for a in run.args)
         else:
             assert run.after == ""
+        # Later seeds start once seed 0's run of the same kind has compiled and logged a step.
+        kind = run.name.rsplit("_s", 1)[0]
+        assert run.warm_after == ("" if seed == "0" else f"{kind}_s0")
     modes = {run.name[:-3]: (run.args[0], run.args[1]) for run in runs}
     assert modes["mt25"] == ("--config=experiments/monuseg.py:labeled25,vision", "--config.mode=ssl")
     assert modes["sup100"] == ("--config=experiments/monuseg.py", "--config.mode=supervised")
@@ -143,6 +146,10 @@ def test_a_later_call_keeps_the_runs_that_wrote_their_last_file(tmp_path):
     (tmp_path / "mt25_s0" / "pretrain").mkdir(parents=True)
     (tmp_path / "mt25_s0" / "pretrain" / "summary.json").write_text("{}")
     assert [name for name, run in runs.items() if tool.finished(run, tmp_path)] == ["pre_s0", "sup25_s0"]
+    # A segmentation run's steps are in its own metrics.jsonl, a pre-training run's under pretrain/.
+    (tmp_path / "sup25_s0" / "metrics.jsonl").write_text('{"step": 2, "epoch": 1}\n')
+    (tmp_path / "mt25_s0" / "metrics.jsonl").write_text('{"step": 0}\n')
+    assert [name for name, run in runs.items() if tool.trained(run, tmp_path)] == ["sup25_s0"]
 
 
 def test_the_table_has_each_rows_seeds_their_spread_and_last_10_mean_beside_the_papers_row(tmp_path):

@@ -217,15 +217,16 @@ QUICK = ["--config.unet.base_width=4", "--config.data.image_size=32", "--config.
 
 def plan(seeds: list[int], data: pathlib.Path, text_encoder: pathlib.Path, work: pathlib.Path, quick: bool,
          extra: list[str], experiment: str = "monuseg") -> list[Run]:
-    """Pre-training runs first, then every seed's segmentation runs, seed by seed (a later seed's programs
-    come from the compilation cache that the earlier seed's processes filled)."""
+    """Pre-training runs first, then every seed's segmentation runs, seed by seed. A later seed's run waits
+    until the first seed's run of its kind has logged a step, then reads its programs from the compilation
+    cache rather than compiling them beside it."""
     common = [f"--config.data.root={data}", f"--config.pretrain.text_encoder={text_encoder}",
               "--config.train.checkpoint_every_epochs=50", "--config.pretrain.checkpoint_every_epochs=25",
               "--config.train.picture_every_epochs=0", f"--config.compilation_cache={work / 'xla_cache'}",
               *(QUICK if quick else []), *extra]
+    seeds_given = seeds
     if experiment == "medpix":
-        runs = [Run(f"{objective}_s{s}", [f"--config=experiments/medpix.py:{variant}gpu"],
-                    last="pretrain/summary.json", warm_after=f"{objective}_s{seeds[0]}" if s != seeds[0] else "")
+        runs = [Run(f"{objective}_s{s}", [f"--config=experiments/medpix.py:{variant}gpu"], last="pretrain/summary.json")
                 for s in seeds for objective, variant in (("amvlm", ""), ("mgca", "mgca,"))]
         seeds = []
     else:
@@ -242,8 +243,10 @@ def plan(seeds: list[int], data: pathlib.Path, text_encoder: pathlib.Path, work:
                     after=f"pre_s{s}"),
             ]
     for run in runs:
-        seed = run.name.rsplit("_s", 1)[1]
+        kind, seed = run.name.rsplit("_s", 1)
         run.args = [*run.args, f"--config.seed={seed}", f"--workdir={work / run.name}", *common]
+        if seed != str(seeds_given[0]):
+            run.warm_after = f"{kind}_s{seeds_given[0]}"
     return runs
 
 
@@ -265,8 +268,8 @@ def selected(runs: list[Run], names: list[str]) -> list[Run]:
 
 
 def trained(run: Run, work: pathlib.Path) -> bool:
-    """Whether ``run`` (pre-training) has logged a training step: its programs are compiled and cached."""
-    metrics = work / run.name / "pretrain" / "metrics.jsonl"
+    """Whether ``run`` has logged a training step: its programs are compiled and cached."""
+    metrics = work / run.name / ("pretrain" if run.last.startswith("pretrain/") else "") / "metrics.jsonl"
     try:
         return any(json.loads(line).get("step", 0) > 0 for line in metrics.read_text().splitlines() if line.strip())
     except (OSError, ValueError):  # Not there yet, or a line being written.
