@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 from amvlm_jax.data import folders
+from amvlm_jax.experiment import load_config
 
 from conftest import repo_module
 from test_folders import untidy_root  # noqa: F401 (a fixture)
 
 tool = repo_module("tools/gpu_runs.py")
+MEDPIX = tool.REPO_ROOT / "experiments" / "medpix.py"
 
 
 def test_resized_folders_load_as_the_originals_do(untidy_root, tmp_path):  # noqa: F811
@@ -75,7 +77,7 @@ def test_medpix_copy_holds_the_splits_and_their_images_as_they_are_and_every_tex
         (root / "splits" / f"descriptions_{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     target = tmp_path / "bundle" / "data" / "MedPix-2.0"
     texts = tool.copied_corpus(root, target)
-    config = tool.experiment_config("medpix", "")
+    config = load_config(MEDPIX)
     prompts = [prompt for field in config.eval.zero_shot.values() for prompt in field.values()]
     assert texts == prompts + captions["train"] + captions["dev"] + captions["test"]
     written = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
@@ -115,8 +117,8 @@ def test_the_medpix_plan_pretrains_both_objectives_per_seed_and_ends_at_their_su
 
 def test_the_medpix_gpu_variant_is_locked_text_and_long_with_a_vit_s16_at_224():
     for objective in ("", "mgca,"):
-        gpu = tool.experiment_config("medpix", objective + "gpu")
-        runs = tool.experiment_config("medpix", objective + "locked_text,long")
+        gpu = load_config(MEDPIX, objective + "gpu")
+        runs = load_config(MEDPIX, objective + "locked_text,long")
         runs.pretrain.vit = "S/16"
         assert gpu.to_dict() == runs.to_dict()
         assert gpu.pretrain.image_size in (0, 224) and gpu.data.image_size == 224
@@ -199,7 +201,7 @@ def test_bad_run_flags_are_one_line_errors_before_anything_runs(tmp_path, flags,
 
 def test_the_medpix_table_is_the_pretraining_table_of_each_objectives_finished_seeds(tmp_path):
     runs = tool.plan([0, 1], tmp_path / "d", tmp_path / "t", tmp_path, quick=False, extra=[], experiment="medpix")
-    assert tool.table(runs, tmp_path) == "no run finished"
+    assert tool.pretrain_table(runs, tmp_path) == "no run finished"
     top1 = {"amvlm_s0": 0.02, "amvlm_s1": 0.04, "mgca_s0": 0.01}  # mgca_s1 stopped at the budget.
     for run in runs:
         run.status = "done" if run.name in top1 else "stopped at the budget"
@@ -210,7 +212,7 @@ def test_the_medpix_table_is_the_pretraining_table_of_each_objectives_finished_s
             summary = {"initial_retrieval": {"test/t2i_top1": 0.01, "val/t2i_top1": 0.0},
                        "final_retrieval": {**scores["test"], **scores["val"]}}
             (tmp_path / run.name / "pretrain" / "summary.json").write_text(json.dumps(summary))
-    text = tool.table(runs, tmp_path)
+    text = tool.pretrain_table(runs, tmp_path)
     test, val = text.split("\nval:\n")
     assert "| amvlm_s0 (+1) | t2i_top1 | 1.0 ± 0.0 | 3.0 ± 1.4 | +2.0 | +1.0 | 0.295 | - |" in test
     assert "| mgca_s0 (+0) | t2i_top1 | 1.0 ± 0.0 | 1.0 ± 0.0 | +0.0 | +0.0 | - | - |" in test

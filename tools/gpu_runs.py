@@ -138,8 +138,9 @@ def copied_corpus(root: pathlib.Path, target: pathlib.Path) -> list[str]:
     """Copies MedPix's splits and the images they name, as they are, under ``target``; returns every report
     and zero-shot prompt (read by the corpus reader with experiments/medpix.py's fields)."""
     from amvlm_jax.data import corpus
+    from amvlm_jax.experiment import load_config
 
-    config = experiment_config("medpix", "")
+    config = load_config(REPO_ROOT / "experiments" / "medpix.py")
     config.data.root = str(root)
     shutil.rmtree(target, ignore_errors=True)
     texts = [prompt for prompts in config.eval.zero_shot.values() for prompt in prompts.values()]
@@ -151,15 +152,6 @@ def copied_corpus(root: pathlib.Path, target: pathlib.Path) -> list[str]:
             written.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(file, written)
     return texts
-
-
-def experiment_config(name: str, variant: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant or None)
 
 
 def encoder_archive(reports: list[str], path: pathlib.Path) -> None:
@@ -269,7 +261,7 @@ def selected(runs: list[Run], names: list[str]) -> list[Run]:
 
 def trained(run: Run, work: pathlib.Path) -> bool:
     """Whether ``run`` has logged a training step: its programs are compiled and cached."""
-    metrics = work / run.name / ("pretrain" if run.last.startswith("pretrain/") else "") / "metrics.jsonl"
+    metrics = (work / run.name / run.last).parent / "metrics.jsonl"  # Beside what the job writes last.
     try:
         return any(json.loads(line).get("step", 0) > 0 for line in metrics.read_text().splitlines() if line.strip())
     except (OSError, ValueError):  # Not there yet, or a line being written.
@@ -330,8 +322,6 @@ def table(runs: list[Run], work: pathlib.Path) -> str:
              "paper, test split |", "|---|---|---|---:|---:|---:|---:|---|"]
     names = {"sup": "supervised U-Net", "mt": "MT (vision only)", "amvlm": "AMVLM-guided MT"}
     groups = {}
-    if not any(run.name.startswith("sup") for run in runs):
-        return pretrain_table(runs, work)
     for run in runs:
         kind = run.name.rsplit("_s", 1)[0]
         if not kind.startswith("pre"):
@@ -463,7 +453,7 @@ def run_all(experiment: str, bundle_dir: pathlib.Path, data: pathlib.Path | None
             run.started, run.status = time.monotonic(), "running"
         time.sleep(1.0)
     pack(runs, work, out)
-    text = table(runs, work)
+    text = pretrain_table(runs, work) if experiment == "medpix" else table(runs, work)
     statuses = "\n".join(f"- {run.name}: {run.status}" for run in runs)
     (out / "table.md").write_text(f"{text}\n\n{statuses}\n")
     print(text + "\n\n" + statuses, flush=True)
