@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import sys
 from typing import Callable
 
@@ -45,6 +46,25 @@ def malloc_in_huge_pages() -> None:
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     except OSError:  # Cannot restart: run as started.
         del os.environ["GLIBC_TUNABLES"]
+
+
+def thread_pool_for_simulated_devices() -> None:
+    """With D > 1 simulated CPU devices (--xla_force_host_platform_device_count=D in XLA_FLAGS, or
+    JAX_NUM_CPU_DEVICES), gives XLA's CPU thread pool one thread more than it would have, max(cores, D), by
+    setting PJRT_NPROC (unless it is set already). Call before jax creates its CPU client.
+
+    An in-process all-reduce holds one pool thread per device until every device has joined it. Once one
+    device has started two independent all-reduces, the other devices may find no thread left to join
+    either, and the step aborts after 40 s ('Termination timeout for all reduce'): on 2 cores, the
+    supervised width-64 U-Net step at 224x224, batch 8, did so every time with D = 2 and D = 4, and ran
+    with pools of 3 and 5 threads (docs/benchmarks.md).
+    """
+    match = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    count = os.environ.get("JAX_NUM_CPU_DEVICES", "")  # jax's own setting; it overrides the XLA flag.
+    devices = int(count) if count.isdigit() else int(match.group(1)) if match else 1
+    if devices > 1 and "PJRT_NPROC" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["PJRT_NPROC"] = str(max(cores, devices) + 1)
 
 
 def check_command_line(argv: list[str]) -> str | None:
@@ -257,9 +277,11 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
     user error or Ctrl-C ends the process with one line; a Ctrl-C that
     Python drops inside a garbage-collector callback ends it at the next
     step or batch. On Linux the process first restarts itself with malloc
-    on huge pages (malloc_in_huge_pages).
+    on huge pages (malloc_in_huge_pages); with simulated CPU devices, XLA's
+    thread pool gets a thread more (thread_pool_for_simulated_devices).
     """
     malloc_in_huge_pages()
+    thread_pool_for_simulated_devices()
     problem = check_command_line(sys.argv)
     if problem:
         sys.exit(f"error: {problem}")

@@ -238,3 +238,28 @@ def test_the_malloc_tunables_stop_large_allocations_faulting_every_page_in_again
     huge = int(_python(code, env={**ENV_WITHOUT_TUNABLES, "GLIBC_TUNABLES": main.MALLOC_TUNABLES})[0])
     assert plain >= 16_000  # 64 MiB in 4 KiB pages, faulted in anew each time.
     assert huge * 10 <= plain  # Reused: none, or a few huge pages.
+
+
+def test_simulated_cpu_devices_get_a_thread_pool_one_thread_larger_than_xla_gives_them():
+    # XLA's in-process all-reduce holds a pool thread per device: with as many threads as devices a step
+    # can stall (docs/benchmarks.md). The pool's threads are named tf_XLAEigen.
+    code = ("import os, jax, jax.numpy as jnp\n"
+            "from amvlm_jax.main import start\n"
+            "def job(config):\n"
+            "    jax.block_until_ready(jax.jit(lambda x: x @ x)(jnp.ones((256, 256))))\n"
+            "    names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+            "    print(jax.local_device_count(), names.count('tf_XLAEigen'), os.environ.get('PJRT_NPROC'))\n"
+            "start(job)")
+    if not pathlib.Path("/proc/self/task").is_dir():
+        pytest.skip("counts threads in /proc (Linux)")
+    cores = len(os.sched_getaffinity(0))
+    plain = {k: v for k, v in ENV_WITHOUT_TUNABLES.items() if k not in ("XLA_FLAGS", "PJRT_NPROC", "JAX_NUM_CPU_DEVICES")}
+    plain["GLIBC_TUNABLES"] = ""
+    for devices in (2, 4):
+        env = {**plain, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        pool = max(cores, devices) + 1
+        assert _python(code, env=env) == [f"{devices} {pool} {pool}"]
+        assert _python(code, env={**plain, "JAX_NUM_CPU_DEVICES": str(devices)}) == [f"{devices} {pool} {pool}"]
+    # One device: XLA's own pool; a pool the user set is kept.
+    assert _python(code, env=plain) == [f"1 {cores} None"]
+    assert _python(code, env={**env, "PJRT_NPROC": "7"}) == ["4 7 7"]
