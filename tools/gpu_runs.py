@@ -216,29 +216,27 @@ def plan(seeds: list[int], data: pathlib.Path, text_encoder: pathlib.Path, work:
               "--config.train.checkpoint_every_epochs=50", "--config.pretrain.checkpoint_every_epochs=25",
               "--config.train.picture_every_epochs=0", f"--config.compilation_cache={work / 'xla_cache'}",
               *(QUICK if quick else []), *extra]
-    seeds_given = seeds
     if experiment == "medpix":
         runs = [Run(f"{objective}_s{s}", [f"--config=experiments/medpix.py:{variant}gpu"], last="pretrain/summary.json")
                 for s in seeds for objective, variant in (("amvlm", ""), ("mgca", "mgca,"))]
-        seeds = []
     else:
         runs = [Run(f"pre_s{s}", ["--config=experiments/monuseg.py", "--config.mode=pretrain"], last="pretrain/summary.json")
                 for s in seeds]
-    for s in seeds:
-        runs.append(Run(f"sup100_s{s}", ["--config=experiments/monuseg.py", "--config.mode=supervised"]))
-        for fraction in (25, 50):
-            runs += [
-                Run(f"sup{fraction}_s{s}", [f"--config=experiments/monuseg.py:labeled{fraction}", "--config.mode=supervised"]),
-                Run(f"mt{fraction}_s{s}", [f"--config=experiments/monuseg.py:labeled{fraction},vision", "--config.mode=ssl"]),
-                Run(f"amvlm{fraction}_s{s}", [f"--config=experiments/monuseg.py:labeled{fraction}", "--config.mode=ssl",
-                                              f"--config.ssl.pretrained={work / f'pre_s{s}' / 'pretrain'}"],
-                    after=f"pre_s{s}"),
-            ]
+        for s in seeds:
+            runs.append(Run(f"sup100_s{s}", ["--config=experiments/monuseg.py", "--config.mode=supervised"]))
+            for fraction in (25, 50):
+                runs += [
+                    Run(f"sup{fraction}_s{s}", [f"--config=experiments/monuseg.py:labeled{fraction}", "--config.mode=supervised"]),
+                    Run(f"mt{fraction}_s{s}", [f"--config=experiments/monuseg.py:labeled{fraction},vision", "--config.mode=ssl"]),
+                    Run(f"amvlm{fraction}_s{s}", [f"--config=experiments/monuseg.py:labeled{fraction}", "--config.mode=ssl",
+                                                  f"--config.ssl.pretrained={work / f'pre_s{s}' / 'pretrain'}"],
+                        after=f"pre_s{s}"),
+                ]
     for run in runs:
         kind, seed = run.name.rsplit("_s", 1)
         run.args = [*run.args, f"--config.seed={seed}", f"--workdir={work / run.name}", *common]
-        if seed != str(seeds_given[0]):
-            run.warm_after = f"{kind}_s{seeds_given[0]}"
+        if seed != str(seeds[0]):
+            run.warm_after = f"{kind}_s{seeds[0]}"
     return runs
 
 
