@@ -404,6 +404,14 @@ def capped_batch_size(requested: int, num_pairs: int, num_devices: int) -> int:
 
 
 
+def say_if_no_held_out_split(config, sets: dict) -> None:
+    """One info line when zero-shot or probe scores are asked for but ``sets`` (split -> pairs) holds no
+    held-out split to score them on."""
+    if (config.eval.zero_shot or config.eval.probe_fields) and not set(sets) - {"train"}:
+        info("zero-shot and probe accuracy are scored on held-out splits only: none of config.eval.splits is one "
+             "the data has")
+
+
 def _device_count(config) -> int:
     """Devices the batch is split over: data x fsdp."""
     return math.prod(parallel.mesh_shape(config, jax.device_count()))
@@ -440,9 +448,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     sets = {name: pairs for name in ("train", *held_out) if (pairs := load_pairs(config, workdir, name, size))}
     if "train" not in sets:
         raise ConfigError("pre-training needs training pairs: data.corpus.train or data.root's Train_Folder")
-    if (config.eval.zero_shot or config.eval.probe_fields) and len(sets) == 1:
-        info("zero-shot and probe accuracy are scored on held-out splits only: config.eval.splits names none "
-             "that the data has")
+    say_if_no_held_out_split(config, sets)
     train_pairs = sets["train"][0]
 
     batch_size = capped_batch_size(pre.batch_size, pre.batch_size if fresh_pairs(config) else len(train_pairs),
@@ -541,9 +547,7 @@ def evaluate_checkpoint(config, workdir, source) -> dict:
     wanted = ["train"] if config.eval.probe_fields or "train" in config.eval.splits else []
     wanted += [split for split in config.eval.splits if split != "train"]
     sets = {split: pairs for split in wanted if (pairs := load_pairs(config, workdir, split, size)) is not None}
-    if (config.eval.zero_shot or config.eval.probe_fields) and not set(sets) - {"train"}:
-        info("zero-shot and probe accuracy are scored on held-out splits only: none of config.eval.splits is one "
-             "the data has")
+    say_if_no_held_out_split(config, sets)
     scores = EncoderEvaluation(config, model, sets, tokenizer, mesh, batch_size)(
         variables, ranks_path=workdir / "retrieval_ranks.json")
     results = {split: None if split not in sets else
