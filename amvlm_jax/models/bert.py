@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from typing import Any, Optional
 
 import jax
@@ -49,12 +48,6 @@ class BertConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         config = cls(**{k: v for k, v in values.items() if k in names})
         return config.truncated(num_layers)
-
-    @classmethod
-    def from_json(cls, path, num_layers: Optional[int] = None) -> "BertConfig":
-        """Reads a HuggingFace config.json; ``num_layers`` as in ``from_dict``."""
-        with open(path) as f:
-            return cls.from_dict(json.load(f), num_layers)
 
     def truncated(self, num_layers: Optional[int]) -> "BertConfig":
         """This config restricted to its first ``num_layers`` layers (None: all)."""

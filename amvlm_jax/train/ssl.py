@@ -173,9 +173,6 @@ def report_tokens(batch: dict, prefix: str = "report_") -> dict:
     return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
 
 
-TEACHER_NORMS = ("batch", "ema")
-
-
 def teacher_probabilities(model, teacher, images, num_classes: int, norm: str = "batch"):
     """The teacher's foreground probability (B, H, W) or class probabilities (B, H, W, C).
 
