@@ -13,6 +13,19 @@ BATCH_NORM_MOMENTUM = 0.9
 BATCH_NORM_EPSILON = 1e-5
 
 
+def running_batch_statistics(running_mean, running_var, mean, var, count):
+    """The running BatchNorm statistics after a training step, as torch's BatchNorm keeps them.
+
+    mean, var (C,): the batch's mean and biased variance, which training normalises with; count: the
+    values per channel they were taken over (a scalar, traced or not). The running variance averages
+    the unbiased variance var * count / (count - 1), as in the authors' torch modules (flax's
+    nn.BatchNorm averages the biased one). Returns (mean, var), float32.
+    """
+    unbiased = var * (count / jnp.maximum(count - 1, 1))
+    return (BATCH_NORM_MOMENTUM * running_mean + (1 - BATCH_NORM_MOMENTUM) * mean,
+            BATCH_NORM_MOMENTUM * running_var + (1 - BATCH_NORM_MOMENTUM) * unbiased)
+
+
 def l2_normalize(x: jnp.ndarray, axis: int = -1, eps: float = 1e-12) -> jnp.ndarray:
     """x / max(||x||, eps) with a gradient that stays finite at x = 0."""
     squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)

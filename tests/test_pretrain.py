@@ -231,8 +231,11 @@ def test_mgca_objective_and_prototype_freezing(tokens):
     params = jax.device_get(state.params["text_local_head"]["projection"])
     old, new = (jax.device_get(stats["text_local_head"]["projection"]) for stats in (state.batch_stats, updated["batch_stats"]))
 
+    rows = o["T_unmasked"].shape[0] * o["T_unmasked"].shape[1]  # Statistics over every word slot.
+
     def batch_norm(x, name, scale=1.0, shift=0.0):
         mean, var = ((new[name][k] - BATCH_NORM_MOMENTUM * old[name][k]) / (1 - BATCH_NORM_MOMENTUM) for k in ("mean", "var"))
+        var = var * (rows - 1) / rows  # The running variance averages the unbiased one; the batch's is biased.
         return (x - mean) / np.sqrt(var + 1e-5) * scale + shift
 
     hidden = np.maximum(batch_norm(params["dense_hidden"]["bias"], "norm_hidden", params["norm_hidden"]["scale"],

@@ -555,6 +555,58 @@ def test_projection_heads_unit_norm():
     np.testing.assert_allclose(jnp.linalg.norm(masked_out, axis=-1), 1.0, rtol=1e-5)
 
 
+def test_projection_heads_batch_norm_as_torch_batch_norm_1d():
+    """The heads' stack against torch's Linear - BatchNorm1d - ReLU - Linear - BatchNorm1d(affine=False) with the
+    same weights: training outputs, the running statistics one step moves (torch's unbiased running variance)
+    and evaluation outputs from them; with a token mask, the statistics of the masked rows alone."""
+    torch = pytest.importorskip("torch", reason="torch is needed for the reference BatchNorm1d")
+    rng = np.random.default_rng(12)
+    tokens = jnp.asarray(rng.normal(size=(B, 6, 16)) * 2 + 0.5, jnp.float32)
+    rows = np.asarray(tokens, np.float64).reshape(-1, 16)
+    head = LocalHead(hidden=32, out=D)
+    variables = head.init(jax.random.PRNGKey(2), tokens, train=False)
+    p = jax.device_get(variables["params"]["projection"])
+    p = {**p, "norm_hidden": {"scale": 1 + rng.uniform(size=32), "bias": rng.normal(size=32)}}  # Not the init.
+    variables = {**variables, "params": {"projection": p}}
+
+    def torch_stack():
+        stack = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                                    torch.nn.Linear(32, D), torch.nn.BatchNorm1d(D, affine=False)).double()
+        with torch.no_grad():
+            for index, name in ((0, "dense_hidden"), (3, "dense_out")):
+                stack[index].weight.copy_(torch.from_numpy(np.array(p[name]["kernel"], np.float64).T))
+                stack[index].bias.copy_(torch.from_numpy(np.array(p[name]["bias"], np.float64)))
+            stack[1].weight.copy_(torch.from_numpy(p["norm_hidden"]["scale"]))
+            stack[1].bias.copy_(torch.from_numpy(p["norm_hidden"]["bias"]))
+        return stack
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    mask = np.ones((B, 6), np.int32)
+    mask[1, 3:], mask[2, 2:] = 0, 0
+    for token_mask in (None, mask):
+        counted = rows if token_mask is None else rows[mask.reshape(-1).astype(bool)]
+        reference = torch_stack().train()
+        with torch.no_grad():
+            trained = reference(torch.from_numpy(counted)).numpy()  # Moves the running statistics once.
+        out, moved = head.apply(variables, tokens, train=True, mutable=["batch_stats"],
+                                mask=None if token_mask is None else jnp.asarray(token_mask))
+        if token_mask is None:
+            np.testing.assert_allclose(np.asarray(out).reshape(-1, D), unit(trained), atol=2e-5)
+        else:
+            np.testing.assert_allclose(np.asarray(out).reshape(-1, D)[mask.reshape(-1) == 1], unit(trained), atol=2e-5)
+        for index, name in ((1, "norm_hidden"), (4, "norm_out")):
+            for statistic in ("mean", "var"):
+                np.testing.assert_allclose(moved["batch_stats"]["projection"][name][statistic],
+                                           getattr(reference[index], f"running_{statistic}").numpy(),
+                                           rtol=1e-5, atol=1e-6, err_msg=f"{name} {statistic}")
+        with torch.no_grad():
+            evaluated = reference.eval()(torch.from_numpy(rows)).numpy()
+        np.testing.assert_allclose(np.asarray(head.apply({**variables, **moved}, tokens, train=False)).reshape(-1, D),
+                                   unit(evaluated), atol=2e-5)
+
+
 # ---------------------------------------------------------------------------
 # PDT head
 # ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from amvlm_jax.data import datasets, pipeline
+from amvlm_jax.models.unet import BatchNormReLU
 from amvlm_jax.train import checkpoint, evaluate, supervised
 from amvlm_jax.train.parallel import make_mesh, replicate
 from amvlm_jax.train.state import TrainState
@@ -164,14 +165,28 @@ def test_recomputed_batch_stats_reproduce_training_mode_in_inference():
 
     first, second, both = recomputed(images[:8]), recomputed(images[8:16]), recomputed(images)
     x = images[:8].astype(np.float32) / 255.0
-    training_mode, _ = model.apply(variables | {"params": params}, x, train=True, mutable=["batch_stats"])
-    inference = model.apply({"params": params, "batch_stats": first}, x, train=False)
+    training_mode, captured = model.apply(variables | {"params": params}, x, train=True, mutable=["batch_stats", "intermediates"],
+                                          capture_intermediates=lambda module, _: isinstance(module, BatchNormReLU))
+
+    def as_normalised(stats):
+        """The statistics training mode normalises with: the stored variance is unbiased, the batch's biased."""
+        def layer(path, stat):
+            if path[-1].key == "mean":
+                return stat
+            output = captured["intermediates"]
+            for key in path[:-1]:
+                output = output[key.key]
+            count = np.prod(output["__call__"][0].shape[:-1])  # The values per channel: B x H x W.
+            return stat * (count - 1) / count
+        return jax.tree_util.tree_map_with_path(layer, stats)
+
+    inference = model.apply({"params": params, "batch_stats": as_normalised(first)}, x, train=False)
     np.testing.assert_allclose(inference, training_mode, rtol=1e-4, atol=1e-4)
     # Several batches: the mean of their statistics; the 4 images past the last full batch are left out.
     for a, b, mean in zip(jax.tree.leaves(first), jax.tree.leaves(second), jax.tree.leaves(both)):
         np.testing.assert_allclose(mean, (a + b) / 2, rtol=1e-5, atol=1e-6)
     # Fewer images than a batch: one batch of them, rounded down to the device count.
-    inference = model.apply({"params": params, "batch_stats": recomputed(images[:9])}, x, train=False)
+    inference = model.apply({"params": params, "batch_stats": as_normalised(recomputed(images[:9]))}, x, train=False)
     np.testing.assert_allclose(inference, training_mode, rtol=1e-4, atol=1e-4)
     assert evaluate.make_batch_stats_refresh(model, images[:0], mesh, 8) is None
 

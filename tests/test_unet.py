@@ -134,10 +134,17 @@ class _OursBatchNormReLU(nn.Module):
         return BatchNormReLU(name="norm")(x, train)
 
 
+def _unbiased_running_var(old, flax_new, count):
+    """The running variance torch keeps where nn.BatchNorm (which averages the biased one) moved old to flax_new."""
+    biased = (flax_new - BATCH_NORM_MOMENTUM * old) / (1 - BATCH_NORM_MOMENTUM)
+    return BATCH_NORM_MOMENTUM * old + (1 - BATCH_NORM_MOMENTUM) * biased * count / (count - 1)
+
+
 def test_batch_norm_relu_equals_flax_batch_norm_and_relu():
-    """Same variables, outputs, running statistics and gradients (input, scale, bias) as nn.BatchNorm
-    followed by nn.relu, in training and evaluation; a channel that is all zeros, one with a constant
-    and an offset mean included (the ReLU and the variance's clipping)."""
+    """Same variables, outputs, running mean and gradients (input, scale, bias) as nn.BatchNorm
+    followed by nn.relu, in training and evaluation, and the running variance torch keeps (unbiased);
+    a channel that is all zeros, one with a constant and an offset mean included (the ReLU and the
+    variance's clipping)."""
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 6, 5, 6)) * 2.0 + 0.7
     x = x.at[..., 0].set(0.0).at[..., 1].set(3.0).at[..., 2].add(40.0)
     theirs, ours = _FlaxBatchNormReLU(), _OursBatchNormReLU()
@@ -155,8 +162,10 @@ def test_batch_norm_relu_equals_flax_batch_norm_and_relu():
     (their_grads, (their_y, their_stats)), (our_grads, (our_y, our_stats)) = (
         loss(module)(variables["params"], x) for module in (theirs, ours))
     np.testing.assert_allclose(our_y, their_y, rtol=1e-6, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(our_stats), jax.tree.leaves(their_stats)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    ours_moved, theirs_moved = our_stats["batch_stats"]["norm"], their_stats["batch_stats"]["norm"]
+    np.testing.assert_allclose(ours_moved["mean"], theirs_moved["mean"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ours_moved["var"], _unbiased_running_var(variables["batch_stats"]["norm"]["var"],
+                                                                       theirs_moved["var"], 3 * 6 * 5), rtol=1e-6, atol=1e-7)
     for a, b in zip(jax.tree.leaves(our_grads), jax.tree.leaves(their_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
     np.testing.assert_array_equal(ours.apply(variables, x, False), theirs.apply(variables, x, False))
@@ -174,8 +183,10 @@ def test_batch_norm_relu_in_bfloat16_keeps_float32_statistics():
         theirs.apply(variables, x, mutable=["batch_stats"]), ours.apply(variables, x, True, mutable=["batch_stats"]))
     assert our_y.dtype == jnp.bfloat16 and our_stats["batch_stats"]["mean"].dtype == jnp.float32
     np.testing.assert_allclose(np.float32(our_y), np.float32(nn.relu(their_y)), rtol=2e-2, atol=2e-2)
-    for a, b in zip(jax.tree.leaves(our_stats), jax.tree.leaves(their_stats)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    ours_moved, theirs_moved = our_stats["batch_stats"], their_stats["batch_stats"]
+    np.testing.assert_allclose(ours_moved["mean"], theirs_moved["mean"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours_moved["var"], _unbiased_running_var(variables["batch_stats"]["var"],
+                                                                       theirs_moved["var"], 2 * 4 * 4), rtol=1e-5, atol=1e-6)
     grads = jax.grad(lambda params, x: jnp.sum(ours.apply({**variables, "params": params}, x, True,
                                                           mutable=["batch_stats"])[0].astype(jnp.float32)), (0, 1))
     param_grads, input_grad = grads(variables["params"], x)
@@ -349,3 +360,45 @@ def test_unet_shapes_and_parameter_names(architecture, up_kernels):
     up = {name: p["kernel"].shape for name, p in variables["params"].items()
           if name.startswith("ConvTranspose") or name in ("up4", "up3", "up2", "up1")}
     assert up == up_kernels
+
+
+def test_torch_timing_reference_trains_our_unet():
+    """tools/torch_unet_reference.py (the PyTorch side of docs/benchmarks.md's U-Net comparisons) loaded with our
+    variables gives our model's eval outputs and our training step's logits, loss, gradients and running
+    BatchNorm statistics (torch's, whose running variance is unbiased), so both sides time one computation."""
+    torch = pytest.importorskip("torch", reason="torch is needed for the PyTorch timing reference")
+    from conftest import repo_module
+    from amvlm_jax.losses.segmentation import dice_bce_loss
+
+    reference = repo_module("tools/torch_unet_reference.py")
+    model = UNet(num_classes=1, base_width=4)
+    images = jax.random.uniform(jax.random.PRNGKey(3), (2, 32, 32, 3))
+    targets = (images[..., 0] > 0.5).astype(jnp.float32)
+    variables = model.init(jax.random.PRNGKey(4), images)
+    # Stored statistics away from (0, 1), so that the eval-mode check reads them.
+    stats = jax.tree.map(lambda s: s + 0.3 * jax.random.uniform(jax.random.PRNGKey(5), s.shape), variables["batch_stats"])
+    torch_unet = reference.load_flax_variables(reference.AuthorsUNet(4), jax.device_get(variables["params"]),
+                                               jax.device_get(stats))
+    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        eval_logits = torch_unet.eval()(x).numpy()[:, 0]
+    np.testing.assert_allclose(eval_logits, np.asarray(model.apply({**variables, "batch_stats": stats}, images))[..., 0],
+                               rtol=1e-4, atol=1e-5)
+
+    def loss_fn(params):
+        logits, updates = model.apply({"params": params, "batch_stats": stats}, images, train=True, mutable=["batch_stats"])
+        return dice_bce_loss(logits, targets), (logits, updates["batch_stats"])
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+    torch_logits = torch_unet.train()(x)
+    torch_loss = reference.dice_bce_loss(torch_logits, torch.from_numpy(np.array(targets)))
+    torch_loss.backward()
+    np.testing.assert_allclose(torch_logits.detach().numpy()[:, 0], np.asarray(logits)[..., 0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(torch_loss.item(), float(loss), rtol=1e-5)
+    # Read back in torch's layout through the same copy: our gradients, and our running statistics.
+    ours = reference.load_flax_variables(reference.AuthorsUNet(4), jax.device_get(grads), jax.device_get(new_stats))
+    for (name, theirs), mine in zip(torch_unet.named_parameters(), ours.parameters()):
+        np.testing.assert_allclose(theirs.grad.numpy(), mine.detach().numpy(), rtol=1e-3, atol=1e-6, err_msg=name)
+    buffers = [(name, b) for name, b in torch_unet.named_buffers() if name.endswith(("running_mean", "running_var"))]
+    assert len(buffers) == 2 * 17
+    for (name, theirs), mine in zip(buffers, [b for n, b in ours.named_buffers() if n.endswith(("mean", "var"))]):
+        np.testing.assert_allclose(theirs.numpy(), mine.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)

@@ -28,8 +28,8 @@ pin to idle cores (taskset), before comparing with a JAX step. --channels-last
 (NHWC, the layout amvlm_jax uses) is usually the faster torch layout on CPU.
 
 load_flax_variables copies a flax UNet(architecture='authors') variable tree
-into AuthorsUNet, for parity checks of losses and gradients against the JAX
-model.
+into AuthorsUNet: tests/test_unet.py checks through it that this module
+computes our U-Net's outputs, loss, gradients and running statistics.
 """
 
 from __future__ import annotations

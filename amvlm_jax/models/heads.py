@@ -6,19 +6,54 @@ vector per sample (CLS / report feature); the local head applies the same
 stack to every token, with BatchNorm statistics pooled over batch and tokens
 (the 1x1-convolution formulation of the MGCA local head).
 
-BatchNorm hyper-parameters follow the PyTorch defaults the published models
-were trained with: epsilon 1e-5 and a running-average update of 0.1, i.e.
-flax ``momentum=0.9``.
+BatchNorm follows the PyTorch BatchNorm1d the published models were trained
+with: epsilon 1e-5, a running-average update of 0.1 (flax ``momentum=0.9``),
+and a running variance that averages the unbiased batch variance.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from amvlm_jax.ops import BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM, l2_normalize
+from amvlm_jax.ops import BATCH_NORM_EPSILON, l2_normalize, running_batch_statistics
+
+
+class RowBatchNorm(nn.Module):
+    """BatchNorm over the rows of x (N, C), as torch's BatchNorm1d: in training it normalises with the
+    mean and biased variance of the rows where ``mask`` (N, 1) is true (all rows without a mask) and
+    moves the running statistics (``ops.running_batch_statistics``: the unbiased variance, over the
+    rows counted); in evaluation it normalises with the running statistics. nn.BatchNorm's variables
+    ('params': scale and bias when ``affine``; 'batch_stats': mean, var). (N, C) -> (N, C) in ``dtype``.
+    """
+
+    affine: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+        channels = x.shape[-1]
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if train:
+            rows = jnp.ones((x.shape[0], 1), bool) if mask is None else mask
+            count = jnp.sum(rows, dtype=jnp.float32)
+            mean = jnp.sum(jnp.where(rows, x, 0.0), axis=0) / count
+            var = jnp.maximum(0.0, jnp.sum(jnp.where(rows, x * x, 0.0), axis=0) / count - mean * mean)
+            if not self.is_initializing():  # As nn.BatchNorm: initialisation leaves the statistics as they start.
+                running_mean.value, running_var.value = running_batch_statistics(
+                    running_mean.value, running_var.value, mean, var, count)
+        else:
+            mean, var = running_mean.value, running_var.value
+        y = (x - mean) * jax.lax.rsqrt(var + BATCH_NORM_EPSILON)
+        if self.affine:
+            y = (y * self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+                 + self.param("bias", nn.initializers.zeros, (channels,), jnp.float32))
+        return y.astype(self.dtype)
 
 
 class _ProjectionStack(nn.Module):
@@ -30,17 +65,10 @@ class _ProjectionStack(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool, mask: jnp.ndarray | None) -> jnp.ndarray:
-        batch_norm_kwargs = dict(
-            use_running_average=not train,
-            momentum=BATCH_NORM_MOMENTUM,
-            epsilon=BATCH_NORM_EPSILON,
-            dtype=self.dtype,
-        )
         x = nn.Dense(self.hidden, dtype=self.dtype, name="dense_hidden")(x)
-        x = nn.BatchNorm(name="norm_hidden", **batch_norm_kwargs)(x, mask=mask)
-        x = nn.relu(x)
+        x = nn.relu(RowBatchNorm(dtype=self.dtype, name="norm_hidden")(x, train, mask))
         x = nn.Dense(self.out, dtype=self.dtype, name="dense_out")(x)
-        x = nn.BatchNorm(use_scale=False, use_bias=False, name="norm_out", **batch_norm_kwargs)(x, mask=mask)
+        x = RowBatchNorm(affine=False, dtype=self.dtype, name="norm_out")(x, train, mask)
         # The embedding is used in dot products / softmaxes: keep it float32.
         return l2_normalize(x.astype(jnp.float32), axis=-1)
 

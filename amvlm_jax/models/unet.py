@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from amvlm_jax.ops import BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM
+from amvlm_jax.ops import BATCH_NORM_EPSILON, running_batch_statistics
 
 ARCHITECTURES = ("authors", "textbook")
 
@@ -248,8 +248,10 @@ batch_norm_relu.defvjp(_batch_norm_relu_forward, _batch_norm_relu_backward)
 
 class BatchNormReLU(nn.Module):
     """``nn.relu(nn.BatchNorm(momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON)(x))`` with the same
-    variables ('params': scale, bias; 'batch_stats': mean, var) and values; in training its gradient
-    comes from ``batch_norm_relu``. (B, H, W, C) -> (B, H, W, C) in ``dtype``."""
+    variables ('params': scale, bias; 'batch_stats': mean, var) and outputs; in training its gradient
+    comes from ``batch_norm_relu``, and the running variance averages the unbiased batch variance, as
+    torch's BatchNorm2d in the authors' U-Net (``ops.running_batch_statistics``).
+    (B, H, W, C) -> (B, H, W, C) in ``dtype``."""
 
     dtype: Any = jnp.float32
 
@@ -265,8 +267,8 @@ class BatchNormReLU(nn.Module):
             return nn.relu(y).astype(self.dtype)
         y, mean, var = batch_norm_relu(x, scale, bias, BATCH_NORM_EPSILON)
         if not self.is_initializing():  # As nn.BatchNorm: initialisation leaves the statistics as they start.
-            running_mean.value = BATCH_NORM_MOMENTUM * running_mean.value + (1 - BATCH_NORM_MOMENTUM) * mean
-            running_var.value = BATCH_NORM_MOMENTUM * running_var.value + (1 - BATCH_NORM_MOMENTUM) * var
+            running_mean.value, running_var.value = running_batch_statistics(
+                running_mean.value, running_var.value, mean, var, x.size // channels)
         return y.astype(self.dtype)
 
 

@@ -97,10 +97,11 @@ def make_batch_moments_step(model) -> Callable:
     """jitted (params, batch_stats, images uint8 (B, H, W, 3)) -> this batch's BatchNorm moments.
 
     The result has batch_stats' layout: every BatchNorm layer's mean and
-    (biased) variance of its input over the batch and space, as the layer
-    normalises with them in train mode. Flax folds them into the running
-    statistics as momentum * old + (1 - momentum) * batch, so starting from
-    zeros and dividing by (1 - momentum) reads them out exactly.
+    variance of its input over the batch and space, the variance unbiased as
+    the running statistics keep it. The layer folds them into the running
+    statistics as momentum * old + (1 - momentum) * batch
+    (``ops.running_batch_statistics``), so starting from zeros and dividing
+    by (1 - momentum) reads them out exactly.
     """
 
     @jax.jit
