@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import pytest
 
 from amvlm_jax.losses.alignment import local_alignment_loss, variance_token_weights
@@ -26,9 +27,9 @@ from amvlm_jax.losses.contrastive import (
     token_contexts,
 )
 from amvlm_jax.losses.intra import icl_loss
-from amvlm_jax.ops import ema_update
+from amvlm_jax.ops import BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM, ema_update
 from amvlm_jax.losses.prototypes import cpa_loss, normalize_prototypes, sinkhorn_knopp
-from amvlm_jax.models.heads import GlobalHead, LocalHead
+from amvlm_jax.models.heads import GlobalHead, LocalHead, RowBatchNorm
 from amvlm_jax.models.pdt import PDTHead
 
 B, P, W, D = 3, 4, 5, 8
@@ -605,6 +606,33 @@ def test_projection_heads_batch_norm_as_torch_batch_norm_1d():
             evaluated = reference.eval()(torch.from_numpy(rows)).numpy()
         np.testing.assert_allclose(np.asarray(head.apply({**variables, **moved}, tokens, train=False)).reshape(-1, D),
                                    unit(evaluated), atol=2e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_row_batch_norm_trains_as_flax_batch_norm_bit_for_bit(masked):
+    """In training, RowBatchNorm's outputs, input and parameter gradients and running mean are nn.BatchNorm's to
+    the bit (so runs made before it keep their rounding path); only the running variance differs."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (96, 24)) * 3 + 1
+    weights = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+    mask = (jax.random.uniform(jax.random.PRNGKey(2), (96, 1)) > 0.3) if masked else None
+    ours = RowBatchNorm()
+    theirs = nn.BatchNorm(use_running_average=False, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON)
+    variables = theirs.init(jax.random.PRNGKey(3), x)
+    variables = {**variables, "params": {"scale": 1 + weights[0], "bias": weights[1]}}
+
+    def run(apply):
+        def loss(params, x):
+            y, moved = apply({**variables, "params": params}, x)
+            return jnp.sum(weights * y), moved
+        return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(variables["params"], x)
+
+    (our_loss, our_moved), our_grads = run(lambda v, x: ours.apply(v, x, True, mask, mutable=["batch_stats"]))
+    (their_loss, their_moved), their_grads = run(lambda v, x: theirs.apply(v, x, mask=mask, mutable=["batch_stats"]))
+    assert our_loss == their_loss
+    for a, b in zip(jax.tree.leaves(our_grads), jax.tree.leaves(their_grads)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(our_moved["batch_stats"]["mean"], their_moved["batch_stats"]["mean"])
+    assert not np.array_equal(our_moved["batch_stats"]["var"], their_moved["batch_stats"]["var"])
 
 
 # ---------------------------------------------------------------------------

@@ -27,7 +27,8 @@ class RowBatchNorm(nn.Module):
     mean and biased variance of the rows where ``mask`` (N, 1) is true (all rows without a mask) and
     moves the running statistics (``ops.running_batch_statistics``: the unbiased variance, over the
     rows counted); in evaluation it normalises with the running statistics. nn.BatchNorm's variables
-    ('params': scale and bias when ``affine``; 'batch_stats': mean, var). (N, C) -> (N, C) in ``dtype``.
+    ('params': scale and bias when ``affine``; 'batch_stats': mean, var), and in training its outputs and
+    gradients to the bit (the same operations in the same order). (N, C) -> (N, C) in ``dtype``.
     """
 
     affine: bool = True
@@ -38,21 +39,27 @@ class RowBatchNorm(nn.Module):
         channels = x.shape[-1]
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+        # nn.BatchNorm's operations in its order, so that training takes the same rounding path as with it.
         x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if train:
-            rows = jnp.ones((x.shape[0], 1), bool) if mask is None else mask
-            count = jnp.sum(rows, dtype=jnp.float32)
-            mean = jnp.sum(jnp.where(rows, x, 0.0), axis=0) / count
-            var = jnp.maximum(0.0, jnp.sum(jnp.where(rows, x * x, 0.0), axis=0) / count - mean * mean)
+            rows = None if mask is None else jnp.asarray(mask, bool)
+            square = jnp.square(x)
+            mean, mean_square = x.mean(0, where=rows), square.mean(0, where=rows)
+            var = jnp.maximum(0.0, mean_square - jnp.square(mean))
             if not self.is_initializing():  # As nn.BatchNorm: initialisation leaves the statistics as they start.
+                count = x.shape[0] if rows is None else jnp.sum(rows, dtype=jnp.float32)
                 running_mean.value, running_var.value = running_batch_statistics(
                     running_mean.value, running_var.value, mean, var, count)
         else:
             mean, var = running_mean.value, running_var.value
-        y = (x - mean) * jax.lax.rsqrt(var + BATCH_NORM_EPSILON)
+        row = (1, channels)
+        y = x - jnp.expand_dims(mean, 0)
+        multiplier = jax.lax.rsqrt(jnp.expand_dims(var, 0) + BATCH_NORM_EPSILON)
         if self.affine:
-            y = (y * self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
-                 + self.param("bias", nn.initializers.zeros, (channels,), jnp.float32))
+            multiplier = multiplier * self.param("scale", nn.initializers.ones, (channels,), jnp.float32).reshape(row)
+        y = y * multiplier
+        if self.affine:
+            y = y + self.param("bias", nn.initializers.zeros, (channels,), jnp.float32).reshape(row)
         return y.astype(self.dtype)
 
 
