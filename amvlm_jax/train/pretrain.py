@@ -402,8 +402,6 @@ def capped_batch_size(requested: int, num_pairs: int, num_devices: int) -> int:
     return capped
 
 
-
-
 def say_if_no_held_out_split(config, sets: dict) -> None:
     """One info line when zero-shot or probe scores are asked for but ``sets`` (split -> pairs) holds no
     held-out split to score them on."""
