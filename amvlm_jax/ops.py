@@ -5,12 +5,27 @@ Kept outside models/ and losses/ so that neither imports the other for them.
 
 from __future__ import annotations
 
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 # Flax keeps this fraction of the old running BatchNorm statistics per step (torch's momentum 0.1).
 BATCH_NORM_MOMENTUM = 0.9
 BATCH_NORM_EPSILON = 1e-5
+
+
+# torch's default weight initialisation of nn.Linear and nn.Conv*d, kaiming_uniform(a = sqrt(5)):
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = inputs x kernel taps. The authors' U-Net, projection heads
+# and text-mask decoder keep it (they set none); flax's default (lecun_normal) has three times its variance.
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int):
+    """torch's default bias of nn.Linear and nn.Conv*d: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (flax's: zeros)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def running_batch_statistics(running_mean, running_var, mean, var, count):

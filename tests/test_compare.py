@@ -223,6 +223,39 @@ def test_pretrain_table_reports_before_after_and_the_smallest_gain(tmp_path, cap
         row.replace("rtrained0", "w0") for row in rows]
 
 
+def test_pretrain_table_against_a_control_pairs_the_seeds_after_training(tmp_path, capsys):
+    import json
+
+    table = repo_module("tools/pretrain_table.py")
+    groups = {}
+    # Report-to-image ranks of four queries after training; top-1 per seed: control 25, 0; new 75, 50.
+    last_ranks = {"old": [[0, 3, 1, 2], [1, 1, 2, 4]], "new": [[0, 0, 2, 0], [5, 0, 0, 1]]}
+    for name, finals in (("old", [0.25, 0.0]), ("new", [0.75, 0.50])):
+        runs = []
+        for seed, final in enumerate(finals):
+            workdir = tmp_path / f"{name}{seed}"
+            (workdir / "pretrain" / "ranks").mkdir(parents=True)
+            summary = {"initial_retrieval": {"test/t2i_top1": 0.5}, "final_retrieval": {"test/t2i_top1": final}}
+            (workdir / "pretrain" / "summary.json").write_text(json.dumps(summary))
+            for step, ranks in ((0, [9, 9, 9, 9]), (14, last_ranks[name][seed])):
+                (workdir / "pretrain" / "ranks" / f"step_{step}.json").write_text(json.dumps({"test": {"t2i": ranks}}))
+            runs.append(str(workdir))
+        groups[name] = ",".join(runs)
+    table.main([groups["new"], "--against", groups["old"]])
+    out = capsys.readouterr().out
+    assert "| control | this | difference | smallest difference |" in out
+    # Seeds: 75 against 25, 50 against 0 (differences 50, 50: no variation, no p). Queries, hits averaged
+    # over the two seeds: control .5, 0, 0, 0; new .5, 1, .5, .5: differences 0, 1, .5, .5.
+    queries_p = stats.ttest_rel([0.5, 1, 0.5, 0.5], [0.5, 0, 0, 0]).pvalue
+    row = [line for line in out.splitlines() if "t2i_top1" in line]
+    assert row == [f"| new0 (+1) | t2i_top1 | 12.5 ± 17.7 | 62.5 ± 17.7 | +50.0 | +50.0 | - | {queries_p:.3f} |"]
+    with pytest.raises(SystemExit, match=r"2 seeds against the control's 1; pairing needs the same seeds"):
+        table.main([groups["new"], "--against", str(tmp_path / "old0")])
+    other = _summary(tmp_path / "other", {"test/i2t_top1": 0.1}, {"test/i2t_top1": 0.2})
+    with pytest.raises(SystemExit, match=r"new0': scores other test metrics than the control \(i2t_top1, t2i_top1\)$"):
+        table.main([str(tmp_path / "new0"), "--against", other])
+
+
 def test_compare_reports_bad_per_image_csvs_in_one_line(tmp_path):
     (tmp_path / "header").mkdir()
     (tmp_path / "header" / "per_image_test.csv").write_text("file,dice,iou\n")

@@ -683,3 +683,43 @@ def test_pdt_head_shapes_init_and_jit(batch):
     mu_train, _ = apply_train(params, jax.random.PRNGKey(3))
     assert not np.allclose(np.asarray(mu_train), np.asarray(mu))
     assert mu_train.shape == (B, W, D)
+
+
+def _ks_distance(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs of a and b."""
+    a, b = np.sort(np.ravel(a)), np.sort(np.ravel(b))
+    grid = np.concatenate([a, b])
+    return float(np.max(np.abs(np.searchsorted(a, grid, "right") / a.size - np.searchsorted(b, grid, "right") / b.size)))
+
+
+def test_heads_and_text_mask_decoder_start_as_the_authors_torch_layers():
+    """The heads' Dense layers and the text-mask decoder's convs are initialised as the authors' nn.Linear,
+    nn.Conv1d (the local head) and nn.Conv2d, which keep torch's default: the same distribution of
+    weights and biases as torch's own layers of those shapes (two-sample KS distance below the 0.1 %
+    critical value; flax's lecun-normal kernels and zero biases are far beyond it)."""
+    torch = pytest.importorskip("torch")
+    from amvlm_jax.models.text_mask import TextMaskDecoder
+
+    torch.manual_seed(0)
+    inputs, hidden, out, channels = 48, 256, 32, 24
+
+    def critical(n, m):  # KS distance at p = 0.001.
+        return 1.95 * math.sqrt((n + m) / (n * m))
+
+    def check(ours, theirs):
+        ours, theirs = np.asarray(ours), theirs.detach().numpy()
+        assert _ks_distance(ours, theirs) < critical(ours.size, theirs.size), ours.shape
+
+    for head, layer in ((GlobalHead(hidden=hidden, out=out), torch.nn.Linear),
+                        (LocalHead(hidden=hidden, out=out), lambda i, o: torch.nn.Conv1d(i, o, 1))):
+        x = jnp.zeros((2, inputs)) if isinstance(head, GlobalHead) else jnp.zeros((2, 3, inputs))
+        params = head.init(jax.random.PRNGKey(1), x, train=False)["params"]["projection"]
+        for name, (fan_in, width) in (("dense_hidden", (inputs, hidden)), ("dense_out", (hidden, out))):
+            reference = layer(fan_in, width)
+            check(params[name]["kernel"], reference.weight)
+            check(params[name]["bias"], reference.bias)
+    decoder = TextMaskDecoder().init(jax.random.PRNGKey(2), jnp.zeros((1, 2, 2, channels)))["params"]
+    reference = torch.nn.Conv2d(channels, channels, 3, padding=1)
+    for block in ("block_0", "block_1"):
+        check(decoder[block]["conv"]["kernel"], reference.weight)
+        check(decoder[block]["conv"]["bias"], reference.bias)

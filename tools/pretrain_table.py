@@ -18,6 +18,13 @@ pretrain/ranks/step_<N>.json, the first and the last; an evaluation's retrieval_
 of a paired t-test over the split's queries, each query's score averaged over the seeds, before against
 after (n = queries): whether the gain holds across the split's images and reports, where the seeds'
 test asks whether it holds across initialisations.
+
+With --against=CONTROL (a control configuration's seeds, comma-separated, in the same seed order as each
+group), each group's scores after training are paired with the control's after training instead of with
+its own before, seed i with seed i (and query by query where both kept ranks): does a change of code or
+setting move what pre-training reaches?
+
+    python tools/pretrain_table.py runs/new_s0,runs/new_s1,runs/new_s2 --against=runs/old_s0,runs/old_s1,runs/old_s2
 """
 
 from __future__ import annotations
@@ -134,15 +141,32 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("groups", nargs="+", help="comma-separated workdirs of one configuration's seeds")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--against", help="comma-separated workdirs of a control's seeds, paired in order with each group's")
     args = parser.parse_args(argv)
-    for group in args.groups:  # An empty name would read the current folder.
+    for group in args.groups + ([args.against] if args.against is not None else []):  # '' would read the current folder.
         if not all(group.split(",")):
             raise SystemExit(f"error: '{group}': an empty workdir name (a comma at an end or two in a row)")
     scores = [read(group, args.split) for group in args.groups]  # Every error before the table starts.
-    print("| runs | metric | before | after | gain | smallest gain | p (paired t, seeds) | p (paired t, queries) |\n"
+    columns = "before | after | gain | smallest gain"
+    if args.against is not None:
+        control = read(args.against, args.split)[1]
+        seeds = len(args.against.split(","))
+        for group, (_, after) in zip(args.groups, scores):
+            if len(group.split(",")) != seeds:
+                raise SystemExit(f"error: '{group}': {len(group.split(','))} seeds against the control's {seeds}; "
+                                 "pairing needs the same seeds in the same order")
+            if differ := sorted(set(after) ^ set(control)):
+                raise SystemExit(f"error: '{group}': scores other {args.split} metrics than the control ({', '.join(differ)})")
+        control_ranks = [seed_ranks(workdir) for workdir in args.against.split(",")]
+        columns = "control | this | difference | smallest difference"
+    print(f"| runs | metric | {columns} | p (paired t, seeds) | p (paired t, queries) |\n"
           "|---|---|---|---|---|---|---|---|")
     for group, (before, after) in zip(args.groups, scores):
         ranks = [seed_ranks(workdir) for workdir in group.split(",")]  # Read once for all the group's metrics.
+        if args.against is not None:  # The control's scores after training stand where the group's own before stood.
+            before = control
+            ranks = [None if mine is None or theirs is None else (theirs[1], mine[1])
+                     for mine, theirs in zip(ranks, control_ranks)]
         name = pathlib.Path(group.split(",")[0].split(":")[-1]).name + f" (+{group.count(',')})"
         for metric in after:
             gain = after[metric] - before[metric]

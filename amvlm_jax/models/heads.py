@@ -8,7 +8,9 @@ stack to every token, with BatchNorm statistics pooled over batch and tokens
 
 BatchNorm follows the PyTorch BatchNorm1d the published models were trained
 with: epsilon 1e-5, a running-average update of 0.1 (flax ``momentum=0.9``),
-and a running variance that averages the unbiased batch variance.
+and a running variance that averages the unbiased batch variance. The Dense
+layers start as the authors' nn.Linear / nn.Conv1d do (torch's default
+initialisation, which their code keeps), not with flax's.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from amvlm_jax.ops import BATCH_NORM_EPSILON, l2_normalize, running_batch_statistics
+from amvlm_jax.ops import BATCH_NORM_EPSILON, l2_normalize, running_batch_statistics, torch_bias_init, torch_kernel_init
 
 
 class RowBatchNorm(nn.Module):
@@ -72,9 +74,11 @@ class _ProjectionStack(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool, mask: jnp.ndarray | None) -> jnp.ndarray:
-        x = nn.Dense(self.hidden, dtype=self.dtype, name="dense_hidden")(x)
+        x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=torch_kernel_init,
+                     bias_init=torch_bias_init(x.shape[-1]), name="dense_hidden")(x)
         x = nn.relu(RowBatchNorm(dtype=self.dtype, name="norm_hidden")(x, train, mask))
-        x = nn.Dense(self.out, dtype=self.dtype, name="dense_out")(x)
+        x = nn.Dense(self.out, dtype=self.dtype, kernel_init=torch_kernel_init,
+                     bias_init=torch_bias_init(self.hidden), name="dense_out")(x)
         x = RowBatchNorm(affine=False, dtype=self.dtype, name="norm_out")(x, train, mask)
         # The embedding is used in dot products / softmaxes: keep it float32.
         return l2_normalize(x.astype(jnp.float32), axis=-1)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from amvlm_jax.ops import l2_normalize
+from amvlm_jax.ops import l2_normalize, torch_bias_init, torch_kernel_init
 
 PAMR_ITERATIONS = 10
 PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)
@@ -46,7 +46,8 @@ class GatedResidualUpBlock(nn.Module):
     """Nearest x2 upsample, then x + tanh(g) * Conv3x3(ReLU(x)).
 
     The scalar gate g starts at 0, so at initialisation the block is exactly a
-    nearest-neighbour upsample. (B, h, w, D) -> (B, 2h, 2w, D), float32.
+    nearest-neighbour upsample; the conv starts as the authors' nn.Conv2d
+    (torch's default initialisation). (B, h, w, D) -> (B, 2h, 2w, D), float32.
     """
 
     dtype: Any = jnp.float32
@@ -55,7 +56,8 @@ class GatedResidualUpBlock(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = _upsample_nearest_x2(x.astype(jnp.float32))
         features = x.shape[-1]
-        update = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype, name="conv")(nn.relu(x))
+        update = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype, kernel_init=torch_kernel_init,
+                         bias_init=torch_bias_init(9 * features), name="conv")(nn.relu(x))
         gate = self.param("gate", nn.initializers.zeros, (), jnp.float32)
         return x + jnp.tanh(gate) * update.astype(jnp.float32)
 

@@ -27,18 +27,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from amvlm_jax.ops import BATCH_NORM_EPSILON, running_batch_statistics
+from amvlm_jax.ops import BATCH_NORM_EPSILON, running_batch_statistics, torch_bias_init, torch_kernel_init
 
 ARCHITECTURES = ("authors", "textbook")
-
-# torch's default for conv weights, kaiming_uniform(a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-_torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def _torch_bias_init(fan_in: int) -> Callable:
-    """torch's default conv bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def _pool_windows(x: jnp.ndarray) -> jnp.ndarray:
@@ -285,8 +276,8 @@ class ConvBlock(nn.Module):
     def __call__(self, x, train: bool):
         for index in range(self.num_convs):
             if self.torch_layers:
-                conv = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype, kernel_init=_torch_kernel_init,
-                               bias_init=_torch_bias_init(9 * x.shape[-1]), conv_general_dilated=conv_3x3_same)
+                conv = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype, kernel_init=torch_kernel_init,
+                               bias_init=torch_bias_init(9 * x.shape[-1]), conv_general_dilated=conv_3x3_same)
             else:
                 conv = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
                                conv_general_dilated=conv_3x3_same)
@@ -367,11 +358,11 @@ class UNet(nn.Module):
         for level, features in zip((4, 3, 2, 1), (4 * w, 2 * w, w, w)):
             channels = x.shape[-1]
             # torch's fan_in of a ConvTranspose2d weight (C_in, C_out, 2, 2) is C_out * 4.
-            x = UpConv2x2(channels, self.dtype, _torch_kernel_init, _torch_bias_init(4 * channels), name=f"up{level}")(x)
+            x = UpConv2x2(channels, self.dtype, torch_kernel_init, torch_bias_init(4 * channels), name=f"up{level}")(x)
             x = jnp.concatenate([x, skips.pop()], axis=-1)
             x = block(features, f"up{level}_convs")(x, train)
-        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, kernel_init=_torch_kernel_init,
-                       bias_init=_torch_bias_init(w), name="outc", conv_general_dilated=conv_1x1_as_matmul)(x)
+        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, kernel_init=torch_kernel_init,
+                       bias_init=torch_bias_init(w), name="outc", conv_general_dilated=conv_1x1_as_matmul)(x)
 
     def _textbook(self, x, train):
         widths = [self.base_width * 2**i for i in range(5)]
