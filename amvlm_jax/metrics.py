@@ -100,8 +100,9 @@ def retrieval_ranks(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
     12 of the top-10 slots); 't2i': (G,) ints, one query per distinct report (its group's first text row,
     listed in 't2i_rows' (G,)): the rank of the best image of its group among the images (a report
     repeated for 12 images is one query, not 12 copies of one outcome)}. Rank = number of candidates
-    outside the query's group scoring strictly higher than the best one inside it, so ties go in the
-    right answer's favour.
+    outside the query's group scoring at least as high as the best one inside it: a tie counts against
+    the right answer, since the encoders cannot tell the two apart (two captions that agree in their first
+    pretrain.max_length tokens are one input to the text encoder, and score the same for every image).
     """
     scores = np.asarray(image_embeddings, np.float64) @ np.asarray(text_embeddings, np.float64).T
     groups = np.arange(len(scores)) if groups is None else np.asarray(groups)
@@ -109,12 +110,14 @@ def retrieval_ranks(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
     sorted_groups = groups[order]
     starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
     group_best = np.maximum.reduceat(scores[:, order], starts, axis=1)  # (N, groups): best text of each
-    own_best = group_best[np.arange(len(scores)), np.searchsorted(sorted_groups[starts], groups)]
+    own_group = np.searchsorted(sorted_groups[starts], groups)
+    own_best = group_best[np.arange(len(scores)), own_group]
+    other_groups = own_group[:, None] != np.arange(len(starts))[None, :]
     same = groups[:, None] == groups[None, :]
     inside = np.where(same, scores, -np.inf)
     queries = np.sort(order[starts])  # Each distinct report's first row, in row order.
-    return {"i2t": np.sum(group_best > own_best[:, None], axis=1),
-            "t2i": np.sum((scores > inside.max(axis=0, keepdims=True)) & ~same, axis=0)[queries],
+    return {"i2t": np.sum((group_best >= own_best[:, None]) & other_groups, axis=1),
+            "t2i": np.sum((scores >= inside.max(axis=0, keepdims=True)) & ~same, axis=0)[queries],
             "t2i_rows": queries}
 
 

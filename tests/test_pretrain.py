@@ -360,10 +360,11 @@ def test_retrieval_metrics():
     # 0 scores 0, below images 1 and 2 (rank 2); text 1's image 1 scores .9 (rank 0).
     assert ungrouped["i2t_top1"] == 0.0 and ungrouped["t2i_top1"] == 1 / 3
     # A report repeated for three images is one report-to-image query: its text [.2, 1] scores image 3
-    # (report 1's) 1 and its own images .2: rank 1; report 1's text finds image 3: rank 0. Counted per row
-    # the miss would weigh three times (1 / 4); per distinct report it is 1 / 2, whatever the group labels.
+    # (report 1's) 1 and its own images .2: rank 1; report 1's text [0, 1.5] finds image 3: rank 0. Counted
+    # per row the miss would weigh three times (1 / 4); per distinct report it is 1 / 2, whatever the group
+    # labels. (Image 3 scores its own report 1.5 against 1: no tie.)
     v = np.array([[1.0, 0.0]] * 3 + [[0.0, 1.0]])
-    t = np.array([[0.2, 1.0]] * 3 + [[0.0, 1.0]])
+    t = np.array([[0.2, 1.0]] * 3 + [[0.0, 1.5]])
     for labels in ([0, 0, 0, 1], [1, 1, 1, 0]):
         once = metrics.retrieval_metrics(v, t, ks=(1,), groups=np.array(labels))
         assert once == {"i2t_top1": 1.0, "t2i_top1": 0.5, "i2t_mrr": 1.0, "t2i_mrr": 0.75}
@@ -373,6 +374,17 @@ def test_retrieval_metrics():
     t = np.array([[1.0, 0.0, 0.0]] * 3 + [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     repeated = metrics.retrieval_metrics(v, t, ks=(1, 2), groups=np.array([0, 0, 0, 3, 4]))
     assert repeated["i2t_top1"] == 4 / 5 and repeated["i2t_top2"] == 1.0
+    # Ties count against the right answer. Reports 0 and 1 differ but embed the same (two captions cut to
+    # the same first max_length tokens); images 1 and 2 embed the same. Scores v @ t.T: image 0 [1, 1, 0],
+    # image 1 [0, 0, 1], image 2 [0, 0, 1]. i2t: image 0's report ties with report 1 (rank 1); image 1's
+    # scores 0, tied by report 0 and beaten by report 2 (rank 2); image 2 finds its own first (rank 0).
+    # t2i: report 0's image scores 1 against 0 and 0 (rank 0); report 1's image 1 scores 0, beaten by image
+    # 0 and tied by image 2 (rank 2); report 2's image 2 is tied by image 1 (rank 1). Ties in the right
+    # answer's favour would give [0, 1, 0] both ways.
+    v = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    t = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    ranks = metrics.retrieval_ranks(v, t)
+    assert ranks["i2t"].tolist() == [1, 2, 0] and ranks["t2i"].tolist() == [0, 2, 1]
     # Random scores: top-k over G distinct reports is right k / G of the time.
     rng = np.random.default_rng(0)
     groups = rng.integers(0, 40, 400)
