@@ -395,6 +395,17 @@ def test_retrieval_metrics():
     assert pretrain.capped_batch_size(8, 16, 8) == 8
 
 
+def test_reports_cut_to_the_same_tokens_are_counted_as_one_input():
+    """What EncoderEvaluation reports when max_length merges distinct reports (their embeddings then tie)."""
+    reports = ["left lung nodule in the upper lobe", "left lung nodule in the lower lobe", "right kidney cyst",
+               "right kidney cyst"]
+    groups = np.unique(np.asarray(reports), return_inverse=True)[1]
+    directory = build.text_encoder_dir(tiny_pretrain_config())
+    # [CLS] left lung nodule [SEP]: the first two reports are one input at 5 tokens, two at 16.
+    assert pretrain.distinct_report_inputs(groups, ReportTokenizer(directory, 5)(reports)["input_ids"]) == (3, 2)
+    assert pretrain.distinct_report_inputs(groups, ReportTokenizer(directory, 16)(reports)["input_ids"]) == (3, 3)
+
+
 def test_train_learns_logs_retrieval_and_resumes(tmp_path):
     config = tiny_pretrain_config()
     summary = pretrain.train(config, tmp_path)

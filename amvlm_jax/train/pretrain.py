@@ -270,6 +270,12 @@ def _batched(function, count: int, batch_size: int, mesh: Mesh, rows_batch) -> l
     return [np.concatenate(column) for column in zip(*parts)]
 
 
+def distinct_report_inputs(groups: np.ndarray, input_ids: np.ndarray) -> tuple[int, int]:
+    """(distinct reports, distinct token sequences) of a set's retrieval pairs: groups (N,) from the report
+    texts, input_ids (N, L) as tokenised. Fewer inputs than reports: some differ only after max_length."""
+    return len(np.unique(groups)), len(np.unique(np.asarray(input_ids), axis=0))
+
+
 class EncoderEvaluation:
     """What pre-training learned, scored on fixed pair sets by ``__call__(variables) -> {'<set>/<metric>'}``.
 
@@ -295,6 +301,12 @@ class EncoderEvaluation:
         self.report_groups = {name: np.unique(np.asarray(sets[name][0].reports[:min(count, evaluation.retrieval_pairs)],
                                                          dtype=object).astype(str), return_inverse=True)[1]
                               for name, count in self.counts.items()}
+        for name, groups in self.report_groups.items():
+            reports, inputs = distinct_report_inputs(groups, self.report_tokens[name]["input_ids"][:len(groups)])
+            if inputs < reports:
+                info(f"{name}: its {reports} distinct reports are {inputs} distinct inputs to the text encoder at "
+                     f"pretrain.max_length={tokenizer.max_length} (reports that differ only after it embed alike, "
+                     "and a tie counts against the right answer)")
         self.prompts = {label: (list(prompts.keys()), tokenizer(list(prompts.values())))
                         for label, prompts in evaluation.zero_shot.items()}
         for label, (classes, _) in self.prompts.items():  # Prompts that match no row would score nothing, silently.
