@@ -195,7 +195,8 @@ def checkpoint_config(config, workdir: pathlib.Path):
     """(config with the fields recorded in the checkpoint to evaluate, the job that wrote it).
 
     A pre-training checkpoint has no segmentation model to predict with: a one-line error (evaluate
-    scores its retrieval).
+    scores its retrieval). Evaluating one with neither eval.zero_shot nor eval.probe_fields set scores the
+    labels its run scored (the recorded eval.zero_shot, probe_fields, probe_rows and probe_steps).
     Checkpoints written before configs were recorded keep the command's fields.
     """
     from amvlm_jax.config import RECORDED_SECTIONS, ConfigError, with_recorded
@@ -220,6 +221,17 @@ def checkpoint_config(config, workdir: pathlib.Path):
                                      (*MOVABLE_FIELDS, "ssl.pretrained")):
             info(f"{source}: the checkpoint's recorded fields replace the command's: {changed}")
         config = restored
+        evaluated = meta["config"].get("eval") or {}
+        if job == "pretrain" and not (config.eval.zero_shot or config.eval.probe_fields) and (
+                evaluated.get("zero_shot") or evaluated.get("probe_fields")):
+            # The command asks for no label scores (e.g. only eval.checkpoint given): the run's own, not none.
+            config.eval.zero_shot = ml_collections.ConfigDict(evaluated.get("zero_shot") or {})
+            config.eval.probe_fields = tuple(evaluated.get("probe_fields") or ())
+            config.eval.probe_rows = evaluated.get("probe_rows", config.eval.probe_rows)
+            config.eval.probe_steps = evaluated.get("probe_steps", config.eval.probe_steps)
+            info(f"{source}: scoring the labels the run scored (config.eval.zero_shot: "
+                 f"{', '.join(config.eval.zero_shot.keys()) or 'none'}; config.eval.probe_fields: "
+                 f"{', '.join(config.eval.probe_fields) or 'none'})")
         if config.eval.initial:  # The run's initialisation, not the command's seed.
             config.seed = meta["config"].get("seed", config.seed)
     return config, job

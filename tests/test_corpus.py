@@ -368,6 +368,12 @@ def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_
         for key, value in results[split].items():
             if key != "pairs":
                 assert value == pytest.approx(scores[f"{split}/{key}"], abs=1e-6), key
+    # Neither prompts nor probe fields on the command (only the checkpoint named): the labels the run scored,
+    # not retrieval alone.
+    unlabelled = corpus_config(generated, **{"mode": "evaluate", "eval.splits": ("val", "test"),
+                                             "eval.checkpoint": str(tmp_path / "memory" / "pretrain")})
+    assert not unlabelled.eval.zero_shot and not unlabelled.eval.probe_fields
+    assert main.run(unlabelled, tmp_path / "evaluation_unlabelled") == results
     # eval.initial: the encoders as the run started them, so its epoch-0 scores, from its recorded seed
     # whatever the command's; the pre-trained ones score otherwise.
     config.eval.initial, config.seed = True, config.seed + 1
