@@ -216,8 +216,10 @@ def checkpoint_config(config, workdir: pathlib.Path):
         from amvlm_jax.train.logging import info
 
         restored = with_recorded(config, meta["config"], keep_data_root=bool(config.data.root))
-        # Where the data and the encoders lie and how the data is read are filled in, not replaced: not named.
-        if changed := config_changes(recorded_config(config), recorded_config(restored), RECORDED_SECTIONS,
+        # Where the data and the encoders lie and how the data is read are filled in, not replaced: not named;
+        # nor are the sections this job's model never reads (a U-Net checkpoint's pre-training fields).
+        read = {"supervised": ("unet", "data"), "pretrain": ("pretrain", "data")}.get(job, RECORDED_SECTIONS)
+        if changed := config_changes(recorded_config(config), recorded_config(restored), read,
                                      (*MOVABLE_FIELDS, "ssl.pretrained")):
             info(f"{source}: the checkpoint's recorded fields replace the command's: {changed}")
         config = restored

@@ -184,9 +184,13 @@ def test_inputs_that_would_overwrite_a_mask_or_segment_masks_are_refused(trained
 
 
 def test_fields_the_checkpoint_replaces_are_named(trained, capsys):
-    config = tiny_synthetic_config(**{"mode": "predict", "unet.base_width": 8, "eval.checkpoint": str(trained)})
+    config = tiny_synthetic_config(**{"mode": "predict", "unet.base_width": 8, "eval.checkpoint": str(trained),
+                                      "pretrain.epochs": 7, "ssl.w_text": 0.5})
     restored, job = main.checkpoint_config(config, trained)
     assert job == "supervised" and restored.unet.base_width == 4
+    # Replaced too, but not named: a U-Net checkpoint's model reads neither section.
+    recorded = tiny_synthetic_config()
+    assert (restored.pretrain.epochs, restored.ssl.w_text) == (recorded.pretrain.epochs, recorded.ssl.w_text) != (7, 0.5)
     assert capsys.readouterr().out == (f"{trained}: the checkpoint's recorded fields replace the command's: "
                                        "config.unet.base_width=8 -> 4\n")
 
