@@ -221,6 +221,12 @@ def test_pretrain_table_reports_before_after_and_the_smallest_gain(tmp_path, cap
     table.main([f"{tmp_path / 'w0'},{tmp_path / 'w1'}"])
     assert [line for line in capsys.readouterr().out.splitlines() if "t2i_" in line] == [
         row.replace("rtrained0", "w0") for row in rows]
+    # Their pretrain/ folders (as mode 'evaluate' takes them) read the same, under the workdir's name.
+    table.main([f"{tmp_path / 'w0' / 'pretrain'},{tmp_path / 'w1' / 'pretrain'}"])
+    assert [line for line in capsys.readouterr().out.splitlines() if "t2i_" in line] == [
+        row.replace("rtrained0", "w0") for row in rows]
+    with pytest.raises(SystemExit, match=f"^error: {tmp_path / 'w2'}: no such folder$"):
+        table.main([f"{tmp_path / 'w0'},{tmp_path / 'w2'}"])
 
 
 def test_pretrain_table_against_a_control_pairs_the_seeds_after_training(tmp_path, capsys):

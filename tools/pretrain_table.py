@@ -3,7 +3,7 @@
     python tools/pretrain_table.py runs/medpix/amvlm_s0,runs/medpix/amvlm_s1,runs/medpix/amvlm_s2 \
         runs/medpix/mgca_s0,runs/medpix/mgca_s1,runs/medpix/mgca_s2 [--split test]
 
-Each argument is one row group: comma-separated pre-training workdirs (seeds) whose
+Each argument is one row group: comma-separated pre-training workdirs (seeds; or their pretrain/ folders) whose
 <workdir>/pretrain/summary.json holds initial_retrieval and final_retrieval (``EncoderEvaluation``), or
 BEFORE:AFTER pairs of mode-evaluate workdirs (retrieval.json) of one seed, BEFORE evaluated with
 config.eval.initial (a split the run itself did not score):
@@ -73,6 +73,9 @@ def read_json(path: pathlib.Path):
 
 def seed_scores(workdir: str) -> tuple[dict, dict]:
     """One seed's ({'<split>/<metric>': fraction} before, after) from a workdir or a BEFORE:AFTER pair."""
+    for folder in workdir.split(":", 1):
+        if not pathlib.Path(folder).is_dir():
+            raise SystemExit(f"error: {folder}: no such folder")
     if ":" in workdir:
         pair = []
         for folder in workdir.split(":", 1):
@@ -85,7 +88,7 @@ def seed_scores(workdir: str) -> tuple[dict, dict]:
             pair.append({f"{split}/{key}": value for split, scores in splits.items() if scores
                          for key, value in scores.items() if key != "pairs"})
         return pair[0], pair[1]
-    path = pathlib.Path(workdir) / "pretrain" / "summary.json"
+    path = pretrain_folder(workdir) / "summary.json"
     if not path.is_file():
         raise SystemExit(f"error: {path}: no pre-training summary (the run has not finished)")
     summary = read_json(path)
@@ -95,12 +98,18 @@ def seed_scores(workdir: str) -> tuple[dict, dict]:
     return summary["initial_retrieval"], summary["final_retrieval"]
 
 
+def pretrain_folder(workdir: str) -> pathlib.Path:
+    """A pre-training run's pretrain/ folder, named by its workdir or by itself (as mode 'evaluate' takes it)."""
+    path = pathlib.Path(workdir)
+    return path if (path / "summary.json").is_file() and not (path / "pretrain").is_dir() else path / "pretrain"
+
+
 def seed_ranks(workdir: str) -> tuple[dict, dict] | None:
     """One seed's ({split: {'i2t': ranks, 't2i': ranks}} before, after), or None where it kept no ranks."""
     if ":" in workdir:
         paths = [pathlib.Path(folder) / "retrieval_ranks.json" for folder in workdir.split(":", 1)]
     else:
-        steps = sorted(pathlib.Path(workdir, "pretrain", "ranks").glob("step_*.json"),
+        steps = sorted((pretrain_folder(workdir) / "ranks").glob("step_*.json"),
                        key=lambda path: int(path.stem.split("_")[1]))
         paths = [steps[0], steps[-1]] if len(steps) > 1 and steps[0].stem == "step_0" else []
     if not paths or not all(path.is_file() for path in paths):
@@ -167,7 +176,8 @@ def main(argv=None) -> None:
             before = control
             ranks = [None if mine is None or theirs is None else (theirs[1], mine[1])
                      for mine, theirs in zip(ranks, control_ranks)]
-        name = pathlib.Path(group.split(",")[0].split(":")[-1]).name + f" (+{group.count(',')})"
+        first = pathlib.Path(group.split(",")[0].split(":")[-1])
+        name = (first.parent if pretrain_folder(str(first)) == first else first).name + f" (+{group.count(',')})"
         for metric in after:
             gain = after[metric] - before[metric]
             print(f"| {name} | {metric} | {before[metric].mean():.1f} ± {before[metric].std(ddof=1) if len(gain) > 1 else 0:.1f} "
