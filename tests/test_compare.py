@@ -81,7 +81,11 @@ def test_seed_tests_need_the_same_images_in_every_run(tmp_path):
 
 
 def test_compare_rejects_missing_results(tmp_path):
-    with pytest.raises(SystemExit, match="no per-image results"):
+    with pytest.raises(SystemExit, match=r"no per-image results \(run an evaluation of this workdir first\)$"):
+        compare.compare([str(tmp_path)], "test")
+    # Results of other splits only (MoNuSeg has no test split): the split to ask for.
+    (tmp_path / "per_image_val.csv").write_text("file,dice,iou\nx.png,50,33\n")
+    with pytest.raises(SystemExit, match=r"per_image_test.csv: no per-image results \(it has val: --split val\)$"):
         compare.compare([str(tmp_path)], "test")
 
 
@@ -350,6 +354,9 @@ def test_curve_reports_bad_metrics_and_arguments_in_one_line(tmp_path, capsys, m
     for runs in ((pretraining,), (good, pretraining)):
         with pytest.raises(SystemExit, match=r"pretrain.metrics.jsonl: epochs without train/epoch_loss: not a segmentation"):
             run(*runs)
+    # Its workdir (the records lie in pretrain/): named as a pre-training run, not only as missing.
+    with pytest.raises(SystemExit, match=r"^error: .*metrics.jsonl not found \(a pre-training run: tools/pretrain_table.py"):
+        run(tmp_path)
 
 
 def _summary(workdir, before, after):

@@ -36,7 +36,9 @@ def read_per_image(workdir: str | pathlib.Path, split: str) -> dict[str, np.ndar
     sorted by image name (runs pair image by image whatever order their rows were written in)."""
     path = pathlib.Path(workdir) / f"per_image_{split}.csv"
     if not path.is_file():
-        raise SystemExit(f"error: {path}: no per-image results (run an evaluation of this workdir first)")
+        others = sorted(found.stem.removeprefix("per_image_") for found in path.parent.glob("per_image_*.csv"))
+        hint = f"it has {', '.join(others)}: --split {others[0]}" if others else "run an evaluation of this workdir first"
+        raise SystemExit(f"error: {path}: no per-image results ({hint})")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = [name for name in COLUMNS if name not in (reader.fieldnames or [])]

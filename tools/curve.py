@@ -93,7 +93,9 @@ def main():
     runs = []
     for workdir in args.workdirs:
         if not (workdir / "metrics.jsonl").is_file():
-            raise SystemExit(f"error: {workdir / 'metrics.jsonl'} not found")
+            pretraining = (workdir / "pretrain" / "metrics.jsonl").is_file()
+            raise SystemExit(f"error: {workdir / 'metrics.jsonl'} not found" + (
+                " (a pre-training run: tools/pretrain_table.py tabulates what it learned)" if pretraining else ""))
         rows = epoch_rows(workdir)
         if not rows:
             raise SystemExit(f"error: {workdir / 'metrics.jsonl'} holds no epoch records")
