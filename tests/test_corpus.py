@@ -15,7 +15,7 @@ from amvlm_jax.data import corpus, folders, pipeline
 from amvlm_jax.data.folders import DataError
 from amvlm_jax.train import checkpoint
 
-from conftest import SAMPLE_REPORTS, corpus_config, write_corpus
+from conftest import SAMPLE_REPORTS, corpus_config, repo_module, tiny_synthetic_config, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -374,6 +374,12 @@ def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_
                                              "eval.checkpoint": str(tmp_path / "memory" / "pretrain")})
     assert not unlabelled.eval.zero_shot and not unlabelled.eval.probe_fields
     assert main.run(unlabelled, tmp_path / "evaluation_unlabelled") == results
+    # The uncertainty analysis with the embedded default's (synthetic) data fields reads the run's corpus pairs,
+    # not synthetic data generated into its workdir.
+    uncertainty = repo_module("tools/uncertainty.py").analyse(tiny_synthetic_config(), tmp_path / "memory", "val", "",
+                                                              "", count=2)
+    assert uncertainty["image"] == corpus.load(corpus_config(generated), "val", 32)[0].names[0]
+    assert not (tmp_path / "memory" / "data").exists()
     # eval.initial: the encoders as the run started them, so its epoch-0 scores, from its recorded seed
     # whatever the command's; the pre-trained ones score otherwise.
     config.eval.initial, config.seed = True, config.seed + 1

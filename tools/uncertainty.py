@@ -4,7 +4,8 @@
         [--split=val] [--image=syn_00003.png] [--report="..."] [--count=5] [--out=DIR]
 
 Restores the pre-trained encoders and PDT heads (<workdir>/pretrain, or
---config.ssl.pretrained) and scores image-report pairs three ways:
+--config.ssl.pretrained), built and fed as that run recorded them (its pairs: LViT folders or a corpus;
+--config.data.root reads other data), and scores image-report pairs three ways:
 
     global      cosine v . t of the image and report embeddings (what ITA aligns);
     tokens      the word-weighted mean of T_w . O_w, each word against its
@@ -55,6 +56,18 @@ def load_model(config, workdir: pathlib.Path):
                           "analysis needs the AMVLM objective's PDT heads")
     print(f"pre-trained model from {used} ({meta.get('epoch')} epochs)")
     return model, variables, ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length), build.pretrain_image_size(config)
+
+
+def run_data(config, workdir: pathlib.Path):
+    """``config`` with the pre-training run's recorded data fields, unless the command names its own data
+    (config.data.root), as mode 'evaluate' does: the pairs the run trained and was scored on."""
+    from amvlm_jax.config import with_recorded
+    from amvlm_jax.train import checkpoint
+
+    recorded = checkpoint.read_meta(pathlib.Path(config.ssl.pretrained or workdir / "pretrain")).get("config")
+    if not recorded or config.data.root:  # Written before configs were recorded, or other data asked for.
+        return config
+    return with_recorded(config, recorded, sections=("data",))
 
 
 def make_pair_scores(model):
@@ -138,12 +151,18 @@ def analyse(config, workdir: pathlib.Path, split_name: str, image_name: str, rep
     import jax
     import numpy as np
 
-    from amvlm_jax.data import datasets, folders
+    from amvlm_jax.config import ConfigError
+    from amvlm_jax.data import datasets
+    from amvlm_jax.train import pretrain
 
     model, variables, tokenizer, size = load_model(config, workdir)
-    root = datasets.data_root(config, workdir)
-    split = folders.load_split(root, split_name, image_size=size, num_classes=config.data.num_classes, with_masks=False)
-    index = image_row(split.names, image_name, f"the {split_name} split of {root}") if image_name else 0
+    config = run_data(config, workdir)
+    loaded = pretrain.load_pairs(config, workdir, split_name, size)  # LViT folders or a corpus, as the run read them.
+    if loaded is None:
+        raise ConfigError(f"--split={split_name}: the run's data has no such split")
+    split = loaded[0]
+    where = f"the {split_name} split of {config.data.corpus.train or datasets.data_root(config, workdir)}"
+    index = image_row(split.names, image_name, where) if image_name else 0
     encode_text = jax.jit(lambda v, t: model.apply(v, t, False, method=model.encode_text)["t"])
     report_embeddings = np.asarray(jax.device_get(encode_text(variables, tokenizer(split.reports))))
     scores = make_pair_scores(model)
