@@ -299,6 +299,12 @@ def with_recorded(config: ml_collections.ConfigDict, recorded: dict, sections=RE
     return config
 
 
+def with_recorded_data(config: ml_collections.ConfigDict, recorded: dict | None) -> ml_collections.ConfigDict:
+    """``config`` reading the data a run recorded (its ``data`` section), unless the command names its own
+    (config.data.root) or nothing was recorded: the analysis tools score a run on the pairs it was trained on."""
+    return config if not recorded or config.data.root else with_recorded(config, recorded, sections=("data",))
+
+
 def _assign(node: ml_collections.ConfigDict, values: dict) -> None:
     for key, value in values.items():
         if key not in node:

@@ -380,6 +380,9 @@ def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_
                                                               "", count=2)
     assert uncertainty["image"] == corpus.load(corpus_config(generated), "val", 32)[0].names[0]
     assert not (tmp_path / "memory" / "data").exists()
+    from amvlm_jax.config import ConfigError
+    with pytest.raises(ConfigError, match=r"pretrain: trained on a corpus .*, which holds no masks to score text masks"):
+        repo_module("tools/text_masks.py").run_config(tiny_synthetic_config(), tmp_path / "memory", "")
     # eval.initial: the encoders as the run started them, so its epoch-0 scores, from its recorded seed
     # whatever the command's; the pre-trained ones score otherwise.
     config.eval.initial, config.seed = True, config.seed + 1

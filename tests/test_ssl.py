@@ -380,6 +380,24 @@ def test_teacher_norm_batch_uses_batch_statistics_and_ema_uses_running_ones(visi
     assert not np.allclose(with_batch, with_ema, atol=1e-3)
 
 
+def test_text_mask_tool_scores_the_run_as_its_config_recorded_it(all_run):
+    config, tmp_path, _ = all_run
+    tool = repo_module("tools/text_masks.py")
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    command = tiny_pretrain_config(**{"ssl.decoder_lr": 0.5, "ssl.text_veto_only": not config.ssl.text_veto_only,
+                                      "data.labeled_fraction": 0.25})
+    # The mean-teacher run's generator: its mask options and data, not the command's.
+    scored = tool.run_config(command, tmp_path, str(tmp_path))
+    assert (scored.ssl.decoder_lr, scored.ssl.text_veto_only) == (1e-2, config.ssl.text_veto_only)
+    assert scored.data.root == recorded["data"]["root"] and scored.data.labeled_fraction == 0.5
+    # The pre-trained encoders' masks: the pre-training run's data (the same here), the command's mask options.
+    scored = tool.run_config(command, tmp_path, "")
+    assert scored.data.root == recorded["data"]["root"] and scored.ssl.decoder_lr == 0.5
+    # Other data named on the command stays.
+    command.data.root = str(tmp_path / "elsewhere")
+    assert tool.run_config(command, tmp_path, str(tmp_path)).data.root == str(tmp_path / "elsewhere")
+
+
 def test_text_mask_tool_scores_pretrained_masks(all_run):
     from amvlm_jax.data import folders, synthetic
 

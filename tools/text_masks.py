@@ -4,14 +4,15 @@
     python tools/text_masks.py --config=experiments/synthetic.py --workdir=runs/synthetic --generator=runs/synthetic
 
 Builds the text masks of SPEC section 5 from the pre-trained encoders
-(<workdir>/pretrain or --config.ssl.pretrained) with the text-mask decoder
+(<workdir>/pretrain or --config.ssl.pretrained), on the data the scored run
+recorded (the mean-teacher run's with --generator, else the pre-training
+run's; --config.data.root reads other LViT folders), with the text-mask decoder
 at its initialisation (an exact upsampling: the masks show what V . t alone
 says, before any L_tg training) or, with --generator, the text mask
 generator a mean-teacher run trained (its checkpoint: a step folder, a
 manager folder or a workdir, whose best is read): the decoder it trained
-with L_tg, or with --config.ssl.text_head=words (or =report) the
-word-attention head it fitted, after the run's mask options (e.g.
---config.ssl.text_veto_only). It scores them against the masks of each
+with L_tg, or the word-attention head it fitted (ssl.text_head), after the
+run's mask options (e.g. ssl.text_veto_only), all as its config recorded them. It scores them against the masks of each
 split: Dice of the mask at 0.5, pixel AUROC of p_text, and the mean p_text
 on lesion and on background pixels. For the synthetic data it adds pixel
 AUROCs of lesion pixels against all others and against distractor pixels
@@ -359,6 +360,30 @@ def check_flags(splits: str, workdir: pathlib.Path) -> list[str]:
     return requested
 
 
+def run_config(config, workdir: pathlib.Path, generator: str):
+    """``config`` as the scored run recorded it: with a generator (a mean-teacher checkpoint), that run's
+    ``ssl`` fields (its mask options and encoders) and data; else the pre-training run's data. The command's
+    data.root reads other data. One-line error for a corpus, which has no masks."""
+    from amvlm_jax.config import ConfigError, with_recorded, with_recorded_data
+    from amvlm_jax.data import corpus
+    from amvlm_jax.train import checkpoint
+    from amvlm_jax.train.logging import info
+    from amvlm_jax.train.loop import config_changes, recorded_config
+
+    source = generator or config.ssl.pretrained or workdir / "pretrain"
+    recorded = checkpoint.read_meta(source).get("config") if generator or pathlib.Path(source).exists() else None
+    if generator and recorded:
+        restored = with_recorded(config, recorded, sections=("ssl",))
+        if changed := config_changes(recorded_config(config), recorded_config(restored), ("ssl",)):
+            info(f"{generator}: the mean-teacher run's recorded fields replace the command's: {changed}")
+        config = restored
+    config = with_recorded_data(config, recorded)
+    if corpus.is_configured(config):
+        raise ConfigError(f"{source}: trained on a corpus ({config.data.corpus.train}), which holds no masks to score "
+                          "text masks against; pass --config.data.root= LViT folders with masks")
+    return config
+
+
 def main(config):
     from amvlm_jax.data import datasets, folders
     from amvlm_jax.train.parallel import make_mesh
@@ -367,9 +392,10 @@ def main(config):
 
     workdir = pathlib.Path(flags.FLAGS.workdir)
     requested = check_flags(flags.FLAGS.splits, workdir)
-    root = datasets.data_root(config, workdir)
+    config = run_config(config, workdir, flags.FLAGS.generator)
     mesh = make_mesh(config, batch_size=25)
-    guidance = TextGuidance(config, workdir, mesh)
+    guidance = TextGuidance(config, workdir, mesh)  # Before data_root: no encoders, no synthetic data written.
+    root = datasets.data_root(config, workdir)
     generator = ssl.restore_generator(guidance, flags.FLAGS.generator, mesh) if flags.FLAGS.generator else None
     results, features = {}, {}
     synthetic_data = config.data.name == "synthetic"

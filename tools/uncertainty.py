@@ -58,18 +58,6 @@ def load_model(config, workdir: pathlib.Path):
     return model, variables, ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length), build.pretrain_image_size(config)
 
 
-def run_data(config, workdir: pathlib.Path):
-    """``config`` with the pre-training run's recorded data fields, unless the command names its own data
-    (config.data.root), as mode 'evaluate' does: the pairs the run trained and was scored on."""
-    from amvlm_jax.config import with_recorded
-    from amvlm_jax.train import checkpoint
-
-    recorded = checkpoint.read_meta(pathlib.Path(config.ssl.pretrained or workdir / "pretrain")).get("config")
-    if not recorded or config.data.root:  # Written before configs were recorded, or other data asked for.
-        return config
-    return with_recorded(config, recorded, sections=("data",))
-
-
 def make_pair_scores(model):
     """jitted (variables, images (K, S, S, 3) float, tokens of K reports) -> per-pair scores, each (K,)."""
     import jax
@@ -151,12 +139,13 @@ def analyse(config, workdir: pathlib.Path, split_name: str, image_name: str, rep
     import jax
     import numpy as np
 
-    from amvlm_jax.config import ConfigError
+    from amvlm_jax.config import ConfigError, with_recorded_data
     from amvlm_jax.data import datasets
-    from amvlm_jax.train import pretrain
+    from amvlm_jax.train import checkpoint, pretrain
 
     model, variables, tokenizer, size = load_model(config, workdir)
-    config = run_data(config, workdir)
+    recorded = checkpoint.read_meta(pathlib.Path(config.ssl.pretrained or workdir / "pretrain")).get("config")
+    config = with_recorded_data(config, recorded)
     loaded = pretrain.load_pairs(config, workdir, split_name, size)  # LViT folders or a corpus, as the run read them.
     if loaded is None:
         raise ConfigError(f"--split={split_name}: the run's data has no such split")
