@@ -286,3 +286,22 @@ def test_distractor_masks_lie_in_the_distractor_cells_and_the_pixel_tool_counts_
     predicted = np.zeros((1, 4, 4), bool); predicted[0, 0, :3] = True; predicted[0, 3, 0] = True; predicted[0, 1, 1] = True
     assert tool.marked_fractions(predicted, lesion, distractor) == pytest.approx(
         {"lesion": 0.75, "distractor": 0.5, "other": 0.1})
+
+
+def test_the_pixel_tool_takes_the_runs_recorded_fields_and_refuses_other_data(tmp_path, monkeypatch):
+    from amvlm_jax.config import ConfigError
+    from amvlm_jax.train import checkpoint
+    from conftest import repo_module, tiny_synthetic_config
+
+    tool = repo_module("tools/synthetic_pixels.py")
+    command = tiny_synthetic_config()  # What the tool's command gives with no model or data flags.
+    recorded = tiny_synthetic_config(**{"unet.base_width": command.unet.base_width * 2}).to_dict()
+    monkeypatch.setattr(checkpoint, "read_meta", lambda path: {"job": "supervised", "config": recorded})
+    assert tool.run_config(command, tmp_path).unet.base_width == 2 * command.unet.base_width
+    # A MoNuSeg run's U-Net has the same shapes, so its checkpoint restores: the tool must refuse before.
+    recorded["data"] |= {"name": "monuseg", "root": str(tmp_path / "MoNuSeg")}
+    with pytest.raises(ConfigError, match=f"^{tmp_path}: a run on data.name='monuseg'; tools/synthetic_pixels.py needs"):
+        tool.run_config(command, tmp_path)
+    monkeypatch.setattr(checkpoint, "read_meta", lambda path: {"job": "pretrain", "config": recorded})
+    with pytest.raises(ConfigError, match="a pre-training checkpoint has no U-Net"):
+        tool.run_config(command, tmp_path)

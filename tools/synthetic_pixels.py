@@ -3,7 +3,7 @@
     python tools/synthetic_pixels.py --config=experiments/synthetic.py --workdir=runs/syn_text [--split=test]
 
 For a synthetic-data run: restores the workdir's best checkpoint (or
---config.eval.checkpoint) as `evaluate` does, predicts the split at 0.5 and
+--config.eval.checkpoint) as `evaluate` does (with the fields it recorded), predicts the split at 0.5 and
 counts, over all its images, the share of lesion pixels, of distractor
 pixels (the look-alike blobs the report does not name, from the generator)
 and of all other pixels marked as lesion. A student that learns the
@@ -34,6 +34,22 @@ def marked_fractions(predicted, lesion, distractor) -> dict:
             for name, where in (("lesion", lesion), ("distractor", distractor), ("other", other))}
 
 
+def run_config(config, workdir: pathlib.Path):
+    """``config`` with the fields the checkpoint recorded (as mode 'evaluate' reads them); one-line errors for
+    a pre-training checkpoint (no U-Net) and a run on other data than the synthetic (no distractors)."""
+    from amvlm_jax.config import ConfigError
+    from amvlm_jax.main import checkpoint_config
+
+    config, job = checkpoint_config(config, workdir)
+    source = config.eval.checkpoint or workdir
+    if job == "pretrain":
+        raise ConfigError(f"{source}: a pre-training checkpoint has no U-Net to predict with")
+    if config.data.name != "synthetic":
+        raise ConfigError(f"{source}: a run on data.name='{config.data.name}'; tools/synthetic_pixels.py needs "
+                          "the synthetic data (distractors come from its generator)")
+    return config
+
+
 def main(config):
     import jax
     import numpy as np
@@ -43,9 +59,8 @@ def main(config):
     from amvlm_jax.train import checkpoint, evaluate, supervised
     from amvlm_jax.train.parallel import abstract_replicated, gather_to_host, make_mesh
 
-    if config.data.name != "synthetic":
-        raise ConfigError("tools/synthetic_pixels.py needs data.name='synthetic' (distractors come from its generator)")
     workdir = pathlib.Path(flags.FLAGS.workdir)
+    config = run_config(config, workdir)
     split_name = flags.FLAGS.split
     root = datasets.data_root(config, workdir)
     mesh = make_mesh(config)
