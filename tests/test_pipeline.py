@@ -138,6 +138,11 @@ def test_evaluation_batches_pad_and_count():
     assert [real for _, real in batches] == [3, 3, 1]
     assert all(b["image"].shape[0] == 3 for b, _ in batches)
     np.testing.assert_array_equal(batches[-1][0]["index"], [6, 6, 6])
+    # Padded only to a multiple of 2 (devices): the last batch [6, 6], not three copies.
+    batches = list(pipeline.evaluation_batches(split, 4, pad_multiple=2))
+    assert [(b["index"].tolist(), real) for b, real in batches] == [([0, 1, 2, 3], 4), ([4, 5, 6, 6], 3)]
+    batches = list(pipeline.evaluation_batches(_split(n=5), 4, pad_multiple=2))
+    assert [(b["index"].tolist(), real) for b, real in batches] == [([0, 1, 2, 3], 4), ([4, 4], 1)]
 
 
 def test_fresh_synthetic_pairs_never_repeat_resume_by_step_and_split_over_processes():

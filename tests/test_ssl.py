@@ -225,9 +225,12 @@ def test_recorded_config_builds_the_models_of_evaluation_and_guidance(all_run, t
         "adam_betas": list(config.pretrain.adam_betas)}
     assert checkpoint.read_meta(workdir / "pretrain")["job"] == "pretrain"
 
-    # Other model and encoder fields on the command line: the recorded ones build the models.
+    # Other model and encoder fields on the command line: the recorded ones build the models. Another
+    # evaluation batch too: the teacher (batch statistics) still labels the run's training batches of 8 (at 3,
+    # its statistics would come from batches of 3 and a padded one).
     other = tiny_pretrain_config(**{"mode": "evaluate", "eval.checkpoint": str(workdir), "unet.base_width": 8,
-                                    "pretrain.embed_dim": 24, "pretrain.vit_depth": 2, "data.image_size": 96})
+                                    "pretrain.embed_dim": 24, "pretrain.vit_depth": 2, "data.image_size": 96,
+                                    "train.eval_batch_size": 3})
     assert main.run(other, tmp_path / "evaluation") == results  # Scored on the training run's data.
     assert json.loads((tmp_path / "evaluation" / "guidance.json").read_text()) == json.loads(
         (workdir / "guidance.json").read_text())

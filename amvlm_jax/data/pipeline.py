@@ -154,11 +154,14 @@ def _iterate(batches: grain.MapDataset, worker_count: int) -> Iterator[dict]:
     return iter(dataset)
 
 
-def evaluation_batches(split: SplitArrays, batch_size: int) -> Iterator[tuple[dict, int]]:
-    """Yields (global batch padded to `batch_size`, number of real rows), in order."""
+def evaluation_batches(split: SplitArrays, batch_size: int, pad_multiple: int = 0) -> Iterator[tuple[dict, int]]:
+    """Yields (global batch padded to `batch_size`, number of real rows), in order; with `pad_multiple` the
+    last batch is padded only to a multiple of it (its own shape, compiled once more): for a model whose
+    outputs depend on the batch's statistics, copies of a row would count in them."""
     for start in range(0, len(split), batch_size):
         rows = np.arange(start, min(start + batch_size, len(split)))
-        padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
+        size = -(-len(rows) // pad_multiple) * pad_multiple if pad_multiple else batch_size
+        padded = np.concatenate([rows, np.full(size - len(rows), rows[-1])])
         batch = {"image": split.images[padded], "index": padded.astype(np.int32)}
         if split.masks is not None:
             batch["mask"] = split.masks[padded]

@@ -472,7 +472,8 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
     Restores the teacher, the student and the text-mask decoder of a
     mean-teacher checkpoint (default: the workdir's best) and scores them on the
     unlabeled training images, against their held-back masks (read here,
-    never in training), and on the validation split. Writes
+    never in training), and on the validation split. With ssl.teacher_norm 'batch' the images go in
+    batches of the run's train.batch_size, as the teacher labelled them. Writes
     <workdir>/guidance.json ({split: {map: {dice, miou, auroc}, images}},
     percent) and per_image_guidance_<split>.csv; returns the dict.
     """
@@ -504,13 +505,19 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
     if val is not None:
         named["val"] = val
     results = {}
-    batch_size = -(-config.train.eval_batch_size // mesh.size) * mesh.size
+    batch_size, pad_multiple = config.train.eval_batch_size, 0
+    if config.ssl.teacher_norm == "batch":
+        # The teacher labelled train.batch_size images at a time, with their batch statistics: scored so, not
+        # at train.eval_batch_size (a memory setting) and with no copied padding rows in the statistics.
+        batch_size = (meta.get("config") or {}).get("train", {}).get("batch_size", config.train.batch_size)
+        pad_multiple = mesh.size
+    batch_size = -(-batch_size // mesh.size) * mesh.size
     for split_name, split in named.items():
         tokens = guidance.tokenizer(split.reports) if guidance is not None else {}
         per_map = {}
-        for batch, real in pipeline.evaluation_batches(split, batch_size):
+        for batch, real in pipeline.evaluation_batches(split, batch_size, pad_multiple):
             loop.stop_if_interrupted()
-            batch["valid"] = np.arange(batch_size) < real
+            batch["valid"] = np.arange(len(batch["index"])) < real
             batch |= {f"report_{k}": v[batch["index"]] for k, v in tokens.items()}
             outputs = gather_to_host(step(restored["teacher"], student, trained, frozen, pipeline.replicated_to_global(mesh, batch)))
             for name, (dice, iou, positive, negative) in outputs.items():
