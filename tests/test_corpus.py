@@ -381,6 +381,8 @@ def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_
     assert uncertainty["image"] == corpus.load(corpus_config(generated), "val", 32)[0].names[0]
     assert not (tmp_path / "memory" / "data").exists()
     from amvlm_jax.config import ConfigError
+    with pytest.raises(ConfigError, match=f"^--image=nope: not an image of the val split of {re.escape(str(generated))}$"):
+        repo_module("tools/uncertainty.py").analyse(tiny_synthetic_config(), tmp_path / "memory", "val", "nope", "", count=2)
     with pytest.raises(ConfigError, match=r"pretrain: trained on a corpus .*, which holds no masks to score text masks"):
         repo_module("tools/text_masks.py").run_config(tiny_synthetic_config(), tmp_path / "memory", "")
     # eval.initial: the encoders as the run started them, so its epoch-0 scores, from its recorded seed

@@ -150,8 +150,11 @@ def analyse(config, workdir: pathlib.Path, split_name: str, image_name: str, rep
     if loaded is None:
         raise ConfigError(f"--split={split_name}: the run's data has no such split")
     split = loaded[0]
-    where = f"the {split_name} split of {config.data.corpus.train or datasets.data_root(config, workdir)}"
-    index = image_row(split.names, image_name, where) if image_name else 0
+    index = 0
+    if image_name:  # The data root only for the message: load_pairs resolved (and checked) it already.
+        corpus_file = config.data.corpus[split_name] or config.data.corpus.train  # One file per split, or one for all.
+        where = f"the {split_name} split of {corpus_file or datasets.data_root(config, workdir)}"
+        index = image_row(split.names, image_name, where)
     encode_text = jax.jit(lambda v, t: model.apply(v, t, False, method=model.encode_text)["t"])
     report_embeddings = np.asarray(jax.device_get(encode_text(variables, tokenizer(split.reports))))
     scores = make_pair_scores(model)
