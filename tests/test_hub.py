@@ -240,3 +240,19 @@ def test_unreachable_hub_fails_at_once_without_retry_warnings(cache, monkeypatch
         hub.resolve_vit_weights("owner/elsewhere")
     assert time.monotonic() - start < 5
     assert not caplog.records and not capfd.readouterr().err
+
+
+def test_pretraining_names_an_uncached_vit_id_before_reading_the_data(cache, tmp_path):
+    from conftest import tiny_pretrain_config
+
+    from amvlm_jax.data.folders import DataError
+    from amvlm_jax.train import pretrain
+
+    config = tiny_pretrain_config()
+    config.data.name, config.data.root = "monuseg", str(tmp_path / "no_data")
+    with pytest.raises(DataError):  # What the run meets first without the weights.
+        pretrain.train(config, tmp_path / "run")
+    config.pretrain.vit_weights = "facebook/deit-tiny-patch16-224"
+    with pytest.raises(ConfigError, match=r"^config.pretrain.vit_weights: 'facebook/deit-tiny-patch16-224' is no "
+                                          "existing path, .* while HF_HUB_OFFLINE is set"):
+        pretrain.train(config, tmp_path / "run")

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from amvlm_jax import weights
+from amvlm_jax import hub, weights
 from amvlm_jax.config import ConfigError
 from amvlm_jax.data import corpus, datasets, folders, pipeline
 from amvlm_jax.data.tokenize import ReportTokenizer
@@ -451,6 +451,9 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     if size % 16:
         raise ConfigError(f"pre-training image size must be a multiple of 16, got {size}")
     tokenizer = ReportTokenizer(build.text_encoder_dir(config), pre.max_length)  # Its errors before the data's.
+    resuming = checkpoint.has_step(run_dir / "checkpoints" / "latest")
+    if pre.vit_weights and not resuming:  # Likewise a missing file or an uncached hub id (read after the data).
+        hub.resolve_vit_weights(pre.vit_weights)
     corpus.check_files(config)
     # The held-out splits of config.eval.splits are scored for the logs only: nothing is chosen on them (the
     # newest checkpoint is kept); one left out (choosing settings on val) is neither read nor scored.
@@ -473,7 +476,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
           f"{steps_per_epoch} steps per epoch, {mesh.size} device(s)")
 
     model = build.build_model(config, build.text_encoder_config(config))
-    state = initial_state(config, model, mesh, steps_per_epoch, resuming=checkpoint.has_step(run_dir / "checkpoints" / "latest"))
+    state = initial_state(config, model, mesh, steps_per_epoch, resuming=resuming)
     evaluation = EncoderEvaluation(config, model, sets, tokenizer, mesh, batch_size)
     with_view = build.uses_momentum(config)
 
