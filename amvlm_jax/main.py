@@ -9,6 +9,7 @@ picks the job.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -105,6 +106,19 @@ def check_command_line(argv: list[str]) -> str | None:
     return None
 
 
+def last_overrides(argv: list[str]) -> list[str]:
+    """``argv`` with only the last of repeated ``--config.a.b=value`` overrides of one field.
+
+    absl keeps the last value of a repeated flag, but adds up those of a tuple field: ``--config.eval.splits=val,test
+    --config.eval.splits=test`` arrived as ('val,test', 'test'). So that a field set again (a copied command with
+    one more override) takes its last value whatever its type. A field also given without '=' is left to absl.
+    """
+    names = [arg[2:].partition("=")[0] if arg.startswith("--config.") else None for arg in argv]
+    bare = {arg[2:] for arg in argv if arg.startswith("--config.") and "=" not in arg}
+    return [arg for i, (arg, name) in enumerate(zip(argv, names))
+            if name is None or name in bare or name not in names[i + 1:]]
+
+
 def _unparsable(text: str, current) -> str | None:
     """What a field holding `current` takes, when the command line's parser cannot read `text` as it; else None.
 
@@ -145,17 +159,25 @@ def run(config, workdir: str | pathlib.Path) -> dict:
     The resolved config (the synthetic data root and the pre-trained
     encoders' folder as absolute paths; for 'evaluate' and 'predict', the
     model, data and ssl fields recorded in the checkpoint) is written to
-    <workdir>/config.json before the job starts.
+    <workdir>/config.json before the job starts (``config_file``). Evaluate and
+    predict take config.eval.checkpoint, else the workdir's checkpoints, else
+    its pre-training run's (<workdir>/pretrain).
     """
-    from amvlm_jax.config import validate
+    from amvlm_jax.config import ConfigError, validate
     from amvlm_jax.train.logging import info
 
     validate(config)
     workdir = pathlib.Path(workdir)
     if config.mode in ("evaluate", "predict"):
+        if not config.eval.checkpoint and not (workdir / "checkpoints").is_dir():
+            if not (workdir / "pretrain" / "checkpoints").is_dir():
+                raise ConfigError(f"--workdir={workdir}: holds no checkpoint to {config.mode} with; train there first "
+                                  "or name one with --config.eval.checkpoint=PATH (a run's workdir, checkpoint or step "
+                                  "folder)")
+            config.eval.checkpoint = str(workdir / "pretrain")  # A pre-training run's workdir: its checkpoint.
         config, job = checkpoint_config(config, workdir)
     config = resolve(config, workdir)
-    info(f"{config.mode} in {workdir} (resolved config: {workdir / 'config.json'})")
+    info(f"{config.mode} in {workdir} (resolved config: {config_file(config, workdir)})")
     if config.mode == "supervised":
         from amvlm_jax.train import supervised
 
@@ -239,8 +261,22 @@ def checkpoint_config(config, workdir: pathlib.Path):
     return config, job
 
 
+def config_file(config, workdir: pathlib.Path) -> pathlib.Path:
+    """Where a run records its resolved config: <workdir>/config.json, but an evaluation or prediction in the
+    workdir of a training run writes config_evaluate.json / config_predict.json beside that run's record."""
+    path = workdir / "config.json"
+    if config.mode in ("evaluate", "predict") and path.is_file():
+        try:
+            recorded_mode = json.loads(path.read_text()).get("mode")
+        except (ValueError, AttributeError, OSError):  # Not a config this project wrote: replaced.
+            recorded_mode = None
+        if recorded_mode not in (None, "evaluate", "predict"):
+            return workdir / f"config_{config.mode}.json"
+    return path
+
+
 def resolve(config, workdir: pathlib.Path):
-    """The config as the run uses it, recorded in <workdir>/config.json (process 0)."""
+    """The config as the run uses it, recorded in ``config_file`` (process 0)."""
     import jax
 
     config = ml_collections.ConfigDict(config.to_dict())
@@ -263,7 +299,7 @@ def resolve(config, workdir: pathlib.Path):
             raise ConfigError(f"--workdir={workdir}: is a file, not a folder")
         try:
             workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+            config_file(config, workdir).write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
         except OSError as e:  # A file in the way, no permission, a read-only or full disk.
             raise ConfigError(f"--workdir={workdir}: cannot write the run folder there: "
                               f"{e.strerror or e} ({e.filename or workdir})") from None
@@ -299,6 +335,7 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
     problem = check_command_line(sys.argv)
     if problem:
         sys.exit(f"error: {problem}")
+    sys.argv = last_overrides(sys.argv)
     # After the check: config_flags parses the overrides as soon as the flag is defined.
     config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Experiment file, optionally ':variant'.", lock_config=True)
     define_job_flags()

@@ -374,6 +374,14 @@ def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_
                                              "eval.checkpoint": str(tmp_path / "memory" / "pretrain")})
     assert not unlabelled.eval.zero_shot and not unlabelled.eval.probe_fields
     assert main.run(unlabelled, tmp_path / "evaluation_unlabelled") == results
+    # In the pre-training run's own workdir with no checkpoint named: its pre-training checkpoint, and the run's
+    # record of how it was trained stays (the evaluation's goes beside it).
+    trained_record = (tmp_path / "memory" / "config.json").read_text()
+    assert main.run(corpus_config(generated, **{"mode": "evaluate", "eval.splits": ("val", "test")}),
+                    tmp_path / "memory") == results
+    assert (tmp_path / "memory" / "config.json").read_text() == trained_record
+    assert json.loads((tmp_path / "memory" / "config_evaluate.json").read_text())["mode"] == "evaluate"
+    assert json.loads((tmp_path / "evaluation" / "config.json").read_text())["mode"] == "evaluate"
     # The uncertainty analysis with the embedded default's (synthetic) data fields reads the run's corpus pairs,
     # not synthetic data generated into its workdir.
     uncertainty = repo_module("tools/uncertainty.py").analyse(tiny_synthetic_config(), tmp_path / "memory", "val", "",

@@ -64,11 +64,52 @@ def test_a_workdir_that_cannot_be_written_is_a_one_line_error(tmp_path):
         assert str(raised.value) == expected
 
 
+def test_evaluating_or_predicting_in_a_workdir_without_a_checkpoint_is_a_one_line_error(tmp_path):
+    for mode in ("evaluate", "predict"):
+        config = tiny_synthetic_config(mode=mode)
+        with pytest.raises(ConfigError) as raised:
+            main.run(config, tmp_path / "empty")
+        assert str(raised.value) == (f"--workdir={tmp_path / 'empty'}: holds no checkpoint to {mode} with; train there "
+                                     "first or name one with --config.eval.checkpoint=PATH (a run's workdir, checkpoint "
+                                     "or step folder)")
+    assert not (tmp_path / "empty").exists()
+
+
 def test_check_command_line_accepts_valid_overrides():
     argv = ["main", "--config=experiments/monuseg.py:cpu,labeled25", "--config.train.epochs=3", "--config.data.root=x",
             "--config.train.lr=1e-3", "--config.train.min_lr=0", "--config.eval.guidance=false", "--config.eval.guidance",
             "--config.eval.zero_shot={'Type': {'CT': 'a CT scan', 'MR': 'an MRI scan'}}", "--config.eval.splits=val,test"]
     assert main.check_command_line(argv) is None
+
+
+def test_a_field_given_twice_takes_its_last_value_for_tuple_fields_too(monkeypatch):
+    from absl import flags
+    from ml_collections import config_flags
+
+    from amvlm_jax.config import split_name_lists
+
+    experiment = f"--config={REPO_ROOT / 'experiments' / 'monuseg.py'}:cpu"
+    argv = ["main", experiment, "--config.eval.splits=val,test", "--config.train.epochs=3",
+            "--config.data.corpus.text_fields=report", "--config.eval.splits=test", "--config.train.epochs=5",
+            "--config.data.corpus.text_fields=findings,impression", "--config.eval.guidance", "--config.eval.guidance"]
+
+    def parsed(arguments):
+        monkeypatch.setattr(sys, "argv", arguments)  # config_flags reads the overrides when the flag is defined.
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", flag_values=values)
+        values(arguments)
+        split_name_lists(values.config)
+        return values.config
+
+    config = parsed(main.last_overrides(argv))
+    assert config.eval.splits == ("test",) and config.train.epochs == 5
+    assert config.data.corpus.text_fields == ("findings", "impression") and config.eval.guidance is True
+    # What absl alone makes of it: a tuple field's values added up (and its commas then kept in one name).
+    alone = parsed(argv)
+    assert alone.eval.splits == ("val,test", "test") and alone.train.epochs == 5
+    assert main.last_overrides(argv) == [
+        "main", experiment, "--config.eval.splits=test", "--config.train.epochs=5",
+        "--config.data.corpus.text_fields=findings,impression", "--config.eval.guidance", "--config.eval.guidance"]
 
 
 def test_default_workdir_names_experiment_and_variant():
