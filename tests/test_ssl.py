@@ -396,6 +396,13 @@ def test_text_mask_tool_scores_the_run_as_its_config_recorded_it(all_run):
     # The pre-trained encoders' masks: the pre-training run's data (the same here), the command's mask options.
     scored = tool.run_config(command, tmp_path, "")
     assert scored.data.root == recorded["data"]["root"] and scored.ssl.decoder_lr == 0.5
+    # A word-attention head is fitted by a mean-teacher run: without its generator, the decoder's masks (the
+    # embedded default sets the head).
+    command.ssl.text_head, command.ssl.withhold_reports = "report", True
+    scored = tool.run_config(command, tmp_path, "")
+    assert (scored.ssl.text_head, scored.ssl.withhold_reports, scored.ssl.text_veto_only) == (
+        "", False, command.ssl.text_veto_only)
+    assert ssl.TextGuidance(scored, tmp_path, make_mesh(scored, jax.devices()[:1])).head is None
     # Other data named on the command stays.
     command.data.root = str(tmp_path / "elsewhere")
     assert tool.run_config(command, tmp_path, str(tmp_path)).data.root == str(tmp_path / "elsewhere")

@@ -362,8 +362,9 @@ def check_flags(splits: str, workdir: pathlib.Path) -> list[str]:
 
 def run_config(config, workdir: pathlib.Path, generator: str):
     """``config`` as the scored run recorded it: with a generator (a mean-teacher checkpoint), that run's
-    ``ssl`` fields (its mask options and encoders) and data; else the pre-training run's data. The command's
-    data.root reads other data. One-line error for a corpus, which has no masks."""
+    ``ssl`` fields (its mask options and encoders) and data; else the pre-training run's data, and the
+    decoder's masks whatever the command's ssl.text_head. The command's data.root reads other data. One-line
+    error for a corpus, which has no masks."""
     from amvlm_jax.config import ConfigError, with_recorded, with_recorded_data
     from amvlm_jax.data import corpus
     from amvlm_jax.train import checkpoint
@@ -378,6 +379,10 @@ def run_config(config, workdir: pathlib.Path, generator: str):
             info(f"{generator}: the mean-teacher run's recorded fields replace the command's: {changed}")
         config = restored
     config = with_recorded_data(config, recorded)
+    if not generator and config.ssl.text_head:  # E.g. the embedded default's text_report: a head is only ever fitted.
+        info(f"without --generator the masks are the text-mask decoder's at its initialisation: the command's "
+             f"config.ssl.text_head='{config.ssl.text_head}' (a head that a mean-teacher run fits) is not used")
+        config.ssl.text_head, config.ssl.withhold_reports = "", False
     if corpus.is_configured(config):
         raise ConfigError(f"{source}: trained on a corpus ({config.data.corpus.train}), which holds no masks to score "
                           "text masks against; pass --config.data.root= LViT folders with masks")
