@@ -239,6 +239,9 @@ def load_bert(directory, num_layers: Optional[int] = None) -> Tuple[BertConfig, 
 def bert_config(directory, num_layers: Optional[int] = None) -> BertConfig:
     """The BertConfig of a HuggingFace BERT directory's config.json; ``num_layers`` as in ``load_bert``."""
     path = os.path.join(os.fspath(directory), "config.json")
+    if not os.path.isdir(directory):
+        raise WeightError(f"{directory} is not a folder" if os.path.exists(directory) else
+                          f"{directory}: no such folder (a HuggingFace BERT folder: config.json, weights, vocabulary)")
     if not os.path.isfile(path):
         raise WeightError(f"{directory} has no config.json")
     try:

@@ -46,3 +46,14 @@ def test_convert_weights_rejects_an_out_that_is_a_file(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: --out={out}: is a file, not a folder\n"
     with pytest.raises(weights.WeightError, match=r"out: cannot write the checkpoint there"):
         weights.save_params_checkpoint(out, {"w": 0})
+
+
+def test_convert_weights_names_its_own_flag_for_a_bad_source(tmp_path, capsys):
+    convert = repo_module("tools/convert_weights.py")
+    image = tmp_path / "a.png"
+    image.write_bytes(b"not weights")
+    assert convert.main(["--kind", "vit", "--src", str(image), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --src: {image}: unknown checkpoint format")
+    assert convert.main(["--kind", "bert", "--src", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == (f"error: --src: {tmp_path / 'none'}: no such folder (a HuggingFace BERT folder: "
+                                       "config.json, weights, vocabulary)\n")

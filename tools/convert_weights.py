@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,8 +58,8 @@ def main(argv=None) -> int:
         return 1
     try:
         out = convert(args)
-    except weights.WeightError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except weights.WeightError as error:  # The loaders name the config field that takes the file; here it is --src.
+        print(f"error: --src: {re.sub(r'^config[.][a-z_.]+: ', '', str(error))}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return 0
