@@ -206,8 +206,15 @@ def run(config, workdir: str | pathlib.Path) -> dict:
 
         return ssl.train(config, workdir)
     if config.mode == "all":
+        from amvlm_jax.data import folders
         from amvlm_jax.train import pretrain, ssl
 
+        if config.data.name != "synthetic":  # The segmentation stage's folders, before the pre-training's hours.
+            try:
+                folders.check_root(config.data.root)
+            except folders.DataError as error:
+                raise folders.DataError(f"config.mode='all' segments after pre-training, on the LViT folders of "
+                                        f"data.root: {error}") from None
         pretrain.train(config, workdir)
         return ssl.train(config, workdir)
     raise AssertionError(config.mode)  # validate() admits only known modes.

@@ -240,6 +240,19 @@ def test_a_missing_split_file_stops_pretraining_before_any_image_is_decoded(gene
         "config.data.root is not set)"
 
 
+def test_mode_all_on_a_corpus_without_lvit_folders_stops_before_pretraining(generated, tmp_path, monkeypatch):
+    from amvlm_jax import main
+    from amvlm_jax.train import pretrain
+
+    monkeypatch.setattr(pretrain, "train", lambda *args: pytest.fail("pre-trained before the check"))
+    for root, problem in (("", "data.root is not set"), (generated.parent, f"{generated.parent}: no Train_Folder")):
+        config = corpus_config(generated, mode="all", **{"data.root": str(root)})
+        with pytest.raises(DataError) as raised:
+            main.run(config, tmp_path / "run")
+        assert str(raised.value).startswith("config.mode='all' segments after pre-training, on the LViT folders of "
+                                            f"data.root: {problem}")
+
+
 def test_missing_images_are_skipped_and_counted_only_when_asked(tmp_path):
     path = write_corpus(tmp_path, 8)
     (tmp_path / "images" / "3.png").unlink()
