@@ -593,6 +593,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not (hasattr(prompts, "items") and len(prompts) >= 2 and all(isinstance(p, str) and p for p in prompts.values())):
             raise ConfigError(f"config.eval.zero_shot['{label}'] must map two or more class values to prompts, "
                               f"got {prompts.to_dict() if hasattr(prompts, 'to_dict') else prompts!r}")
+    if config.mode in ("ssl", "all") and data.labeled_fraction >= 1.0:  # Known before any pre-training: said first.
+        raise ConfigError(f"config.data.labeled_fraction={data.labeled_fraction} leaves no unlabeled image for the mean "
+                          f"teacher (mode '{config.mode}'): set a fraction below 1, or mode 'supervised'")
     if config.mode in ("ssl", "all") and ssl.rampup_epochs > train.epochs:
         raise ConfigError(f"config.ssl.rampup_epochs={ssl.rampup_epochs} exceeds config.train.epochs={train.epochs}: "
                           "the unlabelled loss would never reach config.ssl.unlabeled_weight")

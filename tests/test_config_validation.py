@@ -164,6 +164,7 @@ BAD_COMBINATIONS = [
     ({"eval.zero_shot": {"Type": {"CT": "a CT scan"}}}, "config.eval.zero_shot['Type'] must map two or more"),
     ({"eval.zero_shot": {"Type": "a CT scan"}}, "config.eval.zero_shot['Type'] must map two or more"),
     ({"mode": "ssl", "ssl.rampup_epochs": 101.0}, "config.ssl.rampup_epochs=101.0 exceeds config.train.epochs="),
+    ({"mode": "all", "data.labeled_fraction": 1.0}, "config.data.labeled_fraction=1.0 leaves no unlabeled image"),
     ({"mode": "evaluate", "eval.splits": ()}, "config.eval.splits is empty: mode 'evaluate' needs a split"),
     ({"data.corpus.val": "val.jsonl"}, "config.data.corpus.val is set but config.data.corpus.train is not"),
     ({"data.corpus.split_field": "split"}, "config.data.corpus.split_field is set but config.data.corpus.train is not"),
@@ -186,7 +187,8 @@ def test_a_missing_section_is_a_config_error():
 
 # Edge values a run can use: they must pass.
 GOOD_VALUES = [
-    {"data.labeled_fraction": 1.0}, {"data.labeled_fraction": 0.01}, {"seed": 2**31 - 1},
+    {"data.labeled_fraction": 1.0, "mode": "supervised"}, {"data.labeled_fraction": 1.0, "mode": "pretrain"},
+    {"data.labeled_fraction": 0.01}, {"seed": 2**31 - 1},
     {"train.min_lr": 1e-3, "train.lr": 1e-3}, {"train.min_lr": 0.0}, {"train.eval_every_epochs": 0},
     {"train.picture_every_epochs": 0, "train.picture_images": 0}, {"train.precise_bn_images": 0},
     {"pretrain.image_size": 0}, {"pretrain.image_lr": 0.0}, {"ssl.decoder_lr": 0.0}, {"ssl.w_text": 0.0},
@@ -229,7 +231,10 @@ def test_every_experiment_and_variant_is_valid(name, module, variant):
     validate(config)
     for mode in ("supervised", "evaluate", "pretrain", "ssl", "all", "predict"):
         config.mode = mode
-        validate(config)
+        if mode in ("ssl", "all") and config.data.labeled_fraction == 1.0:  # No unlabeled image: said at once.
+            assert "leaves no unlabeled image for the mean teacher" in _error(config)
+        else:
+            validate(config)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.5, -1.0, NAN, None])

@@ -246,7 +246,7 @@ def test_mode_all_on_a_corpus_without_lvit_folders_stops_before_pretraining(gene
 
     monkeypatch.setattr(pretrain, "train", lambda *args: pytest.fail("pre-trained before the check"))
     for root, problem in (("", "data.root is not set"), (generated.parent, f"{generated.parent}: no Train_Folder")):
-        config = corpus_config(generated, mode="all", **{"data.root": str(root)})
+        config = corpus_config(generated, mode="all", **{"data.root": str(root), "data.labeled_fraction": 0.5})
         with pytest.raises(DataError) as raised:
             main.run(config, tmp_path / "run")
         assert str(raised.value).startswith("config.mode='all' segments after pre-training, on the LViT folders of "
