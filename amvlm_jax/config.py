@@ -211,7 +211,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.ssl.train_decoder = True  # Train the text-mask decoder on L_tg (its own Adam).
     # Adam rate of the decoder, constant; 0 = train.lr (its peak: SPEC 6 gives the decoder its own optimiser).
     config.ssl.decoder_lr = 0.0
-    config.ssl.pretrained = ""  # Pre-training workdir or checkpoint; '' = <workdir>/pretrain.
+    config.ssl.pretrained = ""  # Pre-training workdir or checkpoint; '' = <workdir>/pretrain (mode 'all': always).
     # BatchNorm of the teacher's predictions: 'batch' (statistics of the unlabeled batch, as the authors'
     # code) or 'ema' (its EMA running statistics, SPEC 6 as written; see ssl.teacher_probabilities).
     config.ssl.teacher_norm = "batch"
@@ -596,6 +596,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.mode in ("ssl", "all") and data.labeled_fraction >= 1.0:  # Known before any pre-training: said first.
         raise ConfigError(f"config.data.labeled_fraction={data.labeled_fraction} leaves no unlabeled image for the mean "
                           f"teacher (mode '{config.mode}'): set a fraction below 1, or mode 'supervised'")
+    if config.mode == "all" and ssl.pretrained:
+        raise ConfigError(f"config.ssl.pretrained={ssl.pretrained!r}: mode 'all' pre-trains the encoders it guides with "
+                          "(<workdir>/pretrain); for encoders pre-trained elsewhere use mode 'ssl'")
     if config.mode in ("ssl", "all") and ssl.rampup_epochs > train.epochs:
         raise ConfigError(f"config.ssl.rampup_epochs={ssl.rampup_epochs} exceeds config.train.epochs={train.epochs}: "
                           "the unlabelled loss would never reach config.ssl.unlabeled_weight")

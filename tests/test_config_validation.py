@@ -165,6 +165,7 @@ BAD_COMBINATIONS = [
     ({"eval.zero_shot": {"Type": "a CT scan"}}, "config.eval.zero_shot['Type'] must map two or more"),
     ({"mode": "ssl", "ssl.rampup_epochs": 101.0}, "config.ssl.rampup_epochs=101.0 exceeds config.train.epochs="),
     ({"mode": "all", "data.labeled_fraction": 1.0}, "config.data.labeled_fraction=1.0 leaves no unlabeled image"),
+    ({"mode": "all", "ssl.pretrained": "runs/other/pretrain"}, "config.ssl.pretrained='runs/other/pretrain': mode 'all'"),
     ({"mode": "evaluate", "eval.splits": ()}, "config.eval.splits is empty: mode 'evaluate' needs a split"),
     ({"data.corpus.val": "val.jsonl"}, "config.data.corpus.val is set but config.data.corpus.train is not"),
     ({"data.corpus.split_field": "split"}, "config.data.corpus.split_field is set but config.data.corpus.train is not"),
