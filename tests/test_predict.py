@@ -205,6 +205,32 @@ def test_restoring_into_other_shapes_is_one_line_before_any_read(trained):
     assert "\n" not in str(error.value)
 
 
+def test_multiclass_masks_are_palette_images_of_the_class_ids_that_the_reader_takes_back(tmp_path):
+    from amvlm_jax.data import folders
+    from amvlm_jax.train import predict
+
+    labels = np.array([[0, 1, 2], [3, 19, 0]], np.uint8)
+    predict.mask_image(labels, 20).save(tmp_path / "mask.png")
+    saved = Image.open(tmp_path / "mask.png")
+    assert saved.mode == "P"
+    np.testing.assert_array_equal(np.asarray(saved), labels)  # Pixel values are the ids, colours only shown.
+    shown = np.asarray(saved.convert("RGB"))
+    assert (shown[0, 0] == 0).all() and (shown[1, 2] == 0).all()  # Background black.
+    assert len({tuple(shown[0, 1]), tuple(shown[0, 2]), tuple(shown[1, 0]), tuple(shown[1, 1])}) == 4
+    read, size = folders.load_mask(tmp_path / "mask.png", 2, num_classes=20)
+    assert size == (3, 2) and set(np.unique(read)) <= set(labels.ravel())
+    # Binary masks stay 0/255 grey, and their overlay red.
+    binary = predict.mask_image(np.array([[0, 1]], np.uint8), 1)
+    assert binary.mode == "L" and np.asarray(binary).tolist() == [[0, 255]]
+    Image.fromarray(np.full((2, 3, 3), 100, np.uint8)).save(tmp_path / "image.png")
+    red = np.asarray(predict.overlay(tmp_path / "image.png", np.array([[0, 1, 1], [0, 0, 1]], np.uint8)))
+    np.testing.assert_array_equal(red[0, 1], [169, 55, 55])  # 0.55 * 100 + 0.45 * (255, 0, 0) = 169.75, truncated.
+    np.testing.assert_array_equal(red[0, 0], [100, 100, 100])
+    coloured = np.asarray(predict.overlay(tmp_path / "image.png", labels, 20))
+    colours = predict.class_colours(20).astype(np.float32)
+    np.testing.assert_array_equal(coloured[1, 1], (0.55 * 100 + 0.45 * colours[19]).astype(np.uint8))
+
+
 def test_multiclass_probabilities_become_class_ids_at_the_original_size():
     from amvlm_jax.train import predict
 

@@ -6,9 +6,11 @@ split folder (img/ and its report sheet, or config.predict.reports). Images are 
 resized to the training resolution, segmented on all devices, and the
 predictions resized back to each image's own size:
 
-  <output>/<relative path>/<stem>.png          0/255 mask (binary) or class ids
+  <output>/<relative path>/<stem>.png          0/255 mask (binary) or class ids (multi-class: a palette
+                                                PNG, its pixel values the ids, shown in colour)
   <stem>_probability.png | .npy                 the foreground probability (predict.probabilities)
-  <stem>_overlay.png                            the image with the mask in red (predict.overlays)
+  <stem>_overlay.png                            the image with the mask in red, or each class in its
+                                                palette colour (predict.overlays)
   <stem>_text.png                               the report's text mask, 0-255 (checkpoints with text guidance)
   <output>/predictions.csv                      file, size, foreground fraction, pixels per class
 
@@ -19,6 +21,7 @@ unless predict.stop_on_error.
 
 from __future__ import annotations
 
+import colorsys
 import concurrent.futures
 import csv
 import pathlib
@@ -108,12 +111,29 @@ def to_original_size(probabilities: np.ndarray, size: tuple[int, int]) -> tuple[
     return np.argmax(classes, axis=-1).astype(np.uint8), 1.0 - classes[..., 0]
 
 
-def overlay(image_path: pathlib.Path, labels: np.ndarray) -> Image.Image:
-    """The image (RGB, its own size) with foreground pixels blended towards red."""
+def class_colours(num_classes: int) -> np.ndarray:
+    """(max(num_classes, 2), 3) uint8 RGB: black for the background, red for a binary task's foreground,
+    the foreground classes of a multi-class one spread around the hue circle (neighbours far apart)."""
+    count = max(num_classes, 2) - 1
+    hues = (np.arange(count) * 0.381966) % 1.0  # Steps of the golden ratio: successive ids contrast.
+    rgb = [colorsys.hsv_to_rgb(h, 1.0, 1.0 if i % 2 == 0 else 0.7) for i, h in enumerate(hues)]
+    return np.round(np.array([(0.0, 0.0, 0.0), *rgb]) * 255).astype(np.uint8)
+
+
+def mask_image(labels: np.ndarray, num_classes: int) -> Image.Image:
+    """The mask file's image: 0/255 grey (binary), else a palette image whose pixel values are the class ids."""
+    if num_classes == 1:
+        return Image.fromarray(labels * 255)
+    image = Image.fromarray(labels, mode="P")
+    image.putpalette(class_colours(num_classes).ravel().tolist())
+    return image
+
+
+def overlay(image_path: pathlib.Path, labels: np.ndarray, num_classes: int = 1) -> Image.Image:
+    """The image (RGB, its own size) with foreground pixels blended towards their class colour (red: binary)."""
     image = np.asarray(folders.open_image(image_path).convert("RGB"), np.float32)
-    red = np.zeros_like(image)
-    red[..., 0] = 255.0
-    blended = np.where(labels[..., None] > 0, 0.55 * image + 0.45 * red, image)
+    colours = class_colours(num_classes).astype(np.float32)[np.minimum(labels, max(num_classes, 2) - 1)]
+    blended = np.where(labels[..., None] > 0, 0.55 * image + 0.45 * colours, image)
     return Image.fromarray(blended.astype(np.uint8))
 
 
@@ -170,14 +190,14 @@ def predict(config, workdir) -> dict:
             target = output / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             labels, foreground = to_original_size(probabilities[index], original)
-            Image.fromarray(labels * 255 if num_classes == 1 else labels).save(target.with_suffix(MASK_SUFFIX))
+            mask_image(labels, num_classes).save(target.with_suffix(MASK_SUFFIX))
             if config.predict.probabilities == "png16":
                 Image.fromarray(np.round(foreground * 65535).astype(np.uint16)).save(
                     target.parent / f"{target.name}_probability.png")
             elif config.predict.probabilities == "npy":
                 np.save(target.parent / f"{target.name}_probability.npy", foreground.astype(np.float32))
             if config.predict.overlays:
-                overlay(path, labels).save(target.parent / f"{target.name}_overlay.png")
+                overlay(path, labels, num_classes).save(target.parent / f"{target.name}_overlay.png")
             if p_text is not None and report:
                 text_map = _resize(p_text[index], original)
                 Image.fromarray(np.round(np.clip(text_map, 0, 1) * 255).astype(np.uint8)).save(
