@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import json
 import pathlib
 
@@ -9,6 +10,15 @@ import numpy as np
 
 OVERLAY_COLORS = {"truth": (0.1, 0.9, 0.1), "prediction": (1.0, 0.2, 0.2), "pseudo-label": (0.2, 0.5, 1.0),
                   "text mask": (1.0, 0.8, 0.0)}
+
+
+def class_colours(num_classes: int) -> np.ndarray:
+    """(max(num_classes, 2), 3) uint8 RGB: black for the background, red for a binary task's foreground,
+    the foreground classes of a multi-class one spread around the hue circle (neighbours far apart)."""
+    count = max(num_classes, 2) - 1
+    hues = (np.arange(count) * 0.381966) % 1.0  # Steps of the golden ratio: successive ids contrast.
+    rgb = [colorsys.hsv_to_rgb(h, 1.0, 1.0 if i % 2 == 0 else 0.7) for i, h in enumerate(hues)]
+    return np.round(np.array([(0.0, 0.0, 0.0), *rgb]) * 255).astype(np.uint8)
 
 
 def _pyplot():
@@ -20,13 +30,25 @@ def _pyplot():
     return plt
 
 
+def tint(image: np.ndarray, panel: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image (H, W, 3) uint8 with ``panel`` blended in, as floats in [0, 1]; the panel's weight (H, W) in
+    [0, 1]; its contour colour). A probability or 0/1 mask blends in the name's colour by its value; an
+    integer panel holding ids above 1 (a multi-class mask or prediction) each class in its ``class_colours``."""
+    ids = np.asarray(panel)
+    value = np.clip(ids.astype(np.float32), 0.0, 1.0)
+    colour = edge = np.array(OVERLAY_COLORS.get(name, (1.0, 0.0, 1.0)), np.float32)
+    if np.issubdtype(ids.dtype, np.integer) and ids.max() > 1:
+        colour, edge = class_colours(int(ids.max()) + 1)[ids] / 255.0, np.ones(3, np.float32)
+    tinted = image / 255.0 * (1 - 0.45 * value[..., None]) + 0.45 * value[..., None] * colour
+    return np.clip(tinted, 0.0, 1.0), value, edge
+
+
 def save_overlays(path: str | pathlib.Path, images: np.ndarray, panels: dict[str, np.ndarray], names=None,
                   title: str = "") -> pathlib.Path:
     """One row per image: the image, then each panel drawn over it.
 
-    images: (N, H, W, 3) uint8. panels: name -> (N, H, W) masks or
-    probabilities in [0, 1] (class ids > 0 count as foreground), drawn as a
-    translucent colour with the 0.5 contour.
+    images: (N, H, W, 3) uint8. panels: name -> (N, H, W) masks, class ids or
+    probabilities in [0, 1], drawn as ``tint`` blends them, with the 0.5 contour.
     """
     plt = _pyplot()
     count, columns = len(images), 1 + len(panels)
@@ -35,13 +57,10 @@ def save_overlays(path: str | pathlib.Path, images: np.ndarray, panels: dict[str
         axes[row, 0].imshow(images[row])
         axes[row, 0].set_title(names[row] if names is not None else "image", fontsize=7)
         for column, (name, values) in enumerate(panels.items(), start=1):
-            value = np.asarray(values[row], np.float32)
-            value = np.clip(value, 0.0, 1.0) if value.max() <= 1.0 else (value > 0).astype(np.float32)
-            colour = np.array(OVERLAY_COLORS.get(name, (1.0, 0.0, 1.0)), np.float32)
-            tinted = images[row] / 255.0 * (1 - 0.45 * value[..., None]) + 0.45 * value[..., None] * colour
-            axes[row, column].imshow(np.clip(tinted, 0, 1))
+            tinted, value, edge = tint(images[row], values[row], name)
+            axes[row, column].imshow(tinted)
             if value.min() < 0.5 < value.max():  # contour needs both sides of the level
-                axes[row, column].contour(value, levels=[0.5], colors=[colour], linewidths=0.6)
+                axes[row, column].contour(value, levels=[0.5], colors=[edge], linewidths=0.6)
             axes[row, column].set_title(name, fontsize=7)
     for axis in axes.ravel():
         axis.axis("off")

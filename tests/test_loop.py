@@ -232,6 +232,27 @@ def test_curves_draw_one_panel_per_split_without_the_constant_counts(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_pictures_draw_multiclass_ids_in_their_class_colours_and_binary_masks_in_the_panels(tmp_path):
+    from amvlm_jax import visualize
+
+    image = np.full((2, 3, 3), 100, np.uint8)
+    ids = np.array([[0, 1, 2], [3, 3, 0]], np.int32)
+    tinted, value, _ = visualize.tint(image, ids, "prediction")
+    colours = visualize.class_colours(4) / 255.0
+    for y, x in ((0, 1), (0, 2), (1, 0)):
+        np.testing.assert_allclose(tinted[y, x], 0.55 * 100 / 255 + 0.45 * colours[ids[y, x]], rtol=1e-6)
+    np.testing.assert_allclose(tinted[0, 0], 100 / 255, rtol=1e-6)
+    assert len({tuple(tinted[0, 1]), tuple(tinted[0, 2]), tuple(tinted[1, 0])}) == 3
+    # A 0/1 mask and a probability: the panel's colour, by the value (a 0/1 class-id panel is a binary one).
+    for panel in (np.array([[0, 1, 1], [0, 0, 0]], np.uint8), np.array([[0.0, 1.0, 0.5], [0, 0, 0]], np.float32)):
+        tinted, value, edge = visualize.tint(image, panel, "truth")
+        np.testing.assert_allclose(edge, visualize.OVERLAY_COLORS["truth"])
+        np.testing.assert_allclose(tinted[0, 1], 0.55 * 100 / 255 + 0.45 * np.array(visualize.OVERLAY_COLORS["truth"]),
+                                   rtol=1e-6)
+    assert visualize.save_overlays(tmp_path / "p.png", image[None], {"truth": ids[None].astype(np.uint8),
+                                                                     "prediction": ids[None]}).is_file()
+
+
 def test_catching_interrupts_leaves_an_ignored_sigint_ignored_and_keeps_a_dropped_ctrl_c():
     import signal
 

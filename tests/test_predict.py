@@ -206,6 +206,7 @@ def test_restoring_into_other_shapes_is_one_line_before_any_read(trained):
 
 
 def test_multiclass_masks_are_palette_images_of_the_class_ids_that_the_reader_takes_back(tmp_path):
+    from amvlm_jax import visualize
     from amvlm_jax.data import folders
     from amvlm_jax.train import predict
 
@@ -227,7 +228,7 @@ def test_multiclass_masks_are_palette_images_of_the_class_ids_that_the_reader_ta
     np.testing.assert_array_equal(red[0, 1], [169, 55, 55])  # 0.55 * 100 + 0.45 * (255, 0, 0) = 169.75, truncated.
     np.testing.assert_array_equal(red[0, 0], [100, 100, 100])
     coloured = np.asarray(predict.overlay(tmp_path / "image.png", labels, 20))
-    colours = predict.class_colours(20).astype(np.float32)
+    colours = visualize.class_colours(20).astype(np.float32)
     np.testing.assert_array_equal(coloured[1, 1], (0.55 * 100 + 0.45 * colours[19]).astype(np.uint8))
 
 

@@ -21,7 +21,6 @@ unless predict.stop_on_error.
 
 from __future__ import annotations
 
-import colorsys
 import concurrent.futures
 import csv
 import pathlib
@@ -31,6 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from amvlm_jax import visualize
 from amvlm_jax.config import ConfigError
 from amvlm_jax.data import folders, pipeline
 from amvlm_jax.train import checkpoint, evaluate, loop, supervised
@@ -111,28 +111,19 @@ def to_original_size(probabilities: np.ndarray, size: tuple[int, int]) -> tuple[
     return np.argmax(classes, axis=-1).astype(np.uint8), 1.0 - classes[..., 0]
 
 
-def class_colours(num_classes: int) -> np.ndarray:
-    """(max(num_classes, 2), 3) uint8 RGB: black for the background, red for a binary task's foreground,
-    the foreground classes of a multi-class one spread around the hue circle (neighbours far apart)."""
-    count = max(num_classes, 2) - 1
-    hues = (np.arange(count) * 0.381966) % 1.0  # Steps of the golden ratio: successive ids contrast.
-    rgb = [colorsys.hsv_to_rgb(h, 1.0, 1.0 if i % 2 == 0 else 0.7) for i, h in enumerate(hues)]
-    return np.round(np.array([(0.0, 0.0, 0.0), *rgb]) * 255).astype(np.uint8)
-
-
 def mask_image(labels: np.ndarray, num_classes: int) -> Image.Image:
     """The mask file's image: 0/255 grey (binary), else a palette image whose pixel values are the class ids."""
     if num_classes == 1:
         return Image.fromarray(labels * 255)
     image = Image.fromarray(labels, mode="P")
-    image.putpalette(class_colours(num_classes).ravel().tolist())
+    image.putpalette(visualize.class_colours(num_classes).ravel().tolist())
     return image
 
 
 def overlay(image_path: pathlib.Path, labels: np.ndarray, num_classes: int = 1) -> Image.Image:
     """The image (RGB, its own size) with foreground pixels blended towards their class colour (red: binary)."""
     image = np.asarray(folders.open_image(image_path).convert("RGB"), np.float32)
-    colours = class_colours(num_classes).astype(np.float32)[np.minimum(labels, max(num_classes, 2) - 1)]
+    colours = visualize.class_colours(num_classes).astype(np.float32)[np.minimum(labels, max(num_classes, 2) - 1)]
     blended = np.where(labels[..., None] > 0, 0.55 * image + 0.45 * colours, image)
     return Image.fromarray(blended.astype(np.uint8))
 
