@@ -383,6 +383,71 @@ def test_teacher_norm_batch_uses_batch_statistics_and_ema_uses_running_ones(visi
     assert not np.allclose(with_batch, with_ema, atol=1e-3)
 
 
+def _multiclass_folders(root, classes: int, size: int, counts=(("Train", 16), ("Val", 4))):
+    """LViT folders of images with one square per foreground class, masks of class ids, and reports naming the
+    half of the image each square is in."""
+    import csv
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in counts:
+        folder = root / f"{split}_Folder"
+        (folder / "img").mkdir(parents=True)
+        (folder / "labelcol").mkdir()
+        rows = []
+        for index in range(count):
+            image = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+            mask = np.zeros((size, size), np.uint8)
+            words = []
+            for label in range(1, classes):
+                y, x = rng.integers(0, size - size // 4, 2)
+                mask[y:y + size // 4, x:x + size // 4] = label
+                image[y:y + size // 4, x:x + size // 4] = 70 * label
+                words.append(f"class {label} in the {'upper' if y < size // 2 else 'lower'} half")
+            Image.fromarray(image).save(folder / "img" / f"case{index}.png")
+            Image.fromarray(mask).save(folder / "labelcol" / f"case{index}.png")
+            rows.append([f"case{index}.png", ", ".join(words)])
+        with open(folder / f"{split}_text.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["Image", "Description"], *rows])
+    return root
+
+
+def test_a_multiclass_text_guided_run_scores_and_predicts_the_same_class_masks(all_run, tmp_path):
+    import csv
+
+    from PIL import Image
+
+    _, pretrained, _ = all_run
+    root = _multiclass_folders(tmp_path / "data", classes=3, size=64)
+    config = tiny_pretrain_config(**{
+        "mode": "ssl", "data.name": "mrspineseg", "data.root": str(root), "data.num_classes": 3,
+        "data.labeled_fraction": 0.5, "train.epochs": 1, "ssl.pretrained": str(pretrained / "pretrain")})
+    results = main.run(config, tmp_path / "run")
+    assert results["val"]["images"] == 4 and results["test"] is None
+    guidance = json.loads((tmp_path / "run" / "guidance.json").read_text())
+    assert set(guidance["val"]) == {"images", "text_mask", "teacher", "pseudo_label", "student"}
+    assert guidance["unlabeled"]["images"] == 8
+    # The checkpoint's class masks, written by predict and scored here by hand, give evaluation's per-image Dice.
+    main.run(tiny_synthetic_config(**{"mode": "predict", "eval.checkpoint": str(tmp_path / "run"),
+                                      "predict.input": str(root / "Val_Folder"),
+                                      "predict.output": str(tmp_path / "masks")}), tmp_path / "predict")
+    with open(tmp_path / "run" / "per_image_val.csv") as f:
+        scored = {row["file"]: float(row["dice"]) for row in csv.DictReader(f)}
+    assert len(scored) == 4
+    for name, dice in scored.items():
+        stem = name.rsplit(".", 1)[0]
+        predicted = Image.open(tmp_path / "masks" / f"{stem}.png")
+        assert predicted.mode == "P"
+        predicted = np.asarray(predicted)
+        truth = np.asarray(Image.open(root / "Val_Folder" / "labelcol" / f"{stem}.png"))
+        per_class = []
+        for label in (1, 2):
+            p, y = predicted == label, truth == label
+            per_class.append(1.0 if p.sum() + y.sum() == 0 else 2 * (p & y).sum() / (p.sum() + y.sum()))
+        assert dice == pytest.approx(100 * np.mean(per_class), abs=1e-3), name
+
+
 def test_text_mask_tool_scores_the_run_as_its_config_recorded_it(all_run):
     config, tmp_path, _ = all_run
     tool = repo_module("tools/text_masks.py")
