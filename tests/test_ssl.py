@@ -383,6 +383,17 @@ def test_teacher_norm_batch_uses_batch_statistics_and_ema_uses_running_ones(visi
     assert not np.allclose(with_batch, with_ema, atol=1e-3)
 
 
+def test_missing_encoders_name_the_fix_that_fits_the_mode(tmp_path):
+    config = tiny_pretrain_config(**{"mode": "evaluate", "ssl.pretrained": str(tmp_path / "moved")})
+    mesh = make_mesh(config, jax.devices()[:1])
+    with pytest.raises(ConfigError, match=r"moved: the pre-trained encoders of the checkpoint's text guidance are not "
+                                          r"there \(moved\?\); pass their folder as --config.ssl.pretrained=PATH$"):
+        ssl.TextGuidance(config, tmp_path, mesh)
+    config.mode = "ssl"
+    with pytest.raises(ConfigError, match="no pre-trained encoders for text guidance; run mode 'pretrain'"):
+        ssl.TextGuidance(config, tmp_path, mesh)
+
+
 def _multiclass_folders(root, classes: int, size: int, counts=(("Train", 16), ("Val", 4))):
     """LViT folders of images with one square per foreground class, masks of class ids, and reports naming the
     half of the image each square is in."""

@@ -73,6 +73,9 @@ class TextGuidance:
         """Restores the encoders from config.ssl.pretrained, else <workdir>/pretrain, built as the
         pre-training run's recorded config describes them (its ``pretrain`` fields, not this command's)."""
         source = pathlib.Path(config.ssl.pretrained or workdir / "pretrain")
+        if not source.exists() and config.mode in ("evaluate", "predict"):
+            raise ConfigError(f"{source}: the pre-trained encoders of the checkpoint's text guidance are not there "
+                              "(moved?); pass their folder as --config.ssl.pretrained=PATH")
         if not source.exists():
             raise ConfigError(
                 f"{source}: no pre-trained encoders for text guidance; run mode 'pretrain' (or 'all') first, "
