@@ -245,6 +245,10 @@ def checkpoint_config(config, workdir: pathlib.Path):
         from amvlm_jax.train.logging import info
 
         restored = with_recorded(config, meta["config"], keep_data_root=bool(config.data.root))
+        moved = restored.data.root and not pathlib.Path(restored.data.root).expanduser().exists()
+        if config.mode == "evaluate" and moved and not config.data.root and restored.data.name != "synthetic":
+            raise ConfigError(f"{restored.data.root}: the data root that {source} recorded does not exist (moved?); "
+                              "pass --config.data.root=DIR")
         # Where the data and the encoders lie and how the data is read are filled in, not replaced: not named;
         # nor are the sections this job's model never reads (a U-Net checkpoint's pre-training fields).
         read = {"supervised": ("unet", "data"), "pretrain": ("pretrain", "data")}.get(job, RECORDED_SECTIONS)

@@ -457,6 +457,15 @@ def test_a_multiclass_text_guided_run_scores_and_predicts_the_same_class_masks(a
             p, y = predicted == label, truth == label
             per_class.append(1.0 if p.sum() + y.sum() == 0 else 2 * (p & y).sum() / (p.sum() + y.sum()))
         assert dice == pytest.approx(100 * np.mean(per_class), abs=1e-3), name
+    # The data moved: evaluating from the embedded default's command says to name it, and named, it is read as the
+    # run's multi-class folders (not as a folder to generate the default's synthetic data into).
+    moved = root.rename(tmp_path / "moved")
+    evaluate = tiny_synthetic_config(**{"mode": "evaluate", "eval.checkpoint": str(tmp_path / "run"),
+                                        "eval.guidance": False})
+    with pytest.raises(ConfigError, match=f"^{root}: the data root that {tmp_path / 'run'} recorded does not exist"):
+        main.run(evaluate, tmp_path / "evaluation")
+    evaluate.data.root = str(moved)
+    assert main.run(evaluate, tmp_path / "evaluation") == results
 
 
 def test_text_mask_tool_scores_the_run_as_its_config_recorded_it(all_run):
