@@ -304,9 +304,12 @@ def with_recorded(config: ml_collections.ConfigDict, recorded: dict, sections=RE
 
 
 def with_recorded_data(config: ml_collections.ConfigDict, recorded: dict | None) -> ml_collections.ConfigDict:
-    """``config`` reading the data a run recorded (its ``data`` section), unless the command names its own
-    (config.data.root) or nothing was recorded: the analysis tools score a run on the pairs it was trained on."""
-    return config if not recorded or config.data.root else with_recorded(config, recorded, sections=("data",))
+    """``config`` reading the data a run recorded (its ``data`` section; the command's data.root, when it names
+    one, as ``with_recorded`` keeps it: moved or other folders read as the run read its own), unless nothing
+    was recorded: the analysis tools score a run on the pairs it was trained on."""
+    if not recorded:
+        return config
+    return with_recorded(config, recorded, sections=("data",), keep_data_root=bool(config.data.root))
 
 
 def _assign(node: ml_collections.ConfigDict, values: dict) -> None:

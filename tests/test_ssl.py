@@ -466,6 +466,10 @@ def test_a_multiclass_text_guided_run_scores_and_predicts_the_same_class_masks(a
         main.run(evaluate, tmp_path / "evaluation")
     evaluate.data.root = str(moved)
     assert main.run(evaluate, tmp_path / "evaluation") == results
+    # So do the analysis tools: the run's recorded data fields, at the folder named.
+    scored = repo_module("tools/text_masks.py").run_config(tiny_synthetic_config(**{"data.root": str(moved)}),
+                                                           tmp_path / "run", str(tmp_path / "run"))
+    assert (scored.data.name, scored.data.num_classes, scored.data.root) == ("mrspineseg", 3, str(moved))
 
 
 def test_text_mask_tool_scores_the_run_as_its_config_recorded_it(all_run):
