@@ -406,6 +406,9 @@ def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_
         repo_module("tools/uncertainty.py").analyse(tiny_synthetic_config(), tmp_path / "memory", "val", "nope", "", count=2)
     with pytest.raises(ConfigError, match=r"pretrain: trained on a corpus .*, which holds no masks to score text masks"):
         repo_module("tools/text_masks.py").run_config(tiny_synthetic_config(), tmp_path / "memory", "")
+    lvit = repo_module("tools/text_masks.py").run_config(tiny_synthetic_config(**{"data.root": str(tmp_path / "lvit")}),
+                                                         tmp_path / "memory", "")
+    assert lvit.data.root == str(tmp_path / "lvit") and not corpus.is_configured(lvit)
     # eval.initial: the encoders as the run started them, so its epoch-0 scores, from its recorded seed
     # whatever the command's; the pre-trained ones score otherwise.
     config.eval.initial, config.seed = True, config.seed + 1

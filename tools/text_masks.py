@@ -378,7 +378,10 @@ def run_config(config, workdir: pathlib.Path, generator: str):
         if changed := config_changes(recorded_config(config), recorded_config(restored), ("ssl",)):
             info(f"{generator}: the mean-teacher run's recorded fields replace the command's: {changed}")
         config = restored
+    other_folders = bool(config.data.root)
     config = with_recorded_data(config, recorded)
+    if other_folders and corpus.is_configured(config):  # A corpus run scored on LViT folders: masks live there.
+        config.data.corpus.train = config.data.corpus.val = config.data.corpus.test = ""
     if not generator and config.ssl.text_head:  # E.g. the embedded default's text_report: a head is only ever fitted.
         info(f"without --generator the masks are the text-mask decoder's at its initialisation: the command's "
              f"config.ssl.text_head='{config.ssl.text_head}' (a head that a mean-teacher run fits) is not used")
