@@ -367,11 +367,11 @@ def run_config(config, workdir: pathlib.Path, generator: str):
     error for a corpus, which has no masks."""
     from amvlm_jax.config import ConfigError, with_recorded, with_recorded_data
     from amvlm_jax.data import corpus
-    from amvlm_jax.train import checkpoint
+    from amvlm_jax.train import checkpoint, ssl
     from amvlm_jax.train.logging import info
     from amvlm_jax.train.loop import config_changes, recorded_config
 
-    source = generator or config.ssl.pretrained or workdir / "pretrain"
+    source = generator or ssl.pretrained_source(config, workdir)
     recorded = checkpoint.read_meta(source).get("config") if generator or pathlib.Path(source).exists() else None
     if generator and recorded:
         restored = with_recorded(config, recorded, sections=("ssl",))

@@ -47,7 +47,7 @@ def load_model(config, workdir: pathlib.Path):
     from amvlm_jax.train import build, ssl
     from amvlm_jax.train.parallel import make_mesh
 
-    source = pathlib.Path(config.ssl.pretrained or workdir / "pretrain")
+    source = ssl.pretrained_source(config, workdir)
     if not source.exists():
         raise ConfigError(f"{source}: no pre-trained model; run mode 'pretrain' or 'all' first, or set config.ssl.pretrained")
     config, model, variables, meta, used = ssl.restore_pretrained(config, source, make_mesh(config, jax.devices()[:1], 1))
@@ -141,10 +141,10 @@ def analyse(config, workdir: pathlib.Path, split_name: str, image_name: str, rep
 
     from amvlm_jax.config import ConfigError, with_recorded_data
     from amvlm_jax.data import datasets
-    from amvlm_jax.train import checkpoint, pretrain
+    from amvlm_jax.train import checkpoint, pretrain, ssl
 
     model, variables, tokenizer, size = load_model(config, workdir)
-    recorded = checkpoint.read_meta(pathlib.Path(config.ssl.pretrained or workdir / "pretrain")).get("config")
+    recorded = checkpoint.read_meta(ssl.pretrained_source(config, workdir)).get("config")
     config = with_recorded_data(config, recorded)
     loaded = pretrain.load_pairs(config, workdir, split_name, size)  # LViT folders or a corpus, as the run read them.
     if loaded is None:

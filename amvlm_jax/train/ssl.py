@@ -72,7 +72,7 @@ class TextGuidance:
     def __init__(self, config, workdir: pathlib.Path, mesh):
         """Restores the encoders from config.ssl.pretrained, else <workdir>/pretrain, built as the
         pre-training run's recorded config describes them (its ``pretrain`` fields, not this command's)."""
-        source = pathlib.Path(config.ssl.pretrained or workdir / "pretrain")
+        source = pretrained_source(config, workdir)
         if not source.exists() and config.mode in ("evaluate", "predict"):
             raise ConfigError(f"{source}: the pre-trained encoders of the checkpoint's text guidance are not there "
                               "(moved?); pass their folder as --config.ssl.pretrained=PATH")
@@ -146,6 +146,11 @@ class TextGuidance:
         """Frozen features: patch map (B, h, w, D) and report embeddings t (B, D)."""
         text = self.model.apply(variables, tokens, False, method=self.model.encode_text)
         return self.patch_map(variables, images), jax.lax.stop_gradient(text["t"])
+
+
+def pretrained_source(config, workdir) -> pathlib.Path:
+    """The pre-training run whose encoders guide: config.ssl.pretrained, else <workdir>/pretrain."""
+    return pathlib.Path(config.ssl.pretrained or pathlib.Path(workdir) / "pretrain")
 
 
 def restore_pretrained(config, source: pathlib.Path, mesh):
