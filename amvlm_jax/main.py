@@ -174,6 +174,7 @@ def run(config, workdir: str | pathlib.Path) -> dict:
                 raise ConfigError(f"--workdir={workdir}: holds no checkpoint to {config.mode} with; train there first "
                                   "or name one with --config.eval.checkpoint=PATH (a run's workdir, checkpoint or step "
                                   "folder)")
+            config = config.copy_and_resolve_references()  # The caller's config stays as it was given.
             config.eval.checkpoint = str(workdir / "pretrain")  # A pre-training run's workdir: its checkpoint.
         config, job = checkpoint_config(config, workdir)
     config = resolve(config, workdir)

@@ -390,8 +390,9 @@ def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_
     # In the pre-training run's own workdir with no checkpoint named: its pre-training checkpoint, and the run's
     # record of how it was trained stays (the evaluation's goes beside it).
     trained_record = (tmp_path / "memory" / "config.json").read_text()
-    assert main.run(corpus_config(generated, **{"mode": "evaluate", "eval.splits": ("val", "test")}),
-                    tmp_path / "memory") == results
+    in_place = corpus_config(generated, **{"mode": "evaluate", "eval.splits": ("val", "test")})
+    assert main.run(in_place, tmp_path / "memory") == results
+    assert in_place.eval.checkpoint == ""  # The caller's config is left as given.
     assert (tmp_path / "memory" / "config.json").read_text() == trained_record
     assert json.loads((tmp_path / "memory" / "config_evaluate.json").read_text())["mode"] == "evaluate"
     assert json.loads((tmp_path / "evaluation" / "config.json").read_text())["mode"] == "evaluate"

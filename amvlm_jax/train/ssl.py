@@ -73,10 +73,10 @@ class TextGuidance:
         """Restores the encoders from config.ssl.pretrained, else <workdir>/pretrain, built as the
         pre-training run's recorded config describes them (its ``pretrain`` fields, not this command's)."""
         source = pretrained_source(config, workdir)
-        if not source.exists() and config.mode in ("evaluate", "predict"):
-            raise ConfigError(f"{source}: the pre-trained encoders of the checkpoint's text guidance are not there "
-                              "(moved?); pass their folder as --config.ssl.pretrained=PATH")
         if not source.exists():
+            if config.mode in ("evaluate", "predict"):
+                raise ConfigError(f"{source}: the pre-trained encoders of the checkpoint's text guidance are not "
+                                  "there (moved?); pass their folder as --config.ssl.pretrained=PATH")
             raise ConfigError(
                 f"{source}: no pre-trained encoders for text guidance; run mode 'pretrain' (or 'all') first, "
                 "set config.ssl.pretrained, or set config.ssl.w_text=0 and config.ssl.train_decoder=False"
