@@ -30,25 +30,27 @@ def _pyplot():
     return plt
 
 
-def tint(image: np.ndarray, panel: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def tint(image: np.ndarray, panel: np.ndarray, name: str, num_classes: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image (H, W, 3) uint8 with ``panel`` blended in, as floats in [0, 1]; the panel's weight (H, W) in
     [0, 1]; its contour colour). A probability or 0/1 mask blends in the name's colour by its value; an
-    integer panel holding ids above 1 (a multi-class mask or prediction) each class in its ``class_colours``."""
+    integer panel of a multi-class task (``num_classes`` > 2, or ids above 1) each class in its
+    ``class_colours``, so class 1 has one colour whether or not an image also holds higher ids."""
     ids = np.asarray(panel)
     value = np.clip(ids.astype(np.float32), 0.0, 1.0)
     colour = edge = np.array(OVERLAY_COLORS.get(name, (1.0, 0.0, 1.0)), np.float32)
-    if np.issubdtype(ids.dtype, np.integer) and ids.max() > 1:
-        colour, edge = class_colours(int(ids.max()) + 1)[ids] / 255.0, np.ones(3, np.float32)
+    if np.issubdtype(ids.dtype, np.integer) and (num_classes > 2 or ids.max() > 1):
+        colour, edge = class_colours(max(num_classes, int(ids.max()) + 1))[ids] / 255.0, np.ones(3, np.float32)
     tinted = image / 255.0 * (1 - 0.45 * value[..., None]) + 0.45 * value[..., None] * colour
     return np.clip(tinted, 0.0, 1.0), value, edge
 
 
 def save_overlays(path: str | pathlib.Path, images: np.ndarray, panels: dict[str, np.ndarray], names=None,
-                  title: str = "") -> pathlib.Path:
+                  title: str = "", num_classes: int = 1) -> pathlib.Path:
     """One row per image: the image, then each panel drawn over it.
 
     images: (N, H, W, 3) uint8. panels: name -> (N, H, W) masks, class ids or
-    probabilities in [0, 1], drawn as ``tint`` blends them, with the 0.5 contour.
+    probabilities in [0, 1], drawn as ``tint`` blends them (``num_classes`` of
+    the task), with the 0.5 contour.
     """
     plt = _pyplot()
     count, columns = len(images), 1 + len(panels)
@@ -57,7 +59,7 @@ def save_overlays(path: str | pathlib.Path, images: np.ndarray, panels: dict[str
         axes[row, 0].imshow(images[row])
         axes[row, 0].set_title(names[row] if names is not None else "image", fontsize=7)
         for column, (name, values) in enumerate(panels.items(), start=1):
-            tinted, value, edge = tint(images[row], values[row], name)
+            tinted, value, edge = tint(images[row], values[row], name, num_classes)
             axes[row, column].imshow(tinted)
             if value.min() < 0.5 < value.max():  # contour needs both sides of the level
                 axes[row, column].contour(value, levels=[0.5], colors=[edge], linewidths=0.6)

@@ -249,8 +249,12 @@ def test_pictures_draw_multiclass_ids_in_their_class_colours_and_binary_masks_in
         np.testing.assert_allclose(edge, visualize.OVERLAY_COLORS["truth"])
         np.testing.assert_allclose(tinted[0, 1], 0.55 * 100 / 255 + 0.45 * np.array(visualize.OVERLAY_COLORS["truth"]),
                                    rtol=1e-6)
+    # In a multi-class task an image holding only class 1 still draws it in class 1's colour, not the panel's.
+    only_one = np.array([[0, 1, 1], [0, 0, 0]], np.uint8)
+    tinted, _, _ = visualize.tint(image, only_one, "truth", num_classes=4)
+    np.testing.assert_allclose(tinted[0, 1], 0.55 * 100 / 255 + 0.45 * colours[1], rtol=1e-6)
     assert visualize.save_overlays(tmp_path / "p.png", image[None], {"truth": ids[None].astype(np.uint8),
-                                                                     "prediction": ids[None]}).is_file()
+                                                                     "prediction": ids[None]}, num_classes=4).is_file()
 
 
 def test_catching_interrupts_leaves_an_ignored_sigint_ignored_and_keeps_a_dropped_ctrl_c():

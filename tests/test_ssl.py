@@ -439,6 +439,7 @@ def test_a_multiclass_text_guided_run_scores_and_predicts_the_same_class_masks(a
     guidance = json.loads((tmp_path / "run" / "guidance.json").read_text())
     assert set(guidance["val"]) == {"images", "text_mask", "teacher", "pseudo_label", "student"}
     assert guidance["unlabeled"]["images"] == 8
+    assert sorted(path.name for path in (tmp_path / "run" / "pictures").iterdir()) == ["epoch_0001.png"]
     # The checkpoint's class masks, written by predict and scored here by hand, give evaluation's per-image Dice.
     main.run(tiny_synthetic_config(**{"mode": "predict", "eval.checkpoint": str(tmp_path / "run"),
                                       "predict.input": str(root / "Val_Folder"),

@@ -79,7 +79,7 @@ def validation_evaluator(config, eval_step, split: SplitArrays, mesh: Mesh):
 
 def picture_writer(config, workdir: pathlib.Path, split: SplitArrays, panels: Callable) -> Callable:
     """(state, epoch) -> None: overlays of the first train.picture_images images of ``split`` with their
-    true masks and ``panels(state, rows)`` -> {name: (N, H, W) in [0, 1]}, to <workdir>/pictures/."""
+    true masks and ``panels(state, rows)`` -> {name: (N, H, W) in [0, 1], or class ids}, to <workdir>/pictures/."""
     rows = np.arange(min(config.train.picture_images, len(split)))
 
     def write(state, epoch: int) -> None:
@@ -88,6 +88,7 @@ def picture_writer(config, workdir: pathlib.Path, split: SplitArrays, panels: Ca
             visualize.save_overlays(
                 pathlib.Path(workdir) / "pictures" / f"epoch_{epoch:04d}.png", split.images[rows],
                 {"truth": split.masks[rows], **maps}, names=[split.names[i] for i in rows], title=f"epoch {epoch}",
+                num_classes=config.data.num_classes,
             )
 
     return write

@@ -395,9 +395,9 @@ def make_picture_panels(config, model, guidance: TextGuidance | None, mesh, spli
     """(state, rows) -> {'prediction', 'pseudo-label'[, 'text mask']}: (N, H, W) maps of split rows.
 
     prediction: the student's foreground probability (labels when
-    multi-class); pseudo-label: the foreground probability of the fused
-    pseudo-label (the teacher's alone without guidance); text mask: p_text
-    from each image's own report.
+    multi-class); pseudo-label: the fused pseudo-label's foreground
+    probability (its most probable class when multi-class; the teacher's
+    alone without guidance); text mask: p_text from each image's own report.
     """
     num_classes, w_text = config.data.num_classes, float(config.ssl.w_text)
     predict_step = evaluate.make_predict_step(model)
@@ -414,7 +414,7 @@ def make_picture_panels(config, model, guidance: TextGuidance | None, mesh, spli
             _, masks = text_mask_outputs(guidance, trained, frozen, images, report_tokens(batch))
             p_text = masks["p_text"]
             pseudo = fuse(pseudo, p_text, w_text, num_classes, guidance)
-        return (pseudo if num_classes == 1 else 1.0 - pseudo[..., 0]), p_text
+        return (pseudo if num_classes == 1 else jnp.argmax(pseudo, axis=-1).astype(jnp.int32)), p_text
 
     def panels(state, rows):
         batch = evaluate.rows_batch(mesh, arrays, rows)
