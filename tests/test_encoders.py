@@ -421,6 +421,63 @@ def test_bert_weight_errors_name_file_and_tensor(tiny_bert_dir, tmp_path):
         assert text == f"{target / 'model.safetensors'}: {message}"
 
 
+def test_vit_refuses_tensors_it_has_no_place_for(tiny_vit_params, tiny_vit_images, tmp_path):
+    """Layer scale, q/k norms, register tokens, a pre-norm: ignoring them loads other features silently."""
+    state = vit_params_to_timm(tiny_vit_params)
+    width = TINY_VIT["width"]
+    for extra in ("blocks.0.ls1.gamma", "blocks.1.attn.q_norm.weight", "norm_pre.weight"):
+        path = tmp_path / "extra.safetensors"
+        save_file(dict(state, **{extra: np.full((width,), 0.5, np.float32)}), str(path))
+        with pytest.raises(WeightError) as info:
+            weights.load_vit(path, TINY_VIT, image_size=TINY_IMAGE)
+        assert str(info.value).startswith(f"config.pretrain.vit_weights: {path}: tensor '{extra}' has no counterpart")
+        assert "\n" not in str(info.value)
+    path = tmp_path / "reg.safetensors"
+    save_file(dict(state, reg_token=np.zeros((1, 4, width), np.float32)), str(path))
+    with pytest.raises(WeightError, match="tensor 'reg_token' has no counterpart"):
+        weights.load_vit(path, TINY_VIT, image_size=TINY_IMAGE)
+    # Heads, pooling norms and blocks past the ViT's depth are no part of its tokens: still loaded.
+    deeper = dict(state, **{"fc_norm.weight": np.ones((width,), np.float32), "head.bias": np.zeros((10,), np.float32)})
+    deeper |= {k.replace("blocks.1.", "blocks.2."): v for k, v in state.items() if k.startswith("blocks.1.")}
+    save_file(deeper, str(path))
+    _assert_trees_equal(weights.load_vit(path, TINY_VIT, image_size=TINY_IMAGE), tiny_vit_params)
+
+
+def test_bert_folder_of_another_model_is_a_one_line_error(tiny_bert_dir, tmp_path):
+    """A RoBERTa folder's tensors have BERT's names but its positions start at 2: refused, not misloaded;
+    an activation the encoder lacks is a WeightError, not a traceback from inside the model."""
+    directory, _ = tiny_bert_dir
+    values = json.loads((directory / "config.json").read_text())
+    for case, change, message in (
+        ("roberta", dict(model_type="roberta"), "model_type 'roberta' is no BERT"),
+        ("distilbert", dict(model_type="distilbert"), "model_type 'distilbert' is no BERT"),
+        ("silu", dict(hidden_act="silu"), "unsupported hidden_act 'silu'"),
+        ("relative", dict(position_embedding_type="relative_key"), "position_embedding_type 'relative_key'"),
+    ):
+        folder = tmp_path / case
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(dict(values, **change)))
+        os.symlink(directory / "model.safetensors", folder / "model.safetensors")
+        with pytest.raises(WeightError) as info:
+            weights.load_bert(folder)
+        assert str(info.value).startswith(f"{folder / 'config.json'}: {message}")
+        assert "\n" not in str(info.value)
+
+
+def test_bert_sharded_folder_loads_like_one_file(tiny_bert_dir, tmp_path):
+    directory, params = tiny_bert_dir
+    state = bert_params_to_hf(params)
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(tmp_path / shard))
+    index = {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text((directory / "config.json").read_text())
+    _, loaded = weights.load_bert(tmp_path)
+    _assert_trees_equal(loaded, params)
+
+
 def test_bert_bin_without_torch_is_a_clear_error(tiny_bert_dir, tmp_path, monkeypatch):
     directory, _ = tiny_bert_dir
     (tmp_path / "config.json").write_text((directory / "config.json").read_text())
@@ -500,7 +557,9 @@ def test_broken_text_encoder_folder_is_one_line_naming_the_field_and_file(tiny_b
     folder = broken("noconfig", drop=("config.json",))
     assert _text_encoder_error(folder, text_config) == f"{field}{folder} has no config.json"
     folder = broken("noweights", drop=("model.safetensors",))
-    assert _text_encoder_error(folder, load) == f"{field}{folder} has no model.safetensors or pytorch_model.bin"
+    assert _text_encoder_error(folder, load) == (
+        f"{field}{folder} has no model.safetensors, model.safetensors.index.json, pytorch_model.bin "
+        "or pytorch_model.bin.index.json")
     folder = broken("notokenizer", drop=("vocab.txt", "tokenizer.json"))
     assert _text_encoder_error(folder, tokenizer) == f"{field}{folder} has no tokenizer.json or vocab.txt"
     folder = broken("junkweights", replace={"model.safetensors": b"junk" * 10})
