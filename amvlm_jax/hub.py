@@ -11,6 +11,7 @@ the hub whether the branch has moved.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 
@@ -30,6 +31,7 @@ TEXT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 TEXT_TOKENIZER = ("tokenizer.json", "vocab.txt")
 TEXT_SETTINGS = "tokenizer_config.json"  # do_lower_case, where the repository has it
 VIT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+SHARDED = {"model.safetensors": "model.safetensors.index.json", "pytorch_model.bin": "pytorch_model.bin.index.json"}
 
 _REPO_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")
 
@@ -52,8 +54,7 @@ def resolve_text_encoder(name: str, cache_dir=None) -> str:
         return name
     repo = _Repo(name, "config.pretrain.text_encoder", cache_dir,
                  TEXT_WEIGHTS + ("config.json",) + TEXT_TOKENIZER + (TEXT_SETTINGS,))
-    folder = os.path.dirname(repo.file(TEXT_WEIGHTS))
-    repo.revision = os.path.basename(folder)  # the other files from the same commit
+    folder = os.path.dirname(repo.weights(TEXT_WEIGHTS))
     repo.file(("config.json",))
     repo.file(TEXT_TOKENIZER)
     if repo.downloaded:  # optional: a fetch takes it too, a cached folder is used as it is (no network)
@@ -71,7 +72,7 @@ def resolve_vit_weights(name: str, cache_dir=None) -> str:
     """
     if os.path.exists(name):
         return name
-    return _Repo(name, "config.pretrain.vit_weights", cache_dir, VIT_WEIGHTS).file(VIT_WEIGHTS)
+    return _Repo(name, "config.pretrain.vit_weights", cache_dir, VIT_WEIGHTS).weights(VIT_WEIGHTS)
 
 
 class _Repo:
@@ -116,6 +117,20 @@ class _Repo:
             f"(revision {self.revision}) has no {' or '.join(alternatives)} in the hub cache {self.cache_dir} "
             f"while {reason}; on an online machine run `hf download {self.repo_id}{revision} "
             f"{' '.join(self.wanted)}` and copy the {os.path.basename(folder)} folder of its hub cache to {folder}")
+
+    def weights(self, alternatives) -> str:
+        """``file`` of ``alternatives``, each also as a sharded checkpoint's index (then its shards too); the revision is
+        then pinned to that file's commit (the other files from the same one)."""
+        path = self.file(tuple(name for file in alternatives for name in (file, SHARDED.get(file)) if name))
+        self.revision = os.path.basename(os.path.dirname(path))
+        shards = []
+        if path.endswith(".index.json"):
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):  # a bad index: the loader says so
+                with open(path, encoding="utf-8") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+        for shard in shards:
+            self.file((str(shard),))
+        return path
 
     def download(self, alternatives) -> str | None:
         """Path of the first of ``alternatives`` that the hub has, downloaded into the cache;

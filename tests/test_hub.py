@@ -1,6 +1,7 @@
 """Hub ids for config.pretrain.text_encoder / vit_weights, resolved in a fake hub cache (no network)."""
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -185,7 +186,7 @@ def test_online_downloads_what_the_cache_lacks(cache, online, vit_file, monkeypa
 
     monkeypatch.setattr(hub, "hf_hub_download", download)
     assert hub.resolve_vit_weights(VIT_ID).endswith(f"snapshots/{COMMIT}/pytorch_model.bin")
-    assert asked == ["model.safetensors", "pytorch_model.bin"]
+    assert asked == ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
     asked.clear()
     assert hub.resolve_vit_weights(VIT_ID).endswith("pytorch_model.bin")  # now from the cache
     assert asked == []
@@ -256,3 +257,29 @@ def test_pretraining_names_an_uncached_vit_id_before_reading_the_data(cache, tmp
     with pytest.raises(ConfigError, match=r"^config.pretrain.vit_weights: 'facebook/deit-tiny-patch16-224' is no "
                                           "existing path, .* while HF_HUB_OFFLINE is set"):
         pretrain.train(config, tmp_path / "run")
+
+
+def test_sharded_weights_in_the_cache_resolve_with_their_shards(cache, vit_file, tmp_path):
+    """A sharded checkpoint (model.safetensors.index.json and its shards) in the cache loads; a shard the
+    cache lacks offline is a one-line error naming it, not a misleading 'has no model.safetensors'."""
+    path, params = vit_file
+    state = vit_params_to_timm(params)
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    files = {}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(tmp_path / shard))
+        files[shard] = tmp_path / shard
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    add_to_cache(cache, "me/sharded", dict(files, **{index.name: index}))
+    resolved = hub.resolve_vit_weights("me/sharded")
+    assert resolved.endswith(f"snapshots/{COMMIT}/model.safetensors.index.json")
+    _assert_trees_equal(weights.load_vit("me/sharded", TINY_VIT, image_size=TINY_IMAGE), params)
+
+    add_to_cache(cache, "me/halfsharded", {index.name: index, "model-00001-of-00002.safetensors": files[
+        "model-00001-of-00002.safetensors"]})
+    with pytest.raises(weights.WeightError) as info:
+        weights.load_vit("me/halfsharded", TINY_VIT, image_size=TINY_IMAGE)
+    assert "has no model-00002-of-00002.safetensors in the hub cache" in str(info.value)
+    assert "\n" not in str(info.value)
