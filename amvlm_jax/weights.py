@@ -209,7 +209,8 @@ def _bert_source(path: Tuple[str, ...]) -> Tuple[Tuple[str, ...], str]:
     return (stem + "." + leaf,), "plain"
 
 
-def _bert_weights_file(directory: str) -> str:
+def _weights_file(directory: str) -> str:
+    """The weights file of a ``save_pretrained`` folder (a sharded checkpoint's index)."""
     names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
     for name in names:
         candidate = os.path.join(directory, name)
@@ -251,7 +252,7 @@ def load_bert(directory, num_layers: Optional[int] = None) -> Tuple[BertConfig, 
     """
     directory = os.fspath(directory)
     config = bert_config(directory, num_layers)
-    file = _bert_weights_file(directory)
+    file = _weights_file(directory)
     return config, bert_params_from_state_dict(read_state_dict(file), config, file)
 
 
@@ -520,7 +521,7 @@ def vit_params_from_state_dict(tensors: Mapping[str, np.ndarray], model_config,
 def load_vit(path, model_config, image_size=None) -> Dict[str, Any]:
     """Loads a ViT checkpoint file -> params for the given ViT.
 
-    path: .safetensors (or .pth/.bin/.pt with torch) in timm/DeiT layout
+    path: .safetensors (or .pth/.bin/.pt with torch), or a ``save_pretrained`` folder holding one, in timm/DeiT layout
     (``cls_token``, ``pos_embed``, ``blocks.N.attn.qkv.weight`` ...) or HF
     ViT/DeiT layout (``[vit.|deit.]embeddings...``, ``encoder.layer.N...`` as
     on the Hub, or ``layers.N.attention.q_proj...`` as transformers >= 5 names it);
@@ -541,6 +542,8 @@ def load_vit(path, model_config, image_size=None) -> Dict[str, Any]:
             from amvlm_jax import hub  # imported here: hub's errors are WeightErrors
 
             file = hub.resolve_vit_weights(path)
+        if os.path.isdir(file):
+            file = _weights_file(file)
         return vit_params_from_state_dict(read_state_dict(file), model_config, image_size, file)
 
 

@@ -306,6 +306,11 @@ def test_vit_matches_hf_torch(torch_vit, tmp_path):
     save_file(hub, str(tmp_path / "hub.safetensors"))
     params = weights.load_vit(tmp_path / "hub.safetensors", TINY_VIT, image_size=TINY_IMAGE)
     _check_vit_against_reference(params, images, reference)
+    # A save_pretrained folder: its model.safetensors.
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "hub.safetensors").rename(tmp_path / "folder" / "model.safetensors")
+    params = weights.load_vit(str(tmp_path / "folder"), TINY_VIT, image_size=TINY_IMAGE)
+    _check_vit_against_reference(params, images, reference)
 
 
 def test_vit_timm_layout_matches_hf_torch(torch_vit, tmp_path):
@@ -504,7 +509,7 @@ def test_bad_vit_weights_are_one_line_naming_the_field_and_file(tiny_vit_params,
         (junk, ": not a safetensors file (header too large)"),
         (truncated, ": not a safetensors file (incomplete metadata, file not fully covered)"),
         (npz, ": unknown checkpoint format"),
-        (tmp_path, " is a directory, not a checkpoint file"),
+        (tmp_path, " has no model.safetensors, model.safetensors.index.json, pytorch_model.bin or "),
     ):
         with pytest.raises(WeightError) as info:
             weights.load_vit(str(path), TINY_VIT, image_size=TINY_IMAGE)

@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kind", choices=("bert", "vit"), required=True)
     parser.add_argument("--src", required=True,
-                        help="bert: HF model directory; vit: checkpoint file")
+                        help="bert: HF model directory; vit: checkpoint file or save_pretrained folder")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--num_layers", type=int, default=None,
                         help="bert: keep only the first N layers")
