@@ -590,6 +590,28 @@ def test_broken_text_encoder_folder_is_one_line_naming_the_field_and_file(tiny_b
 # ---------------------------------------------------------------------------
 # BERT.
 
+def test_more_text_layers_than_the_encoder_has_names_the_field(tiny_bert_dir, tmp_path):
+    """config.pretrain.text_layers beyond the folder's layers: named as the field, before any weight is read;
+    a random encoder may have more layers than the folder's."""
+    from amvlm_jax.config import ConfigError, base_config
+    from amvlm_jax.train import build
+
+    directory = tmp_path
+    for name in ("config.json", "model.safetensors"):
+        (directory / name).write_bytes((tiny_bert_dir[0] / name).read_bytes())
+    (directory / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n")
+    depth = json.loads((directory / "config.json").read_text())["num_hidden_layers"]
+    config = base_config()
+    config.pretrain.text_encoder, config.pretrain.text_layers = str(directory), depth + 1
+    for step in (build.text_encoder_config, build.build_text_encoder):
+        with pytest.raises(ConfigError) as info:
+            step(config)
+        assert str(info.value) == (f"config.pretrain.text_layers={depth + 1}: the text encoder "
+                                   f"{directory / 'config.json'} has {depth} layers")
+    config.pretrain.text_weights_init = "random"
+    assert build.build_text_encoder(config)[0].num_hidden_layers == depth + 1
+
+
 def test_bert_round_trip_and_truncation(tiny_bert_dir):
     directory, params = tiny_bert_dir
     config, loaded = weights.load_bert(directory)

@@ -51,18 +51,23 @@ def text_encoder_config(config) -> BertConfig:
         raise ConfigError(f"config.pretrain.text_weights_init must be 'pretrained' or 'random', got '{pre.text_weights_init}'")
     with weights.field_errors(TEXT_ENCODER):
         folder = text_encoder_dir(config)
-        if pre.text_weights_init == "pretrained":
-            return weights.bert_config(folder, pre.text_layers)
-        changes = dict(num_hidden_layers=int(pre.text_layers))
-        if pre.text_hidden:
-            heads = pre.text_heads or max(1, pre.text_hidden // 64)
-            changes |= dict(hidden_size=pre.text_hidden, num_attention_heads=heads, intermediate_size=4 * pre.text_hidden)
-        return dataclasses.replace(weights.bert_config(folder), **changes)
+        full = weights.bert_config(folder)
+    if pre.text_weights_init == "pretrained":
+        if not 1 <= pre.text_layers <= full.num_hidden_layers:
+            raise ConfigError(f"config.pretrain.text_layers={pre.text_layers}: the text encoder "
+                              f"{os.path.join(folder, 'config.json')} has {full.num_hidden_layers} layers")
+        return full.truncated(pre.text_layers)
+    changes = dict(num_hidden_layers=int(pre.text_layers))
+    if pre.text_hidden:
+        heads = pre.text_heads or max(1, pre.text_hidden // 64)
+        changes |= dict(hidden_size=pre.text_hidden, num_attention_heads=heads, intermediate_size=4 * pre.text_hidden)
+    return dataclasses.replace(full, **changes)
 
 
 def build_text_encoder(config) -> tuple[BertConfig, dict | None]:
     """(BertConfig, loaded params, or None for a random init) of the text encoder."""
     if config.pretrain.text_weights_init == "pretrained":
+        text_encoder_config(config)  # the field's one-line errors, before the weights are read
         with weights.field_errors(TEXT_ENCODER):
             return weights.load_bert(text_encoder_dir(config), num_layers=config.pretrain.text_layers)
     return text_encoder_config(config), None
