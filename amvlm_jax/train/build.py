@@ -80,7 +80,8 @@ def build_model(config, text_config: BertConfig) -> AMVLM:
                           f"{text_config.max_position_embeddings} positions (max_position_embeddings)")
     dtype = jnp.dtype(config.dtype)
     overrides = {k: v for k, v in dict(width=pre.vit_width, depth=pre.vit_depth, num_heads=pre.vit_heads).items() if v}
-    vit = vit_from_name(pre.vit, dtype=dtype, remat=pre.remat, attention=vit_attention(config), **overrides)
+    vit = vit_from_name(pre.vit, dtype=dtype, remat=pre.remat, attention=vit_attention(config),
+                        pixel_mean=tuple(pre.vit_pixel_mean), pixel_std=tuple(pre.vit_pixel_std), **overrides)
     return AMVLM(
         image_encoder=vit,
         text_config=text_config,

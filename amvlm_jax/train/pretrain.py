@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from amvlm_jax import hub, weights
+from amvlm_jax import weights
 from amvlm_jax.config import ConfigError
 from amvlm_jax.data import corpus, datasets, folders, pipeline
 from amvlm_jax.data.tokenize import ReportTokenizer
@@ -452,8 +452,10 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         raise ConfigError(f"pre-training image size must be a multiple of 16, got {size}")
     tokenizer = ReportTokenizer(build.text_encoder_dir(config), pre.max_length)  # Its errors before the data's.
     resuming = checkpoint.has_step(run_dir / "checkpoints" / "latest")
-    if pre.vit_weights and not resuming:  # Likewise a missing file or an uncached hub id (read after the data).
-        hub.resolve_vit_weights(pre.vit_weights)
+    if pre.vit_weights and not resuming:  # Likewise a missing file, an uncached hub id, another pixel normalisation.
+        with weights.field_errors("config.pretrain.vit_weights"):
+            weights.check_pixel_normalisation(weights.vit_weights_file(pre.vit_weights), pre.vit_pixel_mean,
+                                              pre.vit_pixel_std)
     corpus.check_files(config)
     # The held-out splits of config.eval.splits are scored for the logs only: nothing is chosen on them (the
     # newest checkpoint is kept); one left out (choosing settings on val) is neither read nor scored.
