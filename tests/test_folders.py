@@ -267,3 +267,17 @@ def test_the_decoding_progress_bar_shows_on_process_0_only(untidy_root, monkeypa
         monkeypatch.setattr(jax, "process_index", lambda: index)
         folders.load_split(untidy_root, "train", image_size=32)
         assert ("reading train" in capsys.readouterr().err) == shown, index
+
+
+@pytest.mark.parametrize("num_classes, red", [(1, 1), (20, 7)])
+def test_a_colour_mask_is_an_error_not_grey_converted(untidy_root, num_classes, red):
+    # Grey conversion turned R = 1 into 0 (an all-background binary mask) and R = 7 into class 2, silently.
+    path = untidy_root / "Val_Folder" / "labelcol" / "v.png"
+    drawn = _write_mask(path, values=(0, red))
+    Image.fromarray(np.stack([drawn, np.zeros_like(drawn), np.zeros_like(drawn)], -1)).save(path)
+    assert _error(folders.load_split, untidy_root, "val", image_size=16, num_classes=num_classes, progress=False) == (
+        f"{path}: colour mask (its RGB channels differ: (0, 0, 0), ({red}, 0, 0)); save it as grey values "
+        "(0/255 or 0/1) or class ids")
+    Image.fromarray(np.repeat(drawn[..., None], 3, -1)).save(path)  # Grey values stored as RGB are read.
+    assert set(np.unique(folders.load_split(untidy_root, "val", image_size=16, num_classes=num_classes,
+                                            progress=False).masks)) == {0, 1 if num_classes == 1 else red}

@@ -275,6 +275,15 @@ def load_mask(path: pathlib.Path, size: int, num_classes: int) -> tuple[np.ndarr
         if not np.array_equal(alpha > 0, np.asarray(image.convert("L")) > 0):
             raise DataError(f"{path}: mask's transparency and its grey values disagree on the foreground; save it "
                             "without transparency (0/255 grey or class ids)")
+    if image.mode in ("RGB", "RGBA"):
+        # Grey conversion weighs the channels (0.299 R + 0.587 G + 0.114 B): a colour mask's values would be
+        # turned into other ones, silently where they fall in range (ids 1-19 in R alone become 0-6).
+        rgb = np.asarray(image.convert("RGB"))
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+            colours = np.unique(rgb.reshape(-1, 3), axis=0)
+            shown = ", ".join(str(tuple(c.tolist())) for c in colours[:4]) + (" ..." if len(colours) > 4 else "")
+            raise DataError(f"{path}: colour mask (its RGB channels differ: {shown}); save it as grey values "
+                            "(0/255 or 0/1) or class ids")
     if image.mode not in ("L", "1", "P", "I", "I;16"):
         image = image.convert("L")
     array = np.asarray(image)
