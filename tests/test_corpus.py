@@ -78,6 +78,9 @@ def test_bad_rows_are_one_line_errors_naming_file_and_row(tmp_path):
     row = json.loads(lines[1]) | {"findings": "", "impression": " "}
     rewrite(1, json.dumps(row))
     assert _error(config) == f"{path}:2: empty report (fields findings, impression)"
+    rewrite(1, json.dumps(row | {"findings": "nan"}))  # pandas' text for an empty cell: not a report
+    assert _error(config) == (f"{path}:2: report field 'findings' is 'nan' (an empty cell written as text?); "
+                              "leave it empty")
     for name, says in [("meta.modalty", "('meta' has 'split', 'modality')"), ("meta.split.x", "('meta.split' is no object)")]:
         with pytest.raises(DataError, match=rf"^f:1: no field '{re.escape(name)}' {re.escape(says)}$"):
             corpus.field({"meta": {"split": "train", "modality": "CT"}}, name, "f:1")
@@ -216,6 +219,9 @@ def test_label_fields_take_strings_and_numbers_and_an_empty_label_is_none(tmp_pa
     for value, kind in ((["CT"], "array"), ({"a": 1}, "object"), (True, "boolean")):
         with_modality(value)
         assert _error(config) == f"{path}:2: label field 'meta.modality' is a JSON {kind}, not a string or number"
+    with_modality("nan")  # pandas' text for an empty cell: no class 'nan'
+    assert _error(config) == (f"{path}:2: label field 'meta.modality' is 'nan' (an empty cell written as text?); "
+                              "leave it empty")
     for value, read in ((3, "3"), (None, ""), ("  ", "")):
         with_modality(value)
         assert corpus.read_split(config, "train")["labels"]["meta.modality"] == ["MR", read, "CT"]

@@ -147,6 +147,17 @@ def test_sheet_naming_an_image_twice_also_by_its_mask_name(untidy_root):
     assert _error(folders.list_split, untidy_root, "val") == f"{sheet}: row 3 repeats image 'mask_v.png' (row 2)"
 
 
+def test_an_empty_cell_written_as_text_is_no_description(untidy_root):
+    # A sheet that went through pandas' astype(str) holds 'nan' where a description was missing: not a report.
+    sheet = untidy_root / "Val_Folder" / "Val_text.csv"
+    for text in ("nan", " NaN "):
+        _write_csv(sheet, [("v.png", text)])
+        assert _error(folders.list_split, untidy_root, "val") == (
+            f"{sheet}: row 2 (v.png) has the description '{text.strip()}' (an empty cell written as text?)")
+    _write_csv(sheet, [("v.png", "nan in the left lung")])  # A word of a report is no empty cell.
+    assert folders.list_split(untidy_root, "val")[0].report == "nan in the left lung"
+
+
 def test_missing_mask(untidy_root):
     (untidy_root / "Val_Folder" / "labelcol" / "v.png").unlink()
     assert "no mask" in _error(folders.list_split, untidy_root, "val")

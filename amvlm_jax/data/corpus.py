@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from amvlm_jax.data.folders import DataError, SplitArrays, csv_records, decode_all, load_image
+from amvlm_jax.data.folders import DataError, SplitArrays, csv_records, decode_all, load_image, written_empty
 
 SPLITS = ("train", "val", "test")
 
@@ -168,11 +168,18 @@ _JSON_TYPES = {dict: "object", list: "array", bool: "boolean", int: "number", fl
 
 
 def _report_text(row: dict, name: str, where: str) -> str:
-    """The text of report field ``name``: a string, or null (no text); a DataError for any other JSON value."""
+    """The text of report field ``name``: a string, or null (no text); a DataError for any other JSON value
+    and for an empty cell written as text ('nan')."""
     value = field(row, name, where)
     if value is not None and not isinstance(value, str):
         raise DataError(f"{where}: report field '{name}' is a JSON {_JSON_TYPES[type(value)]}, not a string")
-    return _text(value)
+    return _not_written_empty(_text(value), "report", name, where)
+
+
+def _not_written_empty(text: str, kind: str, name: str, where: str) -> str:
+    if written_empty(text):
+        raise DataError(f"{where}: {kind} field '{name}' is '{text}' (an empty cell written as text?); leave it empty")
+    return text
 
 
 def _label_text(row: dict, name: str, where: str) -> str:
@@ -181,7 +188,7 @@ def _label_text(row: dict, name: str, where: str) -> str:
     value = field(row, name, where)
     if isinstance(value, (dict, list, bool)):
         raise DataError(f"{where}: label field '{name}' is a JSON {_JSON_TYPES[type(value)]}, not a string or number")
-    return _text(value)
+    return _not_written_empty(_text(value), "label", name, where)
 
 
 def _file_path(config, file: str) -> pathlib.Path:

@@ -40,6 +40,12 @@ class DataError(ValueError):
     """A problem with the user's data, described in one line."""
 
 
+def written_empty(text: str) -> bool:
+    """Whether a cell's (stripped) text is an empty cell written out as text: 'nan', as pandas' astype(str) writes
+    a missing value (it would train as the word). 'None' is not: MedPix-2.0 says 'None' for no treatment."""
+    return text.lower() == "nan"
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
     """One image-report pair on disk; `mask_path` is None when the mask is absent."""
@@ -143,6 +149,9 @@ def read_sheet(path: pathlib.Path) -> list[tuple[int, str, str]]:
             continue
         if text is None or str(text).strip() == "":
             raise DataError(f"{path}: row {row_number} ({image}) has an empty description")
+        if written_empty(str(text).strip()):
+            raise DataError(f"{path}: row {row_number} ({image}) has the description '{str(text).strip()}' "
+                            "(an empty cell written as text?)")
         rows.append((row_number, str(image).strip(), str(text).strip()))
     return rows
 
