@@ -214,6 +214,35 @@ def test_pseudo_label_scores_and_evaluation_round_trip(all_run):
     assert json.loads((tmp_path / "guidance.json").read_text()) == guidance
 
 
+def test_a_mean_teacher_keeps_the_pretraining_step_that_guided_it(all_run, tmp_path):
+    """Pre-training that goes on after a mean teacher trained (a longer schedule, the same workdir) neither
+    resumes nor re-scores that mean teacher with other encoders: the checkpoint names its guiding step."""
+    import shutil
+
+    config, original, results = all_run
+    guided_by = checkpoint.resolve_step(original / "pretrain")
+    assert checkpoint.read_meta(original / "checkpoints" / "best")[ssl.GUIDANCE_STEP] == int(guided_by.name)
+    scores = json.loads((original / "guidance.json").read_text())
+    copy = tmp_path / "run"
+    shutil.copytree(original, copy, symlinks=True)
+    longer = config.copy_and_resolve_references()
+    longer.pretrain.epochs = 2
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        main.run(longer, copy)  # Pre-trains its second epoch, then meets the finished mean teacher.
+    went_on = checkpoint.resolve_step(copy / "pretrain")
+    assert int(went_on.name) == 2 * int(guided_by.name)
+    assert str(info.value) == (
+        f"{copy / 'checkpoints' / 'latest'}: a mean teacher guided by the encoders of pre-training step "
+        f"{guided_by.name}, which {copy / 'pretrain'} no longer holds (pre-training went on to step {went_on.name}); "
+        "train the mean teacher again in another workdir to guide it with these")
+    # With that step back beside the newer one, evaluation scores the text masks of the encoders that guided.
+    shutil.copytree(guided_by, went_on.parent / guided_by.name)
+    evaluate = config.copy_and_resolve_references()
+    evaluate.mode = "evaluate"
+    assert main.run(evaluate, copy) == results
+    assert json.loads((copy / "guidance.json").read_text()) == scores
+
+
 def test_recorded_config_builds_the_models_of_evaluation_and_guidance(all_run, tmp_path):
     config, workdir, results = all_run
     recorded = json.loads((workdir / "config.json").read_text())  # The latest command's (an evaluation's, here).

@@ -402,7 +402,8 @@ def main(config):
     requested = check_flags(flags.FLAGS.splits, workdir)
     config = run_config(config, workdir, flags.FLAGS.generator)
     mesh = make_mesh(config, batch_size=25)
-    guidance = TextGuidance(config, workdir, mesh)  # Before data_root: no encoders, no synthetic data written.
+    # Before data_root: no encoders, no synthetic data written.
+    guidance = TextGuidance(config, workdir, mesh, flags.FLAGS.generator or None)
     root = datasets.data_root(config, workdir)
     generator = ssl.restore_generator(guidance, flags.FLAGS.generator, mesh) if flags.FLAGS.generator else None
     results, features = {}, {}

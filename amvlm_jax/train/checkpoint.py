@@ -209,7 +209,7 @@ def _reading(step_dir: pathlib.Path):
 
 def read_meta(path: str | pathlib.Path) -> dict:
     """The meta of the checkpoint at ``path`` (resolved as in ``restore_variables``)."""
-    return _read_meta(_open_step(path))
+    return _read_meta(resolve_step(path))
 
 
 def has_step(directory: pathlib.Path) -> bool:
@@ -223,7 +223,7 @@ def has_step(directory: pathlib.Path) -> bool:
         manager.close()
 
 
-def _open_step(path: str | pathlib.Path) -> pathlib.Path:
+def resolve_step(path: str | pathlib.Path) -> pathlib.Path:
     """The step folder of a step folder, a manager folder (newest step) or a workdir (best, else latest)."""
     path = pathlib.Path(path).expanduser()
     if not path.exists():
@@ -254,7 +254,7 @@ def _state_metadata(step_dir: pathlib.Path):
 
 def _saved_tree(path: str | pathlib.Path):
     """The metadata tree of the train state saved at ``path`` (resolved as in ``restore_variables``)."""
-    return _state_metadata(_open_step(path))
+    return _state_metadata(resolve_step(path))
 
 
 def saved_entries(path: str | pathlib.Path) -> set[str]:
@@ -289,7 +289,7 @@ def restore_variables(path: str | pathlib.Path, variables: dict, job: str | None
     job is refused in one line (one written before jobs were named passes).
     Returns (variables, meta, the step folder used).
     """
-    step_dir = _open_step(path)
+    step_dir = resolve_step(path)
     meta = _read_meta(step_dir)
     if job is not None and meta.get("job", job) != job:
         raise CheckpointError(f"{path}: a checkpoint of a '{meta['job']}' run, not a '{job}' one")

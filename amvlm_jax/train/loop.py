@@ -79,6 +79,8 @@ class Job:
       and at the last (overlays of a few validation images).
     unused_fields: DATA_FIELDS that the job's batches do not depend on (free
       to change when it resumes).
+    meta: entries of the job's own, recorded in every checkpoint's meta
+      beside the loop's (the mean teacher's guiding pre-training step).
     """
 
     name: str
@@ -99,6 +101,7 @@ class Job:
     pictures: Optional[Callable[[Any, int], None]] = None
     picture_every_epochs: int = 0
     unused_fields: tuple[str, ...] = ()
+    meta: dict = dataclasses.field(default_factory=dict)
 
 
 def recorded_config(config) -> dict:
@@ -142,7 +145,7 @@ def _run(job: Job) -> tuple[Any, dict]:
     try:
         state, meta = resume_point(checkpoints, job)
         current["state"] = state
-        meta |= {"job": job.name, "config": recorded_config(job.config)}
+        meta |= {"job": job.name, "config": recorded_config(job.config), **job.meta}
         start_step = int(state.step)
         epochs_trained = start_step // job.steps_per_epoch
         # Stopped after an epoch's last step, before its checkpoint; in a step's evaluation.

@@ -234,7 +234,7 @@ def text_masker(config, workdir, source, mesh):
 
     if "generator" not in checkpoint.saved_entries(source):
         return None
-    guidance = ssl.TextGuidance(config, workdir, mesh)
+    guidance = ssl.TextGuidance(config, workdir, mesh, source)
     trained = ssl.restore_generator(guidance, source, mesh)
 
     @jax.jit

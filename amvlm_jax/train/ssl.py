@@ -69,9 +69,12 @@ class TextGuidance:
     """The frozen pre-trained encoders and heads, and the text mask generator's definition: the decoder
     of SPEC 5 or, with config.ssl.text_head 'words' or 'report', the word-attention head (``head`` is then set)."""
 
-    def __init__(self, config, workdir: pathlib.Path, mesh):
+    def __init__(self, config, workdir: pathlib.Path, mesh, guided=None):
         """Restores the encoders from config.ssl.pretrained, else <workdir>/pretrain, built as the
-        pre-training run's recorded config describes them (its ``pretrain`` fields, not this command's)."""
+        pre-training run's recorded config describes them (its ``pretrain`` fields, not this command's).
+        guided: a mean-teacher checkpoint (any path ``checkpoint.resolve_step`` takes) whose training these
+        encoders guided, or None: the pre-training step recorded in its meta, else the newest
+        (``guiding_step``). ``step``: the pre-training step restored."""
         source = pretrained_source(config, workdir)
         if not source.exists():
             if config.mode in ("evaluate", "predict"):
@@ -81,8 +84,9 @@ class TextGuidance:
                 f"{source}: no pre-trained encoders for text guidance; run mode 'pretrain' (or 'all') first, "
                 "set config.ssl.pretrained, or set config.ssl.w_text=0 and config.ssl.train_decoder=False"
             )
-        config, model, self.variables, meta, used = restore_pretrained(config, source, mesh)
+        config, model, self.variables, meta, used = restore_pretrained(config, guiding_step(source, guided), mesh)
         self._define(config, model)
+        self.step = int(used.name)
         info(f"text guidance from {used} (pre-trained {meta.get('epoch')} epochs)")
 
     @classmethod
@@ -151,6 +155,28 @@ class TextGuidance:
 def pretrained_source(config, workdir) -> pathlib.Path:
     """The pre-training run whose encoders guide: config.ssl.pretrained, else <workdir>/pretrain."""
     return pathlib.Path(config.ssl.pretrained or pathlib.Path(workdir) / "pretrain")
+
+
+GUIDANCE_STEP = "guidance_step"  # A mean-teacher checkpoint's meta: the pre-training step whose encoders guided it.
+
+
+def guiding_step(source: pathlib.Path, guided=None) -> pathlib.Path:
+    """The step folder of the pre-training run at ``source`` whose encoders guide: the newest (its best, else
+    latest), or the step recorded in the meta of the mean-teacher checkpoint ``guided`` (None: none yet), so
+    that a resumed or evaluated mean teacher keeps the encoders it was trained with after pre-training went
+    on. That step gone is a one-line CheckpointError."""
+    newest = checkpoint.resolve_step(source)
+    recorded = checkpoint.read_meta(guided).get(GUIDANCE_STEP) if guided is not None else None
+    if recorded is None or int(recorded) == int(newest.name):
+        return newest
+    kept = newest.parent / str(recorded)
+    if not kept.is_dir():
+        raise checkpoint.CheckpointError(
+            f"{guided}: a mean teacher guided by the encoders of pre-training step {recorded}, which {source} no "
+            f"longer holds (pre-training went on to step {newest.name}); train the mean teacher again in another "
+            "workdir to guide it with these")
+    info(f"{source} holds step {newest.name}; {guided} was trained with step {recorded}'s encoders, which guide it")
+    return kept
 
 
 def restore_pretrained(config, source: pathlib.Path, mesh):
@@ -490,7 +516,7 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
     mesh = mesh or make_mesh(config)
     root = root or datasets.data_root(config, workdir)
     # A vision-only run saved no decoder: it is scored without text masks.
-    guidance = TextGuidance(config, workdir, mesh) if "generator" in checkpoint.saved_entries(source) else None
+    guidance = TextGuidance(config, workdir, mesh, source) if "generator" in checkpoint.saved_entries(source) else None
     model = supervised.build_unet(config)
     template = jax.eval_shape(lambda: create_state(config, model, guidance, steps_per_epoch=1)[0])
     target = {"teacher": template.teacher, "params": template.params, "batch_stats": template.batch_stats}
@@ -637,7 +663,9 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     val_split = datasets.load_eval_split(config, root, "val")
     batch_size = config.train.batch_size
     steps_per_epoch = max(1, math.ceil(max(len(labeled_split), len(unlabeled_split)) / batch_size))
-    guidance = TextGuidance(config, workdir, mesh) if text_guidance_enabled(config) else None
+    latest = workdir / "checkpoints" / "latest"
+    resuming = checkpoint.has_step(latest)
+    guidance = TextGuidance(config, workdir, mesh, latest if resuming else None) if text_guidance_enabled(config) else None
     info(
         f"SSMIS: {len(labeled_split)} labeled + {len(unlabeled_split)} unlabeled images, "
         f"{steps_per_epoch} steps per epoch, text guidance {'on (w_text=%g)' % config.ssl.w_text if guidance else 'off'}"
@@ -645,20 +673,22 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     unlabeled_tokens = guidance.tokenizer(unlabeled_split.reports) if guidance else None
 
     model = supervised.build_unet(config)
-    state, decoder_tx = initial_state(config, model, guidance, mesh, steps_per_epoch, labeled_split,
-                                      resuming=checkpoint.has_step(workdir / "checkpoints" / "latest"))
+    state, decoder_tx = initial_state(config, model, guidance, mesh, steps_per_epoch, labeled_split, resuming=resuming)
 
     def make_batches(start_step):
         return training_batches(config, labeled_split, unlabeled_split, unlabeled_tokens, start_step)
 
     ssl_step = make_ssl_step(config, model, guidance, decoder_tx, steps_per_epoch)
     frozen = guidance.variables if guidance is not None else None
-    loop.run(supervised.segmentation_job(
+    job = supervised.segmentation_job(
         "ssl", config, workdir, mesh, model, state,
         lambda state, batch: ssl_step(state, frozen, batch), make_batches, steps_per_epoch, val_split,
         make_picture_panels(config, model, guidance, mesh, val_split) if val_split is not None else None,
         student_images(config, labeled_split, unlabeled_split), 2 * batch_size,
-    ))
+    )
+    if guidance is not None:
+        job.meta = {GUIDANCE_STEP: guidance.step}
+    loop.run(job)
     best = str(workdir / "checkpoints" / "best")
     results = supervised.evaluate_checkpoint(config, workdir, best, mesh=mesh, root=root)
     if config.eval.guidance:
