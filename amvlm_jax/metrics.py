@@ -17,12 +17,12 @@ def predict_labels(logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def dice_iou_per_image(predicted: jax.Array, truth: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
-    """Per-image Dice and IoU, averaged over the foreground classes.
+def dice_iou_per_class(predicted: jax.Array, truth: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-image Dice and IoU of each foreground class, and whether the class is in the image.
 
-    predicted, truth: (B, H, W) integer labels (0 = background). For each
-    foreground class, Dice = 2|P & Y| / (|P| + |Y|) and IoU = |P & Y| / |P | Y|,
-    with 1 when P and Y are both empty. Returns two (B,) float32 arrays in [0, 1].
+    predicted, truth: (B, H, W) integer labels (0 = background). Returns (dice, iou, present), each (B, K),
+    K = max(num_classes, 2) - 1 foreground classes: Dice = 2|P & Y| / (|P| + |Y|) and IoU = |P & Y| / |P | Y|
+    (float32 in [0, 1]) where the class is in P or Y (present), 1 where it is in neither.
     """
     foreground = jnp.arange(1, max(num_classes, 2))
     p = predicted[..., None] == foreground  # (B, H, W, K)
@@ -31,10 +31,37 @@ def dice_iou_per_image(predicted: jax.Array, truth: jax.Array, num_classes: int)
     size_p = jnp.sum(p, axis=(1, 2)).astype(jnp.float32)
     size_y = jnp.sum(y, axis=(1, 2)).astype(jnp.float32)
     union = size_p + size_y - intersection
-    empty = (size_p + size_y) == 0
-    dice = jnp.where(empty, 1.0, 2.0 * intersection / jnp.maximum(size_p + size_y, 1.0))
-    iou = jnp.where(empty, 1.0, intersection / jnp.maximum(union, 1.0))
-    return jnp.mean(dice, axis=-1), jnp.mean(iou, axis=-1)
+    present = (size_p + size_y) > 0
+    dice = jnp.where(present, 2.0 * intersection / jnp.maximum(size_p + size_y, 1.0), 1.0)
+    iou = jnp.where(present, intersection / jnp.maximum(union, 1.0), 1.0)
+    return dice, iou, present
+
+
+def mean_over_present(scores, present):
+    """(B, K) per-class scores -> (B,): each image's mean over the classes in its prediction or truth, 1 for
+    an image with neither (SPEC 7). A class in neither is left out rather than scored 1: with 19 classes, a
+    slice showing one and predicted empty would score 18/19. Binary tasks (K = 1) are unchanged by it.
+    numpy or jax arrays."""
+    count = present.sum(-1)
+    return (scores * present).sum(-1) / (count + (count == 0)) + (count == 0)
+
+
+def dice_iou_per_image(predicted: jax.Array, truth: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
+    """Per-image Dice and IoU (B,) each, in [0, 1]: ``dice_iou_per_class`` averaged by ``mean_over_present``."""
+    dice, iou, present = dice_iou_per_class(predicted, truth, num_classes)
+    return mean_over_present(dice, present), mean_over_present(iou, present)
+
+
+def class_summary(dice: np.ndarray, iou: np.ndarray, present: np.ndarray) -> dict:
+    """{class id: {'dice', 'miou' (percent, means over the images holding the class in P or Y), 'images'}}
+    from (N, K) per-class arrays; a class in no image has dice and miou None."""
+    summary = {}
+    for k in range(dice.shape[1]):
+        rows = present[:, k]
+        count = int(rows.sum())
+        summary[str(k + 1)] = {"dice": float(np.mean(dice[rows, k]) * 100.0) if count else None,
+                               "miou": float(np.mean(iou[rows, k]) * 100.0) if count else None, "images": count}
+    return summary
 
 
 def summarize(dice: np.ndarray, iou: np.ndarray) -> dict:

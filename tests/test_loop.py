@@ -296,7 +296,7 @@ def test_a_ctrl_c_dropped_during_evaluation_stops_it_at_the_next_batch():
         if len(calls) == 2:
             interrupt_inside_a_gc_callback()
         rows = batch["image"].shape[0]
-        return jnp.ones(rows), jnp.ones(rows)
+        return jnp.ones((rows, 1)), jnp.ones((rows, 1)), jnp.ones((rows, 1), bool)
 
     split = SplitArrays([f"image_{i}" for i in range(8)], np.zeros((8, 4, 4, 3), np.uint8), np.zeros((8, 4, 4), np.uint8),
                         [""] * 8)
@@ -308,8 +308,8 @@ def test_a_ctrl_c_dropped_during_evaluation_stops_it_at_the_next_batch():
     finally:
         signal.signal(signal.SIGINT, before)
     assert calls == [0, 1]  # Batch 2 ran to its end (the interrupt was lost in it); batch 3 never started.
-    dice, _ = evaluate.evaluate_split(eval_step, None, None, split, mesh, batch_size=2)  # Outside: as before.
-    assert dice.shape == (8,)
+    dice, _, _ = evaluate.evaluate_split(eval_step, None, None, split, mesh, batch_size=2)  # Outside: as before.
+    assert dice.shape == (8, 1)
 
 
 @pytest.mark.parametrize("where", ["evaluation", "end_of_epoch"])

@@ -25,13 +25,21 @@ def test_empty_prediction_and_truth_score_one_and_miss_scores_zero():
     np.testing.assert_allclose(np.asarray(iou), [1.0, 0.0])
 
 
-def test_multiclass_averages_foreground_classes():
-    truth = np.array([[[1, 1, 2, 0]]])
-    predicted = np.array([[[1, 2, 2, 0]]])
+def test_multiclass_averages_the_classes_in_prediction_or_truth():
+    truth = np.array([[[1, 1, 2, 0]], [[3, 0, 0, 0]], [[0, 0, 0, 0]]])
+    predicted = np.array([[[1, 2, 2, 0]], [[0, 0, 0, 0]], [[0, 0, 0, 0]]])
     dice, iou = metrics.dice_iou_per_image(predicted, truth, num_classes=4)
-    # class 1: |P|=1 |Y|=2 inter 1 -> 2/3, IoU 1/2; class 2: |P|=2 |Y|=1 -> 2/3, 1/2; class 3 absent in both -> 1, 1.
-    assert float(dice[0]) == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
-    assert float(iou[0]) == pytest.approx((0.5 + 0.5 + 1) / 3)
+    # Image 0: class 1 |P|=1 |Y|=2 inter 1 -> 2/3, IoU 1/2; class 2 |P|=2 |Y|=1 -> 2/3, 1/2; class 3 in neither:
+    # left out (scored 1 it would lift the mean to 7/9). Image 1: only class 3, missed -> 0, not (1 + 1 + 0) / 3.
+    # Image 2: no class anywhere -> 1 (SPEC 7's empty image).
+    np.testing.assert_allclose(np.asarray(dice), [2 / 3, 0.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(iou), [0.5, 0.0, 1.0], rtol=1e-6)
+    per_class, _, present = metrics.dice_iou_per_class(predicted, truth, num_classes=4)
+    np.testing.assert_array_equal(np.asarray(present), [[True, True, False], [False, False, True], [False] * 3])
+    summary = metrics.class_summary(np.asarray(per_class), np.asarray(per_class), np.asarray(present))
+    assert summary == {"1": {"dice": pytest.approx(200 / 3), "miou": pytest.approx(200 / 3), "images": 1},
+                       "2": {"dice": pytest.approx(200 / 3), "miou": pytest.approx(200 / 3), "images": 1},
+                       "3": {"dice": 0.0, "miou": 0.0, "images": 1}}
 
 
 def test_predict_labels_thresholds_and_argmax():
@@ -49,10 +57,14 @@ def test_against_sklearn_on_random_masks(num_classes):
     truth = rng.integers(0, labels, size=(6, 16, 16))
     predicted = np.where(rng.random((6, 16, 16)) < 0.7, truth, rng.integers(0, labels, size=(6, 16, 16)))
     predicted[0] = 0  # One image with an empty prediction.
+    truth[1][truth[1] == labels - 1] = 0  # One image without the last class in the prediction or the truth.
+    predicted[1][predicted[1] == labels - 1] = 0
     dice, iou = metrics.dice_iou_per_image(predicted, truth, num_classes)
     foreground = list(range(1, labels))
     for b in range(6):
-        kwargs = dict(labels=foreground, average="macro", zero_division=1.0)
+        # The classes in the image's prediction or truth (an image with none scores 1, as zero_division gives).
+        labels_present = [c for c in foreground if (truth[b] == c).any() or (predicted[b] == c).any()] or foreground
+        kwargs = dict(labels=labels_present, average="macro", zero_division=1.0)
         if num_classes == 1:
             kwargs = dict(zero_division=1.0)
         expected_dice = sklearn_metrics.f1_score(truth[b].ravel(), predicted[b].ravel(), **kwargs)

@@ -474,7 +474,8 @@ def test_a_multiclass_text_guided_run_scores_and_predicts_the_same_class_masks(a
                                       "predict.input": str(root / "Val_Folder"),
                                       "predict.output": str(tmp_path / "masks")}), tmp_path / "predict")
     with open(tmp_path / "run" / "per_image_val.csv") as f:
-        scored = {row["file"]: float(row["dice"]) for row in csv.DictReader(f)}
+        rows = {row[0]: row for row in list(csv.reader(f))[1:]}
+    scored = {name: float(row[1]) for name, row in rows.items()}
     assert len(scored) == 4
     for name, dice in scored.items():
         stem = name.rsplit(".", 1)[0]
@@ -482,11 +483,18 @@ def test_a_multiclass_text_guided_run_scores_and_predicts_the_same_class_masks(a
         assert predicted.mode == "P"
         predicted = np.asarray(predicted)
         truth = np.asarray(Image.open(root / "Val_Folder" / "labelcol" / f"{stem}.png"))
-        per_class = []
+        per_class = []  # The classes in the prediction or the truth (none: 1).
         for label in (1, 2):
             p, y = predicted == label, truth == label
-            per_class.append(1.0 if p.sum() + y.sum() == 0 else 2 * (p & y).sum() / (p.sum() + y.sum()))
-        assert dice == pytest.approx(100 * np.mean(per_class), abs=1e-3), name
+            if p.sum() + y.sum():
+                per_class.append(2 * (p & y).sum() / (p.sum() + y.sum()))
+        assert dice == pytest.approx(100 * (np.mean(per_class) if per_class else 1.0), abs=1e-3), name
+        # The per-class columns: the same classes' scores, blank where a class is in neither.
+        assert [float(v) if v else None for v in rows[name][3:]] == pytest.approx(
+            [100 * 2 * ((predicted == c) & (truth == c)).sum() / ((predicted == c).sum() + (truth == c).sum())
+             if ((predicted == c).sum() + (truth == c).sum()) else None for c in (1, 2)], abs=1e-3)
+    summary = json.loads((tmp_path / "run" / "results.json").read_text())["val"]["classes"]
+    assert set(summary) == {"1", "2"} and sum(1 for v in summary.values() if v["images"]) >= 1
     # The data moved: evaluating from the embedded default's command says to name it, and named, it is read as the
     # run's multi-class folders (not as a folder to generate the default's synthetic data into).
     moved = root.rename(tmp_path / "moved")

@@ -21,14 +21,15 @@ from amvlm_jax.train.parallel import gather_to_host
 
 
 def make_eval_step(model, num_classes: int) -> Callable:
-    """jitted (params, batch_stats, batch) -> (dice (B,), iou (B,)) with the model in inference mode."""
+    """jitted (params, batch_stats, batch) -> (dice, iou, present), (B, K) each (``metrics.dice_iou_per_class``),
+    with the model in inference mode."""
 
     @jax.jit
     def eval_step(params, batch_stats, batch):
         images = batch["image"].astype(jnp.float32) / 255.0
         logits = model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
         predicted = metrics.predict_labels(logits)
-        return metrics.dice_iou_per_image(predicted, batch["mask"].astype(jnp.int32), num_classes)
+        return metrics.dice_iou_per_class(predicted, batch["mask"].astype(jnp.int32), num_classes)
 
     return eval_step
 
@@ -70,8 +71,9 @@ def validation_evaluator(config, eval_step, split: SplitArrays, mesh: Mesh):
     """The loop's evaluator of a segmentation model on a labelled split: {'val/dice', 'val/miou'} (percent)."""
 
     def run(state) -> dict:
-        dice, iou = evaluate_split(eval_step, state.params, state.batch_stats, split, mesh, config.train.eval_batch_size)
-        summary = metrics.summarize(dice, iou)
+        dice, iou, present = evaluate_split(eval_step, state.params, state.batch_stats, split, mesh,
+                                            config.train.eval_batch_size)
+        summary = metrics.summarize(metrics.mean_over_present(dice, present), metrics.mean_over_present(iou, present))
         return {"val/dice": summary["dice"], "val/miou": summary["miou"]}
 
     return Evaluator(run, every_epochs=config.train.eval_every_epochs, every_steps=config.train.eval_every_steps)
@@ -153,22 +155,23 @@ def make_batch_stats_refresh(model, images: np.ndarray, mesh: Mesh, batch_size: 
 
 
 def evaluate_split(eval_step, params, batch_stats, split: SplitArrays, mesh: Mesh, batch_size: int):
-    """Per-image (dice, iou) numpy arrays over a whole split, in its order."""
+    """(dice, iou, present) numpy arrays (N, K) over a whole split, in its order (``make_eval_step``)."""
     batch_size = -(-batch_size // mesh.size) * mesh.size  # Every device gets equal rows.
-    dice, iou = [], []
+    parts = []
     for batch, real in pipeline.evaluation_batches(split, batch_size):
         stop_if_interrupted()
-        batch_dice, batch_iou = gather_to_host(eval_step(params, batch_stats, pipeline.replicated_to_global(mesh, batch)))
-        dice.append(np.asarray(batch_dice)[:real])
-        iou.append(np.asarray(batch_iou)[:real])
-    return np.concatenate(dice), np.concatenate(iou)
+        values = gather_to_host(eval_step(params, batch_stats, pipeline.replicated_to_global(mesh, batch)))
+        parts.append([np.asarray(v)[:real] for v in values])
+    return tuple(np.concatenate(column) for column in zip(*parts))
 
 
 def write_results(workdir: str | pathlib.Path, per_split: dict[str, Optional[tuple]], names: dict[str, list]) -> dict:
     """Writes <workdir>/results.json and per_image_<split>.csv; returns the results dict.
 
-    per_split maps split -> (dice, iou) arrays in [0, 1], or None for a split
-    the data does not have. results.json holds percentages.
+    per_split maps split -> (dice, iou, present) (N, K) arrays of ``evaluate_split``, or None for a split
+    the data does not have. results.json holds percentages; a multi-class task adds each class's scores
+    ('classes', ``metrics.class_summary``) and the per-image CSV a Dice column per class (empty where
+    the class is in neither the prediction nor the truth).
     """
     workdir = pathlib.Path(workdir)
     results = {}
@@ -176,14 +179,21 @@ def write_results(workdir: str | pathlib.Path, per_split: dict[str, Optional[tup
         if values is None:
             results[split] = None
             continue
-        dice, iou = values
+        class_dice, class_iou, present = values
+        dice, iou = metrics.mean_over_present(class_dice, present), metrics.mean_over_present(class_iou, present)
         results[split] = metrics.summarize(dice, iou)
+        classes = class_dice.shape[1]
+        if classes > 1:
+            results[split]["classes"] = metrics.class_summary(class_dice, class_iou, present)
         if jax.process_index() == 0:
             with open(workdir / f"per_image_{split}.csv", "w", newline="") as f:
                 writer = csv.writer(f)
-                writer.writerow(["file", "dice", "iou"])
-                for name, d, i in zip(names[split], dice, iou):
-                    writer.writerow([name, f"{d * 100:.4f}", f"{i * 100:.4f}"])
+                writer.writerow(["file", "dice", "iou"] + ([f"dice_class_{k}" for k in range(1, classes + 1)]
+                                                           if classes > 1 else []))
+                for row, (name, d, i) in enumerate(zip(names[split], dice, iou)):
+                    per_class = ([f"{class_dice[row, k] * 100:.4f}" if present[row, k] else "" for k in range(classes)]
+                                 if classes > 1 else [])
+                    writer.writerow([name, f"{d * 100:.4f}", f"{i * 100:.4f}"] + per_class)
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
@@ -197,4 +207,8 @@ def format_table(results: dict) -> str:
             lines.append(f"{split:<8}{'(no data)':>8}")
         else:
             lines.append(f"{split:<8}{values['images']:>8}{values['dice']:>9.2f}{values['miou']:>9.2f}")
+            for name, scores in (values.get("classes") or {}).items():  # Over the images holding the class.
+                scores_text = (f"{scores['dice']:>9.2f}{scores['miou']:>9.2f}" if scores["images"] else
+                               f"{'-':>9}{'-':>9}")
+                lines.append(f"{'  class ' + name:<8}{scores['images']:>8}{scores_text}")
     return "\n".join(lines)
