@@ -71,6 +71,9 @@ def _damage(step: pathlib.Path, how: str) -> str:
         for file in (data / "d").iterdir():
             os.truncate(file, min(100, file.stat().st_size))
         return f"{step}: checkpoint data is damaged ("
+    if how.startswith("empty "):  # : > <step>/state/{_METADATA,manifest.ocdbt}
+        (step / "state" / how.split()[1]).write_text("")
+        return f"{step}: incomplete checkpoint (state metadata unreadable); delete it or name another step"
     if how == "no state":  # rm -rf <step>/state
         shutil.rmtree(step / "state")
     else:  # rm <step>/state/{_METADATA,manifest.ocdbt}
@@ -86,7 +89,7 @@ def _raises_one_line(expected: str, call) -> None:
 
 
 META_DAMAGE = ["no meta", "empty newer step", "empty meta"]
-STATE_DAMAGE = ["no state", "_METADATA", "manifest.ocdbt"]
+STATE_DAMAGE = ["no state", "_METADATA", "manifest.ocdbt", "empty _METADATA", "empty manifest.ocdbt"]
 DATA_DAMAGE = ["data deleted", "data truncated"]
 
 

@@ -249,7 +249,11 @@ def _state_metadata(step_dir: pathlib.Path):
     """The metadata tree (shapes and dtypes, no values) of the train state saved in a step folder."""
     _check_complete(step_dir)
     with ocp.StandardCheckpointer() as reader:
-        return reader.metadata(step_dir.absolute() / "state").item_metadata
+        tree = reader.metadata(step_dir.absolute() / "state").item_metadata
+    if tree is None:  # Orbax reads an emptied or cut _METADATA or manifest.ocdbt as no tree at all.
+        raise DamagedCheckpoint(f"{step_dir}: incomplete checkpoint (state metadata unreadable); delete it or name "
+                                "another step")
+    return tree
 
 
 def _saved_tree(path: str | pathlib.Path):
