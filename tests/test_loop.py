@@ -590,3 +590,24 @@ def test_a_best_epoch_between_two_due_checkpoints_is_saved_as_the_best_only(tmp_
     assert saves == [(3, True, False), (6, True, True), (9, True, False), (12, False, True)]
     assert meta["best_epoch"] == 3 and checkpoint.read_meta(tmp_path / "checkpoints" / "best")["epoch"] == 3
     assert checkpoint.read_meta(tmp_path / "checkpoints" / "latest")["epoch"] == EPOCHS
+
+
+def test_a_best_checkpoint_left_without_a_latest_one_is_replaced_by_the_next_runs_own(tmp_path, toy_step):
+    """A run killed after its first best save but before its first latest save landed (or whose latest step was
+    deleted) left checkpoints/best/6; the next run in the workdir, here on other data, starts at step 0 and its
+    best is step 6 too. Orbax skips a save at or below a step it holds: the other run's best stayed, evaluated as
+    this run's."""
+    config = tiny_synthetic_config()
+    mesh = make_mesh(config, jax.devices()[:1])
+    loop.run(_job(config, tmp_path, mesh, toy_step, []))
+    shutil.rmtree(tmp_path / "checkpoints" / "latest")
+
+    def threes(start_step):
+        for _ in range(start_step, 10**6):
+            yield {"x": np.full((2,), 3.0, np.float32)}
+
+    loop.run(dataclasses.replace(_job(config, tmp_path, mesh, toy_step, []), batches=threes))
+    best, meta, used = checkpoint.restore_variables(tmp_path / "checkpoints" / "best", {"params": {"w": jnp.zeros(())}})
+    assert used.name == str(2 * STEPS_PER_EPOCH) and meta["best_epoch"] == 2
+    # w after n SGD steps on (w - 3)^2 with rate 0.25: 3 (1 - 0.5^n).
+    np.testing.assert_allclose(float(best["params"]["w"]), 3 * (1 - 0.5 ** 6), rtol=1e-6)

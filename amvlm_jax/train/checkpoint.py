@@ -81,6 +81,22 @@ class RunCheckpoints:
         else:
             self.latest.save(step, args=args)
 
+    def discard_orphaned_best(self) -> Optional[int]:
+        """Deletes the best checkpoint when there is no latest one, and returns its step (None: nothing deleted).
+
+        A run killed after its first best save but before its first latest save landed (the latest one
+        is written in the background while training goes on), or whose latest step was deleted, leaves a
+        best step that no resumable state belongs to: the next run in the workdir starts from step 0, with
+        no recorded config to compare its own with, and Orbax silently skips saving a step at or below the
+        one it holds, so the best of that other run would stay the one evaluated.
+        """
+        step = self.best.latest_step()
+        if step is None or self.latest.latest_step() is not None:
+            return None
+        for saved in self.best.all_steps():
+            self.best.delete(saved)
+        return step
+
     def replace_latest_meta(self, step: int, meta: dict) -> None:
         """Replaces the meta of the latest checkpoint, at `step`, in one rename (Orbax skips a step that
         exists); its state stays."""

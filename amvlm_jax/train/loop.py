@@ -143,6 +143,10 @@ def _run(job: Job) -> tuple[Any, dict]:
     current = {"state": job.state}  # The newest state, also when an epoch is cut short.
     meta, interrupted = None, False
     try:
+        orphaned = checkpoints.discard_orphaned_best()
+        if orphaned is not None:
+            info(f"{workdir}/checkpoints/best/{orphaned}: deleted, a run without a latest checkpoint left it; this "
+                 "run starts at step 0 and writes its own")
         state, meta = resume_point(checkpoints, job)
         current["state"] = state
         meta |= {"job": job.name, "config": recorded_config(job.config), **job.meta}
