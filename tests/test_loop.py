@@ -611,3 +611,16 @@ def test_a_best_checkpoint_left_without_a_latest_one_is_replaced_by_the_next_run
     assert used.name == str(2 * STEPS_PER_EPOCH) and meta["best_epoch"] == 2
     # w after n SGD steps on (w - 3)^2 with rate 0.25: 3 (1 - 0.5^n).
     np.testing.assert_allclose(float(best["params"]["w"]), 3 * (1 - 0.5 ** 6), rtol=1e-6)
+
+
+def test_a_run_resumed_with_another_batch_size_is_refused_even_when_its_steps_per_epoch_are_the_same(tmp_path,
+                                                                                                       toy_step):
+    """The stream is indexed by step: with another global batch, step s holds other examples (20 images give 3
+    steps per epoch with a batch of 8 and of 9, 200 pairs 7 with any batch from 29 to 33)."""
+    config = tiny_synthetic_config()
+    mesh = make_mesh(config, jax.devices()[:1])
+    loop.run(dataclasses.replace(_job(config, tmp_path, mesh, toy_step, [], epochs=1), batch_size=8))
+    with pytest.raises(checkpoint.CheckpointError, match="written with a global batch of 8, this run's is 9"):
+        loop.run(dataclasses.replace(_job(config, tmp_path, mesh, toy_step, []), batch_size=9))
+    state, meta = loop.run(dataclasses.replace(_job(config, tmp_path, mesh, toy_step, []), batch_size=8))
+    assert int(state.step) == STEPS_PER_EPOCH * EPOCHS and meta["batch_size"] == 8

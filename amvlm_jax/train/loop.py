@@ -81,6 +81,8 @@ class Job:
       to change when it resumes).
     meta: entries of the job's own, recorded in every checkpoint's meta
       beside the loop's (the mean teacher's guiding pre-training step).
+    batch_size: the global batch the stream is cut into (recorded; a run resumed with another is refused,
+      since step s of the stream then holds other examples); 0: not recorded.
     """
 
     name: str
@@ -102,6 +104,7 @@ class Job:
     picture_every_epochs: int = 0
     unused_fields: tuple[str, ...] = ()
     meta: dict = dataclasses.field(default_factory=dict)
+    batch_size: int = 0
 
 
 def recorded_config(config) -> dict:
@@ -110,9 +113,9 @@ def recorded_config(config) -> dict:
 
 
 def fresh_meta(job: Job) -> dict:
-    return {"job": job.name, "steps_per_epoch": job.steps_per_epoch, "epoch": 0, "best_metric": job.best_metric,
-            "best": None, "best_epoch": 0, "seconds": 0.0, "initial_eval": {}, "last_eval": {}, "first_epoch": {},
-            "last_epoch": {}}
+    return {"job": job.name, "steps_per_epoch": job.steps_per_epoch, "batch_size": job.batch_size, "epoch": 0,
+            "best_metric": job.best_metric, "best": None, "best_epoch": 0, "seconds": 0.0, "initial_eval": {},
+            "last_eval": {}, "first_epoch": {}, "last_epoch": {}}
 
 
 def run(job: Job) -> tuple[Any, dict]:
@@ -478,6 +481,10 @@ def resume_point(checkpoints: checkpoint.RunCheckpoints, job: Job) -> tuple[Any,
         raise checkpoint.CheckpointError(f"{where}: written with {saved['steps_per_epoch']} steps per epoch, this "
                                          f"run's training data, batch size and devices give {job.steps_per_epoch}; "
                                          "resume as it was trained or use another workdir")
+    if job.batch_size and saved.get("batch_size", job.batch_size) != job.batch_size:  # Same steps, other examples.
+        raise checkpoint.CheckpointError(f"{where}: written with a global batch of {saved['batch_size']}, this run's "
+                                         f"is {job.batch_size}; resume with the batch size it was trained with or use "
+                                         "another workdir")
 
     def misfit(reason: str) -> checkpoint.CheckpointError:
         changed = config_changes(saved.get("config"), recorded, SHAPE_FIELDS)

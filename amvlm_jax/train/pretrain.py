@@ -510,6 +510,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         checkpoint_every_epochs=pre.checkpoint_every_epochs, log_every_steps=pre.log_every_steps,
         learning_rate=rate if callable(rate) else lambda step: rate,
         unused_fields=("data.labeled_fraction", "data.split_seed", "data.num_classes"),  # Every training pair is used.
+        batch_size=batch_size,
     ))
     terms = lambda means: {k: v for k, v in means.items() if k not in loop.TELEMETRY}  # noqa: E731
     summary = {
