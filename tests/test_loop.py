@@ -624,3 +624,31 @@ def test_a_run_resumed_with_another_batch_size_is_refused_even_when_its_steps_pe
         loop.run(dataclasses.replace(_job(config, tmp_path, mesh, toy_step, []), batch_size=9))
     state, meta = loop.run(dataclasses.replace(_job(config, tmp_path, mesh, toy_step, []), batch_size=8))
     assert int(state.step) == STEPS_PER_EPOCH * EPOCHS and meta["batch_size"] == 8
+
+
+def test_the_progress_bar_of_an_epoch_resumed_mid_way_counts_from_the_steps_it_had_done(tmp_path, toy_step,
+                                                                                         monkeypatch):
+    """Stopped after step 5 (of 3-step epochs), the resumed epoch 2 shows 2/3, not 0/1."""
+    import signal
+
+    config = tiny_synthetic_config()
+    mesh = make_mesh(config, jax.devices()[:1])
+    job = _job(config, tmp_path, mesh, toy_step, [])
+
+    def stopping_at_5(step):
+        if step + 1 == 5 and not (tmp_path / "checkpoints" / "latest" / "5").exists():
+            signal.raise_signal(signal.SIGINT)
+        return 0.25
+
+    bars, real = [], loop.tqdm
+    monkeypatch.setattr(loop, "tqdm", lambda *args, **kwargs: bars.append(real(*args, **kwargs)) or bars[-1])
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # A pytest-xdist worker ignores SIGINT.
+    try:
+        with pytest.raises(KeyboardInterrupt, match="saved .*latest/5"):
+            loop.run(dataclasses.replace(job, learning_rate=stopping_at_5))
+        bars.clear()
+        loop.run(job)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    resumed = bars[0]
+    assert resumed.desc.startswith("toy epoch 2/") and (resumed.n, resumed.total) == (STEPS_PER_EPOCH, STEPS_PER_EPOCH)

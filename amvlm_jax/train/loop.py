@@ -303,7 +303,7 @@ def _run_epoch(job: Job, current: dict, batches, epoch: int, meta: dict, checkpo
     started = time.time()
     first = int(current["state"].step) - epoch * job.steps_per_epoch  # > 0 when resuming mid-epoch.
     progress = tqdm(range(first, job.steps_per_epoch), desc=f"{job.name} epoch {epoch + 1}/{job.epochs}",
-                    leave=False, disable=jax.process_index() != 0)
+                    initial=first, total=job.steps_per_epoch, leave=False, disable=jax.process_index() != 0)
     step_metrics = current["step_metrics"] = _saved_step_metrics(meta, first)
     logged_at, logged_step = time.time(), epoch * job.steps_per_epoch + first
     for index in progress:
