@@ -251,7 +251,7 @@ def test_recorded_config_builds_the_models_of_evaluation_and_guidance(all_run, t
     meta = checkpoint.read_meta(workdir / "checkpoints" / "best")
     assert meta["job"] == "ssl" and meta["config"]["mode"] == "all"
     assert meta["config"]["pretrain"] == recorded["pretrain"] == config.pretrain.to_dict() | {
-        "adam_betas": list(config.pretrain.adam_betas)}
+        name: list(config.pretrain[name]) for name in ("adam_betas", "vit_pixel_mean", "vit_pixel_std")}
     assert checkpoint.read_meta(workdir / "pretrain")["job"] == "pretrain"
 
     # Other model and encoder fields on the command line: the recorded ones build the models. Another

@@ -264,7 +264,7 @@ def resolve_step(path: str | pathlib.Path) -> pathlib.Path:
 def _state_metadata(step_dir: pathlib.Path):
     """The metadata tree (shapes and dtypes, no values) of the train state saved in a step folder."""
     _check_complete(step_dir)
-    with ocp.StandardCheckpointer() as reader:
+    with _reading(step_dir), ocp.StandardCheckpointer() as reader:  # Reads of a damaged manifest settle first.
         tree = reader.metadata(step_dir.absolute() / "state").item_metadata
     if tree is None:  # Orbax reads an emptied or cut _METADATA or manifest.ocdbt as no tree at all.
         raise DamagedCheckpoint(f"{step_dir}: incomplete checkpoint (state metadata unreadable); delete it or name "

@@ -161,14 +161,16 @@ GUIDANCE_STEP = "guidance_step"  # A mean-teacher checkpoint's meta: the pre-tra
 
 
 def guiding_step(source: pathlib.Path, guided=None) -> pathlib.Path:
-    """The step folder of the pre-training run at ``source`` whose encoders guide: the newest (its best, else
-    latest), or the step recorded in the meta of the mean-teacher checkpoint ``guided`` (None: none yet), so
-    that a resumed or evaluated mean teacher keeps the encoders it was trained with after pre-training went
-    on. That step gone is a one-line CheckpointError."""
-    newest = checkpoint.resolve_step(source)
+    """Where the encoders that guide are: ``source`` itself (its newest step: best, else latest), or the step
+    folder recorded in the meta of the mean-teacher checkpoint ``guided`` (None: none yet) when pre-training
+    went on since, so that a resumed or evaluated mean teacher keeps the encoders it was trained with. That
+    step gone is a one-line CheckpointError."""
     recorded = checkpoint.read_meta(guided).get(GUIDANCE_STEP) if guided is not None else None
-    if recorded is None or int(recorded) == int(newest.name):
-        return newest
+    if recorded is None:
+        return source
+    newest = checkpoint.resolve_step(source)
+    if int(recorded) == int(newest.name):
+        return source
     kept = newest.parent / str(recorded)
     if not kept.is_dir():
         raise checkpoint.CheckpointError(
