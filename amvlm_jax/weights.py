@@ -515,7 +515,20 @@ def vit_params_from_state_dict(tensors: Mapping[str, np.ndarray], model_config,
             value = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
         _check_shape(file, shown[0], value, shape)
         flat[path] = np.asarray(value, np.float32)
+    _say_what_is_left_out(tensors, has_dist, vit.depth, file)
     return _unflatten(flat)
+
+
+def _say_what_is_left_out(tensors, has_dist: bool, depth: int, file: str) -> None:
+    """One line each for what of the checkpoint's model the ViT does not compute: a DeiT distillation token
+    (the tokens attend without it) and blocks past its depth (config.pretrain.vit_depth)."""
+    from amvlm_jax.train.logging import info  # imported here: train/ imports this module
+
+    blocks = {int(m.group(1)) for key in tensors if (m := _VIT_BLOCK.match(key))}
+    if has_dist:
+        info(f"{file}: its DeiT distillation token is left out (this ViT has a class token only)")
+    if blocks and max(blocks) + 1 > depth:
+        info(f"{file}: the first {depth} of its {max(blocks) + 1} blocks are loaded (config.pretrain.vit_depth)")
 
 
 def load_vit(path, model_config, image_size=None) -> Dict[str, Any]:

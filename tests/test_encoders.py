@@ -313,7 +313,7 @@ def test_vit_matches_hf_torch(torch_vit, tmp_path):
     _check_vit_against_reference(params, images, reference)
 
 
-def test_vit_timm_layout_matches_hf_torch(torch_vit, tmp_path):
+def test_vit_timm_layout_matches_hf_torch(torch_vit, tmp_path, capsys):
     _, state, images, reference = torch_vit
     timm_state = hf_vit_to_timm(state)
     timm_state["head.weight"] = np.zeros((3, TINY_VIT["width"]), np.float32)
@@ -328,8 +328,11 @@ def test_vit_timm_layout_matches_hf_torch(torch_vit, tmp_path):
     pos = timm_state["pos_embed"]
     distilled["pos_embed"] = np.concatenate([pos[:, :1], np.ones_like(pos[:, :1]), pos[:, 1:]], 1)
     save_file(distilled, str(tmp_path / "deit.safetensors"))
+    capsys.readouterr()
     params = weights.load_vit(tmp_path / "deit.safetensors", TINY_VIT, image_size=TINY_IMAGE)
     _check_vit_against_reference(params, images, reference)
+    assert capsys.readouterr().out == (f"{tmp_path / 'deit.safetensors'}: its DeiT distillation token is left out "
+                                       "(this ViT has a class token only)\n")
 
 
 def test_vit_hf_prefixed_and_torch_pickle(torch_vit, tmp_path):
@@ -426,7 +429,7 @@ def test_bert_weight_errors_name_file_and_tensor(tiny_bert_dir, tmp_path):
         assert text == f"{target / 'model.safetensors'}: {message}"
 
 
-def test_vit_refuses_tensors_it_has_no_place_for(tiny_vit_params, tiny_vit_images, tmp_path):
+def test_vit_refuses_tensors_it_has_no_place_for(tiny_vit_params, tiny_vit_images, tmp_path, capsys):
     """Layer scale, q/k norms, register tokens, a pre-norm: ignoring them loads other features silently."""
     state = vit_params_to_timm(tiny_vit_params)
     width = TINY_VIT["width"]
@@ -445,7 +448,9 @@ def test_vit_refuses_tensors_it_has_no_place_for(tiny_vit_params, tiny_vit_image
     deeper = dict(state, **{"fc_norm.weight": np.ones((width,), np.float32), "head.bias": np.zeros((10,), np.float32)})
     deeper |= {k.replace("blocks.1.", "blocks.2."): v for k, v in state.items() if k.startswith("blocks.1.")}
     save_file(deeper, str(path))
+    capsys.readouterr()
     _assert_trees_equal(weights.load_vit(path, TINY_VIT, image_size=TINY_IMAGE), tiny_vit_params)
+    assert capsys.readouterr().out == f"{path}: the first 2 of its 3 blocks are loaded (config.pretrain.vit_depth)\n"
 
 
 def test_bert_folder_of_another_model_is_a_one_line_error(tiny_bert_dir, tmp_path):
