@@ -89,6 +89,28 @@ def test_compare_rejects_missing_results(tmp_path):
         compare.compare([str(tmp_path)], "test")
 
 
+def test_compare_hints_only_per_image_dice_splits_and_names_missing_or_pretraining_folders(tmp_path):
+    # A mean teacher's per_image_guidance_<split>.csv has no dice column: no split to suggest.
+    (tmp_path / "per_image_guidance_val.csv").write_text("file,teacher_dice\nx.png,50\n")
+    (tmp_path / "per_image_val.csv").write_text("file,dice,iou\nx.png,50,33\n")
+    with pytest.raises(SystemExit, match=r"per_image_train.csv: no per-image results \(it has val: --split val\)$"):
+        compare.compare([str(tmp_path)], "train")
+    with pytest.raises(SystemExit, match=r"^error: .*typo: no such folder$"):
+        compare.compare([str(tmp_path / "typo")], "test")
+    (tmp_path / "pre" / "pretrain").mkdir(parents=True)
+    (tmp_path / "pre" / "pretrain" / "summary.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"no per-image results \(a pre-training run: tools/pretrain_table.py"):
+        compare.compare([str(tmp_path / "pre")], "test")
+
+
+def test_compare_refuses_a_run_pooled_twice(tmp_path):
+    _write(tmp_path / "a", [60, 70, 80, 65])
+    _write(tmp_path / "b", [66, 75, 84, 70])
+    # a,a against b,b would count every image twice (a smaller p) and give the seed-means test a zero spread.
+    with pytest.raises(SystemExit, match=r"^error: '.*a,.*a/': .*a is listed twice; pool each run once$"):
+        compare.compare([f"{tmp_path / 'a'},{tmp_path / 'a'}/", f"{tmp_path / 'b'},{tmp_path / 'b'}"], "test")
+
+
 def _ablation_tool():
     module = repo_module("tools/ablation.py")
     return module
@@ -293,7 +315,8 @@ def test_compare_pairs_images_by_name_whatever_their_row_order(tmp_path):
     result = compare.compare([str(tmp_path / "base"), str(tmp_path / "shuffled")], "test")
     assert result[1]["p"] == pytest.approx(stats.ttest_rel([66, 75, 84, 70], [60, 70, 80, 65]).pvalue)
     # Pooled seeds: the seed-aware tests apply too.
-    pooled = compare.compare([f"{tmp_path / 'base'},{tmp_path / 'base'}", f"{tmp_path / 'shuffled'},{tmp_path / 'base'}"], "test")
+    _write(tmp_path / "base2", [60, 70, 80, 65])
+    pooled = compare.compare([f"{tmp_path / 'base'},{tmp_path / 'base2'}", f"{tmp_path / 'shuffled'},{tmp_path / 'base'}"], "test")
     assert "p_images" in pooled[1]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "per_image_test.csv").write_text("file,dice,iou\nimg0,1,1\nimg1,1,1\nimg2,1,1\nimg9,1,1\n")

@@ -36,8 +36,17 @@ def read_per_image(workdir: str | pathlib.Path, split: str) -> dict[str, np.ndar
     sorted by image name (runs pair image by image whatever order their rows were written in)."""
     path = pathlib.Path(workdir) / f"per_image_{split}.csv"
     if not path.is_file():
-        others = sorted(found.stem.removeprefix("per_image_") for found in path.parent.glob("per_image_*.csv"))
-        hint = f"it has {', '.join(others)}: --split {others[0]}" if others else "run an evaluation of this workdir first"
+        if not path.parent.is_dir():
+            raise SystemExit(f"error: {path.parent}: no such folder")
+        # per_image_guidance_<split>.csv holds a mean teacher's pseudo-label scores, no per-image Dice.
+        others = sorted(found.stem.removeprefix("per_image_") for found in path.parent.glob("per_image_*.csv")
+                        if not found.stem.startswith("per_image_guidance_"))
+        if others:
+            hint = f"it has {', '.join(others)}: --split {others[0]}"
+        elif (path.parent / "pretrain" / "summary.json").is_file() or (path.parent / "summary.json").is_file():
+            hint = "a pre-training run: tools/pretrain_table.py tabulates what it learned"
+        else:
+            hint = "run an evaluation of this workdir first"
         raise SystemExit(f"error: {path}: no per-image results ({hint})")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
@@ -65,6 +74,11 @@ def read_parts(spec: str, split: str) -> list[dict[str, np.ndarray]]:
     workdirs = spec.split(",")
     if not all(workdirs):  # An empty name would read per_image_<split>.csv of the current folder.
         raise SystemExit(f"error: '{spec}': an empty workdir name (a comma at an end or two in a row)")
+    # The same run twice would count its images twice in the pooled test and give the seed tests a seed twice.
+    resolved = [pathlib.Path(p).resolve() for p in workdirs]
+    if len(set(resolved)) < len(resolved):
+        twice = next(p for p, r in zip(workdirs, resolved) if resolved.count(r) > 1)
+        raise SystemExit(f"error: '{spec}': {twice} is listed twice; pool each run once")
     return [read_per_image(p, split) for p in workdirs]
 
 
