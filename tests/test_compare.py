@@ -414,3 +414,19 @@ def test_pretrain_table_reports_bad_splits_metrics_and_summaries_in_one_line(tmp
     (tmp_path / "s4" / "pretrain" / "summary.json").write_text('{"initial_retrieval": {}}')
     with pytest.raises(SystemExit, match=r"s4.pretrain.summary.json: no initial_retrieval and final_retrieval"):
         table.main([str(tmp_path / "s4")])
+
+
+def test_pretrain_table_refuses_a_swapped_or_mixed_before_after_pair(tmp_path, capsys):
+    table = repo_module("tools/pretrain_table.py")
+    for name, initial, checkpoint, score in (("init_s0", True, "runs/s0/pretrain", 0.1), ("ev_s0", False, "runs/s0/pretrain", 0.5),
+                                             ("ev_s1", False, "runs/s1/pretrain", 0.6)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "retrieval.json").write_text(json.dumps({"test": {"i2t_top1": score}}))
+        (tmp_path / name / "config.json").write_text(json.dumps({"eval": {"initial": initial, "checkpoint": checkpoint}}))
+    table.main([f"{tmp_path / 'init_s0'}:{tmp_path / 'ev_s0'}"])
+    assert "| 10.0 ± 0.0 | 50.0 ± 0.0 | +40.0 |" in capsys.readouterr().out
+    # AFTER:BEFORE would print the gain with its sign flipped; another seed's AFTER pairs two initialisations.
+    with pytest.raises(SystemExit, match=r"ev_s0:.*init_s0: BEFORE:AFTER needs BEFORE evaluated with config.eval.initial=True"):
+        table.main([f"{tmp_path / 'ev_s0'}:{tmp_path / 'init_s0'}"])
+    with pytest.raises(SystemExit, match=r"init_s0:.*ev_s1: the two evaluations scored other checkpoints"):
+        table.main([f"{tmp_path / 'init_s0'}:{tmp_path / 'ev_s1'}"])

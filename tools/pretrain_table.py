@@ -77,6 +77,7 @@ def seed_scores(workdir: str) -> tuple[dict, dict]:
         if not pathlib.Path(folder).is_dir():
             raise SystemExit(f"error: {folder}: no such folder")
     if ":" in workdir:
+        check_pair(*workdir.split(":", 1))
         pair = []
         for folder in workdir.split(":", 1):
             path = pathlib.Path(folder) / "retrieval.json"
@@ -96,6 +97,28 @@ def seed_scores(workdir: str) -> tuple[dict, dict]:
                                                 for key in ("initial_retrieval", "final_retrieval")):
         raise SystemExit(f"error: {path}: no initial_retrieval and final_retrieval scores (not a pre-training summary)")
     return summary["initial_retrieval"], summary["final_retrieval"]
+
+
+def check_pair(before: str, after: str) -> None:
+    """One-line errors for a BEFORE:AFTER pair whose evaluations' recorded configs (config.json) say BEFORE did
+    not score the initial encoders, AFTER did, or the two scored different checkpoints (another seed's)."""
+    evaluated = []
+    for folder in (before, after):
+        path = pathlib.Path(folder) / "config.json"
+        if not path.is_file():  # Evaluations written before configs were recorded.
+            return
+        config = read_json(path)
+        evaluation = config.get("eval") if isinstance(config, dict) else None
+        if not isinstance(evaluation, dict):
+            return
+        evaluated.append((bool(evaluation.get("initial")), evaluation.get("checkpoint")))
+    (before_initial, before_checkpoint), (after_initial, after_checkpoint) = evaluated
+    if not before_initial or after_initial:
+        raise SystemExit(f"error: {before}:{after}: BEFORE:AFTER needs BEFORE evaluated with config.eval.initial=True "
+                         f"and AFTER without (here {before}: {before_initial}, {after}: {after_initial})")
+    if before_checkpoint and after_checkpoint and before_checkpoint != after_checkpoint:
+        raise SystemExit(f"error: {before}:{after}: the two evaluations scored other checkpoints ({before_checkpoint}, "
+                         f"{after_checkpoint}); a pair is one seed's run before and after")
 
 
 def pretrain_folder(workdir: str) -> pathlib.Path:
