@@ -23,6 +23,14 @@ def test_uncertainty_checks_split_count_and_image_names():
         uncertainty.image_row(names, "syn_00009.png", "val")
 
 
+def test_synthetic_pixels_checks_the_split_before_reading_the_checkpoint():
+    synthetic_pixels = repo_module("tools/synthetic_pixels.py")
+    synthetic_pixels.check_split("test")
+    # Was a KeyError traceback from the folder lookup, after the model was restored.
+    with pytest.raises(ConfigError, match=r"^--split=bogus: not a split; one of train, val, test$"):
+        synthetic_pixels.check_split("bogus")
+
+
 def test_text_masks_checks_splits_and_makes_the_workdir_before_scoring(tmp_path):
     text_masks = repo_module("tools/text_masks.py")
     workdir = tmp_path / "new" / "run"

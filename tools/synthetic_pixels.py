@@ -34,6 +34,15 @@ def marked_fractions(predicted, lesion, distractor) -> dict:
             for name, where in (("lesion", lesion), ("distractor", distractor), ("other", other))}
 
 
+def check_split(split_name: str) -> None:
+    """A one-line error for a --split no data has, before any checkpoint is read."""
+    from amvlm_jax.config import ConfigError
+    from amvlm_jax.data.folders import SPLIT_FOLDERS
+
+    if split_name not in SPLIT_FOLDERS:
+        raise ConfigError(f"--split={split_name}: not a split; one of {', '.join(SPLIT_FOLDERS)}")
+
+
 def run_config(config, workdir: pathlib.Path):
     """``config`` with the fields the checkpoint recorded (as mode 'evaluate' reads them); one-line errors for
     a pre-training checkpoint (no U-Net) and a run on other data than the synthetic (no distractors)."""
@@ -60,8 +69,9 @@ def main(config):
     from amvlm_jax.train.parallel import abstract_replicated, gather_to_host, make_mesh
 
     workdir = pathlib.Path(flags.FLAGS.workdir)
-    config = run_config(config, workdir)
     split_name = flags.FLAGS.split
+    check_split(split_name)
+    config = run_config(config, workdir)
     root = datasets.data_root(config, workdir)
     mesh = make_mesh(config)
     model = supervised.build_unet(config)
