@@ -304,6 +304,8 @@ def resolve(config, workdir: pathlib.Path):
         config.data.root = str(pathlib.Path(config.data.root).expanduser().absolute())
     if config.mode in ("ssl", "all") and not config.ssl.pretrained:
         config.ssl.pretrained = str((workdir / "pretrain").absolute())
+    if config.ssl.pretrained:  # Recorded absolute too: the tools and evaluations read it from other folders.
+        config.ssl.pretrained = str(pathlib.Path(config.ssl.pretrained).expanduser().absolute())
     if jax.process_index() == 0:
         from amvlm_jax.config import ConfigError
 

@@ -132,6 +132,16 @@ def test_relative_corpus_files_are_taken_from_the_current_folder_unless_data_roo
     assert resolved.data.corpus.train == "reports.csv" and resolved.data.root == str(tmp_path / "corpus")
 
 
+def test_a_relative_pretrained_folder_is_recorded_absolute(tmp_path, monkeypatch):
+    # Recorded as typed, the tools (text_masks.py --generator) and evaluations run elsewhere looked for it below
+    # their own current folder.
+    monkeypatch.chdir(tmp_path)
+    config = tiny_synthetic_config()
+    config.mode = "ssl"
+    config.ssl.pretrained = "runs/pre/pretrain"
+    assert main.resolve(config, tmp_path / "run").ssl.pretrained == str(tmp_path / "runs" / "pre" / "pretrain")
+
+
 def test_validate_rejects_unusable_values():
     config = tiny_synthetic_config()
     config.data.image_size = 100

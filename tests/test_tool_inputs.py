@@ -45,6 +45,19 @@ def test_text_masks_checks_splits_and_makes_the_workdir_before_scoring(tmp_path)
         text_masks.check_flags("val", tmp_path / "file")
 
 
+def test_text_masks_keeps_the_commands_pretrained_folder_over_the_generators_record(tmp_path, monkeypatch):
+    from amvlm_jax.train import checkpoint
+    from conftest import tiny_synthetic_config
+
+    text_masks = repo_module("tools/text_masks.py")
+    # A mean teacher trained with a relative --config.ssl.pretrained, read from another folder or after a move.
+    monkeypatch.setattr(checkpoint, "read_meta", lambda source: {"config": {"ssl": {"pretrained": "runs/pre/pretrain"}}})
+    config = tiny_synthetic_config()
+    assert text_masks.run_config(config, tmp_path, "runs/text_0").ssl.pretrained == "runs/pre/pretrain"
+    config.ssl.pretrained = str(tmp_path / "moved" / "pretrain")
+    assert text_masks.run_config(config, tmp_path, "runs/text_0").ssl.pretrained == str(tmp_path / "moved" / "pretrain")
+
+
 def test_convert_weights_rejects_an_out_that_is_a_file(tmp_path, capsys):
     convert = repo_module("tools/convert_weights.py")
     out = tmp_path / "out"
