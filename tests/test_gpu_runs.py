@@ -234,3 +234,11 @@ def test_data_that_is_not_the_experiments_is_a_one_line_error_before_any_downloa
     data = tmp_path / "data"
     assert str(stop.value) == f"error: --data={data}: not {experiment}'s data ({problem.format(data=data)})"
     assert not any(path.is_file() for path in (tmp_path / "b").rglob("*"))
+
+
+def test_a_bundle_that_is_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "b").write_text("")
+    with pytest.raises(SystemExit) as stop:  # Was a FileExistsError traceback from the folder's creation.
+        tool.main(["bundle", f"--data={tmp_path / 'data'}", f"--bundle={tmp_path / 'b'}"])
+    assert str(stop.value) == f"error: --bundle={tmp_path / 'b'}: is a file, not a folder"

@@ -481,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "bundle":
         if args.data is None or not args.data.is_dir():
             raise SystemExit(f"error: --data={args.data}: not a folder")
+        if args.bundle.exists() and not args.bundle.is_dir():
+            raise SystemExit(f"error: --bundle={args.bundle}: is a file, not a folder")
         bundle(args.experiment, args.data.resolve(), args.bundle)
         return 0
     if args.out is None and not args.prepare:
