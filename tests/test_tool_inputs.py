@@ -45,6 +45,17 @@ def test_text_masks_checks_splits_and_makes_the_workdir_before_scoring(tmp_path)
         text_masks.check_flags("val", tmp_path / "file")
 
 
+def test_text_masks_names_missing_encoders_in_its_own_terms(tmp_path):
+    from conftest import tiny_synthetic_config
+
+    text_masks = repo_module("tools/text_masks.py")
+    # A mistyped or supervised workdir: was the training job's advice (config.ssl.w_text=0 ...).
+    with pytest.raises(ConfigError, match=r"^.*sup_0.pretrain: no pre-trained encoders; --workdir names a pre-training run"):
+        text_masks.check_encoders(tiny_synthetic_config(), tmp_path / "sup_0")
+    (tmp_path / "pre" / "pretrain").mkdir(parents=True)
+    text_masks.check_encoders(tiny_synthetic_config(), tmp_path / "pre")
+
+
 def test_text_masks_keeps_the_commands_pretrained_folder_over_the_generators_record(tmp_path, monkeypatch):
     from amvlm_jax.train import checkpoint
     from conftest import tiny_synthetic_config

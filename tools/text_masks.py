@@ -394,6 +394,17 @@ def run_config(config, workdir: pathlib.Path, generator: str):
     return config
 
 
+def check_encoders(config, workdir: pathlib.Path) -> None:
+    """A one-line error, in this tool's terms, when there are no pre-trained encoders to score."""
+    from amvlm_jax.config import ConfigError
+    from amvlm_jax.train import ssl
+
+    source = ssl.pretrained_source(config, workdir)
+    if not source.exists():
+        raise ConfigError(f"{source}: no pre-trained encoders; --workdir names a pre-training run (or 'all' run) "
+                          "whose pretrain/ folder holds them, or set --config.ssl.pretrained")
+
+
 def main(config):
     from amvlm_jax.data import datasets, folders
     from amvlm_jax.train.parallel import make_mesh
@@ -401,8 +412,9 @@ def main(config):
     from amvlm_jax.train.ssl import TextGuidance
 
     workdir = pathlib.Path(flags.FLAGS.workdir)
-    requested = check_flags(flags.FLAGS.splits, workdir)
     config = run_config(config, workdir, flags.FLAGS.generator)
+    check_encoders(config, workdir)  # Before check_flags makes the workdir: a mistyped one is not left behind.
+    requested = check_flags(flags.FLAGS.splits, workdir)
     mesh = make_mesh(config, batch_size=25)
     # Before data_root: no encoders, no synthetic data written.
     guidance = TextGuidance(config, workdir, mesh, flags.FLAGS.generator or None)
