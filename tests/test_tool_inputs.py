@@ -1,4 +1,4 @@
-"""Bad command-line input to tools/uncertainty.py, tools/text_masks.py and tools/convert_weights.py: one-line
+"""Bad command-line input to tools/uncertainty.py, text_masks.py, convert_weights.py, synthetic_pixels.py and benchmark.py: one-line
 errors, found before any model is built."""
 
 import pytest
@@ -89,3 +89,18 @@ def test_convert_weights_names_its_own_flag_for_a_bad_source(tmp_path, capsys):
     assert convert.main(["--kind", "bert", "--src", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err == (f"error: --src: {tmp_path / 'none'}: no such folder (a HuggingFace BERT folder: "
                                        "config.json, weights, vocabulary)\n")
+
+
+@pytest.mark.parametrize("flag, bound", [("--steps=0", "0 is not a positive integer"),
+                                         ("--warmup=-1", "-1 is not a non-negative integer"),
+                                         ("--batches=0", "0 is not a positive integer")])
+def test_benchmark_refuses_counts_it_cannot_time_before_building_anything(flag, bound):
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    # --steps=0 was a ZeroDivisionError traceback after the step had compiled.
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "benchmark.py"), "--config=experiments/synthetic.py",
+                           flag], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and f"flag {flag}: {bound}" in done.stderr and "Traceback" not in done.stderr

@@ -737,8 +737,9 @@ def main(config):
 
 def define_flags():
     flags.DEFINE_enum("mode", None, list(MODES), "Step to time, or loader (default: config.mode).")
-    flags.DEFINE_integer("steps", 5, "Timed steps.")
-    flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation (at least one is run); loader: untimed batches.")
+    flags.DEFINE_integer("steps", 5, "Timed steps.", lower_bound=1)
+    flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation (at least one is run); loader: untimed batches.",
+                         lower_bound=0)
     flags.DEFINE_bool("json", False, "Print the measurements as JSON.")
     flags.DEFINE_string("profile", "", "Trace a few more steps into this folder and summarise device time per op.")
     flags.DEFINE_string("queue", "", "FOLDER:NAME:SIZE: compile beside SIZE - 1 other benchmarks sharing FOLDER, "
@@ -748,7 +749,8 @@ def define_flags():
                         "--corpus_size rows (default: a temporary folder, deleted after).")
     flags.DEFINE_integer("corpus_image_size", 32, "loader: the generated PNGs are S x (S + 8).")
     flags.DEFINE_string("workers", "0,2,4", "loader: worker counts (data.worker_count) to time, comma-separated.")
-    flags.DEFINE_integer("batches", 50, "loader: batches timed per worker count (then as many through host_batch).")
+    flags.DEFINE_integer("batches", 50, "loader: batches timed per worker count (then as many through host_batch).",
+                         lower_bound=1)
 
 
 if __name__ == "__main__":
