@@ -430,3 +430,12 @@ def test_pretrain_table_refuses_a_swapped_or_mixed_before_after_pair(tmp_path, c
         table.main([f"{tmp_path / 'ev_s0'}:{tmp_path / 'init_s0'}"])
     with pytest.raises(SystemExit, match=r"init_s0:.*ev_s1: the two evaluations scored other checkpoints"):
         table.main([f"{tmp_path / 'init_s0'}:{tmp_path / 'ev_s1'}"])
+
+
+def test_pretrain_table_names_a_segmentation_run_as_such(tmp_path):
+    table = repo_module("tools/pretrain_table.py")
+    (tmp_path / "sup").mkdir()
+    (tmp_path / "sup" / "results.json").write_text('{"test": {"dice": 50.0}}')
+    # Was "no pre-training summary (the run has not finished)" for a finished supervised run.
+    with pytest.raises(SystemExit, match=r"^error: .*sup: a segmentation run, no pre-training \(tools/compare.py compares it\)$"):
+        table.main([str(tmp_path / "sup")])

@@ -91,6 +91,8 @@ def seed_scores(workdir: str) -> tuple[dict, dict]:
         return pair[0], pair[1]
     path = pretrain_folder(workdir) / "summary.json"
     if not path.is_file():
+        if (pathlib.Path(workdir) / "results.json").is_file():  # What a segmentation run writes when it ends.
+            raise SystemExit(f"error: {workdir}: a segmentation run, no pre-training (tools/compare.py compares it)")
         raise SystemExit(f"error: {path}: no pre-training summary (the run has not finished)")
     summary = read_json(path)
     if not isinstance(summary, dict) or not all(isinstance(summary.get(key), dict)
