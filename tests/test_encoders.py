@@ -852,13 +852,16 @@ def _convert_main():
     return repo_module("tools/convert_weights.py").main
 
 
-def test_convert_weights_round_trip(tiny_bert_dir, tmp_path):
+def test_convert_weights_round_trip(tiny_bert_dir, tmp_path, capsys):
     main = _convert_main()
     directory, params = tiny_bert_dir
     out = tmp_path / "bert_ckpt"
     assert main(["--kind", "bert", "--src", str(directory), "--out", str(out)]) == 0
     _assert_trees_equal(weights.load_params_checkpoint(out), params)
     assert weights.load_checkpoint_metadata(out)["bert_config"]["hidden_size"] == 32
+    depth = weights.bert_config(directory).num_hidden_layers  # More layers than the folder has: that flag named.
+    assert main(["--kind", "bert", "--src", str(directory), "--out", str(out), "--num_layers", str(depth + 1)]) == 1
+    assert capsys.readouterr().err == f"error: --num_layers={depth + 1}: {directory} has {depth} layers\n"
 
     vit = vit_from_name("Ti/16")
     vit_params = _random_params(vit, np.zeros((1, 32, 32, 3), np.float32))

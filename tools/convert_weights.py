@@ -35,9 +35,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class NumLayersError(ValueError):
+    """--num_layers beyond the BERT folder's layers (one line, naming the flag)."""
+
+
 def convert(args: argparse.Namespace) -> str:
     """Loads ``args.src`` and writes the checkpoint; returns the output directory."""
     if args.kind == "bert":
+        depth = weights.bert_config(args.src).num_hidden_layers
+        if args.num_layers is not None and not 1 <= args.num_layers <= depth:
+            raise NumLayersError(f"--num_layers={args.num_layers}: {args.src} has {depth} layers")
         config, params = weights.load_bert(args.src, num_layers=args.num_layers)
         metadata = {"kind": "bert", "source": os.path.abspath(args.src),
                     "bert_config": config.to_dict()}
@@ -60,6 +67,9 @@ def main(argv=None) -> int:
         out = convert(args)
     except weights.WeightError as error:  # The loaders name the config field that takes the file; here it is --src.
         print(f"error: --src: {re.sub(r'^config[.][a-z_.]+: ', '', str(error))}", file=sys.stderr)
+        return 1
+    except NumLayersError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return 0
