@@ -68,6 +68,12 @@ def test_compare_table_and_pooling(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "p, images averaged over runs | p, run means |" in out
     assert f"| {image_means:.3g} |" in out.replace(" *", "")
+    # The baseline named with a trailing slash is the run listed without one (it was tested against itself).
+    named = compare.compare([str(tmp_path / "base"), str(tmp_path / "better")], "test", str(tmp_path / "base") + "/")
+    assert "p" not in named[0] and named[1]["p"] == pytest.approx(rows[1]["p"])
+    with pytest.raises(SystemExit):  # A significance level outside (0, 1): argparse's one-line error.
+        compare.main([str(tmp_path / "base"), str(tmp_path / "better"), "--alpha", "5"])
+    assert "--alpha=5.0: a significance level in (0, 1)" in capsys.readouterr().err
 
 
 def test_seed_tests_need_the_same_images_in_every_run(tmp_path):

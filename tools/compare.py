@@ -124,6 +124,8 @@ def compare(runs: list[str], split: str, baseline: str | None = None, alpha: flo
     """One row per run: name, images, dice, miou, dice_std, and t / p / significant against the baseline
     (with p_images / p_runs where both pool seeds over the same images: `seed_tests`)."""
     baseline = baseline or runs[0]
+    same = lambda spec: [pathlib.Path(p).resolve() for p in spec.split(",")]  # noqa: E731  runs/a/ is runs/a
+    baseline = next((run for run in runs if same(run) == same(baseline)), baseline)
     base_parts = read_parts(baseline, split)
     base = pool(base_parts)
     rows = []
@@ -171,16 +173,19 @@ def seed_cells(row: dict, alpha: float = 0.05) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="workdirs (comma-joined workdirs are pooled into one row)")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--baseline", default=None)
-    parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument("--split", default="test", help="the per_image_<split>.csv to compare")
+    parser.add_argument("--baseline", default=None, help="the run every other is tested against (default: the first)")
+    parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the * marks, in (0, 1)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if not 0.0 < args.alpha < 1.0:
+        parser.error(f"--alpha={args.alpha}: a significance level in (0, 1), e.g. 0.05")
     rows = compare(args.runs, args.split, args.baseline, args.alpha)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(format_table(rows, args.baseline or args.runs[0], args.alpha))
+        baseline = next((row["run"] for row in rows if "p" not in row), args.baseline or args.runs[0])
+        print(format_table(rows, baseline, args.alpha))
         print(f"\npaired t-test on per-image Dice ({args.split}); * = p < {args.alpha}")
 
 
