@@ -1,5 +1,5 @@
-"""A run's training curve from <workdir>/metrics.jsonl as a markdown table, or for several runs
-their best-epoch and last-N-epochs validation Dice.
+"""A run's training curve from <workdir>/metrics.jsonl as a markdown table; for several runs their best-epoch
+and last-N-epochs validation Dice.
 
     python tools/curve.py runs/monuseg_cpu [--every 10]
     python tools/curve.py runs/mon/sup25_s0 runs/mon/sup25_s1 runs/mon/sup25_s2 [--last 10]
@@ -82,10 +82,10 @@ def print_summaries(runs: list[tuple[pathlib.Path, list[dict]]], last: int) -> N
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("workdirs", type=pathlib.Path, nargs="+")
     parser.add_argument("--every", type=int, default=10, help="one run: show every N-th epoch (and the best and last)")
-    parser.add_argument("--last", type=int, default=10, help="several runs: average the last N validations")
+    parser.add_argument("--last", type=int, default=10, help="the mean of the last N validations (beside the best epoch)")
     args = parser.parse_args()
     for flag, value in (("--every", args.every), ("--last", args.last)):
         if value < 1:
