@@ -34,7 +34,7 @@ regression, scored by AUROC on each split): do the report embeddings t say
 which cells the report names, and do the patch embeddings V say whether
 their cell holds a lesion or any blob? Each modality can encode its side
 while V . t still ranks nothing.
-Prints a table and writes <workdir>/text_masks.json.
+Prints a table and writes <workdir>/text_masks.json (with --generator: text_masks_trained.json).
 """
 
 from __future__ import annotations
