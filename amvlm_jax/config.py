@@ -612,6 +612,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not (hasattr(prompts, "items") and len(prompts) >= 2 and all(isinstance(p, str) and p for p in prompts.values())):
             raise ConfigError(f"config.eval.zero_shot['{label}'] must map two or more class values to prompts, "
                               f"got {prompts.to_dict() if hasattr(prompts, 'to_dict') else prompts!r}")
+        if numbers := [value for value in prompts.keys() if not isinstance(value, str)]:
+            # Labels are read as text ('3' for a JSON 3): a class written as a number would match no row.
+            raise ConfigError(f"config.eval.zero_shot['{label}']: class {numbers[0]!r} must be written as text, "
+                              f"as labels are read ('{numbers[0]}')")
     if config.mode in ("ssl", "all") and data.labeled_fraction >= 1.0:  # Known before any pre-training: said first.
         raise ConfigError(f"config.data.labeled_fraction={data.labeled_fraction} leaves no unlabeled image for the mean "
                           f"teacher (mode '{config.mode}'): set a fraction below 1, or mode 'supervised'")

@@ -164,6 +164,8 @@ BAD_COMBINATIONS = [
     ({"ssl.withhold_reports": True}, "config.ssl.withhold_reports needs config.ssl.text_head ('words' or 'report')"),
     ({"eval.zero_shot": {"Type": {"CT": "a CT scan"}}}, "config.eval.zero_shot['Type'] must map two or more"),
     ({"eval.zero_shot": {"Type": "a CT scan"}}, "config.eval.zero_shot['Type'] must map two or more"),
+    ({"eval.zero_shot": {"grade": {1: "grade one", 2: "grade two"}}},
+     "config.eval.zero_shot['grade']: class 1 must be written as text, as labels are read ('1')"),
     ({"mode": "ssl", "ssl.rampup_epochs": 101.0}, "config.ssl.rampup_epochs=101.0 exceeds config.train.epochs="),
     ({"mode": "all", "data.labeled_fraction": 1.0}, "config.data.labeled_fraction=1.0 leaves no unlabeled image"),
     ({"mode": "all", "ssl.pretrained": "runs/other/pretrain"}, "config.ssl.pretrained='runs/other/pretrain': mode 'all'"),
