@@ -222,7 +222,8 @@ def linear_probe_accuracy(train_features: np.ndarray, train_labels, tests: dict,
 
     Features are standardised with the training rows' mean and deviation; the weights minimise the mean
     cross-entropy + l2 |W|^2 by ``steps`` full-batch L-BFGS steps from zero (deterministic). Rows labelled
-    '' (none) are neither fitted nor scored; test rows of a class absent from training are not scored.
+    '' (none) are neither fitted nor scored; test rows of a class absent from training are not scored; with
+    fewer than two training classes nothing is fitted and nothing scored (accuracy NaN, rows 0).
     """
     train_labels = np.asarray(train_labels).astype(str)
     labelled = train_labels != ""
@@ -237,8 +238,8 @@ def linear_probe_accuracy(train_features: np.ndarray, train_labels, tests: dict,
     for name, (features, labels) in tests.items():
         labels = np.asarray(labels).astype(str)
         scored = np.isin(labels, classes)
-        if params is None or not scored.any():
-            results[name] = {"accuracy": float("nan"), "majority": float("nan"), "rows": int(scored.sum())}
+        if params is None or not scored.any():  # Nothing fitted (one training class) or nothing to score.
+            results[name] = {"accuracy": float("nan"), "majority": float("nan"), "rows": 0}
             continue
         logits = jnp.asarray((features[scored] - mean) / std, jnp.float32) @ params["w"] + params["b"]
         results[name] = _accuracy(classes[np.asarray(jnp.argmax(logits, -1))], labels[scored])

@@ -340,6 +340,12 @@ def test_linear_probe_matches_an_independent_solver():
     assert with_gaps == pytest.approx(without) and with_gaps["rows"] == kept[200:].sum() < 100
 
 
+def test_a_probe_of_a_field_with_one_training_class_scores_no_rows():
+    x = np.random.default_rng(0).normal(size=(12, 4))
+    scores = metrics.linear_probe_accuracy(x[:8], ["CT"] * 8, {"val": (x[8:], ["CT", "CT", "MR", ""])})["val"]
+    assert np.isnan(scores["accuracy"]) and scores["rows"] == 0
+
+
 def test_prompts_for_values_the_field_never_takes_and_too_many_tokens_stop_before_training(generated, tmp_path):
     from amvlm_jax import main
     from amvlm_jax.config import ConfigError
