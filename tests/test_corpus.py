@@ -346,6 +346,16 @@ def test_a_probe_of_a_field_with_one_training_class_scores_no_rows():
     assert np.isnan(scores["accuracy"]) and scores["rows"] == 0
 
 
+def test_rows_of_a_class_without_a_prompt_are_named_not_dropped_silently():
+    from amvlm_jax.train.pretrain import unprompted_rows
+
+    values = ["Head", "Thorax", "Abdomen", "", "Abdomen", "Spine"]
+    assert unprompted_rows("loc", ["Head", "Thorax"], values, "val") == (
+        "val: zero-shot 'loc' scores 2 of its 5 labelled rows: no prompt in config.eval.zero_shot['loc'] for "
+        "'Abdomen' (2), 'Spine' (1)")
+    assert unprompted_rows("loc", ["Head", "Thorax", "Abdomen", "Spine"], values, "val") is None
+
+
 def test_prompts_for_values_the_field_never_takes_and_too_many_tokens_stop_before_training(generated, tmp_path):
     from amvlm_jax import main
     from amvlm_jax.config import ConfigError

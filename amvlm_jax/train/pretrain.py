@@ -18,6 +18,7 @@ before training), for paired tests over queries (tools/pretrain_table.py).
 
 from __future__ import annotations
 
+import collections
 import math
 import pathlib
 import json
@@ -276,6 +277,19 @@ def distinct_report_inputs(groups: np.ndarray, input_ids: np.ndarray) -> tuple[i
     return len(np.unique(groups)), len(np.unique(np.asarray(input_ids), axis=0))
 
 
+def unprompted_rows(label: str, classes, values, name: str) -> str | None:
+    """The line saying which labelled rows of set ``name`` zero-shot field ``label`` leaves unscored, as no
+    prompt stands for their class (``classes``: the prompts' values; ``values``: the rows' labels, '' = none),
+    or None when every labelled row has a prompt."""
+    missing = collections.Counter(v for v in values if v != "" and v not in set(classes))
+    if not missing:
+        return None
+    labelled = sum(v != "" for v in values)
+    counts = ", ".join(f"'{value}' ({count})" for value, count in missing.most_common(8))
+    return (f"{name}: zero-shot '{label}' scores {labelled - sum(missing.values())} of its {labelled} labelled rows: "
+            f"no prompt in config.eval.zero_shot['{label}'] for {counts}{', ...' if len(missing) > 8 else ''}")
+
+
 class EncoderEvaluation:
     """What pre-training learned, scored on fixed pair sets by ``__call__(variables) -> {'<set>/<metric>'}``.
 
@@ -316,6 +330,8 @@ class EncoderEvaluation:
                     raise ConfigError(f"config.eval.zero_shot['{label}']: none of its classes "
                                       f"({', '.join(classes)}) is a value of '{label}' in {name} "
                                       f"(values: {', '.join(sorted(values)[:8])})")
+                if line := unprompted_rows(label, classes, labels[label][:self.counts[name]], name):
+                    info(line)
 
     def _embed_texts(self, variables, tokens: dict) -> np.ndarray:
         """t (N, D) float32 of tokenised texts (the ``ReportTokenizer`` arrays, N rows)."""
