@@ -452,3 +452,43 @@ def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_
     finally:
         moved.rename(generated)
     assert str(raised.value) == f"{generated}: corpus file not found (config.data.corpus.train; config.data.root is not set)"
+
+
+def test_data_workers_exit_when_their_run_is_killed(tmp_path):
+    """A run killed with SIGKILL cannot stop its worker processes: they stop themselves (they kept running,
+    holding the killed run's output pipe open)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, signal, time, numpy as np\n"
+        "from amvlm_jax.data import pipeline\n"
+        "from amvlm_jax.data.folders import SplitArrays\n"
+        "if __name__ == '__main__':  # The workers are spawned: they import this file.\n"
+        "    split = SplitArrays([str(i) for i in range(16)], np.zeros((16, 8, 8, 3), np.uint8), None, [''] * 16)\n"
+        "    batches = pipeline.training_batches(split, 4, seed=0, with_mask=False, augmentation='none', worker_count=2)\n"
+        "    next(batches), next(batches)\n"
+        "    me, children = str(os.getpid()), []\n"
+        "    for _ in range(100):  # Both workers and the resource tracker.\n"
+        "        children = [p for p in os.listdir('/proc') if p.isdigit() and\n"
+        "                    open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1] == me]\n"
+        "        if len(children) >= 3:\n"
+        "            break\n"
+        "        time.sleep(0.1)\n"
+        "    print(' '.join(children), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=str(pathlib.Path(__file__).resolve().parent.parent))
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    children = [int(p) for p in done.stdout.split()]
+    assert len(children) == 3  # The two workers and multiprocessing's resource tracker.
+    deadline = time.time() + 30
+    while time.time() < deadline and any(pathlib.Path(f"/proc/{p}").exists() for p in children):
+        time.sleep(0.5)
+    alive = [p for p in children if pathlib.Path(f"/proc/{p}").exists()]
+    for p in alive:  # Do not leave them behind when the test fails.
+        os.kill(p, signal.SIGKILL)
+    assert not alive

@@ -150,8 +150,26 @@ def _iterate(batches: grain.MapDataset, worker_count: int) -> Iterator[dict]:
 
         if not flags.FLAGS.is_parsed():  # Used as a library (not under absl's app.run): grain reads its flags.
             flags.FLAGS.mark_as_parsed()
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count),
+                                      worker_init_fn=_exit_with_parent)
     return iter(dataset)
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """In each data worker: exits once the process that started it is gone. A run killed with SIGKILL has no
+    chance to stop its workers, which otherwise kept running (and the killed run's output pipe open)."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def evaluation_batches(split: SplitArrays, batch_size: int, pad_multiple: int = 0) -> Iterator[tuple[dict, int]]:
