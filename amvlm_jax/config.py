@@ -351,6 +351,8 @@ def split_name_lists(config: ml_collections.ConfigDict) -> None:
     for path in NAME_LISTS:
         section, _, name = path.rpartition(".")
         node = _field(config, section)
+        if not hasattr(node, "keys") or name not in node:  # A section replaced whole (--config.eval={}): validate names it.
+            continue
         value = node[name]
         if isinstance(value, (tuple, list)) and len(value) == 1 and isinstance(value[0], str):
             text = value[0].strip()

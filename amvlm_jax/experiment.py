@@ -21,6 +21,8 @@ def load_config(path: str | pathlib.Path, variant: str = "") -> ml_collections.C
     """``get_config(variant)`` of the experiment file at ``path`` (``get_config()`` without a variant).
     experiments/ is no package: the file is loaded by its path."""
     spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    if spec is None:  # Not a .py file.
+        raise ConfigError("not a Python experiment file (experiments/<name>.py)")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(variant) if variant else module.get_config()

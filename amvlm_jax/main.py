@@ -76,16 +76,23 @@ def check_command_line(argv: list[str]) -> str | None:
     """
     from amvlm_jax.experiment import load_config
 
-    argument = str(DEFAULT_CONFIG)
+    from ml_collections.config_flags import config_path
+
+    arguments = []
     overrides = []
     for i, arg in enumerate(argv[1:], start=1):
+        following = argv[i + 1] if i + 1 < len(argv) else None
         if arg.startswith("--config="):
-            argument = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            argument = argv[i + 1]
+            arguments.append(arg.split("=", 1)[1])
+        elif arg == "--config" and following is not None:
+            arguments.append(following)
         elif arg.startswith("--config."):
             name, has_value, value = arg[2:].partition("=")
-            overrides.append((name, value if has_value else None))
+            overrides.append((name, value if has_value else None, following))
+    if len(arguments) > 1:  # absl would read the overrides once per --config and fail on a field 'defined twice'.
+        return (f"--config is given {len(arguments)} times ({', '.join(arguments)}): name one experiment file, its "
+                "variants after ':' joined by ','")
+    argument = arguments[0] if arguments else str(DEFAULT_CONFIG)
     path, _, variant = argument.partition(":")
     if not pathlib.Path(path).is_file():
         return f"{path}: no such experiment file (--config=experiments/<name>.py[:variant])"
@@ -93,7 +100,7 @@ def check_command_line(argv: list[str]) -> str | None:
         config = load_config(path, variant)
     except Exception as e:  # The user's experiment file: report, don't trace.
         return f"{path}: {type(e).__name__}: {e}"
-    for override, value in overrides:
+    for override, value, following in overrides:
         node, parts = config, override.split(".")[1:]
         for depth, part in enumerate(parts):
             if not hasattr(node, "keys") or part not in node:
@@ -101,6 +108,18 @@ def check_command_line(argv: list[str]) -> str | None:
                 where = ".".join(["config"] + parts[:depth]) or "config"
                 return f"unknown config key '--{override}': {where} has no '{part}' (known: {known})"
             node = node[part]
+        for depth in range(1, len(parts) + 1):
+            try:
+                config_path.split(".".join(parts[:depth]))
+            except ValueError:  # A key the command line's parser cannot address (spaces, punctuation).
+                section = ".".join(["config"] + parts[:depth - 1])
+                return (f"--{override}: the key '{parts[depth - 1]}' holds spaces or punctuation, which the command "
+                        f"line cannot address; set its section whole: --{section}=\"{{...}}\" (a Python dict)")
+        if value is None and not isinstance(node, bool):
+            # absl takes the argument after a field that is not a boolean as its value, also another flag.
+            if following is None or following.startswith("--"):
+                return f"--{override} needs a value: --{override}=VALUE"
+            value = following
         if value is not None and (expected := _unparsable(value, node)):
             return f"--{override}={value}: {override} takes {expected}, got {value!r}"
     return None
@@ -133,6 +152,12 @@ def _unparsable(text: str, current) -> str | None:
         parse, expected = flags.IntegerParser().parse, "an integer"
     elif isinstance(current, float):
         parse, expected = flags.FloatParser().parse, "a number"
+    elif isinstance(current, tuple):
+        from ml_collections.config_flags import tuple_parser
+
+        parse = tuple_parser.TupleParser().parse
+        expected = ("a tuple: values joined by ',' without spaces, or a quoted Python tuple such as "
+                    "\"('a b', 'c')\" for values holding spaces")
     elif isinstance(current, ml_collections.ConfigDict):
         def parse(t):
             if not isinstance(ast.literal_eval(t), dict):
@@ -167,7 +192,7 @@ def run(config, workdir: str | pathlib.Path) -> dict:
     from amvlm_jax.train.logging import info
 
     validate(config)
-    workdir = pathlib.Path(workdir)
+    workdir = pathlib.Path(workdir).expanduser()  # --workdir=~/runs/x: the shell leaves a '~' after '=' alone.
     if config.mode in ("evaluate", "predict"):
         if not config.eval.checkpoint and not (workdir / "checkpoints").is_dir():
             if not (workdir / "pretrain" / "checkpoints").is_dir():
@@ -355,8 +380,9 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
     define_job_flags()
 
     def absl_main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        if len(argv) > 1:  # app.UsageError would print the module's docstring above it.
+            sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])} (a field's value follows '=': "
+                     "--config.a.b=value)")
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.ERROR)
         from amvlm_jax.config import split_name_lists
@@ -375,12 +401,22 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
             sys.exit(f"{e}" if str(e) else "interrupted before anything new was saved: the same command starts "
                      "again (or resumes from the last checkpoint, if there is one)")
 
-    app.run(absl_main)
+    def parse_flags(argv):
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:  # absl's own report is two lines ('FATAL Flags parsing error', then a hint).
+            sys.exit(f"error: {e}")
+
+    app.run(absl_main, flags_parser=parse_flags)
 
 
 def main(config: ml_collections.ConfigDict) -> None:
     from amvlm_jax.train.parallel import initialize_distributed
 
+    from amvlm_jax.config import ConfigError
+
+    if flags.FLAGS["workdir"].present and not flags.FLAGS.workdir.strip():  # --workdir=$UNSET: not the default's run.
+        raise ConfigError("--workdir is empty: name the run folder, or leave --workdir out for runs/<experiment>")
     workdir = flags.FLAGS.workdir or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     initialize_distributed(config)  # Before anything touches the devices.
     run(config, workdir)

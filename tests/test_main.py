@@ -14,7 +14,8 @@ from conftest import REPO_ROOT, experiment_module, tiny_synthetic_config
 
 
 def _run(*args):
-    result = subprocess.run([sys.executable, "-m", "amvlm_jax.main", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "amvlm_jax.main", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300)
     return result.returncode, result.stderr.strip()
 
 
@@ -32,6 +33,24 @@ def _run(*args):
         (["--config.train.lr=1e-3x"], "config.train.lr takes a number, got '1e-3x'"),
         (["--config.eval.guidance=maybe"], "config.eval.guidance takes true or false, got 'maybe'"),
         (["--config.eval.zero_shot=[1]"], "config.eval.zero_shot takes a Python dict"),
+        # A field without '=' takes the next argument as its value (absl), also when that is another flag: it would
+        # have read data.root='--config.mode=evaluate'.
+        (["--config=experiments/monuseg.py", "--config.data.root", "--config.mode=evaluate"],
+         "--config.data.root needs a value: --config.data.root=VALUE"),
+        (["--config.train.epochs", "1.5"], "--config.train.epochs=1.5: config.train.epochs takes an integer, got '1.5'"),
+        # What absl reports in two lines ('FATAL Flags parsing error', a hint).
+        (["--config.eval.splits=val test"], "config.eval.splits takes a tuple: values joined by ',' without spaces"),
+        (["--conifg.train.lr=1"], "error: Unknown command line flag 'conifg.train.lr'"),
+        # absl read the last --config alone (and failed on any override: 'config.mode is defined twice').
+        (["--config=experiments/synthetic.py", "--config=experiments/monuseg.py"], "--config is given 2 times"),
+        # Tracebacks before: a key the command line cannot address, a section replaced by a dict.
+        (["--config=experiments/medpix.py:cpu", "--config.eval.zero_shot.Location Category.Head=a head"],
+         "the key 'Location Category' holds spaces or punctuation, which the command line cannot address; set its "
+         "section whole: --config.eval.zero_shot="),
+        (["--config.eval={}"], "config.eval.checkpoint is missing: config.eval has no such field"),
+        (["--config=README.md"], "README.md: ConfigError: not a Python experiment file"),
+        # A boolean takes no value after a space: absl's usage (the module's docstring) was printed above it.
+        (["--config.eval.guidance", "maybe"], "unexpected arguments: maybe"),
     ],
 )
 def test_bad_command_lines_give_one_line_errors(args, expected, tmp_path):
@@ -39,6 +58,42 @@ def test_bad_command_lines_give_one_line_errors(args, expected, tmp_path):
     assert code != 0
     assert "Traceback" not in stderr
     assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ") and expected in stderr, stderr
+
+
+def test_an_empty_workdir_is_a_one_line_error_not_the_default_workdir(tmp_path):
+    # --workdir=$UNSET would have trained in (or resumed) runs/<experiment>.
+    result = subprocess.run([sys.executable, "-m", "amvlm_jax.main", "--config=experiments/monuseg.py", "--workdir="],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and result.stderr.strip() == (
+        "error: --workdir is empty: name the run folder, or leave --workdir out for runs/<experiment>")
+
+
+def test_a_workdir_under_home_is_expanded(tmp_path, monkeypatch):
+    # --workdir=~/run reaches main as '~/run' (the shell expands no '~' after '='): not a folder named '~'.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as raised:
+        main.run(tiny_synthetic_config(mode="evaluate"), "~/run")
+    assert str(raised.value).startswith(f"--workdir={tmp_path / 'run'}: holds no checkpoint to evaluate with")
+
+
+def test_a_compilation_cache_below_a_file_is_a_one_line_error(tmp_path):
+    import jax
+
+    from amvlm_jax.config import base_config
+    from amvlm_jax.train.parallel import enable_compilation_cache
+
+    (tmp_path / "file").write_text("")
+    config = base_config()
+    config.compilation_cache = str(tmp_path / "file" / "cache")
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        with pytest.raises(ConfigError, match=f"^config.compilation_cache={tmp_path / 'file' / 'cache'}: "
+                                              f"{tmp_path / 'file'} is a file, not a folder"):
+            enable_compilation_cache(config)  # jax warned at every entry instead.
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
 
 
 def test_a_compilation_cache_that_is_a_file_is_a_one_line_error_of_the_command(tmp_path):

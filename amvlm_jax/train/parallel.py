@@ -18,6 +18,7 @@ devices; see its docstring for how the processes are found.
 from __future__ import annotations
 
 import os
+import pathlib
 import weakref
 from typing import Any
 
@@ -49,6 +50,10 @@ def enable_compilation_cache(config) -> str | None:
     folder = os.path.expanduser(config.compilation_cache)
     if os.path.exists(folder) and not os.path.isdir(folder):  # jax would only warn at every entry it writes.
         raise ConfigError(f"config.compilation_cache={config.compilation_cache}: is a file, not a folder "
+                          "('' turns the cache off)")
+    above = next(p for p in pathlib.Path(folder).absolute().parents if p.exists())
+    if not above.is_dir():  # A folder below a file: jax would warn at every entry it reads or writes.
+        raise ConfigError(f"config.compilation_cache={config.compilation_cache}: {above} is a file, not a folder "
                           "('' turns the cache off)")
     jax.config.update("jax_compilation_cache_dir", folder)
     return folder
