@@ -448,7 +448,7 @@ def _field_checks() -> tuple:
         ("data.worker_count", *_integer(0)),
         ("data.read_threads", *_integer(1)),
         ("data.synthetic.num_train", *_integer(1)),
-        ("data.synthetic.num_val", *_integer(0)),
+        ("data.synthetic.num_val", *_integer(1)),  # Val_Folder must hold images (folders.py); 0 failed after start.
         ("data.synthetic.num_test", *_integer(0)),
         ("data.synthetic.seed", *_integer(0)),
         ("data.synthetic.fresh_pairs", *_BOOL),
@@ -610,6 +610,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if data.synthetic.fresh_pairs and pre.augment != "none":
         raise ConfigError(f"config.pretrain.augment='{pre.augment}' does not apply to data.synthetic.fresh_pairs "
                           "(the online view of pairs that never repeat is the image as drawn): set it to 'none'")
+    if data.name == "synthetic" and data.synthetic.num_test == 0 and "test" in config.eval.splits:
+        # The generator writes an empty Test_Folder, which the final evaluation refused after all the training.
+        raise ConfigError(f"config.data.synthetic.num_test=0 leaves nothing for config.eval.splits="
+                          f"{tuple(config.eval.splits)} to score on 'test': set num_test >= 1 or drop 'test' "
+                          "(--config.eval.splits=val)")
     for label, prompts in config.eval.zero_shot.items():
         if not (hasattr(prompts, "items") and len(prompts) >= 2 and all(isinstance(p, str) and p for p in prompts.values())):
             raise ConfigError(f"config.eval.zero_shot['{label}'] must map two or more class values to prompts, "

@@ -47,7 +47,7 @@ BAD_VALUES = [
     ("data.labeled_fraction", 0.0), ("data.labeled_fraction", 1.5), ("data.labeled_fraction", -0.25),
     ("data.labeled_fraction", NAN), ("data.labeled_fraction", None),
     ("data.split_seed", -1), ("data.worker_count", -1), ("data.read_threads", 0),
-    ("data.synthetic.num_train", 0), ("data.synthetic.num_val", -1), ("data.synthetic.num_test", -1),
+    ("data.synthetic.num_train", 0), ("data.synthetic.num_val", -1), ("data.synthetic.num_val", 0), ("data.synthetic.num_test", -1),
     ("data.synthetic.seed", -1), ("data.synthetic.fresh_pairs", None),
     ("data.corpus.train", None), ("data.corpus.val", None), ("data.corpus.test", None), ("data.corpus.split_field", None),
     ("data.corpus.image_field", None), ("data.corpus.split_names", ("train", "val")),
@@ -175,6 +175,8 @@ BAD_COMBINATIONS = [
     ({"eval.zero_shot": {"Type": {"CT": "a CT scan", "MR": "an MRI scan"}}},
      "config.eval.zero_shot needs the label fields of a corpus"),
     ({"eval.probe_fields": ("Type",)}, "config.eval.probe_fields needs the label fields of a corpus"),
+    # An empty Test_Folder: the run trained to the end, then its final evaluation stopped on 'Test_Folder/img: no images'.
+    ({"data.synthetic.num_test": 0}, "config.data.synthetic.num_test=0 leaves nothing for config.eval.splits"),
 ]
 
 
@@ -206,6 +208,7 @@ GOOD_VALUES = [
     {"pretrain.text_weights_init": "random", "pretrain.text_hidden": 96, "pretrain.text_heads": 3},
     {"pretrain.vit_width": 96, "pretrain.vit_heads": 2}, {"data.root": "/somewhere", "data.name": "monuseg"},
     {"pretrain.vit_attention": "cudnn", "dtype": "bfloat16"},
+    {"data.synthetic.num_test": 0, "eval.splits": ("val",)},
     {"data.image_size": 32},  # Below the synthetic generator's minimum: fine for tools/benchmark.py's batches.
 ]
 
