@@ -370,9 +370,12 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+INT_MAX = 2**31 - 1  # Counts and sizes become int32 array shapes and indices: larger ones overflow there.
+
+
 def _integer(low: int, high: int | None = None):
     if high is None:
-        return (lambda v: _is_int(v) and v >= low), f"an integer >= {low}"
+        return (lambda v: _is_int(v) and low <= v <= INT_MAX), f"an integer >= {low} (below 2**31)"
     return (lambda v: _is_int(v) and low <= v <= high), f"an integer in [{low}, {high}]"
 
 

@@ -43,7 +43,7 @@ BAD_VALUES = [
     ("seed", -1), ("seed", 2**31), ("seed", None), ("seed", True),
     ("data.name", None), ("data.root", None),
     ("data.image_size", 0), ("data.image_size", 100), ("data.image_size", -16), ("data.image_size", None),
-    ("data.num_classes", 0),
+    ("data.num_classes", 0), ("data.num_classes", 10**20), ("train.batch_size", 2**31),
     ("data.labeled_fraction", 0.0), ("data.labeled_fraction", 1.5), ("data.labeled_fraction", -0.25),
     ("data.labeled_fraction", NAN), ("data.labeled_fraction", None),
     ("data.split_seed", -1), ("data.worker_count", -1), ("data.read_threads", 0),
