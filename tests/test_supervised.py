@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from amvlm_jax.config import ConfigError
 from amvlm_jax.data import datasets, pipeline
 from amvlm_jax.models.unet import BatchNormReLU
 from amvlm_jax.train import checkpoint, evaluate, supervised
@@ -142,10 +143,18 @@ def test_training_learns_and_evaluation_round_trips(tmp_path):
     for saved, recomputed in zip(jax.tree.leaves(final.batch_stats), jax.tree.leaves(expected)):
         np.testing.assert_allclose(saved, recomputed, rtol=1e-5, atol=1e-6)
 
-    # Evaluating the saved best checkpoint from another workdir gives the same numbers.
+    # Evaluating the saved best checkpoint from another workdir gives the same numbers, also where the 8 devices
+    # do not divide the command's training batch (evaluation pads its own batches): only that batch is named.
     config.mode = "evaluate"
     again = supervised.evaluate_checkpoint(config, tmp_path / "eval", str(tmp_path / "checkpoints" / "best"))
     assert again == results
+    config.train.batch_size, config.mesh.data = 4, -1
+    assert jax.device_count() == 8
+    on_eight = supervised.evaluate_checkpoint(config, tmp_path / "eval", str(tmp_path / "checkpoints" / "best"))
+    for split, scores in results.items():
+        assert on_eight[split] == pytest.approx(scores, abs=1e-3)
+    with pytest.raises(ConfigError, match=r"^config.train.batch_size=4 is not divisible by the 8 devices of the 8x1 "):
+        make_mesh(config)
 
 
 def test_recomputed_batch_stats_reproduce_training_mode_in_inference():

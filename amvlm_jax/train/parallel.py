@@ -169,11 +169,13 @@ def mesh_shape(config, device_count: int) -> tuple[int, int]:
     return data, fsdp
 
 
-def make_mesh(config, devices=None, batch_size: int | None = None) -> Mesh:
+def make_mesh(config, devices=None, batch_size: int | None = None, field: str = "config.train.batch_size") -> Mesh:
     """The ('data', 'fsdp') mesh over the first data * fsdp of `devices` (default jax.devices()).
 
-    batch_size (default config.train.batch_size) must divide over all
-    data * fsdp devices, since the batch is split over both axes.
+    batch_size (default config.train.batch_size; the config ``field`` that
+    sets it, for the error) must divide over all data * fsdp devices, since
+    the batch is split over both axes; 0: no batch to check (an evaluation
+    that pads its own batches to a multiple of the devices).
     jax.devices() lists each process's devices together, so each process's
     devices form whole rows of the mesh and hold a contiguous block of the batch.
     """
@@ -181,7 +183,7 @@ def make_mesh(config, devices=None, batch_size: int | None = None) -> Mesh:
     data, fsdp = mesh_shape(config, len(devices))
     batch_size = config.train.batch_size if batch_size is None else batch_size
     if batch_size % (data * fsdp):
-        raise ConfigError(f"batch size {batch_size} is not divisible by the {data * fsdp} devices of the "
+        raise ConfigError(f"{field}={batch_size} is not divisible by the {data * fsdp} devices of the "
                           f"{data}x{fsdp} (data x fsdp) mesh")
     return Mesh(np.asarray(devices[: data * fsdp]).reshape(data, fsdp), MESH_AXES)
 

@@ -134,7 +134,7 @@ def predict(config, workdir) -> dict:
     workdir = pathlib.Path(workdir)
     items = list_inputs(config)
     output = check_output(config)
-    mesh = make_mesh(config)
+    mesh = make_mesh(config, batch_size=0)  # Its batches are padded to a multiple of the devices (below).
     source = config.eval.checkpoint or workdir
     model = supervised.build_unet(config)
     variables, meta, used = checkpoint.restore_variables(

@@ -486,7 +486,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                                    _device_count(config))
     if batch_size != pre.batch_size:
         info(f"only {len(train_pairs)} training pairs: batch size capped from {pre.batch_size} to {batch_size}")
-    mesh = parallel.make_mesh(config, batch_size=batch_size)
+    mesh = parallel.make_mesh(config, batch_size=batch_size, field="config.pretrain.batch_size")
     steps_per_epoch = max(1, math.ceil(len(train_pairs) / batch_size))
     pairs = (f"fresh synthetic pairs ({steps_per_epoch * batch_size} an epoch)" if fresh_pairs(config)
              else f"{len(train_pairs)} pairs")
@@ -565,9 +565,8 @@ def evaluate_checkpoint(config, workdir, source) -> dict:
     corpus.check_files(config)  # Before the checkpoint is restored and any split decoded.
     size = build.pretrain_image_size(config)
     model = build.build_model(config, build.text_encoder_config(config))
-    batch_size = max(1, config.train.eval_batch_size)
-    mesh = parallel.make_mesh(config, batch_size=batch_size)
-    batch_size = -(-batch_size // mesh.size) * mesh.size
+    mesh = parallel.make_mesh(config, batch_size=0)  # Its batches are padded to a multiple of the devices.
+    batch_size = -(-max(1, config.train.eval_batch_size) // mesh.size) * mesh.size
     if config.eval.initial:  # The control: the state the run's first step started from.
         state = initial_state(config, model, mesh, steps_per_epoch=1)
         variables = {"params": state.params, "batch_stats": state.batch_stats}

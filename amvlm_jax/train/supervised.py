@@ -128,7 +128,7 @@ def evaluate_checkpoint(config, workdir, checkpoint_path: str = "", mesh=None, r
     """Restores a U-Net checkpoint and evaluates it on config.eval.splits; writes results."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh = mesh or make_mesh(config)
+    mesh = mesh or make_mesh(config, batch_size=0)  # evaluate_split pads its batches to a multiple of the devices.
     root = root or datasets.data_root(config, workdir)
     model = build_unet(config)
     variables = abstract_replicated(mesh, jax.eval_shape(lambda: init_variables(config, model)))
