@@ -11,7 +11,6 @@ the hub whether the branch has moved.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 
@@ -25,7 +24,7 @@ from huggingface_hub.errors import (
 )
 
 from amvlm_jax.config import ConfigError
-from amvlm_jax.weights import WeightError
+from amvlm_jax.weights import WeightError, shard_files
 
 TEXT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 TEXT_TOKENIZER = ("tokenizer.json", "vocab.txt")
@@ -132,11 +131,10 @@ class _Repo:
         self.revision = os.path.basename(os.path.dirname(path))
         shards = []
         if path.endswith(".index.json"):
-            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):  # a bad index: the loader says so
-                with open(path, encoding="utf-8") as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            with contextlib.suppress(WeightError):  # a bad index: the loader says so
+                shards = shard_files(path)
         for shard in shards:
-            self.file((str(shard),))
+            self.file((shard,))
         return path
 
     def download(self, alternatives) -> str | None:

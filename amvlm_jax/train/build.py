@@ -66,11 +66,11 @@ def text_encoder_config(config) -> BertConfig:
 
 def build_text_encoder(config) -> tuple[BertConfig, dict | None]:
     """(BertConfig, loaded params, or None for a random init) of the text encoder."""
-    if config.pretrain.text_weights_init == "pretrained":
-        text_encoder_config(config)  # the field's one-line errors, before the weights are read
-        with weights.field_errors(TEXT_ENCODER):
-            return weights.load_bert(text_encoder_dir(config), num_layers=config.pretrain.text_layers)
-    return text_encoder_config(config), None
+    text_config = text_encoder_config(config)  # Its one-line errors (text_layers too) before any weight is read.
+    if config.pretrain.text_weights_init != "pretrained":
+        return text_config, None
+    with weights.field_errors(TEXT_ENCODER):
+        return weights.load_bert(text_encoder_dir(config), num_layers=config.pretrain.text_layers)
 
 
 def build_model(config, text_config: BertConfig) -> AMVLM:

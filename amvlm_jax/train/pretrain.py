@@ -281,7 +281,8 @@ def unprompted_rows(label: str, classes, values, name: str) -> str | None:
     """The line saying which labelled rows of set ``name`` zero-shot field ``label`` leaves unscored, as no
     prompt stands for their class (``classes``: the prompts' values; ``values``: the rows' labels, '' = none),
     or None when every labelled row has a prompt."""
-    missing = collections.Counter(v for v in values if v != "" and v not in set(classes))
+    prompted = set(classes)
+    missing = collections.Counter(v for v in values if v != "" and v not in prompted)
     if not missing:
         return None
     labelled = sum(v != "" for v in values)
