@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import pathlib
 import re
 import sys
 
@@ -159,6 +160,13 @@ def test_ablation_rows_pretrainings_and_table(tmp_path):
     assert "p, seed-averaged images | p, seed means |" in text
     assert (tmp_path / "ablation.md").read_text().startswith("| row | val Dice")
     assert json.loads((tmp_path / "ablation.json").read_text())["rows"][1]["row"] == "+CSS"
+    # Rows scored against other masks under the same image names (another data seed) are not paired.
+    for row, digest in (("MT", "sha256:0"), ("+CSS", "sha256:1")):
+        results = json.loads((pathlib.Path(runs[row][1]) / "results.json").read_text())
+        results["test"]["masks"] = digest
+        (pathlib.Path(runs[row][1]) / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match=r"^error: \+CSS and MT scored images of the same names against different masks"):
+        ablation.summarize(runs, tmp_path)
 
 
 def test_curve_best_epoch_and_last_validations(tmp_path, capsys):
@@ -328,6 +336,34 @@ def test_compare_pairs_images_by_name_whatever_their_row_order(tmp_path):
     (tmp_path / "other" / "per_image_test.csv").write_text("file,dice,iou\nimg0,1,1\nimg1,1,1\nimg2,1,1\nimg9,1,1\n")
     with pytest.raises(SystemExit, match="hold different images"):
         compare.compare([str(tmp_path / "base"), str(tmp_path / "other")], "test")
+
+
+def test_compare_refuses_runs_scored_against_other_masks_under_the_same_names(tmp_path):
+    from amvlm_jax.data.folders import SplitArrays
+    from amvlm_jax.train import evaluate
+
+    rng = np.random.default_rng(0)
+    names, masks = [f"img{i}" for i in range(4)], rng.integers(0, 2, (4, 8, 8), dtype=np.uint8)
+    scores = (rng.random((4, 1)), rng.random((4, 1)), np.ones((4, 1), bool))
+
+    def evaluated(workdir, order, masks):
+        workdir.mkdir()
+        split = SplitArrays([names[i] for i in order], np.zeros((4, 8, 8, 3), np.uint8), masks[order], [""] * 4)
+        evaluate.write_results(workdir, {"test": tuple(v[order] for v in scores)}, {"test": split})
+
+    evaluated(tmp_path / "a", [0, 1, 2, 3], masks)
+    evaluated(tmp_path / "a_shuffled", [2, 0, 3, 1], masks)  # Same data, read in another order: pairs.
+    other = masks.copy()
+    other[3, 0, 0] ^= 1  # Another data seed's image 3 (one pixel is enough).
+    evaluated(tmp_path / "b", [0, 1, 2, 3], other)
+    assert compare.compare([str(tmp_path / "a"), str(tmp_path / "a_shuffled")], "test")[1]["p"] == 1.0
+    with pytest.raises(SystemExit, match=r"b and .*a scored images of the same names against different masks"):
+        compare.compare([str(tmp_path / "a"), str(tmp_path / "b")], "test")
+    # Pooled rows are checked run by run; a run without the digest (an older one) pairs on names alone.
+    with pytest.raises(SystemExit, match="against different masks"):
+        compare.compare([f"{tmp_path / 'a'},{tmp_path / 'a_shuffled'}", f"{tmp_path / 'a'},{tmp_path / 'b'}"], "test")
+    _write(tmp_path / "older", [60, 70, 80, 65])
+    assert "p" in compare.compare([str(tmp_path / "b"), str(tmp_path / "older")], "test")[1]
 
 
 def test_ablation_rejects_bad_rows_and_seeds_up_front():

@@ -147,7 +147,8 @@ def test_training_learns_and_evaluation_round_trips(tmp_path):
     # do not divide the command's training batch (evaluation pads its own batches): only that batch is named.
     config.mode = "evaluate"
     again = supervised.evaluate_checkpoint(config, tmp_path / "eval", str(tmp_path / "checkpoints" / "best"))
-    assert again == results
+    assert again == results  # The masks' digest too: compare.py pairs the two runs.
+    assert results["test"]["masks"] != results["val"]["masks"]
     config.train.batch_size, config.mesh.data = 4, -1
     assert jax.device_count() == 8
     on_eight = supervised.evaluate_checkpoint(config, tmp_path / "eval", str(tmp_path / "checkpoints" / "best"))

@@ -91,7 +91,7 @@ def summarize(runs: dict, workdir: pathlib.Path) -> tuple[list[dict], str]:
 
     With several seeds, also the tests that keep images and seeds apart
     (`compare.seed_tests`: seed-averaged images, seed means)."""
-    from compare import format_p, paired_t_test, pool, read_parts, seed_cells, seed_tests
+    from compare import check_pairs, format_p, paired_t_test, pool, read_parts, seed_cells, seed_tests
 
     first = next(iter(runs))
     table = []
@@ -105,7 +105,9 @@ def summarize(runs: dict, workdir: pathlib.Path) -> tuple[list[dict], str]:
         split = "test" if "test_dice" in entry else "val"
         if row != first:
             base_parts, parts = read_parts(",".join(runs[first]), split), read_parts(",".join(dirs), split)
-            entry["t"], entry["p"] = paired_t_test(pool(base_parts)["dice"], pool(parts)["dice"])
+            base, pooled = pool(base_parts), pool(parts)
+            check_pairs(base, pooled, first, row)
+            entry["t"], entry["p"] = paired_t_test(base["dice"], pooled["dice"])
             entry["p_split"] = split
             entry |= seed_tests(base_parts, parts)
         table.append(entry)

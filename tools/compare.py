@@ -32,8 +32,10 @@ COLUMNS = ("file", "dice", "iou")
 
 
 def read_per_image(workdir: str | pathlib.Path, split: str) -> dict[str, np.ndarray]:
-    """{'file': names, 'dice': (N,), 'iou': (N,)} in percent from <workdir>/per_image_<split>.csv,
-    sorted by image name (runs pair image by image whatever order their rows were written in)."""
+    """{'file': names, 'dice': (N,), 'iou': (N,), 'masks': (N,)} from <workdir>/per_image_<split>.csv (Dice
+    and IoU in percent), sorted by image name (runs pair image by image whatever order their rows were
+    written in). 'masks' repeats the split's digest of the true masks from results.json ('' where an older
+    or re-evaluated run has none) so that runs scored against other masks under the same names are not paired."""
     path = pathlib.Path(workdir) / f"per_image_{split}.csv"
     if not path.is_file():
         if not path.parent.is_dir():
@@ -65,8 +67,29 @@ def read_per_image(workdir: str | pathlib.Path, split: str) -> dict[str, np.ndar
             except (TypeError, ValueError):  # TypeError: a row shorter than the header.
                 raise SystemExit(f"error: {path}: line {line}: {name} {row[name]!r} is not a number") from None
         values[name] = np.array(column)
+    values["masks"] = np.full(len(rows), masks_digest(path.parent, split), dtype=object)
     order = np.argsort(values["file"], kind="stable")
     return {name: column[order] for name, column in values.items()}
+
+
+def masks_digest(workdir: pathlib.Path, split: str) -> str:
+    """The digest of the true masks the workdir's last evaluation of `split` scored against, or ''."""
+    try:
+        summary = json.loads((workdir / "results.json").read_text()).get(split)
+    except (OSError, ValueError, AttributeError):  # No results.json, not JSON, or not an object.
+        return ""
+    return summary.get("masks", "") if isinstance(summary, dict) else ""
+
+
+def check_pairs(base: dict[str, np.ndarray], run: dict[str, np.ndarray], base_name: str, run_name: str) -> None:
+    """Stops unless the pooled runs hold the same images, scored against the same masks where both say."""
+    if not np.array_equal(run["file"], base["file"]):
+        raise SystemExit(f"error: {run_name} and {base_name} hold different images; a paired test needs the same ones")
+    known = (run["masks"] != "") & (base["masks"] != "")
+    if np.any(run["masks"][known] != base["masks"][known]):
+        raise SystemExit(f"error: {run_name} and {base_name} scored images of the same names against different "
+                         "masks (other data, data seed or image size: results.json 'masks'); a paired test needs "
+                         "the same ones")
 
 
 def read_parts(spec: str, split: str) -> list[dict[str, np.ndarray]]:
@@ -84,7 +107,7 @@ def read_parts(spec: str, split: str) -> list[dict[str, np.ndarray]]:
 
 def pool(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The parts concatenated image by image (seeds pooled in the order listed)."""
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("file", "dice", "iou")}
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("file", "dice", "iou", "masks")}
 
 
 def seed_tests(base: list[dict[str, np.ndarray]], run: list[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -135,8 +158,7 @@ def compare(runs: list[str], split: str, baseline: str | None = None, alpha: flo
         row = {"run": run, "images": len(values["dice"]), "dice": float(values["dice"].mean()),
                "miou": float(values["iou"].mean()), "dice_std": float(values["dice"].std(ddof=1)) if len(values["dice"]) > 1 else 0.0}
         if run != baseline:
-            if not np.array_equal(values["file"], base["file"]):
-                raise SystemExit(f"error: {run} and {baseline} hold different images; a paired test needs the same ones")
+            check_pairs(base, values, baseline, run)
             t, p = paired_t_test(base["dice"], values["dice"])
             row |= {"t": t, "p": p, "significant": bool(p < alpha)}
             row |= seed_tests(base_parts, parts)

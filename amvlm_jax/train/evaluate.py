@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import pathlib
 from typing import Callable, Optional
@@ -165,11 +166,23 @@ def evaluate_split(eval_step, params, batch_stats, split: SplitArrays, mesh: Mes
     return tuple(np.concatenate(column) for column in zip(*parts))
 
 
-def write_results(workdir: str | pathlib.Path, per_split: dict[str, Optional[tuple]], names: dict[str, list]) -> dict:
+def masks_fingerprint(names: list, masks: np.ndarray) -> str:
+    """A digest of a split's true masks (N, H, W) taken in image-name order: two evaluations that agree on it
+    scored the same images against the same masks at the same size (tools/compare.py pairs runs by name
+    and checks it)."""
+    digest = hashlib.sha256(str(masks.shape[1:]).encode())
+    for row in np.argsort(np.asarray(names), kind="stable"):
+        digest.update(np.ascontiguousarray(masks[row], np.uint8).tobytes())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def write_results(workdir: str | pathlib.Path, per_split: dict[str, Optional[tuple]],
+                  data: dict[str, SplitArrays]) -> dict:
     """Writes <workdir>/results.json and per_image_<split>.csv; returns the results dict.
 
     per_split maps split -> (dice, iou, present) (N, K) arrays of ``evaluate_split``, or None for a split
-    the data does not have. results.json holds percentages; a multi-class task adds each class's scores
+    the data does not have; data maps each evaluated split to its SplitArrays. results.json holds
+    percentages and each split's ``masks_fingerprint`` ('masks'); a multi-class task adds each class's scores
     ('classes', ``metrics.class_summary``) and the per-image CSV a Dice column per class (empty where
     the class is in neither the prediction nor the truth).
     """
@@ -181,7 +194,9 @@ def write_results(workdir: str | pathlib.Path, per_split: dict[str, Optional[tup
             continue
         class_dice, class_iou, present = values
         dice, iou = metrics.mean_over_present(class_dice, present), metrics.mean_over_present(class_iou, present)
-        results[split] = metrics.summarize(dice, iou)
+        results[split] = metrics.summarize(dice, iou) | {"masks": masks_fingerprint(data[split].names,
+                                                                                     data[split].masks)}
+        names = data[split].names
         classes = class_dice.shape[1]
         if classes > 1:
             results[split]["classes"] = metrics.class_summary(class_dice, class_iou, present)
@@ -190,7 +205,7 @@ def write_results(workdir: str | pathlib.Path, per_split: dict[str, Optional[tup
                 writer = csv.writer(f)
                 writer.writerow(["file", "dice", "iou"] + ([f"dice_class_{k}" for k in range(1, classes + 1)]
                                                            if classes > 1 else []))
-                for row, (name, d, i) in enumerate(zip(names[split], dice, iou)):
+                for row, (name, d, i) in enumerate(zip(names, dice, iou)):
                     per_class = ([f"{class_dice[row, k] * 100:.4f}" if present[row, k] else "" for k in range(classes)]
                                  if classes > 1 else [])
                     writer.writerow([name, f"{d * 100:.4f}", f"{i * 100:.4f}"] + per_class)

@@ -135,7 +135,7 @@ def evaluate_checkpoint(config, workdir, checkpoint_path: str = "", mesh=None, r
     variables, meta, used = checkpoint.restore_variables(checkpoint_path or workdir, variables)
     info(f"evaluating {used} (epoch {meta.get('epoch')})")
     eval_step = evaluate.make_eval_step(model, config.data.num_classes)
-    per_split, names = {}, {}
+    per_split, evaluated = {}, {}
     for split in config.eval.splits:
         data = datasets.load_eval_split(config, root, split)
         if data is None:
@@ -144,7 +144,7 @@ def evaluate_checkpoint(config, workdir, checkpoint_path: str = "", mesh=None, r
         per_split[split] = evaluate.evaluate_split(
             eval_step, variables["params"], variables["batch_stats"], data, mesh, config.train.eval_batch_size
         )
-        names[split] = data.names
-    results = evaluate.write_results(workdir, per_split, names)
+        evaluated[split] = data
+    results = evaluate.write_results(workdir, per_split, evaluated)
     info(evaluate.format_table(results))
     return results
