@@ -189,6 +189,16 @@ def test_multiclass_mask_ids_and_out_of_range(untidy_root):
     assert "class id 3" in message
 
 
+def test_a_negative_class_id_in_a_32_bit_mask_is_an_error_not_class_255(untidy_root):
+    ids = np.full((30, 40), 2, np.int32)
+    ids[:10] = -1
+    mask = untidy_root / "Val_Folder" / "labelcol" / "v.png"
+    mask.unlink()
+    Image.fromarray(ids, mode="I").save(mask.with_suffix(".tif"))
+    message = _error(folders.load_split, untidy_root, "val", image_size=16, num_classes=4, progress=False)
+    assert "v.tif" in message and "class id -1" in message
+
+
 def test_missing_data_root(tmp_path):
     assert "not set" in _error(folders.check_root, "")
     message = _error(folders.check_root, str(tmp_path / "nowhere"))

@@ -303,6 +303,9 @@ def load_mask(path: pathlib.Path, size: int, num_classes: int) -> tuple[np.ndarr
             shown = ", ".join(str(v) for v in values[:6]) + (" ..." if len(values) > 6 else "")
             raise DataError(f"{path}: mask of a binary task holds values {shown}; expected 0/255 or 0/1")
         array = (array > 0).astype(np.uint8)
+    elif values.min() < 0:  # A 32-bit mask's negative id (an 'ignore' label) would wrap to 255 below.
+        raise DataError(f"{path}: mask holds class id {int(values.min())}; class ids run from 0 to "
+                        f"data.num_classes - 1 = {num_classes - 1}")
     elif values.max() >= num_classes:
         raise DataError(f"{path}: mask holds class id {int(values.max())}, but data.num_classes is {num_classes}")
     resized = Image.fromarray(array.astype(np.uint8)).resize((size, size), Image.NEAREST)
