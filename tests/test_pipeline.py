@@ -31,8 +31,33 @@ def test_augment_rot_flip_is_a_dihedral_transform():
     dihedral = {np.ascontiguousarray(np.flip(np.rot90(square, k), axis=a)).tobytes() for k in range(4) for a in range(2)}
     outputs = [pipeline.augment([square], np.random.default_rng(s))[0] for s in range(200)]
     kinds = {o.tobytes() for o in outputs}
-    assert dihedral <= kinds  # All 8 rot90+flip results appear.
+    assert len(dihedral) == 4 and dihedral <= kinds  # A rotation then a flip is one of the square's 4 reflections.
     assert square.tobytes() in kinds
+
+
+def test_augment_draws_follow_the_spec_probabilities():
+    """Exact counts of each transform over many draws, told apart by comparing with references built from
+    SPEC 1's wording: each of the 4 reflections 1/8 (a rot90 then a flip), each integer angle in [-20, 20)
+    1/160, the identity the remaining 1/4 (+ the angle 0); a plain rot90 never."""
+    from scipy import ndimage, stats
+
+    image = np.random.default_rng(0).integers(0, 256, (48, 48), dtype=np.uint8)
+    references = {"identity": image, "flip rows": image[::-1], "flip columns": image[:, ::-1],
+                  "transpose": image.T, "anti-transpose": image.T[::-1, ::-1]}
+    references |= {f"rot90 k={k}": np.rot90(image, k) for k in (1, 2, 3)}
+    references |= {f"angle {a}": ndimage.rotate(image, a, reshape=False, order=0) for a in range(-20, 21) if a}
+    names = {r.tobytes(): name for name, r in references.items()}
+    assert len(names) == len(references)  # Every transform gives a different image.
+    draws = 3200
+    counts = dict.fromkeys(references, 0)
+    for seed in range(draws):
+        counts[names[pipeline.augment([image], np.random.default_rng([11, seed]))[0].tobytes()]] += 1
+    assert counts["angle 20"] == counts["rot90 k=1"] == counts["rot90 k=2"] == counts["rot90 k=3"] == 0
+    expected = {"identity": 0.25 + 0.25 / 40} | {f"angle {a}": 0.25 / 40 for a in range(-20, 20) if a}
+    expected |= {name: 0.125 for name in ("flip rows", "flip columns", "transpose", "anti-transpose")}
+    observed = [counts[name] for name in expected]
+    assert sum(observed) == draws
+    assert stats.chisquare(observed, [draws * p for p in expected.values()]).pvalue > 1e-3
 
 
 def test_random_resized_crop_resizes_a_box_of_the_image_back():
