@@ -230,6 +230,10 @@ def test_multiclass_masks_are_palette_images_of_the_class_ids_that_the_reader_ta
     coloured = np.asarray(predict.overlay(tmp_path / "image.png", labels, 20))
     colours = visualize.class_colours(20).astype(np.float32)
     np.testing.assert_array_equal(coloured[1, 1], (0.55 * 100 + 0.45 * colours[19]).astype(np.uint8))
+    # A 12-bit scan is shown stretched to 8 bits as the model reads it, not saturated at 255.
+    Image.fromarray(np.array([[0, 1000, 4000]], np.uint16)).save(tmp_path / "scan.png")
+    shown = np.asarray(predict.overlay(tmp_path / "scan.png", np.zeros((1, 3), np.uint8)))
+    assert shown[0, :, 0].tolist() == [0, 63, 255]  # 1000 / 4000 * 255 = 63.75.
 
 
 def test_multiclass_probabilities_become_class_ids_at_the_original_size():

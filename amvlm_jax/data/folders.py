@@ -257,18 +257,22 @@ def open_image(path: pathlib.Path) -> Image.Image:
     return image
 
 
-def load_image(path: pathlib.Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Returns the image as (size, size, 3) uint8 (bicubic) and its original (width, height)."""
+def rgb_image(path: pathlib.Path) -> Image.Image:
+    """The image at its own size as 8-bit RGB, as the model sees it before resizing."""
     image = open_image(path)
-    original = image.size
     if image.mode in ("I;16", "I;16B", "I", "F"):
-        # 16-bit and float scans: rescale to 8 bits before colour conversion.
+        # 16-bit and float scans: stretch to 8 bits (a plain conversion saturates everything above 255).
         array = np.asarray(image, dtype=np.float64)
         lo, hi = float(array.min()), float(array.max())
         array = (array - lo) / (hi - lo if hi > lo else 1.0) * 255.0
         image = Image.fromarray(array.astype(np.uint8))
-    image = image.convert("RGB").resize((size, size), Image.BICUBIC)
-    return np.asarray(image, dtype=np.uint8), original
+    return image.convert("RGB")
+
+
+def load_image(path: pathlib.Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Returns the image as (size, size, 3) uint8 (bicubic) and its original (width, height)."""
+    image = rgb_image(path)
+    return np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.uint8), image.size
 
 
 def load_mask(path: pathlib.Path, size: int, num_classes: int) -> tuple[np.ndarray, tuple[int, int]]:

@@ -122,7 +122,7 @@ def mask_image(labels: np.ndarray, num_classes: int) -> Image.Image:
 
 def overlay(image_path: pathlib.Path, labels: np.ndarray, num_classes: int = 1) -> Image.Image:
     """The image (RGB, its own size) with foreground pixels blended towards their class colour (red: binary)."""
-    image = np.asarray(folders.open_image(image_path).convert("RGB"), np.float32)
+    image = np.asarray(folders.rgb_image(image_path), np.float32)
     colours = visualize.class_colours(num_classes).astype(np.float32)[labels]
     blended = np.where(labels[..., None] > 0, 0.55 * image + 0.45 * colours, image)
     return Image.fromarray(blended.astype(np.uint8))
