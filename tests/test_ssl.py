@@ -396,6 +396,34 @@ def test_uncertainty_analysis_scores_match_the_model(all_run):
     assert tool.analyse(changed, tmp_path, "val", "", "", count=3) == result
 
 
+def test_uncertainty_analysis_leaves_out_pdt_heads_the_run_did_not_train(all_run, tmp_path):
+    """A pre-training without PDT keeps its randomly initialised heads in the checkpoint: scoring '+PDT',
+    c and the variances with them presented noise as the analysis with PDT."""
+    import shutil
+
+    config, workdir, _ = all_run
+    tool = repo_module("tools/uncertainty.py")
+    with_pdt = tool.analyse(config, workdir, "val", "", "", count=3)
+    assert with_pdt["pdt"] and "tokens_pdt" in with_pdt["image_vs_reports"][0]
+    # The same checkpoint, recorded as trained without PDT (what use_pdt=False or a CSS weight of 0 writes).
+    copy = tmp_path / "run"
+    shutil.copytree(workdir / "pretrain", copy / "pretrain")
+    for meta_file in (copy / "pretrain" / "checkpoints").glob("*/*/meta/metadata"):
+        meta = json.loads(meta_file.read_text())
+        meta["config"]["pretrain"]["use_pdt"] = False
+        meta_file.write_text(json.dumps(meta))
+    without = tool.analyse(config, copy, "val", "", "", count=3)
+    assert not without["pdt"]
+    for part in ("image_vs_reports", "report_vs_images"):
+        for plain, row in zip(with_pdt[part], without[part]):
+            assert set(row) == {"label", "own", "global", "tokens"}
+            assert row["tokens"] == pytest.approx(plain["tokens"], abs=1e-6)
+    table = tool.format_tables(without)
+    assert "   0." in table and "       -      -            -           -  *" in table
+    tool.plot(without, tmp_path / "uncertainty.png")
+    assert (tmp_path / "uncertainty.png").is_file()
+
+
 def test_teacher_norm_batch_uses_batch_statistics_and_ema_uses_running_ones(vision_only):
     config, model, _ = vision_only
     variables = supervised.init_variables(config, model)

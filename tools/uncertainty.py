@@ -16,6 +16,9 @@ Restores the pre-trained encoders and PDT heads (<workdir>/pretrain, or
 
 and reports the PDT heads' variances (mean exp(2 logsigma)) of the report's
 words and of the image's patches: how uncertain the model is about each.
+A pre-training whose PDT heads did not train (pretrain.use_pdt=False, or a CSS
+weight of 0: the heads keep their random initialisation) is scored without
+PDT: the tokens+PDT, c and variance columns are left out ('-').
 Part 1 holds one image (--image, default the split's first) against its
 own report and the --count - 1 reports of the split nearest to it in
 report-embedding space (semantically close, hence ambiguous, reports).
@@ -58,8 +61,9 @@ def load_model(config, workdir: pathlib.Path):
     return model, variables, ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length), build.pretrain_image_size(config)
 
 
-def make_pair_scores(model):
-    """jitted (variables, images (K, S, S, 3) float, tokens of K reports) -> per-pair scores, each (K,)."""
+def make_pair_scores(model, with_pdt: bool = True):
+    """jitted (variables, images (K, S, S, 3) float, tokens of K reports) -> per-pair scores, each (K,):
+    global and tokens, and with ``with_pdt`` tokens_pdt, pdt_factor, report_variance and image_variance."""
     import jax
     import jax.numpy as jnp
 
@@ -73,12 +77,16 @@ def make_pair_scores(model):
 
     @jax.jit
     def scores(variables, images, tokens):
-        out = model.apply(variables, images, tokens, train=False, with_pdt=True)
+        out = model.apply(variables, images, tokens, train=False, with_pdt=with_pdt)
         word_weights = clipped_token_weights(out["word_attention"], out["word_mask"])
         patch_weights = clipped_token_weights(out["patch_attention"], jnp.ones_like(out["patch_attention"]))
-        words, patches = out["word_pdt"], out["patch_pdt"]
         word_sim = jnp.einsum("bid,bjd->bij", out["T"], out["word_context"])
         patch_sim = jnp.einsum("bid,bjd->bij", out["V"], out["patch_context"])
+        if not with_pdt:  # c = 1: the plain token similarity.
+            word_plain = weighted_diagonal(word_sim, jnp.ones_like(word_sim), word_weights)[0]
+            patch_plain = weighted_diagonal(patch_sim, jnp.ones_like(patch_sim), patch_weights)[0]
+            return {"global": jnp.sum(out["v"] * out["t"], -1), "tokens": 0.5 * (word_plain + patch_plain)}
+        words, patches = out["word_pdt"], out["patch_pdt"]
         word_plain, word_pdt, word_factor = weighted_diagonal(word_sim, pdt_constraint(words), word_weights)
         patch_plain, patch_pdt, patch_factor = weighted_diagonal(patch_sim, pdt_constraint(patches), patch_weights)
         mask = out["word_mask"]
@@ -141,10 +149,14 @@ def analyse(config, workdir: pathlib.Path, split_name: str, image_name: str, rep
 
     from amvlm_jax.config import ConfigError, with_recorded_data
     from amvlm_jax.data import datasets
-    from amvlm_jax.train import checkpoint, pretrain, ssl
+    from amvlm_jax.train import build, checkpoint, pretrain, ssl
 
     model, variables, tokenizer, size = load_model(config, workdir)
     recorded = checkpoint.read_meta(ssl.pretrained_source(config, workdir)).get("config")
+    # PDT heads exist in every AMVLM checkpoint; only a run that used them in its CSS term trained them.
+    with_pdt = build.uses_pdt(ssl.encoder_config(config, recorded))
+    if not with_pdt:
+        print("its PDT heads were not trained (pretrain.use_pdt=False or pretrain.weights.css=0): scored without PDT")
     config = with_recorded_data(config, recorded)
     loaded = pretrain.load_pairs(config, workdir, split_name, size)  # LViT folders or a corpus, as the run read them.
     if loaded is None:
@@ -157,7 +169,7 @@ def analyse(config, workdir: pathlib.Path, split_name: str, image_name: str, rep
         index = image_row(split.names, image_name, where)
     encode_text = jax.jit(lambda v, t: model.apply(v, t, False, method=model.encode_text)["t"])
     report_embeddings = np.asarray(jax.device_get(encode_text(variables, tokenizer(split.reports))))
-    scores = make_pair_scores(model)
+    scores = make_pair_scores(model, with_pdt)
 
     def images(rows):
         return split.images[np.asarray(rows)].astype(np.float32) / 255.0
@@ -184,6 +196,7 @@ def analyse(config, workdir: pathlib.Path, split_name: str, image_name: str, rep
         return [{"label": label, "own": bool(own[i]), **{k: float(v[i]) for k, v in part.items()}} for i, label in enumerate(labels)]
 
     return {
+        "pdt": with_pdt,
         "image": split.names[index],
         "image_vs_reports": rows(image_part, reports, [r == split.reports[index] for r in reports]),
         "report": query,
@@ -192,16 +205,23 @@ def analyse(config, workdir: pathlib.Path, split_name: str, image_name: str, rep
     }
 
 
+# Table columns: (key, heading, width, decimals); a key a row lacks (no trained PDT heads) shows '-'.
+COLUMNS = (("global", "global", 8, 3), ("tokens", "tokens", 8, 3), ("tokens_pdt", "+PDT", 8, 3),
+           ("pdt_factor", "c", 7, 3), ("report_variance", "var(report)", 13, 4), ("image_variance", "var(image)", 12, 4))
+
+
 def format_tables(result: dict) -> str:
-    header = f"{'global':>8}{'tokens':>8}{'+PDT':>8}{'c':>7}{'var(report)':>13}{'var(image)':>12}  "
+    header = "".join(f"{heading:>{width}}" for _, heading, width, _ in COLUMNS) + "  "
+
+    def line(row):
+        cells = "".join(f"{row[key]:>{width}.{decimals}f}" if key in row else f"{'-':>{width}}"
+                        for key, _, width, decimals in COLUMNS)
+        return f"{cells}  {'*' if row['own'] else ' '}{row['label']}"
+
     lines = [f"image {result['image']} against reports (* = its own report)", header + "report"]
-    for row in result["image_vs_reports"]:
-        lines.append(f"{row['global']:>8.3f}{row['tokens']:>8.3f}{row['tokens_pdt']:>8.3f}{row['pdt_factor']:>7.3f}"
-                     f"{row['report_variance']:>13.4f}{row['image_variance']:>12.4f}  {'*' if row['own'] else ' '}{row['label']}")
+    lines += [line(row) for row in result["image_vs_reports"]]
     lines += ["", f"report \"{result['report']}\" against images (* = the image of this report)", header + "image"]
-    for row in result["report_vs_images"]:
-        lines.append(f"{row['global']:>8.3f}{row['tokens']:>8.3f}{row['tokens_pdt']:>8.3f}{row['pdt_factor']:>7.3f}"
-                     f"{row['report_variance']:>13.4f}{row['image_variance']:>12.4f}  {'*' if row['own'] else ' '}{row['label']}")
+    lines += [line(row) for row in result["report_vs_images"]]
     return "\n".join(lines)
 
 
@@ -211,31 +231,38 @@ def plot(result: dict, path: pathlib.Path) -> None:
     from amvlm_jax.visualize import _pyplot
 
     plt = _pyplot()
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    kinds = [("global", "global v.t"), ("tokens", "tokens"), ("tokens_pdt", "tokens + PDT")]
+    panels = 3 if result["pdt"] else 2  # The third: the PDT heads' variances.
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
+    kinds = [("global", "global v.t"), ("tokens", "tokens")] + ([("tokens_pdt", "tokens + PDT")] if result["pdt"] else [])
     for axis, key, title in ((axes[0], "image_vs_reports", f"image {result['image']} vs reports"),
                              (axes[1], "report_vs_images", "report vs images")):
         rows = result[key]
         x = np.arange(len(rows))
         for offset, (kind, label) in enumerate(kinds):
-            axis.bar(x + (offset - 1) * 0.27, [r[kind] for r in rows], width=0.27, label=label)
+            axis.bar(x + (offset - (len(kinds) - 1) / 2) * 0.27, [r[kind] for r in rows], width=0.27, label=label)
         labels = [("* " if r["own"] else "") + (r["label"] if len(r["label"]) < 28 else r["label"][:26] + "..") for r in rows]
         axis.set_xticks(x, labels, rotation=35, ha="right", fontsize=7)
         axis.set_ylabel("similarity")
         axis.set_title(title, fontsize=9)
         axis.legend(fontsize=7)
-    reports, images = result["image_vs_reports"], result["report_vs_images"]
-    axes[2].plot(range(len(reports)), [r["report_variance"] for r in reports], "o-", label="report words (part 1)")
-    axes[2].plot(range(len(images)), [r["image_variance"] for r in images], "s-", label="image patches (part 2)")
-    axes[2].set_xticks(range(max(len(reports), len(images))))
-    axes[2].set_xlabel("rank (0 = own pair)")
-    axes[2].set_ylabel("PDT variance  mean exp(2 log sigma)")
-    axes[2].set_title("PDT uncertainty", fontsize=9)
-    axes[2].legend(fontsize=7)
+    if result["pdt"]:
+        plot_variances(axes[2], result)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_variances(axis, result: dict) -> None:
+    """The PDT heads' variances of part 1's reports and part 2's images, by rank."""
+    reports, images = result["image_vs_reports"], result["report_vs_images"]
+    axis.plot(range(len(reports)), [r["report_variance"] for r in reports], "o-", label="report words (part 1)")
+    axis.plot(range(len(images)), [r["image_variance"] for r in images], "s-", label="image patches (part 2)")
+    axis.set_xticks(range(max(len(reports), len(images))))
+    axis.set_xlabel("rank (0 = own pair)")
+    axis.set_ylabel("PDT variance  mean exp(2 log sigma)")
+    axis.set_title("PDT uncertainty", fontsize=9)
+    axis.legend(fontsize=7)
 
 
 def main(config):
