@@ -376,6 +376,26 @@ def test_ablation_rejects_bad_rows_and_seeds_up_front():
             ablation.parse_selection(rows, seeds)
 
 
+def test_ablation_refuses_bases_whose_rows_would_not_differ_as_named():
+    """Under MGCA's objective +CSS, +ICL and +CSS+ICL shared one pre-training (pretrain_mgca); with a text head
+    +CSS+ICL+L_tg trained the same model as +CSS+ICL: tables of identical rows under different names."""
+    from amvlm_jax.config import ConfigError
+    from amvlm_jax.experiment import load_config
+    from conftest import REPO_ROOT
+
+    ablation = _ablation_tool()
+    synthetic = REPO_ROOT / "experiments" / "synthetic.py"
+    ablation.check_base(load_config(synthetic, "labeled25"))
+    for variant, field in (("mgca", "pretrain.objective='mgca'"), ("text_report", "ssl.text_head='report'"),
+                           ("text_head", "ssl.text_head='words'")):
+        with pytest.raises(ConfigError, match=f"^config.{re.escape(field)}: the ablation rows"):
+            ablation.check_base(load_config(synthetic, variant))
+    constant = load_config(synthetic)
+    constant.ssl.constant_text_mask = 0.3
+    with pytest.raises(ConfigError, match=r"^config.ssl.constant_text_mask=0.3: every text-guided row"):
+        ablation.check_base(constant)
+
+
 def _metrics(workdir, records):
     workdir.mkdir()
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

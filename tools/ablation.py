@@ -17,7 +17,9 @@ Rows that share a pre-training objective share one pre-training run
 again finishes what an interrupted run left. Synthetic data is generated
 once into <workdir>/data. Writes <workdir>/ablation.md and ablation.json:
 mean Dice / mIoU on val and test per row (mean over seeds) and a paired
-t-test on per-image test Dice of each row against the first.
+t-test on per-image test Dice of each row against the first. The base config
+must leave the rows what their names say: AMVLM's objective, the paper's
+text-mask decoder (no ssl.text_head), no constant text mask (check_base).
 """
 
 from __future__ import annotations
@@ -53,6 +55,29 @@ def row_config(base, row: str, seed: int, workdir: pathlib.Path):
     if config.data.name == "synthetic" and not config.data.root:
         config.data.root = str(workdir / "data")  # One copy of the generated data for every row.
     return config
+
+
+def check_base(base) -> None:
+    """A ConfigError (one line) for a base config whose rows would not be what their names say.
+
+    The rows switch AMVLM's CSS and ICL terms and the paper's text-mask decoder: under MGCA's objective
+    the text-guided rows would share one pre-training; a text head (ssl.text_head) replaces the decoder
+    that L_tg trains (and MT would still load the encoders); a constant text mask hides the encoders from
+    every row.
+    """
+    from amvlm_jax.config import ConfigError
+
+    if base.pretrain.objective != "amvlm":
+        raise ConfigError(f"config.pretrain.objective='{base.pretrain.objective}': the ablation rows switch AMVLM's "
+                          "CSS and ICL terms, which it does not have (its text-guided rows would share one "
+                          "pre-training); use pretrain.objective='amvlm'")
+    if base.ssl.text_head:
+        raise ConfigError(f"config.ssl.text_head='{base.ssl.text_head}': the ablation rows use the paper's text-mask "
+                          "decoder (+CSS+ICL+L_tg trains it; a text head replaces it, so that row would be +CSS+ICL "
+                          "again); use a config without a text_head variant")
+    if base.ssl.constant_text_mask:
+        raise ConfigError(f"config.ssl.constant_text_mask={base.ssl.constant_text_mask}: every text-guided row would "
+                          "get the same constant text mask, whatever its pre-training; set it to 0")
 
 
 def pretrain_key(config) -> str:
@@ -154,6 +179,7 @@ def parse_selection(rows_flag: str, seeds_flag: str) -> tuple[list[str], list[in
 def main(config):
     rows, seeds = parse_selection(flags.FLAGS.rows, flags.FLAGS.seeds)
     workdir = pathlib.Path(flags.FLAGS.workdir)
+    check_base(config)
     workdir.mkdir(parents=True, exist_ok=True)
     runs = run_rows(config, workdir, rows, seeds)
     _, text = summarize(runs, workdir)
