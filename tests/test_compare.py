@@ -385,15 +385,24 @@ def test_ablation_refuses_bases_whose_rows_would_not_differ_as_named():
 
     ablation = _ablation_tool()
     synthetic = REPO_ROOT / "experiments" / "synthetic.py"
-    ablation.check_base(load_config(synthetic, "labeled25"))
+    check = lambda base: ablation.check_base(base, list(ablation.ROWS), [0, 1], REPO_ROOT / "runs")  # noqa: E731
+    check(load_config(synthetic, "labeled25"))
     for variant, field in (("mgca", "pretrain.objective='mgca'"), ("text_report", "ssl.text_head='report'"),
                            ("text_head", "ssl.text_head='words'")):
         with pytest.raises(ConfigError, match=f"^config.{re.escape(field)}: the ablation rows"):
-            ablation.check_base(load_config(synthetic, variant))
+            check(load_config(synthetic, variant))
     constant = load_config(synthetic)
     constant.ssl.constant_text_mask = 0.3
     with pytest.raises(ConfigError, match=r"^config.ssl.constant_text_mask=0.3: every text-guided row"):
-        ablation.check_base(constant)
+        check(constant)
+    # The rows' own configs are validated as main validates a run's (the jobs do not): an epoch count of 0
+    # trained nothing and stopped on a missing best checkpoint; a ramp-up longer than the run was trained.
+    for field, value, problem in (("train.epochs", 0, "config.train.epochs must be an integer >= 1"),
+                                  ("ssl.rampup_epochs", 50.0, "config.ssl.rampup_epochs=50.0 exceeds")):
+        bad = load_config(synthetic)
+        bad[field.split(".")[0]][field.split(".")[1]] = value
+        with pytest.raises(ConfigError, match=f"^{re.escape(problem)}"):
+            check(bad)
 
 
 def _metrics(workdir, records):

@@ -19,7 +19,8 @@ once into <workdir>/data. Writes <workdir>/ablation.md and ablation.json:
 mean Dice / mIoU on val and test per row (mean over seeds) and a paired
 t-test on per-image test Dice of each row against the first. The base config
 must leave the rows what their names say: AMVLM's objective, the paper's
-text-mask decoder (no ssl.text_head), no constant text mask (check_base).
+text-mask decoder (no ssl.text_head), no constant text mask; every row's config
+is validated (check_base).
 """
 
 from __future__ import annotations
@@ -57,15 +58,17 @@ def row_config(base, row: str, seed: int, workdir: pathlib.Path):
     return config
 
 
-def check_base(base) -> None:
-    """A ConfigError (one line) for a base config whose rows would not be what their names say.
+def check_base(base, rows: list[str], seeds: list[int], workdir: pathlib.Path) -> None:
+    """A ConfigError (one line), before anything is trained, for a base config whose rows would not be
+    what their names say, or for a row's config that no run can use (``config.validate``, which the jobs
+    themselves do not call).
 
     The rows switch AMVLM's CSS and ICL terms and the paper's text-mask decoder: under MGCA's objective
     the text-guided rows would share one pre-training; a text head (ssl.text_head) replaces the decoder
     that L_tg trains (and MT would still load the encoders); a constant text mask hides the encoders from
     every row.
     """
-    from amvlm_jax.config import ConfigError
+    from amvlm_jax.config import ConfigError, validate
 
     if base.pretrain.objective != "amvlm":
         raise ConfigError(f"config.pretrain.objective='{base.pretrain.objective}': the ablation rows switch AMVLM's "
@@ -78,6 +81,9 @@ def check_base(base) -> None:
     if base.ssl.constant_text_mask:
         raise ConfigError(f"config.ssl.constant_text_mask={base.ssl.constant_text_mask}: every text-guided row would "
                           "get the same constant text mask, whatever its pre-training; set it to 0")
+    for row in rows:
+        for seed in seeds:
+            validate(row_config(base, row, seed, workdir))
 
 
 def pretrain_key(config) -> str:
@@ -179,7 +185,7 @@ def parse_selection(rows_flag: str, seeds_flag: str) -> tuple[list[str], list[in
 def main(config):
     rows, seeds = parse_selection(flags.FLAGS.rows, flags.FLAGS.seeds)
     workdir = pathlib.Path(flags.FLAGS.workdir)
-    check_base(config)
+    check_base(config, rows, seeds, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     runs = run_rows(config, workdir, rows, seeds)
     _, text = summarize(runs, workdir)
