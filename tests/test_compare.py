@@ -376,6 +376,25 @@ def test_ablation_rejects_bad_rows_and_seeds_up_front():
             ablation.parse_selection(rows, seeds)
 
 
+def test_ablation_pretraining_seed_does_not_follow_the_seeds_selected(tmp_path, monkeypatch):
+    """The shared pre-training was seeded by the first of --seeds: after --seeds=0, a command adding
+    --seeds=1 met the seed-0 pre-training and stopped ('written for other data (config.seed=0 -> 1)')."""
+    from amvlm_jax.train import pretrain, ssl
+    from conftest import tiny_synthetic_config
+
+    ablation = _ablation_tool()
+    trained = []
+    monkeypatch.setattr(pretrain, "train", lambda config, workdir: trained.append(("pretrain", config.seed, workdir)))
+    monkeypatch.setattr(ssl, "train", lambda config, workdir: trained.append(("ssl", config.seed, workdir)))
+    base = tiny_synthetic_config()
+    base.seed = 5
+    for seeds in ([0], [1, 2]):
+        ablation.run_rows(base, tmp_path, ["+CSS"], seeds)
+    pre = tmp_path / "pretrain_ita_css_local"
+    assert trained == [("pretrain", 5, pre), ("ssl", 0, tmp_path / "+CSS_seed0"), ("pretrain", 5, pre),
+                       ("ssl", 1, tmp_path / "+CSS_seed1"), ("pretrain", 5, pre), ("ssl", 2, tmp_path / "+CSS_seed2")]
+
+
 def test_ablation_refuses_bases_whose_rows_would_not_differ_as_named():
     """Under MGCA's objective +CSS, +ICL and +CSS+ICL shared one pre-training (pretrain_mgca); with a text head
     +CSS+ICL+L_tg trained the same model as +CSS+ICL: tables of identical rows under different names."""

@@ -12,7 +12,8 @@ Rows (SPEC section 7; the variants live in amvlm_jax/experiment.py):
     +CSS+ICL+L_tg   as above, and the text-mask decoder trained on L_tg
 
 Rows that share a pre-training objective share one pre-training run
-(<workdir>/pretrain_<terms>); every row and seed has its own SSMIS workdir
+(<workdir>/pretrain_<terms>, seeded by --config.seed whatever --seeds says, so
+that a later command can add seeds); every row and seed has its own SSMIS workdir
 (<workdir>/<row>_seed<S>). Every stage resumes: running the same command
 again finishes what an interrupted run left. Synthetic data is generated
 once into <workdir>/data. Writes <workdir>/ablation.md and ablation.json:
@@ -103,10 +104,12 @@ def run_rows(base, workdir: pathlib.Path, rows: list[str], seeds: list[int]) -> 
         for seed in seeds:
             config = row_config(base, row, seed, workdir)
             if ssl.text_guidance_enabled(config):
-                # One pre-training (seeded by the first seed) serves every seed of the rows that share it.
+                # One pre-training serves every seed of the rows that share it. Seeded by config.seed, not by
+                # a seed of --seeds: a later command adding seeds (--seeds=3,4) resumes it instead of meeting
+                # a checkpoint written with another seed.
                 pre_dir = workdir / pretrain_key(config)
                 pre_config = config.copy_and_resolve_references()
-                pre_config.seed = seeds[0]
+                pre_config.seed = base.seed
                 print(f"== {row}: pre-training in {pre_dir}")
                 pretrain.train(pre_config, pre_dir)
                 config.ssl.pretrained = str(pre_dir / "pretrain")
