@@ -395,6 +395,28 @@ def test_ablation_pretraining_seed_does_not_follow_the_seeds_selected(tmp_path, 
                        ("ssl", 1, tmp_path / "+CSS_seed1"), ("pretrain", 5, pre), ("ssl", 2, tmp_path / "+CSS_seed2")]
 
 
+def test_ablation_runs_record_their_resolved_configs(tmp_path, monkeypatch):
+    """With the default relative --workdir=runs/ablation the runs recorded relative data and encoder paths (an
+    evaluation from another folder found neither) and wrote no config.json, which every run's workdir holds."""
+    from amvlm_jax.train import pretrain, ssl
+    from conftest import tiny_synthetic_config
+
+    ablation = _ablation_tool()
+    trained = []
+    monkeypatch.setattr(pretrain, "train", lambda config, workdir: trained.append(("pretrain", config)))
+    monkeypatch.setattr(ssl, "train", lambda config, workdir: trained.append(("ssl", config)))
+    monkeypatch.chdir(tmp_path)
+    ablation.run_rows(tiny_synthetic_config(), pathlib.Path("runs/ablation"), ["MT", "+CSS"], [0])
+    assert [job for job, _ in trained] == ["ssl", "pretrain", "ssl"]
+    pre, css = trained[1][1], trained[2][1]
+    assert pre.mode == "pretrain" and css.mode == "ssl"
+    assert css.data.root == pre.data.root == str(tmp_path / "runs" / "ablation" / "data")
+    assert css.ssl.pretrained == str(tmp_path / "runs" / "ablation" / "pretrain_ita_css_local" / "pretrain")
+    for folder, config in (("MT_seed0", trained[0][1]), ("pretrain_ita_css_local", pre), ("+CSS_seed0", css)):
+        recorded = json.loads((tmp_path / "runs" / "ablation" / folder / "config.json").read_text())
+        assert recorded["mode"] == config.mode and recorded["data"]["root"] == config.data.root
+
+
 def test_ablation_refuses_bases_whose_rows_would_not_differ_as_named():
     """Under MGCA's objective +CSS, +ICL and +CSS+ICL shared one pre-training (pretrain_mgca); with a text head
     +CSS+ICL+L_tg trained the same model as +CSS+ICL: tables of identical rows under different names."""

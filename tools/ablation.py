@@ -95,7 +95,11 @@ def pretrain_key(config) -> str:
 
 
 def run_rows(base, workdir: pathlib.Path, rows: list[str], seeds: list[int]) -> dict:
-    """Pre-trains what the rows need, trains every row and seed, and returns {row: [run workdirs]}."""
+    """Pre-trains what the rows need, trains every row and seed, and returns {row: [run workdirs]}.
+
+    Each run's config is resolved as main resolves a command's (``main.resolve``): recorded in its
+    config.json, with absolute data and encoder paths, so that its checkpoints are evaluated from anywhere."""
+    from amvlm_jax.main import resolve
     from amvlm_jax.train import pretrain, ssl
 
     runs = {}
@@ -109,13 +113,13 @@ def run_rows(base, workdir: pathlib.Path, rows: list[str], seeds: list[int]) -> 
                 # a checkpoint written with another seed.
                 pre_dir = workdir / pretrain_key(config)
                 pre_config = config.copy_and_resolve_references()
-                pre_config.seed = base.seed
+                pre_config.seed, pre_config.mode = base.seed, "pretrain"
                 print(f"== {row}: pre-training in {pre_dir}")
-                pretrain.train(pre_config, pre_dir)
+                pretrain.train(resolve(pre_config, pre_dir), pre_dir)
                 config.ssl.pretrained = str(pre_dir / "pretrain")
             run_dir = workdir / f"{row}_seed{seed}"
             print(f"== {row}, seed {seed}: {run_dir}")
-            ssl.train(config, run_dir)
+            ssl.train(resolve(config, run_dir), run_dir)
             runs[row].append(str(run_dir))
     return runs
 
