@@ -104,9 +104,10 @@ def text_head(kind: str = "words", withhold_reports: bool = False) -> Variant:
     """Text masks from the word-attention head fitted on the labelled images' masks with their reports
     (config.ssl.text_head=kind, beyond the paper); with ``withhold_reports`` the same head without the
     reports (the control: a second segmentation model on V, or a position prior). The 'report' head, from
-    the words alone, is fused as a veto (config.ssl.text_veto_only)."""
+    the words alone, is fused as a veto (config.ssl.text_veto_only). Mode 'all' (``MEAN_TEACHER_MODE``)."""
 
     def apply(config):
+        config.mode = MEAN_TEACHER_MODE[True]
         config.ssl.text_head = kind
         config.ssl.withhold_reports = withhold_reports
         config.ssl.text_veto_only = kind == "report"
@@ -118,10 +119,19 @@ def _textbook_unet(config):
     config.unet.architecture = "textbook"
 
 
+# The mode of a mean-teacher variant, by whether text guides it: a variant of the mean teacher only sets
+# fields that the supervised job (the real datasets' default mode) never reads, so it names its job too.
+# Text guidance needs pre-trained encoders: 'all' pre-trains them in the workdir first (a command's
+# --config.mode=ssl --config.ssl.pretrained=DIR reuses others); the vision-only teacher needs none.
+MEAN_TEACHER_MODE = {True: "all", False: "ssl"}
+
+
 def ablation(css: bool, icl: bool, text: bool, tg: bool) -> Variant:
-    """An ablation row: which pre-training terms, and whether text guides SSMIS (and L_tg trains the decoder)."""
+    """An ablation row: which pre-training terms, and whether text guides SSMIS (and L_tg trains the
+    decoder); the mode that runs it (``MEAN_TEACHER_MODE``)."""
 
     def apply(config):
+        config.mode = MEAN_TEACHER_MODE[text]
         config.pretrain.weights.css = 0.5 if css else 0.0
         config.pretrain.weights.icl = 0.1 if icl else 0.0
         config.ssl.w_text = 1.0 if text else 0.0

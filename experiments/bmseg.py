@@ -17,7 +17,9 @@ text_report / text_report_blind (the same head from the report's words
 alone, fused only where it vetoes),
 vision (no text guidance: w_text=0), ab_css / ab_icl /
 ab_css_icl / ab_css_icl_tg (the paper's ablation rows; see
-amvlm_jax/experiment.py).
+amvlm_jax/experiment.py). The mean-teacher variants run their job: vision
+mode 'ssl', ab_* and text_* mode 'all' (pre-training first); with a labeled
+fraction, e.g. cpu,labeled25,vision.
 """
 
 from amvlm_jax.experiment import apply_variants, dataset_config, dataset_variants

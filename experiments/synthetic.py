@@ -27,7 +27,7 @@ text_head / text_head_blind (text masks from a head fitted on the labelled
 images' masks with their reports / with the reports withheld; beyond the
 paper, docs/results.md "Text masks that localise"), text_report /
 text_report_blind (the same head from the report's words alone, fused only
-where it vetoes).
+where it vetoes). vision runs mode 'ssl' (no pre-training, which it does not use).
 """
 
 from amvlm_jax.config import base_config
