@@ -367,7 +367,13 @@ def test_compare_refuses_runs_scored_against_other_masks_under_the_same_names(tm
 
 
 def test_ablation_rejects_bad_rows_and_seeds_up_front():
+    from amvlm_jax.config import ConfigError
+
     ablation = _ablation_tool()
+    assert ablation.workdir_flag("runs/x") == pathlib.Path("runs/x")
+    for empty in ("", "  "):  # Was the current folder: every row's run and the table written there.
+        with pytest.raises(ConfigError, match=r"^--workdir is empty: name the ablation's folder"):
+            ablation.workdir_flag(empty)
     assert ablation.parse_selection("MT, +CSS", "0,2") == (["MT", "+CSS"], [0, 2])
     for rows, seeds, problem in ((",", "0", "--rows=,: names no row"), ("MT,bogus", "0", "unknown ablation row"),
                                  ("MT", "a", "--seeds=a: takes"), ("MT", "-1", "--seeds=-1: takes"),

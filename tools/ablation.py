@@ -189,9 +189,19 @@ def parse_selection(rows_flag: str, seeds_flag: str) -> tuple[list[str], list[in
     return rows, seeds
 
 
+def workdir_flag(text: str) -> pathlib.Path:
+    """The --workdir folder; a one-line ConfigError for an empty value (--workdir=$UNSET), which named the
+    current folder and trained the whole table there."""
+    from amvlm_jax.config import ConfigError
+
+    if not text.strip():
+        raise ConfigError("--workdir is empty: name the ablation's folder, or leave --workdir out for runs/ablation")
+    return pathlib.Path(text).expanduser()
+
+
 def main(config):
     rows, seeds = parse_selection(flags.FLAGS.rows, flags.FLAGS.seeds)
-    workdir = pathlib.Path(flags.FLAGS.workdir)
+    workdir = workdir_flag(flags.FLAGS.workdir)
     check_base(config, rows, seeds, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     runs = run_rows(config, workdir, rows, seeds)
