@@ -59,7 +59,7 @@ def _job(config, workdir, mesh, step, calls, name="toy", epochs=EPOCHS):
     )
 
 
-def test_loop_cadences_best_checkpoint_telemetry_and_meta(tmp_path, toy_step):
+def test_loop_cadences_best_checkpoint_telemetry_and_meta(tmp_path, toy_step, capsys):
     config = tiny_synthetic_config()
     mesh = make_mesh(config, jax.devices()[:1])
     calls = []
@@ -101,7 +101,14 @@ def test_loop_cadences_best_checkpoint_telemetry_and_meta(tmp_path, toy_step):
                        r"-> 20, config.seed=0 -> 3\)"):
         loop.run(_job(other_data, tmp_path, mesh, toy_step, calls))
     moved = tiny_synthetic_config(**{"data.root": str(tmp_path / "elsewhere"), "data.worker_count": 2})
+    capsys.readouterr()
     assert int(loop.run(_job(moved, tmp_path, mesh, toy_step, calls))[0].step) == 12
+    assert "fields changed" not in capsys.readouterr().out
+    # A field that changes what the rest of the run trains (a loss weight, the rate) is accepted, and said.
+    reweighted = tiny_synthetic_config(**{"pretrain.weights.css": 0.0, "train.lr": 0.5, "mesh.data": 1})
+    loop.run(_job(reweighted, tmp_path, mesh, toy_step, calls))
+    assert (f"the rest of the run trains with fields changed since {tmp_path}/checkpoints/latest was written: "
+            "config.pretrain.weights.css=0.5 -> 0.0, config.train.lr=0.001 -> 0.5\n") in capsys.readouterr().out
     # Moved files that hold other rows (another number of steps per epoch) would shift every epoch: refused.
     with pytest.raises(checkpoint.CheckpointError, match=f"written with {STEPS_PER_EPOCH} steps per epoch, this run's "
                        f"training data, batch size and devices give {STEPS_PER_EPOCH - 1};"):

@@ -504,6 +504,11 @@ def resume_point(checkpoints: checkpoint.RunCheckpoints, job: Job) -> tuple[Any,
     if meta["best"] is None and meta.get("best_val_dice", -1.0) >= 0:  # Written before the loop was shared.
         meta["best"] = meta.pop("best_val_dice")
     info(f"resuming from {where} at step {int(state.step)} (epoch {meta['epoch']} complete)")
+    saved_config = saved.get("config") or {}
+    changed = config_changes(saved_config, recorded, tuple(set(saved_config) | set(recorded)),
+                             RESUME_FREE_FIELDS + MOVABLE_FIELDS)
+    if changed:  # A longer schedule or another rate may be meant; a loss weight or a flag rarely is.
+        info(f"the rest of the run trains with fields changed since {where} was written: {changed}")
     return state, meta
 
 
@@ -513,6 +518,8 @@ SHAPE_FIELDS = ("unet", "pretrain", "ssl", "data.num_classes", "dtype")
 # synthetic data is regenerated, the labelled images drawn anew, the batches shuffled by the seed), but
 # for where the files are and how they are read.
 DATA_FIELDS = ("seed", "data")
+# Fields that say how or where a run is carried out, not what it trains: a resume that changes them goes unmentioned.
+RESUME_FREE_FIELDS = ("mode", "mesh", "distributed", "eval", "predict", "data.worker_count", "data.read_threads")
 MOVABLE_FIELDS = ("data.root", "data.corpus.train", "data.corpus.val", "data.corpus.test", "data.corpus.in_memory_bytes",
                   "data.worker_count", "data.read_threads")
 
