@@ -512,7 +512,7 @@ def _field_checks() -> tuple:
         ("pretrain.weight_decay", *non_negative),
         ("pretrain.schedule", *_one_of("constant", "warmup_cosine")),
         ("pretrain.augment", *_one_of(*AUGMENTATIONS)),
-        ("pretrain.warmup_fraction", *_number(0, 1)),
+        ("pretrain.warmup_fraction", *_number(0, 1, high_open=True)),  # 1 leaves the cosine no steps.
         ("pretrain.min_lr", *non_negative),
         ("pretrain.image_lr", *non_negative),
         ("pretrain.temperature", *positive),

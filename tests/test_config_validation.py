@@ -75,6 +75,7 @@ BAD_VALUES = [
     ("pretrain.lr", 0.0), ("pretrain.lr", -3e-5), ("pretrain.lr", INF),
     ("pretrain.optimizer", "sgd"), ("pretrain.adam_betas", (0.9,)), ("pretrain.adam_betas", (0.9, 1.0)),
     ("pretrain.weight_decay", -0.1), ("pretrain.schedule", "linear"), ("pretrain.augment", "flip"), ("pretrain.warmup_fraction", 1.5),
+    ("pretrain.warmup_fraction", 1.0),
     ("pretrain.min_lr", -1.0), ("pretrain.image_lr", -1.0), ("pretrain.image_lr", NAN),
     ("pretrain.temperature", 0.0), ("pretrain.temperature", -0.07), ("pretrain.momentum", 1.5),
     ("pretrain.local_inversion", "log"), ("pretrain.use_pdt", None),
