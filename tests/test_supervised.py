@@ -30,6 +30,33 @@ def _batch(config, seed=0):
     return {"image": images, "mask": masks}
 
 
+def test_student_rate_is_cosine_with_warm_restarts_stepped_once_per_epoch():
+    """SPEC 6: Adam whose rate follows torch's CosineAnnealingWarmRestarts(T_0=restart_epochs, eta_min=min_lr)
+    stepped after every epoch, here 25 epochs of 3 steps (two restarts, a last period cut at 5 of 10 epochs).
+    Under a constant gradient Adam's step is the rate itself (to rounding), so the updates read the rate out."""
+    config = tiny_synthetic_config(**{"train.lr": 1e-3, "train.min_lr": 1e-4, "train.restart_epochs": 10})
+    steps_per_epoch, epochs = 3, 25
+    tx = supervised.student_optimizer(config, steps_per_epoch)
+    params = {"w": np.zeros(())}
+    opt_state, update = tx.init(params), jax.jit(tx.update)
+    rates = []
+    for _ in range(epochs * steps_per_epoch):
+        updates, opt_state = update({"w": np.ones(())}, opt_state, params)
+        rates.append(-float(updates["w"]))
+    epoch = np.arange(epochs * steps_per_epoch) // steps_per_epoch
+    expected = 1e-4 + 9e-4 * 0.5 * (1 + np.cos(np.pi * (epoch % 10) / 10))
+    np.testing.assert_allclose(rates, expected, rtol=1e-4)  # Float32 bias corrections; epochs differ by > 1%.
+    torch = pytest.importorskip("torch")
+    weight = torch.zeros(1, requires_grad=True)
+    reference = torch.optim.Adam([weight], lr=1e-3)
+    restarts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(reference, T_0=10, eta_min=1e-4)
+    per_epoch = []
+    for _ in range(epochs):
+        per_epoch.append(reference.param_groups[0]["lr"])
+        restarts.step()
+    np.testing.assert_allclose(expected, np.repeat(per_epoch, steps_per_epoch), rtol=1e-12)
+
+
 def test_eight_device_step_equals_one_device_step():
     assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
     config = tiny_synthetic_config(**{"mesh.data": -1})
