@@ -134,6 +134,41 @@ def test_decoder_adam_rate_defaults_to_the_training_rate():
         np.testing.assert_allclose(updates["w"], [-expected, expected, -expected], rtol=1e-4)
 
 
+def test_the_step_moves_only_the_decoder_and_its_scale_by_adam_on_l_tg_alone(all_run):
+    """SPEC 5/6 and 8.14: the generator's update is one Adam step (its first: the rate times the sign of
+    the gradient) on the gradient of L_tg alone, recomputed here: the student's loss adds nothing to it. With
+    s = exp(l) above its clamp at 100, l gets no gradient and stays."""
+    config, tmp_path, _ = all_run
+    mesh = make_mesh(config, jax.devices()[:1])
+    guidance = ssl.TextGuidance(config, tmp_path, mesh)
+    model = supervised.build_unet(config)
+    fresh, decoder_tx = ssl.create_state(config, model, guidance, steps_per_epoch=1)
+    fresh = jax.device_get(fresh)  # On the host: each step donates the device state it is given.
+    step = ssl.make_ssl_step(config, model, guidance, decoder_tx)
+    batch = _batch(config, 0)
+    tokens = guidance.tokenizer([f"report {i}: a lesion in the upper left" if i % 2 else "no finding"
+                                 for i in range(config.train.batch_size)])
+    batch |= {f"report_{k}": v for k, v in tokens.items()}
+    x_u = batch["unlabeled_image"].astype(np.float32) / 255
+
+    def l_tg(trained):
+        return ssl.text_mask_outputs(guidance, trained, guidance.variables, x_u, tokens)[0]
+
+    for log_scale in (fresh.generator["log_scale"], jnp.log(200.0)):
+        state = fresh.replace(generator={**fresh.generator, "log_scale": jnp.asarray(log_scale, jnp.float32)})
+        before = jax.device_get(ssl.generator_params(guidance, state.generator))
+        grads = jax.device_get(jax.jit(jax.grad(l_tg))(before))
+        state, _ = step(replicate(mesh, state), guidance.variables, pipeline.to_global(mesh, batch))
+        after = jax.device_get(ssl.generator_params(guidance, state.generator))
+        for g, b, a in zip(jax.tree.leaves(grads), jax.tree.leaves(before), jax.tree.leaves(after)):
+            np.testing.assert_allclose(a, b - config.ssl.decoder_lr * g / (np.abs(g) + 1e-8), rtol=0, atol=1e-6)
+        # The step's sign alone would not see another term; Adam's first moment (1 - 0.9) g holds the gradient.
+        moment = jax.device_get(state.generator["opt_state"][0].mu)
+        for g, m in zip(jax.tree.leaves(grads), jax.tree.leaves(moment)):
+            np.testing.assert_allclose(m, 0.1 * g, rtol=1e-4, atol=1e-9)
+    assert float(grads["log_scale"]) == 0.0 and float(after["log_scale"]) == pytest.approx(np.log(200.0))
+
+
 def test_ssl_needs_pretrained_encoders_for_text(tmp_path):
     config = tiny_pretrain_config(**{"mode": "ssl", "data.labeled_fraction": 0.5})
     with pytest.raises(ConfigError, match="no pre-trained encoders"):
