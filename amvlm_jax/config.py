@@ -92,8 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.picture_images = 4
 
     config.eval = ml_collections.ConfigDict()
-    # Orbax checkpoint (step dir, manager dir or workdir); '' = workdir's best. The model, data and ssl
-    # fields come from the config recorded in the checkpoint (see config.with_recorded); data.root on the
+    # Orbax checkpoint (step dir, manager dir, a workdir or its checkpoints/); '' = workdir's best. The model,
+    # data and ssl fields come from the config recorded in the checkpoint (see config.with_recorded); data.root on the
     # command line evaluates on other data. A pre-training checkpoint evaluated with neither eval.zero_shot nor
     # eval.probe_fields set is scored on the labels its run scored (main.checkpoint_config).
     config.eval.checkpoint = ""

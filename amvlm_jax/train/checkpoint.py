@@ -240,13 +240,15 @@ def has_step(directory: pathlib.Path) -> bool:
 
 
 def resolve_step(path: str | pathlib.Path) -> pathlib.Path:
-    """The step folder of a step folder, a manager folder (newest step) or a workdir (best, else latest)."""
+    """The step folder of a step folder, a manager folder (newest step), or a workdir or its checkpoints/
+    folder (best, else latest)."""
     path = pathlib.Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
-    if (path / "checkpoints").is_dir():  # A workdir: its best checkpoint, else its latest.
-        best = path / "checkpoints" / "best"
-        path = best if has_step(best) else path / "checkpoints" / "latest"
+    if (path / "checkpoints").is_dir():  # A workdir: its checkpoints/.
+        path = path / "checkpoints"
+    if (path / "best").is_dir() or (path / "latest").is_dir():  # A checkpoints/ folder: its best, else its latest.
+        path = path / "best" if has_step(path / "best") else path / "latest"
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder")
     if path.name.isdigit() and not any(child.name.isdigit() for child in path.iterdir()):
