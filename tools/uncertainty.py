@@ -1,6 +1,6 @@
 """Alignment-uncertainty analysis of a pre-trained AMVLM: one image against several reports, and back.
 
-    python tools/uncertainty.py --config=experiments/synthetic.py --workdir=runs/synthetic_all \
+    python tools/uncertainty.py --config=experiments/synthetic.py --workdir=runs/synthetic \
         [--split=val] [--image=syn_00003.png] [--report="..."] [--count=5] [--out=DIR]
 
 Restores the pre-trained encoders and PDT heads (<workdir>/pretrain, or
