@@ -9,6 +9,7 @@ picks the job.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pathlib
@@ -356,6 +357,21 @@ def user_errors() -> tuple[type[Exception], ...]:
     return ConfigError, DataError, WeightError, CheckpointError, TrainingError
 
 
+def file_problem(error: OSError) -> str:
+    """The one line for a file or folder of the run that could not be written or read: its path, the
+    system's reason and what to do about it."""
+    remedy = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space under your quota",
+              errno.EROFS: "make it writable or choose another folder", errno.EACCES: "make it writable or "
+              "choose another folder", errno.EPERM: "make it writable or choose another folder",
+              errno.ENOTDIR: "a file stands where a folder belongs: move it away",
+              errno.EISDIR: "a folder stands where a file belongs: move it away",
+              errno.EEXIST: "a file stands where a folder belongs: move it away"}.get(error.errno, "fix it")
+    path = pathlib.Path(error.filename)
+    if error.errno == errno.ENOTDIR:  # The system names the file it wanted below the one in the way.
+        path = next((above for above in reversed(path.parents) if above.exists() and not above.is_dir()), path)
+    return f"{path}: {error.strerror or error}; {remedy}, then run the same command again"
+
+
 def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Callable[[], None] = lambda: None) -> None:
     """The command-line start of main and of the tools in tools/.
 
@@ -363,7 +379,8 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
     --config plus the caller's flags, then runs job(config) with quiet
     logging (Orbax logs every file it writes and warns on every read-only
     restore; --verbosity brings it back) and the compilation cache on. A
-    user error or Ctrl-C ends the process with one line; a Ctrl-C that
+    user error, a file or folder that the system refuses (in the way, read-only, a
+    full disk) or Ctrl-C ends the process with one line; a Ctrl-C that
     Python drops inside a garbage-collector callback ends it at the next
     step or batch. On Linux the process first restarts itself with malloc
     on huge pages (malloc_in_huge_pages); with simulated CPU devices, XLA's
@@ -397,6 +414,10 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
                 job(config)
         except user_errors() as e:
             sys.exit(f"error: {e}")
+        except OSError as e:  # A file of the run's in the way, read-only, or a full disk, wherever it is written.
+            if e.filename is None:
+                raise
+            sys.exit(f"error: {file_problem(e)}")
         except KeyboardInterrupt as e:  # The loop's own message says what it saved; outside it nothing was.
             sys.exit(f"{e}" if str(e) else "interrupted before anything new was saved: the same command starts "
                      "again (or resumes from the last checkpoint, if there is one)")

@@ -390,3 +390,21 @@ def test_simulated_cpu_devices_get_a_thread_pool_one_thread_larger_than_xla_give
     # One device: XLA's own pool; a pool the user set is kept.
     assert _python(code, env=plain) == [f"1 {cores} None"]
     assert _python(code, env={**env, "PJRT_NPROC": "7"}) == ["4 7 7"]
+
+
+def _start(code: str, tmp_path) -> subprocess.CompletedProcess:
+    """``code`` defining job(config), run through main.start as a tool runs it, with --workdir's folder tmp_path."""
+    return subprocess.run([sys.executable, "-c", f"import pathlib\nW = pathlib.Path({str(tmp_path)!r})\n{code}\n"
+                           "from amvlm_jax.main import start\nstart(job)"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, env={**ENV_WITHOUT_TUNABLES, "GLIBC_TUNABLES": ""}, timeout=120)
+
+
+def test_a_file_where_the_run_writes_a_folder_is_a_one_line_error_naming_it(tmp_path):
+    # A workdir whose tensorboard/ became a file: the system names the events file below it.
+    (tmp_path / "tensorboard").write_text("")
+    result = _start("from amvlm_jax.train.logging import MetricWriter\n"
+                    "def job(config):\n    MetricWriter(W, 0)", tmp_path)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'tensorboard'}: Not a directory; a file stands where a folder belongs: move it away, "
+        "then run the same command again"]
+
