@@ -15,6 +15,7 @@ import os
 import pathlib
 import re
 import sys
+import threading
 from typing import Callable
 
 import ml_collections
@@ -372,6 +373,27 @@ def file_problem(error: OSError) -> str:
     return f"{path}: {error.strerror or error}; {remedy}, then run the same command again"
 
 
+def leave(message: str) -> None:
+    """Ends the process with ``message`` on stderr (exit status 1), at once where threads are left that the
+    interpreter would wait for: a save that the system refused leaves Orbax's save threads waiting 300 s for a
+    step folder that never comes. Nothing completed is lost: the training loop waits for its saves before an
+    error leaves it, and a save cut short stays a temporary folder that no reader takes for a step."""
+    if any(thread.is_alive() and not thread.daemon for thread in threading.enumerate()
+           if thread is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+        os._exit(1)
+    sys.exit(message)
+
+
+def quiet_background_failures(record) -> bool:
+    """A logging filter: False for Orbax's and asyncio's records. A save that the system refuses is logged by
+    every one of Orbax's threads with a traceback (1,900 lines on a full disk); it reaches the run as one
+    exception, which ends it in one line."""
+    return not ("/orbax/" in record.pathname or record.name == "asyncio")
+
+
 def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Callable[[], None] = lambda: None) -> None:
     """The command-line start of main and of the tools in tools/.
 
@@ -402,6 +424,7 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
                      "--config.a.b=value)")
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.ERROR)
+            logging.get_absl_handler().addFilter(quiet_background_failures)
         from amvlm_jax.config import split_name_lists
         from amvlm_jax.train.loop import catching_interrupts
         from amvlm_jax.train.parallel import enable_compilation_cache
@@ -413,11 +436,11 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
             with catching_interrupts():  # A Ctrl-C that Python drops still stops the next step or batch.
                 job(config)
         except user_errors() as e:
-            sys.exit(f"error: {e}")
+            leave(f"error: {e}")
         except OSError as e:  # A file of the run's in the way, read-only, or a full disk, wherever it is written.
             if e.filename is None:
                 raise
-            sys.exit(f"error: {file_problem(e)}")
+            leave(f"error: {file_problem(e)}")
         except KeyboardInterrupt as e:  # The loop's own message says what it saved; outside it nothing was.
             sys.exit(f"{e}" if str(e) else "interrupted before anything new was saved: the same command starts "
                      "again (or resumes from the last checkpoint, if there is one)")

@@ -72,14 +72,16 @@ class RunCheckpoints:
         """
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         if is_best and self.best.latest_step() != step:
-            self.best.save(step, args=args)
-            self.best.wait_until_finished()
+            with _writing(self.best):
+                self.best.save(step, args=args)
+                self.best.wait_until_finished()
         if not latest:
             return
         if self.latest.latest_step() == step:
             self.replace_latest_meta(step, latest_meta or meta)
         else:
-            self.latest.save(step, args=args)
+            with _writing(self.latest):
+                self.latest.save(step, args=args)
 
     def discard_orphaned_best(self) -> Optional[int]:
         """Deletes the best checkpoint when there is no latest one, and returns its step (None: nothing deleted).
@@ -100,12 +102,13 @@ class RunCheckpoints:
     def replace_latest_meta(self, step: int, meta: dict) -> None:
         """Replaces the meta of the latest checkpoint, at `step`, in one rename (Orbax skips a step that
         exists); its state stays."""
-        self.latest.wait_until_finished()
-        if jax.process_index() == 0:
-            path = _step_folder(self.latest, step) / "meta" / "metadata"
-            temporary = path.with_name("metadata.tmp")
-            temporary.write_text(json.dumps(meta))
-            os.replace(temporary, path)
+        with _writing(self.latest):
+            self.latest.wait_until_finished()
+            if jax.process_index() == 0:
+                path = _step_folder(self.latest, step) / "meta" / "metadata"
+                temporary = path.with_name("metadata.tmp")
+                temporary.write_text(json.dumps(meta))
+                os.replace(temporary, path)
         if jax.process_count() > 1:  # Every process reads it when the run resumes.
             from jax.experimental import multihost_utils
 
@@ -124,12 +127,37 @@ class RunCheckpoints:
         return None if step is None else _read_meta(_step_folder(self.latest, step))
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        for manager in (self.latest, self.best):
+            with _writing(manager):
+                manager.wait_until_finished()
 
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+@contextlib.contextmanager
+def _writing(manager: ocp.CheckpointManager):
+    """Turns a save that the system refused (a full disk, a read-only or misplaced folder: an OSError, or
+    TensorStore's RESOURCE_EXHAUSTED or PERMISSION_DENIED, raised from Orbax's threads) into a one-line
+    CheckpointError. What was being written stays a temporary folder that no reader takes for a step."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as error:
+        chain = [error]
+        while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None:
+            chain.append(cause)
+        # The system's own words where a thread kept them (TensorStore's name a file deep in the temporary folder).
+        reasons = [cause.strerror for cause in chain if isinstance(cause, OSError) and cause.strerror] + [
+            first_line(cause) for cause in chain if str(cause).startswith(("RESOURCE_EXHAUSTED", "PERMISSION_DENIED"))]
+        if not reasons:
+            raise
+        reason = reasons[0]
+        raise CheckpointError(f"{manager.directory}: cannot write a checkpoint there ({reason}): free space, make "
+                              "it writable or move what stands in its way, then run the same command again (it "
+                              "resumes from the last checkpoint written)") from None
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, state: Any) -> tuple[Any, dict]:
