@@ -192,6 +192,13 @@ def test_curve_best_epoch_and_last_validations(tmp_path, capsys):
     # Best 70 and 66 (mean 68, sd 2.83); last-3 means 62 and 63.33 (mean 62.67, sd 0.94).
     assert "| 5 | 2 | 70.00 | 62.00 |" in table and "| 5 | 3 | 66.00 | 63.33 |" in table
     assert "68.00 ± 2.83 | 62.67 ± 0.94 |" in table
+    # Bytes that are no UTF-8: a last line cut short is skipped, any other line named.
+    damaged = runs[0] / "metrics.jsonl"
+    damaged.write_bytes(damaged.read_bytes() + b'\n{"epoch": 6, "val/dice": \xff')
+    assert len(curve.epoch_rows(runs[0])) == 5
+    damaged.write_bytes(b'{"epoch": \xff\n' + damaged.read_bytes())
+    with pytest.raises(SystemExit, match="metrics.jsonl: line 1 is not a JSON record"):
+        curve.epoch_rows(runs[0])
 
 
 def test_pretrain_table_reports_before_after_and_the_smallest_gain(tmp_path, capsys):
@@ -309,7 +316,11 @@ def test_compare_reports_bad_per_image_csvs_in_one_line(tmp_path):
     (tmp_path / "columns" / "per_image_test.csv").write_text("name,dice,iou\nimg0,60,30\n")
     (tmp_path / "value").mkdir()
     (tmp_path / "value" / "per_image_test.csv").write_text("file,dice,iou\nimg0,60,30\nimg1,high,30\n")
+    (tmp_path / "bytes").mkdir()  # Damaged on disk: bytes that are no UTF-8.
+    (tmp_path / "bytes" / "per_image_test.csv").write_bytes(b"file,dice,iou\nimg0,60,30\nimg\xff\xfe,61,31\n")
     for run, problem in (("header", "per_image_test.csv: no images, only a header"),
+                         ("bytes", "per_image_test.csv: not UTF-8 text \\(invalid start byte\\); "
+                                   "evaluate the workdir again"),
                          ("columns", "per_image_test.csv: no column file "),
                          ("value", "per_image_test.csv: line 3: dice 'high' is not a number")):
         with pytest.raises(SystemExit, match=problem):

@@ -50,12 +50,17 @@ def read_per_image(workdir: str | pathlib.Path, split: str) -> dict[str, np.ndar
         else:
             hint = "run an evaluation of this workdir first"
         raise SystemExit(f"error: {path}: no per-image results ({hint})")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = [name for name in COLUMNS if name not in (reader.fieldnames or [])]
-        if missing:
-            raise SystemExit(f"error: {path}: no column {', '.join(missing)} (a per-image CSV has {', '.join(COLUMNS)})")
-        rows = [(reader.line_num, row) for row in reader]
+        try:
+            fieldnames = reader.fieldnames or []
+            rows = [(reader.line_num, row) for row in reader]
+        except UnicodeDecodeError as error:
+            raise SystemExit(f"error: {path}: not UTF-8 text ({error.reason}); evaluate the workdir "
+                             "again (--config.mode=evaluate) to rewrite it") from None
+    missing = [name for name in COLUMNS if name not in fieldnames]
+    if missing:
+        raise SystemExit(f"error: {path}: no column {', '.join(missing)} (a per-image CSV has {', '.join(COLUMNS)})")
     if not rows:
         raise SystemExit(f"error: {path}: no images, only a header")
     values = {"file": np.array([row["file"] for _, row in rows])}

@@ -23,12 +23,12 @@ def epoch_rows(workdir: pathlib.Path) -> list[dict]:
     that line is skipped with a note. Any other line that is no JSON record is an error.
     """
     path = workdir / "metrics.jsonl"
-    lines = path.read_text().splitlines()
+    lines = path.read_bytes().splitlines()  # Line by line: a kill or a damaged disk may leave bytes that are no UTF-8.
     records = []
     for number, line in enumerate(lines, start=1):
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:  # Also a UnicodeDecodeError.
             if number == len(lines):
                 print(f"note: {path}: line {number} is cut short (a killed run?); skipped", file=sys.stderr)
                 break
