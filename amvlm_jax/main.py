@@ -340,11 +340,46 @@ def resolve(config, workdir: pathlib.Path):
             raise ConfigError(f"--workdir={workdir}: is a file, not a folder")
         try:
             workdir.mkdir(parents=True, exist_ok=True)
+            if config.mode not in ("evaluate", "predict"):  # Before the record of the run it would replace.
+                hold_for_training(workdir)
             config_file(config, workdir).write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
         except OSError as e:  # A file in the way, no permission, a read-only or full disk.
             raise ConfigError(f"--workdir={workdir}: cannot write the run folder there: "
                               f"{e.strerror or e} ({e.filename or workdir})") from None
     return config
+
+
+# {workdir: its open .lock file}: this process's training locks, held until it ends (closing one releases it).
+_held_workdirs: dict[pathlib.Path, object] = {}
+
+
+def hold_for_training(workdir: pathlib.Path) -> None:
+    """Locks <workdir>/.lock for the rest of this process, or raises ConfigError naming the process that holds it.
+
+    Two trainings in one workdir (the same command started twice) both wrote checkpoints/, whose saves then
+    collided, and appended every record to metrics.jsonl twice; with other settings the workdir would hold one
+    run's latest and the other's best. The system releases the lock however the process ends, also killed, so
+    the same command resumes. Workdirs held by this process already (mode 'all', a test) pass.
+    """
+    import fcntl
+
+    from amvlm_jax.config import ConfigError
+
+    if workdir.resolve() in _held_workdirs:
+        return
+    lock = open(workdir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process"
+        lock.close()
+        raise ConfigError(f"--workdir={workdir}: {holder} is training there; wait for it to end or stop it, or "
+                          "choose another --workdir") from None
+    lock.truncate(0)
+    lock.write(f"process {os.getpid()}")
+    lock.flush()
+    _held_workdirs[workdir.resolve()] = lock
 
 
 def user_errors() -> tuple[type[Exception], ...]:

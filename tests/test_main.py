@@ -421,3 +421,20 @@ def test_a_checkpoint_the_system_refuses_is_one_line_and_the_run_ends_at_once(tm
         f"error: {tmp_path / 'checkpoints' / 'latest'}: cannot write a checkpoint there (Not a directory): free "
         "space, make it writable or move what stands in its way, then run the same command again (it resumes from "
         "the last checkpoint written)"]
+
+
+def test_a_second_training_in_a_workdir_that_a_run_trains_in_is_a_one_line_error(tmp_path):
+    import fcntl
+
+    with open(tmp_path / ".lock", "w") as lock:  # What a training run of another process holds.
+        lock.write("process 12345")
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError) as raised:
+            main.run(tiny_synthetic_config(), tmp_path)
+    assert str(raised.value) == (f"--workdir={tmp_path}: process 12345 is training there; wait for it to end or "
+                                 "stop it, or choose another --workdir")
+    assert not (tmp_path / "config.json").exists()  # Its record stays.
+    main.hold_for_training(tmp_path)  # Released with the holder; this process's own lock passes again.
+    main.hold_for_training(tmp_path)
+    assert (tmp_path / ".lock").read_text() == f"process {os.getpid()}"
