@@ -277,6 +277,10 @@ def checkpoint_config(config, workdir: pathlib.Path):
         if config.mode == "evaluate" and moved and not config.data.root and restored.data.name != "synthetic":
             raise ConfigError(f"{restored.data.root}: the data root that {source} recorded does not exist (moved?); "
                               "pass --config.data.root=DIR")
+        if moved and not config.data.root and restored.data.name == "synthetic":
+            # Generated again in this workdir (``resolve``), not where the moved run once kept it: that path was
+            # recreated outside the workdir, or could not be written at all (a run copied from another machine).
+            restored.data.root = ""
         # Where the data and the encoders lie and how the data is read are filled in, not replaced: not named;
         # nor are the sections this job's model never reads (a U-Net checkpoint's pre-training fields).
         read = {"supervised": ("unet", "data"), "pretrain": ("pretrain", "data")}.get(job, RECORDED_SECTIONS)

@@ -438,3 +438,20 @@ def test_a_second_training_in_a_workdir_that_a_run_trains_in_is_a_one_line_error
     main.hold_for_training(tmp_path)  # Released with the holder; this process's own lock passes again.
     main.hold_for_training(tmp_path)
     assert (tmp_path / ".lock").read_text() == f"process {os.getpid()}"
+
+
+def test_evaluating_a_moved_synthetic_run_generates_its_data_in_the_workdir_not_at_the_old_place(tmp_path):
+    import jax.numpy as jnp
+
+    from amvlm_jax.train import checkpoint, loop
+
+    old, workdir = tmp_path / "old", tmp_path / "new"  # The run trained in old/, then the user renamed it.
+    trained = tiny_synthetic_config(**{"data.root": str(old / "data")})
+    saver = checkpoint.RunCheckpoints(workdir)
+    saver.save(1, {"a": jnp.arange(4.0)}, {"job": "supervised", "epoch": 1, "config": loop.recorded_config(trained)},
+               is_best=True)
+    saver.wait()
+    saver.close()
+    config, job = main.checkpoint_config(tiny_synthetic_config(mode="evaluate"), workdir)
+    assert job == "supervised" and main.resolve(config, workdir).data.root == str((workdir / "data").absolute())
+    assert not old.exists()
