@@ -211,6 +211,11 @@ def test_a_resumed_run_drops_the_records_it_writes_again_and_a_line_cut_short(tm
     writer.write(13, {"x": 1.0})
     writer.close()
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()][-2:] == [12, 13]
+    # A record holding bytes that are no UTF-8 (a damaged disk) is dropped, and said so: kept, it would stop
+    # the curves drawn at the end of the run and every later reader of the file.
+    metrics.write_bytes(metrics.read_bytes().replace(b'"step": 13', b'"step": 13, "\xff": 0', 1))
+    loop.MetricWriter(tmp_path, 13).close()
+    assert [json.loads(line)["step"] for line in metrics.read_text(encoding="utf-8").splitlines()][-1] == 12
     # A run that starts over (no checkpoint) starts its record over.
     shutil.rmtree(tmp_path / "checkpoints")
     loop.run(_job(config, tmp_path, mesh, toy_step, [], epochs=1))

@@ -49,28 +49,30 @@ class MetricWriter:
 
     def _drop_records_from(self, start_step: int, rewritten: Callable[[dict], bool]) -> list[dict]:
         """Rewrites metrics.jsonl without the records this run writes again; returns those kept at start_step."""
-        text = self.path.read_bytes().decode("utf-8", "replace")  # A kill may leave any bytes at the end.
+        # Line by line: a kill may leave any bytes at the end, and a line kept with bytes that are no UTF-8
+        # would stop every later reader of the file (the curves at the end of this run).
+        text = self.path.read_bytes()
         lines = text.splitlines()
         kept, kept_at_start, unreadable = [], [], 0
         for line in lines:
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8"))
                 step = int(record["step"])
-            except (ValueError, TypeError, KeyError):
+            except (ValueError, TypeError, KeyError):  # Also a UnicodeDecodeError.
                 unreadable += 1
                 continue
             if start_step and (step < start_step or step == start_step and not rewritten(record)):
-                kept.append(line)
+                kept.append(line.decode("utf-8"))
                 if step == start_step:
                     kept_at_start.append(record)
-        if len(kept) == len(lines) and (not text or text.endswith("\n")):  # Else the next line would merge.
+        if len(kept) == len(lines) and (not text or text.endswith(b"\n")):  # Else the next line would merge.
             return kept_at_start
         temporary = self.path.with_suffix(".jsonl.tmp")
         temporary.write_text("".join(line + "\n" for line in kept))
         os.replace(temporary, self.path)
         dropped = len(lines) - len(kept) - unreadable
         info(f"{self.path}: dropped {dropped} records that this run writes again (its checkpoint is at step {start_step})"
-             + (f", and {unreadable} lines that are no record with a step (cut short?)" if unreadable else ""))
+             + (f", and {unreadable} lines that are no record with a step (cut short or damaged)" if unreadable else ""))
         return kept_at_start
 
     def write(self, step: int, metrics: dict) -> None:
