@@ -440,18 +440,33 @@ def test_a_second_training_in_a_workdir_that_a_run_trains_in_is_a_one_line_error
     assert (tmp_path / ".lock").read_text() == f"process {os.getpid()}"
 
 
-def test_evaluating_a_moved_synthetic_run_generates_its_data_in_the_workdir_not_at_the_old_place(tmp_path):
+def _moved_run(tmp_path, job: str, **recorded) -> pathlib.Path:
+    """A workdir new/ holding a checkpoint of ``job`` whose recorded config has ``recorded`` fields (paths in
+    old/, where the run trained before the user renamed its workdir)."""
     import jax.numpy as jnp
 
     from amvlm_jax.train import checkpoint, loop
 
-    old, workdir = tmp_path / "old", tmp_path / "new"  # The run trained in old/, then the user renamed it.
-    trained = tiny_synthetic_config(**{"data.root": str(old / "data")})
-    saver = checkpoint.RunCheckpoints(workdir)
-    saver.save(1, {"a": jnp.arange(4.0)}, {"job": "supervised", "epoch": 1, "config": loop.recorded_config(trained)},
-               is_best=True)
+    saver = checkpoint.RunCheckpoints(tmp_path / "new")
+    trained = loop.recorded_config(tiny_synthetic_config(**recorded))
+    saver.save(1, {"a": jnp.arange(4.0)}, {"job": job, "epoch": 1, "config": trained}, is_best=True)
     saver.wait()
     saver.close()
+    return tmp_path / "new"
+
+
+def test_evaluating_a_moved_synthetic_run_generates_its_data_in_the_workdir_not_at_the_old_place(tmp_path):
+    workdir = _moved_run(tmp_path, "supervised", **{"data.root": str(tmp_path / "old" / "data")})
     config, job = main.checkpoint_config(tiny_synthetic_config(mode="evaluate"), workdir)
     assert job == "supervised" and main.resolve(config, workdir).data.root == str((workdir / "data").absolute())
-    assert not old.exists()
+    assert not (tmp_path / "old").exists()
+
+
+def test_evaluating_a_moved_mean_teacher_run_finds_its_encoders_in_the_workdir_or_where_the_command_says(tmp_path):
+    workdir = _moved_run(tmp_path, "ssl", **{"ssl.pretrained": str(tmp_path / "old" / "pretrain")})
+    (workdir / "pretrain").mkdir()
+    config, _ = main.checkpoint_config(tiny_synthetic_config(mode="evaluate"), workdir)
+    assert config.ssl.pretrained == str(workdir / "pretrain")
+    # What the error for encoders that are not there says to do: the command's folder, not the recorded one.
+    named = tiny_synthetic_config(**{"mode": "evaluate", "ssl.pretrained": str(tmp_path / "elsewhere")})
+    assert main.checkpoint_config(named, workdir)[0].ssl.pretrained == str(tmp_path / "elsewhere")
