@@ -160,6 +160,13 @@ def test_ablation_rows_pretrainings_and_table(tmp_path):
     assert "p, seed-averaged images | p, seed means |" in text
     assert (tmp_path / "ablation.md").read_text().startswith("| row | val Dice")
     assert json.loads((tmp_path / "ablation.json").read_text())["rows"][1]["row"] == "+CSS"
+    # A results.json cut short by a kill is named in one line.
+    cut = pathlib.Path(runs["+CSS"][0]) / "results.json"
+    whole = cut.read_text()
+    cut.write_text(whole[:20])
+    with pytest.raises(SystemExit, match=r"^error: .*CSS_seed0/results.json: unreadable \(JSONDecodeError\); run "):
+        ablation.summarize(runs, tmp_path)
+    cut.write_text(whole)
     # Rows scored against other masks under the same image names (another data seed) are not paired.
     for row, digest in (("MT", "sha256:0"), ("+CSS", "sha256:1")):
         results = json.loads((pathlib.Path(runs[row][1]) / "results.json").read_text())

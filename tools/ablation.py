@@ -124,6 +124,19 @@ def run_rows(base, workdir: pathlib.Path, rows: list[str], seeds: list[int]) -> 
     return runs
 
 
+def read_results(run_dir: str) -> dict:
+    """<run_dir>/results.json, or a one-line stop for one that is missing, cut short or no JSON object."""
+    path = pathlib.Path(run_dir) / "results.json"
+    try:
+        results = json.loads(path.read_bytes())
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or bytes that are no UTF-8.
+        raise SystemExit(f"error: {path}: unreadable ({type(error).__name__}); run the ablation's command again "
+                         "(a finished run evaluates again)") from None
+    if not isinstance(results, dict):
+        raise SystemExit(f"error: {path}: not a results object; run the ablation's command again")
+    return results
+
+
 def summarize(runs: dict, workdir: pathlib.Path) -> tuple[list[dict], str]:
     """Table rows (mean over seeds) with paired t-tests of test Dice against the first row.
 
@@ -136,7 +149,7 @@ def summarize(runs: dict, workdir: pathlib.Path) -> tuple[list[dict], str]:
     for row, dirs in runs.items():
         entry = {"row": row, "seeds": len(dirs)}
         for split in ("val", "test"):
-            per_run = [json.loads((pathlib.Path(d) / "results.json").read_text()).get(split) for d in dirs]
+            per_run = [read_results(d).get(split) for d in dirs]
             if all(r is not None for r in per_run):
                 entry[f"{split}_dice"] = sum(r["dice"] for r in per_run) / len(per_run)
                 entry[f"{split}_miou"] = sum(r["miou"] for r in per_run) / len(per_run)
