@@ -384,6 +384,34 @@ def test_compare_refuses_runs_scored_against_other_masks_under_the_same_names(tm
     assert "p" in compare.compare([str(tmp_path / "b"), str(tmp_path / "older")], "test")[1]
 
 
+def test_results_cut_short_by_a_kill_leave_the_previous_ones_whole(tmp_path, monkeypatch):
+    """A kill (or a full disk) while an evaluation rewrites results.json or a per-image CSV leaves the files of
+    the evaluation before whole: a CSV row cut inside a number ('23.05' of '23.0571') read as that number."""
+    from amvlm_jax.data.folders import SplitArrays
+    from amvlm_jax.train import evaluate
+
+    names, masks = [f"img{i}" for i in range(3)], np.zeros((3, 4, 4), np.uint8)
+    split = {"test": SplitArrays(names, np.zeros((3, 4, 4, 3), np.uint8), masks, [""] * 3)}
+
+    def scores(dice):
+        return {"test": (np.array(dice)[:, None], np.array(dice)[:, None] / 2, np.ones((3, 1), bool))}
+
+    evaluate.write_results(tmp_path, scores([0.6, 0.7, 0.8]), split)
+    before = {name: (tmp_path / name).read_text() for name in ("results.json", "per_image_test.csv")}
+    write_text = pathlib.Path.write_text
+
+    def killed_halfway(path, text, *args, **kwargs):
+        write_text(path, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pathlib.Path, "write_text", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.write_results(tmp_path, scores([0.230571, 0.5, 0.5]), split)
+    monkeypatch.undo()
+    assert {name: (tmp_path / name).read_text() for name in before} == before
+    assert compare.read_per_image(tmp_path, "test")["dice"].tolist() == [60.0, 70.0, 80.0]
+
+
 def test_ablation_rejects_bad_rows_and_seeds_up_front():
     from amvlm_jax.config import ConfigError
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import pathlib
@@ -17,6 +16,7 @@ from amvlm_jax import metrics, visualize
 from amvlm_jax.data import pipeline
 from amvlm_jax.data.folders import SplitArrays
 from amvlm_jax.ops import BATCH_NORM_MOMENTUM
+from amvlm_jax.train.logging import csv_text, write_atomically
 from amvlm_jax.train.loop import Evaluator, stop_if_interrupted
 from amvlm_jax.train.parallel import gather_to_host
 
@@ -201,16 +201,14 @@ def write_results(workdir: str | pathlib.Path, per_split: dict[str, Optional[tup
         if classes > 1:
             results[split]["classes"] = metrics.class_summary(class_dice, class_iou, present)
         if jax.process_index() == 0:
-            with open(workdir / f"per_image_{split}.csv", "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["file", "dice", "iou"] + ([f"dice_class_{k}" for k in range(1, classes + 1)]
-                                                           if classes > 1 else []))
-                for row, (name, d, i) in enumerate(zip(names, dice, iou)):
-                    per_class = ([f"{class_dice[row, k] * 100:.4f}" if present[row, k] else "" for k in range(classes)]
-                                 if classes > 1 else [])
-                    writer.writerow([name, f"{d * 100:.4f}", f"{i * 100:.4f}"] + per_class)
+            rows = [["file", "dice", "iou"] + ([f"dice_class_{k}" for k in range(1, classes + 1)] if classes > 1 else [])]
+            for row, (name, d, i) in enumerate(zip(names, dice, iou)):
+                per_class = ([f"{class_dice[row, k] * 100:.4f}" if present[row, k] else "" for k in range(classes)]
+                             if classes > 1 else [])
+                rows.append([name, f"{d * 100:.4f}", f"{i * 100:.4f}"] + per_class)
+            write_atomically(workdir / f"per_image_{split}.csv", csv_text(rows))
     if jax.process_index() == 0:
-        (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_atomically(workdir / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import pathlib
@@ -10,6 +12,21 @@ from typing import Callable
 
 import jax
 from tqdm import tqdm
+
+
+def write_atomically(path: pathlib.Path, text: str) -> None:
+    """Writes a results file whole or not at all: a kill or a full disk mid-write leaves the previous file
+    (readers took a row cut inside a number for a number) and a .tmp beside it."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def csv_text(rows: list[list]) -> str:
+    """Rows as CSV text (the csv module's quoting and line ends)."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue()
 
 
 def info(message: str) -> None:
