@@ -293,15 +293,18 @@ RECORDED_SECTIONS = ("unet", "pretrain", "data", "ssl")
 def with_recorded(config: ml_collections.ConfigDict, recorded: dict, sections=RECORDED_SECTIONS,
                   keep_data_root: bool = False) -> ml_collections.ConfigDict:
     """A copy of ``config`` whose ``sections`` hold the values of ``recorded`` (a checkpoint's config as
-    JSON); fields the recorded config lacks (written by older code) keep their current values.
+    JSON); fields the recorded config lacks (written by older code) keep their current values. An
+    ssl.pretrained that ``config`` sets stays: it says where the encoders lie now (moved or copied).
     ``keep_data_root`` keeps the current data.root (the user asked for other data) and data.name, but for the
     embedded default's 'synthetic', which would generate data into that folder: a real-data run's recorded
     name stays."""
     config = ml_collections.ConfigDict(config.to_dict())
-    keep = {"name": config.data.name, "root": config.data.root}
+    keep = {"name": config.data.name, "root": config.data.root, "pretrained": config.ssl.pretrained}
     for section in sections:
         if isinstance(recorded.get(section), dict):
             _assign(config[section], recorded[section])
+    if keep["pretrained"]:
+        config.ssl.pretrained = keep["pretrained"]
     if keep_data_root:
         config.data.root = keep["root"]
         if keep["name"] != "synthetic" or config.data.name == "synthetic":

@@ -277,9 +277,9 @@ def checkpoint_config(config, workdir: pathlib.Path):
         if config.mode == "evaluate" and moved and not config.data.root and restored.data.name != "synthetic":
             raise ConfigError(f"{restored.data.root}: the data root that {source} recorded does not exist (moved?); "
                               "pass --config.data.root=DIR")
-        if config.ssl.pretrained:  # Where the encoders of the text guidance are now, moved or copied.
-            restored.ssl.pretrained = config.ssl.pretrained
-        elif restored.ssl.pretrained and not pathlib.Path(restored.ssl.pretrained).expanduser().exists():
+        # A command's ssl.pretrained stands (with_recorded); a recorded one that is gone gives way to the run's own.
+        gone = restored.ssl.pretrained and not pathlib.Path(restored.ssl.pretrained).expanduser().exists()
+        if gone and not config.ssl.pretrained:
             beside = checkpoint.resolve_step(source).parents[2] / "pretrain"
             if beside.is_dir():  # A workdir moved whole (mode 'all'): its own pre-training moved with it.
                 info(f"{restored.ssl.pretrained}: not there (moved?); the text guidance's encoders are read from "

@@ -374,9 +374,7 @@ def run_config(config, workdir: pathlib.Path, generator: str):
     source = generator or ssl.pretrained_source(config, workdir)
     recorded = checkpoint.read_meta(source).get("config") if generator or pathlib.Path(source).exists() else None
     if generator and recorded:
-        restored = with_recorded(config, recorded, sections=("ssl",))
-        if config.ssl.pretrained:  # Where the encoders lie now (moved, or recorded relative to another folder).
-            restored.ssl.pretrained = config.ssl.pretrained
+        restored = with_recorded(config, recorded, sections=("ssl",))  # The command's ssl.pretrained stays.
         if changed := config_changes(recorded_config(config), recorded_config(restored), ("ssl",)):
             info(f"{generator}: the mean-teacher run's recorded fields replace the command's: {changed}")
         config = restored
