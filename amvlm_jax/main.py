@@ -408,12 +408,11 @@ def user_errors() -> tuple[type[Exception], ...]:
 def file_problem(error: OSError) -> str:
     """The one line for a file or folder of the run that could not be written or read: its path, the
     system's reason and what to do about it."""
-    remedy = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space under your quota",
-              errno.EROFS: "make it writable or choose another folder", errno.EACCES: "make it writable or "
-              "choose another folder", errno.EPERM: "make it writable or choose another folder",
-              errno.ENOTDIR: "a file stands where a folder belongs: move it away",
-              errno.EISDIR: "a folder stands where a file belongs: move it away",
-              errno.EEXIST: "a file stands where a folder belongs: move it away"}.get(error.errno, "fix it")
+    remedies = {(errno.ENOSPC,): "free space on that disk", (errno.EDQUOT,): "free space under your quota",
+                (errno.EROFS, errno.EACCES, errno.EPERM): "make it writable or choose another folder",
+                (errno.ENOTDIR, errno.EEXIST): "a file stands where a folder belongs: move it away",
+                (errno.EISDIR,): "a folder stands where a file belongs: move it away"}
+    remedy = next((text for codes, text in remedies.items() if error.errno in codes), "fix it")
     path = pathlib.Path(error.filename)
     if error.errno == errno.ENOTDIR:  # The system names the file it wanted below the one in the way.
         path = next((above for above in reversed(path.parents) if above.exists() and not above.is_dir()), path)

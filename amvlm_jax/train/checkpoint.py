@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import pathlib
 import re
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+from amvlm_jax.train.logging import write_atomically
 
 
 class CheckpointError(ValueError):
@@ -105,10 +106,7 @@ class RunCheckpoints:
         with _writing(self.latest):
             self.latest.wait_until_finished()
             if jax.process_index() == 0:
-                path = _step_folder(self.latest, step) / "meta" / "metadata"
-                temporary = path.with_name("metadata.tmp")
-                temporary.write_text(json.dumps(meta))
-                os.replace(temporary, path)
+                write_atomically(_step_folder(self.latest, step) / "meta" / "metadata", json.dumps(meta))
         if jax.process_count() > 1:  # Every process reads it when the run resumes.
             from jax.experimental import multihost_utils
 

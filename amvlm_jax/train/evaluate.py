@@ -194,9 +194,8 @@ def write_results(workdir: str | pathlib.Path, per_split: dict[str, Optional[tup
             continue
         class_dice, class_iou, present = values
         dice, iou = metrics.mean_over_present(class_dice, present), metrics.mean_over_present(class_iou, present)
-        results[split] = metrics.summarize(dice, iou) | {"masks": masks_fingerprint(data[split].names,
-                                                                                     data[split].masks)}
         names = data[split].names
+        results[split] = metrics.summarize(dice, iou) | {"masks": masks_fingerprint(names, data[split].masks)}
         classes = class_dice.shape[1]
         if classes > 1:
             results[split]["classes"] = metrics.class_summary(class_dice, class_iou, present)

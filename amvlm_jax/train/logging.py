@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 
 def write_atomically(path: pathlib.Path, text: str) -> None:
-    """Writes a results file whole or not at all: a kill or a full disk mid-write leaves the previous file
-    (readers took a row cut inside a number for a number) and a .tmp beside it."""
+    """Writes a file whole or not at all: a kill or a full disk mid-write leaves the previous file (readers
+    took a results row cut inside a number for a number) and a .tmp beside it."""
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
@@ -84,9 +84,7 @@ class MetricWriter:
                     kept_at_start.append(record)
         if len(kept) == len(lines) and (not text or text.endswith(b"\n")):  # Else the next line would merge.
             return kept_at_start
-        temporary = self.path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        os.replace(temporary, self.path)
+        write_atomically(self.path, "".join(line + "\n" for line in kept))
         dropped = len(lines) - len(kept) - unreadable
         info(f"{self.path}: dropped {dropped} records that this run writes again (its checkpoint is at step {start_step})"
              + (f", and {unreadable} lines that are no record with a step (cut short or damaged)" if unreadable else ""))

@@ -519,7 +519,7 @@ SHAPE_FIELDS = ("unet", "pretrain", "ssl", "data.num_classes", "dtype")
 # for where the files are and how they are read.
 DATA_FIELDS = ("seed", "data")
 # Fields that say how or where a run is carried out, not what it trains: a resume that changes them goes unmentioned.
-RESUME_FREE_FIELDS = ("mode", "mesh", "distributed", "eval", "predict", "data.worker_count", "data.read_threads")
+RESUME_FREE_FIELDS = ("mode", "mesh", "distributed", "eval", "predict")
 MOVABLE_FIELDS = ("data.root", "data.corpus.train", "data.corpus.val", "data.corpus.test", "data.corpus.in_memory_bytes",
                   "data.worker_count", "data.read_threads")
 
