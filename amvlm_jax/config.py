@@ -215,7 +215,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.pretrain.vit_heads = 0
     config.pretrain.text_weights_init = "pretrained"  # 'pretrained' or 'random' (config.json of the text encoder folder).
     # With 'random' only: the BERT's width (0 = the folder's) and, with a width, its attention heads
-    # (0 = text_hidden // 64); the folder's width keeps the folder's heads. Set otherwise, they are ignored.
+    # (0 = text_hidden // 64); the folder's width keeps the folder's heads. Either set otherwise is refused.
     config.pretrain.text_hidden = 0
     config.pretrain.text_heads = 0
     config.pretrain.head_hidden = 2048  # Hidden width of the projection heads.
@@ -701,6 +701,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.pretrain.embed_dim must be even and divisible by config.pretrain.pdt_heads "
                           f"({pre.pdt_heads}) for the PDT heads of objective 'amvlm', got {pre.embed_dim}")
     _check_vit_heads(pre)
+    # Read only to shape a randomly initialised text encoder of another width: set elsewhere, they would be ignored.
+    if (pre.text_hidden or pre.text_heads) and pre.text_weights_init != "random":
+        raise ConfigError(f"config.pretrain.text_hidden / text_heads ({pre.text_hidden} / {pre.text_heads}) shape a "
+                          "randomly initialised text encoder: set config.pretrain.text_weights_init='random' or "
+                          "leave them 0")
+    if pre.text_heads and not pre.text_hidden:
+        raise ConfigError(f"config.pretrain.text_heads={pre.text_heads} needs config.pretrain.text_hidden (the "
+                          "width they split; the text encoder folder's width keeps its own heads)")
     if pre.text_weights_init == "random" and pre.text_hidden:
         heads = pre.text_heads or max(1, pre.text_hidden // 64)
         if pre.text_hidden % heads:

@@ -153,6 +153,11 @@ BAD_COMBINATIONS = [
     ({"pretrain.vit_width": 100}, "config.pretrain.vit_width"),  # Ti/16: 3 heads.
     ({"pretrain.text_weights_init": "random", "pretrain.text_hidden": 100, "pretrain.text_heads": 3},
      "config.pretrain.text_hidden"),
+    # Ignored before: a pre-trained text encoder keeps its shape, and heads without a width kept the folder's.
+    ({"pretrain.text_hidden": 64}, "config.pretrain.text_hidden / text_heads (64 / 0) shape a randomly initialised"),
+    ({"pretrain.text_heads": 4}, "config.pretrain.text_hidden / text_heads (0 / 4) shape a randomly initialised"),
+    ({"pretrain.text_weights_init": "random", "pretrain.text_heads": 4},
+     "config.pretrain.text_heads=4 needs config.pretrain.text_hidden"),
     ({"train.picture_every_epochs": 5, "train.picture_images": 0}, "config.train.picture_images"),
     ({"mesh.data": -1, "mesh.fsdp": -1}, "config.mesh.data and config.mesh.fsdp cannot both be -1"),
     ({"distributed.num_processes": 2}, "config.distributed.coordinator_address"),
@@ -207,6 +212,7 @@ GOOD_VALUES = [
     {"pretrain.weights.css": 0.0, "pretrain.weights.icl": 0.0, "pretrain.weights.local": 0.0},
     {"pretrain.objective": "mgca", **{f"pretrain.weights.{k}": 0.0 for k in ("ita", "css", "local", "icl")}},
     {"pretrain.text_weights_init": "random", "pretrain.text_hidden": 96, "pretrain.text_heads": 3},
+    {"pretrain.text_weights_init": "random", "pretrain.text_hidden": 64}, {"pretrain.text_weights_init": "random"},
     {"pretrain.vit_width": 96, "pretrain.vit_heads": 2}, {"data.root": "/somewhere", "data.name": "monuseg"},
     {"pretrain.vit_attention": "cudnn", "dtype": "bfloat16"},
     {"data.synthetic.num_test": 0, "eval.splits": ("val",)},
