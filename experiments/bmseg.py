@@ -7,7 +7,7 @@ every 10 epochs down to 1e-4, batch 16.
 Pre-training (--config.mode=pretrain): ViT-B/16 + 6-layer BERT, Adam 3e-5,
 batch 32, the SPEC's loss weights.
 Variants: cpu (U-Net width 16, batch 4, 20 epochs; a 4-block ViT-Ti/16 at
-96x96 for pre-training: a 2-core smoke run), labeled25 / labeled50 /
+96x96 from scratch, Adam 1e-4, 10 pre-training epochs: a 2-core smoke run), labeled25 / labeled50 /
 fewshot1 / fewshot10 (labeled fraction), mgca (MGCA's pre-training
 objective and optimiser; `mgca,cpu` keeps the cpu variant's rate),
 textbook_unet (the 16w-bottleneck U-Net instead of the authors'),

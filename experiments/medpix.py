@@ -5,19 +5,20 @@
     python -m amvlm_jax.main --config=experiments/medpix.py:cpu --config.data.root=../shared/datasets/MedPix-2.0 \
         --config.mode=evaluate --config.eval.checkpoint=WORKDIR/pretrain
 
-The corpus as its authors split it by clinical case (splits/descriptions_{train,dev,test}.jsonl: 1,653 /
-197 / 200 images); each image's report is its caption. The held-out splits (eval.splits) are scored before training
-and after every epoch: retrieval both ways, zero-shot modality (CT / MR) and body location from a
-prompt per class, and linear probes for the same labels on the frozen image encoder's [CLS] features.
-Epoch 0 is the control: the same encoders before pre-training (random ViT and heads; the text encoder
-as loaded). Variants: cpu (a 4-block ViT-Ti/16 at 96x96 from scratch, the first 3 layers of the
-text encoder, 32 tokens, batch 32, 10 epochs: about 10 minutes on 2 cores), mgca (MGCA's objective and optimiser; `mgca,cpu` keeps the cpu variant's rate),
-random_text (the text encoder randomly initialised too), locked_text (after cpu: all 6 text layers, kept as
-loaded, heads and ViT at 3e-4, AMVLM's constant rate replaced by a warm-up and cosine; the 3-layer
-truncation's [CLS] carries almost no body-location information, and a fine-tuned text encoder memorises
-1,653 captions; docs/results.md), long (after locked_text: 30 epochs, the online view a random crop of each
-image; about three times as long; on test its probes, zero-shot modality and image-to-report top-10 are higher
-than locked_text's, its top-1 retrieval is not; docs/results.md), gpu (locked_text and long with a 12-block
+The corpus as its authors split it by clinical case (splits/descriptions_{train,dev,test}.jsonl: 1,653 / 197 /
+200 images); each image's report is its caption. The held-out splits (eval.splits) are scored before training,
+every pretrain.eval_every_epochs epochs (1; cpu: 5, long: 10) and at the end: retrieval both ways, zero-shot
+modality (CT / MR) and body location from a prompt per class, and linear probes for the same labels on the
+frozen image encoder's [CLS] features. Epoch 0 is the control: the same encoders before pre-training (random
+ViT and heads; the text encoder as loaded). Variants: cpu (a 4-block ViT-Ti/16 at 96x96 from scratch, the
+first 3 layers of the text encoder, 32 tokens, batch 32, Adam 1e-4, 10 epochs: about 10 minutes on 2 cores),
+mgca (MGCA's objective and optimiser; `mgca,cpu` keeps the cpu variant's rate), random_text (the text encoder
+randomly initialised too), locked_text (after cpu: all 6 text layers, kept as loaded, heads and ViT at 3e-4,
+AMVLM's constant rate replaced by a warm-up and cosine; the 3-layer truncation's [CLS] carries almost no
+body-location information, and a fine-tuned text encoder memorises 1,653 captions; docs/results.md), long
+(after locked_text: 30 epochs, scored and saved every 10, the online view a random crop of each image; about
+three times as long; on test its probes, zero-shot modality and image-to-report top-10 are higher than
+locked_text's, its top-1 retrieval is not; docs/results.md), gpu (locked_text and long with a 12-block
 ViT-S/16 at 224 px: every test score above its start in every AMVLM seed, top-1 retrieval included; about 3
 minutes a run on one H200; docs/results.md; tools/gpu_runs.py --experiment=medpix runs it on an offline GPU
 machine; `mgca,gpu` for MGCA).

@@ -8,7 +8,7 @@ restarts every 10 epochs down to 1e-4, batch 16.
 Pre-training (--config.mode=pretrain): ViT-B/16 + 6-layer BERT, Adam 3e-5,
 batch 32, the SPEC's loss weights.
 Variants: cpu (U-Net width 16, batch 4, 150 epochs; a 4-block ViT-Ti/16 at
-96x96 from scratch, 40 pre-training epochs: fits 2 CPU cores in minutes),
+96x96 from scratch, Adam 1e-4, 40 pre-training epochs: fits 2 CPU cores in minutes),
 labeled25 / labeled50 /
 fewshot1 / fewshot10 (labeled fraction), mgca (MGCA's pre-training
 objective and optimiser; `mgca,cpu` keeps the cpu variant's rate),

@@ -22,7 +22,7 @@ objective and AdamW schedule, at this file's rate and batch), textbook_unet
 (the 16w-bottleneck U-Net instead of the authors'), vision (no text
 guidance), ab_css / ab_icl / ab_css_icl / ab_css_icl_tg (the paper's
 ablation rows), full (paper-size U-Net at 224x224, for accelerators),
-fresh (pre-training on 44,000 never-repeated pairs, about 27 minutes),
+fresh (pre-training on 49,280 never-repeated pairs, about 27 minutes),
 text_head / text_head_blind (text masks from a head fitted on the labelled
 images' masks with their reports / with the reports withheld; beyond the
 paper, docs/results.md "Text masks that localise"), text_report /
@@ -51,7 +51,7 @@ def _mgca(config):
 
 def _fresh(config):
     """Pre-training on fresh pairs (a new generator sample for every pair of every step) for 220 epochs of
-    200 pairs, 44,000 pairs in all: about 27 minutes on 2 idle cores (7.2 s an epoch)."""
+    ceil(200 / 32) = 7 steps of 32, 49,280 pairs in all: about 27 minutes on 2 idle cores (7.2 s an epoch)."""
     config.data.synthetic.fresh_pairs = True
     config.pretrain.epochs = 220
     config.pretrain.checkpoint_every_epochs = 10
