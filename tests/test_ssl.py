@@ -484,6 +484,9 @@ def test_missing_encoders_name_the_fix_that_fits_the_mode(tmp_path):
     config.mode = "ssl"
     with pytest.raises(ConfigError, match="no pre-trained encoders for text guidance; run mode 'pretrain'"):
         ssl.TextGuidance(config, tmp_path, mesh)
+    # Resuming a mean teacher (its checkpoint given): the encoders it was trained with moved, not never made.
+    with pytest.raises(ConfigError, match=r"are not there \(moved\?\); pass their folder as --config.ssl.pretrained"):
+        ssl.TextGuidance(config, tmp_path, mesh, guided=tmp_path / "checkpoints" / "latest")
 
 
 def _multiclass_folders(root, classes: int, size: int, counts=(("Train", 16), ("Val", 4))):

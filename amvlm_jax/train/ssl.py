@@ -76,7 +76,7 @@ class TextGuidance:
         (``guiding_step``). ``step``: the pre-training step restored."""
         source = pretrained_source(config, workdir)
         if not source.exists():
-            if config.mode in ("evaluate", "predict"):
+            if config.mode in ("evaluate", "predict") or guided is not None:  # Resuming: other advice would restart.
                 raise ConfigError(f"{source}: the pre-trained encoders of the checkpoint's text guidance are not "
                                   "there (moved?); pass their folder as --config.ssl.pretrained=PATH")
             raise ConfigError(
