@@ -458,10 +458,11 @@ def test_an_epoch_finished_by_a_resumed_run_applies_end_of_epoch_once_however_of
 
     config = tiny_synthetic_config()
     mesh = make_mesh(config, jax.devices()[:1])
-    refreshes, events = [], []
+    refreshes, events, halved = [], [], {}
 
     def halve(state):  # Not idempotent: applied twice or never, the final weight differs.
         refreshes.append(int(state.step))
+        halved.setdefault(int(state.step), state.params["w"] * 0.5)
         return state.replace(params={"w": state.params["w"] * 0.5})
 
     def learning_rate(step):
@@ -480,21 +481,27 @@ def test_an_epoch_finished_by_a_resumed_run_applies_end_of_epoch_once_however_of
     reference, _ = loop.run(job("reference"))
     refreshes.clear()
     events += ["stop", "crash"]
+    state_w = lambda: {"w": jax.ShapeDtypeStruct((), jnp.float32)}  # noqa: E731
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # A pytest-xdist worker ignores SIGINT.
     try:
         with pytest.raises(KeyboardInterrupt, match=f"saved .*latest/{2 * STEPS_PER_EPOCH}"):
             loop.run(job("run"))
+        # The stopped run halved before saving: its checkpoint holds the state that epoch 2 is evaluated with.
+        assert checkpoint.read_meta(tmp_path / "run" / "checkpoints" / "latest")["unfinished_epoch"]["refreshed"]
         with pytest.raises(RuntimeError, match="killed"):
-            loop.run(job("run"))  # Finishes epoch 2 (halve, evaluation, record), then dies.
+            loop.run(job("run"))  # Finishes epoch 2 (evaluation, record, no second halve), then dies.
         meta = checkpoint.read_meta(tmp_path / "run" / "checkpoints" / "latest")
-        assert meta["epoch"] == 2 and meta["end_of_epoch_after_restore"] and "unfinished_epoch" not in meta
+        assert meta["epoch"] == 2 and "end_of_epoch_after_restore" not in meta and "unfinished_epoch" not in meta
+        # What an evaluation or prediction reads from that latest checkpoint: the halved weight, not the one before.
+        saved, _, _ = checkpoint.restore_variables(tmp_path / "run" / "checkpoints" / "latest", {"params": state_w()})
+        np.testing.assert_array_equal(saved["params"]["w"], halved[2 * STEPS_PER_EPOCH])
         state, meta = loop.run(job("run"))
     finally:
         signal.signal(signal.SIGINT, before)
-    assert refreshes == [3, 6, 6, 9, 12]  # Epoch 2's again only for the state restored from before it.
+    assert refreshes == [3, 6, 9, 12]  # Epoch 2's once, by the stopped run.
     np.testing.assert_array_equal(state.params["w"], reference.params["w"])
     assert _records(tmp_path / "run") == _records(tmp_path / "reference")
-    assert meta["best_epoch"] == 2 and "end_of_epoch_after_restore" not in meta
+    assert meta["best_epoch"] == 2
 
 
 def test_ctrl_c_after_an_epochs_means_are_taken_keeps_them_for_the_resumed_run(tmp_path, toy_step, monkeypatch):

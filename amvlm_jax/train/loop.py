@@ -189,6 +189,8 @@ def _run(job: Job) -> tuple[Any, dict]:
             raise KeyboardInterrupt(f"interrupted without saving; {workdir}/checkpoints/latest keeps step "
                                     f"{checkpoints.latest.latest_step()}: run the same command to resume") from None
         step = int(current["state"].step)
+        if checkpoints.latest.latest_step() != step:
+            _refresh_before_saving(job, current, meta, step)
         if current.get("step_metrics"):  # Stopped mid-epoch: the resumed run's epoch means need these too.
             meta["epoch_step_metrics"] = _step_metrics_for_meta(jax.device_get(current["step_metrics"]))
         if checkpoints.latest.latest_step() != step:
@@ -204,6 +206,24 @@ def _run(job: Job) -> tuple[Any, dict]:
             if jax.process_index() == 0 and not interrupted:
                 visualize.save_curves(workdir)
     return current["state"], meta
+
+
+def _refresh_before_saving(job: Job, current: dict, meta: dict, step: int) -> None:
+    """Runs end_of_epoch on a state stopped between its epoch's last step and end_of_epoch, before it is saved,
+    and records that in meta's ``unfinished_epoch`` (with the epoch's means), so that the checkpoint holds the
+    state that the epoch's evaluation, record and best check see. Saved as it was, the checkpoint's state and
+    meta disagreed once the resumed run finished the epoch: evaluating or predicting from that latest
+    checkpoint (the fallback where no best exists yet) used BatchNorm statistics from before the refresh."""
+    unfinished = meta.get("unfinished_epoch") or {}
+    at_epoch_end = step % job.steps_per_epoch == 0 and step // job.steps_per_epoch > meta["epoch"]
+    # A step evaluation still due at this step sees the state before end_of_epoch when the run resumes.
+    pending = meta.get("unfinished_step_evaluation") == step
+    if job.end_of_epoch is None or not at_epoch_end or unfinished.get("refreshed") or pending:
+        return
+    # Stopped before _finish_epoch took the means (they are in meta then): the epoch's steps are all in current.
+    means = unfinished.get("means") or _means(jax.device_get(current.pop("step_metrics", None) or []))
+    current["state"] = job.end_of_epoch(current["state"])  # A second Ctrl-C here stops without saving.
+    meta["unfinished_epoch"] = {"means": means, "seconds": unfinished.get("seconds", 0.0), "refreshed": True}
 
 
 # Set by catching_interrupts' handler on Ctrl-C; stop_if_interrupted raises on it.
@@ -394,8 +414,9 @@ def _finish_epoch(job: Job, current: dict, epoch: int, means: dict, seconds: flo
     meta["unfinished_epoch"] = unfinished = {"means": means, "seconds": seconds, "refreshed": refreshed}
     current.pop("step_metrics", None)
     refresh = job.end_of_epoch is not None and not refreshed
-    # Resumed to finish the epoch whose checkpoint was written before end_of_epoch ran: that checkpoint keeps
-    # its state, and its meta says to run end_of_epoch after restoring it.
+    # Resumed to finish the epoch whose checkpoint was written before end_of_epoch ran (by code older than
+    # _refresh_before_saving): that checkpoint keeps its state, and its meta says to run end_of_epoch after
+    # restoring it.
     saved_before_end = refresh and checkpoints.latest.latest_step() == step
     if refresh:
         # Not cut short, so that a checkpoint written on Ctrl-C holds the state its meta describes.
