@@ -347,6 +347,8 @@ def resolve(config, workdir: pathlib.Path):
         config.ssl.pretrained = str(pathlib.Path(config.ssl.pretrained).expanduser().absolute())
     if jax.process_index() == 0:
         from amvlm_jax.config import ConfigError
+        from amvlm_jax.train.logging import json_text
+        from amvlm_jax.train.loop import recorded_config
 
         if workdir.exists() and not workdir.is_dir():
             raise ConfigError(f"--workdir={workdir}: is a file, not a folder")
@@ -354,7 +356,7 @@ def resolve(config, workdir: pathlib.Path):
             workdir.mkdir(parents=True, exist_ok=True)
             if config.mode not in ("evaluate", "predict"):  # Before the record of the run it would replace.
                 hold_for_training(workdir)
-            config_file(config, workdir).write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+            config_file(config, workdir).write_text(json_text(recorded_config(config), indent=2, sort_keys=True) + "\n")
         except OSError as e:  # A file in the way, no permission, a read-only or full disk.
             raise ConfigError(f"--workdir={workdir}: cannot write the run folder there: "
                               f"{e.strerror or e} ({e.filename or workdir})") from None

@@ -96,7 +96,10 @@ def save_curves(workdir: str | pathlib.Path, path: str | pathlib.Path | None = N
     metrics_path = workdir / "metrics.jsonl"
     if not metrics_path.is_file():
         return None
-    rows = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if "epoch" in r]
+    from amvlm_jax.train.logging import null_as_nan
+
+    # Every field is a number: a null was a NaN (json_text).
+    rows = [null_as_nan(r) for r in map(json.loads, metrics_path.read_text().splitlines()) if "epoch" in r]
     trained = [r for r in rows if "train/epoch_loss" in r]
     if not trained:
         return None

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import shutil
 import types
 
@@ -671,3 +672,61 @@ def test_the_progress_bar_of_an_epoch_resumed_mid_way_counts_from_the_steps_it_h
         signal.signal(signal.SIGINT, before)
     resumed = bars[0]
     assert resumed.desc.startswith("toy epoch 2/") and (resumed.n, resumed.total) == (STEPS_PER_EPOCH, STEPS_PER_EPOCH)
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is no JSON")
+
+
+def test_records_with_nan_are_strict_json_and_read_back_as_nan_also_from_older_files(tmp_path):
+    from conftest import repo_module
+
+    from amvlm_jax.train.logging import MetricWriter, json_text, null_as_nan
+
+    # A diverged loss, an undefined score, an infinity: each line parses strictly, the numbers as null.
+    writer = MetricWriter(tmp_path / "run", 0)
+    writer.write(3, {"epoch": 1, "train/epoch_loss": float("nan"), "val/dice": float("inf"), "val/miou": 0.5})
+    writer.close()
+    line = (tmp_path / "run" / "metrics.jsonl").read_text()
+    record = json.loads(line, parse_constant=_refuse_constant)
+    assert record["train/epoch_loss"] is None and record["val/dice"] is None and record["val/miou"] == 0.5
+    nested = {"val": {"dice": float("nan"), "classes": [float("-inf"), np.float64(1.5)]}, "test": None}
+    assert json.loads(json_text(nested), parse_constant=_refuse_constant) == {
+        "val": {"dice": None, "classes": [None, 1.5]}, "test": None}
+    # Readers: the file written now and one written before (NaN itself) give the same rows.
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "metrics.jsonl").write_text(json.dumps({**record, "train/epoch_loss": float("nan"), "val/dice": float("nan")})
+                                         + "\n")
+    curve = repo_module("tools/curve.py")
+    new_rows, old_rows = curve.epoch_rows(tmp_path / "run"), curve.epoch_rows(older)
+    assert math.isnan(new_rows[0]["train/epoch_loss"]) and math.isnan(new_rows[0]["val/dice"])
+    assert repr(new_rows) == repr(old_rows)  # NaN == NaN fails; their reprs agree.
+    # results.json of a split with an undefined score: the ablation table reads NaN, as from an older file.
+    ablation = repo_module("tools/ablation.py")
+    results = {"val": {"dice": float("nan"), "miou": 2.0, "images": 3}, "test": None}
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "results.json").write_text(json_text(results))
+    (older / "results.json").write_text(json.dumps(results))
+    assert repr(ablation.read_results(str(tmp_path / "new"))) == repr(ablation.read_results(str(older)))
+    assert math.isnan(ablation.read_results(str(tmp_path / "new"))["val"]["dice"])
+    assert null_as_nan([None, {"a": None}, 1]).__repr__() == "[nan, {'a': nan}, 1]"
+
+
+def test_a_nan_best_score_gives_way_to_the_next_epochs_and_checkpoint_meta_is_strict_json(tmp_path, toy_step):
+    config = tiny_synthetic_config()
+    mesh = make_mesh(config, jax.devices()[:1])
+    job = _job(config, tmp_path / "run", mesh, toy_step, [], epochs=2)
+    # Undefined (NaN) after epoch 1, a score after epoch 2: the second is the best, in this run and a resumed one.
+    job.evaluators = [loop.Evaluator(lambda state: {"val/score": float("nan") if int(state.step) == STEPS_PER_EPOCH
+                                                    else 1.0})]
+    job.epochs = 1
+    loop.run(job)
+    text = (tmp_path / "run" / "checkpoints" / "latest" / str(STEPS_PER_EPOCH) / "meta" / "metadata").read_text()
+    meta = json.loads(text, parse_constant=_refuse_constant)
+    assert meta["best"] is None and meta["last_eval"] == {"val/score": None}
+    job.epochs = 2
+    _, meta = loop.run(job)
+    assert meta["best_epoch"] == 2 and meta["best"] == 1.0
+    _, meta = loop.run(dataclasses.replace(job, workdir=tmp_path / "whole"))  # Not stopped: the NaN held in memory.
+    assert meta["best_epoch"] == 2 and meta["best"] == 1.0

@@ -128,13 +128,15 @@ def read_results(run_dir: str) -> dict:
     """<run_dir>/results.json, or a one-line stop for one that is missing, cut short or no JSON object."""
     path = pathlib.Path(run_dir) / "results.json"
     try:
-        results = json.loads(path.read_bytes())
+        results = json.loads(path.read_bytes())  # A null score was NaN (json_text), made NaN below.
     except (OSError, ValueError) as error:  # ValueError: not JSON, or bytes that are no UTF-8.
         raise SystemExit(f"error: {path}: unreadable ({type(error).__name__}); run the ablation's command again "
                          "(a finished run evaluates again)") from None
     if not isinstance(results, dict):
         raise SystemExit(f"error: {path}: not a results object; run the ablation's command again")
-    return results
+    from amvlm_jax.train.logging import null_as_nan
+
+    return {split: null_as_nan(scores) if isinstance(scores, dict) else scores for split, scores in results.items()}
 
 
 def summarize(runs: dict, workdir: pathlib.Path) -> tuple[list[dict], str]:
@@ -180,7 +182,9 @@ def summarize(runs: dict, workdir: pathlib.Path) -> tuple[list[dict], str]:
                  f"({table[-1].get('p_split', 'test')}, seeds pooled); * = p < 0.05")
     text = "\n".join(lines)
     (workdir / "ablation.md").write_text(text + "\n")
-    (workdir / "ablation.json").write_text(json.dumps({"rows": table, "runs": runs}, indent=2) + "\n")
+    from amvlm_jax.train.logging import json_text
+
+    (workdir / "ablation.json").write_text(json_text({"rows": table, "runs": runs}, indent=2) + "\n")
     return table, text
 
 

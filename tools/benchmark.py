@@ -60,6 +60,8 @@ from absl import flags
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from amvlm_jax.train.logging import json_text  # noqa: E402 (after the path above)
+
 MODES = ("pretrain", "ssl", "supervised", "evaluate", "loader")
 SYNTHETIC_REPORTS = [
     "Two lesions in the upper left and lower right cells.",
@@ -725,14 +727,14 @@ def main(config):
         workers = [int(count) for count in flags.FLAGS.workers.split(",") if count.strip()]
         result = run_loader_benchmark(config, flags.FLAGS.corpus_size, flags.FLAGS.corpus_dir,
                                       flags.FLAGS.corpus_image_size, workers, flags.FLAGS.batches, flags.FLAGS.warmup)
-        print(json.dumps(result, indent=2) if flags.FLAGS.json else format_loader_result(result))
+        print(json_text(result, indent=2) if flags.FLAGS.json else format_loader_result(result))
         return
     queue = None
     if flags.FLAGS.queue:
         folder, name, size = flags.FLAGS.queue.rsplit(":", 2)
         queue = (folder, name, int(size))
     result = run_benchmark(config, mode, flags.FLAGS.steps, flags.FLAGS.warmup, flags.FLAGS.profile, queue)
-    print(json.dumps(result, indent=2) if flags.FLAGS.json else format_result(result))
+    print(json_text(result, indent=2) if flags.FLAGS.json else format_result(result))
 
 
 def define_flags():

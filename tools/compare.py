@@ -30,6 +30,12 @@ from scipy import stats
 
 COLUMNS = ("file", "dice", "iou")
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from amvlm_jax.train.logging import json_text  # noqa: E402 (after the path above)
+
+
 
 def read_per_image(workdir: str | pathlib.Path, split: str) -> dict[str, np.ndarray]:
     """{'file': names, 'dice': (N,), 'iou': (N,), 'masks': (N,)} from <workdir>/per_image_<split>.csv (Dice
@@ -209,7 +215,7 @@ def main(argv=None):
         parser.error(f"--alpha={args.alpha}: a significance level in (0, 1), e.g. 0.05")
     rows = compare(args.runs, args.split, args.baseline, args.alpha)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json_text(rows, indent=2))
     else:
         baseline = next((row["run"] for row in rows if "p" not in row), args.baseline or args.runs[0])
         print(format_table(rows, baseline, args.alpha))

@@ -15,6 +15,12 @@ import pathlib
 import statistics
 import sys
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from amvlm_jax.train.logging import null_as_nan  # noqa: E402 (after the path above)
+
+
 
 def epoch_rows(workdir: pathlib.Path) -> list[dict]:
     """The per-epoch records of a run (those with an 'epoch' field), in order.
@@ -35,7 +41,7 @@ def epoch_rows(workdir: pathlib.Path) -> list[dict]:
             raise SystemExit(f"error: {path}: line {number} is not a JSON record") from None
         if not isinstance(record, dict):
             raise SystemExit(f"error: {path}: line {number} is not a JSON record")
-        records.append(record)
+        records.append(null_as_nan(record))  # Every field is a number: a null was a NaN (json_text).
     return [record for record in records if "epoch" in record]
 
 

@@ -325,6 +325,8 @@ def table(runs: list[Run], work: pathlib.Path) -> str:
         if not kind.startswith("pre"):
             groups.setdefault(kind, []).append(run)
 
+    from amvlm_jax.train.logging import null_as_nan
+
     def spread(values):
         if not values:
             return "-"
@@ -337,7 +339,7 @@ def table(runs: list[Run], work: pathlib.Path) -> str:
             results = work / run.name / "results.json"
             if run.status != "done" or not results.is_file():
                 continue
-            val = json.loads(results.read_text()).get("val") or {}
+            val = null_as_nan(json.loads(results.read_text()).get("val") or {})  # A null score was NaN.
             dice.append(val["dice"])
             miou.append(val["miou"])
             last.append(curve.validation_summary(curve.epoch_rows(work / run.name), 10)["last_mean_dice"])

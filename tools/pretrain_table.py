@@ -32,8 +32,15 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 
 import numpy as np
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from amvlm_jax.train.logging import null_as_nan  # noqa: E402 (after the path above)
+
 
 
 def read(workdirs: str, split: str) -> tuple[dict, dict]:
@@ -86,8 +93,8 @@ def seed_scores(workdir: str) -> tuple[dict, dict]:
             splits = read_json(path)
             if not isinstance(splits, dict) or not all(isinstance(v, dict | None) for v in splits.values()):
                 raise SystemExit(f"error: {path}: not an evaluation's scores ({{split: {{metric: value}} or null}})")
-            pair.append({f"{split}/{key}": value for split, scores in splits.items() if scores
-                         for key, value in scores.items() if key != "pairs"})
+            pair.append({f"{split}/{key}": null_as_nan(value) for split, scores in splits.items() if scores
+                         for key, value in scores.items() if key != "pairs"})  # A null score was NaN (json_text).
         return pair[0], pair[1]
     path = pretrain_folder(workdir) / "summary.json"
     if not path.is_file():
@@ -98,7 +105,7 @@ def seed_scores(workdir: str) -> tuple[dict, dict]:
     if not isinstance(summary, dict) or not all(isinstance(summary.get(key), dict)
                                                 for key in ("initial_retrieval", "final_retrieval")):
         raise SystemExit(f"error: {path}: no initial_retrieval and final_retrieval scores (not a pre-training summary)")
-    return summary["initial_retrieval"], summary["final_retrieval"]
+    return null_as_nan(summary["initial_retrieval"]), null_as_nan(summary["final_retrieval"])
 
 
 def check_pair(before: str, after: str) -> None:

@@ -14,7 +14,6 @@ distractors should bring that share down. Prints one line and writes
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 
@@ -22,6 +21,8 @@ from absl import flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+
+from amvlm_jax.train.logging import json_text  # noqa: E402 (after the path above)
 
 
 def marked_fractions(predicted, lesion, distractor) -> dict:
@@ -92,7 +93,7 @@ def main(config):
                            .distractor_mask > 0 for n in split.names])
     fractions = marked_fractions(np.concatenate(predicted), split.masks > 0, distractor)
     result = {"checkpoint": str(used), "epoch": meta.get("epoch"), "split": split_name, "images": len(split), **fractions}
-    (workdir / f"synthetic_pixels_{split_name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (workdir / f"synthetic_pixels_{split_name}.json").write_text(json_text(result, indent=2) + "\n")
     print(f"{split_name}: marked as lesion: lesion px {fractions['lesion']:.3f}, distractor px "
           f"{fractions['distractor']:.3f}, other px {fractions['other']:.4f} ({used})")
 

@@ -39,7 +39,6 @@ Prints a table and writes <workdir>/text_masks.json (with --generator: text_mask
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 
@@ -47,6 +46,8 @@ from absl import flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+
+from amvlm_jax.train.logging import json_text  # noqa: E402 (after the path above)
 
 
 def patch_cells(grid: int, image_size: int):
@@ -431,7 +432,7 @@ def main(config):
         for split_name in requested:
             results[split_name]["linear_probes"] = linear_probes(features["train"], features[split_name], config.data.image_size)
     output = workdir / ("text_masks_trained.json" if generator is not None else "text_masks.json")
-    output.write_text(json.dumps(results, indent=2) + "\n")
+    output.write_text(json_text(results, indent=2) + "\n")
 
     def by_cell(cells):
         return " / ".join(f"{cells[k]:.3f}" for k in ("lesion", "distractor", "empty") if k in cells) if cells else ""

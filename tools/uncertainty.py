@@ -30,7 +30,6 @@ whose reports are nearest. Prints both tables and writes
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 
@@ -38,6 +37,8 @@ from absl import flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+
+from amvlm_jax.train.logging import json_text  # noqa: E402 (after the path above)
 
 
 def load_model(config, workdir: pathlib.Path):
@@ -272,7 +273,7 @@ def main(config):
     check_flags(FLAGS.split, FLAGS.count)
     result = analyse(config, workdir, FLAGS.split, FLAGS.image, FLAGS.report, FLAGS.count)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "uncertainty.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "uncertainty.json").write_text(json_text(result, indent=2) + "\n")
     plot(result, out / "uncertainty.png")
     print(format_tables(result))
     print(f"\nsaved {out / 'uncertainty.json'} and {out / 'uncertainty.png'}")

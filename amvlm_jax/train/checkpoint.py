@@ -20,7 +20,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from amvlm_jax.train.logging import write_atomically
+from amvlm_jax.train.logging import finite_or_null, json_text, write_atomically
 
 
 class CheckpointError(ValueError):
@@ -71,7 +71,7 @@ class RunCheckpoints:
         finishing the epoch it was saved in, resumed and finishing it: the
         same state), only its meta is replaced, by `latest_meta` when given.
         """
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(finite_or_null(meta)))
         if is_best and self.best.latest_step() != step:
             with _writing(self.best):
                 self.best.save(step, args=args)
@@ -106,7 +106,7 @@ class RunCheckpoints:
         with _writing(self.latest):
             self.latest.wait_until_finished()
             if jax.process_index() == 0:
-                write_atomically(_step_folder(self.latest, step) / "meta" / "metadata", json.dumps(meta))
+                write_atomically(_step_folder(self.latest, step) / "meta" / "metadata", json_text(meta))
         if jax.process_count() > 1:  # Every process reads it when the run resumes.
             from jax.experimental import multihost_utils
 

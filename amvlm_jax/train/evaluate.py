@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import pathlib
 from typing import Callable, Optional
 
@@ -16,7 +15,7 @@ from amvlm_jax import metrics, visualize
 from amvlm_jax.data import pipeline
 from amvlm_jax.data.folders import SplitArrays
 from amvlm_jax.ops import BATCH_NORM_MOMENTUM
-from amvlm_jax.train.logging import csv_text, write_atomically
+from amvlm_jax.train.logging import csv_text, json_text, write_atomically
 from amvlm_jax.train.loop import Evaluator, stop_if_interrupted
 from amvlm_jax.train.parallel import gather_to_host
 
@@ -207,7 +206,7 @@ def write_results(workdir: str | pathlib.Path, per_split: dict[str, Optional[tup
                 rows.append([name, f"{d * 100:.4f}", f"{i * 100:.4f}"] + per_class)
             write_atomically(workdir / f"per_image_{split}.csv", csv_text(rows))
     if jax.process_index() == 0:
-        write_atomically(workdir / "results.json", json.dumps(results, indent=2) + "\n")
+        write_atomically(workdir / "results.json", json_text(results, indent=2) + "\n")
     return results
 
 

@@ -1,17 +1,47 @@
-"""Metrics to JSONL and TensorBoard, and messages to the terminal; only process 0 writes."""
+"""Metrics to JSONL and TensorBoard, messages to the terminal (only process 0 writes), and the strict JSON and
+whole-file writes of every record the project leaves."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
 import os
 import pathlib
 import time
 from typing import Callable
 
-import jax
-from tqdm import tqdm
+
+def finite_or_null(value):
+    """``value`` (dicts, lists and tuples nested) with every NaN and infinity as None."""
+    if isinstance(value, float):  # Also numpy's float64, a float subclass.
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
+def json_text(value, **options) -> str:
+    """Strict JSON of ``value``: a NaN or infinity (a metric undefined on an empty split or class, a diverged
+    loss) written as null. Python's json writes them as NaN and Infinity, which are no JSON: jq, JavaScript
+    and strict parsers refuse the whole file. Readers take a null where they expect a number as NaN
+    (``null_as_nan``). options: json.dumps's (indent, sort_keys)."""
+    return json.dumps(finite_or_null(value), allow_nan=False, **options)
+
+
+def null_as_nan(value):
+    """``value`` (dicts and lists nested) with every None as NaN: the numbers of a file ``json_text`` wrote,
+    read back as they were computed (a file written before, with NaN itself, reads the same)."""
+    if value is None:
+        return math.nan
+    if isinstance(value, dict):
+        return {key: null_as_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [null_as_nan(item) for item in value]
+    return value
 
 
 def write_atomically(path: pathlib.Path, text: str) -> None:
@@ -31,6 +61,9 @@ def csv_text(rows: list[list]) -> str:
 
 def info(message: str) -> None:
     """Prints a message from process 0 only (through tqdm, so that a progress bar stays intact)."""
+    import jax
+    from tqdm import tqdm
+
     if jax.process_index() == 0:
         tqdm.write(message)
 
@@ -49,6 +82,8 @@ class MetricWriter:
 
     def __init__(self, workdir: str | pathlib.Path, start_step: int,
                  rewritten: Callable[[dict], bool] = lambda record: False):
+        import jax  # Here, not above: the tools that only read this project's JSON import this module.
+
         self.enabled = jax.process_index() == 0
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self._tb = None
@@ -61,6 +96,7 @@ class MetricWriter:
             self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), purge_step=start_step,
                                      filename_suffix=f".from-step-{start_step}")
             for record in kept_at_start:
+                record = null_as_nan(record)  # Every field is a number: a null was a NaN.
                 scalars = {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float))}
                 self._to_tensorboard(start_step, scalars, record.get("time"))
 
@@ -96,7 +132,7 @@ class MetricWriter:
         scalars = {k: float(v) for k, v in metrics.items()}
         now = time.time()
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": int(step), "time": now, **scalars}) + "\n")
+            f.write(json_text({"step": int(step), "time": now, **scalars}) + "\n")
         self._to_tensorboard(step, scalars, now)
 
     def _to_tensorboard(self, step: int, scalars: dict, walltime: float | None) -> None:

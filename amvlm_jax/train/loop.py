@@ -25,7 +25,7 @@ from tqdm import tqdm
 from amvlm_jax import visualize
 from amvlm_jax.data import pipeline
 from amvlm_jax.train import checkpoint, parallel
-from amvlm_jax.train.logging import MetricWriter, info
+from amvlm_jax.train.logging import MetricWriter, info, null_as_nan
 
 # Step metrics that describe the optimisation rather than the objective (not averaged into the
 # job's loss terms).
@@ -429,7 +429,9 @@ def _finish_epoch(job: Job, current: dict, epoch: int, means: dict, seconds: flo
         is_best = True
     else:
         value = evaluated.get(job.best_metric)
-        is_best = value is not None and (meta["best"] is None or value > meta["best"])
+        # A NaN best (a score undefined that epoch) is no best: checkpoint meta keeps it as null, a resume reads None.
+        best = meta["best"]
+        is_best = value is not None and (best is None or not np.isfinite(best) or value > best)
     seconds = time.time() - started
     with interrupts_deferred():  # Written again on resume unless all of it lands.
         del meta["unfinished_epoch"]
@@ -520,6 +522,9 @@ def resume_point(checkpoints: checkpoint.RunCheckpoints, job: Job) -> tuple[Any,
     except (ValueError, KeyError, TypeError) as error:  # CheckpointError is a ValueError.
         raise misfit(checkpoint.first_line(error)) from None
     meta = fresh_meta(job) | meta
+    for key in ("initial_eval", "last_eval", "first_epoch", "last_epoch", "unfinished_epoch"):  # Metrics: null was NaN.
+        if meta.get(key) is not None:
+            meta[key] = null_as_nan(meta[key])
     if meta.pop("end_of_epoch_after_restore", False) and job.end_of_epoch is not None:
         state = job.end_of_epoch(state)  # Saved before it ran; its epoch was finished by a resumed run.
     if meta["best"] is None and meta.get("best_val_dice", -1.0) >= 0:  # Written before the loop was shared.

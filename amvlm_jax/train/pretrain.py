@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import math
 import pathlib
-import json
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,7 @@ from amvlm_jax.ops import ema_update
 from amvlm_jax import metrics
 from amvlm_jax.losses import objectives
 from amvlm_jax.train import build, checkpoint, loop, parallel
-from amvlm_jax.train.logging import info, write_atomically
+from amvlm_jax.train.logging import info, json_text, write_atomically
 from amvlm_jax.train.state import PretrainState, optimizer_telemetry
 
 # ---------------------------------------------------------------------------
@@ -359,7 +358,7 @@ class EncoderEvaluation:
             results |= {f"{name}/{k}": value for k, value in metrics.retrieval_scores(ranks[name]).items()}
         if ranks_path is not None and jax.process_index() == 0:
             ranks_path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(ranks_path, json.dumps({name: {k: v.tolist() for k, v in r.items()} for name, r in ranks.items()}))
+            write_atomically(ranks_path, json_text({name: {k: v.tolist() for k, v in r.items()} for name, r in ranks.items()}))
         held_out = [name for name in embedded if name != "train"]
         for label, (classes, tokens) in self.prompts.items():
             prompts = self._embed_texts(variables, tokens)
@@ -542,7 +541,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         "final_terms": terms(meta["last_epoch"]),
     }
     if jax.process_index() == 0:
-        write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
+        write_atomically(run_dir / "summary.json", json_text(summary, indent=2))
     return summary
 
 
@@ -587,7 +586,7 @@ def evaluate_checkpoint(config, workdir, source) -> dict:
                for split in config.eval.splits}
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        write_atomically(workdir / "retrieval.json", json.dumps(results, indent=2) + "\n")
+        write_atomically(workdir / "retrieval.json", json_text(results, indent=2) + "\n")
     for split, values in results.items():
         info(f"{split}: " + ("missing" if values is None else
                              " ".join(f"{k} {100 * v:.1f}" for k, v in values.items() if k != "pairs" and

@@ -18,7 +18,6 @@ them): a report names places ("upper left"), which a rotation or flip would move
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 
@@ -44,7 +43,7 @@ from amvlm_jax.models.text_mask import TextMaskDecoder, WordAttentionMaskHead, h
 from amvlm_jax.config import ConfigError, with_recorded
 from amvlm_jax.data.tokenize import ReportTokenizer
 from amvlm_jax.train import build, checkpoint, evaluate, loop, supervised
-from amvlm_jax.train.logging import csv_text, info, write_atomically
+from amvlm_jax.train.logging import csv_text, info, json_text, write_atomically
 from amvlm_jax.train.parallel import StepKeepingShardings, abstract_replicated, gather_to_host, make_mesh, replicate
 from amvlm_jax.train.state import MeanTeacherState, optimizer_telemetry
 
@@ -589,7 +588,7 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
                      for row, file_name in enumerate(split.names)]
             write_atomically(workdir / f"per_image_guidance_{split_name}.csv", csv_text(rows))
     if jax.process_index() == 0:
-        write_atomically(workdir / "guidance.json", json.dumps(results, indent=2) + "\n")
+        write_atomically(workdir / "guidance.json", json_text(results, indent=2) + "\n")
     info(format_guidance_table(results))
     return results
 
