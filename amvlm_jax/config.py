@@ -106,9 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.picture_images = 4  # The first this many validation images.
 
     config.eval = ml_collections.ConfigDict()
-    # Orbax checkpoint (step dir, manager dir, a workdir or its checkpoints/; of a pre-training run: its
-    # <workdir>/pretrain); '' = the workdir's best (else its latest), or with no checkpoints/ there, its
-    # pretrain/ (a pre-training run's workdir). The model,
+    # Orbax checkpoint (step dir, manager dir, a workdir or its checkpoints/; a pre-training run's workdir or its
+    # pretrain/, and mode 'all''s pre-training: <workdir>/pretrain); '' = the workdir's best (else its latest), or
+    # with no checkpoints/ there, its pretrain/ (a pre-training run's workdir). The model,
     # data and ssl fields come from the config recorded in the checkpoint (see config.with_recorded); data.root on the
     # command line evaluates on other data. A pre-training checkpoint evaluated with neither eval.zero_shot nor
     # eval.probe_fields set is scored on the labels its run scored (main.checkpoint_config).
@@ -240,8 +240,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.ssl.train_decoder = True  # Train the text-mask decoder on L_tg (its own Adam).
     # Adam rate of the decoder, constant; 0 = train.lr (its peak: SPEC 6 gives the decoder its own optimiser).
     config.ssl.decoder_lr = 0.0
-    # The encoders' pre-training: its <workdir>/pretrain folder (not the workdir above it) or a checkpoint in
-    # it; '' = this run's <workdir>/pretrain (mode 'all': always).
+    # The encoders' pre-training: a mode 'pretrain' or 'all' run's workdir (recorded as its pretrain/ folder),
+    # that pretrain/ folder or a checkpoint in it; '' = this run's <workdir>/pretrain (mode 'all': always).
     config.ssl.pretrained = ""
     # BatchNorm of the teacher's predictions: 'batch' (statistics of the unlabeled batch, as the authors'
     # code) or 'ema' (its EMA running statistics, SPEC 6 as written; see ssl.teacher_probabilities).

@@ -344,7 +344,10 @@ def resolve(config, workdir: pathlib.Path):
     if config.mode in ("ssl", "all") and not config.ssl.pretrained:
         config.ssl.pretrained = str((workdir / "pretrain").absolute())
     if config.ssl.pretrained:  # Recorded absolute too: the tools and evaluations read it from other folders.
-        config.ssl.pretrained = str(pathlib.Path(config.ssl.pretrained).expanduser().absolute())
+        pretrained = pathlib.Path(config.ssl.pretrained).expanduser().absolute()
+        if (pretrained / "pretrain" / "checkpoints").is_dir():  # A run's workdir (mode 'pretrain' or 'all'): its encoders.
+            pretrained = pretrained / "pretrain"
+        config.ssl.pretrained = str(pretrained)
     if jax.process_index() == 0:
         from amvlm_jax.config import ConfigError
         from amvlm_jax.train.logging import json_text

@@ -30,3 +30,11 @@ def test_a_checkpoints_folder_without_a_best_step_resolves_to_its_latest(tmp_pat
     saver.wait()
     saver.close()
     assert checkpoint.resolve_step(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "latest" / "3"
+
+
+def test_a_pretraining_runs_workdir_resolves_to_its_pretrain_folder(tmp_path):
+    # It said "holds no checkpoint step": the pre-training's checkpoints are in <workdir>/pretrain/checkpoints.
+    _save(tmp_path / "pretrain", 4, is_best=False)
+    assert checkpoint.resolve_step(tmp_path) == tmp_path / "pretrain" / "checkpoints" / "latest" / "4"
+    _save(tmp_path, 5, is_best=True)  # Mode 'all': the workdir's own checkpoints (the mean teacher's) come first.
+    assert checkpoint.resolve_step(tmp_path) == tmp_path / "checkpoints" / "best" / "5"

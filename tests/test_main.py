@@ -195,6 +195,10 @@ def test_a_relative_pretrained_folder_is_recorded_absolute(tmp_path, monkeypatch
     config.mode = "ssl"
     config.ssl.pretrained = "runs/pre/pretrain"
     assert main.resolve(config, tmp_path / "run").ssl.pretrained == str(tmp_path / "runs" / "pre" / "pretrain")
+    # A pre-training run's workdir, as a user names it, is recorded as its pretrain/ (where the encoders are).
+    (tmp_path / "runs" / "pre" / "pretrain" / "checkpoints").mkdir(parents=True)
+    config.ssl.pretrained = "runs/pre"
+    assert main.resolve(config, tmp_path / "run").ssl.pretrained == str(tmp_path / "runs" / "pre" / "pretrain")
 
 
 def test_validate_rejects_unusable_values():

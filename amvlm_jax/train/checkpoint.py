@@ -267,12 +267,14 @@ def has_step(directory: pathlib.Path) -> bool:
 
 def resolve_step(path: str | pathlib.Path) -> pathlib.Path:
     """The step folder of a step folder, a manager folder (newest step), or a workdir or its checkpoints/
-    folder (best, else latest)."""
+    folder (best, else latest); a pre-training run's workdir (a pretrain/ and no checkpoints/): its pretrain/."""
     path = pathlib.Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
     if (path / "checkpoints").is_dir():  # A workdir: its checkpoints/.
         path = path / "checkpoints"
+    elif (path / "pretrain" / "checkpoints").is_dir():
+        path = path / "pretrain" / "checkpoints"
     if (path / "best").is_dir() or (path / "latest").is_dir():  # A checkpoints/ folder: its best, else its latest.
         path = path / "best" if has_step(path / "best") else path / "latest"
     if not path.is_dir():
