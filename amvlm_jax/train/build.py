@@ -47,8 +47,6 @@ def text_encoder_config(config) -> BertConfig:
     shrink the width with text_hidden/text_heads.
     """
     pre = config.pretrain
-    if pre.text_weights_init not in ("pretrained", "random"):
-        raise ConfigError(f"config.pretrain.text_weights_init must be 'pretrained' or 'random', got '{pre.text_weights_init}'")
     with weights.field_errors(TEXT_ENCODER):
         folder = text_encoder_dir(config)
         full = weights.bert_config(folder)

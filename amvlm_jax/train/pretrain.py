@@ -438,11 +438,6 @@ def say_if_no_held_out_split(config, sets: dict) -> None:
              "the data has")
 
 
-def _device_count(config) -> int:
-    """Devices the batch is split over: data x fsdp."""
-    return math.prod(parallel.mesh_shape(config, jax.device_count()))
-
-
 # ---------------------------------------------------------------------------
 # Training job
 # ---------------------------------------------------------------------------
@@ -458,14 +453,10 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     seconds (training time summed over resumed runs).
     """
     pre = config.pretrain
-    if pre.objective not in ("amvlm", "mgca"):
-        raise ConfigError(f"config.pretrain.objective must be 'amvlm' or 'mgca', got '{pre.objective}'")
     workdir = pathlib.Path(workdir)
     run_dir = workdir / "pretrain"
     run_dir.mkdir(parents=True, exist_ok=True)
     size = build.pretrain_image_size(config)
-    if size % 16:
-        raise ConfigError(f"pre-training image size must be a multiple of 16, got {size}")
     tokenizer = ReportTokenizer(build.text_encoder_dir(config), pre.max_length)  # Its errors before the data's.
     resuming = checkpoint.has_step(run_dir / "checkpoints" / "latest")
     if pre.vit_weights and not resuming:  # Likewise a missing file, an uncached hub id, another pixel normalisation.
@@ -482,8 +473,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     say_if_no_held_out_split(config, sets)
     train_pairs = sets["train"][0]
 
-    batch_size = capped_batch_size(pre.batch_size, pre.batch_size if fresh_pairs(config) else len(train_pairs),
-                                   _device_count(config))
+    devices = math.prod(parallel.mesh_shape(config, jax.device_count()))  # The batch is split over data x fsdp.
+    batch_size = capped_batch_size(pre.batch_size, pre.batch_size if fresh_pairs(config) else len(train_pairs), devices)
     if batch_size != pre.batch_size:
         info(f"only {len(train_pairs)} training pairs: batch size capped from {pre.batch_size} to {batch_size}")
     mesh = parallel.make_mesh(config, batch_size=batch_size, field="config.pretrain.batch_size")
