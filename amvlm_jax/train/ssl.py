@@ -18,6 +18,7 @@ them): a report names places ("upper left"), which a rotation or flip would move
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 
@@ -169,7 +170,7 @@ def pretrained_source(config, workdir) -> pathlib.Path:
 GUIDANCE_STEP = "guidance_step"  # A mean-teacher checkpoint's meta: the pre-training step whose encoders guided it.
 
 
-def guiding_step(source: pathlib.Path, guided=None) -> pathlib.Path:
+def guiding_step(source: pathlib.Path, guided) -> pathlib.Path:
     """Where the encoders that guide are: ``source`` itself (its newest step: best, else latest), or the step
     folder recorded in the meta of the mean-teacher checkpoint ``guided`` (None: none yet) when pre-training
     went on since, so that a resumed or evaluated mean teacher keeps the encoders it was trained with. That
@@ -213,12 +214,12 @@ def encoder_config(config, recorded: dict | None):
     return config
 
 
-def report_tokens(batch: dict, prefix: str = "report_") -> dict:
-    """The ReportTokenizer arrays carried in a batch under `prefix`."""
-    return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
+def report_tokens(batch: dict) -> dict:
+    """The ReportTokenizer arrays carried in a batch under 'report_<key>'."""
+    return {k.removeprefix("report_"): v for k, v in batch.items() if k.startswith("report_")}
 
 
-def teacher_probabilities(model, teacher, images, num_classes: int, norm: str = "batch"):
+def teacher_probabilities(model, teacher, images, num_classes: int, norm: str):
     """The teacher's foreground probability (B, H, W) or class probabilities (B, H, W, C).
 
     norm 'batch': BatchNorm normalises with the statistics of `images` (the
@@ -684,15 +685,12 @@ def train(config, workdir: str | pathlib.Path) -> dict:
 
     model = supervised.build_unet(config)
     state, decoder_tx = initial_state(config, model, guidance, mesh, steps_per_epoch, labeled_split, resuming=resuming)
-
-    def make_batches(start_step):
-        return training_batches(config, labeled_split, unlabeled_split, unlabeled_tokens, start_step)
-
+    batches = functools.partial(training_batches, config, labeled_split, unlabeled_split, unlabeled_tokens)
     ssl_step = make_ssl_step(config, model, guidance, decoder_tx, steps_per_epoch)
     frozen = guidance.variables if guidance is not None else None
     job = supervised.segmentation_job(
         "ssl", config, workdir, mesh, model, state,
-        lambda state, batch: ssl_step(state, frozen, batch), make_batches, steps_per_epoch, val_split,
+        lambda state, batch: ssl_step(state, frozen, batch), batches, steps_per_epoch, val_split,
         make_picture_panels(config, model, guidance, mesh, val_split) if val_split is not None else None,
         student_images(config, labeled_split, unlabeled_split), 2 * batch_size,
     )
