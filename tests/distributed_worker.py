@@ -67,6 +67,7 @@ def local_share(batch: dict) -> dict:
 
 def run_all(devices=None) -> dict:
     """Losses and final variables of STEPS pre-training then STEPS SSMIS steps, as numpy arrays by name."""
+    import jax
     import jax.numpy as jnp
     import optax
 
@@ -114,7 +115,9 @@ def run_all(devices=None) -> dict:
     ssl_state = MeanTeacherState.create(ssl_state.params, ssl_state.batch_stats, student_tx, teacher=ssl_state.teacher,
                                         generator={**trained, "opt_state": decoder_tx.init(trained)})
     ssl_mesh = parallel.make_mesh(ssl_config, devices)
-    ssl_state = parallel.shard_state(ssl_mesh, ssl_state, ssl_config)
+    # Large leaves FSDP-sharded, the rest replicated, as pre-training places its state.
+    ssl_state = jax.device_put(ssl_state, parallel.state_shardings(ssl_mesh, ssl_state,
+                                                                   parallel.fsdp_min_size(ssl_config)))
     ssl_step = ssl.make_ssl_step(ssl_config, unet, guidance, decoder_tx)
     initial |= parallel.gather_to_host(_named("initial/ssl_params", ssl_state.params)
                                        | _named("initial/ssl_teacher", ssl_state.teacher)

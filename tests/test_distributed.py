@@ -199,7 +199,8 @@ def test_checkpoint_from_eight_devices_resumes_on_one_and_two(tmp_path, monkeypa
     def create(text):
         return pretrain.create_state(config, model, size, text, tx=optax.sgd(0.1))
 
-    whole = parallel.shard_state(mesh, create(loaded), config)
+    whole = create(loaded)  # Made whole, then placed: the eager path.
+    whole = jax.device_put(whole, parallel.state_shardings(mesh, whole, parallel.fsdp_min_size(config)))
     state = parallel.init_sharded(mesh, config, create, loaded)
     assert jax.tree.structure(state.replace(tx=None)) == jax.tree.structure(whole.replace(tx=None))
     for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(whole)):
@@ -211,7 +212,7 @@ def test_checkpoint_from_eight_devices_resumes_on_one_and_two(tmp_path, monkeypa
     assert sharded, "some leaves must be FSDP-sharded"
     placed = [x.sharding for x in jax.tree.leaves(state)]
     state, _ = step(state, pipeline.to_global(mesh, batch(1)))
-    # The step hands the state back where shard_state put it (XLA alone returns some replicated
+    # The step hands the state back where init_sharded put it (XLA alone returns some replicated
     # leaves FSDP-sharded), so the second step below runs without compiling again.
     assert [x.sharding for x in jax.tree.leaves(state)] == placed
     saver = checkpoint.RunCheckpoints(tmp_path)

@@ -229,21 +229,17 @@ def fsdp_min_size(config) -> int:
     return int(config.mesh.get("fsdp_min_size", 1 << 18))
 
 
-def shard_state(mesh: Mesh, tree, config):
-    """Places `tree` (a TrainState or any pytree) on the mesh: large leaves FSDP-sharded, the rest replicated."""
-    return jax.device_put(tree, state_shardings(mesh, tree, fsdp_min_size(config)))
-
-
 def init_sharded(mesh: Mesh, config, create, *arguments):
-    """``shard_state(mesh, create(*arguments), config)`` without a whole state on any one device.
+    """``create(*arguments)`` placed on the mesh by ``state_shardings`` (large leaves FSDP-sharded, the rest
+    replicated) without a whole state on any one device.
 
-    ``create`` runs under jit with ``shard_state``'s shardings as its outputs' (as big_vision builds its
-    state: shapes from ``jax.eval_shape``, then the initialisation compiled straight into place), so each
-    device computes only its shards of the FSDP-sharded leaves, their optimiser moments and momentum
-    copies included. ``arguments`` (loaded weights as host arrays, or None) go to the devices under the
-    same shape rule first. Same values as the eager path (tested on the 2 x 4 mesh), except where XLA fuses
-    arithmetic with the initialisers: MGCA's prototype normalisation rounds differently in the last bit or
-    two, which puts an MGCA run on another trajectory than under the eager path (docs/results.md, MedPix).
+    ``create`` runs under jit with those shardings as its outputs' (shapes from ``jax.eval_shape``, then the
+    initialisation compiled straight into place), so each device computes only its shards of the
+    FSDP-sharded leaves, their optimiser moments and momentum copies included. ``arguments`` (loaded weights
+    as host arrays, or None) go to the devices under the same shape rule first. Same values as the eager
+    path (made whole, then placed; tested on the 2 x 4 mesh), except where XLA fuses arithmetic with the
+    initialisers: MGCA's prototype normalisation rounds differently in the last bit or two, which puts an
+    MGCA run on another trajectory than under the eager path (docs/results.md, MedPix).
     """
     abstract = jax.eval_shape(create, *arguments)
     min_size = fsdp_min_size(config)
@@ -256,18 +252,18 @@ def init_sharded(mesh: Mesh, config, create, *arguments):
 
 
 def abstract_sharded(mesh: Mesh, abstract_tree, config):
-    """ShapeDtypeStructs of `abstract_tree` carrying ``shard_state``'s shardings: a checkpoint restore target."""
+    """ShapeDtypeStructs of `abstract_tree` carrying ``state_shardings``: a checkpoint restore target."""
     shardings = state_shardings(mesh, abstract_tree, fsdp_min_size(config))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
 
 
 class StepKeepingShardings:
     """``jax.jit(step, donate_argnums=0)`` for ``step(state, *args) -> (state, metrics)`` whose returned state
-    keeps the shardings the state came in with (``shard_state``'s, or a restored checkpoint's).
+    keeps the shardings the state came in with (``init_sharded``'s, or a restored checkpoint's).
 
     Left to itself, XLA's sharding propagation may hand back small replicated leaves FSDP-sharded (24
     leaves of the tiny test model did so); the next call then meets new input shardings and compiles the
-    whole step a second time, and the state no longer sits where ``shard_state`` and the checkpoint
+    whole step a second time, and the state no longer sits where ``init_sharded`` and the checkpoint
     restore put it. One compiled step per distinct placement of the state (a test may run the same step
     on several meshes); leaves not placed on a mesh are left to the compiler.
     """
