@@ -162,12 +162,6 @@ def retrieval_scores(ranks: dict, ks=RETRIEVAL_KS) -> dict:
     return scores
 
 
-def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, ks=RETRIEVAL_KS,
-                      groups: Optional[np.ndarray] = None) -> dict:
-    """``retrieval_scores`` of matching pairs (row i of both is one pair; ``retrieval_ranks``), in [0, 1]."""
-    return retrieval_scores(retrieval_ranks(image_embeddings, text_embeddings, groups), ks)
-
-
 def _accuracy(predicted: np.ndarray, labels: np.ndarray) -> dict:
     """accuracy, majority (the share of the most frequent label: what always answering it gets) and rows."""
     _, counts = np.unique(labels.astype(str), return_counts=True)

@@ -327,13 +327,18 @@ def test_mgca_optimizer_is_torch_adamw_with_warmup_cosine_and_frozen_prototypes(
         np.testing.assert_allclose(ours[name]["kernel"], expected[name], rtol=1e-5, atol=1e-7)
 
 
+def _retrieval(v, t, ks, groups=None) -> dict:
+    """The retrieval scores of pairs (row i of v and t), as EncoderEvaluation takes them."""
+    return metrics.retrieval_scores(metrics.retrieval_ranks(v, t, groups), ks)
+
+
 def test_retrieval_metrics():
     v = np.eye(4)
     t = np.eye(4)[[0, 1, 3, 2]]
-    retrieval = metrics.retrieval_metrics(v, t, ks=(1, 2))
+    retrieval = _retrieval(v, t, ks=(1, 2))
     assert retrieval["i2t_top1"] == 0.5 and retrieval["t2i_top1"] == 0.5
     # Pairs 2 and 3 share their report: swapping their texts loses nothing once they are one group.
-    grouped = metrics.retrieval_metrics(v, t, ks=(1, 2), groups=np.array([0, 1, 2, 2]))
+    grouped = _retrieval(v, t, ks=(1, 2), groups=np.array([0, 1, 2, 2]))
     assert grouped == {"i2t_top1": 1.0, "t2i_top1": 1.0, "i2t_top2": 1.0, "t2i_top2": 1.0, "i2t_mrr": 1.0,
                        "t2i_mrr": 1.0}
     # Hand-computed ranks with a repeated report: pairs 0 and 1 have the same text (rows 0 and 1 of t
@@ -345,7 +350,7 @@ def test_retrieval_metrics():
     # image 1: rank 0; image 2 (report 7): .6 against report 5's best .8: rank 1. t2i, one query per
     # distinct report: report 5 (its first row, text 0) best image 1.0 vs image 2's .8: rank 0; report 7
     # (text 2): image 2 scores .6 against image 0's 1: rank 1.
-    grouped = metrics.retrieval_metrics(v, t, ks=(1, 2), groups=np.array([5, 5, 7]))
+    grouped = _retrieval(v, t, ks=(1, 2), groups=np.array([5, 5, 7]))
     assert grouped["i2t_top1"] == 1 / 3 and grouped["i2t_top2"] == 1.0
     assert grouped["t2i_top1"] == 1 / 2 and grouped["t2i_top2"] == 1.0
     ranks = metrics.retrieval_ranks(v, t, groups=np.array([5, 5, 7]))
@@ -355,7 +360,7 @@ def test_retrieval_metrics():
     # The queries keep row order whatever the group labels: report 7 first in sorted order, still second.
     ranks = metrics.retrieval_ranks(v, t, groups=np.array([9, 9, 2]))
     assert {k: r.tolist() for k, r in ranks.items()} == {"i2t": [1, 0, 1], "t2i": [0, 1], "t2i_rows": [0, 2]}
-    ungrouped = metrics.retrieval_metrics(v, t, ks=(1,))
+    ungrouped = _retrieval(v, t, ks=(1,))
     # Alone, image 0 ranks text 0 third (rank 2), image 1 ranks text 1 second (rank 1); text 0's own image
     # 0 scores 0, below images 1 and 2 (rank 2); text 1's image 1 scores .9 (rank 0).
     assert ungrouped["i2t_top1"] == 0.0 and ungrouped["t2i_top1"] == 1 / 3
@@ -366,13 +371,13 @@ def test_retrieval_metrics():
     v = np.array([[1.0, 0.0]] * 3 + [[0.0, 1.0]])
     t = np.array([[0.2, 1.0]] * 3 + [[0.0, 1.5]])
     for labels in ([0, 0, 0, 1], [1, 1, 1, 0]):
-        once = metrics.retrieval_metrics(v, t, ks=(1,), groups=np.array(labels))
+        once = _retrieval(v, t, ks=(1,), groups=np.array(labels))
         assert once == {"i2t_top1": 1.0, "t2i_top1": 0.5, "i2t_mrr": 1.0, "t2i_mrr": 0.75}
     # A wrong report repeated for three images fills one slot of an image's list, not three: image 3 scores
     # report 0 (pairs 0-2) .9, its own report .8 and report 4 .1: rank 1 among distinct reports.
     v = np.array([[1.0, 0.0, 0.0]] * 3 + [[0.9, 0.8, 0.1], [0.0, 0.0, 1.0]])
     t = np.array([[1.0, 0.0, 0.0]] * 3 + [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    repeated = metrics.retrieval_metrics(v, t, ks=(1, 2), groups=np.array([0, 0, 0, 3, 4]))
+    repeated = _retrieval(v, t, ks=(1, 2), groups=np.array([0, 0, 0, 3, 4]))
     assert repeated["i2t_top1"] == 4 / 5 and repeated["i2t_top2"] == 1.0
     # Ties count against the right answer. Reports 0 and 1 differ but embed the same (two captions cut to
     # the same first max_length tokens); images 1 and 2 embed the same. Scores v @ t.T: image 0 [1, 1, 0],
@@ -388,8 +393,7 @@ def test_retrieval_metrics():
     # Random scores: top-k over G distinct reports is right k / G of the time.
     rng = np.random.default_rng(0)
     groups = rng.integers(0, 40, 400)
-    chance = metrics.retrieval_metrics(rng.normal(size=(400, 64)), rng.normal(size=(400, 64))[groups], ks=(10,),
-                                       groups=groups)
+    chance = _retrieval(rng.normal(size=(400, 64)), rng.normal(size=(400, 64))[groups], ks=(10,), groups=groups)
     assert abs(chance["i2t_top10"] - 10 / len(np.unique(groups))) < 0.05
     assert pretrain.capped_batch_size(32, 24, 8) == 24 and pretrain.capped_batch_size(32, 30, 8) == 24
     assert pretrain.capped_batch_size(8, 16, 8) == 8
