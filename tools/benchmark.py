@@ -85,6 +85,14 @@ def synthetic_images(rng, count: int, size: int):
     return rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
 
 
+def synthetic_masked_batch(rng, count: int, size: int) -> dict:
+    """{'image' (count, size, size, 3) uint8, 'mask' (count, size, size) 0/1}: a segmentation batch."""
+    import numpy as np
+
+    images = synthetic_images(rng, count, size)
+    return {"image": images, "mask": (images[..., 0] > 128).astype(np.uint8)}
+
+
 def synthetic_tokens(config, count: int) -> dict:
     """The ReportTokenizer arrays of `count` report-like sentences: each (count, max_length) or (count, W)."""
     from amvlm_jax.data.tokenize import ReportTokenizer
@@ -126,8 +134,6 @@ def in_memory_guidance(config, mesh):
 
 
 def build_ssl(config, rng):
-    import numpy as np
-
     from amvlm_jax.data import pipeline
     from amvlm_jax.train import parallel, ssl, supervised
 
@@ -137,9 +143,7 @@ def build_ssl(config, rng):
     model = supervised.build_unet(config)
     # As the job; a text head (config.ssl.text_head) keeps its initial params: fitting it precedes training.
     state, decoder_tx = ssl.initial_state(config, model, guidance, mesh, steps_per_epoch=1000, resuming=True)
-    images = synthetic_images(rng, batch_size, size)
-    batch = {"image": images, "mask": (images[..., 0] > 128).astype(np.uint8),
-             "unlabeled_image": synthetic_images(rng, batch_size, size)}
+    batch = synthetic_masked_batch(rng, batch_size, size) | {"unlabeled_image": synthetic_images(rng, batch_size, size)}
     if guidance is not None:
         batch |= {f"report_{k}": v for k, v in synthetic_tokens(config, batch_size).items()}
     step = ssl.make_ssl_step(config, model, guidance, decoder_tx)
@@ -148,8 +152,6 @@ def build_ssl(config, rng):
 
 
 def build_supervised(config, rng):
-    import numpy as np
-
     from amvlm_jax.data import pipeline
     from amvlm_jax.train import parallel, supervised
 
@@ -157,15 +159,12 @@ def build_supervised(config, rng):
     mesh = parallel.make_mesh(config)
     model = supervised.build_unet(config)
     state = supervised.initial_state(config, model, mesh, steps_per_epoch=1000)  # As the job.
-    images = synthetic_images(rng, batch_size, size)
-    batch = {"image": images, "mask": (images[..., 0] > 128).astype(np.uint8)}
+    batch = synthetic_masked_batch(rng, batch_size, size)
     step = supervised.make_train_step(model, config.data.num_classes)
     return step, (state, pipeline.to_global(mesh, batch)), batch_size, 0, mesh
 
 
 def build_evaluate(config, rng):
-    import numpy as np
-
     from amvlm_jax.data import pipeline
     from amvlm_jax.train import evaluate, parallel, supervised
 
@@ -173,8 +172,7 @@ def build_evaluate(config, rng):
     mesh = parallel.make_mesh(config, batch_size=batch_size)
     model = supervised.build_unet(config)
     variables = parallel.replicate(mesh, supervised.init_variables(config, model))  # As evaluate_checkpoint.
-    images = synthetic_images(rng, batch_size, size)
-    batch = {"image": images, "mask": (images[..., 0] > 128).astype(np.uint8)}
+    batch = synthetic_masked_batch(rng, batch_size, size)
     step = evaluate.make_eval_step(model, config.data.num_classes)
     args = (variables["params"], variables["batch_stats"], pipeline.to_global(mesh, batch))
     return step, args, batch_size, None, mesh
@@ -188,13 +186,12 @@ BUILDERS = {"pretrain": build_pretrain, "ssl": build_ssl, "supervised": build_su
 # ---------------------------------------------------------------------------
 
 
-def matmul_peak_flops(dtype, size: int | None = None, repeats: int = 5) -> tuple[float, int]:
-    """(FLOP/s of the best of `repeats` size x size matmuls on the default device, size)."""
+def matmul_peak_flops(dtype) -> tuple[float, int]:
+    """(FLOP/s of the best of 5 size x size matmuls on the default device, size: 2048 on CPUs, else 8192)."""
     import jax
     import jax.numpy as jnp
 
-    if size is None:
-        size = 2048 if jax.default_backend() == "cpu" else 8192
+    size = 2048 if jax.default_backend() == "cpu" else 8192
     # Random operands: constant data can run faster than real data on some accelerators.
     key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
     a = jax.random.normal(key_a, (size, size), jnp.float32).astype(dtype)
@@ -202,7 +199,7 @@ def matmul_peak_flops(dtype, size: int | None = None, repeats: int = 5) -> tuple
     matmul = jax.jit(jnp.matmul)
     matmul(a, b).block_until_ready()
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(5):
         started = time.perf_counter()
         matmul(a, b).block_until_ready()
         best = min(best, time.perf_counter() - started)
@@ -400,13 +397,13 @@ def run_benchmark(config, mode: str, steps: int, warmup: int, profile_dir: str =
 PROFILED_STEPS = 3
 
 
-def summarize_trace(profile_dir: str, steps: int, top: int = 25) -> dict:
+def summarize_trace(profile_dir: str, steps: int) -> dict:
     """Device time per operation from the Perfetto trace that jax.profiler wrote under profile_dir.
 
     Returns {thread name: {'busy_ms_per_step', 'span_ms_per_step',
     'events_per_step', 'ops': [{'name', 'ms_per_step', 'calls_per_step'}]}}
     for every timeline ('XLA Ops', 'XLA Modules', CUDA streams, ...) of the
-    processes whose name mentions a GPU/TPU device, the `top` most
+    processes whose name mentions a GPU/TPU device, its 25 most
     expensive operations first; {} when the trace has no device events (CPU).
     """
     import collections
@@ -437,7 +434,7 @@ def summarize_trace(profile_dir: str, steps: int, top: int = 25) -> dict:
             "span_ms_per_step": (end - start) / 1e3 / steps,
             "events_per_step": len(thread_events) / steps,
             "ops": [{"name": name[:160], "ms_per_step": total / 1e3 / steps, "calls_per_step": calls[name] / steps}
-                    for name, total in totals.most_common(top)],
+                    for name, total in totals.most_common(25)],
         }
     return summary
 

@@ -94,7 +94,7 @@ class AuthorsUNet(nn.Module):
         return self.outc(x)
 
 
-def load_flax_variables(model: AuthorsUNet, params: dict, batch_stats: dict | None = None) -> AuthorsUNet:
+def load_flax_variables(model: AuthorsUNet, params: dict, batch_stats: dict) -> AuthorsUNet:
     """Copies the variables of amvlm_jax's UNet(architecture='authors') into `model` (for parity checks).
 
     params / batch_stats: the flax trees (numpy-convertible leaves). Conv kernels (kh, kw, in, out) become
@@ -117,9 +117,8 @@ def load_flax_variables(model: AuthorsUNet, params: dict, batch_stats: dict | No
             conv(c, params[name][f"Conv_{i}"])
             n.weight.data.copy_(tensor(params[name][f"BatchNorm_{i}"]["scale"]))
             n.bias.data.copy_(tensor(params[name][f"BatchNorm_{i}"]["bias"]))
-            if batch_stats is not None:
-                n.running_mean.copy_(tensor(batch_stats[name][f"BatchNorm_{i}"]["mean"]))
-                n.running_var.copy_(tensor(batch_stats[name][f"BatchNorm_{i}"]["var"]))
+            n.running_mean.copy_(tensor(batch_stats[name][f"BatchNorm_{i}"]["mean"]))
+            n.running_var.copy_(tensor(batch_stats[name][f"BatchNorm_{i}"]["var"]))
 
     block(model.inc, "inc")
     for level, down in enumerate(model.down, start=1):

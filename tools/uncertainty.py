@@ -62,7 +62,7 @@ def load_model(config, workdir: pathlib.Path):
     return model, variables, ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length), build.pretrain_image_size(config)
 
 
-def make_pair_scores(model, with_pdt: bool = True):
+def make_pair_scores(model, with_pdt: bool):
     """jitted (variables, images (K, S, S, 3) float, tokens of K reports) -> per-pair scores, each (K,):
     global and tokens, and with ``with_pdt`` tokens_pdt, pdt_factor, report_variance and image_variance."""
     import jax
@@ -83,18 +83,17 @@ def make_pair_scores(model, with_pdt: bool = True):
         patch_weights = clipped_token_weights(out["patch_attention"], jnp.ones_like(out["patch_attention"]))
         word_sim = jnp.einsum("bid,bjd->bij", out["T"], out["word_context"])
         patch_sim = jnp.einsum("bid,bjd->bij", out["V"], out["patch_context"])
-        if not with_pdt:  # c = 1: the plain token similarity.
-            word_plain = weighted_diagonal(word_sim, jnp.ones_like(word_sim), word_weights)[0]
-            patch_plain = weighted_diagonal(patch_sim, jnp.ones_like(patch_sim), patch_weights)[0]
-            return {"global": jnp.sum(out["v"] * out["t"], -1), "tokens": 0.5 * (word_plain + patch_plain)}
-        words, patches = out["word_pdt"], out["patch_pdt"]
-        word_plain, word_pdt, word_factor = weighted_diagonal(word_sim, pdt_constraint(words), word_weights)
-        patch_plain, patch_pdt, patch_factor = weighted_diagonal(patch_sim, pdt_constraint(patches), patch_weights)
-        mask = out["word_mask"]
+        # Without PDT c = 1: the plain token similarity alone.
+        word_c = pdt_constraint(out["word_pdt"]) if with_pdt else jnp.ones_like(word_sim)
+        patch_c = pdt_constraint(out["patch_pdt"]) if with_pdt else jnp.ones_like(patch_sim)
+        word_plain, word_pdt, word_factor = weighted_diagonal(word_sim, word_c, word_weights)
+        patch_plain, patch_pdt, patch_factor = weighted_diagonal(patch_sim, patch_c, patch_weights)
+        scored = {"global": jnp.sum(out["v"] * out["t"], -1), "tokens": 0.5 * (word_plain + patch_plain)}
+        if not with_pdt:
+            return scored
+        words, patches, mask = out["word_pdt"], out["patch_pdt"], out["word_mask"]
         word_variance = jnp.exp(2.0 * words.token_logsigma).mean(-1)
-        return {
-            "global": jnp.sum(out["v"] * out["t"], -1),
-            "tokens": 0.5 * (word_plain + patch_plain),
+        return scored | {
             "tokens_pdt": 0.5 * (word_pdt + patch_pdt),
             "pdt_factor": 0.5 * (word_factor + patch_factor),
             "report_variance": jnp.sum(word_variance * mask, -1) / jnp.maximum(mask.sum(-1), 1.0),
