@@ -188,6 +188,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.pretrain.warmup_fraction = 0.4
     config.pretrain.min_lr = 1e-8
     # Peak rate of the image encoder and its projection heads (same optimiser and schedule); 0 = pretrain.lr.
+    # Logged as train/image_lr beside train/lr (pretrain.lr's).
     config.pretrain.image_lr = 0.0
     # False: the text encoder keeps its loaded weights (locked; its projection heads still train): no update,
     # no optimiser state, no backward pass through it. A pre-trained text tower on a small corpus.

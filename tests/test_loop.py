@@ -124,6 +124,17 @@ def test_loop_cadences_best_checkpoint_telemetry_and_meta(tmp_path, toy_step, ca
     assert int(loop.run(dataclasses.replace(job, unused_fields=("data.labeled_fraction",)))[0].step) == 12
 
 
+def test_a_job_with_several_rates_logs_each(tmp_path, toy_step):
+    # Pre-training with pretrain.image_lr: the image encoder's rate is logged beside pretrain.lr's.
+    config = tiny_synthetic_config()
+    job = dataclasses.replace(_job(config, tmp_path, make_mesh(config, jax.devices()[:1]), toy_step, [], epochs=1),
+                              evaluators=[], learning_rate=lambda step: {"lr": 0.25, "image_lr": 0.5 + step})
+    loop.run(job)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["train/lr"], r["train/image_lr"]) for r in records if "train/loss" in r] == [(0.25, 0.5), (0.25, 1.5),
+                                                                                          (0.25, 2.5)]
+
+
 def _events(path):
     """The Event protos of a TensorBoard event file (TFRecord framing: length, its CRC, data, its CRC)."""
     from tensorboardX.proto import event_pb2

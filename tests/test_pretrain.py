@@ -304,6 +304,15 @@ def test_mgca_optimizer_is_torch_adamw_with_warmup_cosine_and_frozen_prototypes(
                 for t in range(total)]
     rate = pretrain.learning_rate(config, lr, steps_per_epoch)
     np.testing.assert_allclose([float(rate(t)) for t in range(total)], schedule, rtol=1e-5, atol=1e-11)
+    # Logged as train/lr; with pretrain.image_lr also train/image_lr, the same schedule at its own peak.
+    assert set(pretrain.logged_rates(config, steps_per_epoch)(0)) == {"lr"}
+    config.pretrain.image_lr = 4 * lr
+    logged = [pretrain.logged_rates(config, steps_per_epoch)(t) for t in range(total)]
+    np.testing.assert_allclose([r["lr"] for r in logged], schedule, rtol=1e-5, atol=1e-11)
+    np.testing.assert_allclose([r["image_lr"] for r in logged],
+                               [1e-8 + (4 * lr - 1e-8) * (v - 1e-8) / (lr - 1e-8) for v in schedule], rtol=1e-5,
+                               atol=1e-11)
+    config.pretrain.image_lr = 0.0
 
     rng = np.random.default_rng(0)
     params = {"text_encoder": rng.normal(size=(3, 4)).astype(np.float32),

@@ -98,7 +98,7 @@ class Job:
     best_metric: Optional[str] = "val/dice"
     checkpoint_every_epochs: int = 1
     log_every_steps: int = 10
-    learning_rate: Optional[Callable[[int], Any]] = None
+    learning_rate: Optional[Callable[[int], Any]] = None  # step -> the rate (train/lr), or {name: rate} (train/<name>).
     end_of_epoch: Optional[Callable[[Any], Any]] = None
     pictures: Optional[Callable[[Any, int], None]] = None
     picture_every_epochs: int = 0
@@ -345,7 +345,9 @@ def _run_epoch(job: Job, current: dict, batches, epoch: int, meta: dict, checkpo
                 logged["train/steps_per_second"] = (step - logged_step) / max(now - logged_at, 1e-9)
                 logged_at, logged_step = now, step
                 if job.learning_rate is not None:
-                    logged["train/lr"] = job.learning_rate(step - 1)
+                    rates = job.learning_rate(step - 1)
+                    logged |= {f"train/{name}": rate for name, rate in rates.items()} if isinstance(rates, dict) \
+                        else {"train/lr": rates}
                 progress.set_postfix(loss=f"{float(logged['train/loss']):.4f}")
                 writer.write(step, logged)
             if any(evaluator.due_at_step(step) for evaluator in job.evaluators):

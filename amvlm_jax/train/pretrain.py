@@ -110,6 +110,16 @@ def learning_rate(config, peak: float, steps_per_epoch: int) -> optax.ScalarOrSc
     return optax.warmup_cosine_decay_schedule(pre.min_lr, peak, int(pre.warmup_fraction * total), total, pre.min_lr)
 
 
+def logged_rates(config, steps_per_epoch: int):
+    """step -> {'lr': pretrain.lr's rate at that step} (train/lr), with 'image_lr' (the image encoder's and its
+    heads', train/image_lr) where pretrain.image_lr gives them their own."""
+    pre = config.pretrain
+    rates = {"lr": learning_rate(config, pre.lr, steps_per_epoch)}
+    if pre.image_lr and pre.image_lr != pre.lr:
+        rates["image_lr"] = learning_rate(config, pre.image_lr, steps_per_epoch)
+    return lambda step: {name: float(rate(step)) if callable(rate) else rate for name, rate in rates.items()}
+
+
 def frozen_until(inner: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
     """``inner`` for updates after the first ``steps`` calls; before that zero updates and ``inner``'s
     state untouched, as parameters whose gradient is None in torch (no moment, no step count, no decay)."""
@@ -503,7 +513,6 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         for step, raw in enumerate(source, start_step):
             yield host_batch(raw, tokenizer, train_pairs.reports, step, config.seed, with_view)
 
-    rate = learning_rate(config, pre.lr, steps_per_epoch)
     _, meta = loop.run(loop.Job(
         name="pretrain", workdir=run_dir, mesh=mesh, config=config, state=state,
         train_step=make_train_step(model, config), batches=batches, steps_per_epoch=steps_per_epoch,
@@ -515,7 +524,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
             every_epochs=pre.eval_every_epochs, at_start=True)],
         best_metric=None,  # No selection criterion: the newest model is the one to keep.
         checkpoint_every_epochs=pre.checkpoint_every_epochs, log_every_steps=pre.log_every_steps,
-        learning_rate=rate if callable(rate) else lambda step: rate,
+        learning_rate=logged_rates(config, steps_per_epoch),
         unused_fields=("data.labeled_fraction", "data.split_seed", "data.num_classes"),  # Every training pair is used.
         batch_size=batch_size,
     ))
