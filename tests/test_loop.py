@@ -124,6 +124,29 @@ def test_loop_cadences_best_checkpoint_telemetry_and_meta(tmp_path, toy_step, ca
     assert int(loop.run(dataclasses.replace(job, unused_fields=("data.labeled_fraction",)))[0].step) == 12
 
 
+def test_a_workdir_moved_with_its_pretraining_resumes_without_naming_it_a_change(tmp_path, toy_step, capsys):
+    # A mean teacher records its encoders' folder, <workdir>/pretrain, absolute: after a move of the whole workdir
+    # the resume named it as a changed field, though the run trains on as it was.
+    mesh = make_mesh(tiny_synthetic_config(), jax.devices()[:1])
+
+    def run(workdir, pretrained, epochs):
+        config = tiny_synthetic_config(**{"ssl.pretrained": str(pretrained)})
+        loop.run(_job(config, workdir, mesh, toy_step, [], epochs=epochs))
+        return capsys.readouterr().out
+
+    run(tmp_path / "old", tmp_path / "old" / "pretrain", 1)
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    assert "resuming from" in (out := run(tmp_path / "new", tmp_path / "new" / "pretrain", 2))
+    assert "fields changed" not in out
+    # Other encoders are a change, and said.
+    assert (f"config.ssl.pretrained='{tmp_path}/new/pretrain' -> '{tmp_path}/other'"
+            in run(tmp_path / "new", tmp_path / "other", 3))
+    # Fields of a section the job does not read (pre-training: the U-Net's train.*) are not named.
+    config = tiny_synthetic_config(**{"ssl.pretrained": str(tmp_path / "other"), "train.lr": 0.5})
+    loop.run(dataclasses.replace(_job(config, tmp_path / "new", mesh, toy_step, [], epochs=4), unused_fields=("train",)))
+    assert "resuming from" in (out := capsys.readouterr().out) and "fields changed" not in out
+
+
 def test_a_job_with_several_rates_logs_each(tmp_path, toy_step):
     # Pre-training with pretrain.image_lr: the image encoder's rate is logged beside pretrain.lr's.
     config = tiny_synthetic_config()

@@ -77,8 +77,8 @@ class Job:
       checkpoint (the BatchNorm statistics refresh).
     pictures: (state, epoch) -> None, called every picture_every_epochs epochs
       and at the last (overlays of a few validation images).
-    unused_fields: DATA_FIELDS that the job's batches do not depend on (free
-      to change when it resumes).
+    unused_fields: config fields or sections that the job does not read
+      (free to change when it resumes, and not named as changed).
     meta: entries of the job's own, recorded in every checkpoint's meta
       beside the loop's (the mean teacher's guiding pre-training step).
     batch_size: the global batch the stream is cut into (recorded; a run resumed with another is refused,
@@ -533,8 +533,11 @@ def resume_point(checkpoints: checkpoint.RunCheckpoints, job: Job) -> tuple[Any,
         meta["best"] = meta.pop("best_val_dice")
     info(f"resuming from {where} at step {int(state.step)} (epoch {meta['epoch']} complete)")
     saved_config = saved.get("config") or {}
-    changed = config_changes(saved_config, recorded, tuple(set(saved_config) | set(recorded)),
-                             RESUME_FREE_FIELDS + MOVABLE_FIELDS)
+    ignored = RESUME_FREE_FIELDS + MOVABLE_FIELDS + job.unused_fields
+    was, now = (str((config.get("ssl") or {}).get("pretrained") or "") for config in (saved_config, recorded))
+    if was and now == str((pathlib.Path(job.workdir) / "pretrain").absolute()) and not pathlib.Path(was).exists():
+        ignored += ("ssl.pretrained",)  # The run's own pre-training, moved with its workdir: no change.
+    changed = config_changes(saved_config, recorded, tuple(set(saved_config) | set(recorded)), ignored)
     if changed:  # A longer schedule or another rate may be meant; a loss weight or a flag rarely is.
         info(f"the rest of the run trains with fields changed since {where} was written: {changed}")
     return state, meta

@@ -525,7 +525,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         best_metric=None,  # No selection criterion: the newest model is the one to keep.
         checkpoint_every_epochs=pre.checkpoint_every_epochs, log_every_steps=pre.log_every_steps,
         learning_rate=logged_rates(config, steps_per_epoch),
-        unused_fields=("data.labeled_fraction", "data.split_seed", "data.num_classes"),  # Every training pair is used.
+        # Every training pair is used; the segmentation's sections are read by a later stage (mode 'all') or none.
+        unused_fields=("data.labeled_fraction", "data.split_seed", "data.num_classes", "train", "unet", "ssl"),
         batch_size=batch_size,
     ))
     terms = lambda means: {k: v for k, v in means.items() if k not in loop.TELEMETRY}  # noqa: E731

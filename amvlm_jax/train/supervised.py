@@ -121,6 +121,7 @@ def segmentation_job(name, config, workdir, mesh, model, state, train_step, batc
         end_of_epoch=evaluate.make_batch_stats_refresh(model, batch_stats_images, mesh, batch_stats_batch_size),
         pictures=evaluate.picture_writer(config, workdir, val_split, panels) if panels is not None else None,
         picture_every_epochs=config.train.picture_every_epochs, batch_size=config.train.batch_size,
+        unused_fields=("pretrain", "ssl") if name == "supervised" else (),  # The U-Net alone reads neither.
     )
 
 
