@@ -96,6 +96,9 @@ def test_labeled_indices_are_seeded_and_sized():
     assert not np.array_equal(picked, splits.labeled_indices(24, 0.25, seed=4))
     assert len(splits.labeled_indices(30, 0.1, seed=0)) == 3
     assert len(splits.labeled_indices(30, 0.01, seed=0)) == 1  # ceil(0.3)
+    # Fractional counts round up (SPEC 1: ceil(f N)), also where rounding to nearest would go down.
+    for n, fraction, count in ((9, 0.25, 3), (10, 0.25, 3), (101, 0.1, 11), (230, 0.01, 3)):
+        assert len(splits.labeled_indices(n, fraction, seed=0)) == count, (n, fraction)
     assert set(splits.unlabeled_indices(24, 0.25, 3)) == set(range(24)) - set(picked)
     with pytest.raises(ValueError):
         splits.labeled_indices(10, 0.0, 0)
