@@ -340,6 +340,18 @@ def test_linear_probe_matches_an_independent_solver():
     assert with_gaps == pytest.approx(without) and with_gaps["rows"] == kept[200:].sum() < 100
 
 
+def test_linear_probe_standardises_with_the_training_rows_deviation():
+    """The class shows only in a feature a thousandth the size of a noise feature a thousand times larger.
+    Standardised, the feature separates the classes at a small weight; on the raw scale it needs a weight of
+    order 1e3, whose l2 cost (1e-3 |w|^2, about 1e3) is far above what it saves, so the probe would guess."""
+    rng = np.random.default_rng(3)
+    signal = rng.choice([-1.0, 1.0], size=120) * rng.uniform(1.0, 2.0, size=120)
+    x = np.stack([signal * 1e-3, rng.normal(size=120) * 1e3], axis=1)
+    labels = np.where(signal > 0, "b", "a")
+    scores = metrics.linear_probe_accuracy(x[:80], labels[:80], {"test": (x[80:], labels[80:])}, steps=100)["test"]
+    assert scores["accuracy"] == 1.0 and scores["rows"] == 40
+
+
 def test_a_probe_of_a_field_with_one_training_class_scores_no_rows():
     x = np.random.default_rng(0).normal(size=(12, 4))
     scores = metrics.linear_probe_accuracy(x[:8], ["CT"] * 8, {"val": (x[8:], ["CT", "CT", "MR", ""])})["val"]
