@@ -228,6 +228,25 @@ def test_recomputed_batch_stats_reproduce_training_mode_in_inference():
     assert evaluate.make_batch_stats_refresh(model, images[:0], mesh, 8) is None
 
 
+def test_evaluate_split_keeps_each_image_once_in_order_and_drops_the_padding():
+    """5 images in batches of 2: the last batch is padded with a copy of image 4, which must not count."""
+    from amvlm_jax.data.folders import SplitArrays
+    from amvlm_jax.train import parallel
+
+    masks = np.arange(5, dtype=np.uint8)[:, None, None] * np.ones((5, 2, 2), np.uint8)
+    split = SplitArrays([f"image_{i}" for i in range(5)], np.zeros((5, 2, 2, 3), np.uint8), masks, [""] * 5)
+
+    def eval_step(params, batch_stats, batch):  # Each row's "Dice" is its image's mask value.
+        value = batch["mask"][:, :1, 0].astype(np.float32)
+        return value, value / 2, value > 0
+
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), parallel.MESH_AXES)
+    dice, iou, present = evaluate.evaluate_split(eval_step, None, None, split, mesh, batch_size=2)
+    np.testing.assert_array_equal(dice[:, 0], [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(iou[:, 0], [0, 0.5, 1, 1.5, 2])
+    np.testing.assert_array_equal(present[:, 0], [False, True, True, True, True])
+
+
 def test_evaluate_rejects_a_path_without_checkpoint(tmp_path):
     config = tiny_synthetic_config()
     with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint"):
