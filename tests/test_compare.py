@@ -603,3 +603,31 @@ def test_pretrain_table_names_a_segmentation_run_as_such(tmp_path):
     # Was "no pre-training summary (the run has not finished)" for a finished supervised run.
     with pytest.raises(SystemExit, match=r"^error: .*sup: a segmentation run, no pre-training \(tools/compare.py compares it\)$"):
         table.main([str(tmp_path / "sup")])
+
+
+def test_multiclass_results_and_per_class_columns_by_hand(tmp_path):
+    """results.json and the per-image CSV of a 3-class task from hand-scored masks: each image's Dice averages
+    the classes in its prediction or truth, a class's column is blank where it is in neither, and a class's
+    summary averages only the images that hold it."""
+    from amvlm_jax import metrics
+    from amvlm_jax.data.folders import SplitArrays
+    from amvlm_jax.train import evaluate
+
+    truth = np.array([[[1, 1, 2, 0]], [[1, 0, 0, 0]], [[0, 0, 0, 0]]])
+    predicted = np.array([[[1, 2, 2, 0]], [[1, 0, 0, 0]], [[0, 0, 0, 0]]])
+    scores = tuple(np.asarray(v) for v in metrics.dice_iou_per_class(predicted, truth, num_classes=3))
+    split = SplitArrays(["img0", "img1", "img2"], np.zeros((3, 1, 4, 3), np.uint8), truth.astype(np.uint8), [""] * 3)
+    results = evaluate.write_results(tmp_path, {"test": scores}, {"test": split})
+    # img0: class 1 |P| 1 |Y| 2 -> Dice 2/3, IoU 1/2; class 2 |P| 2 |Y| 1 -> 2/3, 1/2. img1: class 1 exact (1, 1),
+    # class 2 in neither. img2: no class anywhere, scored 1.
+    assert results["test"]["dice"] == pytest.approx(100 * (2 / 3 + 1 + 1) / 3)
+    assert results["test"]["miou"] == pytest.approx(100 * (1 / 2 + 1 + 1) / 3)
+    assert results["test"]["classes"] == {"1": {"dice": pytest.approx(100 * (2 / 3 + 1) / 2),
+                                                "miou": pytest.approx(100 * (1 / 2 + 1) / 2), "images": 2},
+                                          "2": {"dice": pytest.approx(200 / 3), "miou": pytest.approx(50.0), "images": 1}}
+    with open(tmp_path / "per_image_test.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["file", "dice", "iou", "dice_class_1", "dice_class_2"],
+                    ["img0", "66.6667", "50.0000", "66.6667", "66.6667"],
+                    ["img1", "100.0000", "100.0000", "100.0000", ""],
+                    ["img2", "100.0000", "100.0000", "", ""]]
