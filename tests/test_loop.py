@@ -329,6 +329,18 @@ def test_catching_interrupts_leaves_an_ignored_sigint_ignored_and_keeps_a_droppe
         signal.signal(signal.SIGINT, before)
 
 
+def test_a_tied_score_keeps_the_earlier_best_checkpoint(tmp_path, toy_step):
+    """The best is saved when best_metric improves: an equal score later (a Dice that stays 0 while the
+    U-Net predicts nothing, or one that stays at a plateau) leaves the first epoch that reached it."""
+    config = tiny_synthetic_config()
+    mesh = make_mesh(config, jax.devices()[:1])
+    job = dataclasses.replace(_job(config, tmp_path, mesh, toy_step, [], epochs=2),
+                              evaluators=[loop.Evaluator(lambda state: {"val/score": 0.5}, every_epochs=1)])
+    _, meta = loop.run(job)
+    assert meta["best"] == 0.5 and meta["best_epoch"] == 1
+    assert [p.name for p in (tmp_path / "checkpoints" / "best").iterdir() if p.name.isdigit()] == [str(STEPS_PER_EPOCH)]
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # The dropped KeyboardInterrupt.
 def test_a_ctrl_c_dropped_during_evaluation_stops_it_at_the_next_batch():
     import signal
