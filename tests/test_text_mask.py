@@ -159,6 +159,35 @@ def test_text_guided_loss_hand_case_and_clamp():
     assert INITIAL_LOG_SCALE == pytest.approx(math.log(1 / 0.07))
 
 
+def _text_guided_reference(dense, soft, reports, scale):
+    """SPEC 5's L_tg pair by pair: CE over reports n for each image b and over images b for each report n."""
+    size = len(reports)
+    logits = np.zeros((size, size))
+    for b in range(size):
+        for n in range(size):
+            pooled = (soft[b, n][..., None] * dense[b]).sum((0, 1)) / soft[b, n].sum()
+            logits[b, n] = pooled @ reports[n] / np.linalg.norm(pooled) * scale
+    by_image = [np.logaddexp.reduce(logits[b]) - logits[b, b] for b in range(size)]
+    by_report = [np.logaddexp.reduce(logits[:, n]) - logits[n, n] for n in range(size)]
+    return 0.5 * (np.mean(by_image) + np.mean(by_report))
+
+
+def test_text_guided_loss_clamps_a_learned_scale_above_100():
+    """A log-scale learned past log(100) scores as s = 100. The hand case above cannot show it: its logits
+    saturate (log1p(e^-100) and log1p(e^-1000) are both 0 in float32). Here some images' own reports are not
+    their best match, so the loss grows with the scale."""
+    rng = np.random.default_rng(11)
+    dense = rng.normal(size=(3, 2, 2, 4))
+    soft = rng.uniform(0.05, 1.0, size=(3, 3, 2, 2))
+    reports = rng.normal(size=(3, 4))
+    reports /= np.linalg.norm(reports, axis=-1, keepdims=True)
+    inputs = [jnp.asarray(a, jnp.float32) for a in (dense, soft, reports)]
+    assert _text_guided_reference(dense, soft, reports, 1000.0) > 2 * _text_guided_reference(dense, soft, reports, 100.0)
+    for scale, used in ((3.0, 3.0), (100.0, 100.0), (1000.0, 100.0)):
+        got = float(text_guided_loss(*inputs, math.log(scale)))
+        assert got == pytest.approx(_text_guided_reference(dense, soft, reports, used), rel=1e-5), scale
+
+
 def test_text_guided_loss_gradients_reach_decoder_and_scale():
     dense, reports, image = _text_inputs()
     patch_map = jax.random.normal(jax.random.PRNGKey(4), (2, 2, 2, 8))
