@@ -116,10 +116,16 @@ def test_unlabeled_weight_ramps_up_and_splits_the_student_loss(ramped_and_capped
         mutable=["batch_stats"],
     )
     n = x_l.shape[0]
-    expected = segmentation_loss(logits[:n], batch["mask"].astype(np.float32)) + np.exp(-5.0) * segmentation_loss(
-        logits[n:], jax.nn.sigmoid(teacher_logits[..., 0])
-    )
+    labeled_loss = segmentation_loss(logits[:n], batch["mask"].astype(np.float32))
+    unlabeled_loss = segmentation_loss(logits[n:], jax.nn.sigmoid(teacher_logits[..., 0]))
+    host = jax.device_get(state)  # A copy placed like the state: the step donates its state.
+    later = replicate(mesh, host.replace(step=host.step + 1))
     _, metrics = step(state, None, pipeline.to_global(mesh, batch))
+    assert float(metrics["loss"]) == pytest.approx(float(labeled_loss + np.exp(-5.0) * unlabeled_loss), rel=1e-5)
+    # The same inputs at update 1: the ramp runs over 2 epochs x 3 steps = 6 updates, exp(-5 (1 - 1/6)^2)
+    # (over 2 updates, as if rampup_epochs counted steps, it would be exp(-5 / 4)).
+    _, metrics = step(later, None, pipeline.to_global(mesh, batch))
+    expected = labeled_loss + np.exp(-5.0 * (5 / 6) ** 2) * unlabeled_loss
     assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
 
 
