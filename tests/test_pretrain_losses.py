@@ -329,6 +329,37 @@ def test_local_alignment_matches_reference(batch):
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
 
 
+def np_local_side_token_gradient(tokens, globals_, mask, tau, denominator):
+    """d(sum of w CE) / denominator / d tokens with the weights w held constant (SPEC 3.3: no gradient
+    through w): w[b, k] (softmax_j(tokens[b, k] . g_j / tau) - [j = b]) @ g / tau / denominator."""
+    nb, n, _ = tokens.shape
+    real = np.ones((nb, n)) if mask is None else mask
+    gradient = np.zeros(tokens.shape)
+    for b in range(nb):
+        idx = [k for k in range(n) if real[b, k] > 0]
+        sims = {k: np.array([tokens[b, k].astype(np.float64) @ globals_[j] for j in range(nb)]) for k in idx}
+        var = {k: np.var(sims[k], ddof=1) for k in idx}
+        norm = math.sqrt(sum(x * x for x in var.values()))
+        inv = {k: norm / var[k] for k in idx}
+        lo, hi = min(inv.values()), max(inv.values())
+        for k in idx:
+            weight = (inv[k] - lo) / (hi - lo) if hi > lo else 0.0
+            probabilities = np.exp(np_log_softmax(sims[k] / tau))
+            probabilities[b] -= 1.0
+            gradient[b, k] = weight * (probabilities @ globals_.astype(np.float64)) / tau / denominator
+    return gradient
+
+
+def test_local_alignment_gradient_does_not_flow_through_the_weights(batch):
+    tau = 0.07
+    V, t, T, v, mask = as_jnp(batch["V"], batch["t"], batch["T"], batch["v"], batch["word_mask"])
+    grad_V, grad_T = jax.grad(local_alignment_loss, argnums=(0, 2))(V, t, T, v, mask, tau)
+    expected_V = np_local_side_token_gradient(batch["V"], batch["t"], None, tau, P * B)
+    expected_T = np_local_side_token_gradient(batch["T"], batch["v"], batch["word_mask"], tau, batch["word_mask"].sum())
+    np.testing.assert_allclose(grad_V, expected_V, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(grad_T, expected_T, rtol=RTOL, atol=ATOL)
+
+
 def test_variance_weights_range(batch):
     sims = jnp.einsum("bnd,jd->bnj", jnp.asarray(batch["T"]), jnp.asarray(batch["v"]))
     w = np.asarray(variance_token_weights(sims, jnp.asarray(batch["word_mask"])))
