@@ -25,6 +25,24 @@ def test_empty_prediction_and_truth_score_one_and_miss_scores_zero():
     np.testing.assert_allclose(np.asarray(iou), [1.0, 0.0])
 
 
+def test_a_class_predicted_where_the_truth_has_none_scores_zero():
+    # Binary: an empty truth with 2 predicted pixels is a miss (2|P & Y| / (|P| + |Y|) = 0), not an empty image.
+    truth = np.zeros((1, 4, 4), np.int32)
+    predicted = truth.copy()
+    predicted[0, 0, :2] = 1
+    dice, iou = metrics.dice_iou_per_image(predicted, truth, num_classes=1)
+    np.testing.assert_allclose(np.asarray(dice), [0.0])
+    np.testing.assert_allclose(np.asarray(iou), [0.0])
+    # Multi-class: class 1 found exactly, class 2 predicted but absent from the truth: (1 + 0) / 2.
+    truth = np.array([[[1, 1, 0, 0]]])
+    predicted = np.array([[[1, 1, 2, 0]]])
+    dice, iou = metrics.dice_iou_per_image(predicted, truth, num_classes=4)
+    np.testing.assert_allclose(np.asarray(dice), [0.5])
+    np.testing.assert_allclose(np.asarray(iou), [0.5])
+    _, _, present = metrics.dice_iou_per_class(predicted, truth, num_classes=4)
+    np.testing.assert_array_equal(np.asarray(present), [[True, True, False]])
+
+
 def test_multiclass_averages_the_classes_in_prediction_or_truth():
     truth = np.array([[[1, 1, 2, 0]], [[3, 0, 0, 0]], [[0, 0, 0, 0]]])
     predicted = np.array([[[1, 2, 2, 0]], [[0, 0, 0, 0]], [[0, 0, 0, 0]]])
