@@ -360,6 +360,23 @@ def test_local_alignment_gradient_does_not_flow_through_the_weights(batch):
     np.testing.assert_allclose(grad_T, expected_T, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("inversion", ["reciprocal", "complement", "none"])
+def test_variance_weights_of_each_inversion_min_max_scale_over_real_tokens(batch, inversion):
+    """pretrain.local_inversion: x = var / ||var|| over a sample's real tokens, inverted as 1 / x, 1 - x or x,
+    then min-max scaled over the real tokens only (padding weighs 0 and sets neither end)."""
+    inverted = {"reciprocal": lambda x: 1.0 / x, "complement": lambda x: 1.0 - x, "none": lambda x: x}[inversion]
+    sims = np.einsum("bnd,jd->bnj", batch["T"].astype(np.float64), batch["v"].astype(np.float64))
+    expected = np.zeros((B, W))
+    for b in range(B):
+        real = batch["word_mask"][b] > 0
+        variance = np.var(sims[b][real], axis=-1, ddof=1)
+        values = inverted(variance / np.linalg.norm(variance))
+        spread = values.max() - values.min()
+        expected[b, real] = (values - values.min()) / spread if spread > 0 else 0.0
+    got = variance_token_weights(jnp.asarray(sims, jnp.float32), jnp.asarray(batch["word_mask"]), inversion)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_variance_weights_range(batch):
     sims = jnp.einsum("bnd,jd->bnj", jnp.asarray(batch["T"]), jnp.asarray(batch["v"]))
     w = np.asarray(variance_token_weights(sims, jnp.asarray(batch["word_mask"])))
