@@ -158,13 +158,23 @@ def test_the_step_moves_only_the_decoder_and_its_scale_by_adam_on_l_tg_alone(all
     x_u = batch["unlabeled_image"].astype(np.float32) / 255
 
     def l_tg(trained):
-        return ssl.text_mask_outputs(guidance, trained, guidance.variables, x_u, tokens)[0]
+        loss, masks = ssl.text_mask_outputs(guidance, trained, guidance.variables, x_u, tokens)
+        return loss, masks["p_text"]
+
+    # The student learns the unlabelled images from SPEC 6's pseudo-labels: the teacher's probability and the
+    # text mask (the decoder's before its step) summed in logit space, each clipped at 1e-4 (text_clip).
+    p_teacher = jax.nn.sigmoid(model.apply(fresh.teacher, x_u, train=True, mutable=["batch_stats"])[0][..., 0])
 
     for log_scale in (fresh.generator["log_scale"], jnp.log(200.0)):
         state = fresh.replace(generator={**fresh.generator, "log_scale": jnp.asarray(log_scale, jnp.float32)})
         before = jax.device_get(ssl.generator_params(guidance, state.generator))
-        grads = jax.device_get(jax.jit(jax.grad(l_tg))(before))
-        state, _ = step(replicate(mesh, state), guidance.variables, pipeline.to_global(mesh, batch))
+        grads, p_text = jax.device_get(jax.jit(jax.grad(l_tg, has_aux=True))(before))
+        clipped = [np.clip(np.asarray(p, np.float64), 1e-4, 1 - 1e-4) for p in (p_teacher, p_text)]
+        logits = [np.log(p) - np.log1p(-p) for p in clipped]
+        fused = 1 / (1 + np.exp(-(logits[0] + config.ssl.w_text * logits[1])))
+        assert abs(fused.mean() - float(np.mean(p_teacher))) > 0.01  # The text masks move them.
+        state, step_metrics = step(replicate(mesh, state), guidance.variables, pipeline.to_global(mesh, batch))
+        assert float(step_metrics["pseudo_label_mean"]) == pytest.approx(fused.mean(), rel=1e-5)
         after = jax.device_get(ssl.generator_params(guidance, state.generator))
         for g, b, a in zip(jax.tree.leaves(grads), jax.tree.leaves(before), jax.tree.leaves(after)):
             np.testing.assert_allclose(a, b - config.ssl.decoder_lr * g / (np.abs(g) + 1e-8), rtol=0, atol=1e-6)
