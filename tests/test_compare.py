@@ -262,6 +262,15 @@ def test_pretrain_table_reports_before_after_and_the_smallest_gain(tmp_path, cap
     # (1/2 + 1/3) / 2, (1/3 + 1/5) / 2; after (1 + 1/6) / 2, 1, (1/3 + 1) / 2, 1.
     mrr_p = stats.ttest_rel([7 / 12, 1, 2 / 3, 1], [3 / 4, 3 / 8, 5 / 12, 4 / 15]).pvalue
     assert rows[1].startswith("| rtrained0 (+1) | t2i_mrr |") and rows[1].endswith(f"| {mrr_p:.3f} |")
+    # Queries asked by other rows (other data, the same count) are not paired query by query.
+    kept = json.loads((tmp_path / "rtrained1" / "retrieval_ranks.json").read_text())
+    kept["test"]["t2i_rows"] = [0, 1, 3, 4]
+    (tmp_path / "rtrained1" / "retrieval_ranks.json").write_text(json.dumps(kept))
+    table.main([",".join(pairs)])
+    other = [line for line in capsys.readouterr().out.splitlines() if "t2i_" in line]
+    assert other[0].endswith(f"| {seeds_p:.3f} | - |") and other[1].endswith("| - |")
+    kept["test"]["t2i_rows"] = [0, 1, 2, 4]
+    (tmp_path / "rtrained1" / "retrieval_ranks.json").write_text(json.dumps(kept))
     # A pre-training workdir's ranks: its first (step 0) and last evaluation.
     for seed in range(2):
         ranks_dir = tmp_path / f"w{seed}" / "pretrain" / "ranks"

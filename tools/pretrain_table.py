@@ -154,17 +154,20 @@ def seed_ranks(workdir: str) -> tuple[dict, dict] | None:
 def query_p(seeds: list, split: str, metric: str) -> str:
     """Two-sided p of a paired t-test over the split's queries of each one's score averaged over the seeds
     (a hit for 't2i_top1', 1 / (rank + 1) for 't2i_mrr'), before against after; seeds: ``seed_ranks`` of
-    each seed. '-' where a seed kept no ranks or the seeds' queries differ."""
+    each seed. '-' where a seed kept no ranks or the seeds' queries differ (in number, or for report-to-image in
+    the rows that ask them: 't2i_rows', where kept)."""
     direction, kind = metric.split("_", 1)
     score = ((lambda ranks: ranks < int(kind[3:])) if kind.startswith("top") else (lambda ranks: 1.0 / (ranks + 1)))
-    before, after = [], []
+    before, after, asked = [], [], set()
     for ranks in seeds:
         if ranks is None or split not in ranks[0] or split not in ranks[1]:
             return "-"
         before.append(score(ranks[0][split][direction]))
         after.append(score(ranks[1][split][direction]))
-    if len({len(values) for values in before + after}) != 1:
-        return "-"
+        asked |= {tuple(np.asarray(side[split][f"{direction}_rows"]).tolist()) for side in ranks
+                  if f"{direction}_rows" in side[split]}
+    if len({len(values) for values in before + after}) != 1 or len(asked) > 1:
+        return "-"  # Paired query by query, the queries must be the same ones.
     return paired_p(np.mean(after, axis=0), np.mean(before, axis=0))
 
 
