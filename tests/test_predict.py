@@ -45,6 +45,11 @@ def test_predicted_validation_masks_score_what_evaluate_reports(trained, tmp_pat
     rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
     assert len(rows) == 8 and all(0.0 <= float(r["foreground_fraction"]) <= 1.0 for r in rows)
     assert all(int(r["class_0_pixels"]) + int(r["class_1_pixels"]) == 64 * 64 for r in rows)
+    # In batches of 3 (the next batch read and the last one's files written while one is segmented; the last
+    # batch partial): the same files.
+    _predict(trained, val_folder, tmp_path / "batched", **{"train.eval_batch_size": 3})
+    for path in sorted((tmp_path / "out").iterdir()):
+        assert (tmp_path / "batched" / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 def test_outputs_keep_each_images_size_and_name_skip_existing_and_count_failures(trained, tmp_path):
@@ -81,13 +86,23 @@ def test_outputs_keep_each_images_size_and_name_skip_existing_and_count_failures
     assert len(rows) == 5 and str(inputs / "nested" / "alpha.png") in rows
     assert rows[str(inputs / "wide.png")]["width"] == "90" and rows[str(inputs / "wide.png")]["height"] == "50"
 
+    table = (tmp_path / "masks" / "predictions.csv").read_text()  # Counted from the masks as they were written.
+
     # Again: every mask exists, so nothing is redone (the broken file is tried again and fails again).
     again = _predict(trained, inputs, tmp_path / "masks")
     assert (again["written"], again["skipped"], again["failed"]) == (0, 5, 1)
+    assert (tmp_path / "masks" / "predictions.csv").read_text() == table  # Counted from the files read back.
     redone = _predict(trained, inputs, tmp_path / "masks", **{"predict.overwrite": True})
     assert (redone["written"], redone["skipped"], redone["failed"]) == (5, 0, 1)
     with pytest.raises(folders.DataError, match="broken.png: unreadable image"):
         _predict(trained, inputs, tmp_path / "stop", **{"predict.stop_on_error": True})
+    # In batches of 2, [gray.tif, nested/alpha.png] are segmented before [nested/deep16.tiff, nested/zz.png]
+    # fails: they keep their masks, the rest is not written.
+    (inputs / "broken.png").rename(inputs / "nested" / "zz.png")
+    with pytest.raises(folders.DataError, match="zz.png: unreadable image"):
+        _predict(trained, inputs, tmp_path / "stop2", **{"predict.stop_on_error": True, "train.eval_batch_size": 2})
+    assert sorted(p.relative_to(tmp_path / "stop2").as_posix() for p in (tmp_path / "stop2").rglob("*.png")) == [
+        "gray.png", "nested/alpha.png"]
 
 
 def test_predict_input_errors(trained, tmp_path):
@@ -234,6 +249,25 @@ def test_multiclass_masks_are_palette_images_of_the_class_ids_that_the_reader_ta
     Image.fromarray(np.array([[0, 1000, 4000]], np.uint16)).save(tmp_path / "scan.png")
     shown = np.asarray(predict.overlay(tmp_path / "scan.png", np.zeros((1, 3), np.uint8)))
     assert shown[0, :, 0].tolist() == [0, 63, 255]  # 1000 / 4000 * 255 = 63.75.
+
+
+def test_table_counts_of_written_masks_match_the_files_read_back(tmp_path):
+    from amvlm_jax.train import predict
+
+    labels = np.array([[0, 1, 2], [3, 19, 0]], np.uint8)  # 6 pixels: 2 background, one each of 1, 2, 3, 19.
+    for num_classes, name in ((20, "multi"), (1, "binary")):
+        shown = labels if num_classes > 1 else (labels > 1).astype(np.uint8)
+        predict.mask_image(shown, num_classes).save(tmp_path / f"{name}.png")
+        items = [(pathlib.Path(name), tmp_path / "in" / f"{name}.jpg", None)]
+        predict.write_table(tmp_path, items, num_classes, {pathlib.Path(name): predict.mask_counts(shown, num_classes)})
+        from_memory = (tmp_path / "predictions.csv").read_text()
+        predict.write_table(tmp_path, items, num_classes)
+        assert (tmp_path / "predictions.csv").read_text() == from_memory
+        row = list(csv.reader(from_memory.splitlines()))[1]
+        if num_classes > 1:  # Width 3, height 2, 4 of 6 pixels foreground.
+            assert row[2:5] == ["3", "2", "0.666667"] and row[5:] == ["2", "1", "1", "1"] + ["0"] * 15 + ["1"]
+        else:  # Foreground: the values above 1 (2, 3, 19).
+            assert row[2:] == ["3", "2", "0.500000", "3", "3"]
 
 
 def test_multiclass_probabilities_become_class_ids_at_the_original_size():

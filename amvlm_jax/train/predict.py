@@ -122,10 +122,12 @@ def mask_image(labels: np.ndarray, num_classes: int) -> Image.Image:
 
 def overlay(image_path: pathlib.Path, labels: np.ndarray, num_classes: int = 1) -> Image.Image:
     """The image (RGB, its own size) with foreground pixels blended towards their class colour (red: binary)."""
-    image = np.asarray(folders.rgb_image(image_path), np.float32)
-    colours = visualize.class_colours(num_classes).astype(np.float32)[labels]
-    blended = np.where(labels[..., None] > 0, 0.55 * image + 0.45 * colours, image)
-    return Image.fromarray(blended.astype(np.uint8))
+    image = np.asarray(folders.rgb_image(image_path))  # (H, W, 3) uint8, kept where labels is 0.
+    shown, foreground = image.copy(), labels > 0
+    # Only the foreground in float32 (the temporaries of the whole image were 6 float arrays of its size).
+    colours = visualize.class_colours(num_classes).astype(np.float32)[labels[foreground]]
+    shown[foreground] = (0.55 * image[foreground].astype(np.float32) + 0.45 * colours).astype(np.uint8)
+    return Image.fromarray(shown)
 
 
 def predict(config, workdir) -> dict:
@@ -147,40 +149,23 @@ def predict(config, workdir) -> dict:
     batch_size = -(-config.train.eval_batch_size // mesh.size) * mesh.size
     todo = [item for item in items
             if config.predict.overwrite or not (output / item[0]).with_suffix(MASK_SUFFIX).is_file()]
+    chunks = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     failures: list[str] = []
-    pool = concurrent.futures.ThreadPoolExecutor(max(1, config.data.read_threads))
+    counts: dict[pathlib.Path, list] = {}  # predictions.csv's row of each mask written now (write_table).
 
-    def read(item):
+    def read(item):  # (image (S, S, 3) uint8, (width, height)), or the DataError naming an unreadable file.
         try:
             return folders.load_image(item[1], size)
         except folders.DataError as error:
-            if config.predict.stop_on_error:
-                raise
-            failures.append(str(error))
-            return None
+            return error
 
-    writes = jax.process_index() == 0
-    progress = tqdm(total=len(todo), desc="predicting", disable=not writes)
-    for start in range(0, len(todo), batch_size):
-        loop.stop_if_interrupted()
-        chunk = todo[start:start + batch_size]
-        loaded = list(pool.map(read, chunk))  # Only this batch is decoded.
-        kept = [(item, image) for item, image in zip(chunk, loaded) if image is not None]
-        progress.update(len(chunk))
-        if not kept:
-            continue
-        images = np.stack([image for _, (image, _) in kept])
-        rows = np.resize(np.arange(len(kept)), batch_size)  # Padded by repetition to a full batch.
-        batch = pipeline.replicated_to_global(mesh, {"image": images[rows]})
-        probabilities = np.asarray(gather_to_host(predict_step(variables["params"], variables["batch_stats"],
-                                                               batch["image"])))[: len(kept)]
-        p_text = text(images, [item[2] for item, _ in kept], batch_size) if text is not None else None
-        if not writes:
-            continue
-        for index, ((relative, path, report), (_, original)) in enumerate(kept):
+    def write(kept, probabilities, p_text):
+        """Writes the files of a batch's images: kept [(item, (image, original size))], probabilities
+        (N, S, S[, C]), p_text (N, S, S) or None."""
+        for row, ((relative, path, report), (_, original)) in enumerate(kept):
             target = output / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            labels, foreground = to_original_size(probabilities[index], original)
+            labels, foreground = to_original_size(probabilities[row], original)
             mask_image(labels, num_classes).save(target.with_suffix(MASK_SUFFIX))
             if config.predict.probabilities == "png16":
                 Image.fromarray(np.round(foreground * 65535).astype(np.uint16)).save(
@@ -190,16 +175,52 @@ def predict(config, workdir) -> dict:
             if config.predict.overlays:
                 overlay(path, labels, num_classes).save(target.parent / f"{target.name}_overlay.png")
             if p_text is not None and report:
-                text_map = _resize(p_text[index], original)
+                text_map = _resize(p_text[row], original)
                 Image.fromarray(np.round(np.clip(text_map, 0, 1) * 255).astype(np.uint8)).save(
                     target.parent / f"{target.name}_text.png")
+            counts[relative] = mask_counts(labels, num_classes)
+
+    writes = jax.process_index() == 0
+    progress = tqdm(total=len(todo), desc="predicting", disable=not writes)
+    # Batch k's files are written while the devices segment batch k + 1 and the pool decodes batch k + 2
+    # (PIL decodes without the GIL; it encodes PNGs with it, hence on this thread): two batches are held.
+    with concurrent.futures.ThreadPoolExecutor(max(1, config.data.read_threads)) as pool:
+        reading = [pool.submit(read, item) for item in chunks[0]] if chunks else []
+        pending = None  # (kept, probabilities, p_text) of the batch whose files are not written yet.
+        for index, chunk in enumerate(chunks):
+            loaded = [future.result() for future in reading]
+            reading = [pool.submit(read, item) for item in chunks[index + 1]] if index + 1 < len(chunks) else []
+            failed = [image for image in loaded if isinstance(image, folders.DataError)]
+            if failed and config.predict.stop_on_error:
+                if pending is not None and writes:
+                    write(*pending)  # Every batch before the unreadable image keeps its files.
+                raise failed[0]
+            failures += [str(error) for error in failed]
+            kept = [(item, image) for item, image in zip(chunk, loaded) if not isinstance(image, folders.DataError)]
+            progress.update(len(chunk))
+            segmented = p_text = None
+            if kept:  # Dispatched, not awaited: the devices work while the previous batch is written.
+                images = np.stack([image for _, (image, _) in kept])
+                rows = np.resize(np.arange(len(kept)), batch_size)  # Padded by repetition to a full batch.
+                batch = pipeline.replicated_to_global(mesh, {"image": images[rows]})
+                segmented = predict_step(variables["params"], variables["batch_stats"], batch["image"])
+                p_text = text(images, [item[2] for item, _ in kept], batch_size) if text is not None else None
+            if pending is not None and writes:
+                write(*pending)
+            pending = None
+            loop.stop_if_interrupted((segmented, p_text))  # The batches before this one have their files.
+            if kept:
+                probabilities, p_text = gather_to_host((segmented, p_text))
+                pending = (kept, np.asarray(probabilities)[: len(kept)],
+                           None if p_text is None else np.asarray(p_text)[: len(kept)])
+        if pending is not None and writes:
+            write(*pending)
     progress.close()
-    pool.shutdown()
     summary = {"images": len(items), "written": len(todo) - len(failures), "skipped": len(items) - len(todo),
                "failed": len(failures), "csv": str(output / "predictions.csv")}
     if writes:
         output.mkdir(parents=True, exist_ok=True)
-        write_table(output, items, num_classes)
+        write_table(output, items, num_classes, counts)
     unreported = sum(report is None for _, _, report in items) if config.predict.reports else 0
     info(f"{summary['written']} masks written to {output}, {summary['skipped']} skipped (outputs exist; "
          f"predict.overwrite=True redoes them), {summary['failed']} failed"
@@ -209,27 +230,39 @@ def predict(config, workdir) -> dict:
     return summary
 
 
-def write_table(output: pathlib.Path, items, num_classes: int) -> None:
-    """predictions.csv: every input with a mask, its size, foreground fraction and pixels per class."""
-    classes = max(2, num_classes)
+def mask_counts(labels: np.ndarray, num_classes: int) -> list:
+    """predictions.csv's numbers of a mask (H, W) of class ids: width, height, foreground fraction, pixels per
+    class (at least two classes)."""
+    labels = (labels > 0).astype(np.int64) if num_classes == 1 else labels.astype(np.int64)
+    counts = np.bincount(labels.ravel(), minlength=max(2, num_classes))
+    return [labels.shape[1], labels.shape[0], f"{float(np.mean(labels > 0)):.6f}"] + [int(c) for c in counts]
+
+
+def write_table(output: pathlib.Path, items, num_classes: int, counts: dict | None = None) -> None:
+    """predictions.csv: every input with a mask, its size, foreground fraction and pixels per class.
+
+    counts: {relative path: ``mask_counts``} of the masks this run wrote; the others (skipped: written
+    before) are read back from their files.
+    """
+    counts = counts or {}
     with open(output / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "mask", "width", "height", "foreground_fraction"]
-                        + [f"class_{c}_pixels" for c in range(classes)])
+                        + [f"class_{c}_pixels" for c in range(max(2, num_classes))])
         for relative, path, _ in items:
             mask_path = (output / relative).with_suffix(MASK_SUFFIX)
-            if not mask_path.is_file():  # Failed to read.
+            if relative in counts:
+                row = counts[relative]
+            elif mask_path.is_file():
+                row = mask_counts(np.asarray(Image.open(mask_path)), num_classes)
+            else:  # Failed to read.
                 continue
-            labels = np.asarray(Image.open(mask_path))
-            labels = (labels > 0).astype(np.int64) if num_classes == 1 else labels.astype(np.int64)
-            counts = np.bincount(labels.ravel(), minlength=classes)
-            writer.writerow([str(path), str(mask_path.relative_to(output)), labels.shape[1], labels.shape[0],
-                             f"{float(np.mean(labels > 0)):.6f}"] + [int(c) for c in counts])
+            writer.writerow([str(path), str(mask_path.relative_to(output))] + row)
 
 
 def text_masker(config, workdir, source, mesh):
-    """(images uint8 (N, S, S, 3), reports, batch size) -> p_text (N, S, S): the text masks of a checkpoint
-    whose mean-teacher run had text guidance; None for other checkpoints."""
+    """(images uint8 (N, S, S, 3), reports, batch size) -> p_text (batch size, S, S), a device array: the text
+    masks of a checkpoint whose mean-teacher run had text guidance; None for other checkpoints."""
     from amvlm_jax.train import ssl
 
     if "generator" not in checkpoint.saved_entries(source):
@@ -242,11 +275,10 @@ def text_masker(config, workdir, source, mesh):
         x = images.astype(np.float32) / 255.0
         return ssl.text_mask_outputs(guidance, trained, frozen, x, tokens)[1]["p_text"]
 
-    def run(images, reports, batch_size):
+    def run(images, reports, batch_size):  # Dispatched, not awaited; its first len(images) rows are theirs.
         rows = np.resize(np.arange(len(images)), batch_size)
         tokens = guidance.tokenizer([reports[i] or "" for i in rows])
         batch = pipeline.replicated_to_global(mesh, {"image": images[rows], **tokens})
-        p_text = masks(guidance.variables, trained, batch.pop("image"), batch)
-        return np.asarray(gather_to_host(p_text))[: len(images)]
+        return masks(guidance.variables, trained, batch.pop("image"), batch)
 
     return run
