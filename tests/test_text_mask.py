@@ -323,3 +323,27 @@ def test_word_attention_head_learns_where_the_words_point(shows_patches):
 
     assert held_out_auroc(withhold=False) > 0.9
     assert 0.3 < held_out_auroc(withhold=True) < 0.7
+
+
+def test_decoder_blocks_are_gated_pre_activation_residual_convolutions_by_hand():
+    """SPEC 5's block, pixel by pixel in numpy: u = nearest x2 upsample of x, then u + tanh(g) * Conv3x3(ReLU(u))
+    (zero padding, bias), for each of the two blocks with gates 0.7 and -1.3, then L2 normalisation over channels.
+    The inputs take both signs so that the ReLU matters, and the gates are far enough from 0 that tanh(g) is not g."""
+    rng = np.random.default_rng(4)
+    patch_map = rng.normal(size=(1, 3, 3, 4)).astype(np.float32)
+    decoder = TextMaskDecoder()
+    params = jax.device_get(decoder.init(jax.random.PRNGKey(5), jnp.asarray(patch_map)))["params"]
+    params["block_0"]["gate"], params["block_1"]["gate"] = np.float32(0.7), np.float32(-1.3)
+    out = np.asarray(decoder.apply({"params": params}, jnp.asarray(patch_map)))
+
+    x = patch_map[0].astype(np.float64)
+    for name in ("block_0", "block_1"):
+        x = x.repeat(2, axis=0).repeat(2, axis=1)
+        kernel, bias = (np.asarray(params[name]["conv"][k], np.float64) for k in ("kernel", "bias"))
+        padded = np.pad(np.maximum(x, 0), ((1, 1), (1, 1), (0, 0)))
+        conv = bias + sum(padded[dy:dy + x.shape[0], dx:dx + x.shape[1]] @ kernel[dy, dx]
+                          for dy in range(3) for dx in range(3))
+        x = x + np.tanh(float(params[name]["gate"])) * conv
+    expected = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    np.testing.assert_allclose(out[0], expected, rtol=1e-5, atol=1e-6)
+
