@@ -347,3 +347,39 @@ def test_decoder_blocks_are_gated_pre_activation_residual_convolutions_by_hand()
     expected = x / np.linalg.norm(x, axis=-1, keepdims=True)
     np.testing.assert_allclose(out[0], expected, rtol=1e-5, atol=1e-6)
 
+
+def test_word_attention_head_by_hand_with_padding_words():
+    """WordAttentionMaskHead in numpy from its docstring: patch term relu(V W1 + b1) w2 + b2; each grid position's
+    learned queries attend, one softmax per head scaled by 1/sqrt(head_dim), over the real words' keys (padding
+    words left out), read their values, and relu(read W3 + b3) w4 + b4 turns that into the pointing term; the
+    logit is their sum. Padding words carry large values here, so letting them in would show."""
+    from amvlm_jax.models.text_mask import WordAttentionMaskHead
+
+    rng = np.random.default_rng(6)
+    patch_map = rng.normal(size=(2, 2, 3, 5)).astype(np.float32)
+    words = rng.normal(size=(2, 4, 6)).astype(np.float32)
+    word_mask = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], np.float32)
+    words[word_mask == 0] *= 20.0
+    head = WordAttentionMaskHead(hidden=8, heads=2, head_dim=3)
+    params = jax.device_get(head.init(jax.random.PRNGKey(7), patch_map, words, word_mask))["params"]
+    logits = np.asarray(head.apply({"params": params}, patch_map, words, word_mask))
+
+    def dense(x, name):
+        return x @ np.asarray(params[name]["kernel"], np.float64) + np.asarray(params[name]["bias"], np.float64)
+
+    shown = dense(np.maximum(dense(patch_map.astype(np.float64), "patch_hidden"), 0), "patch_logit")[..., 0]
+    queries = np.asarray(params["queries"], np.float64)  # (positions, heads, head_dim)
+    expected = np.zeros((2, 2, 3))
+    for b in range(2):
+        real = word_mask[b] == 1
+        keys = dense(words[b].astype(np.float64), "keys").reshape(4, 2, 3)[real]
+        values = dense(words[b].astype(np.float64), "values").reshape(4, 2, 3)[real]
+        for position in range(6):
+            read = []
+            for h in range(2):
+                scores = keys[:, h] @ queries[position, h] / np.sqrt(3)
+                weights = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+                read.append(weights @ values[:, h])
+            pointed = dense(np.maximum(dense(np.concatenate(read), "word_hidden"), 0), "word_logit")[0]
+            expected[b, position // 3, position % 3] = shown[b, position // 3, position % 3] + pointed
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
