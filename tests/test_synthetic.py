@@ -188,6 +188,27 @@ def test_distractors_present_and_lesion_like():
     assert 0.6 < ratio < 1.6, ratio
 
 
+def test_lesions_carry_the_diagonal_stripes_and_distractors_do_not():
+    """What tells a lesion from a distractor (module docstring): lesions have fine stripes near 45 degrees,
+    which change the image along the diagonal (x + 1, y + 1) and hardly along the anti-diagonal; distractors
+    are blotchy or striped the mirrored way. Measured on the blobs alone (image minus background) inside
+    their eroded footprints, pooled over 12 samples: the diagonal differences' energy over the anti-diagonal
+    ones is well above 1 for lesions (4.6 as written) and below 1 for distractors (0.46)."""
+    def diagonal_ratio(samples, footprint):
+        diagonal, anti_diagonal = [], []
+        for sample in samples:
+            blobs = sample.image.astype(np.float64).mean(-1) - sample.background.astype(np.float64).mean(-1)
+            inside = ndimage.binary_erosion(footprint(sample) > 0, iterations=3)
+            core = inside[1:, 1:] & inside[:-1, :-1] & inside[1:, :-1] & inside[:-1, 1:]
+            diagonal.append((blobs[1:, 1:] - blobs[:-1, :-1])[core])
+            anti_diagonal.append((blobs[1:, :-1] - blobs[:-1, 1:])[core])
+        return np.mean(np.concatenate(diagonal) ** 2) / np.mean(np.concatenate(anti_diagonal) ** 2)
+
+    samples = [render_sample(0, "train", index, 128) for index in range(12)]
+    assert diagonal_ratio(samples, lambda sample: sample.mask) > 2.5
+    assert diagonal_ratio(samples, lambda sample: sample.distractor_mask) < 1.0
+
+
 def test_deterministic_and_seed_dependent(dataset, tmp_path):
     again = write_synthetic_dataset(tmp_path / "again", **SMALL)
     assert_same_tree(dataset, again)
