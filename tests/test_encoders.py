@@ -895,3 +895,20 @@ def test_default_text_encoder_dir_missing_package_says_how_to_install(monkeypatc
     from amvlm_jax.main import user_errors
 
     assert isinstance(error.value, user_errors()) and "\n" not in str(error.value)  # One line on the command line.
+
+
+def test_interpolate_pos_embed_is_an_antialiased_bicubic_resize_of_the_grid_row_major():
+    """The grid part against PIL's bicubic resize of each channel (Keys' cubic, its support widened when
+    shrinking), grids read and written row-major: shrinking 14x14 -> 6x6 and growing 4x6 -> 5x9. A resize
+    without antialiasing, or a grid with rows and columns exchanged, differs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for old, new in (((14, 14), (6, 6)), ((4, 6), (5, 9))):
+        table = rng.normal(size=(1, 1 + old[0] * old[1], 3)).astype(np.float32)
+        resized = weights.interpolate_pos_embed(table, new, old_grid=old)
+        grid = table[0, 1:].reshape(*old, 3)
+        expected = np.stack([np.asarray(Image.fromarray(grid[..., c], mode="F").resize(new[::-1], Image.BICUBIC))
+                             for c in range(3)], axis=-1)
+        np.testing.assert_array_equal(resized[0, 0], table[0, 0])
+        np.testing.assert_allclose(resized[0, 1:].reshape(*new, 3), expected, atol=1e-5)
