@@ -4,6 +4,7 @@ The comparisons against the PyTorch reference implementations skip when
 torch is absent; the MiniLM tests skip when the text-encoder package is absent.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -711,6 +712,34 @@ def test_bert_matches_hf_torch_on_minilm(minilm):
     cls_attention = out.attentions[-1][:, :, 0, :].mean(1).numpy()
     assert np.abs(np.asarray(ours["hidden"]) - hidden).max() < 1e-4
     assert np.abs(np.asarray(ours["cls_attention"]) - cls_attention).max() < 1e-4
+
+
+def test_bert_follows_the_configs_layer_norm_eps_activation_and_token_types_as_hf_torch():
+    """A random HF BertModel whose config sets a large layer_norm_eps and the tanh GELU ('gelu_new'), on padded
+    ids with both token types: our Bert with its converted weights gives the same hidden states and CLS attention.
+    The MiniLM comparison cannot see the eps (1e-12 is lost to rounding there) nor a second token type."""
+    torch = pytest.importorskip("torch", reason="torch is needed for the reference BERT")
+    import transformers
+
+    config = dataclasses.replace(TINY_BERT, layer_norm_eps=0.5, hidden_act="gelu_new")
+    reference_config = transformers.BertConfig(**config.to_dict(), attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.BertModel(reference_config, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        for tensor in model.parameters():  # LayerNorms and biases away from their (1, 0) start.
+            tensor.add_(0.1 * torch.randn_like(tensor))
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    params = weights.bert_params_from_state_dict(state, config)
+    ids = np.array([[2, 5, 6, 7, 3, 0], [2, 9, 8, 3, 0, 0]], np.int32)
+    mask = (ids > 0).astype(np.int32)
+    types = np.array([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0]], np.int32)
+    ours = Bert(config).apply({"params": params}, ids, mask, types)
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                    token_type_ids=torch.from_numpy(types).long(), output_attentions=True)
+    np.testing.assert_allclose(np.asarray(ours["hidden"]), out.last_hidden_state.numpy(), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(ours["cls_attention"]), out.attentions[-1][:, :, 0, :].mean(1).numpy(),
+                               atol=2e-6)
 
 
 # ---------------------------------------------------------------------------
