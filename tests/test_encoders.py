@@ -941,3 +941,16 @@ def test_interpolate_pos_embed_is_an_antialiased_bicubic_resize_of_the_grid_row_
                              for c in range(3)], axis=-1)
         np.testing.assert_array_equal(resized[0, 0], table[0, 0])
         np.testing.assert_allclose(resized[0, 1:].reshape(*new, 3), expected, atol=1e-5)
+
+
+def test_bert_layer_norms_named_gamma_and_beta_load_as_weight_and_bias(tiny_bert_dir):
+    """Older BERT checkpoints (the original TensorFlow conversions) name each LayerNorm's scale 'gamma' and its
+    shift 'beta': they load to the same parameters as 'weight' and 'bias'."""
+    _, params = tiny_bert_dir
+    state = {}
+    for name, value in bert_params_to_hf(params).items():
+        if ".LayerNorm." in name:
+            name = name.replace(".LayerNorm.weight", ".LayerNorm.gamma").replace(".LayerNorm.bias", ".LayerNorm.beta")
+        state[name] = value
+    assert any(name.endswith(".gamma") for name in state) and any(name.endswith(".beta") for name in state)
+    _assert_trees_equal(weights.bert_params_from_state_dict(state, TINY_BERT), params)
