@@ -791,6 +791,20 @@ def test_tokenizer_truncation(vocab_dir):
     np.testing.assert_array_equal(out["word_mask"][1], [1, 1, 1, 1, 0, 0, 0])
 
 
+def test_vocab_txt_tokenizer_lower_cases_as_tokenizer_config_says(tmp_path):
+    """A vocab.txt folder lower-cases only when tokenizer_config.json's do_lower_case is true or absent: a cased
+    vocabulary's 'Left' is its own token, which lower-casing would turn into 'left'."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "left", "Left", "lung"]
+    for case, settings, left in (("cased", {"do_lower_case": False}, 6), ("uncased", {"do_lower_case": True}, 5),
+                                 ("unset", None, 5)):
+        folder = tmp_path / case
+        folder.mkdir()
+        (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        if settings is not None:
+            (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+        assert ReportTokenizer(folder, max_length=5)(["Left lung"])["input_ids"][0].tolist() == [2, left, 7, 3, 0], case
+
+
 def test_tokenizer_matches_hf_tokenizer_on_minilm():
     directory = _minilm_dir()
     from transformers import BertTokenizerFast
