@@ -278,6 +278,8 @@ def test_streamed_images_equal_decoded_ones_and_the_size_decides(generated):
     config.data.corpus.in_memory_bytes = 12 * 32 * 32 * 3 - 1  # One byte short of the 12 images.
     streamed, _, how = corpus.load(config, "train", 32)
     assert isinstance(streamed.images, corpus.CorpusImages) and "streamed from disk" in how
+    config.data.corpus.in_memory_bytes += 1  # Exactly the 12 images' bytes: they are decoded into memory.
+    assert isinstance(corpus.load(config, "train", 32)[0].images, np.ndarray)
     np.testing.assert_array_equal(streamed.images[np.arange(12)], in_memory.images)
     np.testing.assert_array_equal(streamed.images[5], folders.load_image(pathlib.Path(os.fsdecode(streamed.images.paths[5])), 32)[0])
     # The training stream reads the same examples either way, also from worker processes.
