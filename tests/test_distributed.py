@@ -31,6 +31,9 @@ def test_mesh_shape_from_config():
     config = tiny_synthetic_config(**{"mesh.data": 2, "mesh.fsdp": -1})
     assert dict(parallel.make_mesh(config).shape) == {"data": 2, "fsdp": 4}
     assert dict(parallel.make_mesh(config, jax.devices()[:2], batch_size=2).shape) == {"data": 2, "fsdp": 1}
+    # A mesh smaller than the devices takes the first ones (in a multi-process run, process 0's).
+    small = parallel.make_mesh(tiny_synthetic_config(**{"mesh.data": 2, "mesh.fsdp": 1}), batch_size=2)
+    assert [d.id for d in small.devices.ravel()] == [d.id for d in jax.devices()[:2]]
     with pytest.raises(ConfigError, match="not divisible"):
         parallel.make_mesh(config, batch_size=4)
     with pytest.raises(ConfigError, match="does not fit"):
@@ -45,6 +48,7 @@ def test_fsdp_partition_rule():
     assert parallel.fsdp_partition((3, 3, 64, 64), 4, 1024) == PartitionSpec(None, None, None, "fsdp")
     assert parallel.fsdp_partition((30522, 384), 4, 1024) == PartitionSpec(None, "fsdp")  # 30522 % 4 != 0
     assert parallel.fsdp_partition((768,), 4, 1024) == PartitionSpec()  # Below the size threshold.
+    assert parallel.fsdp_partition((32, 32), 4, 1024) == PartitionSpec(None, "fsdp")  # At it: split.
     assert parallel.fsdp_partition((7, 333), 4, 1) == PartitionSpec()  # No dimension divides.
     assert parallel.fsdp_partition((768, 768), 1, 1) == PartitionSpec()
     assert parallel.fsdp_partition((), 4, 0) == PartitionSpec()
