@@ -14,6 +14,9 @@ from amvlm_jax.losses.contrastive import clipped_token_weights, css_loss, cta_lo
 from amvlm_jax.losses.intra import icl_loss
 from amvlm_jax.losses.prototypes import cpa_loss
 from amvlm_jax.models.amvlm import AMVLM
+from amvlm_jax.models.bert import Bert, aggregate_words
+from amvlm_jax.models.heads import GlobalHead, LocalHead
+from amvlm_jax.models.pdt import PDTHead
 from amvlm_jax.ops import BATCH_NORM_MOMENTUM
 from amvlm_jax import metrics
 from amvlm_jax.losses import objectives
@@ -226,6 +229,10 @@ def test_mgca_objective_and_prototype_freezing(tokens):
     assert outputs["image_prototype_scores"].shape == (BATCH, 10)
     loss, terms = objectives.mgca_objective(outputs, None, config)
     o = outputs
+    # Each modality's prototype scores are its own embedding against the bias-free layer's columns.
+    kernel = np.asarray(jax.device_get(state.params["prototypes"]["kernel"]))
+    for scores, embedding in (("image_prototype_scores", "v"), ("text_prototype_scores", "t")):
+        np.testing.assert_allclose(np.asarray(o[scores]), np.asarray(o[embedding]) @ kernel, atol=1e-6, err_msg=scores)
     # MGCA's padding words (SPEC 4): the head's output for a zero feature, normalised with the batch's
     # statistics (recovered from the running averages this step moved), re-computed in numpy.
     params = jax.device_get(state.params["text_local_head"]["projection"])
@@ -469,3 +476,51 @@ def test_fresh_pairs_pretraining_reads_new_pairs_every_step(tmp_path, monkeypatc
         other = tiny_pretrain_config(**{"data.synthetic.fresh_pairs": True})
         other.data.name = "monuseg"
         validate(other)
+
+
+def test_each_pdt_head_reads_its_own_tokens(amvlm_setup, amvlm_outputs):
+    """SPEC 3.2: (mu_w, s_w) = PDT_word(T), (mu_o, s_o) = PDT_word_ctx(O), and the patch side's PDT_patch(V),
+    PDT_patch_ctx(O_p) (deviation 5: its own head): each head applied alone, with the model's parameters, to the
+    tokens it should read gives the model's outputs (the tiny config has no PDT dropout)."""
+    config, model, state = amvlm_setup
+    o, _ = amvlm_outputs
+    head = PDTHead(dim=model.embed_dim, num_heads=model.pdt_heads, dropout=model.pdt_dropout)
+    patch_mask = np.ones(o["V"].shape[:2], np.float32)
+    for side, token_head, tokens, context_head, contexts, mask in (
+            ("word_pdt", "pdt_word", o["T"], "pdt_word_ctx", o["word_context"], o["word_mask"]),
+            ("patch_pdt", "pdt_patch", o["V"], "pdt_patch_ctx", o["patch_context"], patch_mask)):
+        expected = (*head.apply({"params": state.params[token_head]}, tokens, mask, True),
+                    *head.apply({"params": state.params[context_head]}, contexts, mask, True))
+        for field, value in zip(o[side]._fields, expected):
+            np.testing.assert_allclose(np.asarray(getattr(o[side], field)), np.asarray(value), atol=1e-5,
+                                       err_msg=f"{side}.{field}")
+
+
+def test_embeddings_are_the_heads_of_the_encoders_features(amvlm_setup, tokens):
+    """SPEC 2 in evaluation mode, module by module: v = global head of the ViT's CLS feature, V = local head of
+    its patch features, t = global head of BERT's [CLS] hidden state, T = local head of the aggregated words with
+    padding slots zeroed, and the CLS attention of the ViT (patches) and of BERT (summed into words)."""
+    config, model, state = amvlm_setup
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    images = _images() / 255.0
+    token_arrays = {k: tokens[k] for k in TOKEN_KEYS}
+    image_out = model.apply(variables, images, train=False, method=AMVLM.encode_image)
+    text_out = model.apply(variables, token_arrays, train=False, method=AMVLM.encode_text)
+
+    def head(kind, name, x):
+        module = kind(hidden=model.head_hidden, out=model.embed_dim)
+        return np.asarray(module.apply({"params": state.params[name], "batch_stats": state.batch_stats[name]}, x, train=False))
+
+    features = model.image_encoder.apply({"params": state.params["image_encoder"]}, images)
+    bert = Bert(model.text_config).apply({"params": state.params["text_encoder"]}, tokens["input_ids"],
+                                         tokens["attention_mask"], tokens["token_type_ids"])
+    word_mask = np.asarray(tokens["word_mask"])
+    words, word_attention = aggregate_words(bert["hidden"], bert["cls_attention"], tokens["word_index"], word_mask.shape[1])
+    expected = {"cls": np.asarray(features["cls"]), "v": head(GlobalHead, "image_global_head", features["cls"]),
+                "V": head(LocalHead, "image_local_head", features["patches"]),
+                "patch_attention": np.asarray(features["cls_attention"]),
+                "t": head(GlobalHead, "text_global_head", bert["hidden"][:, 0]),
+                "T": head(LocalHead, "text_local_head", words) * word_mask[..., None],
+                "word_attention": np.asarray(word_attention) * word_mask}
+    for name, value in expected.items():
+        np.testing.assert_allclose(np.asarray((image_out | text_out)[name]), value, atol=1e-5, err_msg=name)
