@@ -3,6 +3,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -78,19 +79,22 @@ def _forward(model, state, batch, train=True, with_statistics=False):
 
 @pytest.fixture(scope="module")
 def amvlm_outputs(amvlm_setup, tokens):
-    """Online outputs (train mode) and momentum-encoder outputs of one batch, in one compiled call."""
+    """Online outputs (train mode) and momentum-encoder outputs of one batch, in one compiled call, with the
+    dropout keys of the train step's first step (``make_train_step``'s docstring)."""
     config, model, state = amvlm_setup
     batch = _batch(tokens)
     token_arrays = {k: batch[k] for k in TOKEN_KEYS}
+    online_key, momentum_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0))
+    image_key, text_key = jax.random.split(momentum_key)
 
     @jax.jit
     def forward(variables, momentum_variables, images, augmented, token_arrays):
-        outputs, _ = model.apply(variables, images, token_arrays, train=True, rngs={"dropout": jax.random.PRNGKey(3)},
+        outputs, _ = model.apply(variables, images, token_arrays, train=True, rngs={"dropout": online_key},
                                  mutable=["batch_stats"])
         image_view, _ = model.apply(momentum_variables, augmented, train=True, method=AMVLM.encode_image,
-                                    mutable=["batch_stats"])
+                                    rngs={"dropout": image_key}, mutable=["batch_stats"])
         report_view, _ = model.apply(momentum_variables, token_arrays, train=True, method=AMVLM.encode_text,
-                                     rngs={"dropout": jax.random.PRNGKey(4)}, mutable=["batch_stats"])
+                                     rngs={"dropout": text_key}, mutable=["batch_stats"])
         return outputs, image_view | report_view
 
     variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -191,7 +195,7 @@ def test_eight_device_step_equals_one_device_step_and_momentum_follows_ema(amvlm
     assert int(state8.step) == 2
 
 
-def test_locked_text_encoder_keeps_its_weights_and_has_no_optimizer_state(amvlm_setup, tokens):
+def test_locked_text_encoder_keeps_its_weights_and_has_no_optimizer_state(amvlm_setup, amvlm_outputs, tokens):
     config, model, initial = amvlm_setup
     locked = tiny_pretrain_config(**{"pretrain.train_text_encoder": False})
     initial = jax.device_get(initial)
@@ -202,6 +206,11 @@ def test_locked_text_encoder_keeps_its_weights_and_has_no_optimizer_state(amvlm_
         state = PretrainState.create(initial.params, initial.batch_stats, tx, momentum=initial.momentum)
         states[name] = pretrain.make_train_step(model, cfg)(state, batch)
     (trained, trained_metrics), (after, after_metrics) = states["trained"], states["locked"]
+    # The step's terms are the objective of the online and momentum outputs of its first step (amvlm_outputs:
+    # its dropout keys, the momentum encoders in training mode on the augmented view, SPEC 3.4).
+    _, expected = objectives.amvlm_objective(*amvlm_outputs, config)
+    for term, value in expected.items():
+        assert float(trained_metrics[term]) == pytest.approx(float(value), rel=1e-5), term
     # The same forward pass: locking changes which parameters move, not the loss.
     np.testing.assert_allclose(float(after_metrics["loss"]), float(trained_metrics["loss"]), rtol=1e-6)
     def moved(before, after):  # The largest change of any value.
@@ -524,3 +533,22 @@ def test_embeddings_are_the_heads_of_the_encoders_features(amvlm_setup, tokens):
                 "word_attention": np.asarray(word_attention) * word_mask}
     for name, value in expected.items():
         np.testing.assert_allclose(np.asarray((image_out | text_out)[name]), value, atol=1e-5, err_msg=name)
+
+
+def test_image_lr_moves_the_image_encoder_and_its_heads_and_pretrain_lr_the_rest():
+    """pretrain.image_lr is the rate of the image encoder and its two heads, pretrain.lr of every other module
+    (text encoder and heads, PDT heads). Adam's first step by hand is -rate * g / (|g| + eps) (its moments'
+    bias corrections cancel), so each module's first update names the rate it was given."""
+    config = tiny_pretrain_config(**{"pretrain.image_lr": 4e-3})
+    lr, image_lr, eps = config.pretrain.lr, 4e-3, 1e-8
+    names = ("image_encoder", "image_global_head", "image_local_head", "text_encoder", "text_global_head",
+             "text_local_head", "pdt_word", "pdt_patch_ctx")
+    rng = np.random.default_rng(3)
+    params = {name: {"kernel": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)} for name in names}
+    grads = {name: {"kernel": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)} for name in names}
+    tx = pretrain.pretrain_optimizer(config, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for name in names:
+        rate = image_lr if name.startswith("image_") else lr
+        g = np.asarray(grads[name]["kernel"], np.float64)
+        np.testing.assert_allclose(updates[name]["kernel"], -rate * g / (np.abs(g) + eps), rtol=1e-5, err_msg=name)
