@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from amvlm_jax.data import pipeline
+from amvlm_jax.data.folders import SplitArrays
 from amvlm_jax.data.tokenize import ReportTokenizer
 from amvlm_jax.losses.alignment import local_alignment_loss
 from amvlm_jax.losses.contrastive import clipped_token_weights, css_loss, cta_loss, ita_loss
@@ -533,6 +534,66 @@ def test_embeddings_are_the_heads_of_the_encoders_features(amvlm_setup, tokens):
                 "word_attention": np.asarray(word_attention) * word_mask}
     for name, value in expected.items():
         np.testing.assert_allclose(np.asarray((image_out | text_out)[name]), value, atol=1e-5, err_msg=name)
+
+
+def test_encoder_evaluation_scores_the_slices_and_features_its_docstring_names(monkeypatch):
+    """EncoderEvaluation with stand-in encoders whose outputs are read off the pixels and tokens: retrieval on
+    each set's first eval.retrieval_pairs pairs; zero-shot on the held-out set's v against the prompts' t with
+    its own labels; the probe fitted on the [CLS] features of the first eval.probe_rows training rows. The
+    data make each slip visible: held-out v points at the right prompt (zero-shot 1.0), the probe rows' [CLS]
+    separate the classes (probe 1.0), the training rows after them carry the classes swapped and outnumber
+    them, the training v are all alike, and the training labels run in another order than the held-out ones."""
+    size = 16
+    config = tiny_pretrain_config(**{"eval.retrieval_pairs": 12, "eval.probe_rows": 4, "eval.probe_fields": ("kind",),
+                                     "eval.probe_steps": 20, "eval.zero_shot": {"kind": {"A": "left", "B": "right"}}})
+    tokenizer = ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length)
+    left, right = (tokenizer([word])["input_ids"][0, 1] for word in ("left", "right"))
+
+    def encode_images(variables, images):  # v from pixel (0, 1), [CLS] features from pixel (0, 0).
+        x = images.astype(jnp.float32) / 255.0
+        return x[:, 0, 1] / jnp.linalg.norm(x[:, 0, 1], axis=-1, keepdims=True), x[:, 0, 0]
+
+    def encode_texts(variables, tokens):  # t: which of 'left' / 'right' the text holds.
+        ids = tokens["input_ids"]
+        t = jnp.stack([(ids == left).any(1), (ids == right).any(1), jnp.full(ids.shape[:1], True)], -1) * 1.0
+        return t * jnp.asarray([1.0, 1.0, 0.1]) / jnp.linalg.norm(t * jnp.asarray([1.0, 1.0, 0.1]), axis=-1, keepdims=True)
+
+    monkeypatch.setattr(pretrain, "make_encoders", lambda model: (encode_images, encode_texts))
+
+    def split(labels, cls_labels, v_labels):
+        images = np.zeros((len(labels), size, size, 3), np.uint8)
+        images[:, 0, 0] = [(200, 40, 90) if c == "A" else (40, 200, 90) for c in cls_labels]
+        images[:, 0, 1] = [(255, 0, 0) if c == "A" else (0, 255, 0) if c == "B" else (90, 90, 90) for c in v_labels]
+        reports = [f"{'left' if c == 'A' else 'right'} finding {i}" for i, c in enumerate(labels)]
+        return SplitArrays([str(i) for i in range(len(labels))], images, None, reports), {"kind": list(labels)}
+
+    train_labels = list("ABAB") + list("AABBBBAA")
+    swapped = [{"A": "B", "B": "A"}[c] for c in train_labels[4:]]
+    val_labels = list("BBAABA")
+    sets = {"train": split(train_labels, train_labels[:4] + swapped, "A" * 12),
+            "val": split(val_labels, val_labels, val_labels)}
+    mesh = parallel.make_mesh(config, batch_size=8)
+    evaluation = pretrain.EncoderEvaluation(config, None, sets, tokenizer, mesh, batch_size=8)
+    results = evaluation({})
+
+    embedded = {}
+    for name, (arrays, _) in sets.items():
+        v, cls = (np.asarray(a) for a in encode_images(None, jnp.asarray(arrays.images)))
+        embedded[name] = v, cls, np.asarray(encode_texts(None, tokenizer(arrays.reports)))
+    prompts = np.asarray(encode_texts(None, tokenizer(["left", "right"])))
+    expected = {}
+    for name, (v, _, t) in embedded.items():
+        groups = np.unique(sets[name][0].reports, return_inverse=True)[1]
+        expected |= {f"{name}/{k}": value for k, value in metrics.retrieval_scores(metrics.retrieval_ranks(v, t, groups)).items()}
+    zero_shot = metrics.zero_shot_accuracy(embedded["val"][0], prompts, val_labels, ["A", "B"])
+    expected |= {f"val/zero_shot/kind/{k}": value for k, value in zero_shot.items()}
+    probe = metrics.linear_probe_accuracy(embedded["train"][1][:4], train_labels[:4],
+                                          {"val": (embedded["val"][1], val_labels)}, steps=20)["val"]
+    expected |= {f"val/probe/kind/{k}": value for k, value in probe.items()}
+    assert zero_shot["accuracy"] == 1.0 and probe["accuracy"] == 1.0 and probe["rows"] == 6
+    assert results.keys() == expected.keys()
+    for key, value in expected.items():
+        assert results[key] == pytest.approx(value, abs=1e-6), key
 
 
 def test_image_lr_moves_the_image_encoder_and_its_heads_and_pretrain_lr_the_rest():
