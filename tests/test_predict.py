@@ -285,3 +285,19 @@ def test_multiclass_probabilities_become_class_ids_at_the_original_size():
     labels, foreground = predict.to_original_size(np.array([[0.2, 0.9], [0.2, 0.9]], np.float32), (4, 2))
     np.testing.assert_array_equal(labels, foreground > 0.5)
     assert labels[:, 0].sum() == 0 and labels[:, -1].all()
+    # A probability of exactly 0.5 (logit 0) is background, as evaluation's metrics.predict_labels has it.
+    labels, _ = predict.to_original_size(np.full((2, 2), 0.5, np.float32), (2, 2))
+    assert not labels.any()
+
+
+def test_the_table_counts_each_class_of_a_multiclass_mask(tmp_path):
+    """predictions.csv: width, height, foreground fraction and the pixels of every class, read from the masks."""
+    from amvlm_jax.train import predict
+
+    labels = np.array([[0, 1, 1], [2, 2, 2]], np.uint8)
+    predict.mask_image(labels, 3).save(tmp_path / "a.png")
+    predict.write_table(tmp_path, [(pathlib.Path("a"), pathlib.Path("in/a.png"), None)], 3)
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{"file": "in/a.png", "mask": "a.png", "width": "3", "height": "2", "foreground_fraction": "0.833333",
+                     "class_0_pixels": "1", "class_1_pixels": "2", "class_2_pixels": "3"}]
