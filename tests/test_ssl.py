@@ -386,7 +386,9 @@ def test_predict_writes_each_reports_text_mask(all_run, tmp_path):
                                      guidance.tokenizer([e.report for e in examples]))
     for index, example in enumerate(examples):
         written = np.asarray(Image.open(tmp_path / "out" / f"{example.name}_text.png"), np.float32)
-        np.testing.assert_allclose(written, np.round(np.clip(masks["p_text"][index], 0, 1) * 255), atol=1.0)
+        expected = np.round(np.clip(masks["p_text"][index], 0, 1) * 255)
+        np.testing.assert_allclose(written, expected, atol=1.0)  # A grey level where float rounding sits at .5,
+        assert np.mean(written != expected) < 0.01  # and that rarely (a scale of 254 moved most pixels).
     # A plain folder with a report sheet (predict.reports): the same text masks.
     import shutil
 
