@@ -551,6 +551,49 @@ def test_an_epoch_finished_by_a_resumed_run_applies_end_of_epoch_once_however_of
     assert meta["best_epoch"] == 2
 
 
+def test_a_stop_with_a_step_evaluation_due_at_the_epochs_end_saves_before_end_of_epoch_and_flags_it(tmp_path,
+                                                                                                    toy_step):
+    # The step evaluation due at that step sees the state before end_of_epoch, so the stopped run saves that
+    # state; the resumed run finishes the epoch and flags the checkpoint, and a later restore applies it.
+    import signal
+
+    config = tiny_synthetic_config()
+    mesh = make_mesh(config, jax.devices()[:1])
+    last = STEPS_PER_EPOCH * EPOCHS  # The step evaluator (every 4 steps) is due at the last epoch's end too.
+    refreshes, stops = [], []
+
+    def halve(state):  # Not idempotent: applied twice or never, the final weight differs.
+        refreshes.append(int(state.step))
+        return state.replace(params={"w": state.params["w"] * 0.5})
+
+    def learning_rate(step):
+        if step + 1 == last and stops:
+            stops.clear()
+            signal.raise_signal(signal.SIGINT)
+        return 0.25
+
+    def job(name):
+        return dataclasses.replace(_job(config, tmp_path / name, mesh, toy_step, []), end_of_epoch=halve,
+                                   learning_rate=learning_rate)
+
+    reference, _ = loop.run(job("reference"))
+    stops.append("stop")
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # A pytest-xdist worker ignores SIGINT.
+    try:
+        with pytest.raises(KeyboardInterrupt, match=f"saved .*latest/{last}"):
+            loop.run(job("run"))
+        assert checkpoint.read_meta(tmp_path / "run" / "checkpoints" / "latest")["unfinished_step_evaluation"] == last
+        loop.run(job("run"))  # Evaluates step 12, finishes the epoch (halve), flags the checkpoint saved before.
+        assert checkpoint.read_meta(tmp_path / "run" / "checkpoints" / "latest")["end_of_epoch_after_restore"]
+        refreshes.clear()
+        state, _ = loop.run(job("run"))  # Nothing left: the restore applies the last epoch's end once.
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert refreshes == [last]
+    np.testing.assert_array_equal(state.params["w"], reference.params["w"])
+    assert _records(tmp_path / "run") == _records(tmp_path / "reference")
+
+
 def test_ctrl_c_after_an_epochs_means_are_taken_keeps_them_for_the_resumed_run(tmp_path, toy_step, monkeypatch):
     import signal
 
