@@ -36,7 +36,6 @@ sys.path.insert(0, str(REPO_ROOT))
 from amvlm_jax.train.logging import json_text  # noqa: E402 (after the path above)
 
 
-
 def read_per_image(workdir: str | pathlib.Path, split: str) -> dict[str, np.ndarray]:
     """{'file': names, 'dice': (N,), 'iou': (N,), 'masks': (N,)} from <workdir>/per_image_<split>.csv (Dice
     and IoU in percent), sorted by image name (runs pair image by image whatever order their rows were

@@ -21,7 +21,6 @@ sys.path.insert(0, str(REPO_ROOT))
 from amvlm_jax.train.logging import null_as_nan  # noqa: E402 (after the path above)
 
 
-
 def epoch_rows(workdir: pathlib.Path) -> list[dict]:
     """The per-epoch records of a run (those with an 'epoch' field), in order.
 

@@ -42,7 +42,6 @@ sys.path.insert(0, str(REPO_ROOT))
 from amvlm_jax.train.logging import null_as_nan  # noqa: E402 (after the path above)
 
 
-
 def read(workdirs: str, split: str) -> tuple[dict, dict]:
     """({metric: (seeds,) before}, {metric: (seeds,) after}) in percent, for the split's metrics.
 

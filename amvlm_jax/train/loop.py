@@ -189,11 +189,12 @@ def _run(job: Job) -> tuple[Any, dict]:
             raise KeyboardInterrupt(f"interrupted without saving; {workdir}/checkpoints/latest keeps step "
                                     f"{checkpoints.latest.latest_step()}: run the same command to resume") from None
         step = int(current["state"].step)
-        if checkpoints.latest.latest_step() != step:
+        unsaved = checkpoints.latest.latest_step() != step
+        if unsaved:
             _refresh_before_saving(job, current, meta, step)
         if current.get("step_metrics"):  # Stopped mid-epoch: the resumed run's epoch means need these too.
             meta["epoch_step_metrics"] = _step_metrics_for_meta(jax.device_get(current["step_metrics"]))
-        if checkpoints.latest.latest_step() != step:
+        if unsaved:
             checkpoints.save(step, current["state"], dict(meta), is_best=False)
         checkpoints.wait()
         raise KeyboardInterrupt(f"interrupted: saved {workdir}/checkpoints/latest/{step}; run the same command to resume")
