@@ -110,12 +110,17 @@ def learning_rate(config, peak: float, steps_per_epoch: int) -> optax.ScalarOrSc
     return optax.warmup_cosine_decay_schedule(pre.min_lr, peak, int(pre.warmup_fraction * total), total, pre.min_lr)
 
 
+def own_image_lr(config) -> bool:
+    """Whether pretrain.image_lr gives the image encoder and its heads a peak rate of their own."""
+    return bool(config.pretrain.image_lr) and config.pretrain.image_lr != config.pretrain.lr
+
+
 def logged_rates(config, steps_per_epoch: int):
     """step -> {'lr': pretrain.lr's rate at that step} (train/lr), with 'image_lr' (the image encoder's and its
-    heads', train/image_lr) where pretrain.image_lr gives them their own."""
+    heads', train/image_lr) where ``own_image_lr``."""
     pre = config.pretrain
     rates = {"lr": learning_rate(config, pre.lr, steps_per_epoch)}
-    if pre.image_lr and pre.image_lr != pre.lr:
+    if own_image_lr(config):
         rates["image_lr"] = learning_rate(config, pre.image_lr, steps_per_epoch)
     return lambda step: {name: float(rate(step)) if callable(rate) else rate for name, rate in rates.items()}
 
@@ -162,7 +167,7 @@ def pretrain_optimizer(config, params: dict, steps_per_epoch: int = 1) -> optax.
 
     groups = {"rest": optimizer(pre.lr)}
     labels = {name: "rest" for name in params}
-    if pre.image_lr and pre.image_lr != pre.lr:
+    if own_image_lr(config):
         groups["image"] = optimizer(pre.image_lr)
         labels |= {name: "image" for name in params if name in IMAGE_MODULES}
     freeze_steps = int(pre.mgca.freeze_prototypes_epochs * steps_per_epoch)
