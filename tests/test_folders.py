@@ -331,3 +331,118 @@ def test_a_colour_mask_is_an_error_not_grey_converted(untidy_root, num_classes, 
     Image.fromarray(np.repeat(drawn[..., None], 3, -1)).save(path)  # Grey values stored as RGB are read.
     assert set(np.unique(folders.load_split(untidy_root, "val", image_size=16, num_classes=num_classes,
                                             progress=False).masks)) == {0, 1 if num_classes == 1 else red}
+
+
+def test_sheet_columns_are_found_by_header_in_any_order_case_and_padding(untidy_root):
+    # Description before Image, an extra column, headers and the image name padded with spaces.
+    val = untidy_root / "Val_Folder"
+    (val / "Val_text.csv").unlink()
+    book = openpyxl.Workbook()
+    book.active.append(["Description ", "Notes", " IMAGE"])
+    book.active.append(["The report of v.", "ignored", "  v.png "])
+    book.save(val / "Val_text.xlsx")
+    examples = folders.list_split(untidy_root, "val")
+    assert [(e.name, e.report) for e in examples] == [("v", "The report of v.")]
+
+
+def test_sheet_rows_missing_a_cell_an_image_name_or_a_description_are_named(untidy_root):
+    sheet = untidy_root / "Val_Folder" / "Val_text.csv"
+    sheet.write_text("Image,Description\nv.png\n")  # The row stops before its description.
+    assert _error(folders.list_split, untidy_root, "val") == f"{sheet}: row 2 (v.png) has an empty description"
+    _write_csv(sheet, [("v.png", "   ")])
+    assert _error(folders.list_split, untidy_root, "val") == f"{sheet}: row 2 (v.png) has an empty description"
+    _write_csv(sheet, [("v.png", "x"), ("", "A report without its image.")])
+    assert _error(folders.list_split, untidy_root, "val") == f"{sheet}: row 3 has a description but no image name"
+    sheet.write_bytes(b"")
+    assert _error(folders.list_split, untidy_root, "val") == f"{sheet}: the report sheet is empty"
+    sheet.write_text("Image,Report\nv.png,x\n")
+    assert _error(folders.list_split, untidy_root, "val") == (
+        f"{sheet}: the report sheet needs the columns Image and Description, found ['Image', 'Report']")
+
+
+def test_sheet_names_match_by_stem_whatever_the_suffix_case_dots_in_the_stem_or_a_mask_like_name(untidy_root):
+    val = untidy_root / "Val_Folder"
+    sheet = val / "Val_text.csv"
+    _write_image(val / "img" / "scan.01.png")  # A stem with a dot, named without its suffix.
+    _write_image(val / "img" / "mask_w.png")  # An image whose own name starts like a mask's.
+    _write_csv(sheet, [("v.PNG", "report v"), ("scan.01", "report scan"), ("mask_w.png", "report w")])
+    examples = folders.list_split(untidy_root, "val", require_masks=False)
+    assert {e.name: e.report for e in examples} == {"v": "report v", "scan.01": "report scan", "mask_w": "report w"}
+
+
+def test_hidden_files_are_skipped_and_two_images_of_one_stem_or_none_at_all_are_errors(untidy_root):
+    val = untidy_root / "Val_Folder"
+    (val / "img" / "._v.png").write_bytes(b"\x00\x05\x16\x07")  # A copy's resource-fork file.
+    (val / "labelcol" / "._v.png").write_bytes(b"\x00\x05\x16\x07")
+    assert [e.name for e in folders.list_split(untidy_root, "val")] == ["v"]
+    _write_image(val / "img" / "v.tif", fmt="TIFF")
+    assert _error(folders.list_split, untidy_root, "val") == f"{val / 'img' / 'v.tif'}: two files share the stem 'v' (v.png)"
+    for path in (val / "img" / "v.tif", val / "img" / "v.png"):
+        path.unlink()
+    _write_csv(val / "Val_text.csv", [])
+    assert _error(folders.list_split, untidy_root, "val") == f"{val / 'img'}: no images"
+
+
+def test_a_missing_labelcol_folder_is_named_and_reports_alone_need_none(untidy_root):
+    val = untidy_root / "Val_Folder"
+    for path in (val / "labelcol").iterdir():
+        path.unlink()
+    (val / "labelcol").rmdir()
+    message = _error(folders.list_split, untidy_root, "val")
+    assert message.startswith(f"{val / 'labelcol'}: folder missing; expected <root>/Train_Folder/")
+    # Pre-training reads images and reports only: no mask is looked for.
+    split = folders.load_split(untidy_root, "val", image_size=8, with_masks=False, progress=False)
+    assert split.masks is None and split.reports == ["A report, with a comma."] and split.images.shape == (1, 8, 8, 3)
+
+
+@pytest.mark.parametrize("mode, values, expected", [
+    ("I;16", [[1000, 2000], [3000, 5000]], [[0, 63], [127, 255]]),  # (v - 1000) / 4000 * 255, truncated
+    ("F", [[-1.0, 0.0], [1.0, 3.0]], [[0, 63], [127, 255]]),
+    ("I;16", [[700, 700], [700, 700]], [[0, 0], [0, 0]]),  # No range to stretch: black, not NaN.
+])
+def test_16_bit_and_float_images_are_stretched_from_their_minimum_to_their_maximum(tmp_path, mode, values, expected):
+    import warnings
+
+    path = tmp_path / "x.tif"
+    Image.fromarray(np.asarray(values, np.uint16 if mode == "I;16" else np.float32)).save(path)
+    assert Image.open(path).mode == mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rgb = np.asarray(folders.rgb_image(path))
+    np.testing.assert_array_equal(rgb, np.repeat(np.asarray(expected, np.uint8)[..., None], 3, -1))
+
+
+def test_16_bit_masks_keep_their_ids_and_binary_masks_take_no_third_value(untidy_root):
+    path = untidy_root / "Val_Folder" / "labelcol" / "v.png"
+    ids = np.zeros((30, 40), np.uint16)
+    ids[:10] = 3
+    Image.fromarray(ids).save(path)
+    assert np.unique(folders.load_split(untidy_root, "val", image_size=16, num_classes=4, progress=False).masks).tolist() == [0, 3]
+    ids[:5] = 300  # Named as it is, not as 8 bits would clip it.
+    Image.fromarray(ids).save(path)
+    assert _error(folders.load_mask, path, 16, 4) == f"{path}: mask holds class id 300, but data.num_classes is 4"
+    grey = np.zeros((30, 40), np.uint8)
+    grey[:, :8] = np.arange(8)[None, :] * 30 + 1  # 1, 31, ..., 211: seven values besides 0.
+    Image.fromarray(grey).save(path)
+    assert _error(folders.load_mask, path, 16, 1) == (
+        f"{path}: mask of a binary task holds values 0, 1, 31, 61, 91, 121 ...; expected 0/255 or 0/1")
+    grey[:] = 0
+    grey[0, :3] = (0, 1, 255)  # Neither 0/1 nor 0/255.
+    Image.fromarray(grey).save(path)
+    assert _error(folders.load_mask, path, 16, 1) == (
+        f"{path}: mask of a binary task holds values 0, 1, 255; expected 0/255 or 0/1")
+
+
+def test_a_mask_of_another_height_only_is_named(untidy_root):
+    _write_mask(untidy_root / "Val_Folder" / "labelcol" / "v.png", size=(40, 20))
+    assert _error(folders.load_split, untidy_root, "val", image_size=16, progress=False) == (
+        f"{untidy_root / 'Val_Folder' / 'labelcol' / 'v.png'}: mask is 40x20 but its image v.png is 40x30")
+
+
+def test_a_partly_transparent_foreground_is_read_by_its_grey_values(untidy_root):
+    # Antialiased edges: foreground pixels whose alpha is low but not zero still agree with their grey values.
+    path = untidy_root / "Val_Folder" / "labelcol" / "v.png"
+    drawn = _write_mask(path, size=(40, 40))
+    alpha = np.where(drawn > 0, 60, 0).astype(np.uint8)
+    Image.fromarray(np.stack([drawn, alpha], -1), mode="LA").save(path)
+    np.testing.assert_array_equal(folders.load_mask(path, 40, 1)[0], drawn > 0)
