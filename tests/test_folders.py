@@ -446,3 +446,34 @@ def test_a_partly_transparent_foreground_is_read_by_its_grey_values(untidy_root)
     alpha = np.where(drawn > 0, 60, 0).astype(np.uint8)
     Image.fromarray(np.stack([drawn, alpha], -1), mode="LA").save(path)
     np.testing.assert_array_equal(folders.load_mask(path, 40, 1)[0], drawn > 0)
+
+
+def test_a_float_or_big_endian_mask_is_read_as_it_is_not_converted_to_8_bit_grey(untidy_root):
+    # Grey conversion rounded or clipped a float mask's values silently (2.5 and 0.5 became whole ids, -1 became
+    # background) and clipped a big-endian 16-bit id 300 to 255.
+    (untidy_root / "Val_Folder" / "labelcol" / "v.png").unlink()
+    path = untidy_root / "Val_Folder" / "labelcol" / "v.tif"
+    ids = np.zeros((30, 40), np.float32)
+    ids[:10] = 3.0
+    Image.fromarray(ids).save(path)
+    assert Image.open(path).mode == "F"
+    expected = np.zeros((16, 16), np.uint8)
+    expected[:5] = 3  # Output row i samples source row floor((i + 0.5) * 30 / 16): rows 0-4 rows 0-8, row 5 row 10.
+    np.testing.assert_array_equal(folders.load_split(untidy_root, "val", image_size=16, num_classes=4,
+                                                     progress=False).masks[0], expected)
+    for value, num_classes, problem in ((2.5, 4, "holds the value 2.5; a float mask must hold whole class ids "
+                                                 "(or 0/255, 0/1)"),
+                                        (0.5, 1, "holds the value 0.5; a float mask must hold whole class ids "
+                                                 "(or 0/255, 0/1)"),
+                                        (-1.0, 4, "holds class id -1; class ids run from 0 to data.num_classes - 1 = 3")):
+        ids[:10, :5] = value
+        Image.fromarray(ids).save(path)
+        assert _error(folders.load_mask, path, 16, num_classes) == f"{path}: mask {problem}", value
+    ids[:10] = 1.0
+    Image.fromarray(ids).save(path)  # A float 0/1 mask of a binary task is read.
+    np.testing.assert_array_equal(folders.load_mask(path, 16, 1)[0], expected > 0)
+    big_endian = np.zeros((30, 40), ">u2")
+    big_endian[:10] = 300
+    Image.fromarray(big_endian).save(path)
+    assert Image.open(path).mode == "I;16B"
+    assert _error(folders.load_mask, path, 16, 4) == f"{path}: mask holds class id 300, but data.num_classes is 4"

@@ -298,10 +298,15 @@ def load_mask(path: pathlib.Path, size: int, num_classes: int) -> tuple[np.ndarr
             shown = ", ".join(str(tuple(c.tolist())) for c in colours[:4]) + (" ..." if len(colours) > 4 else "")
             raise DataError(f"{path}: colour mask (its RGB channels differ: {shown}); save it as grey values "
                             "(0/255 or 0/1) or class ids")
-    if image.mode not in ("L", "1", "P", "I", "I;16"):
+    if image.mode not in ("L", "1", "P", "I", "I;16", "I;16B", "F"):
+        # Read as they are: grey conversion clips 16-bit ids above 255 and rounds or clips float values silently.
         image = image.convert("L")
     array = np.asarray(image)
     values = np.unique(array)
+    if array.dtype.kind == "f" and not np.array_equal(values, np.round(values)):  # NaN included
+        fraction = values[values != np.round(values)][0]
+        raise DataError(f"{path}: mask holds the value {fraction:g}; a float mask must hold whole class ids "
+                        "(or 0/255, 0/1)")
     if num_classes == 1:
         if not (set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}):
             shown = ", ".join(str(v) for v in values[:6]) + (" ..." if len(values) > 6 else "")
