@@ -44,14 +44,15 @@ class HubError(ConfigError, WeightError):
 def resolve_text_encoder(name: str, cache_dir=None) -> str:
     """The local BERT folder that ``config.pretrain.text_encoder`` names.
 
-    Returns ``name`` itself when it is an existing path; for a hub id, the
-    cache's snapshot folder of that revision, holding config.json, the
-    weights (model.safetensors, else pytorch_model.bin) and tokenizer.json or
-    vocab.txt (plus tokenizer_config.json where a download fetched it).
-    ``cache_dir`` defaults to huggingface_hub's cache.
+    Returns ``name`` itself (``~`` expanded: the shell leaves it after ``=``)
+    when it is an existing path; for a hub id, the cache's snapshot folder of
+    that revision, holding config.json, the weights (model.safetensors, else
+    pytorch_model.bin) and tokenizer.json or vocab.txt (plus
+    tokenizer_config.json where a download fetched it). ``cache_dir``
+    defaults to huggingface_hub's cache.
     """
-    if os.path.exists(name):
-        return name
+    if os.path.exists(local := os.path.expanduser(name)):
+        return local
     repo = _Repo(name, "config.pretrain.text_encoder", cache_dir,
                  TEXT_WEIGHTS + ("config.json",) + TEXT_TOKENIZER + (TEXT_SETTINGS,))
     folder = os.path.dirname(repo.weights(TEXT_WEIGHTS))
@@ -66,12 +67,12 @@ def resolve_text_encoder(name: str, cache_dir=None) -> str:
 def resolve_vit_weights(name: str, cache_dir=None) -> str:
     """The local ViT checkpoint file that ``config.pretrain.vit_weights`` names.
 
-    Returns ``name`` itself when it is an existing path; for a hub id, the
-    cached model.safetensors of that revision, else its pytorch_model.bin.
-    ``cache_dir`` defaults to huggingface_hub's cache.
+    Returns ``name`` itself (``~`` expanded) when it is an existing path; for
+    a hub id, the cached model.safetensors of that revision, else its
+    pytorch_model.bin. ``cache_dir`` defaults to huggingface_hub's cache.
     """
-    if os.path.exists(name):
-        return name
+    if os.path.exists(local := os.path.expanduser(name)):
+        return local
     repo = _Repo(name, "config.pretrain.vit_weights", cache_dir, VIT_WEIGHTS)
     path = repo.weights(VIT_WEIGHTS)
     if repo.downloaded:  # optional: the pixel normalisation the weights declare (weights.check_pixel_normalisation)

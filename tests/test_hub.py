@@ -330,3 +330,21 @@ def test_pixel_normalisation_a_hub_snapshot_or_folder_declares_must_be_the_confi
     assert weights.declared_pixel_normalisation(vit_file[0]) is None
     model = build.build_model(config, build.text_encoder_config(config))
     assert model.image_encoder.pixel_mean == (0.5, 0.5, 0.5) and model.image_encoder.pixel_std == (0.5, 0.5, 0.5)
+
+
+def test_a_path_under_the_home_folder_is_expanded_not_taken_for_a_hub_id(cache, minilm, vit_file, tmp_path,
+                                                                        monkeypatch):
+    """--config.pretrain.text_encoder=~/bert: the shell leaves a '~' after '=' alone, and the other path fields
+    (data.root, the workdir) expand it; here too, rather than 'path does not exist (and it is no hub id)'."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    os.symlink(minilm, home / "bert")
+    os.symlink(vit_file[0], home / "vit.safetensors")
+    assert hub.resolve_text_encoder("~/bert") == str(home / "bert")
+    assert hub.resolve_vit_weights("~/vit.safetensors") == str(home / "vit.safetensors")
+    config = base_config()
+    config.pretrain.text_encoder = "~/bert"
+    assert build.text_encoder_config(config) == weights.load_bert(minilm)[0]
+    _assert_trees_equal(weights.load_vit("~/vit.safetensors", TINY_VIT, image_size=TINY_IMAGE), vit_file[1])
+
