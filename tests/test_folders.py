@@ -1,6 +1,7 @@
 """The LViT folder reader on untidy and broken data."""
 
 import csv
+import shutil
 
 import numpy as np
 import openpyxl
@@ -144,10 +145,17 @@ def test_unlabelled_training_images_may_lack_masks_and_then_their_pseudo_labels_
     synthetic.write_synthetic_dataset(tmp_path, num_train=16, num_val=8, num_test=8, image_size=64)
     labeled, unlabeled = datasets.load_train_parts(config, tmp_path, unlabeled_masks=True)
     assert len(labeled) == 4 and unlabeled.masks is not None and unlabeled.masks.any()
+    names = sorted(path.stem for path in (tmp_path / "Train_Folder" / "img").iterdir())
+    assert sorted(labeled.names + unlabeled.names) == names  # Each image in one part only.
     (tmp_path / "Train_Folder" / "labelcol" / f"{unlabeled.names[0]}.png").unlink()
     again, unmasked = datasets.load_train_parts(config, tmp_path, unlabeled_masks=True)
     np.testing.assert_array_equal(again.masks, labeled.masks)
     assert unmasked.masks is None and unmasked.names == unlabeled.names
+    # An absent evaluation split is None, not an error; a present one comes with every mask.
+    shutil.rmtree(tmp_path / "Test_Folder")
+    assert datasets.load_eval_split(config, tmp_path, "test") is None
+    val = datasets.load_eval_split(config, tmp_path, "val")
+    assert len(val) == 8 and all(mask.any() for mask in val.masks)
 
 
 def _error(callable_, *args, **kwargs) -> str:
@@ -214,6 +222,12 @@ def test_multiclass_mask_ids_and_out_of_range(untidy_root):
     _write_mask(untidy_root / "Val_Folder" / "labelcol" / "v.png", values=(0, 3))
     split = folders.load_split(untidy_root, "val", image_size=16, num_classes=4, progress=False)
     assert set(np.unique(split.masks)) == {0, 3}
+    from amvlm_jax.config import base_config
+    from amvlm_jax.data import datasets
+
+    config = base_config()  # A run reads its splits with data.num_classes.
+    config.data.num_classes, config.data.image_size = 4, 16
+    np.testing.assert_array_equal(datasets.load_eval_split(config, untidy_root, "val").masks, split.masks)
     message = _error(folders.load_split, untidy_root, "val", image_size=16, num_classes=3, progress=False)
     assert "class id 3" in message
 

@@ -97,7 +97,10 @@ def test_labeled_indices_are_seeded_and_sized():
     assert len(splits.labeled_indices(30, 0.1, seed=0)) == 3
     assert len(splits.labeled_indices(30, 0.01, seed=0)) == 1  # ceil(0.3)
     # Fractional counts round up (SPEC 1: ceil(f N)), also where rounding to nearest would go down.
-    for n, fraction, count in ((9, 0.25, 3), (10, 0.25, 3), (101, 0.1, 11), (230, 0.01, 3)):
+    # And products that float arithmetic puts just above a whole number (0.07 * 100 = 7.000000000000001) stay
+    # that number; a fraction too small for one image still labels one.
+    for n, fraction, count in ((9, 0.25, 3), (10, 0.25, 3), (101, 0.1, 11), (230, 0.01, 3), (100, 0.07, 7),
+                               (10, 1e-12, 1), (5, 1.0, 5)):
         assert len(splits.labeled_indices(n, fraction, seed=0)) == count, (n, fraction)
     assert set(splits.unlabeled_indices(24, 0.25, 3)) == set(range(24)) - set(picked)
     with pytest.raises(ValueError):
@@ -200,3 +203,31 @@ def test_fresh_synthetic_pairs_never_repeat_resume_by_step_and_split_over_proces
     merged = np.empty_like(second["image"])
     merged[0::2], merged[1::2] = shares[0]["image"], shares[1]["image"]
     np.testing.assert_array_equal(merged, second["image"])
+
+
+def test_report_tokenizer_lower_cases_by_default_and_names_what_it_cannot_use(tmp_path):
+    """ReportTokenizer from a vocab.txt folder: a tokenizer_config.json without do_lower_case lower-cases, as
+    BERT's default does ('Left' becomes 'left', id 5); a vocabulary without [PAD], a tokenizer_config.json that
+    is no JSON object, a max_length without room for [CLS] and [SEP] and one string for a list are one-line
+    errors, not a silently wrong batch (one string would be tokenised letter by letter)."""
+    from amvlm_jax.data.tokenize import ReportTokenizer
+    from amvlm_jax.weights import WeightError
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "left", "Left", "lung"]
+    folder = tmp_path / "vocab"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 512}')
+    tokenizer = ReportTokenizer(folder, max_length=5)
+    assert tokenizer(["Left lung"])["input_ids"].tolist() == [[2, 5, 7, 3, 0]]
+    with pytest.raises(TypeError, match="^ReportTokenizer expects a list of reports, not one string$"):
+        tokenizer("Left lung")
+    with pytest.raises(ValueError, match=r"^max_length must leave room for \[CLS\] and \[SEP\]$"):
+        ReportTokenizer(folder, max_length=1)
+    (folder / "tokenizer_config.json").write_text('["do_lower_case"]')
+    with pytest.raises(WeightError, match=f"^{folder / 'tokenizer_config.json'}: not a JSON object"):
+        ReportTokenizer(folder)
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "vocab.txt").write_text("\n".join(vocab[1:]) + "\n")
+    with pytest.raises(WeightError, match=rf"^{folder}: vocabulary has no \[PAD\] token$"):
+        ReportTokenizer(folder)
