@@ -11,7 +11,12 @@ import httpx2
 import numpy as np
 import pytest
 from huggingface_hub import constants, scan_cache_dir, snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from safetensors.numpy import save_file
 from test_encoders import TINY_IMAGE, TINY_VIT, _assert_trees_equal, _random_params, vit_params_to_timm
 
@@ -348,3 +353,42 @@ def test_a_path_under_the_home_folder_is_expanded_not_taken_for_a_hub_id(cache, 
     assert build.text_encoder_config(config) == weights.load_bert(minilm)[0]
     _assert_trees_equal(weights.load_vit("~/vit.safetensors", TINY_VIT, image_size=TINY_IMAGE), vit_file[1])
 
+
+def test_a_file_the_cache_records_as_missing_gives_way_to_the_next(cache, tmp_path):
+    """huggingface_hub notes a file a download found missing (.no_exist/<commit>/<name>) and then answers with a
+    marker, not a path: the next alternative that the cache holds is used."""
+    weights_file = tmp_path / "pytorch_model.bin"
+    weights_file.write_bytes(b"")
+    snapshot = add_to_cache(cache, VIT_ID, {"pytorch_model.bin": weights_file})
+    missing = cache / ("models--" + VIT_ID.replace("/", "--")) / ".no_exist" / COMMIT
+    missing.mkdir(parents=True)
+    (missing / "model.safetensors").touch()
+    assert hub.resolve_vit_weights(VIT_ID) == os.path.join(snapshot, "pytorch_model.bin")
+
+
+def test_a_hub_answer_to_the_reachability_check_is_left_to_the_download(cache, online, monkeypatch):
+    """An HTTP answer (here: no such repository) to the one-request check is no 'unreachable hub': the download
+    meets it too and names it."""
+    def no_repository(*args, **kwargs):
+        raise _http_error(RepositoryNotFoundError)
+
+    monkeypatch.setattr(hub, "get_hf_file_metadata", no_repository)
+    monkeypatch.setattr(hub, "hf_hub_download", no_repository)
+    with pytest.raises(ConfigError, match=r"^config.pretrain.vit_weights: 'owner/typo' is neither an existing path "
+                                          r"nor a hub model"):
+        hub.resolve_vit_weights("owner/typo")
+
+
+def test_online_a_hub_model_without_the_files_or_the_revision_is_named(cache, online, monkeypatch):
+    for kind, name, problem in (
+            (RemoteEntryNotFoundError, "owner/empty", "hub model owner/empty (revision main) has no model.safetensors "
+                                                      "or model.safetensors.index.json or pytorch_model.bin or "
+                                                      "pytorch_model.bin.index.json"),
+            (RevisionNotFoundError, "owner/model@v9", "hub model owner/model has no revision 'v9'")):
+        def download(*args, kind=kind, **kwargs):
+            raise _http_error(kind)
+
+        monkeypatch.setattr(hub, "hf_hub_download", download)
+        with pytest.raises(ConfigError) as info:
+            hub.resolve_vit_weights(name)
+        assert str(info.value) == f"config.pretrain.vit_weights: {problem}"
