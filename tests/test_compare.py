@@ -137,6 +137,9 @@ def test_ablation_rows_pretrainings_and_table(tmp_path):
     mt = ablation.row_config(base, "MT", 1, tmp_path)
     assert mt.ssl.w_text == 0 and not mt.ssl.train_decoder and mt.seed == 1
     assert mt.data.root == str(tmp_path / "data")  # One copy of the synthetic data for every row.
+    named = base.copy_and_resolve_references()
+    named.data.root = str(tmp_path / "mine")  # Synthetic data the command names is the data every row reads.
+    assert ablation.row_config(named, "+CSS", 0, tmp_path).data.root == str(tmp_path / "mine")
     assert ablation.row_config(base, "+CSS+ICL+L_tg", 0, tmp_path).ssl.train_decoder
 
     dice = {"MT": [[60, 70, 80, 65], [61, 69, 79, 66]], "+CSS": [[66, 75, 84, 70], [64, 72, 83, 69]]}
@@ -419,6 +422,55 @@ def test_results_cut_short_by_a_kill_leave_the_previous_ones_whole(tmp_path, mon
     monkeypatch.undo()
     assert {name: (tmp_path / name).read_text() for name in before} == before
     assert compare.read_per_image(tmp_path, "test")["dice"].tolist() == [60.0, 70.0, 80.0]
+
+
+def test_ablation_table_rows_by_hand(tmp_path):
+    """Each row's means over its seeds (mIoU too), the signed t and p of its pooled per-image test Dice against
+    the first row's, the markdown cells, and the fallbacks: one seed per row (a p, no seed columns), and a row
+    whose seed lacks test scores (its test cells '-', its test on val, which the footnote names)."""
+    ablation = _ablation_tool()
+    # (row, seed): per-image test Dice, per-image val Dice, results.json (val dice, val mIoU, test dice, test mIoU).
+    seeds = {("MT", 0): ([60, 70, 80], [50, 55], (50, 40, 70, 30)), ("MT", 1): ([62, 66, 82], [52, 51], (52, 44, 70, 36)),
+             ("+CSS", 0): ([64, 71, 86], [56, 54], (54, 45, 74, 38)), ("+CSS", 1): ([65, 70, 84], [57, 60], (56, 47, 73, 41))}
+    runs = {}
+    for (row, seed), (test, val, (val_dice, val_miou, test_dice, test_miou)) in seeds.items():
+        run = tmp_path / f"{row}_seed{seed}"
+        run.mkdir()
+        for split, dice in (("test", test), ("val", val)):
+            (run / f"per_image_{split}.csv").write_text(
+                "file,dice,iou\n" + "".join(f"img{i},{d},{d - 20}\n" for i, d in enumerate(dice)))
+        (run / "results.json").write_text(json.dumps({"val": {"dice": val_dice, "miou": val_miou},
+                                                      "test": {"dice": test_dice, "miou": test_miou}}))
+        runs.setdefault(row, []).append(str(run))
+    table, text = ablation.summarize(runs, tmp_path)
+    assert {k: table[0][k] for k in ("val_dice", "val_miou", "test_dice", "test_miou")} == {
+        "val_dice": 51.0, "val_miou": 42.0, "test_dice": 70.0, "test_miou": 33.0}
+    assert {k: table[1][k] for k in ("val_dice", "val_miou", "test_dice", "test_miou")} == {
+        "val_dice": 55.0, "val_miou": 46.0, "test_dice": 73.5, "test_miou": 39.5}
+    # Differences +CSS - MT, seed by seed and image by image: 4, 1, 6, 3, 4, 2 (mean 10 / 3, a positive t).
+    pooled = stats.ttest_rel([64, 71, 86, 65, 70, 84], [60, 70, 80, 62, 66, 82])
+    assert table[1]["t"] == pytest.approx(pooled.statistic) and table[1]["t"] > 0
+    assert table[1]["p"] == pytest.approx(pooled.pvalue) and pooled.pvalue < 0.05
+    p_images = stats.ttest_rel([64.5, 70.5, 85], [61, 68, 81]).pvalue
+    p_runs = stats.ttest_rel([221 / 3, 73], [70, 70]).pvalue
+    assert p_images < 0.05 < p_runs
+    assert text.splitlines()[2:] == [
+        "| MT | 51.00 | 42.00 | 70.00 | 33.00 | (baseline) | | |",
+        f"| +CSS | 55.00 | 46.00 | 73.50 | 39.50 | {pooled.pvalue:.3g} * | {p_images:.3g} * | {p_runs:.3g} |",
+        "",
+        "mean over 2 seed(s); paired t-test on per-image Dice (test, seeds pooled); * = p < 0.05"]
+    # One seed per row: the pooled test of that seed's images, without the seed-aware columns.
+    table, text = ablation.summarize({row: dirs[:1] for row, dirs in runs.items()}, tmp_path)
+    single = stats.ttest_rel([64, 71, 86], [60, 70, 80])
+    assert table[1]["p"] == pytest.approx(single.pvalue) and "p_images" not in table[1]
+    assert text.splitlines()[3] == f"| +CSS | 54.00 | 45.00 | 74.00 | 38.00 | {single.pvalue:.3g} |"
+    # A seed evaluated on val only: the row has no test means, and its test pairs the val images.
+    (pathlib.Path(runs["+CSS"][1]) / "results.json").write_text(json.dumps({"val": {"dice": 56, "miou": 47}}))
+    table, text = ablation.summarize(runs, tmp_path)
+    assert "test_dice" not in table[1] and table[1]["p_split"] == "val"
+    assert table[1]["p"] == pytest.approx(stats.ttest_rel([56, 54, 57, 60], [50, 55, 52, 51]).pvalue)
+    assert text.splitlines()[3].startswith("| +CSS | 55.00 | 46.00 | - | - | ")
+    assert text.endswith("(val, seeds pooled); * = p < 0.05")
 
 
 def test_ablation_rejects_bad_rows_and_seeds_up_front():
