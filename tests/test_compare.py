@@ -77,6 +77,32 @@ def test_compare_table_and_pooling(tmp_path, capsys):
     assert "--alpha=5.0: a significance level in (0, 1)" in capsys.readouterr().err
 
 
+def test_compare_row_spread_miou_and_a_chosen_significance_level_by_hand(tmp_path, capsys):
+    """mIoU is the mean of the iou column, dice_std the sample sd of the images' Dice, and --alpha decides both
+    the 'significant' flag and the table's stars; a baseline named with a trailing slash heads the table as listed."""
+    for name, dice, iou in (("base", [60, 70, 80, 65], [40, 50, 70, 45]), ("better", [62, 75, 81, 70], [41, 60, 70, 52])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "per_image_test.csv").write_text(
+            "file,dice,iou\n" + "".join(f"img{i},{d},{u}\n" for i, (d, u) in enumerate(zip(dice, iou))))
+    base, better = str(tmp_path / "base"), str(tmp_path / "better")
+    rows = compare.compare([base, better], "test", alpha=0.1)
+    # Base: mean 68.75, squared deviations 76.5625 + 1.5625 + 126.5625 + 14.0625 = 218.75 over 3.
+    assert rows[0]["miou"] == 51.25 and rows[0]["dice_std"] == pytest.approx(math.sqrt(218.75 / 3))
+    assert rows[1]["miou"] == 55.75
+    p = stats.ttest_rel([62, 75, 81, 70], [60, 70, 80, 65]).pvalue  # Differences 2, 5, 1, 5.
+    assert 0.05 < p < 0.1 and rows[1]["p"] == pytest.approx(p) and rows[1]["significant"]
+    assert not compare.compare([base, better], "test")[1]["significant"]
+    # A baseline listed second: the first run is tested against it (a negative t), the baseline against nothing.
+    against = compare.compare([base, better], "test", better)
+    assert "p" not in against[1] and against[0]["p"] == pytest.approx(p) and against[0]["t"] < 0
+    compare.main([base, better, "--alpha", "0.1", "--baseline", base + "/"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"| run | images | Dice | mIoU | p vs {base} |"
+    assert lines[3] == f"| {better} | 4 | 72.00 | 55.75 | {p:.3g} * |"
+    compare.main([base, better])
+    assert capsys.readouterr().out.splitlines()[3] == f"| {better} | 4 | 72.00 | 55.75 | {p:.3g} |"
+
+
 def test_seed_tests_need_the_same_images_in_every_run(tmp_path):
     parts = {}
     for name, files, dice in (("a0", "xy", [60, 70]), ("a1", "uv", [61, 72]), ("b0", "xy", [65, 71]), ("b1", "uv", [63, 75])):
