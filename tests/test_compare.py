@@ -237,6 +237,32 @@ def test_curve_best_epoch_and_last_validations(tmp_path, capsys):
         curve.epoch_rows(runs[0])
 
 
+def test_curve_of_one_run_and_validations_every_other_epoch_by_hand(tmp_path, capsys, monkeypatch):
+    """One run's table: the first, every N-th, the best and the last epoch, minutes from the start of the first
+    epoch; a tie for the best is the first epoch that reached it (the loop's best checkpoint); with validations
+    every other epoch, the last N validations are the last N validated epochs, not the validated ones among the
+    last N epochs."""
+    curve = repo_module("tools/curve.py")
+    # Epoch e ends at 60 e + 30 s after 60 s of training: e minutes after the first epoch began.
+    dice = [50.0, 58.0, 61.0, 57.0, 66.0, 66.0, 63.0]
+    records = [{"epoch": e, "time": 60.0 * e + 30, "epoch_seconds": 60.0, "train/epoch_loss": 1.0 / e, "val/dice": d,
+                "val/miou": d - 20} for e, d in enumerate(dice, start=1)]
+    run = _metrics(tmp_path / "run", records)
+    monkeypatch.setattr(sys, "argv", ["curve.py", str(run), "--every", "3", "--last", "2"])
+    curve.main()
+    assert capsys.readouterr().out.splitlines() == [
+        "| epoch | minutes | train loss | val Dice | val mIoU |", "|---:|---:|---:|---:|---:|",
+        "| 1 | 1.0 | 1.0000 | 50.00 | 30.00 |", "| 3 | 3.0 | 0.3333 | 61.00 | 41.00 |",
+        "| 5 (best) | 5.0 | 0.2000 | 66.00 | 46.00 |", "| 6 | 6.0 | 0.1667 | 66.00 | 46.00 |",
+        "| 7 | 7.0 | 0.1429 | 63.00 | 43.00 |", "",
+        "best val Dice 66.00 at epoch 5; mean of the last 2 validations 64.50"]
+    # Validated at epochs 2, 4, 6 and 8: the last two validations are epochs 6 and 8.
+    sparse = [{"epoch": e, "time": 10.0 * e, "train/epoch_loss": 1.0} | ({"val/dice": 40.0 + e} if e % 2 == 0 else {})
+              for e in range(1, 9)]
+    summary = curve.validation_summary(sparse, last=2)
+    assert summary == {"epochs": 8, "best_epoch": 8, "best_dice": 48.0, "last_mean_dice": 47.0}
+
+
 def test_pretrain_table_reports_before_after_and_the_smallest_gain(tmp_path, capsys):
     import json
 
