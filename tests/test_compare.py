@@ -380,6 +380,34 @@ def test_pretrain_table_against_a_control_pairs_the_seeds_after_training(tmp_pat
         table.main([str(tmp_path / "new0"), "--against", other])
 
 
+def test_pretrain_table_pairs_queries_only_from_the_first_evaluation_and_equal_counts(tmp_path, capsys):
+    """The queries' test pairs a run's step-0 ranks with its last; ranks kept from a later step only (no step 0)
+    are no 'before', and seeds that asked different numbers of queries are not paired query by query ('-', not a
+    traceback). A probe's majority share (a property of the data) is no metric row."""
+    table = repo_module("tools/pretrain_table.py")
+
+    def seed(name, steps):
+        summary = {"initial_retrieval": {"test/t2i_top1": 0.0, "test/probe/Type/majority": 0.6},
+                   "final_retrieval": {"test/t2i_top1": 0.5, "test/probe/Type/majority": 0.6}}
+        workdir = _summary(tmp_path / name, summary["initial_retrieval"], summary["final_retrieval"])
+        (tmp_path / name / "pretrain" / "ranks").mkdir()
+        for step, ranks in steps.items():
+            (tmp_path / name / "pretrain" / "ranks" / f"step_{step}.json").write_text(json.dumps({"test": {"t2i": ranks}}))
+        return workdir
+
+    # Hits before 0, 0, 0, 0 and 0, 1, 0, 0; after 1, 1, 0, 1 and 1, 1, 1, 0: means 1, 1, .5, .5 against 0, .5, 0, 0,
+    # differences 1, .5, .5, .5 (mean .625, sd .25): t = .625 / (.25 / 2) = 5 with 3 degrees of freedom.
+    full = [seed("a0", {0: [3, 2, 1, 1], 9: [0, 0, 2, 0]}), seed("a1", {0: [2, 0, 3, 1], 5: [9, 9, 9, 9], 9: [0, 0, 0, 1]})]
+    table.main([",".join(full)])
+    out = capsys.readouterr().out
+    assert "majority" not in out
+    rows = [line for line in out.splitlines() if "t2i_top1" in line]
+    assert rows == [f"| a0 (+1) | t2i_top1 | 0.0 ± 0.0 | 50.0 ± 0.0 | +50.0 | +50.0 | - | {2 * stats.t.sf(5, 3):.3f} |"]
+    for other in (seed("late", {4: [2, 0, 3, 1], 9: [0, 0, 0, 1]}), seed("five", {0: [2, 0, 3, 1, 4], 9: [0, 0, 0, 1, 0]})):
+        table.main([f"{full[0]},{other}"])
+        assert [line for line in capsys.readouterr().out.splitlines() if "t2i_top1" in line][0].endswith("| - |")
+
+
 def test_compare_reports_bad_per_image_csvs_in_one_line(tmp_path):
     (tmp_path / "header").mkdir()
     (tmp_path / "header" / "per_image_test.csv").write_text("file,dice,iou\n")
