@@ -154,12 +154,41 @@ def test_a_later_call_keeps_the_runs_that_wrote_their_last_file(tmp_path):
     assert [name for name, run in runs.items() if tool.trained(run, tmp_path)] == ["sup25_s0"]
 
 
+def test_runs_tgz_holds_each_runs_small_outputs_and_the_end_of_its_log(tmp_path):
+    import tarfile
+
+    runs = tool.plan([1, 2], tmp_path / "d", tmp_path / "t", tmp_path, quick=False, extra=[], experiment="medpix")
+    # Later seeds warm up behind the first seed given, not behind a seed 0 that is not in the plan.
+    assert [(run.name, run.warm_after) for run in runs] == [("amvlm_s1", ""), ("mgca_s1", ""), ("amvlm_s2", "amvlm_s1"),
+                                                            ("mgca_s2", "mgca_s1")]
+    kept = ["amvlm_s1/pretrain/summary.json", "amvlm_s1/pretrain/metrics.jsonl", "amvlm_s1/pretrain/ranks/step_0.json",
+            "amvlm_s1/config.json", "amvlm_s1/per_image_val.csv", "amvlm_s1/results.json", "amvlm_s1/guidance.json",
+            "amvlm_s1/retrieval.json", "mgca_s1/pretrain/per_image_guidance_val.csv"]
+    left = ["amvlm_s1/pretrain/checkpoints/7/state.bin", "amvlm_s1/tensorboard/events.out", "amvlm_s1/curves.png",
+            "other_s1/results.json"]  # The last: a folder of no run of the plan.
+    for name in kept + left:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    log = bytes(range(256)) * 100  # 25,600 bytes: the last 20,000 are kept.
+    (tmp_path / "amvlm_s1.log").write_bytes(log)
+    out = tmp_path / "out"
+    out.mkdir()
+    tool.pack(runs, tmp_path, out)
+    with tarfile.open(out / "runs.tgz") as archive:
+        names = archive.getnames()
+        assert sorted(names) == sorted(kept + ["amvlm_s1/log_tail.txt"])
+        assert archive.extractfile("amvlm_s1/log_tail.txt").read() == log[5600:]
+        assert archive.extractfile("amvlm_s1/pretrain/ranks/step_0.json").read() == b"amvlm_s1/pretrain/ranks/step_0.json"
+    assert sorted(path.name for path in out.iterdir()) == ["runs.tgz"]
+
+
 def test_the_table_has_each_rows_seeds_their_spread_and_last_10_mean_beside_the_papers_row(tmp_path):
     import json
     runs = tool.plan([0, 1], tmp_path / "d", tmp_path / "t", tmp_path, quick=False, extra=[])
-    best = {"sup100_s0": 76.0, "sup100_s1": 78.0, "mt25_s0": 70.0}  # mt25_s1 stopped at the budget.
+    # mt25_s1 wrote results.json and then exited with an error: not a finished run, its score not counted.
+    best = {"sup100_s0": 76.0, "sup100_s1": 78.0, "mt25_s0": 70.0, "mt25_s1": 50.0}
     for run in runs:
-        run.status = "done" if run.name in best else "stopped at the budget"
+        run.status = {"mt25_s1": "exit 1"}.get(run.name, "done" if run.name in best else "stopped at the budget")
         if run.name in best:
             (tmp_path / run.name).mkdir()
             (tmp_path / run.name / "results.json").write_text(json.dumps({"val": {"dice": best[run.name], "miou": 60.0}}))
