@@ -110,6 +110,8 @@ def test_seed_tests_need_the_same_images_in_every_run(tmp_path):
     # Each seed evaluated other images (say, another split): neither seed-aware test applies.
     assert compare.seed_tests([parts["a0"], parts["a1"]], [parts["b0"], parts["b1"]]) == {}
     assert compare.seed_tests([parts["a0"]], [parts["b0"]]) == {}
+    # Only the second row's second run evaluated other images.
+    assert compare.seed_tests([parts["a0"], parts["b0"]], [parts["b0"], parts["a1"]]) == {}
     assert compare.seed_tests([parts["a0"], parts["a0"]], [parts["b0"]]) == {}
 
 
