@@ -441,6 +441,13 @@ def test_uncertainty_analysis_scores_match_the_model(all_run):
     patch_weights = np.clip(attention, low, high) / np.clip(attention, low, high).sum()
     expected = 0.5 * (np.sum(weights * word_cos) + np.sum(patch_weights * patch_cos))
     assert part1[0]["tokens"] == pytest.approx(float(expected), abs=1e-4)
+    # Part 2 of another image's report (--report): the images nearest to it, those with that report marked own.
+    other = next(r for r in range(len(split.names)) if split.reports[r] != split.reports[row])
+    asked = tool.analyse(config, tmp_path, "val", "", split.reports[other], count=3)
+    report_of = dict(zip(split.names, split.reports))
+    assert asked["report"] == split.reports[other] and asked["report_vs_images"][0]["label"] == split.names[other]
+    assert [r["own"] for r in asked["report_vs_images"]] == [report_of[r["label"]] == split.reports[other]
+                                                             for r in asked["report_vs_images"]]
     tool.plot(result, tmp_path / "uncertainty.png")
     assert (tmp_path / "uncertainty.png").stat().st_size > 10_000
     # The model is built as the pre-training run recorded it, whatever the command's pretrain fields say.
@@ -475,6 +482,70 @@ def test_uncertainty_analysis_leaves_out_pdt_heads_the_run_did_not_train(all_run
     assert "   0." in table and "       -      -            -           -  *" in table
     tool.plot(without, tmp_path / "uncertainty.png")
     assert (tmp_path / "uncertainty.png").is_file()
+
+
+def test_uncertainty_nearest_reports_by_hand():
+    """Part 1's reports: the image's own first, then by falling cosine, one per distinct text and none with the
+    own report's text; part 2's images (no text rule): by falling cosine."""
+    nearest = repo_module("tools/uncertainty.py").nearest
+    # Cosines with row 0: 1, 0, .8, .6, .7 (unit rows).
+    embeddings = np.array([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6], [0.6, 0.8], [0.7, np.sqrt(0.51)]])
+    assert nearest(embeddings, 0, 4) == [0, 2, 4, 3]
+    assert nearest(embeddings, 0, 3, exclude_same_text=["a", "b", "c", "a", "c"]) == [0, 2, 1]
+    assert nearest(embeddings, 0, 5, exclude_same_text=["a", "b", "c", "a", "c"]) == [0, 2, 1]  # Three texts in all.
+    assert nearest(embeddings, 3, 2) == [3, 4]  # Row 3: cosines .6, .8, .96, 1, .99.
+
+
+def test_uncertainty_pair_scores_by_hand():
+    """The per-pair scores of make_pair_scores against numpy on fixed model outputs: the CLS-weighted token
+    similarity with and without the PDT factor c = sigmoid(W2 / sem), c's weighted mean, and the PDT heads'
+    variances of the real words (padding left out) and of the patches."""
+    from amvlm_jax.losses.contrastive import PDTOutputs
+
+    rng = np.random.default_rng(3)
+    b, words, patches, dims = 2, 4, 5, 3
+    mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], np.float32)
+
+    def unit(*shape):
+        x = rng.standard_normal(shape).astype(np.float32)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    out = {"v": unit(b, dims), "t": unit(b, dims), "T": unit(b, words, dims), "word_context": unit(b, words, dims),
+           "V": unit(b, patches, dims), "patch_context": unit(b, patches, dims), "word_mask": mask,
+           "word_attention": rng.random((b, words)).astype(np.float32),
+           "patch_attention": rng.random((b, patches)).astype(np.float32)}
+    out["word_pdt"] = PDTOutputs(*(rng.standard_normal((b, words, dims)).astype(np.float32) for _ in range(4)))
+    out["patch_pdt"] = PDTOutputs(*(rng.standard_normal((b, patches, dims)).astype(np.float32) for _ in range(4)))
+    model = types.SimpleNamespace(apply=lambda variables, images, tokens, train, with_pdt: out)
+    scores = jax.device_get(repo_module("tools/uncertainty.py").make_pair_scores(model, True)({}, np.zeros(b), {}))
+
+    def weights(attention):  # Clipped to the real tokens' 10% and 90% quantiles, summing to 1.
+        low, high = np.quantile(attention, [0.1, 0.9])
+        clipped = np.clip(attention, low, high)
+        return clipped / clipped.sum()
+
+    for i in range(b):
+        real = mask[i] > 0
+        sides = []
+        for tokens, contexts, pdt, attention, keep in (
+                ("T", "word_context", "word_pdt", "word_attention", real), ("V", "patch_context", "patch_pdt",
+                                                                            "patch_attention", slice(None))):
+            cos = np.sum(out[tokens][i] * out[contexts][i], -1)[keep]
+            gauss = out[pdt]
+            semantic = np.sum((gauss.token_mu[i] - gauss.context_mu[i]) ** 2, -1)[keep]
+            spread = np.sum((gauss.token_logsigma[i] - gauss.context_logsigma[i]) ** 2, -1)[keep]
+            c = 1 / (1 + np.exp(-(semantic + spread) / (semantic + 1e-6)))
+            w = weights(out[attention][i][keep])
+            sides.append((np.sum(w * cos), np.sum(w * (1 - (1 - cos) * c)), np.sum(w * c)))
+        (word_plain, word_pdt, word_c), (patch_plain, patch_pdt, patch_c) = sides
+        assert scores["global"][i] == pytest.approx(float(out["v"][i] @ out["t"][i]), abs=1e-6)
+        assert scores["tokens"][i] == pytest.approx(0.5 * (word_plain + patch_plain), abs=1e-5)
+        assert scores["tokens_pdt"][i] == pytest.approx(0.5 * (word_pdt + patch_pdt), abs=1e-5)
+        assert scores["pdt_factor"][i] == pytest.approx(0.5 * (word_c + patch_c), abs=1e-5)
+        word_variance = np.exp(2 * out["word_pdt"].token_logsigma[i][real])
+        assert scores["report_variance"][i] == pytest.approx(float(word_variance.mean()), rel=1e-5)
+        patch_variance = np.exp(2 * out["patch_pdt"].token_logsigma[i])
+        assert scores["image_variance"][i] == pytest.approx(float(patch_variance.mean()), rel=1e-5)
 
 
 def test_teacher_norm_batch_uses_batch_statistics_and_ema_uses_running_ones(vision_only):
@@ -632,6 +703,22 @@ def test_text_mask_tool_scores_pretrained_masks(all_run):
     assert result["images"] == 8 and 0.0 <= result["auroc"] <= 100.0 and 0.0 <= result["dice"] <= 100.0
     assert 0.0 <= result["p_text_lesion"] <= 1.0 and set(result["own_similarity_by_cell"]) <= {"lesion", "distractor", "empty"}
     assert result["auroc"] == pytest.approx(result["pixel_auroc"]["text_mask"]["lesion_vs_all"])  # Both exact ranks.
+    # The mean text mask on lesion and on background pixels, from the generator's masks of the whole split.
+    _, masks = ssl.text_mask_outputs(guidance, guidance.init_generator(jax.random.PRNGKey(0)), guidance.variables,
+                                     split.images.astype(np.float32) / 255.0, guidance.tokenizer(split.reports))
+    p_text, truth = np.asarray(masks["p_text"], np.float64), split.masks > 0
+    assert truth.any() and (~truth).any()
+    assert result["p_text_lesion"] == pytest.approx(p_text[truth].mean(), rel=1e-4)
+    assert result["p_text_background"] == pytest.approx(p_text[~truth].mean(), rel=1e-4)
+    # Batches of 3 (the last one padded with repeated images) score each image once, as one batch of 8 does.
+    in_threes, three_features = tool.score_split(config, guidance, split, "val", batch_size=3)
+
+    def flat(scores, prefix=""):
+        return {k: v for key, value in scores.items() for k, v in (
+            flat(value, f"{prefix}{key}/").items() if isinstance(value, dict) else [(prefix + key, value)])}
+
+    assert flat(in_threes) == pytest.approx(flat(result), rel=1e-5, abs=1e-6)
+    np.testing.assert_allclose(three_features["p_text_cells"], features["p_text_cells"], rtol=1e-5, atol=1e-6)
     # The named-cells reference marks every lesion pixel and no distractor (they hold cells of their own).
     named = result["pixel_auroc"]["named_cells"]
     assert named["lesion_vs_distractor"] == 100.0 and 80.0 < named["lesion_vs_all"] < 100.0
@@ -732,6 +819,33 @@ def test_text_mask_tool_scores_pretrained_masks(all_run):
     solution, *_ = np.linalg.lstsq(np.c_[x, np.ones(30)], y, rcond=None)
     np.testing.assert_allclose(tool.ridge_predictions(x, y, x[:5], 1e-9), np.c_[x[:5], np.ones(5)] @ solution, atol=1e-6)
     assert tool.rank_auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+
+
+def test_text_mask_tool_cells_ties_and_word_attention_by_hand():
+    """Pure parts of tools/text_masks.py on hand cases: tied scores count half in the AUROC; a patch belongs to
+    the grid cell holding its centre where patches and cells do not align (14 patches of 16 px, cell edges 0,
+    75, 149, 224); the mean attention leaves out padding words; 'lower', 'right' and 'center' name their thirds."""
+    tool = repo_module("tools/text_masks.py")
+    # Positives .5, .9 against negatives .5, .2: pairs won 1 + 1 + 1, one tie: 3.5 of 4.
+    assert tool.rank_auroc([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1]) == pytest.approx(0.875)
+    # Patch centres 8, 24, ..., 216: rows 0-4 (centre <= 72) in cell row 0, 5-8 (88-136) in 1, 9-13 (152-) in 2.
+    bands = np.array([0] * 5 + [1] * 4 + [2] * 5)
+    np.testing.assert_array_equal(tool.patch_cells(14, 224), (3 * bands[:, None] + bands[None, :]).ravel())
+    # A 3x3 patch grid, 2x2 pixels each: feature 0 marks the bottom row, 1 the right column, 2 the top-left patch.
+    maps = np.zeros((1, 3, 3, 3))
+    maps[0, 2, :, 0], maps[0, :, 2, 1], maps[0, 0, 0, 2] = 1.0, 1.0, 1.0
+    # Words lower, right, center (uniform) and a padding word that looks only at the top-left patch; at a
+    # temperature of 2, lower's logits are 1 on the bottom row and 0 elsewhere.
+    words = np.array([[[2.0, 0, 0], [0, 2.0, 0], [0, 0, 0], [0, 0, 60.0]]])
+    lesion, distractor = np.zeros((1, 6, 6), bool), np.zeros((1, 6, 6), bool)
+    lesion[0, 4:, 4:], distractor[0, :2, :2] = True, True  # The bottom-right patch, the top-left one.
+    readout = tool.word_attention_readouts(maps, words, np.array([[1.0, 1, 1, 0]]), [["lower", "right", "center"]],
+                                           lesion, distractor, temperature=2.0, image_size=6)
+    share = 3 * np.e / (3 * np.e + 6)
+    assert readout["location_share"] == pytest.approx({"lower": share, "right": share, "center": 1 / 3})
+    # Real words' mean attention: (2 e / (3 e + 6) + 1/9) / 3 = .163 on the lesion's patch, at most .124 on any
+    # other; with the padding word (nearly 1 on the distractor's patch) that patch would lead.
+    assert readout["mean_attention"] == pytest.approx({"lesion_vs_all": 100.0, "lesion_vs_distractor": 100.0})
 
 
 def test_constant_text_mask_control_keeps_l_tg_and_removes_location(all_run):
