@@ -8,10 +8,12 @@ Restores the pre-trained encoders and PDT heads (<workdir>/pretrain, or
 --config.data.root reads other data), and scores image-report pairs three ways:
 
     global      cosine v . t of the image and report embeddings (what ITA aligns);
-    tokens      the word-weighted mean of T_w . O_w, each word against its
-                context in the image (SPEC 3.2's similarity, without PDT);
-    tokens+PDT  the same with the PDT constraint: 1 - (1 - T_w . O_w) c_ww,
-                c (column 'c', its weighted mean) from the Gaussians of the PDT heads;
+    tokens      the weighted mean of T_w . O_w over the report's words (each word
+                against its context in the image), averaged with that of V_p . O_p
+                over the image's patches (SPEC 3.2's two sides, without PDT);
+    tokens+PDT  the same with the PDT constraint: 1 - (1 - T_w . O_w) c_ww and
+                its patch counterpart, c (column 'c', its weighted mean over both
+                sides) from the Gaussians of the PDT heads;
                 c near 1 means PDT leaves the pair's similarity as it is.
 
 and reports the PDT heads' variances (mean exp(2 logsigma)) of the report's
