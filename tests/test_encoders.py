@@ -968,3 +968,94 @@ def test_bert_layer_norms_named_gamma_and_beta_load_as_weight_and_bias(tiny_bert
         state[name] = value
     assert any(name.endswith(".gamma") for name in state) and any(name.endswith(".beta") for name in state)
     _assert_trees_equal(weights.bert_params_from_state_dict(state, TINY_BERT), params)
+
+
+def test_half_precision_checkpoints_and_a_state_dict_wrapper_load_as_float32(tiny_vit_params, tmp_path):
+    """bfloat16 tensors (numpy has no such type) load from .safetensors and from a torch pickle; a .pth that
+    a training script saved as {'state_dict': ...} is unwrapped. Values already on bfloat16's grid come back
+    exactly."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file as save_torch_file
+
+    rounded = jax.tree.map(lambda p: np.asarray(jnp.asarray(p, jnp.bfloat16), np.float32), tiny_vit_params)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(rounded), jax.tree.leaves(tiny_vit_params)))
+    state = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in vit_params_to_timm(rounded).items()}
+    save_torch_file(state, str(tmp_path / "bf16.safetensors"))
+    torch.save({"epoch": 3, "state_dict": state}, tmp_path / "bf16.pth")
+    for name in ("bf16.safetensors", "bf16.pth"):
+        loaded = weights.load_vit(tmp_path / name, TINY_VIT, image_size=TINY_IMAGE)
+        assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(loaded))
+        _assert_trees_equal(loaded, rounded)
+
+
+def test_hf_vit_with_a_pooler_and_a_deit_distillation_token_loads_the_class_token_model(torch_vit, tmp_path, capsys):
+    """ViTModel.save_pretrained keeps its pooler (add_pooling_layer defaults to True) unprefixed, and a HF DeiT
+    carries embeddings.distillation_token with a second position row: the pooler reads only the final class
+    token and the distillation row is dropped, so both load to the model the reference computes."""
+    path, state, images, reference = torch_vit
+    width = TINY_VIT["width"]
+    pooled = dict(state, **{"pooler.dense.weight": np.eye(width, dtype=np.float32),
+                            "pooler.dense.bias": np.zeros((width,), np.float32)})
+    save_file(pooled, str(tmp_path / "pooled.safetensors"))
+    _check_vit_against_reference(weights.load_vit(tmp_path / "pooled.safetensors", TINY_VIT, image_size=TINY_IMAGE),
+                                 images, reference)
+    distilled = dict(state)
+    distilled["embeddings.distillation_token"] = np.ones((1, 1, width), np.float32)
+    pos = state["embeddings.position_embeddings"]
+    distilled["embeddings.position_embeddings"] = np.concatenate([pos[:, :1], np.ones_like(pos[:, :1]), pos[:, 1:]], 1)
+    save_file(distilled, str(tmp_path / "deit.safetensors"))
+    capsys.readouterr()
+    _check_vit_against_reference(weights.load_vit(tmp_path / "deit.safetensors", TINY_VIT, image_size=TINY_IMAGE),
+                                 images, reference)
+    assert "its DeiT distillation token is left out" in capsys.readouterr().out
+
+
+def test_a_non_square_image_resamples_the_position_grid_as_rows_by_columns(tiny_vit_params, tmp_path):
+    """A 4x4 grid whose every row holds its row number, loaded for 32x64 images (a 4x8 grid): only the width
+    grows, so each of the 4 rows still holds its number (a cubic kernel keeps constants and is the identity
+    along an unchanged axis); rows and columns exchanged would give an 8x4 grid read as 4x8."""
+    state = vit_params_to_timm(tiny_vit_params)
+    grid = np.repeat(np.arange(4, dtype=np.float32), 4)[None, :, None] * np.ones((1, 1, TINY_VIT["width"]), np.float32)
+    state["pos_embed"] = np.concatenate([state["pos_embed"][:, :1], grid], axis=1)
+    save_file(state, str(tmp_path / "vit.safetensors"))
+    pos = weights.load_vit(tmp_path / "vit.safetensors", TINY_VIT, image_size=(32, 64))["pos_embed"]
+    assert pos.shape == (1, 1 + 4 * 8, TINY_VIT["width"])
+    np.testing.assert_allclose(pos[0, 1:].reshape(4, 8, -1), np.arange(4.0)[:, None, None] * np.ones((4, 8, 64)),
+                               atol=1e-5)
+
+
+def test_declared_pixel_normalisation_of_one_value_and_of_another_std(tmp_path):
+    """An image processor's settings may give one mean and std for all three channels; a declared std that
+    differs from the config's, with the same mean, is refused too."""
+    file = tmp_path / "model.safetensors"
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": 0.5, "image_std": 0.25}))
+    assert weights.declared_pixel_normalisation(file) == ((0.5,) * 3, (0.25,) * 3,
+                                                          str(tmp_path / "preprocessor_config.json"))
+    weights.check_pixel_normalisation(file, (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(WeightError, match=r"declares the weights' pixel normalisation mean 0.5,0.5,0.5, std "
+                                          r"0.25,0.25,0.25, not the config's 0.5,0.5,0.5 / 0.5,0.5,0.5;"):
+        weights.check_pixel_normalisation(file, (0.5,) * 3, (0.5,) * 3)
+
+
+def test_a_bare_orbax_folder_loads_and_has_no_metadata(tiny_vit_params, tmp_path):
+    """load_params_checkpoint also reads an Orbax PyTree saved straight into the folder (no params/ inside),
+    and such a folder's metadata is empty, not an error."""
+    import orbax.checkpoint as ocp
+
+    ocp.PyTreeCheckpointer().save(tmp_path / "bare", tiny_vit_params)
+    _assert_trees_equal(weights.load_params_checkpoint(tmp_path / "bare"), tiny_vit_params)
+    assert weights.load_checkpoint_metadata(tmp_path / "bare") == {}
+
+
+def test_a_bert_config_without_model_type_is_read_as_bert(tiny_bert_dir, tmp_path):
+    """Older BERT folders' config.json has no model_type (it came with later library versions): BERT."""
+    import shutil
+
+    directory, params = tiny_bert_dir
+    values = json.loads((directory / "config.json").read_text())
+    del values["model_type"]
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    shutil.copy(directory / "model.safetensors", tmp_path / "model.safetensors")
+    config, loaded = weights.load_bert(tmp_path)
+    assert config.num_hidden_layers == TINY_BERT.num_hidden_layers
+    _assert_trees_equal(loaded, params)
