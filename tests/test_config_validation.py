@@ -380,3 +380,34 @@ def test_medpix_locked_text_warms_amvlm_up_and_leaves_mgcas_schedule_alone():
     assert (mgca.schedule, mgca.warmup_fraction, mgca.optimizer, mgca.batch_size) == ("warmup_cosine", 0.4, "adamw", 72)
     long = medpix.get_config("cpu,locked_text,long").pretrain
     assert (long.augment, long.epochs, long.eval_every_epochs, long.schedule) == ("crop", 30, 10, "warmup_cosine")
+
+
+def test_a_recorded_config_fills_in_this_versions_fields_as_their_types():
+    """A checkpoint's config as JSON: lists become the tuples the fields hold, fields this version lacks are
+    left out, sections not asked for and a missing section keep the command's values."""
+    from amvlm_jax.config import with_recorded
+
+    config = base_config()
+    recorded = {"pretrain": {"vit_pixel_mean": [0.5, 0.5, 0.5], "retired_field": 3},
+                "unet": {"base_width": config.unet.base_width + 4}, "ssl": "not a section"}
+    restored = with_recorded(config, recorded, sections=("pretrain", "ssl", "data"))
+    assert restored.pretrain.vit_pixel_mean == (0.5, 0.5, 0.5) and "retired_field" not in restored.pretrain
+    assert restored.unet.base_width == config.unet.base_width and restored.ssl == config.ssl
+    validate(restored)
+
+
+def test_recorded_data_reads_where_the_run_read_unless_the_command_names_a_root(tmp_path):
+    """The command's default experiment ('synthetic') gives way to the recorded data name also when the command
+    names a root; another name on the command stands."""
+    from amvlm_jax.config import with_recorded_data
+
+    config = _experiment("synthetic").get_config()
+    assert with_recorded_data(config, None) is config  # Nothing recorded: the command's.
+    recorded = {"data": {"name": "monuseg", "root": str(tmp_path / "run_data"), "image_size": 96}}
+    restored = with_recorded_data(config, recorded)
+    assert (restored.data.name, restored.data.root, restored.data.image_size) == ("monuseg", str(tmp_path / "run_data"), 96)
+    config.data.root = str(tmp_path / "moved")
+    restored = with_recorded_data(config, recorded)
+    assert (restored.data.name, restored.data.root, restored.data.image_size) == ("monuseg", str(tmp_path / "moved"), 96)
+    config.data.name = "covid"
+    assert with_recorded_data(config, recorded).data.name == "covid"

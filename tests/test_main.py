@@ -474,3 +474,75 @@ def test_evaluating_a_moved_mean_teacher_run_finds_its_encoders_in_the_workdir_o
     # What the error for encoders that are not there says to do: the command's folder, not the recorded one.
     named = tiny_synthetic_config(**{"mode": "evaluate", "ssl.pretrained": str(tmp_path / "elsewhere")})
     assert main.checkpoint_config(named, workdir)[0].ssl.pretrained == str(tmp_path / "elsewhere")
+
+
+def _saved(workdir: pathlib.Path, state: dict, meta: dict) -> pathlib.Path:
+    from amvlm_jax.train import checkpoint
+
+    saver = checkpoint.RunCheckpoints(workdir)
+    saver.save(1, state, {"epoch": 1} | meta, is_best=True)
+    saver.wait()
+    saver.close()
+    return workdir
+
+
+def test_a_checkpoint_names_its_job_and_what_it_cannot_be_used_for(tmp_path):
+    """Written before jobs were named: a state with a teacher is a mean teacher's, one whose teacher is None a
+    supervised run's. A pre-training checkpoint predicts nothing, and eval.initial needs one."""
+    import jax.numpy as jnp
+
+    params = {"w": jnp.arange(2.0)}
+    mean_teacher = _saved(tmp_path / "ssl", {"params": params, "teacher": {"params": params}}, {})
+    plain = _saved(tmp_path / "plain", {"params": params, "teacher": None}, {})
+    assert main.checkpoint_config(tiny_synthetic_config(mode="evaluate"), mean_teacher)[1] == "ssl"
+    assert main.checkpoint_config(tiny_synthetic_config(mode="evaluate"), plain)[1] == "supervised"
+    pretrained = _saved(tmp_path / "pre", {"params": params}, {"job": "pretrain"})
+    with pytest.raises(ConfigError, match=f"^{pretrained}: a pre-training checkpoint has no segmentation model "
+                                          r"\(predict\); pass it as config.ssl.pretrained"):
+        main.checkpoint_config(tiny_synthetic_config(mode="predict"), pretrained)
+    with pytest.raises(ConfigError, match=f"^{plain}: config.eval.initial scores the encoders a pre-training run "
+                                          "started from; this is a 'supervised' checkpoint$"):
+        main.checkpoint_config(tiny_synthetic_config(**{"mode": "evaluate", "eval.initial": True}), plain)
+
+
+def test_a_real_data_run_is_evaluated_on_the_data_the_command_names_else_where_it_recorded_it(tmp_path):
+    """Recorded data.name 'monuseg' at old/data, gone: without data.root a one-line error; with one, that
+    folder under the recorded name (the command's default 'synthetic' would generate data there)."""
+    workdir = _moved_run(tmp_path, "supervised", **{"data.name": "monuseg", "data.root": str(tmp_path / "old" / "data")})
+    with pytest.raises(ConfigError, match=f"^{tmp_path / 'old' / 'data'}: the data root that {workdir} recorded does "
+                                          r"not exist \(moved\?\); pass --config.data.root=DIR$"):
+        main.checkpoint_config(tiny_synthetic_config(mode="evaluate"), workdir)
+    other = tmp_path / "other"
+    other.mkdir()
+    config, _ = main.checkpoint_config(tiny_synthetic_config(**{"mode": "evaluate", "data.root": str(other)}), workdir)
+    assert (config.data.name, config.data.root) == ("monuseg", str(other))
+    # A synthetic run evaluated on data generated into a folder the command names (not there yet): that folder.
+    synthetic = _moved_run(tmp_path / "s", "supervised", **{"data.root": str(tmp_path / "old" / "data")})
+    fresh = str(tmp_path / "fresh")
+    assert main.checkpoint_config(tiny_synthetic_config(**{"mode": "evaluate", "data.root": fresh}),
+                                  synthetic)[0].data.root == fresh
+
+
+def test_a_pretraining_checkpoint_is_scored_on_its_runs_labels_from_its_own_start(tmp_path):
+    """Neither eval.zero_shot nor eval.probe_fields on the command: the run's probe fields, rows and steps.
+    Probe fields on the command stand. eval.initial: the run's seed (its initial encoders)."""
+    workdir = _moved_run(tmp_path, "pretrain", **{"eval.probe_fields": ("sex",), "eval.probe_rows": 7,
+                                                  "eval.probe_steps": 9, "seed": 5})
+    config, job = main.checkpoint_config(tiny_synthetic_config(mode="evaluate"), workdir)
+    assert job == "pretrain" and config.eval.probe_fields == ("sex",)
+    assert (config.eval.probe_rows, config.eval.probe_steps, config.seed) == (7, 9, 0)
+    asked = tiny_synthetic_config(**{"mode": "evaluate", "eval.probe_fields": ("age",)})
+    config, _ = main.checkpoint_config(asked, workdir)
+    assert config.eval.probe_fields == ("age",) and config.eval.probe_rows == tiny_synthetic_config().eval.probe_rows
+    config, _ = main.checkpoint_config(tiny_synthetic_config(**{"mode": "evaluate", "eval.initial": True}), workdir)
+    assert config.seed == 5
+
+
+def test_mode_all_guides_with_its_own_pretraining_and_an_evaluation_keeps_the_training_record(tmp_path):
+    resolved = main.resolve(tiny_synthetic_config(mode="all"), tmp_path / "run")
+    assert resolved.ssl.pretrained == str((tmp_path / "run" / "pretrain").absolute())
+    # Its config.json (mode 'all') stays; an evaluation's own record is replaced by the next evaluation's.
+    assert main.config_file(tiny_synthetic_config(mode="evaluate"), tmp_path / "run") == tmp_path / "run" / "config_evaluate.json"
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "config.json").write_text('{"mode": "predict"}')
+    assert main.config_file(tiny_synthetic_config(mode="evaluate"), tmp_path / "eval") == tmp_path / "eval" / "config.json"
