@@ -226,6 +226,10 @@ def test_recomputed_batch_stats_reproduce_training_mode_in_inference():
     inference = model.apply({"params": params, "batch_stats": as_normalised(recomputed(images[:9]))}, x, train=False)
     np.testing.assert_allclose(inference, training_mode, rtol=1e-4, atol=1e-4)
     assert evaluate.make_batch_stats_refresh(model, images[:0], mesh, 8) is None
+    # A batch of 12 on 8 devices: rounded down to one batch of the first 8 images.
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(evaluate.make_batch_stats_refresh(
+            model, images[:12], mesh, batch_size=12)(state).batch_stats)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_evaluate_split_keeps_each_image_once_in_order_and_drops_the_padding():
@@ -245,6 +249,42 @@ def test_evaluate_split_keeps_each_image_once_in_order_and_drops_the_padding():
     np.testing.assert_array_equal(dice[:, 0], [0, 1, 2, 3, 4])
     np.testing.assert_array_equal(iou[:, 0], [0, 0.5, 1, 1.5, 2])
     np.testing.assert_array_equal(present[:, 0], [False, True, True, True, True])
+
+
+def test_evaluation_reads_pixels_in_0_1_names_its_scores_and_pads_rows_to_the_devices(tmp_path):
+    """A stub model whose logit is the pixel (in [0, 1]) less 0.999: 255 is foreground, 254 background. One 1x4
+    image predicted [1, 1, 0, 0] against the truth [1, 0, 1, 0]: Dice 2*1/(2+2) = 50%, IoU 1/3."""
+    import types
+
+    from amvlm_jax.data.folders import SplitArrays
+
+    class Threshold:
+        def apply(self, variables, images, train):
+            return images[..., :1] - 0.999
+
+    image = np.array([255, 255, 254, 254], np.uint8)[None, None, :, None] * np.ones((1, 1, 1, 3), np.uint8)
+    split = SplitArrays(["only"], image, np.array([[[1, 0, 1, 0]]], np.uint8), [""])
+    mesh = make_mesh(tiny_synthetic_config())
+    evaluator = evaluate.validation_evaluator(tiny_synthetic_config(), evaluate.make_eval_step(Threshold(), 1), split, mesh)
+    scores = evaluator.run(types.SimpleNamespace(params={}, batch_stats={}))
+    assert scores == {"val/dice": pytest.approx(50.0), "val/miou": pytest.approx(100 / 3)}
+    probability = evaluate.make_predict_step(Threshold())({}, {}, image)
+    logits = np.array([255, 255, 254, 254]) / 255 - 0.999
+    np.testing.assert_allclose(probability[0, 0], 1 / (1 + np.exp(-logits)), rtol=1e-5)
+    # results.json of a binary task has no per-class part; the table's columns by hand.
+    dice, iou, present = (np.array([[0.5]]), np.array([[1 / 3]]), np.array([[True]]))
+    results = evaluate.write_results(tmp_path, {"val": (dice, iou, present), "test": None}, {"val": split})
+    assert set(results["val"]) == {"dice", "miou", "images", "masks"} and results["test"] is None
+    assert evaluate.format_table(results) == ("split     images     Dice     mIoU\n"
+                                              "val            1    50.00    33.33\n"
+                                              "test    (no data)")
+    # The masks' digest tells one split's masks from the same bytes at another size.
+    masks = np.zeros((1, 4, 4), np.uint8)
+    assert evaluate.masks_fingerprint(["a"], masks) != evaluate.masks_fingerprint(["a"], masks.reshape(1, 2, 8))
+    # Rows for 8 devices: 5 rows padded by repeating them from the first.
+    eight = make_mesh(tiny_synthetic_config(**{"mesh.data": -1}))
+    batch = evaluate.rows_batch(eight, {"x": np.arange(10)[:, None] * 10}, np.arange(5))
+    np.testing.assert_array_equal(np.asarray(batch["x"])[:, 0], [0, 10, 20, 30, 40, 0, 10, 20])
 
 
 def test_evaluate_rejects_a_path_without_checkpoint(tmp_path):
