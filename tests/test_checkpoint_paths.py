@@ -96,3 +96,12 @@ def test_a_failed_write_without_a_system_reason_is_raised_as_it_is_and_long_line
             raise OSError(28, "No space left on device")
     line = checkpoint.first_line("x" * 300 + "\nsecond")
     assert line == "x" * 197 + "..." and checkpoint.first_line("short\nsecond") == "short"
+
+
+def test_a_path_under_home_resolves_and_a_file_is_no_checkpoint_folder(tmp_path, monkeypatch):
+    _save(tmp_path / "run", 1, is_best=True)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert checkpoint.resolve_step("~/run") == tmp_path / "run" / "checkpoints" / "best" / "1"
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(checkpoint.CheckpointError, match=f"^{tmp_path / 'notes.txt'}: not a checkpoint folder$"):
+        checkpoint.resolve_step(tmp_path / "notes.txt")

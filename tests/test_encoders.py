@@ -1059,3 +1059,12 @@ def test_a_bert_config_without_model_type_is_read_as_bert(tiny_bert_dir, tmp_pat
     config, loaded = weights.load_bert(tmp_path)
     assert config.num_hidden_layers == TINY_BERT.num_hidden_layers
     _assert_trees_equal(loaded, params)
+
+
+def test_a_folder_without_config_json_and_a_state_dict_of_no_vit_are_one_line_errors(tmp_path):
+    with pytest.raises(WeightError, match=f"^{tmp_path} has no config.json$"):
+        weights.bert_config(tmp_path)
+    with pytest.raises(WeightError) as info:
+        weights.vit_params_from_state_dict({"fc.weight": np.zeros((2, 2), np.float32)}, TINY_VIT, TINY_IMAGE, "f.pth")
+    assert str(info.value) == ("f.pth: unrecognised ViT checkpoint layout (no timm 'blocks.0.attn.qkv.weight' or "
+                               "HuggingFace 'encoder.layer.0.attention.attention.query.weight')")
