@@ -82,21 +82,12 @@ def _read_sharded(path: str) -> Dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
+    import ml_dtypes  # noqa: F401  Registers bfloat16 and float8 with numpy, so that safetensors can read them.
     from safetensors import SafetensorError, safe_open
 
-    tensors = {}
     try:
         with safe_open(path, framework="numpy") as f:
-            for key in f.keys():
-                try:
-                    tensors[key] = f.get_tensor(key)
-                except TypeError:
-                    tensors[key] = None  # bfloat16 etc.: numpy cannot hold it; reread below
-        missing = [k for k, v in tensors.items() if v is None]
-        if missing:
-            with safe_open(path, framework="flax") as f:
-                for key in missing:
-                    tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except SafetensorError as error:  # e.g. "Error while deserializing header: header too large"
         raise WeightError(f"{path}: not a safetensors file ({str(error).split(': ', 1)[-1]})") from None
     return tensors
