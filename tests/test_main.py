@@ -1,5 +1,6 @@
 """The command line: one-line errors, default workdir, config overrides."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -199,6 +200,31 @@ def test_a_relative_pretrained_folder_is_recorded_absolute(tmp_path, monkeypatch
     (tmp_path / "runs" / "pre" / "pretrain" / "checkpoints").mkdir(parents=True)
     config.ssl.pretrained = "runs/pre"
     assert main.resolve(config, tmp_path / "run").ssl.pretrained == str(tmp_path / "runs" / "pre" / "pretrain")
+
+
+def test_relative_encoder_files_are_recorded_absolute_and_hub_ids_as_given(tmp_path, monkeypatch):
+    # Recorded as typed, an evaluation or a mean teacher run from another folder took 'models/bert' for a hub id
+    # and stopped: the text encoder's config and tokenizer are read from that folder again.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "bert").mkdir(parents=True)
+    (tmp_path / "models" / "vit.safetensors").write_bytes(b"")
+    config = tiny_synthetic_config()
+    config.mode = "pretrain"
+    config.pretrain.text_encoder, config.pretrain.vit_weights = "models/bert", "models/vit.safetensors"
+    resolved = main.resolve(config, tmp_path / "run")
+    assert resolved.pretrain.text_encoder == str(tmp_path / "models" / "bert")
+    assert resolved.pretrain.vit_weights == str(tmp_path / "models" / "vit.safetensors")
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["pretrain"]
+    assert (recorded["text_encoder"], recorded["vit_weights"]) == (str(tmp_path / "models" / "bert"),
+                                                                   str(tmp_path / "models" / "vit.safetensors"))
+    monkeypatch.setenv("HOME", str(tmp_path / "models"))
+    config.pretrain.text_encoder, config.pretrain.vit_weights = "~/bert", ""
+    resolved = main.resolve(config, tmp_path / "run")
+    assert (resolved.pretrain.text_encoder, resolved.pretrain.vit_weights) == (str(tmp_path / "models" / "bert"), "")
+    config.pretrain.text_encoder, config.pretrain.vit_weights = "org/bert-base", "timm/vit_small_patch16_224"
+    resolved = main.resolve(config, tmp_path / "run")
+    assert (resolved.pretrain.text_encoder, resolved.pretrain.vit_weights) == ("org/bert-base",
+                                                                               "timm/vit_small_patch16_224")
 
 
 def test_validate_rejects_unusable_values():
