@@ -30,6 +30,8 @@ def test_one_file_with_a_split_field_nested_fields_and_joined_texts(generated):
     # Row 2 (0-based) is the first val row: images/2.png, its findings and impression joined.
     assert rows["val"]["paths"][0] == str(generated.parent / "images" / "2.png")
     assert rows["val"]["reports"][0] == f"{SAMPLE_REPORTS[2]} CT image 2."
+    # Row 3 is the first test row (the split field's third name), not another val row.
+    assert rows["test"]["paths"][:2] == [str(generated.parent / "images" / f"{i}.png") for i in (3, 7)]
     config.eval.probe_fields = ("meta.modality",)
     labels = corpus.read_split(config, "train")["labels"]
     assert labels == {"meta.modality": ["MR" if i % 3 == 0 else "CT" for i in range(24) if i % 4 < 2]}
@@ -96,6 +98,56 @@ def test_bad_rows_are_one_line_errors_naming_file_and_row(tmp_path):
     config.data.corpus.train = str(tmp_path / "list.txt")
     assert "must end in .csv, .jsonl or .json" in _error(config)
 
+
+
+def test_rows_are_numbered_by_line_or_position_and_each_format_refuses_what_is_no_row(tmp_path):
+    path = write_corpus(tmp_path, 3)
+    config = corpus_config(path)
+    lines = path.read_text().splitlines()
+    # A blank line in JSON lines is no row, but counts as a line; a line holding an array is no row object.
+    path.write_text("\n".join([lines[0], "", "  ", lines[1], lines[2]]) + "\n")
+    assert len(corpus.read_split(config, "train")["paths"]) == 3
+    path.write_text("\n".join([lines[0], "", '["images/1.png"]', lines[2]]) + "\n")
+    assert _error(config) == f"{path}:3: not a JSON object"
+    row = json.loads(lines[2]) | {"file": " "}
+    path.write_text("\n".join([lines[0], "", lines[1], json.dumps(row)]) + "\n")
+    assert _error(config) == f"{path}:4: empty image field 'file'"
+    # A .json list: rows numbered by position from 1; anything but a list of objects is refused.
+    whole = tmp_path / "rows.json"
+    config.data.corpus.update(dict(train=str(whole), split_field="", text_fields=("report",)))
+    whole.write_text(json.dumps([{"file": "images/0.png", "report": "a"}, {"file": "images/1.png", "report": ""}]))
+    assert _error(config) == f"{whole}:2: empty report (fields report)"
+    for text in ('{"file": "images/0.png", "report": "a"}', '[{"file": "images/0.png", "report": "a"}, 3]'):
+        whole.write_text(text)
+        assert _error(config) == f"{whole}: a .json corpus must hold a list of objects"
+    # The suffix in capitals (a spreadsheet's export) is the same format.
+    upper = tmp_path / "ROWS.CSV"
+    upper.write_text("file,report\nimages/2.png,b\n")
+    config.data.corpus.train = str(upper)
+    assert corpus.read_split(config, "train")["reports"] == ["b"]
+
+
+def test_corpus_files_below_home_and_below_data_root(tmp_path, monkeypatch):
+    write_corpus(tmp_path, 3)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = corpus_config(pathlib.Path("~/corpus.jsonl"))
+    assert corpus.read_split(config, "train")["paths"][0] == str(tmp_path / "images" / "0.png")
+    config.data.corpus.train, config.data.root = "corpus.jsonl", str(tmp_path)
+    config.data.corpus.val = "val.jsonl"
+    with pytest.raises(DataError) as raised:
+        corpus.check_files(config)
+    assert str(raised.value) == (f"{tmp_path / 'val.jsonl'}: corpus file not found (config.data.corpus.val; "
+                                 "below config.data.root)")
+
+
+def test_a_field_both_zero_shot_and_probed_is_read_once_per_row(generated):
+    config = corpus_config(generated, **{"eval.zero_shot": {"meta/modality": {"CT": "a CT image", "MR": "an MR image"}},
+                                         "eval.probe_fields": ("meta/modality", "findings")})
+    assert corpus.labels_read(config) == ["meta/modality", "findings"]
+    labels = corpus.read_split(config, "val")["labels"]
+    # Val rows 2, 6, 10, ...: every third image is MR (6 and 18 here).
+    assert labels["meta/modality"] == ["CT", "MR", "CT", "CT", "MR", "CT"]
+    assert labels["findings"] == [SAMPLE_REPORTS[i % len(SAMPLE_REPORTS)] for i in range(2, 24, 4)]
 
 
 def _csv(tmp_path, text: bytes) -> tuple[pathlib.Path, object]:
@@ -268,7 +320,18 @@ def test_missing_images_are_skipped_and_counted_only_when_asked(tmp_path):
     config.data.corpus.missing_images = "skip"
     rows = corpus.read_split(config, "train")
     assert rows["skipped"] == 2 and len(rows["paths"]) == 6
-    assert "2 row(s) skipped: image missing" in corpus.load(config, "train", 32)[2]
+    split, _, line = corpus.load(config, "train", 32)
+    assert "2 row(s) skipped: image missing" in line
+    assert split.names == ["0", "1", "2", "4", "6", "7"]  # Image file stems, as tools' --image takes them.
+    # A split whose every row's image is missing: no rows, said with the count, not an empty split.
+    path = write_corpus(tmp_path, 4, splits=("train", "val"))
+    (tmp_path / "images" / "1.png").unlink()
+    (tmp_path / "images" / "3.png").unlink()
+    for split in ("val", "train"):
+        config.data.corpus.split_field = "meta.split" if split == "val" else ""
+        if split == "train":
+            path.write_text("".join(line for i, line in enumerate(path.read_text().splitlines(True)) if i % 2))
+        assert _error(config, split) == f"{path}: no rows (2 skipped: image missing)"
 
 
 def test_streamed_images_equal_decoded_ones_and_the_size_decides(generated):
@@ -307,6 +370,9 @@ def test_zero_shot_accuracy_by_hand():
     # Rows 0, 1: right; row 2 is nearer prompt B but labelled A; row 3's class has no prompt.
     scores = metrics.zero_shot_accuracy(images, prompts, ["A", "B", "A", "C"], ["A", "B"])
     assert scores == {"accuracy": pytest.approx(2 / 3), "majority": pytest.approx(2 / 3), "rows": 3}
+    # No row of a prompted class (unlabelled, or of other classes): nothing scored, not an error.
+    scores = metrics.zero_shot_accuracy(images[:2], prompts, ["", "C"], ["A", "B"])
+    assert np.isnan(scores["accuracy"]) and np.isnan(scores["majority"]) and scores["rows"] == 0
 
 
 def test_linear_probe_matches_an_independent_solver():
@@ -343,12 +409,13 @@ def test_linear_probe_matches_an_independent_solver():
 
 
 def test_linear_probe_standardises_with_the_training_rows_deviation():
-    """The class shows only in a feature a thousandth the size of a noise feature a thousand times larger.
-    Standardised, the feature separates the classes at a small weight; on the raw scale it needs a weight of
-    order 1e3, whose l2 cost (1e-3 |w|^2, about 1e3) is far above what it saves, so the probe would guess."""
+    """The class shows only in a feature of scale 1e-5, beside a noise feature of scale 1e3. Standardised, the
+    feature separates the classes at a small weight; on the raw scale it needs a weight of order 1e5, whose l2 cost
+    (1e-3 |w|^2, about 1e7) is far above what it saves, so the probe would guess. The deviation's guard against
+    zero (1e-6) stays well below the feature's: one of 1e-2 would shrink it to the same effect."""
     rng = np.random.default_rng(3)
     signal = rng.choice([-1.0, 1.0], size=120) * rng.uniform(1.0, 2.0, size=120)
-    x = np.stack([signal * 1e-3, rng.normal(size=120) * 1e3], axis=1)
+    x = np.stack([signal * 1e-5, rng.normal(size=120) * 1e3], axis=1)
     labels = np.where(signal > 0, "b", "a")
     scores = metrics.linear_probe_accuracy(x[:80], labels[:80], {"test": (x[80:], labels[80:])}, steps=100)["test"]
     assert scores["accuracy"] == 1.0 and scores["rows"] == 40
@@ -358,6 +425,10 @@ def test_a_probe_of_a_field_with_one_training_class_scores_no_rows():
     x = np.random.default_rng(0).normal(size=(12, 4))
     scores = metrics.linear_probe_accuracy(x[:8], ["CT"] * 8, {"val": (x[8:], ["CT", "CT", "MR", ""])})["val"]
     assert np.isnan(scores["accuracy"]) and scores["rows"] == 0
+    # Two training classes: a held-out row of a third class (PET) is not scored, as no class could be right.
+    x = np.array([[-2.0], [-1.0], [1.0], [2.0]])
+    scores = metrics.linear_probe_accuracy(x, ["CT", "CT", "MR", "MR"], {"val": (-x[:3], ["MR", "CT", "PET"])})["val"]
+    assert scores == {"accuracy": 0.5, "majority": 0.5, "rows": 2}
 
 
 def test_rows_of_a_class_without_a_prompt_are_named_not_dropped_silently():
