@@ -1,6 +1,7 @@
 """Vision-language pre-training: model outputs, objective wiring, step equivalence, EMA, train/resume."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from amvlm_jax.config import ConfigError
 from amvlm_jax.data import pipeline
 from amvlm_jax.data.folders import SplitArrays
 from amvlm_jax.data.tokenize import ReportTokenizer
@@ -536,6 +538,23 @@ def test_embeddings_are_the_heads_of_the_encoders_features(amvlm_setup, tokens):
         np.testing.assert_allclose(np.asarray((image_out | text_out)[name]), value, atol=1e-5, err_msg=name)
 
 
+def _stand_in_encoders(tokenizer):
+    """Encoders read off the inputs: images (B, S, S, 3) -> (v: pixel (0, 1) at unit norm, [CLS] features: pixel
+    (0, 0) / 255); tokens -> t: ([has 'left', has 'right', 0.1]) at unit norm."""
+    left, right = (tokenizer([word])["input_ids"][0, 1] for word in ("left", "right"))
+
+    def encode_images(variables, images):
+        x = images.astype(jnp.float32) / 255.0
+        return x[:, 0, 1] / jnp.linalg.norm(x[:, 0, 1], axis=-1, keepdims=True), x[:, 0, 0]
+
+    def encode_texts(variables, tokens):
+        ids = tokens["input_ids"]
+        t = jnp.stack([(ids == left).any(1), (ids == right).any(1), jnp.full(ids.shape[:1], True)], -1) * 1.0
+        return t * jnp.asarray([1.0, 1.0, 0.1]) / jnp.linalg.norm(t * jnp.asarray([1.0, 1.0, 0.1]), axis=-1, keepdims=True)
+
+    return encode_images, encode_texts
+
+
 def test_encoder_evaluation_scores_the_slices_and_features_its_docstring_names(monkeypatch):
     """EncoderEvaluation with stand-in encoders whose outputs are read off the pixels and tokens: retrieval on
     each set's first eval.retrieval_pairs pairs; zero-shot on the held-out set's v against the prompts' t with
@@ -547,17 +566,7 @@ def test_encoder_evaluation_scores_the_slices_and_features_its_docstring_names(m
     config = tiny_pretrain_config(**{"eval.retrieval_pairs": 12, "eval.probe_rows": 4, "eval.probe_fields": ("kind",),
                                      "eval.probe_steps": 20, "eval.zero_shot": {"kind": {"A": "left", "B": "right"}}})
     tokenizer = ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length)
-    left, right = (tokenizer([word])["input_ids"][0, 1] for word in ("left", "right"))
-
-    def encode_images(variables, images):  # v from pixel (0, 1), [CLS] features from pixel (0, 0).
-        x = images.astype(jnp.float32) / 255.0
-        return x[:, 0, 1] / jnp.linalg.norm(x[:, 0, 1], axis=-1, keepdims=True), x[:, 0, 0]
-
-    def encode_texts(variables, tokens):  # t: which of 'left' / 'right' the text holds.
-        ids = tokens["input_ids"]
-        t = jnp.stack([(ids == left).any(1), (ids == right).any(1), jnp.full(ids.shape[:1], True)], -1) * 1.0
-        return t * jnp.asarray([1.0, 1.0, 0.1]) / jnp.linalg.norm(t * jnp.asarray([1.0, 1.0, 0.1]), axis=-1, keepdims=True)
-
+    encode_images, encode_texts = _stand_in_encoders(tokenizer)
     monkeypatch.setattr(pretrain, "make_encoders", lambda model: (encode_images, encode_texts))
 
     def split(labels, cls_labels, v_labels):
@@ -594,6 +603,59 @@ def test_encoder_evaluation_scores_the_slices_and_features_its_docstring_names(m
     assert results.keys() == expected.keys()
     for key, value in expected.items():
         assert results[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_encoder_evaluation_by_hand_on_fewer_retrieval_pairs_than_probe_rows_and_repeated_reports(monkeypatch, tmp_path):
+    """eval.retrieval_pairs 3 < eval.probe_rows 6, a held-out set longer than 3 rows, repeated reports, and a probe
+    field other than the zero-shot one; every number worked out by hand. Stand-in encoders (``_stand_in_encoders``):
+    v points at class A (red) or B (green) or is grey; [CLS] features encode the probed field 'site' (x or y) in
+    colours that zero-shot would read as the other class; t says 'left' (A) or 'right' (B), so equal reports embed
+    alike."""
+    config = tiny_pretrain_config(**{"eval.retrieval_pairs": 3, "eval.probe_rows": 6, "eval.probe_fields": ("site",),
+                                     "eval.probe_steps": 20, "eval.zero_shot": {"kind": {"A": "left", "B": "right"}}})
+    tokenizer = ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length)
+    monkeypatch.setattr(pretrain, "make_encoders", lambda model: _stand_in_encoders(tokenizer))
+
+    def split(v, site, kind, reports):
+        images = np.zeros((len(v), 8, 8, 3), np.uint8)
+        images[:, 0, 1] = [{"A": (255, 0, 0), "B": (0, 255, 0), "-": (90, 90, 90)}[c] for c in v]
+        images[:, 0, 0] = [{"x": (40, 200, 90), "y": (200, 40, 90)}[c] for c in site]
+        return SplitArrays([str(i) for i in range(len(v))], images, None, reports), {"kind": list(kind), "site": list(site)}
+
+    sets = {"train": split("BAA-----", "xxxyyyxy", "AAAAAAAA", ["left finding", "right finding", "left finding",
+                                                                 *(f"left finding {i}" for i in range(3, 8))]),
+            "val": split("AABBA", "yxxyx", "AABBA", ["left finding", "left finding", "right finding", "right finding 3",
+                                                     "left finding 4"])}
+    results = pretrain.EncoderEvaluation(config, None, sets, tokenizer, parallel.make_mesh(config, batch_size=8), 8)(
+        {}, ranks_path=tmp_path / "ranks.json")
+    # Train, pairs 0-2 (reports left, right, left: rows 0 and 2 one report). Scores are 1/|t| where v and t agree,
+    # else 0. i2t: image 0 (B) finds its report 'left' at 0, 'right' above it: rank 1; image 1 (A, 'right') the
+    # same; image 2 (A, 'left'): rank 0. t2i, one query per report: 'left' (best image 2) is tied by image 1:
+    # rank 1; 'right' (image 1 scores 0) is beaten by image 0 and tied by image 2: rank 2.
+    # Val, pairs 0-2 (v A, A, B; reports left, left, right): every query first. Rows 3 and 4 are no pair.
+    ranks = {"train": {"i2t": [1, 1, 0], "t2i": [1, 2], "t2i_rows": [0, 1]},
+             "val": {"i2t": [0, 0, 0], "t2i": [0, 0], "t2i_rows": [0, 2]}}
+    assert json.loads((tmp_path / "ranks.json").read_text()) == ranks
+    expected = {"train/i2t_top1": 1 / 3, "train/t2i_top1": 0.0, "train/i2t_mrr": 2 / 3, "train/t2i_mrr": 5 / 12,
+                "val/i2t_top1": 1.0, "val/t2i_top1": 1.0, "val/i2t_mrr": 1.0, "val/t2i_mrr": 1.0}
+    expected |= {f"{name}/{direction}_top{k}": 1.0 for name in ("train", "val") for direction in ("i2t", "t2i")
+                 for k in (5, 10)}
+    # Zero-shot on val's 3 pairs from v: A, A, B, as labelled ([CLS] would answer A, B, B). The probe fitted on the
+    # [CLS] of train rows 0-5 (sites x, x, x, y, y, y; rows 0-2 alone hold one class and fit nothing; the kind
+    # field holds one), scored on val's 3 pairs (y, x, x).
+    expected |= {"val/zero_shot/kind/accuracy": 1.0, "val/zero_shot/kind/majority": 2 / 3, "val/zero_shot/kind/rows": 3,
+                 "val/probe/site/accuracy": 1.0, "val/probe/site/majority": 2 / 3, "val/probe/site/rows": 3}
+    assert results == pytest.approx(expected)
+    # A held-out set with no labelled row is not refused (its zero-shot scores no row); one whose labels are all
+    # of unprompted classes is, naming those classes (an unlabelled row is no class).
+    for kind, says in (("", None), ("C", "(values: C)")):
+        sets["val"][1]["kind"] = ["", kind, "", "A", "B"]
+        if says is None:
+            pretrain.EncoderEvaluation(config, None, sets, tokenizer, None, 8)
+        else:
+            with pytest.raises(ConfigError, match=rf"^config.eval.zero_shot\['kind'\]: none of its classes \(A, B\) "
+                                                  rf"is a value of 'kind' in val {re.escape(says)}$"):
+                pretrain.EncoderEvaluation(config, None, sets, tokenizer, None, 8)
 
 
 def test_image_lr_moves_the_image_encoder_and_its_heads_and_pretrain_lr_the_rest():
