@@ -485,6 +485,9 @@ def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_
     config.data.corpus.train = ""
     results = main.run(config, tmp_path / "evaluation")
     for split in ("val", "test"):
+        # Every score the run gave the split (its probes, fitted on train, included), and the split's size.
+        assert results[split].keys() == {k.split("/", 1)[1] for k in scores if k.startswith(f"{split}/")} | {"pairs"}
+        assert results[split]["pairs"] == 6
         for key, value in results[split].items():
             if key != "pairs":
                 assert value == pytest.approx(scores[f"{split}/{key}"], abs=1e-6), key
