@@ -675,3 +675,11 @@ def test_image_lr_moves_the_image_encoder_and_its_heads_and_pretrain_lr_the_rest
         rate = image_lr if name.startswith("image_") else lr
         g = np.asarray(grads[name]["kernel"], np.float64)
         np.testing.assert_allclose(updates[name]["kernel"], -rate * g / (np.abs(g) + eps), rtol=1e-5, err_msg=name)
+
+
+def test_printed_scores_say_how_many_pairs_were_scored():
+    # A split larger than eval.retrieval_pairs is scored on its first pairs only: the line said "(10 pairs)".
+    values = {"i2t_top1": 0.25, "zero_shot/Type": 0.5, "zero_shot/Type/rows": 8, "pairs": 10}
+    assert pretrain.scores_line("test", values, 4) == "test: i2t_top1 25.0 zero_shot/Type 50.0 (the first 4 of 10 pairs, percent)"
+    assert pretrain.scores_line("test", values, 10) == "test: i2t_top1 25.0 zero_shot/Type 50.0 (10 pairs, percent)"
+    assert pretrain.scores_line("val", None, 10) == "val: missing"

@@ -564,7 +564,8 @@ def evaluate_checkpoint(config, workdir, source) -> dict:
     """What a pre-training checkpoint learned (``EncoderEvaluation``: retrieval top-1/5/10 and MRR, zero-shot and
     linear-probe accuracy, fractions) on the image-report pairs of config.eval.splits; writes
     <workdir>/retrieval.json (and each retrieval query's rank to retrieval_ranks.json) and returns
-    {split: {metric: value, 'pairs': N}} (None for a split the data lacks). The probes are fitted on the
+    {split: {metric: value, 'pairs': N}} (None for a split the data lacks; N the split's pairs, of which the
+    first config.eval.retrieval_pairs are scored). The probes are fitted on the
     training split. config.eval.initial: the encoders as the run started them (``initial_state`` from its
     recorded config and seed), as its epoch-0 evaluation scored them."""
     workdir = pathlib.Path(workdir)
@@ -594,7 +595,15 @@ def evaluate_checkpoint(config, workdir, source) -> dict:
         workdir.mkdir(parents=True, exist_ok=True)
         write_atomically(workdir / "retrieval.json", json_text(results, indent=2) + "\n")
     for split, values in results.items():
-        info(f"{split}: " + ("missing" if values is None else
-                             " ".join(f"{k} {100 * v:.1f}" for k, v in values.items() if k != "pairs" and
-                                      not k.endswith("/rows")) + f" ({values['pairs']} pairs, percent)"))
+        info(scores_line(split, values, config.eval.retrieval_pairs))
     return results
+
+
+def scores_line(split: str, values: dict | None, retrieval_pairs: int) -> str:
+    """One split's scores (percent) as ``evaluate_checkpoint`` prints them, with how many pairs were scored."""
+    if values is None:
+        return f"{split}: missing"
+    shown = " ".join(f"{k} {100 * v:.1f}" for k, v in values.items() if k != "pairs" and not k.endswith("/rows"))
+    scored = min(values["pairs"], retrieval_pairs)
+    of = f"{scored}" if scored == values["pairs"] else f"the first {scored} of {values['pairs']}"
+    return f"{split}: {shown} ({of} pairs, percent)"
