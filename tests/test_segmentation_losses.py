@@ -72,3 +72,33 @@ def test_losses_have_finite_gradients_at_extremes():
     targets = jnp.array([[[0.0, 1.0]]])
     grads = jax.grad(seg.segmentation_loss)(logits, targets)
     assert np.all(np.isfinite(np.asarray(grads)))
+
+
+def test_multiclass_dice_pairs_each_class_with_its_own_pixels():
+    """(B, H, W, C) input: class 0 over pixels (0.6, 0.2) against (1, 1), class 1 over (0.3, 0.9) against
+    (0, 1); grouping a pixel's classes instead (0.6, 0.3 | 0.2, 0.9, and 1, 0 | 1, 1) gives other sums."""
+    probs = jnp.array([[[[0.6, 0.3], [0.2, 0.9]]]])  # (1, 1, 2, 2)
+    targets = jnp.array([[[[1.0, 0.0], [1.0, 1.0]]]])
+    class0 = 1 - (2 * 0.8 + 4e-5) / (0.36 + 0.04 + 2 + 4e-5)
+    class1 = 1 - (2 * 0.9 + 4e-5) / (0.09 + 0.81 + 1 + 4e-5)
+    assert float(seg.dice_loss(probs, targets)) == pytest.approx((class0 + class1) / 2, rel=1e-6)
+
+
+def test_two_class_task_takes_softmax_dice_of_class_1_and_cross_entropy():
+    """num_classes = 2 is a softmax task: one-hot targets, Dice of class 1 alone, and cross-entropy."""
+    masks = jnp.array([[[0, 1]]])
+    targets = seg.mask_targets(masks, 2)
+    np.testing.assert_array_equal(targets, [[[[1.0, 0.0], [0.0, 1.0]]]])
+    logits = jnp.log(jnp.array([[[[0.7, 0.3], [0.4, 0.6]]]]))
+    ce = -(math.log(0.7) + math.log(0.6)) / 2
+    dice = 1 - (2 * 0.6 + 4e-5) / (0.09 + 0.36 + 1 + 4e-5)
+    assert float(seg.segmentation_loss(logits, targets)) == pytest.approx(0.5 * dice + 0.5 * ce, rel=1e-5)
+
+
+def test_weighted_bce_leaves_a_target_of_one_half_out_of_both_means():
+    """Positives are y > 0.5 and negatives y < 0.5: a pixel at exactly 0.5 joins neither count."""
+    logits = jnp.array([1.0, -2.0, 0.7])
+    targets = jnp.array([1.0, 0.0, 0.5])
+    pos = math.log1p(math.exp(-1.0))  # -log sigmoid(1)
+    neg = math.log1p(math.exp(-2.0))  # -log (1 - sigmoid(-2))
+    assert float(seg.weighted_bce(logits, targets)) == pytest.approx(0.5 * pos + 0.5 * neg, rel=1e-6)
