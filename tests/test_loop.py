@@ -270,9 +270,15 @@ def test_curves_draw_one_panel_per_split_without_the_constant_counts(tmp_path):
              "val/probe/Type/rows": 200.0, "val/probe/Type/majority": 0.5} for epoch in range(4)]
     panels = visualize.curve_panels(rows)
     assert sorted(panels) == ["test", "train", "val"]
-    assert sorted(panels["val"]) == ["i2t_top1", "i2t_top5", "probe/Type/accuracy", "zero_shot/Type/accuracy"]
+    assert sorted(panels["val"]) == sorted(panels["train"]) == ["i2t_top1", "i2t_top5", "probe/Type/accuracy",
+                                                                "zero_shot/Type/accuracy"]  # No 'epoch_loss'.
     assert panels["test"]["i2t_top5"] == [(epoch, 0.1 * epoch) for epoch in range(4)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # Step rows (no epoch) are no points of the curves; without a training epoch there are no curves.
+    step_row = json.dumps({"step": 3, "train/loss": 0.5}) + "\n"
+    eval_only = {k: v for k, v in rows[0].items() if k != "train/epoch_loss"}
+    (tmp_path / "metrics.jsonl").write_text(step_row + json.dumps(eval_only) + "\n")
+    assert visualize.save_curves(tmp_path) is None and not (tmp_path / "curves.png").exists()
+    (tmp_path / "metrics.jsonl").write_text(step_row + "".join(json.dumps(row) + "\n" for row in rows))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # A legend that does not fit used to warn at every run's end.
         path = visualize.save_curves(tmp_path)

@@ -301,3 +301,41 @@ def test_the_table_counts_each_class_of_a_multiclass_mask(tmp_path):
         rows = list(csv.DictReader(f))
     assert rows == [{"file": "in/a.png", "mask": "a.png", "width": "3", "height": "2", "foreground_fraction": "0.833333",
                      "class_0_pixels": "1", "class_1_pixels": "2", "class_2_pixels": "3"}]
+
+
+def test_class_colours_and_overlay_figures_by_hand(tmp_path, monkeypatch):
+    """The palette (HSV by hand: hue 0 red; hue 0.381966 (137.5 degrees) at value 0.7 = (0, 178.5, 52.1);
+    hue 0.763932 (275 degrees) at value 1 = (148.8, 0, 255)); a two-class task draws a 0/1 panel in the panel's
+    colour, a multi-class one its ids with white contours; save_overlays' grid, titles and 0.5 contours
+    (only where a panel has both sides of 0.5), read from the figure it closes."""
+    from amvlm_jax import visualize
+
+    np.testing.assert_array_equal(visualize.class_colours(1), [[0, 0, 0], [255, 0, 0]])
+    np.testing.assert_array_equal(visualize.class_colours(4), [[0, 0, 0], [255, 0, 0], [0, 178, 52], [149, 0, 255]])
+    image = np.full((4, 4, 3), 100, np.uint8)
+    mask = np.zeros((4, 4), np.uint8)
+    mask[:2] = 1
+    truth = np.array(visualize.OVERLAY_COLORS["truth"], np.float32)
+    tinted, _, edge = visualize.tint(image, mask, "truth", num_classes=2)
+    np.testing.assert_allclose(tinted[0, 0], 0.55 * 100 / 255 + 0.45 * truth, rtol=1e-6)
+    np.testing.assert_array_equal(edge, truth)
+    np.testing.assert_array_equal(visualize.tint(image, mask, "truth", num_classes=3)[2], [1, 1, 1])
+
+    plt = visualize._pyplot()
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)
+    prediction = np.zeros((2, 4, 4), np.int32)
+    prediction[0, 1:3], prediction[1] = 2, 1  # Image 1: one class everywhere, no contour.
+    visualize.save_overlays(tmp_path / "multi.png", np.stack([image, image]),
+                            {"truth": np.stack([mask, 0 * mask]), "prediction": prediction},
+                            names=["a.png", "b.png"], title="epoch 3", num_classes=3)
+    probability = np.linspace(0, 1, 16, dtype=np.float32).reshape(1, 4, 4)
+    visualize.save_overlays(tmp_path / "binary.png", image[None], {"prediction": probability})
+    multi, binary = closed
+    assert multi.axes[0].get_subplotspec().get_gridspec().get_geometry() == (2, 3)
+    assert [axis.get_title() for axis in multi.axes] == ["a.png", "truth", "prediction", "b.png", "truth", "prediction"]
+    assert multi._suptitle.get_text() == "epoch 3" and binary._suptitle is None
+    contours = [[c.get_edgecolor()[0, :3].tolist() for c in axis.collections] for axis in multi.axes]
+    assert contours == [[], [[1, 1, 1]], [[1, 1, 1]], [], [], []]
+    assert [axis.get_title() for axis in binary.axes] == ["image", "prediction"]
+    np.testing.assert_allclose(binary.axes[1].collections[0].get_edgecolor()[0, :3], visualize.OVERLAY_COLORS["prediction"])
