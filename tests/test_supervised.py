@@ -353,3 +353,80 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     last = wider.stderr.strip().splitlines()[-1]  # After the progress bars of the data reading.
     assert last.startswith("error: ") and "config.unet.base_width=4 -> 8" in last
 
+
+
+def test_multiclass_step_against_the_authors_unet_in_torch():
+    """One 3-class supervised step against the authors' U-Net in torch (tools/torch_unet_reference.py) in
+    training mode, on uint8 images / 255, with 0.5 Dice over classes 1-2 + 0.5 cross-entropy written here in
+    torch: the loss, the gradients (SGD at rate 1e4, so the update reads them out), the running BatchNorm
+    statistics it moves, and the training Dice of the argmax (per image, mean over classes 1-2, 1 where a
+    class is in neither prediction nor mask)."""
+    torch = pytest.importorskip("torch")
+    from torch.nn import functional as F
+
+    from amvlm_jax.models.unet import UNet
+    from conftest import repo_module
+
+    reference = repo_module("tools/torch_unet_reference.py")
+    model = UNet(num_classes=3, base_width=4)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    masks = (images[..., 0] // 86).astype(np.uint8)  # Classes 0, 1, 2.
+    variables = jax.device_get(model.init(jax.random.PRNGKey(1), np.zeros((1, 32, 32, 3), np.float32)))
+    # Stored statistics away from (0, 1), so that the step's moving of them shows.
+    stats = jax.tree.map(lambda s: s + np.float32(0.3) * rng.uniform(size=s.shape).astype(np.float32), variables["batch_stats"])
+    rate = 1e4
+    state = TrainState.create(variables["params"], stats, optax.sgd(rate))
+    stepped, step_metrics = supervised.make_train_step(model, 3)(state, {"image": images, "mask": masks})
+
+    torch_unet = reference.load_flax_variables(reference.AuthorsUNet(4, num_classes=3), variables["params"], stats).train()
+    logits = torch_unet(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    labels = torch.from_numpy(masks).long()
+    p = logits.softmax(1)[:, 1:].flatten(2)
+    y = F.one_hot(labels, 3).permute(0, 3, 1, 2)[:, 1:].flatten(2).float()
+    dice = 1 - (2 * (p * y).sum(-1) + 4e-5) / ((p * p).sum(-1) + (y * y).sum(-1) + 4e-5)
+    loss = 0.5 * dice.mean() + 0.5 * F.cross_entropy(logits, labels)
+    loss.backward()
+    assert float(step_metrics["loss"]) == pytest.approx(loss.item(), rel=1e-5)
+
+    grads = jax.tree.map(lambda before, after: (before - after) / rate, variables["params"], jax.device_get(stepped.params))
+    ours = reference.load_flax_variables(reference.AuthorsUNet(4, num_classes=3), grads, jax.device_get(stepped.batch_stats))
+    for (name, theirs), mine in zip(torch_unet.named_parameters(), ours.parameters()):
+        np.testing.assert_allclose(mine.detach().numpy(), theirs.grad.numpy(), rtol=1e-3, atol=1e-6, err_msg=name)
+    for (name, theirs), mine in zip(torch_unet.named_buffers(), ours.named_buffers()):
+        if name.endswith(("running_mean", "running_var")):
+            np.testing.assert_allclose(mine[1].numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+    predicted = logits.argmax(1).numpy()
+    scores = []
+    for image in range(2):
+        for c in (1, 2):
+            shown, true = predicted[image] == c, masks[image] == c
+            total = shown.sum() + true.sum()
+            scores.append(1.0 if total == 0 else 2 * (shown & true).sum() / total)
+    assert float(step_metrics["train_dice"]) == pytest.approx(np.mean(scores), rel=1e-5)
+
+
+def test_the_jobs_model_seed_and_best_checkpoint_follow_the_config(tmp_path):
+    """build_unet takes config.unet.architecture; the fresh weights come from config.seed (two seeds: two
+    initialisations); the job keeps the best checkpoint by validation Dice (SPEC 6), and the newest where
+    there is no validation split."""
+    from amvlm_jax.data.folders import SplitArrays
+
+    config = tiny_synthetic_config(**{"unet.architecture": "textbook", "seed": 3})
+    assert supervised.build_unet(config).architecture == "textbook"
+    config.unet.architecture = "authors"
+    model = supervised.build_unet(config)
+    variables = supervised.init_variables(config, model)
+    config.seed = 4
+    other = supervised.init_variables(config, model)
+    kernel = lambda v: np.asarray(v["params"]["outc"]["kernel"])  # noqa: E731
+    assert not np.allclose(kernel(variables), kernel(other))
+    np.testing.assert_array_equal(kernel(variables), kernel(model.init(jax.random.PRNGKey(3), np.zeros((1, 64, 64, 3)))))
+    mesh = make_mesh(config, jax.devices()[:1])
+    val = SplitArrays(["a"], np.zeros((1, 64, 64, 3), np.uint8), np.zeros((1, 64, 64), np.uint8), [""])
+    no_images = np.zeros((0, 64, 64, 3), np.uint8)
+    for split, best in ((val, "val/dice"), (None, None)):
+        job = supervised.segmentation_job("supervised", config, tmp_path, mesh, model, None, None, None, 2, split, None,
+                                          no_images, 8)
+        assert job.best_metric == best and len(job.evaluators) == (split is not None)
