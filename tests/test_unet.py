@@ -98,14 +98,15 @@ def test_parameter_counts_at_width_64(architecture, expected):
 
 def test_authors_unet_initialisation_is_torch_default():
     """Conv weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as torch initialises the authors' layers."""
-    params = jax.jit(UNet(1, 8).init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]  # One compile.
-    conv = params["down2"]["Conv_0"]  # 16 -> 32 channels: fan_in 144.
-    for value in (conv["kernel"], conv["bias"]):
-        assert float(jnp.max(jnp.abs(value))) <= 1 / 12 + 1e-7
-        assert float(jnp.std(value)) == pytest.approx(1 / 12 / np.sqrt(3), rel=0.2)
-    up = params["up4"]  # 8w = 64 channels kept: fan_in 64 * 4.
+    # 64 classes: enough output biases to see their spread. One compile.
+    params = jax.jit(UNet(64, 8).init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    conv, up, out = params["down2"]["Conv_0"], params["up4"], params["outc"]
     assert up["kernel"].shape == (2, 2, 64, 64)
-    assert float(jnp.max(jnp.abs(up["kernel"]))) <= 1 / 16 + 1e-7
+    # down2: 16 -> 32 channels, fan_in 9 * 16; up4: 8w = 64 channels kept, fan_in 64 * 4; outc: fan_in w = 8.
+    for value, fan_in in ((conv["kernel"], 144), (conv["bias"], 144), (up["kernel"], 256), (up["bias"], 256),
+                          (out["kernel"], 8), (out["bias"], 8)):
+        assert float(jnp.max(jnp.abs(value))) <= 1 / np.sqrt(fan_in) + 1e-7
+        assert float(jnp.std(value)) == pytest.approx(1 / np.sqrt(fan_in) / np.sqrt(3), rel=0.2)
 
 
 def test_max_pool_equals_flax_max_pool_in_values_and_gradients():
@@ -357,6 +358,9 @@ def test_unet_shapes_and_parameter_names(architecture, up_kernels):
     # Shapes only: eval_shape compiles nothing.
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
     assert jax.eval_shape(model.apply, variables, jnp.zeros((2, 32, 32, 3))).shape == (2, 32, 32, 3)
+    # bfloat16 compute still returns float32 logits.
+    bfloat16 = UNet(num_classes=3, base_width=4, architecture=architecture, dtype=jnp.bfloat16)
+    assert jax.eval_shape(bfloat16.apply, variables, jnp.zeros((2, 32, 32, 3))).dtype == jnp.float32
     up = {name: p["kernel"].shape for name, p in variables["params"].items()
           if name.startswith("ConvTranspose") or name in ("up4", "up3", "up2", "up1")}
     assert up == up_kernels
@@ -402,3 +406,47 @@ def test_torch_timing_reference_trains_our_unet():
     assert len(buffers) == 2 * 17
     for (name, theirs), mine in zip(buffers, [b for n, b in ours.named_buffers() if n.endswith(("mean", "var"))]):
         np.testing.assert_allclose(theirs.numpy(), mine.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+class _TextbookBlock(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        for index in range(2):
+            x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, name=f"Conv_{index}")(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=True, epsilon=1e-5, name=f"BatchNorm_{index}")(x))
+        return x
+
+
+class _TextbookReference(nn.Module):
+    """The textbook U-Net from flax's own layers (eval mode), with the parameter names checkpoints keep."""
+
+    @nn.compact
+    def __call__(self, x):
+        widths = (2, 4, 8, 16, 32)
+        x = _TextbookBlock(widths[0], name="ConvBlock_0")(x)
+        skips = []
+        for level, width in enumerate(widths[1:], start=1):
+            skips.append(x)
+            x = _TextbookBlock(width, name=f"ConvBlock_{level}")(nn.max_pool(x, (2, 2), strides=(2, 2)))
+        for level, width in enumerate((16, 8, 4, 2)):
+            x = nn.ConvTranspose(width, (2, 2), strides=(2, 2), name=f"ConvTranspose_{level}")(x)
+            x = _TextbookBlock(width, name=f"ConvBlock_{5 + level}")(jnp.concatenate([x, skips.pop()], axis=-1))
+        return nn.Conv(2, (1, 1), name="Conv_0")(x)
+
+
+def test_textbook_unet_matches_a_reference_from_flax_layers():
+    """Max-pool, transposed convolutions, the up-sampled map ahead of its skip, bias-free 3x3 convs and
+    eval-mode BatchNorm with stored statistics: the textbook U-Net (width 2, 2 classes) computes what
+    flax's nn.Conv / nn.BatchNorm / nn.max_pool / nn.ConvTranspose compute with its variables."""
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 3))
+    model = UNet(num_classes=2, base_width=2, architecture="textbook")
+    variables = model.init(jax.random.PRNGKey(1), x)
+    leaves, tree = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    variables = jax.tree.unflatten(tree, [v + jax.random.uniform(k, v.shape, minval=0.1, maxval=0.5) for v, k in zip(leaves, keys)])
+    reference = _TextbookReference()
+    assert (jax.tree.map(jnp.shape, reference.init(jax.random.PRNGKey(1), x))
+            == jax.tree.map(jnp.shape, variables))
+    np.testing.assert_allclose(model.apply(variables, x), reference.apply(variables, x), rtol=1e-4, atol=1e-5)
