@@ -181,10 +181,10 @@ def summarize(runs: dict, workdir: pathlib.Path) -> tuple[list[dict], str]:
     lines.append(f"\nmean over {seeds} seed(s); paired t-test on per-image Dice "
                  f"({table[-1].get('p_split', 'test')}, seeds pooled); * = p < 0.05")
     text = "\n".join(lines)
-    (workdir / "ablation.md").write_text(text + "\n")
-    from amvlm_jax.train.logging import json_text
+    from amvlm_jax.train.logging import json_text, write_atomically
 
-    (workdir / "ablation.json").write_text(json_text({"rows": table, "runs": runs}, indent=2) + "\n")
+    write_atomically(workdir / "ablation.md", text + "\n")
+    write_atomically(workdir / "ablation.json", json_text({"rows": table, "runs": runs}, indent=2) + "\n")
     return table, text
 
 

@@ -22,7 +22,7 @@ from absl import flags
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from amvlm_jax.train.logging import json_text  # noqa: E402 (after the path above)
+from amvlm_jax.train.logging import json_text, write_atomically  # noqa: E402 (after the path above)
 
 
 def marked_fractions(predicted, lesion, distractor) -> dict:
@@ -93,7 +93,7 @@ def main(config):
                            .distractor_mask > 0 for n in split.names])
     fractions = marked_fractions(np.concatenate(predicted), split.masks > 0, distractor)
     result = {"checkpoint": str(used), "epoch": meta.get("epoch"), "split": split_name, "images": len(split), **fractions}
-    (workdir / f"synthetic_pixels_{split_name}.json").write_text(json_text(result, indent=2) + "\n")
+    write_atomically(workdir / f"synthetic_pixels_{split_name}.json", json_text(result, indent=2) + "\n")
     print(f"{split_name}: marked as lesion: lesion px {fractions['lesion']:.3f}, distractor px "
           f"{fractions['distractor']:.3f}, other px {fractions['other']:.4f} ({used})")
 

@@ -47,7 +47,7 @@ from absl import flags
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from amvlm_jax.train.logging import json_text  # noqa: E402 (after the path above)
+from amvlm_jax.train.logging import json_text, write_atomically  # noqa: E402 (after the path above)
 
 
 def patch_cells(grid: int, image_size: int):
@@ -430,7 +430,7 @@ def main(config):
         for split_name in requested:
             results[split_name]["linear_probes"] = linear_probes(features["train"], features[split_name], config.data.image_size)
     output = workdir / ("text_masks_trained.json" if generator is not None else "text_masks.json")
-    output.write_text(json_text(results, indent=2) + "\n")
+    write_atomically(output, json_text(results, indent=2) + "\n")
 
     def by_cell(cells):
         return " / ".join(f"{cells[k]:.3f}" for k in ("lesion", "distractor", "empty") if k in cells) if cells else ""

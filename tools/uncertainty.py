@@ -40,7 +40,7 @@ from absl import flags
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from amvlm_jax.train.logging import json_text  # noqa: E402 (after the path above)
+from amvlm_jax.train.logging import json_text, write_atomically  # noqa: E402 (after the path above)
 
 
 def load_model(config, workdir: pathlib.Path):
@@ -274,7 +274,7 @@ def main(config):
     check_flags(FLAGS.split, FLAGS.count)
     result = analyse(config, workdir, FLAGS.split, FLAGS.image, FLAGS.report, FLAGS.count)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "uncertainty.json").write_text(json_text(result, indent=2) + "\n")
+    write_atomically(out / "uncertainty.json", json_text(result, indent=2) + "\n")
     plot(result, out / "uncertainty.png")
     print(format_tables(result))
     print(f"\nsaved {out / 'uncertainty.json'} and {out / 'uncertainty.png'}")
