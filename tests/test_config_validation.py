@@ -105,6 +105,11 @@ BAD_VALUES = [
     ("distributed.coordinator_address", "host:port"), ("distributed.num_processes", -1),
     ("distributed.process_id", -2), ("distributed.cpu_collectives", "nccl"),
     ("dtype", "float16"), ("compilation_cache", None),
+    # One past each edge that GOOD_VALUES admits.
+    ("data.image_size", 40), ("pretrain.image_size", 8), ("data.corpus.split_names", ("train", "val", "test", "test")),
+    ("data.corpus.text_fields", ("findings", "")), ("eval.probe_rows", 1),
+    ("distributed.coordinator_address", "host:0"), ("distributed.coordinator_address", "host:65536"),
+    ("distributed.coordinator_address", ":1234"),
 ]
 
 
@@ -178,6 +183,8 @@ BAD_COMBINATIONS = [
     ({"mode": "evaluate", "eval.splits": ()}, "config.eval.splits is empty: mode 'evaluate' needs a split"),
     ({"data.corpus.val": "val.jsonl"}, "config.data.corpus.val is set but config.data.corpus.train is not"),
     ({"data.corpus.split_field": "split"}, "config.data.corpus.split_field is set but config.data.corpus.train is not"),
+    ({"data.corpus.test": "test.jsonl"}, "config.data.corpus.test is set but config.data.corpus.train is not"),
+    ({"eval.zero_shot": {"Type": {"CT": "a CT scan", "MR": ""}}}, "config.eval.zero_shot['Type'] must map two or more"),
     ({"eval.zero_shot": {"Type": {"CT": "a CT scan", "MR": "an MRI scan"}}},
      "config.eval.zero_shot needs the label fields of a corpus"),
     ({"eval.probe_fields": ("Type",)}, "config.eval.probe_fields needs the label fields of a corpus"),
@@ -217,6 +224,20 @@ GOOD_VALUES = [
     {"pretrain.vit_attention": "cudnn", "dtype": "bfloat16"},
     {"data.synthetic.num_test": 0, "eval.splits": ("val",)},
     {"data.image_size": 32},  # Below the synthetic generator's minimum: fine for tools/benchmark.py's batches.
+    # The lowest (or highest) value each rule admits.
+    {"data.image_size": 16, "pretrain.image_size": 16}, {"data.corpus.in_memory_bytes": 0}, {"train.restart_epochs": 1},
+    {"eval.retrieval_pairs": 2, "eval.probe_rows": 2, "eval.probe_steps": 1}, {"pretrain.max_length": 3},
+    {"pretrain.batch_size": 2}, {"pretrain.momentum": 0.0}, {"pretrain.momentum": 1.0},
+    {"pretrain.mgca.freeze_prototypes_epochs": 0}, {"ssl.text_head_steps": 1}, {"mesh.fsdp_min_size": 0},
+    {"distributed.num_processes": 2, "distributed.coordinator_address": "10.0.0.1:65535", "distributed.process_id": 1},
+    {"distributed.num_processes": 1},  # A single process needs no coordinator.
+    {"pretrain.schedule": "warmup_cosine", "pretrain.lr": 1e-4, "pretrain.min_lr": 1e-4, "pretrain.image_lr": 1e-4},
+    {"mode": "ssl", "data.labeled_fraction": 0.5, "ssl.rampup_epochs": 100.0, "train.epochs": 100},
+    {"mode": "supervised", "ssl.rampup_epochs": 500.0},  # Read by the mean teacher only.
+    {"mode": "ssl", "data.labeled_fraction": 0.5, "ssl.pretrained": "runs/other/pretrain"},
+    {"pretrain.objective": "mgca", "pretrain.embed_dim": 127},  # Even and split over heads: AMVLM's PDT only.
+    {"pretrain.text_weights_init": "random", "pretrain.text_hidden": 100},  # 100 // 64 = 1 head.
+    {"data.name": "monuseg", "data.synthetic.num_test": 0},  # The generator's count: real folders keep their test split.
 ]
 
 
