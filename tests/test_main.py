@@ -285,6 +285,54 @@ def test_experiments_load_with_all_variants():
                 validate(config)
 
 
+def _fields(config, paths: str) -> tuple:
+    return tuple(config[section][name] if name else config[section]
+                 for section, _, name in (path.partition(".") for path in paths.split()))
+
+
+def test_each_variant_sets_what_the_experiment_files_and_spec_say():
+    """monuseg.py's docstring (paper settings; cpu: U-Net width 16, batch 4, 150 epochs, a 4-block ViT-Ti/16 at
+    96x96, Adam 1e-4, 40 pre-training epochs), SPEC's labelled fractions, ablation weights (0.5 CSS, 0.1 ICL)
+    and MGCA's optimiser (AdamW 2e-5, decay 0.05, 40% warm-up, 1e-8, batch 72), typed out by hand."""
+    from amvlm_jax.experiment import load_config
+
+    monuseg = REPO_ROOT / "experiments" / "monuseg.py"
+    unet = "data.image_size data.num_classes unet.base_width train.batch_size train.epochs train.lr"
+    assert _fields(load_config(monuseg), unet) == (224, 1, 64, 16, 200, 1e-3)
+    assert _fields(load_config(REPO_ROOT / "experiments" / "qata_cov19.py"), "data.num_classes train.lr") == (1, 3e-4)
+    # Background, 10 vertebrae and 9 discs (mrspineseg.py's docstring).
+    assert load_config(REPO_ROOT / "experiments" / "mrspineseg.py", "cpu").data.num_classes == 20
+    cpu = load_config(monuseg, "cpu")
+    assert _fields(cpu, unet + " train.eval_batch_size") == (224, 1, 16, 4, 150, 1e-3, 6)
+    small = ("pretrain.vit pretrain.vit_depth pretrain.image_size pretrain.lr pretrain.epochs "
+             "pretrain.checkpoint_every_epochs pretrain.vit_weights")
+    assert _fields(cpu, small) == ("Ti/16", 4, 96, 1e-4, 40, 5, "")
+    fractions = {"labeled25": 0.25, "labeled50": 0.5, "fewshot1": 0.01, "fewshot10": 0.1}
+    assert {name: load_config(monuseg, name).data.labeled_fraction for name in fractions} == fractions
+    mgca = ("pretrain.objective pretrain.optimizer pretrain.lr pretrain.weight_decay pretrain.schedule "
+            "pretrain.warmup_fraction pretrain.min_lr pretrain.batch_size")
+    assert _fields(load_config(monuseg, "mgca"), mgca) == ("mgca", "adamw", 2e-5, 0.05, "warmup_cosine", 0.4, 1e-8, 72)
+    assert _fields(load_config(monuseg, "mgca,cpu"), mgca)[2] == 1e-4  # In order: cpu's rate last.
+    assert _fields(load_config(monuseg, "cpu,mgca"), mgca)[2] == 2e-5
+    rows = "pretrain.weights.css pretrain.weights.icl ssl.w_text ssl.train_decoder"
+    assert {name: _fields(load_config(monuseg, f"labeled25,{name}"), rows) for name in
+            ("vision", "ab_css", "ab_icl", "ab_css_icl", "ab_css_icl_tg")} == {
+        "vision": (0.5, 0.1, 0.0, False), "ab_css": (0.5, 0.0, 1.0, False), "ab_icl": (0.0, 0.1, 1.0, False),
+        "ab_css_icl": (0.5, 0.1, 1.0, False), "ab_css_icl_tg": (0.5, 0.1, 1.0, True)}
+    heads = "ssl.text_head ssl.withhold_reports ssl.text_veto_only"
+    assert {name: _fields(load_config(monuseg, name), heads) for name in
+            ("text_head", "text_head_blind", "text_report", "text_report_blind")} == {
+        "text_head": ("words", False, False), "text_head_blind": ("words", True, False),
+        "text_report": ("report", False, True), "text_report_blind": ("report", True, True)}
+    assert load_config(monuseg, "textbook_unet").unet.architecture == "textbook"
+    with pytest.raises(ConfigError) as raised:
+        load_config(monuseg, "cpu,labeled20")
+    assert str(raised.value) == (
+        "unknown experiment variant 'labeled20'; known: ab_css, ab_css_icl, ab_css_icl_tg, ab_icl, cpu, fewshot1, "
+        "fewshot10, labeled25, labeled50, mgca, text_head, text_head_blind, text_report, text_report_blind, "
+        "textbook_unet, vision")
+
+
 def test_mean_teacher_variants_run_the_mean_teacher():
     """The real datasets' files default to mode 'supervised', which reads none of the fields the vision and
     ablation-row variants set: `monuseg.py:cpu,ab_css_icl_tg` trained a supervised U-Net under the row's name.
