@@ -61,6 +61,48 @@ def test_bad_command_lines_give_one_line_errors(args, expected, tmp_path):
     assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ") and expected in stderr, stderr
 
 
+@pytest.mark.parametrize("args, expected", [
+    # '--config FILE' (a space, as absl also reads it) counts as --config.
+    (["--config", "experiments/nothere.py"], "experiments/nothere.py: no such experiment file"),
+    (["--config", "experiments/monuseg.py", "--config=experiments/synthetic.py"],
+     "--config is given 2 times (experiments/monuseg.py, experiments/synthetic.py)"),
+    (["--config.train.nope=1"], "unknown config key '--config.train.nope': config.train has no 'nope' (known: "),
+    (["--config.train.epochs.x=1"],
+     "unknown config key '--config.train.epochs.x': config.train.epochs has no 'x' (known: (not a section))"),
+    (["--config.train.epochs="], "--config.train.epochs=: config.train.epochs takes an integer, got ''"),
+    (["--config.eval.zero_shot={'Type': [1]"],
+     "--config.eval.zero_shot={'Type': [1]: config.eval.zero_shot takes a Python dict"),  # Unbalanced: a SyntaxError.
+])
+def test_check_command_line_names_the_argument_and_the_problem(args, expected):
+    # In-process (the subprocess cases above go through absl as a user's command does): the start of the line.
+    problem = main.check_command_line(["main", *args])
+    assert problem is not None and problem.startswith(expected), problem
+
+
+@pytest.mark.parametrize("code, remedy", [
+    ("EISDIR", "a folder stands where a file belongs: move it away"),
+    ("EPERM", "make it writable or choose another folder"), ("EROFS", "make it writable or choose another folder"),
+    ("EDQUOT", "free space under your quota"), ("ENOSPC", "free space on that disk"), ("EIO", "fix it"),
+])
+def test_a_file_problem_names_the_path_the_reason_and_what_to_do(code, remedy, tmp_path):
+    import errno
+
+    error = OSError(getattr(errno, code), "the system's words", str(tmp_path / "run" / "x"))
+    assert main.file_problem(error) == (f"{tmp_path / 'run' / 'x'}: the system's words; {remedy}, then run the same "
+                                        "command again")
+
+
+def test_every_kind_of_user_error_ends_in_one_line():
+    """user_errors' docstring: bad config, data, weights, checkpoint, diverged training."""
+    from amvlm_jax.data.folders import DataError
+    from amvlm_jax.train.checkpoint import CheckpointError
+    from amvlm_jax.train.loop import TrainingError
+    from amvlm_jax.weights import WeightError
+
+    for kind in (ConfigError, DataError, WeightError, CheckpointError, TrainingError):
+        assert issubclass(kind, main.user_errors()), kind
+
+
 def test_an_empty_workdir_is_a_one_line_error_not_the_default_workdir(tmp_path):
     # --workdir=$UNSET would have trained in (or resumed) runs/<experiment>.
     result = subprocess.run([sys.executable, "-m", "amvlm_jax.main", "--config=experiments/monuseg.py", "--workdir="],
