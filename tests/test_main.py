@@ -52,6 +52,8 @@ def _run(*args):
         (["--config=README.md"], "README.md: ConfigError: not a Python experiment file"),
         # A boolean takes no value after a space: absl's usage (the module's docstring) was printed above it.
         (["--config.eval.guidance", "maybe"], "unexpected arguments: maybe"),
+        # No launcher in the environment (jax's ValueError was a traceback).
+        (["--config.distributed.mode=on"], "config.distributed.mode='on': no multi-process run to join ("),
     ],
 )
 def test_bad_command_lines_give_one_line_errors(args, expected, tmp_path):

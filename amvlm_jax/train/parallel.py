@@ -136,7 +136,13 @@ def initialize_distributed(config) -> int:
     # Its SIGTERM handler would replace the one train/loop.py's catching_interrupts installed, and a
     # preempted run would train on instead of saving (this project stops on SIGTERM itself).
     jax.config.update("jax_enable_preemption_service", False)
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as error:  # Mode 'on' where jax finds no launcher either: no coordinator to reach.
+        raise ConfigError(f"config.distributed.mode='{dist.mode}': no multi-process run to join "
+                          f"({str(error).rstrip('.')}); start the processes under a launcher, set "
+                          "config.distributed.coordinator_address, num_processes and process_id, or use mode 'auto'"
+                          ) from None
     return jax.process_count()
 
 
