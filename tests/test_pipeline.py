@@ -231,3 +231,20 @@ def test_report_tokenizer_lower_cases_by_default_and_names_what_it_cannot_use(tm
     (folder / "vocab.txt").write_text("\n".join(vocab[1:]) + "\n")
     with pytest.raises(WeightError, match=rf"^{folder}: vocabulary has no \[PAD\] token$"):
         ReportTokenizer(folder)
+
+
+def test_a_tokenizer_without_bert_special_tokens_is_refused(tmp_path):
+    """A tokenizer.json without BERT's post-processor encodes a report with no [CLS] and [SEP]: every word
+    would sit one slot early and the report end nowhere (SPEC 2); one line names the folder instead."""
+    import json
+    import pathlib
+
+    from amvlm_jax.data.tokenize import ReportTokenizer
+    from amvlm_jax.weights import WeightError, default_text_encoder_dir
+
+    settings = json.loads((pathlib.Path(default_text_encoder_dir()) / "tokenizer.json").read_text())
+    assert ReportTokenizer(default_text_encoder_dir(), max_length=6)(["left lung"])["input_ids"][0, 0] == 101
+    settings["post_processor"] = None
+    (tmp_path / "tokenizer.json").write_text(json.dumps(settings))
+    with pytest.raises(WeightError, match=rf"^{tmp_path}: its tokenizer puts no \[CLS\] \.\.\. \[SEP\] around a report"):
+        ReportTokenizer(tmp_path)

@@ -47,6 +47,10 @@ class ReportTokenizer:
         self.sep_id = self._token_id("[SEP]")
         self._tokenizer.enable_padding(length=self.max_length, pad_id=self.pad_id,
                                        pad_token="[PAD]")
+        probe = self._tokenizer.encode("a").ids  # Word slots start after [CLS] and end at [SEP] (SPEC 2).
+        if probe[0] != self.cls_id or self.sep_id not in probe:
+            raise WeightError(f"{self.directory}: its tokenizer puts no [CLS] ... [SEP] around a report (tokenizer.json "
+                              "without BERT's post-processor?); the text encoder reads them")
 
     def _token_id(self, token: str) -> int:
         token_id = self._tokenizer.token_to_id(token)
