@@ -41,6 +41,13 @@ class HubError(ConfigError, WeightError):
     (one line, naming the config field): a ConfigError to runs, a WeightError to weight loaders."""
 
 
+def local_path(name: str) -> str | None:
+    """``name`` with ``~`` expanded (the shell leaves it after ``=``) where that is an existing path, else None
+    (a hub id): the one rule by which both fields tell a path from an id."""
+    local = os.path.expanduser(name)
+    return local if name and os.path.exists(local) else None
+
+
 def resolve_text_encoder(name: str, cache_dir=None) -> str:
     """The local BERT folder that ``config.pretrain.text_encoder`` names.
 
@@ -51,7 +58,7 @@ def resolve_text_encoder(name: str, cache_dir=None) -> str:
     tokenizer_config.json where a download fetched it). ``cache_dir``
     defaults to huggingface_hub's cache.
     """
-    if os.path.exists(local := os.path.expanduser(name)):
+    if local := local_path(name):
         return local
     repo = _Repo(name, "config.pretrain.text_encoder", cache_dir,
                  TEXT_WEIGHTS + ("config.json",) + TEXT_TOKENIZER + (TEXT_SETTINGS,))
@@ -71,7 +78,7 @@ def resolve_vit_weights(name: str, cache_dir=None) -> str:
     a hub id, the cached model.safetensors of that revision, else its
     pytorch_model.bin. ``cache_dir`` defaults to huggingface_hub's cache.
     """
-    if os.path.exists(local := os.path.expanduser(name)):
+    if local := local_path(name):
         return local
     repo = _Repo(name, "config.pretrain.vit_weights", cache_dir, VIT_WEIGHTS)
     path = repo.weights(VIT_WEIGHTS)

@@ -348,9 +348,11 @@ def resolve(config, workdir: pathlib.Path):
         if (pretrained / "pretrain" / "checkpoints").is_dir():  # A run's workdir (mode 'pretrain' or 'all'): its encoders.
             pretrained = pretrained / "pretrain"
         config.ssl.pretrained = str(pretrained)
+    from amvlm_jax import hub
+
     for field in ("text_encoder", "vit_weights"):  # A local file or folder, absolute; a hub id as given.
-        if (name := config.pretrain[field]) and os.path.exists(os.path.expanduser(name)):
-            config.pretrain[field] = str(pathlib.Path(name).expanduser().absolute())
+        if local := hub.local_path(config.pretrain[field]):
+            config.pretrain[field] = str(pathlib.Path(local).absolute())
     if jax.process_index() == 0:
         from amvlm_jax.config import ConfigError
         from amvlm_jax.train.logging import json_text
