@@ -614,7 +614,9 @@ def test_more_text_layers_than_the_encoder_has_names_the_field(tiny_bert_dir, tm
             step(config)
         assert str(info.value) == (f"config.pretrain.text_layers={depth + 1}: the text encoder "
                                    f"{directory / 'config.json'} has {depth} layers")
-    config.pretrain.text_weights_init = "random"
+    config.pretrain.text_layers = depth  # All of the folder's layers: the boundary is allowed.
+    assert build.text_encoder_config(config).num_hidden_layers == depth
+    config.pretrain.text_weights_init, config.pretrain.text_layers = "random", depth + 1
     assert build.build_text_encoder(config)[0].num_hidden_layers == depth + 1
 
 

@@ -40,8 +40,15 @@ def vision_only():
 def test_vision_only_step_uses_teacher_pseudo_labels_and_moves_teacher_by_ema(vision_only):
     config, model, step = vision_only
     assert not ssl.text_guidance_enabled(config)
+    # w_text = 0 alone still trains the decoder on L_tg (its masks scored, not fused): the encoders are needed.
+    assert ssl.text_guidance_enabled(tiny_synthetic_config(**{"mode": "ssl", "ssl.w_text": 0.0}))
+    assert ssl.text_guidance_enabled(tiny_synthetic_config(**{"mode": "ssl", "ssl.w_text": 0.0, "ssl.train_decoder": False,
+                                                              "ssl.text_head": "words"}))
     mesh = make_mesh(config, jax.devices()[:1])
     state, _ = ssl.create_state(config, model, None, steps_per_epoch=2)
+    # The teacher starts as a copy of the student: its first pseudo-labels are the initial student's.
+    for t, s in zip(jax.tree.leaves(state.teacher), jax.tree.leaves({"params": state.params, "batch_stats": state.batch_stats})):
+        np.testing.assert_array_equal(np.asarray(t), np.asarray(s))
     state = replicate(mesh, state)
     batch = _batch(config, 0)
 
@@ -227,17 +234,17 @@ def test_all_mode_pretrains_then_trains_text_guided_and_resumes(all_run):
     assert (tmp_path / "pictures" / "epoch_0002.png").is_file() and (tmp_path / "curves.png").is_file()
 
 
-def test_pseudo_label_scores_and_evaluation_round_trip(all_run):
-    config, tmp_path, results = all_run
+def test_pseudo_label_scores_and_evaluation_round_trip(all_run, tmp_path):
+    config, run_dir, results = all_run
     # How good are the pseudo-labels: text masks, teacher and fused labels on the 8 unlabeled images and on val.
-    guidance = json.loads((tmp_path / "guidance.json").read_text())
+    guidance = json.loads((run_dir / "guidance.json").read_text())
     assert guidance["unlabeled"]["images"] == 8 and guidance["val"]["images"] == 8
     for split in ("unlabeled", "val"):
         for name in ssl.GUIDANCE_MAPS:
             values = guidance[split][name]
             assert 0.0 <= values["dice"] <= 100.0 and 0.0 <= values["miou"] <= values["dice"] + 1e-6
             assert 0.0 <= values["auroc"] <= 100.0
-    rows = (tmp_path / "per_image_guidance_unlabeled.csv").read_text().splitlines()
+    rows = (run_dir / "per_image_guidance_unlabeled.csv").read_text().splitlines()
     assert rows[0] == "file,text_mask_dice,teacher_dice,pseudo_label_dice,student_dice" and len(rows) == 9
     per_image = np.array([[float(x) for x in row.split(",")[1:]] for row in rows[1:]])
     np.testing.assert_allclose(per_image.mean(0), [guidance["unlabeled"][n]["dice"] for n in ssl.GUIDANCE_MAPS], atol=1e-3)
@@ -247,22 +254,35 @@ def test_pseudo_label_scores_and_evaluation_round_trip(all_run):
     model = supervised.build_unet(config)
     template, _ = ssl.create_state(config, model, None, steps_per_epoch=1)
     student, _, _ = checkpoint.restore_variables(
-        tmp_path / "checkpoints" / "best", {"params": template.params, "batch_stats": template.batch_stats}
+        run_dir / "checkpoints" / "best", {"params": template.params, "batch_stats": template.batch_stats}
     )
-    val = datasets.load_eval_split(config, datasets.data_root(config, tmp_path), "val")
+    val = datasets.load_eval_split(config, datasets.data_root(config, run_dir), "val")
     logits, _ = model.apply(jax.device_get(student), val.images.astype(np.float32) / 255, train=True, mutable=["batch_stats"])
     predicted, truth = np.asarray(logits[..., 0]) > 0.0, val.masks > 0
     overlap = 2.0 * (predicted & truth).sum((1, 2))
     expected = np.where(predicted.sum((1, 2)) + truth.sum((1, 2)) == 0, 1.0, overlap / np.maximum(predicted.sum((1, 2)) + truth.sum((1, 2)), 1))
-    rows = (tmp_path / "per_image_guidance_val.csv").read_text().splitlines()
+    rows = (run_dir / "per_image_guidance_val.csv").read_text().splitlines()
     np.testing.assert_allclose([float(row.split(",")[4]) for row in rows[1:]], 100 * expected, atol=1e-3)
 
     # Evaluating the checkpoint later gives the same numbers, pseudo-labels included.
-    (tmp_path / "guidance.json").unlink()
+    (run_dir / "guidance.json").unlink()
     evaluate_config = config.copy_and_resolve_references()
     evaluate_config.mode = "evaluate"
-    assert main.run(evaluate_config, tmp_path) == results
-    assert json.loads((tmp_path / "guidance.json").read_text()) == guidance
+    assert main.run(evaluate_config, run_dir) == results
+    assert json.loads((run_dir / "guidance.json").read_text()) == guidance
+
+    # The teacher labelled train.batch_size (8) images at a time with their BatchNorm statistics (teacher_norm
+    # 'batch'): a command with smaller batches (3, and 3 to score at) scores the run in its recorded batches.
+    smaller = config.copy_and_resolve_references()
+    smaller.train.batch_size = smaller.train.eval_batch_size = 3
+    smaller.ssl.pretrained = str(run_dir / "pretrain")
+    rescored = ssl.evaluate_guidance(smaller, tmp_path, str(run_dir / "checkpoints" / "best"),
+                                     root=datasets.data_root(config, run_dir))
+    assert rescored.keys() == guidance.keys()
+    for split, scores in guidance.items():
+        assert rescored[split]["images"] == scores["images"]
+        for name in ssl.GUIDANCE_MAPS:
+            assert rescored[split][name] == pytest.approx(scores[name], rel=1e-5, abs=1e-4), (split, name)
 
 
 def test_a_mean_teacher_keeps_the_pretraining_step_that_guided_it(all_run, tmp_path):
@@ -987,3 +1007,117 @@ def test_text_head_is_fitted_on_labelled_masks_before_the_mean_teacher_and_kept_
     with pytest.raises(ConfigError, match="config.ssl.text_head must be '' .*, 'words' or 'report', got 'film'"):
         other.ssl.text_head, other.ssl.withhold_reports = "film", False
         validate(other)
+
+
+class _LogitsModel:
+    """A stand-in U-Net whose 'variables' are its logits (B, H, W, C): the maps a scoring test chooses."""
+
+    def apply(self, variables, images, train=False, mutable=None):
+        return (variables["logits"], {}) if mutable else variables["logits"]
+
+
+def _rank_auroc(scores, positive):
+    """P(score of a positive pixel > score of a negative one) + ties / 2, over every pair."""
+    pos, neg = scores[positive][:, None], scores[~positive][None, :]
+    return float(np.mean((pos > neg) + 0.5 * (pos == neg)))
+
+
+def _dice_iou(predicted, truth, classes):
+    """SPEC 7 on one image: per foreground class present in P or Y, averaged (none present: 1)."""
+    dice, iou = [], []
+    for c in classes:
+        p, y = predicted == c, truth == c
+        if p.any() or y.any():
+            dice.append(2 * (p & y).sum() / (p.sum() + y.sum()))
+            iou.append((p & y).sum() / (p | y).sum())
+    return (np.mean(dice), np.mean(iou)) if dice else (1.0, 1.0)
+
+
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_guidance_scores_each_map_by_dice_and_pixel_auroc_by_hand(num_classes):
+    """evaluate_guidance's step on chosen maps: the teacher and the student score their own logits, the
+    text mask its p_text at 0.5 against any foreground, the pseudo-label SPEC 6's fusion (w_text 0.5 here) of
+    the teacher with the text mask; the AUROC ranks each map's foreground probability over the pixels of the
+    valid rows only (the third row is padding)."""
+    from amvlm_jax import metrics
+
+    rng = np.random.default_rng(3)
+    b, size, w_text = 3, 4, 0.5
+    config = tiny_synthetic_config(**{"mode": "ssl", "data.num_classes": num_classes, "ssl.w_text": w_text})
+    # Logits on a grid of 0.25 (distinct histogram bins of 0.03), the text's at most 4: the 1e-4 clips never bind.
+    # Odd multiples of 1/4 for the text: the fused logits (teacher + text / 2) are never 0.
+    teacher, student = (rng.integers(-12, 13, (b, size, size, 1)) / 4.0 for _ in range(2))
+    text = (2 * rng.integers(-8, 8, (b, size, size)) + 1) / 4.0
+    if num_classes > 1:  # Background 0, the foreground classes l and l - 1 in either order: logit(1 - p_0) on a grid.
+        first = rng.random((b, size, size, 1)) < 0.5
+        teacher, student = (np.concatenate([0 * x, np.where(first, x, x - 1), np.where(first, x - 1, x)], -1)
+                            for x in (teacher, student))
+    truth = rng.integers(0, num_classes + 1 if num_classes > 1 else 2, (b, size, size))
+    guidance = types.SimpleNamespace(head=True, head_logits=lambda params, frozen, images, tokens: params,
+                                     logit_offset=0.0, veto_only=False, constant=0.0, text_clip=1e-4)
+    step = ssl.make_guidance_eval_step(config, _LogitsModel(), guidance)
+    valid = np.array([True, True, False])
+    batch = {"image": np.zeros((b, size, size, 3), np.uint8), "mask": truth.astype(np.uint8), "valid": valid}
+    out = jax.device_get(step({"logits": jnp.float32(teacher)}, {"logits": jnp.float32(student)},
+                              {"head": jnp.float32(text)}, None, batch))
+
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    p_text = sigmoid(text)
+    if num_classes == 1:
+        expected = {"teacher": (teacher[..., 0] > 0, sigmoid(teacher[..., 0])),
+                    "student": (student[..., 0] > 0, sigmoid(student[..., 0])),
+                    "pseudo_label": (teacher[..., 0] + w_text * text > 0, sigmoid(teacher[..., 0] + w_text * text))}
+        classes = (1,)
+    else:
+        softmax = lambda z: np.exp(z) / np.exp(z).sum(-1, keepdims=True)  # noqa: E731
+        p_t, p_s = softmax(teacher), softmax(student)
+        fused_foreground = sigmoid(np.log((1 - p_t[..., 0]) / p_t[..., 0]) + w_text * text)
+        fused = np.concatenate([1 - fused_foreground[..., None],
+                                p_t[..., 1:] / p_t[..., 1:].sum(-1, keepdims=True) * fused_foreground[..., None]], -1)
+        expected = {"teacher": (p_t.argmax(-1), 1 - p_t[..., 0]), "student": (p_s.argmax(-1), 1 - p_s[..., 0]),
+                    "pseudo_label": (fused.argmax(-1), fused_foreground)}
+        classes = range(1, num_classes)
+    expected["text_mask"] = (p_text > 0.5, p_text)
+    assert set(out) == set(ssl.GUIDANCE_MAPS)
+    for name, (labels, foreground) in expected.items():
+        dice, iou, positive, negative = out[name]
+        # The text mask is a binary map, scored against any foreground class.
+        reference = (truth > 0) if (name == "text_mask" or num_classes == 1) else truth
+        scores = [_dice_iou(np.asarray(labels, int)[i], np.asarray(reference, int)[i],
+                            (1,) if name == "text_mask" or num_classes == 1 else classes) for i in range(b)]
+        np.testing.assert_allclose(dice, [s[0] for s in scores], rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(iou, [s[1] for s in scores], rtol=1e-6, err_msg=name)
+        assert positive.sum() + negative.sum() == 2 * size * size, name
+        assert metrics.auroc_from_histograms(positive, negative) == pytest.approx(
+            _rank_auroc(foreground[valid], truth[valid] > 0), abs=1e-9), name
+
+
+class _AffineModel:
+    """A stand-in U-Net of two parameters: logit = a * (red channel) + b; its 'batch statistic' is the mean image."""
+
+    def apply(self, variables, images, train=False, mutable=None):
+        logits = variables["params"]["a"] * images[..., :1] + variables["params"]["b"]
+        return (logits, {"batch_stats": {"mean": jnp.mean(images)}}) if mutable else logits
+
+
+def test_an_unlabeled_weight_without_ramp_up_weighs_the_unlabeled_half_from_the_first_step():
+    """ssl.unlabeled_weight = 0.5 with rampup_epochs = 0: loss(labeled) + 0.5 loss(unlabeled) at every step, the
+    pseudo-labels being the teacher's probabilities (not SPEC 6's loss over the concatenated batch)."""
+    import optax
+
+    from amvlm_jax.train.state import MeanTeacherState
+
+    config = tiny_synthetic_config(**{"mode": "ssl", "ssl.w_text": 0.0, "ssl.train_decoder": False,
+                                      "ssl.unlabeled_weight": 0.5})
+    variables = {"params": {"a": jnp.float32(2.0), "b": jnp.float32(-1.0)}, "batch_stats": {"mean": jnp.float32(0.0)}}
+    teacher = {"params": {"a": jnp.float32(-3.0), "b": jnp.float32(1.0)}, "batch_stats": {"mean": jnp.float32(0.0)}}
+    state = MeanTeacherState.create(variables["params"], variables["batch_stats"], optax.sgd(0.0), teacher=teacher)
+    step = ssl.make_ssl_step(config, _AffineModel(), None, None, steps_per_epoch=2)
+    batch = _batch(config, 0)
+    x_l, x_u = (batch[k].astype(np.float32) / 255 for k in ("image", "unlabeled_image"))
+    pseudo = 1 / (1 + np.exp(-(-3.0 * x_u[..., :1] + 1.0)))[..., 0]
+    labeled = segmentation_loss(2.0 * x_l[..., :1] - 1.0, batch["mask"].astype(np.float32))
+    unlabeled = segmentation_loss(2.0 * x_u[..., :1] - 1.0, pseudo)
+    _, step_metrics = jax.jit(step.step)(state, None, batch)
+    assert float(step_metrics["loss"]) == pytest.approx(float(labeled + 0.5 * unlabeled), rel=1e-5)
+    assert float(step_metrics["pseudo_label_mean"]) == pytest.approx(float(pseudo.mean()), rel=1e-5)
