@@ -757,6 +757,17 @@ def test_the_progress_bar_of_an_epoch_resumed_mid_way_counts_from_the_steps_it_h
 
     bars, real = [], loop.tqdm
     monkeypatch.setattr(loop, "tqdm", lambda *args, **kwargs: bars.append(real(*args, **kwargs)) or bars[-1])
+    # A step takes 1 s (on a clock that moves only then): 1 step per second, also over the resumed epoch's first
+    # step, counted from the step it resumed at (5), not from its epoch's first (3).
+    clock, batches = _Clock(1000.0), job.batches
+
+    def ticking(start_step):
+        for batch in batches(start_step):
+            clock.now += 1.0
+            yield batch
+
+    monkeypatch.setattr(loop, "time", clock)
+    job.batches = ticking
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # A pytest-xdist worker ignores SIGINT.
     try:
         with pytest.raises(KeyboardInterrupt, match="saved .*latest/5"):
@@ -767,6 +778,9 @@ def test_the_progress_bar_of_an_epoch_resumed_mid_way_counts_from_the_steps_it_h
         signal.signal(signal.SIGINT, before)
     resumed = bars[0]
     assert resumed.desc.startswith("toy epoch 2/") and (resumed.n, resumed.total) == (STEPS_PER_EPOCH, STEPS_PER_EPOCH)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/steps_per_second"]) for r in records if "train/loss" in r] == [
+        (step, 1.0) for step in range(1, STEPS_PER_EPOCH * EPOCHS + 1)]
 
 
 def _refuse_constant(name):
@@ -825,3 +839,183 @@ def test_a_nan_best_score_gives_way_to_the_next_epochs_and_checkpoint_meta_is_st
     assert meta["best_epoch"] == 2 and meta["best"] == 1.0
     _, meta = loop.run(dataclasses.replace(job, workdir=tmp_path / "whole"))  # Not stopped: the NaN held in memory.
     assert meta["best_epoch"] == 2 and meta["best"] == 1.0
+
+
+class _Clock:
+    """A wall clock that moves only when told: time.time() for the loop and the metric writer."""
+
+    def __init__(self, now):
+        self.now = now
+
+    def time(self):
+        return self.now
+
+
+def test_what_a_run_logs_steps_per_second_seconds_records_messages_and_progress_by_hand(tmp_path, toy_step,
+                                                                                         monkeypatch, capsys):
+    """Every step takes 2 s and every evaluation 1 s on a clock that moves only then; steps logged every 2nd
+    step of 3-step epochs (steps 2, 4, 6). Each number below is worked out from those times and from SGD on
+    (w - 1)^2 at rate 0.25 (w = 1 - 0.5^n after n steps, the step's loss (1 - w)^2 before it)."""
+    from amvlm_jax.train import logging as metric_logging
+    from tensorboardX import event_file_writer
+
+    clock = _Clock(1000.0)
+    monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(metric_logging, "time", clock)
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1.7e9))  # Its file's name.
+    bars, disabled, real = [], [], loop.tqdm
+
+    def recording_tqdm(*args, **kwargs):
+        disabled.append(kwargs["disable"])
+        bars.append(real(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(loop, "tqdm", recording_tqdm)
+    config = tiny_synthetic_config()
+    mesh = make_mesh(config, jax.devices()[:1])
+    job = _job(config, tmp_path, mesh, toy_step, [], epochs=2)
+    # 40 x 50 weights that get no gradient: counted among the trained parameters, no change to either norm.
+    job.state = replicate(mesh, TrainState.create({"w": jnp.zeros(()), "unused": jnp.zeros((40, 50))}, {},
+                                                  optax.sgd(0.25)))
+
+    def timed_step(state, batch):
+        clock.now += 2.0
+        return toy_step(state, batch)
+
+    def score(state):  # 100 w.
+        clock.now += 1.0
+        return {"val/score": 100 * float(state.params["w"])}
+
+    job = dataclasses.replace(job, train_step=timed_step, log_every_steps=2, learning_rate=lambda step: 0.25,
+                              evaluators=[loop.Evaluator(score, at_start=True)])
+    capsys.readouterr()
+    _, meta = loop.run(job)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # Clock: 1000, at-start evaluation to 1001, steps 1-3 to 1007, evaluation to 1008, steps 4-6 to 1014, 1015.
+    # Steps per second over the steps since the last logged one, or since the epoch's start (1001, 1008).
+    assert [(r["step"], r["time"], r["train/steps_per_second"]) for r in records if "train/loss" in r] == [
+        (2, 1005.0, 2 / 4), (4, 1010.0, 1 / 2), (6, 1014.0, 2 / 4)]
+    # Epoch seconds: three steps and the evaluation; meta sums them.
+    assert [(r["step"], r["time"], r["epoch"], r.get("epoch_seconds")) for r in records if "epoch" in r] == [
+        (0, 1001.0, 0, None), (3, 1008.0, 1, 7.0), (6, 1015.0, 2, 7.0)]
+    # Epoch means of the steps' losses: (1 + 0.5^2 + 0.25^2) / 3 and (0.125^2 + 0.0625^2 + 0.03125^2) / 3.
+    assert meta["seconds"] == 14.0
+    np.testing.assert_allclose([meta["first_epoch"]["loss"], meta["last_epoch"]["loss"]],
+                               [0.4375, (0.125 ** 2 + 0.0625 ** 2 + 0.03125 ** 2) / 3], rtol=1e-6)
+    np.testing.assert_allclose([r["train/epoch_loss"] for r in records if r.get("epoch")],
+                               [meta["first_epoch"]["loss"], meta["last_epoch"]["loss"]])
+    assert meta["last_eval"] == {"val/score": 100 * (1 - 0.5 ** 6)} and meta["initial_eval"] == {"val/score": 0.0}
+    # TensorBoard's points carry the records' times.
+    events = [e for path in (tmp_path / "tensorboard").iterdir() for e in _events(path) if e.summary.value]
+    assert sorted({(e.step, e.wall_time) for e in events}) == sorted({(r["step"], r["time"]) for r in records})
+    # The terminal: the parameter count, the untrained score, each epoch's loss, score, best and seconds.
+    assert capsys.readouterr().out.splitlines() == [
+        "toy: 2,001 trained parameters",
+        "before training: val/score 0.00",
+        "epoch 1: loss 0.4375 val/score 87.50 (best val/score 87.50 @ 1) [7.0s]",
+        "epoch 2: loss 0.0068 val/score 98.44 (best val/score 98.44 @ 2) [7.0s]",
+    ]
+    # The progress bars: one per epoch, the loss of the last logged step (step 6: 0.03125^2) with 4 decimals.
+    assert [(bar.desc, bar.n, bar.total) for bar in bars] == [("toy epoch 1/2", 3, 3), ("toy epoch 2/2", 3, 3)]
+    assert bars[1].postfix == "loss=0.0010" and disabled == [False, False]
+
+
+def test_a_non_finite_loss_between_logged_steps_stops_at_its_epochs_end_naming_the_checkpoint_kept(tmp_path, toy_step):
+    """A NaN in step 5's batch makes every later loss NaN. Logged every 10th step, no step of the 3-step epochs
+    is checked: the run stops at the end of step 5's epoch (step 6), on the epoch's mean loss, before that
+    epoch's checkpoint: the latest one stays at step 3. (A logged step stops at once: test_robustness.)"""
+    config = tiny_synthetic_config()
+    mesh = make_mesh(config, jax.devices()[:1])
+
+    def nan_at_step_5(start_step):
+        for index in range(start_step, 10**6):  # index: the step taken with this batch, less one.
+            yield {"x": np.full((2,), np.nan if index == 4 else 1.0, np.float32)}
+
+    job = dataclasses.replace(_job(config, tmp_path, mesh, toy_step, [], epochs=3), batches=nan_at_step_5,
+                              log_every_steps=10)
+    with pytest.raises(loop.TrainingError) as error:
+        loop.run(job)
+    assert str(error.value) == (f"loss is nan at step 6; stopped without saving, {tmp_path}/checkpoints/latest keeps "
+                                "the last good state (lower the learning rate or check the data)")
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "latest").iterdir() if p.name.isdigit()) == ["3"]
+
+
+def test_only_process_0_prints_draws_progress_and_writes_metrics(tmp_path, toy_step, monkeypatch, capsys):
+    """Every process of a multi-process run runs the loop; process 1 here must print nothing, show no progress
+    bar, leave metrics.jsonl (on a shared disk: process 0's, not to be cut short) and tensorboard/ alone, and
+    draw no curves."""
+    from amvlm_jax.train import logging as metric_logging
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "time": 0.0, "train/loss": 1.0}) + "\n"
+                                                    for s in (1, 2)))
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with monkeypatch.context() as patch:  # Not around the loop: Orbax asks jax which process it is, too.
+        patch.setattr(jax, "process_index", lambda: 1)
+        metric_logging.info("a message")
+        writer = metric_logging.MetricWriter(tmp_path, 1)  # Process 0's would drop the record of step 2.
+        writer.write(2, {"train/loss": 0.5})
+        writer.close()
+    assert capsys.readouterr().out == "" and (tmp_path / "metrics.jsonl").read_text() == before
+    assert not (tmp_path / "tensorboard").exists()
+
+    bars, real = [], loop.tqdm
+    monkeypatch.setattr(loop, "tqdm", lambda *args, **kwargs: bars.append(kwargs["disable"]) or real(*args, **kwargs))
+    as_process_1 = {name: getattr(jax, name) for name in dir(jax) if not name.startswith("__")}
+    monkeypatch.setattr(loop, "jax", types.SimpleNamespace(**as_process_1 | {"process_index": lambda: 1}))
+    config = tiny_synthetic_config()
+    loop.run(_job(config, tmp_path / "run", make_mesh(config, jax.devices()[:1]), toy_step, [], epochs=1))
+    assert bars == [True] and not (tmp_path / "run" / "curves.png").exists()
+
+
+def test_a_resumed_metric_writer_says_what_it_dropped_and_shows_the_kept_records_with_their_times(
+        tmp_path, monkeypatch, capsys):
+    from amvlm_jax.train import logging as metric_logging
+
+    clock = _Clock(500.0)
+    monkeypatch.setattr(metric_logging, "time", clock)
+    first = loop.MetricWriter(tmp_path, 0)
+    for step, record in ((1, {"train/loss": 1.0}), (2, {"epoch": 1, "val/dice": float("nan"), "val/miou": 0.25}),
+                         (3, {"train/loss": 0.5})):
+        clock.now += 10.0
+        first.write(step, record)
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "ti')  # Cut short by a kill.
+    capsys.readouterr()
+    second = loop.MetricWriter(tmp_path, 2)  # Resumed from the checkpoint of step 2 (its epoch finished).
+    assert capsys.readouterr().out == (f"{tmp_path}/metrics.jsonl: dropped 1 records that this run writes again (its "
+                                       "checkpoint is at step 2), and 1 lines that are no record with a step (cut short "
+                                       "or damaged)\n")
+    clock.now = 600.0
+    second.write(3, {"train/loss": 0.25})
+    second.close()
+    # Step 2's record is on TensorBoard again, at its own time, with its null read back as the NaN it was.
+    path, = (tmp_path / "tensorboard").glob("*.from-step-2")
+    shown = {value.tag: (event.step, event.wall_time, value.simple_value) for event in _events(path)
+             for value in event.summary.value}
+    assert shown.keys() == {"epoch", "val/dice", "val/miou", "train/loss"}
+    assert shown["epoch"] == (2, 520.0, 1.0) and shown["val/miou"] == (2, 520.0, 0.25)
+    assert shown["val/dice"][:2] == (2, 520.0) and math.isnan(shown["val/dice"][2])
+    assert shown["train/loss"] == (3, 600.0, 0.25)
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        {"step": 1, "time": 510.0, "train/loss": 1.0}, {"step": 2, "time": 520.0, "epoch": 1, "val/dice": None,
+                                                         "val/miou": 0.25},
+        {"step": 3, "time": 600.0, "train/loss": 0.25}]
+
+
+def test_a_job_without_a_best_metric_saves_its_last_epoch_as_the_best_and_no_earlier_one(tmp_path, toy_step,
+                                                                                         monkeypatch):
+    config = tiny_synthetic_config()
+    job = dataclasses.replace(_job(config, tmp_path, make_mesh(config, jax.devices()[:1]), toy_step, [], epochs=2),
+                              best_metric=None)
+    saves, save = [], checkpoint.RunCheckpoints.save
+
+    def recording_save(self, step, state, meta, is_best, latest_meta=None, latest=True):
+        saves.append((step, is_best, latest))
+        return save(self, step, state, meta, is_best, latest_meta, latest)
+
+    monkeypatch.setattr(checkpoint.RunCheckpoints, "save", recording_save)
+    _, meta = loop.run(job)
+    assert saves == [(STEPS_PER_EPOCH, False, True), (2 * STEPS_PER_EPOCH, True, True)]
+    assert meta["best"] is None and meta["best_epoch"] == 0
+
