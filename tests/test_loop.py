@@ -1019,3 +1019,27 @@ def test_a_job_without_a_best_metric_saves_its_last_epoch_as_the_best_and_no_ear
     assert saves == [(STEPS_PER_EPOCH, False, True), (2 * STEPS_PER_EPOCH, True, True)]
     assert meta["best"] is None and meta["best_epoch"] == 0
 
+
+def test_steps_per_second_leave_out_the_evaluations_between_steps(tmp_path, toy_step, monkeypatch):
+    """Steps take 2 s and an evaluation after every step 1 s: logged every 2nd step, 2 steps in 4 s. Counted
+    in, the evaluation after step 1 made it 2 steps in 5 s, below the rate of the steps across an epoch's end
+    (whose evaluation is left out)."""
+    clock = _Clock(1000.0)
+    monkeypatch.setattr(loop, "time", clock)
+
+    def timed_step(state, batch):
+        clock.now += 2.0
+        return toy_step(state, batch)
+
+    def evaluation(state):
+        clock.now += 1.0
+        return {"val/w": float(state.params["w"])}
+
+    config = tiny_synthetic_config()
+    job = dataclasses.replace(_job(config, tmp_path, make_mesh(config, jax.devices()[:1]), toy_step, [], epochs=1),
+                              train_step=timed_step, log_every_steps=2, best_metric=None,
+                              evaluators=[loop.Evaluator(evaluation, every_epochs=0, every_steps=1)])
+    loop.run(job)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/steps_per_second"]) for r in records if "train/loss" in r] == [(2, 0.5)]
+    assert [r["step"] for r in records if "val/w" in r] == [1, 2, 3, 3]  # Every step, and the (last) epoch's.

@@ -354,7 +354,9 @@ def _run_epoch(job: Job, current: dict, batches, epoch: int, meta: dict, checkpo
             if any(evaluator.due_at_step(step) for evaluator in job.evaluators):
                 meta["unfinished_step_evaluation"] = step
         if meta.get("unfinished_step_evaluation") == step:
+            evaluating = time.time()
             _evaluate_at_step(job, state, step, meta, checkpoints, writer)
+            logged_at += time.time() - evaluating  # Steps/s time the steps alone, as across an epoch's end.
     means = _means(jax.device_get(step_metrics))  # Kept in current until meta holds them (a Ctrl-C saves them).
     _finish_epoch(job, current, epoch, means, time.time() - started, False, meta, checkpoints, writer)
 
