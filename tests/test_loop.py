@@ -64,7 +64,12 @@ def test_loop_cadences_best_checkpoint_telemetry_and_meta(tmp_path, toy_step, ca
     config = tiny_synthetic_config()
     mesh = make_mesh(config, jax.devices()[:1])
     calls = []
+    capsys.readouterr()
     state, meta = loop.run(_job(config, tmp_path, mesh, toy_step, calls))
+    # Epoch 3 is not evaluated; the best stays epoch 2's. Epoch losses: mean of 0.25^n over steps n = 7..9, 10..12.
+    lines = [line.split(" [")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert lines[2:] == ["epoch 3: loss 0.0001 (best val/score 0.00 @ 2)",
+                         "epoch 4: loss 0.0000 val/score -6.00 val/w 1.00 (best val/score 0.00 @ 2)"]
     # At start (step 0), every 2 epochs (steps 6) and the last epoch (12); the step evaluator every 4 steps
     # and at the last epoch.
     assert calls == [("epoch", 0), ("step", 4), ("epoch", 6), ("step", 8), ("step", 12), ("epoch", 12), ("step", 12)]

@@ -458,9 +458,11 @@ def _finish_epoch(job: Job, current: dict, epoch: int, means: dict, seconds: flo
                              latest_meta=dict(meta, end_of_epoch_after_restore=True) if saved_before_end else None)
     best = ""
     if job.best_metric is not None and meta["best"] is not None:
-        best = f" (best {job.best_metric} {meta['best']:.2f} @ {meta['best_epoch']})"
-    loss = f"loss {means['loss']:.4f} " if "loss" in means else ""
-    info(f"epoch {epoch + 1}: {loss}{format_metrics(evaluated)}{best} [{seconds:.1f}s]")
+        best = f"(best {job.best_metric} {meta['best']:.2f} @ {meta['best_epoch']})"
+    loss = f"loss {means['loss']:.4f}" if "loss" in means else ""
+    # Joined so that an epoch without evaluation reads 'loss 0.1234 (best ...)', not with two spaces.
+    info(f"epoch {epoch + 1}: " + " ".join(part for part in (loss, format_metrics(evaluated), best) if part)
+         + f" [{seconds:.1f}s]")
     every = job.picture_every_epochs
     if job.pictures is not None and every and ((epoch + 1) % every == 0 or last):
         job.pictures(state, epoch + 1)  # Collective in multi-process runs: every process computes.
