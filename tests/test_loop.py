@@ -777,6 +777,8 @@ def test_the_progress_bar_of_an_epoch_resumed_mid_way_counts_from_the_steps_it_h
     try:
         with pytest.raises(KeyboardInterrupt, match="saved .*latest/5"):
             loop.run(dataclasses.replace(job, learning_rate=stopping_at_5))
+        # Stopped before any evaluation after the start's: that is the last one the checkpoint records.
+        assert checkpoint.read_meta(tmp_path / "checkpoints" / "latest")["last_eval"] == {"val/score": -6}
         bars.clear()
         loop.run(job)
     finally:
