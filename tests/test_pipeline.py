@@ -81,6 +81,43 @@ def test_random_resized_crop_resizes_a_box_of_the_image_back():
         pipeline.training_batches(_split(), 4, seed=0, augmentation="crop")
 
 
+def test_random_resized_crop_boxes_follow_their_scale_ratio_and_place():
+    """The box read back from the crop of an image whose channels hold each pixel's column, row and a 0/255
+    column stripe: with scale (0.2, 0.3), never clipped on a square, its area is that fraction of the image,
+    log(width / height) is uniform on [log 3/4, log 4/3] (a uniform aspect would put 43% below 0, not 50%),
+    it lies anywhere in the image (left / (W - width) spread over [0, 1]), and the stripes come back blended
+    (bilinear, not nearest). With the default scale (0.5, 1) the area stays in [0.5, 1]."""
+    from scipy import stats
+
+    size = 120
+    columns = np.broadcast_to(np.arange(size)[None, :], (size, size))
+    image = np.stack([columns, columns.T, columns % 2 * 255], axis=-1).astype(np.uint8)
+
+    def box(crop):  # Bilinear sample j of a box [left, left + w) sits at left + (j + 0.5) w / S - 0.5: within 1 px.
+        crop = crop.astype(float)
+        width, height = ((crop[0, -1, 0] - crop[0, 0, 0]) * size / (size - 1),
+                         (crop[-1, 0, 1] - crop[0, 0, 1]) * size / (size - 1))
+        return width, height, crop[0, 0, 0] + 0.5 - 0.5 * width / size
+
+    boxes, blended = [], False
+    for seed in range(1200):
+        crop = pipeline.random_resized_crop(image, np.random.default_rng(seed), scale=(0.2, 0.3))
+        boxes.append(box(crop))
+        blended |= bool(np.any((crop[..., 2] > 30) & (crop[..., 2] < 225)))
+    width, height, left = np.array(boxes).T
+    area = width * height / size**2
+    assert 0.2 - 0.02 < area.min() and area.max() < 0.3 + 0.02 and abs(area.mean() - 0.25) < 0.005
+    log_aspect = np.log(width / height)
+    assert np.log(3 / 4) - 0.04 < log_aspect.min() and log_aspect.max() < np.log(4 / 3) + 0.04
+    assert stats.kstest(log_aspect, stats.uniform(np.log(3 / 4), np.log(16 / 9)).cdf).pvalue > 1e-3
+    place = left / (size - width)
+    assert place.min() < 0.05 and place.max() > 0.95 and abs(place.mean() - 0.5) < 0.05
+    assert blended
+    defaults = [box(pipeline.random_resized_crop(image, np.random.default_rng(seed))) for seed in range(200)]
+    default_area = np.array([w * h for w, h, _ in defaults]) / size**2
+    assert default_area.min() > 0.5 - 0.02 and default_area.max() <= 1.0
+
+
 def test_crop_stream_is_deterministic_and_changes_the_images():
     split = _split(n=8, size=16)
     first = _take(pipeline.training_batches(split, 4, seed=7, with_mask=False, augmentation="crop"), 2)
@@ -103,8 +140,9 @@ def test_labeled_indices_are_seeded_and_sized():
                                (10, 1e-12, 1), (5, 1.0, 5)):
         assert len(splits.labeled_indices(n, fraction, seed=0)) == count, (n, fraction)
     assert set(splits.unlabeled_indices(24, 0.25, 3)) == set(range(24)) - set(picked)
-    with pytest.raises(ValueError):
-        splits.labeled_indices(10, 0.0, 0)
+    for fraction in (0.0, True):  # True is no fraction, though Python takes it for 1.
+        with pytest.raises(ValueError, match="labeled_fraction must be a number in"):
+            splits.labeled_indices(10, fraction, 0)
 
 
 def _take(iterator, count):
@@ -147,6 +185,35 @@ def test_augmented_stream_is_deterministic():
         np.testing.assert_array_equal(x["mask"], y["mask"])
 
 
+def test_training_stream_moves_each_mask_with_its_image_and_draws_anew_every_epoch():
+    """With 'spec' augmentation every streamed (image, mask) pair is one SPEC 1 transform of the stored pair
+    (a rotation then a flip, an integer angle in [-20, 20) or none), the mask the same transform of the mask
+    (it still marks image[..., 0] > 128); and an example's transform is drawn again each epoch, not once."""
+    from scipy import ndimage
+
+    split = _split(n=6)
+
+    def transforms(a):
+        yield from (np.flip(np.rot90(a, k), axis) for k in range(4) for axis in range(2))
+        yield from (ndimage.rotate(a, angle, reshape=False, order=0) for angle in range(-20, 20))
+
+    versions = {i: set() for i in range(6)}
+    for batch in _take(pipeline.training_batches(split, 3, seed=5), 8):  # 4 epochs.
+        np.testing.assert_array_equal(batch["mask"].astype(bool), batch["image"][..., 0] > 128)
+        for image, mask, index in zip(batch["image"], batch["mask"], batch["index"]):
+            assert any(np.array_equal(image, t) for t in transforms(split.images[index]))
+            assert any(np.array_equal(mask, t) for t in transforms(split.masks[index]))
+            versions[int(index)].add(image.tobytes())
+    assert sum(len(v) > 1 for v in versions.values()) >= 5
+
+
+def test_a_batch_size_the_processes_cannot_share_is_refused():
+    for stream in (lambda: pipeline.training_batches(_split(), 6, seed=0, process_index=0, process_count=4),
+                   lambda: pipeline.fresh_synthetic_batches(0, 64, 64, 6, process_index=1, process_count=4)):
+        with pytest.raises(ValueError, match="^batch size 6 is not divisible by the 4 processes$"):
+            stream()
+
+
 def test_process_shards_partition_each_global_batch():
     split = _split(n=12)
     single = _take(pipeline.training_batches(split, 6, seed=2, process_index=0, process_count=1), 4)
@@ -169,6 +236,8 @@ def test_evaluation_batches_pad_and_count():
     assert [real for _, real in batches] == [3, 3, 1]
     assert all(b["image"].shape[0] == 3 for b, _ in batches)
     np.testing.assert_array_equal(batches[-1][0]["index"], [6, 6, 6])
+    for batch, _ in batches:  # Padding rows repeat the last real row's mask too.
+        np.testing.assert_array_equal(batch["mask"], split.masks[batch["index"]])
     # Padded only to a multiple of 2 (devices): the last batch [6, 6], not three copies.
     batches = list(pipeline.evaluation_batches(split, 4, pad_multiple=2))
     assert [(b["index"].tolist(), real) for b, real in batches] == [([0, 1, 2, 3], 4), ([4, 5, 6, 6], 3)]
