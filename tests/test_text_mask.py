@@ -383,3 +383,19 @@ def test_word_attention_head_by_hand_with_padding_words():
             pointed = dense(np.maximum(dense(np.concatenate(read), "word_hidden"), 0), "word_logit")[0]
             expected[b, position // 3, position % 3] = shown[b, position // 3, position % 3] + pointed
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_l2_normalize_and_ema_update_by_hand():
+    """l2_normalize: unit vectors along the given axis, exact for tiny norms (only a norm below eps = 1e-12 is
+    held at eps), zero stays zero with a finite gradient; the gradient of sum(x / |x|) at (3, 4) is
+    (1/5 - 7 * 3/125, 1/5 - 7 * 4/125). ema_update passes no gradient to the online values."""
+    x = jnp.array([[3.0, 0.0], [4.0, 5.0]])
+    np.testing.assert_allclose(l2_normalize(x, axis=0), [[0.6, 0.0], [0.8, 1.0]], rtol=1e-6)
+    np.testing.assert_allclose(l2_normalize(x), [[1.0, 0.0], [0.8 / np.sqrt(1.64), 1.0 / np.sqrt(1.64)]], rtol=1e-6)
+    np.testing.assert_allclose(l2_normalize(jnp.array([3e-8, 4e-8])), [0.6, 0.8], rtol=1e-5)
+    np.testing.assert_array_equal(l2_normalize(jnp.zeros(3)), 0.0)
+    assert np.all(np.isfinite(jax.grad(lambda v: l2_normalize(v).sum())(jnp.zeros(3))))
+    np.testing.assert_allclose(jax.grad(lambda v: l2_normalize(v).sum())(jnp.array([3.0, 4.0])), [0.032, -0.024],
+                               atol=1e-6)
+    grad = jax.grad(lambda online: ema_update({"w": online}, {"w": jnp.ones(2)}, 0.9)["w"].sum())(jnp.ones(2))
+    np.testing.assert_array_equal(grad, 0.0)

@@ -450,3 +450,22 @@ def test_textbook_unet_matches_a_reference_from_flax_layers():
     assert (jax.tree.map(jnp.shape, reference.init(jax.random.PRNGKey(1), x))
             == jax.tree.map(jnp.shape, variables))
     np.testing.assert_allclose(model.apply(variables, x), reference.apply(variables, x), rtol=1e-4, atol=1e-5)
+
+
+def test_running_batch_statistics_by_hand():
+    """SPEC 6's torch BatchNorm: eps 1e-5, momentum 0.1 (0.1 of the batch's statistics enter the running ones),
+    the running variance fed the unbiased variance var * n / (n - 1); n = 1 (one value per channel: var 0)
+    keeps the variance finite, as torch does. Traced counts give the same."""
+    from amvlm_jax.ops import running_batch_statistics
+
+    assert BATCH_NORM_EPSILON == 1e-5
+    mean, var = running_batch_statistics(jnp.array([1.0, 0.0]), jnp.array([1.0, 2.0]), jnp.array([3.0, -2.0]),
+                                         jnp.array([0.5, 0.0]), 5)
+    np.testing.assert_allclose(mean, [0.9 * 1 + 0.1 * 3, 0.1 * -2], rtol=1e-6)
+    np.testing.assert_allclose(var, [0.9 * 1 + 0.1 * 0.625, 0.9 * 2], rtol=1e-6)  # 0.5 * 5 / 4 = 0.625
+    traced = jax.jit(running_batch_statistics)(jnp.ones(1), jnp.ones(1), jnp.ones(1), jnp.array([0.5]), 5.0)
+    np.testing.assert_allclose(traced[1], [0.9625], rtol=1e-6)
+    single = running_batch_statistics(jnp.ones(1), jnp.full(1, 2.0), jnp.full(1, 4.0), jnp.zeros(1), 1)
+    np.testing.assert_allclose(np.concatenate(single), [1.3, 1.8], rtol=1e-6)
+    pair = running_batch_statistics(jnp.zeros(1), jnp.zeros(1), jnp.zeros(1), jnp.array([0.25]), 2)  # Unbiased: 0.5.
+    np.testing.assert_allclose(pair[1], [0.05], rtol=1e-6)
