@@ -425,3 +425,37 @@ def test_bad_sizes_seed_and_file_numbers(tmp_path):
     with pytest.raises(ConfigError, match=r"^config\.data\.image_size must be >= 64"):
         datasets.data_root(config, tmp_path)
     assert synthetic.file_name(12345) == "syn_12345.png" and synthetic.file_index("syn_12345.png") == 12345
+
+
+def test_a_process_other_than_0_checks_the_data_process_0_wrote(tmp_path, monkeypatch):
+    """In a multi-process run process 1 writes nothing; after the barrier it takes the root only if the marker
+    records this config's settings and every file is there, else one line names the root (data.root on a file
+    system the processes do not share)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from amvlm_jax.data import datasets
+    from amvlm_jax.data.folders import DataError
+
+    from conftest import tiny_synthetic_config
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
+    root = tmp_path / "data"
+    config = tiny_synthetic_config(**{"data.root": str(root), "data.synthetic.num_train": 2,
+                                      "data.synthetic.num_val": 1, "data.synthetic.num_test": 1})
+
+    def refused():
+        with pytest.raises(DataError, match=f"^{root}: the synthetic data is missing or incomplete after process 0"):
+            datasets.data_root(config, tmp_path)
+
+    refused()  # Nothing there, and process 1 wrote nothing.
+    assert not root.exists()
+    write_synthetic_dataset(root, num_train=2, num_val=1, num_test=1, image_size=64, seed=config.data.synthetic.seed)
+    assert datasets.data_root(config, tmp_path) == root
+    config.data.synthetic.num_train = 3  # Complete data, but of other settings.
+    refused()
+    config.data.synthetic.num_train = 2
+    (root / "Test_Folder" / "img" / synthetic.file_name(0)).unlink()
+    refused()
