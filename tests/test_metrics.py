@@ -52,11 +52,14 @@ def test_multiclass_averages_the_classes_in_prediction_or_truth():
     # Image 2: no class anywhere -> 1 (SPEC 7's empty image).
     np.testing.assert_allclose(np.asarray(dice), [2 / 3, 0.0, 1.0], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(iou), [0.5, 0.0, 1.0], rtol=1e-6)
-    per_class, _, present = metrics.dice_iou_per_class(predicted, truth, num_classes=4)
+    per_class, per_class_iou, present = metrics.dice_iou_per_class(predicted, truth, num_classes=4)
     np.testing.assert_array_equal(np.asarray(present), [[True, True, False], [False, False, True], [False] * 3])
-    summary = metrics.class_summary(np.asarray(per_class), np.asarray(per_class), np.asarray(present))
-    assert summary == {"1": {"dice": pytest.approx(200 / 3), "miou": pytest.approx(200 / 3), "images": 1},
-                       "2": {"dice": pytest.approx(200 / 3), "miou": pytest.approx(200 / 3), "images": 1},
+    # A class in neither P nor Y scores 1 (the docstring's value), whatever the averages then leave out.
+    np.testing.assert_allclose(np.asarray(per_class)[~np.asarray(present)], 1.0)
+    np.testing.assert_allclose(np.asarray(per_class_iou)[~np.asarray(present)], 1.0)
+    summary = metrics.class_summary(np.asarray(per_class), np.asarray(per_class_iou), np.asarray(present))
+    assert summary == {"1": {"dice": pytest.approx(200 / 3), "miou": pytest.approx(50.0), "images": 1},
+                       "2": {"dice": pytest.approx(200 / 3), "miou": pytest.approx(50.0), "images": 1},
                        "3": {"dice": 0.0, "miou": 0.0, "images": 1}}
 
 
@@ -65,6 +68,11 @@ def test_predict_labels_thresholds_and_argmax():
     np.testing.assert_array_equal(np.asarray(metrics.predict_labels(logits)), [[[0, 1]]])
     logits = np.array([[[[0.1, 2.0, 0.3], [3.0, 0.0, 0.0]]]], np.float32)
     np.testing.assert_array_equal(np.asarray(metrics.predict_labels(logits)), [[[1, 0]]])
+    # A logit of exactly 0 (probability 0.5) is background, as predict's 0.5 threshold has it; a tie between
+    # classes goes to the lower id, as numpy's argmax.
+    np.testing.assert_array_equal(np.asarray(metrics.predict_labels(np.zeros((1, 1, 2, 1), np.float32))), [[[0, 0]]])
+    tied = np.array([[[[0.0, 1.0, 1.0], [2.0, 2.0, 0.0]]]], np.float32)
+    np.testing.assert_array_equal(np.asarray(metrics.predict_labels(tied)), np.argmax(tied, axis=-1))
 
 
 @pytest.mark.parametrize("num_classes", [1, 4])
@@ -94,6 +102,9 @@ def test_against_sklearn_on_random_masks(num_classes):
 def test_summarize_reports_percent():
     summary = metrics.summarize(np.array([0.5, 1.0]), np.array([0.25, 0.75]))
     assert summary == {"dice": 75.0, "miou": 50.0, "images": 2}
+    # An image scoring 0 counts among the images and in the means.
+    summary = metrics.summarize(np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.25, 1.0]))
+    assert summary == {"dice": 50.0, "miou": pytest.approx(125 / 3), "images": 3}
 
 
 def _logit_bin_centres(index, bins):
@@ -137,3 +148,16 @@ def test_pixel_auroc_hand_cases():
     assert metrics.auroc_from_histograms([1, 0], [1, 0]) == 0.5  # all tied
     assert metrics.auroc_from_histograms([2, 0], [0, 2]) == 0.0  # inverted
     assert np.isnan(metrics.auroc_from_histograms([0, 0], [1, 1]))  # no positives
+
+
+def test_linear_probe_penalty_shrinks_the_weights_to_the_training_prior():
+    """A penalty far above what any weight saves leaves only the biases: every row is given the most frequent
+    training class (a, 6 of 8), so held-out rows 2 a + 2 b score 1/2; with a small penalty the separable
+    feature gives all 4."""
+    x = np.array([[-3.0], [-2.5], [-2.0], [-1.5], [-1.0], [-0.5], [2.0], [3.0]])
+    labels = ["a"] * 6 + ["b"] * 2
+    held_out = (np.array([[-2.0], [-1.0], [2.5], [3.5]]), ["a", "a", "b", "b"])
+    heavy = metrics.linear_probe_accuracy(x, labels, {"test": held_out}, steps=20, l2=1e4)["test"]
+    light = metrics.linear_probe_accuracy(x, labels, {"test": held_out}, steps=20, l2=1e-3)["test"]
+    assert heavy == {"accuracy": 0.5, "majority": 0.5, "rows": 4}
+    assert light == {"accuracy": 1.0, "majority": 0.5, "rows": 4}
