@@ -92,8 +92,19 @@ def test_outputs_keep_each_images_size_and_name_skip_existing_and_count_failures
     again = _predict(trained, inputs, tmp_path / "masks")
     assert (again["written"], again["skipped"], again["failed"]) == (0, 5, 1)
     assert (tmp_path / "masks" / "predictions.csv").read_text() == table  # Counted from the files read back.
-    redone = _predict(trained, inputs, tmp_path / "masks", **{"predict.overwrite": True})
+    redone = _predict(trained, inputs, tmp_path / "masks", **{"predict.overwrite": True, "predict.probabilities": "npy"})
     assert (redone["written"], redone["skipped"], redone["failed"]) == (5, 0, 1)
+    for name, image in cases.items():  # The same probabilities as float32 .npy, beside the first run's png16.
+        stem = pathlib.Path(name).with_suffix("")
+        probability = np.load(tmp_path / "masks" / stem.parent / f"{stem.name}_probability.npy")
+        assert probability.dtype == np.float32 and probability.shape == image.size[::-1], name
+        assert 0.0 <= probability.min() < probability.max() <= 1.0, name  # A map, not a constant.
+        # png16 holds the probability scaled to 0..65535 and rounded.
+        png16 = np.asarray(Image.open(tmp_path / "masks" / stem.parent / f"{stem.name}_probability.png"))
+        scaled = probability.astype(np.float64) * 65535  # Rounded: within 1, and equal but where float32 sits at .5.
+        assert np.abs(png16 - np.round(scaled)).max() <= 1 and np.mean(png16 != np.round(scaled)) < 0.01, name
+        mask = np.asarray(Image.open(tmp_path / "masks" / stem.with_suffix(".png")))
+        np.testing.assert_array_equal(mask > 0, probability > 0.5, err_msg=name)
     with pytest.raises(folders.DataError, match="broken.png: unreadable image"):
         _predict(trained, inputs, tmp_path / "stop", **{"predict.stop_on_error": True})
     # In batches of 2, [gray.tif, nested/alpha.png] are segmented before [nested/deep16.tiff, nested/zz.png]
@@ -198,6 +209,19 @@ def test_inputs_that_would_overwrite_a_mask_or_segment_masks_are_refused(trained
     assert str(raised.value).startswith(f"config.predict.input: {trained / 'data'} holds LViT split folders (Test_Folder")
 
 
+def test_inputs_skip_hidden_files_and_folders_and_take_upper_case_suffixes(tmp_path):
+    from amvlm_jax.train import predict
+
+    scans = tmp_path / "scans"
+    (scans / ".ipynb_checkpoints").mkdir(parents=True)
+    (scans / "sub").mkdir()
+    image = Image.fromarray(np.zeros((4, 4, 3), np.uint8))
+    for name in ("a.PNG", "sub/b.Jpg", ".hidden.png", ".ipynb_checkpoints/a-checkpoint.png"):
+        image.save(scans / name, format="PNG")
+    (scans / "notes.txt").write_text("not an image")
+    config = tiny_synthetic_config(**{"predict.input": str(scans)})
+    assert [(str(name), path.name) for name, path, _ in predict.list_inputs(config)] == [("a", "a.PNG"), ("sub/b", "b.Jpg")]
+
 def test_fields_the_checkpoint_replaces_are_named(trained, capsys):
     config = tiny_synthetic_config(**{"mode": "predict", "unet.base_width": 8, "eval.checkpoint": str(trained),
                                       "pretrain.epochs": 7, "ssl.w_text": 0.5})
@@ -268,6 +292,8 @@ def test_table_counts_of_written_masks_match_the_files_read_back(tmp_path):
             assert row[2:5] == ["3", "2", "0.666667"] and row[5:] == ["2", "1", "1", "1"] + ["0"] * 15 + ["1"]
         else:  # Foreground: the values above 1 (2, 3, 19).
             assert row[2:] == ["3", "2", "0.500000", "3", "3"]
+    # An empty binary mask still has both class columns the header names.
+    assert predict.mask_counts(np.zeros((2, 3), np.uint8), 1) == [3, 2, "0.000000", 6, 0]
 
 
 def test_multiclass_probabilities_become_class_ids_at_the_original_size():
@@ -289,6 +315,23 @@ def test_multiclass_probabilities_become_class_ids_at_the_original_size():
     labels, _ = predict.to_original_size(np.full((2, 2), 0.5, np.float32), (2, 2))
     assert not labels.any()
 
+
+def test_probabilities_are_resized_bilinearly_and_the_foreground_is_one_minus_the_background():
+    from amvlm_jax.train import predict
+
+    # Bilinear between pixel centres: a 2-wide map stretched to 4 reads its input at x = (i + 0.5) / 2 - 0.5
+    # = -0.25, 0.25, 0.75, 1.25, held at the edge pixels: [0, 1] becomes [0, 0.25, 0.75, 1] (nearest: [0, 0, 1, 1]).
+    labels, foreground = predict.to_original_size(np.array([[0.0, 1.0], [0.0, 1.0]], np.float32), (4, 3))
+    np.testing.assert_allclose(foreground, [[0.0, 0.25, 0.75, 1.0]] * 3, atol=1e-6)
+    np.testing.assert_array_equal(labels, [[0, 0, 1, 1]] * 3)
+    # Three classes, the right column's foreground split 0.6 / 0.4 between classes 1 and 2: the foreground
+    # probability is 1 - p(background) = [0, .25, .75, 1], not the likeliest class's ([0, .15, .45, .6]).
+    probabilities = np.zeros((2, 2, 3), np.float32)
+    probabilities[:, 0, 0] = 1.0
+    probabilities[:, 1, 1:] = 0.6, 0.4
+    labels, foreground = predict.to_original_size(probabilities, (4, 3))
+    np.testing.assert_allclose(foreground, [[0.0, 0.25, 0.75, 1.0]] * 3, atol=1e-6)
+    np.testing.assert_array_equal(labels, [[0, 0, 1, 1]] * 3)
 
 def test_the_table_counts_each_class_of_a_multiclass_mask(tmp_path):
     """predictions.csv: width, height, foreground fraction and the pixels of every class, read from the masks."""
