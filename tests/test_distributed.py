@@ -318,3 +318,41 @@ def test_benchmark_builds_the_mean_teacher_step_with_a_text_head():
     config = tiny_pretrain_config(**{"mode": "ssl", "ssl.text_head": "report", "data.image_size": 32})
     step, (state, frozen, batch), images, state_index, mesh = benchmark.build_ssl(config, np.random.default_rng(0))
     assert set(state.generator) == {"head"} and images == 2 * config.train.batch_size and state_index == 0
+
+
+def test_benchmark_feeds_each_process_its_share_of_the_batch_and_counts_the_global_batch(monkeypatch):
+    """pipeline.to_global joins the processes' rows: each feeds B / processes rows, and images per step counts
+    the global batch (pre-training B pairs, SSMIS B labeled + B unlabeled). Every process fed all B rows
+    before, so a two-process run timed a step of 2B images and reported B. The states and steps are
+    stand-ins: only the batches are looked at."""
+    import types
+
+    from amvlm_jax.train import ssl, supervised
+
+    benchmark = _benchmark_tool()
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(pretrain, "initial_state", lambda *args, **kwargs: None)
+    monkeypatch.setattr(supervised, "initial_state", lambda *args, **kwargs: None)
+    monkeypatch.setattr(supervised, "init_variables", lambda *args: {"params": {}, "batch_stats": {}})
+    monkeypatch.setattr(ssl, "initial_state", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(ssl, "make_ssl_step", lambda *args: None)
+    monkeypatch.setattr(benchmark, "in_memory_guidance", lambda *args: types.SimpleNamespace(variables=None))
+    fed = []
+    monkeypatch.setattr(pipeline, "to_global", lambda mesh, batch: fed.append(batch) or batch)
+    sizes = {"mesh.data": 2, "pretrain.batch_size": 10, "train.batch_size": 6, "train.eval_batch_size": 4,
+             "data.image_size": 32}
+    # Pre-training with momentum encoders (AMVLM with ICL: a second view), SSMIS with text guidance (reports).
+    cases = {"pretrain": (tiny_pretrain_config(**sizes), 10, 10),
+             "ssl": (tiny_pretrain_config(**sizes, mode="ssl"), 6, 12),
+             "supervised": (tiny_synthetic_config(**sizes), 6, 6),
+             "evaluate": (tiny_synthetic_config(**sizes), 4, 4)}
+    for mode, (config, batch_size, images) in cases.items():
+        fed.clear()
+        *_, images_per_step, _, mesh = benchmark.BUILDERS[mode](config, np.random.default_rng(0))
+        assert images_per_step == images, mode
+        (batch,) = fed
+        assert {len(v) for v in batch.values()} == {batch_size // 2}, mode
+        keys = {"pretrain": {"image", "image_aug", "input_ids"}, "ssl": {"image", "mask", "unlabeled_image",
+                "report_input_ids"}, "supervised": {"image", "mask"}, "evaluate": {"image", "mask"}}[mode]
+        assert keys <= set(batch), (mode, sorted(batch))
+

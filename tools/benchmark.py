@@ -107,6 +107,14 @@ def synthetic_tokens(config, count: int) -> dict:
 # ---------------------------------------------------------------------------
 
 
+def process_rows(batch_size: int) -> int:
+    """This process's rows of a global batch of `batch_size`: ``pipeline.to_global`` joins every process's
+    rows into the global batch, as each process of a training run feeds its share of it."""
+    import jax
+
+    return batch_size // jax.process_count()
+
+
 def build_pretrain(config, rng):
     from amvlm_jax.data import pipeline
     from amvlm_jax.train import build, parallel, pretrain
@@ -116,9 +124,10 @@ def build_pretrain(config, rng):
     model = build.build_model(config, build.text_encoder_config(config))
     mesh = parallel.make_mesh(config, batch_size=batch_size)
     state = pretrain.initial_state(config, model, mesh, steps_per_epoch=1000)  # The job's state and placement.
-    batch = {"image": synthetic_images(rng, batch_size, size), **synthetic_tokens(config, batch_size)}
+    rows = process_rows(batch_size)
+    batch = {"image": synthetic_images(rng, rows, size), **synthetic_tokens(config, rows)}
     if build.uses_momentum(config):
-        batch["image_aug"] = synthetic_images(rng, batch_size, size)
+        batch["image_aug"] = synthetic_images(rng, rows, size)
     step = pretrain.make_train_step(model, config)
     return step, (state, pipeline.to_global(mesh, batch)), batch_size, 0, mesh
 
@@ -143,9 +152,10 @@ def build_ssl(config, rng):
     model = supervised.build_unet(config)
     # As the job; a text head (config.ssl.text_head) keeps its initial params: fitting it precedes training.
     state, decoder_tx = ssl.initial_state(config, model, guidance, mesh, steps_per_epoch=1000, resuming=True)
-    batch = synthetic_masked_batch(rng, batch_size, size) | {"unlabeled_image": synthetic_images(rng, batch_size, size)}
+    rows = process_rows(batch_size)
+    batch = synthetic_masked_batch(rng, rows, size) | {"unlabeled_image": synthetic_images(rng, rows, size)}
     if guidance is not None:
-        batch |= {f"report_{k}": v for k, v in synthetic_tokens(config, batch_size).items()}
+        batch |= {f"report_{k}": v for k, v in synthetic_tokens(config, rows).items()}
     step = ssl.make_ssl_step(config, model, guidance, decoder_tx)
     frozen = guidance.variables if guidance else None
     return step, (state, frozen, pipeline.to_global(mesh, batch)), 2 * batch_size, 0, mesh
@@ -159,7 +169,7 @@ def build_supervised(config, rng):
     mesh = parallel.make_mesh(config)
     model = supervised.build_unet(config)
     state = supervised.initial_state(config, model, mesh, steps_per_epoch=1000)  # As the job.
-    batch = synthetic_masked_batch(rng, batch_size, size)
+    batch = synthetic_masked_batch(rng, process_rows(batch_size), size)
     step = supervised.make_train_step(model, config.data.num_classes)
     return step, (state, pipeline.to_global(mesh, batch)), batch_size, 0, mesh
 
@@ -172,7 +182,7 @@ def build_evaluate(config, rng):
     mesh = parallel.make_mesh(config, batch_size=batch_size)
     model = supervised.build_unet(config)
     variables = parallel.replicate(mesh, supervised.init_variables(config, model))  # As evaluate_checkpoint.
-    batch = synthetic_masked_batch(rng, batch_size, size)
+    batch = synthetic_masked_batch(rng, process_rows(batch_size), size)
     step = evaluate.make_eval_step(model, config.data.num_classes)
     args = (variables["params"], variables["batch_stats"], pipeline.to_global(mesh, batch))
     return step, args, batch_size, None, mesh
