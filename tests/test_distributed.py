@@ -356,3 +356,12 @@ def test_benchmark_feeds_each_process_its_share_of_the_batch_and_counts_the_glob
                 "report_input_ids"}, "supervised": {"image", "mask"}, "evaluate": {"image", "mask"}}[mode]
         assert keys <= set(batch), (mode, sorted(batch))
 
+
+def test_benchmark_names_the_batch_size_that_does_not_divide_over_the_devices():
+    benchmark = _benchmark_tool()
+    config = tiny_pretrain_config(**{"mesh.data": -1, "pretrain.batch_size": 12})
+    with pytest.raises(ConfigError, match=r"^config\.pretrain\.batch_size=12 is not divisible by the 8 devices"):
+        benchmark.build_pretrain(config, np.random.default_rng(0))
+    config = tiny_synthetic_config(**{"mesh.data": -1, "train.eval_batch_size": 12})
+    with pytest.raises(ConfigError, match=r"^config\.train\.eval_batch_size=12 is not divisible by the 8 devices"):
+        benchmark.build_evaluate(config, np.random.default_rng(0))

@@ -122,7 +122,7 @@ def build_pretrain(config, rng):
     size = build.pretrain_image_size(config)
     batch_size = config.pretrain.batch_size
     model = build.build_model(config, build.text_encoder_config(config))
-    mesh = parallel.make_mesh(config, batch_size=batch_size)
+    mesh = parallel.make_mesh(config, batch_size=batch_size, field="config.pretrain.batch_size")
     state = pretrain.initial_state(config, model, mesh, steps_per_epoch=1000)  # The job's state and placement.
     rows = process_rows(batch_size)
     batch = {"image": synthetic_images(rng, rows, size), **synthetic_tokens(config, rows)}
@@ -179,7 +179,7 @@ def build_evaluate(config, rng):
     from amvlm_jax.train import evaluate, parallel, supervised
 
     size, batch_size = config.data.image_size, config.train.eval_batch_size
-    mesh = parallel.make_mesh(config, batch_size=batch_size)
+    mesh = parallel.make_mesh(config, batch_size=batch_size, field="config.train.eval_batch_size")
     model = supervised.build_unet(config)
     variables = parallel.replicate(mesh, supervised.init_variables(config, model))  # As evaluate_checkpoint.
     batch = synthetic_masked_batch(rng, process_rows(batch_size), size)
