@@ -1,5 +1,6 @@
 """Meshes, parameter sharding, multi-process training and checkpoints across device counts."""
 
+import json
 import pathlib
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from amvlm_jax.config import ConfigError
 from amvlm_jax.data import pipeline
 from amvlm_jax.data.tokenize import ReportTokenizer
 from amvlm_jax.train import build, checkpoint, parallel, pretrain
+from amvlm_jax.train.logging import json_text
 
 import distributed_worker
 from conftest import SAMPLE_REPORTS, one_device_env, repo_module, tiny_pretrain_config, tiny_synthetic_config, write_corpus
@@ -300,15 +302,6 @@ def test_benchmark_flops_when_the_backend_does_not_analyse_lowered_programs():
     assert benchmark.model_flops(lowered, None, 1) == (flops, "lowered program")
 
 
-def test_benchmark_tool_times_a_step():
-    benchmark = _benchmark_tool()
-    config = tiny_synthetic_config(**{"data.image_size": 32, "mesh.data": 2})
-    result = benchmark.run_benchmark(config, "evaluate", steps=2, warmup=1)
-    assert result["devices"] == 2 and result["images_per_step"] == config.train.eval_batch_size
-    assert result["seconds_per_step"] > 0 and result["compile_seconds"] > 0
-    assert result["model_flops_per_step"] > 0 and 0 < result["mfu"] < 1.5
-    assert result["peak_memory_bytes"] > 0 and "peak_memory_kind" in result
-    assert "images/s" in benchmark.format_result(result)
 
 
 def test_benchmark_builds_the_mean_teacher_step_with_a_text_head():
@@ -365,3 +358,139 @@ def test_benchmark_names_the_batch_size_that_does_not_divide_over_the_devices():
     config = tiny_synthetic_config(**{"mesh.data": -1, "train.eval_batch_size": 12})
     with pytest.raises(ConfigError, match=r"^config\.train\.eval_batch_size=12 is not divisible by the 8 devices"):
         benchmark.build_evaluate(config, np.random.default_rng(0))
+
+
+class _DoublingClock:
+    """A stand-in for the benchmark's time module whose perf_counter doubles at every call (2, 4, 8, ...
+    s): an interval between two consecutive calls is as long as all before it, so each timed step is 4x
+    the one before and the median of three is 4x the shortest (the mean 7x)."""
+
+    def __init__(self):
+        import time
+
+        self.calls, self.sleep, self.monotonic = 0, time.sleep, time.monotonic
+
+    def perf_counter(self):
+        self.calls += 1
+        return 2.0 ** self.calls
+
+
+def _cheap_peak_matmul(monkeypatch):
+    """The matmul peak's operands made of ones and its matmul a product of two elements (the tests' compiler
+    flags make 2048^2 random normals and a 2048^3 matmul seconds each); returns the operands (shape, dtype)
+    the matmul was traced with."""
+    seen = []
+    monkeypatch.setattr(jax.random, "normal", lambda key, shape, dtype: jax.numpy.ones(shape, dtype))
+
+    def matmul(a, b):
+        seen.append((a.shape, a.dtype, b.shape, b.dtype))
+        return a[0, 0] * b[0, 0]
+
+    monkeypatch.setattr(jax.numpy, "matmul", matmul)
+    return seen
+
+
+def test_benchmark_matmul_peak_is_two_n_cubed_over_the_fastest_of_five_runs_in_the_compute_dtype(monkeypatch):
+    benchmark = _benchmark_tool()
+    seen = _cheap_peak_matmul(monkeypatch)
+    monkeypatch.setattr(benchmark, "time", _DoublingClock())
+    flops, size = benchmark.matmul_peak_flops(jax.numpy.bfloat16)
+    assert size == 2048 and seen == [((2048, 2048), jax.numpy.bfloat16, (2048, 2048), jax.numpy.bfloat16)]
+    # Runs timed 4 - 2, 16 - 8, ... s: the fastest took 2 s; a matmul of n x n by n x n is 2 n^3 FLOPs.
+    assert flops == 2 * 2048**3 / 2
+
+
+def test_benchmark_tool_times_a_step(monkeypatch):
+    """steps/s, images/s and MFU come from the back-to-back step time; latency is the median step (timed on
+    a clock that doubles at every reading)."""
+    benchmark = _benchmark_tool()
+    _cheap_peak_matmul(monkeypatch)
+    monkeypatch.setattr(benchmark, "time", _DoublingClock())
+    config = tiny_synthetic_config(**{"data.image_size": 32, "mesh.data": 2})
+    result = benchmark.run_benchmark(config, "evaluate", steps=3, warmup=1)
+    assert result["step_latency_seconds"] == 4 * result["step_latency_seconds_min"]
+    seconds = result["seconds_per_step"]
+    assert seconds > 4 * result["step_latency_seconds"] and result["compile_seconds"] > 0  # Timed after, on this clock.
+    assert result["steps_per_second"] == pytest.approx(1 / seconds)
+    assert result["images_per_step"] == 8 and result["images_per_second"] == pytest.approx(8 / seconds)
+    flops = result["model_flops_per_step"]
+    assert flops > 0 and result["achieved_flops"] == pytest.approx(flops / seconds)
+    # Against the peak of both devices of the mesh.
+    assert result["devices"] == 2 and result["mesh"] == {"data": 2, "fsdp": 1}
+    assert result["mfu"] == pytest.approx(flops / seconds / (2 * result["matmul_peak_flops_per_device"]))
+    assert result["model_flops_source"] == "lowered program" and result["first_step_loss"] is None
+    assert result["peak_memory_bytes"] > 0 and "peak_memory_kind" in result
+    assert set(json.loads(json_text(result))) == set(result)  # --json prints every measurement.
+    assert "images/s" in benchmark.format_result(result)
+
+
+def test_benchmark_text_report_shows_each_measurement_on_its_line():
+    benchmark = _benchmark_tool()
+    result = {"mode": "ssl", "devices": 2, "device_kind": "cpu", "backend": "cpu", "mesh": {"data": 2, "fsdp": 1},
+              "dtype": "float32", "compile_seconds": 12.34, "seconds_per_step": 0.5, "steps": 3, "warmup": 1,
+              "step_latency_seconds": 0.25, "steps_per_second": 2.0, "images_per_second": 16.0, "images_per_step": 8,
+              "peak_memory_bytes": 3 * 2**30, "peak_memory_kind": "device peak_bytes_in_use",
+              "page_faults_per_step": 7.0, "system_seconds_per_step": 0.001, "malloc_tunables": None,
+              "matmul_peak_flops_per_device": 5e10, "matmul_size": 2048, "first_step_loss": 0.5,
+              "model_flops_per_step": 2e9, "achieved_flops": 4e9, "mfu": 0.04}
+    lines = benchmark.format_result(result).splitlines()
+    assert lines[0] == "mode ssl on 2 x cpu (cpu), mesh {'data': 2, 'fsdp': 1}, dtype float32"
+    assert lines[1:] == [
+        "  compile             12.3 s",
+        "  step                0.5000 s back to back (3 steps after 1 warm-up); latency 0.2500 s (median, each step "
+        "waited for)",
+        "  steps/s             2.000",
+        "  images/s            16.00  (8 per step)",
+        "  peak memory         3.00 GiB  [device peak_bytes_in_use]",
+        "  host per step       7 page faults, 0.001 s system time (GLIBC_TUNABLES=)",
+        "  matmul peak         50.0 GFLOP/s per device (2048^2, float32)",
+        "  first-step loss     0.5000",
+        "  model FLOPs/step    2.0 GFLOP (XLA cost analysis)",
+        "  achieved            4.0 GFLOP/s",
+        "  MFU                 4.0 %",
+    ]
+    del result["model_flops_per_step"]
+    assert benchmark.format_result(result).splitlines()[-1] == (
+        "  model FLOPs/step    unavailable (no XLA cost analysis on this backend)")
+
+
+def test_benchmark_profile_summary_counts_device_time_per_step(tmp_path):
+    """A hand-written Perfetto trace of 2 steps: a GPU process (one timeline) and the host's (left out)."""
+    import gzip
+
+    benchmark = _benchmark_tool()
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "XLA Ops"}},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "fusion", "ts": 1000, "dur": 100},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "dot", "ts": 1150, "dur": 50},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "fusion", "ts": 1300, "dur": 100},
+        {"ph": "X", "pid": 2, "tid": 3, "name": "host work", "ts": 0, "dur": 5000},
+    ]
+    folder = tmp_path / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert benchmark.summarize_trace(str(tmp_path), 2) == {"XLA Ops": {
+        "busy_ms_per_step": 0.125, "span_ms_per_step": 0.2, "events_per_step": 1.5,
+        "ops": [{"name": "fusion", "ms_per_step": 0.1, "calls_per_step": 1.0},
+                {"name": "dot", "ms_per_step": 0.025, "calls_per_step": 0.5}]}}
+    assert benchmark.summarize_trace(str(tmp_path / "plugins" / "none"), 2) == {}
+
+
+def test_benchmark_queue_waits_for_the_others_to_compile_then_for_the_lock(tmp_path):
+    import fcntl
+    import time
+
+    benchmark = _benchmark_tool()
+    (tmp_path / "other.compiled").touch()
+    started = time.monotonic()
+    turn = benchmark.wait_for_turn(str(tmp_path), "me", 2, timeout=30)
+    assert time.monotonic() - started < 5 and (tmp_path / "me.compiled").is_file()
+    with open(tmp_path / "lock", "w") as other, pytest.raises(BlockingIOError):  # The turn is held.
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    turn.close()
+    started = time.monotonic()
+    benchmark.wait_for_turn(str(tmp_path), "third", 4, timeout=0.5).close()  # One of 4 never compiles.
+    assert time.monotonic() - started >= 0.5
