@@ -123,3 +123,24 @@ def test_benchmark_loader_mode_streams_a_generated_corpus(tmp_path):
     # The corpus stays in a given folder and is reused as it is.
     written = (tmp_path / "corpus.jsonl").stat().st_mtime_ns
     assert benchmark.generated_corpus(tmp_path, 40, 16).stat().st_mtime_ns == written
+
+
+def test_benchmark_loader_rates_count_the_rows_streamed_over_the_time_they_took(monkeypatch):
+    """time_stream on a stand-in stream of 4-row batches and a clock that doubles at each reading (2, 4, 8, ...
+    s): warm-up 4 - 2 s; 2 batches in 16 - 8 s; then 2 batches more whose host_batch calls take 128 - 64
+    and 512 - 256 s, in 1024 - 32 s all told."""
+    import types
+
+    benchmark = repo_module("tools/benchmark.py")
+    clock = types.SimpleNamespace(calls=0)
+
+    def perf_counter():
+        clock.calls += 1
+        return 2.0 ** clock.calls
+
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(pipeline, "training_batches",
+                        lambda *args, **kwargs: ({"image": np.zeros((4, 2, 2, 3), np.uint8)} for _ in range(100)))
+    run = benchmark.time_stream(None, 4, 0, 0, batches=2, warmup=1, host=lambda raw, step: None)
+    assert run["warmup_seconds"] == 2 and run["images_per_second"] == 8 / 8
+    assert run["images_per_second_with_host_batch"] == 8 / 992 and run["host_batch_ms"] == 1e3 * (64 + 256) / 2

@@ -400,6 +400,40 @@ def test_benchmark_matmul_peak_is_two_n_cubed_over_the_fastest_of_five_runs_in_t
     assert flops == 2 * 2048**3 / 2
 
 
+def test_benchmark_flops_of_the_compiled_program_are_per_device_as_the_last_resort():
+    """Where neither the lowered program nor the CPU backend gives FLOPs, the compiled program's (one
+    device's share, in a list as some backends return it) times the devices."""
+    import types
+
+    benchmark = _benchmark_tool()
+
+    def unanalysable():
+        raise NotImplementedError("no analysis")
+
+    lowered = types.SimpleNamespace(cost_analysis=unanalysable)  # No _lowering either: the CPU analysis fails.
+    compiled = types.SimpleNamespace(cost_analysis=lambda: [{"flops": 10.0}])
+    flops, source = benchmark.model_flops(lowered, compiled, 4)
+    assert flops == 40.0 and source.startswith("compiled program (misses library calls on GPUs); lowered program: "
+                                               "NotImplementedError: no analysis; CPU analysis: ")
+    assert benchmark.model_flops(lowered, types.SimpleNamespace(cost_analysis=lambda: {}), 4)[0] is None
+
+
+def test_benchmark_peak_memory_sums_the_devices_that_keep_statistics():
+    import types
+
+    benchmark = _benchmark_tool()
+
+    def no_statistics():
+        raise RuntimeError("not kept")
+
+    devices = [types.SimpleNamespace(memory_stats=lambda: {"peak_bytes_in_use": 5, "bytes_in_use": 1}),
+               types.SimpleNamespace(memory_stats=no_statistics),
+               types.SimpleNamespace(memory_stats=lambda: None),
+               types.SimpleNamespace(memory_stats=lambda: {"peak_bytes_in_use": 7})]
+    assert benchmark.peak_memory(devices) == (12.0, "device peak_bytes_in_use")
+    assert benchmark.peak_memory(devices[1:3])[1] == "process max RSS (no device statistics)"
+
+
 def test_benchmark_tool_times_a_step(monkeypatch):
     """steps/s, images/s and MFU come from the back-to-back step time; latency is the median step (timed on
     a clock that doubles at every reading)."""
@@ -410,7 +444,9 @@ def test_benchmark_tool_times_a_step(monkeypatch):
     result = benchmark.run_benchmark(config, "evaluate", steps=3, warmup=1)
     assert result["step_latency_seconds"] == 4 * result["step_latency_seconds_min"]
     seconds = result["seconds_per_step"]
-    assert seconds > 4 * result["step_latency_seconds"] and result["compile_seconds"] > 0  # Timed after, on this clock.
+    # Back to back: one reading before the 3 steps, one after: 2^(n+1) - 2^n over 3, where the latency steps
+    # before took 2^(n-5), 2^(n-3) (the median) and 2^(n-1).
+    assert seconds == 16 * result["step_latency_seconds"] / 3 and result["compile_seconds"] > 0
     assert result["steps_per_second"] == pytest.approx(1 / seconds)
     assert result["images_per_step"] == 8 and result["images_per_second"] == pytest.approx(8 / seconds)
     flops = result["model_flops_per_step"]
@@ -419,7 +455,10 @@ def test_benchmark_tool_times_a_step(monkeypatch):
     assert result["devices"] == 2 and result["mesh"] == {"data": 2, "fsdp": 1}
     assert result["mfu"] == pytest.approx(flops / seconds / (2 * result["matmul_peak_flops_per_device"]))
     assert result["model_flops_source"] == "lowered program" and result["first_step_loss"] is None
-    assert result["peak_memory_bytes"] > 0 and "peak_memory_kind" in result
+    assert result["peak_memory_kind"] == "process max RSS (no device statistics)"  # CPUs keep none.
+    with open("/proc/self/status") as f:  # In bytes: near what the process holds now (VmRSS, in kB).
+        rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    assert result["peak_memory_bytes"] >= rss / 2
     assert set(json.loads(json_text(result))) == set(result)  # --json prints every measurement.
     assert "images/s" in benchmark.format_result(result)
 
@@ -494,3 +533,58 @@ def test_benchmark_queue_waits_for_the_others_to_compile_then_for_the_lock(tmp_p
     started = time.monotonic()
     benchmark.wait_for_turn(str(tmp_path), "third", 4, timeout=0.5).close()  # One of 4 never compiles.
     assert time.monotonic() - started >= 0.5
+
+
+def test_benchmark_carries_the_state_of_a_train_step_and_runs_warmup_plus_twice_steps(monkeypatch):
+    """A stand-in compiled train step counts its calls in its state: each call gets the state the one before
+    returned (train steps donate it), the first loss is the first call's, warm-up 2 + 3 latency + 3 back to
+    back steps run."""
+    import types
+
+    benchmark = _benchmark_tool()
+    _cheap_peak_matmul(monkeypatch)
+    seen = []
+
+    def compiled(state, batch):
+        seen.append(int(state))
+        return jax.numpy.asarray(state + 1), {"loss": jax.numpy.asarray(10.0 * state + batch)}
+
+    class Step:
+        def lower(self, *args):
+            return types.SimpleNamespace(cost_analysis=lambda: {"flops": 1e6},
+                                         compile=lambda: Compiled())
+
+    class Compiled:
+        def __call__(self, *args):
+            return compiled(*args)
+
+        def cost_analysis(self):
+            return {"flops": 1e6}
+
+    config = tiny_synthetic_config()
+    mesh = parallel.make_mesh(config, jax.devices()[:1])
+    monkeypatch.setitem(benchmark.BUILDERS, "supervised",
+                        lambda config, rng: (Step(), (jax.numpy.asarray(0), jax.numpy.asarray(0.5)), 8, 0, mesh))
+    result = benchmark.run_benchmark(config, "supervised", steps=3, warmup=2)
+    assert seen == list(range(2 + 3 + 3))
+    assert result["first_step_loss"] == 0.5 and result["model_flops_per_step"] == 1e6
+    assert result["model_flops_source"] == "lowered program" and result["devices"] == 1
+
+
+def test_explicit_processes_need_an_id_below_their_count_from_the_config_or_the_environment(monkeypatch):
+    monkeypatch.setenv("JAX_PROCESS_ID", "5")  # process_id -1: read from the environment.
+    config = tiny_synthetic_config(**{"distributed.num_processes": 2, "distributed.coordinator_address": "h:1"})
+    with pytest.raises(ConfigError, match=r"process_id in \[0, 2\) \(got 'h:1', 5\)"):
+        parallel.initialize_distributed(config)
+    config.distributed.process_id = 2
+    with pytest.raises(ConfigError, match=r"\(got 'h:1', 2\)"):
+        parallel.initialize_distributed(config)
+
+
+def test_fsdp_splits_leaves_from_the_configured_size():
+    mesh = parallel.make_mesh(tiny_synthetic_config(**{"mesh.data": 1, "mesh.fsdp": 8}), batch_size=8)
+    tree = {"w": jax.ShapeDtypeStruct((8, 8), np.float32), "b": jax.ShapeDtypeStruct((8,), np.float32)}
+    for min_size, spec in ((64, PartitionSpec(None, "fsdp")), (65, PartitionSpec())):
+        config = tiny_synthetic_config(**{"mesh.fsdp_min_size": min_size})
+        placed = parallel.abstract_sharded(mesh, tree, config)
+        assert placed["w"].sharding.spec == spec and placed["b"].sharding.spec == PartitionSpec()
