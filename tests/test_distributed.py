@@ -588,3 +588,26 @@ def test_fsdp_splits_leaves_from_the_configured_size():
         config = tiny_synthetic_config(**{"mesh.fsdp_min_size": min_size})
         placed = parallel.abstract_sharded(mesh, tree, config)
         assert placed["w"].sharding.spec == spec and placed["b"].sharding.spec == PartitionSpec()
+
+
+@pytest.mark.parametrize("environment", [
+    {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"},
+    {"SLURM_NTASKS": "4"},  # A batch script outside srun: no job step, its tasks are not started yet.
+    {"SLURM_NTASKS": "1", "SLURM_STEP_NODELIST": "node1"},
+    {"OMPI_COMM_WORLD_SIZE": "1"},
+    {"TPU_WORKER_HOSTNAMES": "host0"},
+    {"TPU_WORKER_HOSTNAMES": "host0,"},
+])
+def test_a_launcher_of_one_process_is_no_cluster(environment, monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+                 "SLURM_STEP_NODELIST", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert parallel.detected_cluster() is None
+    assert parallel.initialize_distributed(tiny_synthetic_config()) == 1
+
+
+def test_an_unknown_distributed_mode_is_named():
+    with pytest.raises(ConfigError, match=r"^config\.distributed\.mode must be 'auto', 'on' or 'off', got 'maybe'$"):
+        parallel.initialize_distributed(tiny_synthetic_config(**{"distributed.mode": "maybe"}))
