@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -606,6 +607,24 @@ def test_a_launcher_of_one_process_is_no_cluster(environment, monkeypatch):
         monkeypatch.setenv(name, value)
     assert parallel.detected_cluster() is None
     assert parallel.initialize_distributed(tiny_synthetic_config()) == 1
+
+
+@pytest.mark.parametrize("process_id", [None, "", "2", "-1", "one"])
+def test_a_jax_environment_without_this_process_id_is_named(process_id, monkeypatch):
+    """JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES=2 with JAX_PROCESS_ID unset, empty or out of [0, 2): read
+    as 0, both processes would claim process 0's place at the coordinator; a one-line error instead, before
+    any connection is tried."""
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "h:1")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    if process_id is None:
+        monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+    else:
+        monkeypatch.setenv("JAX_PROCESS_ID", process_id)
+    assert parallel.detected_cluster() == "jax-env"
+    shown = repr(process_id or "")
+    with pytest.raises(ConfigError, match=re.escape(f"$JAX_PROCESS_ID={shown}: a run of $JAX_NUM_PROCESSES=2 "
+                                                    "processes needs each one's id in [0, 2)") + "$"):
+        parallel.initialize_distributed(tiny_synthetic_config())
 
 
 def test_an_unknown_distributed_mode_is_named():

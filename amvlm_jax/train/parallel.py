@@ -121,8 +121,12 @@ def initialize_distributed(config) -> int:
         if cluster is None and dist.mode == "auto":
             return 1
         if cluster == "jax-env":
-            kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                          num_processes=_int_env("JAX_NUM_PROCESSES"), process_id=_int_env("JAX_PROCESS_ID"))
+            count, process_id = _int_env("JAX_NUM_PROCESSES"), _int_env("JAX_PROCESS_ID", -1)
+            if not 0 <= process_id < count:  # Read as 0, every process would claim process 0's place.
+                raise ConfigError(f"$JAX_PROCESS_ID={os.environ.get('JAX_PROCESS_ID', '')!r}: a run of "
+                                  f"$JAX_NUM_PROCESSES={count} processes needs each one's id in [0, {count})")
+            kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"], num_processes=count,
+                          process_id=process_id)
     if dist.cpu_collectives:
         # Only read by the CPU backend; must be set before that backend starts.
         jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
