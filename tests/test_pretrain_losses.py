@@ -26,6 +26,8 @@ from amvlm_jax.losses.contrastive import (
     token_alignment_loss,
     token_contexts,
 )
+from amvlm_jax.config import base_config
+from amvlm_jax.losses import objectives
 from amvlm_jax.losses.intra import icl_loss
 from amvlm_jax.ops import BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM, ema_update
 from amvlm_jax.losses.prototypes import cpa_loss, normalize_prototypes, sinkhorn_knopp
@@ -298,7 +300,7 @@ def test_pdt_constraint_changes_loss(batch):
 # ---------------------------------------------------------------------------
 
 
-def np_local_side(tokens, globals_, mask, tau):
+def np_local_side(tokens, globals_, mask, tau, invert=lambda x: 1.0 / x):
     nb, n, _ = tokens.shape
     real = np.ones((nb, n)) if mask is None else mask
     total, count = 0.0, 0
@@ -311,7 +313,7 @@ def np_local_side(tokens, globals_, mask, tau):
             var[k] = np.var(sims, ddof=1)
             ce[k] = -np_log_softmax(sims / tau)[b]
         norm = math.sqrt(sum(x * x for x in var.values()))
-        inv = {k: 1.0 / (var[k] / norm) for k in idx}
+        inv = {k: invert(var[k] / norm) for k in idx}
         lo, hi = min(inv.values()), max(inv.values())
         for k in idx:
             weight = (inv[k] - lo) / (hi - lo) if hi > lo else 0.0
@@ -480,18 +482,30 @@ def test_sinkhorn_marginals():
     assert np.all(np.isfinite(np.asarray(sinkhorn_knopp(scores * 100.0, 0.05, 3))))
 
 
-def test_cpa_matches_reference():
-    img, txt = random_scores(7), random_scores(8)
-    q_img, q_txt = np_mgca_sinkhorn(img, 0.05, 3), np_mgca_sinkhorn(txt, 0.05, 3)
+def np_cpa(img, txt, epsilon, iterations, tau):
+    """(CE(q_text, p_image) + CE(q_image, p_text)) / 2, each the batch mean of -sum_k q log p."""
+    q_img, q_txt = np_mgca_sinkhorn(img, epsilon, iterations), np_mgca_sinkhorn(txt, epsilon, iterations)
     total_t2i = total_i2t = 0.0
     for b in range(img.shape[0]):
-        log_p_img = np_log_softmax(img[b] / 0.2)
-        log_p_txt = np_log_softmax(txt[b] / 0.2)
+        log_p_img = np_log_softmax(img[b] / tau)
+        log_p_txt = np_log_softmax(txt[b] / tau)
         total_t2i -= np.sum(q_txt[b] * log_p_img)
         total_i2t -= np.sum(q_img[b] * log_p_txt)
-    expected = 0.5 * (total_t2i + total_i2t) / img.shape[0]
+    return 0.5 * (total_t2i + total_i2t) / img.shape[0]
+
+
+def test_cpa_matches_reference():
+    img, txt = random_scores(7), random_scores(8)
     got = cpa_loss(jnp.asarray(img), jnp.asarray(txt), 0.05, 3, 0.2)
-    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    np.testing.assert_allclose(got, np_cpa(img, txt, 0.05, 3, 0.2), rtol=1e-4)
+
+
+def test_prototype_defaults_are_mgcas_constants():
+    """SPEC 4: called without settings, the Sinkhorn codes are 3 iterations at epsilon 0.05 and the CPA
+    predictions a softmax at temperature 0.2."""
+    img, txt = random_scores(18), random_scores(19)
+    np.testing.assert_allclose(sinkhorn_knopp(jnp.asarray(img)), np_mgca_sinkhorn(img, 0.05, 3), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(cpa_loss(jnp.asarray(img), jnp.asarray(txt)), np_cpa(img, txt, 0.05, 3, 0.2), rtol=1e-4)
 
 
 def test_normalize_prototypes():
@@ -499,6 +513,147 @@ def test_normalize_prototypes():
     normed = normalize_prototypes({"kernel": kernel})
     np.testing.assert_allclose(jnp.linalg.norm(normed["kernel"], axis=0), 1.0, rtol=1e-5)
     np.testing.assert_allclose(normalize_prototypes(kernel), normed["kernel"])
+
+
+# ---------------------------------------------------------------------------
+# Objectives: what they sum, with which weights and constants from the config, under which names
+# ---------------------------------------------------------------------------
+
+
+def _objective_config(**fields):
+    config = base_config()
+    for path, value in fields.items():
+        node = config
+        *parents, leaf = path.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+def test_amvlm_objective_reads_every_weight_and_constant_from_the_config(batch):
+    """SPEC 3.5 with weights, tau and the local inversion away from their defaults: each term against its
+    element-by-element reference at that tau, the total their weighted sum, the terms logged by name."""
+    tau, weights = 0.1, {"ita": 0.3, "css": 0.7, "local": 0.2, "icl": 0.05}
+    config = _objective_config(**{f"pretrain.weights.{k}": v for k, v in weights.items()},
+                               **{"pretrain.temperature": tau, "pretrain.local_inversion": "complement"})
+    rng = np.random.default_rng(11)
+    T, V, mask = batch["T"], batch["V"], batch["word_mask"]
+    word_ctx, patch_ctx = np_contexts(T, V, None, tau), np_contexts(V, T, mask, tau, False)
+    outputs = dict(
+        v=batch["v"], t=batch["t"], V=V, T=T, word_mask=mask, word_attention=batch["word_attention"],
+        patch_attention=batch["patch_attention"], word_context=word_ctx.astype(np.float32),
+        patch_context=patch_ctx.astype(np.float32), word_pdt=PDTOutputs(*batch["pdt_word"]),
+        patch_pdt=PDTOutputs(*batch["pdt_patch"]),
+    )
+    momentum_mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.float32)
+    momentum = dict(v=unit(rng.normal(size=(B, D))).astype(np.float32), V=unit(rng.normal(size=(B, P, D))).astype(np.float32),
+                    t=unit(rng.normal(size=(B, D))).astype(np.float32), T=unit(rng.normal(size=(B, W, D))).astype(np.float32),
+                    word_mask=momentum_mask)
+    # One compiled call: op by op, the objective's many small operations take seconds to dispatch.
+    loss, terms = jax.jit(lambda o, m: objectives.amvlm_objective(o, m, config))(outputs, momentum)
+
+    word_w = np_clipped_weights(batch["word_attention"], mask)
+    patch_w = np_clipped_weights(batch["patch_attention"], np.ones((B, P)))
+    p_sum, _ = np_local_side(V, batch["t"], None, tau, lambda x: 1.0 - x)
+    w_sum, w_count = np_local_side(T, batch["v"], mask, tau, lambda x: 1.0 - x)
+    expected = {
+        "ita": np_ita(batch["v"], batch["t"], tau, "mean"),
+        "css": 0.5 * (np_side_loss(T, word_ctx, word_w, mask, tau, batch["pdt_word"])
+                      + np_side_loss(V, patch_ctx, patch_w, None, tau, batch["pdt_patch"])),
+        "local": p_sum / (P * B) + w_sum / w_count,
+        "icl": 0.5 * (np_icl(batch["v"], momentum["v"], momentum["V"], None, tau)
+                      + np_icl(batch["t"], momentum["t"], momentum["T"], momentum_mask, tau)),
+    }
+    assert sorted(terms) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(terms[name], value, rtol=RTOL, atol=ATOL, err_msg=name)
+    np.testing.assert_allclose(loss, sum(weights[k] * expected[k] for k in weights), rtol=RTOL, atol=ATOL)
+
+
+def test_mgca_objective_reads_every_weight_and_constant_from_the_config(batch):
+    """SPEC 4 with l1, l2, l3, both temperatures and the Sinkhorn settings away from their defaults; the word
+    side's candidates are T_unmasked (padding slots included), the patches attend over real words only."""
+    weights = {"ita": 0.4, "cta": 0.6, "cpa": 1.5}
+    config = _objective_config(**{f"pretrain.mgca.{k}": v for k, v in weights.items()}, **{
+        "pretrain.objective": "mgca", "pretrain.temperature": 0.1, "pretrain.mgca.cta_temperature": 0.2,
+        "pretrain.mgca.sinkhorn_epsilon": 0.1, "pretrain.mgca.sinkhorn_iterations": 2,
+        "pretrain.mgca.prototype_temperature": 0.3})
+    rng = np.random.default_rng(12)
+    mask = batch["word_mask"]
+    T_unmasked = batch["T"].copy()
+    T_unmasked[mask == 0] = unit(rng.normal(size=(int((mask == 0).sum()), D)))
+    image_scores, text_scores = random_scores(13, nb=B), random_scores(14, nb=B)
+    outputs = dict(v=batch["v"], t=batch["t"], V=batch["V"], T=batch["T"], T_unmasked=T_unmasked, word_mask=mask,
+                   word_attention=batch["word_attention"], patch_attention=batch["patch_attention"],
+                   image_prototype_scores=image_scores, text_prototype_scores=text_scores)
+    loss, terms = jax.jit(lambda o: objectives.objective_fn(config)(o, None, config))(outputs)
+
+    word_w = np_clipped_weights(batch["word_attention"], mask)
+    patch_w = np_clipped_weights(batch["patch_attention"], np.ones((B, P)))
+    expected = {
+        "ita": np_ita(batch["v"], batch["t"], 0.1, "sum"),
+        "cta": np_side_loss(T_unmasked, np_contexts(T_unmasked, batch["V"], None, 0.2), word_w, None, 0.2)
+        + np_side_loss(batch["V"], np_contexts(batch["V"], T_unmasked, mask, 0.2, False), patch_w, None, 0.2),
+        "cpa": np_cpa(image_scores, text_scores, 0.1, 2, 0.3),
+    }
+    assert sorted(terms) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(terms[name], value, rtol=RTOL, atol=ATOL, err_msg=name)
+    np.testing.assert_allclose(loss, sum(weights[k] * expected[k] for k in weights), rtol=RTOL, atol=ATOL)
+
+
+def test_token_alignment_drops_padding_rows_whatever_their_weight(batch):
+    """A padded row adds nothing even with a non-zero weight (its own column is masked, so its CE would be
+    huge): uniform weights over every slot give the reference sum over the real rows only."""
+    T, V, mask = batch["T"], batch["V"], batch["word_mask"]
+    contexts = np_contexts(T, V, None, 0.07)
+    uniform = np.full((B, W), 0.2, np.float32)
+    got = token_alignment_loss(*as_jnp(T, contexts.astype(np.float32), uniform, mask), 0.07,
+                               PDTOutputs(*as_jnp(*batch["pdt_word"])))
+    np.testing.assert_allclose(got, np_side_loss(T, contexts, uniform, mask, 0.07, batch["pdt_word"]), rtol=RTOL, atol=ATOL)
+
+
+def test_no_gradient_flows_through_the_token_weights(batch):
+    """SPEC 3.2: the row weights are constants: no gradient into the CLS attention they come from, nor
+    into the weights handed to the loss."""
+    T, V, mask = as_jnp(batch["T"], batch["V"], batch["word_mask"])
+    contexts = token_contexts(T, V, None, 0.07)
+
+    def loss_of_attention(attention):  # Any use of the weights, not only the loss that stops their gradient too.
+        return jnp.sum(clipped_token_weights(attention, mask) * jnp.arange(1.0, W + 1.0))
+
+    def loss_of_weights(weights):
+        return token_alignment_loss(T, contexts, weights, mask, 0.07)
+
+    weights = clipped_token_weights(jnp.asarray(batch["word_attention"]), mask)
+    assert float(loss_of_weights(weights)) > 0
+    np.testing.assert_array_equal(jax.grad(loss_of_attention)(jnp.asarray(batch["word_attention"])), 0.0)
+    np.testing.assert_array_equal(jax.grad(loss_of_weights)(weights), 0.0)
+
+
+def test_cpa_gradient_treats_the_codes_as_targets():
+    """SPEC 4: the Sinkhorn codes carry no gradient, so d L_cpa / d image_scores = (p_image - q_text) / (2 tau B)
+    with p = softmax(scores / tau), and the same for the text scores with q_image."""
+    img, txt = random_scores(15, nb=4, K=6), random_scores(16, nb=4, K=6)
+    gradient = jax.jit(jax.grad(lambda a, b: cpa_loss(a, b, 0.05, 3, 0.2), argnums=(0, 1)))
+    grad_img, grad_txt = gradient(jnp.asarray(img), jnp.asarray(txt))
+    nb = img.shape[0]
+    for scores, other, grad in ((img, txt, grad_img), (txt, img, grad_txt)):
+        probabilities = np.exp([np_log_softmax(row / 0.2) for row in scores])
+        expected = (probabilities - np_mgca_sinkhorn(other, 0.05, 3)) / (2 * 0.2 * nb)
+        np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_icl_gradient_reaches_only_the_online_embedding(batch):
+    """SPEC 3.4: the momentum encoders are never updated by gradient: nothing flows into their embeddings."""
+    rng = np.random.default_rng(17)
+    c_m = jnp.asarray(unit(rng.normal(size=(B, D))), jnp.float32)
+    grads = jax.jit(jax.grad(icl_loss, argnums=(0, 1, 2)))(*as_jnp(batch["t"]), c_m, jnp.asarray(batch["T"]),
+                                                           jnp.asarray(batch["word_mask"]), 0.07)
+    assert float(jnp.abs(grads[0]).max()) > 0
+    np.testing.assert_array_equal(grads[1], 0.0)
+    np.testing.assert_array_equal(grads[2], 0.0)
 
 
 # ---------------------------------------------------------------------------
