@@ -888,6 +888,27 @@ def test_pdt_head_shapes_init_and_jit(batch):
     assert mu_train.shape == (B, W, D)
 
 
+def test_pdt_head_drops_the_mu_and_logsigma_updates_in_training(batch):
+    """SPEC 3.2's dropouts after the mu / logsigma projections and after each MLP's second Linear: with every
+    unit dropped (rate 1) and non-zero biases, training mode leaves mu = X and logsigma = 0 exactly, while
+    evaluation mode adds the biases' contributions."""
+    head = PDTHead(dim=D, num_heads=2, dropout=1.0)
+    x, mask = as_jnp(batch["T"], batch["word_mask"])
+    params = head.init(jax.random.PRNGKey(0), x, mask, deterministic=True)["params"]
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = jax.tree_util.tree_unflatten(jax.tree.structure(params), [
+        jax.random.normal(key, leaf.shape) if jax.tree_util.keystr(path).endswith("['bias']") else leaf
+        for key, (path, leaf) in zip(keys, leaves)])
+    apply = jax.jit(lambda p, deterministic: head.apply({"params": p}, x, mask, deterministic=deterministic,
+                                                        rngs={"dropout": jax.random.PRNGKey(2)}), static_argnums=1)
+    mu, logsigma = apply(params, False)
+    np.testing.assert_array_equal(mu, x)
+    np.testing.assert_array_equal(logsigma, 0.0)
+    mu_eval, logsigma_eval = apply(params, True)
+    assert float(jnp.abs(mu_eval - x).min()) > 0 and float(jnp.abs(logsigma_eval).min()) > 0
+
+
 def _ks_distance(a, b):
     """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs of a and b."""
     a, b = np.sort(np.ravel(a)), np.sort(np.ravel(b))
