@@ -683,3 +683,34 @@ def test_printed_scores_say_how_many_pairs_were_scored():
     assert pretrain.scores_line("test", values, 4) == "test: i2t_top1 25.0 zero_shot/Type 50.0 (the first 4 of 10 pairs, percent)"
     assert pretrain.scores_line("test", values, 10) == "test: i2t_top1 25.0 zero_shot/Type 50.0 (10 pairs, percent)"
     assert pretrain.scores_line("val", None, 10) == "val: missing"
+
+
+def test_every_dropout_of_the_pdt_heads_is_on_in_training_and_off_in_evaluation(amvlm_setup, tokens):
+    """SPEC 3.2's PDT dropout (attention probabilities, after the mu / logsigma projections, in each MLP) acts in
+    training only: the model hands ``train`` down to all four heads. Traced abstractly (nothing compiled),
+    recording each Dropout under a PDT head (its rate, pretrain.pdt_dropout, and whether it acts); the tiny
+    config's rate 0 would hide them numerically."""
+    import flax.linen as nn
+
+    config, model, state = amvlm_setup
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    token_arrays = {k: tokens[k] for k in TOKEN_KEYS}
+    images = np.zeros((BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+    for train in (True, False):
+        calls = []
+
+        def record(next_fun, args, kwargs, context):
+            if isinstance(context.module, nn.Dropout) and context.method_name == "__call__":
+                path = context.module.scope.path
+                if path and path[0].startswith("pdt_"):
+                    calls.append((path[0], context.module.rate,
+                                  kwargs.get("deterministic", args[1] if len(args) > 1 else None)))
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            jax.eval_shape(lambda v: model.clone(pdt_dropout=0.5).apply(
+                v, images, token_arrays, train=train, rngs={"dropout": jax.random.PRNGKey(0)}, mutable=["batch_stats"]),
+                variables)
+        heads = {"pdt_word", "pdt_word_ctx", "pdt_patch", "pdt_patch_ctx"}
+        # Per head: the attention probabilities, mu and logsigma after their projections, two per MLP.
+        assert sorted(calls) == sorted((head, 0.5, not train) for head in heads for _ in range(7)), train
