@@ -1,5 +1,6 @@
 """Supervised U-Net training: multi-device equivalence, resume, evaluation round trip."""
 
+import inspect
 import json
 import os
 import signal
@@ -430,3 +431,21 @@ def test_the_jobs_model_seed_and_best_checkpoint_follow_the_config(tmp_path):
         job = supervised.segmentation_job("supervised", config, tmp_path, mesh, model, None, None, None, 2, split, None,
                                           no_images, 8)
         assert job.best_metric == best and len(job.evaluators) == (split is not None)
+
+
+def test_an_epoch_is_ceil_of_the_images_over_the_batch_and_precise_bn_reads_the_first_training_images(tmp_path,
+                                                                                                      monkeypatch):
+    """16 training images in batches of 6: 3 steps an epoch (the last batch wraps; 2 would leave 4 images out
+    of every epoch). precise_bn_images=5: BatchNorm statistics are refreshed over the first 5 training images
+    in batches of train.batch_size (what a training step's BatchNorm sees)."""
+    config = tiny_synthetic_config(**{"train.batch_size": 6, "train.precise_bn_images": 5})
+    seen = {}
+    signature = inspect.signature(supervised.segmentation_job)
+    monkeypatch.setattr(supervised, "segmentation_job", lambda *args: seen.update(signature.bind(*args).arguments))
+    monkeypatch.setattr(supervised.loop, "run", lambda job: None)
+    monkeypatch.setattr(supervised, "initial_state", lambda *args: None)  # Read by no assertion here.
+    monkeypatch.setattr(supervised, "evaluate_checkpoint", lambda *args, **kwargs: {})
+    supervised.train(config, tmp_path)
+    train_images = datasets.load_labeled_train(config, datasets.data_root(config, tmp_path)).images
+    assert len(train_images) == 16 and seen["steps_per_epoch"] == 3 and seen["batch_stats_batch_size"] == 6
+    np.testing.assert_array_equal(seen["batch_stats_images"], train_images[:5])
