@@ -285,6 +285,32 @@ def test_pseudo_label_scores_and_evaluation_round_trip(all_run, tmp_path):
             assert rescored[split][name] == pytest.approx(scores[name], rel=1e-5, abs=1e-4), (split, name)
 
 
+
+def test_a_last_batch_short_of_the_recorded_batch_is_scored_without_copied_rows(all_run, tmp_path):
+    """12 unlabelled images (a quarter labelled) in the run's batches of 8: the last batch holds 4 images, and
+    BatchNorm's statistics of that batch are of those 4 (padded to 8 with copies of the last, it would weigh
+    that image 5 times). The student's column by hand, batch by batch."""
+    config, run_dir, _ = all_run
+    root = datasets.data_root(config, run_dir)
+    other = config.copy_and_resolve_references()
+    other.data.labeled_fraction, other.ssl.pretrained = 0.25, str(run_dir / "pretrain")
+    ssl.evaluate_guidance(other, tmp_path, str(run_dir / "checkpoints" / "best"), root=root)
+    _, unlabeled = datasets.load_train_parts(other, root, unlabeled_masks=True)
+    assert len(unlabeled) == 12 and config.train.batch_size == 8
+    model = supervised.build_unet(config)
+    template, _ = ssl.create_state(config, model, None, steps_per_epoch=1)
+    student, _, _ = checkpoint.restore_variables(
+        run_dir / "checkpoints" / "best", {"params": template.params, "batch_stats": template.batch_stats})
+    expected = []
+    for rows in (slice(0, 8), slice(8, 12)):
+        logits, _ = model.apply(jax.device_get(student), unlabeled.images[rows].astype(np.float32) / 255, train=True,
+                                mutable=["batch_stats"])
+        predicted, truth = np.asarray(logits[..., 0]) > 0.0, unlabeled.masks[rows] > 0
+        total = predicted.sum((1, 2)) + truth.sum((1, 2))
+        expected += list(np.where(total == 0, 1.0, 2.0 * (predicted & truth).sum((1, 2)) / np.maximum(total, 1)))
+    rows = (tmp_path / "per_image_guidance_unlabeled.csv").read_text().splitlines()
+    np.testing.assert_allclose([float(row.split(",")[4]) for row in rows[1:]], 100 * np.array(expected), atol=1e-3)
+
 def test_a_mean_teacher_keeps_the_pretraining_step_that_guided_it(all_run, tmp_path):
     """Pre-training that goes on after a mean teacher trained (a longer schedule, the same workdir) neither
     resumes nor re-scores that mean teacher with other encoders: the checkpoint names its guiding step."""
@@ -1121,3 +1147,42 @@ def test_an_unlabeled_weight_without_ramp_up_weighs_the_unlabeled_half_from_the_
     _, step_metrics = jax.jit(step.step)(state, None, batch)
     assert float(step_metrics["loss"]) == pytest.approx(float(labeled + 0.5 * unlabeled), rel=1e-5)
     assert float(step_metrics["pseudo_label_mean"]) == pytest.approx(float(pseudo.mean()), rel=1e-5)
+
+
+def test_an_epoch_is_ceil_of_the_longer_part_over_the_batch_and_precise_bn_mixes_the_first_images(tmp_path,
+                                                                                                   monkeypatch):
+    """16 training images, a quarter labelled: 4 labelled and 12 unlabelled, batches of 5 of each. An epoch is
+    ceil(12 / 5) = 3 steps (over the longer part; 2 would leave unlabelled images out of every epoch, 1 is the
+    shorter part's), also for the ramp-up's steps. precise_bn_images=6: the first 3 labelled and the first 3
+    unlabelled images, one to one, in batches of 10 (a training step's labelled and unlabelled halves)."""
+    import inspect
+
+    config = tiny_synthetic_config(**{"mode": "ssl", "data.labeled_fraction": 0.25, "ssl.w_text": 0.0,
+                                      "ssl.train_decoder": False, "train.batch_size": 5,
+                                      "train.precise_bn_images": 6, "eval.guidance": False})
+    seen = {}
+    signature = inspect.signature(supervised.segmentation_job)
+    monkeypatch.setattr(supervised, "segmentation_job", lambda *args: seen.update(signature.bind(*args).arguments))
+    making = ssl.make_ssl_step
+    monkeypatch.setattr(ssl, "make_ssl_step", lambda *args: seen.update(step_args=args) or making(*args))
+    monkeypatch.setattr(ssl, "initial_state", lambda *args, **kwargs: (None, None))  # Read by no assertion here.
+    monkeypatch.setattr(ssl.loop, "run", lambda job: None)
+    monkeypatch.setattr(supervised, "evaluate_checkpoint", lambda *args, **kwargs: {})
+    ssl.train(config, tmp_path)
+    labeled, unlabeled = datasets.load_train_parts(config, datasets.data_root(config, tmp_path))
+    assert (len(labeled), len(unlabeled)) == (4, 12)
+    assert seen["steps_per_epoch"] == 3 and seen["step_args"][4] == 3 and seen["batch_stats_batch_size"] == 10
+    expected = [labeled.images[0], unlabeled.images[0], labeled.images[1], unlabeled.images[1], labeled.images[2],
+                unlabeled.images[2]]
+    np.testing.assert_array_equal(seen["batch_stats_images"], np.stack(expected))
+
+
+def test_encoders_recorded_at_the_data_size_are_rebuilt_at_that_size_not_the_commands():
+    """A pre-training run recorded with pretrain.image_size 0 trained its encoders at its data.image_size
+    (48 here): guidance rebuilds them at 48 whatever this command's sizes (64), and with the recorded
+    pretrain fields (the ViT's width) over the command's."""
+    config = tiny_pretrain_config(**{"mode": "ssl", "pretrain.image_size": 96, "pretrain.vit_width": 32})
+    recorded = tiny_pretrain_config(**{"pretrain.image_size": 0, "pretrain.vit_width": 48, "data.image_size": 48})
+    rebuilt = ssl.encoder_config(config, recorded.to_dict())
+    assert (rebuilt.pretrain.image_size, rebuilt.pretrain.vit_width, rebuilt.data.image_size) == (48, 48, 64)
+    assert ssl.encoder_config(config, None).pretrain.image_size == 96  # Nothing recorded: the command's.
