@@ -620,6 +620,46 @@ def test_more_text_layers_than_the_encoder_has_names_the_field(tiny_bert_dir, tm
     assert build.build_text_encoder(config)[0].num_hidden_layers == depth + 1
 
 
+
+def test_the_model_is_built_as_the_pretrain_fields_say(tiny_bert_dir, tmp_path):
+    """config.pretrain names the ViT (its size and patch, each of width/depth/heads overridable), the text
+    encoder's first text_layers layers of the folder or a random one of text_hidden wide (heads: text_heads,
+    else text_hidden / 64; the MLP 4 x as wide), config.dtype the compute and vit_attention the kernel; the
+    images are pretrain.image_size square, else data.image_size."""
+    from amvlm_jax.config import ConfigError, base_config
+    from amvlm_jax.train import build
+
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((tiny_bert_dir[0] / name).read_bytes())
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n")
+    config = base_config()
+    config.pretrain.text_encoder, config.pretrain.text_layers = str(tmp_path), 1
+    config.pretrain.vit, config.pretrain.max_length = "S/16", 24
+    config.dtype, config.pretrain.vit_attention = "bfloat16", "cudnn"
+    text = build.text_encoder_config(config)
+    assert text == dataclasses.replace(TINY_BERT, num_hidden_layers=1)  # The folder's, 2 layers, cut to 1.
+    model = build.build_model(config, text)
+    vit = model.image_encoder
+    assert (vit.width, vit.depth, vit.num_heads, vit.patch_size) == (384, 12, 6, 16)
+    assert vit.dtype == model.dtype == jnp.bfloat16 and vit.attention == "cudnn" and model.text_config == text
+    config.pretrain.vit, config.pretrain.vit_depth, config.pretrain.vit_heads = "Ti/16", 2, 4
+    vit = build.build_model(config, text).image_encoder
+    assert (vit.width, vit.depth, vit.num_heads, vit.patch_size) == (192, 2, 4, 16)
+    config.pretrain.max_length = 25  # One more than the encoder's 24 positions.
+    with pytest.raises(ConfigError, match=r"^config.pretrain.max_length=25: the text encoder has 24 positions"):
+        build.build_model(config, text)
+
+    config.pretrain.text_weights_init, config.pretrain.text_layers, config.pretrain.text_hidden = "random", 3, 128
+    assert build.text_encoder_config(config) == dataclasses.replace(
+        TINY_BERT, num_hidden_layers=3, hidden_size=128, num_attention_heads=2, intermediate_size=512)
+    config.pretrain.text_heads = 8
+    assert build.text_encoder_config(config).num_attention_heads == 8
+
+    config.data.image_size, config.pretrain.image_size = 64, 0
+    assert build.pretrain_image_size(config) == 64
+    config.pretrain.image_size = 96
+    assert build.pretrain_image_size(config) == 96
+
 def test_bert_round_trip_and_truncation(tiny_bert_dir):
     directory, params = tiny_bert_dir
     config, loaded = weights.load_bert(directory)
