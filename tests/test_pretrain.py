@@ -81,27 +81,39 @@ def _forward(model, state, batch, train=True, with_statistics=False):
 
 
 @pytest.fixture(scope="module")
-def amvlm_outputs(amvlm_setup, tokens):
-    """Online outputs (train mode) and momentum-encoder outputs of one batch, in one compiled call, with the
-    dropout keys of the train step's first step (``make_train_step``'s docstring)."""
+def amvlm_forward(amvlm_setup, tokens):
+    """step -> online outputs (train mode) and momentum-encoder outputs of one batch (``_batch(tokens)``), in one
+    compiled call, with the dropout keys the train step draws at that step (``make_train_step``'s docstring);
+    ``with_statistics``: also the online heads' BatchNorm statistics as the pass moved them."""
     config, model, state = amvlm_setup
     batch = _batch(tokens)
     token_arrays = {k: batch[k] for k in TOKEN_KEYS}
-    online_key, momentum_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0))
-    image_key, text_key = jax.random.split(momentum_key)
 
     @jax.jit
-    def forward(variables, momentum_variables, images, augmented, token_arrays):
-        outputs, _ = model.apply(variables, images, token_arrays, train=True, rngs={"dropout": online_key},
-                                 mutable=["batch_stats"])
+    def forward(variables, momentum_variables, images, augmented, token_arrays, online_key, image_key, text_key):
+        outputs, moved = model.apply(variables, images, token_arrays, train=True, rngs={"dropout": online_key},
+                                     mutable=["batch_stats"])
         image_view, _ = model.apply(momentum_variables, augmented, train=True, method=AMVLM.encode_image,
                                     rngs={"dropout": image_key}, mutable=["batch_stats"])
         report_view, _ = model.apply(momentum_variables, token_arrays, train=True, method=AMVLM.encode_text,
                                      rngs={"dropout": text_key}, mutable=["batch_stats"])
-        return outputs, image_view | report_view
+        return outputs, image_view | report_view, moved["batch_stats"]
 
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return forward(variables, state.momentum, batch["image"] / 255.0, batch["image_aug"] / 255.0, token_arrays)
+    def at_step(step, with_statistics=False):
+        online_key, momentum_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), step))
+        image_key, text_key = jax.random.split(momentum_key)
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        outputs, views, moved = forward(variables, state.momentum, batch["image"] / 255.0, batch["image_aug"] / 255.0,
+                                        token_arrays, online_key, image_key, text_key)
+        return (outputs, views, moved) if with_statistics else (outputs, views)
+
+    return at_step
+
+
+@pytest.fixture(scope="module")
+def amvlm_outputs(amvlm_forward):
+    """``amvlm_forward`` at step 0."""
+    return amvlm_forward(0)
 
 
 def test_model_outputs_shapes_and_padding_words_are_zero(amvlm_setup, amvlm_outputs, tokens):
@@ -198,22 +210,38 @@ def test_eight_device_step_equals_one_device_step_and_momentum_follows_ema(amvlm
     assert int(state8.step) == 2
 
 
-def test_locked_text_encoder_keeps_its_weights_and_has_no_optimizer_state(amvlm_setup, amvlm_outputs, tokens):
+def test_locked_text_encoder_keeps_its_weights_and_has_no_optimizer_state(amvlm_setup, amvlm_forward, amvlm_outputs,
+                                                                          tokens):
     config, model, initial = amvlm_setup
     locked = tiny_pretrain_config(**{"pretrain.train_text_encoder": False})
     initial = jax.device_get(initial)
     batch = _batch(tokens)
     states = {}
+    steps = {name: pretrain.make_train_step(model, cfg) for name, cfg in (("trained", config), ("locked", locked))}
+    fresh = lambda cfg: PretrainState.create(initial.params, initial.batch_stats,  # noqa: E731
+                                             pretrain.pretrain_optimizer(cfg, initial.params), momentum=initial.momentum)
     for name, cfg in (("trained", config), ("locked", locked)):
-        tx = pretrain.pretrain_optimizer(cfg, initial.params)
-        state = PretrainState.create(initial.params, initial.batch_stats, tx, momentum=initial.momentum)
-        states[name] = pretrain.make_train_step(model, cfg)(state, batch)
+        states[name] = steps[name](fresh(cfg), batch)
     (trained, trained_metrics), (after, after_metrics) = states["trained"], states["locked"]
     # The step's terms are the objective of the online and momentum outputs of its first step (amvlm_outputs:
     # its dropout keys, the momentum encoders in training mode on the augmented view, SPEC 3.4).
     _, expected = objectives.amvlm_objective(*amvlm_outputs, config)
     for term, value in expected.items():
         assert float(trained_metrics[term]) == pytest.approx(float(value), rel=1e-5), term
+    # The online heads' running BatchNorm statistics are the ones the step's forward pass moved.
+    moved = amvlm_forward(0, with_statistics=True)[2]
+    assert jax.tree.structure(jax.device_get(trained.batch_stats)) == jax.tree.structure(moved)
+    for got, want in zip(jax.tree.leaves(jax.device_get(trained.batch_stats)), jax.tree.leaves(moved)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert any(np.abs(np.asarray(w) - np.asarray(b)).max() > 1e-4
+               for w, b in zip(jax.tree.leaves(moved), jax.tree.leaves(initial.batch_stats)))
+    # The same state and batch at step 5 draw step 5's dropout keys (the text encoders' dropout shows them), as a
+    # run resumed there does.
+    _, at_five = steps["trained"](fresh(config).replace(step=jnp.asarray(5, jnp.int32)), batch)
+    _, expected_five = objectives.amvlm_objective(*amvlm_forward(5), config)
+    for term, value in expected_five.items():
+        assert float(at_five[term]) == pytest.approx(float(value), rel=1e-5), term
+    assert float(at_five["loss"]) != pytest.approx(float(trained_metrics["loss"]), rel=1e-4)
     # The same forward pass: locking changes which parameters move, not the loss.
     np.testing.assert_allclose(float(after_metrics["loss"]), float(trained_metrics["loss"]), rtol=1e-6)
     def moved(before, after):  # The largest change of any value.
@@ -231,6 +259,29 @@ def test_locked_text_encoder_keeps_its_weights_and_has_no_optimizer_state(amvlm_
     assert size(trained.opt_state) - size(after.opt_state) == 2 * size(initial.params["text_encoder"])
 
 
+def test_create_state_puts_loaded_weights_in_place_and_the_momentum_encoders_copy_them(amvlm_setup):
+    """Loaded text and ViT weights replace the random ones; the momentum encoders (SPEC 3.4: the image and text
+    encoders with their heads, nothing else) start as copies of the online ones, loaded weights included."""
+    config, model, random_state = amvlm_setup
+    rng = np.random.default_rng(7)
+    loaded = {name: jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), random_state.params[name])
+              for name in ("text_encoder", "image_encoder")}
+    state = jax.device_get(pretrain.create_state(config, model, IMAGE_SIZE, loaded["text_encoder"],
+                                                 loaded["image_encoder"]))
+    for name, tree in loaded.items():
+        for got, want in zip(jax.tree.leaves(state.params[name]), jax.tree.leaves(tree)):
+            np.testing.assert_array_equal(got, want)
+    encoders = {"image_encoder", "image_global_head", "image_local_head", "text_encoder", "text_global_head",
+                "text_local_head"}
+    assert set(state.momentum["params"]) == encoders and set(state.momentum["batch_stats"]) == encoders - {
+        "image_encoder", "text_encoder"}
+    for part in ("params", "batch_stats"):
+        online = {name: getattr(state, part)[name] for name in state.momentum[part]}
+        assert jax.tree.structure(state.momentum[part]) == jax.tree.structure(online)
+        for got, want in zip(jax.tree.leaves(state.momentum[part]), jax.tree.leaves(online)):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_mgca_objective_and_prototype_freezing(tokens):
     config = tiny_pretrain_config(**{"pretrain.objective": "mgca"})
     model, state = _setup(config)
@@ -243,6 +294,7 @@ def test_mgca_objective_and_prototype_freezing(tokens):
     o = outputs
     # Each modality's prototype scores are its own embedding against the bias-free layer's columns.
     kernel = np.asarray(jax.device_get(state.params["prototypes"]["kernel"]))
+    np.testing.assert_allclose(np.linalg.norm(kernel, axis=0), 1.0, rtol=1e-6)  # Unit prototypes from the start.
     for scores, embedding in (("image_prototype_scores", "v"), ("text_prototype_scores", "t")):
         np.testing.assert_allclose(np.asarray(o[scores]), np.asarray(o[embedding]) @ kernel, atol=1e-6, err_msg=scores)
     # MGCA's padding words (SPEC 4): the head's output for a zero feature, normalised with the batch's
