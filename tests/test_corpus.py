@@ -344,6 +344,11 @@ def test_streamed_images_equal_decoded_ones_and_the_size_decides(generated):
     config.data.corpus.in_memory_bytes += 1  # Exactly the 12 images' bytes: they are decoded into memory.
     assert isinstance(corpus.load(config, "train", 32)[0].images, np.ndarray)
     np.testing.assert_array_equal(streamed.images[np.arange(12)], in_memory.images)
+    assert streamed.images.shape == in_memory.images.shape == (12, 32, 32, 3)
+    # Either way row k pairs file row k's image (its stem the name) with its report: rows 0, 1, 4, 5, ... train.
+    for split in (in_memory, streamed):
+        assert split.names == [str(i) for i in range(24) if i % 4 < 2]
+        assert all(report.endswith(f" image {name}.") for name, report in zip(split.names, split.reports, strict=True))
     np.testing.assert_array_equal(streamed.images[5], folders.load_image(pathlib.Path(os.fsdecode(streamed.images.paths[5])), 32)[0])
     # The training stream reads the same examples either way, also from worker processes.
     batches = lambda split, workers: [b for _, b in zip(range(4), pipeline.training_batches(  # noqa: E731
