@@ -471,6 +471,10 @@ def test_pretraining_streams_a_corpus_as_it_reads_one_in_memory_and_scores_what_
     assert streamed["final_terms"] == in_memory["final_terms"]
     assert streamed["final_retrieval"] == in_memory["final_retrieval"]
     assert in_memory["pairs"] == {"train": 12, "val": 6, "test": 6}
+    # 12 pairs at batch 8: an epoch is 2 steps (the second batch partly from the next shuffle), so its
+    # evaluation's ranks are step 2's.
+    assert sorted(p.name for p in (tmp_path / "memory" / "pretrain" / "ranks").iterdir()) == ["step_0.json",
+                                                                                             "step_2.json"]
     scores = in_memory["final_retrieval"]
     for split in ("val", "test"):
         for key in ("zero_shot/meta/modality/accuracy", "probe/meta.modality/accuracy", "i2t_top1"):

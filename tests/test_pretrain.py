@@ -523,12 +523,45 @@ def test_train_learns_logs_retrieval_and_resumes(tmp_path):
                 assert 0.0 <= line[f"{split}/{key}"] <= 1.0
     assert all(f"train/{k}" in lines[1] for k in ("loss", "ita", "css", "local", "icl"))
     assert summary["initial_retrieval"] == {k: v for k, v in epochs[0].items() if "/" in k}
+    assert summary["final_retrieval"] == {k: epochs[-1][k] for k in summary["initial_retrieval"]}  # Its scores after the last epoch.
+    # ranks/step_<N>.json: every query's rank at each evaluation, named by the global step (before training: 0),
+    # and the logged scores of that evaluation are read off them (top-1: the share of rank 0).
+    steps_per_epoch = -(-summary["pairs"]["train"] // BATCH)
+    assert sorted(p.name for p in (run_dir / "ranks").iterdir()) == sorted(f"step_{e * steps_per_epoch}.json"
+                                                                         for e in range(4))
+    for line in epochs:
+        ranks = json.loads((run_dir / "ranks" / f"step_{int(line['epoch']) * steps_per_epoch}.json").read_text())
+        assert set(ranks) == set(summary["pairs"]) == {"train", "val", "test"}
+        for split, by_direction in ranks.items():
+            assert len(by_direction["i2t"]) == summary["pairs"][split]
+            for direction in ("i2t", "t2i"):
+                assert line[f"{split}/{direction}_top1"] == pytest.approx(np.mean(np.asarray(by_direction[direction]) == 0))
+                assert line[f"{split}/{direction}_mrr"] == pytest.approx(np.mean(1 / (np.asarray(by_direction[direction]) + 1)))
 
     # A second call restores the finished run and trains no further epoch.
     again = pretrain.train(config, tmp_path)
     lines_after = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines_after) == len(lines)
     assert again["final_terms"] == summary["final_terms"] and again["seconds"] == summary["seconds"]
+
+
+def test_host_batch_reads_the_indexed_reports_and_draws_the_momentum_view_per_step():
+    """A batch's reports are those of its rows' indices; the momentum encoders' view of a step is drawn again
+    the same for that step (a resumed run sees the views it would have), and differs from step to step."""
+    config = tiny_pretrain_config()
+    tokenizer = ReportTokenizer(build.text_encoder_dir(config), config.pretrain.max_length)
+    order = [3, 0, 2, 1, 7, 5, 6, 4]
+    raw = {"image": _images(), "index": np.array(order)}
+    at = lambda step, seed=0: pretrain.host_batch(raw, tokenizer, REPORTS, step, seed, True)  # noqa: E731
+    batch = at(4)
+    for key, value in tokenizer([REPORTS[i] for i in order]).items():
+        np.testing.assert_array_equal(batch[key], value, err_msg=key)
+    np.testing.assert_array_equal(batch["image"], raw["image"])
+    assert batch["image_aug"].shape == raw["image"].shape and batch["image_aug"].dtype == np.uint8
+    np.testing.assert_array_equal(at(4)["image_aug"], batch["image_aug"])
+    for other in (at(5), at(4, seed=1)):
+        assert np.abs(other["image_aug"].astype(int) - batch["image_aug"]).max() > 0
+    assert "image_aug" not in pretrain.host_batch(raw, tokenizer, REPORTS, 4, 0, False)
 
 
 def test_fresh_pairs_pretraining_reads_new_pairs_every_step(tmp_path, monkeypatch):
