@@ -1110,3 +1110,28 @@ def test_a_folder_without_config_json_and_a_state_dict_of_no_vit_are_one_line_er
         weights.vit_params_from_state_dict({"fc.weight": np.zeros((2, 2), np.float32)}, TINY_VIT, TINY_IMAGE, "f.pth")
     assert str(info.value) == ("f.pth: unrecognised ViT checkpoint layout (no timm 'blocks.0.attn.qkv.weight' or "
                                "HuggingFace 'encoder.layer.0.attention.attention.query.weight')")
+
+
+def test_vit_dropout_in_training_ends_every_residual_branch_as_timm_and_hf_vit_do(tiny_vit_images, tiny_vit_params):
+    """Where the dropouts sit, seen at rate 1 (a dropout then gives exact zeros): the embeddings (patches +
+    positions) are dropped, and each block's attention branch (after its output projection: timm's proj_drop,
+    HF's ViTSelfOutput dropout) and MLP branch (after fc2) end in a dropout, so in training every token leaves
+    the blocks at zero and comes out as the final LayerNorm's bias. The attention sub-layer alone drops its
+    probabilities and its projected output (zeros). Not training, a rate needs no dropout key and changes
+    nothing."""
+    from amvlm_jax.models.vit import ViTAttention
+
+    variables = {"params": tiny_vit_params}
+    rngs = {"dropout": jax.random.key(0)}
+    out = ViT(**TINY_VIT, dropout_rate=1.0).apply(variables, tiny_vit_images, train=True, rngs=rngs)
+    bias = np.asarray(tiny_vit_params["norm"]["bias"])
+    np.testing.assert_allclose(out["cls"], np.broadcast_to(bias, out["cls"].shape), atol=1e-6)
+    np.testing.assert_allclose(out["patches"], np.broadcast_to(bias, out["patches"].shape), atol=1e-6)
+    attention = {"params": tiny_vit_params["blocks_0"]["attn"]}
+    tokens = np.asarray(jax.random.normal(jax.random.key(1), (2, 5, TINY_VIT["width"])))
+    dropped, _ = ViTAttention(TINY_VIT["width"], TINY_VIT["num_heads"], 1.0).apply(attention, tokens, True, rngs=rngs)
+    np.testing.assert_array_equal(dropped, 0.0)
+    base = ViT(**TINY_VIT).apply(variables, tiny_vit_images)
+    kept = ViT(**TINY_VIT, dropout_rate=0.5).apply(variables, tiny_vit_images, train=False)
+    for key in ("cls", "patches", "cls_attention"):
+        np.testing.assert_array_equal(kept[key], base[key])

@@ -87,7 +87,8 @@ class ViTAttention(nn.Module):
     cuDNN kernel (GPUs, bfloat16 / float16 compute) instead of materialising
     the (B, heads, N, N) probabilities; the CLS row is then recomputed on its
     own (a (B, heads, N) softmax). Attention dropout needs the explicit
-    probabilities, so training with dropout_rate > 0 always uses 'xla'.
+    probabilities, so training with dropout_rate > 0 always uses 'xla'. In
+    training, dropout_rate drops the probabilities and the projected output.
     """
 
     width: int
@@ -120,7 +121,8 @@ class ViTAttention(nn.Module):
         out = out.reshape(batch, tokens, self.width)
         out = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
                        kernel_init=_dense_init, name="proj")(out)
-        return out, cls_probs
+        # The branch ends in a dropout, as the MLP's does (timm's proj_drop, HF's ViTSelfOutput).
+        return nn.Dropout(self.dropout_rate)(out, deterministic=not train), cls_probs
 
 
 class ViTMlp(nn.Module):
