@@ -266,26 +266,29 @@ def test_vit_remat_and_bf16_agree(tiny_vit_images, tiny_vit_params):
 
 def test_vit_fused_attention_path_matches_explicit(tiny_vit_images, tiny_vit_params, monkeypatch):
     """The 'cudnn' branch (fused attention + the CLS row recomputed on its own), run through
-    jax.nn.dot_product_attention's XLA kernel on this CPU, equals the explicit softmax; with
-    dropout in training it falls back to the explicit probabilities."""
+    jax.nn.dot_product_attention's XLA kernel on this CPU, equals the explicit softmax; the kernel gets an
+    even token count (1 + 16 = 17 tokens padded to 18: cuDNN's training kernels need one). With dropout in
+    training it falls back to the explicit probabilities; outside training a dropout rate keeps the kernel."""
     fused_attention = jax.nn.dot_product_attention
     calls = []
 
     def on_this_backend(*args, implementation=None, **kwargs):
-        calls.append(implementation)
+        calls.append((implementation, args[0].shape[1]))
         return fused_attention(*args, implementation="xla", **kwargs)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", on_this_backend)
     variables = {"params": tiny_vit_params}
     base = jax.jit(ViT(**TINY_VIT).apply)(variables, tiny_vit_images)
     fused = jax.jit(ViT(**TINY_VIT, attention="cudnn").apply)(variables, tiny_vit_images)
-    assert calls == ["cudnn"] * TINY_VIT["depth"]
+    assert calls == [("cudnn", 18)] * TINY_VIT["depth"]
     for key in ("cls", "patches", "cls_attention"):
         np.testing.assert_allclose(fused[key], base[key], atol=2e-6, rtol=1e-5)
     calls.clear()
     jax.eval_shape(lambda v: ViT(**TINY_VIT, attention="cudnn", dropout_rate=0.1).apply(
         v, tiny_vit_images, train=True, rngs={"dropout": jax.random.key(0)}), variables)
     assert calls == []
+    jax.eval_shape(lambda v: ViT(**TINY_VIT, attention="cudnn", dropout_rate=0.1).apply(v, tiny_vit_images), variables)
+    assert calls == [("cudnn", 18)] * TINY_VIT["depth"]
 
 
 def _check_vit_against_reference(params, images, reference):
@@ -1135,3 +1138,30 @@ def test_vit_dropout_in_training_ends_every_residual_branch_as_timm_and_hf_vit_d
     kept = ViT(**TINY_VIT, dropout_rate=0.5).apply(variables, tiny_vit_images, train=False)
     for key in ("cls", "patches", "cls_attention"):
         np.testing.assert_array_equal(kept[key], base[key])
+
+
+@pytest.mark.parametrize("hidden_rate, attention_rate", [(1.0, 0.0), (0.0, 1.0)])
+def test_bert_dropout_in_training_sits_where_hf_torch_puts_it(hidden_rate, attention_rate):
+    """Training with a dropout rate of 1 (exact zeros, no randomness left) against HF's BertModel in train
+    mode: the hidden rate drops the embeddings and both sub-layers' dense outputs before their residual
+    LayerNorms, the attention rate the probabilities; one rate at a time, so each site shows."""
+    torch = pytest.importorskip("torch", reason="torch is needed for the reference BERT")
+    import transformers
+
+    config = dataclasses.replace(TINY_BERT, hidden_dropout_prob=hidden_rate,
+                                 attention_probs_dropout_prob=attention_rate)
+    torch.manual_seed(1)
+    model = transformers.BertModel(transformers.BertConfig(**config.to_dict(), attn_implementation="eager"),
+                                   add_pooling_layer=False).train()
+    with torch.no_grad():
+        for tensor in model.parameters():  # Biases and LayerNorms away from 0 and 1, or zeros would hide.
+            tensor.add_(0.1 * torch.randn_like(tensor))
+    params = weights.bert_params_from_state_dict({k: v.detach().numpy() for k, v in model.state_dict().items()},
+                                                 config)
+    ids = np.array([[2, 5, 6, 7, 3, 0], [2, 9, 3, 0, 0, 0]], np.int32)
+    mask = (ids > 0).astype(np.int32)
+    ours = Bert(config).apply({"params": params}, ids, mask, deterministic=False,
+                              rngs={"dropout": jax.random.key(0)})
+    with torch.no_grad():
+        reference = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
+    np.testing.assert_allclose(np.asarray(ours["hidden"]), reference.last_hidden_state.numpy(), atol=2e-5)
