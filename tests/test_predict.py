@@ -382,3 +382,19 @@ def test_class_colours_and_overlay_figures_by_hand(tmp_path, monkeypatch):
     assert contours == [[], [[1, 1, 1]], [[1, 1, 1]], [], [], []]
     assert [axis.get_title() for axis in binary.axes] == ["image", "prediction"]
     np.testing.assert_allclose(binary.axes[1].collections[0].get_edgecolor()[0, :3], visualize.OVERLAY_COLORS["prediction"])
+
+
+def test_batches_on_two_devices_are_padded_and_write_what_one_device_writes(trained, tmp_path):
+    """Three images in batches of 2 over a 2-device mesh: the last batch (one image) is padded to a row per
+    device, and every file equals the one-device run's."""
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    for image in sorted((trained / "data" / "Val_Folder" / "img").iterdir())[:3]:
+        (inputs / image.name).write_bytes(image.read_bytes())
+    one = _predict(trained, inputs, tmp_path / "one", **{"train.eval_batch_size": 2})
+    two = _predict(trained, inputs, tmp_path / "two", **{"train.eval_batch_size": 2, "mesh.data": 2})
+    assert one == dict(two, csv=one["csv"]) and two["written"] == 3
+    written = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert len(written) == 4 and sorted(p.name for p in (tmp_path / "two").iterdir()) == written
+    for name in written:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
