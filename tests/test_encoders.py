@@ -12,6 +12,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -1134,6 +1135,18 @@ def test_vit_dropout_in_training_ends_every_residual_branch_as_timm_and_hf_vit_d
     tokens = np.asarray(jax.random.normal(jax.random.key(1), (2, 5, TINY_VIT["width"])))
     dropped, _ = ViTAttention(TINY_VIT["width"], TINY_VIT["num_heads"], 1.0).apply(attention, tokens, True, rngs=rngs)
     np.testing.assert_array_equal(dropped, 0.0)
+    # The zeros above would hide a missing dropout of the probabilities: the shapes each dropout is given.
+    shapes = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Dropout):
+            shapes.append(args[0].shape)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: ViTAttention(TINY_VIT["width"], TINY_VIT["num_heads"], 0.5).apply(
+            attention, tokens, True, rngs=rngs))
+    assert shapes == [(2, TINY_VIT["num_heads"], 5, 5), tokens.shape]
     base = ViT(**TINY_VIT).apply(variables, tiny_vit_images)
     kept = ViT(**TINY_VIT, dropout_rate=0.5).apply(variables, tiny_vit_images, train=False)
     for key in ("cls", "patches", "cls_attention"):
