@@ -398,3 +398,22 @@ def test_batches_on_two_devices_are_padded_and_write_what_one_device_writes(trai
     assert len(written) == 4 and sorted(p.name for p in (tmp_path / "two").iterdir()) == written
     for name in written:
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_each_images_probability_map_is_its_own_in_any_batching(trained, tmp_path):
+    """The probability written for an image is the model's on that image, whatever batch it shares: batches
+    of 8 and of 3 (the last one partial) write the same maps per name, and the maps of different images differ
+    by far more than the batchings do (the tiny model's binary masks are alike, so only the maps can tell a
+    row order reversed within a batch or one row's map written for every image)."""
+    val_folder = trained / "data" / "Val_Folder"
+    maps = {}
+    for batch_size in (8, 3):
+        output = tmp_path / f"batch_{batch_size}"
+        _predict(trained, val_folder, output, **{"train.eval_batch_size": batch_size, "predict.probabilities": "npy"})
+        maps[batch_size] = {path.name: np.load(path) for path in sorted(output.glob("*_probability.npy"))}
+    assert len(maps[8]) == 8 and maps[8].keys() == maps[3].keys()
+    for name, probability in maps[8].items():
+        np.testing.assert_allclose(maps[3][name], probability, atol=1e-5, err_msg=name)
+    stacked = np.stack(list(maps[8].values()))
+    between = np.abs(stacked[:, None] - stacked[None]).max(axis=(2, 3))
+    assert between[~np.eye(len(stacked), dtype=bool)].min() > 1e-4  # Ten times the tolerance above.
