@@ -909,6 +909,82 @@ def test_pdt_head_drops_the_mu_and_logsigma_updates_in_training(batch):
     assert float(jnp.abs(mu_eval - x).min()) > 0 and float(jnp.abs(logsigma_eval).min()) > 0
 
 
+def test_pdt_head_dropouts_act_on_the_attention_probabilities_and_inside_each_mlp(batch):
+    """SPEC 3.2's other PDT dropouts, each replaced in turn (an intercepted Dropout returns its input times a
+    chosen factor, the others pass their input on): the attention dropout receives the (B, H, N, N) softmax
+    probabilities (each query's row sums to 1, padding keys 0), and zeroing it leaves the head as zeroing both
+    projection dropouts does (projection biases 0: no attention output gives no mu / logsigma update). In each
+    MLP the first dropout sits after the GELU and before the second Linear (zeroing it leaves that Linear's bias
+    as the MLP's output, doubling it doubles the second Linear's weighted part: 2 * kept - zeroed) and the second
+    one on the MLP's output (doubling it adds the MLP's output once more)."""
+    head = PDTHead(dim=D, num_heads=2, dropout=0.5)
+    x, mask = as_jnp(batch["T"], batch["word_mask"])
+    params = head.init(jax.random.PRNGKey(0), x, mask, deterministic=True)["params"]
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = jax.tree_util.tree_unflatten(jax.tree.structure(params), [
+        (0.0 if "_proj']" in jax.tree_util.keystr(path) else 1.0) * jax.random.normal(key, leaf.shape)
+        if jax.tree_util.keystr(path).endswith("['bias']") else leaf for key, (path, leaf) in zip(keys, leaves)])
+    assert float(jnp.abs(params["mu_mlp"]["fc_out"]["bias"]).min()) > 0
+
+    paths = ["attention/attention_dropout", "Dropout_0", "Dropout_1"] + [
+        f"{m}/Dropout_{i}" for m in ("mu_mlp", "logsigma_mlp") for i in (0, 1)]
+
+    @jax.jit
+    def forward(multipliers):
+        seen = {}
+
+        def replace(next_fun, args, kwargs, context):
+            if isinstance(context.module, nn.Dropout) and context.method_name == "__call__":
+                path = "/".join(context.module.scope.path)
+                seen[path] = args[0]
+                return args[0] * multipliers[paths.index(path)]
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(replace):
+            (mu, logsigma), state = head.apply({"params": params}, x, mask, deterministic=False,
+                                               mutable=["intermediates"])
+        seen["sown"] = state["intermediates"]["attention"]["attention"][0]
+        return mu, logsigma, seen
+
+    def run(factors):
+        """factors: {Dropout scope path: multiplier}, the others 1; returns (mu, logsigma, {path: input})."""
+        mu, logsigma, seen = forward(jnp.asarray([factors.get(path, 1.0) for path in paths]))
+        return np.asarray(mu), np.asarray(logsigma), seen
+
+    mu, logsigma, seen = run({})
+    assert sorted(seen) == sorted(paths + ["sown"])
+    mu_eval, logsigma_eval = head.apply({"params": params}, x, mask, deterministic=True)
+    np.testing.assert_allclose(mu, mu_eval, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logsigma, logsigma_eval, rtol=1e-5, atol=1e-6)
+
+    probs = np.asarray(seen["attention/attention_dropout"])
+    assert probs.shape == (B, 2, W, W)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(probs * (1 - np.asarray(batch["word_mask"]))[:, None, None, :], 0.0)
+    np.testing.assert_array_equal(probs, seen["sown"])
+
+    no_attention = run({"attention/attention_dropout": 0.0})
+    no_updates = run({"Dropout_0": 0.0, "Dropout_1": 0.0})
+    np.testing.assert_allclose(no_attention[0], no_updates[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(no_attention[1], no_updates[1], rtol=1e-6, atol=1e-6)
+    assert np.abs(no_attention[0] - mu).max() > 1e-3 and np.abs(no_attention[1] - logsigma).max() > 1e-3
+
+    for name, index in (("mu_mlp", 0), ("logsigma_mlp", 1)):
+        other = 1 - index
+        kept = (mu, logsigma)
+        zero_hidden, double_hidden = run({f"{name}/Dropout_0": 0.0}), run({f"{name}/Dropout_0": 2.0})
+        zero_out, double_out = run({f"{name}/Dropout_1": 0.0}), run({f"{name}/Dropout_1": 2.0})
+        fc_out_bias = np.asarray(params[name]["fc_out"]["bias"])
+        np.testing.assert_allclose(zero_hidden[index] - zero_out[index], np.broadcast_to(fc_out_bias, mu.shape),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(double_hidden[index], 2 * kept[index] - zero_hidden[index], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(double_out[index], 2 * kept[index] - zero_out[index], rtol=1e-5, atol=1e-5)
+        assert np.abs(zero_out[index] - kept[index]).max() > 1e-3
+        for result in (zero_hidden, double_hidden, zero_out, double_out):
+            np.testing.assert_array_equal(result[other], kept[other])
+
+
 def _ks_distance(a, b):
     """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs of a and b."""
     a, b = np.sort(np.ravel(a)), np.sort(np.ravel(b))
