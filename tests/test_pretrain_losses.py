@@ -742,6 +742,12 @@ def test_projection_heads_unit_norm():
     g_vars = global_head.init(jax.random.PRNGKey(0), cls, train=False)
     l_vars = local_head.init(jax.random.PRNGKey(1), tokens, train=False)
     assert "norm_out" not in l_vars["params"]["projection"]  # no scale / shift
+    # Initialising in training mode leaves the running statistics as a new torch BatchNorm1d's: mean 0, var 1.
+    stats = local_head.init(jax.random.PRNGKey(1), tokens, train=True)["batch_stats"]["projection"]
+    assert sorted(stats) == ["norm_hidden", "norm_out"]
+    for norm in stats.values():
+        np.testing.assert_array_equal(norm["mean"], 0.0)
+        np.testing.assert_array_equal(norm["var"], 1.0)
     g_out, g_state = global_head.apply(g_vars, cls, train=True, mutable=["batch_stats"])
     l_out, l_state = local_head.apply(l_vars, tokens, train=True, mutable=["batch_stats"])
     assert g_out.shape == (B, D) and l_out.shape == (B, 6, D)
@@ -762,7 +768,8 @@ def test_projection_heads_unit_norm():
 def test_projection_heads_batch_norm_as_torch_batch_norm_1d():
     """The heads' stack against torch's Linear - BatchNorm1d - ReLU - Linear - BatchNorm1d(affine=False) with the
     same weights: training outputs, the running statistics one step moves (torch's unbiased running variance)
-    and evaluation outputs from them; with a token mask, the statistics of the masked rows alone."""
+    and evaluation outputs from them; with a token mask, the statistics of the masked rows alone. The global
+    head is the same stack over a (N, C) batch, its train flag handed down as the local head's."""
     torch = pytest.importorskip("torch", reason="torch is needed for the reference BatchNorm1d")
     rng = np.random.default_rng(12)
     tokens = jnp.asarray(rng.normal(size=(B, 6, 16)) * 2 + 0.5, jnp.float32)
@@ -789,13 +796,14 @@ def test_projection_heads_batch_norm_as_torch_batch_norm_1d():
 
     mask = np.ones((B, 6), np.int32)
     mask[1, 3:], mask[2, 2:] = 0, 0
-    for token_mask in (None, mask):
+    global_head, global_rows = GlobalHead(hidden=32, out=D), jnp.asarray(rows, jnp.float32)
+    for module, inputs, token_mask in ((head, tokens, None), (head, tokens, mask), (global_head, global_rows, None)):
         counted = rows if token_mask is None else rows[mask.reshape(-1).astype(bool)]
         reference = torch_stack().train()
         with torch.no_grad():
             trained = reference(torch.from_numpy(counted)).numpy()  # Moves the running statistics once.
-        out, moved = head.apply(variables, tokens, train=True, mutable=["batch_stats"],
-                                mask=None if token_mask is None else jnp.asarray(token_mask))
+        masks = {} if token_mask is None else {"mask": jnp.asarray(token_mask)}
+        out, moved = module.apply(variables, inputs, train=True, mutable=["batch_stats"], **masks)
         if token_mask is None:
             np.testing.assert_allclose(np.asarray(out).reshape(-1, D), unit(trained), atol=2e-5)
         else:
@@ -807,7 +815,7 @@ def test_projection_heads_batch_norm_as_torch_batch_norm_1d():
                                            rtol=1e-5, atol=1e-6, err_msg=f"{name} {statistic}")
         with torch.no_grad():
             evaluated = reference.eval()(torch.from_numpy(rows)).numpy()
-        np.testing.assert_allclose(np.asarray(head.apply({**variables, **moved}, tokens, train=False)).reshape(-1, D),
+        np.testing.assert_allclose(np.asarray(module.apply({**variables, **moved}, inputs, train=False)).reshape(-1, D),
                                    unit(evaluated), atol=2e-5)
 
 
