@@ -917,6 +917,37 @@ def test_pdt_head_drops_the_mu_and_logsigma_updates_in_training(batch):
     assert float(jnp.abs(mu_eval - x).min()) > 0 and float(jnp.abs(logsigma_eval).min()) > 0
 
 
+def test_pdt_head_gelus_are_exact(batch):
+    """SPEC 3.2's GELUs (after the input projection and inside each MLP) are the exact x * Phi(x), as torch's
+    nn.GELU() is, not the tanh approximation: with an input projection and MLP first layers of weights N(0, 1)
+    the pre-activations span several units, where the two differ by a few 1e-4, and each GELU's output (the
+    input LayerNorm's and the second Linears' inputs, recorded) is checked against math.erf."""
+    head = PDTHead(dim=D, num_heads=2, dropout=0.0)
+    x, mask = as_jnp(batch["T"], batch["word_mask"])
+    params = head.init(jax.random.PRNGKey(0), x, mask, deterministic=True)["params"]
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf * 50.0 if any(name in jax.tree_util.keystr(path) for name in ("input_proj", "fc_in"))
+        else leaf, params)
+    inputs = {}
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        path = "/".join(context.module.scope.path)
+        if context.method_name == "__call__" and path in (
+                "input_proj", "input_norm", "mu_mlp/fc_in", "mu_mlp/fc_out", "logsigma_mlp/fc_in", "logsigma_mlp/fc_out"):
+            inputs[path] = (np.asarray(args[0], np.float64), np.asarray(out, np.float64))
+        return out
+
+    with nn.intercept_methods(record):
+        head.apply({"params": params}, x, mask, deterministic=True)
+    exact = np.vectorize(lambda a: 0.5 * a * (1.0 + math.erf(a / math.sqrt(2.0))))
+    for before, after in (("input_proj", "input_norm"), ("mu_mlp/fc_in", "mu_mlp/fc_out"),
+                          ("logsigma_mlp/fc_in", "logsigma_mlp/fc_out")):
+        pre_activation = inputs[before][1]
+        assert np.abs(pre_activation).max() > 2.0, before
+        np.testing.assert_allclose(inputs[after][0], exact(pre_activation), rtol=1e-5, atol=1e-6, err_msg=after)
+
+
 def test_pdt_head_dropouts_act_on_the_attention_probabilities_and_inside_each_mlp(batch):
     """SPEC 3.2's other PDT dropouts, each replaced in turn (an intercepted Dropout returns its input times a
     chosen factor, the others pass their input on): the attention dropout receives the (B, H, N, N) softmax
