@@ -158,6 +158,8 @@ def test_ita_hand_computed():
     expected = math.log(1 + math.exp(-1.0))
     np.testing.assert_allclose(ita_loss(v, t, 1.0), expected, rtol=1e-6)
     np.testing.assert_allclose(ita_loss(v, t, 1.0, "sum"), 2 * expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="reduce must be 'mean' or 'sum', got 'max'"):
+        ita_loss(v, t, 1.0, "max")
 
 
 def test_ita_aligned_lower_than_shuffled():
