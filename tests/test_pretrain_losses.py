@@ -381,6 +381,18 @@ def test_variance_weights_of_each_inversion_min_max_scale_over_real_tokens(batch
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_variance_weights_min_max_scale_a_narrow_spread_in_full():
+    """Min-max scaling stretches any spread of the (inverted) variances to [0, 1], however narrow: tokens whose
+    similarities (0 and a_n over J = 2 samples) have unbiased variances 1, 1.0002 and 1.0004 get 0, 1/2 and 1
+    with 'none', and 1, (1/1.0002 - 1/1.0004) / (1 - 1/1.0004) and 0 with 'reciprocal'."""
+    variances = np.array([1.0, 1.0002, 1.0004])
+    sims = np.stack([np.zeros(3), np.sqrt(2 * variances)], axis=-1)[None]  # (1, 3, 2)
+    got = variance_token_weights(jnp.asarray(sims, jnp.float32), None, "none")
+    np.testing.assert_allclose(got, [[0.0, 0.5, 1.0]], atol=2e-3)
+    got = variance_token_weights(jnp.asarray(sims, jnp.float32), None, "reciprocal")
+    np.testing.assert_allclose(got, [[1.0, (1 / 1.0002 - 1 / 1.0004) / (1 - 1 / 1.0004), 0.0]], atol=2e-3)
+
+
 def test_variance_weights_range(batch):
     sims = jnp.einsum("bnd,jd->bnj", jnp.asarray(batch["T"]), jnp.asarray(batch["v"]))
     w = np.asarray(variance_token_weights(sims, jnp.asarray(batch["word_mask"])))
