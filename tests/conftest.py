@@ -169,6 +169,16 @@ def interrupt_inside_a_gc_callback():
         gc.callbacks.remove(callback)
 
 
+def with_fields(config, fields: dict):
+    """``config`` with each dotted field of ``fields`` ('section.field': value) set; returns it."""
+    for path, value in fields.items():
+        node, (*sections, leaf) = config, path.split(".")
+        for section in sections:
+            node = node[section]
+        node[leaf] = value
+    return config
+
+
 def tiny_synthetic_config(**overrides):
     """The synthetic experiment shrunk to seconds per epoch on 2 cores."""
     config = experiment_module("synthetic").get_config()
@@ -184,13 +194,7 @@ def tiny_synthetic_config(**overrides):
     config.train.epochs = 2
     config.train.log_every_steps = 1
     config.mesh.data = 1  # Tests that need 8 devices build their meshes themselves.
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    return with_fields(config, overrides)
 
 
 def tiny_pretrain_config(**overrides):

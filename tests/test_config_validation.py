@@ -13,20 +13,14 @@ from amvlm_jax.config import ConfigError, base_config, validate
 from amvlm_jax.data import datasets, splits
 from amvlm_jax.data.folders import DataError
 
-from conftest import REPO_ROOT, experiment_module as _experiment, one_device_env
+from conftest import REPO_ROOT, experiment_module as _experiment, one_device_env, with_fields
 
 NAN, INF = float("nan"), float("inf")
 
 
 def _config(**overrides):
     """The default experiment (experiments/synthetic.py) with `overrides` ('section.field': value)."""
-    config = _experiment("synthetic").get_config()
-    for path, value in overrides.items():
-        node, (*sections, leaf) = config, path.split(".")
-        for section in sections:
-            node = node[section]
-        node[leaf] = value
-    return config
+    return with_fields(_experiment("synthetic").get_config(), overrides)
 
 
 def _error(config) -> str:

@@ -34,6 +34,8 @@ from amvlm_jax.losses.prototypes import cpa_loss, normalize_prototypes, sinkhorn
 from amvlm_jax.models.heads import GlobalHead, LocalHead, RowBatchNorm
 from amvlm_jax.models.pdt import PDTHead
 
+from conftest import with_fields
+
 B, P, W, D = 3, 4, 5, 8
 RTOL, ATOL = 2e-4, 2e-5
 
@@ -535,14 +537,7 @@ def test_normalize_prototypes():
 
 
 def _objective_config(**fields):
-    config = base_config()
-    for path, value in fields.items():
-        node = config
-        *parents, leaf = path.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return config
+    return with_fields(base_config(), fields)
 
 
 def test_amvlm_objective_reads_every_weight_and_constant_from_the_config(batch):
@@ -910,6 +905,15 @@ def test_pdt_head_shapes_init_and_jit(batch):
     assert mu_train.shape == (B, W, D)
 
 
+def _random_biases(params, scale=lambda path: 1.0):
+    """``params`` with every bias drawn from N(0, 1) (times ``scale`` of its key path), the kernels kept."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    return jax.tree_util.tree_unflatten(jax.tree.structure(params), [
+        scale(jax.tree_util.keystr(path)) * jax.random.normal(key, leaf.shape)
+        if jax.tree_util.keystr(path).endswith("['bias']") else leaf for key, (path, leaf) in zip(keys, leaves)])
+
+
 def test_pdt_head_drops_the_mu_and_logsigma_updates_in_training(batch):
     """SPEC 3.2's dropouts after the mu / logsigma projections and after each MLP's second Linear: with every
     unit dropped (rate 1) and non-zero biases, training mode leaves mu = X and logsigma = 0 exactly, while
@@ -917,11 +921,7 @@ def test_pdt_head_drops_the_mu_and_logsigma_updates_in_training(batch):
     head = PDTHead(dim=D, num_heads=2, dropout=1.0)
     x, mask = as_jnp(batch["T"], batch["word_mask"])
     params = head.init(jax.random.PRNGKey(0), x, mask, deterministic=True)["params"]
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    params = jax.tree_util.tree_unflatten(jax.tree.structure(params), [
-        jax.random.normal(key, leaf.shape) if jax.tree_util.keystr(path).endswith("['bias']") else leaf
-        for key, (path, leaf) in zip(keys, leaves)])
+    params = _random_biases(params)
     apply = jax.jit(lambda p, deterministic: head.apply({"params": p}, x, mask, deterministic=deterministic,
                                                         rngs={"dropout": jax.random.PRNGKey(2)}), static_argnums=1)
     mu, logsigma = apply(params, False)
@@ -973,11 +973,7 @@ def test_pdt_head_dropouts_act_on_the_attention_probabilities_and_inside_each_ml
     head = PDTHead(dim=D, num_heads=2, dropout=0.5)
     x, mask = as_jnp(batch["T"], batch["word_mask"])
     params = head.init(jax.random.PRNGKey(0), x, mask, deterministic=True)["params"]
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    params = jax.tree_util.tree_unflatten(jax.tree.structure(params), [
-        (0.0 if "_proj']" in jax.tree_util.keystr(path) else 1.0) * jax.random.normal(key, leaf.shape)
-        if jax.tree_util.keystr(path).endswith("['bias']") else leaf for key, (path, leaf) in zip(keys, leaves)])
+    params = _random_biases(params, scale=lambda path: 0.0 if "_proj']" in path else 1.0)
     assert float(jnp.abs(params["mu_mlp"]["fc_out"]["bias"]).min()) > 0
 
     paths = ["attention/attention_dropout", "Dropout_0", "Dropout_1"] + [
