@@ -78,6 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Global batch, split over the data and fsdp axes of the mesh. The mean teacher: this many labelled images
     # and as many unlabelled ones a step (each half split over the devices).
     config.train.batch_size = 16
+    # An epoch is ceil(N / batch_size) steps: N training images (the mean teacher: the larger of its labelled
+    # and unlabelled sets).
     config.train.epochs = 100
     # Adam; cosine with warm restarts every restart_epochs (the rate changes once an epoch) down to min_lr.
     config.train.lr = 1e-3
@@ -176,11 +178,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.pretrain.augment = "none"
     config.pretrain.embed_dim = 128  # D of the projection heads (SPEC 2); AMVLM: even, divisible by pdt_heads.
     config.pretrain.batch_size = 32  # Global batch; capped (a line says so) when the training pairs are fewer.
-    config.pretrain.epochs = 100
+    config.pretrain.epochs = 100  # Of ceil(training pairs / batch_size) steps each (SPEC 3.5: 100).
     config.pretrain.lr = 3e-5  # Peak rate of pretrain.optimizer.
     # 'adam' (AMVLM, SPEC 3.5) or 'adamw' (decoupled weight decay as torch's AdamW; MGCA's released run, SPEC 4).
     config.pretrain.optimizer = "adam"
-    config.pretrain.adam_betas = (0.9, 0.999)
+    config.pretrain.adam_betas = (0.9, 0.999)  # (beta1, beta2) of either optimiser.
     config.pretrain.weight_decay = 0.0  # 'adamw' only (MGCA: 0.05).
     # 'constant' (AMVLM) or 'warmup_cosine': linear from min_lr to lr over warmup_fraction of all steps,
     # then a cosine down to min_lr (MGCA: 40% warm-up, 1e-8).
@@ -199,10 +201,12 @@ def base_config() -> ml_collections.ConfigDict:
     # 'complement' (1 - x) or 'none' (x); see losses/alignment.py.
     config.pretrain.local_inversion = "reciprocal"
     config.pretrain.use_pdt = True  # False: CSS without the PDT constraint (MGCA's token-wise loss).
-    config.pretrain.weights = ml_collections.ConfigDict(dict(ita=1.0, css=0.5, local=0.1, icl=0.1))  # 0 turns a term off.
+    config.pretrain.weights = ml_collections.ConfigDict(dict(ita=1.0, css=0.5, local=0.1, icl=0.1))  # SPEC 3.5; 0 turns a term off.
     # MGCA (objective 'mgca', SPEC 4): loss weights 1 / 1 / 1 as its released training command runs
-    # (the module's own defaults, 1 / 0.7 / 0.5, are a config override away); the prototypes get no
-    # update and no optimiser state for their first freeze_prototypes_epochs epochs.
+    # (the module's own defaults, 1 / 0.7 / 0.5, are a config override away); CTA's temperature; the
+    # num_prototypes prototypes of CPA, its Sinkhorn-Knopp codes (sinkhorn_epsilon, sinkhorn_iterations) and
+    # the softmax temperature of its predictions; the prototypes get no update and no optimiser state for
+    # their first freeze_prototypes_epochs epochs.
     config.pretrain.mgca = ml_collections.ConfigDict(
         dict(ita=1.0, cta=1.0, cpa=1.0, cta_temperature=0.1, num_prototypes=500, sinkhorn_epsilon=0.05,
              sinkhorn_iterations=3, prototype_temperature=0.2, freeze_prototypes_epochs=1)
