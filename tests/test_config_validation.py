@@ -3,6 +3,7 @@
 import hashlib
 import json
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -311,6 +312,60 @@ def test_every_experiment_and_variant_is_valid(name, module, variant):
             assert "leaves no unlabeled image for the mean teacher" in _error(config)
         else:
             validate(config)
+
+
+def _named_fields(text: str) -> set[str]:
+    """The config fields a text names: every --config.a.b, and config.a.b or (in backticks) a.b whose first
+    part is a section or field of base_config() (config.json, train/loop.py and the like are not fields)."""
+    top = set(base_config().keys())
+    names = set(re.findall(r"--config\.(\w+(?:\.\w+)*)", text)) - {"a.b"}  # Bar the generic --config.a.b=value.
+    names |= {n for n in re.findall(r"(?<![\w/.-])config\.(\w+(?:\.\w+)*)", text) if n.split(".")[0] in top}
+    for quoted in re.findall(r"`([^`\n]+)`", text):  # Within a line: a fence's ``` pairs no span.
+        names |= {n for n in re.findall(r"(?<![\w/.-])(\w+(?:\.\w+)+)", quoted) if n.split(".")[0] in top}
+    return names
+
+
+def _missing_fields(names) -> list[str]:
+    def exists(name):
+        node = base_config()
+        for part in name.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    return sorted(name for name in names if not exists(name))
+
+
+@pytest.mark.parametrize("document", ["README.md", *(f"experiments/{p.name}" for p in
+                                                      sorted((REPO_ROOT / "experiments").glob("*.py")))])
+def test_every_config_field_the_documentation_names_exists(document):
+    names = _named_fields((REPO_ROOT / document).read_text())
+    assert names, "the pattern finds the fields"
+    assert _missing_fields(names) == [], f"{document} names fields that base_config() lacks"
+
+
+def test_the_documentation_check_sees_each_way_of_naming_a_field():
+    text = ("`--config.train.epochs=5` `config.ssl.w_tex` (`ssl.text_head=words`) `pretrain.augment` "
+            "and --config.trian.lr=1 in prose; config.json, `amvlm_jax/train/loop.py`, `data.corpus.{train,val}`")
+    assert _named_fields(text) == {"train.epochs", "ssl.w_tex", "ssl.text_head", "pretrain.augment", "trian.lr",
+                                   "data.corpus"}
+    assert _missing_fields(_named_fields(text)) == ["ssl.w_tex", "trian.lr"]
+
+
+def test_every_variant_is_documented_and_every_documented_variant_exists():
+    """Each experiment's docstring names each of its VARIANTS, and every experiments/<name>.py:<variants> in the
+    README and the docstrings names variants the file has."""
+    texts = [(REPO_ROOT / "README.md").read_text()]
+    for path in sorted((REPO_ROOT / "experiments").glob("*.py")):
+        module = _experiment(path.stem)
+        texts.append(module.__doc__)
+        words = set(re.findall(r"\w+", module.__doc__))
+        assert sorted(set(module.VARIANTS) - words) == [], f"{path.name}: variants its docstring does not name"
+    for text in texts:
+        for name, variants in re.findall(r"experiments/(\w+)\.py:([\w,]+)", text):
+            unknown = set(variants.split(",")) - set(_experiment(name).VARIANTS)
+            assert unknown == set(), f"experiments/{name}.py:{variants}"
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.5, -1.0, NAN, None])
