@@ -450,6 +450,9 @@ def quiet_background_failures(record) -> bool:
     return not ("/orbax/" in record.pathname or record.name == "asyncio")
 
 
+HELP_FLAGS = ("help", "?", "helpshort", "helpfull", "helpxml")  # absl's, each printing and exiting.
+
+
 def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Callable[[], None] = lambda: None) -> None:
     """The command-line start of main and of the tools in tools/.
 
@@ -506,6 +509,10 @@ def start(job: Callable[[ml_collections.ConfigDict], None], define_job_flags: Ca
             return flags.FLAGS(argv)
         except flags.Error as e:  # absl's own report is two lines ('FATAL Flags parsing error', then a hint).
             sys.exit(f"error: {e}")
+        except SystemExit as e:  # absl ends the help it printed with status 1: the help asked for is no failure.
+            if e.code == 1 and any(arg.lstrip("-").partition("=")[0] in HELP_FLAGS for arg in argv[1:]):
+                sys.exit(0)
+            raise
 
     app.run(absl_main, flags_parser=parse_flags)
 

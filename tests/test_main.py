@@ -212,6 +212,18 @@ def test_a_field_given_twice_takes_its_last_value_for_tuple_fields_too(monkeypat
         "--config.data.corpus.text_fields=findings,impression", "--config.eval.guidance", "--config.eval.guidance"]
 
 
+@pytest.mark.parametrize("command, flag, shows", [
+    (["-m", "amvlm_jax.main"], "--help", "--workdir"),
+    ([str(REPO_ROOT / "tools" / "ablation.py")], "--helpfull", "--seeds"),  # A tool: the same start().
+])
+def test_help_prints_the_flags_and_exits_0(command, flag, shows):
+    # absl ends its help with status 1, which a script or `&&` reads as a failure.
+    result = subprocess.run([sys.executable, *command, flag], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert shows in result.stdout and "--config" in result.stdout
+
+
 def test_default_workdir_names_experiment_and_variant():
     assert str(main.default_workdir("experiments/monuseg.py:cpu,labeled25")) == "runs/monuseg_cpu_labeled25"
     assert str(main.default_workdir(main.DEFAULT_CONFIG)) == "runs/synthetic_text_report"
