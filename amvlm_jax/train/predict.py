@@ -12,7 +12,7 @@ predictions resized back to each image's own size:
   <stem>_overlay.png                            the image with the mask in red, or each class in its
                                                 palette colour (predict.overlays)
   <stem>_text.png                               the report's text mask, 0-255 (checkpoints with text guidance)
-  <output>/predictions.csv                      file, size, foreground fraction, pixels per class
+  <output>/predictions.csv                      image file, mask file, size, foreground fraction, pixels per class
 
 A second run skips images whose mask exists unless predict.overwrite. An
 unreadable image is reported by name and counted, and the run goes on
