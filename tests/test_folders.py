@@ -426,6 +426,18 @@ def test_16_bit_and_float_images_are_stretched_from_their_minimum_to_their_maxim
     np.testing.assert_array_equal(rgb, np.repeat(np.asarray(expected, np.uint8)[..., None], 3, -1))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_float_image_with_a_nan_or_infinite_pixel_is_named_not_turned_black(tmp_path, bad):
+    # One NaN made the stretch's minimum and maximum NaN, and the whole image decoded as zeros without a word.
+    values = np.ones((4, 6), np.float32)
+    values[1, 2] = bad
+    path = tmp_path / "scan.tif"
+    Image.fromarray(values).save(path)
+    with pytest.raises(DataError) as raised:
+        folders.load_image(path, 16)
+    assert str(raised.value) == f"{path}: float image holds 1 NaN or infinite pixel(s); give them a number (e.g. the background's)"
+
+
 def test_16_bit_masks_keep_their_ids_and_binary_masks_take_no_third_value(untidy_root):
     path = untidy_root / "Val_Folder" / "labelcol" / "v.png"
     ids = np.zeros((30, 40), np.uint16)

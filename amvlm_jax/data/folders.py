@@ -263,6 +263,9 @@ def rgb_image(path: pathlib.Path) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I", "F"):
         # 16-bit and float scans: stretch to 8 bits (a plain conversion saturates everything above 255).
         array = np.asarray(image, dtype=np.float64)
+        if not (finite := np.isfinite(array)).all():  # NaN would make the whole image one value (min and max NaN).
+            raise DataError(f"{path}: float image holds {(~finite).sum()} NaN or infinite pixel(s); give them a "
+                            "number (e.g. the background's)")
         lo, hi = float(array.min()), float(array.max())
         array = (array - lo) / (hi - lo if hi > lo else 1.0) * 255.0
         image = Image.fromarray(array.astype(np.uint8))
