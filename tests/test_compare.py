@@ -417,13 +417,20 @@ def test_compare_reports_bad_per_image_csvs_in_one_line(tmp_path):
     (tmp_path / "columns" / "per_image_test.csv").write_text("name,dice,iou\nimg0,60,30\n")
     (tmp_path / "value").mkdir()
     (tmp_path / "value" / "per_image_test.csv").write_text("file,dice,iou\nimg0,60,30\nimg1,high,30\n")
+    (tmp_path / "nan").mkdir()
+    (tmp_path / "nan" / "per_image_test.csv").write_text("file,dice,iou\nimg0,nan,30\nimg1,61,31\n")
+    (tmp_path / "inf").mkdir()
+    (tmp_path / "inf" / "per_image_test.csv").write_text("file,dice,iou\nimg0,60,30\nimg1,61,inf\n")
     (tmp_path / "bytes").mkdir()  # Damaged on disk: bytes that are no UTF-8.
     (tmp_path / "bytes" / "per_image_test.csv").write_bytes(b"file,dice,iou\nimg0,60,30\nimg\xff\xfe,61,31\n")
     for run, problem in (("header", "per_image_test.csv: no images, only a header"),
                          ("bytes", "per_image_test.csv: not UTF-8 text \\(invalid start byte\\); "
                                    "evaluate the workdir again"),
                          ("columns", "per_image_test.csv: no column file "),
-                         ("value", "per_image_test.csv: line 3: dice 'high' is not a number")):
+                         ("value", "per_image_test.csv: line 3: dice 'high' is not a number"),
+                         # float() reads them; the row's mean and p were NaN without a word.
+                         ("nan", "per_image_test.csv: line 2: dice 'nan' is not a finite number"),
+                         ("inf", "per_image_test.csv: line 3: iou 'inf' is not a finite number")):
         with pytest.raises(SystemExit, match=problem):
             compare.compare([str(tmp_path / run)], "test")
     # A trailing comma would read per_image_test.csv of the current folder.

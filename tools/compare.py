@@ -76,6 +76,8 @@ def read_per_image(workdir: str | pathlib.Path, split: str) -> dict[str, np.ndar
                 column.append(float(row[name]))
             except (TypeError, ValueError):  # TypeError: a row shorter than the header.
                 raise SystemExit(f"error: {path}: line {line}: {name} {row[name]!r} is not a number") from None
+            if not math.isfinite(column[-1]):  # An image's Dice is always defined: 'nan' made every mean and p NaN.
+                raise SystemExit(f"error: {path}: line {line}: {name} {row[name]!r} is not a finite number")
         values[name] = np.array(column)
     values["masks"] = np.full(len(rows), masks_digest(path.parent, split), dtype=object)
     order = np.argsort(values["file"], kind="stable")
