@@ -715,6 +715,9 @@ def test_pretrain_table_reports_bad_splits_metrics_and_summaries_in_one_line(tmp
     s1 = _summary(tmp_path / "s1", {"train/i2t_top1": 0.1}, {"train/i2t_top1": 0.2})
     with pytest.raises(SystemExit, match=r"s1: no scores of split 'test' after training \(splits scored: train\)$"):
         table.main([f"{s0},{s1}"])
+    # The same seed twice (by its workdir and by its pretrain/ folder) would be two seeds with a p over them.
+    with pytest.raises(SystemExit, match=rf"{re.escape(s0)}/pretrain and {re.escape(s0)} are the same run; list each seed once$"):
+        table.main([f"{s0},{s1},{s0}/pretrain", "--split", "train"])
     s2 = _summary(tmp_path / "s2", scores, {**scores, "test/i2t_mrr": 0.5})
     with pytest.raises(SystemExit, match=r"s2: test/i2t_mrr is scored after training but not before$"):
         table.main([s2])

@@ -49,9 +49,15 @@ def read(workdirs: str, split: str) -> tuple[dict, dict]:
     statistics over the seeds would otherwise use fewer seeds than the row names.
     """
     before, after = {}, {}
-    first = None
+    first, seen = None, {}
     for workdir in workdirs.split(","):
         scores = seed_scores(workdir)
+        # A seed listed twice (also as its workdir and its pretrain/) would count as two, with a p over both.
+        for folder in workdir.split(":", 1) if ":" in workdir else [pretrain_folder(workdir)]:
+            if (resolved := pathlib.Path(folder).resolve()) in seen:
+                raise SystemExit(f"error: '{workdirs}': {workdir} and {seen[resolved]} are the same run; list each "
+                                 "seed once")
+            seen[resolved] = workdir
         metrics = [{key[len(split) + 1:]: 100 * value for key, value in seed.items()
                     if key.startswith(split + "/") and not key.endswith(("/rows", "/majority"))} for seed in scores]
         if not metrics[1]:
