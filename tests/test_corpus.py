@@ -231,6 +231,13 @@ def test_a_jsonl_report_field_must_be_a_string(tmp_path):
         assert _error(config) == f"{path}:2: report field 'impression' is a JSON {kind}, not a string"
     path.write_text("\n".join([lines[0], json.dumps(json.loads(lines[1]) | {"impression": None}), lines[2]]))
     assert corpus.read_split(config, "train")["reports"][1] == SAMPLE_REPORTS[1]  # null: no text.
+    # The image field likewise: an array's or a boolean's text was looked for as a file ("['a.png'] not found").
+    for value, kind in ((["images/1.png"], "array"), ({"path": "images/1.png"}, "object"), (True, "boolean")):
+        path.write_text("\n".join([lines[0], json.dumps(json.loads(lines[1]) | {"file": value}), lines[2]]))
+        assert _error(config) == f"{path}:2: image field 'file' is a JSON {kind}, not a path or a stem"
+    config.data.corpus.image_path = "images/{}.png"  # A number is a stem.
+    path.write_text("\n".join(json.dumps(json.loads(line) | {"file": i}) for i, line in enumerate(lines)))
+    assert corpus.read_split(config, "train")["paths"][1] == str(tmp_path / "images" / "1.png")
 
 
 def test_a_repeated_csv_column_and_rows_spanning_lines_are_named_by_their_first_line(tmp_path):

@@ -242,8 +242,11 @@ def read_split(config, split: str) -> Optional[dict]:
             found[value] += 1
             if value != selected:
                 continue
-        image = _text(field(row, corpus.image_field, where))
-        if not image:
+        image = field(row, corpus.image_field, where)
+        if isinstance(image, (dict, list, bool)):  # Its text ("['a.png']", 'True') would be looked for as a file.
+            raise DataError(f"{where}: image field '{corpus.image_field}' is a JSON {_JSON_TYPES[type(image)]}, not a "
+                            "path or a stem")
+        if not (image := _text(image)):
             raise DataError(f"{where}: empty image field '{corpus.image_field}'")
         image_path = path.parent / os.path.expanduser(corpus.image_path.format(image))
         if not image_path.is_file():
