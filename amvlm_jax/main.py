@@ -161,8 +161,20 @@ def _unparsable(text: str, current) -> str | None:
         expected = ("a tuple: values joined by ',' without spaces, or a quoted Python tuple such as "
                     "\"('a b', 'c')\" for values holding spaces")
     elif isinstance(current, ml_collections.ConfigDict):
+        def dotted(node) -> list:  # A config key holds no dots: the parser's own error speaks of ConfigDict.
+            return [k for k, v in node.items() for k in ([k] if "." in str(k) else dotted(v) if isinstance(v, dict)
+                                                        else [])]
+
         def parse(t):
-            if not isinstance(ast.literal_eval(t), dict):
+            nonlocal expected
+            if not isinstance(value := ast.literal_eval(t), dict):
+                raise ValueError(t)
+            if keys := [k for k in value if "." in str(k)]:  # eval.zero_shot's label fields.
+                expected = (f"keys without dots; a nested corpus field is written with '/' "
+                            f"('{str(keys[0]).replace('.', '/')}' for '{keys[0]}')")
+                raise ValueError(t)
+            if keys := dotted(value):
+                expected = f"keys without dots (a config key cannot hold one: '{keys[0]}')"
                 raise ValueError(t)
         expected = "a Python dict, e.g. '{\"key\": \"value\"}'"
     else:

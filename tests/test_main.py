@@ -74,6 +74,13 @@ def test_bad_command_lines_give_one_line_errors(args, expected, tmp_path):
     (["--config.train.epochs="], "--config.train.epochs=: config.train.epochs takes an integer, got ''"),
     (["--config.eval.zero_shot={'Type': [1]"],
      "--config.eval.zero_shot={'Type': [1]: config.eval.zero_shot takes a Python dict"),  # Unbalanced: a SyntaxError.
+    # A nested corpus field written with a dot, as data.corpus fields are: the parser's error spoke of ConfigDict.
+    (["--config.eval.zero_shot={'meta.modality': {'CT': 'a CT', 'MR': 'an MR'}}"],
+     "--config.eval.zero_shot={'meta.modality': {'CT': 'a CT', 'MR': 'an MR'}}: config.eval.zero_shot takes keys "
+     "without dots; a nested corpus field is written with '/' ('meta/modality' for 'meta.modality')"),
+    (["--config.eval.zero_shot={'Grade': {'2.5': 'grade two and a half', '3': 'grade three'}}"],
+     "--config.eval.zero_shot={'Grade': {'2.5': 'grade two and a half', '3': 'grade three'}}: config.eval.zero_shot "
+     "takes keys without dots (a config key cannot hold one: '2.5')"),
 ])
 def test_check_command_line_names_the_argument_and_the_problem(args, expected):
     # In-process (the subprocess cases above go through absl as a user's command does): the start of the line.
