@@ -248,6 +248,9 @@ def test_missing_data_root(tmp_path):
     assert "does not exist" in message and "Train_Folder" in message
     message = _error(folders.check_root, str(tmp_path))
     assert "no Train_Folder" in message
+    (tmp_path / "data.zip").write_bytes(b"")  # Not "does not exist": it does.
+    assert _error(folders.check_root, str(tmp_path / "data.zip")).startswith(
+        f"{tmp_path / 'data.zip'}: data root is a file, not a folder; expected <root>/Train_Folder/")
 
 
 def test_missing_sheet(untidy_root):

@@ -88,7 +88,8 @@ def check_root(root: str) -> pathlib.Path:
         raise DataError(f"data.root is not set: pass --config.data.root=DIR; {LAYOUT_HELP}")
     path = pathlib.Path(root).expanduser()
     if not path.is_dir():
-        raise DataError(f"{path}: data root does not exist; {LAYOUT_HELP}")
+        raise DataError(f"{path}: data root {'is a file, not a folder' if path.exists() else 'does not exist'}; "
+                        f"{LAYOUT_HELP}")
     if not (path / SPLIT_FOLDERS["train"]).is_dir():
         raise DataError(f"{path}: no Train_Folder in the data root; {LAYOUT_HELP}")
     return path
