@@ -303,6 +303,11 @@ def test_a_missing_split_file_stops_pretraining_before_any_image_is_decoded(gene
     assert not config.data.root
     assert str(raised.value) == f"{tmp_path / 'tset.jsonl'}: corpus file not found (config.data.corpus.test; " \
         "config.data.root is not set)"
+    config.data.corpus.test = str(tmp_path)  # The dataset's folder, not its file: not 'not found'.
+    with pytest.raises(DataError) as raised:
+        main.run(config, tmp_path / "run")
+    assert str(raised.value) == f"{tmp_path}: a folder, not a corpus file (.csv, .jsonl or .json) " \
+        "(config.data.corpus.test; config.data.root is not set)"
 
 
 def test_mode_all_on_a_corpus_without_lvit_folders_stops_before_pretraining(generated, tmp_path, monkeypatch):

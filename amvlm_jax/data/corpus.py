@@ -89,7 +89,7 @@ def _read_rows(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
     report may span lines), a .jsonl file (its line) or a .json list (its position, from 1), one row at a time
     (a large corpus is never held as row objects). A UTF-8 byte-order mark is allowed in each format."""
     if not path.is_file():
-        raise DataError(f"{path}: corpus file not found")
+        raise DataError(f"{path}: {_not_a_file(path)}")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -129,6 +129,11 @@ def _read_rows(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: not a JSON object")
             yield number, row
+
+
+def _not_a_file(path: pathlib.Path) -> str:
+    """Why a corpus file named in the config cannot be read: a folder (the images' or the dataset's), or nothing."""
+    return "a folder, not a corpus file (.csv, .jsonl or .json)" if path.is_dir() else "corpus file not found"
 
 
 def _utf8(text: str, where: str) -> str:
@@ -208,7 +213,7 @@ def check_files(config) -> None:
     for split in SPLITS:
         if config.data.corpus[split] and not (path := _file_path(config, config.data.corpus[split])).is_file():
             where = "below config.data.root" if config.data.root else "config.data.root is not set"
-            raise DataError(f"{path}: corpus file not found (config.data.corpus.{split}; {where})")
+            raise DataError(f"{path}: {_not_a_file(path)} (config.data.corpus.{split}; {where})")
 
 
 def read_split(config, split: str) -> Optional[dict]:
