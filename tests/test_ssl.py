@@ -340,6 +340,20 @@ def test_a_mean_teacher_keeps_the_pretraining_step_that_guided_it(all_run, tmp_p
     assert json.loads((copy / "guidance.json").read_text()) == scores
 
 
+def test_encoders_of_a_run_that_never_reached_the_guiding_step_are_not_said_to_have_gone_on(tmp_path, monkeypatch):
+    # Evaluating with --config.ssl.pretrained= another, shorter run said "pre-training went on to step 1" from step 2.
+    source, guided = tmp_path / "other" / "pretrain", tmp_path / "run" / "checkpoints" / "best"
+    (source / "checkpoints" / "best" / "1").mkdir(parents=True)
+    monkeypatch.setattr(checkpoint, "read_meta", lambda path: {ssl.GUIDANCE_STEP: 2})
+    monkeypatch.setattr(checkpoint, "resolve_step", lambda path: source / "checkpoints" / "best" / "1")
+    with pytest.raises(checkpoint.CheckpointError) as raised:
+        ssl.guiding_step(source, guided)
+    assert str(raised.value) == (
+        f"{guided}: a mean teacher guided by the encoders of pre-training step 2, which {source} does not hold (its "
+        "newest step is 1: another pre-training run?); name the run that guided it (config.ssl.pretrained), or train "
+        "the mean teacher again in another workdir to guide it with these")
+
+
 def test_recorded_config_builds_the_models_of_evaluation_and_guidance(all_run, tmp_path):
     config, workdir, results = all_run
     recorded = json.loads((workdir / "config.json").read_text())  # The latest command's (an evaluation's, here).

@@ -182,6 +182,11 @@ def guiding_step(source: pathlib.Path, guided) -> pathlib.Path:
     if int(recorded) == int(newest.name):
         return source
     kept = newest.parent / str(recorded)
+    if not kept.is_dir() and int(newest.name) < int(recorded):  # Not the run that guided it, or one started over.
+        raise checkpoint.CheckpointError(
+            f"{guided}: a mean teacher guided by the encoders of pre-training step {recorded}, which {source} does "
+            f"not hold (its newest step is {newest.name}: another pre-training run?); name the run that guided it "
+            "(config.ssl.pretrained), or train the mean teacher again in another workdir to guide it with these")
     if not kept.is_dir():
         raise checkpoint.CheckpointError(
             f"{guided}: a mean teacher guided by the encoders of pre-training step {recorded}, which {source} no "
