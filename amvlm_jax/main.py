@@ -161,9 +161,12 @@ def _unparsable(text: str, current) -> str | None:
         expected = ("a tuple: values joined by ',' without spaces, or a quoted Python tuple such as "
                     "\"('a b', 'c')\" for values holding spaces")
     elif isinstance(current, ml_collections.ConfigDict):
-        def dotted(node) -> list:  # A config key holds no dots: the parser's own error speaks of ConfigDict.
-            return [k for k, v in node.items() for k in ([k] if "." in str(k) else dotted(v) if isinstance(v, dict)
-                                                        else [])]
+        def dotted(node: dict) -> list:
+            """The keys holding a dot, at any depth (a config key cannot: the parser's own error speaks of ConfigDict)."""
+            keys = []
+            for key, value in node.items():
+                keys += [key] if "." in str(key) else dotted(value) if isinstance(value, dict) else []
+            return keys
 
         def parse(t):
             nonlocal expected
