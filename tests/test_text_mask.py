@@ -257,6 +257,10 @@ def test_fuse_multiclass_sums_to_one_and_matches_binary():
     edge = np.asarray(fuse_multiclass(certain, jnp.full((1, 1, 1), 0.9)))
     assert np.all(np.isfinite(edge)) and edge.sum() == pytest.approx(1.0, rel=1e-6)
     assert edge[0, 0, 0, 1] == pytest.approx(edge[0, 0, 0, 2])
+    # No gradient reaches either input (SPEC 6), also through the teacher's foreground shares. One class's
+    # sum: the sum over all classes is 1 whatever the inputs, so its gradient would be 0 anyway.
+    grads = jax.grad(lambda p, q: jnp.sum(fuse_multiclass(p, q)[..., 1]), argnums=(0, 1))(p_teacher, p_text)
+    assert all(np.all(np.asarray(g) == 0) for g in grads)
 
 
 def test_ema_schedule_and_update():
