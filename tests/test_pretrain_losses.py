@@ -429,11 +429,20 @@ def test_icl_matches_reference(batch, masked):
     rng = np.random.default_rng(4)
     c_m = unit(rng.normal(size=(B, D))).astype(np.float32)
     mask = batch["word_mask"] if masked else None
-    got = icl_loss(
-        jnp.asarray(batch["t"]), jnp.asarray(c_m), jnp.asarray(batch["T"]),
-        None if mask is None else jnp.asarray(mask), 0.07,
+    got = icl_loss(  # At the default temperature, SPEC 3's tau = 0.07.
+        jnp.asarray(batch["t"]), jnp.asarray(c_m), jnp.asarray(batch["T"]), None if mask is None else jnp.asarray(mask),
     )
     np.testing.assert_allclose(got, np_icl(batch["t"], c_m, batch["T"], mask, 0.07), rtol=RTOL, atol=ATOL)
+
+
+def test_icl_with_every_token_padded_is_half_the_coarse_term(batch):
+    """A batch whose reports are all padding has no fine term (no (sample, token) slot is real): the loss is
+    coarse / 2, finite, not 0 / 0."""
+    c, c_m = batch["t"], batch["v"]
+    logits = c.astype(np.float64) @ c_m.T.astype(np.float64) / 0.07
+    coarse = -np.mean([np_log_softmax(logits[i])[i] for i in range(B)])
+    got = icl_loss(*as_jnp(c, c_m, batch["T"]), jnp.zeros((B, W)), 0.07)
+    np.testing.assert_allclose(got, 0.5 * coarse, rtol=RTOL, atol=ATOL)
 
 
 def test_ema_update():
