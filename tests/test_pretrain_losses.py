@@ -621,6 +621,34 @@ def test_mgca_objective_reads_every_weight_and_constant_from_the_config(batch):
     np.testing.assert_allclose(loss, sum(weights[k] * expected[k] for k in weights), rtol=RTOL, atol=ATOL)
 
 
+def test_objectives_skip_zero_weight_terms_and_name_missing_inputs(batch):
+    """A term weighted 0 is neither computed nor logged: with ITA alone the outputs need only v and t, and the
+    loss is w_ita L_ita (for MGCA, with its summed ITA), and MGCA's prototype term needs only the prototype
+    scores. AMVLM's ICL term without the momentum outputs, and PDT without its heads, each stop with
+    a ValueError that says what is missing."""
+    only = lambda **weights: {f"pretrain.weights.{k}": weights.get(k, 0.0) for k in ("ita", "css", "local", "icl")}  # noqa: E731
+    loss, terms = objectives.amvlm_objective({"v": batch["v"], "t": batch["t"]}, None, _objective_config(**only(ita=0.5)))
+    assert sorted(terms) == ["ita"]
+    np.testing.assert_allclose(loss, 0.5 * np_ita(batch["v"], batch["t"], 0.07, "mean"), rtol=RTOL, atol=ATOL)
+    mgca_ita = _objective_config(**{"pretrain.objective": "mgca", "pretrain.mgca.ita": 0.4, "pretrain.mgca.cta": 0.0,
+                                    "pretrain.mgca.cpa": 0.0})
+    loss, terms = objectives.objective_fn(mgca_ita)({"v": batch["v"], "t": batch["t"]}, None, mgca_ita)
+    assert sorted(terms) == ["ita"]
+    np.testing.assert_allclose(loss, 0.4 * np_ita(batch["v"], batch["t"], 0.07, "sum"), rtol=RTOL, atol=ATOL)
+    mgca_cpa = _objective_config(**{"pretrain.objective": "mgca", "pretrain.mgca.ita": 0.0, "pretrain.mgca.cta": 0.0,
+                                    "pretrain.mgca.cpa": 1.5})
+    scores = {"image_prototype_scores": random_scores(13, nb=B), "text_prototype_scores": random_scores(14, nb=B)}
+    loss, terms = objectives.mgca_objective(scores, None, mgca_cpa)
+    assert sorted(terms) == ["cpa"]
+    np.testing.assert_allclose(loss, 1.5 * np_cpa(*scores.values(), 0.05, 3, 0.2), rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="momentum encoders"):
+        objectives.amvlm_objective({"v": batch["v"], "t": batch["t"]}, None, _objective_config(**only(icl=1.0)))
+    css_with_pdt = _objective_config(**only(css=1.0), **{"pretrain.use_pdt": True})
+    no_heads = {k: batch[k] for k in ("v", "t", "word_attention", "patch_attention", "word_mask")}
+    with pytest.raises(ValueError, match="no PDT heads"):
+        objectives.amvlm_objective(no_heads, None, css_with_pdt)
+
+
 def test_token_alignment_drops_padding_rows_whatever_their_weight(batch):
     """A padded row adds nothing even with a non-zero weight (its own column is masked, so its CE would be
     huge): uniform weights over every slot give the reference sum over the real rows only."""
