@@ -230,9 +230,15 @@ def run(config, workdir: str | pathlib.Path) -> dict:
 
         return pretrain.evaluate_checkpoint(config, workdir, config.eval.checkpoint or workdir)
     if config.mode == "evaluate":
+        from amvlm_jax.data import datasets, folders
         from amvlm_jax.train import ssl, supervised
 
-        results = supervised.evaluate_checkpoint(config, workdir, config.eval.checkpoint)
+        root = datasets.data_root(config, workdir)
+        if not any(folders.has_split(root, split) for split in config.eval.splits):  # Before results.json is rewritten.
+            raise ConfigError(f"config.eval.splits={','.join(config.eval.splits)}: {root} holds none of these splits' "
+                              f"folders ({', '.join(folders.SPLIT_FOLDERS[s] for s in config.eval.splits)}); nothing "
+                              "to evaluate")
+        results = supervised.evaluate_checkpoint(config, workdir, config.eval.checkpoint, root=root)
         if config.eval.guidance and job == "ssl":
             ssl.evaluate_guidance(config, workdir, config.eval.checkpoint or str(workdir))
         return results

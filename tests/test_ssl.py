@@ -286,6 +286,23 @@ def test_pseudo_label_scores_and_evaluation_round_trip(all_run, tmp_path):
 
 
 
+def test_evaluating_only_splits_the_data_lacks_is_one_line_and_writes_nothing(all_run, tmp_path):
+    """A data root with a Train_Folder alone: evaluating its val and test (the mean teacher, or the pre-training's
+    retrieval) scored nothing and rewrote results.json / retrieval.json with nulls, exit status 0."""
+    config, run_dir, _ = all_run
+    root = tmp_path / "train_only"
+    root.mkdir()
+    (root / "Train_Folder").symlink_to(datasets.data_root(config, run_dir) / "Train_Folder")
+    for source, written in ((run_dir, "results.json"), (run_dir / "pretrain", "retrieval.json")):
+        evaluate_config = config.copy_and_resolve_references()
+        evaluate_config.mode, evaluate_config.eval.splits = "evaluate", ("val", "test")
+        evaluate_config.data.name, evaluate_config.data.root = "monuseg", str(root)
+        evaluate_config.eval.checkpoint = str(source)
+        with pytest.raises(ConfigError, match=r"^config.eval.splits=val,test: .*none of these splits"):
+            main.run(evaluate_config, tmp_path / "evaluation")
+        assert not (tmp_path / "evaluation" / written).exists()
+
+
 def test_a_last_batch_short_of_the_recorded_batch_is_scored_without_copied_rows(all_run, tmp_path):
     """12 unlabelled images (a quarter labelled) in the run's batches of 8: the last batch holds 4 images, and
     BatchNorm's statistics of that batch are of those 4 (padded to 8 with copies of the last, it would weigh

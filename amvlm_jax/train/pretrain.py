@@ -585,6 +585,9 @@ def evaluate_checkpoint(config, workdir, source) -> dict:
     wanted = ["train"] if config.eval.probe_fields or "train" in config.eval.splits else []
     wanted += [split for split in config.eval.splits if split != "train"]
     sets = {split: pairs for split in wanted if (pairs := load_pairs(config, workdir, split, size)) is not None}
+    if not set(config.eval.splits) & set(sets):  # Else retrieval.json would be rewritten with nothing but nulls.
+        raise ConfigError(f"config.eval.splits={','.join(config.eval.splits)}: the data has none of these splits; "
+                          "nothing to evaluate")
     say_if_no_held_out_split(config, sets)
     scores = EncoderEvaluation(config, model, sets, tokenizer, mesh, batch_size)(
         variables, ranks_path=workdir / "retrieval_ranks.json")
