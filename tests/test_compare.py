@@ -455,6 +455,9 @@ def test_compare_pairs_images_by_name_whatever_their_row_order(tmp_path):
     (tmp_path / "other" / "per_image_test.csv").write_text("file,dice,iou\nimg0,1,1\nimg1,1,1\nimg2,1,1\nimg9,1,1\n")
     with pytest.raises(SystemExit, match="hold different images"):
         compare.compare([str(tmp_path / "base"), str(tmp_path / "other")], "test")
+    # Two seeds pooled against one: the images are the same, the counts not (it said 'hold different images').
+    with pytest.raises(SystemExit, match=r"^error: .*shuffled,.*base pools 2 run\(s\) and .*base 1; a paired test "):
+        compare.compare([str(tmp_path / "base"), f"{tmp_path / 'shuffled'},{tmp_path / 'base'}"], "test")
 
 
 def test_compare_refuses_runs_scored_against_other_masks_under_the_same_names(tmp_path):

@@ -170,6 +170,9 @@ def compare(runs: list[str], split: str, baseline: str | None = None, alpha: flo
         row = {"run": run, "images": len(values["dice"]), "dice": float(values["dice"].mean()),
                "miou": float(values["iou"].mean()), "dice_std": float(values["dice"].std(ddof=1)) if len(values["dice"]) > 1 else 0.0}
         if run != baseline:
+            if len(parts) != len(base_parts):  # Pooled image by image: each image of a seed pairs with one of the other's.
+                raise SystemExit(f"error: {run} pools {len(parts)} run(s) and {baseline} {len(base_parts)}; a paired "
+                                 "test needs as many on both sides (one per seed)")
             check_pairs(base, values, baseline, run)
             t, p = paired_t_test(base["dice"], values["dice"])
             row |= {"t": t, "p": p, "significant": bool(p < alpha)}
