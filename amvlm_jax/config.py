@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 import string
 
 import ml_collections
@@ -682,6 +683,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             if value:
                 raise ConfigError(f"config.eval.{name} needs the label fields of a corpus (config.data.corpus.train); "
                                   "LViT folders have none")
+    for name in ("val", "test"):  # One file for several splits is split by its split field, or it is not held out.
+        held_out = data.corpus[name]
+        if held_out and not data.corpus.split_field and os.path.normpath(held_out) == os.path.normpath(data.corpus.train):
+            raise ConfigError(f"config.data.corpus.{name}='{held_out}' is the training file and no "
+                              f"config.data.corpus.split_field splits it: {name} would score the training pairs")
     if train.min_lr > train.lr:
         raise ConfigError(f"config.train.min_lr must be <= config.train.lr ({train.lr!r}), got {train.min_lr!r}")
     if train.picture_every_epochs and train.picture_images < 1:

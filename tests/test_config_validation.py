@@ -179,6 +179,10 @@ BAD_COMBINATIONS = [
     ({"data.corpus.val": "val.jsonl"}, "config.data.corpus.val is set but config.data.corpus.train is not"),
     ({"data.corpus.split_field": "split"}, "config.data.corpus.split_field is set but config.data.corpus.train is not"),
     ({"data.corpus.test": "test.jsonl"}, "config.data.corpus.test is set but config.data.corpus.train is not"),
+    # Held-out scores of the training rows, without a word.
+    ({"data.corpus.train": "pairs.csv", "data.corpus.val": "./pairs.csv"},
+     "config.data.corpus.val='./pairs.csv' is the training file and no config.data.corpus.split_field splits it"),
+    ({"data.corpus.train": "a/pairs.jsonl", "data.corpus.test": "a/pairs.jsonl"}, "config.data.corpus.test='a/pairs"),
     ({"eval.zero_shot": {"Type": {"CT": "a CT scan", "MR": ""}}}, "config.eval.zero_shot['Type'] must map two or more"),
     ({"eval.zero_shot": {"Type": {"CT": "a CT scan", "MR": "an MRI scan"}}},
      "config.eval.zero_shot needs the label fields of a corpus"),
