@@ -265,6 +265,52 @@ def test_vit_remat_and_bf16_agree(tiny_vit_images, tiny_vit_params):
     assert np.all(np.isfinite(train["cls"]))
 
 
+def _compute_dtypes(apply):
+    """{(module type, input dtype name)} of every Dense and LayerNorm call, and the outputs' dtype names, of
+    ``apply()`` (traced, not run)."""
+    seen = set()
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, (nn.Dense, nn.LayerNorm)) and context.method_name == "__call__":
+            seen.add((type(context.module).__name__, args[0].dtype.name))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        out = jax.eval_shape(apply)
+    return seen, jax.tree.map(lambda leaf: leaf.dtype.name, out)
+
+
+@pytest.mark.parametrize("attention", ["xla", "cudnn"])
+def test_a_bfloat16_vit_computes_in_bfloat16_from_float32_parameters_with_float32_attention(
+        tiny_vit_images, tiny_vit_params, monkeypatch, attention):
+    """dtype=bfloat16 is the compute dtype: every projection and LayerNorm is fed bfloat16 (a float32 class
+    token, position table, patch kernel or probability matrix would promote the residual stream to float32,
+    at twice the memory and time), the parameters stay float32, and the CLS attention is a float32 softmax
+    (the fused kernel's recomputed CLS row too; run through XLA's kernel on this CPU)."""
+    fused_attention = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *args, implementation=None, **kwargs:
+                        fused_attention(*args, implementation="xla", **kwargs))
+    vit = ViT(**TINY_VIT, dtype=jnp.bfloat16, attention=attention)
+    seen, out = _compute_dtypes(lambda: vit.apply({"params": tiny_vit_params}, tiny_vit_images))
+    assert seen == {("Dense", "bfloat16"), ("LayerNorm", "bfloat16")}
+    assert out == {"cls": "bfloat16", "patches": "bfloat16", "cls_attention": "float32"}
+    initial = jax.eval_shape(vit.init, jax.random.key(0), tiny_vit_images[:1])["params"]
+    assert {leaf.dtype.name for leaf in jax.tree.leaves(initial)} == {"float32"}
+
+
+def test_a_bfloat16_bert_computes_in_bfloat16_from_float32_parameters_with_float32_attention(tiny_bert_dir):
+    """As the ViT's: bfloat16 inputs to every projection and LayerNorm (float32 embedding tables or
+    probabilities would promote the stream), float32 parameters, a float32 softmax for the CLS attention."""
+    _, params = tiny_bert_dir
+    ids = np.array([[2, 5, 6, 3, 0]], np.int32)
+    bert = Bert(TINY_BERT, dtype=jnp.bfloat16)
+    seen, out = _compute_dtypes(lambda: bert.apply({"params": params}, ids, ids > 0))
+    assert seen == {("Dense", "bfloat16"), ("LayerNorm", "bfloat16")}
+    assert out == {"hidden": "bfloat16", "cls_attention": "float32"}
+    initial = jax.eval_shape(bert.init, jax.random.key(0), ids, ids > 0)["params"]
+    assert {leaf.dtype.name for leaf in jax.tree.leaves(initial)} == {"float32"}
+
+
 def test_vit_fused_attention_path_matches_explicit(tiny_vit_images, tiny_vit_params, monkeypatch):
     """The 'cudnn' branch (fused attention + the CLS row recomputed on its own), run through
     jax.nn.dot_product_attention's XLA kernel on this CPU, equals the explicit softmax; the kernel gets an
