@@ -245,6 +245,11 @@ def test_vit_shapes_and_variants(tiny_vit_images, tiny_vit_params):
     assert np.all(np.asarray(out["cls_attention"]).sum(-1) < 1.0)
     assert np.all(np.asarray(out["cls_attention"]) > 0)
 
+    for size in ((TINY_IMAGE, TINY_IMAGE + 4), (TINY_IMAGE + 4, TINY_IMAGE)):  # Either side off the patch grid.
+        message = rf"^image size \({size[0]}, {size[1]}\) is not a multiple of patch size 8"
+        with pytest.raises(ValueError, match=message):
+            model.apply({"params": tiny_vit_params}, np.zeros((1, *size, 3), np.float32))
+
     vit = vit_from_name("B/16", dtype=jnp.bfloat16)
     assert (vit.width, vit.depth, vit.num_heads, vit.patch_size) == (768, 12, 12, 16)
     with pytest.raises(ValueError):
@@ -514,6 +519,7 @@ def test_bert_folder_of_another_model_is_a_one_line_error(tiny_bert_dir, tmp_pat
         ("distilbert", dict(model_type="distilbert"), "model_type 'distilbert' is no BERT"),
         ("silu", dict(hidden_act="silu"), "unsupported hidden_act 'silu'"),
         ("relative", dict(position_embedding_type="relative_key"), "position_embedding_type 'relative_key'"),
+        ("noheads", dict(num_attention_heads=0), "hidden_size 32 is not divisible by num_attention_heads 0"),
     ):
         folder = tmp_path / case
         folder.mkdir()
@@ -718,8 +724,9 @@ def test_bert_round_trip_and_truncation(tiny_bert_dir):
     config1, first = weights.load_bert(directory, num_layers=1)
     assert config1.num_hidden_layers == 1
     assert set(first["encoder"]) == {"layer_0"}
-    with pytest.raises(ValueError):
-        weights.load_bert(directory, num_layers=3)
+    for layers in (0, 3):  # At least one layer, at most the folder's.
+        with pytest.raises(WeightError, match=rf"config.json: num_layers={layers} must be in \[1, 2\]$"):
+            weights.load_bert(directory, num_layers=layers)
 
 
 def test_bert_dropout_remat_and_masking(tiny_bert_dir):
@@ -744,6 +751,17 @@ def test_bert_dropout_remat_and_masking(tiny_bert_dir):
     dropped = Bert(TINY_BERT, remat=True).apply({"params": params}, ids, mask,
                                                 deterministic=False, rngs=rngs)
     assert not np.allclose(dropped["hidden"], base["hidden"], atol=1e-3)
+
+
+def test_bert_reads_as_many_tokens_as_it_has_positions(tiny_bert_dir):
+    """max_position_embeddings (24) tokens fit; one more is a one-line error naming both numbers."""
+    _, params = tiny_bert_dir
+    ids = np.ones((1, TINY_BERT.max_position_embeddings), np.int32)
+    out = jax.eval_shape(lambda: Bert(TINY_BERT).apply({"params": params}, ids, ids))
+    assert out["hidden"].shape == (1, 24, 32)
+    ids = np.ones((1, 25), np.int32)
+    with pytest.raises(ValueError, match="^sequence length 25 exceeds max_position_embeddings 24"):
+        jax.eval_shape(lambda: Bert(TINY_BERT).apply({"params": params}, ids, ids))
 
 
 def test_bert_one_hot_embedding_grad_equals_scatter(tiny_bert_dir):
@@ -806,14 +824,16 @@ def test_bert_matches_hf_torch_on_minilm(minilm):
     assert np.abs(np.asarray(ours["cls_attention"]) - cls_attention).max() < 1e-4
 
 
-def test_bert_follows_the_configs_layer_norm_eps_activation_and_token_types_as_hf_torch():
-    """A random HF BertModel whose config sets a large layer_norm_eps and the tanh GELU ('gelu_new'), on padded
-    ids with both token types: our Bert with its converted weights gives the same hidden states and CLS attention.
-    The MiniLM comparison cannot see the eps (1e-12 is lost to rounding there) nor a second token type."""
+@pytest.mark.parametrize("hidden_act", ["gelu_new", "relu"])
+def test_bert_follows_the_configs_layer_norm_eps_activation_and_token_types_as_hf_torch(hidden_act):
+    """A random HF BertModel whose config sets a large layer_norm_eps and the tanh GELU ('gelu_new') or ReLU, on
+    padded ids with both token types: our Bert with its converted weights gives the same hidden states and CLS
+    attention. The MiniLM comparison cannot see the eps (1e-12 is lost to rounding there), a second token type nor
+    another activation than its exact GELU."""
     torch = pytest.importorskip("torch", reason="torch is needed for the reference BERT")
     import transformers
 
-    config = dataclasses.replace(TINY_BERT, layer_norm_eps=0.5, hidden_act="gelu_new")
+    config = dataclasses.replace(TINY_BERT, layer_norm_eps=0.5, hidden_act=hidden_act)
     reference_config = transformers.BertConfig(**config.to_dict(), attn_implementation="eager")
     torch.manual_seed(0)
     model = transformers.BertModel(reference_config, add_pooling_layer=False).eval()
