@@ -501,7 +501,10 @@ def test_vit_refuses_tensors_it_has_no_place_for(tiny_vit_params, tiny_vit_image
     with pytest.raises(WeightError, match="tensor 'reg_token' has no counterpart"):
         weights.load_vit(path, TINY_VIT, image_size=TINY_IMAGE)
     # Heads, pooling norms and blocks past the ViT's depth are no part of its tokens: still loaded.
-    deeper = dict(state, **{"fc_norm.weight": np.ones((width,), np.float32), "head.bias": np.zeros((10,), np.float32)})
+    deeper = dict(state, **{"fc_norm.weight": np.ones((width,), np.float32), "head.bias": np.zeros((10,), np.float32),
+                            "head_dist.weight": np.zeros((10, width), np.float32),  # A distilled DeiT's second head.
+                            "pre_logits.fc.weight": np.zeros((width, width), np.float32),
+                            "attn_pool.latent": np.zeros((1, 1, width), np.float32)})
     deeper |= {k.replace("blocks.1.", "blocks.2."): v for k, v in state.items() if k.startswith("blocks.1.")}
     save_file(deeper, str(path))
     capsys.readouterr()
@@ -554,6 +557,9 @@ def test_bert_bin_without_torch_is_a_clear_error(tiny_bert_dir, tmp_path, monkey
                         lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
     with pytest.raises(WeightError, match="needs torch"):
         weights.load_bert(tmp_path)
+    # Beside a model.safetensors the pickle is not read (save_pretrained folders may hold both).
+    (tmp_path / "model.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
+    _assert_trees_equal(weights.load_bert(tmp_path)[1], tiny_bert_dir[1])
 
 
 def test_bad_vit_weights_are_one_line_naming_the_field_and_file(tiny_vit_params, tiny_bert_dir, tmp_path):
@@ -1084,8 +1090,8 @@ def test_bert_layer_norms_named_gamma_and_beta_load_as_weight_and_bias(tiny_bert
 
 def test_half_precision_checkpoints_and_a_state_dict_wrapper_load_as_float32(tiny_vit_params, tmp_path):
     """bfloat16 tensors (numpy has no such type) load from .safetensors and from a torch pickle; a .pth that
-    a training script saved as {'state_dict': ...} is unwrapped. Values already on bfloat16's grid come back
-    exactly."""
+    a training script saved as {'state_dict': ...} is unwrapped, and so is a distributed trainer's
+    {'module': ...}. Values already on bfloat16's grid come back exactly."""
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file as save_torch_file
 
@@ -1094,7 +1100,8 @@ def test_half_precision_checkpoints_and_a_state_dict_wrapper_load_as_float32(tin
     state = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in vit_params_to_timm(rounded).items()}
     save_torch_file(state, str(tmp_path / "bf16.safetensors"))
     torch.save({"epoch": 3, "state_dict": state}, tmp_path / "bf16.pth")
-    for name in ("bf16.safetensors", "bf16.pth"):
+    torch.save({"module": state, "global_steps": 10}, tmp_path / "model_states.pt")
+    for name in ("bf16.safetensors", "bf16.pth", "model_states.pt"):
         loaded = weights.load_vit(tmp_path / name, TINY_VIT, image_size=TINY_IMAGE)
         assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(loaded))
         _assert_trees_equal(loaded, rounded)
@@ -1102,12 +1109,16 @@ def test_half_precision_checkpoints_and_a_state_dict_wrapper_load_as_float32(tin
 
 def test_hf_vit_with_a_pooler_and_a_deit_distillation_token_loads_the_class_token_model(torch_vit, tmp_path, capsys):
     """ViTModel.save_pretrained keeps its pooler (add_pooling_layer defaults to True) unprefixed, and a HF DeiT
-    carries embeddings.distillation_token with a second position row: the pooler reads only the final class
-    token and the distillation row is dropped, so both load to the model the reference computes."""
+    carries embeddings.distillation_token with a second position row: the pooler (like a masked-image model's
+    mask token and a distilled DeiT's two classifiers) reads only the final tokens or replaces inputs that are
+    never masked here, and the distillation row is dropped, so both load to the model the reference computes."""
     path, state, images, reference = torch_vit
     width = TINY_VIT["width"]
     pooled = dict(state, **{"pooler.dense.weight": np.eye(width, dtype=np.float32),
-                            "pooler.dense.bias": np.zeros((width,), np.float32)})
+                            "pooler.dense.bias": np.zeros((width,), np.float32),
+                            "embeddings.mask_token": np.ones((1, 1, width), np.float32),  # Masked image modelling.
+                            "cls_classifier.weight": np.ones((3, width), np.float32),  # A DeiT with its teacher's
+                            "distillation_classifier.weight": np.ones((3, width), np.float32)})  # two heads.
     save_file(pooled, str(tmp_path / "pooled.safetensors"))
     _check_vit_against_reference(weights.load_vit(tmp_path / "pooled.safetensors", TINY_VIT, image_size=TINY_IMAGE),
                                  images, reference)
@@ -1120,6 +1131,20 @@ def test_hf_vit_with_a_pooler_and_a_deit_distillation_token_loads_the_class_toke
     _check_vit_against_reference(weights.load_vit(tmp_path / "deit.safetensors", TINY_VIT, image_size=TINY_IMAGE),
                                  images, reference)
     assert "its DeiT distillation token is left out" in capsys.readouterr().out
+
+
+def test_a_position_table_of_no_square_grid_or_another_width_is_a_one_line_error(tiny_vit_params):
+    """15 grid rows are no square grid; a table 63 wide (the ViT is 64) is named with the checkpoint's shape,
+    also when the grid would be resampled (48-pixel images)."""
+    state = vit_params_to_timm(tiny_vit_params)
+    for pos, size, message in (
+        (state["pos_embed"][:, :16], TINY_IMAGE,
+         "tensor 'pos_embed': cannot infer a square grid from 15 position embeddings"),
+        (state["pos_embed"][..., :63], 48, "tensor 'pos_embed' has shape (1, 17, 63), expected (1, 37, 64)"),
+    ):
+        with pytest.raises(WeightError) as info:
+            weights.vit_params_from_state_dict(dict(state, pos_embed=pos), TINY_VIT, size, "vit.safetensors")
+        assert str(info.value) == f"vit.safetensors: {message}"
 
 
 def test_a_non_square_image_resamples_the_position_grid_as_rows_by_columns(tiny_vit_params, tmp_path):
@@ -1138,7 +1163,8 @@ def test_a_non_square_image_resamples_the_position_grid_as_rows_by_columns(tiny_
 
 def test_declared_pixel_normalisation_of_one_value_and_of_another_std(tmp_path):
     """An image processor's settings may give one mean and std for all three channels; a declared std that
-    differs from the config's, with the same mean, is refused too."""
+    differs from the config's, with the same mean, is refused too, and so is a mean 0.01 off in one channel, while
+    the config's values rounded within 1e-3 of the declared ones are accepted."""
     file = tmp_path / "model.safetensors"
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": 0.5, "image_std": 0.25}))
     assert weights.declared_pixel_normalisation(file) == ((0.5,) * 3, (0.25,) * 3,
@@ -1147,6 +1173,10 @@ def test_declared_pixel_normalisation_of_one_value_and_of_another_std(tmp_path):
     with pytest.raises(WeightError, match=r"declares the weights' pixel normalisation mean 0.5,0.5,0.5, std "
                                           r"0.25,0.25,0.25, not the config's 0.5,0.5,0.5 / 0.5,0.5,0.5;"):
         weights.check_pixel_normalisation(file, (0.5,) * 3, (0.5,) * 3)
+    # Settings rounded to a few digits still agree; a mean off by 0.01 in one channel does not.
+    weights.check_pixel_normalisation(file, (0.5004,) * 3, (0.2496,) * 3)
+    with pytest.raises(WeightError, match=r"mean 0.5,0.5,0.5, std 0.25,0.25,0.25, not the config's 0.5,0.49,0.5 / "):
+        weights.check_pixel_normalisation(file, (0.5, 0.49, 0.5), (0.25,) * 3)
 
 
 def test_a_bare_orbax_folder_loads_and_has_no_metadata(tiny_vit_params, tmp_path):
