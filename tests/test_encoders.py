@@ -1217,8 +1217,8 @@ def test_vit_dropout_in_training_ends_every_residual_branch_as_timm_and_hf_vit_d
     positions) are dropped, and each block's attention branch (after its output projection: timm's proj_drop,
     HF's ViTSelfOutput dropout) and MLP branch (after fc2) end in a dropout, so in training every token leaves
     the blocks at zero and comes out as the final LayerNorm's bias. The attention sub-layer alone drops its
-    probabilities and its projected output (zeros). Not training, a rate needs no dropout key and changes
-    nothing."""
+    probabilities and its projected output (zeros), and returns the CLS probabilities undropped. Not training,
+    a rate needs no dropout key and changes nothing."""
     from amvlm_jax.models.vit import ViTAttention
 
     variables = {"params": tiny_vit_params}
@@ -1229,8 +1229,11 @@ def test_vit_dropout_in_training_ends_every_residual_branch_as_timm_and_hf_vit_d
     np.testing.assert_allclose(out["patches"], np.broadcast_to(bias, out["patches"].shape), atol=1e-6)
     attention = {"params": tiny_vit_params["blocks_0"]["attn"]}
     tokens = np.asarray(jax.random.normal(jax.random.key(1), (2, 5, TINY_VIT["width"])))
-    dropped, _ = ViTAttention(TINY_VIT["width"], TINY_VIT["num_heads"], 1.0).apply(attention, tokens, True, rngs=rngs)
+    heads = TINY_VIT["num_heads"]
+    dropped, probs = ViTAttention(TINY_VIT["width"], heads, 1.0).apply(attention, tokens, True, rngs=rngs)
     np.testing.assert_array_equal(dropped, 0.0)
+    # The CLS attention it returns is the probabilities before their dropout, as not training.
+    np.testing.assert_array_equal(probs, ViTAttention(TINY_VIT["width"], heads).apply(attention, tokens)[1])
     # The zeros above would hide a missing dropout of the probabilities: the shapes each dropout is given.
     shapes = []
 
@@ -1253,7 +1256,8 @@ def test_vit_dropout_in_training_ends_every_residual_branch_as_timm_and_hf_vit_d
 def test_bert_dropout_in_training_sits_where_hf_torch_puts_it(hidden_rate, attention_rate):
     """Training with a dropout rate of 1 (exact zeros, no randomness left) against HF's BertModel in train
     mode: the hidden rate drops the embeddings and both sub-layers' dense outputs before their residual
-    LayerNorms, the attention rate the probabilities; one rate at a time, so each site shows."""
+    LayerNorms, the attention rate the probabilities; one rate at a time, so each site shows. The CLS attention
+    returned stays the undropped probabilities."""
     torch = pytest.importorskip("torch", reason="torch is needed for the reference BERT")
     import transformers
 
@@ -1274,3 +1278,5 @@ def test_bert_dropout_in_training_sits_where_hf_torch_puts_it(hidden_rate, atten
     with torch.no_grad():
         reference = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
     np.testing.assert_allclose(np.asarray(ours["hidden"]), reference.last_hidden_state.numpy(), atol=2e-5)
+    # The CLS attention is the probabilities before their dropout (HF's attentions are the dropped ones).
+    np.testing.assert_allclose(np.asarray(ours["cls_attention"]).sum(-1), 1.0, atol=1e-6)
