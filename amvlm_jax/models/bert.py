@@ -263,7 +263,9 @@ class Bert(nn.Module):
     token_type_ids (B, L) int or None, deterministic=True)`` returns a dict:
       ``hidden``        (B, L, H) last hidden state (compute dtype)
       ``cls_attention`` (B, L) float32, last layer's attention probabilities of
-                        the CLS token (query 0) to every token, averaged over heads
+                        the CLS token (query 0) to every token, averaged over heads,
+                        taken before their dropout (in training HF's output_attentions,
+                        which the authors' word weights read, are after it)
     Dropout (config's hidden/attention probabilities) is active only when
     ``deterministic=False`` (needs a 'dropout' rng).
     """

@@ -175,7 +175,8 @@ class ViT(nn.Module):
       ``patches``       (B, P, width) patch tokens after the final LayerNorm,
                         P = (H / patch) * (W / patch), row-major grid order
       ``cls_attention`` (B, P) float32, last block's CLS-to-patch attention
-                        probabilities averaged over heads (CLS->CLS excluded)
+                        probabilities averaged over heads (CLS->CLS excluded), before
+                        their dropout
     The position-embedding table is sized from the image size seen at init.
     """
 
