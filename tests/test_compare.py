@@ -688,6 +688,9 @@ def test_curve_reports_bad_metrics_and_arguments_in_one_line(tmp_path, capsys, m
     unvalidated = _metrics(tmp_path / "unvalidated", [{"epoch": 1, "time": 10.0, "train/epoch_loss": 1.0}])
     with pytest.raises(SystemExit, match=r"unvalidated.metrics.jsonl: no validated epochs"):
         run(good, unvalidated)
+    # One run never validated: its curve, with no epoch marked best and no best-epoch line.
+    assert run(unvalidated).out.splitlines() == ["| epoch | minutes | train loss | val Dice | val mIoU |",
+                                                 "|---:|---:|---:|---:|---:|", "| 1 | 0.0 | 1.0000 | nan | nan |"]
     # A pre-training run: its evaluation before training is epoch 0, without a training loss.
     pretraining = _metrics(tmp_path / "pretrain", [{"epoch": 0, "time": 1.0, "val/i2t_top1": 0.1},
                                                    {"epoch": 1, "time": 2.0, "train/epoch_loss": 3.0, "val/i2t_top1": 0.2}])

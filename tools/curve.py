@@ -56,7 +56,8 @@ def validation_summary(rows: list[dict], last: int) -> dict:
 
 def print_curve(rows: list[dict], every: int) -> None:
     start = rows[0]["time"] - rows[0].get("epoch_seconds", 0.0)
-    best = max(rows, key=lambda r: r.get("val/dice", -1.0))
+    validated = [row for row in rows if "val/dice" in row]
+    best = max(validated, key=lambda r: r["val/dice"]) if validated else None  # Never validated: no best epoch.
     print("| epoch | minutes | train loss | val Dice | val mIoU |")
     print("|---:|---:|---:|---:|---:|")
     for row in rows:
