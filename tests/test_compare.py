@@ -190,12 +190,16 @@ def test_ablation_rows_pretrainings_and_table(tmp_path):
     assert table[1]["p_images"] == pytest.approx(image_means) and table[1]["p_runs"] == pytest.approx(seed_means)
     assert "p, seed-averaged images | p, seed means |" in text
     assert (tmp_path / "ablation.md").read_text().startswith("| row | val Dice")
-    assert json.loads((tmp_path / "ablation.json").read_text())["rows"][1]["row"] == "+CSS"
-    # A results.json cut short by a kill is named in one line.
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert saved["rows"][1]["row"] == "+CSS" and saved["runs"] == runs  # Which run folders each row pooled.
+    # A results.json cut short by a kill is named in one line; so is one that holds no results object.
     cut = pathlib.Path(runs["+CSS"][0]) / "results.json"
     whole = cut.read_text()
     cut.write_text(whole[:20])
     with pytest.raises(SystemExit, match=r"^error: .*CSS_seed0/results.json: unreadable \(JSONDecodeError\); run "):
+        ablation.summarize(runs, tmp_path)
+    cut.write_text("[70.0, 72.0]")
+    with pytest.raises(SystemExit, match=r"^error: .*CSS_seed0/results.json: not a results object; run "):
         ablation.summarize(runs, tmp_path)
     cut.write_text(whole)
     # Rows scored against other masks under the same image names (another data seed) are not paired.
@@ -263,6 +267,9 @@ def test_curve_of_one_run_and_validations_every_other_epoch_by_hand(tmp_path, ca
               for e in range(1, 9)]
     summary = curve.validation_summary(sparse, last=2)
     assert summary == {"epochs": 8, "best_epoch": 8, "best_dice": 48.0, "last_mean_dice": 47.0}
+    # A ninth epoch without validation: the run trained 9 epochs, its validations are the same.
+    summary = curve.validation_summary(sparse + [{"epoch": 9, "time": 90.0, "train/epoch_loss": 1.0}], last=2)
+    assert summary == {"epochs": 9, "best_epoch": 8, "best_dice": 48.0, "last_mean_dice": 47.0}
 
 
 def test_pretrain_table_reports_before_after_and_the_smallest_gain(tmp_path, capsys):
@@ -556,6 +563,7 @@ def test_ablation_table_rows_by_hand(tmp_path):
     single = stats.ttest_rel([64, 71, 86], [60, 70, 80])
     assert table[1]["p"] == pytest.approx(single.pvalue) and "p_images" not in table[1]
     assert text.splitlines()[3] == f"| +CSS | 54.00 | 45.00 | 74.00 | 38.00 | {single.pvalue:.3g} |"
+    assert text.splitlines()[-1].startswith("mean over 1 seed(s); ")  # Seeds per row, not rows.
     # A seed evaluated on val only: the row has no test means, and its test pairs the val images.
     (pathlib.Path(runs["+CSS"][1]) / "results.json").write_text(json.dumps({"val": {"dice": 56, "miou": 47}}))
     table, text = ablation.summarize(runs, tmp_path)
