@@ -925,6 +925,24 @@ def test_text_mask_tool_cells_ties_and_word_attention_by_hand():
     assert readout["mean_attention"] == pytest.approx({"lesion_vs_all": 100.0, "lesion_vs_distractor": 100.0})
 
 
+def test_text_mask_tool_location_words_name_the_cells_that_hold_the_patches():
+    """A location word's share is its attention on the grid cells it names, each patch in the cell holding its
+    centre (patch_cells): at 224 px with 16-px patches the cell edges are 0, 75, 149, 224, so patch columns 0-4,
+    5-8 and 9-13 (centres 8-72, 88-136, 152-216) are left, center and right. Was index * 3 // 14 (5, 5, 4
+    columns): patch column 9 counted as the center third."""
+    tool = repo_module("tools/text_masks.py")
+    maps = np.zeros((1, 14, 14, 2))
+    maps[0, :, 9, 0], maps[0, :, 6, 1] = 1.0, 1.0  # Feature 0 marks patch column 9, feature 1 column 6.
+    # 'right' looks only at column 9, 'center' only at column 6, 'upper' evenly at every patch.
+    words = np.array([[[60.0, 0.0], [0.0, 60.0], [0.0, 0.0]]])
+    pixels = np.zeros((1, 224, 224), bool)
+    lesion, distractor = pixels.copy(), pixels.copy()
+    lesion[0, :16, :16], distractor[0, -16:, -16:] = True, True
+    readout = tool.word_attention_readouts(maps, words, np.ones((1, 3)), [["right", "center", "upper"]], lesion,
+                                           distractor, temperature=1.0, image_size=224)
+    assert readout["location_share"] == pytest.approx({"right": 1.0, "center": 1.0, "upper": 5 / 14})
+
+
 def test_constant_text_mask_control_keeps_l_tg_and_removes_location(all_run):
     config, tmp_path, _ = all_run
     mesh = make_mesh(config, jax.devices()[:1])

@@ -232,7 +232,8 @@ def word_attention_readouts(patch_maps, words, word_mask, texts, lesion, distrac
     ``mean_attention``: pixel AUROCs of the attention averaged over each
     report's real words. ``location_share``: for each location word of the
     synthetic reports (upper, lower, left, center, right), the mean share of
-    its attention on the third of the image it names (chance 1/3), and
+    its attention on the third of the image it names: the grid cells holding
+    the patches' centres, as ``patch_cells`` assigns them (chance about 1/3), and
     ``location_share_mean`` over all their occurrences.
     patch_maps (N, h, w, D), words (N, W, D), word_mask (N, W), texts from ``word_texts``.
     """
@@ -245,8 +246,8 @@ def word_attention_readouts(patch_maps, words, word_mask, texts, lesion, distrac
     mean = (attention * word_mask[..., None]).sum(1) / np.maximum(word_mask.sum(1, keepdims=True), 1)
     result = {"mean_attention": pixel_aurocs(patch_to_pixels(mean.reshape(count, height, width), image_size),
                                              lesion, distractor)}
-    thirds_rows = np.arange(height) * 3 // height
-    thirds_cols = np.arange(width) * 3 // width
+    # The grid row and column of each patch's cell: the cells that the report's location words name.
+    thirds_rows, thirds_cols = np.divmod(patch_cells(height, image_size).reshape(height, width), 3)
     shares = {}
     for b, report in enumerate(texts):
         for slot, text in enumerate(report):
@@ -255,9 +256,9 @@ def word_attention_readouts(patch_maps, words, word_mask, texts, lesion, distrac
             row, col = LOCATION_BANDS[text]
             inside = np.ones((height, width), bool)
             if row is not None:
-                inside &= (thirds_rows == row)[:, None]
+                inside &= thirds_rows == row
             if col is not None:
-                inside &= (thirds_cols == col)[None, :]
+                inside &= thirds_cols == col
             shares.setdefault(text, []).append(float(attention[b, slot][inside.ravel()].sum()))
     result["location_share"] = {word: float(np.mean(v)) for word, v in shares.items()}
     every = [x for v in shares.values() for x in v]
