@@ -1,5 +1,6 @@
 """Mean-teacher SSMIS: the step's teacher, pseudo-labels and losses; text guidance end to end."""
 
+import functools
 import json
 import types
 
@@ -933,14 +934,152 @@ def test_text_mask_tool_location_words_name_the_cells_that_hold_the_patches():
     tool = repo_module("tools/text_masks.py")
     maps = np.zeros((1, 14, 14, 2))
     maps[0, :, 9, 0], maps[0, :, 6, 1] = 1.0, 1.0  # Feature 0 marks patch column 9, feature 1 column 6.
-    # 'right' looks only at column 9, 'center' only at column 6, 'upper' evenly at every patch.
-    words = np.array([[[60.0, 0.0], [0.0, 60.0], [0.0, 0.0]]])
+    # 'right' looks only at column 9, 'center' only at column 6, 'upper' (twice) evenly at every patch.
+    words = np.array([[[60.0, 0.0], [0.0, 60.0], [0.0, 0.0], [0.0, 0.0]]])
     pixels = np.zeros((1, 224, 224), bool)
     lesion, distractor = pixels.copy(), pixels.copy()
     lesion[0, :16, :16], distractor[0, -16:, -16:] = True, True
-    readout = tool.word_attention_readouts(maps, words, np.ones((1, 3)), [["right", "center", "upper"]], lesion,
-                                           distractor, temperature=1.0, image_size=224)
+    readout = tool.word_attention_readouts(maps, words, np.ones((1, 4)), [["right", "center", "upper", "upper"]],
+                                           lesion, distractor, temperature=1.0, image_size=224)
     assert readout["location_share"] == pytest.approx({"right": 1.0, "center": 1.0, "upper": 5 / 14})
+    # The mean over the four occurrences, not over the three words.
+    assert readout["location_share_mean"] == pytest.approx((2 + 2 * 5 / 14) / 4)
+    # A centre on a cell edge is in the cell that starts there: at 32 px (edges 0, 11, 21, 32) the 2-px patches
+    # 5 and 10 have centres 11 and 21.
+    np.testing.assert_array_equal(tool.patch_cells(16, 32)[:16], [0] * 5 + [1] * 5 + [2] * 6)
+
+
+def test_text_mask_tool_probes_read_train_fits_and_any_blob_by_hand():
+    """The linear probes are fitted on the training split and scored on the other: features whose sign flips
+    between the two score 0, not 100. A V that says only 'a blob is here' reads the blob cells perfectly and the
+    lesion cells no better than a blob-detector can (distractor cells rank with lesion cells)."""
+    tool = repo_module("tools/text_masks.py")
+    rng = np.random.default_rng(5)
+
+    def fake(split_name, count, sign):
+        lesion, distractor = tool.synthetic_cells([f"syn_{i:05d}.png" for i in range(count)], split_name, 0, 96)
+        cells = tool.patch_cells(3, 96)  # One patch per cell.
+        maps = 0.01 * rng.standard_normal((count, 3, 3, 2))
+        maps[..., 0] += sign * np.clip(lesion + distractor, 0, 1)[:, cells].reshape(count, 3, 3)
+        reports = np.concatenate([sign * lesion, 0.01 * rng.standard_normal((count, 2))], axis=1)
+        return {"maps": maps, "reports": reports, "lesion": lesion, "distractor": distractor}
+
+    train, same, flipped = fake("train", 30, 1.0), fake("val", 20, 1.0), fake("val", 20, -1.0)
+    probes = tool.linear_probes(train, same, image_size=96)
+    assert probes["report_names_cells"] == pytest.approx(100.0) and probes["patch_in_blob_cell"] == pytest.approx(100.0)
+    # Lesion cells against the rest: every lesion and distractor cell scores about 1, every empty one about 0:
+    # a lesion beats each empty cell, and ties (at random) with each distractor.
+    lesion, blob = same["lesion"] > 0, np.clip(same["lesion"] + same["distractor"], 0, 1) > 0
+    negatives = (~lesion).sum()
+    share_won = ((~blob).sum() + 0.5 * (blob & ~lesion).sum()) / negatives
+    assert probes["patch_in_lesion_cell"] == pytest.approx(100 * share_won, abs=5.0) and share_won < 0.95
+    assert tool.linear_probes(train, flipped, image_size=96) == pytest.approx(
+        {"report_names_cells": 0.0, "patch_in_lesion_cell": 100 * (1 - share_won), "patch_in_blob_cell": 0.0}, abs=5.0)
+
+
+class _FakeGuidance:
+    """What score_split reads of a TextGuidance, on reports made of VOCABULARY's words: T a word's row of
+    ``vectors``, t a report's mean word vector, V each 16-px patch's mean colour; the text mask (set by the test
+    through ssl.text_mask_outputs) is the image's red channel."""
+
+    VOCABULARY = ["[PAD]", "left", "upper", "right", "lower", "center"]
+
+    def __init__(self, vectors, temperature):
+        self.vectors, self.temperature, self.variables = jnp.asarray(vectors), temperature, {}
+        self.model = types.SimpleNamespace(encode_text="encode_text", apply=self._apply)
+        self.tokenizer = functools.partial(_FakeGuidance._tokenize, self)  # A callable that takes attributes.
+        self.tokenizer._tokenizer = types.SimpleNamespace(id_to_token=lambda i: self.VOCABULARY[i])
+
+    def _tokenize(self, reports):
+        ids = np.zeros((len(reports), 3), np.int32)
+        for row, report in enumerate(reports):
+            words = [self.VOCABULARY.index(w) for w in report.split()]
+            ids[row, :len(words)] = words
+        return {"input_ids": ids, "word_index": np.tile(np.arange(3), (len(reports), 1)),
+                "word_mask": (ids > 0).astype(np.float32)}
+
+    def _apply(self, variables, tokens, train, method):
+        return {"T": self.vectors[tokens["input_ids"]], "word_mask": tokens["word_mask"]}
+
+    def encode(self, variables, x, tokens):
+        count, size = x.shape[0], x.shape[1]
+        patches = x.reshape(count, size // 16, 16, size // 16, 16, 3).mean((2, 4))
+        words = self._apply(variables, tokens, False, None)
+        return patches, (words["T"] * words["word_mask"][..., None]).sum(1) / words["word_mask"].sum(1, keepdims=True)
+
+    def init_generator(self, key):
+        return {}
+
+
+def test_text_mask_tool_scores_per_image_dice_and_pooled_pixel_aurocs_by_hand(monkeypatch):
+    """score_split on a fake guidance whose text mask is set pixel by pixel: Dice of p_text > 0.5 per image,
+    averaged over images (an image with neither mask nor prediction scores 1), one pixel AUROC over every image's
+    pixels (ties half), p_text's mean on lesion and on other pixels; batches of 2 with the last one padded."""
+    from scipy import special, stats
+
+    from amvlm_jax.data import folders, synthetic
+
+    tool = repo_module("tools/text_masks.py")
+    monkeypatch.setattr(ssl, "text_mask_outputs", lambda guidance, generator, variables, x, tokens: (
+        None, {"p_text": x[..., 0]}))
+    guidance = _FakeGuidance(np.eye(6, 3), temperature=1.0)
+    levels, masks = np.full((3, 16, 16), 51, np.uint8), np.zeros((3, 16, 16), np.uint8)
+    masks[0, 0, :4] = 1
+    levels[0, 0, :4] = [153, 153, 153, 102]  # 3 of 4 lesion pixels above 0.5: Dice 6 / 7.
+    masks[1, 1, :2] = 1
+    levels[1, 1:3, :2] = 204  # Both lesion pixels and 2 others above 0.5: Dice 4 / 6.
+    levels[2] = 25  # No lesion, nothing above 0.5: Dice 1.
+    images = np.zeros((3, 16, 16, 3), np.uint8)
+    images[..., 0] = levels
+    split = folders.SplitArrays(names=["a", "b", "c"], images=images, masks=masks, reports=["left"] * 3)
+    config = types.SimpleNamespace(data=types.SimpleNamespace(name="monuseg", image_size=16))
+    result, _ = tool.score_split(config, guidance, split, "val", batch_size=2)
+    assert result["images"] == 3 and result["dice"] == pytest.approx(100 * (6 / 7 + 4 / 6 + 1) / 3)
+    # Lesion pixels 153 x 3, 102, 204 x 2 against 762 others, 2 of them 204 and the rest 51 or 25: each lesion
+    # pixel beats every other pixel but the two at 204, which tie with the lesion's two at 204.
+    others = 3 * 256 - 6
+    assert result["auroc"] == pytest.approx(100 * (6 * others - 4 * 2 - 2 * 2 * 0.5) / (6 * others))
+    assert result["p_text_lesion"] == pytest.approx((3 * 153 + 102 + 2 * 204) / 6 / 255)
+    background = (252 * 51 + (2 * 204 + 252 * 51) + 256 * 25) / others / 255
+    assert result["p_text_background"] == pytest.approx(background)
+
+    # Synthetic data: V.t and the CSS words' mean attention at the guidance's temperature, as pixel AUROCs of the
+    # lesion pixels against all others and against the distractor pixels of the split scored (val).
+    rng = np.random.default_rng(2)
+    samples = [synthetic.render_sample(0, "val", i, 64) for i in range(2)]
+    images = np.stack([s.image for s in samples])
+    images[..., 0] = rng.integers(0, 256, (2, 64, 64))
+    reports = ["left upper", "lower center right"]
+    split = folders.SplitArrays(names=["syn_00000", "syn_00001"], images=images,
+                                masks=np.stack([s.mask > 0 for s in samples]).astype(np.uint8), reports=reports)
+    vectors = rng.standard_normal((6, 3))
+    guidance = _FakeGuidance(vectors, temperature=0.25)
+    config = types.SimpleNamespace(data=types.SimpleNamespace(name="synthetic", image_size=64,
+                                                              synthetic=types.SimpleNamespace(seed=0)))
+    result, _ = tool.score_split(config, guidance, split, "val", batch_size=2)
+    lesion = np.stack([s.mask > 0 for s in samples])
+    distractor = np.stack([s.distractor_mask > 0 for s in samples])
+
+    def aurocs(scores):  # Mann-Whitney U over (positive, negative) pairs, ties half.
+        pair = lesion | distractor
+        return [100 * stats.mannwhitneyu(scores[a & b], scores[~a & b]).statistic / ((a & b).sum() * (~a & b).sum())
+                for a, b in ((lesion, np.ones_like(lesion)), (lesion, pair))]
+
+    patches = (images / 255.0).reshape(2, 4, 16, 4, 16, 3).mean((2, 4))  # (2, 4, 4, 3): 16-px patches.
+    words = [[vectors[guidance.VOCABULARY.index(w)] for w in report.split()] for report in reports]
+    own = np.stack([patches[b] @ np.mean(words[b], 0) for b in range(2)])
+    mean_attention = np.stack([np.mean([special.softmax(patches[b].reshape(16, 3) @ w / 0.25) for w in words[b]], 0)
+                               .reshape(4, 4) for b in range(2)])
+
+    def pixels(per_patch):
+        return np.repeat(np.repeat(per_patch, 16, 1), 16, 2)
+
+    for name, scores in (("v_dot_t", result["pixel_auroc"]["v_dot_t"]),
+                         ("mean_attention", result["word_attention"]["mean_attention"])):
+        expected = aurocs(pixels(own if name == "v_dot_t" else mean_attention))
+        assert [scores["lesion_vs_all"], scores["lesion_vs_distractor"]] == pytest.approx(expected, abs=1e-6), name
+    assert result["pixel_auroc"]["text_mask"]["lesion_vs_distractor"] == pytest.approx(
+        aurocs(images[..., 0].astype(float))[1], abs=1e-6)
 
 
 def test_constant_text_mask_control_keeps_l_tg_and_removes_location(all_run):
