@@ -574,6 +574,70 @@ def test_uncertainty_nearest_reports_by_hand():
     assert nearest(embeddings, 3, 2) == [3, 4]  # Row 3: cosines .6, .8, .96, 1, .99.
 
 
+def test_uncertainty_tables_by_hand():
+    """The printed tables: the six score columns under their headings (3 decimals, the variances 4), '-' for a
+    score a row lacks (no trained PDT heads), and '*' on the own pair only."""
+    tool = repo_module("tools/uncertainty.py")
+    scores = {"global": 0.5, "tokens": 0.25, "tokens_pdt": 0.3, "pdt_factor": 0.9, "report_variance": 0.0123,
+              "image_variance": 0.0456}
+    result = {"image": "syn_00003", "report": "one lesion",
+              "image_vs_reports": [{"label": "one lesion", "own": True, **scores},
+                                   {"label": "no lesion", "own": False, **scores, "global": -0.125}],
+              "report_vs_images": [{"label": "syn_00007", "own": False, "global": 0.1, "tokens": 0.2}]}
+    assert tool.format_tables(result).splitlines() == [
+        "image syn_00003 against reports (* = its own report)",
+        "  global  tokens    +PDT      c  var(report)  var(image)  report",
+        "   0.500   0.250   0.300  0.900       0.0123      0.0456  *one lesion",
+        "  -0.125   0.250   0.300  0.900       0.0123      0.0456   no lesion",
+        "",
+        "report \"one lesion\" against images (* = the image of this report)",
+        "  global  tokens    +PDT      c  var(report)  var(image)  image",
+        "   0.100   0.200       -      -            -           -   syn_00007"]
+
+
+def test_uncertainty_pairs_and_own_marks_by_hand(monkeypatch, tmp_path):
+    """analyse on a fake model whose report embedding is fixed by the text (a = (1, 0), b = (.8, .6),
+    c = (.6, .8)) over the reports a, b, a, c, b: part 1 holds image 0 against its own report and the nearest
+    other texts (b, then c), only its own marked; part 2 holds its report against the images whose reports are
+    nearest, duplicates included (images 0 and 2 both say a, both marked), or --report's nearest."""
+    from amvlm_jax.data import folders
+    from amvlm_jax.train import pretrain
+
+    tool = repo_module("tools/uncertainty.py")
+    texts = {"a": [1.0, 0.0], "b": [0.8, 0.6], "c": [0.6, 0.8]}
+    reports = ["a", "b", "a", "c", "b"]
+    names = [f"img{i}" for i in range(5)]
+
+    def tokenizer(batch):
+        return {"ids": np.array([list(texts).index(text) for text in batch])}
+
+    def apply(variables, *args, method=None, train=None, with_pdt=None):
+        if method is not None:  # encode_text(tokens)
+            return {"t": jnp.asarray(list(texts.values()))[args[0]["ids"]]}
+        count = args[0].shape[0]
+        ones = jnp.ones((count, 2))
+        tokens = jnp.ones((count, 2, 3)) / np.sqrt(3)
+        return {"v": jnp.ones((count, 3)) / np.sqrt(3), "t": jnp.ones((count, 3)) / np.sqrt(3), "T": tokens,
+                "word_context": tokens, "V": tokens, "patch_context": tokens, "word_attention": ones,
+                "patch_attention": ones, "word_mask": ones}
+
+    model = types.SimpleNamespace(apply=apply, encode_text="encode_text")
+    monkeypatch.setattr(tool, "load_model", lambda config, workdir: (model, {}, tokenizer, 16))
+    monkeypatch.setattr(checkpoint, "read_meta", lambda path: {})
+    split = folders.SplitArrays(names=names, images=np.zeros((5, 16, 16, 3), np.uint8), masks=None, reports=reports)
+    monkeypatch.setattr(pretrain, "load_pairs", lambda config, workdir, split_name, size: (split,))
+    config = tiny_synthetic_config(**{"pretrain.use_pdt": False})
+    result = tool.analyse(config, tmp_path, "val", "", "", count=3)
+    assert [(r["label"], r["own"]) for r in result["image_vs_reports"]] == [("a", True), ("b", False), ("c", False)]
+    assert [(r["label"], r["own"]) for r in result["report_vs_images"]] == [
+        ("img0", True), ("img2", True), ("img1", False)]
+    assert result["report"] == "a" and result["image"] == "img0" and not result["pdt"]
+    # --report=c: cosines a .6, b .96, c 1: image 3 (c), then 1 and 4 (b).
+    asked = tool.analyse(config, tmp_path, "val", "", "c", count=3)
+    assert [(r["label"], r["own"]) for r in asked["report_vs_images"]] == [
+        ("img3", True), ("img1", False), ("img4", False)]
+
+
 def test_uncertainty_pair_scores_by_hand():
     """The per-pair scores of make_pair_scores against numpy on fixed model outputs: the CLS-weighted token
     similarity with and without the PDT factor c = sigmoid(W2 / sem), c's weighted mean, and the PDT heads'

@@ -23,6 +23,20 @@ def test_uncertainty_checks_split_count_and_image_names():
         uncertainty.image_row(names, "syn_00009.png", "val")
 
 
+def test_uncertainty_refuses_a_pre_training_without_pdt_heads(tmp_path, monkeypatch):
+    """MGCA's objective has no PDT heads to analyse: a one-line error naming the checkpoint, not a KeyError."""
+    from amvlm_jax.train import ssl
+    from conftest import tiny_synthetic_config
+
+    uncertainty = repo_module("tools/uncertainty.py")
+    recorded = tiny_synthetic_config(**{"pretrain.objective": "mgca"})
+    monkeypatch.setattr(ssl, "restore_pretrained", lambda config, source, mesh: (recorded, None, {}, {}, source))
+    config = tiny_synthetic_config(**{"ssl.pretrained": str(tmp_path)})
+    with pytest.raises(ConfigError, match=f"^{tmp_path}: pre-trained with objective 'mgca'; the uncertainty analysis "
+                                          "needs the AMVLM objective's PDT heads$"):
+        uncertainty.load_model(config, tmp_path / "run")
+
+
 def test_synthetic_pixels_checks_the_split_before_reading_the_checkpoint():
     synthetic_pixels = repo_module("tools/synthetic_pixels.py")
     synthetic_pixels.check_split("test")
