@@ -18,6 +18,16 @@ def test_dice_loss_hand_case():
     assert float(seg.dice_loss(probs, targets)) == pytest.approx(expected, rel=1e-6)
 
 
+def test_dice_loss_with_soft_targets_squares_them():
+    """A soft pseudo-label (SPEC 6) enters the denominator squared: sum y^2 = 0.25 + 0.0625 + 0.25 = 0.5625,
+    not sum y = 1.25 (which binary targets cannot tell apart)."""
+    probs = jnp.array([[[0.6, 0.2], [0.0, 1.0]]])
+    targets = jnp.array([[[0.5, 0.25], [0.5, 0.0]]])
+    # inter = 0.3 + 0.05 = 0.35, sum p^2 = 0.36 + 0.04 + 1 = 1.4.
+    expected = 1 - (2 * 0.35 + 4e-5) / (1.4 + 0.5625 + 4e-5)
+    assert float(seg.dice_loss(probs, targets)) == pytest.approx(expected, rel=1e-6)
+
+
 def test_dice_loss_is_mean_over_images():
     probs = jnp.array([[[1.0, 0.0]], [[0.0, 0.0]]])
     targets = jnp.array([[[1.0, 0.0]], [[1.0, 0.0]]])
