@@ -945,6 +945,28 @@ def test_tokenizer_matches_hf_tokenizer_on_minilm():
     assert ours["input_ids"][2, -1] == 102 and ours["word_index"][2, -1] == ours["word_mask"][2].sum() - 1
 
 
+def test_word_slots_are_hf_word_ids_on_minilm():
+    """Each real token's word slot is the word id HF's tokenizer gives it (its pre-tokenizer's words: a '#'
+    or '-' is a word of its own, only '##' pieces join the word before); [SEP] takes the next slot, [CLS] and
+    padding the dump slot W, and word_mask covers exactly the words and [SEP]."""
+    directory = _minilm_dir()
+    from transformers import BertTokenizerFast
+
+    reports = REPORTS + ["Nuclei #3 of grade-II, pneumothorax (left)", "##x # ## left"]
+    ours = ReportTokenizer(directory)(reports)
+    W = 19
+    reference = BertTokenizerFast.from_pretrained(directory, local_files_only=True)(
+        reports, padding="max_length", truncation=True, max_length=20)
+    for row in range(len(reports)):
+        ids, tokens = reference.word_ids(row), reference.tokens(row)
+        sep = tokens.index("[SEP]")
+        words = max(i for i in ids if i is not None) + 1
+        expected = [W if i is None else i for i in ids]
+        expected[sep] = words
+        np.testing.assert_array_equal(ours["word_index"][row], expected, err_msg=reports[row])
+        np.testing.assert_array_equal(ours["word_mask"][row], np.arange(W) <= words, err_msg=reports[row])
+
+
 def test_aggregate_words_against_hand_computation():
     W = 4
     features = np.arange(2 * 6 * 3, dtype=np.float32).reshape(2, 6, 3)
