@@ -13,7 +13,7 @@ import pytest
 from amvlm_jax.models import unet as unet_module
 from amvlm_jax.models.unet import (BatchNormReLU, ConvBlock, UNet, UpConv2x2, batch_norm_relu, conv_1x1_as_matmul, conv_3x3_same,
                                    max_pool_2x2)
-from amvlm_jax.ops import BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM
+from amvlm_jax.ops import BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM, running_batch_statistics
 
 
 def _authors_tensor(name: str, shape: list) -> np.ndarray:
@@ -139,6 +139,18 @@ def _unbiased_running_var(old, flax_new, count):
     """The running variance torch keeps where nn.BatchNorm (which averages the biased one) moved old to flax_new."""
     biased = (flax_new - BATCH_NORM_MOMENTUM * old) / (1 - BATCH_NORM_MOMENTUM)
     return BATCH_NORM_MOMENTUM * old + (1 - BATCH_NORM_MOMENTUM) * biased * count / (count - 1)
+
+
+def test_running_statistics_by_hand_and_finite_for_a_single_value():
+    """torch's update with momentum 0.1: mean 0.9 * 1 + 0.1 * 3 = 1.2; variance from the unbiased one,
+    0.9 * 2 + 0.1 * (0.6 * 4 / 3) = 1.88. One value per channel (a masked head with one real row) has no
+    unbiased variance: its running variance decays by 0.9 instead of turning NaN for the whole run."""
+    mean, var = running_batch_statistics(jnp.ones(2), jnp.full(2, 2.0), jnp.full(2, 3.0), jnp.full(2, 0.6), 4)
+    np.testing.assert_allclose(mean, 1.2, rtol=1e-6)
+    np.testing.assert_allclose(var, 1.88, rtol=1e-6)
+    mean, var = running_batch_statistics(jnp.ones(2), jnp.full(2, 2.0), jnp.full(2, 3.0), jnp.zeros(2), jnp.float32(1))
+    np.testing.assert_allclose(mean, 1.2, rtol=1e-6)
+    np.testing.assert_allclose(var, 1.8, rtol=1e-6)
 
 
 def test_batch_norm_relu_equals_flax_batch_norm_and_relu():
