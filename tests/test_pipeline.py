@@ -304,7 +304,8 @@ def test_report_tokenizer_lower_cases_by_default_and_names_what_it_cannot_use(tm
 
 def test_a_tokenizer_without_bert_special_tokens_is_refused(tmp_path):
     """A tokenizer.json without BERT's post-processor encodes a report with no [CLS] and [SEP]: every word
-    would sit one slot early and the report end nowhere (SPEC 2); one line names the folder instead."""
+    would sit one slot early and the report end nowhere (SPEC 2); one without the [CLS] alone would still
+    shift every word and hand BERT no [CLS] for t. One line names the folder instead."""
     import json
     import pathlib
 
@@ -313,7 +314,10 @@ def test_a_tokenizer_without_bert_special_tokens_is_refused(tmp_path):
 
     settings = json.loads((pathlib.Path(default_text_encoder_dir()) / "tokenizer.json").read_text())
     assert ReportTokenizer(default_text_encoder_dir(), max_length=6)(["left lung"])["input_ids"][0, 0] == 101
-    settings["post_processor"] = None
-    (tmp_path / "tokenizer.json").write_text(json.dumps(settings))
-    with pytest.raises(WeightError, match=rf"^{tmp_path}: its tokenizer puts no \[CLS\] \.\.\. \[SEP\] around a report"):
-        ReportTokenizer(tmp_path)
+    # Without a post-processor; with one that ends a report with [SEP] but opens it with no [CLS].
+    only_sep = dict(settings["post_processor"], single=settings["post_processor"]["single"][1:])
+    for processor in (None, only_sep):
+        settings["post_processor"] = processor
+        (tmp_path / "tokenizer.json").write_text(json.dumps(settings))
+        with pytest.raises(WeightError, match=rf"^{tmp_path}: its tokenizer puts no \[CLS\] \.\.\. \[SEP\] around a report"):
+            ReportTokenizer(tmp_path)
