@@ -623,8 +623,8 @@ def test_mgca_objective_reads_every_weight_and_constant_from_the_config(batch):
 
 def test_objectives_skip_zero_weight_terms_and_name_missing_inputs(batch):
     """A term weighted 0 is neither computed nor logged: with ITA alone the outputs need only v and t, and the
-    loss is w_ita L_ita (for MGCA, with its summed ITA), and MGCA's prototype term needs only the prototype
-    scores. AMVLM's ICL term without the momentum outputs, and PDT without its heads, each stop with
+    loss is w_ita L_ita (for MGCA, with its summed ITA), MGCA's prototype term needs only the prototype
+    scores, and AMVLM's ICL alone logs no ITA. AMVLM's ICL term without the momentum outputs, and PDT without its heads, each stop with
     a ValueError that says what is missing."""
     only = lambda **weights: {f"pretrain.weights.{k}": weights.get(k, 0.0) for k in ("ita", "css", "local", "icl")}  # noqa: E731
     loss, terms = objectives.amvlm_objective({"v": batch["v"], "t": batch["t"]}, None, _objective_config(**only(ita=0.5)))
@@ -641,6 +641,17 @@ def test_objectives_skip_zero_weight_terms_and_name_missing_inputs(batch):
     loss, terms = objectives.mgca_objective(scores, None, mgca_cpa)
     assert sorted(terms) == ["cpa"]
     np.testing.assert_allclose(loss, 1.5 * np_cpa(*scores.values(), 0.05, 3, 0.2), rtol=RTOL, atol=ATOL)
+    # ICL alone, with the momentum encoders' full outputs: AMVLM's own ITA (weight 0) is not logged either.
+    rng = np.random.default_rng(21)
+    momentum = dict(v=unit(rng.normal(size=(B, D))), V=unit(rng.normal(size=(B, P, D))),
+                    t=unit(rng.normal(size=(B, D))), T=unit(rng.normal(size=(B, W, D))), word_mask=batch["word_mask"])
+    momentum = {k: np.asarray(v, np.float32) for k, v in momentum.items()}
+    loss, terms = objectives.amvlm_objective({"v": batch["v"], "t": batch["t"]}, momentum,
+                                             _objective_config(**only(icl=0.3)))
+    assert sorted(terms) == ["icl"]
+    icl = 0.5 * (np_icl(batch["v"], momentum["v"], momentum["V"], None, 0.07)
+                 + np_icl(batch["t"], momentum["t"], momentum["T"], batch["word_mask"], 0.07))
+    np.testing.assert_allclose(loss, 0.3 * icl, rtol=RTOL, atol=ATOL)
     with pytest.raises(ValueError, match="momentum encoders"):
         objectives.amvlm_objective({"v": batch["v"], "t": batch["t"]}, None, _objective_config(**only(icl=1.0)))
     css_with_pdt = _objective_config(**only(css=1.0), **{"pretrain.use_pdt": True})
