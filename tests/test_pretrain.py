@@ -132,6 +132,18 @@ def test_model_outputs_shapes_and_padding_words_are_zero(amvlm_setup, amvlm_outp
     np.testing.assert_allclose(norms[mask], 1.0, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(outputs["word_attention"])[~mask], 0.0)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(outputs["v"]), axis=-1), 1.0, rtol=1e-5)
+    # SPEC 3.2 at pretrain.temperature, in float64: each word attends over the patches (unit-norm context),
+    # each patch over the real words (unnormalised).
+    T, V, tau = np.asarray(outputs["T"], np.float64), np.asarray(outputs["V"], np.float64), config.pretrain.temperature
+
+    def softmax(logits, real):
+        e = np.exp(logits - logits.max(-1, keepdims=True)) * real
+        return e / e.sum(-1, keepdims=True)
+
+    words = softmax(T @ V.transpose(0, 2, 1) / tau, 1.0) @ V
+    patches = softmax(V @ T.transpose(0, 2, 1) / tau, mask[:, None, :]) @ T
+    np.testing.assert_allclose(outputs["word_context"], words / np.linalg.norm(words, axis=-1, keepdims=True), atol=2e-5)
+    np.testing.assert_allclose(outputs["patch_context"], patches, atol=2e-5)
     assert set(state.params) >= {"pdt_word", "pdt_word_ctx", "pdt_patch", "pdt_patch_ctx"}
     assert "prototypes" not in state.params
 
