@@ -279,6 +279,14 @@ def test_evaluation_reads_pixels_in_0_1_names_its_scores_and_pads_rows_to_the_de
     assert evaluate.format_table(results) == ("split     images     Dice     mIoU\n"
                                               "val            1    50.00    33.33\n"
                                               "test    (no data)")
+    # Multi-class rows keep the columns whatever the class id's digits: class 1 and class 19 by hand.
+    both = {"val": {"dice": 40.0, "miou": 30.0, "images": 12,
+                    "classes": {"1": {"dice": 50.0, "miou": 25.0, "images": 12},
+                                "19": {"dice": None, "miou": None, "images": 0}}}}
+    assert evaluate.format_table(both) == ("split     images     Dice     mIoU\n"
+                                           "val           12    40.00    30.00\n"
+                                           "  class 1     12    50.00    25.00\n"
+                                           "  class 19     0        -        -")
     # The masks' digest tells one split's masks from the same bytes at another size.
     masks = np.zeros((1, 4, 4), np.uint8)
     assert evaluate.masks_fingerprint(["a"], masks) != evaluate.masks_fingerprint(["a"], masks.reshape(1, 2, 8))

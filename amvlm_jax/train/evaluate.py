@@ -221,5 +221,6 @@ def format_table(results: dict) -> str:
             for name, scores in (values.get("classes") or {}).items():  # Over the images holding the class.
                 scores_text = (f"{scores['dice']:>9.2f}{scores['miou']:>9.2f}" if scores["images"] else
                                f"{'-':>9}{'-':>9}")
-                lines.append(f"{'  class ' + name:<8}{scores['images']:>8}{scores_text}")
+                # 11 + 5 = the split and images columns' 16, so that class ids up to 999 keep the columns.
+                lines.append(f"{'  class ' + name:<11}{scores['images']:>5}{scores_text}")
     return "\n".join(lines)
