@@ -464,6 +464,26 @@ def test_benchmark_tool_times_a_step(monkeypatch):
     assert "images/s" in benchmark.format_result(result)
 
 
+def test_benchmark_json_output_is_the_json_alone_with_the_jobs_notes_on_stderr(capsys):
+    """--json | json.load: a note the job's code prints while the step is built (pre-training's ViT starting from
+    random weights) went to stdout above the JSON, which then did not parse (device_benchmarks.sh skipped it)."""
+    from amvlm_jax.train.logging import info
+
+    benchmark = _benchmark_tool()
+
+    def measure():
+        info("the ViT-Ti/16 starts from random weights")
+        return {"mode": "pretrain", "seconds_per_step": 0.25}
+
+    print(benchmark.report(measure, True, benchmark.format_result))
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"mode": "pretrain", "seconds_per_step": 0.25}
+    assert err == "the ViT-Ti/16 starts from random weights\n"
+    # The text report keeps the note on stdout, above the table.
+    print(benchmark.report(measure, False, lambda result: f"step {result['seconds_per_step']} s"))
+    assert capsys.readouterr() == ("the ViT-Ti/16 starts from random weights\nstep 0.25 s\n", "")
+
+
 def test_benchmark_text_report_shows_each_measurement_on_its_line():
     benchmark = _benchmark_tool()
     result = {"mode": "ssl", "devices": 2, "device_kind": "cpu", "backend": "cpu", "mesh": {"data": 2, "fsdp": 1},

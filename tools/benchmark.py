@@ -47,6 +47,7 @@ and of each worker process, read before the workers stop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -720,6 +721,14 @@ def format_loader_result(result: dict) -> str:
                      f"{run['warmup_seconds']:9.1f}   {mib(run['main_peak_rss_bytes']):>13}   {workers}")
     return "\n".join(lines)
 
+def report(measure, as_json: bool, text) -> str:
+    """measure()'s result as JSON (as_json) or as ``text`` formats it. With as_json, what measuring prints (the
+    jobs' notes, e.g. a ViT starting from random weights) goes to stderr: stdout is to hold the JSON alone."""
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        result = measure()
+    return json_text(result, indent=2) if as_json else text(result)
+
+
 def main(config):
     import jax
 
@@ -732,16 +741,16 @@ def main(config):
     initialize_distributed(config)
     if mode == "loader":
         workers = [int(count) for count in flags.FLAGS.workers.split(",") if count.strip()]
-        result = run_loader_benchmark(config, flags.FLAGS.corpus_size, flags.FLAGS.corpus_dir,
-                                      flags.FLAGS.corpus_image_size, workers, flags.FLAGS.batches, flags.FLAGS.warmup)
-        print(json_text(result, indent=2) if flags.FLAGS.json else format_loader_result(result))
+        print(report(lambda: run_loader_benchmark(config, flags.FLAGS.corpus_size, flags.FLAGS.corpus_dir,
+                                                  flags.FLAGS.corpus_image_size, workers, flags.FLAGS.batches,
+                                                  flags.FLAGS.warmup), flags.FLAGS.json, format_loader_result))
         return
     queue = None
     if flags.FLAGS.queue:
         folder, name, size = flags.FLAGS.queue.rsplit(":", 2)
         queue = (folder, name, int(size))
-    result = run_benchmark(config, mode, flags.FLAGS.steps, flags.FLAGS.warmup, flags.FLAGS.profile, queue)
-    print(json_text(result, indent=2) if flags.FLAGS.json else format_result(result))
+    print(report(lambda: run_benchmark(config, mode, flags.FLAGS.steps, flags.FLAGS.warmup, flags.FLAGS.profile, queue),
+                 flags.FLAGS.json, format_result))
 
 
 def define_flags():
