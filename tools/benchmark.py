@@ -721,6 +721,7 @@ def format_loader_result(result: dict) -> str:
                      f"{run['warmup_seconds']:9.1f}   {mib(run['main_peak_rss_bytes']):>13}   {workers}")
     return "\n".join(lines)
 
+
 def report(measure, as_json: bool, text) -> str:
     """measure()'s result as JSON (as_json) or as ``text`` formats it. With as_json, what measuring prints (the
     jobs' notes, e.g. a ViT starting from random weights) goes to stderr: stdout is to hold the JSON alone."""
