@@ -1050,3 +1050,8 @@ def test_steps_per_second_leave_out_the_evaluations_between_steps(tmp_path, toy_
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["train/steps_per_second"]) for r in records if "train/loss" in r] == [(2, 0.5)]
     assert [r["step"] for r in records if "val/w" in r] == [1, 2, 3, 3]  # Every step, and the (last) epoch's.
+
+
+def test_epoch_lines_show_scores_to_two_decimals_and_scored_rows_as_counts():
+    values = {"val/dice": 61.2345, "val/probe/Type/accuracy": 0.775, "val/probe/Type/rows": 197.0}
+    assert loop.format_metrics(values) == "val/dice 61.23 val/probe/Type/accuracy 0.78 val/probe/Type/rows 197"

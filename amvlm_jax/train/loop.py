@@ -469,7 +469,8 @@ def _finish_epoch(job: Job, current: dict, epoch: int, means: dict, seconds: flo
 
 
 def format_metrics(values: dict) -> str:
-    return " ".join(f"{k} {v:.2f}" for k, v in values.items())
+    """'name value' pairs to 2 decimals; the counts of scored rows ('.../rows') as whole numbers."""
+    return " ".join(f"{k} {v:.0f}" if k.endswith("/rows") else f"{k} {v:.2f}" for k, v in values.items())
 
 
 def parameter_count(params) -> int:
