@@ -116,6 +116,33 @@ def test_resuming_from_a_damaged_latest_checkpoint_names_its_step_folder(saved, 
         checkpoints.close()
 
 
+def test_a_save_cut_short_by_a_kill_is_deleted_when_training_resumes(saved, tmp_path):
+    """SIGKILL during a save leaves <step>.orbax-checkpoint-tmp folders (their items too end in -tmp), found so
+    after killed runs: each resume left them beside the next steps, a whole state's size each. A training's
+    managers delete them; the completed step stays and restores."""
+    workdir = _copy(saved, "supervised", tmp_path)
+    cut_short = []
+    for manager in ("latest", "best"):
+        folder = workdir / "checkpoints" / manager / "2.orbax-checkpoint-tmp"
+        shutil.copytree(workdir / "checkpoints" / manager / "1" / "state", folder / "state.orbax-checkpoint-tmp")
+        (folder / "meta.orbax-checkpoint-tmp").mkdir()
+        (folder / "meta.orbax-checkpoint-tmp" / "metadata").write_text('{"job": "supervised"')
+        cut_short.append(folder)
+    assert checkpoint.has_step(workdir / "checkpoints" / "latest")  # Readers leave them.
+    assert all(folder.is_dir() for folder in cut_short)
+    config = tiny_synthetic_config()
+    abstract = jax.eval_shape(lambda: supervised.create_state(config, supervised.build_unet(config), 2))
+    checkpoints = checkpoint.RunCheckpoints(workdir)
+    try:
+        state, meta = checkpoints.restore_latest(abstract)
+        assert checkpoints.latest.latest_step() == 1 and meta["epoch"] == 1
+    finally:
+        checkpoints.close()
+    assert not any(folder.exists() for folder in cut_short)
+    for manager in ("latest", "best"):
+        assert sorted(p.name for p in (workdir / "checkpoints" / manager).iterdir()) == ["1"]
+
+
 def _guidance(source: pathlib.Path, tmp_path):
     config = tiny_pretrain_config(**{"mode": "ssl", "data.labeled_fraction": 0.5, "ssl.pretrained": str(source)})
     return lambda: ssl.TextGuidance(config, tmp_path, make_mesh(config, jax.devices()[:1]))

@@ -37,8 +37,10 @@ def _manager(directory: pathlib.Path, read_only: bool = False) -> ocp.Checkpoint
     # the 'latest' manager's save finishing in its thread met the 'best' manager's next save in another
     # process at the same barrier, and the run stopped ("Barrier ... is already ongoing").
     processes = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="read-only" if read_only else directory.name)
+    # A training's managers (it holds the workdir's lock) delete the <step>.orbax-checkpoint-tmp folders that a
+    # save cut short by a kill left: no reader takes them for a step, and each was a whole state's size on disk.
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, read_only=read_only,
-                                           multiprocessing_options=processes)
+                                           multiprocessing_options=processes, cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
