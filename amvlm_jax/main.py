@@ -240,7 +240,7 @@ def run(config, workdir: str | pathlib.Path) -> dict:
                               "to evaluate")
         results = supervised.evaluate_checkpoint(config, workdir, config.eval.checkpoint, root=root)
         if config.eval.guidance and job == "ssl":
-            ssl.evaluate_guidance(config, workdir, config.eval.checkpoint or str(workdir))
+            ssl.evaluate_guidance(config, workdir, config.eval.checkpoint or str(workdir), root=root)
         return results
     if config.mode == "predict":
         from amvlm_jax.train import predict

@@ -182,12 +182,13 @@ def guiding_step(source: pathlib.Path, guided) -> pathlib.Path:
     if int(recorded) == int(newest.name):
         return source
     kept = newest.parent / str(recorded)
-    if not kept.is_dir() and int(newest.name) < int(recorded):  # Not the run that guided it, or one started over.
-        raise checkpoint.CheckpointError(
-            f"{guided}: a mean teacher guided by the encoders of pre-training step {recorded}, which {source} does "
-            f"not hold (its newest step is {newest.name}: another pre-training run?); name the run that guided it "
-            "(config.ssl.pretrained), or train the mean teacher again in another workdir to guide it with these")
     if not kept.is_dir():
+        if int(newest.name) < int(recorded):  # Not the run that guided it, or one started over.
+            raise checkpoint.CheckpointError(
+                f"{guided}: a mean teacher guided by the encoders of pre-training step {recorded}, which {source} "
+                f"does not hold (its newest step is {newest.name}: another pre-training run?); name the run that "
+                "guided it (config.ssl.pretrained), or train the mean teacher again in another workdir to guide it "
+                "with these")
         raise checkpoint.CheckpointError(
             f"{guided}: a mean teacher guided by the encoders of pre-training step {recorded}, which {source} no "
             f"longer holds (pre-training went on to step {newest.name}); train the mean teacher again in another "
