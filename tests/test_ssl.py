@@ -16,7 +16,7 @@ from amvlm_jax.losses.segmentation import segmentation_loss
 from amvlm_jax.train import checkpoint, ssl, supervised
 from amvlm_jax.train.parallel import make_mesh, replicate
 
-from conftest import repo_module, tiny_pretrain_config, tiny_synthetic_config
+from conftest import repo_module, tiny_pretrain_config, tiny_synthetic_config, with_fields
 
 
 
@@ -295,10 +295,9 @@ def test_evaluating_only_splits_the_data_lacks_is_one_line_and_writes_nothing(al
     root.mkdir()
     (root / "Train_Folder").symlink_to(datasets.data_root(config, run_dir) / "Train_Folder")
     for source, written in ((run_dir, "results.json"), (run_dir / "pretrain", "retrieval.json")):
-        evaluate_config = config.copy_and_resolve_references()
-        evaluate_config.mode, evaluate_config.eval.splits = "evaluate", ("val", "test")
-        evaluate_config.data.name, evaluate_config.data.root = "monuseg", str(root)
-        evaluate_config.eval.checkpoint = str(source)
+        evaluate_config = with_fields(config.copy_and_resolve_references(), {
+            "mode": "evaluate", "eval.splits": ("val", "test"), "data.name": "monuseg", "data.root": str(root),
+            "eval.checkpoint": str(source)})
         with pytest.raises(ConfigError, match=r"^config.eval.splits=val,test: .*none of these splits"):
             main.run(evaluate_config, tmp_path / "evaluation")
         assert not (tmp_path / "evaluation" / written).exists()
