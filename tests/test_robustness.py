@@ -99,14 +99,18 @@ def test_ctrl_c_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path,
     job.patch_step(step_interrupted_at_3)
     with pytest.raises(KeyboardInterrupt, match="saved .*latest/3"):
         job.train(tmp_path / "cut")
-    assert job.latest(tmp_path / "cut")[0] == 3  # Mid-epoch: saved by the interrupt.
+    cut_at_3 = job.latest(tmp_path / "cut")
+    assert cut_at_3[0] == 3  # Mid-epoch: saved by the interrupt.
 
     job.patch_step(job.real_step)
     job.train(tmp_path / "cut")
     whole_step, whole_params, whole_meta = job.latest(tmp_path / "whole")
     cut_step, cut_params, cut_meta = job.latest(tmp_path / "cut")
     assert whole_step == cut_step == 6
-    assert {k: v for k, v in whole_meta.items() if k != "seconds"} == {k: v for k, v in cut_meta.items() if k != "seconds"}
+    # The resumed run is the run that was cut (its run_id); the same bookkeeping but for the time taken.
+    assert cut_meta["run_id"] == cut_at_3[2]["run_id"] != whole_meta["run_id"]
+    kept = lambda meta: {k: v for k, v in meta.items() if k not in ("seconds", "run_id")}  # noqa: E731
+    assert kept(whole_meta) == kept(cut_meta)
     for a, b in zip(jax.tree.leaves(whole_params), jax.tree.leaves(cut_params)):
         np.testing.assert_array_equal(a, b)
 

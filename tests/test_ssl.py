@@ -335,7 +335,10 @@ def test_a_mean_teacher_keeps_the_pretraining_step_that_guided_it(all_run, tmp_p
 
     config, original, results = all_run
     guided_by = checkpoint.resolve_step(original / "pretrain")
-    assert checkpoint.read_meta(original / "checkpoints" / "best")[ssl.GUIDANCE_STEP] == int(guided_by.name)
+    guided_meta = checkpoint.read_meta(original / "checkpoints" / "best")
+    run_id = checkpoint.read_meta(guided_by)["run_id"]
+    assert guided_meta[ssl.GUIDANCE_STEP] == int(guided_by.name) and guided_meta[ssl.GUIDANCE_RUN] == run_id
+    assert len(run_id) == 32 and guided_meta["run_id"] != run_id  # The mean teacher is a run of its own.
     scores = json.loads((original / "guidance.json").read_text())
     copy = tmp_path / "run"
     shutil.copytree(original, copy, symlinks=True)
@@ -345,16 +348,32 @@ def test_a_mean_teacher_keeps_the_pretraining_step_that_guided_it(all_run, tmp_p
         main.run(longer, copy)  # Pre-trains its second epoch, then meets the finished mean teacher.
     went_on = checkpoint.resolve_step(copy / "pretrain")
     assert int(went_on.name) == 2 * int(guided_by.name)
+    assert checkpoint.read_meta(went_on)["run_id"] == run_id  # Resumed: the same run.
     assert str(info.value) == (
         f"{copy / 'checkpoints' / 'latest'}: a mean teacher guided by the encoders of pre-training step "
         f"{guided_by.name}, which {copy / 'pretrain'} no longer holds (pre-training went on to step {went_on.name}); "
         "train the mean teacher again in another workdir to guide it with these")
     # With that step back beside the newer one, evaluation scores the text masks of the encoders that guided.
+    # (The copy's own pre-training named: the recorded one is the original's, which is still there.)
     shutil.copytree(guided_by, went_on.parent / guided_by.name)
     evaluate = config.copy_and_resolve_references()
-    evaluate.mode = "evaluate"
+    evaluate.mode, evaluate.ssl.pretrained = "evaluate", str(copy / "pretrain")
     assert main.run(evaluate, copy) == results
     assert json.loads((copy / "guidance.json").read_text()) == scores
+    # Another pre-training run in that folder at the newest step (one started over, or another run copied in;
+    # only its run_id tells it apart here): the mean teacher is not scored with its encoders. Before, a run with
+    # the guiding step among its steps guided the evaluation or the resumed training without a word.
+    meta_file = went_on / "meta" / "metadata"
+    meta_file.write_text(json.dumps(json.loads(meta_file.read_text()) | {"run_id": "f" * 32}))
+    (copy / "guidance.json").unlink()
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        main.run(evaluate, copy)
+    assert str(info.value) == (
+        f"{copy}: a mean teacher guided by the encoders of pre-training run {run_id} (step "
+        f"{guided_by.name}), and {copy / 'pretrain'} holds run {'f' * 32}: another pre-training run, or one started "
+        "over; name the run that guided it (config.ssl.pretrained), or train the mean teacher again in another "
+        "workdir to guide it with these")
+    assert not (copy / "guidance.json").exists()
 
 
 def test_encoders_of_a_run_that_never_reached_the_guiding_step_are_not_said_to_have_gone_on(tmp_path, monkeypatch):

@@ -339,14 +339,17 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     process.wait()
     steps = [int(p.name) for p in latest.iterdir() if p.name.isdigit()]
     assert steps and max(steps) < epochs * 2, "the run was killed before it finished"
+    killed_run = checkpoint.read_meta(latest / str(max(steps)))["run_id"]
 
     resumed = subprocess.run(_cli(killed, epochs), cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
     whole_state, whole_meta = _final_params(tmp_path / "whole")
     resumed_state, resumed_meta = _final_params(killed)
-    # The same bookkeeping, apart from the time taken and the workdir's own data folder in the recorded config.
-    timeless = lambda meta: {k: v for k, v in meta.items() if k != "seconds"}  # noqa: E731
+    # The same bookkeeping, apart from the time taken, the run's id (the resumed run keeps the killed one's) and
+    # the workdir's own data folder in the recorded config.
+    assert resumed_meta["run_id"] == killed_run != whole_meta["run_id"]
+    timeless = lambda meta: {k: v for k, v in meta.items() if k not in ("seconds", "run_id")}  # noqa: E731
     for meta, workdir in ((whole_meta, tmp_path / "whole"), (resumed_meta, killed)):
         assert meta["config"]["data"].pop("root") == str(workdir / "data")
     assert timeless(whole_meta) == timeless(resumed_meta) and whole_meta["epoch"] == epochs

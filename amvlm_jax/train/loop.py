@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -113,9 +114,12 @@ def recorded_config(config) -> dict:
 
 
 def fresh_meta(job: Job) -> dict:
-    return {"job": job.name, "steps_per_epoch": job.steps_per_epoch, "batch_size": job.batch_size, "epoch": 0,
-            "best_metric": job.best_metric, "best": None, "best_epoch": 0, "seconds": 0.0, "initial_eval": {},
-            "last_eval": {}, "first_epoch": {}, "last_epoch": {}}
+    """The meta of a run at its start. run_id: drawn here and kept by every resume (``resume_point`` lays the
+    saved meta over this), so that two runs in one folder, or a run started over, are told apart (a mean
+    teacher records its pre-training's). Each process draws its own; only process 0's is written and read."""
+    return {"job": job.name, "run_id": uuid.uuid4().hex, "steps_per_epoch": job.steps_per_epoch,
+            "batch_size": job.batch_size, "epoch": 0, "best_metric": job.best_metric, "best": None, "best_epoch": 0,
+            "seconds": 0.0, "initial_eval": {}, "last_eval": {}, "first_epoch": {}, "last_epoch": {}}
 
 
 def run(job: Job) -> tuple[Any, dict]:

@@ -85,7 +85,7 @@ class TextGuidance:
             )
         config, model, self.variables, meta, used = restore_pretrained(config, guiding_step(source, guided), mesh)
         self._define(config, model)
-        self.step = int(used.name)
+        self.step, self.run_id = int(used.name), meta.get("run_id")
         info(f"text guidance from {used} (pre-trained {meta.get('epoch')} epochs)")
 
     @classmethod
@@ -93,7 +93,7 @@ class TextGuidance:
         """Guidance from encoders held in memory ({'params', 'batch_stats'} of ``model``), no checkpoint."""
         guidance = cls.__new__(cls)
         guidance._define(config, model)
-        guidance.variables = variables
+        guidance.variables, guidance.step, guidance.run_id = variables, None, None
         return guidance
 
     def _define(self, config, model) -> None:
@@ -167,18 +167,27 @@ def pretrained_source(config, workdir) -> pathlib.Path:
     return pathlib.Path(config.ssl.pretrained or pathlib.Path(workdir) / "pretrain")
 
 
-GUIDANCE_STEP = "guidance_step"  # A mean-teacher checkpoint's meta: the pre-training step whose encoders guided it.
+# A mean-teacher checkpoint's meta: the pre-training step whose encoders guided it, and that run's run_id.
+GUIDANCE_STEP, GUIDANCE_RUN = "guidance_step", "guidance_run"
 
 
 def guiding_step(source: pathlib.Path, guided) -> pathlib.Path:
     """Where the encoders that guide are: ``source`` itself (its newest step: best, else latest), or the step
     folder recorded in the meta of the mean-teacher checkpoint ``guided`` (None: none yet) when pre-training
     went on since, so that a resumed or evaluated mean teacher keeps the encoders it was trained with. That
-    step gone is a one-line CheckpointError."""
-    recorded = checkpoint.read_meta(guided).get(GUIDANCE_STEP) if guided is not None else None
+    step gone, or ``source`` another pre-training run than the recorded one (its run_id), is a one-line
+    CheckpointError."""
+    guided_meta = checkpoint.read_meta(guided) if guided is not None else {}
+    recorded, run = guided_meta.get(GUIDANCE_STEP), guided_meta.get(GUIDANCE_RUN)
     if recorded is None:
         return source
     newest = checkpoint.resolve_step(source)
+    holds = checkpoint.read_meta(newest).get("run_id")
+    if run and holds and run != holds:  # Runs written before run ids were drawn are not compared.
+        raise checkpoint.CheckpointError(
+            f"{guided}: a mean teacher guided by the encoders of pre-training run {run} (step {recorded}), and "
+            f"{source} holds run {holds}: another pre-training run, or one started over; name the run that guided "
+            "it (config.ssl.pretrained), or train the mean teacher again in another workdir to guide it with these")
     if int(recorded) == int(newest.name):
         return source
     kept = newest.parent / str(recorded)
@@ -701,7 +710,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         student_images(config, labeled_split, unlabeled_split), 2 * batch_size,
     )
     if guidance is not None:
-        job.meta = {GUIDANCE_STEP: guidance.step}
+        job.meta = {GUIDANCE_STEP: guidance.step} | ({GUIDANCE_RUN: guidance.run_id} if guidance.run_id else {})
     loop.run(job)
     best = str(workdir / "checkpoints" / "best")
     results = supervised.evaluate_checkpoint(config, workdir, best, mesh=mesh, root=root)
