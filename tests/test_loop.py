@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import shutil
+import time
 import types
 
 import jax
@@ -217,6 +218,22 @@ def test_tensorboard_shows_what_metrics_jsonl_holds_after_a_resume_that_writes_a
     assert expected["val/dice"] == [(6, 60.0)] and expected["train/loss"][-2:] == [(6, np.float32(1 / 6)), (7, 0.5)]
     # Before, TensorBoard hid steps from 7 on only: the redone evaluation showed twice at step 6.
     assert _tensorboard_scalars(tmp_path / "tensorboard") == expected
+
+
+def test_a_record_reaches_the_event_file_within_seconds_while_the_run_goes_on(tmp_path):
+    # TensorBoard reads the event file as it grows; the writer's thread flushed it every 120 s, so a run's newest
+    # points showed up to 2 minutes late (metrics.jsonl had them at once).
+    writer = loop.MetricWriter(tmp_path, 0)
+    try:
+        writer.write(1, {"train/loss": 0.5})
+        started = time.monotonic()
+        while time.monotonic() - started < 30 and "train/loss" not in _tensorboard_scalars(tmp_path / "tensorboard"):
+            time.sleep(0.1)
+        waited = time.monotonic() - started
+        assert _tensorboard_scalars(tmp_path / "tensorboard") == {"train/loss": [(1, 0.5)]}
+        assert waited < 10, waited
+    finally:
+        writer.close()
 
 
 def test_a_resumed_run_drops_the_records_it_writes_again_and_a_line_cut_short(tmp_path, toy_step, monkeypatch):

@@ -68,6 +68,9 @@ def info(message: str) -> None:
         tqdm.write(message)
 
 
+TENSORBOARD_FLUSH_SECONDS = 1  # A record is in the event file about this long after it is written.
+
+
 class MetricWriter:
     """Appends {'step', 'time', **metrics} lines to <workdir>/metrics.jsonl and TensorBoard events.
 
@@ -93,8 +96,10 @@ class MetricWriter:
             kept_at_start = self._drop_records_from(start_step, rewritten) if self.path.is_file() else []
             # An event file is named by the second it was opened in and is opened for writing, so a run
             # resumed within that second would erase its predecessor's file without a suffix of its own.
+            # Its thread writes the queued events and flushes the file every flush_secs (flush() here reaches
+            # only what the thread has written): at the default 120 s, TensorBoard showed a record 2 minutes late.
             self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), purge_step=start_step,
-                                     filename_suffix=f".from-step-{start_step}")
+                                     filename_suffix=f".from-step-{start_step}", flush_secs=TENSORBOARD_FLUSH_SECONDS)
             for record in kept_at_start:
                 record = null_as_nan(record)  # Every field is a number: a null was a NaN.
                 scalars = {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float))}
