@@ -31,6 +31,13 @@ def _batch(config, seed):
     }
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _train_mode_logits(model, variables, x):
+    """model.apply in training mode (BatchNorm over the batch ``x``), the logits: one program per model and
+    shape, shared by the tests that recompute a step's forward passes (op by op, the U-Net compiles slower)."""
+    return model.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+
+
 @pytest.fixture(scope="module")
 def vision_only():
     config = tiny_synthetic_config(**{"mode": "ssl", "ssl.w_text": 0.0, "ssl.train_decoder": False})
@@ -57,10 +64,9 @@ def test_vision_only_step_uses_teacher_pseudo_labels_and_moves_teacher_by_ema(vi
     x_l = batch["image"].astype(np.float32) / 255
     x_u = batch["unlabeled_image"].astype(np.float32) / 255
     # The teacher normalises with the statistics of the unlabeled batch (ssl.teacher_norm = 'batch').
-    # Jitted: one program compiles faster than the forward pass's operations one by one.
-    forward = jax.jit(lambda variables, x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0])
-    pseudo = jax.nn.sigmoid(forward(jax.device_get(state.teacher), x_u)[..., 0])
-    student_logits = forward({"params": state.params, "batch_stats": state.batch_stats}, np.concatenate([x_l, x_u]))
+    pseudo = jax.nn.sigmoid(_train_mode_logits(model, jax.device_get(state.teacher), x_u)[..., 0])
+    student_logits = _train_mode_logits(model, {"params": state.params, "batch_stats": state.batch_stats},
+                                        np.concatenate([x_l, x_u]))
     expected = segmentation_loss(student_logits, jnp.concatenate([batch["mask"].astype(np.float32), pseudo]))
 
     state, metrics1 = step(state, None, pipeline.to_global(mesh, batch))
@@ -118,11 +124,9 @@ def test_unlabeled_weight_ramps_up_and_splits_the_student_loss(ramped_and_capped
     batch = _batch(config, 0)
     x_l = batch["image"].astype(np.float32) / 255
     x_u = batch["unlabeled_image"].astype(np.float32) / 255
-    teacher_logits, _ = model.apply(jax.device_get(state.teacher), x_u, train=True, mutable=["batch_stats"])
-    logits, _ = model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats}, np.concatenate([x_l, x_u]), train=True,
-        mutable=["batch_stats"],
-    )
+    teacher_logits = _train_mode_logits(model, jax.device_get(state.teacher), x_u)
+    logits = _train_mode_logits(model, {"params": state.params, "batch_stats": state.batch_stats},
+                                np.concatenate([x_l, x_u]))
     n = x_l.shape[0]
     labeled_loss = segmentation_loss(logits[:n], batch["mask"].astype(np.float32))
     unlabeled_loss = segmentation_loss(logits[n:], jax.nn.sigmoid(teacher_logits[..., 0]))
@@ -171,7 +175,7 @@ def test_the_step_moves_only_the_decoder_and_its_scale_by_adam_on_l_tg_alone(all
 
     # The student learns the unlabelled images from SPEC 6's pseudo-labels: the teacher's probability and the
     # text mask (the decoder's before its step) summed in logit space, each clipped at 1e-4 (text_clip).
-    p_teacher = jax.nn.sigmoid(model.apply(fresh.teacher, x_u, train=True, mutable=["batch_stats"])[0][..., 0])
+    p_teacher = jax.nn.sigmoid(_train_mode_logits(model, fresh.teacher, x_u)[..., 0])
 
     for log_scale in (fresh.generator["log_scale"], jnp.log(200.0)):
         state = fresh.replace(generator={**fresh.generator, "log_scale": jnp.asarray(log_scale, jnp.float32)})
@@ -258,7 +262,7 @@ def test_pseudo_label_scores_and_evaluation_round_trip(all_run, tmp_path):
         run_dir / "checkpoints" / "best", {"params": template.params, "batch_stats": template.batch_stats}
     )
     val = datasets.load_eval_split(config, datasets.data_root(config, run_dir), "val")
-    logits, _ = model.apply(jax.device_get(student), val.images.astype(np.float32) / 255, train=True, mutable=["batch_stats"])
+    logits = _train_mode_logits(model, jax.device_get(student), val.images.astype(np.float32) / 255)
     predicted, truth = np.asarray(logits[..., 0]) > 0.0, val.masks > 0
     overlap = 2.0 * (predicted & truth).sum((1, 2))
     expected = np.where(predicted.sum((1, 2)) + truth.sum((1, 2)) == 0, 1.0, overlap / np.maximum(predicted.sum((1, 2)) + truth.sum((1, 2)), 1))
@@ -320,8 +324,7 @@ def test_a_last_batch_short_of_the_recorded_batch_is_scored_without_copied_rows(
         run_dir / "checkpoints" / "best", {"params": template.params, "batch_stats": template.batch_stats})
     expected = []
     for rows in (slice(0, 8), slice(8, 12)):
-        logits, _ = model.apply(jax.device_get(student), unlabeled.images[rows].astype(np.float32) / 255, train=True,
-                                mutable=["batch_stats"])
+        logits = _train_mode_logits(model, jax.device_get(student), unlabeled.images[rows].astype(np.float32) / 255)
         predicted, truth = np.asarray(logits[..., 0]) > 0.0, unlabeled.masks[rows] > 0
         total = predicted.sum((1, 2)) + truth.sum((1, 2))
         expected += list(np.where(total == 0, 1.0, 2.0 * (predicted & truth).sum((1, 2)) / np.maximum(total, 1)))
@@ -715,9 +718,11 @@ def test_teacher_norm_batch_uses_batch_statistics_and_ema_uses_running_ones(visi
     variables = {"params": variables["params"],
                  "batch_stats": jax.tree.map(lambda x: x + 3.0, variables["batch_stats"])}
     images = np.random.default_rng(0).random((4, 64, 64, 3)).astype(np.float32)
-    with_batch = ssl.teacher_probabilities(model, variables, images, 1, "batch")
-    with_ema = ssl.teacher_probabilities(model, variables, images, 1, "ema")
-    expected_batch, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, images)
+    # Under jit, as the steps call it (op by op, the U-Net compiles slower).
+    teacher_probabilities = jax.jit(ssl.teacher_probabilities, static_argnums=(0, 3, 4))
+    with_batch = teacher_probabilities(model, variables, images, 1, "batch")
+    with_ema = teacher_probabilities(model, variables, images, 1, "ema")
+    expected_batch = _train_mode_logits(model, variables, images)
     expected_ema = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
     np.testing.assert_allclose(with_batch, jax.nn.sigmoid(expected_batch[..., 0]), rtol=1e-6)
     np.testing.assert_allclose(with_ema, jax.nn.sigmoid(expected_ema[..., 0]), rtol=1e-6)
