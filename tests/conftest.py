@@ -42,10 +42,18 @@ import pytest  # noqa: E402
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+# Put first on a job subprocess's path: an `import torch` there fails, as on a machine where only the project
+# is installed (the job must not need torch), and tensorboardX, which imports torch where it can (2.5 s a
+# process), does without.
+WITHOUT_TORCH = REPO_ROOT / "tests" / "without_torch"
+
+
 def one_device_env(**extra) -> dict:
-    """os.environ for a subprocess with one CPU device: XLA_FLAGS less the device count, plus ``extra``."""
+    """os.environ for a job subprocess with one CPU device and no torch: XLA_FLAGS less the device count,
+    WITHOUT_TORCH first on PYTHONPATH, plus ``extra``."""
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    return dict(os.environ, XLA_FLAGS=" ".join(flags), **extra)
+    path = os.pathsep.join(p for p in (str(WITHOUT_TORCH), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, XLA_FLAGS=" ".join(flags), PYTHONPATH=path, **extra)
 
 
 def xla_defaults_env() -> dict:

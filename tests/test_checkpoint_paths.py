@@ -75,6 +75,27 @@ def test_saved_entries_leave_out_empty_ones_and_a_misfit_statistic_does_not_fit(
         checkpoint.restore_variables(tmp_path, {"params": {"w": jnp.zeros((2,))}, "batch_stats": {"m": jnp.ones((3,))}})
 
 
+def test_a_step_saved_again_in_its_folder_is_read_again_not_taken_from_an_earlier_read(tmp_path):
+    """The shapes check reads a step's metadata once per process (checkpoint._state_metadata); a step deleted
+    and saved again under the same number, with other shapes, is checked against what it holds now."""
+    def save_width(width):
+        saver = checkpoint.RunCheckpoints(tmp_path)
+        for step in saver.latest.all_steps():
+            saver.latest.delete(step)
+        saver.save(1, {"params": {"w": jnp.zeros((width,))}}, {"job": "supervised", "epoch": 1}, is_best=False)
+        saver.wait()
+        saver.close()
+
+    save_width(2)
+    narrow = {"params": {"w": jnp.zeros((2,))}}
+    assert checkpoint.restore_variables(tmp_path, narrow)[0]["params"]["w"].shape == (2,)
+    assert checkpoint.saved_entries(tmp_path) == {"params"}  # The same read, kept.
+    save_width(3)
+    with pytest.raises(checkpoint.CheckpointError, match=r"does not fit this model .*\['w'\] \((2|3),\)"):
+        checkpoint.restore_variables(tmp_path, narrow)
+    assert checkpoint.restore_variables(tmp_path, {"params": {"w": jnp.zeros((3,))}})[0]["params"]["w"].shape == (3,)
+
+
 def test_meta_that_is_no_json_object_is_named(tmp_path):
     _save(tmp_path, 1, is_best=False)
     step = tmp_path / "checkpoints" / "latest" / "1"

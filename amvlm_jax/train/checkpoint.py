@@ -293,15 +293,34 @@ def resolve_step(path: str | pathlib.Path) -> pathlib.Path:
     return path / str(step)
 
 
+_METADATA_READ: dict = {}  # (state folder, its metadata files' identity) -> the tree read: see _state_metadata.
+
+
 def _state_metadata(step_dir: pathlib.Path):
-    """The metadata tree (shapes and dtypes, no values) of the train state saved in a step folder."""
+    """The metadata tree (shapes and dtypes, no values) of the train state saved in a step folder.
+
+    Orbax opens every array's TensorStore to read it (half a second for a few hundred arrays, more than
+    the restore that follows), and one job reads the same step several times (a mean teacher's guidance
+    reads its pre-training's), so each tree read is kept, under the step folder and the identity of the
+    two files Orbax reads it from: a step written again, or one of those files replaced or cut, is read
+    afresh.
+    """
     _check_complete(step_dir)
-    with _reading(step_dir), ocp.StandardCheckpointer() as reader:  # Reads of a damaged manifest settle first.
-        tree = reader.metadata(step_dir.absolute() / "state").item_metadata
-    if tree is None:  # Orbax reads an emptied or cut _METADATA or manifest.ocdbt as no tree at all.
-        raise DamagedCheckpoint(f"{step_dir}: incomplete checkpoint (state metadata unreadable); delete it or name "
-                                "another step")
-    return tree
+    state = step_dir.absolute() / "state"
+    files = tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in (
+        (state / name).stat() for name in ("_METADATA", "manifest.ocdbt")))
+    key = (str(state), files)
+    if key not in _METADATA_READ:
+        with _reading(step_dir), ocp.StandardCheckpointer() as reader:  # Reads of a damaged manifest settle first.
+            tree = reader.metadata(state).item_metadata
+        if tree is None:  # Orbax reads an emptied or cut _METADATA or manifest.ocdbt as no tree at all.
+            raise DamagedCheckpoint(f"{step_dir}: incomplete checkpoint (state metadata unreadable); delete it or "
+                                    "name another step")
+        if len(_METADATA_READ) >= 16:  # The oldest goes: a long evaluation of many steps holds few.
+            del _METADATA_READ[next(iter(_METADATA_READ))]
+        _METADATA_READ[key] = tree
+    return _METADATA_READ[key]
+
 
 
 def _saved_tree(path: str | pathlib.Path):
