@@ -552,11 +552,14 @@ def test_a_file_where_the_run_writes_a_folder_is_a_one_line_error_naming_it(tmp_
 
 def test_a_checkpoint_the_system_refuses_is_one_line_and_the_run_ends_at_once(tmp_path):
     # Orbax's save threads log the failure with a traceback each and then wait 300 s for the step folder
-    # (a read-only or full disk: here a file where the manager's folder stood).
+    # (a read-only or full disk: here a file where the manager's folder stood). A first save waits for the
+    # clean-up that a training manager starts in a thread: it would otherwise meet the folder gone (sometimes,
+    # under load), and the error would say "No such file or directory".
     result = _start("import shutil, jax.numpy as jnp\nfrom amvlm_jax.train import checkpoint\n"
                     "def job(config):\n    saver = checkpoint.RunCheckpoints(W)\n"
+                    "    saver.save(1, {'a': jnp.arange(4.0)}, {'job': 'x'}, is_best=False)\n    saver.wait()\n"
                     "    shutil.rmtree(W / 'checkpoints' / 'latest')\n    (W / 'checkpoints' / 'latest').write_text('')\n"
-                    "    saver.save(1, {'a': jnp.arange(4.0)}, {'job': 'x'}, is_best=False)\n    saver.wait()",
+                    "    saver.save(2, {'a': jnp.arange(4.0)}, {'job': 'x'}, is_best=False)\n    saver.wait()",
                     tmp_path)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'checkpoints' / 'latest'}: cannot write a checkpoint there (Not a directory): free "
