@@ -206,6 +206,26 @@ def test_unreadable_image(untidy_root):
     assert "a.png" in message and "unreadable" in message
 
 
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif"])
+def test_a_file_stored_turned_is_read_as_its_exif_orientation_shows_it(tmp_path, suffix):
+    """Orientation 6 (stored a quarter turn counter-clockwise; viewers turn it clockwise, as OpenCV's imread
+    does): image and mask are read as shown, at the shown size, so a mask drawn on the shown image stays on it;
+    a file without the tag is read as stored."""
+    shown = np.zeros((30, 40), np.uint8)
+    shown[:10, :20] = 255  # A bright block at the top left of a landscape picture.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for name, array in (("turned", np.rot90(shown)), ("plain", shown)):
+        Image.fromarray(np.repeat(array[..., None], 3, -1)).save(tmp_path / f"{name}{suffix}", exif=exif.tobytes()
+                                                                 if name == "turned" else b"")
+        Image.fromarray(array).save(tmp_path / f"{name}_mask.png", exif=exif.tobytes() if name == "turned" else b"")
+        image = np.asarray(folders.rgb_image(tmp_path / f"{name}{suffix}"))[..., 0]
+        assert image.shape == (30, 40) and folders.load_image(tmp_path / f"{name}{suffix}", 8)[1] == (40, 30)
+        assert np.abs(image.astype(int) - shown).max() <= (0 if suffix != ".jpg" else 64), name
+        mask, size = folders.load_mask(tmp_path / f"{name}_mask.png", 40, 1)
+        assert size == (40, 30) and mask[:8].mean() > mask[-8:].mean(), name  # 40x30 squashed to 40x40.
+
+
 def test_mask_image_size_mismatch(untidy_root):
     _write_mask(untidy_root / "Val_Folder" / "labelcol" / "v.png", size=(20, 20))
     message = _error(folders.load_split, untidy_root, "val", image_size=16, progress=False)

@@ -24,7 +24,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 SPLIT_FOLDERS = {"train": "Train_Folder", "val": "Val_Folder", "test": "Test_Folder"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -255,6 +255,10 @@ def open_image(path: pathlib.Path) -> Image.Image:
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
     if getattr(image, "n_frames", 1) > 1:  # A multi-page TIFF: only its first page would be read.
         raise DataError(f"{path}: holds {image.n_frames} frames (pages); give one image per file")
+    # A file stored turned, with the turn recorded in its EXIF orientation (as cameras and some scanners write
+    # them): viewers show it turned back, a mask is drawn on what they show, and the authors' reader (OpenCV's
+    # imread) turns it back too. Read as stored, a square image would lie under its mask rotated or mirrored.
+    ImageOps.exif_transpose(image, in_place=True)
     return image
 
 
