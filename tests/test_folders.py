@@ -238,6 +238,26 @@ def test_non_binary_mask_in_binary_task(untidy_root):
     assert "v.png" in message and "128" in message
 
 
+def test_a_jpeg_mask_is_refused_saying_its_compression_changes_values_at_the_edges(tmp_path):
+    """A binary JPEG mask holds values in between at its edges; a multi-class one other class ids there, within
+    data.num_classes too (ids 0 and 2 here: 1 appears where they meet), so it is refused whatever it holds."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:40, 20:50] = 255
+    Image.fromarray(mask).save(tmp_path / "binary.jpg", quality=90)
+    assert _error(folders.load_mask, tmp_path / "binary.jpg", 32, 1).endswith(
+        "expected 0/255 or 0/1 (a JPEG: its compression blurs a mask's edges into other values; save masks "
+        "losslessly, e.g. as PNG)")
+    Image.fromarray(mask).save(tmp_path / "binary.png")  # Lossless: read.
+    assert set(np.unique(folders.load_mask(tmp_path / "binary.png", 32, 1)[0])) == {0, 1}
+    Image.fromarray(mask // 255 * 2).save(tmp_path / "ids.jpg", quality=90)
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "ids.jpg")))) <= {0, 1, 2, 3, 4}
+    assert _error(folders.load_mask, tmp_path / "ids.jpg", 32, 5) == (
+        f"{tmp_path / 'ids.jpg'}: a multi-class mask stored as JPEG (its compression turns the class ids at the edges "
+        "into other ids); save masks losslessly, e.g. as PNG")
+    Image.fromarray(mask // 255 * 2).save(tmp_path / "ids.png")
+    assert set(np.unique(folders.load_mask(tmp_path / "ids.png", 32, 5)[0])) == {0, 2}
+
+
 def test_multiclass_mask_ids_and_out_of_range(untidy_root):
     _write_mask(untidy_root / "Val_Folder" / "labelcol" / "v.png", values=(0, 3))
     split = folders.load_split(untidy_root, "val", image_size=16, num_classes=4, progress=False)

@@ -315,11 +315,19 @@ def load_mask(path: pathlib.Path, size: int, num_classes: int) -> tuple[np.ndarr
         fraction = values[values != np.round(values)][0]
         raise DataError(f"{path}: mask holds the value {fraction:g}; a float mask must hold whole class ids "
                         "(or 0/255, 0/1)")
+    # JPEG compression blurs a mask's edges into values in between: a binary mask then holds values it should
+    # not (refused below, saying why), and a multi-class one holds other class ids there, in range or not.
+    lossless = "save masks losslessly, e.g. as PNG"
     if num_classes == 1:
         if not (set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}):
             shown = ", ".join(str(v) for v in values[:6]) + (" ..." if len(values) > 6 else "")
-            raise DataError(f"{path}: mask of a binary task holds values {shown}; expected 0/255 or 0/1")
+            why = f" (a JPEG: its compression blurs a mask's edges into other values; {lossless})" \
+                if image.format == "JPEG" else ""
+            raise DataError(f"{path}: mask of a binary task holds values {shown}; expected 0/255 or 0/1{why}")
         array = (array > 0).astype(np.uint8)
+    elif image.format == "JPEG":
+        raise DataError(f"{path}: a multi-class mask stored as JPEG (its compression turns the class ids at the "
+                        f"edges into other ids); {lossless}")
     elif values.min() < 0:  # A 32-bit mask's negative id (an 'ignore' label) would wrap to 255 below.
         raise DataError(f"{path}: mask holds class id {int(values.min())}; class ids run from 0 to "
                         f"data.num_classes - 1 = {num_classes - 1}")
