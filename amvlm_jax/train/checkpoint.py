@@ -322,7 +322,6 @@ def _state_metadata(step_dir: pathlib.Path):
     return _METADATA_READ[key]
 
 
-
 def _saved_tree(path: str | pathlib.Path):
     """The metadata tree of the train state saved at ``path`` (resolved as in ``restore_variables``)."""
     return _state_metadata(resolve_step(path))
