@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import pathlib
 import re
@@ -293,9 +294,6 @@ def resolve_step(path: str | pathlib.Path) -> pathlib.Path:
     return path / str(step)
 
 
-_METADATA_READ: dict = {}  # (state folder, its metadata files' identity) -> the tree read: see _state_metadata.
-
-
 def _state_metadata(step_dir: pathlib.Path):
     """The metadata tree (shapes and dtypes, no values) of the train state saved in a step folder.
 
@@ -309,17 +307,18 @@ def _state_metadata(step_dir: pathlib.Path):
     state = step_dir.absolute() / "state"
     files = tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in (
         (state / name).stat() for name in ("_METADATA", "manifest.ocdbt")))
-    key = (str(state), files)
-    if key not in _METADATA_READ:
-        with _reading(step_dir), ocp.StandardCheckpointer() as reader:  # Reads of a damaged manifest settle first.
-            tree = reader.metadata(state).item_metadata
-        if tree is None:  # Orbax reads an emptied or cut _METADATA or manifest.ocdbt as no tree at all.
-            raise DamagedCheckpoint(f"{step_dir}: incomplete checkpoint (state metadata unreadable); delete it or "
-                                    "name another step")
-        if len(_METADATA_READ) >= 16:  # The oldest goes: a long evaluation of many steps holds few.
-            del _METADATA_READ[next(iter(_METADATA_READ))]
-        _METADATA_READ[key] = tree
-    return _METADATA_READ[key]
+    return _read_state_metadata(step_dir, files)
+
+
+@functools.lru_cache(maxsize=16)  # A long evaluation of many steps keeps the newest few.
+def _read_state_metadata(step_dir: pathlib.Path, files: tuple):
+    """``_state_metadata``'s Orbax read; ``files`` (the identity of its metadata files) is part of the key only."""
+    with _reading(step_dir), ocp.StandardCheckpointer() as reader:  # Reads of a damaged manifest settle first.
+        tree = reader.metadata(step_dir.absolute() / "state").item_metadata
+    if tree is None:  # Orbax reads an emptied or cut _METADATA or manifest.ocdbt as no tree at all.
+        raise DamagedCheckpoint(f"{step_dir}: incomplete checkpoint (state metadata unreadable); delete it or name "
+                                "another step")
+    return tree
 
 
 def _saved_tree(path: str | pathlib.Path):
