@@ -1,7 +1,7 @@
 """Loading pre-trained encoder weights into the Flax modules.
 
-* ``load_bert``: HuggingFace BERT directory (config.json + model.safetensors,
-  or pytorch_model.bin when torch is installed) -> (BertConfig, params).
+* ``load_bert``: HuggingFace BERT directory (config.json + model.safetensors
+  or pytorch_model.bin) -> (BertConfig, params).
 * ``load_vit``: timm/DeiT or HuggingFace ViT/DeiT checkpoints -> params, with
   bicubic position-embedding resampling when the patch grid differs.
 * ``save_params_checkpoint`` / ``load_params_checkpoint``: Orbax round trip.
@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from amvlm_jax import torch_pickle
 from amvlm_jax.models.bert import Bert, BertConfig, activation
 from amvlm_jax.models.vit import ViT
 
@@ -45,7 +46,7 @@ class TextEncoderNotInstalled(WeightError, FileNotFoundError):
 def read_state_dict(path) -> Dict[str, np.ndarray]:
     """Reads a checkpoint file into {name: float32/int numpy array}.
 
-    .safetensors is read directly; .bin/.pth/.pt/.ckpt need torch (CPU).
+    .safetensors and torch.save files (.bin/.pth/.pt/.ckpt) are both read without torch.
     Wrapped torch checkpoints ({'model': ...} / {'state_dict': ...}) are unwrapped.
     """
     path = os.fspath(path)
@@ -59,8 +60,8 @@ def read_state_dict(path) -> Dict[str, np.ndarray]:
         return _read_safetensors(path)
     if path.endswith(_TORCH_SUFFIXES):
         return _read_torch(path)
-    raise WeightError(f"{path}: unknown checkpoint format (expected .safetensors, "
-                      f"or {'/'.join(_TORCH_SUFFIXES)} with torch installed)")
+    raise WeightError(f"{path}: unknown checkpoint format (expected .safetensors, .index.json, "
+                      f"or a torch.save file: {'/'.join(_TORCH_SUFFIXES)})")
 
 
 def shard_files(index: str) -> list[str]:
@@ -94,27 +95,26 @@ def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
 
 
 def _read_torch(path: str) -> Dict[str, np.ndarray]:
-    if importlib.util.find_spec("torch") is None:
-        raise WeightError(f"{path}: reading a PyTorch pickle checkpoint needs torch "
-                          f"(install CPU torch, or convert the file to .safetensors)")
-    import torch
-
+    """A torch.save file's state dict, read without torch (amvlm_jax.torch_pickle): floating tensors as
+    float32, others as stored; entries that are no tensor (a step count, a script's arguments) are left out."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for files that are no checkpoint.
-        raise WeightError(f"{path}: not a PyTorch checkpoint ({type(error).__name__})") from None
+        state = torch_pickle.load(path)
+    except torch_pickle.CheckpointFormatError as error:
+        raise WeightError(f"{path}: not a PyTorch checkpoint ({error})") from None
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict):
-        raise WeightError(f"{path}: not a state dict")
+        held = state.qualname if isinstance(state, torch_pickle.Opaque) else type(state).__name__
+        raise WeightError(f"{path}: not a state dict (it holds a {held}; save the model's state_dict())")
     tensors = {}
     for key, value in state.items():
-        if not torch.is_tensor(value):
-            continue
-        if value.is_floating_point():
-            value = value.float()
-        tensors[key] = value.numpy()
+        if isinstance(value, torch_pickle.Opaque) and value.qualname.startswith("torch."):
+            raise WeightError(f"{path}: {key} is a tensor of a kind that is not read ({value.qualname}; "
+                              f"save it as a dense tensor)")
+        if isinstance(value, np.ndarray):
+            floating = value.dtype.kind == "f" or value.dtype.kind == "V"  # "V": ml_dtypes' bfloat16 and float8.
+            tensors[key] = value.astype(np.float32) if floating else value
     return tensors
 
 
@@ -528,7 +528,7 @@ def _say_what_is_left_out(tensors, has_dist: bool, depth: int, file: str) -> Non
 def load_vit(path, model_config, image_size=None) -> Dict[str, Any]:
     """Loads a ViT checkpoint file -> params for the given ViT.
 
-    path: .safetensors (or .pth/.bin/.pt with torch), or a ``save_pretrained`` folder holding one, in timm/DeiT layout
+    path: .safetensors, a torch.save file (.pth/.bin/.pt), or a ``save_pretrained`` folder holding one, in timm/DeiT layout
     (``cls_token``, ``pos_embed``, ``blocks.N.attn.qkv.weight`` ...) or HF
     ViT/DeiT layout (``[vit.|deit.]embeddings...``, ``encoder.layer.N...`` as
     on the Hub, or ``layers.N.attention.q_proj...`` as transformers >= 5 names it);

@@ -548,18 +548,17 @@ def test_bert_sharded_folder_loads_like_one_file(tiny_bert_dir, tmp_path):
     _assert_trees_equal(loaded, params)
 
 
-def test_bert_bin_without_torch_is_a_clear_error(tiny_bert_dir, tmp_path, monkeypatch):
-    directory, _ = tiny_bert_dir
+def test_bert_bin_loads_without_torch_and_not_beside_safetensors(tiny_bert_dir, tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch", reason="torch writes the pytorch_model.bin")
+    directory, params = tiny_bert_dir
     (tmp_path / "config.json").write_text((directory / "config.json").read_text())
-    (tmp_path / "pytorch_model.bin").write_bytes(b"not used")
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
-    with pytest.raises(WeightError, match="needs torch"):
-        weights.load_bert(tmp_path)
+    torch.save({k: torch.from_numpy(v) for k, v in bert_params_to_hf(params).items()}, tmp_path / "pytorch_model.bin")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails, as where only the project is installed.
+    _assert_trees_equal(weights.load_bert(tmp_path)[1], params)
     # Beside a model.safetensors the pickle is not read (save_pretrained folders may hold both).
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not used")
     (tmp_path / "model.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
-    _assert_trees_equal(weights.load_bert(tmp_path)[1], tiny_bert_dir[1])
+    _assert_trees_equal(weights.load_bert(tmp_path)[1], params)
 
 
 def test_bad_vit_weights_are_one_line_naming_the_field_and_file(tiny_vit_params, tiny_bert_dir, tmp_path):
@@ -583,11 +582,10 @@ def test_bad_vit_weights_are_one_line_naming_the_field_and_file(tiny_vit_params,
             weights.load_vit(str(path), TINY_VIT, image_size=TINY_IMAGE)
         assert str(info.value).startswith(f"config.pretrain.vit_weights: {path}{problem}")
         assert "\n" not in str(info.value)
-    if importlib.util.find_spec("torch") is not None:
-        pickle = tmp_path / "vit.pth"
-        pickle.write_bytes(b"not a pickle")
-        with pytest.raises(WeightError, match=r"^config.pretrain.vit_weights: .*vit.pth: not a PyTorch checkpoint"):
-            weights.load_vit(str(pickle), TINY_VIT, image_size=TINY_IMAGE)
+    pickle = tmp_path / "vit.pth"
+    pickle.write_bytes(b"not a pickle")
+    with pytest.raises(WeightError, match=r"^config.pretrain.vit_weights: .*vit.pth: not a PyTorch checkpoint"):
+        weights.load_vit(str(pickle), TINY_VIT, image_size=TINY_IMAGE)
 
 
 def _text_encoder_error(folder, step) -> str:

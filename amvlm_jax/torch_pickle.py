@@ -1,0 +1,299 @@
+"""Reading ``torch.save`` files (.bin, .pth, .pt, .ckpt) into numpy arrays without torch.
+
+``torch.save`` pickles its object with each tensor as a call of a rebuild function of ``torch._utils``
+(storage, offset, size, stride, ...) whose storage is a persistent reference to a flat typed buffer: in the
+zip format (torch >= 1.6) one zip entry per buffer, in the legacy format (older torch, or
+``_use_new_zipfile_serialization=False``) the buffers follow the pickle in the file. Bio_ClinicalBERT's
+pytorch_model.bin and the DeiT release's .pth files are such pickles.
+
+The pickle is read with an allow-list: the rebuild functions of dense tensors and parameters, storage
+and dtype names, ``collections.OrderedDict``. Every other global a pickle names (a training script's
+argparse.Namespace, a numpy scalar, or anything a crafted file would call) becomes an inert ``Opaque``
+object: nothing outside this module runs. Tensors come back as numpy arrays in their own dtype
+(bfloat16 and float8 as ml_dtypes'), copied out of their storage with its offset and strides, so views
+that share a storage (tied weights, transposes) come back as separate arrays with the same values.
+Tensors of other kinds (quantized, sparse, nested, subclasses) come back as ``Opaque`` objects named
+after their rebuild function.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import struct
+import sys
+import tarfile
+import zipfile
+from typing import Any, Callable, Dict, Optional
+
+import ml_dtypes
+import numpy as np
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # What torch's legacy format pickles first, then its protocol (1001).
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    "ComplexFloatStorage": np.complex64, "ComplexDoubleStorage": np.complex128,
+}
+_DTYPES = {
+    "float32": np.float32, "float": np.float32, "float64": np.float64, "double": np.float64,
+    "float16": np.float16, "half": np.float16, "bfloat16": ml_dtypes.bfloat16, "int64": np.int64,
+    "long": np.int64, "int32": np.int32, "int": np.int32, "int16": np.int16, "short": np.int16,
+    "int8": np.int8, "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
+    "bool": np.bool_, "complex64": np.complex64, "complex128": np.complex128,
+    "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2,
+}
+
+
+class CheckpointFormatError(ValueError):
+    """The file is no torch.save file, or its pickle and buffers disagree (a one-line reason)."""
+
+
+class Opaque:
+    """What a global outside the allow-list becomes, and what calling or building it gives: it records the
+    global's name (``qualname``) and nothing of its arguments runs."""
+
+    qualname = ""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+    def __repr__(self):
+        return f"<{self.qualname}>"
+
+
+class _StorageType:
+    def __init__(self, dtype):
+        self.dtype = None if dtype is None else np.dtype(dtype)  # None: an untyped storage (bytes).
+
+
+class _DType:
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+
+
+class _Storage:
+    """A persistent storage reference: bytes read on first use (``read``), typed or untyped."""
+
+    def __init__(self, key: str, dtype: Optional[np.dtype], read: Callable[[str], np.ndarray], unknown: str = ""):
+        self.key, self.dtype, self._read, self.unknown = key, dtype, read, unknown
+
+    def elements(self, dtype: np.dtype, byteorder: str = sys.byteorder) -> np.ndarray:
+        """The storage's bytes as a flat array of dtype, in this machine's byte order."""
+        raw = self._read(self.key)
+        if raw.size % dtype.itemsize:
+            raise CheckpointFormatError(f"storage {self.key} holds {raw.size} bytes, not whole {dtype} elements")
+        if byteorder == sys.byteorder or dtype.itemsize == 1:
+            return raw.view(dtype)
+        if dtype.kind in "biufc":  # numpy's own types swap each part (a complex number's two halves apart).
+            return raw.view(dtype.newbyteorder()).astype(dtype)
+        return raw.reshape(-1, dtype.itemsize)[:, ::-1].copy().reshape(-1).view(dtype)  # bfloat16, float8.
+
+
+class _Tensor:
+    """A tensor to copy out of its storage once every storage can be read (legacy files put them last)."""
+
+    def __init__(self, storage, offset, size, stride, dtype=None):
+        if not isinstance(storage, _Storage):
+            raise CheckpointFormatError(f"a tensor's storage is {type(storage).__name__}, not a storage")
+        dtype = storage.dtype if dtype is None else dtype
+        if dtype is None:
+            raise CheckpointFormatError(f"storage {storage.key} has no dtype")
+        self.storage, self.offset, self.size, self.stride, self.dtype = storage, offset, tuple(size), tuple(stride), dtype
+
+    def array(self, byteorder: str) -> np.ndarray:
+        flat = self.storage.elements(self.dtype, byteorder)
+        if len(self.size) != len(self.stride) or self.offset < 0 or any(s < 0 for s in self.stride + self.size):
+            raise CheckpointFormatError(f"a tensor of storage {self.storage.key} has offset {self.offset}, "
+                                        f"size {self.size} and stride {self.stride}")
+        if 0 in self.size:
+            return np.zeros(self.size, self.dtype)
+        last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
+        if last >= flat.size:
+            raise CheckpointFormatError(f"a tensor reads element {last} of storage {self.storage.key}, "
+                                        f"which holds {flat.size}")
+        view = np.lib.stride_tricks.as_strided(flat[self.offset:], self.size, [s * flat.itemsize for s in self.stride])
+        return np.array(view, order="C")  # A C-contiguous copy.
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    return _Tensor(storage, offset, size, stride)
+
+
+def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, *_):
+    if not isinstance(dtype, _DType):
+        raise CheckpointFormatError(f"a tensor's dtype is {dtype!r}")
+    return _Tensor(storage, offset, size, stride, dtype.dtype)
+
+
+def _rebuild_parameter(data, *_):
+    return data
+
+
+def _rebuild_from_type_v2(function, new_type, arguments, state):  # A tensor subclass or one with attributes.
+    return function(*arguments)
+
+
+_ALLOWED: Dict[tuple, Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch.storage", "UntypedStorage"): _StorageType(None),
+    ("torch", "UntypedStorage"): _StorageType(None),
+}
+_ALLOWED.update({("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()})
+_ALLOWED.update({("torch", name): _DType(dtype) for name, dtype in _DTYPES.items()})
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, read_storage: Callable[[str], np.ndarray], storages: Dict[str, _Storage]):
+        super().__init__(file)
+        self._read_storage, self._storages = read_storage, storages
+        self._opaque: Dict[str, type] = {}
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[module, name]
+        qualname = f"{module}.{name}"
+        if qualname not in self._opaque:
+            self._opaque[qualname] = type(name, (Opaque,), {"qualname": qualname})
+        return self._opaque[qualname]
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[2], str)):
+            raise CheckpointFormatError(f"unknown persistent reference {pid!r:.80}")
+        key, kind = pid[2], pid[1]
+        if key not in self._storages:
+            # A storage type outside the allow-list (a quantized tensor's) is kept without a dtype: the tensor
+            # built on it is Opaque, and only the legacy format, which needs its element size, refuses it.
+            dtype = kind.dtype if isinstance(kind, _StorageType) else None
+            unknown = "" if isinstance(kind, _StorageType) else getattr(kind, "qualname", repr(kind))
+            self._storages[key] = _Storage(key, dtype, self._read_storage, unknown)
+        dtype = self._storages[key].dtype
+        view = pid[5] if len(pid) > 5 else None
+        if view is None:
+            return self._storages[key]
+        # Legacy files of old torch: a storage that is a slice of another, (view key, element offset, size).
+        view_key, offset, size = view
+        base = self._storages[key]
+        self._storages.setdefault(view_key, _Storage(view_key, dtype, lambda _: base.elements(
+            np.dtype(np.uint8))[offset * dtype.itemsize:(offset + size) * dtype.itemsize]))
+        return self._storages[view_key]
+
+
+def _materialise(obj, byteorder: str, depth: int = 0):
+    """obj with every tensor reference replaced by its array (dicts, lists and tuples walked)."""
+    if depth > 64:
+        raise CheckpointFormatError("nested more than 64 levels deep")
+    if isinstance(obj, _Tensor):
+        return obj.array(byteorder)
+    if isinstance(obj, dict):
+        out = type(obj)() if type(obj) in (dict, collections.OrderedDict) else {}
+        for key, value in obj.items():
+            out[key] = _materialise(value, byteorder, depth + 1)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_materialise(value, byteorder, depth + 1) for value in obj)
+    return obj
+
+
+def _load_zip(path: str):
+    with zipfile.ZipFile(path) as archive:
+        pickles = [name for name in archive.namelist() if name.endswith("data.pkl") and name.count("/") == 1]
+        if len(pickles) != 1:
+            raise CheckpointFormatError("a zip file without one <folder>/data.pkl (not written by torch.save)")
+        prefix = pickles[0][: -len("data.pkl")]
+        byteorder = "little"
+        if f"{prefix}byteorder" in archive.namelist():
+            byteorder = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
+            if byteorder not in ("little", "big"):
+                raise CheckpointFormatError(f"byte order {byteorder!r}")
+        cache: Dict[str, np.ndarray] = {}
+
+        def read_storage(key: str) -> np.ndarray:
+            if key not in cache:
+                try:
+                    cache[key] = np.frombuffer(archive.read(f"{prefix}data/{key}"), np.uint8)
+                except KeyError:
+                    raise CheckpointFormatError(f"storage {key} is missing from the archive") from None
+            return cache[key]
+
+        with archive.open(pickles[0]) as file:
+            obj = _Unpickler(file, read_storage, {}).load()
+        return _materialise(obj, byteorder)
+
+
+def _load_legacy(path: str):
+    with open(path, "rb") as file:
+        header = []
+        for expected in (_LEGACY_MAGIC, 1001, dict):
+            header.append(_Unpickler(file, None, {}).load())
+            if not (isinstance(header[-1], expected) if expected is dict else header[-1] == expected):
+                raise CheckpointFormatError("a pickle that torch.save did not write")
+        byteorder = "little" if header[2].get("little_endian", True) else "big"
+        data: Dict[str, np.ndarray] = {}
+        storages: Dict[str, _Storage] = {}
+
+        def read_storage(key: str) -> np.ndarray:
+            if key not in data:
+                raise CheckpointFormatError(f"storage {key} has no data")
+            return data[key]
+
+        obj = _Unpickler(file, read_storage, storages).load()
+        keys = _Unpickler(file, None, {}).load()
+        if not isinstance(keys, list) or any(key not in storages for key in keys):
+            raise CheckpointFormatError("its list of storages does not match its pickle")
+        for key in keys:
+            count_bytes = file.read(8)
+            if len(count_bytes) < 8:
+                raise CheckpointFormatError(f"the file ends before storage {key}")
+            (count,) = struct.unpack("<q" if byteorder == "little" else ">q", count_bytes)
+            if storages[key].unknown:
+                raise CheckpointFormatError(f"storage {key} is a {storages[key].unknown}, which is not read")
+            dtype = storages[key].dtype
+            size = count * (1 if dtype is None else dtype.itemsize)  # An untyped storage counts bytes.
+            raw = file.read(size)
+            if count < 0 or len(raw) != size:
+                raise CheckpointFormatError(f"the file ends inside storage {key}")
+            data[key] = np.frombuffer(raw, np.uint8)
+        return _materialise(obj, byteorder)
+
+
+def load(path) -> Any:
+    """The object a torch.save file holds, with numpy arrays for its dense tensors. Raises
+    CheckpointFormatError (one line) for a file that torch.save did not write or that is cut short."""
+    path = str(path)
+    try:
+        with open(path, "rb") as file:
+            start = file.read(4)
+        if start == b"PK\x03\x04":  # A zip archive's first entry: torch >= 1.6.
+            if not zipfile.is_zipfile(path):
+                raise CheckpointFormatError("a zip archive without its directory: cut short or damaged")
+            return _load_zip(path)
+        if tarfile.is_tarfile(path):
+            raise CheckpointFormatError("a tar archive: torch.save's format before torch 0.4 (load and save it "
+                                        "again with a newer torch)")
+        return _load_legacy(path)
+    except CheckpointFormatError:
+        raise
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, KeyError, IndexError,
+            AttributeError, struct.error, MemoryError, RecursionError) as error:
+        raise CheckpointFormatError(f"{type(error).__name__}: {str(error)[:120]}".rstrip(": ")) from None
