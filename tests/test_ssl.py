@@ -1393,6 +1393,27 @@ def test_guidance_scores_each_map_by_dice_and_pixel_auroc_by_hand(num_classes):
             _rank_auroc(foreground[valid], truth[valid] > 0), abs=1e-9), name
 
 
+def test_veto_only_text_masks_mark_no_pixel_and_the_table_says_why():
+    """ssl.text_veto_only caps p_text at 0.5, so at the 0.5 threshold a text mask marks nothing however sure the
+    head is (logit 3 everywhere here): Dice 0 on every image with a lesion. The table then says so."""
+    config = tiny_synthetic_config(**{"mode": "ssl"})
+    guidance = types.SimpleNamespace(head=True, head_logits=lambda params, frozen, images, tokens: params,
+                                     logit_offset=0.0, veto_only=True, constant=0.0, text_clip=1e-4)
+    step = ssl.make_guidance_eval_step(config, _LogitsModel(), guidance)
+    truth = np.zeros((2, 4, 4), np.uint8)
+    truth[:, 1:3, 1:3] = 1
+    batch = {"image": np.zeros((2, 4, 4, 3), np.uint8), "mask": truth, "valid": np.array([True, True])}
+    zeros = {"logits": jnp.zeros((2, 4, 4, 1))}
+    dice, iou, _, _ = jax.device_get(step(zeros, zeros, {"head": jnp.full((2, 4, 4), 3.0)}, None, batch))["text_mask"]
+    np.testing.assert_array_equal(dice, [0.0, 0.0])
+    results = {"val": {name: {"dice": 0.0, "miou": 0.0, "auroc": 50.0} for name in ssl.GUIDANCE_MAPS}}
+    table = ssl.format_guidance_table(results, veto_only=True).splitlines()
+    assert len(table) == 1 + len(ssl.GUIDANCE_MAPS) + 1
+    assert table[-1] == ("(text masks capped at 0.5, config.ssl.text_veto_only: none marks a pixel at 0.5, so their "
+                         "Dice and mIoU are 0; their AUROC says how well they rank lesion pixels)")
+    assert ssl.format_guidance_table(results).splitlines() == table[:-1]
+
+
 class _AffineModel:
     """A stand-in U-Net of two parameters: logit = a * (red channel) + b; its 'batch statistic' is the mean image."""
 

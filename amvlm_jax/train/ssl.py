@@ -605,18 +605,22 @@ def evaluate_guidance(config, workdir, checkpoint_path: str = "", mesh=None, roo
             write_atomically(workdir / f"per_image_guidance_{split_name}.csv", csv_text(rows))
     if jax.process_index() == 0:
         write_atomically(workdir / "guidance.json", json_text(results, indent=2) + "\n")
-    info(format_guidance_table(results))
+    info(format_guidance_table(results, veto_only=guidance is not None and guidance.veto_only))
     return results
 
 
-def format_guidance_table(results: dict) -> str:
-    """Dice / mIoU / pixel AUROC (percent) of each map on each split."""
+def format_guidance_table(results: dict, veto_only: bool = False) -> str:
+    """Dice / mIoU / pixel AUROC (percent) of each map on each split; with veto_only, a line that says why the
+    text masks' Dice is 0."""
     lines = [f"{'split':<10}{'map':<14}{'Dice':>8}{'mIoU':>8}{'AUROC':>8}"]
     for split, summary in results.items():
         for name in GUIDANCE_MAPS:
             if name in summary:
                 values = summary[name]
                 lines.append(f"{split:<10}{name:<14}{values['dice']:>8.2f}{values['miou']:>8.2f}{values['auroc']:>8.2f}")
+    if veto_only:
+        lines.append("(text masks capped at 0.5, config.ssl.text_veto_only: none marks a pixel at 0.5, so their Dice "
+                     "and mIoU are 0; their AUROC says how well they rank lesion pixels)")
     return "\n".join(lines)
 
 
