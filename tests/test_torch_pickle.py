@@ -82,6 +82,25 @@ def test_a_checkpoint_reads_as_torch_load_reads_it(legacy, tmp_path, monkeypatch
             _assert_same(tensors[name], tensor, name)
 
 
+def test_only_the_unwrapped_state_dict_is_copied_out_of_the_file(tmp_path, monkeypatch):
+    """A training checkpoint holds the optimiser's moments beside the model (two more copies of it, in MAE's and
+    MoCo's .pth.tar files): weights.read_state_dict takes the model and reads none of the other storages."""
+    model = {"weight": torch.randn(4, 4), "bias": torch.randn(4)}
+    moments = {"exp_avg": torch.randn(4, 4), "exp_avg_sq": torch.randn(4, 4)}
+    path = tmp_path / "checkpoint_0099.pth.tar"
+    torch.save({"epoch": 99, "model": model, "optimizer": {"state": {0: moments}}}, path)
+    read = []
+    real_read = zipfile.ZipFile.read
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, name, *a: read.append(name) or real_read(self, name, *a))
+    tensors = weights.read_state_dict(path)
+    assert list(tensors) == ["weight", "bias"]
+    for name, tensor in model.items():
+        np.testing.assert_array_equal(tensors[name], tensor.numpy())
+    assert sorted(name.rpartition("/")[2] for name in read if "/data/" in name) == ["0", "1"]
+    everything = torch_pickle.load(path)
+    np.testing.assert_array_equal(everything["optimizer"]["state"][0]["exp_avg_sq"], moments["exp_avg_sq"].numpy())
+
+
 def test_a_checkpoint_written_big_endian_reads_the_same_values(tmp_path):
     """The zip format's byteorder entry: the same archive with 'big' and every storage's elements byte-swapped
     (a complex number's two halves each) reads the values of the little-endian original."""
