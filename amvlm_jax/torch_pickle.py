@@ -89,8 +89,10 @@ class _DType:
 class _Storage:
     """A persistent storage reference: bytes read on first use (``read``), typed or untyped."""
 
-    def __init__(self, key: str, dtype: Optional[np.dtype], read: Callable[[str], np.ndarray], unknown: str = ""):
+    def __init__(self, key: str, dtype: Optional[np.dtype], read: Callable[[str], np.ndarray], unknown: str = "",
+                 root: str = ""):
         self.key, self.dtype, self._read, self.unknown = key, dtype, read, unknown
+        self.root = root or key  # The storage whose bytes these are (another one's for a legacy view).
 
     def elements(self, dtype: np.dtype, byteorder: str = sys.byteorder) -> np.ndarray:
         """The storage's bytes as a flat array of dtype, in this machine's byte order."""
@@ -195,7 +197,7 @@ class _Unpickler(pickle.Unpickler):
         view_key, offset, size = view
         base = self._storages[key]
         self._storages.setdefault(view_key, _Storage(view_key, dtype, lambda _: base.elements(
-            np.dtype(np.uint8))[offset * dtype.itemsize:(offset + size) * dtype.itemsize]))
+            np.dtype(np.uint8))[offset * dtype.itemsize:(offset + size) * dtype.itemsize], root=key))
         return self._storages[view_key]
 
 
@@ -213,6 +215,16 @@ def _materialise(obj, byteorder: str, depth: int = 0):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_materialise(value, byteorder, depth + 1) for value in obj)
     return obj
+
+
+def _storage_roots(obj, depth: int = 0) -> set:
+    """The keys of the stored buffers that obj's tensors read."""
+    if depth > 64:
+        raise CheckpointFormatError("nested more than 64 levels deep")
+    if isinstance(obj, _Tensor):
+        return {obj.storage.root}
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return set().union(*(_storage_roots(value, depth + 1) for value in values))
 
 
 def _unwrapped(obj, unwrap: Sequence[str]):
@@ -264,24 +276,30 @@ def _load_legacy(path: str, unwrap: Sequence[str]):
                 raise CheckpointFormatError(f"storage {key} has no data")
             return data[key]
 
-        obj = _Unpickler(file, read_storage, storages).load()
+        obj = _unwrapped(_Unpickler(file, read_storage, storages).load(), unwrap)
         keys = _Unpickler(file, None, {}).load()
         if not isinstance(keys, list) or any(key not in storages for key in keys):
             raise CheckpointFormatError("its list of storages does not match its pickle")
+        needed = _storage_roots(obj)
         for key in keys:
             count_bytes = file.read(8)
             if len(count_bytes) < 8:
                 raise CheckpointFormatError(f"the file ends before storage {key}")
             (count,) = struct.unpack("<q" if byteorder == "little" else ">q", count_bytes)
-            if storages[key].unknown:
+            if storages[key].unknown:  # Its element size, and so where the next storage starts, is unknown.
                 raise CheckpointFormatError(f"storage {key} is a {storages[key].unknown}, which is not read")
+            if count < 0:
+                raise CheckpointFormatError(f"storage {key} has {count} elements")
             dtype = storages[key].dtype
             size = count * (1 if dtype is None else dtype.itemsize)  # An untyped storage counts bytes.
+            if key not in needed:  # Left out by unwrap: skipped, not read.
+                file.seek(size, 1)
+                continue
             raw = file.read(size)
-            if count < 0 or len(raw) != size:
+            if len(raw) != size:
                 raise CheckpointFormatError(f"the file ends inside storage {key}")
             data[key] = np.frombuffer(raw, np.uint8)
-        return _materialise(_unwrapped(obj, unwrap), byteorder)
+        return _materialise(obj, byteorder)
 
 
 def load(path, unwrap: Sequence[str] = ()) -> Any:
@@ -299,7 +317,7 @@ def load(path, unwrap: Sequence[str] = ()) -> Any:
                 raise CheckpointFormatError("a zip archive without its directory: cut short or damaged")
             return _load_zip(path, unwrap)
         if tarfile.is_tarfile(path):
-            raise CheckpointFormatError("a tar archive: torch.save's format before torch 0.4 (load and save it "
+            raise CheckpointFormatError("a tar archive, the format of torch's first releases (load it and save it "
                                         "again with a newer torch)")
         return _load_legacy(path, unwrap)
     except CheckpointFormatError:

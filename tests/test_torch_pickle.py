@@ -82,21 +82,49 @@ def test_a_checkpoint_reads_as_torch_load_reads_it(legacy, tmp_path, monkeypatch
             _assert_same(tensors[name], tensor, name)
 
 
-def test_only_the_unwrapped_state_dict_is_copied_out_of_the_file(tmp_path, monkeypatch):
+class _CountingFile:
+    """A file whose read calls count the bytes they return (peek, seek and the rest pass through)."""
+
+    def __init__(self, file, counts):
+        self._file, self._counts = file, counts
+
+    def read(self, *size):
+        data = self._file.read(*size)
+        self._counts.append(len(data))
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_only_the_unwrapped_state_dict_is_copied_out_of_the_file(legacy, tmp_path, monkeypatch):
     """A training checkpoint holds the optimiser's moments beside the model (two more copies of it, in MAE's and
-    MoCo's .pth.tar files): weights.read_state_dict takes the model and reads none of the other storages."""
+    MoCo's .pth.tar files): weights.read_state_dict takes the model and reads none of the other storages (the
+    legacy format's are skipped over)."""
     model = {"weight": torch.randn(4, 4), "bias": torch.randn(4)}
-    moments = {"exp_avg": torch.randn(4, 4), "exp_avg_sq": torch.randn(4, 4)}
+    moments = {"exp_avg": torch.randn(256, 256), "exp_avg_sq": torch.randn(256, 256)}
     path = tmp_path / "checkpoint_0099.pth.tar"
-    torch.save({"epoch": 99, "model": model, "optimizer": {"state": {0: moments}}}, path)
-    read = []
+    torch.save({"epoch": 99, "model": model, "optimizer": {"state": {0: moments}}}, path,
+               _use_new_zipfile_serialization=not legacy)
+    read, entries = [], []
     real_read = zipfile.ZipFile.read
-    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, name, *a: read.append(name) or real_read(self, name, *a))
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, name, *a: entries.append(name) or real_read(self, name, *a))
+    monkeypatch.setattr(torch_pickle, "open", lambda *a: _CountingFile(open(*a), read), raising=False)
     tensors = weights.read_state_dict(path)
     assert list(tensors) == ["weight", "bias"]
     for name, tensor in model.items():
         np.testing.assert_array_equal(tensors[name], tensor.numpy())
-    assert sorted(name.rpartition("/")[2] for name in read if "/data/" in name) == ["0", "1"]
+    if legacy:
+        assert sum(read) < 10_000 < 2 * 256 * 256 * 4 < path.stat().st_size
+    else:
+        assert sorted(name.rpartition("/")[2] for name in entries if "/data/" in name) == ["0", "1"]
     everything = torch_pickle.load(path)
     np.testing.assert_array_equal(everything["optimizer"]["state"][0]["exp_avg_sq"], moments["exp_avg_sq"].numpy())
 
