@@ -412,10 +412,12 @@ def _hf_namer(layout: str) -> Callable[[Tuple[str, ...]], Tuple[Sequence[str], s
 
 
 # Tensors a ViT checkpoint may hold beyond the tokens this ViT computes: classifier and pooling heads (they
-# read the final tokens) and the DeiT distillation token (dropped, see load_vit). Blocks past the ViT's
-# depth are left out too (pretrain.vit_depth keeps the first ones).
+# read the final tokens), the DeiT distillation token (dropped, see load_vit), and a masked-image model's
+# mask token and pixel decoder (MAE's release: they stand in for masked patches and read the final tokens;
+# nothing is masked here). Blocks past the ViT's depth are left out too (pretrain.vit_depth keeps the first ones).
 _VIT_UNUSED = {
-    "timm": ("head.", "head_dist.", "fc_norm.", "pre_logits.", "attn_pool.", "dist_token"),
+    "timm": ("head.", "head_dist.", "fc_norm.", "pre_logits.", "attn_pool.", "dist_token", "mask_token",
+             "decoder_"),
     "hf": ("pooler.", "classifier.", "distillation_classifier.", "cls_classifier.",
            "embeddings.distillation_token", "embeddings.mask_token"),
 }

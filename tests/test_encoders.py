@@ -512,6 +512,24 @@ def test_vit_refuses_tensors_it_has_no_place_for(tiny_vit_params, tiny_vit_image
     assert capsys.readouterr().out == f"{path}: the first 2 of its 3 blocks are loaded (config.pretrain.vit_depth)\n"
 
 
+def test_an_mae_pretraining_checkpoint_loads_its_encoder(tiny_vit_params, tmp_path):
+    """MAE's released pre-training checkpoints ({'model': ...} in a .pth, timm names) hold a plain ViT encoder
+    with a mask token and a pixel decoder beside it, which read or replace tokens only in masked pre-training:
+    the encoder loads, as the same tensors without them do."""
+    torch = pytest.importorskip("torch", reason="torch writes the .pth")
+    state = vit_params_to_timm(tiny_vit_params)
+    width, decoder_width, tokens = TINY_VIT["width"], 8, state["pos_embed"].shape[1]
+    mae = dict(state, **{"mask_token": np.zeros((1, 1, decoder_width), np.float32),
+                         "decoder_embed.weight": np.ones((decoder_width, width), np.float32),
+                         "decoder_pos_embed": np.zeros((1, tokens, decoder_width), np.float32),
+                         "decoder_blocks.0.attn.qkv.weight": np.ones((3 * decoder_width, decoder_width), np.float32),
+                         "decoder_norm.weight": np.ones((decoder_width,), np.float32),
+                         "decoder_pred.bias": np.zeros((TINY_VIT["patch_size"] ** 2 * 3,), np.float32)})
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in mae.items()}}, tmp_path / "mae_pretrain_vit.pth")
+    _assert_trees_equal(weights.load_vit(tmp_path / "mae_pretrain_vit.pth", TINY_VIT, image_size=TINY_IMAGE),
+                        tiny_vit_params)
+
+
 def test_bert_folder_of_another_model_is_a_one_line_error(tiny_bert_dir, tmp_path):
     """A RoBERTa folder's tensors have BERT's names but its positions start at 2: refused, not misloaded;
     an activation the encoder lacks is a WeightError, not a traceback from inside the model."""
