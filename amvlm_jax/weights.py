@@ -256,7 +256,8 @@ def bert_config(directory, num_layers: Optional[int] = None) -> BertConfig:
     """The BertConfig of a HuggingFace BERT directory's config.json; ``num_layers`` as in ``load_bert``."""
     path = os.path.join(os.fspath(directory), "config.json")
     if not os.path.isdir(directory):
-        raise WeightError(f"{directory} is not a folder" if os.path.exists(directory) else
+        raise WeightError(f"{directory} is a file, not a folder: give the HuggingFace BERT folder that holds it "
+                          "(config.json, weights, vocabulary)" if os.path.exists(directory) else
                           f"{directory}: no such folder (a HuggingFace BERT folder: config.json, weights, vocabulary)")
     if not os.path.isfile(path):
         raise WeightError(f"{directory} has no config.json")

@@ -668,7 +668,10 @@ def test_broken_text_encoder_folder_is_one_line_naming_the_field_and_file(tiny_b
     folder = broken("junktokenizer", replace={"tokenizer.json": b"junk"})
     assert _text_encoder_error(folder, tokenizer).startswith(f"{folder / 'tokenizer.json'}: unreadable (")
     not_folder = folder / "config.json"
-    assert _text_encoder_error(not_folder, text_config) == f"{field}{not_folder} is not a folder"
+    for step in (text_config, load):  # A file where the folder belongs (its weights, say): the folder is asked for.
+        assert _text_encoder_error(not_folder, step) == (
+            f"{field}{not_folder} is a file, not a folder: give the HuggingFace BERT folder that holds it "
+            "(config.json, weights, vocabulary)")
 
 
 # ---------------------------------------------------------------------------
