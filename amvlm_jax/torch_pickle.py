@@ -13,7 +13,7 @@ object: nothing outside this module runs. Tensors come back as numpy arrays in t
 (bfloat16 and float8 as ml_dtypes'), copied out of their storage with its offset and strides, so views
 that share a storage (tied weights, transposes) come back as separate arrays with the same values.
 Tensors of other kinds (quantized, sparse, nested, subclasses) come back as ``Opaque`` objects named
-after their rebuild function.
+after their rebuild function. A whole model saved with torch.save(model) comes back as its state dict.
 """
 
 from __future__ import annotations
@@ -53,15 +53,16 @@ class CheckpointFormatError(ValueError):
 
 class Opaque:
     """What a global outside the allow-list becomes, and what calling or building it gives: it records the
-    global's name (``qualname``) and nothing of its arguments runs."""
+    global's name (``qualname``) and the state the pickle gives it (``state``); nothing of it runs."""
 
     qualname = ""
+    state = None
 
     def __init__(self, *args, **kwargs):
         pass
 
     def __setstate__(self, state):
-        pass
+        self.state = state
 
     def __setitem__(self, key, value):
         pass
@@ -160,6 +161,10 @@ _ALLOWED: Dict[tuple, Any] = {
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
     ("torch.storage", "UntypedStorage"): _StorageType(None),
     ("torch", "UntypedStorage"): _StorageType(None),
+    # A module's names of its buffers that are not saved: protocol 2 pickles a set as a call of set, under
+    # Python 2's module name (the overridden find_class gets it unmapped).
+    ("__builtin__", "set"): set, ("builtins", "set"): set,
+    ("__builtin__", "frozenset"): frozenset, ("builtins", "frozenset"): frozenset,
 }
 _ALLOWED.update({("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()})
 _ALLOWED.update({("torch", name): _DType(dtype) for name, dtype in _DTYPES.items()})
@@ -180,6 +185,8 @@ class _Unpickler(pickle.Unpickler):
         return self._opaque[qualname]
 
     def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":  # Legacy: (.., class, file, source).
+            return pid[1]
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[2], str)):
             raise CheckpointFormatError(f"unknown persistent reference {pid!r:.80}")
         key, kind = pid[2], pid[1]
@@ -227,11 +234,37 @@ def _storage_roots(obj, depth: int = 0) -> set:
     return set().union(*(_storage_roots(value, depth + 1) for value in values))
 
 
+def _is_module(obj) -> bool:
+    """Whether obj is a whole torch.nn.Module as torch.save(model) pickles it (its attributes as state)."""
+    return (isinstance(obj, Opaque) and isinstance(obj.state, dict)
+            and {"_parameters", "_buffers", "_modules"} <= obj.state.keys())
+
+
+def _module_state_dict(module, prefix: str = "", out=None, depth: int = 0) -> dict:
+    """What module.state_dict() gives for a pickled module: each module's parameters, then its buffers but
+    those it keeps out of its state (``_non_persistent_buffers_set``), then its children's, prefixed."""
+    if depth > 64:
+        raise CheckpointFormatError("modules nested more than 64 levels deep")
+    out = collections.OrderedDict() if out is None else out
+    state = module.state
+    left_out = state.get("_non_persistent_buffers_set") or ()
+    for name, value in list(state["_parameters"].items()) + list(state["_buffers"].items()):
+        if value is not None and name not in left_out:
+            out[prefix + name] = value
+    for name, child in state["_modules"].items():
+        if child is not None:
+            if not _is_module(child):
+                raise CheckpointFormatError(f"submodule {prefix + name} is a {getattr(child, 'qualname', child)!r:.60}")
+            _module_state_dict(child, f"{prefix}{name}.", out, depth + 1)
+    return out
+
+
 def _unwrapped(obj, unwrap: Sequence[str]):
+    """obj after ``load``'s unwrap keys, a whole model as its state dict."""
     for key in unwrap:
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+        if isinstance(obj, dict) and (isinstance(obj.get(key), dict) or _is_module(obj.get(key))):
             obj = obj[key]
-    return obj
+    return _module_state_dict(obj) if _is_module(obj) else obj
 
 
 def _load_zip(path: str, unwrap: Sequence[str]):
@@ -304,9 +337,10 @@ def _load_legacy(path: str, unwrap: Sequence[str]):
 
 def load(path, unwrap: Sequence[str] = ()) -> Any:
     """The object a torch.save file holds, with numpy arrays for its dense tensors. ``unwrap``: keys taken in
-    turn where the object is a dict whose value there is a dict (('model', 'state_dict') takes the state dict
-    out of a training checkpoint); only what is left is copied out of the file, not, say, an optimiser's
-    moments beside it. Raises CheckpointFormatError (one line) for a file that torch.save did not write or
+    turn where the object is a dict whose value there is a dict or a model (('model', 'state_dict') takes the
+    state dict out of a training checkpoint); only what is left is copied out of the file, not, say, an
+    optimiser's moments beside it. A whole model (torch.save(model)) comes back as its state dict, read from
+    the attributes its pickle gives it: its class, which the file names, is neither imported nor run. Raises CheckpointFormatError (one line) for a file that torch.save did not write or
     that is cut short."""
     path = str(path)
     try:

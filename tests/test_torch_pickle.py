@@ -82,6 +82,38 @@ def test_a_checkpoint_reads_as_torch_load_reads_it(legacy, tmp_path, monkeypatch
             _assert_same(tensors[name], tensor, name)
 
 
+class _Block(torch.nn.Module):
+    """A module with a parameter-free child slot, a buffer kept out of its state and one kept in it."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3, bias=False)
+        self.register_buffer("scratch", torch.ones(2), persistent=False)
+        self.register_buffer("kept", torch.arange(3.0))
+        self.absent = None
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_whole_model_saved_reads_as_its_state_dict(legacy, tmp_path, monkeypatch):
+    """torch.save(model) pickles the model's class by name and its attributes: read without importing or running
+    the class (torch blocked here), the attributes give model.state_dict(), names, order and values, a
+    DataParallel wrapper's 'module.' prefix and a BatchNorm's buffers included, a non-persistent buffer and an
+    absent bias left out; a model under a checkpoint's 'model' key too."""
+    torch.manual_seed(0)
+    model = torch.nn.DataParallel(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3), _Block()))
+    expected = model.state_dict()
+    assert "module.2.scratch" not in expected and "module.2.linear.bias" not in expected
+    whole, wrapped = tmp_path / "model.pth", tmp_path / "checkpoint.pth"
+    torch.save(model, whole, _use_new_zipfile_serialization=not legacy)
+    torch.save({"epoch": 1, "model": model}, wrapped, _use_new_zipfile_serialization=not legacy)
+    monkeypatch.setitem(sys.modules, "torch", None)
+    for path in (whole, wrapped):
+        tensors = weights.read_state_dict(path)
+        assert list(tensors) == list(expected), path
+        for name, tensor in expected.items():
+            _assert_same(tensors[name], tensor, name)
+
+
 class _CountingFile:
     """A file whose read calls count the bytes they return (peek, seek and the rest pass through)."""
 
@@ -250,12 +282,11 @@ def test_tensors_and_objects_it_does_not_read_are_one_line_errors(tmp_path):
         weights.read_state_dict(quantized)
     assert str(info.value) == (f"{quantized}: weight is a tensor of a kind that is not read "
                                "(torch._utils._rebuild_qtensor; save it as a dense tensor)")
-    module = tmp_path / "module.pth"
-    torch.save(torch.nn.Linear(2, 2), module)
+    tensors = tmp_path / "tensors.pth"
+    torch.save([torch.ones(2), torch.zeros(2)], tensors)
     with pytest.raises(WeightError) as info:
-        weights.read_state_dict(module)
-    assert str(info.value) == (f"{module}: not a state dict (it holds a torch.nn.modules.linear.Linear; "
-                               "save the model's state_dict())")
+        weights.read_state_dict(tensors)
+    assert str(info.value) == f"{tensors}: not a state dict (it holds a list; save the model's state_dict())"
 
 
 def test_broken_files_are_one_line_errors(tmp_path):
