@@ -170,11 +170,20 @@ _ALLOWED.update({("torch", name): _StorageType(dtype) for name, dtype in _STORAG
 _ALLOWED.update({("torch", name): _DType(dtype) for name, dtype in _DTYPES.items()})
 
 
-class _Unpickler(pickle.Unpickler):
+# pickle's Python unpickler: its memo is a dict, where the C one's is an array as long as the largest index a
+# file names (a damaged or crafted index of 2**28 allocated 2 GiB). A checkpoint's pickle is small (its tensors'
+# bytes are in the storages), so the Python one's pace is no cost.
+class _Unpickler(pickle._Unpickler):
     def __init__(self, file, read_storage: Callable[[str], np.ndarray], storages: Dict[str, _Storage]):
         super().__init__(file)
         self._read_storage, self._storages = read_storage, storages
         self._opaque: Dict[str, type] = {}
+
+    def load(self):
+        try:
+            return super().load()
+        except KeyError as error:  # How the Python unpickler meets an unknown opcode or memo index.
+            raise pickle.UnpicklingError(f"not a pickle (unknown opcode or memo index {error.args[0]!r})") from None
 
     def find_class(self, module, name):
         if (module, name) in _ALLOWED:
@@ -295,6 +304,8 @@ def _load_zip(path: str, unwrap: Sequence[str]):
 
 def _load_legacy(path: str, unwrap: Sequence[str]):
     with open(path, "rb") as file:
+        end = file.seek(0, 2)
+        file.seek(0)
         header = []
         for expected in (_LEGACY_MAGIC, 1001, dict):
             header.append(_Unpickler(file, None, {}).load())
@@ -325,12 +336,12 @@ def _load_legacy(path: str, unwrap: Sequence[str]):
                 raise CheckpointFormatError(f"storage {key} has {count} elements")
             dtype = storages[key].dtype
             size = count * (1 if dtype is None else dtype.itemsize)  # An untyped storage counts bytes.
+            if size > end - file.tell():
+                raise CheckpointFormatError(f"the file ends inside storage {key}")
             if key not in needed:  # Left out by unwrap: skipped, not read.
                 file.seek(size, 1)
                 continue
             raw = file.read(size)
-            if len(raw) != size:
-                raise CheckpointFormatError(f"the file ends inside storage {key}")
             data[key] = np.frombuffer(raw, np.uint8)
         return _materialise(obj, byteorder)
 
@@ -356,6 +367,6 @@ def load(path, unwrap: Sequence[str] = ()) -> Any:
         return _load_legacy(path, unwrap)
     except CheckpointFormatError:
         raise
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, struct.error, MemoryError, RecursionError) as error:
-        raise CheckpointFormatError(f"{type(error).__name__}: {str(error)[:120]}".rstrip(": ")) from None
+    except Exception as error:  # Damaged or crafted bytes fail in many ways (pickle, zipfile, numpy): all are the file's.
+        reason = " ".join(str(error).split())[:120]  # One line, whatever the file put in the message.
+        raise CheckpointFormatError(f"{type(error).__name__}: {reason}".rstrip(": ")) from None
