@@ -158,8 +158,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.pretrain = ml_collections.ConfigDict()
     config.pretrain.objective = "amvlm"  # 'amvlm' or 'mgca'.
     config.pretrain.vit = "B/16"  # 'Ti/16', 'S/16' or 'B/16'.
-    # A timm/DeiT or HF ViT checkpoint file, or a hub id 'owner/name[@revision]' (its model.safetensors, else
-    # pytorch_model.bin, from the HF cache; downloaded unless HF_HUB_OFFLINE); '' = random init.
+    # A timm/DeiT or HF ViT checkpoint file or folder, or a hub id 'owner/name[@revision]' (its model.safetensors,
+    # else pytorch_model.bin, else an open_clip model's weights, whose image tower's ViT is taken; from the HF
+    # cache, downloaded unless HF_HUB_OFFLINE); '' = random init.
     config.pretrain.vit_weights = ""
     # The pixel normalisation the ViT's weights were trained with (RGB in [0, 1], per channel): ImageNet's for
     # DeiT and most timm checkpoints (the paper's); 0.5,0.5,0.5 for both for google/vit-* and timm's augreg

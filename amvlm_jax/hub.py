@@ -24,13 +24,14 @@ from huggingface_hub.errors import (
 )
 
 from amvlm_jax.config import ConfigError
-from amvlm_jax.weights import WeightError, shard_files
+from amvlm_jax.weights import OPEN_CLIP_WEIGHTS, WeightError, shard_files
 
 TEXT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 TEXT_TOKENIZER = ("tokenizer.json", "vocab.txt")
 TEXT_SETTINGS = "tokenizer_config.json"  # do_lower_case, where the repository has it
-VIT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-VIT_SETTINGS = ("preprocessor_config.json", "config.json")  # HF's image processor, timm's pretrained_cfg
+VIT_WEIGHTS = ("model.safetensors", "pytorch_model.bin") + OPEN_CLIP_WEIGHTS
+# HF's image processor, open_clip's preprocess_cfg, timm's pretrained_cfg.
+VIT_SETTINGS = ("preprocessor_config.json", "open_clip_config.json", "config.json")
 SHARDED = {"model.safetensors": "model.safetensors.index.json", "pytorch_model.bin": "pytorch_model.bin.index.json"}
 
 _REPO_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")
@@ -76,7 +77,8 @@ def resolve_vit_weights(name: str, cache_dir=None) -> str:
 
     Returns ``name`` itself (``~`` expanded) when it is an existing path; for
     a hub id, the cached model.safetensors of that revision, else its
-    pytorch_model.bin. ``cache_dir`` defaults to huggingface_hub's cache.
+    pytorch_model.bin, else open_clip's weights (a CLIP model whose ViT load_vit
+    takes). ``cache_dir`` defaults to huggingface_hub's cache.
     """
     if local := local_path(name):
         return local

@@ -200,9 +200,15 @@ def _bert_source(path: Tuple[str, ...]) -> Tuple[Tuple[str, ...], str]:
     return (stem + "." + leaf,), "plain"
 
 
-def _weights_file(directory: str) -> str:
-    """The weights file of a ``save_pretrained`` folder (a sharded checkpoint's index)."""
-    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+SAVE_PRETRAINED_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                           "pytorch_model.bin.index.json")
+# open_clip's hub folders (BiomedCLIP's, for one) hold a whole CLIP model: a timm ViT under 'visual.trunk.', which
+# load_vit takes by that prefix, and the text tower beside it. Their pixel normalisation is in open_clip_config.json.
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _weights_file(directory: str, names: Sequence[str] = SAVE_PRETRAINED_WEIGHTS) -> str:
+    """The weights file of a ``save_pretrained`` folder (a sharded checkpoint's index): the first of ``names``."""
     for name in names:
         candidate = os.path.join(directory, name)
         if os.path.isfile(candidate):
@@ -556,12 +562,13 @@ def vit_weights_file(path) -> str:
         from amvlm_jax import hub  # imported here: hub's errors are WeightErrors
 
         file = hub.resolve_vit_weights(file)
-    return _weights_file(file) if os.path.isdir(file) else file
+    return _weights_file(file, SAVE_PRETRAINED_WEIGHTS + OPEN_CLIP_WEIGHTS) if os.path.isdir(file) else file
 
 
 # Where a checkpoint's folder (or hub snapshot) declares the pixel normalisation its model was trained with:
-# HF image processors' settings, and timm's hub config.
+# HF image processors' settings, open_clip's hub config, and timm's hub config.
 _PIXEL_SETTINGS = (("preprocessor_config.json", ("image_mean",), ("image_std",)),
+                   ("open_clip_config.json", ("preprocess_cfg", "mean"), ("preprocess_cfg", "std")),
                    ("config.json", ("pretrained_cfg", "mean"), ("pretrained_cfg", "std")))
 
 

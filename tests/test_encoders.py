@@ -594,7 +594,8 @@ def test_bad_vit_weights_are_one_line_naming_the_field_and_file(tiny_vit_params,
         (junk, ": not a safetensors file (header too large)"),
         (truncated, ": not a safetensors file (incomplete metadata, file not fully covered)"),
         (npz, ": unknown checkpoint format"),
-        (tmp_path, " has no model.safetensors, model.safetensors.index.json, pytorch_model.bin or "),
+        (tmp_path, " has no model.safetensors, model.safetensors.index.json, pytorch_model.bin, "
+                   "pytorch_model.bin.index.json, open_clip_model.safetensors or open_clip_pytorch_model.bin"),
     ):
         with pytest.raises(WeightError) as info:
             weights.load_vit(str(path), TINY_VIT, image_size=TINY_IMAGE)

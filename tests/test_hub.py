@@ -129,7 +129,8 @@ def test_missing_id_offline_says_what_to_fetch(cache):
     assert "\n" not in message
     assert message.startswith("config.pretrain.vit_weights: 'facebook/deit-small-patch16-224@v2' is no existing path")
     assert "(revision v2)" in message
-    assert "`hf download facebook/deit-small-patch16-224 --revision v2 model.safetensors pytorch_model.bin`" in message
+    assert ("`hf download facebook/deit-small-patch16-224 --revision v2 model.safetensors pytorch_model.bin "
+            "open_clip_model.safetensors open_clip_pytorch_model.bin`") in message
 
 
 def test_partly_cached_text_encoder_names_the_missing_file(cache, minilm):
@@ -193,7 +194,7 @@ def test_online_downloads_what_the_cache_lacks(cache, online, vit_file, monkeypa
     assert hub.resolve_vit_weights(VIT_ID).endswith(f"snapshots/{COMMIT}/pytorch_model.bin")
     # Then, optional, the pixel normalisation the weights declare (this hub has neither file).
     assert asked == ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                     "preprocessor_config.json", "config.json"]
+                     "preprocessor_config.json", "open_clip_config.json", "config.json"]
     asked.clear()
     assert hub.resolve_vit_weights(VIT_ID).endswith("pytorch_model.bin")  # now from the cache
     assert asked == []
@@ -337,6 +338,38 @@ def test_pixel_normalisation_a_hub_snapshot_or_folder_declares_must_be_the_confi
     assert model.image_encoder.pixel_mean == (0.5, 0.5, 0.5) and model.image_encoder.pixel_std == (0.5, 0.5, 0.5)
 
 
+def test_an_open_clip_model_gives_its_vit_and_its_pixel_normalisation(cache, vit_file, tmp_path):
+    """An open_clip hub model (BiomedCLIP's layout: a timm ViT under 'visual.trunk.', its projection head beside
+    it, a BERT text tower under 'text.transformer.', open_clip_config.json with the CLIP pixel statistics) as a
+    hub id or a folder: the ViT loads from the trunk, and the config must use the statistics it declares."""
+    path, params = vit_file
+    width = TINY_VIT["width"]
+    clip = {f"visual.trunk.{k}": v for k, v in weights.read_state_dict(path).items()}
+    clip |= {"visual.head.proj.weight": np.ones((8, width), np.float32),
+             "text.transformer.embeddings.word_embeddings.weight": np.ones((30, 16), np.float32),
+             "text.transformer.encoder.layer.0.attention.self.query.weight": np.ones((16, 16), np.float32),
+             "text.proj.0.weight": np.ones((8, 16), np.float32), "logit_scale": np.zeros((), np.float32)}
+    save_file(clip, str(tmp_path / "open_clip_model.safetensors"))
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": {"vision_cfg": {"timm_model_name": "vit_base_patch16_224"}},
+        "preprocess_cfg": {"mean": list(mean), "std": list(std)}}))
+    files = {name: tmp_path / name for name in ("open_clip_model.safetensors", "open_clip_config.json")}
+    snapshot = add_to_cache(cache, "microsoft/clip-like", files)
+    folder = tmp_path / "clip_folder"
+    folder.mkdir()
+    for name, source in files.items():
+        shutil.copy(source, folder / name)
+    for name, expected in (("microsoft/clip-like", snapshot), (str(folder), str(folder))):
+        file = weights.vit_weights_file(name)
+        assert file == os.path.join(expected, "open_clip_model.safetensors")
+        _assert_trees_equal(weights.load_vit(name, TINY_VIT, image_size=TINY_IMAGE), params)
+        assert weights.declared_pixel_normalisation(file) == (mean, std, os.path.join(expected, "open_clip_config.json"))
+        weights.check_pixel_normalisation(file, mean, std)
+        with pytest.raises(weights.WeightError, match="open_clip_config.json declares the weights' pixel normalisation"):
+            weights.check_pixel_normalisation(file, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
 def test_a_path_under_the_home_folder_is_expanded_not_taken_for_a_hub_id(cache, minilm, vit_file, tmp_path,
                                                                         monkeypatch):
     """--config.pretrain.text_encoder=~/bert: the shell leaves a '~' after '=' alone, and the other path fields
@@ -383,7 +416,8 @@ def test_online_a_hub_model_without_the_files_or_the_revision_is_named(cache, on
     for kind, name, problem in (
             (RemoteEntryNotFoundError, "owner/empty", "hub model owner/empty (revision main) has no model.safetensors "
                                                       "or model.safetensors.index.json or pytorch_model.bin or "
-                                                      "pytorch_model.bin.index.json"),
+                                                      "pytorch_model.bin.index.json or open_clip_model.safetensors or "
+                                                      "open_clip_pytorch_model.bin"),
             (RevisionNotFoundError, "owner/model@v9", "hub model owner/model has no revision 'v9'")):
         def download(*args, kind=kind, **kwargs):
             raise _http_error(kind)
