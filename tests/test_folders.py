@@ -1,7 +1,9 @@
 """The LViT folder reader on untidy and broken data."""
 
 import csv
+import io
 import shutil
+import struct
 
 import numpy as np
 import openpyxl
@@ -204,6 +206,26 @@ def test_unreadable_image(untidy_root):
     (untidy_root / "Train_Folder" / "img" / "a.png").write_bytes(b"\x89PNG not really")
     message = _error(folders.load_split, untidy_root, "train", image_size=16, progress=False)
     assert "a.png" in message and "unreadable" in message
+
+
+def test_a_tiff_with_a_damaged_second_page_is_a_one_line_error(tmp_path):
+    """A TIFF whose first page reads but whose next page directory is damaged (here: one without dimensions):
+    counting its pages fails after the first page has loaded; the file is named in one line, image or mask."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, "TIFF")
+    data = bytearray(buffer.getvalue())
+    assert data[:4] == b"II*\x00"  # Little-endian: the first directory's offset, then its entry count.
+    first = struct.unpack("<I", data[4:8])[0]
+    next_pointer = first + 2 + 12 * struct.unpack("<H", data[first:first + 2])[0]
+    data += b"\x00" * (len(data) % 2)
+    data[next_pointer:next_pointer + 4] = struct.pack("<I", len(data))
+    data += b"\x00" * 6  # A directory of no entries.
+    path = tmp_path / "damaged.tif"
+    path.write_bytes(bytes(data))
+    for read in (lambda: folders.load_image(path, 8), lambda: folders.load_mask(path, 8, 1)):
+        with pytest.raises(DataError) as info:
+            read()
+        assert str(info.value) == f"{path}: unreadable image (TypeError)"
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif"])

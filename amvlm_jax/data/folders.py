@@ -251,14 +251,16 @@ def open_image(path: pathlib.Path) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()
+        # Counting a TIFF's pages reads each page's directory: a damaged one fails here, not at load().
+        frames = getattr(image, "n_frames", 1)
+        # A file stored turned, with the turn recorded in its EXIF orientation (as cameras and some scanners write
+        # them): viewers show it turned back, a mask is drawn on what they show, and the authors' reader (OpenCV's
+        # imread) turns it back too. Read as stored, a square image would lie under its mask rotated or mirrored.
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception as e:  # PIL raises several types for damaged files.
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
-    if getattr(image, "n_frames", 1) > 1:  # A multi-page TIFF: only its first page would be read.
-        raise DataError(f"{path}: holds {image.n_frames} frames (pages); give one image per file")
-    # A file stored turned, with the turn recorded in its EXIF orientation (as cameras and some scanners write
-    # them): viewers show it turned back, a mask is drawn on what they show, and the authors' reader (OpenCV's
-    # imread) turns it back too. Read as stored, a square image would lie under its mask rotated or mirrored.
-    ImageOps.exif_transpose(image, in_place=True)
+    if frames > 1:  # A multi-page TIFF: only its first page would be read.
+        raise DataError(f"{path}: holds {frames} frames (pages); give one image per file")
     return image
 
 
