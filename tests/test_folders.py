@@ -4,6 +4,7 @@ import csv
 import io
 import shutil
 import struct
+import zipfile
 
 import numpy as np
 import openpyxl
@@ -372,6 +373,23 @@ def test_real_monuseg(monuseg):
     assert split.images.shape == (6, 224, 224, 3)
     fraction = split.masks.mean()
     assert 0.05 < fraction < 0.6  # Nuclei cover a real share of each tile.
+
+
+def test_a_workbook_whose_sheet_is_damaged_is_a_one_line_error(tmp_path):
+    """A read-only workbook parses its sheet only as the rows are read: a damaged sheet (cut off mid-row here)
+    failed there with openpyxl's and the XML parser's own tracebacks; it is one line naming the file."""
+    book = openpyxl.Workbook()
+    book.active.append(["Image", "Description"])
+    book.active.append(["a.png", "A lesion in the upper left."])
+    whole = io.BytesIO()
+    book.save(whole)
+    path = tmp_path / "Train_text.xlsx"
+    with zipfile.ZipFile(whole) as source, zipfile.ZipFile(path, "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            target.writestr(name, data[: data.index(b"<row") + 10] if name == "xl/worksheets/sheet1.xml" else data)
+    message = _error(folders.read_sheet, path)
+    assert message.startswith(f"{path}: cannot read the report sheet (ParseError: ")
 
 
 def test_sheet_that_is_not_utf8_names_the_byte(untidy_root):

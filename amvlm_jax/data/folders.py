@@ -129,12 +129,15 @@ def read_sheet(path: pathlib.Path) -> list[tuple[int, str, str]]:
     else:
         import openpyxl  # Imported lazily: only sheets need it.
 
-        try:
+        try:  # Read-only workbooks parse each sheet as it is iterated: a damaged sheet fails in the loop.
             book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+            try:
+                table = [list(r) for r in book.worksheets[0].iter_rows(values_only=True)]
+            finally:
+                book.close()
         except Exception as e:  # openpyxl raises many types for damaged files.
-            raise DataError(f"{path}: cannot read the report sheet ({type(e).__name__}: {e})") from None
-        table = [list(r) for r in book.worksheets[0].iter_rows(values_only=True)]
-        book.close()
+            reason = " ".join(str(e).split())[:200]  # One line, whatever the file put in the message.
+            raise DataError(f"{path}: cannot read the report sheet ({type(e).__name__}: {reason})") from None
     if not table:
         raise DataError(f"{path}: the report sheet is empty")
     header = [str(c).strip().lower() if c is not None else "" for c in table[0]]
