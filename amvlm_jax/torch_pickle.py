@@ -1,4 +1,4 @@
-"""Reading ``torch.save`` files (.bin, .pth, .pt, .ckpt) into numpy arrays without torch.
+"""Reading ``torch.save`` files (.bin, .pth, .pt, .ckpt, .pth.tar) into numpy arrays without torch.
 
 ``torch.save`` pickles its object with each tensor as a call of a rebuild function of ``torch._utils``
 (storage, offset, size, stride, ...) whose storage is a persistent reference to a flat typed buffer: in the
@@ -7,7 +7,7 @@ zip format (torch >= 1.6) one zip entry per buffer, in the legacy format (older 
 pytorch_model.bin and the DeiT release's .pth files are such pickles.
 
 The pickle is read with an allow-list: the rebuild functions of dense tensors and parameters, storage
-and dtype names, ``collections.OrderedDict``. Every other global a pickle names (a training script's
+and dtype names, ``collections.OrderedDict``, ``set``. Every other global a pickle names (a training script's
 argparse.Namespace, a numpy scalar, or anything a crafted file would call) becomes an inert ``Opaque``
 object: nothing outside this module runs. Tensors come back as numpy arrays in their own dtype
 (bfloat16 and float8 as ml_dtypes'), copied out of their storage with its offset and strides, so views
@@ -217,30 +217,29 @@ class _Unpickler(pickle._Unpickler):
         return self._storages[view_key]
 
 
-def _materialise(obj, byteorder: str, depth: int = 0):
-    """obj with every tensor reference replaced by its array (dicts, lists and tuples walked)."""
+def _map_tensors(obj, function: Callable[[_Tensor], Any], depth: int = 0):
+    """obj with ``function`` of each tensor reference in its place (dicts, lists and tuples walked)."""
     if depth > 64:
         raise CheckpointFormatError("nested more than 64 levels deep")
     if isinstance(obj, _Tensor):
-        return obj.array(byteorder)
-    if isinstance(obj, dict):
-        out = type(obj)() if type(obj) in (dict, collections.OrderedDict) else {}
-        for key, value in obj.items():
-            out[key] = _materialise(value, byteorder, depth + 1)
-        return out
+        return function(obj)
+    if isinstance(obj, dict):  # Unpickled dicts are dicts or OrderedDicts: any other class is Opaque.
+        return type(obj)((key, _map_tensors(value, function, depth + 1)) for key, value in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_materialise(value, byteorder, depth + 1) for value in obj)
+        return type(obj)(_map_tensors(value, function, depth + 1) for value in obj)
     return obj
 
 
-def _storage_roots(obj, depth: int = 0) -> set:
+def _materialise(obj, byteorder: str):
+    """obj with every tensor reference replaced by its array."""
+    return _map_tensors(obj, lambda tensor: tensor.array(byteorder))
+
+
+def _storage_roots(obj) -> set:
     """The keys of the stored buffers that obj's tensors read."""
-    if depth > 64:
-        raise CheckpointFormatError("nested more than 64 levels deep")
-    if isinstance(obj, _Tensor):
-        return {obj.storage.root}
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    return set().union(*(_storage_roots(value, depth + 1) for value in values))
+    roots = set()
+    _map_tensors(obj, lambda tensor: roots.add(tensor.storage.root))
+    return roots
 
 
 def _is_module(obj) -> bool:
@@ -351,8 +350,8 @@ def load(path, unwrap: Sequence[str] = ()) -> Any:
     turn where the object is a dict whose value there is a dict or a model (('model', 'state_dict') takes the
     state dict out of a training checkpoint); only what is left is copied out of the file, not, say, an
     optimiser's moments beside it. A whole model (torch.save(model)) comes back as its state dict, read from
-    the attributes its pickle gives it: its class, which the file names, is neither imported nor run. Raises CheckpointFormatError (one line) for a file that torch.save did not write or
-    that is cut short."""
+    the attributes its pickle gives it: its class, which the file names, is neither imported nor run. Raises
+    CheckpointFormatError (one line) for a file that torch.save did not write or that is cut short."""
     path = str(path)
     try:
         with open(path, "rb") as file:

@@ -110,7 +110,7 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
             raise WeightError(f"{path}: {key} is a tensor of a kind that is not read ({value.qualname}; "
                               f"save it as a dense tensor)")
         if isinstance(value, np.ndarray):
-            floating = value.dtype.kind == "f" or value.dtype.kind == "V"  # "V": ml_dtypes' bfloat16 and float8.
+            floating = value.dtype.kind in "fV"  # "V": ml_dtypes' bfloat16 and float8.
             tensors[key] = value.astype(np.float32) if floating else value
     return tensors
 
@@ -258,13 +258,18 @@ def load_bert(directory, num_layers: Optional[int] = None) -> Tuple[BertConfig, 
 _BERT_MODEL_TYPES = ("bert", "electra", "cxr-bert")
 
 
-def bert_config(directory, num_layers: Optional[int] = None) -> BertConfig:
-    """The BertConfig of a HuggingFace BERT directory's config.json; ``num_layers`` as in ``load_bert``."""
-    path = os.path.join(os.fspath(directory), "config.json")
+def check_bert_folder(directory) -> None:
+    """A one-line WeightError unless ``directory`` is a folder: a file given for it is named as such."""
     if not os.path.isdir(directory):
         raise WeightError(f"{directory} is a file, not a folder: give the HuggingFace BERT folder that holds it "
                           "(config.json, weights, vocabulary)" if os.path.exists(directory) else
                           f"{directory}: no such folder (a HuggingFace BERT folder: config.json, weights, vocabulary)")
+
+
+def bert_config(directory, num_layers: Optional[int] = None) -> BertConfig:
+    """The BertConfig of a HuggingFace BERT directory's config.json; ``num_layers`` as in ``load_bert``."""
+    path = os.path.join(os.fspath(directory), "config.json")
+    check_bert_folder(directory)
     if not os.path.isfile(path):
         raise WeightError(f"{directory} has no config.json")
     try:

@@ -32,10 +32,8 @@ def text_encoder_dir(config) -> str:
     A WeightError naming the field when it lacks config.json or the tokenizer's files."""
     name = config.pretrain.text_encoder
     folder = hub.resolve_text_encoder(name) if name else weights.default_text_encoder_dir()
-    if not os.path.isdir(folder):
-        raise weights.WeightError(f"{TEXT_ENCODER}: {folder} is a file, not a folder: give the HuggingFace BERT "
-                                  "folder that holds it (config.json, weights, vocabulary)" if os.path.exists(folder) else
-                                  f"{TEXT_ENCODER}: {folder} is not a folder")
+    with weights.field_errors(TEXT_ENCODER):
+        weights.check_bert_folder(folder)
     for wanted in (("config.json",), hub.TEXT_TOKENIZER):
         if not any(os.path.isfile(os.path.join(folder, file)) for file in wanted):
             raise weights.WeightError(f"{TEXT_ENCODER}: {folder} has no {' or '.join(wanted)}")
